@@ -1,0 +1,237 @@
+//! Authentication: finding the gateway credential in a request (cookie or Bearer token),
+//! verifying it, and checking it against the revocation view. `authenticate` is a pure decision:
+//! it takes the time as an argument and returns an `AuthDecision`, never an error.
+
+pub mod cookie;
+pub mod password;
+pub mod token;
+
+use http::HeaderMap;
+
+use crate::revocation::{Revoked, RevocationView};
+use crate::store::SessionId;
+use token::{Keyring, SessionClaims, TokenError};
+
+/// Who a request belongs to, once authenticated.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Identity {
+    pub user_id: i64,
+    pub name: String,
+    pub sid: SessionId,
+    pub issued_ms: i64,
+    pub expires_s: i64,
+}
+
+/// Why a request was refused. Every variant has a stable label for metrics and logs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DenyReason {
+    NoCredentials,
+    Malformed,
+    WrongType,
+    UnknownKey,
+    WrongAlgorithm,
+    BadSignature,
+    Expired,
+    NotYetValid,
+    WrongIssuer,
+    WrongAudience,
+    SessionRevoked,
+    UserSignedOut,
+    EveryoneSignedOut,
+    UserDisabled,
+}
+
+impl DenyReason {
+    pub const ALL: [DenyReason; 14] = [
+        DenyReason::NoCredentials,
+        DenyReason::Malformed,
+        DenyReason::WrongType,
+        DenyReason::UnknownKey,
+        DenyReason::WrongAlgorithm,
+        DenyReason::BadSignature,
+        DenyReason::Expired,
+        DenyReason::NotYetValid,
+        DenyReason::WrongIssuer,
+        DenyReason::WrongAudience,
+        DenyReason::SessionRevoked,
+        DenyReason::UserSignedOut,
+        DenyReason::EveryoneSignedOut,
+        DenyReason::UserDisabled,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DenyReason::NoCredentials => "no_credentials",
+            DenyReason::Malformed => "malformed_token",
+            DenyReason::WrongType => "wrong_token_type",
+            DenyReason::UnknownKey => "unknown_key",
+            DenyReason::WrongAlgorithm => "wrong_algorithm",
+            DenyReason::BadSignature => "bad_signature",
+            DenyReason::Expired => "expired",
+            DenyReason::NotYetValid => "not_yet_valid",
+            DenyReason::WrongIssuer => "wrong_issuer",
+            DenyReason::WrongAudience => "wrong_audience",
+            DenyReason::SessionRevoked => "session_revoked",
+            DenyReason::UserSignedOut => "user_signed_out",
+            DenyReason::EveryoneSignedOut => "everyone_signed_out",
+            DenyReason::UserDisabled => "user_disabled",
+        }
+    }
+}
+
+impl From<TokenError> for DenyReason {
+    fn from(e: TokenError) -> Self {
+        match e {
+            TokenError::Malformed | TokenError::Signing => DenyReason::Malformed,
+            TokenError::WrongType => DenyReason::WrongType,
+            TokenError::UnknownKey => DenyReason::UnknownKey,
+            TokenError::WrongAlgorithm => DenyReason::WrongAlgorithm,
+            TokenError::BadSignature => DenyReason::BadSignature,
+            TokenError::Expired => DenyReason::Expired,
+            TokenError::NotYetValid => DenyReason::NotYetValid,
+            TokenError::WrongIssuer => DenyReason::WrongIssuer,
+            TokenError::WrongAudience => DenyReason::WrongAudience,
+        }
+    }
+}
+
+impl From<Revoked> for DenyReason {
+    fn from(r: Revoked) -> Self {
+        match r {
+            Revoked::Session => DenyReason::SessionRevoked,
+            Revoked::UserSignedOut => DenyReason::UserSignedOut,
+            Revoked::EveryoneSignedOut => DenyReason::EveryoneSignedOut,
+            Revoked::UserDisabled => DenyReason::UserDisabled,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AuthDecision {
+    Allow(Identity),
+    Deny(DenyReason),
+}
+
+/// Where the credential came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CredentialSource {
+    Bearer,
+    Cookie,
+}
+
+/// Finds the gateway credential: a `Bearer` token in `Authorization`, else the session cookie.
+pub fn extract_credential<'a>(
+    headers: &'a HeaderMap,
+    cookie_name: &str,
+) -> Option<(&'a str, CredentialSource)> {
+    if let Some(token) = bearer_token(headers) {
+        return Some((token, CredentialSource::Bearer));
+    }
+    cookie::find(headers, cookie_name).map(|t| (t, CredentialSource::Cookie))
+}
+
+/// The token of an `Authorization: Bearer …` header, if that is its scheme.
+pub fn bearer_token(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(http::header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, rest) = value.split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return None;
+    }
+    let token = rest.trim();
+    (!token.is_empty()).then_some(token)
+}
+
+/// Verifies a token and checks it against the revocation view, at time `now_s`.
+pub fn authenticate(
+    token: Option<&str>,
+    keyring: &Keyring,
+    view: &RevocationView,
+    now_s: i64,
+) -> AuthDecision {
+    let Some(token) = token else {
+        return AuthDecision::Deny(DenyReason::NoCredentials);
+    };
+    let claims = match keyring.verify(token, now_s) {
+        Ok(c) => c,
+        Err(e) => return AuthDecision::Deny(e.into()),
+    };
+    match identity_of(&claims) {
+        Some(identity) => match view.check(identity.sid, identity.user_id, identity.issued_ms) {
+            Ok(()) => AuthDecision::Allow(identity),
+            Err(r) => AuthDecision::Deny(r.into()),
+        },
+        None => AuthDecision::Deny(DenyReason::Malformed),
+    }
+}
+
+fn identity_of(c: &SessionClaims) -> Option<Identity> {
+    Some(Identity {
+        user_id: c.sub.parse().ok()?,
+        name: c.name.clone(),
+        sid: SessionId::parse(&c.sid)?,
+        issued_ms: c.ims,
+        expires_s: c.exp,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::RevocationEvent;
+
+    fn setup() -> (Keyring, RevocationView, String) {
+        let ring = Keyring::new(vec![("k".into(), vec![9; 32])], "portcullis", "aud").unwrap();
+        let claims = SessionClaims {
+            iss: "portcullis".into(),
+            aud: "aud".into(),
+            sub: "4".into(),
+            name: "alice".into(),
+            sid: format!("{:032x}", 77u128),
+            iat: 1000,
+            nbf: 1000,
+            exp: 5000,
+            ims: 1_000_123,
+            amr: vec!["pwd".into()],
+        };
+        let t = ring.issue(&claims).unwrap();
+        (ring, RevocationView::new(), t)
+    }
+
+    #[test]
+    fn valid_token_allows_with_identity() {
+        let (ring, view, t) = setup();
+        match authenticate(Some(&t), &ring, &view, 1000) {
+            AuthDecision::Allow(id) => {
+                assert_eq!((id.user_id, id.name.as_str()), (4, "alice"));
+                assert_eq!(id.sid, SessionId(77));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn revoked_session_and_cutoffs_deny_with_reason() {
+        let (ring, view, t) = setup();
+        view.apply_local(&RevocationEvent::UserCutoff {
+            user_id: 4,
+            at_ms: 1_000_123,
+        });
+        assert_eq!(
+            authenticate(Some(&t), &ring, &view, 1000),
+            AuthDecision::Deny(DenyReason::UserSignedOut)
+        );
+        assert_eq!(
+            authenticate(None, &ring, &view, 1000),
+            AuthDecision::Deny(DenyReason::NoCredentials)
+        );
+    }
+
+    #[test]
+    fn bearer_scheme_is_case_insensitive_and_other_schemes_ignored() {
+        let mut h = HeaderMap::new();
+        h.insert("authorization", "bEaReR abc".parse().unwrap());
+        assert_eq!(bearer_token(&h), Some("abc"));
+        h.insert("authorization", "MediaBrowser Token=\"x\"".parse().unwrap());
+        assert_eq!(bearer_token(&h), None);
+    }
+}

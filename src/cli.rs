@@ -1,0 +1,430 @@
+//! The command line: `serve`, `check-config`, and the operator commands that act on the store
+//! directly (users, sessions, sign-outs). A running gateway picks up their revocations through
+//! its sync loop within the poll interval.
+//!
+//! Exit codes: 0 success, 1 a refused action (one line on stderr says why), 2 bad usage or a bad
+//! config.
+
+use std::io::{BufRead, IsTerminal};
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+
+use crate::app::now_ms;
+use crate::auth::password::{generate_password, Hasher};
+use crate::config::{Config, Secret};
+use crate::store::{self, DynStore, SessionId, SessionRecord, StoreError, User};
+
+/// Shortest password accepted for an account, in characters.
+pub const MIN_PASSWORD_CHARS: usize = 12;
+/// Longest password accepted, in bytes.
+pub const MAX_PASSWORD_BYTES: usize = 1024;
+
+#[derive(Parser, Debug)]
+#[command(name = "portcullis", version, about = "An authentication gateway for media servers")]
+pub struct Cli {
+    /// Config file.
+    #[arg(
+        long,
+        global = true,
+        env = "PORTCULLIS_CONFIG",
+        default_value = "config/portcullis.toml"
+    )]
+    pub config: PathBuf,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the gateway.
+    Serve,
+    /// Validate config files (the --config file when none are named).
+    CheckConfig { files: Vec<PathBuf> },
+    /// Manage user accounts.
+    #[command(subcommand)]
+    User(UserCommand),
+    /// List or end sessions.
+    #[command(subcommand)]
+    Session(SessionCommand),
+    /// Sign out every device of one user, or of everyone.
+    Signout(SignoutArgs),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum UserCommand {
+    /// Create a user; without --password-stdin a strong password is generated and printed once.
+    Add {
+        name: String,
+        #[arg(long)]
+        admin: bool,
+        #[arg(long)]
+        password_stdin: bool,
+    },
+    /// Set a user's password (generated and printed once without --password-stdin).
+    Passwd {
+        name: String,
+        #[arg(long)]
+        password_stdin: bool,
+    },
+    /// Disable a user: every session ends and logins are refused.
+    Disable { name: String },
+    /// Enable a disabled user (old sessions stay ended).
+    Enable { name: String },
+    /// List users.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum SessionCommand {
+    /// List live sessions.
+    List {
+        #[arg(long)]
+        user: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// End one session.
+    Revoke { session_id: String },
+}
+
+#[derive(Args, Debug)]
+#[group(required = true, multiple = false)]
+pub struct SignoutArgs {
+    /// Sign out every device of this user.
+    #[arg(long)]
+    user: Option<String>,
+    /// Sign out every device of every user.
+    #[arg(long)]
+    everyone: bool,
+}
+
+/// A refused action: exit code 1 with this one-line reason.
+#[derive(Debug)]
+struct Refused(String);
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+impl std::error::Error for Refused {}
+
+fn refused(msg: impl Into<String>) -> anyhow::Error {
+    anyhow::Error::new(Refused(msg.into()))
+}
+
+/// Parses the command line, runs the command and returns the exit code.
+pub fn main() -> i32 {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() { 2 } else { 0 };
+        }
+    };
+    if let Command::CheckConfig { files } = &cli.command {
+        return check_config(&cli.config, files);
+    }
+    let config = match Config::load(&cli.config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("portcullis: {e}");
+            return 2;
+        }
+    };
+    crate::telemetry::init(&config.log);
+    let result = match cli.command {
+        Command::Serve => crate::server::serve(config).map_err(anyhow::Error::from),
+        other => run_store_command(config, other),
+    };
+    match result {
+        Ok(()) => 0,
+        Err(e) => {
+            if e.downcast_ref::<Refused>().is_some() {
+                eprintln!("portcullis: {e}");
+            } else {
+                eprintln!("portcullis: {e:#}");
+            }
+            1
+        }
+    }
+}
+
+fn check_config(default: &std::path::Path, files: &[PathBuf]) -> i32 {
+    let files: Vec<PathBuf> = if files.is_empty() {
+        vec![default.to_path_buf()]
+    } else {
+        files.to_vec()
+    };
+    let mut code = 0;
+    for f in &files {
+        match Config::load(f) {
+            Ok(c) => println!(
+                "{}: ok ({} route{}, store {})",
+                f.display(),
+                c.routes.len(),
+                if c.routes.len() == 1 { "" } else { "s" },
+                c.store.url.expose().split("://").next().unwrap_or("?")
+            ),
+            Err(e) => {
+                eprintln!("portcullis: {e}");
+                code = 2;
+            }
+        }
+    }
+    code
+}
+
+fn run_store_command(config: Config, command: Command) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    rt.block_on(async move {
+        let store = store::open(config.store.url.expose(), config.store.busy_timeout)
+            .await
+            .map_err(|e| refused(e.to_string()))?;
+        match command {
+            Command::User(c) => user_command(&config, &store, c).await,
+            Command::Session(c) => session_command(&store, c).await,
+            Command::Signout(a) => signout(&store, a).await,
+            Command::Serve | Command::CheckConfig { .. } => Ok(()),
+        }
+    })
+}
+
+fn valid_user_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '@'))
+}
+
+/// Reads a password from the first line of stdin, or generates one (returned for printing).
+fn new_password(from_stdin: bool) -> anyhow::Result<(Secret, bool)> {
+    if !from_stdin {
+        return Ok((Secret::new(generate_password()), true));
+    }
+    let stdin = std::io::stdin();
+    if stdin.is_terminal() {
+        eprintln!("password (input is visible; end with Enter):");
+    }
+    let mut line = String::new();
+    stdin
+        .lock()
+        .read_line(&mut line)
+        .context("reading the password from stdin")?;
+    let password = line.trim_end_matches(['\r', '\n']).to_string();
+    let chars = password.chars().count();
+    if chars < MIN_PASSWORD_CHARS {
+        return Err(refused(format!(
+            "the password must have at least {MIN_PASSWORD_CHARS} characters (it has {chars})"
+        )));
+    }
+    if password.len() > MAX_PASSWORD_BYTES {
+        return Err(refused(format!(
+            "the password must have at most {MAX_PASSWORD_BYTES} bytes"
+        )));
+    }
+    Ok((Secret::new(password), false))
+}
+
+async fn find_user(store: &DynStore, name: &str) -> anyhow::Result<User> {
+    store
+        .find_user(name)
+        .await
+        .map_err(store_refusal)?
+        .ok_or_else(|| refused(format!("no user named `{name}`")))
+}
+
+fn store_refusal(e: StoreError) -> anyhow::Error {
+    refused(e.to_string())
+}
+
+fn time_text(ms: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000)
+        .ok()
+        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .unwrap_or_else(|| ms.to_string())
+}
+
+async fn user_command(config: &Config, store: &DynStore, c: UserCommand) -> anyhow::Result<()> {
+    match c {
+        UserCommand::Add {
+            name,
+            admin,
+            password_stdin,
+        } => {
+            if !valid_user_name(&name) {
+                return Err(refused(format!(
+                    "`{name}` is not a valid user name (1-64 of A-Z a-z 0-9 . _ - @)"
+                )));
+            }
+            let (password, generated) = new_password(password_stdin)?;
+            let hasher = Hasher::new(&config.password)?;
+            let hash = hasher.hash(password.clone()).await?;
+            store
+                .create_user(&name, &hash, admin, now_ms())
+                .await
+                .map_err(store_refusal)?;
+            println!(
+                "created user {name}{}",
+                if admin { " (admin)" } else { "" }
+            );
+            if generated {
+                println!("password (shown only once): {}", password.expose());
+            }
+            Ok(())
+        }
+        UserCommand::Passwd {
+            name,
+            password_stdin,
+        } => {
+            let user = find_user(store, &name).await?;
+            let (password, generated) = new_password(password_stdin)?;
+            let hasher = Hasher::new(&config.password)?;
+            let hash = hasher.hash(password.clone()).await?;
+            store
+                .set_password(user.id, &hash)
+                .await
+                .map_err(store_refusal)?;
+            println!("password of {} changed", user.name);
+            if generated {
+                println!("password (shown only once): {}", password.expose());
+            }
+            Ok(())
+        }
+        UserCommand::Disable { name } => {
+            let user = find_user(store, &name).await?;
+            store
+                .set_disabled(user.id, true, now_ms())
+                .await
+                .map_err(store_refusal)?;
+            println!("disabled {} and ended all of their sessions", user.name);
+            Ok(())
+        }
+        UserCommand::Enable { name } => {
+            let user = find_user(store, &name).await?;
+            store
+                .set_disabled(user.id, false, now_ms())
+                .await
+                .map_err(store_refusal)?;
+            println!("enabled {}", user.name);
+            Ok(())
+        }
+        UserCommand::List { json } => {
+            let users = store.list_users().await.map_err(store_refusal)?;
+            if json {
+                let list: Vec<_> = users
+                    .iter()
+                    .map(|u| {
+                        serde_json::json!({
+                            "id": u.id, "name": u.name, "admin": u.is_admin,
+                            "disabled": u.disabled, "created": time_text(u.created_ms),
+                        })
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                println!("{:<24} {:<6} {:<9} CREATED", "NAME", "ADMIN", "DISABLED");
+                for u in users {
+                    println!(
+                        "{:<24} {:<6} {:<9} {}",
+                        u.name,
+                        if u.is_admin { "yes" } else { "no" },
+                        if u.disabled { "yes" } else { "no" },
+                        time_text(u.created_ms)
+                    );
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+fn session_json(s: &SessionRecord) -> serde_json::Value {
+    serde_json::json!({
+        "id": s.id.to_string(), "user": s.user_name, "kind": s.kind.as_str(),
+        "ip": s.ip, "user_agent": s.user_agent, "created": time_text(s.created_ms),
+        "last_seen": time_text(s.last_seen_ms), "expires": time_text(s.expires_ms),
+    })
+}
+
+async fn session_command(store: &DynStore, c: SessionCommand) -> anyhow::Result<()> {
+    match c {
+        SessionCommand::List { user, json } => {
+            let user_id = match user {
+                Some(name) => Some(find_user(store, &name).await?.id),
+                None => None,
+            };
+            let sessions = store
+                .list_live_sessions(user_id, now_ms())
+                .await
+                .map_err(store_refusal)?;
+            if json {
+                let list: Vec<_> = sessions.iter().map(session_json).collect();
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                println!(
+                    "{:<32} {:<16} {:<4} {:<15} {:<25} EXPIRES",
+                    "ID", "USER", "KIND", "IP", "CREATED"
+                );
+                for s in sessions {
+                    println!(
+                        "{} {:<16} {:<4} {:<15} {:<25} {}",
+                        s.id,
+                        s.user_name,
+                        s.kind.as_str(),
+                        s.ip,
+                        time_text(s.created_ms),
+                        time_text(s.expires_ms)
+                    );
+                }
+            }
+            Ok(())
+        }
+        SessionCommand::Revoke { session_id } => {
+            let sid = SessionId::parse(&session_id).ok_or_else(|| {
+                refused(format!("`{session_id}` is not a session id (32 hex digits)"))
+            })?;
+            match store
+                .revoke_session(sid, now_ms())
+                .await
+                .map_err(store_refusal)?
+            {
+                Some(_) => {
+                    println!("session {sid} ended");
+                    Ok(())
+                }
+                None => Err(refused(format!("no session {sid}"))),
+            }
+        }
+    }
+}
+
+async fn signout(store: &DynStore, a: SignoutArgs) -> anyhow::Result<()> {
+    if a.everyone {
+        store
+            .signout_everyone(now_ms())
+            .await
+            .map_err(store_refusal)?;
+        println!("signed out every device of every user");
+        return Ok(());
+    }
+    let Some(name) = a.user else {
+        return Err(refused("name --user NAME or --everyone"));
+    };
+    let user = find_user(store, &name).await?;
+    store
+        .signout_user(user.id, now_ms())
+        .await
+        .map_err(store_refusal)?;
+    println!("signed out every device of {}", user.name);
+    Ok(())
+}

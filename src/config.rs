@@ -1,0 +1,787 @@
+//! Configuration: the TOML file form (`FileConfig`, unknown keys rejected) and the validated
+//! internal form (`Config`) that the rest of the gateway uses. Validation happens once, here;
+//! every error names the file, the key and the problem.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Default public listener.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+/// Default private listener for `/metrics`, `/healthz`, `/readyz`.
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9090";
+/// Default session lifetime: 7 days.
+pub const DEFAULT_SESSION_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
+/// Default interval of the revocation delta poll: 1 second.
+pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(1);
+/// Default staleness after which `/readyz` reports the view as stale: 30 seconds.
+pub const DEFAULT_MAX_STALENESS: Duration = Duration::from_secs(30);
+/// Default time a store operation waits for a locked SQLite database: 5 seconds.
+pub const DEFAULT_BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default graceful-shutdown grace period (SIGTERM): 5 seconds.
+pub const DEFAULT_GRACE_PERIOD: Duration = Duration::from_secs(5);
+/// Default cap on the total size of request headers, in bytes (larger → 431).
+pub const DEFAULT_MAX_HEADER_BYTES: usize = 32 * 1024;
+/// Default cap on request bodies sent to the gateway's own pages, in bytes (larger → 413).
+pub const DEFAULT_MAX_FORM_BYTES: usize = 64 * 1024;
+/// OWASP minimum argon2id memory cost, in KiB.
+pub const ARGON2_MIN_MEMORY_KIB: u32 = 19_456;
+/// OWASP minimum argon2id iterations at the minimum memory cost.
+pub const ARGON2_MIN_ITERATIONS: u32 = 2;
+/// Default number of password hashes computed at once (the rest wait their turn).
+pub const DEFAULT_HASH_CONCURRENCY: usize = 2;
+/// Default issuer (`iss`) of session tokens.
+pub const DEFAULT_ISSUER: &str = "portcullis";
+
+/// Errors met while loading or validating a config file. Every variant names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{file}: cannot read: {source}")]
+    Read {
+        file: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{file}: {message}")]
+    Parse { file: String, message: String },
+    #[error("{file}: key `{key}`: {problem}")]
+    Invalid {
+        file: String,
+        key: String,
+        problem: String,
+    },
+}
+
+/// A secret value whose `Debug` and `Display` print nothing of it.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: String) -> Self {
+        Secret(value)
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+impl<'de> Deserialize<'de> for Secret {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d).map(Secret)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// File form
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    #[serde(default)]
+    server: FileServer,
+    #[serde(default)]
+    store: FileStore,
+    #[serde(default)]
+    session: FileSession,
+    #[serde(default)]
+    password: FilePassword,
+    #[serde(default)]
+    log: FileLog,
+    #[serde(default)]
+    route: Vec<FileRoute>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileServer {
+    listen: Option<String>,
+    admin_listen: Option<String>,
+    public_url: Option<String>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    threads: Option<usize>,
+    #[serde(default, with = "humantime_serde")]
+    grace_period: Option<Duration>,
+    max_header_bytes: Option<usize>,
+    max_form_bytes: Option<usize>,
+    data_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileStore {
+    url: Option<Secret>,
+    #[serde(default, with = "humantime_serde")]
+    poll_interval: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    max_staleness: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    busy_timeout: Option<Duration>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileSession {
+    #[serde(default, with = "humantime_serde")]
+    ttl: Option<Duration>,
+    key_file: Option<PathBuf>,
+    issuer: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FilePassword {
+    memory_kib: Option<u32>,
+    iterations: Option<u32>,
+    parallelism: Option<u32>,
+    max_concurrent: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileLog {
+    format: Option<String>,
+    level: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileRoute {
+    name: String,
+    host: Option<String>,
+    path_prefix: Option<String>,
+    upstream: String,
+    kind: Option<String>,
+    #[serde(default)]
+    public_paths: Vec<String>,
+    identity_header: Option<String>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Validated form
+// ---------------------------------------------------------------------------------------------
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub source: PathBuf,
+    pub server: ServerConfig,
+    pub store: StoreConfig,
+    pub session: SessionConfig,
+    pub password: PasswordConfig,
+    pub log: LogConfig,
+    pub routes: Vec<Route>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    /// Origin users reach the gateway at, without a trailing slash, e.g. `https://media.example`.
+    pub public_url: String,
+    pub secure: bool,
+    pub tls: Option<TlsFiles>,
+    pub threads: usize,
+    pub grace_period: Duration,
+    pub max_header_bytes: usize,
+    pub max_form_bytes: usize,
+    /// Where the pid file and upgrade socket live.
+    pub data_dir: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    pub url: Secret,
+    pub poll_interval: Duration,
+    pub max_staleness: Duration,
+    pub busy_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    pub ttl: Duration,
+    pub key_file: PathBuf,
+    /// A key given through `PORTCULLIS_SESSION_KEY` (base64url, ≥ 32 bytes), used instead of the file.
+    pub key_override: Option<Secret>,
+    pub issuer: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct PasswordConfig {
+    pub memory_kib: u32,
+    pub iterations: u32,
+    pub parallelism: u32,
+    pub max_concurrent: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    pub level: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RouteKind {
+    Generic,
+    Jellyfin,
+    Plex,
+}
+
+impl RouteKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RouteKind::Generic => "generic",
+            RouteKind::Jellyfin => "jellyfin",
+            RouteKind::Plex => "plex",
+        }
+    }
+}
+
+/// One upstream route: requests whose host and path prefix match go to `upstream`.
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub name: String,
+    /// Lower-case host name without port; `None` matches any host.
+    pub host: Option<String>,
+    /// Always starts with `/`; never ends with `/` unless it is exactly `/`.
+    pub path_prefix: String,
+    pub upstream: SocketAddr,
+    /// The upstream as written in the config, for the `Host` header sent upstream when needed.
+    pub upstream_authority: String,
+    pub kind: RouteKind,
+    pub public_paths: Vec<String>,
+    /// Header in which the authenticated user's name is sent upstream, if any (lower-case).
+    pub identity_header: Option<String>,
+}
+
+/// Environment variables that override values of the file.
+#[derive(Debug, Default, Clone)]
+pub struct EnvOverrides {
+    pub store_url: Option<String>,
+    pub session_key: Option<String>,
+    pub session_key_file: Option<String>,
+}
+
+impl EnvOverrides {
+    /// Reads `PORTCULLIS_STORE_URL`, `PORTCULLIS_SESSION_KEY` and `PORTCULLIS_SESSION_KEY_FILE`.
+    pub fn from_process() -> Self {
+        let get = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        EnvOverrides {
+            store_url: get("PORTCULLIS_STORE_URL"),
+            session_key: get("PORTCULLIS_SESSION_KEY"),
+            session_key_file: get("PORTCULLIS_SESSION_KEY_FILE"),
+        }
+    }
+}
+
+impl Config {
+    /// Loads and validates a config file, applying the process environment's overrides.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        Self::load_with(path, &EnvOverrides::from_process())
+    }
+
+    pub fn load_with(path: &Path, env: &EnvOverrides) -> Result<Config, ConfigError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            file: file.clone(),
+            source,
+        })?;
+        Self::parse(&text, path, env)
+    }
+
+    /// Parses and validates config text; `path` is used for messages and relative paths.
+    pub fn parse(text: &str, path: &Path, env: &EnvOverrides) -> Result<Config, ConfigError> {
+        let file = path.display().to_string();
+        let raw: FileConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            file: file.clone(),
+            message: describe_toml_error(&e),
+        })?;
+        Validator { file }.validate(raw, path, env)
+    }
+}
+
+fn describe_toml_error(e: &toml::de::Error) -> String {
+    let msg = e.message().trim().to_string();
+    match e.span() {
+        Some(span) => format!("{msg} (at byte {})", span.start),
+        None => msg,
+    }
+}
+
+struct Validator {
+    file: String,
+}
+
+impl Validator {
+    fn err(&self, key: &str, problem: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid {
+            file: self.file.clone(),
+            key: key.to_string(),
+            problem: problem.into(),
+        }
+    }
+
+    fn addr(&self, key: &str, value: &str) -> Result<SocketAddr, ConfigError> {
+        let mut addrs = value.to_socket_addrs().map_err(|e| {
+            self.err(
+                key,
+                format!("`{value}` is not a host:port address that resolves ({e})"),
+            )
+        })?;
+        addrs
+            .next()
+            .ok_or_else(|| self.err(key, format!("`{value}` resolves to no address")))
+    }
+
+    fn validate(
+        &self,
+        raw: FileConfig,
+        path: &Path,
+        env: &EnvOverrides,
+    ) -> Result<Config, ConfigError> {
+        let server = self.server(raw.server)?;
+        let store = self.store(raw.store, env)?;
+        let session = self.session(raw.session, env)?;
+        let password = self.password(raw.password)?;
+        let log = self.log(raw.log)?;
+        if raw.route.is_empty() {
+            return Err(self.err("route", "at least one [[route]] is required"));
+        }
+        let mut names = HashSet::new();
+        let mut routes = Vec::new();
+        for (i, r) in raw.route.into_iter().enumerate() {
+            let route = self.route(i, r)?;
+            if !names.insert(route.name.clone()) {
+                return Err(self.err(
+                    &format!("route[{i}].name"),
+                    format!("`{}` is used by another route", route.name),
+                ));
+            }
+            routes.push(route);
+        }
+        let mut seen = HashSet::new();
+        for (i, r) in routes.iter().enumerate() {
+            if !seen.insert((r.host.clone(), r.path_prefix.clone())) {
+                return Err(self.err(
+                    &format!("route[{i}].path_prefix"),
+                    format!(
+                        "another route already serves host {:?} and prefix `{}`",
+                        r.host, r.path_prefix
+                    ),
+                ));
+            }
+        }
+        Ok(Config {
+            source: path.to_path_buf(),
+            server,
+            store,
+            session,
+            password,
+            log,
+            routes,
+        })
+    }
+
+    fn server(&self, s: FileServer) -> Result<ServerConfig, ConfigError> {
+        let listen = self.addr(
+            "server.listen",
+            s.listen.as_deref().unwrap_or(DEFAULT_LISTEN),
+        )?;
+        let admin_listen = self.addr(
+            "server.admin_listen",
+            s.admin_listen.as_deref().unwrap_or(DEFAULT_ADMIN_LISTEN),
+        )?;
+        if admin_listen == listen {
+            return Err(self.err(
+                "server.admin_listen",
+                "must differ from server.listen (the admin listener is private)",
+            ));
+        }
+        let tls = match (s.tls_cert, s.tls_key) {
+            (None, None) => None,
+            (Some(cert), Some(key)) => {
+                for (k, p) in [("server.tls_cert", &cert), ("server.tls_key", &key)] {
+                    if !p.is_file() {
+                        return Err(self.err(k, format!("{} is not a readable file", p.display())));
+                    }
+                }
+                Some(TlsFiles { cert, key })
+            }
+            (Some(_), None) => return Err(self.err("server.tls_key", "required with tls_cert")),
+            (None, Some(_)) => return Err(self.err("server.tls_cert", "required with tls_key")),
+        };
+        let default_url = format!(
+            "{}://{}",
+            if tls.is_some() { "https" } else { "http" },
+            listen
+        );
+        let public_url = s.public_url.unwrap_or(default_url);
+        let parsed = url::Url::parse(&public_url)
+            .map_err(|e| self.err("server.public_url", format!("`{public_url}`: {e}")))?;
+        let secure = match parsed.scheme() {
+            "https" => true,
+            "http" => false,
+            other => {
+                return Err(self.err(
+                    "server.public_url",
+                    format!("scheme `{other}` is not http or https"),
+                ))
+            }
+        };
+        if parsed.host_str().is_none() || parsed.path() != "/" || parsed.query().is_some() {
+            return Err(self.err(
+                "server.public_url",
+                format!("`{public_url}` must be an origin such as https://media.example (no path)"),
+            ));
+        }
+        let public_url = parsed.origin().ascii_serialization();
+        let threads = s.threads.unwrap_or(2);
+        if threads == 0 || threads > 256 {
+            return Err(self.err("server.threads", "must be between 1 and 256"));
+        }
+        let max_header_bytes = s.max_header_bytes.unwrap_or(DEFAULT_MAX_HEADER_BYTES);
+        if !(1024..=1_000_000).contains(&max_header_bytes) {
+            return Err(self.err(
+                "server.max_header_bytes",
+                "must be between 1024 and 1000000",
+            ));
+        }
+        let max_form_bytes = s.max_form_bytes.unwrap_or(DEFAULT_MAX_FORM_BYTES);
+        if !(1024..=10_000_000).contains(&max_form_bytes) {
+            return Err(self.err(
+                "server.max_form_bytes",
+                "must be between 1024 and 10000000",
+            ));
+        }
+        Ok(ServerConfig {
+            listen,
+            admin_listen,
+            public_url,
+            secure,
+            tls,
+            threads,
+            grace_period: s.grace_period.unwrap_or(DEFAULT_GRACE_PERIOD),
+            max_header_bytes,
+            max_form_bytes,
+            data_dir: s.data_dir.unwrap_or_else(|| PathBuf::from("data")),
+        })
+    }
+
+    fn store(&self, s: FileStore, env: &EnvOverrides) -> Result<StoreConfig, ConfigError> {
+        let url = match (&env.store_url, s.url) {
+            (Some(u), _) => Secret::new(u.clone()),
+            (None, Some(u)) => u,
+            (None, None) => Secret::new("sqlite://data/portcullis.db".to_string()),
+        };
+        if let Some(path) = url.expose().strip_prefix("sqlite://") {
+            if path.is_empty() {
+                return Err(self.err("store.url", "sqlite:// needs a file path"));
+            }
+        } else if url.expose().starts_with("postgres://")
+            || url.expose().starts_with("postgresql://")
+        {
+            return Err(self.err(
+                "store.url",
+                "PostgreSQL is not supported by this build yet; use sqlite://PATH",
+            ));
+        } else {
+            return Err(self.err("store.url", "must start with sqlite://"));
+        }
+        let poll_interval = s.poll_interval.unwrap_or(DEFAULT_POLL_INTERVAL);
+        if poll_interval < Duration::from_millis(10) || poll_interval > Duration::from_secs(60) {
+            return Err(self.err("store.poll_interval", "must be between 10ms and 60s"));
+        }
+        let max_staleness = s.max_staleness.unwrap_or(DEFAULT_MAX_STALENESS);
+        if max_staleness <= poll_interval {
+            return Err(self.err(
+                "store.max_staleness",
+                "must be longer than store.poll_interval",
+            ));
+        }
+        let busy_timeout = s.busy_timeout.unwrap_or(DEFAULT_BUSY_TIMEOUT);
+        if busy_timeout > Duration::from_secs(60) {
+            return Err(self.err("store.busy_timeout", "must be at most 60s"));
+        }
+        Ok(StoreConfig {
+            url,
+            poll_interval,
+            max_staleness,
+            busy_timeout,
+        })
+    }
+
+    fn session(&self, s: FileSession, env: &EnvOverrides) -> Result<SessionConfig, ConfigError> {
+        let ttl = s.ttl.unwrap_or(DEFAULT_SESSION_TTL);
+        if ttl < Duration::from_secs(60) || ttl > Duration::from_secs(400 * 24 * 3600) {
+            return Err(self.err("session.ttl", "must be between 1m and 400 days"));
+        }
+        let key_file = env
+            .session_key_file
+            .as_ref()
+            .map(PathBuf::from)
+            .or(s.key_file)
+            .unwrap_or_else(|| PathBuf::from("data/session.key"));
+        let issuer = s.issuer.unwrap_or_else(|| DEFAULT_ISSUER.to_string());
+        if issuer.is_empty() {
+            return Err(self.err("session.issuer", "must not be empty"));
+        }
+        Ok(SessionConfig {
+            ttl,
+            key_file,
+            key_override: env.session_key.clone().map(Secret::new),
+            issuer,
+        })
+    }
+
+    fn password(&self, p: FilePassword) -> Result<PasswordConfig, ConfigError> {
+        let memory_kib = p.memory_kib.unwrap_or(ARGON2_MIN_MEMORY_KIB);
+        if memory_kib < ARGON2_MIN_MEMORY_KIB {
+            return Err(self.err(
+                "password.memory_kib",
+                format!("{memory_kib} is below the OWASP minimum of {ARGON2_MIN_MEMORY_KIB} KiB"),
+            ));
+        }
+        if memory_kib > 4 * 1024 * 1024 {
+            return Err(self.err("password.memory_kib", "must be at most 4 GiB (4194304)"));
+        }
+        let iterations = p.iterations.unwrap_or(ARGON2_MIN_ITERATIONS);
+        if iterations < ARGON2_MIN_ITERATIONS || iterations > 100 {
+            return Err(self.err(
+                "password.iterations",
+                format!("must be between {ARGON2_MIN_ITERATIONS} and 100"),
+            ));
+        }
+        let parallelism = p.parallelism.unwrap_or(1);
+        if parallelism == 0 || parallelism > 16 {
+            return Err(self.err("password.parallelism", "must be between 1 and 16"));
+        }
+        let max_concurrent = p.max_concurrent.unwrap_or(DEFAULT_HASH_CONCURRENCY);
+        if max_concurrent == 0 || max_concurrent > 64 {
+            return Err(self.err("password.max_concurrent", "must be between 1 and 64"));
+        }
+        Ok(PasswordConfig {
+            memory_kib,
+            iterations,
+            parallelism,
+            max_concurrent,
+        })
+    }
+
+    fn log(&self, l: FileLog) -> Result<LogConfig, ConfigError> {
+        let format = match l.format.as_deref().unwrap_or("text") {
+            "text" => LogFormat::Text,
+            "json" => LogFormat::Json,
+            other => {
+                return Err(self.err(
+                    "log.format",
+                    format!("`{other}` is not `text` or `json`"),
+                ))
+            }
+        };
+        let level = l.level.unwrap_or_else(|| "info".to_string());
+        if tracing_subscriber::EnvFilter::try_new(&level).is_err() {
+            return Err(self.err(
+                "log.level",
+                format!("`{level}` is not a level or filter (e.g. info, debug, portcullis=debug)"),
+            ));
+        }
+        Ok(LogConfig { format, level })
+    }
+
+    fn route(&self, i: usize, r: FileRoute) -> Result<Route, ConfigError> {
+        let key = |k: &str| format!("route[{i}].{k}");
+        if r.name.is_empty()
+            || !r
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return Err(self.err(
+                &key("name"),
+                format!("`{}` must be non-empty and use only A-Z a-z 0-9 - _", r.name),
+            ));
+        }
+        let host = match r.host {
+            Some(h) if h.is_empty() || h.contains(['/', ' ', ':']) => {
+                return Err(self.err(
+                    &key("host"),
+                    format!("`{h}` must be a bare host name without port"),
+                ))
+            }
+            Some(h) => Some(h.to_ascii_lowercase()),
+            None => None,
+        };
+        let path_prefix = normalise_prefix(r.path_prefix.as_deref().unwrap_or("/"))
+            .map_err(|p| self.err(&key("path_prefix"), p))?;
+        let upstream_text = r
+            .upstream
+            .strip_prefix("http://")
+            .unwrap_or(&r.upstream)
+            .trim_end_matches('/')
+            .to_string();
+        if r.upstream.starts_with("https://") {
+            return Err(self.err(
+                &key("upstream"),
+                "https upstreams are not supported yet; give host:port of a plain-HTTP upstream",
+            ));
+        }
+        let upstream = self.addr(&key("upstream"), &upstream_text)?;
+        let kind = match r.kind.as_deref().unwrap_or("generic") {
+            "generic" => RouteKind::Generic,
+            "jellyfin" => RouteKind::Jellyfin,
+            "plex" => RouteKind::Plex,
+            other => {
+                return Err(self.err(
+                    &key("kind"),
+                    format!("`{other}` is not generic, jellyfin or plex"),
+                ))
+            }
+        };
+        let mut public_paths = Vec::new();
+        for (j, p) in r.public_paths.iter().enumerate() {
+            if !p.starts_with('/') || p.contains(['\\', '?', '#', '%']) || p.contains("/../") {
+                return Err(self.err(
+                    &format!("route[{i}].public_paths[{j}]"),
+                    format!("`{p}` must be a plain absolute path such as /health or /static/"),
+                ));
+            }
+            public_paths.push(p.clone());
+        }
+        let identity_header = match r.identity_header {
+            Some(h) => {
+                let valid = !h.is_empty()
+                    && h.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+                    && http::HeaderName::from_bytes(h.as_bytes()).is_ok();
+                if !valid {
+                    return Err(self.err(
+                        &key("identity_header"),
+                        format!("`{h}` is not a header name (letters, digits and - only)"),
+                    ));
+                }
+                Some(h.to_ascii_lowercase())
+            }
+            None => None,
+        };
+        Ok(Route {
+            name: r.name,
+            host,
+            path_prefix,
+            upstream,
+            upstream_authority: upstream_text,
+            kind,
+            public_paths,
+            identity_header,
+        })
+    }
+}
+
+fn normalise_prefix(p: &str) -> Result<String, String> {
+    if !p.starts_with('/') {
+        return Err(format!("`{p}` must start with /"));
+    }
+    if p.contains(['\\', '?', '#', '%']) || p.split('/').any(|s| s == "." || s == "..") {
+        return Err(format!("`{p}` must be a plain path"));
+    }
+    if p == "/" {
+        return Ok(p.to_string());
+    }
+    Ok(p.trim_end_matches('/').to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("test.toml"), &EnvOverrides::default())
+    }
+
+    const MINIMAL: &str = r#"
+[[route]]
+name = "media"
+upstream = "127.0.0.1:8096"
+"#;
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = parse(MINIMAL).unwrap();
+        assert_eq!(c.server.listen.to_string(), DEFAULT_LISTEN);
+        assert_eq!(c.routes[0].path_prefix, "/");
+        assert_eq!(c.routes[0].kind, RouteKind::Generic);
+        assert_eq!(c.session.ttl, DEFAULT_SESSION_TTL);
+        assert!(!c.server.secure);
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let e = parse(&format!("[server]\nlisten_port = 1\n{MINIMAL}"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("test.toml") && e.contains("listen_port"), "{e}");
+    }
+
+    #[test]
+    fn weak_argon2_is_refused_with_key() {
+        let e = parse(&format!("[password]\nmemory_kib = 4096\n{MINIMAL}"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("password.memory_kib"), "{e}");
+    }
+
+    #[test]
+    fn bad_route_kind_names_route_index() {
+        let e = parse("[[route]]\nname='a'\nupstream='127.0.0.1:1'\nkind='emby2'\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("route[0].kind") && e.contains("emby2"), "{e}");
+    }
+
+    #[test]
+    fn env_overrides_store_url() {
+        let env = EnvOverrides {
+            store_url: Some("sqlite:///tmp/x.db".into()),
+            ..Default::default()
+        };
+        let c = Config::parse(MINIMAL, Path::new("t.toml"), &env).unwrap();
+        assert_eq!(c.store.url.expose(), "sqlite:///tmp/x.db");
+    }
+
+    #[test]
+    fn secret_debug_prints_nothing() {
+        let s = Secret::new("hunter2".into());
+        assert!(!format!("{s:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn public_url_with_path_is_refused() {
+        let e = parse(&format!(
+            "[server]\npublic_url = 'https://x.example/app'\n{MINIMAL}"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("server.public_url"), "{e}");
+    }
+}

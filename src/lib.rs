@@ -1,0 +1,18 @@
+//! Portcullis: an authentication gateway for media servers. A Pingora proxy authenticates every
+//! request in-process against an in-memory revocation view kept in sync with a store, and
+//! forwards only live sessions to the unmodified upstream.
+//!
+//! `main.rs` parses the command line and dispatches to `cli`; everything else lives here so the
+//! tests can reach it.
+
+pub mod app;
+pub mod auth;
+pub mod cli;
+pub mod config;
+pub mod metrics;
+pub mod proxy;
+pub mod revocation;
+pub mod server;
+pub mod store;
+pub mod telemetry;
+pub mod web;

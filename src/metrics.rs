@@ -1,0 +1,216 @@
+//! Prometheus metrics. Every metric name is defined here, with the `portcullis_` prefix; label
+//! values come from closed enums or the operator's route names, never from request data.
+//! Per-request counters are resolved to handles once at start, not per request.
+
+use prometheus::{
+    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+use crate::auth::DenyReason;
+
+pub const REQUESTS_TOTAL: &str = "portcullis_requests_total";
+pub const REQUEST_DURATION: &str = "portcullis_request_duration_seconds";
+pub const LOGINS_TOTAL: &str = "portcullis_logins_total";
+pub const REVOCATIONS_TOTAL: &str = "portcullis_revocations_total";
+pub const VIEW_REVOKED_SESSIONS: &str = "portcullis_revocation_view_revoked_sessions";
+pub const VIEW_USER_CUTOFFS: &str = "portcullis_revocation_view_user_cutoffs";
+pub const VIEW_SEQUENCE: &str = "portcullis_revocation_view_sequence";
+pub const SYNC_LAST_SUCCESS: &str = "portcullis_sync_last_success_timestamp_seconds";
+pub const SYNC_ERRORS_TOTAL: &str = "portcullis_sync_errors_total";
+pub const STORE_ERRORS_TOTAL: &str = "portcullis_store_errors_total";
+pub const BUILD_INFO: &str = "portcullis_build_info";
+
+/// Reasons a request is refused before authentication.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RejectReason {
+    BadPath,
+    HeadersTooLarge,
+    NoRoute,
+    BodyTooLarge,
+}
+
+impl RejectReason {
+    pub const ALL: [RejectReason; 4] = [
+        RejectReason::BadPath,
+        RejectReason::HeadersTooLarge,
+        RejectReason::NoRoute,
+        RejectReason::BodyTooLarge,
+    ];
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RejectReason::BadPath => "bad_path",
+            RejectReason::HeadersTooLarge => "headers_too_large",
+            RejectReason::NoRoute => "no_route",
+            RejectReason::BodyTooLarge => "body_too_large",
+        }
+    }
+}
+
+/// Pre-resolved counters of one route label.
+pub struct RouteCounters {
+    pub allowed: IntCounter,
+    pub public: IntCounter,
+    pub gateway_page: IntCounter,
+    denied: Vec<IntCounter>,
+    rejected: Vec<IntCounter>,
+    pub duration: Histogram,
+}
+
+impl RouteCounters {
+    pub fn denied(&self, r: DenyReason) -> &IntCounter {
+        let i = DenyReason::ALL.iter().position(|x| *x == r).unwrap_or(0);
+        &self.denied[i]
+    }
+    pub fn rejected(&self, r: RejectReason) -> &IntCounter {
+        let i = RejectReason::ALL.iter().position(|x| *x == r).unwrap_or(0);
+        &self.rejected[i]
+    }
+}
+
+pub struct Metrics {
+    registry: Registry,
+    /// Indexed like the config's routes; the last entry is for requests that matched no route.
+    routes: Vec<RouteCounters>,
+    pub logins: IntCounterVec,
+    pub revocations: IntCounterVec,
+    pub view_revoked_sessions: IntGauge,
+    pub view_user_cutoffs: IntGauge,
+    pub view_sequence: IntGauge,
+    pub sync_last_success: Gauge,
+    pub sync_errors: IntCounter,
+    pub store_errors: IntCounterVec,
+}
+
+/// Route label for requests answered before a route was chosen, or by the gateway's own pages.
+pub const NO_ROUTE_LABEL: &str = "-";
+
+impl Metrics {
+    pub fn new(route_names: &[String], store_backend: &str) -> Result<Metrics, prometheus::Error> {
+        let registry = Registry::new();
+        let requests = IntCounterVec::new(
+            Opts::new(REQUESTS_TOTAL, "Requests by route, decision and reason."),
+            &["route", "decision", "reason"],
+        )?;
+        let duration = HistogramVec::new(
+            HistogramOpts::new(REQUEST_DURATION, "Time from request to end of response.")
+                .buckets(vec![
+                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                    5.0, 10.0, 30.0,
+                ]),
+            &["route"],
+        )?;
+        let logins = IntCounterVec::new(
+            Opts::new(LOGINS_TOTAL, "Login attempts by method and result."),
+            &["method", "result"],
+        )?;
+        let revocations = IntCounterVec::new(
+            Opts::new(REVOCATIONS_TOTAL, "Revocations committed by this instance, by scope."),
+            &["scope"],
+        )?;
+        let view_revoked_sessions = IntGauge::new(
+            VIEW_REVOKED_SESSIONS,
+            "Revoked, unexpired session ids held in the revocation view.",
+        )?;
+        let view_user_cutoffs =
+            IntGauge::new(VIEW_USER_CUTOFFS, "Users with a sign-out cutoff in the view.")?;
+        let view_sequence = IntGauge::new(
+            VIEW_SEQUENCE,
+            "Highest revocation event sequence number applied to the view.",
+        )?;
+        let sync_last_success = Gauge::new(
+            SYNC_LAST_SUCCESS,
+            "Unix time of the last successful sync of the revocation view.",
+        )?;
+        let sync_errors = IntCounter::new(SYNC_ERRORS_TOTAL, "Failed revocation view syncs.")?;
+        let store_errors = IntCounterVec::new(
+            Opts::new(STORE_ERRORS_TOTAL, "Store operations that failed, by operation."),
+            &["operation"],
+        )?;
+        let build_info = IntGaugeVec::new(
+            Opts::new(BUILD_INFO, "Build information; the value is always 1."),
+            &["version", "store"],
+        )?;
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION"), store_backend])
+            .set(1);
+        registry.register(Box::new(requests.clone()))?;
+        registry.register(Box::new(duration.clone()))?;
+        registry.register(Box::new(logins.clone()))?;
+        registry.register(Box::new(revocations.clone()))?;
+        registry.register(Box::new(view_revoked_sessions.clone()))?;
+        registry.register(Box::new(view_user_cutoffs.clone()))?;
+        registry.register(Box::new(view_sequence.clone()))?;
+        registry.register(Box::new(sync_last_success.clone()))?;
+        registry.register(Box::new(sync_errors.clone()))?;
+        registry.register(Box::new(store_errors.clone()))?;
+        registry.register(Box::new(build_info))?;
+
+        let mut routes = Vec::new();
+        let labels = route_names
+            .iter()
+            .map(String::as_str)
+            .chain(std::iter::once(NO_ROUTE_LABEL));
+        for name in labels {
+            routes.push(RouteCounters {
+                allowed: requests.with_label_values(&[name, "allow", "valid_session"]),
+                public: requests.with_label_values(&[name, "allow", "public_path"]),
+                gateway_page: requests.with_label_values(&[name, "gateway", "own_page"]),
+                denied: DenyReason::ALL
+                    .iter()
+                    .map(|r| requests.with_label_values(&[name, "deny", r.as_str()]))
+                    .collect(),
+                rejected: RejectReason::ALL
+                    .iter()
+                    .map(|r| requests.with_label_values(&[name, "reject", r.as_str()]))
+                    .collect(),
+                duration: duration.with_label_values(&[name]),
+            });
+        }
+        Ok(Metrics {
+            registry,
+            routes,
+            logins,
+            revocations,
+            view_revoked_sessions,
+            view_user_cutoffs,
+            view_sequence,
+            sync_last_success,
+            sync_errors,
+            store_errors,
+        })
+    }
+
+    /// Counters of route `index`, or of the no-route label when `None`.
+    pub fn route(&self, index: Option<usize>) -> &RouteCounters {
+        let last = self.routes.len() - 1;
+        &self.routes[index.unwrap_or(last).min(last)]
+    }
+
+    /// The text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_render_with_labels() {
+        let m = Metrics::new(&["media".to_string()], "sqlite").unwrap();
+        m.route(Some(0)).denied(DenyReason::Expired).inc();
+        m.route(None).rejected(RejectReason::BadPath).inc();
+        let text = m.render();
+        assert!(text.contains(
+            r#"portcullis_requests_total{decision="deny",reason="expired",route="media"} 1"#
+        ));
+        assert!(text.contains(
+            r#"portcullis_requests_total{decision="reject",reason="bad_path",route="-"} 1"#
+        ));
+        assert!(text.contains(r#"portcullis_build_info{store="sqlite""#));
+    }
+}

@@ -1,0 +1,419 @@
+//! The Pingora proxy. Each phase only dispatches: `request_filter` runs the checks in order
+//! (header size, canonical path, the gateway's own pages, route, public path, authentication),
+//! each of which either answers the request or lets it continue; `upstream_request_filter`
+//! rewrites what the upstream sees; `logging` writes the access log line and counts the outcome.
+//! No store I/O happens on this path.
+
+pub mod forward;
+pub mod path;
+mod respond;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
+use pingora::http::RequestHeader;
+use pingora::prelude::*;
+use pingora::proxy::{FailToProxy, ProxyHttp, Session};
+use tower::ServiceExt;
+
+use crate::app::{now_ms, App, ClientInfo};
+use crate::auth::{self, AuthDecision, Identity};
+use crate::config::Route;
+use crate::metrics::RejectReason;
+use crate::telemetry;
+use crate::web;
+
+pub use respond::Outcome;
+
+/// Per-request state shared by the phases.
+pub struct RequestCtx {
+    start: Instant,
+    request_id: String,
+    route: Option<usize>,
+    outcome: Outcome,
+    identity: Option<Identity>,
+    client_ip: String,
+}
+
+pub struct Gateway {
+    app: Arc<App>,
+    router: axum::Router,
+    /// The runtime that owns the store's connections; the gateway's pages run there.
+    control: tokio::runtime::Handle,
+    peers: Vec<HttpPeer>,
+    proto: &'static str,
+}
+
+impl Gateway {
+    pub fn new(app: Arc<App>, control: tokio::runtime::Handle) -> Gateway {
+        let peers = app
+            .config
+            .routes
+            .iter()
+            .map(|r| HttpPeer::new(r.upstream, false, String::new()))
+            .collect();
+        let proto = if app.config.server.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        Gateway {
+            router: web::router(app.clone()),
+            app,
+            control,
+            peers,
+            proto,
+        }
+    }
+
+    fn routes(&self) -> &[Route] {
+        &self.app.config.routes
+    }
+
+    /// The route for a host and canonical path: the longest matching prefix, routes that name
+    /// the host before routes for any host.
+    fn find_route(&self, host: Option<&str>, canonical: &str) -> Option<usize> {
+        let mut best: Option<(usize, (bool, usize))> = None;
+        for (i, r) in self.routes().iter().enumerate() {
+            let host_match = match (&r.host, host) {
+                (None, _) => Some(false),
+                (Some(want), Some(h)) if want.eq_ignore_ascii_case(h) => Some(true),
+                _ => None,
+            };
+            let Some(specific) = host_match else { continue };
+            if !path::under(canonical, &r.path_prefix) {
+                continue;
+            }
+            let rank = (specific, r.path_prefix.len());
+            if best.is_none_or(|(_, b)| rank > b) {
+                best = Some((i, rank));
+            }
+        }
+        best.map(|(i, _)| i)
+    }
+
+    /// Runs the gateway's own router for a request under `/_portcullis/`.
+    async fn serve_own_page(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<()> {
+        let cap = self.app.config.server.max_form_bytes;
+        let mut body = BytesMut::new();
+        while let Some(chunk) = session.read_request_body().await? {
+            if body.len() + chunk.len() > cap {
+                ctx.outcome = Outcome::Rejected(RejectReason::BodyTooLarge);
+                return respond::reject(session, RejectReason::BodyTooLarge).await;
+            }
+            body.extend_from_slice(&chunk);
+        }
+        let head = session.req_header();
+        let mut builder = http::Request::builder()
+            .method(head.method.clone())
+            .uri(head.uri.clone());
+        for (name, value) in head.headers.iter() {
+            builder = builder.header(name, value);
+        }
+        let user_agent = head
+            .headers
+            .get(http::header::USER_AGENT)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string();
+        let request = builder
+            .extension(ClientInfo {
+                ip: ctx.client_ip.clone(),
+                user_agent,
+            })
+            .body(axum::body::Body::from(body.freeze()))
+            .or_err(ErrorType::InternalError, "building the page request")?;
+        let router = self.router.clone();
+        let response = self
+            .control
+            .spawn(async move {
+                let response = router.oneshot(request).await.infallible();
+                let (parts, body) = response.into_parts();
+                let bytes = axum::body::to_bytes(body, usize::MAX).await;
+                (parts, bytes)
+            })
+            .await
+            .or_err(ErrorType::InternalError, "running the page handler")?;
+        let (parts, bytes) = response;
+        let bytes = bytes.or_err(ErrorType::InternalError, "reading the page body")?;
+        ctx.outcome = Outcome::GatewayPage;
+        respond::page(session, parts, bytes).await
+    }
+}
+
+/// `Infallible` results, unwrapped without a panic path.
+trait Infallible<T> {
+    fn infallible(self) -> T;
+}
+
+impl<T> Infallible<T> for std::result::Result<T, std::convert::Infallible> {
+    fn infallible(self) -> T {
+        match self {
+            Ok(v) => v,
+            Err(never) => match never {},
+        }
+    }
+}
+
+fn host_of(req: &RequestHeader) -> Option<&str> {
+    let raw = req
+        .uri
+        .authority()
+        .map(|a| a.as_str())
+        .or_else(|| req.headers.get(http::header::HOST)?.to_str().ok())?;
+    // Strip a port, keeping IPv6 brackets intact.
+    Some(match raw.rfind(':') {
+        Some(i) if !raw[i..].contains(']') => &raw[..i],
+        _ => raw,
+    })
+}
+
+fn header_bytes(req: &RequestHeader) -> usize {
+    req.headers
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len() + 4)
+        .sum::<usize>()
+        + req.uri.to_string().len()
+}
+
+fn request_id(req: &RequestHeader) -> String {
+    let given = req
+        .headers
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| {
+            !v.is_empty()
+                && v.len() <= 64
+                && v.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        });
+    match given {
+        Some(v) => v.to_string(),
+        None => format!("{:016x}", rand::random::<u64>()),
+    }
+}
+
+/// Whether a refused request looks like a browser navigating, which gets sent to the login page.
+fn is_navigation(req: &RequestHeader) -> bool {
+    if req.method != http::Method::GET && req.method != http::Method::HEAD {
+        return false;
+    }
+    let header = |n: &str| req.headers.get(n).and_then(|v| v.to_str().ok());
+    if let Some(mode) = header("sec-fetch-mode") {
+        return mode == "navigate";
+    }
+    header("accept").is_some_and(|a| a.contains("text/html"))
+}
+
+#[async_trait]
+impl ProxyHttp for Gateway {
+    type CTX = RequestCtx;
+
+    fn new_ctx(&self) -> RequestCtx {
+        RequestCtx {
+            start: Instant::now(),
+            request_id: String::new(),
+            route: None,
+            outcome: Outcome::Unfinished,
+            identity: None,
+            client_ip: String::new(),
+        }
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        ctx.start = Instant::now();
+        ctx.request_id = request_id(session.req_header());
+        ctx.client_ip = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a: &SocketAddr| a.ip().to_string())
+            .unwrap_or_default();
+
+        // 1. Size of the request head.
+        if header_bytes(session.req_header()) > self.app.config.server.max_header_bytes {
+            ctx.outcome = Outcome::Rejected(RejectReason::HeadersTooLarge);
+            respond::reject(session, RejectReason::HeadersTooLarge).await?;
+            return Ok(true);
+        }
+
+        // 2. One canonical path, before any routing.
+        let canonical = match path::canonicalize(session.req_header().uri.path()) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::debug!(request_id = %ctx.request_id, error = %e, "bad path");
+                ctx.outcome = Outcome::Rejected(RejectReason::BadPath);
+                respond::reject(session, RejectReason::BadPath).await?;
+                return Ok(true);
+            }
+        };
+
+        // 3. The gateway's own pages.
+        if path::under(&canonical, web::PREFIX) {
+            self.serve_own_page(session, ctx).await?;
+            return Ok(true);
+        }
+
+        // 4. Route.
+        let Some(index) = self.find_route(host_of(session.req_header()), &canonical) else {
+            ctx.outcome = Outcome::Rejected(RejectReason::NoRoute);
+            respond::reject(session, RejectReason::NoRoute).await?;
+            return Ok(true);
+        };
+        ctx.route = Some(index);
+        let route = &self.routes()[index];
+
+        // 5. Public paths pass without a session.
+        if route
+            .public_paths
+            .iter()
+            .any(|p| path::under(&canonical, p))
+        {
+            ctx.outcome = Outcome::Public;
+            return Ok(false);
+        }
+
+        // 6. Authenticate against the revocation view.
+        let token = auth::extract_credential(&session.req_header().headers, self.app.cookie_name)
+            .map(|(t, _)| t);
+        match auth::authenticate(token, &self.app.keyring, &self.app.view, now_ms() / 1000) {
+            AuthDecision::Allow(identity) => {
+                ctx.identity = Some(identity);
+                ctx.outcome = Outcome::Allowed;
+                Ok(false)
+            }
+            AuthDecision::Deny(reason) => {
+                ctx.outcome = Outcome::Denied(reason);
+                let navigation = is_navigation(session.req_header());
+                let return_to = session
+                    .req_header()
+                    .uri
+                    .path_and_query()
+                    .map(|p| p.as_str().to_string())
+                    .unwrap_or_else(|| "/".to_string());
+                respond::deny(session, navigation, &return_to).await?;
+                Ok(true)
+            }
+        }
+    }
+
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<Box<HttpPeer>> {
+        let index = ctx
+            .route
+            .or_err(ErrorType::InternalError, "no route chosen")?;
+        let peer = self
+            .peers
+            .get(index)
+            .or_err(ErrorType::InternalError, "route without peer")?;
+        Ok(Box::new(peer.clone()))
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        session: &mut Session,
+        upstream_request: &mut RequestHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        let host = host_of(session.req_header()).map(str::to_string);
+        let route = ctx.route.and_then(|i| self.routes().get(i));
+        forward::rewrite(
+            upstream_request,
+            &forward::ForwardFacts {
+                client_ip: &ctx.client_ip,
+                proto: self.proto,
+                host: host.as_deref(),
+                request_id: &ctx.request_id,
+                identity: ctx.identity.as_ref(),
+                identity_header: route.and_then(|r| r.identity_header.as_deref()),
+            },
+        )
+    }
+
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &Error,
+        ctx: &mut RequestCtx,
+    ) -> FailToProxy {
+        let code = match e.esource() {
+            ErrorSource::Upstream => 502,
+            ErrorSource::Downstream => match e.etype() {
+                ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed => 0,
+                _ => 400,
+            },
+            _ => match e.etype() {
+                ErrorType::HTTPStatus(code) => *code,
+                _ => 500,
+            },
+        };
+        ctx.outcome = Outcome::Failed(code);
+        if code > 0 && session.response_written().is_none() {
+            if let Err(err) = respond::failure(session, code).await {
+                tracing::debug!(error = %err, "could not send the error response");
+            }
+        }
+        FailToProxy {
+            error_code: code,
+            can_reuse_downstream: false,
+        }
+    }
+
+    async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
+        let status = session
+            .response_written()
+            .map(|r| r.status.as_u16())
+            .unwrap_or(0);
+        let elapsed = ctx.start.elapsed();
+        let counters = match ctx.outcome {
+            Outcome::GatewayPage => self.app.metrics.route(None),
+            _ => self.app.metrics.route(ctx.route),
+        };
+        match ctx.outcome {
+            Outcome::Allowed => counters.allowed.inc(),
+            Outcome::Public => counters.public.inc(),
+            Outcome::GatewayPage => counters.gateway_page.inc(),
+            Outcome::Denied(r) => counters.denied(r).inc(),
+            Outcome::Rejected(r) => counters.rejected(r).inc(),
+            Outcome::Failed(_) | Outcome::Unfinished => {}
+        }
+        counters.duration.observe(elapsed.as_secs_f64());
+        let req = session.req_header();
+        let route = ctx
+            .route
+            .and_then(|i| self.routes().get(i))
+            .map_or("-", |r| r.name.as_str());
+        let path = telemetry::redact_target(
+            req.uri
+                .path_and_query()
+                .map(|p| p.as_str())
+                .unwrap_or("/"),
+        );
+        tracing::info!(
+            target: "portcullis::access",
+            request_id = %ctx.request_id,
+            client = %ctx.client_ip,
+            method = %req.method,
+            path = %path,
+            route,
+            decision = ctx.outcome.decision(),
+            reason = ctx.outcome.reason(),
+            user = ctx.identity.as_ref().map_or("-", |i| i.name.as_str()),
+            status,
+            duration_ms = elapsed.as_secs_f64() * 1000.0,
+        );
+    }
+}
+
+/// A short body for error pages.
+pub(crate) fn short_page(title: &str, text: &str) -> Bytes {
+    Bytes::from(format!(
+        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{title}</title></head>\
+<body><h1>{title}</h1><p>{text}</p></body></html>\n"
+    ))
+}

@@ -1,0 +1,198 @@
+//! What the upstream sees: the gateway's own credentials removed, client-sent identity headers
+//! removed (in their dash and underscore spellings), hop-by-hop headers removed, and the
+//! forwarded headers and optional identity header set by the gateway alone.
+
+use http::HeaderName;
+use pingora::http::RequestHeader;
+
+use crate::auth::{cookie, Identity};
+
+/// Identity headers that only the gateway may set, compared after lower-casing and turning `_`
+/// into `-`.
+const IDENTITY_HEADERS: &[&str] = &[
+    "remote-user",
+    "remote-email",
+    "remote-groups",
+    "remote-name",
+    "x-forwarded-user",
+    "x-forwarded-email",
+    "x-forwarded-groups",
+    "x-forwarded-preferred-username",
+    "x-remote-user",
+    "x-webauth-user",
+];
+const IDENTITY_PREFIXES: &[&str] = &["x-auth-request-"];
+
+/// Headers a client must not set because the gateway sets (or removes) them.
+const FORWARDING_HEADERS: &[&str] = &[
+    "forwarded",
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+    "x-forwarded-port",
+    "x-real-ip",
+    "x-request-id",
+];
+
+/// Hop-by-hop headers that never travel further (Connection and Upgrade are left to Pingora,
+/// which needs them for WebSocket upgrades).
+const HOP_BY_HOP: &[&str] = &[
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authorization",
+    "proxy-authenticate",
+    "te",
+    "trailer",
+];
+
+/// Per-request facts the forwarding rewrite needs.
+pub struct ForwardFacts<'a> {
+    pub client_ip: &'a str,
+    pub proto: &'static str,
+    pub host: Option<&'a str>,
+    pub request_id: &'a str,
+    pub identity: Option<&'a Identity>,
+    pub identity_header: Option<&'a str>,
+}
+
+fn normalised(name: &str) -> String {
+    name.to_ascii_lowercase().replace('_', "-")
+}
+
+/// Whether a header name is one a client may not send through the gateway.
+pub fn is_reserved(name: &str, extra: Option<&str>) -> bool {
+    let n = normalised(name);
+    IDENTITY_HEADERS.contains(&n.as_str())
+        || IDENTITY_PREFIXES.iter().any(|p| n.starts_with(p))
+        || FORWARDING_HEADERS.contains(&n.as_str())
+        || HOP_BY_HOP.contains(&n.as_str())
+        || extra.is_some_and(|e| e == n)
+}
+
+/// Rewrites the request that goes upstream.
+pub fn rewrite(req: &mut RequestHeader, f: &ForwardFacts<'_>) -> pingora::Result<()> {
+    // Names nominated by Connection (except the upgrade machinery) are hop-by-hop too.
+    let mut remove: Vec<HeaderName> = Vec::new();
+    for v in req.headers.get_all(http::header::CONNECTION) {
+        for token in v.to_str().unwrap_or("").split(',') {
+            let t = token.trim().to_ascii_lowercase();
+            if t.is_empty() || t == "upgrade" || t == "keep-alive" || t == "close" {
+                continue;
+            }
+            if let Ok(n) = HeaderName::from_bytes(t.as_bytes()) {
+                remove.push(n);
+            }
+        }
+    }
+    for name in req.headers.keys() {
+        if is_reserved(name.as_str(), f.identity_header) {
+            remove.push(name.clone());
+        }
+    }
+    for name in remove {
+        req.remove_header(&name);
+    }
+
+    // The gateway's cookie and Bearer token stay here.
+    let cookies: Vec<String> = req
+        .headers
+        .get_all(http::header::COOKIE)
+        .iter()
+        .filter_map(|v| cookie::without_gateway_cookies(v.as_bytes()))
+        .collect();
+    req.remove_header(&http::header::COOKIE);
+    if !cookies.is_empty() {
+        req.insert_header(http::header::COOKIE, cookies.join("; "))?;
+    }
+    if crate::auth::bearer_token(&req.headers).is_some() {
+        req.remove_header(&http::header::AUTHORIZATION);
+    }
+
+    req.insert_header("x-forwarded-for", f.client_ip)?;
+    req.insert_header("x-real-ip", f.client_ip)?;
+    req.insert_header("x-forwarded-proto", f.proto)?;
+    if let Some(host) = f.host {
+        req.insert_header("x-forwarded-host", host)?;
+    }
+    req.insert_header("x-request-id", f.request_id)?;
+    if let (Some(header), Some(identity)) = (f.identity_header, f.identity) {
+        req.insert_header(header.to_string(), identity.name.as_str())?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::SessionId;
+
+    fn request(headers: &[(&str, &str)]) -> RequestHeader {
+        let mut r = RequestHeader::build("GET", b"/x", None).unwrap();
+        for (k, v) in headers {
+            r.append_header(k.to_string(), *v).unwrap();
+        }
+        r
+    }
+
+    #[test]
+    fn identity_and_credentials_are_stripped_and_forwarded_headers_set() {
+        let mut r = request(&[
+            ("Remote-User", "admin"),
+            ("remote_user", "admin"),
+            ("X-Auth-Request-Email", "a@b"),
+            ("X-Forwarded-For", "6.6.6.6"),
+            ("Cookie", "portcullis=tok; theme=dark"),
+            ("Authorization", "Bearer tok"),
+            ("Connection", "keep-alive, X-Secret"),
+            ("X-Secret", "1"),
+            ("X-User", "evil"),
+            ("Accept", "*/*"),
+        ]);
+        let id = Identity {
+            user_id: 1,
+            name: "alice".into(),
+            sid: SessionId(1),
+            issued_ms: 0,
+            expires_s: 0,
+        };
+        rewrite(
+            &mut r,
+            &ForwardFacts {
+                client_ip: "127.0.0.1",
+                proto: "http",
+                host: Some("gw.example"),
+                request_id: "rid",
+                identity: Some(&id),
+                identity_header: Some("x-user"),
+            },
+        )
+        .unwrap();
+        let h = &r.headers;
+        assert!(h.get("remote-user").is_none() && h.get("remote_user").is_none());
+        assert!(h.get("x-auth-request-email").is_none() && h.get("x-secret").is_none());
+        assert!(h.get("authorization").is_none());
+        assert_eq!(h.get("cookie").unwrap(), "theme=dark");
+        assert_eq!(h.get("x-forwarded-for").unwrap(), "127.0.0.1");
+        assert_eq!(h.get_all("x-user").iter().count(), 1);
+        assert_eq!(h.get("x-user").unwrap(), "alice");
+        assert_eq!(h.get("accept").unwrap(), "*/*");
+    }
+
+    #[test]
+    fn media_server_authorization_is_kept() {
+        let mut r = request(&[("Authorization", "MediaBrowser Token=\"abc\"")]);
+        rewrite(
+            &mut r,
+            &ForwardFacts {
+                client_ip: "::1",
+                proto: "https",
+                host: None,
+                request_id: "r",
+                identity: None,
+                identity_header: None,
+            },
+        )
+        .unwrap();
+        assert_eq!(r.headers.get("authorization").unwrap(), "MediaBrowser Token=\"abc\"");
+    }
+}

@@ -1,0 +1,174 @@
+//! The one place where the proxy's outcomes become HTTP responses: rejections of malformed
+//! requests, denials (302 to the login page for browser navigations, 401 otherwise), upstream
+//! failures, and the gateway's own pages. Small hand-built responses keep the connection alive
+//! unless the request body was left unread.
+
+use bytes::Bytes;
+use pingora::http::ResponseHeader;
+use pingora::prelude::*;
+use pingora::proxy::Session;
+
+use crate::auth::DenyReason;
+use crate::metrics::RejectReason;
+use crate::web;
+
+/// What happened to a request, for metrics and the access log.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Unfinished,
+    Allowed,
+    Public,
+    GatewayPage,
+    Denied(DenyReason),
+    Rejected(RejectReason),
+    Failed(u16),
+}
+
+impl Outcome {
+    pub fn decision(self) -> &'static str {
+        match self {
+            Outcome::Unfinished => "unfinished",
+            Outcome::Allowed | Outcome::Public => "allow",
+            Outcome::GatewayPage => "gateway",
+            Outcome::Denied(_) => "deny",
+            Outcome::Rejected(_) => "reject",
+            Outcome::Failed(_) => "failed",
+        }
+    }
+
+    pub fn reason(self) -> &'static str {
+        match self {
+            Outcome::Unfinished => "-",
+            Outcome::Allowed => "valid_session",
+            Outcome::Public => "public_path",
+            Outcome::GatewayPage => "own_page",
+            Outcome::Denied(r) => r.as_str(),
+            Outcome::Rejected(r) => r.as_str(),
+            Outcome::Failed(502) => "upstream_unavailable",
+            Outcome::Failed(_) => "proxy_error",
+        }
+    }
+}
+
+/// Whether the request announced a body that nobody has read.
+fn has_unread_body(session: &mut Session) -> bool {
+    let h = &session.req_header().headers;
+    let announced = h.contains_key(http::header::TRANSFER_ENCODING)
+        || h.get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.trim() != "0");
+    announced && !session.is_body_done()
+}
+
+async fn send(
+    session: &mut Session,
+    status: u16,
+    headers: &[(&'static str, String)],
+    content_type: &'static str,
+    body: Bytes,
+) -> Result<()> {
+    let close = has_unread_body(session);
+    let mut resp = ResponseHeader::build(status, Some(headers.len() + 4))?;
+    for (name, value) in headers {
+        resp.insert_header(*name, value.as_str())?;
+    }
+    resp.insert_header("content-type", content_type)?;
+    resp.insert_header("content-length", body.len().to_string())?;
+    resp.insert_header("cache-control", "no-store")?;
+    if close {
+        resp.insert_header("connection", "close")?;
+        session.set_keepalive(None);
+    }
+    let head_only = session.req_header().method == http::Method::HEAD || body.is_empty();
+    session.write_response_header(Box::new(resp), head_only).await?;
+    if !head_only {
+        session.write_response_body(Some(body), true).await?;
+    }
+    Ok(())
+}
+
+/// A malformed or unroutable request.
+pub async fn reject(session: &mut Session, reason: RejectReason) -> Result<()> {
+    let (status, text) = match reason {
+        RejectReason::BadPath => (400, "The request path is malformed or ambiguous."),
+        RejectReason::HeadersTooLarge => (431, "The request headers are too large."),
+        RejectReason::NoRoute => (404, "No route serves this host and path."),
+        RejectReason::BodyTooLarge => (413, "The request body is too large."),
+    };
+    let body = Bytes::from(format!("{text}\n"));
+    send(session, status, &[], "text/plain; charset=utf-8", body).await
+}
+
+/// A request without a live session.
+pub async fn deny(
+    session: &mut Session,
+    navigation: bool,
+    return_to: &str,
+) -> Result<()> {
+    if navigation {
+        let rd = percent_encoding::utf8_percent_encode(
+            &web::safe_return_path(Some(return_to)),
+            percent_encoding::NON_ALPHANUMERIC,
+        )
+        .to_string();
+        let location = format!("{}?rd={rd}", web::LOGIN_PATH);
+        return send(
+            session,
+            302,
+            &[("location", location)],
+            "text/plain; charset=utf-8",
+            Bytes::new(),
+        )
+        .await;
+    }
+    send(
+        session,
+        401,
+        &[(
+            "www-authenticate",
+            "Bearer realm=\"portcullis\"".to_string(),
+        )],
+        "application/json",
+        Bytes::from_static(b"{\"error\":\"unauthorized\"}\n"),
+    )
+    .await
+}
+
+/// The upstream could not be reached, or proxying failed.
+pub async fn failure(session: &mut Session, status: u16) -> Result<()> {
+    session.set_keepalive(None);
+    let body = if status == 502 {
+        super::short_page(
+            "Bad gateway",
+            "The media server behind this gateway is not answering. Try again shortly.",
+        )
+    } else {
+        super::short_page("Error", "The request could not be completed.")
+    };
+    send(session, status, &[], "text/html; charset=utf-8", body).await
+}
+
+/// A response produced by the gateway's own router.
+pub async fn page(session: &mut Session, parts: http::response::Parts, body: Bytes) -> Result<()> {
+    let close = has_unread_body(session);
+    let mut resp = ResponseHeader::build(parts.status, Some(parts.headers.len() + 2))?;
+    for (name, value) in parts.headers.iter() {
+        resp.append_header(name.clone(), value.clone())?;
+    }
+    resp.insert_header("content-length", body.len().to_string())?;
+    resp.insert_header("x-frame-options", "DENY")?;
+    resp.insert_header(
+        "content-security-policy",
+        "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; frame-ancestors 'none'",
+    )?;
+    if close {
+        resp.insert_header("connection", "close")?;
+        session.set_keepalive(None);
+    }
+    let head_only = session.req_header().method == http::Method::HEAD || body.is_empty();
+    session.write_response_header(Box::new(resp), head_only).await?;
+    if !head_only {
+        session.write_response_body(Some(body), true).await?;
+    }
+    Ok(())
+}

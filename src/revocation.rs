@@ -1,0 +1,280 @@
+//! The in-memory revocation view and the loop that keeps it in sync with the store.
+//!
+//! The view answers "is this token still alive?" without touching the store: a map of revoked
+//! session ids (128-bit, mapped to the time the token would expire anyway, swept periodically),
+//! per-user cutoffs, a global cutoff and the set of disabled users. It is built from a store
+//! snapshot at start and advanced by the store's event log in sequence order; events written by
+//! this process are also applied at once. Applying an event twice is harmless.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::RwLock;
+use std::time::{Duration, Instant};
+
+use crate::store::{DynStore, RevocationEvent, SequencedEvent, SessionId, Snapshot, StoreResult};
+
+/// How many events one delta poll fetches at most; the loop keeps fetching while full pages come.
+pub const EVENT_PAGE: i64 = 1000;
+/// How often expired entries are swept from the revoked-session map.
+pub const SWEEP_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Why the view refuses a token.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Revoked {
+    Session,
+    UserSignedOut,
+    EveryoneSignedOut,
+    UserDisabled,
+}
+
+#[derive(Default)]
+struct ViewState {
+    revoked: HashMap<u128, i64>,
+    user_cutoff: HashMap<i64, i64>,
+    global_cutoff: Option<i64>,
+    disabled: HashSet<i64>,
+    /// Highest sequence number applied from the store's log in order.
+    seq: i64,
+    last_sync: Option<Instant>,
+    last_error: Option<String>,
+}
+
+/// Sizes of the view, for metrics and `/readyz`.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ViewStats {
+    pub revoked_sessions: usize,
+    pub user_cutoffs: usize,
+    pub disabled_users: usize,
+    pub seq: i64,
+}
+
+#[derive(Default)]
+pub struct RevocationView {
+    state: RwLock<ViewState>,
+}
+
+impl RevocationView {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Decides whether a token of `user_id`, session `sid`, issued at `issued_ms`, is revoked.
+    /// A token issued at or before a cutoff is dead.
+    pub fn check(&self, sid: SessionId, user_id: i64, issued_ms: i64) -> Result<(), Revoked> {
+        let s = match self.state.read() {
+            Ok(s) => s,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if s.disabled.contains(&user_id) {
+            return Err(Revoked::UserDisabled);
+        }
+        if s.global_cutoff.is_some_and(|c| issued_ms <= c) {
+            return Err(Revoked::EveryoneSignedOut);
+        }
+        if s.user_cutoff.get(&user_id).is_some_and(|c| issued_ms <= *c) {
+            return Err(Revoked::UserSignedOut);
+        }
+        if s.revoked.contains_key(&sid.0) {
+            return Err(Revoked::Session);
+        }
+        Ok(())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, ViewState> {
+        match self.state.write() {
+            Ok(s) => s,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, ViewState> {
+        match self.state.read() {
+            Ok(s) => s,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
+    /// Replaces the whole view with a snapshot.
+    pub fn load(&self, snap: Snapshot, now: Instant) {
+        let mut s = self.write();
+        s.revoked = snap.revoked.into_iter().map(|(sid, e)| (sid.0, e)).collect();
+        s.user_cutoff = snap.user_cutoffs.into_iter().collect();
+        s.global_cutoff = snap.global_cutoff;
+        s.disabled = snap.disabled_users.into_iter().collect();
+        s.seq = snap.seq;
+        s.last_sync = Some(now);
+        s.last_error = None;
+    }
+
+    /// Applies an event this process just committed, without advancing the sequence number
+    /// (earlier events written by other processes may not have been seen yet).
+    pub fn apply_local(&self, event: &RevocationEvent) {
+        apply(&mut self.write(), event);
+    }
+
+    /// Applies events fetched from the log, in order; returns how many advanced the view.
+    pub fn apply_from_log(&self, events: &[SequencedEvent], now: Instant) -> usize {
+        let mut s = self.write();
+        let mut applied = 0;
+        for e in events {
+            if e.seq <= s.seq {
+                continue;
+            }
+            apply(&mut s, &e.event);
+            s.seq = e.seq;
+            applied += 1;
+        }
+        s.last_sync = Some(now);
+        s.last_error = None;
+        applied
+    }
+
+    pub fn record_sync_error(&self, message: String) {
+        self.write().last_error = Some(message);
+    }
+
+    /// Removes revoked sessions whose tokens have expired anyway.
+    pub fn sweep(&self, now_ms: i64) -> usize {
+        let mut s = self.write();
+        let before = s.revoked.len();
+        s.revoked.retain(|_, exp| *exp > now_ms);
+        before - s.revoked.len()
+    }
+
+    /// The earliest issue time a new token of `user_id` may carry and still be alive: one
+    /// millisecond after the latest cutoff that applies to the user.
+    pub fn min_issue_ms(&self, user_id: i64) -> i64 {
+        let s = self.read();
+        let user = s.user_cutoff.get(&user_id).copied().unwrap_or(i64::MIN);
+        let global = s.global_cutoff.unwrap_or(i64::MIN);
+        user.max(global).saturating_add(1)
+    }
+
+    pub fn seq(&self) -> i64 {
+        self.read().seq
+    }
+
+    /// Time since the view last synced successfully, `None` if it never did.
+    pub fn staleness(&self, now: Instant) -> Option<Duration> {
+        self.read().last_sync.map(|t| now.saturating_duration_since(t))
+    }
+
+    pub fn last_error(&self) -> Option<String> {
+        self.read().last_error.clone()
+    }
+
+    pub fn stats(&self) -> ViewStats {
+        let s = self.read();
+        ViewStats {
+            revoked_sessions: s.revoked.len(),
+            user_cutoffs: s.user_cutoff.len(),
+            disabled_users: s.disabled.len(),
+            seq: s.seq,
+        }
+    }
+}
+
+fn apply(s: &mut ViewState, event: &RevocationEvent) {
+    match *event {
+        RevocationEvent::SessionRevoked {
+            sid, expires_ms, ..
+        } => {
+            let e = s.revoked.entry(sid.0).or_insert(expires_ms);
+            *e = (*e).max(expires_ms);
+        }
+        RevocationEvent::UserCutoff { user_id, at_ms } => {
+            let c = s.user_cutoff.entry(user_id).or_insert(at_ms);
+            *c = (*c).max(at_ms);
+        }
+        RevocationEvent::GlobalCutoff { at_ms } => {
+            s.global_cutoff = Some(s.global_cutoff.map_or(at_ms, |c| c.max(at_ms)));
+        }
+        RevocationEvent::UserDisabled { user_id } => {
+            s.disabled.insert(user_id);
+        }
+        RevocationEvent::UserEnabled { user_id } => {
+            s.disabled.remove(&user_id);
+        }
+    }
+}
+
+/// Fetches every event after the view's sequence number and applies it.
+pub async fn sync_once(store: &DynStore, view: &RevocationView) -> StoreResult<usize> {
+    let mut total = 0;
+    loop {
+        let events = store.events_since(view.seq(), EVENT_PAGE).await?;
+        let full = events.len() as i64 == EVENT_PAGE;
+        total += view.apply_from_log(&events, Instant::now());
+        if !full {
+            return Ok(total);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sid(n: u128) -> SessionId {
+        SessionId(n)
+    }
+
+    #[test]
+    fn cutoffs_kill_tokens_issued_at_or_before_them() {
+        let v = RevocationView::new();
+        v.apply_local(&RevocationEvent::UserCutoff {
+            user_id: 1,
+            at_ms: 1000,
+        });
+        assert_eq!(v.check(sid(1), 1, 1000), Err(Revoked::UserSignedOut));
+        assert_eq!(v.check(sid(1), 1, 1001), Ok(()));
+        assert_eq!(v.check(sid(1), 2, 999), Ok(()));
+        v.apply_local(&RevocationEvent::GlobalCutoff { at_ms: 2000 });
+        assert_eq!(v.check(sid(1), 2, 1999), Err(Revoked::EveryoneSignedOut));
+    }
+
+    #[test]
+    fn applying_log_twice_is_harmless_and_seq_only_advances() {
+        let v = RevocationView::new();
+        let events = vec![
+            SequencedEvent {
+                seq: 1,
+                event: RevocationEvent::SessionRevoked {
+                    sid: sid(7),
+                    user_id: 1,
+                    expires_ms: 50,
+                },
+            },
+            SequencedEvent {
+                seq: 2,
+                event: RevocationEvent::UserDisabled { user_id: 3 },
+            },
+        ];
+        assert_eq!(v.apply_from_log(&events, Instant::now()), 2);
+        assert_eq!(v.apply_from_log(&events, Instant::now()), 0);
+        assert_eq!(v.seq(), 2);
+        assert_eq!(v.check(sid(7), 1, 10), Err(Revoked::Session));
+        assert_eq!(v.check(sid(8), 3, 10), Err(Revoked::UserDisabled));
+    }
+
+    #[test]
+    fn local_apply_does_not_skip_unseen_log_events() {
+        let v = RevocationView::new();
+        v.apply_local(&RevocationEvent::GlobalCutoff { at_ms: 5 });
+        assert_eq!(v.seq(), 0);
+    }
+
+    #[test]
+    fn sweep_drops_only_expired_revocations() {
+        let v = RevocationView::new();
+        for (n, exp) in [(1, 100), (2, 200)] {
+            v.apply_local(&RevocationEvent::SessionRevoked {
+                sid: sid(n),
+                user_id: 1,
+                expires_ms: exp,
+            });
+        }
+        assert_eq!(v.sweep(150), 1);
+        assert_eq!(v.check(sid(1), 1, 0), Ok(()));
+        assert_eq!(v.check(sid(2), 1, 0), Err(Revoked::Session));
+    }
+}

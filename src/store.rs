@@ -1,0 +1,237 @@
+//! The durable store: users, sessions and the append-only revocation event log, behind the
+//! `Store` trait. SQLite (`store::sqlite`) is the embedded default. Every revocation is committed
+//! as an event before the call returns, and the event is returned so the caller can apply it to
+//! its in-memory view at once.
+
+pub mod sqlite;
+
+use std::fmt;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+/// A 128-bit random session id, written as 32 lower-case hex digits.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SessionId(pub u128);
+
+impl SessionId {
+    pub fn random() -> SessionId {
+        SessionId(rand::random::<u128>())
+    }
+
+    /// Parses exactly 32 hex digits; anything else is `None`.
+    pub fn parse(s: &str) -> Option<SessionId> {
+        if s.len() != 32 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return None;
+        }
+        u128::from_str_radix(s, 16).ok().map(SessionId)
+    }
+}
+
+impl fmt::Display for SessionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:032x}", self.0)
+    }
+}
+
+impl fmt::Debug for SessionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SessionId({self})")
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct User {
+    pub id: i64,
+    pub name: String,
+    pub password_hash: String,
+    pub is_admin: bool,
+    pub disabled: bool,
+    pub created_ms: i64,
+}
+
+/// How a session was created.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SessionKind {
+    /// A browser login through the form; the token lives in a cookie.
+    Web,
+    /// A login through the JSON API; the token is sent as a Bearer token.
+    Api,
+}
+
+impl SessionKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SessionKind::Web => "web",
+            SessionKind::Api => "api",
+        }
+    }
+    pub fn parse(s: &str) -> SessionKind {
+        if s == "api" {
+            SessionKind::Api
+        } else {
+            SessionKind::Web
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct NewSession {
+    pub id: SessionId,
+    pub user_id: i64,
+    pub kind: SessionKind,
+    pub user_agent: String,
+    pub ip: String,
+    pub created_ms: i64,
+    pub expires_ms: i64,
+}
+
+#[derive(Clone, Debug)]
+pub struct SessionRecord {
+    pub id: SessionId,
+    pub user_id: i64,
+    pub user_name: String,
+    pub kind: SessionKind,
+    pub user_agent: String,
+    pub ip: String,
+    pub created_ms: i64,
+    pub last_seen_ms: i64,
+    pub expires_ms: i64,
+    pub revoked_ms: Option<i64>,
+}
+
+/// One revocation event, as applied to the in-memory view.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RevocationEvent {
+    /// One session ended; remembered until the token would have expired anyway.
+    SessionRevoked {
+        sid: SessionId,
+        user_id: i64,
+        expires_ms: i64,
+    },
+    /// Every token of the user issued at or before `at_ms` is dead.
+    UserCutoff { user_id: i64, at_ms: i64 },
+    /// Every token issued at or before `at_ms` is dead.
+    GlobalCutoff { at_ms: i64 },
+    UserDisabled { user_id: i64 },
+    UserEnabled { user_id: i64 },
+}
+
+impl RevocationEvent {
+    /// The scope label used in metrics.
+    pub fn scope(&self) -> &'static str {
+        match self {
+            RevocationEvent::SessionRevoked { .. } => "session",
+            RevocationEvent::UserCutoff { .. } => "user",
+            RevocationEvent::GlobalCutoff { .. } => "everyone",
+            RevocationEvent::UserDisabled { .. } => "user_disabled",
+            RevocationEvent::UserEnabled { .. } => "user_enabled",
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct SequencedEvent {
+    pub seq: i64,
+    pub event: RevocationEvent,
+}
+
+/// Everything the revocation view needs, read in one consistent transaction.
+#[derive(Clone, Debug, Default)]
+pub struct Snapshot {
+    /// The highest event sequence number the snapshot includes.
+    pub seq: i64,
+    pub revoked: Vec<(SessionId, i64)>,
+    pub user_cutoffs: Vec<(i64, i64)>,
+    pub global_cutoff: Option<i64>,
+    pub disabled_users: Vec<i64>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("the store is unavailable: {0}")]
+    Unavailable(#[source] sqlx::Error),
+    #[error("the store could not be opened at {path}: {message}")]
+    Open { path: String, message: String },
+    #[error("schema migration failed: {0}")]
+    Migrate(#[source] sqlx::migrate::MigrateError),
+    #[error("{0} already exists")]
+    Conflict(String),
+    #[error("{0} was not found")]
+    NotFound(String),
+    #[error("the store holds an invalid value: {0}")]
+    Corrupt(String),
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// The store's operations. Every method that changes revocation state commits an event and
+/// returns it.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// A cheap round trip, for `/readyz`.
+    async fn ping(&self) -> StoreResult<()>;
+    /// Short name of the backend, e.g. `sqlite`.
+    fn backend(&self) -> &'static str;
+
+    async fn user_count(&self) -> StoreResult<i64>;
+    async fn create_user(
+        &self,
+        name: &str,
+        password_hash: &str,
+        is_admin: bool,
+        now_ms: i64,
+    ) -> StoreResult<User>;
+    /// Looks a user up by name, ignoring ASCII case.
+    async fn find_user(&self, name: &str) -> StoreResult<Option<User>>;
+    async fn list_users(&self) -> StoreResult<Vec<User>>;
+    async fn set_password(&self, user_id: i64, password_hash: &str) -> StoreResult<()>;
+    /// Disabling also cuts off every token the user holds, so enabling never revives them.
+    async fn set_disabled(
+        &self,
+        user_id: i64,
+        disabled: bool,
+        now_ms: i64,
+    ) -> StoreResult<Vec<SequencedEvent>>;
+
+    async fn create_session(&self, session: &NewSession) -> StoreResult<()>;
+    async fn get_session(&self, id: SessionId) -> StoreResult<Option<SessionRecord>>;
+    /// Sessions that are neither expired nor revoked at `now_ms`, optionally of one user.
+    async fn list_live_sessions(
+        &self,
+        user_id: Option<i64>,
+        now_ms: i64,
+    ) -> StoreResult<Vec<SessionRecord>>;
+
+    /// Ends one session. `Ok(None)` if no such session exists.
+    async fn revoke_session(
+        &self,
+        id: SessionId,
+        now_ms: i64,
+    ) -> StoreResult<Option<SequencedEvent>>;
+    /// Ends every session of the user issued at or before `now_ms`.
+    async fn signout_user(&self, user_id: i64, now_ms: i64) -> StoreResult<SequencedEvent>;
+    /// Ends every session issued at or before `now_ms`.
+    async fn signout_everyone(&self, now_ms: i64) -> StoreResult<SequencedEvent>;
+
+    /// Events with `seq > after`, in sequence order, at most `limit` of them.
+    async fn events_since(&self, after: i64, limit: i64) -> StoreResult<Vec<SequencedEvent>>;
+    /// The whole revocation state (sessions revoked and still unexpired at `now_ms`).
+    async fn snapshot(&self, now_ms: i64) -> StoreResult<Snapshot>;
+}
+
+pub type DynStore = Arc<dyn Store>;
+
+/// Opens the store named by a validated URL and brings its schema up to date.
+pub async fn open(
+    url: &str,
+    busy_timeout: std::time::Duration,
+) -> StoreResult<DynStore> {
+    match url.strip_prefix("sqlite://") {
+        Some(path) => Ok(Arc::new(sqlite::SqliteStore::open(path, busy_timeout).await?)),
+        None => Err(StoreError::Open {
+            path: "<url>".to_string(),
+            message: "only sqlite:// URLs are supported".to_string(),
+        }),
+    }
+}

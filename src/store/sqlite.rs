@@ -1,0 +1,596 @@
+//! The embedded SQLite store. WAL journal with `synchronous = FULL` (a committed revocation
+//! survives a power cut), `BEGIN IMMEDIATE` for writes so concurrent writers (a running gateway
+//! and the CLI) queue on the busy timeout instead of failing, and versioned migrations.
+
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
+    SqliteSynchronous,
+};
+use sqlx::Row;
+
+use super::{
+    NewSession, RevocationEvent, SequencedEvent, SessionId, SessionKind, SessionRecord, Snapshot,
+    Store, StoreError, StoreResult, User,
+};
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
+
+const KIND_SESSION: &str = "session_revoked";
+const KIND_USER_CUTOFF: &str = "user_cutoff";
+const KIND_GLOBAL_CUTOFF: &str = "global_cutoff";
+const KIND_USER_DISABLED: &str = "user_disabled";
+const KIND_USER_ENABLED: &str = "user_enabled";
+
+pub struct SqliteStore {
+    pool: SqlitePool,
+}
+
+fn unavailable(e: sqlx::Error) -> StoreError {
+    StoreError::Unavailable(e)
+}
+
+fn is_unique_violation(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(d) if d.is_unique_violation())
+}
+
+impl SqliteStore {
+    /// Opens (creating if absent) the database file and runs pending migrations.
+    pub async fn open(path: &str, busy_timeout: Duration) -> StoreResult<SqliteStore> {
+        let open_err = |message: String| StoreError::Open {
+            path: path.to_string(),
+            message,
+        };
+        if let Some(parent) = Path::new(path).parent() {
+            if !parent.as_os_str().is_empty() {
+                std::fs::create_dir_all(parent)
+                    .map_err(|e| open_err(format!("cannot create {}: {e}", parent.display())))?;
+            }
+        }
+        let options = SqliteConnectOptions::from_str("sqlite:")
+            .map_err(|e| open_err(e.to_string()))?
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .foreign_keys(true)
+            .busy_timeout(busy_timeout);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .acquire_timeout(busy_timeout + Duration::from_secs(1))
+            .connect_with(options)
+            .await
+            .map_err(|e| open_err(e.to_string()))?;
+        MIGRATOR.run(&pool).await.map_err(StoreError::Migrate)?;
+        Ok(SqliteStore { pool })
+    }
+
+    async fn insert_event(
+        tx: &mut sqlx::SqliteConnection,
+        kind: &str,
+        session_id: Option<SessionId>,
+        user_id: Option<i64>,
+        at_ms: i64,
+        expires_ms: Option<i64>,
+    ) -> StoreResult<i64> {
+        let row = sqlx::query(
+            "INSERT INTO revocation_events (kind, session_id, user_id, at_ms, expires_ms)
+             VALUES (?, ?, ?, ?, ?) RETURNING seq",
+        )
+        .bind(kind)
+        .bind(session_id.map(|s| s.to_string()))
+        .bind(user_id)
+        .bind(at_ms)
+        .bind(expires_ms)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(unavailable)?;
+        row.try_get::<i64, _>(0).map_err(unavailable)
+    }
+}
+
+fn user_from_row(row: &SqliteRow) -> StoreResult<User> {
+    Ok(User {
+        id: row.try_get("id").map_err(unavailable)?,
+        name: row.try_get("name").map_err(unavailable)?,
+        password_hash: row.try_get("password_hash").map_err(unavailable)?,
+        is_admin: row.try_get::<i64, _>("is_admin").map_err(unavailable)? != 0,
+        disabled: row.try_get::<i64, _>("disabled").map_err(unavailable)? != 0,
+        created_ms: row.try_get("created_ms").map_err(unavailable)?,
+    })
+}
+
+fn sid_from_text(text: &str) -> StoreResult<SessionId> {
+    SessionId::parse(text).ok_or_else(|| StoreError::Corrupt(format!("session id `{text}`")))
+}
+
+fn session_from_row(row: &SqliteRow) -> StoreResult<SessionRecord> {
+    let id: String = row.try_get("id").map_err(unavailable)?;
+    let kind: String = row.try_get("kind").map_err(unavailable)?;
+    Ok(SessionRecord {
+        id: sid_from_text(&id)?,
+        user_id: row.try_get("user_id").map_err(unavailable)?,
+        user_name: row.try_get("user_name").map_err(unavailable)?,
+        kind: SessionKind::parse(&kind),
+        user_agent: row.try_get("user_agent").map_err(unavailable)?,
+        ip: row.try_get("ip").map_err(unavailable)?,
+        created_ms: row.try_get("created_ms").map_err(unavailable)?,
+        last_seen_ms: row.try_get("last_seen_ms").map_err(unavailable)?,
+        expires_ms: row.try_get("expires_ms").map_err(unavailable)?,
+        revoked_ms: row.try_get("revoked_ms").map_err(unavailable)?,
+    })
+}
+
+fn event_from_row(row: &SqliteRow) -> StoreResult<SequencedEvent> {
+    let seq: i64 = row.try_get("seq").map_err(unavailable)?;
+    let kind: String = row.try_get("kind").map_err(unavailable)?;
+    let session_id: Option<String> = row.try_get("session_id").map_err(unavailable)?;
+    let user_id: Option<i64> = row.try_get("user_id").map_err(unavailable)?;
+    let at_ms: i64 = row.try_get("at_ms").map_err(unavailable)?;
+    let expires_ms: Option<i64> = row.try_get("expires_ms").map_err(unavailable)?;
+    let corrupt = |what: &str| StoreError::Corrupt(format!("event {seq} ({kind}) lacks {what}"));
+    let event = match kind.as_str() {
+        KIND_SESSION => RevocationEvent::SessionRevoked {
+            sid: sid_from_text(session_id.as_deref().ok_or_else(|| corrupt("session_id"))?)?,
+            user_id: user_id.ok_or_else(|| corrupt("user_id"))?,
+            expires_ms: expires_ms.ok_or_else(|| corrupt("expires_ms"))?,
+        },
+        KIND_USER_CUTOFF => RevocationEvent::UserCutoff {
+            user_id: user_id.ok_or_else(|| corrupt("user_id"))?,
+            at_ms,
+        },
+        KIND_GLOBAL_CUTOFF => RevocationEvent::GlobalCutoff { at_ms },
+        KIND_USER_DISABLED => RevocationEvent::UserDisabled {
+            user_id: user_id.ok_or_else(|| corrupt("user_id"))?,
+        },
+        KIND_USER_ENABLED => RevocationEvent::UserEnabled {
+            user_id: user_id.ok_or_else(|| corrupt("user_id"))?,
+        },
+        other => return Err(StoreError::Corrupt(format!("event {seq} has kind `{other}`"))),
+    };
+    Ok(SequencedEvent { seq, event })
+}
+
+const SESSION_COLUMNS: &str = "s.id, s.user_id, u.name AS user_name, s.kind, s.user_agent, s.ip,
+     s.created_ms, s.last_seen_ms, s.expires_ms, s.revoked_ms";
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn ping(&self) -> StoreResult<()> {
+        sqlx::query("SELECT 1")
+            .execute(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    fn backend(&self) -> &'static str {
+        "sqlite"
+    }
+
+    async fn user_count(&self) -> StoreResult<i64> {
+        let row = sqlx::query("SELECT COUNT(*) FROM users")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        row.try_get::<i64, _>(0).map_err(unavailable)
+    }
+
+    async fn create_user(
+        &self,
+        name: &str,
+        password_hash: &str,
+        is_admin: bool,
+        now_ms: i64,
+    ) -> StoreResult<User> {
+        let row = sqlx::query(
+            "INSERT INTO users (name, password_hash, is_admin, disabled, created_ms)
+             VALUES (?, ?, ?, 0, ?)
+             RETURNING id, name, password_hash, is_admin, disabled, created_ms",
+        )
+        .bind(name)
+        .bind(password_hash)
+        .bind(is_admin as i64)
+        .bind(now_ms)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(|e| {
+            if is_unique_violation(&e) {
+                StoreError::Conflict(format!("user `{name}`"))
+            } else {
+                unavailable(e)
+            }
+        })?;
+        user_from_row(&row)
+    }
+
+    async fn find_user(&self, name: &str) -> StoreResult<Option<User>> {
+        let row = sqlx::query(
+            "SELECT id, name, password_hash, is_admin, disabled, created_ms
+             FROM users WHERE name = ? COLLATE NOCASE",
+        )
+        .bind(name)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        row.as_ref().map(user_from_row).transpose()
+    }
+
+    async fn list_users(&self) -> StoreResult<Vec<User>> {
+        let rows = sqlx::query(
+            "SELECT id, name, password_hash, is_admin, disabled, created_ms
+             FROM users ORDER BY name COLLATE NOCASE",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        rows.iter().map(user_from_row).collect()
+    }
+
+    async fn set_password(&self, user_id: i64, password_hash: &str) -> StoreResult<()> {
+        let done = sqlx::query("UPDATE users SET password_hash = ? WHERE id = ?")
+            .bind(password_hash)
+            .bind(user_id)
+            .execute(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound(format!("user {user_id}")));
+        }
+        Ok(())
+    }
+
+    async fn set_disabled(
+        &self,
+        user_id: i64,
+        disabled: bool,
+        now_ms: i64,
+    ) -> StoreResult<Vec<SequencedEvent>> {
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(unavailable)?;
+        let done = sqlx::query("UPDATE users SET disabled = ? WHERE id = ?")
+            .bind(disabled as i64)
+            .bind(user_id)
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound(format!("user {user_id}")));
+        }
+        let mut events = Vec::new();
+        if disabled {
+            sqlx::query(
+                "UPDATE sessions SET revoked_ms = ?
+                 WHERE user_id = ? AND revoked_ms IS NULL AND created_ms <= ?",
+            )
+            .bind(now_ms)
+            .bind(user_id)
+            .bind(now_ms)
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+            let seq =
+                Self::insert_event(&mut tx, KIND_USER_DISABLED, None, Some(user_id), now_ms, None)
+                    .await?;
+            events.push(SequencedEvent {
+                seq,
+                event: RevocationEvent::UserDisabled { user_id },
+            });
+            let seq =
+                Self::insert_event(&mut tx, KIND_USER_CUTOFF, None, Some(user_id), now_ms, None)
+                    .await?;
+            events.push(SequencedEvent {
+                seq,
+                event: RevocationEvent::UserCutoff {
+                    user_id,
+                    at_ms: now_ms,
+                },
+            });
+        } else {
+            let seq =
+                Self::insert_event(&mut tx, KIND_USER_ENABLED, None, Some(user_id), now_ms, None)
+                    .await?;
+            events.push(SequencedEvent {
+                seq,
+                event: RevocationEvent::UserEnabled { user_id },
+            });
+        }
+        tx.commit().await.map_err(unavailable)?;
+        Ok(events)
+    }
+
+    async fn create_session(&self, s: &NewSession) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO sessions (id, user_id, kind, user_agent, ip, created_ms, last_seen_ms, expires_ms)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(s.id.to_string())
+        .bind(s.user_id)
+        .bind(s.kind.as_str())
+        .bind(&s.user_agent)
+        .bind(&s.ip)
+        .bind(s.created_ms)
+        .bind(s.created_ms)
+        .bind(s.expires_ms)
+        .execute(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn get_session(&self, id: SessionId) -> StoreResult<Option<SessionRecord>> {
+        let row = sqlx::query(&format!(
+            "SELECT {SESSION_COLUMNS} FROM sessions s JOIN users u ON u.id = s.user_id WHERE s.id = ?"
+        ))
+        .bind(id.to_string())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        row.as_ref().map(session_from_row).transpose()
+    }
+
+    async fn list_live_sessions(
+        &self,
+        user_id: Option<i64>,
+        now_ms: i64,
+    ) -> StoreResult<Vec<SessionRecord>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {SESSION_COLUMNS} FROM sessions s JOIN users u ON u.id = s.user_id
+             WHERE s.revoked_ms IS NULL AND s.expires_ms > ? AND (? IS NULL OR s.user_id = ?)
+             ORDER BY s.created_ms"
+        ))
+        .bind(now_ms)
+        .bind(user_id)
+        .bind(user_id)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        rows.iter().map(session_from_row).collect()
+    }
+
+    async fn revoke_session(
+        &self,
+        id: SessionId,
+        now_ms: i64,
+    ) -> StoreResult<Option<SequencedEvent>> {
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(unavailable)?;
+        let row = sqlx::query(
+            "UPDATE sessions SET revoked_ms = COALESCE(revoked_ms, ?) WHERE id = ?
+             RETURNING user_id, expires_ms",
+        )
+        .bind(now_ms)
+        .bind(id.to_string())
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(unavailable)?;
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        let user_id: i64 = row.try_get("user_id").map_err(unavailable)?;
+        let expires_ms: i64 = row.try_get("expires_ms").map_err(unavailable)?;
+        let seq = Self::insert_event(
+            &mut tx,
+            KIND_SESSION,
+            Some(id),
+            Some(user_id),
+            now_ms,
+            Some(expires_ms),
+        )
+        .await?;
+        tx.commit().await.map_err(unavailable)?;
+        Ok(Some(SequencedEvent {
+            seq,
+            event: RevocationEvent::SessionRevoked {
+                sid: id,
+                user_id,
+                expires_ms,
+            },
+        }))
+    }
+
+    async fn signout_user(&self, user_id: i64, now_ms: i64) -> StoreResult<SequencedEvent> {
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(unavailable)?;
+        sqlx::query(
+            "UPDATE sessions SET revoked_ms = ?
+             WHERE user_id = ? AND revoked_ms IS NULL AND created_ms <= ?",
+        )
+        .bind(now_ms)
+        .bind(user_id)
+        .bind(now_ms)
+        .execute(&mut *tx)
+        .await
+        .map_err(unavailable)?;
+        let seq =
+            Self::insert_event(&mut tx, KIND_USER_CUTOFF, None, Some(user_id), now_ms, None)
+                .await?;
+        tx.commit().await.map_err(unavailable)?;
+        Ok(SequencedEvent {
+            seq,
+            event: RevocationEvent::UserCutoff {
+                user_id,
+                at_ms: now_ms,
+            },
+        })
+    }
+
+    async fn signout_everyone(&self, now_ms: i64) -> StoreResult<SequencedEvent> {
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(unavailable)?;
+        sqlx::query("UPDATE sessions SET revoked_ms = ? WHERE revoked_ms IS NULL AND created_ms <= ?")
+            .bind(now_ms)
+            .bind(now_ms)
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+        let seq = Self::insert_event(&mut tx, KIND_GLOBAL_CUTOFF, None, None, now_ms, None).await?;
+        tx.commit().await.map_err(unavailable)?;
+        Ok(SequencedEvent {
+            seq,
+            event: RevocationEvent::GlobalCutoff { at_ms: now_ms },
+        })
+    }
+
+    async fn events_since(&self, after: i64, limit: i64) -> StoreResult<Vec<SequencedEvent>> {
+        let rows = sqlx::query(
+            "SELECT seq, kind, session_id, user_id, at_ms, expires_ms
+             FROM revocation_events WHERE seq > ? ORDER BY seq LIMIT ?",
+        )
+        .bind(after)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        rows.iter().map(event_from_row).collect()
+    }
+
+    async fn snapshot(&self, now_ms: i64) -> StoreResult<Snapshot> {
+        // One read transaction: every query sees the same committed state.
+        let mut tx = self.pool.begin().await.map_err(unavailable)?;
+        let seq: i64 = sqlx::query("SELECT COALESCE(MAX(seq), 0) FROM revocation_events")
+            .fetch_one(&mut *tx)
+            .await
+            .and_then(|r| r.try_get(0))
+            .map_err(unavailable)?;
+        let revoked_rows = sqlx::query(
+            "SELECT session_id, MAX(expires_ms) AS expires_ms FROM revocation_events
+             WHERE kind = ? AND expires_ms > ? AND seq <= ? GROUP BY session_id",
+        )
+        .bind(KIND_SESSION)
+        .bind(now_ms)
+        .bind(seq)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(unavailable)?;
+        let mut revoked = Vec::with_capacity(revoked_rows.len());
+        for row in &revoked_rows {
+            let sid: String = row.try_get("session_id").map_err(unavailable)?;
+            let expires: i64 = row.try_get("expires_ms").map_err(unavailable)?;
+            revoked.push((sid_from_text(&sid)?, expires));
+        }
+        let cutoff_rows = sqlx::query(
+            "SELECT user_id, MAX(at_ms) AS at_ms FROM revocation_events
+             WHERE kind = ? AND seq <= ? GROUP BY user_id",
+        )
+        .bind(KIND_USER_CUTOFF)
+        .bind(seq)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(unavailable)?;
+        let mut user_cutoffs = Vec::with_capacity(cutoff_rows.len());
+        for row in &cutoff_rows {
+            user_cutoffs.push((
+                row.try_get("user_id").map_err(unavailable)?,
+                row.try_get("at_ms").map_err(unavailable)?,
+            ));
+        }
+        let global_cutoff: Option<i64> = sqlx::query(
+            "SELECT MAX(at_ms) FROM revocation_events WHERE kind = ? AND seq <= ?",
+        )
+        .bind(KIND_GLOBAL_CUTOFF)
+        .bind(seq)
+        .fetch_one(&mut *tx)
+        .await
+        .and_then(|r| r.try_get(0))
+        .map_err(unavailable)?;
+        let disabled_rows = sqlx::query("SELECT id FROM users WHERE disabled = 1")
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+        let mut disabled_users = Vec::with_capacity(disabled_rows.len());
+        for row in &disabled_rows {
+            disabled_users.push(row.try_get(0).map_err(unavailable)?);
+        }
+        tx.commit().await.map_err(unavailable)?;
+        Ok(Snapshot {
+            seq,
+            revoked,
+            user_cutoffs,
+            global_cutoff,
+            disabled_users,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn temp_store() -> (tempfile::TempDir, SqliteStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let store = SqliteStore::open(path.to_str().unwrap(), Duration::from_secs(1))
+            .await
+            .unwrap();
+        (dir, store)
+    }
+
+    #[tokio::test]
+    async fn revocation_events_are_sequenced_and_in_snapshot() {
+        let (_dir, store) = temp_store().await;
+        let alice = store.create_user("alice", "h", false, 1).await.unwrap();
+        let sid = SessionId::random();
+        store
+            .create_session(&NewSession {
+                id: sid,
+                user_id: alice.id,
+                kind: SessionKind::Web,
+                user_agent: String::new(),
+                ip: String::new(),
+                created_ms: 10,
+                expires_ms: 10_000,
+            })
+            .await
+            .unwrap();
+        let e1 = store.revoke_session(sid, 20).await.unwrap().unwrap();
+        let e2 = store.signout_user(alice.id, 30).await.unwrap();
+        let e3 = store.signout_everyone(40).await.unwrap();
+        assert!(e1.seq < e2.seq && e2.seq < e3.seq);
+        let events = store.events_since(0, 100).await.unwrap();
+        assert_eq!(events.len(), 3);
+        let snap = store.snapshot(25).await.unwrap();
+        assert_eq!(snap.seq, e3.seq);
+        assert_eq!(snap.revoked, vec![(sid, 10_000)]);
+        assert_eq!(snap.user_cutoffs, vec![(alice.id, 30)]);
+        assert_eq!(snap.global_cutoff, Some(40));
+        // Expired revocations are not carried in the snapshot.
+        assert!(store.snapshot(20_000).await.unwrap().revoked.is_empty());
+    }
+
+    #[tokio::test]
+    async fn duplicate_user_name_is_a_conflict_ignoring_case() {
+        let (_dir, store) = temp_store().await;
+        store.create_user("Alice", "h", false, 1).await.unwrap();
+        let err = store.create_user("alice", "h", false, 1).await.unwrap_err();
+        assert!(matches!(err, StoreError::Conflict(_)), "{err}");
+        assert_eq!(store.find_user("ALICE").await.unwrap().unwrap().name, "Alice");
+    }
+
+    #[tokio::test]
+    async fn revoking_unknown_session_is_none() {
+        let (_dir, store) = temp_store().await;
+        assert!(store
+            .revoke_session(SessionId::random(), 1)
+            .await
+            .unwrap()
+            .is_none());
+        assert!(store.events_since(0, 10).await.unwrap().is_empty());
+    }
+}

@@ -1,0 +1,71 @@
+//! Logging: a `tracing` subscriber in text or JSON, its level from the config or `RUST_LOG`,
+//! and the redaction of secrets that may appear in request targets. Access log lines are
+//! emitted by the proxy under the target `portcullis::access`.
+
+use tracing_subscriber::EnvFilter;
+
+use crate::config::{LogConfig, LogFormat};
+
+/// Query keys whose values are secrets (compared ignoring ASCII case).
+const SECRET_QUERY_KEYS: &[&str] = &[
+    "api_key",
+    "apikey",
+    "x-plex-token",
+    "x-emby-token",
+    "token",
+    "access_token",
+    "password",
+    "pw",
+    "code",
+];
+
+/// Starts logging to stderr. `RUST_LOG`, when set, wins over the config's level.
+pub fn init(cfg: &LogConfig) {
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(&cfg.level))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match cfg.format {
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+        LogFormat::Text => builder.with_ansi(false).try_init(),
+    };
+}
+
+/// A request target with the values of secret query parameters replaced by `REDACTED`.
+pub fn redact_target(target: &str) -> String {
+    let Some((path, query)) = target.split_once('?') else {
+        return target.to_string();
+    };
+    let parts: Vec<String> = query
+        .split('&')
+        .map(|pair| {
+            let key = pair.split_once('=').map_or(pair, |(k, _)| k);
+            let decoded = percent_encoding::percent_decode_str(key).decode_utf8_lossy();
+            if SECRET_QUERY_KEYS
+                .iter()
+                .any(|s| decoded.eq_ignore_ascii_case(s))
+            {
+                format!("{key}=REDACTED")
+            } else {
+                pair.to_string()
+            }
+        })
+        .collect();
+    format!("{path}?{}", parts.join("&"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact_target;
+
+    #[test]
+    fn secret_query_values_are_redacted_in_any_case_and_encoding() {
+        assert_eq!(
+            redact_target("/v?ApiKey=s1&x=1&API_KEY=s2&X-Plex-Token=s3&%61pi_key=s4"),
+            "/v?ApiKey=REDACTED&x=1&API_KEY=REDACTED&X-Plex-Token=REDACTED&%61pi_key=REDACTED"
+        );
+        assert_eq!(redact_target("/plain"), "/plain");
+    }
+}

@@ -1,0 +1,446 @@
+//! Test harness: starts the real `portcullis` binary on ephemeral loopback ports with a config
+//! and a real SQLite file in a temporary directory, creates users through the real CLI, and
+//! waits for readiness by polling `/healthz` (no fixed sleeps).
+
+use std::future::Future;
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_portcullis");
+
+/// Polls `cond` every 10 ms until it returns true or `within` passes; returns whether it did.
+pub async fn poll_until<F, Fut>(within: Duration, mut cond: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + within;
+    let mut tick = tokio::time::interval(Duration::from_millis(10));
+    loop {
+        tick.tick().await;
+        if cond().await {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+    }
+}
+
+/// A free loopback port: bound, read, released for the gateway to take (the gateway is started
+/// again with new ports if another process takes it in between).
+fn free_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+    l.local_addr().expect("local addr").port()
+}
+
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(Duration::from_secs(60))
+        .build()
+        .expect("http client")
+}
+
+/// A user the harness creates before the gateway starts.
+#[derive(Clone)]
+pub struct UserSpec {
+    pub name: String,
+    pub password: String,
+    pub admin: bool,
+}
+
+pub struct GatewayBuilder {
+    upstream: String,
+    users: Vec<UserSpec>,
+    route_extra: String,
+    extra: String,
+}
+
+impl GatewayBuilder {
+    pub fn user(mut self, name: &str, password: &str) -> Self {
+        self.users.push(UserSpec {
+            name: name.into(),
+            password: password.into(),
+            admin: false,
+        });
+        self
+    }
+
+    /// Extra keys for the single `[[route]]` table.
+    pub fn route_keys(mut self, toml: &str) -> Self {
+        self.route_extra.push_str(toml);
+        self.route_extra.push('\n');
+        self
+    }
+
+    /// Extra TOML appended after the generated sections (e.g. `[log]` tables).
+    pub fn extra(mut self, toml: &str) -> Self {
+        self.extra.push_str(toml);
+        self.extra.push('\n');
+        self
+    }
+
+    pub async fn start(self) -> Gateway {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut gw = Gateway {
+            dir,
+            upstream: self.upstream,
+            route_extra: self.route_extra,
+            extra: self.extra,
+            child: None,
+            base: String::new(),
+            admin: String::new(),
+            port: 0,
+        };
+        gw.write_config(free_port(), free_port());
+        for u in &self.users {
+            gw.add_user(&u.name, &u.password, u.admin);
+        }
+        gw.spawn().await;
+        gw
+    }
+}
+
+pub struct Gateway {
+    pub dir: tempfile::TempDir,
+    upstream: String,
+    route_extra: String,
+    extra: String,
+    child: Option<Child>,
+    /// `http://127.0.0.1:PORT` of the public listener.
+    pub base: String,
+    /// `http://127.0.0.1:PORT` of the admin listener.
+    pub admin: String,
+    pub port: u16,
+}
+
+/// A logged-in API session.
+#[derive(Clone, Debug)]
+pub struct Login {
+    pub token: String,
+    pub session_id: String,
+}
+
+impl Gateway {
+    pub fn builder(upstream: &str) -> GatewayBuilder {
+        GatewayBuilder {
+            upstream: upstream.trim_start_matches("http://").to_string(),
+            users: Vec::new(),
+            route_extra: String::new(),
+            extra: String::new(),
+        }
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("portcullis.toml")
+    }
+
+    pub fn db_path(&self) -> PathBuf {
+        self.dir.path().join("portcullis.db")
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("gateway.log")
+    }
+
+    pub fn key_path(&self) -> PathBuf {
+        self.dir.path().join("session.key")
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    fn write_config(&mut self, port: u16, admin_port: u16) {
+        let d = self.dir.path();
+        let text = format!(
+            r#"[server]
+listen = "127.0.0.1:{port}"
+admin_listen = "127.0.0.1:{admin_port}"
+public_url = "http://127.0.0.1:{port}"
+threads = 1
+grace_period = "1s"
+data_dir = "{data}"
+
+[store]
+url = "sqlite://{db}"
+poll_interval = "200ms"
+max_staleness = "5s"
+busy_timeout = "1s"
+
+[session]
+key_file = "{key}"
+
+[log]
+level = "info"
+
+[[route]]
+name = "media"
+upstream = "{upstream}"
+{route_extra}
+{extra}
+"#,
+            data = d.display(),
+            db = self.db_path().display(),
+            key = self.key_path().display(),
+            upstream = self.upstream,
+            route_extra = self.route_extra,
+            extra = self.extra,
+        );
+        std::fs::write(self.config_path(), text).expect("write config");
+        self.port = port;
+        self.base = format!("http://127.0.0.1:{port}");
+        self.admin = format!("http://127.0.0.1:{admin_port}");
+    }
+
+    /// Runs the CLI against this gateway's config, with `stdin` as standard input.
+    pub fn cli_with_stdin(&self, args: &[&str], stdin: &str) -> Output {
+        use std::io::Write;
+        let mut child = Command::new(BIN)
+            .arg("--config")
+            .arg(self.config_path())
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run the CLI");
+        if let Some(mut input) = child.stdin.take() {
+            let _ = input.write_all(stdin.as_bytes());
+        }
+        child.wait_with_output().expect("CLI output")
+    }
+
+    pub fn cli(&self, args: &[&str]) -> Output {
+        self.cli_with_stdin(args, "")
+    }
+
+    /// Runs the CLI and insists it succeeds.
+    pub fn cli_ok(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(
+            out.status.success(),
+            "portcullis {args:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    pub fn add_user(&self, name: &str, password: &str, admin: bool) {
+        let mut args = vec!["user", "add", name, "--password-stdin"];
+        if admin {
+            args.push("--admin");
+        }
+        let out = self.cli_with_stdin(&args, &format!("{password}\n"));
+        assert!(
+            out.status.success(),
+            "user add {name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    async fn spawn(&mut self) {
+        for attempt in 0..5 {
+            if attempt > 0 {
+                self.write_config(free_port(), free_port());
+            }
+            let log = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(self.log_path())
+                .expect("log file");
+            let log2 = log.try_clone().expect("log file");
+            let child = Command::new(BIN)
+                .arg("--config")
+                .arg(self.config_path())
+                .arg("serve")
+                .current_dir(self.dir.path())
+                .stdin(Stdio::null())
+                .stdout(log)
+                .stderr(log2)
+                .spawn()
+                .expect("start the gateway");
+            self.child = Some(child);
+            let health = format!("{}/healthz", self.admin);
+            let base = self.base.clone();
+            let http = client();
+            let mut exited = false;
+            let ready = poll_until(Duration::from_secs(30), || {
+                let exited_now = self
+                    .child
+                    .as_mut()
+                    .is_some_and(|c| matches!(c.try_wait(), Ok(Some(_))));
+                exited |= exited_now;
+                let (http, health, base) = (http.clone(), health.clone(), base.clone());
+                async move {
+                    if exited_now {
+                        return true;
+                    }
+                    let admin_up = matches!(http.get(&health).send().await, Ok(r) if r.status() == 200);
+                    // The public listener is up once it answers anything.
+                    admin_up && http.get(format!("{base}/_portcullis/login")).send().await.is_ok()
+                }
+            })
+            .await;
+            if ready && !exited {
+                return;
+            }
+            let log = self.log();
+            if exited && log.contains("in use") {
+                continue;
+            }
+            panic!("the gateway did not become ready:\n{log}");
+        }
+        panic!("could not find free ports for the gateway");
+    }
+
+    /// Stops the gateway (SIGKILL: nothing acknowledged may depend on a clean stop).
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Kills the gateway and starts it again on the same config and database.
+    pub async fn restart(&mut self) {
+        self.kill();
+        self.spawn().await;
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    /// Logs in through the JSON API.
+    pub async fn login(&self, user: &str, password: &str) -> Login {
+        let resp = client()
+            .post(self.url("/_portcullis/api/login"))
+            .json(&serde_json::json!({"username": user, "password": password}))
+            .send()
+            .await
+            .expect("login request");
+        let status = resp.status();
+        let body: Value = resp.json().await.expect("login json");
+        assert_eq!(status, 200, "login of {user} failed: {body}");
+        Login {
+            token: body["token"].as_str().expect("token").to_string(),
+            session_id: body["session_id"].as_str().expect("session id").to_string(),
+        }
+    }
+
+    /// Status of a GET through the gateway with a Bearer token.
+    pub async fn get_status(&self, path: &str, token: &str) -> u16 {
+        client()
+            .get(self.url(path))
+            .bearer_auth(token)
+            .send()
+            .await
+            .map(|r| r.status().as_u16())
+            .unwrap_or(0)
+    }
+
+    /// Waits until a token is refused (401), up to `within`.
+    pub async fn refused_within(&self, token: &str, within: Duration) -> bool {
+        poll_until(within, || async { self.get_status("/probe", token).await == 401 }).await
+    }
+
+    /// The session signing key `(kid, secret)` from the key file.
+    pub fn signing_key(&self) -> (String, Vec<u8>) {
+        use base64::Engine;
+        let text = std::fs::read_to_string(self.key_path()).expect("key file");
+        let line = text
+            .lines()
+            .find(|l| !l.trim().is_empty() && !l.starts_with('#'))
+            .expect("a key line");
+        let (kid, secret) = line.split_once(' ').expect("kid and secret");
+        let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(secret.trim())
+            .expect("base64url secret");
+        (kid.to_string(), bytes)
+    }
+
+    /// Resident memory of the gateway process, in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        status_field(self.pid(), "VmRSS:")
+    }
+}
+
+fn status_field(pid: u32, field: &str) -> u64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    text.lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            eprintln!("--- gateway log ---\n{}", self.log());
+        }
+    }
+}
+
+/// Sends raw bytes to an address and returns everything read until the peer closes or 5 s pass.
+pub async fn raw_request(addr: &str, bytes: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    s.write_all(bytes).await.expect("write");
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        let mut buf = [0u8; 4096];
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    out.extend_from_slice(&buf[..n]);
+                    // One response is enough once its head and declared body have arrived.
+                    if response_complete(&out) {
+                        break;
+                    }
+                }
+            }
+        }
+    })
+    .await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn response_complete(buf: &[u8]) -> bool {
+    let text = String::from_utf8_lossy(buf);
+    let Some(head_end) = text.find("\r\n\r\n") else {
+        return false;
+    };
+    let head = text[..head_end].to_ascii_lowercase();
+    let len = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse::<usize>().ok());
+    match len {
+        Some(n) => buf.len() >= head_end + 4 + n,
+        None => false,
+    }
+}
+
+/// The status code of a raw HTTP response.
+pub fn status_of(response: &str) -> u16 {
+    response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+

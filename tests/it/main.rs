@@ -1,0 +1,14 @@
+//! Integration tests: the real `portcullis` binary in front of a real recording upstream, with a
+//! real SQLite file, on ephemeral loopback ports.
+
+mod harness;
+mod upstream;
+
+mod bad_input;
+mod cli;
+mod failures;
+mod login;
+mod logs;
+mod proxy;
+mod revocation;
+mod streaming;

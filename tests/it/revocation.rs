@@ -1,0 +1,160 @@
+//! Revocation reaches the running gateway: from the CLI (another process writing the same
+//! SQLite file) within the poll interval, from the gateway's own logout at once, and across a
+//! restart.
+
+use std::time::Duration;
+
+use crate::harness::{client, Gateway};
+use crate::upstream::Upstream;
+
+const ALICE_PW: &str = "alice-password-1234";
+const BOB_PW: &str = "bob-password-123456";
+
+async fn setup() -> (Upstream, Gateway) {
+    let up = Upstream::start().await;
+    let gw = Gateway::builder(&up.url())
+        .user("alice", ALICE_PW)
+        .user("bob", BOB_PW)
+        .start()
+        .await;
+    (up, gw)
+}
+
+#[tokio::test]
+async fn signout_user_ends_all_of_that_users_sessions_within_one_second_and_no_others() {
+    let (_up, gw) = setup().await;
+    let a1 = gw.login("alice", ALICE_PW).await;
+    let a2 = gw.login("alice", ALICE_PW).await;
+    let b = gw.login("bob", BOB_PW).await;
+    for t in [&a1.token, &a2.token, &b.token] {
+        assert_eq!(gw.get_status("/probe", t).await, 200);
+    }
+    let out = gw.cli_ok(&["signout", "--user", "alice"]);
+    assert!(out.contains("alice"), "{out}");
+    assert!(gw.refused_within(&a1.token, Duration::from_secs(1)).await, "a1 still accepted after 1 s");
+    assert!(gw.refused_within(&a2.token, Duration::from_secs(1)).await, "a2 still accepted after 1 s");
+    assert_eq!(gw.get_status("/probe", &b.token).await, 200, "bob was signed out too");
+    // Alice can sign in again afterwards.
+    let a3 = gw.login("alice", ALICE_PW).await;
+    assert_eq!(gw.get_status("/probe", &a3.token).await, 200);
+}
+
+#[tokio::test]
+async fn signout_everyone_ends_all_sessions() {
+    let (_up, gw) = setup().await;
+    let a = gw.login("alice", ALICE_PW).await;
+    let b = gw.login("bob", BOB_PW).await;
+    gw.cli_ok(&["signout", "--everyone"]);
+    assert!(gw.refused_within(&a.token, Duration::from_secs(1)).await);
+    assert!(gw.refused_within(&b.token, Duration::from_secs(1)).await);
+    let fresh = gw.login("bob", BOB_PW).await;
+    assert_eq!(gw.get_status("/probe", &fresh.token).await, 200);
+}
+
+#[tokio::test]
+async fn logout_ends_only_that_session_at_once() {
+    let (_up, gw) = setup().await;
+    let a1 = gw.login("alice", ALICE_PW).await;
+    let a2 = gw.login("alice", ALICE_PW).await;
+    let resp = client()
+        .post(gw.url("/_portcullis/logout"))
+        .bearer_auth(&a1.token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 204);
+    // Applied in-process: refused on the very next request, no poll needed.
+    assert_eq!(gw.get_status("/probe", &a1.token).await, 401);
+    assert_eq!(gw.get_status("/probe", &a2.token).await, 200);
+}
+
+#[tokio::test]
+async fn cookie_logout_clears_cookie_and_ends_session() {
+    let (_up, gw) = setup().await;
+    let a = gw.login("alice", ALICE_PW).await;
+    let resp = client()
+        .post(gw.url("/_portcullis/logout"))
+        .header("Cookie", format!("portcullis={}", a.token))
+        .header("Origin", gw.base.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 303);
+    let set_cookie = resp.headers()["set-cookie"].to_str().unwrap();
+    assert!(set_cookie.starts_with("portcullis=;") && set_cookie.contains("Max-Age=0"), "{set_cookie}");
+    assert_eq!(gw.get_status("/probe", &a.token).await, 401);
+}
+
+#[tokio::test]
+async fn logout_is_post_only() {
+    let (_up, gw) = setup().await;
+    let a = gw.login("alice", ALICE_PW).await;
+    let resp = client()
+        .get(gw.url("/_portcullis/logout"))
+        .bearer_auth(&a.token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 405);
+    assert_eq!(gw.get_status("/probe", &a.token).await, 200);
+}
+
+#[tokio::test]
+async fn session_revoke_ends_only_that_session() {
+    let (_up, gw) = setup().await;
+    let a1 = gw.login("alice", ALICE_PW).await;
+    let a2 = gw.login("alice", ALICE_PW).await;
+    let listed = gw.cli_ok(&["session", "list", "--user", "alice", "--json"]);
+    let list: serde_json::Value = serde_json::from_str(&listed).unwrap();
+    let ids: Vec<&str> = list.as_array().unwrap().iter().map(|s| s["id"].as_str().unwrap()).collect();
+    assert!(ids.contains(&a1.session_id.as_str()) && ids.contains(&a2.session_id.as_str()));
+    gw.cli_ok(&["session", "revoke", &a1.session_id]);
+    assert!(gw.refused_within(&a1.token, Duration::from_secs(1)).await);
+    assert_eq!(gw.get_status("/probe", &a2.token).await, 200);
+    let listed = gw.cli_ok(&["session", "list", "--json"]);
+    assert!(!listed.contains(&a1.session_id) && listed.contains(&a2.session_id));
+}
+
+#[tokio::test]
+async fn revocations_survive_a_restart() {
+    let (_up, mut gw) = setup().await;
+    let a1 = gw.login("alice", ALICE_PW).await;
+    let a2 = gw.login("alice", ALICE_PW).await;
+    let b = gw.login("bob", BOB_PW).await;
+    let resp = client()
+        .post(gw.url("/_portcullis/logout"))
+        .bearer_auth(&a1.token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 204);
+    gw.cli_ok(&["signout", "--user", "bob"]);
+    assert!(gw.refused_within(&b.token, Duration::from_secs(1)).await);
+    gw.restart().await; // SIGKILL, then a fresh process on the same database
+    assert_eq!(gw.get_status("/probe", &a1.token).await, 401);
+    assert_eq!(gw.get_status("/probe", &b.token).await, 401);
+    assert_eq!(gw.get_status("/probe", &a2.token).await, 200);
+}
+
+#[tokio::test]
+async fn disabled_user_is_refused_and_stays_signed_out_when_enabled() {
+    let (_up, gw) = setup().await;
+    let a = gw.login("alice", ALICE_PW).await;
+    gw.cli_ok(&["user", "disable", "alice"]);
+    assert!(gw.refused_within(&a.token, Duration::from_secs(1)).await);
+    let resp = client()
+        .post(gw.url("/_portcullis/api/login"))
+        .json(&serde_json::json!({"username": "alice", "password": ALICE_PW}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 401);
+    gw.cli_ok(&["user", "enable", "alice"]);
+    let fresh = gw.login("alice", ALICE_PW).await;
+    let accepted = crate::harness::poll_until(Duration::from_secs(1), || async {
+        gw.get_status("/probe", &fresh.token).await == 200
+    })
+    .await;
+    assert!(accepted, "a session made after enabling was not accepted within 1 s");
+    assert_eq!(gw.get_status("/probe", &a.token).await, 401, "enabling revived an old session");
+}

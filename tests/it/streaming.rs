@@ -1,0 +1,114 @@
+//! Bodies stream through without buffering, Range requests pass intact, WebSocket upgrades are
+//! authenticated and then passed.
+
+use futures_util::{SinkExt, StreamExt};
+use sha2::{Digest, Sha256};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::harness::{client, Gateway};
+use crate::upstream::{pattern_byte, Upstream};
+
+const ALICE_PW: &str = "alice-password-1234";
+
+async fn setup() -> (Upstream, Gateway, String) {
+    let up = Upstream::start().await;
+    let gw = Gateway::builder(&up.url()).user("alice", ALICE_PW).start().await;
+    let token = gw.login("alice", ALICE_PW).await.token;
+    (up, gw, token)
+}
+
+#[tokio::test]
+async fn a_256_mib_download_streams_with_flat_gateway_memory() {
+    let (_up, gw, token) = setup().await;
+    const SIZE: u64 = 256 * 1024 * 1024;
+    let baseline = gw.rss_kib();
+    let mut resp = client()
+        .get(gw.url(&format!("/bytes/{SIZE}")))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.content_length(), Some(SIZE));
+    let mut hasher = Sha256::new();
+    let mut expected = Sha256::new();
+    let mut received: u64 = 0;
+    let mut peak = baseline;
+    let mut chunk_index = 0u64;
+    while let Some(chunk) = resp.chunk().await.unwrap() {
+        hasher.update(&chunk);
+        let pattern: Vec<u8> = (received..received + chunk.len() as u64).map(pattern_byte).collect();
+        expected.update(&pattern);
+        received += chunk.len() as u64;
+        chunk_index += 1;
+        if chunk_index % 64 == 0 {
+            peak = peak.max(gw.rss_kib());
+        }
+    }
+    assert_eq!(received, SIZE);
+    assert_eq!(hasher.finalize(), expected.finalize(), "body differs from the upstream's");
+    let growth_mib = (peak.saturating_sub(baseline)) / 1024;
+    eprintln!("gateway RSS: baseline {baseline} KiB, peak {peak} KiB");
+    assert!(baseline > 0, "could not read the gateway's memory");
+    assert!(growth_mib < 48, "gateway memory grew by {growth_mib} MiB while streaming 256 MiB");
+}
+
+#[tokio::test]
+async fn range_requests_get_the_right_bytes() {
+    let (up, gw, token) = setup().await;
+    let resp = client()
+        .get(gw.url("/bytes/100000"))
+        .bearer_auth(&token)
+        .header("Range", "bytes=1000-1999")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 206);
+    assert_eq!(resp.headers()["content-range"], "bytes 1000-1999/100000");
+    let body = resp.bytes().await.unwrap();
+    let want: Vec<u8> = (1000..2000).map(pattern_byte).collect();
+    assert_eq!(body.as_ref(), want.as_slice());
+    assert_eq!(up.last().unwrap().header("range"), Some("bytes=1000-1999"));
+
+    let resp = client()
+        .get(gw.url("/bytes/100000"))
+        .bearer_auth(&token)
+        .header("Range", "bytes=-10")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 206);
+    let want: Vec<u8> = (99990..100000).map(pattern_byte).collect();
+    assert_eq!(resp.bytes().await.unwrap().as_ref(), want.as_slice());
+}
+
+#[tokio::test]
+async fn websocket_echo_works_with_a_session_and_is_refused_without() {
+    let (up, gw, token) = setup().await;
+    let ws_url = format!("ws://127.0.0.1:{}/socket/ws", gw.port);
+
+    let mut req = ws_url.as_str().into_client_request().unwrap();
+    req.headers_mut()
+        .insert("Authorization", format!("Bearer {token}").parse().unwrap());
+    let (mut ws, resp) = tokio_tungstenite::connect_async(req).await.unwrap();
+    assert_eq!(resp.status(), 101);
+    ws.send(Message::Text("hello through the gate".into())).await.unwrap();
+    let echoed = ws.next().await.unwrap().unwrap();
+    assert_eq!(echoed.into_text().unwrap().as_str(), "hello through the gate");
+    let big = vec![7u8; 256 * 1024];
+    ws.send(Message::Binary(big.clone().into())).await.unwrap();
+    let echoed = ws.next().await.unwrap().unwrap();
+    assert_eq!(echoed.into_data().to_vec(), big);
+    ws.close(None).await.unwrap();
+    let seen = up.requests().into_iter().find(|r| r.path_and_query == "/socket/ws").unwrap();
+    assert!(seen.header("authorization").is_none());
+
+    let before = up.count();
+    let err = tokio_tungstenite::connect_async(ws_url.as_str()).await.unwrap_err();
+    match err {
+        tokio_tungstenite::tungstenite::Error::Http(resp) => assert_eq!(resp.status(), 401),
+        other => panic!("expected an HTTP 401 refusal, got {other:?}"),
+    }
+    assert_eq!(up.count(), before, "the refused upgrade reached the upstream");
+}
