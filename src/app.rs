@@ -243,7 +243,9 @@ impl App {
         self.metrics
             .view_revoked_sessions
             .set(stats.revoked_sessions as i64);
-        self.metrics.view_user_cutoffs.set(stats.user_cutoffs as i64);
+        self.metrics
+            .view_user_cutoffs
+            .set(stats.user_cutoffs as i64);
         self.metrics.view_sequence.set(stats.seq);
     }
 

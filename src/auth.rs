@@ -8,7 +8,7 @@ pub mod token;
 
 use http::HeaderMap;
 
-use crate::revocation::{Revoked, RevocationView};
+use crate::revocation::{RevocationView, Revoked};
 use crate::store::SessionId;
 use token::{Keyring, SessionClaims, TokenError};
 

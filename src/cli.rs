@@ -22,7 +22,11 @@ pub const MIN_PASSWORD_CHARS: usize = 12;
 pub const MAX_PASSWORD_BYTES: usize = 1024;
 
 #[derive(Parser, Debug)]
-#[command(name = "portcullis", version, about = "An authentication gateway for media servers")]
+#[command(
+    name = "portcullis",
+    version,
+    about = "An authentication gateway for media servers"
+)]
 pub struct Cli {
     /// Config file.
     #[arg(
@@ -250,7 +254,10 @@ fn store_refusal(e: StoreError) -> anyhow::Error {
 fn time_text(ms: i64) -> String {
     time::OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000)
         .ok()
-        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
         .unwrap_or_else(|| ms.to_string())
 }
 
@@ -273,10 +280,7 @@ async fn user_command(config: &Config, store: &DynStore, c: UserCommand) -> anyh
                 .create_user(&name, &hash, admin, now_ms())
                 .await
                 .map_err(store_refusal)?;
-            println!(
-                "created user {name}{}",
-                if admin { " (admin)" } else { "" }
-            );
+            println!("created user {name}{}", if admin { " (admin)" } else { "" });
             if generated {
                 println!("password (shown only once): {}", password.expose());
             }
@@ -391,7 +395,9 @@ async fn session_command(store: &DynStore, c: SessionCommand) -> anyhow::Result<
         }
         SessionCommand::Revoke { session_id } => {
             let sid = SessionId::parse(&session_id).ok_or_else(|| {
-                refused(format!("`{session_id}` is not a session id (32 hex digits)"))
+                refused(format!(
+                    "`{session_id}` is not a session id (32 hex digits)"
+                ))
             })?;
             match store
                 .revoke_session(sid, now_ms())

@@ -315,20 +315,37 @@ impl Config {
     /// Parses and validates config text; `path` is used for messages and relative paths.
     pub fn parse(text: &str, path: &Path, env: &EnvOverrides) -> Result<Config, ConfigError> {
         let file = path.display().to_string();
-        let raw: FileConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            file: file.clone(),
-            message: describe_toml_error(&e),
+        let raw: FileConfig = parse_file_form(text).map_err(|(key, message)| match key {
+            Some(key) => ConfigError::Invalid {
+                file: file.clone(),
+                key,
+                problem: message,
+            },
+            None => ConfigError::Parse {
+                file: file.clone(),
+                message,
+            },
         })?;
         Validator { file }.validate(raw, path, env)
     }
 }
 
-fn describe_toml_error(e: &toml::de::Error) -> String {
-    let msg = e.message().trim().to_string();
-    match e.span() {
-        Some(span) => format!("{msg} (at byte {})", span.start),
-        None => msg,
-    }
+/// Deserialises the file form, keeping the path of the offending key (e.g. `session.ttl`).
+fn parse_file_form(text: &str) -> Result<FileConfig, (Option<String>, String)> {
+    let de = toml::Deserializer::new(text);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        let line = inner
+            .span()
+            .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
+        let mut message = inner.message().trim().to_string();
+        if let Some(line) = line {
+            message.push_str(&format!(" (line {line})"));
+        }
+        let key = (!path.is_empty() && path != ".").then_some(path);
+        (key, message)
+    })
 }
 
 struct Validator {
@@ -471,10 +488,7 @@ impl Validator {
         }
         let max_form_bytes = s.max_form_bytes.unwrap_or(DEFAULT_MAX_FORM_BYTES);
         if !(1024..=10_000_000).contains(&max_form_bytes) {
-            return Err(self.err(
-                "server.max_form_bytes",
-                "must be between 1024 and 10000000",
-            ));
+            return Err(self.err("server.max_form_bytes", "must be between 1024 and 10000000"));
         }
         Ok(ServerConfig {
             listen,
@@ -568,7 +582,7 @@ impl Validator {
             return Err(self.err("password.memory_kib", "must be at most 4 GiB (4194304)"));
         }
         let iterations = p.iterations.unwrap_or(ARGON2_MIN_ITERATIONS);
-        if iterations < ARGON2_MIN_ITERATIONS || iterations > 100 {
+        if !(ARGON2_MIN_ITERATIONS..=100).contains(&iterations) {
             return Err(self.err(
                 "password.iterations",
                 format!("must be between {ARGON2_MIN_ITERATIONS} and 100"),
@@ -595,10 +609,7 @@ impl Validator {
             "text" => LogFormat::Text,
             "json" => LogFormat::Json,
             other => {
-                return Err(self.err(
-                    "log.format",
-                    format!("`{other}` is not `text` or `json`"),
-                ))
+                return Err(self.err("log.format", format!("`{other}` is not `text` or `json`")))
             }
         };
         let level = l.level.unwrap_or_else(|| "info".to_string());
@@ -621,7 +632,10 @@ impl Validator {
         {
             return Err(self.err(
                 &key("name"),
-                format!("`{}` must be non-empty and use only A-Z a-z 0-9 - _", r.name),
+                format!(
+                    "`{}` must be non-empty and use only A-Z a-z 0-9 - _",
+                    r.name
+                ),
             ));
         }
         let host = match r.host {

@@ -93,11 +93,12 @@ impl Metrics {
             &["route", "decision", "reason"],
         )?;
         let duration = HistogramVec::new(
-            HistogramOpts::new(REQUEST_DURATION, "Time from request to end of response.")
-                .buckets(vec![
-                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-                    5.0, 10.0, 30.0,
-                ]),
+            HistogramOpts::new(REQUEST_DURATION, "Time from request to end of response.").buckets(
+                vec![
+                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                    10.0, 30.0,
+                ],
+            ),
             &["route"],
         )?;
         let logins = IntCounterVec::new(
@@ -105,15 +106,20 @@ impl Metrics {
             &["method", "result"],
         )?;
         let revocations = IntCounterVec::new(
-            Opts::new(REVOCATIONS_TOTAL, "Revocations committed by this instance, by scope."),
+            Opts::new(
+                REVOCATIONS_TOTAL,
+                "Revocations committed by this instance, by scope.",
+            ),
             &["scope"],
         )?;
         let view_revoked_sessions = IntGauge::new(
             VIEW_REVOKED_SESSIONS,
             "Revoked, unexpired session ids held in the revocation view.",
         )?;
-        let view_user_cutoffs =
-            IntGauge::new(VIEW_USER_CUTOFFS, "Users with a sign-out cutoff in the view.")?;
+        let view_user_cutoffs = IntGauge::new(
+            VIEW_USER_CUTOFFS,
+            "Users with a sign-out cutoff in the view.",
+        )?;
         let view_sequence = IntGauge::new(
             VIEW_SEQUENCE,
             "Highest revocation event sequence number applied to the view.",
@@ -124,7 +130,10 @@ impl Metrics {
         )?;
         let sync_errors = IntCounter::new(SYNC_ERRORS_TOTAL, "Failed revocation view syncs.")?;
         let store_errors = IntCounterVec::new(
-            Opts::new(STORE_ERRORS_TOTAL, "Store operations that failed, by operation."),
+            Opts::new(
+                STORE_ERRORS_TOTAL,
+                "Store operations that failed, by operation.",
+            ),
             &["operation"],
         )?;
         let build_info = IntGaugeVec::new(

@@ -364,6 +364,17 @@ impl ProxyHttp for Gateway {
         }
     }
 
+    /// Pingora's own error lines describe the request with this; keep secrets out of it.
+    fn request_summary(&self, session: &Session, ctx: &RequestCtx) -> String {
+        let req = session.req_header();
+        format!(
+            "{} {} request_id={}",
+            req.method,
+            telemetry::redact_target(req.uri.path_and_query().map_or("/", |p| p.as_str())),
+            ctx.request_id
+        )
+    }
+
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
         let status = session
             .response_written()
@@ -388,12 +399,8 @@ impl ProxyHttp for Gateway {
             .route
             .and_then(|i| self.routes().get(i))
             .map_or("-", |r| r.name.as_str());
-        let path = telemetry::redact_target(
-            req.uri
-                .path_and_query()
-                .map(|p| p.as_str())
-                .unwrap_or("/"),
-        );
+        let path =
+            telemetry::redact_target(req.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/"));
         tracing::info!(
             target: "portcullis::access",
             request_id = %ctx.request_id,

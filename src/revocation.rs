@@ -96,7 +96,11 @@ impl RevocationView {
     /// Replaces the whole view with a snapshot.
     pub fn load(&self, snap: Snapshot, now: Instant) {
         let mut s = self.write();
-        s.revoked = snap.revoked.into_iter().map(|(sid, e)| (sid.0, e)).collect();
+        s.revoked = snap
+            .revoked
+            .into_iter()
+            .map(|(sid, e)| (sid.0, e))
+            .collect();
         s.user_cutoff = snap.user_cutoffs.into_iter().collect();
         s.global_cutoff = snap.global_cutoff;
         s.disabled = snap.disabled_users.into_iter().collect();
@@ -155,7 +159,9 @@ impl RevocationView {
 
     /// Time since the view last synced successfully, `None` if it never did.
     pub fn staleness(&self, now: Instant) -> Option<Duration> {
-        self.read().last_sync.map(|t| now.saturating_duration_since(t))
+        self.read()
+            .last_sync
+            .map(|t| now.saturating_duration_since(t))
     }
 
     pub fn last_error(&self) -> Option<String> {

@@ -116,7 +116,10 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
         grace_period_seconds: Some(app.config.server.grace_period.as_secs()),
         graceful_shutdown_timeout_seconds: Some(app.config.server.grace_period.as_secs().max(1)),
         pid_file: data_dir.join("portcullis.pid").display().to_string(),
-        upgrade_sock: data_dir.join("portcullis.upgrade.sock").display().to_string(),
+        upgrade_sock: data_dir
+            .join("portcullis.upgrade.sock")
+            .display()
+            .to_string(),
         upstream_keepalive_pool_size: 256,
         ..ServerConf::default()
     };

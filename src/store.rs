@@ -110,11 +110,20 @@ pub enum RevocationEvent {
         expires_ms: i64,
     },
     /// Every token of the user issued at or before `at_ms` is dead.
-    UserCutoff { user_id: i64, at_ms: i64 },
+    UserCutoff {
+        user_id: i64,
+        at_ms: i64,
+    },
     /// Every token issued at or before `at_ms` is dead.
-    GlobalCutoff { at_ms: i64 },
-    UserDisabled { user_id: i64 },
-    UserEnabled { user_id: i64 },
+    GlobalCutoff {
+        at_ms: i64,
+    },
+    UserDisabled {
+        user_id: i64,
+    },
+    UserEnabled {
+        user_id: i64,
+    },
 }
 
 impl RevocationEvent {
@@ -223,12 +232,11 @@ pub trait Store: Send + Sync + 'static {
 pub type DynStore = Arc<dyn Store>;
 
 /// Opens the store named by a validated URL and brings its schema up to date.
-pub async fn open(
-    url: &str,
-    busy_timeout: std::time::Duration,
-) -> StoreResult<DynStore> {
+pub async fn open(url: &str, busy_timeout: std::time::Duration) -> StoreResult<DynStore> {
     match url.strip_prefix("sqlite://") {
-        Some(path) => Ok(Arc::new(sqlite::SqliteStore::open(path, busy_timeout).await?)),
+        Some(path) => Ok(Arc::new(
+            sqlite::SqliteStore::open(path, busy_timeout).await?,
+        )),
         None => Err(StoreError::Open {
             path: "<url>".to_string(),
             message: "only sqlite:// URLs are supported".to_string(),

@@ -19,11 +19,28 @@ const SECRET_QUERY_KEYS: &[&str] = &[
     "code",
 ];
 
+/// Libraries whose debug output carries request headers, query strings or SQL parameters:
+/// they are held at these levels whatever the configured level, so secrets never reach a log.
+const CAPPED_TARGETS: &[&str] = &[
+    "pingora_core=info",
+    "pingora_proxy=info",
+    "pingora_cache=warn",
+    "pingora_pool=info",
+    "sqlx=warn",
+    "hyper=info",
+    "axum=info",
+];
+
 /// Starts logging to stderr. `RUST_LOG`, when set, wins over the config's level.
 pub fn init(cfg: &LogConfig) {
-    let filter = EnvFilter::try_from_default_env()
+    let mut filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&cfg.level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
+    for directive in CAPPED_TARGETS {
+        if let Ok(d) = directive.parse() {
+            filter = filter.add_directive(d);
+        }
+    }
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

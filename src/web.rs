@@ -91,7 +91,10 @@ fn forbidden_cross_site() -> Response {
     no_store(
         (
             StatusCode::FORBIDDEN,
-            pages::message("Refused", "This request came from another site and was refused."),
+            pages::message(
+                "Refused",
+                "This request came from another site and was refused.",
+            ),
         )
             .into_response(),
     )
@@ -322,7 +325,10 @@ mod tests {
         ] {
             assert_eq!(safe_return_path(Some(evil)), "/", "{evil}");
         }
-        assert_eq!(safe_return_path(Some("/web/index.html?x=1")), "/web/index.html?x=1");
+        assert_eq!(
+            safe_return_path(Some("/web/index.html?x=1")),
+            "/web/index.html?x=1"
+        );
         assert_eq!(safe_return_path(None), "/");
     }
 }

@@ -87,7 +87,8 @@ mod tests {
     #[test]
     fn stripping_keeps_other_cookies() {
         assert_eq!(
-            without_gateway_cookies(b"a=1; portcullis=secret; __Host-portcullis=s2; b=2").as_deref(),
+            without_gateway_cookies(b"a=1; portcullis=secret; __Host-portcullis=s2; b=2")
+                .as_deref(),
             Some("a=1; b=2")
         );
         assert_eq!(without_gateway_cookies(b"portcullis=x"), None);

@@ -122,8 +122,14 @@ mod tests {
     async fn hashes_are_argon2id_phc_and_verify() {
         let h = Hasher::new(&cfg()).unwrap();
         let hash = h.hash(Secret::new("correct horse".into())).await.unwrap();
-        assert!(hash.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"), "{hash}");
-        assert!(h.verify(Some(hash.clone()), Secret::new("correct horse".into())).await);
+        assert!(
+            hash.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"),
+            "{hash}"
+        );
+        assert!(
+            h.verify(Some(hash.clone()), Secret::new("correct horse".into()))
+                .await
+        );
         assert!(!h.verify(Some(hash), Secret::new("wrong".into())).await);
     }
 

@@ -91,7 +91,10 @@ pub struct Keyring {
 impl std::fmt::Debug for Keyring {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Keyring")
-            .field("kids", &self.keys.iter().map(|k| &k.kid).collect::<Vec<_>>())
+            .field(
+                "kids",
+                &self.keys.iter().map(|k| &k.kid).collect::<Vec<_>>(),
+            )
             .finish()
     }
 }
@@ -308,7 +311,12 @@ mod tests {
     use super::*;
 
     fn ring(secret: u8) -> Keyring {
-        Keyring::new(vec![("k1".into(), vec![secret; 32])], "portcullis", "http://gw").unwrap()
+        Keyring::new(
+            vec![("k1".into(), vec![secret; 32])],
+            "portcullis",
+            "http://gw",
+        )
+        .unwrap()
     }
 
     fn claims(now: i64) -> SessionClaims {
@@ -360,8 +368,8 @@ mod tests {
         let r = ring(1);
         let good = r.issue(&claims(100)).unwrap();
         let payload = good.split('.').nth(1).unwrap();
-        let none_header = URL_SAFE_NO_PAD
-            .encode(br#"{"alg":"none","typ":"portcullis-session+jwt","kid":"k1"}"#);
+        let none_header =
+            URL_SAFE_NO_PAD.encode(br#"{"alg":"none","typ":"portcullis-session+jwt","kid":"k1"}"#);
         assert!(r.verify(&format!("{none_header}.{payload}."), 100).is_err());
         let mut wrong_typ = Header::new(Algorithm::HS256);
         wrong_typ.kid = Some("k1".into());

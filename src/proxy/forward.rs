@@ -193,6 +193,9 @@ mod tests {
             },
         )
         .unwrap();
-        assert_eq!(r.headers.get("authorization").unwrap(), "MediaBrowser Token=\"abc\"");
+        assert_eq!(
+            r.headers.get("authorization").unwrap(),
+            "MediaBrowser Token=\"abc\""
+        );
     }
 }

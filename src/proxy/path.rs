@@ -100,8 +100,7 @@ pub fn under(path: &str, prefix: &str) -> bool {
     if prefix == "/" || prefix.ends_with('/') {
         return path.starts_with(prefix);
     }
-    path == prefix
-        || (path.starts_with(prefix) && path.as_bytes().get(prefix.len()) == Some(&b'/'))
+    path == prefix || (path.starts_with(prefix) && path.as_bytes().get(prefix.len()) == Some(&b'/'))
 }
 
 #[cfg(test)]

@@ -80,7 +80,9 @@ async fn send(
         session.set_keepalive(None);
     }
     let head_only = session.req_header().method == http::Method::HEAD || body.is_empty();
-    session.write_response_header(Box::new(resp), head_only).await?;
+    session
+        .write_response_header(Box::new(resp), head_only)
+        .await?;
     if !head_only {
         session.write_response_body(Some(body), true).await?;
     }
@@ -100,11 +102,7 @@ pub async fn reject(session: &mut Session, reason: RejectReason) -> Result<()> {
 }
 
 /// A request without a live session.
-pub async fn deny(
-    session: &mut Session,
-    navigation: bool,
-    return_to: &str,
-) -> Result<()> {
+pub async fn deny(session: &mut Session, navigation: bool, return_to: &str) -> Result<()> {
     if navigation {
         let rd = percent_encoding::utf8_percent_encode(
             &web::safe_return_path(Some(return_to)),
@@ -166,7 +164,9 @@ pub async fn page(session: &mut Session, parts: http::response::Parts, body: Byt
         session.set_keepalive(None);
     }
     let head_only = session.req_header().method == http::Method::HEAD || body.is_empty();
-    session.write_response_header(Box::new(resp), head_only).await?;
+    session
+        .write_response_header(Box::new(resp), head_only)
+        .await?;
     if !head_only {
         session.write_response_body(Some(body), true).await?;
     }

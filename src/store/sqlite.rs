@@ -150,7 +150,11 @@ fn event_from_row(row: &SqliteRow) -> StoreResult<SequencedEvent> {
         KIND_USER_ENABLED => RevocationEvent::UserEnabled {
             user_id: user_id.ok_or_else(|| corrupt("user_id"))?,
         },
-        other => return Err(StoreError::Corrupt(format!("event {seq} has kind `{other}`"))),
+        other => {
+            return Err(StoreError::Corrupt(format!(
+                "event {seq} has kind `{other}`"
+            )))
+        }
     };
     Ok(SequencedEvent { seq, event })
 }
@@ -276,9 +280,15 @@ impl Store for SqliteStore {
             .execute(&mut *tx)
             .await
             .map_err(unavailable)?;
-            let seq =
-                Self::insert_event(&mut tx, KIND_USER_DISABLED, None, Some(user_id), now_ms, None)
-                    .await?;
+            let seq = Self::insert_event(
+                &mut tx,
+                KIND_USER_DISABLED,
+                None,
+                Some(user_id),
+                now_ms,
+                None,
+            )
+            .await?;
             events.push(SequencedEvent {
                 seq,
                 event: RevocationEvent::UserDisabled { user_id },
@@ -294,9 +304,15 @@ impl Store for SqliteStore {
                 },
             });
         } else {
-            let seq =
-                Self::insert_event(&mut tx, KIND_USER_ENABLED, None, Some(user_id), now_ms, None)
-                    .await?;
+            let seq = Self::insert_event(
+                &mut tx,
+                KIND_USER_ENABLED,
+                None,
+                Some(user_id),
+                now_ms,
+                None,
+            )
+            .await?;
             events.push(SequencedEvent {
                 seq,
                 event: RevocationEvent::UserEnabled { user_id },
@@ -415,9 +431,8 @@ impl Store for SqliteStore {
         .execute(&mut *tx)
         .await
         .map_err(unavailable)?;
-        let seq =
-            Self::insert_event(&mut tx, KIND_USER_CUTOFF, None, Some(user_id), now_ms, None)
-                .await?;
+        let seq = Self::insert_event(&mut tx, KIND_USER_CUTOFF, None, Some(user_id), now_ms, None)
+            .await?;
         tx.commit().await.map_err(unavailable)?;
         Ok(SequencedEvent {
             seq,
@@ -434,12 +449,14 @@ impl Store for SqliteStore {
             .begin_with("BEGIN IMMEDIATE")
             .await
             .map_err(unavailable)?;
-        sqlx::query("UPDATE sessions SET revoked_ms = ? WHERE revoked_ms IS NULL AND created_ms <= ?")
-            .bind(now_ms)
-            .bind(now_ms)
-            .execute(&mut *tx)
-            .await
-            .map_err(unavailable)?;
+        sqlx::query(
+            "UPDATE sessions SET revoked_ms = ? WHERE revoked_ms IS NULL AND created_ms <= ?",
+        )
+        .bind(now_ms)
+        .bind(now_ms)
+        .execute(&mut *tx)
+        .await
+        .map_err(unavailable)?;
         let seq = Self::insert_event(&mut tx, KIND_GLOBAL_CUTOFF, None, None, now_ms, None).await?;
         tx.commit().await.map_err(unavailable)?;
         Ok(SequencedEvent {
@@ -501,15 +518,14 @@ impl Store for SqliteStore {
                 row.try_get("at_ms").map_err(unavailable)?,
             ));
         }
-        let global_cutoff: Option<i64> = sqlx::query(
-            "SELECT MAX(at_ms) FROM revocation_events WHERE kind = ? AND seq <= ?",
-        )
-        .bind(KIND_GLOBAL_CUTOFF)
-        .bind(seq)
-        .fetch_one(&mut *tx)
-        .await
-        .and_then(|r| r.try_get(0))
-        .map_err(unavailable)?;
+        let global_cutoff: Option<i64> =
+            sqlx::query("SELECT MAX(at_ms) FROM revocation_events WHERE kind = ? AND seq <= ?")
+                .bind(KIND_GLOBAL_CUTOFF)
+                .bind(seq)
+                .fetch_one(&mut *tx)
+                .await
+                .and_then(|r| r.try_get(0))
+                .map_err(unavailable)?;
         let disabled_rows = sqlx::query("SELECT id FROM users WHERE disabled = 1")
             .fetch_all(&mut *tx)
             .await
@@ -580,7 +596,10 @@ mod tests {
         store.create_user("Alice", "h", false, 1).await.unwrap();
         let err = store.create_user("alice", "h", false, 1).await.unwrap_err();
         assert!(matches!(err, StoreError::Conflict(_)), "{err}");
-        assert_eq!(store.find_user("ALICE").await.unwrap().unwrap().name, "Alice");
+        assert_eq!(
+            store.find_user("ALICE").await.unwrap().unwrap().name,
+            "Alice"
+        );
     }
 
     #[tokio::test]

@@ -19,7 +19,8 @@ pub fn escape(s: &str) -> String {
     out
 }
 
-const STYLE: &str = "body{font-family:system-ui,sans-serif;background:#f4f4f6;color:#1d1d24;margin:0}\
+const STYLE: &str =
+    "body{font-family:system-ui,sans-serif;background:#f4f4f6;color:#1d1d24;margin:0}\
 main{max-width:24rem;margin:4rem auto;background:#fff;padding:2rem;border-radius:.5rem;\
 box-shadow:0 1px 4px rgba(0,0,0,.15)}h1{font-size:1.4rem;margin-top:0}label{display:block;\
 margin:.8rem 0 .3rem}input[type=text],input[type=password]{width:100%;box-sizing:border-box;\

@@ -41,10 +41,20 @@ async fn path_tricks_get_400_before_routing_and_never_reach_upstream() {
             }
             req.push_str("Connection: close\r\n\r\n");
             let resp = raw_request(&addr, req.as_bytes()).await;
-            assert_eq!(status_of(&resp), 400, "{path} (auth: {}) got: {resp}", auth.is_some());
+            assert_eq!(
+                status_of(&resp),
+                400,
+                "{path} (auth: {}) got: {resp}",
+                auth.is_some()
+            );
         }
     }
-    assert_eq!(up.count(), 0, "a malformed path reached the upstream: {:?}", up.requests());
+    assert_eq!(
+        up.count(),
+        0,
+        "a malformed path reached the upstream: {:?}",
+        up.requests()
+    );
     // The gateway is still serving.
     assert_eq!(gw.get_status("/public/ok", &token).await, 200);
 }
@@ -54,7 +64,11 @@ async fn raw_nul_in_the_request_line_is_refused() {
     let up = Upstream::start().await;
     let gw = Gateway::builder(&up.url()).start().await;
     let addr = format!("127.0.0.1:{}", gw.port);
-    let resp = raw_request(&addr, b"GET /a\x00b HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await;
+    let resp = raw_request(
+        &addr,
+        b"GET /a\x00b HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
     let status = status_of(&resp);
     assert!(status == 400 || resp.is_empty(), "got {resp:?}");
     assert_eq!(up.count(), 0);
@@ -63,7 +77,10 @@ async fn raw_nul_in_the_request_line_is_refused() {
 #[tokio::test]
 async fn oversize_headers_get_431() {
     let up = Upstream::start().await;
-    let gw = Gateway::builder(&up.url()).user("alice", ALICE_PW).start().await;
+    let gw = Gateway::builder(&up.url())
+        .user("alice", ALICE_PW)
+        .start()
+        .await;
     let token = gw.login("alice", ALICE_PW).await.token;
     let resp = client()
         .get(gw.url("/x"))
@@ -83,7 +100,10 @@ async fn oversize_login_body_gets_413() {
     let resp = client()
         .post(gw.url("/_portcullis/api/login"))
         .header("Content-Type", "application/json")
-        .body(format!(r#"{{"username":"a","password":"{}"}}"#, "x".repeat(100 * 1024)))
+        .body(format!(
+            r#"{{"username":"a","password":"{}"}}"#,
+            "x".repeat(100 * 1024)
+        ))
         .send()
         .await
         .unwrap();
@@ -110,7 +130,11 @@ async fn malformed_login_json_gets_a_4xx_not_a_crash() {
         assert!((400..500).contains(&status), "{ctype} {body}: {status}");
     }
     // Still alive.
-    let health = client().get(format!("{}/healthz", gw.admin)).send().await.unwrap();
+    let health = client()
+        .get(format!("{}/healthz", gw.admin))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(health.status(), 200);
 }
 
@@ -118,7 +142,11 @@ async fn malformed_login_json_gets_a_4xx_not_a_crash() {
 async fn unknown_gateway_page_is_404_and_not_proxied() {
     let up = Upstream::start().await;
     let gw = Gateway::builder(&up.url()).start().await;
-    let resp = client().get(gw.url("/_portcullis/nope")).send().await.unwrap();
+    let resp = client()
+        .get(gw.url("/_portcullis/nope"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 404);
     assert_eq!(up.count(), 0);
 }

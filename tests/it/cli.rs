@@ -13,7 +13,10 @@ fn code(out: &std::process::Output) -> i32 {
 #[tokio::test]
 async fn user_add_generates_a_password_that_logs_in() {
     let up = Upstream::start().await;
-    let gw = Gateway::builder(&up.url()).user("alice", "alice-password-1234").start().await;
+    let gw = Gateway::builder(&up.url())
+        .user("alice", "alice-password-1234")
+        .start()
+        .await;
     let out = gw.cli_ok(&["user", "add", "carol", "--admin"]);
     let password = out
         .lines()
@@ -23,8 +26,14 @@ async fn user_add_generates_a_password_that_logs_in() {
     let login = gw.login("carol", password).await;
     assert_eq!(gw.get_status("/x", &login.token).await, 200);
 
-    let list: serde_json::Value = serde_json::from_str(&gw.cli_ok(&["user", "list", "--json"])).unwrap();
-    let carol = list.as_array().unwrap().iter().find(|u| u["name"] == "carol").unwrap();
+    let list: serde_json::Value =
+        serde_json::from_str(&gw.cli_ok(&["user", "list", "--json"])).unwrap();
+    let carol = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|u| u["name"] == "carol")
+        .unwrap();
     assert_eq!(carol["admin"], true);
     assert!(!gw.cli_ok(&["user", "list"]).contains(password));
 }
@@ -32,13 +41,25 @@ async fn user_add_generates_a_password_that_logs_in() {
 #[tokio::test]
 async fn refused_actions_exit_1_with_one_line() {
     let up = Upstream::start().await;
-    let gw = Gateway::builder(&up.url()).user("alice", "alice-password-1234").start().await;
+    let gw = Gateway::builder(&up.url())
+        .user("alice", "alice-password-1234")
+        .start()
+        .await;
     let cases: Vec<(Vec<&str>, &str)> = vec![
-        (vec!["user", "add", "alice", "--password-stdin"], "already exists"),
+        (
+            vec!["user", "add", "alice", "--password-stdin"],
+            "already exists",
+        ),
         (vec!["signout", "--user", "nobody"], "no user named"),
-        (vec!["session", "revoke", "0123456789abcdef0123456789abcdef"], "no session"),
+        (
+            vec!["session", "revoke", "0123456789abcdef0123456789abcdef"],
+            "no session",
+        ),
         (vec!["session", "revoke", "xyz"], "not a session id"),
-        (vec!["user", "add", "bad name!", "--password-stdin"], "not a valid user name"),
+        (
+            vec!["user", "add", "bad name!", "--password-stdin"],
+            "not a valid user name",
+        ),
         (vec!["user", "disable", "ghost"], "no user named"),
     ];
     for (args, want) in cases {
@@ -66,21 +87,44 @@ async fn bad_usage_exits_2() {
 fn bad_config_exits_2_naming_file_and_key() {
     let dir = tempfile::tempdir().unwrap();
     let cases = [
-        ("[server]\nlisten = \"nowhere\"\n[[route]]\nname=\"a\"\nupstream=\"127.0.0.1:1\"\n", "server.listen"),
-        ("[[route]]\nname=\"a\"\nupstream=\"127.0.0.1:1\"\nkind=\"emby9\"\n", "route[0].kind"),
-        ("[session]\nttl = \"forever\"\n[[route]]\nname=\"a\"\nupstream=\"127.0.0.1:1\"\n", "ttl"),
-        ("[store]\nurl = \"mysql://x\"\n[[route]]\nname=\"a\"\nupstream=\"127.0.0.1:1\"\n", "store.url"),
-        ("[server]\nsurprise = 1\n[[route]]\nname=\"a\"\nupstream=\"127.0.0.1:1\"\n", "surprise"),
+        (
+            "[server]\nlisten = \"nowhere\"\n[[route]]\nname=\"a\"\nupstream=\"127.0.0.1:1\"\n",
+            "server.listen",
+        ),
+        (
+            "[[route]]\nname=\"a\"\nupstream=\"127.0.0.1:1\"\nkind=\"emby9\"\n",
+            "route[0].kind",
+        ),
+        (
+            "[session]\nttl = \"forever\"\n[[route]]\nname=\"a\"\nupstream=\"127.0.0.1:1\"\n",
+            "ttl",
+        ),
+        (
+            "[store]\nurl = \"mysql://x\"\n[[route]]\nname=\"a\"\nupstream=\"127.0.0.1:1\"\n",
+            "store.url",
+        ),
+        (
+            "[server]\nsurprise = 1\n[[route]]\nname=\"a\"\nupstream=\"127.0.0.1:1\"\n",
+            "surprise",
+        ),
         ("", "route"),
     ];
     for (text, key) in cases {
         let path = dir.path().join("bad.toml");
         std::fs::write(&path, text).unwrap();
         for args in [vec!["check-config"], vec!["user", "list"], vec!["serve"]] {
-            let out = Command::new(BIN).arg("--config").arg(&path).args(&args).output().unwrap();
+            let out = Command::new(BIN)
+                .arg("--config")
+                .arg(&path)
+                .args(&args)
+                .output()
+                .unwrap();
             assert_eq!(code(&out), 2, "{text} {args:?}");
             let err = String::from_utf8_lossy(&out.stderr);
-            assert!(err.contains("bad.toml") && err.contains(key), "{key}: {err}");
+            assert!(
+                err.contains("bad.toml") && err.contains(key),
+                "{key}: {err}"
+            );
         }
     }
     let out = Command::new(BIN)
@@ -98,6 +142,11 @@ fn shipped_configs_pass_check_config() {
             .args(["check-config", &format!("{root}/config/{name}")])
             .output()
             .unwrap();
-        assert_eq!(code(&out), 0, "{name}: {}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(
+            code(&out),
+            0,
+            "{name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 }

@@ -9,13 +9,21 @@ const ALICE_PW: &str = "alice-password-1234";
 #[tokio::test]
 async fn upstream_down_gives_a_short_502_page() {
     // A port with nothing listening: bind, read the port, close.
-    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
     let gw = Gateway::builder(&format!("127.0.0.1:{}", dead.port()))
         .user("alice", ALICE_PW)
         .start()
         .await;
     let token = gw.login("alice", ALICE_PW).await.token;
-    let resp = client().get(gw.url("/x")).bearer_auth(&token).send().await.unwrap();
+    let resp = client()
+        .get(gw.url("/x"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 502);
     let body = resp.text().await.unwrap();
     assert!(body.contains("Bad gateway") && body.len() < 1024, "{body}");
@@ -27,20 +35,46 @@ async fn upstream_down_gives_a_short_502_page() {
 #[tokio::test]
 async fn health_readiness_and_metrics_are_served_on_the_admin_listener() {
     let up = Upstream::start().await;
-    let gw = Gateway::builder(&up.url()).user("alice", ALICE_PW).start().await;
+    let gw = Gateway::builder(&up.url())
+        .user("alice", ALICE_PW)
+        .start()
+        .await;
     let token = gw.login("alice", ALICE_PW).await.token;
     assert_eq!(gw.get_status("/x", &token).await, 200);
     let http = client();
-    let health = http.get(format!("{}/healthz", gw.admin)).send().await.unwrap();
+    let health = http
+        .get(format!("{}/healthz", gw.admin))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(health.status(), 200);
-    let ready = http.get(format!("{}/readyz", gw.admin)).send().await.unwrap();
+    let ready = http
+        .get(format!("{}/readyz", gw.admin))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(ready.status(), 200);
     let body: serde_json::Value = ready.json().await.unwrap();
     assert_eq!(body["store"], "ok");
     assert_eq!(body["view"], "fresh");
-    let metrics = http.get(format!("{}/metrics", gw.admin)).send().await.unwrap().text().await.unwrap();
-    assert!(metrics.contains(r#"portcullis_requests_total{decision="allow",reason="valid_session",route="media"} 1"#), "{metrics}");
-    assert!(metrics.contains(r#"portcullis_logins_total{method="password",result="success"} 1"#), "{metrics}");
+    let metrics = http
+        .get(format!("{}/metrics", gw.admin))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(
+            r#"portcullis_requests_total{decision="allow",reason="valid_session",route="media"} 1"#
+        ),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"portcullis_logins_total{method="password",result="success"} 1"#),
+        "{metrics}"
+    );
     assert!(metrics.contains("portcullis_sync_last_success_timestamp_seconds"));
     // The admin endpoints are not on the public listener.
     let public = http.get(gw.url("/metrics")).send().await.unwrap();
@@ -61,7 +95,8 @@ async fn first_start_creates_an_admin_whose_printed_password_logs_in() {
     assert!(log.contains("user name: admin"));
     let login = gw.login("admin", &password).await;
     assert_eq!(gw.get_status("/x", &login.token).await, 200);
-    let users: serde_json::Value = serde_json::from_str(&gw.cli_ok(&["user", "list", "--json"])).unwrap();
+    let users: serde_json::Value =
+        serde_json::from_str(&gw.cli_ok(&["user", "list", "--json"])).unwrap();
     assert_eq!(users[0]["name"], "admin");
     assert_eq!(users[0]["admin"], true);
 }

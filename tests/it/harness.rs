@@ -58,10 +58,16 @@ pub struct GatewayBuilder {
     upstream: String,
     users: Vec<UserSpec>,
     route_extra: String,
-    extra: String,
+    log: String,
 }
 
 impl GatewayBuilder {
+    /// Log format and level of the gateway.
+    pub fn log(mut self, format: &str, level: &str) -> Self {
+        self.log = format!("format = \"{format}\"\nlevel = \"{level}\"");
+        self
+    }
+
     pub fn user(mut self, name: &str, password: &str) -> Self {
         self.users.push(UserSpec {
             name: name.into(),
@@ -78,20 +84,13 @@ impl GatewayBuilder {
         self
     }
 
-    /// Extra TOML appended after the generated sections (e.g. `[log]` tables).
-    pub fn extra(mut self, toml: &str) -> Self {
-        self.extra.push_str(toml);
-        self.extra.push('\n');
-        self
-    }
-
     pub async fn start(self) -> Gateway {
         let dir = tempfile::tempdir().expect("temp dir");
         let mut gw = Gateway {
             dir,
             upstream: self.upstream,
             route_extra: self.route_extra,
-            extra: self.extra,
+            log: self.log,
             child: None,
             base: String::new(),
             admin: String::new(),
@@ -110,7 +109,7 @@ pub struct Gateway {
     pub dir: tempfile::TempDir,
     upstream: String,
     route_extra: String,
-    extra: String,
+    log: String,
     child: Option<Child>,
     /// `http://127.0.0.1:PORT` of the public listener.
     pub base: String,
@@ -132,7 +131,7 @@ impl Gateway {
             upstream: upstream.trim_start_matches("http://").to_string(),
             users: Vec::new(),
             route_extra: String::new(),
-            extra: String::new(),
+            log: "level = \"info\"".to_string(),
         }
     }
 
@@ -177,20 +176,19 @@ busy_timeout = "1s"
 key_file = "{key}"
 
 [log]
-level = "info"
+{log}
 
 [[route]]
 name = "media"
 upstream = "{upstream}"
 {route_extra}
-{extra}
 "#,
             data = d.display(),
             db = self.db_path().display(),
             key = self.key_path().display(),
             upstream = self.upstream,
             route_extra = self.route_extra,
-            extra = self.extra,
+            log = self.log,
         );
         std::fs::write(self.config_path(), text).expect("write config");
         self.port = port;
@@ -282,9 +280,15 @@ upstream = "{upstream}"
                     if exited_now {
                         return true;
                     }
-                    let admin_up = matches!(http.get(&health).send().await, Ok(r) if r.status() == 200);
+                    let admin_up =
+                        matches!(http.get(&health).send().await, Ok(r) if r.status() == 200);
                     // The public listener is up once it answers anything.
-                    admin_up && http.get(format!("{base}/_portcullis/login")).send().await.is_ok()
+                    admin_up
+                        && http
+                            .get(format!("{base}/_portcullis/login"))
+                            .send()
+                            .await
+                            .is_ok()
                 }
             })
             .await;
@@ -352,7 +356,10 @@ upstream = "{upstream}"
 
     /// Waits until a token is refused (401), up to `within`.
     pub async fn refused_within(&self, token: &str, within: Duration) -> bool {
-        poll_until(within, || async { self.get_status("/probe", token).await == 401 }).await
+        poll_until(within, || async {
+            self.get_status("/probe", token).await == 401
+        })
+        .await
     }
 
     /// The session signing key `(kid, secret)` from the key file.
@@ -443,4 +450,3 @@ pub fn status_of(response: &str) -> u16 {
         .and_then(|s| s.parse().ok())
         .unwrap_or(0)
 }
-

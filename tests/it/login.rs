@@ -8,7 +8,10 @@ const ALICE_PW: &str = "alice-password-1234";
 
 async fn setup() -> (Upstream, Gateway) {
     let up = Upstream::start().await;
-    let gw = Gateway::builder(&up.url()).user("alice", ALICE_PW).start().await;
+    let gw = Gateway::builder(&up.url())
+        .user("alice", ALICE_PW)
+        .start()
+        .await;
     (up, gw)
 }
 
@@ -25,9 +28,16 @@ async fn form_login(gw: &Gateway, user: &str, pw: &str, rd: &str) -> reqwest::Re
 #[tokio::test]
 async fn login_page_is_a_self_contained_form() {
     let (_up, gw) = setup().await;
-    let resp = client().get(gw.url("/_portcullis/login?rd=/web/")).send().await.unwrap();
+    let resp = client()
+        .get(gw.url("/_portcullis/login?rd=/web/"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 200);
-    let csp = resp.headers()["content-security-policy"].to_str().unwrap().to_string();
+    let csp = resp.headers()["content-security-policy"]
+        .to_str()
+        .unwrap()
+        .to_string();
     assert!(csp.contains("default-src 'none'"));
     let html = resp.text().await.unwrap();
     assert!(html.contains("<form method=\"post\" action=\"/_portcullis/login\">"));
@@ -49,10 +59,18 @@ async fn form_login_sets_cookie_and_redirects_to_return_path() {
     }
     assert!(!cookie.contains("Domain"));
     let pair = cookie.split(';').next().unwrap();
-    let resp = client().get(gw.url("/web/index.html?x=1")).header("Cookie", pair).send().await.unwrap();
+    let resp = client()
+        .get(gw.url("/web/index.html?x=1"))
+        .header("Cookie", pair)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 200);
     assert!(up.last().unwrap().header("cookie").is_none());
-    assert!(gw.log().contains("public_url is plain http"), "no startup warning for plain http");
+    assert!(
+        gw.log().contains("public_url is plain http"),
+        "no startup warning for plain http"
+    );
 }
 
 #[tokio::test]
@@ -113,9 +131,15 @@ async fn api_login_returns_token_session_and_expiry() {
     let token = body["token"].as_str().unwrap();
     assert_eq!(token.split('.').count(), 3);
     assert_eq!(body["session_id"].as_str().unwrap().len(), 32);
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
     let exp = body["expires_at"].as_i64().unwrap();
-    assert!(exp > now + 6 * 24 * 3600 && exp <= now + 7 * 24 * 3600 + 5, "{exp}");
+    assert!(
+        exp > now + 6 * 24 * 3600 && exp <= now + 7 * 24 * 3600 + 5,
+        "{exp}"
+    );
     assert_eq!(gw.get_status("/x", token).await, 200);
 }
 
@@ -149,7 +173,11 @@ async fn store_unavailable_at_login_gives_503_while_sessions_keep_working() {
     let body: serde_json::Value = resp.json().await.unwrap();
     assert_eq!(body["error"], "store_unavailable");
     assert!(body["message"].as_str().unwrap().contains("unavailable"));
-    assert_eq!(gw.get_status("/x", &existing.token).await, 200, "existing session stopped working");
+    assert_eq!(
+        gw.get_status("/x", &existing.token).await,
+        200,
+        "existing session stopped working"
+    );
     lock.release().await;
     let again = gw.login("alice", ALICE_PW).await;
     assert_eq!(gw.get_status("/x", &again.token).await, 200);

@@ -10,7 +10,7 @@ async fn secrets_never_reach_the_log() {
     let up = Upstream::start().await;
     let gw = Gateway::builder(&up.url())
         .user("alice", ALICE_PW)
-        .extra("[log]\nformat = \"json\"\nlevel = \"debug\"")
+        .log("json", "debug")
         .start()
         .await;
     let http = client();
@@ -23,12 +23,22 @@ async fn secrets_never_reach_the_log() {
         .send()
         .await
         .unwrap();
-    let query_secrets = ["apikeysecret111", "plextokensecret222", "apikeysecret333", "tokensecret444"];
+    let query_secrets = [
+        "apikeysecret111",
+        "plextokensecret222",
+        "apikeysecret333",
+        "tokensecret444",
+    ];
     let path = format!(
         "/Items?ApiKey={}&X-Plex-Token={}&api_key={}&token={}&x=visible",
         query_secrets[0], query_secrets[1], query_secrets[2], query_secrets[3]
     );
-    let resp = http.get(gw.url(&path)).bearer_auth(&login.token).send().await.unwrap();
+    let resp = http
+        .get(gw.url(&path))
+        .bearer_auth(&login.token)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 200);
     let _ = http
         .get(gw.url("/Items"))
@@ -36,7 +46,12 @@ async fn secrets_never_reach_the_log() {
         .send()
         .await
         .unwrap();
-    let _ = http.get(gw.url("/Items")).bearer_auth("forged.token.value").send().await.unwrap();
+    let _ = http
+        .get(gw.url("/Items"))
+        .bearer_auth("forged.token.value")
+        .send()
+        .await
+        .unwrap();
 
     let log = gw.log();
     // The requests were logged …
@@ -46,21 +61,72 @@ async fn secrets_never_reach_the_log() {
         .filter(|v| v["target"] == "portcullis::access")
         .collect();
     assert!(access.len() >= 5, "expected access lines:\n{log}");
-    let items = access.iter().find(|v| v["path"].as_str().is_some_and(|p| p.contains("x=visible"))).unwrap();
-    for field in ["request_id", "route", "decision", "reason", "status", "duration_ms"] {
-        assert!(!items[field].is_null(), "access line lacks {field}: {items}");
+    let items = access
+        .iter()
+        .find(|v| v["path"].as_str().is_some_and(|p| p.contains("x=visible")))
+        .unwrap();
+    for field in [
+        "request_id",
+        "route",
+        "decision",
+        "reason",
+        "status",
+        "duration_ms",
+    ] {
+        assert!(
+            !items[field].is_null(),
+            "access line lacks {field}: {items}"
+        );
     }
     assert_eq!(items["decision"], "allow");
     assert_eq!(items["user"], "alice");
     // … and no secret is in any line.
-    let mut secrets = vec![ALICE_PW.to_string(), wrong_pw.to_string(), login.token.clone()];
+    let mut secrets = vec![
+        ALICE_PW.to_string(),
+        wrong_pw.to_string(),
+        login.token.clone(),
+    ];
     secrets.extend(query_secrets.iter().map(|s| s.to_string()));
     secrets.push(login.token.split('.').nth(2).unwrap().to_string());
     let (_, key) = gw.signing_key();
     use base64::Engine;
     secrets.push(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(key));
     for s in &secrets {
-        assert!(!log.contains(s.as_str()), "secret {s} found in the log:\n{log}");
+        assert!(
+            !log.contains(s.as_str()),
+            "secret {s} found in the log:\n{log}"
+        );
     }
     assert!(!log.contains("forged.token.value"));
+}
+
+#[tokio::test]
+async fn proxy_error_lines_do_not_carry_query_secrets() {
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let gw = Gateway::builder(&format!("127.0.0.1:{}", dead.port()))
+        .user("alice", ALICE_PW)
+        .log("text", "debug")
+        .start()
+        .await;
+    let login = gw.login("alice", ALICE_PW).await;
+    let resp = client()
+        .get(gw.url("/Videos/1/stream?api_key=streamsecret999&Static=true"))
+        .bearer_auth(&login.token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 502);
+    let log = gw.log();
+    assert!(
+        log.contains("upstream_unavailable"),
+        "the failure was not logged:\n{log}"
+    );
+    assert!(
+        !log.contains("streamsecret999"),
+        "query secret in the log:\n{log}"
+    );
+    assert!(!log.contains(&login.token));
 }

@@ -1,6 +1,8 @@
 //! Integration tests: the real `portcullis` binary in front of a real recording upstream, with a
 //! real SQLite file, on ephemeral loopback ports.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod harness;
 mod upstream;
 

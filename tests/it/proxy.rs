@@ -49,7 +49,10 @@ async fn valid_session_passes_and_upstream_sees_no_gateway_credentials() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 200);
-    assert_eq!(resp.text().await.unwrap(), "upstream ok: GET /library/items?x=1");
+    assert_eq!(
+        resp.text().await.unwrap(),
+        "upstream ok: GET /library/items?x=1"
+    );
     let seen = up.last().unwrap();
     assert_eq!(seen.path_and_query, "/library/items?x=1");
     assert!(seen.header("authorization").is_none(), "{seen:?}");
@@ -93,8 +96,14 @@ async fn bad_tokens_are_refused_and_never_reach_upstream() {
     wrong_aud.aud = "http://other.example".into();
     let mut wrong_iss = base.clone();
     wrong_iss.iss = "someone-else".into();
-    let other_key = Keyring::new(vec![(kid.clone(), vec![7u8; 32])], "portcullis", &gw.base).unwrap();
-    let unknown_kid = Keyring::new(vec![("zzzz".into(), secret.clone())], "portcullis", &gw.base).unwrap();
+    let other_key =
+        Keyring::new(vec![(kid.clone(), vec![7u8; 32])], "portcullis", &gw.base).unwrap();
+    let unknown_kid = Keyring::new(
+        vec![("zzzz".into(), secret.clone())],
+        "portcullis",
+        &gw.base,
+    )
+    .unwrap();
 
     let mut tampered = login.token.clone();
     // Flip one character of the signature.
@@ -113,8 +122,12 @@ async fn bad_tokens_are_refused_and_never_reach_upstream() {
         let mut h = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS512);
         h.typ = Some(SESSION_TYP.into());
         h.kid = Some(kid.clone());
-        jsonwebtoken::encode(&h, &base, &jsonwebtoken::EncodingKey::from_secret(&secret).unwrap())
-            .unwrap()
+        jsonwebtoken::encode(
+            &h,
+            &base,
+            &jsonwebtoken::EncodingKey::from_secret(&secret).unwrap(),
+        )
+        .unwrap()
     };
 
     let cases = [
@@ -145,10 +158,26 @@ async fn bad_tokens_are_refused_and_never_reach_upstream() {
     // The real token still works: the refusals were about the tokens, not the gateway.
     assert_eq!(gw.get_status("/secret", &login.token).await, 200);
 
-    let metrics = client().get(format!("{}/metrics", gw.admin)).send().await.unwrap().text().await.unwrap();
-    for reason in ["expired", "wrong_audience", "wrong_issuer", "bad_signature", "unknown_key", "no_credentials"] {
+    let metrics = client()
+        .get(format!("{}/metrics", gw.admin))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for reason in [
+        "expired",
+        "wrong_audience",
+        "wrong_issuer",
+        "bad_signature",
+        "unknown_key",
+        "no_credentials",
+    ] {
         assert!(
-            metrics.contains(&format!(r#"decision="deny",reason="{reason}",route="media"}} 1"#)),
+            metrics.contains(&format!(
+                r#"decision="deny",reason="{reason}",route="media"}}"#
+            )),
             "metrics lack {reason}:\n{metrics}"
         );
     }
@@ -165,7 +194,10 @@ async fn browser_navigation_is_sent_to_login_and_api_gets_401() {
         .unwrap();
     assert_eq!(resp.status(), 302);
     let location = resp.headers()["location"].to_str().unwrap();
-    assert_eq!(location, "/_portcullis/login?rd=%2Fweb%2Findex%2Ehtml%3Ftab%3D1");
+    assert_eq!(
+        location,
+        "/_portcullis/login?rd=%2Fweb%2Findex%2Ehtml%3Ftab%3D1"
+    );
     let resp = client()
         .get(gw.url("/Items"))
         .header("Accept", "application/json")
@@ -184,11 +216,31 @@ async fn browser_navigation_is_sent_to_login_and_api_gets_401() {
 async fn public_paths_pass_without_session_on_segment_boundaries() {
     let (up, gw) = setup().await;
     let http = client();
-    assert_eq!(http.get(gw.url("/health")).send().await.unwrap().status(), 200);
-    assert_eq!(http.get(gw.url("/static/app.js")).send().await.unwrap().status(), 200);
-    assert_eq!(http.get(gw.url("/healthz")).send().await.unwrap().status(), 401);
-    assert_eq!(http.get(gw.url("/static")).send().await.unwrap().status(), 401);
-    let paths: Vec<String> = up.requests().into_iter().map(|r| r.path_and_query).collect();
+    assert_eq!(
+        http.get(gw.url("/health")).send().await.unwrap().status(),
+        200
+    );
+    assert_eq!(
+        http.get(gw.url("/static/app.js"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        http.get(gw.url("/healthz")).send().await.unwrap().status(),
+        401
+    );
+    assert_eq!(
+        http.get(gw.url("/static")).send().await.unwrap().status(),
+        401
+    );
+    let paths: Vec<String> = up
+        .requests()
+        .into_iter()
+        .map(|r| r.path_and_query)
+        .collect();
     assert_eq!(paths, vec!["/health", "/static/app.js"]);
 }
 

@@ -31,9 +31,19 @@ async fn signout_user_ends_all_of_that_users_sessions_within_one_second_and_no_o
     }
     let out = gw.cli_ok(&["signout", "--user", "alice"]);
     assert!(out.contains("alice"), "{out}");
-    assert!(gw.refused_within(&a1.token, Duration::from_secs(1)).await, "a1 still accepted after 1 s");
-    assert!(gw.refused_within(&a2.token, Duration::from_secs(1)).await, "a2 still accepted after 1 s");
-    assert_eq!(gw.get_status("/probe", &b.token).await, 200, "bob was signed out too");
+    assert!(
+        gw.refused_within(&a1.token, Duration::from_secs(1)).await,
+        "a1 still accepted after 1 s"
+    );
+    assert!(
+        gw.refused_within(&a2.token, Duration::from_secs(1)).await,
+        "a2 still accepted after 1 s"
+    );
+    assert_eq!(
+        gw.get_status("/probe", &b.token).await,
+        200,
+        "bob was signed out too"
+    );
     // Alice can sign in again afterwards.
     let a3 = gw.login("alice", ALICE_PW).await;
     assert_eq!(gw.get_status("/probe", &a3.token).await, 200);
@@ -81,7 +91,10 @@ async fn cookie_logout_clears_cookie_and_ends_session() {
         .unwrap();
     assert_eq!(resp.status(), 303);
     let set_cookie = resp.headers()["set-cookie"].to_str().unwrap();
-    assert!(set_cookie.starts_with("portcullis=;") && set_cookie.contains("Max-Age=0"), "{set_cookie}");
+    assert!(
+        set_cookie.starts_with("portcullis=;") && set_cookie.contains("Max-Age=0"),
+        "{set_cookie}"
+    );
     assert_eq!(gw.get_status("/probe", &a.token).await, 401);
 }
 
@@ -106,7 +119,12 @@ async fn session_revoke_ends_only_that_session() {
     let a2 = gw.login("alice", ALICE_PW).await;
     let listed = gw.cli_ok(&["session", "list", "--user", "alice", "--json"]);
     let list: serde_json::Value = serde_json::from_str(&listed).unwrap();
-    let ids: Vec<&str> = list.as_array().unwrap().iter().map(|s| s["id"].as_str().unwrap()).collect();
+    let ids: Vec<&str> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["id"].as_str().unwrap())
+        .collect();
     assert!(ids.contains(&a1.session_id.as_str()) && ids.contains(&a2.session_id.as_str()));
     gw.cli_ok(&["session", "revoke", &a1.session_id]);
     assert!(gw.refused_within(&a1.token, Duration::from_secs(1)).await);
@@ -155,6 +173,13 @@ async fn disabled_user_is_refused_and_stays_signed_out_when_enabled() {
         gw.get_status("/probe", &fresh.token).await == 200
     })
     .await;
-    assert!(accepted, "a session made after enabling was not accepted within 1 s");
-    assert_eq!(gw.get_status("/probe", &a.token).await, 401, "enabling revived an old session");
+    assert!(
+        accepted,
+        "a session made after enabling was not accepted within 1 s"
+    );
+    assert_eq!(
+        gw.get_status("/probe", &a.token).await,
+        401,
+        "enabling revived an old session"
+    );
 }

@@ -13,7 +13,10 @@ const ALICE_PW: &str = "alice-password-1234";
 
 async fn setup() -> (Upstream, Gateway, String) {
     let up = Upstream::start().await;
-    let gw = Gateway::builder(&up.url()).user("alice", ALICE_PW).start().await;
+    let gw = Gateway::builder(&up.url())
+        .user("alice", ALICE_PW)
+        .start()
+        .await;
     let token = gw.login("alice", ALICE_PW).await.token;
     (up, gw, token)
 }
@@ -38,7 +41,9 @@ async fn a_256_mib_download_streams_with_flat_gateway_memory() {
     let mut chunk_index = 0u64;
     while let Some(chunk) = resp.chunk().await.unwrap() {
         hasher.update(&chunk);
-        let pattern: Vec<u8> = (received..received + chunk.len() as u64).map(pattern_byte).collect();
+        let pattern: Vec<u8> = (received..received + chunk.len() as u64)
+            .map(pattern_byte)
+            .collect();
         expected.update(&pattern);
         received += chunk.len() as u64;
         chunk_index += 1;
@@ -47,11 +52,18 @@ async fn a_256_mib_download_streams_with_flat_gateway_memory() {
         }
     }
     assert_eq!(received, SIZE);
-    assert_eq!(hasher.finalize(), expected.finalize(), "body differs from the upstream's");
+    assert_eq!(
+        hasher.finalize(),
+        expected.finalize(),
+        "body differs from the upstream's"
+    );
     let growth_mib = (peak.saturating_sub(baseline)) / 1024;
     eprintln!("gateway RSS: baseline {baseline} KiB, peak {peak} KiB");
     assert!(baseline > 0, "could not read the gateway's memory");
-    assert!(growth_mib < 48, "gateway memory grew by {growth_mib} MiB while streaming 256 MiB");
+    assert!(
+        growth_mib < 48,
+        "gateway memory grew by {growth_mib} MiB while streaming 256 MiB"
+    );
 }
 
 #[tokio::test]
@@ -93,22 +105,37 @@ async fn websocket_echo_works_with_a_session_and_is_refused_without() {
         .insert("Authorization", format!("Bearer {token}").parse().unwrap());
     let (mut ws, resp) = tokio_tungstenite::connect_async(req).await.unwrap();
     assert_eq!(resp.status(), 101);
-    ws.send(Message::Text("hello through the gate".into())).await.unwrap();
+    ws.send(Message::Text("hello through the gate".into()))
+        .await
+        .unwrap();
     let echoed = ws.next().await.unwrap().unwrap();
-    assert_eq!(echoed.into_text().unwrap().as_str(), "hello through the gate");
+    assert_eq!(
+        echoed.into_text().unwrap().as_str(),
+        "hello through the gate"
+    );
     let big = vec![7u8; 256 * 1024];
-    ws.send(Message::Binary(big.clone().into())).await.unwrap();
+    ws.send(Message::Binary(big.clone())).await.unwrap();
     let echoed = ws.next().await.unwrap().unwrap();
     assert_eq!(echoed.into_data().to_vec(), big);
     ws.close(None).await.unwrap();
-    let seen = up.requests().into_iter().find(|r| r.path_and_query == "/socket/ws").unwrap();
+    let seen = up
+        .requests()
+        .into_iter()
+        .find(|r| r.path_and_query == "/socket/ws")
+        .unwrap();
     assert!(seen.header("authorization").is_none());
 
     let before = up.count();
-    let err = tokio_tungstenite::connect_async(ws_url.as_str()).await.unwrap_err();
+    let err = tokio_tungstenite::connect_async(ws_url.as_str())
+        .await
+        .unwrap_err();
     match err {
         tokio_tungstenite::tungstenite::Error::Http(resp) => assert_eq!(resp.status(), 401),
         other => panic!("expected an HTTP 401 refusal, got {other:?}"),
     }
-    assert_eq!(up.count(), before, "the refused upgrade reached the upstream");
+    assert_eq!(
+        up.count(),
+        before,
+        "the refused upgrade reached the upstream"
+    );
 }

@@ -247,15 +247,16 @@ fn empty() -> RespBody {
 fn simple(status: StatusCode, text: &str) -> Response<RespBody> {
     let mut resp = Response::new(full(text.to_owned()));
     *resp.status_mut() = status;
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain"),
-    );
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
     resp
 }
 
 fn internal_error() -> Response<RespBody> {
-    simple(StatusCode::INTERNAL_SERVER_ERROR, "upstream: cannot build response")
+    simple(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "upstream: cannot build response",
+    )
 }
 
 // ---------------------------------------------------------------- /status/{code}
@@ -431,7 +432,10 @@ fn websocket(
         && header_has_token(parts, header::CONNECTION, "upgrade")
         && header_has_token(parts, header::UPGRADE, "websocket");
     let Some(key) = key.filter(|_| is_upgrade) else {
-        return simple(StatusCode::BAD_REQUEST, "upstream: expected a WebSocket upgrade");
+        return simple(
+            StatusCode::BAD_REQUEST,
+            "upstream: expected a WebSocket upgrade",
+        );
     };
     let accept = derive_accept_key(key.as_bytes());
 
@@ -516,10 +520,16 @@ mod self_tests {
         assert_eq!(rec.header_all("x-dup"), vec!["one", "two"]);
         assert_eq!(rec.header("content-length"), Some("12"));
         assert_eq!(rec.header("absent"), None);
-        assert!(rec.headers.iter().all(|(n, _)| *n == n.to_ascii_lowercase()));
+        assert!(rec
+            .headers
+            .iter()
+            .all(|(n, _)| *n == n.to_ascii_lowercase()));
 
         // A second request over the same keep-alive client is appended in order.
-        let resp = client()?.get(format!("{}/status/418", up.url())).send().await?;
+        let resp = client()?
+            .get(format!("{}/status/418", up.url()))
+            .send()
+            .await?;
         assert_eq!(resp.status(), 418);
         assert_eq!(resp.text().await?, "status 418");
         let all = up.requests();
@@ -540,9 +550,15 @@ mod self_tests {
         let resp = c.get(&url).header("Range", "bytes=10-19").send().await?;
         assert_eq!(resp.status(), 206);
         let h = |r: &reqwest::Response, n: &str| {
-            r.headers().get(n).and_then(|v| v.to_str().ok()).map(str::to_owned)
+            r.headers()
+                .get(n)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
         };
-        assert_eq!(h(&resp, "content-range").as_deref(), Some("bytes 10-19/1000"));
+        assert_eq!(
+            h(&resp, "content-range").as_deref(),
+            Some("bytes 10-19/1000")
+        );
         assert_eq!(h(&resp, "content-length").as_deref(), Some("10"));
         assert_eq!(h(&resp, "accept-ranges").as_deref(), Some("bytes"));
         assert_eq!(resp.bytes().await?.as_ref(), expected(10..20).as_slice());
@@ -561,7 +577,10 @@ mod self_tests {
             assert_eq!(resp.status(), 206, "{range}");
             let want = format!("bytes {}-{}/1000", start, end - 1);
             assert_eq!(h(&resp, "content-range").as_deref(), Some(want.as_str()));
-            assert_eq!(resp.bytes().await?.as_ref(), expected(start..end).as_slice());
+            assert_eq!(
+                resp.bytes().await?.as_ref(),
+                expected(start..end).as_slice()
+            );
         }
 
         // Unsatisfiable.
