@@ -52,6 +52,8 @@ pub struct RouteCounters {
     pub allowed: IntCounter,
     pub public: IntCounter,
     pub gateway_page: IntCounter,
+    pub upstream_unavailable: IntCounter,
+    pub proxy_error: IntCounter,
     denied: Vec<IntCounter>,
     rejected: Vec<IntCounter>,
     pub duration: Histogram,
@@ -165,6 +167,12 @@ impl Metrics {
                 allowed: requests.with_label_values(&[name, "allow", "valid_session"]),
                 public: requests.with_label_values(&[name, "allow", "public_path"]),
                 gateway_page: requests.with_label_values(&[name, "gateway", "own_page"]),
+                upstream_unavailable: requests.with_label_values(&[
+                    name,
+                    "error",
+                    "upstream_unavailable",
+                ]),
+                proxy_error: requests.with_label_values(&[name, "error", "proxy_error"]),
                 denied: DenyReason::ALL
                     .iter()
                     .map(|r| requests.with_label_values(&[name, "deny", r.as_str()]))

@@ -95,6 +95,45 @@ impl Gateway {
         best.map(|(i, _)| i)
     }
 
+    /// Forward-auth (nginx `auth_request`, Traefik `forwardAuth`, Caddy `forward_auth`): 200 with
+    /// `Remote-User` for a live session, else 401, or 302 to the login page for a browser
+    /// navigation when the query asks for it (`?redirect=1`). The original request is described
+    /// by `X-Original-URI` / `X-Forwarded-Uri` and `X-Forwarded-Method`.
+    async fn verify(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<()> {
+        let req = session.req_header();
+        let token = auth::extract_credential(&req.headers, self.app.cookie_name).map(|(t, _)| t);
+        let decision =
+            auth::authenticate(token, &self.app.keyring, &self.app.view, now_ms() / 1000);
+        match decision {
+            AuthDecision::Allow(identity) => {
+                ctx.outcome = Outcome::Allowed;
+                let name = identity.name.clone();
+                ctx.identity = Some(identity);
+                respond::verified(session, &name).await
+            }
+            AuthDecision::Deny(reason) => {
+                ctx.outcome = Outcome::Denied(reason);
+                let header = |n: &str| req.headers.get(n).and_then(|v| v.to_str().ok());
+                let wants_redirect = req
+                    .uri
+                    .query()
+                    .is_some_and(|q| q.split('&').any(|p| p == "redirect=1"));
+                let method = header("x-forwarded-method")
+                    .or_else(|| header("x-original-method"))
+                    .unwrap_or("GET");
+                let navigation = wants_redirect
+                    && (method.eq_ignore_ascii_case("GET") || method.eq_ignore_ascii_case("HEAD"))
+                    && (header("sec-fetch-mode") == Some("navigate")
+                        || header("accept").is_some_and(|a| a.contains("text/html")));
+                let original = header("x-original-uri")
+                    .or_else(|| header("x-forwarded-uri"))
+                    .unwrap_or("/")
+                    .to_string();
+                respond::deny(session, navigation, &original).await
+            }
+        }
+    }
+
     /// Runs the gateway's own router for a request under `/_portcullis/`.
     async fn serve_own_page(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<()> {
         let cap = self.app.config.server.max_form_bytes;
@@ -250,13 +289,19 @@ impl ProxyHttp for Gateway {
             }
         };
 
-        // 3. The gateway's own pages.
+        // 3. The forward-auth endpoint, answered here on the fast path.
+        if canonical == web::VERIFY_PATH {
+            self.verify(session, ctx).await?;
+            return Ok(true);
+        }
+
+        // 4. The gateway's own pages.
         if path::under(&canonical, web::PREFIX) {
             self.serve_own_page(session, ctx).await?;
             return Ok(true);
         }
 
-        // 4. Route.
+        // 5. Route.
         let Some(index) = self.find_route(host_of(session.req_header()), &canonical) else {
             ctx.outcome = Outcome::Rejected(RejectReason::NoRoute);
             respond::reject(session, RejectReason::NoRoute).await?;
@@ -265,7 +310,7 @@ impl ProxyHttp for Gateway {
         ctx.route = Some(index);
         let route = &self.routes()[index];
 
-        // 5. Public paths pass without a session.
+        // 6. Public paths pass without a session.
         if route
             .public_paths
             .iter()
@@ -275,7 +320,7 @@ impl ProxyHttp for Gateway {
             return Ok(false);
         }
 
-        // 6. Authenticate against the revocation view.
+        // 7. Authenticate against the revocation view.
         let token = auth::extract_credential(&session.req_header().headers, self.app.cookie_name)
             .map(|(t, _)| t);
         match auth::authenticate(token, &self.app.keyring, &self.app.view, now_ms() / 1000) {
@@ -391,7 +436,9 @@ impl ProxyHttp for Gateway {
             Outcome::GatewayPage => counters.gateway_page.inc(),
             Outcome::Denied(r) => counters.denied(r).inc(),
             Outcome::Rejected(r) => counters.rejected(r).inc(),
-            Outcome::Failed(_) | Outcome::Unfinished => {}
+            Outcome::Failed(502) => counters.upstream_unavailable.inc(),
+            Outcome::Failed(_) => counters.proxy_error.inc(),
+            Outcome::Unfinished => {}
         }
         counters.duration.observe(elapsed.as_secs_f64());
         let req = session.req_header();

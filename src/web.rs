@@ -21,6 +21,8 @@ use crate::store::SessionKind;
 /// The reserved path prefix of the gateway's own pages.
 pub const PREFIX: &str = "/_portcullis";
 pub const LOGIN_PATH: &str = "/_portcullis/login";
+/// The forward-auth endpoint, answered by the proxy itself.
+pub const VERIFY_PATH: &str = "/_portcullis/verify";
 
 /// The router for `/_portcullis/…`, served in-process by the proxy.
 pub fn router(app: Arc<App>) -> Router {

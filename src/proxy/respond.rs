@@ -32,7 +32,7 @@ impl Outcome {
             Outcome::GatewayPage => "gateway",
             Outcome::Denied(_) => "deny",
             Outcome::Rejected(_) => "reject",
-            Outcome::Failed(_) => "failed",
+            Outcome::Failed(_) => "error",
         }
     }
 
@@ -128,6 +128,21 @@ pub async fn deny(session: &mut Session, navigation: bool, return_to: &str) -> R
         )],
         "application/json",
         Bytes::from_static(b"{\"error\":\"unauthorized\"}\n"),
+    )
+    .await
+}
+
+/// A forward-auth answer for a live session, with the identity headers proxies copy upstream.
+pub async fn verified(session: &mut Session, user: &str) -> Result<()> {
+    send(
+        session,
+        200,
+        &[
+            ("remote-user", user.to_string()),
+            ("remote-groups", "users".to_string()),
+        ],
+        "text/plain; charset=utf-8",
+        Bytes::new(),
     )
     .await
 }

@@ -30,6 +30,18 @@ async fn upstream_down_gives_a_short_502_page() {
     // Without a session it is still a 401: the upstream's state is not revealed.
     let resp = client().get(gw.url("/x")).send().await.unwrap();
     assert_eq!(resp.status(), 401);
+    let metrics = client()
+        .get(format!("{}/metrics", gw.admin))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(r#"portcullis_requests_total{decision="error",reason="upstream_unavailable",route="media"} 1"#),
+        "{metrics}"
+    );
 }
 
 #[tokio::test]

@@ -59,9 +59,17 @@ pub struct GatewayBuilder {
     users: Vec<UserSpec>,
     route_extra: String,
     log: String,
+    server_extra: String,
 }
 
 impl GatewayBuilder {
+    /// Extra keys for the `[server]` table (e.g. `public_url`, `tls_cert`).
+    pub fn server_keys(mut self, toml: &str) -> Self {
+        self.server_extra.push_str(toml);
+        self.server_extra.push('\n');
+        self
+    }
+
     /// Log format and level of the gateway.
     pub fn log(mut self, format: &str, level: &str) -> Self {
         self.log = format!("format = \"{format}\"\nlevel = \"{level}\"");
@@ -91,6 +99,7 @@ impl GatewayBuilder {
             upstream: self.upstream,
             route_extra: self.route_extra,
             log: self.log,
+            server_extra: self.server_extra,
             child: None,
             base: String::new(),
             admin: String::new(),
@@ -110,6 +119,7 @@ pub struct Gateway {
     upstream: String,
     route_extra: String,
     log: String,
+    server_extra: String,
     child: Option<Child>,
     /// `http://127.0.0.1:PORT` of the public listener.
     pub base: String,
@@ -132,6 +142,7 @@ impl Gateway {
             users: Vec::new(),
             route_extra: String::new(),
             log: "level = \"info\"".to_string(),
+            server_extra: String::new(),
         }
     }
 
@@ -161,10 +172,11 @@ impl Gateway {
             r#"[server]
 listen = "127.0.0.1:{port}"
 admin_listen = "127.0.0.1:{admin_port}"
-public_url = "http://127.0.0.1:{port}"
+{public_url}
 threads = 1
 grace_period = "1s"
 data_dir = "{data}"
+{server_extra}
 
 [store]
 url = "sqlite://{db}"
@@ -189,6 +201,12 @@ upstream = "{upstream}"
             upstream = self.upstream,
             route_extra = self.route_extra,
             log = self.log,
+            server_extra = self.server_extra,
+            public_url = if self.server_extra.contains("public_url") {
+                String::new()
+            } else {
+                format!("public_url = \"http://127.0.0.1:{port}\"")
+            },
         );
         std::fs::write(self.config_path(), text).expect("write config");
         self.port = port;
@@ -266,7 +284,7 @@ upstream = "{upstream}"
                 .expect("start the gateway");
             self.child = Some(child);
             let health = format!("{}/healthz", self.admin);
-            let base = self.base.clone();
+            let base = format!("127.0.0.1:{}", self.port);
             let http = client();
             let mut exited = false;
             let ready = poll_until(Duration::from_secs(30), || {
@@ -282,13 +300,8 @@ upstream = "{upstream}"
                     }
                     let admin_up =
                         matches!(http.get(&health).send().await, Ok(r) if r.status() == 200);
-                    // The public listener is up once it answers anything.
-                    admin_up
-                        && http
-                            .get(format!("{base}/_portcullis/login"))
-                            .send()
-                            .await
-                            .is_ok()
+                    // The public listener is up once it accepts connections.
+                    admin_up && tokio::net::TcpStream::connect(&base).await.is_ok()
                 }
             })
             .await;
@@ -320,6 +333,16 @@ upstream = "{upstream}"
 
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// The log once it contains `needle` (access lines are written just after the response).
+    pub async fn log_containing(&self, needle: &str) -> String {
+        let found = poll_until(Duration::from_secs(5), || async {
+            self.log().contains(needle)
+        })
+        .await;
+        assert!(found, "the log never contained {needle:?}:\n{}", self.log());
+        self.log()
     }
 
     pub fn url(&self, path: &str) -> String {

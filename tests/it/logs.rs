@@ -53,7 +53,7 @@ async fn secrets_never_reach_the_log() {
         .await
         .unwrap();
 
-    let log = gw.log();
+    let log = gw.log_containing("malformed_token").await;
     // The requests were logged …
     let access: Vec<serde_json::Value> = log
         .lines()
@@ -119,7 +119,7 @@ async fn proxy_error_lines_do_not_carry_query_secrets() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 502);
-    let log = gw.log();
+    let log = gw.log_containing("upstream_unavailable").await;
     assert!(
         log.contains("upstream_unavailable"),
         "the failure was not logged:\n{log}"

@@ -14,3 +14,4 @@ mod logs;
 mod proxy;
 mod revocation;
 mod streaming;
+mod tls;

@@ -304,3 +304,47 @@ async fn upstream_status_and_body_pass_through() {
     assert_eq!(resp.status(), 200);
     assert_eq!(_up.last().unwrap().body, b"hello body");
 }
+
+#[tokio::test]
+async fn a_burst_of_logins_does_not_stall_proxied_traffic() {
+    let (_up, gw) = setup().await;
+    let login = gw.login("alice", ALICE_PW).await;
+    // 40 concurrent password checks (wrong passwords: each costs a full argon2id hash).
+    let burst_started = std::time::Instant::now();
+    let burst: Vec<_> = (0..40)
+        .map(|i| {
+            let url = gw.url("/_portcullis/api/login");
+            tokio::spawn(async move {
+                client()
+                    .post(url)
+                    .json(
+                        &serde_json::json!({"username": "alice", "password": format!("wrong-{i}")}),
+                    )
+                    .send()
+                    .await
+                    .map(|r| r.status().as_u16())
+            })
+        })
+        .collect();
+    let mut slowest = std::time::Duration::ZERO;
+    let mut proxied = 0;
+    while burst.iter().any(|h| !h.is_finished()) {
+        let started = std::time::Instant::now();
+        assert_eq!(gw.get_status("/during-burst", &login.token).await, 200);
+        slowest = slowest.max(started.elapsed());
+        proxied += 1;
+    }
+    let burst_took = burst_started.elapsed();
+    for h in burst {
+        assert_eq!(h.await.unwrap().unwrap(), 401);
+    }
+    eprintln!("burst {burst_took:?}, {proxied} proxied requests, slowest {slowest:?}");
+    assert!(
+        proxied >= 3,
+        "the burst ended too fast to observe ({burst_took:?})"
+    );
+    assert!(
+        slowest < burst_took / 3 && slowest < std::time::Duration::from_millis(300),
+        "a proxied request waited {slowest:?} during a {burst_took:?} login burst"
+    );
+}

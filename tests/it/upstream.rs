@@ -645,19 +645,20 @@ mod self_tests {
         let (mut ws, resp) = tokio_tungstenite::connect_async(url).await?;
         assert_eq!(resp.status(), 101);
 
+        let timeout = std::time::Duration::from_secs(10);
         ws.send(Message::Text("hello".into())).await?;
-        match ws.next().await {
+        match tokio::time::timeout(timeout, ws.next()).await? {
             Some(Ok(Message::Text(t))) => assert_eq!(t.as_str(), "hello"),
             other => panic!("expected text echo, got {other:?}"),
         }
         ws.send(Message::Binary(vec![0, 1, 2, 255])).await?;
-        match ws.next().await {
+        match tokio::time::timeout(timeout, ws.next()).await? {
             Some(Ok(Message::Binary(b))) => assert_eq!(b.as_slice(), &[0, 1, 2, 255]),
             other => panic!("expected binary echo, got {other:?}"),
         }
         ws.close(None).await?;
         // Server acknowledges the close; the stream then ends.
-        while let Some(msg) = ws.next().await {
+        while let Some(msg) = tokio::time::timeout(timeout, ws.next()).await? {
             match msg {
                 Ok(Message::Close(_)) => {}
                 Ok(other) => panic!("unexpected message after close: {other:?}"),

@@ -1,0 +1,169 @@
+//! Micro-benchmarks of the authentication hot path, through the library's public API:
+//!
+//! - `token/verify`: HS256 session token verification (`Keyring::verify`).
+//! - `revocation/check_*`: the revocation view with 1,000,000 revoked sessions, for a live
+//!   session (miss) and a revoked one (hit).
+//! - `authenticate/*`: the whole decision (`auth::authenticate`) against that view, from the
+//!   token string, and from a request's headers (Bearer extraction included).
+//!
+//! Jellyfin credential extraction is not benchmarked: the code does not exist yet.
+//!
+//! Run with `cargo bench --bench auth`; each benchmark measures for 3 s.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use http::HeaderMap;
+use portcullis::auth::token::{Keyring, SessionClaims};
+use portcullis::auth::{self, AuthDecision};
+use portcullis::revocation::RevocationView;
+use portcullis::store::{RevocationEvent, SessionId, Snapshot};
+
+const REVOKED: usize = 1_000_000;
+const NOW_S: i64 = 1_700_000_000;
+const AUDIENCE: &str = "http://127.0.0.1:8080";
+
+fn keyring() -> Keyring {
+    Keyring::new(
+        vec![("bench1".into(), vec![0x5a; 32])],
+        "portcullis",
+        AUDIENCE,
+    )
+    .expect("keyring")
+}
+
+fn claims(sid: SessionId) -> SessionClaims {
+    SessionClaims {
+        iss: "portcullis".into(),
+        aud: AUDIENCE.into(),
+        sub: "42".into(),
+        name: "alice".into(),
+        sid: sid.to_string(),
+        iat: NOW_S,
+        nbf: NOW_S,
+        exp: NOW_S + 7 * 86_400,
+        ims: NOW_S * 1000,
+        amr: vec!["pwd".into()],
+    }
+}
+
+/// A view holding `REVOKED` random revoked sessions, built the way the gateway builds it at
+/// start (a store snapshot), plus one known revoked id, which is returned.
+fn big_view() -> (RevocationView, SessionId) {
+    let start = Instant::now();
+    let far = (NOW_S + 30 * 86_400) * 1000;
+    let mut revoked: Vec<(SessionId, i64)> = (0..REVOKED - 1)
+        .map(|_| (SessionId::random(), far))
+        .collect();
+    let known = SessionId::random();
+    revoked.push((known, far));
+    let view = RevocationView::new();
+    view.load(
+        Snapshot {
+            seq: REVOKED as i64,
+            revoked,
+            user_cutoffs: vec![(7, NOW_S * 1000 - 5_000)],
+            global_cutoff: Some(NOW_S * 1000 - 86_400_000),
+            disabled_users: vec![9],
+        },
+        Instant::now(),
+    );
+    // One more through the event path, as a logout would add it.
+    view.apply_local(&RevocationEvent::SessionRevoked {
+        sid: SessionId::random(),
+        user_id: 42,
+        expires_ms: far,
+    });
+    assert_eq!(view.stats().revoked_sessions, REVOKED + 1);
+    eprintln!(
+        "built a revocation view of {} sessions in {:?}",
+        REVOKED + 1,
+        start.elapsed()
+    );
+    (view, known)
+}
+
+fn benches(c: &mut Criterion) {
+    let ring = keyring();
+    let live_sid = SessionId::random();
+    let token = ring.issue(&claims(live_sid)).expect("issue");
+    assert!(ring.verify(&token, NOW_S).is_ok());
+
+    c.bench_function("token/verify", |b| {
+        b.iter(|| ring.verify(black_box(&token), black_box(NOW_S)))
+    });
+    let mut forged = token.clone();
+    forged.pop();
+    forged.push(if token.ends_with('A') { 'B' } else { 'A' });
+    c.bench_function("token/verify_bad_signature", |b| {
+        b.iter(|| ring.verify(black_box(&forged), black_box(NOW_S)))
+    });
+
+    let (view, revoked_sid) = big_view();
+    let issued_ms = NOW_S * 1000;
+    assert!(view.check(live_sid, 42, issued_ms).is_ok());
+    assert!(view.check(revoked_sid, 42, issued_ms).is_err());
+    c.bench_function("revocation/check_live_1M", |b| {
+        b.iter(|| view.check(black_box(live_sid), black_box(42), black_box(issued_ms)))
+    });
+    c.bench_function("revocation/check_revoked_1M", |b| {
+        b.iter(|| view.check(black_box(revoked_sid), black_box(42), black_box(issued_ms)))
+    });
+
+    assert!(matches!(
+        auth::authenticate(Some(&token), &ring, &view, NOW_S),
+        AuthDecision::Allow(_)
+    ));
+    c.bench_function("authenticate/allow_1M", |b| {
+        b.iter(|| auth::authenticate(Some(black_box(&token)), &ring, &view, black_box(NOW_S)))
+    });
+    let revoked_token = ring.issue(&claims(revoked_sid)).expect("issue");
+    c.bench_function("authenticate/deny_revoked_1M", |b| {
+        b.iter(|| {
+            auth::authenticate(
+                Some(black_box(&revoked_token)),
+                &ring,
+                &view,
+                black_box(NOW_S),
+            )
+        })
+    });
+
+    let mut headers = HeaderMap::new();
+    for (k, v) in [
+        ("host", "media.example.org"),
+        ("user-agent", "wrk"),
+        ("accept", "*/*"),
+        ("cookie", "theme=dark; lang=en"),
+    ] {
+        headers.insert(k, v.parse().expect("header"));
+    }
+    headers.insert(
+        http::header::AUTHORIZATION,
+        format!("Bearer {token}").parse().expect("header"),
+    );
+    c.bench_function("authenticate/from_headers_bearer_1M", |b| {
+        b.iter(|| {
+            let headers = black_box(&headers);
+            let t = auth::extract_credential(headers, "portcullis").map(|(t, _)| t);
+            auth::authenticate(t, &ring, &view, black_box(NOW_S))
+        })
+    });
+}
+
+fn config() -> Criterion {
+    Criterion::default()
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3))
+        .sample_size(50)
+}
+
+criterion_group! {
+    name = auth_benches;
+    config = config();
+    targets = benches
+}
+criterion_main!(auth_benches);
