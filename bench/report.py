@@ -24,6 +24,12 @@ CASES = {
     "g": "bare Pingora (no auth)",
 }
 STREAM_CASES = ["a", "b", "c", "d", "e", "g"]
+KNOBS = {
+    "h": ("d", "d + jemalloc (LD_PRELOAD)"),
+    "i": ("d", "d without access log (RUST_LOG=warn)"),
+    "j": ("d", "d with threads = 1"),
+    "k": ("g", "g + jemalloc (LD_PRELOAD)"),
+}
 UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0}
 
 
@@ -87,7 +93,7 @@ def main():
     rounds = meta["rounds"]
     summary = {"meta": meta, "cases": {}, "stream": {}, "storm": {}, "diag": {}}
 
-    for case in CASES:
+    for case in list(CASES) + list(KNOBS):
         runs = []
         for r in range(1, rounds + 1):
             p = os.path.join(res, f"wrk_{case}_r{r}")
@@ -96,6 +102,8 @@ def main():
             w = parse_wrk(p + ".txt")
             w["cpu_us"], w["up_cpu_us"] = parse_cpu(p + ".cpu", w["requests"])
             runs.append(w)
+        if not runs:
+            continue
         summary["cases"][case] = {
             "runs": runs,
             "rps": med([w["rps"] for w in runs]),
@@ -114,11 +122,12 @@ def main():
             p = os.path.join(res, f"stream_{case}_r{r}.txt")
             if not os.path.exists(p):
                 continue
-            speed, code, size = open(p).read().split()
-            if code == "200" and int(float(size)) == meta["big_bytes"]:
-                speeds.append(float(speed) / 1e6)
-            else:
-                bad.append(f"{code}/{size}")
+            for line in open(p):
+                speed, code, size = line.split()
+                if code == "200" and int(float(size)) == meta["big_bytes"]:
+                    speeds.append(float(speed) / 1e6)
+                else:
+                    bad.append(f"{code}/{size}")
         summary["stream"][case] = {"runs": speeds, "mbps": med(speeds), "bad": bad}
 
     calm, storm, logins = [], [], []
@@ -183,6 +192,7 @@ def main():
 
     c = summary["cases"]
     s = summary["stream"]
+    big = f"{meta['big_bytes'] / 1048576:.0f} MiB"
     rps = {k: v["rps"] for k, v in c.items()}
     lines = []
     add = lines.append
@@ -193,7 +203,8 @@ def main():
     )
     add(
         f"wrk -t1 -c{meta['connections']} -d{meta['duration_s']}s per run, {rounds} interleaved rounds, "
-        f"medians; proxies with {meta['threads']} workers/threads, upstream nginx with "
+        f"medians; {big}: curl, {meta.get('stream_reps', 1)} downloads per case per round; "
+        f"proxies with {meta['threads']} workers/threads, upstream nginx with "
         f"{meta['upstream_workers']} workers; gateway B view: {int(float(meta['view_revoked_sessions'])):,} "
         f"revoked sessions (RSS {meta['gateway_b_rss_kib'] / 1024:.0f} MiB vs "
         f"{meta['gateway_a_rss_kib'] / 1024:.0f} MiB without). Measuring took {meta['measured_s']} s."
@@ -201,7 +212,7 @@ def main():
     add("")
     add(
         "| case | setup | 1 KiB req/s | p50 ms | p99 ms | proxy CPU µs/req | upstream CPU µs/req "
-        "| non-2xx | 256 MiB MB/s |"
+        f"| non-2xx | {big} MB/s |"
     )
     add("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for k, name in CASES.items():
@@ -213,9 +224,9 @@ def main():
         )
     add("")
     add("Per round, 1 KiB req/s: " + "; ".join(
-        f"{k} " + " / ".join(fmt(w["rps"]) for w in c[k]["runs"]) for k in CASES
+        f"{k} " + " / ".join(fmt(w["rps"]) for w in c[k]["runs"]) for k in c
     ))
-    add("Per round, 256 MiB MB/s: " + "; ".join(
+    add(f"Each {big} download, MB/s: " + "; ".join(
         f"{k} " + " / ".join(fmt(x) for x in s[k]["runs"]) for k in STREAM_CASES
     ))
     bad = {k: v["bad"] for k, v in s.items() if v["bad"]}
@@ -226,13 +237,29 @@ def main():
         add(f"wrk socket errors: {errs}")
     add("")
 
+    knobs = [k for k in KNOBS if k in c]
+    if knobs:
+        add("Knobs, same rounds (no code change; each against its base case):")
+        add("")
+        add("| case | knob | 1 KiB req/s | vs base | p99 ms | proxy CPU µs/req | vs base |")
+        add("|---|---|---:|---:|---:|---:|---:|")
+        for k in knobs:
+            base, name = KNOBS[k]
+            v, b = c[k], c[base]
+            add(
+                f"| {k} | {name} | {fmt(v['rps'])} | {fmt(ratio(v['rps'], b['rps']), 2)}× "
+                f"| {fmt(v['p99'], 2)} | {fmt(v['cpu_us'], 1)} "
+                f"| {fmt(v['cpu_us'] - b['cpu_us'] if v['cpu_us'] and b['cpu_us'] else None, 1)} µs |"
+            )
+        add("")
+
     st = summary["storm"]
     aims = [
         ("d / b (req/s)", ratio(rps["d"], rps["b"]), 0.9),
         ("d / g (req/s)", ratio(rps["d"], rps["g"]), 0.95),
         ("d / c (req/s)", ratio(rps["d"], rps["c"]), 2.0),
         ("e / d (req/s)", ratio(rps["e"], rps["d"]), 0.97),
-        ("d / a (256 MiB MB/s)", ratio(s["d"]["mbps"], s["a"]["mbps"]), 0.9),
+        (f"d / a ({big} MB/s)", ratio(s["d"]["mbps"], s["a"]["mbps"]), 0.9),
         ("storm p99 / calm p99 (d)", ratio(st["storm_p99"], st["calm_p99"]), None),
     ]
     summary["ratios"] = {name: r for name, r, _ in aims}
@@ -310,7 +337,7 @@ def chart(summary, out):
             )
     legend = "\\n".join(f"{k}: {v}" for k, v in CASES.items())
     script = f"""
-set terminal pngcairo size 1500,560 font ",10"
+set terminal pngcairo size 1500,560 font ",10" noenhanced
 set output '{os.path.join(out, "chart.png")}'
 set style data histograms
 set style fill solid 0.8 border -1
@@ -323,7 +350,7 @@ set title "1 KiB: requests/s (median)"
 plot '{dat}' using 2:xtic(1) lc rgb "#3b6ea5", '' using 0:2:(sprintf("%.0f",$2)) with labels offset 0,0.7 font ",8"
 set title "1 KiB: p99 latency, ms"
 plot '{dat}' using 3:xtic(1) lc rgb "#c8553d", '' using 0:3:(sprintf("%.2f",$3)) with labels offset 0,0.7 font ",8"
-set title "256 MiB: MB/s (f: n/a)"
+set title "{summary['meta']['big_bytes'] / 1048576:.0f} MiB: MB/s (f: n/a)"
 plot '{dat}' using 4:xtic(1) lc rgb "#588b8b", '' using 0:4:(sprintf("%.0f",$4)) with labels offset 0,0.7 font ",8"
 unset multiplot
 """

@@ -16,12 +16,15 @@
 # Each round runs every case once (rotating the order), ROUNDS rounds, medians reported.
 # 1 KiB: wrk -t1 -cCONNS -dDURATION; 256 MiB: curl, MB/s = 10^6 bytes/s. Every client request
 # carries the same Authorization header (the upstream ignores it), so request sizes match.
+# With VARIANTS=1 (default) four tuning knobs run in the same rounds, without touching the code:
+#   h  d with jemalloc (LD_PRELOAD)   i  d without access log (RUST_LOG=warn)
+#   j  d with threads = 1             k  g with jemalloc
 # Then the login storm: (d) alone vs (d) while 50 clients log in with passwords nonstop.
 #
-# Knobs (environment): ROUNDS=3 DURATION=8 CONNS=64 THREADS=2 (nginx proxy workers = gateway
-# threads = bare_proxy threads) UP_WORKERS=2 REVOKED=1000000 BIG_MIB=256 STORM=50
-# OUT=bench/out KEEP=1 (keep the temp dir) SKIP_BUILD=1 DIAG=1 (also syscalls and CPU per
-# request of b, d and g with strace/perf; slower).
+# Environment: ROUNDS=3 DURATION=8 CONNS=64 THREADS=2 (nginx proxy workers = gateway threads =
+# bare_proxy threads) UP_WORKERS=2 REVOKED=1000000 BIG_MIB=256 STREAM_REPS=2 (downloads per case
+# per round) STORM=50 VARIANTS=1 OUT=bench/out KEEP=1 (keep the temp dir) SKIP_BUILD=1
+# DIAG=1 (also syscalls and CPU per request of b, d and g with strace/perf; slower).
 # Results: OUT/results.md (the tables), OUT/results.json, OUT/chart.png.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -34,10 +37,18 @@ THREADS=${THREADS:-2}
 UP_WORKERS=${UP_WORKERS:-2}
 REVOKED=${REVOKED:-1000000}
 BIG_MIB=${BIG_MIB:-256}
+STREAM_REPS=${STREAM_REPS:-2}
 STORM=${STORM:-50}
 OUT=${OUT:-$ROOT/bench/out}
 CASES=(a b c d e f g)
 STREAM_CASES=(a b c d e g)
+VARIANTS=${VARIANTS:-1}
+# Knobs measured alongside (VARIANTS=1): the gateway of d and bare Pingora with one thing changed.
+#   h  d with jemalloc (LD_PRELOAD of Debian's libjemalloc2, no rebuild)
+#   i  d without the access log (RUST_LOG=warn)
+#   j  d with threads = 1
+#   k  g with jemalloc
+KNOBS=(h i j k)
 PASSWORD="bench-password-123456"
 
 say() { printf '\n== %s\n' "$*" >&2; }
@@ -45,6 +56,7 @@ die() { printf 'bench: %s\n' "$*" >&2; exit 1; }
 
 # ------------------------------------------------------------------ tools
 need=()
+if [ "$VARIANTS" = 1 ] && ! ldconfig -p | grep -q 'libjemalloc.so.2 '; then need+=(libjemalloc2); fi
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need+=(nginx-light)
 command -v wrk >/dev/null 2>&1 || need+=(wrk)
 command -v gnuplot >/dev/null 2>&1 || need+=(gnuplot-nox)
@@ -75,6 +87,7 @@ BARE=$TARGET/release/examples/bare_proxy
 
 # ------------------------------------------------------------------ processes and cleanup
 TMP=$(mktemp -d /tmp/portcullis-bench.XXXXXX)
+chmod 755 "$TMP" # nginx workers run as an unprivileged user and read the upstream's files here
 RES=$TMP/results
 mkdir -p "$RES" "$OUT"
 PIDS=()
@@ -122,7 +135,7 @@ wait_http() {
     return 1
 }
 
-read -r P_UP P_NB P_NC P_GA P_GAA P_GB P_GBA P_BARE <<<"$(free_ports 8)"
+read -r P_UP P_NB P_NC P_GA P_GAA P_GB P_GBA P_BARE P_H P_HA P_I P_IA P_J P_JA P_K <<<"$(free_ports 15)"
 
 # ------------------------------------------------------------------ upstream nginx
 say "upstream nginx on :$P_UP ($UP_WORKERS workers), 1 KiB and $BIG_MIB MiB files"
@@ -204,10 +217,11 @@ EOF
     printf '%s\n' "$PASSWORD" | "$PORTCULLIS" --config "$dir/portcullis.toml" user add bench --password-stdin >/dev/null
 }
 
-# start_gateway NAME PORT ADMIN_PORT -> sets GW_PID
+# start_gateway NAME PORT ADMIN_PORT [VAR=VALUE...] -> sets GW_PID
 start_gateway() {
     local name=$1 port=$2 admin=$3 dir=$TMP/$1
-    (cd "$dir" && exec "$PORTCULLIS" --config "$dir/portcullis.toml" serve) >"$dir/gateway.log" 2>&1 &
+    shift 3
+    (cd "$dir" && exec env "$@" "$PORTCULLIS" --config "$dir/portcullis.toml" serve) >"$dir/gateway.log" 2>&1 &
     GW_PID=$!
     PIDS+=("$GW_PID")
     wait_http "http://127.0.0.1:$admin/healthz" "$GW_PID" 300 || die "gateway $name did not start: $(tail -20 "$dir/gateway.log")"
@@ -233,7 +247,8 @@ TOKEN_A=$(login "$P_GA")
 TOKEN_R=$(login "$P_GA")
 code=$(curl -s -o /dev/null -w '%{http_code}' -X POST -H "Authorization: Bearer $TOKEN_R" "http://127.0.0.1:$P_GA/_portcullis/logout")
 [ "$code" = 204 ] || [ "$code" = 200 ] || die "logout answered $code"
-[ "$(status_of "http://127.0.0.1:$P_GA/1k" "$TOKEN_A")" = 200 ] || die "valid token refused by gateway A"
+code=$(status_of "http://127.0.0.1:$P_GA/1k" "$TOKEN_A")
+[ "$code" = 200 ] || die "gateway A answered $code to a valid token"
 [ "$(status_of "http://127.0.0.1:$P_GA/1k" "$TOKEN_R")" = 401 ] || die "revoked token not refused by gateway A"
 
 say "gateway B (case e): $REVOKED revoked sessions inserted before start"
@@ -241,7 +256,7 @@ make_gateway gwB "$P_GB" "$P_GBA"
 now_ms=$(($(date +%s) * 1000))
 far_ms=$((now_ms + 30 * 86400 * 1000))
 t0=$(date +%s.%N)
-sqlite3 "$TMP/gwB/p.db" <<EOF
+sqlite3 "$TMP/gwB/p.db" >/dev/null <<EOF
 PRAGMA busy_timeout = 5000;
 BEGIN;
 WITH RECURSIVE n(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM n WHERE x < $REVOKED)
@@ -270,7 +285,9 @@ mkdir -p "$TMP/px"
 proxy_common='proxy_http_version 1.1;
             proxy_set_header Connection "";
             proxy_buffering off;
-            proxy_buffer_size 64k;'
+            proxy_buffer_size 64k;
+            proxy_buffers 4 64k;
+            proxy_busy_buffers_size 128k;'
 {
     nginx_common "$TMP/px"
     echo "worker_processes $THREADS;"
@@ -324,6 +341,34 @@ BARE_PID=$!
 PIDS+=("$BARE_PID")
 wait_http "http://127.0.0.1:$P_BARE/1k" "$BARE_PID" || die "bare_proxy did not start: $(cat "$TMP/bare.log")"
 
+if [ "$VARIANTS" = 1 ]; then
+    JEMALLOC=$(ldconfig -p | awk '/libjemalloc.so.2 / {print $NF; exit}')
+    say "knob variants: h (d + jemalloc $JEMALLOC), i (d, no access log), j (d, 1 thread), k (g + jemalloc)"
+    # Copies of gateway A's config on other ports; same store, key and public_url, so the
+    # same token is valid on all of them.
+    variant_config() { # NAME PORT ADMIN THREADS
+        mkdir -p "$TMP/$1"
+        sed -e "s/^listen = .*/listen = \"127.0.0.1:$2\"/" \
+            -e "s/^admin_listen = .*/admin_listen = \"127.0.0.1:$3\"/" \
+            -e "s#^data_dir = .*#data_dir = \"$TMP/$1\"#" \
+            -e "s/^threads = .*/threads = $4/" "$TMP/gwA/portcullis.toml" >"$TMP/$1/portcullis.toml"
+    }
+    variant_config gwH "$P_H" "$P_HA" "$THREADS"
+    start_gateway gwH "$P_H" "$P_HA" "LD_PRELOAD=$JEMALLOC"
+    H_PID=$GW_PID
+    variant_config gwI "$P_I" "$P_IA" "$THREADS"
+    start_gateway gwI "$P_I" "$P_IA" RUST_LOG=warn
+    I_PID=$GW_PID
+    variant_config gwJ "$P_J" "$P_JA" 1
+    start_gateway gwJ "$P_J" "$P_JA"
+    J_PID=$GW_PID
+    LD_PRELOAD=$JEMALLOC "$BARE" "127.0.0.1:$P_K" "127.0.0.1:$P_UP" "$THREADS" >"$TMP/bare_k.log" 2>&1 &
+    K_PID=$!
+    PIDS+=("$K_PID")
+    wait_http "http://127.0.0.1:$P_K/1k" "$K_PID" || die "bare_proxy (k) did not start"
+    CASES+=("${KNOBS[@]}")
+fi
+
 # ------------------------------------------------------------------ cases
 children() { pgrep -P "$1" | tr '\n' ' '; }
 UP_WORKER_PIDS=$(children "$UP_PID")
@@ -333,6 +378,8 @@ url_of() {
     a) echo "http://127.0.0.1:$P_UP" ;; b) echo "http://127.0.0.1:$P_NB" ;;
     c) echo "http://127.0.0.1:$P_NC" ;; d | f) echo "http://127.0.0.1:$P_GA" ;;
     e) echo "http://127.0.0.1:$P_GB" ;; g) echo "http://127.0.0.1:$P_BARE" ;;
+    h) echo "http://127.0.0.1:$P_H" ;; i) echo "http://127.0.0.1:$P_I" ;;
+    j) echo "http://127.0.0.1:$P_J" ;; k) echo "http://127.0.0.1:$P_K" ;;
     esac
 }
 token_of() { case $1 in e) echo "$TOKEN_B" ;; f) echo "$TOKEN_R" ;; *) echo "$TOKEN_A" ;; esac; }
@@ -341,6 +388,7 @@ pids_of() {
     case $1 in
     a) echo "$UP_WORKER_PIDS" ;; b) echo "$PX_WORKER_PIDS" ;; c) echo "$PX_WORKER_PIDS $GWA_PID" ;;
     d | f) echo "$GWA_PID" ;; e) echo "$GWB_PID" ;; g) echo "$BARE_PID" ;;
+    h) echo "$H_PID" ;; i) echo "$I_PID" ;; j) echo "$J_PID" ;; k) echo "$K_PID" ;;
     esac
 }
 ticks() { # PIDS... -> utime+stime clock ticks summed
@@ -395,11 +443,15 @@ for ((r = 1; r <= ROUNDS; r++)); do
         printf '  %s %s req/s\n' "$case" "$(awk '/Requests\/sec/ {print $2}' "$RES/wrk_${case}_r$r.txt")" >&2
     done
     say "round $r/$ROUNDS, $BIG_MIB MiB"
+    for ((k = 0; k < STREAM_REPS; k++)); do
+        for case in "${STREAM_CASES[@]}"; do
+            curl -s -o /dev/null -H "Authorization: Bearer $(token_of "$case")" \
+                -w '%{speed_download} %{http_code} %{size_download}\n' \
+                "$(url_of "$case")/big" >>"$RES/stream_${case}_r$r.txt"
+        done
+    done
     for case in "${STREAM_CASES[@]}"; do
-        curl -s -o /dev/null -H "Authorization: Bearer $(token_of "$case")" \
-            -w '%{speed_download} %{http_code} %{size_download}\n' \
-            "$(url_of "$case")/big" >"$RES/stream_${case}_r$r.txt"
-        printf '  %s %s\n' "$case" "$(cat "$RES/stream_${case}_r$r.txt")" >&2
+        printf '  %s %s MB/s\n' "$case" "$(awk '{printf "%.0f ", $1 / 1e6}' "$RES/stream_${case}_r$r.txt")" >&2
     done
 done
 
@@ -452,7 +504,7 @@ fi
 # ------------------------------------------------------------------ report
 cat >"$RES/meta.json" <<EOF
 {
-  "rounds": $ROUNDS, "duration_s": $DURATION, "connections": $CONNS, "threads": $THREADS,
+  "rounds": $ROUNDS, "stream_reps": $STREAM_REPS, "variants": $VARIANTS, "duration_s": $DURATION, "connections": $CONNS, "threads": $THREADS,
   "upstream_workers": $UP_WORKERS, "revoked": $REVOKED, "big_bytes": $BIG_BYTES, "storm": $STORM,
   "view_revoked_sessions": $view, "gateway_b_rss_kib": $GWB_RSS_KIB, "gateway_a_rss_kib": $GWA_RSS_KIB,
   "cpu": "$(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo)", "cores": $(nproc),

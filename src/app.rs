@@ -1,24 +1,40 @@
-//! The gateway's shared state (`App`) and the operations that change it: login, logout and
-//! revocations. Every revocation is committed to the store first, then applied to this
-//! process's view at once; other processes pick it up through the sync loop.
+//! The gateway's shared state (`App`) and the login pipeline: throttles, password, second
+//! factor, forced steps (new password, 2FA enrolment), then a session. Account and admin
+//! operations live in `app::account`. Every revocation is committed to the store first, then
+//! applied to this process's view at once; other processes pick it up through the sync loop.
 
-use std::sync::Arc;
+pub mod account;
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use moka::sync::Cache;
+
 use crate::auth::password::{Hasher, PasswordError};
-use crate::auth::token::{KeyError, Keyring, SessionClaims};
+use crate::auth::throttle::{account_gate, Gate, Throttle};
+use crate::auth::token::{KeyError, Keyring, PendingClaims, SessionClaims, PENDING_TYP};
+use crate::auth::totp::{self, SecretsError, SecretsKey};
 use crate::auth::{cookie, Identity};
-use crate::config::{Config, Secret};
+use crate::config::{Config, Require2fa, Secret, MAX_PASSWORD_BYTES};
 use crate::metrics::Metrics;
 use crate::revocation::{self, RevocationView, SWEEP_INTERVAL};
 use crate::store::{
-    self, DynStore, NewSession, SequencedEvent, SessionId, SessionKind, StoreError,
+    self, AuditEntry, DynStore, NewSession, SequencedEvent, SessionId, SessionKind, StoreError,
+    User,
 };
 
 /// Longest user name accepted at login, in bytes.
 pub const MAX_USERNAME_BYTES: usize = 128;
-/// Longest password accepted at login, in bytes (NIST asks for at least 64 characters).
-pub const MAX_PASSWORD_BYTES: usize = 1024;
+/// Lifetime of a pending login (password accepted, a step still owed).
+pub const PENDING_TTL_SECS: i64 = 300;
+/// Wrong codes allowed per pending login before the password must be entered again.
+pub const PENDING_MAX_TRIES: u32 = 5;
+/// A session's last-seen time is written at most this often.
+pub const LAST_SEEN_EVERY_MS: i64 = 60_000;
+/// How often batched last-seen times are written.
+pub const LAST_SEEN_FLUSH: Duration = Duration::from_secs(5);
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> i64 {
@@ -35,21 +51,39 @@ pub enum StartError {
     #[error(transparent)]
     Key(#[from] KeyError),
     #[error(transparent)]
+    Secrets(#[from] SecretsError),
+    #[error(transparent)]
     Password(#[from] PasswordError),
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
 }
 
-/// Why a login did not produce a session.
+/// Why a login (or one of its steps) did not go ahead.
 #[derive(Debug, thiserror::Error)]
 pub enum LoginError {
     #[error("wrong user name or password")]
     InvalidCredentials,
+    #[error("too many failed attempts; try again in {} s", .0.as_secs().max(1))]
+    Throttled(Duration),
+    #[error("too many failed attempts: this account is locked for a while; try again later or ask an administrator")]
+    Locked,
     #[error("this account is disabled")]
     Disabled,
+    #[error("a second factor is required")]
+    SecondFactorRequired,
+    #[error("the code is not valid")]
+    InvalidCode,
+    #[error("this sign-in has expired; enter your password again")]
+    RestartLogin,
+    #[error("a new password must be chosen before signing in")]
+    PasswordResetRequired,
+    #[error("two-factor authentication must be set up before signing in")]
+    EnrollmentRequired,
+    #[error("{0}")]
+    Policy(#[from] crate::auth::password::PolicyError),
     #[error("the account store is unavailable")]
     Unavailable(#[source] StoreError),
-    #[error("the session could not be signed")]
+    #[error("the sign-in could not be completed")]
     Internal,
 }
 
@@ -57,10 +91,24 @@ impl LoginError {
     pub fn label(&self) -> &'static str {
         match self {
             LoginError::InvalidCredentials => "invalid_credentials",
+            LoginError::Throttled(_) => "throttled",
+            LoginError::Locked => "locked",
             LoginError::Disabled => "disabled",
+            LoginError::SecondFactorRequired => "second_factor_required",
+            LoginError::InvalidCode => "invalid_code",
+            LoginError::RestartLogin => "restart_login",
+            LoginError::PasswordResetRequired => "password_reset_required",
+            LoginError::EnrollmentRequired => "second_factor_enrollment_required",
+            LoginError::Policy(_) => "password_policy",
             LoginError::Unavailable(_) => "store_unavailable",
             LoginError::Internal => "internal_error",
         }
+    }
+}
+
+impl From<StoreError> for LoginError {
+    fn from(e: StoreError) -> Self {
+        LoginError::Unavailable(e)
     }
 }
 
@@ -73,45 +121,166 @@ pub struct LoginOk {
     pub user_name: String,
 }
 
-/// Request details recorded with a new session.
+/// What a login still owes after the password.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PendingStage {
+    Totp,
+    Password,
+    Enroll,
+}
+
+impl PendingStage {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PendingStage::Totp => "totp",
+            PendingStage::Password => "password",
+            PendingStage::Enroll => "enroll",
+        }
+    }
+    fn parse(s: &str) -> Option<PendingStage> {
+        match s {
+            "totp" => Some(PendingStage::Totp),
+            "password" => Some(PendingStage::Password),
+            "enroll" => Some(PendingStage::Enroll),
+            _ => None,
+        }
+    }
+}
+
+/// The outcome of a login step.
+#[derive(Debug)]
+pub enum LoginStep {
+    Session(LoginOk),
+    /// The password was right; `token` (a pending-login JWT) carries the login to `stage`.
+    Pending {
+        token: String,
+        stage: PendingStage,
+    },
+}
+
+/// Request details recorded with sessions and audit entries.
 #[derive(Clone, Debug, Default)]
 pub struct ClientInfo {
     pub ip: String,
     pub user_agent: String,
 }
 
+impl ClientInfo {
+    pub fn ip_addr(&self) -> Option<IpAddr> {
+        self.ip.parse().ok()
+    }
+}
+
+/// How the login was asked for: a browser form can be walked through pending steps; the JSON
+/// API must give everything at once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Channel {
+    Form,
+    Api,
+}
+
+/// Session signing keys, reloaded when the key file changes (rotation by the CLI).
+struct Keys {
+    ring: RwLock<Arc<Keyring>>,
+    file: Option<PathBuf>,
+    modified: Mutex<Option<SystemTime>>,
+}
+
+fn modified(path: &PathBuf) -> Option<SystemTime> {
+    std::fs::metadata(path).and_then(|m| m.modified()).ok()
+}
+
 pub struct App {
     pub config: Config,
     pub store: DynStore,
     pub view: RevocationView,
-    pub keyring: Keyring,
+    keys: Keys,
+    pub secrets: SecretsKey,
     pub hasher: Hasher,
     pub metrics: Metrics,
+    pub throttle: Throttle,
     pub cookie_name: &'static str,
+    pending_tries: Cache<String, u32>,
+    last_seen_written: Cache<u128, i64>,
+    last_seen_pending: Mutex<Vec<(SessionId, i64)>>,
 }
 
 impl App {
-    /// Opens the store, loads (or creates) the signing keys and builds the view from the store.
+    /// Opens the store, loads (or creates) the keys and builds the view from the store.
     pub async fn open(config: Config) -> Result<Arc<App>, StartError> {
         let store = store::open(config.store.url.expose(), config.store.busy_timeout).await?;
-        let keyring = Keyring::load(&config.session, &config.server.public_url, true)?;
+        let ring = Keyring::load(&config.session, &config.server.public_url, true)?;
+        let secrets = SecretsKey::load(&config.auth.secrets_key_file, true)?;
         let hasher = Hasher::new(&config.password)?;
         let names: Vec<String> = config.routes.iter().map(|r| r.name.clone()).collect();
         let metrics = Metrics::new(&names, store.backend())?;
         let view = RevocationView::new();
         view.load(store.snapshot(now_ms()).await?, Instant::now());
         let cookie_name = cookie::name(config.server.secure);
+        let key_file = config
+            .session
+            .key_override
+            .is_none()
+            .then(|| config.session.key_file.clone());
+        let keys = Keys {
+            modified: Mutex::new(key_file.as_ref().and_then(modified)),
+            ring: RwLock::new(Arc::new(ring)),
+            file: key_file,
+        };
         let app = App {
+            throttle: Throttle::new(&config.auth),
             config,
             store,
             view,
-            keyring,
+            keys,
+            secrets,
             hasher,
             metrics,
             cookie_name,
+            pending_tries: Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(Duration::from_secs(PENDING_TTL_SECS as u64 + 60))
+                .build(),
+            last_seen_written: Cache::builder()
+                .max_capacity(1_000_000)
+                .time_to_idle(Duration::from_millis(LAST_SEEN_EVERY_MS as u64 * 2))
+                .build(),
+            last_seen_pending: Mutex::new(Vec::new()),
         };
         app.refresh_view_metrics();
         Ok(Arc::new(app))
+    }
+
+    /// The current keyring.
+    pub fn keyring(&self) -> Arc<Keyring> {
+        match self.keys.ring.read() {
+            Ok(k) => k.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    /// Reloads the key file if it changed since it was last read.
+    pub fn reload_keys_if_changed(&self) {
+        let Some(path) = &self.keys.file else { return };
+        let now = modified(path);
+        let mut last = match self.keys.modified.lock() {
+            Ok(l) => l,
+            Err(p) => p.into_inner(),
+        };
+        if now.is_none() || now == *last {
+            return;
+        }
+        match Keyring::load(&self.config.session, &self.config.server.public_url, false) {
+            Ok(ring) => {
+                tracing::info!(kids = ?ring.kids(), "session keys reloaded");
+                match self.keys.ring.write() {
+                    Ok(mut k) => *k = Arc::new(ring),
+                    Err(p) => *p.into_inner() = Arc::new(ring),
+                }
+                *last = now;
+            }
+            Err(e) => tracing::error!(error = %e, "session key file changed but cannot be loaded"),
+        }
     }
 
     fn store_error(&self, operation: &str, e: StoreError) -> StoreError {
@@ -123,15 +292,100 @@ impl App {
         e
     }
 
-    /// Checks a user name and password and, if they are right, creates a session.
-    pub async fn login(
+    /// Records a security event in the audit log and as a structured log line.
+    pub async fn audit(&self, entry: AuditEntry) {
+        tracing::info!(
+            target: "portcullis::audit",
+            event = %entry.event,
+            outcome = %entry.outcome,
+            user = %entry.user_name,
+            ip = %entry.ip,
+            session = %entry.session_id,
+            detail = %entry.detail,
+        );
+        if let Err(e) = self.store.append_audit(&entry).await {
+            self.store_error("append_audit", e);
+        }
+    }
+
+    /// An audit entry for a user and client, stamped now.
+    pub fn audit_entry(
         &self,
+        event: &str,
+        outcome: &str,
+        user: Option<(i64, &str)>,
+        client: &ClientInfo,
+    ) -> AuditEntry {
+        AuditEntry {
+            at_ms: now_ms(),
+            event: event.to_string(),
+            outcome: outcome.to_string(),
+            user_id: user.map(|u| u.0),
+            user_name: user.map(|u| u.1.to_string()).unwrap_or_default(),
+            ip: client.ip.clone(),
+            user_agent: truncate(&client.user_agent, 256),
+            ..AuditEntry::default()
+        }
+    }
+
+    /// Counts a failed password or code against the account and the client's address.
+    async fn record_failure(&self, user: Option<&User>, name: &str, client: &ClientInfo) {
+        let now = now_ms();
+        self.throttle.ip_failed(client.ip_addr(), now);
+        match user {
+            Some(u) => {
+                let result = self
+                    .store
+                    .record_failure(
+                        u.id,
+                        now,
+                        self.config.auth.max_failures,
+                        self.config.auth.lockout.as_millis() as i64,
+                    )
+                    .await;
+                match result {
+                    Ok(after) => {
+                        let newly_locked = after.locked_until_ms.is_some_and(|t| t > now)
+                            && u.locked_until_ms.is_none_or(|t| t <= now);
+                        if newly_locked {
+                            self.metrics.lockouts.inc();
+                            let mut e = self.audit_entry(
+                                "lockout",
+                                "locked",
+                                Some((u.id, &u.name)),
+                                client,
+                            );
+                            e.detail = format!("{} consecutive failures", after.failed_logins);
+                            self.audit(e).await;
+                        }
+                    }
+                    Err(e) => {
+                        self.store_error("record_failure", e);
+                    }
+                }
+            }
+            None => self.throttle.unknown_failed(name, now),
+        }
+    }
+
+    /// Checks a user name and password, then walks the rest of the pipeline. With the JSON API
+    /// `code` carries the second factor; forms get a pending step instead.
+    pub async fn login(
+        self: &Arc<Self>,
         name: &str,
         password: Secret,
+        code: Option<&str>,
+        channel: Channel,
         kind: SessionKind,
         client: &ClientInfo,
-    ) -> Result<LoginOk, LoginError> {
+    ) -> Result<LoginStep, LoginError> {
         let name = name.trim();
+        let now = now_ms();
+        if let Gate::Wait(d) | Gate::Locked(d) = self.throttle.ip_gate(client.ip_addr(), now) {
+            self.audit(self.audit_entry("login", "throttled_ip", None, client))
+                .await;
+            return Err(LoginError::Throttled(d));
+        }
         if name.is_empty()
             || name.len() > MAX_USERNAME_BYTES
             || password.expose().len() > MAX_PASSWORD_BYTES
@@ -145,18 +399,252 @@ impl App {
             .find_user(name)
             .await
             .map_err(|e| LoginError::Unavailable(self.store_error("find_user", e)))?;
+        let gate = match &user {
+            Some(u) => account_gate(u.failed_logins, u.last_failure_ms, u.locked_until_ms, now),
+            None => self.throttle.unknown_gate(name, now),
+        };
+        match gate {
+            Gate::Open => {}
+            Gate::Wait(d) => return Err(LoginError::Throttled(d)),
+            Gate::Locked(_) => {
+                let who = user.as_ref().map(|u| (u.id, u.name.as_str()));
+                self.audit(self.audit_entry("login", "locked", who, client))
+                    .await;
+                return Err(LoginError::Locked);
+            }
+        }
         let stored = user.as_ref().map(|u| u.password_hash.clone());
         if !self.hasher.verify(stored, password).await {
+            // Recorded off the response path, so a known and an unknown name answer alike.
+            let this = Arc::clone(self);
+            let (user, name, client) = (user.clone(), name.to_string(), client.clone());
+            tokio::spawn(async move {
+                this.record_failure(user.as_ref(), &name, &client).await;
+                let who = user.as_ref().map(|u| (u.id, u.name.as_str()));
+                let mut e = this.audit_entry("login", "failure", who, &client);
+                e.detail = if user.is_some() {
+                    "wrong password".into()
+                } else {
+                    "unknown user".into()
+                };
+                this.audit(e).await;
+            });
             return Err(LoginError::InvalidCredentials);
         }
         let Some(user) = user else {
             return Err(LoginError::InvalidCredentials);
         };
         if user.disabled {
+            self.audit(self.audit_entry("login", "disabled", Some((user.id, &user.name)), client))
+                .await;
             return Err(LoginError::Disabled);
         }
+        let mut amr = vec!["pwd".to_string()];
+        if user.totp_enabled {
+            match (code, channel) {
+                (Some(c), _) => {
+                    self.check_second_factor(&user, c, client).await?;
+                    amr.push("otp".into());
+                }
+                (None, Channel::Api) => return Err(LoginError::SecondFactorRequired),
+                (None, Channel::Form) => {
+                    return self.pending(&user, PendingStage::Totp);
+                }
+            }
+        }
+        self.after_factors(&user, amr, channel, kind, client).await
+    }
+
+    /// The steps after every factor was checked: 2FA enrolment if required, a new password if
+    /// required, then the session.
+    async fn after_factors(
+        &self,
+        user: &User,
+        amr: Vec<String>,
+        channel: Channel,
+        kind: SessionKind,
+        client: &ClientInfo,
+    ) -> Result<LoginStep, LoginError> {
+        let must_enroll = !user.totp_enabled
+            && match self.config.auth.require_2fa {
+                Require2fa::Off => false,
+                Require2fa::Admins => user.is_admin,
+                Require2fa::All => true,
+            };
+        if must_enroll {
+            return match channel {
+                Channel::Api => Err(LoginError::EnrollmentRequired),
+                Channel::Form => self.pending(user, PendingStage::Enroll),
+            };
+        }
+        if user.must_reset {
+            return match channel {
+                Channel::Api => Err(LoginError::PasswordResetRequired),
+                Channel::Form => self.pending(user, PendingStage::Password),
+            };
+        }
+        if user.failed_logins != 0 || user.locked_until_ms.is_some() {
+            self.store
+                .clear_failures(user.id)
+                .await
+                .map_err(|e| self.store_error("clear_failures", e))?;
+        }
+        let ok = self.create_session(user, amr, kind, client).await?;
+        let mut e = self.audit_entry("login", "success", Some((user.id, &user.name)), client);
+        e.session_id = ok.session_id.to_string();
+        self.audit(e).await;
+        Ok(LoginStep::Session(ok))
+    }
+
+    fn pending(&self, user: &User, stage: PendingStage) -> Result<LoginStep, LoginError> {
+        let now = now_ms() / 1000;
+        let ring = self.keyring();
+        let claims = PendingClaims {
+            iss: ring.issuer().to_string(),
+            aud: ring.audience().to_string(),
+            sub: user.id.to_string(),
+            name: user.name.clone(),
+            stage: stage.as_str().to_string(),
+            jti: hex::encode(rand::random::<[u8; 16]>()),
+            iat: now,
+            nbf: now,
+            exp: now + PENDING_TTL_SECS,
+        };
+        let token = ring
+            .issue_typed(PENDING_TYP, &claims)
+            .map_err(|_| LoginError::Internal)?;
+        Ok(LoginStep::Pending { token, stage })
+    }
+
+    /// Reads a pending-login token for `stage` and loads its user.
+    pub async fn pending_user(
+        &self,
+        token: &str,
+        stage: PendingStage,
+    ) -> Result<(PendingClaims, User), LoginError> {
+        let ring = self.keyring();
+        let (claims, _) = ring
+            .verify_typed::<PendingClaims>(PENDING_TYP, token, now_ms() / 1000)
+            .map_err(|_| LoginError::RestartLogin)?;
+        if PendingStage::parse(&claims.stage) != Some(stage) {
+            return Err(LoginError::RestartLogin);
+        }
+        let id: i64 = claims.sub.parse().map_err(|_| LoginError::RestartLogin)?;
+        let user = self
+            .store
+            .find_user_by_id(id)
+            .await
+            .map_err(|e| LoginError::Unavailable(self.store_error("find_user", e)))?
+            .ok_or(LoginError::RestartLogin)?;
+        if user.disabled {
+            return Err(LoginError::Disabled);
+        }
+        Ok((claims, user))
+    }
+
+    /// The second step of a form login: the TOTP or recovery code.
+    pub async fn complete_second_factor(
+        &self,
+        pending_token: &str,
+        code: &str,
+        kind: SessionKind,
+        client: &ClientInfo,
+    ) -> Result<LoginStep, LoginError> {
+        let (claims, user) = self.pending_user(pending_token, PendingStage::Totp).await?;
+        let tries = self.pending_tries.get(&claims.jti).unwrap_or(0);
+        if tries >= PENDING_MAX_TRIES {
+            return Err(LoginError::RestartLogin);
+        }
+        match account_gate(
+            user.failed_logins,
+            user.last_failure_ms,
+            user.locked_until_ms,
+            now_ms(),
+        ) {
+            Gate::Open => {}
+            Gate::Wait(d) => return Err(LoginError::Throttled(d)),
+            Gate::Locked(_) => return Err(LoginError::Locked),
+        }
+        if let Err(e) = self.check_second_factor(&user, code, client).await {
+            self.pending_tries.insert(claims.jti.clone(), tries + 1);
+            return Err(e);
+        }
+        self.after_factors(
+            &user,
+            vec!["pwd".into(), "otp".into()],
+            Channel::Form,
+            kind,
+            client,
+        )
+        .await
+    }
+
+    /// Checks a TOTP code (each time step accepted once) or a single-use recovery code.
+    async fn check_second_factor(
+        &self,
+        user: &User,
+        code: &str,
+        client: &ClientInfo,
+    ) -> Result<(), LoginError> {
         let now = now_ms();
-        // A token issued at a cutoff is dead; a new session is always issued after it.
+        let (accepted, method) = if totp::looks_like_recovery_code(code) {
+            let hash = totp::hash_recovery_code(code);
+            let ok = self
+                .store
+                .use_recovery_code(user.id, &hash, now)
+                .await
+                .map_err(|e| LoginError::Unavailable(self.store_error("use_recovery_code", e)))?;
+            (ok, "recovery_code")
+        } else {
+            let seed = user
+                .totp_secret
+                .as_deref()
+                .ok_or(LoginError::Internal)
+                .and_then(|s| {
+                    self.secrets
+                        .open(user.id, s)
+                        .map_err(|_| LoginError::Internal)
+                })?;
+            let ok = match totp::matching_step(&seed, code, now / 1000) {
+                Some(step) => self
+                    .store
+                    .accept_totp_step(user.id, step)
+                    .await
+                    .map_err(|e| LoginError::Unavailable(self.store_error("accept_totp", e)))?,
+                None => false,
+            };
+            (ok, "totp")
+        };
+        self.metrics
+            .second_factor
+            .with_label_values(&[method, if accepted { "success" } else { "failure" }])
+            .inc();
+        let mut e = self.audit_entry(
+            "second_factor",
+            if accepted { "success" } else { "failure" },
+            Some((user.id, &user.name)),
+            client,
+        );
+        e.detail = method.to_string();
+        self.audit(e).await;
+        if accepted {
+            Ok(())
+        } else {
+            self.record_failure(Some(user), &user.name, client).await;
+            Err(LoginError::InvalidCode)
+        }
+    }
+
+    /// Creates a session row and its token. The token is issued after every cutoff that
+    /// applies to the user, so a fresh session never falls under one.
+    pub async fn create_session(
+        &self,
+        user: &User,
+        amr: Vec<String>,
+        kind: SessionKind,
+        client: &ClientInfo,
+    ) -> Result<LoginOk, LoginError> {
+        let now = now_ms();
         let issued_ms = now.max(self.view.min_issue_ms(user.id));
         let ttl_ms = self.config.session.ttl.as_millis() as i64;
         let sid = SessionId::random();
@@ -175,9 +663,10 @@ impl App {
             .map_err(|e| LoginError::Unavailable(self.store_error("create_session", e)))?;
         let iat = issued_ms / 1000;
         let exp = (issued_ms + ttl_ms) / 1000;
+        let ring = self.keyring();
         let claims = SessionClaims {
-            iss: self.keyring.issuer().to_string(),
-            aud: self.keyring.audience().to_string(),
+            iss: ring.issuer().to_string(),
+            aud: ring.audience().to_string(),
             sub: user.id.to_string(),
             name: user.name.clone(),
             sid: sid.to_string(),
@@ -185,17 +674,14 @@ impl App {
             nbf: iat,
             exp,
             ims: issued_ms,
-            amr: vec!["pwd".to_string()],
+            amr,
         };
-        let token = self
-            .keyring
-            .issue(&claims)
-            .map_err(|_| LoginError::Internal)?;
+        let token = ring.issue(&claims).map_err(|_| LoginError::Internal)?;
         Ok(LoginOk {
             token,
             session_id: sid,
             expires_s: exp,
-            user_name: user.name,
+            user_name: user.name.clone(),
         })
     }
 
@@ -215,15 +701,20 @@ impl App {
         })
     }
 
-    /// Signs out every device of the identity's user.
-    pub async fn signout_user(&self, identity: &Identity) -> Result<(), StoreError> {
+    /// Signs out every device of a user.
+    pub async fn signout_user_id(&self, user_id: i64) -> Result<(), StoreError> {
         let event = self
             .store
-            .signout_user(identity.user_id, now_ms())
+            .signout_user(user_id, now_ms())
             .await
             .map_err(|e| self.store_error("signout_user", e))?;
         self.apply(&[event]);
         Ok(())
+    }
+
+    /// Signs out every device of the identity's user.
+    pub async fn signout_user(&self, identity: &Identity) -> Result<(), StoreError> {
+        self.signout_user_id(identity.user_id).await
     }
 
     /// Applies events this process committed to its own view at once.
@@ -249,6 +740,35 @@ impl App {
         self.metrics.view_sequence.set(stats.seq);
     }
 
+    /// Notes that a session was used; written in batches by the sync loop, at most once a
+    /// minute per session. Called on the request path: memory only.
+    pub fn touch(&self, sid: SessionId, now_ms: i64) {
+        if self
+            .last_seen_written
+            .get(&sid.0)
+            .is_some_and(|t| now_ms - t < LAST_SEEN_EVERY_MS)
+        {
+            return;
+        }
+        self.last_seen_written.insert(sid.0, now_ms);
+        if let Ok(mut pending) = self.last_seen_pending.lock() {
+            pending.push((sid, now_ms));
+        }
+    }
+
+    async fn flush_last_seen(&self) {
+        let batch: Vec<(SessionId, i64)> = match self.last_seen_pending.lock() {
+            Ok(mut p) => std::mem::take(&mut *p),
+            Err(_) => return,
+        };
+        if batch.is_empty() {
+            return;
+        }
+        if let Err(e) = self.store.touch_sessions(&batch).await {
+            self.store_error("touch_sessions", e);
+        }
+    }
+
     /// Brings the view up to date with the store's event log once.
     pub async fn sync(&self) -> Result<usize, StoreError> {
         match revocation::sync_once(&self.store, &self.view).await {
@@ -269,14 +789,21 @@ impl App {
         }
     }
 
-    /// The sync loop: a delta poll every `poll_interval`, and a sweep of expired revocations.
+    /// The sync loop: a delta poll every `poll_interval`, key file reloads, batched last-seen
+    /// writes, and a sweep of expired revocations.
     pub async fn run_sync_loop(self: Arc<Self>) {
         let mut tick = tokio::time::interval(self.config.store.poll_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_sweep = Instant::now();
+        let mut last_flush = Instant::now();
         loop {
             tick.tick().await;
             let _ = self.sync().await;
+            self.reload_keys_if_changed();
+            if last_flush.elapsed() >= LAST_SEEN_FLUSH {
+                self.flush_last_seen().await;
+                last_flush = Instant::now();
+            }
             if last_sweep.elapsed() >= SWEEP_INTERVAL {
                 let swept = self.view.sweep(now_ms());
                 if swept > 0 {
@@ -296,7 +823,7 @@ impl App {
     }
 }
 
-fn truncate(s: &str, max: usize) -> String {
+pub(crate) fn truncate(s: &str, max: usize) -> String {
     if s.len() <= max {
         return s.to_string();
     }

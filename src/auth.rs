@@ -4,7 +4,9 @@
 
 pub mod cookie;
 pub mod password;
+pub mod throttle;
 pub mod token;
+pub mod totp;
 
 use http::HeaderMap;
 
@@ -39,10 +41,11 @@ pub enum DenyReason {
     UserSignedOut,
     EveryoneSignedOut,
     UserDisabled,
+    KeyRetired,
 }
 
 impl DenyReason {
-    pub const ALL: [DenyReason; 14] = [
+    pub const ALL: [DenyReason; 15] = [
         DenyReason::NoCredentials,
         DenyReason::Malformed,
         DenyReason::WrongType,
@@ -57,6 +60,7 @@ impl DenyReason {
         DenyReason::UserSignedOut,
         DenyReason::EveryoneSignedOut,
         DenyReason::UserDisabled,
+        DenyReason::KeyRetired,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -75,6 +79,7 @@ impl DenyReason {
             DenyReason::UserSignedOut => "user_signed_out",
             DenyReason::EveryoneSignedOut => "everyone_signed_out",
             DenyReason::UserDisabled => "user_disabled",
+            DenyReason::KeyRetired => "key_retired",
         }
     }
 }
@@ -102,6 +107,7 @@ impl From<Revoked> for DenyReason {
             Revoked::UserSignedOut => DenyReason::UserSignedOut,
             Revoked::EveryoneSignedOut => DenyReason::EveryoneSignedOut,
             Revoked::UserDisabled => DenyReason::UserDisabled,
+            Revoked::KeyRetired => DenyReason::KeyRetired,
         }
     }
 }
@@ -151,12 +157,13 @@ pub fn authenticate(
     let Some(token) = token else {
         return AuthDecision::Deny(DenyReason::NoCredentials);
     };
-    let claims = match keyring.verify(token, now_s) {
-        Ok(c) => c,
+    let (claims, kid) = match keyring.verify_with_kid(token, now_s) {
+        Ok(v) => v,
         Err(e) => return AuthDecision::Deny(e.into()),
     };
     match identity_of(&claims) {
-        Some(identity) => match view.check(identity.sid, identity.user_id, identity.issued_ms) {
+        Some(identity) => match view.check(identity.sid, identity.user_id, identity.issued_ms, kid)
+        {
             Ok(()) => AuthDecision::Allow(identity),
             Err(r) => AuthDecision::Deny(r.into()),
         },

@@ -12,14 +12,9 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
 use crate::app::now_ms;
-use crate::auth::password::{generate_password, Hasher};
+use crate::auth::password::{check_policy, generate_password, Hasher};
 use crate::config::{Config, Secret};
-use crate::store::{self, DynStore, SessionId, SessionRecord, StoreError, User};
-
-/// Shortest password accepted for an account, in characters.
-pub const MIN_PASSWORD_CHARS: usize = 12;
-/// Longest password accepted, in bytes.
-pub const MAX_PASSWORD_BYTES: usize = 1024;
+use crate::store::{self, AuditEntry, DynStore, SessionId, SessionRecord, StoreError, User};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -54,6 +49,31 @@ pub enum Command {
     Session(SessionCommand),
     /// Sign out every device of one user, or of everyone.
     Signout(SignoutArgs),
+    /// Breach response: sign out everyone, require a new password of every user at next login,
+    /// and replace the session signing key (the old one stops working everywhere).
+    BreachResponse,
+    /// Manage session signing keys.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+    /// Show the audit log, newest first.
+    Audit {
+        #[arg(long)]
+        user: Option<String>,
+        /// Only events newer than this, e.g. 1h, 7days.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        since: Option<std::time::Duration>,
+        #[arg(long)]
+        json: bool,
+        /// At most this many events.
+        #[arg(long, default_value_t = 200)]
+        limit: i64,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum KeysCommand {
+    /// Start signing with a new key; the old keys keep verifying until their tokens expire.
+    Rotate,
 }
 
 #[derive(Subcommand, Debug)]
@@ -81,6 +101,17 @@ pub enum UserCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Print a one-time password reset link (stored only as a hash).
+    ResetLink { name: String },
+    /// Make the next login of a user (or of every user) choose a new password first.
+    RequireReset {
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        name: Option<String>,
+        #[arg(long)]
+        all: bool,
+    },
+    /// Clear a user's failed logins and lock.
+    Unlock { name: String },
 }
 
 #[derive(Subcommand, Debug)]
@@ -197,12 +228,20 @@ fn run_store_command(config: Config, command: Command) -> anyhow::Result<()> {
             Command::User(c) => user_command(&config, &store, c).await,
             Command::Session(c) => session_command(&store, c).await,
             Command::Signout(a) => signout(&store, a).await,
+            Command::BreachResponse => breach(&config, &store).await,
+            Command::Keys(KeysCommand::Rotate) => rotate_keys(&config, &store).await,
+            Command::Audit {
+                user,
+                since,
+                json,
+                limit,
+            } => audit(&store, user, since, json, limit).await,
             Command::Serve | Command::CheckConfig { .. } => Ok(()),
         }
     })
 }
 
-fn valid_user_name(name: &str) -> bool {
+pub fn valid_user_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 64
         && name
@@ -210,8 +249,13 @@ fn valid_user_name(name: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '@'))
 }
 
-/// Reads a password from the first line of stdin, or generates one (returned for printing).
-fn new_password(from_stdin: bool) -> anyhow::Result<(Secret, bool)> {
+/// Reads a password from the first line of stdin, or generates one (returned for printing),
+/// and checks it against the password policy.
+fn new_password(
+    config: &Config,
+    user_name: &str,
+    from_stdin: bool,
+) -> anyhow::Result<(Secret, bool)> {
     if !from_stdin {
         return Ok((Secret::new(generate_password()), true));
     }
@@ -225,17 +269,7 @@ fn new_password(from_stdin: bool) -> anyhow::Result<(Secret, bool)> {
         .read_line(&mut line)
         .context("reading the password from stdin")?;
     let password = line.trim_end_matches(['\r', '\n']).to_string();
-    let chars = password.chars().count();
-    if chars < MIN_PASSWORD_CHARS {
-        return Err(refused(format!(
-            "the password must have at least {MIN_PASSWORD_CHARS} characters (it has {chars})"
-        )));
-    }
-    if password.len() > MAX_PASSWORD_BYTES {
-        return Err(refused(format!(
-            "the password must have at most {MAX_PASSWORD_BYTES} bytes"
-        )));
-    }
+    check_policy(&config.password, user_name, &password).map_err(|e| refused(e.to_string()))?;
     Ok((Secret::new(password), false))
 }
 
@@ -273,7 +307,7 @@ async fn user_command(config: &Config, store: &DynStore, c: UserCommand) -> anyh
                     "`{name}` is not a valid user name (1-64 of A-Z a-z 0-9 . _ - @)"
                 )));
             }
-            let (password, generated) = new_password(password_stdin)?;
+            let (password, generated) = new_password(config, &name, password_stdin)?;
             let hasher = Hasher::new(&config.password)?;
             let hash = hasher.hash(password.clone()).await?;
             store
@@ -291,7 +325,7 @@ async fn user_command(config: &Config, store: &DynStore, c: UserCommand) -> anyh
             password_stdin,
         } => {
             let user = find_user(store, &name).await?;
-            let (password, generated) = new_password(password_stdin)?;
+            let (password, generated) = new_password(config, &user.name, password_stdin)?;
             let hasher = Hasher::new(&config.password)?;
             let hash = hasher.hash(password.clone()).await?;
             store
@@ -310,6 +344,7 @@ async fn user_command(config: &Config, store: &DynStore, c: UserCommand) -> anyh
                 .set_disabled(user.id, true, now_ms())
                 .await
                 .map_err(store_refusal)?;
+            cli_audit(store, "admin_disable", Some(&user), "").await;
             println!("disabled {} and ended all of their sessions", user.name);
             Ok(())
         }
@@ -319,7 +354,53 @@ async fn user_command(config: &Config, store: &DynStore, c: UserCommand) -> anyh
                 .set_disabled(user.id, false, now_ms())
                 .await
                 .map_err(store_refusal)?;
+            cli_audit(store, "admin_enable", Some(&user), "").await;
             println!("enabled {}", user.name);
+            Ok(())
+        }
+        UserCommand::ResetLink { name } => {
+            let user = find_user(store, &name).await?;
+            let token = data_encoding::BASE64URL_NOPAD.encode(&rand::random::<[u8; 32]>());
+            let hash = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(token.as_bytes()));
+            let now = now_ms();
+            let ttl = config.auth.reset_link_ttl;
+            store
+                .create_reset_link(&hash, user.id, now, now + ttl.as_millis() as i64)
+                .await
+                .map_err(store_refusal)?;
+            cli_audit(store, "reset_link_issued", Some(&user), "").await;
+            println!(
+                "one-time reset link for {} (valid for {}):\n{}/_portcullis/reset/{token}",
+                user.name,
+                humantime::format_duration(ttl),
+                config.server.public_url
+            );
+            Ok(())
+        }
+        UserCommand::RequireReset { name, all } => {
+            if all {
+                let n = store
+                    .set_must_reset(None, true)
+                    .await
+                    .map_err(store_refusal)?;
+                cli_audit(store, "require_reset", None, "all users").await;
+                println!("{n} users must choose a new password at next login");
+            } else if let Some(name) = name {
+                let user = find_user(store, &name).await?;
+                store
+                    .set_must_reset(Some(user.id), true)
+                    .await
+                    .map_err(store_refusal)?;
+                cli_audit(store, "require_reset", Some(&user), "").await;
+                println!("{} must choose a new password at next login", user.name);
+            }
+            Ok(())
+        }
+        UserCommand::Unlock { name } => {
+            let user = find_user(store, &name).await?;
+            store.clear_failures(user.id).await.map_err(store_refusal)?;
+            cli_audit(store, "unlock", Some(&user), "").await;
+            println!("unlocked {}", user.name);
             Ok(())
         }
         UserCommand::List { json } => {
@@ -405,6 +486,13 @@ async fn session_command(store: &DynStore, c: SessionCommand) -> anyhow::Result<
                 .map_err(store_refusal)?
             {
                 Some(_) => {
+                    cli_audit(
+                        store,
+                        "admin_revoke_session",
+                        None,
+                        &format!("session {sid}"),
+                    )
+                    .await;
                     println!("session {sid} ended");
                     Ok(())
                 }
@@ -414,12 +502,131 @@ async fn session_command(store: &DynStore, c: SessionCommand) -> anyhow::Result<
     }
 }
 
+/// Records an operator's CLI action in the audit log (the CLI has no IP or session).
+async fn cli_audit(store: &DynStore, event: &str, user: Option<&User>, detail: &str) {
+    let entry = AuditEntry {
+        at_ms: now_ms(),
+        event: event.to_string(),
+        outcome: "success".to_string(),
+        user_id: user.map(|u| u.id),
+        user_name: user.map(|u| u.name.clone()).unwrap_or_default(),
+        ip: "cli".to_string(),
+        detail: detail.to_string(),
+        ..AuditEntry::default()
+    };
+    tracing::info!(target: "portcullis::audit", event, user = %entry.user_name, detail, "cli");
+    if let Err(e) = store.append_audit(&entry).await {
+        eprintln!("portcullis: warning: the audit log could not be written: {e}");
+    }
+}
+
+async fn breach(config: &Config, store: &DynStore) -> anyhow::Result<()> {
+    let report = crate::app::account::breach_response(config, store)
+        .await
+        .map_err(|e| refused(e.to_string()))?;
+    cli_audit(
+        store,
+        "breach_response",
+        None,
+        &format!(
+            "new key {}, retired {:?}",
+            report.new_kid, report.retired_kids
+        ),
+    )
+    .await;
+    println!("breach response done:");
+    println!("  - every session of every user is signed out");
+    println!(
+        "  - {} users must choose a new password at next login",
+        report.users_reset
+    );
+    println!(
+        "  - session signing key replaced: new key {}, retired {} (tokens they signed no longer work anywhere)",
+        report.new_kid,
+        report.retired_kids.join(", ")
+    );
+    println!("  running gateways apply this within their poll interval");
+    Ok(())
+}
+
+async fn rotate_keys(config: &Config, store: &DynStore) -> anyhow::Result<()> {
+    if config.session.key_override.is_some() {
+        return Err(refused(
+            "the signing key comes from PORTCULLIS_SESSION_KEY; rotate it there",
+        ));
+    }
+    let (kid, old) = crate::auth::token::rotate_key_file(&config.session.key_file, false)
+        .map_err(|e| refused(e.to_string()))?;
+    cli_audit(
+        store,
+        "key_rotation",
+        None,
+        &format!("new key {kid}, kept {old:?}"),
+    )
+    .await;
+    println!(
+        "new signing key {kid}; kept {} older key(s) for verifying sessions they signed",
+        old.len()
+    );
+    println!("running gateways load it within their poll interval; nobody is signed out");
+    Ok(())
+}
+
+async fn audit(
+    store: &DynStore,
+    user: Option<String>,
+    since: Option<std::time::Duration>,
+    json: bool,
+    limit: i64,
+) -> anyhow::Result<()> {
+    let user_id = match user {
+        Some(name) => Some(find_user(store, &name).await?.id),
+        None => None,
+    };
+    let since_ms = since.map_or(0, |d| now_ms() - d.as_millis() as i64);
+    let entries = store
+        .list_audit(user_id, since_ms, limit.clamp(1, 100_000))
+        .await
+        .map_err(store_refusal)?;
+    if json {
+        let list: Vec<_> = entries
+            .iter()
+            .map(|e| {
+                serde_json::json!({
+                    "time": time_text(e.at_ms), "event": e.event, "outcome": e.outcome,
+                    "user": e.user_name, "ip": e.ip, "user_agent": e.user_agent,
+                    "session_id": e.session_id, "detail": e.detail,
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&list)?);
+    } else {
+        for e in entries {
+            println!(
+                "{} {:<22} {:<12} {:<16} {:<15} {}",
+                time_text(e.at_ms),
+                e.event,
+                e.outcome,
+                if e.user_name.is_empty() {
+                    "-"
+                } else {
+                    &e.user_name
+                },
+                if e.ip.is_empty() { "-" } else { &e.ip },
+                e.detail
+            );
+        }
+    }
+    Ok(())
+}
+
 async fn signout(store: &DynStore, a: SignoutArgs) -> anyhow::Result<()> {
     if a.everyone {
         store
             .signout_everyone(now_ms())
             .await
             .map_err(store_refusal)?;
+        cli_audit(store, "signout_everyone", None, "").await;
         println!("signed out every device of every user");
         return Ok(());
     }
@@ -431,6 +638,7 @@ async fn signout(store: &DynStore, a: SignoutArgs) -> anyhow::Result<()> {
         .signout_user(user.id, now_ms())
         .await
         .map_err(store_refusal)?;
+    cli_audit(store, "signout_all_devices", Some(&user), "by an operator").await;
     println!("signed out every device of {}", user.name);
     Ok(())
 }

@@ -36,6 +36,22 @@ pub const ARGON2_MIN_ITERATIONS: u32 = 2;
 pub const DEFAULT_HASH_CONCURRENCY: usize = 2;
 /// Default issuer (`iss`) of session tokens.
 pub const DEFAULT_ISSUER: &str = "portcullis";
+/// Default shortest new password, in characters (NIST SP 800-63B allows 8; we ask for more).
+pub const DEFAULT_MIN_PASSWORD_CHARS: usize = 12;
+/// Longest password accepted, in bytes; NIST asks that at least 64 characters be allowed.
+pub const MAX_PASSWORD_BYTES: usize = 1024;
+/// Default consecutive failed logins after which an account locks.
+pub const DEFAULT_MAX_FAILURES: u32 = 10;
+/// NIST SP 800-63B: at most 100 consecutive failures before locking.
+pub const MAX_MAX_FAILURES: u32 = 100;
+/// Default lockout length: 15 minutes.
+pub const DEFAULT_LOCKOUT: Duration = Duration::from_secs(15 * 60);
+/// Default lifetime of a password reset link: 1 hour.
+pub const DEFAULT_RESET_LINK_TTL: Duration = Duration::from_secs(3600);
+/// Default failed attempts from one IP address within `ip_window` before it is throttled.
+pub const DEFAULT_IP_MAX_FAILURES: u32 = 30;
+/// Default window over which failures from one IP address are counted: 15 minutes.
+pub const DEFAULT_IP_WINDOW: Duration = Duration::from_secs(15 * 60);
 
 /// Errors met while loading or validating a config file. Every variant names the file.
 #[derive(Debug, thiserror::Error)]
@@ -99,7 +115,24 @@ struct FileConfig {
     #[serde(default)]
     log: FileLog,
     #[serde(default)]
+    auth: FileAuth,
+    #[serde(default)]
     route: Vec<FileRoute>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileAuth {
+    require_2fa: Option<String>,
+    max_failures: Option<u32>,
+    #[serde(default, with = "humantime_serde")]
+    lockout: Option<Duration>,
+    ip_max_failures: Option<u32>,
+    #[serde(default, with = "humantime_serde")]
+    ip_window: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    reset_link_ttl: Option<Duration>,
+    secrets_key_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -146,6 +179,8 @@ struct FilePassword {
     iterations: Option<u32>,
     parallelism: Option<u32>,
     max_concurrent: Option<usize>,
+    min_length: Option<usize>,
+    blocklist_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -181,7 +216,29 @@ pub struct Config {
     pub session: SessionConfig,
     pub password: PasswordConfig,
     pub log: LogConfig,
+    pub auth: AuthConfig,
     pub routes: Vec<Route>,
+}
+
+/// Who must use a second factor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Require2fa {
+    Off,
+    Admins,
+    All,
+}
+
+#[derive(Debug, Clone)]
+pub struct AuthConfig {
+    pub require_2fa: Require2fa,
+    /// Consecutive failed logins (password or code) after which an account locks.
+    pub max_failures: u32,
+    pub lockout: Duration,
+    pub ip_max_failures: u32,
+    pub ip_window: Duration,
+    pub reset_link_ttl: Duration,
+    /// Key that encrypts TOTP secrets at rest; generated 0600 on first start if absent.
+    pub secrets_key_file: PathBuf,
 }
 
 #[derive(Debug, Clone)]
@@ -229,6 +286,9 @@ pub struct PasswordConfig {
     pub iterations: u32,
     pub parallelism: u32,
     pub max_concurrent: usize,
+    pub min_length: usize,
+    /// Lower-cased passwords that may not be chosen (from `blocklist_file`).
+    pub blocklist: std::sync::Arc<HashSet<String>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -384,6 +444,7 @@ impl Validator {
         let session = self.session(raw.session, env)?;
         let password = self.password(raw.password)?;
         let log = self.log(raw.log)?;
+        let auth = self.auth(raw.auth)?;
         if raw.route.is_empty() {
             return Err(self.err("route", "at least one [[route]] is required"));
         }
@@ -418,7 +479,58 @@ impl Validator {
             session,
             password,
             log,
+            auth,
             routes,
+        })
+    }
+
+    fn auth(&self, a: FileAuth) -> Result<AuthConfig, ConfigError> {
+        let require_2fa = match a.require_2fa.as_deref().unwrap_or("off") {
+            "off" => Require2fa::Off,
+            "admins" => Require2fa::Admins,
+            "all" => Require2fa::All,
+            other => {
+                return Err(self.err(
+                    "auth.require_2fa",
+                    format!("`{other}` is not off, admins or all"),
+                ))
+            }
+        };
+        let max_failures = a.max_failures.unwrap_or(DEFAULT_MAX_FAILURES);
+        if !(1..=MAX_MAX_FAILURES).contains(&max_failures) {
+            return Err(self.err(
+                "auth.max_failures",
+                format!("must be between 1 and {MAX_MAX_FAILURES} (NIST SP 800-63B)"),
+            ));
+        }
+        let lockout = a.lockout.unwrap_or(DEFAULT_LOCKOUT);
+        if lockout < Duration::from_secs(1) || lockout > Duration::from_secs(7 * 24 * 3600) {
+            return Err(self.err("auth.lockout", "must be between 1s and 7 days"));
+        }
+        let ip_max_failures = a.ip_max_failures.unwrap_or(DEFAULT_IP_MAX_FAILURES);
+        if ip_max_failures == 0 {
+            return Err(self.err("auth.ip_max_failures", "must be at least 1"));
+        }
+        let ip_window = a.ip_window.unwrap_or(DEFAULT_IP_WINDOW);
+        if ip_window < Duration::from_secs(1) || ip_window > Duration::from_secs(24 * 3600) {
+            return Err(self.err("auth.ip_window", "must be between 1s and 24h"));
+        }
+        let reset_link_ttl = a.reset_link_ttl.unwrap_or(DEFAULT_RESET_LINK_TTL);
+        if reset_link_ttl < Duration::from_secs(60)
+            || reset_link_ttl > Duration::from_secs(30 * 24 * 3600)
+        {
+            return Err(self.err("auth.reset_link_ttl", "must be between 1m and 30 days"));
+        }
+        Ok(AuthConfig {
+            require_2fa,
+            max_failures,
+            lockout,
+            ip_max_failures,
+            ip_window,
+            reset_link_ttl,
+            secrets_key_file: a
+                .secrets_key_file
+                .unwrap_or_else(|| PathBuf::from("data/secrets.key")),
         })
     }
 
@@ -596,11 +708,34 @@ impl Validator {
         if max_concurrent == 0 || max_concurrent > 64 {
             return Err(self.err("password.max_concurrent", "must be between 1 and 64"));
         }
+        let min_length = p.min_length.unwrap_or(DEFAULT_MIN_PASSWORD_CHARS);
+        if !(8..=64).contains(&min_length) {
+            return Err(self.err(
+                "password.min_length",
+                "must be between 8 and 64 (NIST SP 800-63B)",
+            ));
+        }
+        let mut blocklist = HashSet::new();
+        if let Some(path) = &p.blocklist_file {
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                self.err(
+                    "password.blocklist_file",
+                    format!("cannot read {}: {e}", path.display()),
+                )
+            })?;
+            blocklist = text
+                .lines()
+                .map(|l| l.trim().to_lowercase())
+                .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                .collect();
+        }
         Ok(PasswordConfig {
             memory_kib,
             iterations,
             parallelism,
             max_concurrent,
+            min_length,
+            blocklist: std::sync::Arc::new(blocklist),
         })
     }
 

@@ -20,6 +20,8 @@ pub const SYNC_LAST_SUCCESS: &str = "portcullis_sync_last_success_timestamp_seco
 pub const SYNC_ERRORS_TOTAL: &str = "portcullis_sync_errors_total";
 pub const STORE_ERRORS_TOTAL: &str = "portcullis_store_errors_total";
 pub const BUILD_INFO: &str = "portcullis_build_info";
+pub const SECOND_FACTOR_TOTAL: &str = "portcullis_second_factor_total";
+pub const LOCKOUTS_TOTAL: &str = "portcullis_lockouts_total";
 
 /// Reasons a request is refused before authentication.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -82,6 +84,8 @@ pub struct Metrics {
     pub sync_last_success: Gauge,
     pub sync_errors: IntCounter,
     pub store_errors: IntCounterVec,
+    pub second_factor: IntCounterVec,
+    pub lockouts: IntCounter,
 }
 
 /// Route label for requests answered before a route was chosen, or by the gateway's own pages.
@@ -138,6 +142,14 @@ impl Metrics {
             ),
             &["operation"],
         )?;
+        let second_factor = IntCounterVec::new(
+            Opts::new(
+                SECOND_FACTOR_TOTAL,
+                "Second-factor checks by method and result.",
+            ),
+            &["method", "result"],
+        )?;
+        let lockouts = IntCounter::new(LOCKOUTS_TOTAL, "Accounts locked after repeated failures.")?;
         let build_info = IntGaugeVec::new(
             Opts::new(BUILD_INFO, "Build information; the value is always 1."),
             &["version", "store"],
@@ -156,6 +168,8 @@ impl Metrics {
         registry.register(Box::new(sync_errors.clone()))?;
         registry.register(Box::new(store_errors.clone()))?;
         registry.register(Box::new(build_info))?;
+        registry.register(Box::new(second_factor.clone()))?;
+        registry.register(Box::new(lockouts.clone()))?;
 
         let mut routes = Vec::new();
         let labels = route_names
@@ -195,6 +209,8 @@ impl Metrics {
             sync_last_success,
             sync_errors,
             store_errors,
+            second_factor,
+            lockouts,
         })
     }
 

@@ -103,7 +103,7 @@ impl Gateway {
         let req = session.req_header();
         let token = auth::extract_credential(&req.headers, self.app.cookie_name).map(|(t, _)| t);
         let decision =
-            auth::authenticate(token, &self.app.keyring, &self.app.view, now_ms() / 1000);
+            auth::authenticate(token, &self.app.keyring(), &self.app.view, now_ms() / 1000);
         match decision {
             AuthDecision::Allow(identity) => {
                 ctx.outcome = Outcome::Allowed;
@@ -323,8 +323,10 @@ impl ProxyHttp for Gateway {
         // 7. Authenticate against the revocation view.
         let token = auth::extract_credential(&session.req_header().headers, self.app.cookie_name)
             .map(|(t, _)| t);
-        match auth::authenticate(token, &self.app.keyring, &self.app.view, now_ms() / 1000) {
+        let now = now_ms();
+        match auth::authenticate(token, &self.app.keyring(), &self.app.view, now / 1000) {
             AuthDecision::Allow(identity) => {
+                self.app.touch(identity.sid, now);
                 ctx.identity = Some(identity);
                 ctx.outcome = Outcome::Allowed;
                 Ok(false)

@@ -24,10 +24,12 @@ pub enum Revoked {
     UserSignedOut,
     EveryoneSignedOut,
     UserDisabled,
+    KeyRetired,
 }
 
 #[derive(Default)]
 struct ViewState {
+    retired_keys: HashSet<String>,
     revoked: HashMap<u128, i64>,
     user_cutoff: HashMap<i64, i64>,
     global_cutoff: Option<i64>,
@@ -57,13 +59,19 @@ impl RevocationView {
         Self::default()
     }
 
-    /// Decides whether a token of `user_id`, session `sid`, issued at `issued_ms`, is revoked.
-    /// A token issued at or before a cutoff is dead.
-    pub fn check(&self, sid: SessionId, user_id: i64, issued_ms: i64) -> Result<(), Revoked> {
-        let s = match self.state.read() {
-            Ok(s) => s,
-            Err(poisoned) => poisoned.into_inner(),
-        };
+    /// Decides whether a token of `user_id`, session `sid`, issued at `issued_ms` and signed
+    /// with key `kid`, is revoked. A token issued at or before a cutoff is dead.
+    pub fn check(
+        &self,
+        sid: SessionId,
+        user_id: i64,
+        issued_ms: i64,
+        kid: &str,
+    ) -> Result<(), Revoked> {
+        let s = self.read();
+        if !s.retired_keys.is_empty() && s.retired_keys.contains(kid) {
+            return Err(Revoked::KeyRetired);
+        }
         if s.disabled.contains(&user_id) {
             return Err(Revoked::UserDisabled);
         }
@@ -104,6 +112,7 @@ impl RevocationView {
         s.user_cutoff = snap.user_cutoffs.into_iter().collect();
         s.global_cutoff = snap.global_cutoff;
         s.disabled = snap.disabled_users.into_iter().collect();
+        s.retired_keys = snap.retired_keys.into_iter().collect();
         s.seq = snap.seq;
         s.last_sync = Some(now);
         s.last_error = None;
@@ -168,6 +177,10 @@ impl RevocationView {
         self.read().last_error.clone()
     }
 
+    pub fn is_key_retired(&self, kid: &str) -> bool {
+        self.read().retired_keys.contains(kid)
+    }
+
     pub fn stats(&self) -> ViewStats {
         let s = self.read();
         ViewStats {
@@ -181,6 +194,9 @@ impl RevocationView {
 
 fn apply(s: &mut ViewState, event: &RevocationEvent) {
     match *event {
+        RevocationEvent::KeyRetired { ref kid } => {
+            s.retired_keys.insert(kid.clone());
+        }
         RevocationEvent::SessionRevoked {
             sid, expires_ms, ..
         } => {
@@ -231,11 +247,14 @@ mod tests {
             user_id: 1,
             at_ms: 1000,
         });
-        assert_eq!(v.check(sid(1), 1, 1000), Err(Revoked::UserSignedOut));
-        assert_eq!(v.check(sid(1), 1, 1001), Ok(()));
-        assert_eq!(v.check(sid(1), 2, 999), Ok(()));
+        assert_eq!(v.check(sid(1), 1, 1000, "k"), Err(Revoked::UserSignedOut));
+        assert_eq!(v.check(sid(1), 1, 1001, "k"), Ok(()));
+        assert_eq!(v.check(sid(1), 2, 999, "k"), Ok(()));
         v.apply_local(&RevocationEvent::GlobalCutoff { at_ms: 2000 });
-        assert_eq!(v.check(sid(1), 2, 1999), Err(Revoked::EveryoneSignedOut));
+        assert_eq!(
+            v.check(sid(1), 2, 1999, "k"),
+            Err(Revoked::EveryoneSignedOut)
+        );
     }
 
     #[test]
@@ -258,8 +277,8 @@ mod tests {
         assert_eq!(v.apply_from_log(&events, Instant::now()), 2);
         assert_eq!(v.apply_from_log(&events, Instant::now()), 0);
         assert_eq!(v.seq(), 2);
-        assert_eq!(v.check(sid(7), 1, 10), Err(Revoked::Session));
-        assert_eq!(v.check(sid(8), 3, 10), Err(Revoked::UserDisabled));
+        assert_eq!(v.check(sid(7), 1, 10, "k"), Err(Revoked::Session));
+        assert_eq!(v.check(sid(8), 3, 10, "k"), Err(Revoked::UserDisabled));
     }
 
     #[test]
@@ -267,6 +286,17 @@ mod tests {
         let v = RevocationView::new();
         v.apply_local(&RevocationEvent::GlobalCutoff { at_ms: 5 });
         assert_eq!(v.seq(), 0);
+    }
+
+    #[test]
+    fn retired_keys_kill_every_token_they_signed() {
+        let v = RevocationView::new();
+        v.apply_local(&RevocationEvent::KeyRetired { kid: "old".into() });
+        assert_eq!(
+            v.check(sid(1), 1, i64::MAX, "old"),
+            Err(Revoked::KeyRetired)
+        );
+        assert_eq!(v.check(sid(1), 1, i64::MAX, "new"), Ok(()));
     }
 
     #[test]
@@ -280,7 +310,7 @@ mod tests {
             });
         }
         assert_eq!(v.sweep(150), 1);
-        assert_eq!(v.check(sid(1), 1, 0), Ok(()));
-        assert_eq!(v.check(sid(2), 1, 0), Err(Revoked::Session));
+        assert_eq!(v.check(sid(1), 1, 0, "k"), Ok(()));
+        assert_eq!(v.check(sid(2), 1, 0, "k"), Err(Revoked::Session));
     }
 }

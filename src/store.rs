@@ -40,7 +40,7 @@ impl fmt::Debug for SessionId {
     }
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct User {
     pub id: i64,
     pub name: String,
@@ -48,6 +48,39 @@ pub struct User {
     pub is_admin: bool,
     pub disabled: bool,
     pub created_ms: i64,
+    /// The next login must choose a new password first.
+    pub must_reset: bool,
+    /// Consecutive failed logins.
+    pub failed_logins: i64,
+    pub locked_until_ms: Option<i64>,
+    pub last_failure_ms: Option<i64>,
+    /// The TOTP secret, encrypted with the secrets key.
+    pub totp_secret: Option<String>,
+    pub totp_enabled: bool,
+    pub totp_last_step: i64,
+}
+
+/// A security event for the audit log. Never holds a secret.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct AuditEntry {
+    pub at_ms: i64,
+    pub event: String,
+    pub outcome: String,
+    pub user_id: Option<i64>,
+    pub user_name: String,
+    pub ip: String,
+    pub user_agent: String,
+    pub session_id: String,
+    pub detail: String,
+}
+
+/// What a reset link's hash names.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ResetLinkState {
+    Valid { user_id: i64 },
+    Used,
+    Expired,
+    Unknown,
 }
 
 /// How a session was created.
@@ -124,6 +157,10 @@ pub enum RevocationEvent {
     UserEnabled {
         user_id: i64,
     },
+    /// Every token signed with this key is dead (a breach response retired it).
+    KeyRetired {
+        kid: String,
+    },
 }
 
 impl RevocationEvent {
@@ -135,6 +172,7 @@ impl RevocationEvent {
             RevocationEvent::GlobalCutoff { .. } => "everyone",
             RevocationEvent::UserDisabled { .. } => "user_disabled",
             RevocationEvent::UserEnabled { .. } => "user_enabled",
+            RevocationEvent::KeyRetired { .. } => "key_retired",
         }
     }
 }
@@ -154,6 +192,7 @@ pub struct Snapshot {
     pub user_cutoffs: Vec<(i64, i64)>,
     pub global_cutoff: Option<i64>,
     pub disabled_users: Vec<i64>,
+    pub retired_keys: Vec<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -194,6 +233,8 @@ pub trait Store: Send + Sync + 'static {
     /// Looks a user up by name, ignoring ASCII case.
     async fn find_user(&self, name: &str) -> StoreResult<Option<User>>;
     async fn list_users(&self) -> StoreResult<Vec<User>>;
+    async fn find_user_by_id(&self, id: i64) -> StoreResult<Option<User>>;
+    /// Sets a password without signing anyone out (the CLI's `user passwd`).
     async fn set_password(&self, user_id: i64, password_hash: &str) -> StoreResult<()>;
     /// Disabling also cuts off every token the user holds, so enabling never revives them.
     async fn set_disabled(
@@ -222,6 +263,73 @@ pub trait Store: Send + Sync + 'static {
     async fn signout_user(&self, user_id: i64, now_ms: i64) -> StoreResult<SequencedEvent>;
     /// Ends every session issued at or before `now_ms`.
     async fn signout_everyone(&self, now_ms: i64) -> StoreResult<SequencedEvent>;
+
+    /// Counts a failed login; locks the account once `max_failures` consecutive failures are
+    /// reached. Returns the user as it now stands.
+    async fn record_failure(
+        &self,
+        user_id: i64,
+        now_ms: i64,
+        max_failures: u32,
+        lockout_ms: i64,
+    ) -> StoreResult<User>;
+    /// Clears failures and any lock (a successful login, or an admin's unlock).
+    async fn clear_failures(&self, user_id: i64) -> StoreResult<()>;
+    /// Sets or clears "must choose a new password" for one user, or for all when `None`.
+    async fn set_must_reset(&self, user_id: Option<i64>, must: bool) -> StoreResult<u64>;
+    /// Sets a new password and clears `must_reset`; with `signout_at`, also ends every session
+    /// of the user issued at or before it, in the same transaction.
+    async fn change_password(
+        &self,
+        user_id: i64,
+        password_hash: &str,
+        signout_at: Option<i64>,
+    ) -> StoreResult<Option<SequencedEvent>>;
+
+    /// Stores (or clears) the encrypted TOTP secret and whether 2FA is on.
+    async fn set_totp(&self, user_id: i64, secret: Option<&str>, enabled: bool) -> StoreResult<()>;
+    /// Accepts a TOTP time step only if it is later than every step accepted before.
+    async fn accept_totp_step(&self, user_id: i64, step: i64) -> StoreResult<bool>;
+    async fn replace_recovery_codes(&self, user_id: i64, hashes: &[String]) -> StoreResult<()>;
+    /// Marks a recovery code used; false if it does not exist or was used.
+    async fn use_recovery_code(&self, user_id: i64, hash: &str, now_ms: i64) -> StoreResult<bool>;
+    async fn recovery_codes_left(&self, user_id: i64) -> StoreResult<i64>;
+
+    async fn create_reset_link(
+        &self,
+        token_hash: &str,
+        user_id: i64,
+        now_ms: i64,
+        expires_ms: i64,
+    ) -> StoreResult<()>;
+    async fn reset_link_state(&self, token_hash: &str, now_ms: i64) -> StoreResult<ResetLinkState>;
+    /// Uses a reset link once: sets the password, clears `must_reset`, ends every session of
+    /// the user, all in one transaction. `Ok(None)` if the link is not valid any more.
+    async fn redeem_reset_link(
+        &self,
+        token_hash: &str,
+        password_hash: &str,
+        now_ms: i64,
+    ) -> StoreResult<Option<(i64, SequencedEvent)>>;
+
+    /// Records when sessions were last seen (written in batches, off the request path).
+    async fn touch_sessions(&self, seen: &[(SessionId, i64)]) -> StoreResult<()>;
+
+    /// Breach response, in one transaction: everyone signed out, every user must choose a new
+    /// password, and the given signing keys retired.
+    async fn breach_response(
+        &self,
+        now_ms: i64,
+        retired_keys: &[String],
+    ) -> StoreResult<Vec<SequencedEvent>>;
+
+    async fn append_audit(&self, entry: &AuditEntry) -> StoreResult<()>;
+    async fn list_audit(
+        &self,
+        user_id: Option<i64>,
+        since_ms: i64,
+        limit: i64,
+    ) -> StoreResult<Vec<AuditEntry>>;
 
     /// Events with `seq > after`, in sequence order, at most `limit` of them.
     async fn events_since(&self, after: i64, limit: i64) -> StoreResult<Vec<SequencedEvent>>;

@@ -1,36 +1,91 @@
 //! Portcullis's own pages and JSON API under `/_portcullis/` (an axum router the proxy calls
 //! in-process), and the private admin listener (`/healthz`, `/readyz`, `/metrics`).
 //! Pages are server-rendered HTML with no external assets and work without JavaScript.
+//! Every state-changing form is POST only and checks both the `Origin`/`Sec-Fetch-Site`
+//! headers and a per-session CSRF token.
 
+mod account;
+mod admin;
+mod login;
 mod pages;
 
 use std::sync::Arc;
 
-use axum::extract::{Query, State};
+use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Extension, Form, Json, Router};
-use serde::Deserialize;
+use axum::{Json, Router};
 
-use crate::app::{App, ClientInfo, LoginError, LoginOk};
-use crate::auth::{self, cookie, AuthDecision, CredentialSource};
-use crate::config::Secret;
-use crate::store::SessionKind;
+use crate::app::{now_ms, App, LoginOk};
+use crate::auth::{self, cookie, AuthDecision, CredentialSource, Identity};
 
 /// The reserved path prefix of the gateway's own pages.
 pub const PREFIX: &str = "/_portcullis";
 pub const LOGIN_PATH: &str = "/_portcullis/login";
+pub const ACCOUNT_PATH: &str = "/_portcullis/account";
 /// The forward-auth endpoint, answered by the proxy itself.
 pub const VERIFY_PATH: &str = "/_portcullis/verify";
 
 /// The router for `/_portcullis/…`, served in-process by the proxy.
 pub fn router(app: Arc<App>) -> Router {
     Router::new()
-        .route("/_portcullis/login", get(login_page).post(login_form))
-        .route("/_portcullis/api/login", post(api_login))
-        .route("/_portcullis/logout", post(logout))
+        .route(
+            "/_portcullis/login",
+            get(login::login_page).post(login::login_form),
+        )
+        .route(
+            "/_portcullis/login/2fa",
+            get(login::totp_page).post(login::totp_form),
+        )
+        .route(
+            "/_portcullis/login/password",
+            get(login::password_page).post(login::password_form),
+        )
+        .route(
+            "/_portcullis/login/enroll",
+            get(login::enroll_page).post(login::enroll_form),
+        )
+        .route("/_portcullis/api/login", post(login::api_login))
+        .route("/_portcullis/logout", post(login::logout))
+        .route(
+            "/_portcullis/reset/{token}",
+            get(login::reset_page).post(login::reset_form),
+        )
         .route("/_portcullis/", get(home))
+        .route("/_portcullis/account", get(account::page))
+        .route(
+            "/_portcullis/account/sessions/revoke",
+            post(account::revoke_device),
+        )
+        .route(
+            "/_portcullis/account/signout-others",
+            post(account::signout_others),
+        )
+        .route(
+            "/_portcullis/account/signout-all",
+            post(account::signout_all),
+        )
+        .route(
+            "/_portcullis/account/password",
+            post(account::change_password),
+        )
+        .route(
+            "/_portcullis/account/2fa",
+            get(account::twofa_page).post(account::twofa_enable),
+        )
+        .route(
+            "/_portcullis/account/2fa/disable",
+            post(account::twofa_disable),
+        )
+        .route("/_portcullis/admin", get(admin::page))
+        .route("/_portcullis/admin/users", post(admin::add_user))
+        .route("/_portcullis/admin/users/action", post(admin::user_action))
+        .route(
+            "/_portcullis/admin/sessions/revoke",
+            post(admin::revoke_session),
+        )
+        .route("/_portcullis/admin/breach", post(admin::breach))
         .fallback(not_found)
         .with_state(app)
 }
@@ -62,13 +117,13 @@ pub fn safe_return_path(candidate: Option<&str>) -> String {
     p.to_string()
 }
 
-fn no_store(mut resp: Response) -> Response {
+pub(crate) fn no_store(mut resp: Response) -> Response {
     resp.headers_mut()
         .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     resp
 }
 
-fn redirect(to: &str) -> Response {
+pub(crate) fn redirect(to: &str) -> Response {
     let mut resp = StatusCode::SEE_OTHER.into_response();
     if let Ok(v) = HeaderValue::from_str(to) {
         resp.headers_mut().insert(header::LOCATION, v);
@@ -76,8 +131,24 @@ fn redirect(to: &str) -> Response {
     no_store(resp)
 }
 
-/// Refuses a state-changing request that a browser says comes from another site.
-fn cross_site(app: &App, headers: &HeaderMap) -> bool {
+pub(crate) fn with_cookie(mut resp: Response, cookie: &str) -> Response {
+    if let Ok(v) = HeaderValue::from_str(cookie) {
+        resp.headers_mut().append(header::SET_COOKIE, v);
+    }
+    resp
+}
+
+/// The response that sets a fresh session cookie.
+pub(crate) fn session_cookie(app: &App, resp: Response, ok: &LoginOk) -> Response {
+    let max_age = (ok.expires_s - now_ms() / 1000).max(0);
+    with_cookie(
+        resp,
+        &cookie::session(&ok.token, app.config.server.secure, max_age),
+    )
+}
+
+/// Whether a state-changing request comes from another site, by the browser's own headers.
+pub(crate) fn cross_site(app: &App, headers: &HeaderMap) -> bool {
     if let Some(site) = headers.get("sec-fetch-site").and_then(|v| v.to_str().ok()) {
         if site == "cross-site" || site == "same-site" {
             return true;
@@ -89,168 +160,20 @@ fn cross_site(app: &App, headers: &HeaderMap) -> bool {
     }
 }
 
-fn forbidden_cross_site() -> Response {
+pub(crate) fn forbidden_cross_site() -> Response {
     no_store(
         (
             StatusCode::FORBIDDEN,
             pages::message(
                 "Refused",
-                "This request came from another site and was refused.",
+                "This request came from another site (or its form expired) and was refused.",
             ),
         )
             .into_response(),
     )
 }
 
-#[derive(Deserialize)]
-struct LoginQuery {
-    rd: Option<String>,
-}
-
-async fn login_page(Query(q): Query<LoginQuery>) -> Response {
-    let rd = safe_return_path(q.rd.as_deref());
-    no_store(pages::login(&rd, None).into_response())
-}
-
-#[derive(Deserialize)]
-struct LoginFormData {
-    username: String,
-    password: String,
-    rd: Option<String>,
-}
-
-async fn login_form(
-    State(app): State<Arc<App>>,
-    Extension(client): Extension<ClientInfo>,
-    headers: HeaderMap,
-    Form(form): Form<LoginFormData>,
-) -> Response {
-    if cross_site(&app, &headers) {
-        return forbidden_cross_site();
-    }
-    let rd = safe_return_path(form.rd.as_deref());
-    let result = app
-        .login(
-            &form.username,
-            Secret::new(form.password),
-            SessionKind::Web,
-            &client,
-        )
-        .await;
-    count_login(&app, &result);
-    match result {
-        Ok(ok) => {
-            tracing::info!(user = %ok.user_name, session = %ok.session_id, ip = %client.ip, "login");
-            let max_age = ok.expires_s - crate::app::now_ms() / 1000;
-            let mut resp = redirect(&rd);
-            let c = cookie::session(&ok.token, app.config.server.secure, max_age.max(0));
-            if let Ok(v) = HeaderValue::from_str(&c) {
-                resp.headers_mut().insert(header::SET_COOKIE, v);
-            }
-            resp
-        }
-        Err(e) => {
-            tracing::info!(ip = %client.ip, reason = e.label(), "login refused");
-            let status = login_status(&e);
-            no_store((status, pages::login(&rd, Some(&e.to_string()))).into_response())
-        }
-    }
-}
-
-fn login_status(e: &LoginError) -> StatusCode {
-    match e {
-        LoginError::InvalidCredentials | LoginError::Disabled => StatusCode::UNAUTHORIZED,
-        LoginError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
-        LoginError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
-    }
-}
-
-fn count_login(app: &App, result: &Result<LoginOk, LoginError>) {
-    let label = match result {
-        Ok(_) => "success",
-        Err(e) => e.label(),
-    };
-    app.metrics
-        .logins
-        .with_label_values(&["password", label])
-        .inc();
-}
-
-#[derive(Deserialize)]
-struct ApiLoginData {
-    username: String,
-    password: String,
-}
-
-async fn api_login(
-    State(app): State<Arc<App>>,
-    Extension(client): Extension<ClientInfo>,
-    headers: HeaderMap,
-    Json(data): Json<ApiLoginData>,
-) -> Response {
-    if cross_site(&app, &headers) {
-        return forbidden_cross_site();
-    }
-    let result = app
-        .login(
-            &data.username,
-            Secret::new(data.password),
-            SessionKind::Api,
-            &client,
-        )
-        .await;
-    count_login(&app, &result);
-    match result {
-        Ok(ok) => {
-            tracing::info!(user = %ok.user_name, session = %ok.session_id, ip = %client.ip, "api login");
-            no_store(
-                Json(serde_json::json!({
-                    "token": ok.token,
-                    "session_id": ok.session_id.to_string(),
-                    "expires_at": ok.expires_s,
-                }))
-                .into_response(),
-            )
-        }
-        Err(e) => {
-            tracing::info!(ip = %client.ip, reason = e.label(), "api login refused");
-            let body = serde_json::json!({ "error": e.label(), "message": e.to_string() });
-            no_store((login_status(&e), Json(body)).into_response())
-        }
-    }
-}
-
-async fn logout(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
-    if cross_site(&app, &headers) {
-        return forbidden_cross_site();
-    }
-    let found = auth::extract_credential(&headers, app.cookie_name);
-    let source = found.map(|(_, s)| s);
-    let decision = auth::authenticate(
-        found.map(|(t, _)| t),
-        &app.keyring,
-        &app.view,
-        crate::app::now_ms() / 1000,
-    );
-    if let AuthDecision::Allow(identity) = decision {
-        if let Err(e) = app.revoke_session(identity.sid).await {
-            return store_unavailable(&e.to_string());
-        }
-        tracing::info!(user = %identity.name, session = %identity.sid, "logout");
-    }
-    match source {
-        Some(CredentialSource::Bearer) => no_store(StatusCode::NO_CONTENT.into_response()),
-        _ => {
-            let mut resp = redirect(LOGIN_PATH);
-            if let Ok(v) = HeaderValue::from_str(&cookie::clear(app.config.server.secure)) {
-                resp.headers_mut().insert(header::SET_COOKIE, v);
-            }
-            resp
-        }
-    }
-}
-
-fn store_unavailable(detail: &str) -> Response {
+pub(crate) fn store_unavailable(detail: &str) -> Response {
     tracing::warn!(error = detail, "store unavailable");
     no_store(
         (
@@ -265,11 +188,25 @@ fn store_unavailable(detail: &str) -> Response {
     )
 }
 
+/// The signed-in identity of a request, and where its credential came from.
+pub(crate) fn identity(app: &App, headers: &HeaderMap) -> Option<(Identity, CredentialSource)> {
+    let (token, source) = auth::extract_credential(headers, app.cookie_name)?;
+    match auth::authenticate(Some(token), &app.keyring(), &app.view, now_ms() / 1000) {
+        AuthDecision::Allow(id) => Some((id, source)),
+        AuthDecision::Deny(_) => None,
+    }
+}
+
+/// The login page, returning to `path` afterwards.
+pub(crate) fn to_login(path: &str) -> Response {
+    let rd = percent_encoding::utf8_percent_encode(path, percent_encoding::NON_ALPHANUMERIC);
+    redirect(&format!("{LOGIN_PATH}?rd={rd}"))
+}
+
 async fn home(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
-    let token = auth::extract_credential(&headers, app.cookie_name).map(|(t, _)| t);
-    match auth::authenticate(token, &app.keyring, &app.view, crate::app::now_ms() / 1000) {
-        AuthDecision::Allow(identity) => no_store(pages::home(&identity.name).into_response()),
-        AuthDecision::Deny(_) => redirect(LOGIN_PATH),
+    match identity(&app, &headers) {
+        Some((id, _)) => no_store(pages::home(&id.name).into_response()),
+        None => redirect(LOGIN_PATH),
     }
 }
 

@@ -7,6 +7,9 @@ use http::HeaderMap;
 
 pub const SECURE_NAME: &str = "__Host-portcullis";
 pub const PLAIN_NAME: &str = "portcullis";
+/// The short-lived cookie of a login that still owes a step (second factor, new password).
+pub const SECURE_PENDING_NAME: &str = "__Host-portcullis-pending";
+pub const PLAIN_PENDING_NAME: &str = "portcullis-pending";
 
 /// The cookie name for a deployment.
 pub fn name(secure: bool) -> &'static str {
@@ -15,6 +18,39 @@ pub fn name(secure: bool) -> &'static str {
     } else {
         PLAIN_NAME
     }
+}
+
+/// The pending-login cookie name for a deployment.
+pub fn pending_name(secure: bool) -> &'static str {
+    if secure {
+        SECURE_PENDING_NAME
+    } else {
+        PLAIN_PENDING_NAME
+    }
+}
+
+/// `Set-Cookie` value for a pending login (Strict: it is only ever used on our own forms).
+pub fn pending(token: &str, secure: bool, max_age_s: i64) -> String {
+    let mut c = format!(
+        "{}={token}; Path=/; HttpOnly; SameSite=Strict; Max-Age={max_age_s}",
+        pending_name(secure)
+    );
+    if secure {
+        c.push_str("; Secure");
+    }
+    c
+}
+
+/// `Set-Cookie` value that removes the pending-login cookie.
+pub fn clear_pending(secure: bool) -> String {
+    let mut c = format!(
+        "{}=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0",
+        pending_name(secure)
+    );
+    if secure {
+        c.push_str("; Secure");
+    }
+    c
 }
 
 /// `Set-Cookie` value that stores a session token for `max_age_s` seconds.
@@ -65,7 +101,14 @@ pub fn without_gateway_cookies(value: &[u8]) -> Option<String> {
         .map(str::trim)
         .filter(|pair| {
             let n = pair.split_once('=').map_or(*pair, |(k, _)| k);
-            !pair.is_empty() && n != SECURE_NAME && n != PLAIN_NAME
+            !pair.is_empty()
+                && ![
+                    SECURE_NAME,
+                    PLAIN_NAME,
+                    SECURE_PENDING_NAME,
+                    PLAIN_PENDING_NAME,
+                ]
+                .contains(&n)
         })
         .collect();
     (!kept.is_empty()).then(|| kept.join("; "))

@@ -14,8 +14,14 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::SessionConfig;
 
-/// The `typ` header of a session token; other token kinds use other types.
+/// The `typ` header of a session token; other token kinds use other types, so a pending-login
+/// or enrolment token can never act as a session.
 pub const SESSION_TYP: &str = "portcullis-session+jwt";
+/// A login that passed the password but still owes a step (second factor, new password,
+/// 2FA enrolment). Short-lived; never accepted as a session.
+pub const PENDING_TYP: &str = "portcullis-pending+jwt";
+/// Carries a sealed TOTP seed between showing the QR code and confirming it.
+pub const ENROLL_TYP: &str = "portcullis-enroll+jwt";
 /// Clock leeway for `exp`, `nbf` and `iat`, in seconds.
 pub const LEEWAY_SECS: i64 = 30;
 /// Minimum length of an HMAC key, in bytes (256 bits).
@@ -39,6 +45,56 @@ pub struct SessionClaims {
     /// Issued-at in milliseconds, compared against revocation cutoffs.
     pub ims: i64,
     pub amr: Vec<String>,
+}
+
+/// Claims of a pending-login token.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PendingClaims {
+    pub iss: String,
+    pub aud: String,
+    pub sub: String,
+    pub name: String,
+    /// What the login still owes: `totp`, `password` or `enroll`.
+    pub stage: String,
+    /// A random id, for counting wrong codes per pending login.
+    pub jti: String,
+    pub iat: i64,
+    pub nbf: i64,
+    pub exp: i64,
+}
+
+/// Claims of an enrolment token.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct EnrollClaims {
+    pub iss: String,
+    pub aud: String,
+    pub sub: String,
+    /// The TOTP seed, sealed with the secrets key.
+    pub seed: String,
+    pub iat: i64,
+    pub nbf: i64,
+    pub exp: i64,
+}
+
+/// Claims with the time fields every token kind carries.
+pub trait TimedClaims: serde::de::DeserializeOwned + Serialize {
+    fn times(&self) -> (i64, i64, i64);
+}
+
+impl TimedClaims for SessionClaims {
+    fn times(&self) -> (i64, i64, i64) {
+        (self.iat, self.nbf, self.exp)
+    }
+}
+impl TimedClaims for PendingClaims {
+    fn times(&self) -> (i64, i64, i64) {
+        (self.iat, self.nbf, self.exp)
+    }
+}
+impl TimedClaims for EnrollClaims {
+    fn times(&self) -> (i64, i64, i64) {
+        (self.iat, self.nbf, self.exp)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -188,24 +244,58 @@ impl Keyring {
         &self.audience
     }
 
-    /// Signs claims with the active key.
+    /// Signs session claims with the active key.
     pub fn issue(&self, claims: &SessionClaims) -> Result<String, TokenError> {
+        self.issue_typed(SESSION_TYP, claims)
+    }
+
+    /// Signs claims of any kind with the active key and the given `typ`.
+    pub fn issue_typed<T: TimedClaims>(&self, typ: &str, claims: &T) -> Result<String, TokenError> {
         let key = &self.keys[0];
         let mut header = Header::new(Algorithm::HS256);
-        header.typ = Some(SESSION_TYP.to_string());
+        header.typ = Some(typ.to_string());
         header.kid = Some(key.kid.clone());
         jsonwebtoken::encode(&header, claims, &key.encoding).map_err(|_| TokenError::Signing)
     }
 
+    /// The id of the key that signs new tokens.
+    pub fn active_kid(&self) -> &str {
+        &self.keys[0].kid
+    }
+
+    /// Ids of every key this keyring verifies with.
+    pub fn kids(&self) -> Vec<String> {
+        self.keys.iter().map(|k| k.kid.clone()).collect()
+    }
+
     /// Verifies a token at time `now_s` (seconds since the epoch).
     pub fn verify(&self, token: &str, now_s: i64) -> Result<SessionClaims, TokenError> {
+        self.verify_with_kid(token, now_s).map(|(c, _)| c)
+    }
+
+    /// Verifies a token and also says which key signed it.
+    pub fn verify_with_kid(
+        &self,
+        token: &str,
+        now_s: i64,
+    ) -> Result<(SessionClaims, &str), TokenError> {
+        self.verify_typed(SESSION_TYP, token, now_s)
+    }
+
+    /// Verifies a token of the given `typ` with the fixed order of checks.
+    pub fn verify_typed<T: TimedClaims>(
+        &self,
+        typ: &str,
+        token: &str,
+        now_s: i64,
+    ) -> Result<(T, &str), TokenError> {
         let header = jsonwebtoken::decode_header(token).map_err(|e| match e.kind() {
             ErrorKind::InvalidAlgorithmName | ErrorKind::UnsupportedAlgorithm => {
                 TokenError::WrongAlgorithm
             }
             _ => TokenError::Malformed,
         })?;
-        if header.typ.as_deref() != Some(SESSION_TYP) || header.cty.is_some() {
+        if header.typ.as_deref() != Some(typ) || header.cty.is_some() {
             return Err(TokenError::WrongType);
         }
         let key = header
@@ -217,8 +307,8 @@ impl Keyring {
         if header.alg != Algorithm::HS256 {
             return Err(TokenError::WrongAlgorithm);
         }
-        let data = jsonwebtoken::decode::<SessionClaims>(token, &key.decoding, &self.validation)
-            .map_err(|e| match e.kind() {
+        let data = jsonwebtoken::decode::<T>(token, &key.decoding, &self.validation).map_err(
+            |e| match e.kind() {
                 ErrorKind::InvalidSignature => TokenError::BadSignature,
                 ErrorKind::InvalidAlgorithm => TokenError::WrongAlgorithm,
                 ErrorKind::InvalidIssuer => TokenError::WrongIssuer,
@@ -226,16 +316,56 @@ impl Keyring {
                 ErrorKind::ExpiredSignature => TokenError::Expired,
                 ErrorKind::ImmatureSignature => TokenError::NotYetValid,
                 _ => TokenError::Malformed,
-            })?;
+            },
+        )?;
         let c = data.claims;
-        if c.exp + LEEWAY_SECS < now_s {
+        let (iat, nbf, exp) = c.times();
+        if exp + LEEWAY_SECS < now_s {
             return Err(TokenError::Expired);
         }
-        if c.nbf > now_s + LEEWAY_SECS || c.iat > now_s + LEEWAY_SECS {
+        if nbf > now_s + LEEWAY_SECS || iat > now_s + LEEWAY_SECS {
             return Err(TokenError::NotYetValid);
         }
-        Ok(c)
+        Ok((c, key.kid.as_str()))
     }
+}
+
+/// Puts a fresh signing key first in the key file. With `retire_old`, the old keys are dropped
+/// (a breach response); otherwise they stay for verifying tokens they signed. Returns the new
+/// key id and the ids of the keys that were in the file.
+pub fn rotate_key_file(path: &Path, retire_old: bool) -> Result<(String, Vec<String>), KeyError> {
+    let bad = |problem: String| KeyError::File {
+        path: path.display().to_string(),
+        problem,
+    };
+    let old = read_key_file(path)?;
+    let secret: [u8; 32] = rand::random();
+    let kid = kid_for(&secret);
+    let mut text = String::from(
+        "# Portcullis session signing keys: KID BASE64URL-SECRET, the first line signs.\n",
+    );
+    text.push_str(&format!("{kid} {}\n", URL_SAFE_NO_PAD.encode(secret)));
+    if !retire_old {
+        for (k, s) in &old {
+            text.push_str(&format!("{k} {}\n", URL_SAFE_NO_PAD.encode(s)));
+        }
+    }
+    let tmp = path.with_extension("key.new");
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let mut f = opts
+        .open(&tmp)
+        .map_err(|e| bad(format!("cannot write {}: {e}", tmp.display())))?;
+    f.write_all(text.as_bytes())
+        .and_then(|_| f.sync_all())
+        .map_err(|e| bad(format!("cannot write: {e}")))?;
+    std::fs::rename(&tmp, path).map_err(|e| bad(format!("cannot replace: {e}")))?;
+    Ok((kid, old.into_iter().map(|(k, _)| k).collect()))
 }
 
 fn read_key_file(path: &Path) -> Result<Vec<(String, Vec<u8>)>, KeyError> {

@@ -14,8 +14,8 @@ use sqlx::sqlite::{
 use sqlx::Row;
 
 use super::{
-    NewSession, RevocationEvent, SequencedEvent, SessionId, SessionKind, SessionRecord, Snapshot,
-    Store, StoreError, StoreResult, User,
+    AuditEntry, NewSession, ResetLinkState, RevocationEvent, SequencedEvent, SessionId,
+    SessionKind, SessionRecord, Snapshot, Store, StoreError, StoreResult, User,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
@@ -25,6 +25,10 @@ const KIND_USER_CUTOFF: &str = "user_cutoff";
 const KIND_GLOBAL_CUTOFF: &str = "global_cutoff";
 const KIND_USER_DISABLED: &str = "user_disabled";
 const KIND_USER_ENABLED: &str = "user_enabled";
+const KIND_KEY_RETIRED: &str = "key_retired";
+
+const USER_COLUMNS: &str = "id, name, password_hash, is_admin, disabled, created_ms, must_reset,
+     failed_logins, locked_until_ms, last_failure_ms, totp_secret, totp_enabled, totp_last_step";
 
 pub struct SqliteStore {
     pool: SqlitePool,
@@ -77,19 +81,56 @@ impl SqliteStore {
         at_ms: i64,
         expires_ms: Option<i64>,
     ) -> StoreResult<i64> {
+        Self::insert_event_with_key(tx, kind, session_id, user_id, at_ms, expires_ms, None).await
+    }
+
+    async fn insert_event_with_key(
+        tx: &mut sqlx::SqliteConnection,
+        kind: &str,
+        session_id: Option<SessionId>,
+        user_id: Option<i64>,
+        at_ms: i64,
+        expires_ms: Option<i64>,
+        key_id: Option<&str>,
+    ) -> StoreResult<i64> {
         let row = sqlx::query(
-            "INSERT INTO revocation_events (kind, session_id, user_id, at_ms, expires_ms)
-             VALUES (?, ?, ?, ?, ?) RETURNING seq",
+            "INSERT INTO revocation_events (kind, session_id, user_id, at_ms, expires_ms, key_id)
+             VALUES (?, ?, ?, ?, ?, ?) RETURNING seq",
         )
         .bind(kind)
         .bind(session_id.map(|s| s.to_string()))
         .bind(user_id)
         .bind(at_ms)
         .bind(expires_ms)
+        .bind(key_id)
         .fetch_one(&mut *tx)
         .await
         .map_err(unavailable)?;
         row.try_get::<i64, _>(0).map_err(unavailable)
+    }
+
+    /// Ends the user's sessions issued at or before `at_ms` and records the cutoff.
+    async fn cutoff_user(
+        tx: &mut sqlx::SqliteConnection,
+        user_id: i64,
+        at_ms: i64,
+    ) -> StoreResult<SequencedEvent> {
+        sqlx::query(
+            "UPDATE sessions SET revoked_ms = ?
+             WHERE user_id = ? AND revoked_ms IS NULL AND created_ms <= ?",
+        )
+        .bind(at_ms)
+        .bind(user_id)
+        .bind(at_ms)
+        .execute(&mut *tx)
+        .await
+        .map_err(unavailable)?;
+        let seq =
+            Self::insert_event(tx, KIND_USER_CUTOFF, None, Some(user_id), at_ms, None).await?;
+        Ok(SequencedEvent {
+            seq,
+            event: RevocationEvent::UserCutoff { user_id, at_ms },
+        })
     }
 }
 
@@ -101,6 +142,27 @@ fn user_from_row(row: &SqliteRow) -> StoreResult<User> {
         is_admin: row.try_get::<i64, _>("is_admin").map_err(unavailable)? != 0,
         disabled: row.try_get::<i64, _>("disabled").map_err(unavailable)? != 0,
         created_ms: row.try_get("created_ms").map_err(unavailable)?,
+        must_reset: row.try_get::<i64, _>("must_reset").map_err(unavailable)? != 0,
+        failed_logins: row.try_get("failed_logins").map_err(unavailable)?,
+        locked_until_ms: row.try_get("locked_until_ms").map_err(unavailable)?,
+        last_failure_ms: row.try_get("last_failure_ms").map_err(unavailable)?,
+        totp_secret: row.try_get("totp_secret").map_err(unavailable)?,
+        totp_enabled: row.try_get::<i64, _>("totp_enabled").map_err(unavailable)? != 0,
+        totp_last_step: row.try_get("totp_last_step").map_err(unavailable)?,
+    })
+}
+
+fn audit_from_row(row: &SqliteRow) -> StoreResult<AuditEntry> {
+    Ok(AuditEntry {
+        at_ms: row.try_get("at_ms").map_err(unavailable)?,
+        event: row.try_get("event").map_err(unavailable)?,
+        outcome: row.try_get("outcome").map_err(unavailable)?,
+        user_id: row.try_get("user_id").map_err(unavailable)?,
+        user_name: row.try_get("user_name").map_err(unavailable)?,
+        ip: row.try_get("ip").map_err(unavailable)?,
+        user_agent: row.try_get("user_agent").map_err(unavailable)?,
+        session_id: row.try_get("session_id").map_err(unavailable)?,
+        detail: row.try_get("detail").map_err(unavailable)?,
     })
 }
 
@@ -150,6 +212,12 @@ fn event_from_row(row: &SqliteRow) -> StoreResult<SequencedEvent> {
         KIND_USER_ENABLED => RevocationEvent::UserEnabled {
             user_id: user_id.ok_or_else(|| corrupt("user_id"))?,
         },
+        KIND_KEY_RETIRED => RevocationEvent::KeyRetired {
+            kid: row
+                .try_get::<Option<String>, _>("key_id")
+                .map_err(unavailable)?
+                .ok_or_else(|| corrupt("key_id"))?,
+        },
         other => {
             return Err(StoreError::Corrupt(format!(
                 "event {seq} has kind `{other}`"
@@ -191,11 +259,10 @@ impl Store for SqliteStore {
         is_admin: bool,
         now_ms: i64,
     ) -> StoreResult<User> {
-        let row = sqlx::query(
+        let row = sqlx::query(&format!(
             "INSERT INTO users (name, password_hash, is_admin, disabled, created_ms)
-             VALUES (?, ?, ?, 0, ?)
-             RETURNING id, name, password_hash, is_admin, disabled, created_ms",
-        )
+             VALUES (?, ?, ?, 0, ?) RETURNING {USER_COLUMNS}"
+        ))
         .bind(name)
         .bind(password_hash)
         .bind(is_admin as i64)
@@ -213,10 +280,9 @@ impl Store for SqliteStore {
     }
 
     async fn find_user(&self, name: &str) -> StoreResult<Option<User>> {
-        let row = sqlx::query(
-            "SELECT id, name, password_hash, is_admin, disabled, created_ms
-             FROM users WHERE name = ? COLLATE NOCASE",
-        )
+        let row = sqlx::query(&format!(
+            "SELECT {USER_COLUMNS} FROM users WHERE name = ? COLLATE NOCASE"
+        ))
         .bind(name)
         .fetch_optional(&self.pool)
         .await
@@ -225,14 +291,22 @@ impl Store for SqliteStore {
     }
 
     async fn list_users(&self) -> StoreResult<Vec<User>> {
-        let rows = sqlx::query(
-            "SELECT id, name, password_hash, is_admin, disabled, created_ms
-             FROM users ORDER BY name COLLATE NOCASE",
-        )
+        let rows = sqlx::query(&format!(
+            "SELECT {USER_COLUMNS} FROM users ORDER BY name COLLATE NOCASE"
+        ))
         .fetch_all(&self.pool)
         .await
         .map_err(unavailable)?;
         rows.iter().map(user_from_row).collect()
+    }
+
+    async fn find_user_by_id(&self, id: i64) -> StoreResult<Option<User>> {
+        let row = sqlx::query(&format!("SELECT {USER_COLUMNS} FROM users WHERE id = ?"))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        row.as_ref().map(user_from_row).transpose()
     }
 
     async fn set_password(&self, user_id: i64, password_hash: &str) -> StoreResult<()> {
@@ -421,26 +495,9 @@ impl Store for SqliteStore {
             .begin_with("BEGIN IMMEDIATE")
             .await
             .map_err(unavailable)?;
-        sqlx::query(
-            "UPDATE sessions SET revoked_ms = ?
-             WHERE user_id = ? AND revoked_ms IS NULL AND created_ms <= ?",
-        )
-        .bind(now_ms)
-        .bind(user_id)
-        .bind(now_ms)
-        .execute(&mut *tx)
-        .await
-        .map_err(unavailable)?;
-        let seq = Self::insert_event(&mut tx, KIND_USER_CUTOFF, None, Some(user_id), now_ms, None)
-            .await?;
+        let event = Self::cutoff_user(&mut tx, user_id, now_ms).await?;
         tx.commit().await.map_err(unavailable)?;
-        Ok(SequencedEvent {
-            seq,
-            event: RevocationEvent::UserCutoff {
-                user_id,
-                at_ms: now_ms,
-            },
-        })
+        Ok(event)
     }
 
     async fn signout_everyone(&self, now_ms: i64) -> StoreResult<SequencedEvent> {
@@ -465,9 +522,361 @@ impl Store for SqliteStore {
         })
     }
 
+    async fn record_failure(
+        &self,
+        user_id: i64,
+        now_ms: i64,
+        max_failures: u32,
+        lockout_ms: i64,
+    ) -> StoreResult<User> {
+        let row = sqlx::query(&format!(
+            "UPDATE users SET failed_logins = failed_logins + 1, last_failure_ms = ?,
+                 locked_until_ms = CASE WHEN failed_logins + 1 >= ? THEN ? ELSE locked_until_ms END
+             WHERE id = ? RETURNING {USER_COLUMNS}"
+        ))
+        .bind(now_ms)
+        .bind(max_failures as i64)
+        .bind(now_ms + lockout_ms)
+        .bind(user_id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        match row {
+            Some(row) => user_from_row(&row),
+            None => Err(StoreError::NotFound(format!("user {user_id}"))),
+        }
+    }
+
+    async fn clear_failures(&self, user_id: i64) -> StoreResult<()> {
+        sqlx::query(
+            "UPDATE users SET failed_logins = 0, locked_until_ms = NULL, last_failure_ms = NULL
+             WHERE id = ? AND (failed_logins != 0 OR locked_until_ms IS NOT NULL)",
+        )
+        .bind(user_id)
+        .execute(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn set_must_reset(&self, user_id: Option<i64>, must: bool) -> StoreResult<u64> {
+        let done = sqlx::query("UPDATE users SET must_reset = ? WHERE ? IS NULL OR id = ?")
+            .bind(must as i64)
+            .bind(user_id)
+            .bind(user_id)
+            .execute(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        Ok(done.rows_affected())
+    }
+
+    async fn change_password(
+        &self,
+        user_id: i64,
+        password_hash: &str,
+        signout_at: Option<i64>,
+    ) -> StoreResult<Option<SequencedEvent>> {
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(unavailable)?;
+        let done = sqlx::query("UPDATE users SET password_hash = ?, must_reset = 0 WHERE id = ?")
+            .bind(password_hash)
+            .bind(user_id)
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound(format!("user {user_id}")));
+        }
+        let event = match signout_at {
+            Some(at) => Some(Self::cutoff_user(&mut tx, user_id, at).await?),
+            None => None,
+        };
+        tx.commit().await.map_err(unavailable)?;
+        Ok(event)
+    }
+
+    async fn set_totp(&self, user_id: i64, secret: Option<&str>, enabled: bool) -> StoreResult<()> {
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(unavailable)?;
+        sqlx::query("UPDATE users SET totp_secret = ?, totp_enabled = ? WHERE id = ?")
+            .bind(secret)
+            .bind(enabled as i64)
+            .bind(user_id)
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+        if !enabled {
+            sqlx::query("DELETE FROM recovery_codes WHERE user_id = ?")
+                .bind(user_id)
+                .execute(&mut *tx)
+                .await
+                .map_err(unavailable)?;
+        }
+        tx.commit().await.map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn accept_totp_step(&self, user_id: i64, step: i64) -> StoreResult<bool> {
+        let done =
+            sqlx::query("UPDATE users SET totp_last_step = ? WHERE id = ? AND totp_last_step < ?")
+                .bind(step)
+                .bind(user_id)
+                .bind(step)
+                .execute(&self.pool)
+                .await
+                .map_err(unavailable)?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn replace_recovery_codes(&self, user_id: i64, hashes: &[String]) -> StoreResult<()> {
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(unavailable)?;
+        sqlx::query("DELETE FROM recovery_codes WHERE user_id = ?")
+            .bind(user_id)
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+        for h in hashes {
+            sqlx::query("INSERT INTO recovery_codes (user_id, code_hash) VALUES (?, ?)")
+                .bind(user_id)
+                .bind(h)
+                .execute(&mut *tx)
+                .await
+                .map_err(unavailable)?;
+        }
+        tx.commit().await.map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn use_recovery_code(&self, user_id: i64, hash: &str, now_ms: i64) -> StoreResult<bool> {
+        let done = sqlx::query(
+            "UPDATE recovery_codes SET used_ms = ?
+             WHERE user_id = ? AND code_hash = ? AND used_ms IS NULL",
+        )
+        .bind(now_ms)
+        .bind(user_id)
+        .bind(hash)
+        .execute(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn recovery_codes_left(&self, user_id: i64) -> StoreResult<i64> {
+        sqlx::query("SELECT COUNT(*) FROM recovery_codes WHERE user_id = ? AND used_ms IS NULL")
+            .bind(user_id)
+            .fetch_one(&self.pool)
+            .await
+            .and_then(|r| r.try_get(0))
+            .map_err(unavailable)
+    }
+
+    async fn create_reset_link(
+        &self,
+        token_hash: &str,
+        user_id: i64,
+        now_ms: i64,
+        expires_ms: i64,
+    ) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO reset_links (token_hash, user_id, created_ms, expires_ms)
+             VALUES (?, ?, ?, ?)",
+        )
+        .bind(token_hash)
+        .bind(user_id)
+        .bind(now_ms)
+        .bind(expires_ms)
+        .execute(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn reset_link_state(&self, token_hash: &str, now_ms: i64) -> StoreResult<ResetLinkState> {
+        let row = sqlx::query(
+            "SELECT user_id, expires_ms, used_ms FROM reset_links WHERE token_hash = ?",
+        )
+        .bind(token_hash)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        let Some(row) = row else {
+            return Ok(ResetLinkState::Unknown);
+        };
+        let used: Option<i64> = row.try_get("used_ms").map_err(unavailable)?;
+        let expires: i64 = row.try_get("expires_ms").map_err(unavailable)?;
+        Ok(if used.is_some() {
+            ResetLinkState::Used
+        } else if expires <= now_ms {
+            ResetLinkState::Expired
+        } else {
+            ResetLinkState::Valid {
+                user_id: row.try_get("user_id").map_err(unavailable)?,
+            }
+        })
+    }
+
+    async fn redeem_reset_link(
+        &self,
+        token_hash: &str,
+        password_hash: &str,
+        now_ms: i64,
+    ) -> StoreResult<Option<(i64, SequencedEvent)>> {
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(unavailable)?;
+        let row = sqlx::query(
+            "UPDATE reset_links SET used_ms = ?
+             WHERE token_hash = ? AND used_ms IS NULL AND expires_ms > ? RETURNING user_id",
+        )
+        .bind(now_ms)
+        .bind(token_hash)
+        .bind(now_ms)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(unavailable)?;
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        let user_id: i64 = row.try_get(0).map_err(unavailable)?;
+        sqlx::query(
+            "UPDATE users SET password_hash = ?, must_reset = 0, failed_logins = 0,
+                 locked_until_ms = NULL WHERE id = ?",
+        )
+        .bind(password_hash)
+        .bind(user_id)
+        .execute(&mut *tx)
+        .await
+        .map_err(unavailable)?;
+        let event = Self::cutoff_user(&mut tx, user_id, now_ms).await?;
+        tx.commit().await.map_err(unavailable)?;
+        Ok(Some((user_id, event)))
+    }
+
+    async fn touch_sessions(&self, seen: &[(SessionId, i64)]) -> StoreResult<()> {
+        if seen.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(unavailable)?;
+        for (sid, at) in seen {
+            sqlx::query("UPDATE sessions SET last_seen_ms = MAX(last_seen_ms, ?) WHERE id = ?")
+                .bind(at)
+                .bind(sid.to_string())
+                .execute(&mut *tx)
+                .await
+                .map_err(unavailable)?;
+        }
+        tx.commit().await.map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn breach_response(
+        &self,
+        now_ms: i64,
+        retired_keys: &[String],
+    ) -> StoreResult<Vec<SequencedEvent>> {
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(unavailable)?;
+        sqlx::query(
+            "UPDATE sessions SET revoked_ms = ? WHERE revoked_ms IS NULL AND created_ms <= ?",
+        )
+        .bind(now_ms)
+        .bind(now_ms)
+        .execute(&mut *tx)
+        .await
+        .map_err(unavailable)?;
+        sqlx::query("UPDATE users SET must_reset = 1")
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+        let mut events = Vec::new();
+        let seq = Self::insert_event(&mut tx, KIND_GLOBAL_CUTOFF, None, None, now_ms, None).await?;
+        events.push(SequencedEvent {
+            seq,
+            event: RevocationEvent::GlobalCutoff { at_ms: now_ms },
+        });
+        for kid in retired_keys {
+            let seq = Self::insert_event_with_key(
+                &mut tx,
+                KIND_KEY_RETIRED,
+                None,
+                None,
+                now_ms,
+                None,
+                Some(kid),
+            )
+            .await?;
+            events.push(SequencedEvent {
+                seq,
+                event: RevocationEvent::KeyRetired { kid: kid.clone() },
+            });
+        }
+        tx.commit().await.map_err(unavailable)?;
+        Ok(events)
+    }
+
+    async fn append_audit(&self, e: &AuditEntry) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO audit_log (at_ms, event, outcome, user_id, user_name, ip, user_agent,
+                 session_id, detail) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(e.at_ms)
+        .bind(&e.event)
+        .bind(&e.outcome)
+        .bind(e.user_id)
+        .bind(&e.user_name)
+        .bind(&e.ip)
+        .bind(&e.user_agent)
+        .bind(&e.session_id)
+        .bind(&e.detail)
+        .execute(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn list_audit(
+        &self,
+        user_id: Option<i64>,
+        since_ms: i64,
+        limit: i64,
+    ) -> StoreResult<Vec<AuditEntry>> {
+        let rows = sqlx::query(
+            "SELECT at_ms, event, outcome, user_id, user_name, ip, user_agent, session_id, detail
+             FROM audit_log WHERE at_ms >= ? AND (? IS NULL OR user_id = ?)
+             ORDER BY id DESC LIMIT ?",
+        )
+        .bind(since_ms)
+        .bind(user_id)
+        .bind(user_id)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        rows.iter().map(audit_from_row).collect()
+    }
+
     async fn events_since(&self, after: i64, limit: i64) -> StoreResult<Vec<SequencedEvent>> {
         let rows = sqlx::query(
-            "SELECT seq, kind, session_id, user_id, at_ms, expires_ms
+            "SELECT seq, kind, session_id, user_id, at_ms, expires_ms, key_id
              FROM revocation_events WHERE seq > ? ORDER BY seq LIMIT ?",
         )
         .bind(after)
@@ -534,6 +943,17 @@ impl Store for SqliteStore {
         for row in &disabled_rows {
             disabled_users.push(row.try_get(0).map_err(unavailable)?);
         }
+        let retired_keys: Vec<String> = sqlx::query(
+            "SELECT DISTINCT key_id FROM revocation_events WHERE kind = ? AND seq <= ?",
+        )
+        .bind(KIND_KEY_RETIRED)
+        .bind(seq)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(unavailable)?
+        .iter()
+        .filter_map(|r| r.try_get::<Option<String>, _>(0).ok().flatten())
+        .collect();
         tx.commit().await.map_err(unavailable)?;
         Ok(Snapshot {
             seq,
@@ -541,6 +961,7 @@ impl Store for SqliteStore {
             user_cutoffs,
             global_cutoff,
             disabled_users,
+            retired_keys,
         })
     }
 }

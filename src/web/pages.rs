@@ -30,11 +30,20 @@ background:#2d4fd6;color:#fff;border:0;border-radius:.3rem;cursor:pointer}\
 .muted{color:#666;font-size:.9rem}";
 
 fn layout(title: &str, body: &str) -> Html<String> {
+    page(title, body, false)
+}
+
+fn page(title: &str, body: &str, wide: bool) -> Html<String> {
+    let main = if wide {
+        "<main class=\"wide\">"
+    } else {
+        "<main>"
+    };
     Html(format!(
         "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">\
 <meta name=\"viewport\" content=\"width=device-width,initial-scale=1\">\
 <meta name=\"referrer\" content=\"no-referrer\">\
-<title>{} · Portcullis</title><style>{STYLE}</style></head><body><main>{body}</main></body></html>",
+<title>{} · Portcullis</title><style>{STYLE}</style></head><body>{main}{body}</main></body></html>",
         escape(title)
     ))
 }
@@ -60,6 +69,410 @@ pub fn login(rd: &str, error: Option<&str>) -> Html<String> {
     )
 }
 
+fn error_block(error: Option<&str>) -> String {
+    error
+        .map(|e| format!("<p class=\"error\" role=\"alert\">{}</p>", escape(e)))
+        .unwrap_or_default()
+}
+
+fn hidden(name: &str, value: &str) -> String {
+    format!(
+        "<input type=\"hidden\" name=\"{}\" value=\"{}\">",
+        escape(name),
+        escape(value)
+    )
+}
+
+/// The second step of a login: the code from the authenticator app or a recovery code.
+pub fn totp_step(rd: &str, csrf: &str, error: Option<&str>) -> Html<String> {
+    layout(
+        "Two-factor authentication",
+        &format!(
+            "<h1>Two-factor authentication</h1>{}\
+<form method=\"post\" action=\"/_portcullis/login/2fa\">{}{}\
+<label for=\"code\">Code from your authenticator app</label>\
+<input type=\"text\" id=\"code\" name=\"code\" inputmode=\"numeric\" autocomplete=\"one-time-code\" required autofocus>\
+<p class=\"muted\">Lost your device? Enter one of your recovery codes instead.</p>\
+<button type=\"submit\">Verify</button></form>",
+            error_block(error),
+            hidden("rd", rd),
+            hidden("csrf", csrf)
+        ),
+    )
+}
+
+/// The forced new-password step of a login.
+pub fn password_step(user: &str, rd: &str, csrf: &str, error: Option<&str>) -> Html<String> {
+    layout(
+        "Choose a new password",
+        &format!(
+            "<h1>Choose a new password</h1>{}\
+<p>A new password is required for <strong>{}</strong> before signing in. Every other device \
+will be signed out.</p>\
+<form method=\"post\" action=\"/_portcullis/login/password\">{}{}\
+<label for=\"new_password\">New password</label>\
+<input type=\"password\" id=\"new_password\" name=\"new_password\" autocomplete=\"new-password\" required autofocus>\
+<label for=\"confirm\">New password again</label>\
+<input type=\"password\" id=\"confirm\" name=\"confirm\" autocomplete=\"new-password\" required>\
+<button type=\"submit\">Set password and sign in</button></form>",
+            error_block(error),
+            escape(user),
+            hidden("rd", rd),
+            hidden("csrf", csrf)
+        ),
+    )
+}
+
+/// TOTP enrolment: the QR code, the key for manual entry, and the confirming code.
+pub fn enroll(
+    en: &crate::app::account::Enrollment,
+    action: &str,
+    rd: &str,
+    csrf: &str,
+    error: Option<&str>,
+    intro: &str,
+) -> Html<String> {
+    layout(
+        "Set up two-factor authentication",
+        &format!(
+            "<h1>Set up two-factor authentication</h1>{}<p>{}</p>\
+<div class=\"qr\" aria-label=\"QR code\">{}</div>\
+<p>Or enter this key by hand: <code id=\"totp-secret\">{}</code></p>\
+<form method=\"post\" action=\"{}\">{}{}{}\
+<label for=\"code\">Code shown by the app</label>\
+<input type=\"text\" id=\"code\" name=\"code\" inputmode=\"numeric\" autocomplete=\"one-time-code\" required autofocus>\
+<button type=\"submit\">Turn on two-factor authentication</button></form>",
+            error_block(error),
+            escape(intro),
+            en.qr_svg,
+            escape(&en.secret_base32),
+            escape(action),
+            hidden("enroll", &en.token),
+            hidden("rd", rd),
+            hidden("csrf", csrf)
+        ),
+    )
+}
+
+/// The recovery codes, shown once after enrolment.
+pub fn recovery_codes(codes: &[String], next: &str) -> Html<String> {
+    let list: String = codes
+        .iter()
+        .map(|c| format!("<li>{}</li>", escape(c)))
+        .collect();
+    layout(
+        "Recovery codes",
+        &format!(
+            "<h1>Two-factor authentication is on</h1>\
+<p>Keep these recovery codes somewhere safe. Each works once if you lose your device. \
+They are shown only now.</p><ul class=\"codes\" id=\"recovery-codes\">{list}</ul>\
+<p><a href=\"{}\">Continue</a></p>",
+            escape(next)
+        ),
+    )
+}
+
+/// 2FA status with the form that turns it off.
+pub fn twofa_status(codes_left: i64, csrf: &str, error: Option<&str>) -> Html<String> {
+    layout(
+        "Two-factor authentication",
+        &format!(
+            "<h1>Two-factor authentication is on</h1>{}<p>{codes_left} recovery codes left.</p>\
+<form method=\"post\" action=\"/_portcullis/account/2fa/disable\">{}\
+<label for=\"password\">Password</label>\
+<input type=\"password\" id=\"password\" name=\"password\" autocomplete=\"current-password\" required>\
+<label for=\"code\">Current code</label>\
+<input type=\"text\" id=\"code\" name=\"code\" inputmode=\"numeric\" autocomplete=\"one-time-code\" required>\
+<button type=\"submit\" class=\"danger\">Turn off two-factor authentication</button></form>\
+<p><a href=\"/_portcullis/account\">Back to your account</a></p>",
+            error_block(error),
+            hidden("csrf", csrf)
+        ),
+    )
+}
+
+/// The reset-link form.
+pub fn reset_form(token: &str, error: Option<&str>) -> Html<String> {
+    layout(
+        "Reset your password",
+        &format!(
+            "<h1>Reset your password</h1>{}<p>Every device signed in to your account will be \
+signed out.</p><form method=\"post\" action=\"/_portcullis/reset/{}\">\
+<label for=\"new_password\">New password</label>\
+<input type=\"password\" id=\"new_password\" name=\"new_password\" autocomplete=\"new-password\" required autofocus>\
+<label for=\"confirm\">New password again</label>\
+<input type=\"password\" id=\"confirm\" name=\"confirm\" autocomplete=\"new-password\" required>\
+<button type=\"submit\">Set new password</button></form>",
+            error_block(error),
+            escape(token)
+        ),
+    )
+}
+
+/// A short page with a heading, one paragraph and a link.
+pub fn message_with_link(title: &str, text: &str, href: &str, link: &str) -> Html<String> {
+    layout(
+        title,
+        &format!(
+            "<h1>{}</h1><p>{}</p><p><a href=\"{}\">{}</a></p>",
+            escape(title),
+            escape(text),
+            escape(href),
+            escape(link)
+        ),
+    )
+}
+
+fn when(ms: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::macros::format_description!(
+                "[year]-[month]-[day] [hour]:[minute] UTC"
+            ))
+            .ok()
+        })
+        .unwrap_or_default()
+}
+
+/// A short description of a user agent: the app or browser and the platform.
+pub fn device_summary(user_agent: &str) -> String {
+    let ua = user_agent;
+    if ua.is_empty() {
+        return "Unknown device".into();
+    }
+    let browser = [
+        ("Edg/", "Edge"),
+        ("Firefox/", "Firefox"),
+        ("Chrome/", "Chrome"),
+        ("Safari/", "Safari"),
+        ("curl/", "curl"),
+        ("python", "Python client"),
+        ("Jellyfin", "Jellyfin app"),
+    ]
+    .iter()
+    .find(|(needle, _)| ua.contains(needle))
+    .map(|(_, name)| *name);
+    let platform = [
+        ("Android", "Android"),
+        ("iPhone", "iPhone"),
+        ("iPad", "iPad"),
+        ("Windows", "Windows"),
+        ("Mac OS X", "macOS"),
+        ("Linux", "Linux"),
+    ]
+    .iter()
+    .find(|(needle, _)| ua.contains(needle))
+    .map(|(_, name)| *name);
+    match (browser, platform) {
+        (Some(b), Some(p)) => format!("{b} on {p}"),
+        (Some(b), None) => b.to_string(),
+        (None, Some(p)) => p.to_string(),
+        (None, None) => ua.chars().take(40).collect(),
+    }
+}
+
+/// The account page.
+pub fn account(
+    user: &crate::store::User,
+    sessions: &[crate::store::SessionRecord],
+    current: crate::store::SessionId,
+    csrf: &str,
+    notice: Option<&str>,
+    error: Option<&str>,
+    min_length: usize,
+) -> Html<String> {
+    let notice = notice
+        .map(|n| format!("<p class=\"notice\" role=\"status\">{}</p>", escape(n)))
+        .unwrap_or_default();
+    let rows: String = sessions
+        .iter()
+        .rev()
+        .map(|s| {
+            let is_current = s.id == current;
+            format!(
+                "<tr{}><td>{}{}<br><span class=\"muted\">{}</span></td><td>{}</td><td>{}</td>\
+<td>{}</td><td>{}</td><td><form method=\"post\" action=\"/_portcullis/account/sessions/revoke\">{}{}\
+<button type=\"submit\" class=\"secondary\">Sign out</button></form></td></tr>",
+                if is_current { " class=\"current\" data-current=\"1\"" } else { "" },
+                escape(&device_summary(&s.user_agent)),
+                if is_current { " <span class=\"tag\">This device</span>" } else { "" },
+                escape(&s.user_agent.chars().take(80).collect::<String>()),
+                escape(s.kind.as_str()),
+                escape(&s.ip),
+                when(s.created_ms),
+                when(s.last_seen_ms),
+                hidden("session", &s.id.to_string()),
+                hidden("csrf", csrf),
+            )
+        })
+        .collect();
+    let admin_link = if user.is_admin {
+        "<a href=\"/_portcullis/admin\">Admin</a>"
+    } else {
+        ""
+    };
+    page(
+        "Your account",
+        &format!(
+            "<nav><a href=\"/\">Media</a><a href=\"/_portcullis/account/2fa\">Two-factor authentication</a>{admin_link}</nav>\
+<h1>Your account: {}</h1>{notice}{}\
+<section id=\"devices\"><h2>Signed-in devices</h2>\
+<table><thead><tr><th>Device</th><th>Kind</th><th>IP</th><th>Signed in</th><th>Last seen</th><th></th></tr></thead>\
+<tbody>{rows}</tbody></table>\
+<div class=\"inline\"><form method=\"post\" action=\"/_portcullis/account/signout-others\">{}\
+<button type=\"submit\" class=\"secondary\">Sign out of all other devices</button></form> \
+<form method=\"post\" action=\"/_portcullis/account/signout-all\">{}\
+<button type=\"submit\" class=\"danger\">Sign out of all devices</button></form></div></section>\
+<section id=\"password\"><h2>Change password</h2>\
+<form method=\"post\" action=\"/_portcullis/account/password\">{}\
+<label for=\"current\">Current password</label>\
+<input type=\"password\" id=\"current\" name=\"current\" autocomplete=\"current-password\" required>\
+<label for=\"new_password\">New password (at least {min_length} characters)</label>\
+<input type=\"password\" id=\"new_password\" name=\"new_password\" autocomplete=\"new-password\" required>\
+<label for=\"confirm\">New password again</label>\
+<input type=\"password\" id=\"confirm\" name=\"confirm\" autocomplete=\"new-password\" required>\
+<label><input type=\"checkbox\" id=\"signout\" name=\"signout\" value=\"1\" checked> Sign out connected devices</label>\
+<button type=\"submit\">Change password</button></form></section>\
+<section><h2>Two-factor authentication</h2><p>{}</p></section>\
+<form method=\"post\" action=\"/_portcullis/logout\"><button type=\"submit\" class=\"secondary\">Sign out</button></form>",
+            escape(&user.name),
+            error_block(error),
+            hidden("csrf", csrf),
+            hidden("csrf", csrf),
+            hidden("csrf", csrf),
+            if user.totp_enabled {
+                "On. <a href=\"/_portcullis/account/2fa\">Manage</a>"
+            } else {
+                "Off. <a href=\"/_portcullis/account/2fa\">Turn it on</a>"
+            },
+        ),
+        true,
+    )
+}
+
+/// The admin page.
+pub fn admin(
+    users: &[crate::store::User],
+    sessions: &[crate::store::SessionRecord],
+    audit: &[crate::store::AuditEntry],
+    csrf: &str,
+    done: Option<&str>,
+    now_ms: i64,
+) -> Html<String> {
+    let notice = done
+        .map(|d| {
+            format!(
+                "<p class=\"notice\" role=\"status\">Done: {}</p>",
+                escape(d)
+            )
+        })
+        .unwrap_or_default();
+    let action = |name: &str, action: &str, label: &str| {
+        format!(
+            "<form method=\"post\" action=\"/_portcullis/admin/users/action\">{}{}{}\
+<button type=\"submit\" class=\"secondary\">{}</button></form> ",
+            hidden("name", name),
+            hidden("action", action),
+            hidden("csrf", csrf),
+            escape(label)
+        )
+    };
+    let user_rows: String = users
+        .iter()
+        .map(|u| {
+            let locked = u.locked_until_ms.is_some_and(|t| t > now_ms);
+            let state = [
+                u.is_admin.then_some("admin"),
+                u.disabled.then_some("disabled"),
+                locked.then_some("locked"),
+                u.must_reset.then_some("must reset"),
+                u.totp_enabled.then_some("2FA"),
+            ]
+            .into_iter()
+            .flatten()
+            .collect::<Vec<_>>()
+            .join(", ");
+            format!(
+                "<tr><td>{}</td><td>{}</td><td>{}{}{}{}{}</td></tr>",
+                escape(&u.name),
+                escape(&state),
+                if u.disabled {
+                    action(&u.name, "enable", "Enable")
+                } else {
+                    action(&u.name, "disable", "Disable")
+                },
+                if locked {
+                    action(&u.name, "unlock", "Unlock")
+                } else {
+                    String::new()
+                },
+                action(&u.name, "require_reset", "Require reset"),
+                action(&u.name, "reset_link", "Reset link"),
+                action(&u.name, "signout", "Sign out all devices"),
+            )
+        })
+        .collect();
+    let session_rows: String = sessions
+        .iter()
+        .map(|s| {
+            format!(
+                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>\
+<form method=\"post\" action=\"/_portcullis/admin/sessions/revoke\">{}{}\
+<button type=\"submit\" class=\"secondary\">End</button></form></td></tr>",
+                escape(&s.user_name),
+                escape(&device_summary(&s.user_agent)),
+                escape(&s.ip),
+                when(s.last_seen_ms),
+                hidden("session", &s.id.to_string()),
+                hidden("csrf", csrf)
+            )
+        })
+        .collect();
+    let audit_rows: String = audit
+        .iter()
+        .map(|a| {
+            format!(
+                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                when(a.at_ms),
+                escape(&a.event),
+                escape(&a.outcome),
+                escape(&a.user_name),
+                escape(&a.ip),
+                escape(&a.detail)
+            )
+        })
+        .collect();
+    page(
+        "Admin",
+        &format!(
+            "<nav><a href=\"/_portcullis/account\">Your account</a></nav><h1>Admin</h1>{notice}\
+<section id=\"users\"><h2>Users</h2><table><thead><tr><th>Name</th><th>State</th><th>Actions</th></tr></thead>\
+<tbody>{user_rows}</tbody></table>\
+<form method=\"post\" action=\"/_portcullis/admin/users\">{}\
+<label for=\"name\">New user name</label><input type=\"text\" id=\"name\" name=\"name\" required>\
+<label for=\"password\">Password (leave empty to generate one)</label>\
+<input type=\"password\" id=\"password\" name=\"password\" autocomplete=\"new-password\">\
+<label><input type=\"checkbox\" name=\"admin\" value=\"1\"> Administrator</label>\
+<button type=\"submit\">Add user</button></form></section>\
+<section id=\"sessions\"><h2>Live sessions</h2><table><thead><tr><th>User</th><th>Device</th><th>IP</th><th>Last seen</th><th></th></tr></thead>\
+<tbody>{session_rows}</tbody></table></section>\
+<section id=\"audit\"><h2>Audit log (latest 100)</h2><table><thead><tr><th>When</th><th>Event</th><th>Outcome</th><th>User</th><th>IP</th><th>Detail</th></tr></thead>\
+<tbody>{audit_rows}</tbody></table></section>\
+<section id=\"breach\"><h2>Breach response</h2><p>Signs out every session of every user, \
+requires every user to choose a new password at next login, and replaces the session signing \
+key so copied keys stop working.</p>\
+<form method=\"post\" action=\"/_portcullis/admin/breach\">{}\
+<label for=\"confirm\">Type <strong>SIGN OUT EVERYONE</strong> to confirm</label>\
+<input type=\"text\" id=\"confirm\" name=\"confirm\" required autocomplete=\"off\">\
+<button type=\"submit\" class=\"danger\">Run breach response</button></form></section>",
+            hidden("csrf", csrf),
+            hidden("csrf", csrf),
+        ),
+        true,
+    )
+}
+
 /// The signed-in landing page.
 pub fn home(user: &str) -> Html<String> {
     layout(
@@ -67,6 +480,7 @@ pub fn home(user: &str) -> Html<String> {
         &format!(
             "<h1>Signed in</h1><p>You are signed in as <strong>{}</strong>.</p>\
 <p><a href=\"/\">Continue to the media server</a></p>\
+<p><a href=\"/_portcullis/account\">Your account and devices</a></p>\
 <form method=\"post\" action=\"/_portcullis/logout\"><button type=\"submit\">Sign out</button></form>",
             escape(user)
         ),

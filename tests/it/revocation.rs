@@ -166,7 +166,9 @@ async fn disabled_user_is_refused_and_stays_signed_out_when_enabled() {
         .send()
         .await
         .unwrap();
-    assert_eq!(resp.status(), 401);
+    assert_eq!(resp.status(), 403);
+    let body: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(body["error"], "disabled");
     gw.cli_ok(&["user", "enable", "alice"]);
     let fresh = gw.login("alice", ALICE_PW).await;
     let accepted = crate::harness::poll_until(Duration::from_secs(1), || async {

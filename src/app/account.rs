@@ -1,0 +1,550 @@
+//! Account and admin operations: devices and sign-outs, password change with "sign out
+//! connected devices", TOTP enrolment, reset links, unlock, and the breach response. Each one
+//! commits to the store before it reports success and writes an audit entry.
+
+use std::sync::Arc;
+
+use sha2::{Digest, Sha256};
+
+use super::{now_ms, App, ClientInfo, LoginError, LoginOk, PendingStage};
+use crate::auth::password::{check_policy, PolicyError};
+use crate::auth::token::{rotate_key_file, EnrollClaims, KeyError, ENROLL_TYP};
+use crate::auth::{totp, Identity};
+use crate::config::Secret;
+use crate::store::{ResetLinkState, SessionId, SessionKind, SessionRecord, StoreError, User};
+
+/// Lifetime of an enrolment token (QR shown, code not yet confirmed).
+pub const ENROLL_TTL_SECS: i64 = 600;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AccountError {
+    #[error("the current password is wrong")]
+    WrongPassword,
+    #[error("the code is not valid")]
+    InvalidCode,
+    #[error("{0}")]
+    Policy(#[from] PolicyError),
+    #[error("that session is not yours")]
+    NotYours,
+    #[error("no such user")]
+    NoSuchUser,
+    #[error("two-factor authentication is already on")]
+    AlreadyEnrolled,
+    #[error("two-factor authentication is not on")]
+    NotEnrolled,
+    #[error("this page has expired; start again")]
+    Expired,
+    #[error("{0}")]
+    Keys(#[from] KeyError),
+    #[error("the account store is unavailable")]
+    Unavailable(#[from] StoreError),
+    #[error("the change could not be completed")]
+    Internal,
+}
+
+impl From<LoginError> for AccountError {
+    fn from(e: LoginError) -> Self {
+        match e {
+            LoginError::Unavailable(s) => AccountError::Unavailable(s),
+            LoginError::Policy(p) => AccountError::Policy(p),
+            LoginError::InvalidCode => AccountError::InvalidCode,
+            _ => AccountError::Internal,
+        }
+    }
+}
+
+/// A password change as submitted from the account page.
+pub struct PasswordChange {
+    pub current: Secret,
+    pub new: Secret,
+    pub confirm: Secret,
+    /// "Sign out connected devices".
+    pub signout_others: bool,
+}
+
+/// A started TOTP enrolment: what to show, and the token that carries the sealed seed.
+pub struct Enrollment {
+    pub secret_base32: String,
+    pub otpauth_uri: String,
+    pub qr_svg: String,
+    pub token: String,
+}
+
+/// What a breach response did.
+#[derive(Debug)]
+pub struct BreachReport {
+    pub new_kid: String,
+    pub retired_kids: Vec<String>,
+    pub users_reset: u64,
+}
+
+fn token_hash(token: &str) -> String {
+    hex::encode(Sha256::digest(token.as_bytes()))
+}
+
+impl App {
+    async fn user(&self, id: i64) -> Result<User, AccountError> {
+        self.store
+            .find_user_by_id(id)
+            .await?
+            .ok_or(AccountError::NoSuchUser)
+    }
+
+    /// The user's live sessions, newest last.
+    pub async fn sessions_of(&self, user_id: i64) -> Result<Vec<SessionRecord>, AccountError> {
+        Ok(self
+            .store
+            .list_live_sessions(Some(user_id), now_ms())
+            .await?)
+    }
+
+    /// Ends one of the identity's own sessions.
+    pub async fn revoke_own_session(
+        &self,
+        identity: &Identity,
+        sid: SessionId,
+        client: &ClientInfo,
+    ) -> Result<(), AccountError> {
+        let session = self.store.get_session(sid).await?;
+        if session.is_none_or(|s| s.user_id != identity.user_id) {
+            return Err(AccountError::NotYours);
+        }
+        self.revoke_session(sid).await?;
+        let mut e = self.audit_entry(
+            "signout_device",
+            "success",
+            Some((identity.user_id, &identity.name)),
+            client,
+        );
+        e.session_id = sid.to_string();
+        self.audit(e).await;
+        Ok(())
+    }
+
+    /// "Sign out of all devices": every session of the user ends, this one included.
+    pub async fn signout_all_devices(
+        &self,
+        identity: &Identity,
+        client: &ClientInfo,
+    ) -> Result<(), AccountError> {
+        self.signout_user(identity).await?;
+        let mut e = self.audit_entry(
+            "signout_all_devices",
+            "success",
+            Some((identity.user_id, &identity.name)),
+            client,
+        );
+        e.session_id = identity.sid.to_string();
+        self.audit(e).await;
+        Ok(())
+    }
+
+    /// "Sign out of all other devices": every session ends, and this device gets a fresh one.
+    pub async fn signout_other_devices(
+        &self,
+        identity: &Identity,
+        kind: SessionKind,
+        client: &ClientInfo,
+    ) -> Result<LoginOk, AccountError> {
+        self.signout_user(identity).await?;
+        let user = self.user(identity.user_id).await?;
+        let ok = self
+            .create_session(&user, vec!["pwd".into()], kind, client)
+            .await?;
+        let mut e = self.audit_entry(
+            "signout_other_devices",
+            "success",
+            Some((user.id, &user.name)),
+            client,
+        );
+        e.session_id = ok.session_id.to_string();
+        self.audit(e).await;
+        Ok(ok)
+    }
+
+    /// Changes the password after checking the current one. With `signout_others` every other
+    /// session ends and this device gets a fresh session (returned).
+    pub async fn change_own_password(
+        &self,
+        identity: &Identity,
+        change: PasswordChange,
+        kind: SessionKind,
+        client: &ClientInfo,
+    ) -> Result<Option<LoginOk>, AccountError> {
+        let PasswordChange {
+            current,
+            new,
+            confirm,
+            signout_others,
+        } = change;
+        let user = self.user(identity.user_id).await?;
+        if !self
+            .hasher
+            .verify(Some(user.password_hash.clone()), current)
+            .await
+        {
+            let mut e = self.audit_entry(
+                "password_change",
+                "failure",
+                Some((user.id, &user.name)),
+                client,
+            );
+            e.detail = "wrong current password".into();
+            self.audit(e).await;
+            return Err(AccountError::WrongPassword);
+        }
+        if new.expose() != confirm.expose() {
+            return Err(PolicyError::Mismatch.into());
+        }
+        check_policy(&self.config.password, &user.name, new.expose())?;
+        let hash = self
+            .hasher
+            .hash(new)
+            .await
+            .map_err(|_| AccountError::Internal)?;
+        let at = signout_others.then(now_ms);
+        let event = self.store.change_password(user.id, &hash, at).await?;
+        let fresh = match event {
+            Some(ev) => {
+                self.apply(&[ev]);
+                Some(
+                    self.create_session(&user, vec!["pwd".into()], kind, client)
+                        .await?,
+                )
+            }
+            None => None,
+        };
+        let mut e = self.audit_entry(
+            "password_change",
+            "success",
+            Some((user.id, &user.name)),
+            client,
+        );
+        e.detail = if signout_others {
+            "signed out connected devices".into()
+        } else {
+            "kept other devices signed in".into()
+        };
+        self.audit(e).await;
+        Ok(fresh)
+    }
+
+    /// The forced new-password step of a login (after `require-reset` or a breach response).
+    pub async fn complete_password_step(
+        &self,
+        pending_token: &str,
+        new: Secret,
+        confirm: Secret,
+        kind: SessionKind,
+        client: &ClientInfo,
+    ) -> Result<LoginOk, LoginError> {
+        let (_, user) = self
+            .pending_user(pending_token, PendingStage::Password)
+            .await?;
+        if new.expose() != confirm.expose() {
+            return Err(PolicyError::Mismatch.into());
+        }
+        check_policy(&self.config.password, &user.name, new.expose())?;
+        let hash = self
+            .hasher
+            .hash(new)
+            .await
+            .map_err(|_| LoginError::Internal)?;
+        if let Some(ev) = self
+            .store
+            .change_password(user.id, &hash, Some(now_ms()))
+            .await?
+        {
+            self.apply(&[ev]);
+        }
+        let mut e = self.audit_entry(
+            "password_change",
+            "success",
+            Some((user.id, &user.name)),
+            client,
+        );
+        e.detail = "required at login; signed out connected devices".into();
+        self.audit(e).await;
+        let mut amr = vec!["pwd".to_string()];
+        if user.totp_enabled {
+            amr.push("otp".into());
+        }
+        let ok = self.create_session(&user, amr, kind, client).await?;
+        let mut e = self.audit_entry("login", "success", Some((user.id, &user.name)), client);
+        e.session_id = ok.session_id.to_string();
+        self.audit(e).await;
+        Ok(ok)
+    }
+
+    /// Starts TOTP enrolment for a user: a fresh seed, sealed into a short-lived token.
+    pub async fn start_enrollment(&self, user_id: i64) -> Result<Enrollment, AccountError> {
+        let user = self.user(user_id).await?;
+        if user.totp_enabled {
+            return Err(AccountError::AlreadyEnrolled);
+        }
+        let seed = totp::new_seed();
+        let now = now_ms() / 1000;
+        let ring = self.keyring();
+        let claims = EnrollClaims {
+            iss: ring.issuer().to_string(),
+            aud: ring.audience().to_string(),
+            sub: user.id.to_string(),
+            seed: self.secrets.seal(user.id, &seed),
+            iat: now,
+            nbf: now,
+            exp: now + ENROLL_TTL_SECS,
+        };
+        let token = ring
+            .issue_typed(ENROLL_TYP, &claims)
+            .map_err(|_| AccountError::Internal)?;
+        let uri = totp::otpauth_uri("Portcullis", &user.name, &seed);
+        Ok(Enrollment {
+            secret_base32: totp::base32(&seed),
+            qr_svg: totp::qr_svg(&uri),
+            otpauth_uri: uri,
+            token,
+        })
+    }
+
+    /// Confirms enrolment with a valid code; turns 2FA on and returns the recovery codes
+    /// (shown once, stored hashed).
+    pub async fn confirm_enrollment(
+        &self,
+        user_id: i64,
+        enroll_token: &str,
+        code: &str,
+        client: &ClientInfo,
+    ) -> Result<Vec<String>, AccountError> {
+        let user = self.user(user_id).await?;
+        if user.totp_enabled {
+            return Err(AccountError::AlreadyEnrolled);
+        }
+        let ring = self.keyring();
+        let (claims, _) = ring
+            .verify_typed::<EnrollClaims>(ENROLL_TYP, enroll_token, now_ms() / 1000)
+            .map_err(|_| AccountError::Expired)?;
+        if claims.sub != user.id.to_string() {
+            return Err(AccountError::Expired);
+        }
+        let seed = self
+            .secrets
+            .open(user.id, &claims.seed)
+            .map_err(|_| AccountError::Expired)?;
+        let Some(step) = totp::matching_step(&seed, code, now_ms() / 1000) else {
+            let e = self.audit_entry("2fa_enroll", "failure", Some((user.id, &user.name)), client);
+            self.audit(e).await;
+            return Err(AccountError::InvalidCode);
+        };
+        self.store
+            .set_totp(user.id, Some(&claims.seed), true)
+            .await?;
+        // The confirming code is spent: it cannot also be used to log in.
+        self.store.accept_totp_step(user.id, step).await?;
+        let (codes, hashes) = totp::new_recovery_codes();
+        self.store.replace_recovery_codes(user.id, &hashes).await?;
+        let e = self.audit_entry("2fa_enroll", "success", Some((user.id, &user.name)), client);
+        self.audit(e).await;
+        Ok(codes)
+    }
+
+    /// Enrolment as the forced step of a login; returns the session and the recovery codes.
+    pub async fn complete_enroll_step(
+        &self,
+        pending_token: &str,
+        enroll_token: &str,
+        code: &str,
+        kind: SessionKind,
+        client: &ClientInfo,
+    ) -> Result<(super::LoginStep, Vec<String>), LoginError> {
+        let (_, user) = self
+            .pending_user(pending_token, PendingStage::Enroll)
+            .await?;
+        let codes = self
+            .confirm_enrollment(user.id, enroll_token, code, client)
+            .await
+            .map_err(|e| match e {
+                AccountError::InvalidCode => LoginError::InvalidCode,
+                AccountError::Unavailable(s) => LoginError::Unavailable(s),
+                _ => LoginError::RestartLogin,
+            })?;
+        let user = self.user(user.id).await.map_err(|_| LoginError::Internal)?;
+        let step = self.after_enrollment(&user, kind, client).await?;
+        Ok((step, codes))
+    }
+
+    async fn after_enrollment(
+        &self,
+        user: &User,
+        kind: SessionKind,
+        client: &ClientInfo,
+    ) -> Result<super::LoginStep, LoginError> {
+        self.after_factors(
+            user,
+            vec!["pwd".into(), "otp".into()],
+            super::Channel::Form,
+            kind,
+            client,
+        )
+        .await
+    }
+
+    /// Turns 2FA off; needs the password and a current code.
+    pub async fn disable_2fa(
+        &self,
+        identity: &Identity,
+        password: Secret,
+        code: &str,
+        client: &ClientInfo,
+    ) -> Result<(), AccountError> {
+        let user = self.user(identity.user_id).await?;
+        if !user.totp_enabled {
+            return Err(AccountError::NotEnrolled);
+        }
+        if !self
+            .hasher
+            .verify(Some(user.password_hash.clone()), password)
+            .await
+        {
+            return Err(AccountError::WrongPassword);
+        }
+        self.check_second_factor(&user, code, client)
+            .await
+            .map_err(|_| AccountError::InvalidCode)?;
+        self.store.set_totp(user.id, None, false).await?;
+        let e = self.audit_entry(
+            "2fa_disable",
+            "success",
+            Some((user.id, &user.name)),
+            client,
+        );
+        self.audit(e).await;
+        Ok(())
+    }
+
+    /// Issues a one-time reset link for a user; only its hash is stored.
+    pub async fn issue_reset_link(
+        &self,
+        user: &User,
+        client: &ClientInfo,
+    ) -> Result<String, AccountError> {
+        let token = data_encoding::BASE64URL_NOPAD.encode(&rand::random::<[u8; 32]>());
+        let now = now_ms();
+        let ttl = self.config.auth.reset_link_ttl.as_millis() as i64;
+        self.store
+            .create_reset_link(&token_hash(&token), user.id, now, now + ttl)
+            .await?;
+        let e = self.audit_entry(
+            "reset_link_issued",
+            "success",
+            Some((user.id, &user.name)),
+            client,
+        );
+        self.audit(e).await;
+        Ok(format!(
+            "{}/_portcullis/reset/{token}",
+            self.config.server.public_url
+        ))
+    }
+
+    pub async fn reset_link_state(&self, token: &str) -> Result<ResetLinkState, AccountError> {
+        Ok(self
+            .store
+            .reset_link_state(&token_hash(token), now_ms())
+            .await?)
+    }
+
+    /// Uses a reset link: new password, every device signed out.
+    pub async fn redeem_reset_link(
+        &self,
+        token: &str,
+        new: Secret,
+        confirm: Secret,
+        client: &ClientInfo,
+    ) -> Result<ResetLinkState, AccountError> {
+        let state = self.reset_link_state(token).await?;
+        let ResetLinkState::Valid { user_id } = state else {
+            return Ok(state);
+        };
+        let user = self.user(user_id).await?;
+        if new.expose() != confirm.expose() {
+            return Err(PolicyError::Mismatch.into());
+        }
+        check_policy(&self.config.password, &user.name, new.expose())?;
+        let hash = self
+            .hasher
+            .hash(new)
+            .await
+            .map_err(|_| AccountError::Internal)?;
+        match self
+            .store
+            .redeem_reset_link(&token_hash(token), &hash, now_ms())
+            .await?
+        {
+            Some((_, event)) => {
+                self.apply(&[event]);
+                let e = self.audit_entry(
+                    "reset_link_used",
+                    "success",
+                    Some((user.id, &user.name)),
+                    client,
+                );
+                self.audit(e).await;
+                Ok(ResetLinkState::Valid { user_id })
+            }
+            // Used or expired between the check and the write.
+            None => Ok(self.reset_link_state(token).await?),
+        }
+    }
+
+    /// Clears an account's failures and lock.
+    pub async fn unlock(&self, user: &User, client: &ClientInfo) -> Result<(), AccountError> {
+        self.store.clear_failures(user.id).await?;
+        self.audit(self.audit_entry("unlock", "success", Some((user.id, &user.name)), client))
+            .await;
+        Ok(())
+    }
+
+    /// Breach response: a new signing key with the old ones retired, everyone signed out, and
+    /// a new password required of every user at next login.
+    pub async fn breach_response(
+        self: &Arc<Self>,
+        client: &ClientInfo,
+    ) -> Result<BreachReport, AccountError> {
+        let report = breach_response(&self.config, &self.store).await?;
+        self.reload_keys_if_changed();
+        // The events were committed by the store call; make them count here at once.
+        let _ = self.sync().await;
+        let mut e = self.audit_entry("breach_response", "success", None, client);
+        e.detail = format!(
+            "new key {}, retired {:?}, {} users must reset",
+            report.new_kid, report.retired_kids, report.users_reset
+        );
+        self.audit(e).await;
+        Ok(report)
+    }
+}
+
+/// The breach response against a store (shared by the CLI and the admin page): rotate the key
+/// file dropping every old key, then — in one store transaction — sign out everyone, require a
+/// new password of every user and retire the old key ids so no instance accepts them again.
+pub async fn breach_response(
+    config: &crate::config::Config,
+    store: &crate::store::DynStore,
+) -> Result<BreachReport, AccountError> {
+    if config.session.key_override.is_some() {
+        return Err(AccountError::Keys(KeyError::Env(
+            "the signing key comes from the environment; replace it there, then run \
+             `portcullis signout --everyone`"
+                .into(),
+        )));
+    }
+    let (new_kid, retired_kids) = rotate_key_file(&config.session.key_file, true)?;
+    let now = now_ms();
+    store.breach_response(now, &retired_kids).await?;
+    let users_reset = store.list_users().await?.len() as u64;
+    Ok(BreachReport {
+        new_kid,
+        retired_kids,
+        users_reset,
+    })
+}

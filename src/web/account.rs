@@ -1,0 +1,345 @@
+//! The account page: devices with "Sign out" per device, "Sign out of all other devices",
+//! "Sign out of all devices", password change with "Sign out connected devices" (ticked by
+//! default), and two-factor authentication.
+
+// Handlers return early with a ready response; boxing it would only add noise.
+#![allow(clippy::result_large_err)]
+
+use std::sync::Arc;
+
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::{Extension, Form};
+use serde::Deserialize;
+
+use super::{
+    cross_site, forbidden_cross_site, identity, no_store, pages, redirect, session_cookie,
+    store_unavailable, to_login, with_cookie, ACCOUNT_PATH, LOGIN_PATH,
+};
+use crate::app::account::{AccountError, PasswordChange};
+use crate::app::{App, ClientInfo};
+use crate::auth::{cookie, CredentialSource, Identity};
+use crate::config::Secret;
+use crate::store::{SessionId, SessionKind};
+
+/// The signed-in identity, or the response that sends the browser to log in.
+fn signed_in(app: &App, headers: &HeaderMap, back_to: &str) -> Result<Identity, Response> {
+    identity(app, headers)
+        .map(|(id, _)| id)
+        .ok_or_else(|| to_login(back_to))
+}
+
+/// For a form post: signed in, same origin, and the session's CSRF token.
+fn form_identity(
+    app: &App,
+    headers: &HeaderMap,
+    csrf: &str,
+) -> Result<(Identity, SessionKind), Response> {
+    if cross_site(app, headers) {
+        return Err(forbidden_cross_site());
+    }
+    let (id, source) = identity(app, headers).ok_or_else(|| to_login(ACCOUNT_PATH))?;
+    if !app.secrets.csrf_ok(&id.sid.to_string(), csrf) {
+        return Err(forbidden_cross_site());
+    }
+    let kind = match source {
+        CredentialSource::Bearer => SessionKind::Api,
+        CredentialSource::Cookie => SessionKind::Web,
+    };
+    Ok((id, kind))
+}
+
+fn account_error(e: AccountError) -> Response {
+    match e {
+        AccountError::Unavailable(s) => store_unavailable(&s.to_string()),
+        other => no_store(
+            (
+                StatusCode::BAD_REQUEST,
+                pages::message_with_link(
+                    "Not changed",
+                    &other.to_string(),
+                    ACCOUNT_PATH,
+                    "Back to your account",
+                ),
+            )
+                .into_response(),
+        ),
+    }
+}
+
+#[derive(Deserialize)]
+pub(crate) struct Done {
+    done: Option<String>,
+    error: Option<String>,
+}
+
+pub(crate) async fn page(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    Query(q): Query<Done>,
+) -> Response {
+    let id = match signed_in(&app, &headers, ACCOUNT_PATH) {
+        Ok(id) => id,
+        Err(r) => return r,
+    };
+    let user = match app.store.find_user_by_id(id.user_id).await {
+        Ok(Some(u)) => u,
+        Ok(None) => return to_login(ACCOUNT_PATH),
+        Err(e) => return store_unavailable(&e.to_string()),
+    };
+    let sessions = match app.sessions_of(id.user_id).await {
+        Ok(s) => s,
+        Err(e) => return account_error(e),
+    };
+    let csrf = app.secrets.csrf_token(&id.sid.to_string());
+    let notice = match q.done.as_deref() {
+        Some("device") => Some("That device has been signed out."),
+        Some("others") => Some("Every other device has been signed out."),
+        Some("password") => Some("Your password has been changed."),
+        Some("password-signout") => {
+            Some("Your password has been changed and every other device has been signed out.")
+        }
+        Some("2fa-off") => Some("Two-factor authentication is off."),
+        _ => None,
+    };
+    let error = match q.error.as_deref() {
+        Some("password") => Some("The password was not changed: check the current password, and that the new one is long enough, differs from your user name and is typed the same twice."),
+        _ => None,
+    };
+    no_store(
+        pages::account(
+            &user,
+            &sessions,
+            id.sid,
+            &csrf,
+            notice,
+            error,
+            app.config.password.min_length,
+        )
+        .into_response(),
+    )
+}
+
+#[derive(Deserialize)]
+pub(crate) struct DeviceForm {
+    session: String,
+    csrf: String,
+}
+
+pub(crate) async fn revoke_device(
+    State(app): State<Arc<App>>,
+    Extension(client): Extension<ClientInfo>,
+    headers: HeaderMap,
+    Form(form): Form<DeviceForm>,
+) -> Response {
+    let (id, _) = match form_identity(&app, &headers, &form.csrf) {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    let Some(sid) = SessionId::parse(&form.session) else {
+        return account_error(AccountError::NotYours);
+    };
+    if let Err(e) = app.revoke_own_session(&id, sid, &client).await {
+        return account_error(e);
+    }
+    if sid == id.sid {
+        return with_cookie(
+            redirect(LOGIN_PATH),
+            &cookie::clear(app.config.server.secure),
+        );
+    }
+    redirect(&format!("{ACCOUNT_PATH}?done=device"))
+}
+
+#[derive(Deserialize)]
+pub(crate) struct CsrfForm {
+    csrf: String,
+}
+
+pub(crate) async fn signout_others(
+    State(app): State<Arc<App>>,
+    Extension(client): Extension<ClientInfo>,
+    headers: HeaderMap,
+    Form(form): Form<CsrfForm>,
+) -> Response {
+    let (id, kind) = match form_identity(&app, &headers, &form.csrf) {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    match app.signout_other_devices(&id, kind, &client).await {
+        Ok(ok) => session_cookie(&app, redirect(&format!("{ACCOUNT_PATH}?done=others")), &ok),
+        Err(e) => account_error(e),
+    }
+}
+
+pub(crate) async fn signout_all(
+    State(app): State<Arc<App>>,
+    Extension(client): Extension<ClientInfo>,
+    headers: HeaderMap,
+    Form(form): Form<CsrfForm>,
+) -> Response {
+    let (id, _) = match form_identity(&app, &headers, &form.csrf) {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    match app.signout_all_devices(&id, &client).await {
+        Ok(()) => with_cookie(
+            redirect(LOGIN_PATH),
+            &cookie::clear(app.config.server.secure),
+        ),
+        Err(e) => account_error(e),
+    }
+}
+
+#[derive(Deserialize)]
+pub(crate) struct PasswordForm {
+    current: String,
+    new_password: String,
+    confirm: String,
+    /// Present (any value) when "Sign out connected devices" is ticked.
+    signout: Option<String>,
+    csrf: String,
+}
+
+pub(crate) async fn change_password(
+    State(app): State<Arc<App>>,
+    Extension(client): Extension<ClientInfo>,
+    headers: HeaderMap,
+    Form(form): Form<PasswordForm>,
+) -> Response {
+    let (id, kind) = match form_identity(&app, &headers, &form.csrf) {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    let signout = form.signout.is_some();
+    match app
+        .change_own_password(
+            &id,
+            PasswordChange {
+                current: Secret::new(form.current),
+                new: Secret::new(form.new_password),
+                confirm: Secret::new(form.confirm),
+                signout_others: signout,
+            },
+            kind,
+            &client,
+        )
+        .await
+    {
+        Ok(Some(ok)) => session_cookie(
+            &app,
+            redirect(&format!("{ACCOUNT_PATH}?done=password-signout")),
+            &ok,
+        ),
+        Ok(None) => redirect(&format!("{ACCOUNT_PATH}?done=password")),
+        Err(AccountError::Unavailable(s)) => store_unavailable(&s.to_string()),
+        Err(e) => {
+            tracing::info!(user = %id.name, reason = %e, "password change refused");
+            redirect(&format!("{ACCOUNT_PATH}?error=password"))
+        }
+    }
+}
+
+pub(crate) async fn twofa_page(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
+    let id = match signed_in(&app, &headers, "/_portcullis/account/2fa") {
+        Ok(id) => id,
+        Err(r) => return r,
+    };
+    let csrf = app.secrets.csrf_token(&id.sid.to_string());
+    let user = match app.store.find_user_by_id(id.user_id).await {
+        Ok(Some(u)) => u,
+        Ok(None) => return to_login(ACCOUNT_PATH),
+        Err(e) => return store_unavailable(&e.to_string()),
+    };
+    if user.totp_enabled {
+        let left = app.store.recovery_codes_left(user.id).await.unwrap_or(0);
+        return no_store(pages::twofa_status(left, &csrf, None).into_response());
+    }
+    match app.start_enrollment(user.id).await {
+        Ok(en) => no_store(
+            pages::enroll(
+                &en,
+                "/_portcullis/account/2fa",
+                ACCOUNT_PATH,
+                &csrf,
+                None,
+                "Scan the QR code with an authenticator app, then enter the code it shows.",
+            )
+            .into_response(),
+        ),
+        Err(e) => account_error(e),
+    }
+}
+
+#[derive(Deserialize)]
+pub(crate) struct EnableForm {
+    enroll: String,
+    code: String,
+    csrf: String,
+}
+
+pub(crate) async fn twofa_enable(
+    State(app): State<Arc<App>>,
+    Extension(client): Extension<ClientInfo>,
+    headers: HeaderMap,
+    Form(form): Form<EnableForm>,
+) -> Response {
+    let (id, _) = match form_identity(&app, &headers, &form.csrf) {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    match app
+        .confirm_enrollment(id.user_id, &form.enroll, &form.code, &client)
+        .await
+    {
+        Ok(codes) => no_store(pages::recovery_codes(&codes, ACCOUNT_PATH).into_response()),
+        Err(AccountError::InvalidCode) => {
+            let csrf = app.secrets.csrf_token(&id.sid.to_string());
+            match app.start_enrollment(id.user_id).await {
+                Ok(en) => no_store(
+                    (
+                        StatusCode::UNAUTHORIZED,
+                        pages::enroll(
+                            &en,
+                            "/_portcullis/account/2fa",
+                            ACCOUNT_PATH,
+                            &csrf,
+                            Some("The code is not valid. Scan the new QR code and enter the code it shows."),
+                            "Scan the QR code with an authenticator app, then enter the code it shows.",
+                        ),
+                    )
+                        .into_response(),
+                ),
+                Err(e) => account_error(e),
+            }
+        }
+        Err(e) => account_error(e),
+    }
+}
+
+#[derive(Deserialize)]
+pub(crate) struct DisableForm {
+    password: String,
+    code: String,
+    csrf: String,
+}
+
+pub(crate) async fn twofa_disable(
+    State(app): State<Arc<App>>,
+    Extension(client): Extension<ClientInfo>,
+    headers: HeaderMap,
+    Form(form): Form<DisableForm>,
+) -> Response {
+    let (id, _) = match form_identity(&app, &headers, &form.csrf) {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    match app
+        .disable_2fa(&id, Secret::new(form.password), &form.code, &client)
+        .await
+    {
+        Ok(()) => redirect(&format!("{ACCOUNT_PATH}?done=2fa-off")),
+        Err(e) => account_error(e),
+    }
+}

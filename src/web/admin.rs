@@ -1,0 +1,334 @@
+//! Admin pages (admins only): users and their actions, live sessions, the audit log, and the
+//! breach response behind a typed confirmation.
+
+// Handlers return early with a ready response; boxing it would only add noise.
+#![allow(clippy::result_large_err)]
+
+use std::sync::Arc;
+
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::{Extension, Form};
+use serde::Deserialize;
+
+use super::{
+    cross_site, forbidden_cross_site, identity, no_store, pages, redirect, store_unavailable,
+    to_login,
+};
+use crate::app::{now_ms, App, ClientInfo};
+use crate::auth::password::{check_policy, generate_password};
+use crate::auth::Identity;
+use crate::config::Secret;
+use crate::store::{SessionId, User};
+
+pub const ADMIN_PATH: &str = "/_portcullis/admin";
+/// What an admin must type to run the breach response from the page.
+pub const BREACH_CONFIRMATION: &str = "SIGN OUT EVERYONE";
+
+fn forbidden() -> Response {
+    no_store(
+        (
+            StatusCode::FORBIDDEN,
+            pages::message("Admins only", "This page is for administrators."),
+        )
+            .into_response(),
+    )
+}
+
+/// The signed-in admin, or the response to send instead.
+async fn admin(app: &App, headers: &HeaderMap) -> Result<(Identity, User), Response> {
+    let (id, _) = identity(app, headers).ok_or_else(|| to_login(ADMIN_PATH))?;
+    match app.store.find_user_by_id(id.user_id).await {
+        Ok(Some(u)) if u.is_admin && !u.disabled => Ok((id, u)),
+        Ok(_) => Err(forbidden()),
+        Err(e) => Err(store_unavailable(&e.to_string())),
+    }
+}
+
+async fn admin_form(
+    app: &App,
+    headers: &HeaderMap,
+    csrf: &str,
+) -> Result<(Identity, User), Response> {
+    if cross_site(app, headers) {
+        return Err(forbidden_cross_site());
+    }
+    let (id, user) = admin(app, headers).await?;
+    if !app.secrets.csrf_ok(&id.sid.to_string(), csrf) {
+        return Err(forbidden_cross_site());
+    }
+    Ok((id, user))
+}
+
+#[derive(Deserialize)]
+pub(crate) struct Notice {
+    done: Option<String>,
+}
+
+pub(crate) async fn page(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    Query(q): Query<Notice>,
+) -> Response {
+    let (id, _) = match admin(&app, &headers).await {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    let users = app.store.list_users().await;
+    let sessions = app.store.list_live_sessions(None, now_ms()).await;
+    let audit = app.store.list_audit(None, 0, 100).await;
+    match (users, sessions, audit) {
+        (Ok(users), Ok(sessions), Ok(audit)) => {
+            let csrf = app.secrets.csrf_token(&id.sid.to_string());
+            no_store(
+                pages::admin(
+                    &users,
+                    &sessions,
+                    &audit,
+                    &csrf,
+                    q.done.as_deref(),
+                    now_ms(),
+                )
+                .into_response(),
+            )
+        }
+        (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => store_unavailable(&e.to_string()),
+    }
+}
+
+#[derive(Deserialize)]
+pub(crate) struct AddUser {
+    name: String,
+    password: Option<String>,
+    admin: Option<String>,
+    csrf: String,
+}
+
+pub(crate) async fn add_user(
+    State(app): State<Arc<App>>,
+    Extension(client): Extension<ClientInfo>,
+    headers: HeaderMap,
+    Form(form): Form<AddUser>,
+) -> Response {
+    let (_, actor) = match admin_form(&app, &headers, &form.csrf).await {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    let name = form.name.trim().to_string();
+    if !crate::cli::valid_user_name(&name) {
+        return bad("That is not a valid user name (1-64 of A-Z a-z 0-9 . _ - @).");
+    }
+    let (password, generated) = match form.password.filter(|p| !p.is_empty()) {
+        Some(p) => (p, false),
+        None => (generate_password(), true),
+    };
+    if let Err(e) = check_policy(&app.config.password, &name, &password) {
+        return bad(&e.to_string());
+    }
+    let hash = match app.hasher.hash(Secret::new(password.clone())).await {
+        Ok(h) => h,
+        Err(_) => return bad("The password could not be hashed."),
+    };
+    let is_admin = form.admin.is_some();
+    match app
+        .store
+        .create_user(&name, &hash, is_admin, now_ms())
+        .await
+    {
+        Ok(u) => {
+            let mut e =
+                app.audit_entry("admin_add_user", "success", Some((u.id, &u.name)), &client);
+            e.detail = format!("by {}{}", actor.name, if is_admin { ", admin" } else { "" });
+            app.audit(e).await;
+            let text = if generated {
+                format!("Created {name}. Their password (shown only once): {password}")
+            } else {
+                format!("Created {name}.")
+            };
+            no_store(
+                pages::message_with_link("User created", &text, ADMIN_PATH, "Back to admin")
+                    .into_response(),
+            )
+        }
+        Err(crate::store::StoreError::Conflict(_)) => bad("A user with that name already exists."),
+        Err(e) => store_unavailable(&e.to_string()),
+    }
+}
+
+fn bad(text: &str) -> Response {
+    no_store(
+        (
+            StatusCode::BAD_REQUEST,
+            pages::message_with_link("Not done", text, ADMIN_PATH, "Back to admin"),
+        )
+            .into_response(),
+    )
+}
+
+#[derive(Deserialize)]
+pub(crate) struct UserAction {
+    name: String,
+    action: String,
+    csrf: String,
+}
+
+pub(crate) async fn user_action(
+    State(app): State<Arc<App>>,
+    Extension(client): Extension<ClientInfo>,
+    headers: HeaderMap,
+    Form(form): Form<UserAction>,
+) -> Response {
+    let (_, actor) = match admin_form(&app, &headers, &form.csrf).await {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    let user = match app.store.find_user(&form.name).await {
+        Ok(Some(u)) => u,
+        Ok(None) => return bad("No such user."),
+        Err(e) => return store_unavailable(&e.to_string()),
+    };
+    let now = now_ms();
+    let result: Result<&str, String> = match form.action.as_str() {
+        "disable" => app
+            .store
+            .set_disabled(user.id, true, now)
+            .await
+            .map(|ev| {
+                app.apply(&ev);
+                "disabled"
+            })
+            .map_err(|e| e.to_string()),
+        "enable" => app
+            .store
+            .set_disabled(user.id, false, now)
+            .await
+            .map(|ev| {
+                app.apply(&ev);
+                "enabled"
+            })
+            .map_err(|e| e.to_string()),
+        "unlock" => app
+            .unlock(&user, &client)
+            .await
+            .map(|_| "unlocked")
+            .map_err(|e| e.to_string()),
+        "require_reset" => app
+            .store
+            .set_must_reset(Some(user.id), true)
+            .await
+            .map(|_| "reset-required")
+            .map_err(|e| e.to_string()),
+        "signout" => app
+            .signout_user_id(user.id)
+            .await
+            .map(|_| "signed-out")
+            .map_err(|e| e.to_string()),
+        "reset_link" => match app.issue_reset_link(&user, &client).await {
+            Ok(link) => {
+                return no_store(
+                    pages::message_with_link(
+                        "Reset link",
+                        &format!(
+                            "Give this one-time link to {} (valid for {}): {link}",
+                            user.name,
+                            humantime::format_duration(app.config.auth.reset_link_ttl)
+                        ),
+                        ADMIN_PATH,
+                        "Back to admin",
+                    )
+                    .into_response(),
+                )
+            }
+            Err(e) => Err(e.to_string()),
+        },
+        _ => return bad("Unknown action."),
+    };
+    match result {
+        Ok(done) => {
+            let mut e = app.audit_entry(
+                &format!("admin_{}", form.action),
+                "success",
+                Some((user.id, &user.name)),
+                &client,
+            );
+            e.detail = format!("by {}", actor.name);
+            app.audit(e).await;
+            redirect(&format!("{ADMIN_PATH}?done={done}"))
+        }
+        Err(e) => store_unavailable(&e),
+    }
+}
+
+#[derive(Deserialize)]
+pub(crate) struct RevokeForm {
+    session: String,
+    csrf: String,
+}
+
+pub(crate) async fn revoke_session(
+    State(app): State<Arc<App>>,
+    Extension(client): Extension<ClientInfo>,
+    headers: HeaderMap,
+    Form(form): Form<RevokeForm>,
+) -> Response {
+    let (_, actor) = match admin_form(&app, &headers, &form.csrf).await {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    let Some(sid) = SessionId::parse(&form.session) else {
+        return bad("Not a session id.");
+    };
+    match app.revoke_session(sid).await {
+        Ok(true) => {
+            let mut e = app.audit_entry("admin_revoke_session", "success", None, &client);
+            e.session_id = sid.to_string();
+            e.detail = format!("by {}", actor.name);
+            app.audit(e).await;
+            redirect(&format!("{ADMIN_PATH}?done=session-ended"))
+        }
+        Ok(false) => bad("No such session."),
+        Err(e) => store_unavailable(&e.to_string()),
+    }
+}
+
+#[derive(Deserialize)]
+pub(crate) struct BreachForm {
+    confirm: String,
+    csrf: String,
+}
+
+pub(crate) async fn breach(
+    State(app): State<Arc<App>>,
+    Extension(client): Extension<ClientInfo>,
+    headers: HeaderMap,
+    Form(form): Form<BreachForm>,
+) -> Response {
+    let (_, actor) = match admin_form(&app, &headers, &form.csrf).await {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    if form.confirm.trim() != BREACH_CONFIRMATION {
+        return bad(&format!(
+            "Nothing was done: type {BREACH_CONFIRMATION} exactly to confirm."
+        ));
+    }
+    tracing::warn!(by = %actor.name, "breach response started from the admin page");
+    match app.breach_response(&client).await {
+        Ok(r) => no_store(
+            pages::message_with_link(
+                "Breach response done",
+                &format!(
+                    "Everyone is signed out (you too), every user must choose a new password at \
+                     next login, and the session signing key was replaced (new key {}, retired {}).",
+                    r.new_kid,
+                    r.retired_kids.join(", ")
+                ),
+                super::LOGIN_PATH,
+                "Sign in again",
+            )
+            .into_response(),
+        ),
+        Err(e) => store_unavailable(&e.to_string()),
+    }
+}
