@@ -60,9 +60,34 @@ pub struct GatewayBuilder {
     route_extra: String,
     log: String,
     server_extra: String,
+    auth_extra: String,
+    tables: String,
 }
 
 impl GatewayBuilder {
+    /// Whole extra tables appended to the config (e.g. `[password]`).
+    pub fn extra_toml(mut self, toml: &str) -> Self {
+        self.tables.push_str(toml);
+        self.tables.push('\n');
+        self
+    }
+
+    /// Keys for the `[auth]` table (e.g. `max_failures = 3`).
+    pub fn auth_keys(mut self, toml: &str) -> Self {
+        self.auth_extra.push_str(toml);
+        self.auth_extra.push('\n');
+        self
+    }
+
+    pub fn admin(mut self, name: &str, password: &str) -> Self {
+        self.users.push(UserSpec {
+            name: name.into(),
+            password: password.into(),
+            admin: true,
+        });
+        self
+    }
+
     /// Extra keys for the `[server]` table (e.g. `public_url`, `tls_cert`).
     pub fn server_keys(mut self, toml: &str) -> Self {
         self.server_extra.push_str(toml);
@@ -100,6 +125,8 @@ impl GatewayBuilder {
             route_extra: self.route_extra,
             log: self.log,
             server_extra: self.server_extra,
+            auth_extra: self.auth_extra,
+            tables: self.tables,
             child: None,
             base: String::new(),
             admin: String::new(),
@@ -120,6 +147,8 @@ pub struct Gateway {
     route_extra: String,
     log: String,
     server_extra: String,
+    auth_extra: String,
+    tables: String,
     child: Option<Child>,
     /// `http://127.0.0.1:PORT` of the public listener.
     pub base: String,
@@ -143,6 +172,8 @@ impl Gateway {
             route_extra: String::new(),
             log: "level = \"info\"".to_string(),
             server_extra: String::new(),
+            auth_extra: String::new(),
+            tables: String::new(),
         }
     }
 
@@ -190,10 +221,16 @@ key_file = "{key}"
 [log]
 {log}
 
+[auth]
+secrets_key_file = "{secrets}"
+{auth_extra}
+
 [[route]]
 name = "media"
 upstream = "{upstream}"
 {route_extra}
+
+{tables}
 "#,
             data = d.display(),
             db = self.db_path().display(),
@@ -202,6 +239,9 @@ upstream = "{upstream}"
             route_extra = self.route_extra,
             log = self.log,
             server_extra = self.server_extra,
+            secrets = d.join("secrets.key").display(),
+            auth_extra = self.auth_extra,
+            tables = self.tables,
             public_url = if self.server_extra.contains("public_url") {
                 String::new()
             } else {
@@ -422,6 +462,25 @@ impl Drop for Gateway {
             eprintln!("--- gateway log ---\n{}", self.log());
         }
     }
+}
+
+/// The value of the first `<input name="NAME" value="…">` in a page (values are HTML-escaped
+/// by the gateway; the ones tests read are plain).
+pub fn input_value(html: &str, name: &str) -> Option<String> {
+    let needle = format!("name=\"{name}\" value=\"");
+    let start = html.find(&needle)? + needle.len();
+    let end = html[start..].find('"')?;
+    Some(html[start..start + end].replace("&amp;", "&"))
+}
+
+/// The `name=value` pair of a `Set-Cookie` header for `name`, if the response sets it.
+pub fn set_cookie(resp: &reqwest::Response, name: &str) -> Option<String> {
+    resp.headers()
+        .get_all("set-cookie")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .map(|v| v.split(';').next().unwrap_or("").to_string())
+        .find(|pair| pair.starts_with(&format!("{name}=")) && pair.len() > name.len() + 1)
 }
 
 /// Sends raw bytes to an address and returns everything read until the peer closes or 5 s pass.

@@ -6,7 +6,9 @@
 mod harness;
 mod upstream;
 
+mod account;
 mod bad_input;
+mod browser;
 mod cli;
 mod failures;
 mod login;

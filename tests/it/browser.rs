@@ -1,0 +1,103 @@
+//! Browser tests: the gateway's own pages in real headless Chromium (Debian's `chromium`, driven
+//! by `playwright-core` from `tests/browser`). Each test starts an upstream and the gateway, then
+//! runs one script under `tests/browser/` with `node`, passing the gateway URL and a user in the
+//! environment; the script asserts with `node:assert` and exits non-zero on any failure.
+//!
+//! Needs `/usr/bin/chromium` (or `CHROMIUM=PATH`) and `npm ci --prefix tests/browser`.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use crate::harness::Gateway;
+use crate::upstream::Upstream;
+
+const USER: &str = "alice";
+const PASSWORD: &str = "alice-browser-pw-2024";
+
+/// The longest a script may run before it counts as hung.
+const SCRIPT_TIMEOUT: Duration = Duration::from_secs(180);
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn chromium() -> PathBuf {
+    std::env::var_os("CHROMIUM")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/usr/bin/chromium"))
+}
+
+/// Panics with what to install when the browser or the npm package is missing.
+fn check_prerequisites() {
+    let browser = chromium();
+    assert!(
+        browser.exists(),
+        "browser tests need Chromium at {} (`apt-get install -y chromium`, or set CHROMIUM=PATH)",
+        browser.display()
+    );
+    let pkg = root().join("tests/browser/node_modules/playwright-core/package.json");
+    assert!(
+        pkg.exists(),
+        "browser tests need playwright-core: run `npm ci --prefix tests/browser` ({} is missing)",
+        pkg.display()
+    );
+}
+
+async fn start() -> (Upstream, Gateway) {
+    let up = Upstream::start().await;
+    let gw = Gateway::builder(&up.url())
+        .user(USER, PASSWORD)
+        .start()
+        .await;
+    (up, gw)
+}
+
+/// Runs `tests/browser/{script}` against the gateway and insists it exits 0.
+async fn run_script(gw: &Gateway, script: &str, extra_env: &[(&str, &Path)]) {
+    check_prerequisites();
+    let root = root();
+    let output = root.join("tests/output");
+    std::fs::create_dir_all(&output).expect("tests/output");
+    let mut cmd = tokio::process::Command::new("node");
+    cmd.arg(root.join("tests/browser").join(script))
+        .current_dir(&root)
+        .env("PORTCULLIS_URL", &gw.base)
+        .env("PORTCULLIS_USER", USER)
+        .env("PORTCULLIS_PASSWORD", PASSWORD)
+        .env("PORTCULLIS_OUTPUT", &output)
+        .env("CHROMIUM", chromium())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    for (k, v) in extra_env {
+        cmd.env(k, v);
+    }
+    let started = Instant::now();
+    let child = cmd.spawn().expect("run node (Node.js 20 or newer must be on PATH)");
+    let out = tokio::time::timeout(SCRIPT_TIMEOUT, child.wait_with_output())
+        .await
+        .unwrap_or_else(|_| panic!("{script} did not finish within {SCRIPT_TIMEOUT:?}"))
+        .expect("node output");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    println!(
+        "--- {script} ({:.1} s) ---\n{text}",
+        started.elapsed().as_secs_f64()
+    );
+    assert!(
+        out.status.success(),
+        "{script} failed ({}):\n{text}",
+        out.status
+    );
+}
+
+#[tokio::test]
+async fn browser_password_and_totp_login_and_device_list() {
+    let (_up, gw) = start().await;
+    run_script(&gw, "totp_login.mjs", &[]).await;
+}
