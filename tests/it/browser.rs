@@ -75,7 +75,9 @@ async fn run_script(gw: &Gateway, script: &str, extra_env: &[(&str, &Path)]) {
         cmd.env(k, v);
     }
     let started = Instant::now();
-    let child = cmd.spawn().expect("run node (Node.js 20 or newer must be on PATH)");
+    let child = cmd
+        .spawn()
+        .expect("run node (Node.js 20 or newer must be on PATH)");
     let out = tokio::time::timeout(SCRIPT_TIMEOUT, child.wait_with_output())
         .await
         .unwrap_or_else(|_| panic!("{script} did not finish within {SCRIPT_TIMEOUT:?}"))
