@@ -35,6 +35,8 @@ pub const PENDING_MAX_TRIES: u32 = 5;
 pub const LAST_SEEN_EVERY_MS: i64 = 60_000;
 /// How often batched last-seen times are written.
 pub const LAST_SEEN_FLUSH: Duration = Duration::from_secs(5);
+/// How often the active-session gauges are refreshed from the store.
+pub const SESSION_COUNT_EVERY: Duration = Duration::from_secs(15);
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> i64 {
@@ -756,6 +758,26 @@ impl App {
         }
     }
 
+    async fn refresh_session_counts(&self) {
+        match self.store.count_live_sessions(now_ms()).await {
+            Ok(counts) => {
+                for kind in [SessionKind::Web, SessionKind::Api] {
+                    let n = counts
+                        .iter()
+                        .find(|(k, _)| k == kind.as_str())
+                        .map_or(0, |(_, n)| *n);
+                    self.metrics
+                        .active_sessions
+                        .with_label_values(&[kind.as_str()])
+                        .set(n);
+                }
+            }
+            Err(e) => {
+                self.store_error("count_sessions", e);
+            }
+        }
+    }
+
     async fn flush_last_seen(&self) {
         let batch: Vec<(SessionId, i64)> = match self.last_seen_pending.lock() {
             Ok(mut p) => std::mem::take(&mut *p),
@@ -796,10 +818,15 @@ impl App {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_sweep = Instant::now();
         let mut last_flush = Instant::now();
+        let mut last_count: Option<Instant> = None;
         loop {
             tick.tick().await;
             let _ = self.sync().await;
             self.reload_keys_if_changed();
+            if last_count.is_none_or(|t| t.elapsed() >= SESSION_COUNT_EVERY) {
+                self.refresh_session_counts().await;
+                last_count = Some(Instant::now());
+            }
             if last_flush.elapsed() >= LAST_SEEN_FLUSH {
                 self.flush_last_seen().await;
                 last_flush = Instant::now();

@@ -21,6 +21,10 @@ pub const SYNC_ERRORS_TOTAL: &str = "portcullis_sync_errors_total";
 pub const STORE_ERRORS_TOTAL: &str = "portcullis_store_errors_total";
 pub const BUILD_INFO: &str = "portcullis_build_info";
 pub const SECOND_FACTOR_TOTAL: &str = "portcullis_second_factor_total";
+pub const UPSTREAM_DURATION: &str = "portcullis_upstream_duration_seconds";
+pub const ACTIVE_SESSIONS: &str = "portcullis_active_sessions";
+pub const SYNC_LAG: &str = "portcullis_sync_lag_seconds";
+pub const WEBSOCKETS_OPEN: &str = "portcullis_websockets_open";
 pub const LOCKOUTS_TOTAL: &str = "portcullis_lockouts_total";
 
 /// Reasons a request is refused before authentication.
@@ -59,6 +63,7 @@ pub struct RouteCounters {
     denied: Vec<IntCounter>,
     rejected: Vec<IntCounter>,
     pub duration: Histogram,
+    pub upstream_duration: Histogram,
 }
 
 impl RouteCounters {
@@ -86,6 +91,9 @@ pub struct Metrics {
     pub store_errors: IntCounterVec,
     pub second_factor: IntCounterVec,
     pub lockouts: IntCounter,
+    pub active_sessions: IntGaugeVec,
+    pub sync_lag: Gauge,
+    pub websockets_open: IntGauge,
 }
 
 /// Route label for requests answered before a route was chosen, or by the gateway's own pages.
@@ -150,6 +158,29 @@ impl Metrics {
             &["method", "result"],
         )?;
         let lockouts = IntCounter::new(LOCKOUTS_TOTAL, "Accounts locked after repeated failures.")?;
+        let upstream_duration = HistogramVec::new(
+            HistogramOpts::new(
+                UPSTREAM_DURATION,
+                "Time from sending a request upstream to the end of its response.",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                10.0, 30.0,
+            ]),
+            &["route"],
+        )?;
+        let active_sessions = IntGaugeVec::new(
+            Opts::new(
+                ACTIVE_SESSIONS,
+                "Live sessions in the store by kind (refreshed periodically, not per request).",
+            ),
+            &["kind"],
+        )?;
+        let sync_lag = Gauge::new(
+            SYNC_LAG,
+            "Seconds since the revocation view last synced with the store.",
+        )?;
+        let websockets_open = IntGauge::new(WEBSOCKETS_OPEN, "WebSocket connections open now.")?;
         let build_info = IntGaugeVec::new(
             Opts::new(BUILD_INFO, "Build information; the value is always 1."),
             &["version", "store"],
@@ -170,6 +201,14 @@ impl Metrics {
         registry.register(Box::new(build_info))?;
         registry.register(Box::new(second_factor.clone()))?;
         registry.register(Box::new(lockouts.clone()))?;
+        registry.register(Box::new(upstream_duration.clone()))?;
+        registry.register(Box::new(active_sessions.clone()))?;
+        registry.register(Box::new(sync_lag.clone()))?;
+        registry.register(Box::new(websockets_open.clone()))?;
+        #[cfg(target_os = "linux")]
+        registry.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))?;
 
         let mut routes = Vec::new();
         let labels = route_names
@@ -196,6 +235,7 @@ impl Metrics {
                     .map(|r| requests.with_label_values(&[name, "reject", r.as_str()]))
                     .collect(),
                 duration: duration.with_label_values(&[name]),
+                upstream_duration: upstream_duration.with_label_values(&[name]),
             });
         }
         Ok(Metrics {
@@ -211,6 +251,9 @@ impl Metrics {
             store_errors,
             second_factor,
             lockouts,
+            active_sessions,
+            sync_lag,
+            websockets_open,
         })
     }
 

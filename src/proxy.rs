@@ -36,6 +36,8 @@ pub struct RequestCtx {
     outcome: Outcome,
     identity: Option<Identity>,
     client_ip: String,
+    upstream_start: Option<Instant>,
+    websocket: bool,
 }
 
 pub struct Gateway {
@@ -259,6 +261,8 @@ impl ProxyHttp for Gateway {
             outcome: Outcome::Unfinished,
             identity: None,
             client_ip: String::new(),
+            upstream_start: None,
+            websocket: false,
         }
     }
 
@@ -329,6 +333,10 @@ impl ProxyHttp for Gateway {
                 self.app.touch(identity.sid, now);
                 ctx.identity = Some(identity);
                 ctx.outcome = Outcome::Allowed;
+                if session.is_upgrade_req() {
+                    ctx.websocket = true;
+                    self.app.metrics.websockets_open.inc();
+                }
                 Ok(false)
             }
             AuthDecision::Deny(reason) => {
@@ -367,6 +375,7 @@ impl ProxyHttp for Gateway {
         upstream_request: &mut RequestHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        ctx.upstream_start = Some(Instant::now());
         let host = host_of(session.req_header()).map(str::to_string);
         let route = ctx.route.and_then(|i| self.routes().get(i));
         forward::rewrite(
@@ -443,6 +452,14 @@ impl ProxyHttp for Gateway {
             Outcome::Unfinished => {}
         }
         counters.duration.observe(elapsed.as_secs_f64());
+        if let Some(t) = ctx.upstream_start {
+            counters
+                .upstream_duration
+                .observe(t.elapsed().as_secs_f64());
+        }
+        if ctx.websocket {
+            self.app.metrics.websockets_open.dec();
+        }
         let req = session.req_header();
         let route = ctx
             .route

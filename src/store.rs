@@ -253,6 +253,9 @@ pub trait Store: Send + Sync + 'static {
         now_ms: i64,
     ) -> StoreResult<Vec<SessionRecord>>;
 
+    /// Live (unexpired, unrevoked) sessions counted by kind.
+    async fn count_live_sessions(&self, now_ms: i64) -> StoreResult<Vec<(String, i64)>>;
+
     /// Ends one session. `Ok(None)` if no such session exists.
     async fn revoke_session(
         &self,

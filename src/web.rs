@@ -237,6 +237,10 @@ async fn readyz(State(app): State<Arc<App>>) -> Response {
 }
 
 async fn metrics(State(app): State<Arc<App>>) -> Response {
+    let (_, staleness) = app.view_is_fresh();
+    app.metrics
+        .sync_lag
+        .set(staleness.map_or(f64::INFINITY, |s| s.as_secs_f64()));
     (
         [(
             header::CONTENT_TYPE,

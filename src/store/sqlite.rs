@@ -445,6 +445,25 @@ impl Store for SqliteStore {
         rows.iter().map(session_from_row).collect()
     }
 
+    async fn count_live_sessions(&self, now_ms: i64) -> StoreResult<Vec<(String, i64)>> {
+        let rows = sqlx::query(
+            "SELECT kind, COUNT(*) FROM sessions
+             WHERE revoked_ms IS NULL AND expires_ms > ? GROUP BY kind",
+        )
+        .bind(now_ms)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        rows.iter()
+            .map(|r| {
+                Ok((
+                    r.try_get(0).map_err(unavailable)?,
+                    r.try_get(1).map_err(unavailable)?,
+                ))
+            })
+            .collect()
+    }
+
     async fn revoke_session(
         &self,
         id: SessionId,

@@ -45,16 +45,13 @@ fn with_retry_after(mut resp: Response, e: &LoginError) -> Response {
     resp
 }
 
-fn count_login(app: &App, result: &Result<LoginStep, LoginError>) {
+fn count_login(app: &App, method: &str, result: &Result<LoginStep, LoginError>) {
     let label = match result {
         Ok(LoginStep::Session(_)) => "success",
         Ok(LoginStep::Pending { .. }) => "pending",
         Err(e) => e.label(),
     };
-    app.metrics
-        .logins
-        .with_label_values(&["password", label])
-        .inc();
+    app.metrics.logins.with_label_values(&[method, label]).inc();
 }
 
 fn stage_path(stage: PendingStage) -> &'static str {
@@ -129,7 +126,7 @@ pub(crate) async fn login_form(
             &client,
         )
         .await;
-    count_login(&app, &result);
+    count_login(&app, "password", &result);
     match result {
         Ok(step) => step_response(&app, step, &rd, &client),
         Err(e) => {
@@ -252,7 +249,7 @@ pub(crate) async fn totp_form(
     let result = app
         .complete_second_factor(token, &form.code, SessionKind::Web, &client)
         .await;
-    count_login(&app, &result);
+    count_login(&app, "password", &result);
     match result {
         Ok(step) => step_response(&app, step, &rd, &client),
         Err(e) => match pending_error(&app, e, &rd) {
@@ -432,7 +429,7 @@ pub(crate) async fn api_login(
             &client,
         )
         .await;
-    count_login(&app, &result);
+    count_login(&app, "api", &result);
     match result {
         Ok(LoginStep::Session(ok)) => {
             tracing::info!(user = %ok.user_name, session = %ok.session_id, ip = %client.ip, "api login");

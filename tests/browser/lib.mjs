@@ -142,19 +142,26 @@ export async function expectUpstream(page) {
   assert.equal((await page.locator('body').textContent()).trim(), 'upstream ok: GET /');
 }
 
-/** The rows of the device list on the account page, as plain objects. */
+/**
+ * The rows of the device list on the account page, as plain objects: `device` is the summary
+ * ("Firefox on Windows"), `tag` the "This device" label (or null), `ua` the user agent line.
+ */
 export async function deviceRows(page) {
-  const rows = page.locator('#devices tbody tr');
   const out = [];
-  for (const row of await rows.all()) {
-    const cells = (await row.locator('td').allTextContents()).map((t) => t.trim());
+  for (const row of await page.locator('#devices tbody tr').all()) {
+    const cells = row.locator('td');
+    const first = cells.first();
+    const texts = (await cells.allTextContents()).map((t) => t.trim());
+    const tag = first.locator('.tag');
     out.push({
       current: (await row.getAttribute('data-current')) !== null,
-      device: cells[0],
-      kind: cells[1],
-      ip: cells[2],
-      created: cells[3],
-      lastSeen: cells[4],
+      device: await first.evaluate((td) => td.firstChild.textContent.trim()),
+      tag: (await tag.count()) > 0 ? (await tag.textContent()).trim() : null,
+      ua: (await first.locator('.muted').textContent()).trim(),
+      kind: texts[1],
+      ip: texts[2],
+      created: texts[3],
+      lastSeen: texts[4],
     });
   }
   return out;

@@ -77,10 +77,13 @@ await run('totp_login', async (browser) => {
   assert.equal(fromB.length, 2, JSON.stringify(fromB));
   const currentB = fromB.filter((r) => r.current);
   assert.equal(currentB.length, 1, 'exactly one current row');
-  assert.match(currentB[0].device, /^Firefox on Windows This device/);
+  assert.equal(currentB[0].device, 'Firefox on Windows');
+  assert.equal(currentB[0].tag, 'This device');
+  assert.match(currentB[0].ua, /Firefox\/128\.0/);
   const otherB = fromB.find((r) => !r.current);
-  assert.match(otherB.device, /^Chrome on Linux/);
-  assert.doesNotMatch(otherB.device, /This device/);
+  assert.equal(otherB.device, 'Chrome on Linux');
+  assert.equal(otherB.tag, null);
+  assert.match(otherB.ua, /X11; Linux x86_64/);
   for (const r of fromB) {
     assert.equal(r.kind, 'web');
     assert.equal(r.ip, '127.0.0.1');
@@ -92,7 +95,7 @@ await run('totp_login', async (browser) => {
   await a.page.reload();
   const fromA = await deviceRows(a.page);
   assert.equal(fromA.length, 2, JSON.stringify(fromA));
-  assert.deepEqual(fromA.filter((r) => r.current).map((r) => r.device.split(' This device')[0]), ['Chrome on Linux']);
+  assert.deepEqual(fromA.filter((r) => r.current).map((r) => [r.device, r.tag]), [['Chrome on Linux', 'This device']]);
 
   step('C signs in with a recovery code instead of the app code');
   const c = await device(browser, 'C', UA.iphone);

@@ -103,3 +103,37 @@ async fn browser_password_and_totp_login_and_device_list() {
     let (_up, gw) = start().await;
     run_script(&gw, "totp_login.mjs", &[]).await;
 }
+
+#[tokio::test]
+async fn browser_sign_out_of_devices() {
+    let (_up, gw) = start().await;
+    run_script(&gw, "signout.mjs", &[]).await;
+}
+
+#[tokio::test]
+async fn browser_password_change_with_and_without_signing_out_devices() {
+    let (_up, gw) = start().await;
+    run_script(&gw, "password_change.mjs", &[]).await;
+}
+
+#[tokio::test]
+async fn browser_cross_site_posts_are_refused() {
+    let (_up, gw) = start().await;
+    run_script(&gw, "csrf.mjs", &[]).await;
+}
+
+/// Saves `tests/output/account.png`; also writes the README's `docs/account-page.png` when that
+/// is missing or `UPDATE_SCREENSHOTS=1` is set (so ordinary runs leave the work tree clean).
+#[tokio::test]
+async fn browser_account_page_screenshot() {
+    let (_up, gw) = start().await;
+    let docs = root().join("docs/account-page.png");
+    let update = !docs.exists() || std::env::var("UPDATE_SCREENSHOTS").is_ok_and(|v| v == "1");
+    let extra: Vec<(&str, &Path)> = if update {
+        vec![("PORTCULLIS_DOCS_SCREENSHOT", docs.as_path())]
+    } else {
+        Vec::new()
+    };
+    run_script(&gw, "account_screenshot.mjs", &extra).await;
+    assert!(root().join("tests/output/account.png").exists());
+}

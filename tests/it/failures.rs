@@ -84,7 +84,7 @@ async fn health_readiness_and_metrics_are_served_on_the_admin_listener() {
         "{metrics}"
     );
     assert!(
-        metrics.contains(r#"portcullis_logins_total{method="password",result="success"} 1"#),
+        metrics.contains(r#"portcullis_logins_total{method="api",result="success"} 1"#),
         "{metrics}"
     );
     assert!(metrics.contains("portcullis_sync_last_success_timestamp_seconds"));
