@@ -24,7 +24,8 @@
 # Environment: ROUNDS=3 DURATION=8 CONNS=64 THREADS=2 (nginx proxy workers = gateway threads =
 # bare_proxy threads) UP_WORKERS=2 REVOKED=1000000 BIG_MIB=256 STREAM_REPS=2 (downloads per case
 # per round) STORM=50 VARIANTS=1 OUT=bench/out KEEP=1 (keep the temp dir) SKIP_BUILD=1
-# DIAG=1 (also syscalls and CPU per request of b, d and g with strace/perf; slower).
+# DIAG=1 (also syscalls and CPU per request of b, d and g with strace/perf; slower)
+# COMMIT=... (the label in the report when run outside a git checkout).
 # Results: OUT/results.md (the tables), OUT/results.json, OUT/chart.png.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -512,7 +513,7 @@ cat >"$RES/meta.json" <<EOF
   "kernel": "$(uname -r)", "nginx": "$("$NGINX" -v 2>&1 | sed 's/.*: //')",
   "wrk": "$(wrk --version 2>&1 | head -1 | cut -d' ' -f2)",
   "load_before": "$LOAD_BEFORE", "load_after": "$LOAD_AFTER", "measured_s": $ELAPSED,
-  "date": "$(date -u +%Y-%m-%dT%H:%MZ)", "commit": "$(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+  "date": "$(date -u +%Y-%m-%dT%H:%MZ)", "commit": "${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
 }
 EOF
 python3 "$ROOT/bench/report.py" "$RES" "$OUT"

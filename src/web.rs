@@ -87,6 +87,10 @@ pub fn router(app: Arc<App>) -> Router {
         )
         .route("/_portcullis/admin/breach", post(admin::breach))
         .fallback(not_found)
+        .layer(axum::middleware::from_fn_with_state(
+            app.clone(),
+            refuse_cross_site,
+        ))
         .with_state(app)
 }
 
@@ -147,17 +151,30 @@ pub(crate) fn session_cookie(app: &App, resp: Response, ok: &LoginOk) -> Respons
     )
 }
 
-/// Whether a state-changing request comes from another site, by the browser's own headers.
+/// Whether a state-changing request comes from another site, by the browser's own headers:
+/// `Sec-Fetch-Site` when the browser sends it (its verdict is final: `Origin` can be `null` on
+/// same-origin posts), else `Origin` against `public_url`. Clients that send neither (curl, API
+/// clients) carry no ambient browser credentials to abuse and pass to the per-session checks.
 pub(crate) fn cross_site(app: &App, headers: &HeaderMap) -> bool {
     if let Some(site) = headers.get("sec-fetch-site").and_then(|v| v.to_str().ok()) {
-        if site == "cross-site" || site == "same-site" {
-            return true;
-        }
+        return site != "same-origin" && site != "none";
     }
     match headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) {
         Some(origin) => origin != app.config.server.public_url,
         None => false,
     }
+}
+
+/// Refuses every cross-site POST under `/_portcullis/` with 403 before any form is read.
+async fn refuse_cross_site(
+    State(app): State<Arc<App>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if req.method() == axum::http::Method::POST && cross_site(&app, req.headers()) {
+        return forbidden_cross_site();
+    }
+    next.run(req).await
 }
 
 pub(crate) fn forbidden_cross_site() -> Response {

@@ -19,15 +19,33 @@ pub fn escape(s: &str) -> String {
     out
 }
 
-const STYLE: &str =
-    "body{font-family:system-ui,sans-serif;background:#f4f4f6;color:#1d1d24;margin:0}\
-main{max-width:24rem;margin:4rem auto;background:#fff;padding:2rem;border-radius:.5rem;\
-box-shadow:0 1px 4px rgba(0,0,0,.15)}h1{font-size:1.4rem;margin-top:0}label{display:block;\
-margin:.8rem 0 .3rem}input[type=text],input[type=password]{width:100%;box-sizing:border-box;\
-padding:.5rem;font-size:1rem}button{margin-top:1.2rem;padding:.55rem 1.2rem;font-size:1rem;\
-background:#2d4fd6;color:#fff;border:0;border-radius:.3rem;cursor:pointer}\
+const STYLE: &str = "body{font-family:system-ui,sans-serif;background:#f4f4f6;color:#1d1d24;\
+margin:0}main{max-width:24rem;margin:4rem auto;background:#fff;padding:2rem;\
+border-radius:.5rem;box-shadow:0 1px 4px rgba(0,0,0,.15)}main.wide{max-width:64rem;margin:2rem auto}\
+h1{font-size:1.4rem;margin-top:0}h2{font-size:1.1rem;margin:0 0 .6rem}\
+label{display:block;margin:.8rem 0 .3rem}label.check{display:flex;gap:.5rem;align-items:center}\
+input[type=text],input[type=password]{width:100%;box-sizing:border-box;padding:.5rem;\
+font-size:1rem}main.wide form.narrow{max-width:24rem}\
+button{margin-top:1.2rem;padding:.55rem 1.2rem;font-size:1rem;background:#2d4fd6;color:#fff;\
+border:0;border-radius:.3rem;cursor:pointer}button.danger{background:#b3261e}\
+button.secondary{background:#5b5f6b}\
 .error{background:#fde8e8;color:#8a1111;padding:.6rem;border-radius:.3rem}\
-.muted{color:#666;font-size:.9rem}";
+.notice{background:#e6f4ea;color:#14532d;padding:.6rem;border-radius:.3rem}\
+.muted{color:#666;font-size:.85rem}\
+nav{display:flex;gap:1.2rem;margin-bottom:1.2rem;font-size:.95rem}\
+section{margin-top:2rem;padding-top:1rem;border-top:1px solid #e3e3ea}\
+table{border-collapse:collapse;width:100%;font-size:.9rem}\
+th,td{text-align:left;padding:.5rem .45rem;border-bottom:1px solid #e3e3ea;vertical-align:middle}\
+th{color:#555;font-weight:600}td.when{white-space:nowrap}td form{display:inline}\
+td button,.actions button{margin-top:0;padding:.3rem .7rem;font-size:.85rem}\
+.actions{display:flex;gap:.6rem;flex-wrap:wrap;margin-top:1rem}.actions form{display:inline}\
+tr.current{background:#eef3ff}\
+.tag{display:inline-block;font-size:.72rem;background:#2d4fd6;color:#fff;padding:.1rem .4rem;\
+border-radius:.2rem;margin-left:.4rem;vertical-align:middle}\
+code{font-size:1.05rem;word-break:break-all;font-family:ui-monospace,monospace}\
+.key{letter-spacing:.08em;background:#f4f4f6;padding:.2rem .4rem;border-radius:.2rem}\
+.codes{columns:2;font-family:ui-monospace,monospace;font-size:1.05rem}\
+.qr svg{width:200px;height:200px}";
 
 fn layout(title: &str, body: &str) -> Html<String> {
     page(title, body, false)
@@ -42,7 +60,7 @@ fn page(title: &str, body: &str, wide: bool) -> Html<String> {
     Html(format!(
         "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">\
 <meta name=\"viewport\" content=\"width=device-width,initial-scale=1\">\
-<meta name=\"referrer\" content=\"no-referrer\">\
+<meta name=\"referrer\" content=\"same-origin\">\
 <title>{} · Portcullis</title><style>{STYLE}</style></head><body>{main}{body}</main></body></html>",
         escape(title)
     ))
@@ -137,7 +155,7 @@ pub fn enroll(
         &format!(
             "<h1>Set up two-factor authentication</h1>{}<p>{}</p>\
 <div class=\"qr\" aria-label=\"QR code\">{}</div>\
-<p>Or enter this key by hand: <code id=\"totp-secret\">{}</code></p>\
+<p>Or enter this key by hand: <code class=\"key\" id=\"totp-secret\">{}</code></p>\
 <form method=\"post\" action=\"{}\">{}{}{}\
 <label for=\"code\">Code shown by the app</label>\
 <input type=\"text\" id=\"code\" name=\"code\" inputmode=\"numeric\" autocomplete=\"one-time-code\" required autofocus>\
@@ -291,13 +309,13 @@ pub fn account(
         .map(|s| {
             let is_current = s.id == current;
             format!(
-                "<tr{}><td>{}{}<br><span class=\"muted\">{}</span></td><td>{}</td><td>{}</td>\
-<td>{}</td><td>{}</td><td><form method=\"post\" action=\"/_portcullis/account/sessions/revoke\">{}{}\
+                "<tr{}><td title=\"{}\">{}{}</td><td>{}</td><td>{}</td>\
+<td class=\"when\">{}</td><td class=\"when\">{}</td><td><form method=\"post\" action=\"/_portcullis/account/sessions/revoke\">{}{}\
 <button type=\"submit\" class=\"secondary\">Sign out</button></form></td></tr>",
                 if is_current { " class=\"current\" data-current=\"1\"" } else { "" },
+                escape(&s.user_agent),
                 escape(&device_summary(&s.user_agent)),
-                if is_current { " <span class=\"tag\">This device</span>" } else { "" },
-                escape(&s.user_agent.chars().take(80).collect::<String>()),
+                if is_current { "<span class=\"tag\">This device</span>" } else { "" },
                 escape(s.kind.as_str()),
                 escape(&s.ip),
                 when(s.created_ms),
@@ -320,22 +338,23 @@ pub fn account(
 <section id=\"devices\"><h2>Signed-in devices</h2>\
 <table><thead><tr><th>Device</th><th>Kind</th><th>IP</th><th>Signed in</th><th>Last seen</th><th></th></tr></thead>\
 <tbody>{rows}</tbody></table>\
-<div class=\"inline\"><form method=\"post\" action=\"/_portcullis/account/signout-others\">{}\
-<button type=\"submit\" class=\"secondary\">Sign out of all other devices</button></form> \
+<div class=\"actions\"><form method=\"post\" action=\"/_portcullis/account/signout-others\">{}\
+<button type=\"submit\" class=\"secondary\">Sign out of all other devices</button></form>\
 <form method=\"post\" action=\"/_portcullis/account/signout-all\">{}\
 <button type=\"submit\" class=\"danger\">Sign out of all devices</button></form></div></section>\
 <section id=\"password\"><h2>Change password</h2>\
-<form method=\"post\" action=\"/_portcullis/account/password\">{}\
+<form class=\"narrow\" method=\"post\" action=\"/_portcullis/account/password\">{}\
 <label for=\"current\">Current password</label>\
 <input type=\"password\" id=\"current\" name=\"current\" autocomplete=\"current-password\" required>\
 <label for=\"new_password\">New password (at least {min_length} characters)</label>\
 <input type=\"password\" id=\"new_password\" name=\"new_password\" autocomplete=\"new-password\" required>\
 <label for=\"confirm\">New password again</label>\
 <input type=\"password\" id=\"confirm\" name=\"confirm\" autocomplete=\"new-password\" required>\
-<label><input type=\"checkbox\" id=\"signout\" name=\"signout\" value=\"1\" checked> Sign out connected devices</label>\
+<label class=\"check\"><input type=\"checkbox\" id=\"signout\" name=\"signout\" value=\"1\" checked> Sign out connected devices</label>\
 <button type=\"submit\">Change password</button></form></section>\
 <section><h2>Two-factor authentication</h2><p>{}</p></section>\
-<form method=\"post\" action=\"/_portcullis/logout\"><button type=\"submit\" class=\"secondary\">Sign out</button></form>",
+<section><form method=\"post\" action=\"/_portcullis/logout\">\
+<button type=\"submit\" class=\"secondary\">Sign out of this device</button></form></section>",
             escape(&user.name),
             error_block(error),
             hidden("csrf", csrf),

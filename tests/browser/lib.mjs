@@ -112,7 +112,13 @@ export async function fillLogin(page, user, password, rd = `${PREFIX}/account`) 
 
 /** Signs in with a password (no second factor) and lands on the account page. */
 export async function signIn(page, user, password) {
-  await fillLogin(page, user, password);
+  const resp = await fillLogin(page, user, password);
+  assert.equal(
+    resp.status(),
+    303,
+    `${page.deviceName}: the login form's POST was answered ${resp.status()}: ` +
+      (await page.locator('body').innerText()).slice(0, 300),
+  );
   await page.waitForURL(at(`${PREFIX}/account`));
   await expectAccountPage(page, user);
 }
@@ -144,7 +150,7 @@ export async function expectUpstream(page) {
 
 /**
  * The rows of the device list on the account page, as plain objects: `device` is the summary
- * ("Firefox on Windows"), `tag` the "This device" label (or null), `ua` the user agent line.
+ * ("Firefox on Windows"), `tag` the "This device" label (or null), `ua` the full user agent (the cell's title).
  */
 export async function deviceRows(page) {
   const out = [];
@@ -157,7 +163,7 @@ export async function deviceRows(page) {
       current: (await row.getAttribute('data-current')) !== null,
       device: await first.evaluate((td) => td.firstChild.textContent.trim()),
       tag: (await tag.count()) > 0 ? (await tag.textContent()).trim() : null,
-      ua: (await first.locator('.muted').textContent()).trim(),
+      ua: ((await first.getAttribute('title')) ?? '').trim(),
       kind: texts[1],
       ip: texts[2],
       created: texts[3],

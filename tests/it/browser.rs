@@ -87,14 +87,15 @@ async fn run_script(gw: &Gateway, script: &str, extra_env: &[(&str, &Path)]) {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    println!(
-        "--- {script} ({:.1} s) ---\n{text}",
-        started.elapsed().as_secs_f64()
-    );
     assert!(
         out.status.success(),
-        "{script} failed ({}):\n{text}",
-        out.status
+        "{script} failed ({}) after {:.1} s:\n{text}",
+        out.status,
+        started.elapsed().as_secs_f64()
+    );
+    println!(
+        "--- {script} passed in {:.1} s ---\n{text}",
+        started.elapsed().as_secs_f64()
     );
 }
 

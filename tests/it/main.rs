@@ -13,6 +13,7 @@ mod cli;
 mod failures;
 mod login;
 mod logs;
+mod observability;
 mod proxy;
 mod revocation;
 mod streaming;
