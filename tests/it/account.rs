@@ -486,17 +486,11 @@ async fn totp_login_with_replay_protection_and_recovery_codes() {
     assert_eq!(resp.status(), 303);
     let (status, _) = api(None).await;
     assert_eq!(status, 200, "2FA still required after turning it off");
-    let metrics = client()
-        .get(format!("{}/metrics", gw.admin))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    assert!(metrics.contains(r#"portcullis_second_factor_total{method="totp",result="success"}"#));
-    assert!(metrics
-        .contains(r#"portcullis_second_factor_total{method="recovery_code",result="failure"}"#));
+    gw.metrics_with(&[
+        r#"portcullis_second_factor_total{method="totp",result="success"}"#,
+        r#"portcullis_second_factor_total{method="recovery_code",result="failure"}"#,
+    ])
+    .await;
 }
 
 #[tokio::test]
@@ -766,15 +760,7 @@ async fn lockout_after_consecutive_failures_unlock_and_same_answer_for_unknown_u
     let out = gw.cli_ok(&["user", "unlock", "alice"]);
     assert!(out.contains("unlocked"));
     assert_eq!(attempt("alice", ALICE_PW).await.0, 200);
-    let metrics = client()
-        .get(format!("{}/metrics", gw.admin))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    assert!(metrics.contains("portcullis_lockouts_total 1"), "{metrics}");
+    gw.metrics_with(&["portcullis_lockouts_total 1"]).await;
     let audit = gw.cli_ok(&["audit", "--user", "alice", "--json"]);
     assert!(
         audit.contains("\"lockout\"") && audit.contains("\"unlock\""),

@@ -30,18 +30,10 @@ async fn upstream_down_gives_a_short_502_page() {
     // Without a session it is still a 401: the upstream's state is not revealed.
     let resp = client().get(gw.url("/x")).send().await.unwrap();
     assert_eq!(resp.status(), 401);
-    let metrics = client()
-        .get(format!("{}/metrics", gw.admin))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    assert!(
-        metrics.contains(r#"portcullis_requests_total{decision="error",reason="upstream_unavailable",route="media"} 1"#),
-        "{metrics}"
-    );
+    gw.metrics_with(&[
+        r#"portcullis_requests_total{decision="error",reason="upstream_unavailable",route="media"} 1"#,
+    ])
+    .await;
 }
 
 #[tokio::test]
@@ -69,25 +61,12 @@ async fn health_readiness_and_metrics_are_served_on_the_admin_listener() {
     let body: serde_json::Value = ready.json().await.unwrap();
     assert_eq!(body["store"], "ok");
     assert_eq!(body["view"], "fresh");
-    let metrics = http
-        .get(format!("{}/metrics", gw.admin))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    assert!(
-        metrics.contains(
-            r#"portcullis_requests_total{decision="allow",reason="valid_session",route="media"} 1"#
-        ),
-        "{metrics}"
-    );
-    assert!(
-        metrics.contains(r#"portcullis_logins_total{method="api",result="success"} 1"#),
-        "{metrics}"
-    );
-    assert!(metrics.contains("portcullis_sync_last_success_timestamp_seconds"));
+    gw.metrics_with(&[
+        r#"portcullis_requests_total{decision="allow",reason="valid_session",route="media"} 1"#,
+        r#"portcullis_logins_total{method="api",result="success"} 1"#,
+        "portcullis_sync_last_success_timestamp_seconds",
+    ])
+    .await;
     // The admin endpoints are not on the public listener.
     let public = http.get(gw.url("/metrics")).send().await.unwrap();
     assert_eq!(public.status(), 401);

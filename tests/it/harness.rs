@@ -385,6 +385,25 @@ upstream = "{upstream}"
         self.log()
     }
 
+    /// The admin listener's `/metrics` text once it contains every one of `needles` (counters
+    /// of a request are updated just after its response is sent).
+    pub async fn metrics_with(&self, needles: &[&str]) -> String {
+        let text = std::cell::RefCell::new(String::new());
+        let found = poll_until(Duration::from_secs(5), || async {
+            let t = match client().get(format!("{}/metrics", self.admin)).send().await {
+                Ok(r) => r.text().await.unwrap_or_default(),
+                Err(_) => String::new(),
+            };
+            let all = needles.iter().all(|n| t.contains(n));
+            *text.borrow_mut() = t;
+            all
+        })
+        .await;
+        let text = text.into_inner();
+        assert!(found, "metrics lack one of {needles:?}:\n{text}");
+        text
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("{}{}", self.base, path)
     }
