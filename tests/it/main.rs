@@ -11,6 +11,7 @@ mod bad_input;
 mod browser;
 mod cli;
 mod failures;
+mod forward_auth;
 mod login;
 mod logs;
 mod observability;
