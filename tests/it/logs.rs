@@ -130,3 +130,45 @@ async fn proxy_error_lines_do_not_carry_query_secrets() {
     );
     assert!(!log.contains(&login.token));
 }
+
+#[tokio::test]
+async fn request_ids_are_taken_from_clients_or_made_and_reach_upstream_and_log() {
+    let up = Upstream::start().await;
+    let gw = Gateway::builder(&up.url())
+        .user("alice", ALICE_PW)
+        .log("json", "info")
+        .start()
+        .await;
+    let login = gw.login("alice", ALICE_PW).await;
+    let resp = client()
+        .get(gw.url("/given"))
+        .bearer_auth(&login.token)
+        .header("X-Request-Id", "trace-abc-123")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(
+        up.last().unwrap().header("x-request-id"),
+        Some("trace-abc-123")
+    );
+    // A malformed id is replaced, never passed on.
+    let resp = client()
+        .get(gw.url("/made"))
+        .bearer_auth(&login.token)
+        .header("X-Request-Id", "bad id with spaces")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let made = up
+        .last()
+        .unwrap()
+        .header("x-request-id")
+        .unwrap()
+        .to_string();
+    assert_eq!(made.len(), 16);
+    assert!(made.bytes().all(|b| b.is_ascii_hexdigit()));
+    let log = gw.log_containing(&made).await;
+    assert!(log.contains("\"request_id\":\"trace-abc-123\""), "{log}");
+}

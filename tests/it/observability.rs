@@ -118,7 +118,27 @@ async fn serve_traffic(gw: &Gateway) -> Login {
     )
     .await;
     assert_eq!(status_of(&resp), 400, "{resp}");
+    // Requests are counted once their response is sent: wait until all of them are.
+    const SENT: f64 = 9.0;
+    let counted = poll_until(Duration::from_secs(10), || async {
+        requests_counted(&metrics_text(gw).await) >= SENT
+    })
+    .await;
+    let text = metrics_text(gw).await;
+    assert!(
+        counted && requests_counted(&text) == SENT,
+        "{SENT} requests sent, {} counted:\n{text}",
+        requests_counted(&text)
+    );
     login
+}
+
+/// The sum of every `portcullis_requests_total` sample.
+fn requests_counted(text: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with("portcullis_requests_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }
 
 // ---------------------------------------------------------------------------- exposition parsing
@@ -567,8 +587,8 @@ async fn a_real_prometheus_scrapes_the_gateway_and_answers_queries() {
     );
 
     serve_traffic(&gw).await;
-    // What the gateway itself counts now; no request is counted after this (the scrapes go to
-    // the admin listener, which is not proxied).
+    // What the gateway itself counts once the traffic is counted; nothing is counted after this
+    // (the scrapes go to the admin listener, which is not proxied).
     let text = metrics_text(&gw).await;
     let mut expected: Vec<(BTreeMap<String, String>, f64)> = Vec::new();
     for line in text.lines() {
