@@ -172,7 +172,7 @@ pub fn main() -> i32 {
             return 2;
         }
     };
-    let _log = crate::telemetry::init(&config.log);
+    crate::telemetry::init(&config.log);
     let result = match cli.command {
         Command::Serve => crate::server::serve(config).map_err(anyhow::Error::from),
         other => run_store_command(config, other),

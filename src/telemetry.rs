@@ -31,13 +31,8 @@ const CAPPED_TARGETS: &[&str] = &[
     "axum=info",
 ];
 
-/// Keeps the background log writer alive; dropping it flushes what is still queued.
-pub type LogGuard = tracing_appender::non_blocking::WorkerGuard;
-
-/// Starts logging to stderr. `RUST_LOG`, when set, wins over the config's level. Lines are
-/// handed to a background thread that writes them in batches, so a request never waits on a
-/// `write` to stderr (the queue blocks rather than drops when it is full).
-pub fn init(cfg: &LogConfig) -> LogGuard {
+/// Starts logging to stderr. `RUST_LOG`, when set, wins over the config's level.
+pub fn init(cfg: &LogConfig) {
     let mut filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&cfg.level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
@@ -46,21 +41,13 @@ pub fn init(cfg: &LogConfig) -> LogGuard {
             filter = filter.add_directive(d);
         }
     }
-    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .lossy(false)
-        .thread_name("portcullis-log")
-        .finish(std::io::BufWriter::with_capacity(
-            64 * 1024,
-            std::io::stderr(),
-        ));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(writer);
+        .with_writer(std::io::stderr);
     let _ = match cfg.format {
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
         LogFormat::Text => builder.with_ansi(false).try_init(),
     };
-    guard
 }
 
 /// A request target with the values of secret query parameters replaced by `REDACTED`.
