@@ -36,6 +36,10 @@ fn usage() -> ! {
     std::process::exit(2);
 }
 
+// The same allocator as the gateway binary, so the comparison separates auth from Pingora.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let [listen, upstream, threads] = args.as_slice() else {

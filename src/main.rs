@@ -1,5 +1,10 @@
 //! The `portcullis` binary: parse the command line, run the command, exit with its code.
 
+// Every proxied response allocates and frees buffers; glibc's allocator handles that pattern
+// poorly (measured on the 1 KiB proxy benchmark: about 17-20 µs of CPU per request saved).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() {
     let code = portcullis::cli::main();
     std::process::exit(code);

@@ -213,11 +213,13 @@ fn host_of(req: &RequestHeader) -> Option<&str> {
 }
 
 fn header_bytes(req: &RequestHeader) -> usize {
+    let target = req.uri.path_and_query().map_or(1, |p| p.as_str().len())
+        + req.uri.authority().map_or(0, |a| a.as_str().len());
     req.headers
         .iter()
         .map(|(k, v)| k.as_str().len() + v.len() + 4)
         .sum::<usize>()
-        + req.uri.to_string().len()
+        + target
 }
 
 fn request_id(req: &RequestHeader) -> String {
