@@ -7,6 +7,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use futures_util::TryStreamExt;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
     SqliteSynchronous,
@@ -914,21 +915,22 @@ impl Store for SqliteStore {
             .await
             .and_then(|r| r.try_get(0))
             .map_err(unavailable)?;
-        let revoked_rows = sqlx::query(
-            "SELECT session_id, MAX(expires_ms) AS expires_ms FROM revocation_events
-             WHERE kind = ? AND expires_ms > ? AND seq <= ? GROUP BY session_id",
-        )
-        .bind(KIND_SESSION)
-        .bind(now_ms)
-        .bind(seq)
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(unavailable)?;
-        let mut revoked = Vec::with_capacity(revoked_rows.len());
-        for row in &revoked_rows {
-            let sid: String = row.try_get("session_id").map_err(unavailable)?;
-            let expires: i64 = row.try_get("expires_ms").map_err(unavailable)?;
-            revoked.push((sid_from_text(&sid)?, expires));
+        // Streamed row by row: a million revoked sessions must not be materialised at once.
+        let mut revoked = Vec::new();
+        {
+            let mut rows = sqlx::query(
+                "SELECT session_id, expires_ms FROM revocation_events
+                 WHERE kind = ? AND expires_ms > ? AND seq <= ?",
+            )
+            .bind(KIND_SESSION)
+            .bind(now_ms)
+            .bind(seq)
+            .fetch(&mut *tx);
+            while let Some(row) = rows.try_next().await.map_err(unavailable)? {
+                let sid: &str = row.try_get("session_id").map_err(unavailable)?;
+                let expires: i64 = row.try_get("expires_ms").map_err(unavailable)?;
+                revoked.push((sid_from_text(sid)?, expires));
+            }
         }
         let cutoff_rows = sqlx::query(
             "SELECT user_id, MAX(at_ms) AS at_ms FROM revocation_events
