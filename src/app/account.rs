@@ -78,11 +78,54 @@ pub struct BreachReport {
     pub users_reset: u64,
 }
 
+/// Why a new password could not be set.
+#[derive(Debug)]
+pub enum NewPasswordError {
+    Policy(PolicyError),
+    Hash,
+}
+
+impl From<NewPasswordError> for AccountError {
+    fn from(e: NewPasswordError) -> Self {
+        match e {
+            NewPasswordError::Policy(p) => AccountError::Policy(p),
+            NewPasswordError::Hash => AccountError::Internal,
+        }
+    }
+}
+
+impl From<NewPasswordError> for LoginError {
+    fn from(e: NewPasswordError) -> Self {
+        match e {
+            NewPasswordError::Policy(p) => LoginError::Policy(p),
+            NewPasswordError::Hash => LoginError::Internal,
+        }
+    }
+}
+
 fn token_hash(token: &str) -> String {
     hex::encode(Sha256::digest(token.as_bytes()))
 }
 
 impl App {
+    /// Checks a new password (typed twice) against the policy and hashes it.
+    async fn new_password_hash(
+        &self,
+        user_name: &str,
+        new: Secret,
+        confirm: Secret,
+    ) -> Result<String, NewPasswordError> {
+        if new.expose() != confirm.expose() {
+            return Err(NewPasswordError::Policy(PolicyError::Mismatch));
+        }
+        check_policy(&self.config.password, user_name, new.expose())
+            .map_err(NewPasswordError::Policy)?;
+        self.hasher
+            .hash(new)
+            .await
+            .map_err(|_| NewPasswordError::Hash)
+    }
+
     async fn user(&self, id: i64) -> Result<User, AccountError> {
         self.store
             .find_user_by_id(id)
@@ -193,15 +236,7 @@ impl App {
             self.audit(e).await;
             return Err(AccountError::WrongPassword);
         }
-        if new.expose() != confirm.expose() {
-            return Err(PolicyError::Mismatch.into());
-        }
-        check_policy(&self.config.password, &user.name, new.expose())?;
-        let hash = self
-            .hasher
-            .hash(new)
-            .await
-            .map_err(|_| AccountError::Internal)?;
+        let hash = self.new_password_hash(&user.name, new, confirm).await?;
         let at = signout_others.then(now_ms);
         let event = self.store.change_password(user.id, &hash, at).await?;
         let fresh = match event {
@@ -241,15 +276,7 @@ impl App {
         let (_, user) = self
             .pending_user(pending_token, PendingStage::Password)
             .await?;
-        if new.expose() != confirm.expose() {
-            return Err(PolicyError::Mismatch.into());
-        }
-        check_policy(&self.config.password, &user.name, new.expose())?;
-        let hash = self
-            .hasher
-            .hash(new)
-            .await
-            .map_err(|_| LoginError::Internal)?;
+        let hash = self.new_password_hash(&user.name, new, confirm).await?;
         if let Some(ev) = self
             .store
             .change_password(user.id, &hash, Some(now_ms()))
@@ -466,15 +493,7 @@ impl App {
             return Ok(state);
         };
         let user = self.user(user_id).await?;
-        if new.expose() != confirm.expose() {
-            return Err(PolicyError::Mismatch.into());
-        }
-        check_policy(&self.config.password, &user.name, new.expose())?;
-        let hash = self
-            .hasher
-            .hash(new)
-            .await
-            .map_err(|_| AccountError::Internal)?;
+        let hash = self.new_password_hash(&user.name, new, confirm).await?;
         match self
             .store
             .redeem_reset_link(&token_hash(token), &hash, now_ms())
