@@ -144,6 +144,7 @@ struct FileServer {
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
     threads: Option<usize>,
+    work_stealing: Option<bool>,
     #[serde(default, with = "humantime_serde")]
     grace_period: Option<Duration>,
     max_header_bytes: Option<usize>,
@@ -250,6 +251,8 @@ pub struct ServerConfig {
     pub secure: bool,
     pub tls: Option<TlsFiles>,
     pub threads: usize,
+    /// Whether idle proxy threads take work from busy ones (Pingora's `work_stealing`).
+    pub work_stealing: bool,
     pub grace_period: Duration,
     pub max_header_bytes: usize,
     pub max_form_bytes: usize,
@@ -609,6 +612,7 @@ impl Validator {
             secure,
             tls,
             threads,
+            work_stealing: s.work_stealing.unwrap_or(true),
             grace_period: s.grace_period.unwrap_or(DEFAULT_GRACE_PERIOD),
             max_header_bytes,
             max_form_bytes,

@@ -112,7 +112,7 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
     let _ = std::fs::create_dir_all(&data_dir);
     let conf = ServerConf {
         threads: app.config.server.threads,
-        work_stealing: true,
+        work_stealing: app.config.server.work_stealing,
         grace_period_seconds: Some(app.config.server.grace_period.as_secs()),
         graceful_shutdown_timeout_seconds: Some(app.config.server.grace_period.as_secs().max(1)),
         pid_file: data_dir.join("portcullis.pid").display().to_string(),
