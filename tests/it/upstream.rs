@@ -685,15 +685,11 @@ mod self_tests {
         let resp = client()?.get(format!("{}/", up.url())).send().await?;
         assert_eq!(resp.text().await?, "upstream ok: GET /");
         drop(up);
-        // The accept task is aborted asynchronously; give the runtime a moment.
-        let mut refused = false;
-        for _ in 0..50 {
-            if tokio::net::TcpStream::connect(addr).await.is_err() {
-                refused = true;
-                break;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
+        // The accept task is aborted asynchronously: poll until connections are refused.
+        let refused = crate::harness::poll_until(std::time::Duration::from_secs(1), || async {
+            tokio::net::TcpStream::connect(addr).await.is_err()
+        })
+        .await;
         assert!(refused, "upstream still accepting after drop");
         Ok(())
     }
