@@ -74,6 +74,35 @@ impl SqliteStore {
         Ok(SqliteStore { pool })
     }
 
+    /// A write transaction that takes SQLite's write lock at once, so concurrent writers queue
+    /// on the busy timeout instead of failing to upgrade a read lock.
+    async fn write_tx(&self) -> StoreResult<sqlx::Transaction<'static, sqlx::Sqlite>> {
+        self.pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(unavailable)
+    }
+
+    /// Ends every session issued at or before `at_ms` and records the global cutoff.
+    async fn cutoff_everyone(
+        tx: &mut sqlx::SqliteConnection,
+        at_ms: i64,
+    ) -> StoreResult<SequencedEvent> {
+        sqlx::query(
+            "UPDATE sessions SET revoked_ms = ? WHERE revoked_ms IS NULL AND created_ms <= ?",
+        )
+        .bind(at_ms)
+        .bind(at_ms)
+        .execute(&mut *tx)
+        .await
+        .map_err(unavailable)?;
+        let seq = Self::insert_event(tx, KIND_GLOBAL_CUTOFF, None, None, at_ms, None).await?;
+        Ok(SequencedEvent {
+            seq,
+            event: RevocationEvent::GlobalCutoff { at_ms },
+        })
+    }
+
     async fn insert_event(
         tx: &mut sqlx::SqliteConnection,
         kind: &str,
@@ -329,11 +358,7 @@ impl Store for SqliteStore {
         disabled: bool,
         now_ms: i64,
     ) -> StoreResult<Vec<SequencedEvent>> {
-        let mut tx = self
-            .pool
-            .begin_with("BEGIN IMMEDIATE")
-            .await
-            .map_err(unavailable)?;
+        let mut tx = self.write_tx().await?;
         let done = sqlx::query("UPDATE users SET disabled = ? WHERE id = ?")
             .bind(disabled as i64)
             .bind(user_id)
@@ -470,11 +495,7 @@ impl Store for SqliteStore {
         id: SessionId,
         now_ms: i64,
     ) -> StoreResult<Option<SequencedEvent>> {
-        let mut tx = self
-            .pool
-            .begin_with("BEGIN IMMEDIATE")
-            .await
-            .map_err(unavailable)?;
+        let mut tx = self.write_tx().await?;
         let row = sqlx::query(
             "UPDATE sessions SET revoked_ms = COALESCE(revoked_ms, ?) WHERE id = ?
              RETURNING user_id, expires_ms",
@@ -510,36 +531,17 @@ impl Store for SqliteStore {
     }
 
     async fn signout_user(&self, user_id: i64, now_ms: i64) -> StoreResult<SequencedEvent> {
-        let mut tx = self
-            .pool
-            .begin_with("BEGIN IMMEDIATE")
-            .await
-            .map_err(unavailable)?;
+        let mut tx = self.write_tx().await?;
         let event = Self::cutoff_user(&mut tx, user_id, now_ms).await?;
         tx.commit().await.map_err(unavailable)?;
         Ok(event)
     }
 
     async fn signout_everyone(&self, now_ms: i64) -> StoreResult<SequencedEvent> {
-        let mut tx = self
-            .pool
-            .begin_with("BEGIN IMMEDIATE")
-            .await
-            .map_err(unavailable)?;
-        sqlx::query(
-            "UPDATE sessions SET revoked_ms = ? WHERE revoked_ms IS NULL AND created_ms <= ?",
-        )
-        .bind(now_ms)
-        .bind(now_ms)
-        .execute(&mut *tx)
-        .await
-        .map_err(unavailable)?;
-        let seq = Self::insert_event(&mut tx, KIND_GLOBAL_CUTOFF, None, None, now_ms, None).await?;
+        let mut tx = self.write_tx().await?;
+        let event = Self::cutoff_everyone(&mut tx, now_ms).await?;
         tx.commit().await.map_err(unavailable)?;
-        Ok(SequencedEvent {
-            seq,
-            event: RevocationEvent::GlobalCutoff { at_ms: now_ms },
-        })
+        Ok(event)
     }
 
     async fn record_failure(
@@ -596,11 +598,7 @@ impl Store for SqliteStore {
         password_hash: &str,
         signout_at: Option<i64>,
     ) -> StoreResult<Option<SequencedEvent>> {
-        let mut tx = self
-            .pool
-            .begin_with("BEGIN IMMEDIATE")
-            .await
-            .map_err(unavailable)?;
+        let mut tx = self.write_tx().await?;
         let done = sqlx::query("UPDATE users SET password_hash = ?, must_reset = 0 WHERE id = ?")
             .bind(password_hash)
             .bind(user_id)
@@ -619,11 +617,7 @@ impl Store for SqliteStore {
     }
 
     async fn set_totp(&self, user_id: i64, secret: Option<&str>, enabled: bool) -> StoreResult<()> {
-        let mut tx = self
-            .pool
-            .begin_with("BEGIN IMMEDIATE")
-            .await
-            .map_err(unavailable)?;
+        let mut tx = self.write_tx().await?;
         sqlx::query("UPDATE users SET totp_secret = ?, totp_enabled = ? WHERE id = ?")
             .bind(secret)
             .bind(enabled as i64)
@@ -655,11 +649,7 @@ impl Store for SqliteStore {
     }
 
     async fn replace_recovery_codes(&self, user_id: i64, hashes: &[String]) -> StoreResult<()> {
-        let mut tx = self
-            .pool
-            .begin_with("BEGIN IMMEDIATE")
-            .await
-            .map_err(unavailable)?;
+        let mut tx = self.write_tx().await?;
         sqlx::query("DELETE FROM recovery_codes WHERE user_id = ?")
             .bind(user_id)
             .execute(&mut *tx)
@@ -751,11 +741,7 @@ impl Store for SqliteStore {
         password_hash: &str,
         now_ms: i64,
     ) -> StoreResult<Option<(i64, SequencedEvent)>> {
-        let mut tx = self
-            .pool
-            .begin_with("BEGIN IMMEDIATE")
-            .await
-            .map_err(unavailable)?;
+        let mut tx = self.write_tx().await?;
         let row = sqlx::query(
             "UPDATE reset_links SET used_ms = ?
              WHERE token_hash = ? AND used_ms IS NULL AND expires_ms > ? RETURNING user_id",
@@ -788,11 +774,7 @@ impl Store for SqliteStore {
         if seen.is_empty() {
             return Ok(());
         }
-        let mut tx = self
-            .pool
-            .begin_with("BEGIN IMMEDIATE")
-            .await
-            .map_err(unavailable)?;
+        let mut tx = self.write_tx().await?;
         for (sid, at) in seen {
             sqlx::query("UPDATE sessions SET last_seen_ms = MAX(last_seen_ms, ?) WHERE id = ?")
                 .bind(at)
@@ -810,29 +792,12 @@ impl Store for SqliteStore {
         now_ms: i64,
         retired_keys: &[String],
     ) -> StoreResult<Vec<SequencedEvent>> {
-        let mut tx = self
-            .pool
-            .begin_with("BEGIN IMMEDIATE")
-            .await
-            .map_err(unavailable)?;
-        sqlx::query(
-            "UPDATE sessions SET revoked_ms = ? WHERE revoked_ms IS NULL AND created_ms <= ?",
-        )
-        .bind(now_ms)
-        .bind(now_ms)
-        .execute(&mut *tx)
-        .await
-        .map_err(unavailable)?;
+        let mut tx = self.write_tx().await?;
         sqlx::query("UPDATE users SET must_reset = 1")
             .execute(&mut *tx)
             .await
             .map_err(unavailable)?;
-        let mut events = Vec::new();
-        let seq = Self::insert_event(&mut tx, KIND_GLOBAL_CUTOFF, None, None, now_ms, None).await?;
-        events.push(SequencedEvent {
-            seq,
-            event: RevocationEvent::GlobalCutoff { at_ms: now_ms },
-        });
+        let mut events = vec![Self::cutoff_everyone(&mut tx, now_ms).await?];
         for kid in retired_keys {
             let seq = Self::insert_event_with_key(
                 &mut tx,
