@@ -173,17 +173,22 @@ async fn pending_page(
     no_store((status, page).into_response())
 }
 
-/// Checks the origin and the CSRF token of a pending step's form.
-async fn pending_form_ok(app: &App, headers: &HeaderMap, stage: PendingStage, csrf: &str) -> bool {
+/// The pending-login token of a step's form post, once the origin and the form's CSRF token
+/// are checked; otherwise the 403 to send.
+async fn pending_form<'a>(
+    app: &App,
+    headers: &'a HeaderMap,
+    stage: PendingStage,
+    csrf: &str,
+) -> Result<&'a str, Response> {
     if cross_site(app, headers) {
-        return false;
+        return Err(forbidden_cross_site());
     }
-    let Some(token) = pending_token(app, headers) else {
-        return false;
-    };
+    let token = pending_token(app, headers).ok_or_else(forbidden_cross_site)?;
     match app.pending_user(token, stage).await {
-        Ok((claims, _)) => app.secrets.csrf_ok(&claims.jti, csrf),
-        Err(_) => true, // the step itself will send the browser back to the login form
+        Ok((claims, _)) if !app.secrets.csrf_ok(&claims.jti, csrf) => Err(forbidden_cross_site()),
+        // A stale or wrong-stage token: the step itself sends the browser back to log in.
+        _ => Ok(token),
     }
 }
 
@@ -240,11 +245,9 @@ pub(crate) async fn totp_form(
     Form(form): Form<CodeForm>,
 ) -> Response {
     let rd = safe_return_path(form.rd.as_deref());
-    if !pending_form_ok(&app, &headers, PendingStage::Totp, &form.csrf).await {
-        return forbidden_cross_site();
-    }
-    let Some(token) = pending_token(&app, &headers) else {
-        return redirect(LOGIN_PATH);
+    let token = match pending_form(&app, &headers, PendingStage::Totp, &form.csrf).await {
+        Ok(t) => t,
+        Err(resp) => return resp,
     };
     let result = app
         .complete_second_factor(token, &form.code, SessionKind::Web, &client)
@@ -301,11 +304,9 @@ pub(crate) async fn password_form(
     Form(form): Form<NewPasswordForm>,
 ) -> Response {
     let rd = safe_return_path(form.rd.as_deref());
-    if !pending_form_ok(&app, &headers, PendingStage::Password, &form.csrf).await {
-        return forbidden_cross_site();
-    }
-    let Some(token) = pending_token(&app, &headers) else {
-        return redirect(LOGIN_PATH);
+    let token = match pending_form(&app, &headers, PendingStage::Password, &form.csrf).await {
+        Ok(t) => t,
+        Err(resp) => return resp,
     };
     let result = app
         .complete_password_step(
@@ -367,11 +368,9 @@ pub(crate) async fn enroll_form(
     Form(form): Form<EnrollForm>,
 ) -> Response {
     let rd = safe_return_path(form.rd.as_deref());
-    if !pending_form_ok(&app, &headers, PendingStage::Enroll, &form.csrf).await {
-        return forbidden_cross_site();
-    }
-    let Some(token) = pending_token(&app, &headers) else {
-        return redirect(LOGIN_PATH);
+    let token = match pending_form(&app, &headers, PendingStage::Enroll, &form.csrf).await {
+        Ok(t) => t,
+        Err(resp) => return resp,
     };
     let result = app
         .complete_enroll_step(token, &form.enroll, &form.code, SessionKind::Web, &client)
