@@ -408,16 +408,25 @@ upstream = "{upstream}"
         format!("{}{}", self.base, path)
     }
 
-    /// Logs in through the JSON API.
-    pub async fn login(&self, user: &str, password: &str) -> Login {
+    /// Tries a login through the JSON API: the status and the JSON body.
+    pub async fn try_login(&self, user: &str, password: &str, totp: Option<&str>) -> (u16, Value) {
+        let mut body = serde_json::json!({"username": user, "password": password});
+        if let Some(code) = totp {
+            body["totp"] = Value::String(code.to_string());
+        }
         let resp = client()
             .post(self.url("/_portcullis/api/login"))
-            .json(&serde_json::json!({"username": user, "password": password}))
+            .json(&body)
             .send()
             .await
             .expect("login request");
-        let status = resp.status();
-        let body: Value = resp.json().await.expect("login json");
+        let status = resp.status().as_u16();
+        (status, resp.json().await.expect("login json"))
+    }
+
+    /// Logs in through the JSON API.
+    pub async fn login(&self, user: &str, password: &str) -> Login {
+        let (status, body) = self.try_login(user, password, None).await;
         assert_eq!(status, 200, "login of {user} failed: {body}");
         Login {
             token: body["token"].as_str().expect("token").to_string(),

@@ -163,14 +163,8 @@ async fn store_unavailable_at_login_gives_503_while_sessions_keep_working() {
     let existing = gw.login("alice", ALICE_PW).await;
     // Hold SQLite's write lock from another connection, as a stuck writer would.
     let mut lock = hold_write_lock(&gw.db_path()).await;
-    let resp = client()
-        .post(gw.url("/_portcullis/api/login"))
-        .json(&serde_json::json!({"username": "alice", "password": ALICE_PW}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 503);
-    let body: serde_json::Value = resp.json().await.unwrap();
+    let (status, body) = gw.try_login("alice", ALICE_PW, None).await;
+    assert_eq!(status, 503);
     assert_eq!(body["error"], "store_unavailable");
     assert!(body["message"].as_str().unwrap().contains("unavailable"));
     assert_eq!(

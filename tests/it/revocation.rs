@@ -160,14 +160,8 @@ async fn disabled_user_is_refused_and_stays_signed_out_when_enabled() {
     let a = gw.login("alice", ALICE_PW).await;
     gw.cli_ok(&["user", "disable", "alice"]);
     assert!(gw.refused_within(&a.token, Duration::from_secs(1)).await);
-    let resp = client()
-        .post(gw.url("/_portcullis/api/login"))
-        .json(&serde_json::json!({"username": "alice", "password": ALICE_PW}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 403);
-    let body: serde_json::Value = resp.json().await.unwrap();
+    let (status, body) = gw.try_login("alice", ALICE_PW, None).await;
+    assert_eq!(status, 403);
     assert_eq!(body["error"], "disabled");
     gw.cli_ok(&["user", "enable", "alice"]);
     let fresh = gw.login("alice", ALICE_PW).await;
