@@ -333,8 +333,10 @@ async fn a_burst_of_logins_does_not_stall_proxied_traffic() {
         proxied >= 3,
         "the burst ended too fast to observe ({burst_took:?})"
     );
+    // Were the hashes run on the (single) proxy thread, a proxied request would wait behind
+    // most of the burst. The bound is relative: an absolute one only measures machine load.
     assert!(
-        slowest < burst_took / 3 && slowest < std::time::Duration::from_millis(300),
+        slowest < burst_took / 3,
         "a proxied request waited {slowest:?} during a {burst_took:?} login burst"
     );
 }
