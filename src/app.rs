@@ -4,6 +4,7 @@
 //! applied to this process's view at once; other processes pick it up through the sync loop.
 
 pub mod account;
+pub mod media;
 
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -205,6 +206,9 @@ pub struct App {
     pending_tries: Cache<String, u32>,
     last_seen_written: Cache<u128, i64>,
     last_seen_pending: Mutex<Vec<(SessionId, i64)>>,
+    /// Playback grants, Quick Connect approvals and open connections of media routes.
+    pub media: crate::mediaserver::MediaState,
+    pub media_client: crate::mediaserver::upstream::MediaClient,
 }
 
 impl App {
@@ -229,7 +233,15 @@ impl App {
             ring: RwLock::new(Arc::new(ring)),
             file: key_file,
         };
+        let max_grant = config
+            .routes
+            .iter()
+            .filter_map(|r| r.media.as_ref().map(|m| m.grant_lifetime))
+            .max()
+            .unwrap_or(crate::config::DEFAULT_GRANT_LIFETIME);
         let app = App {
+            media: crate::mediaserver::MediaState::new(max_grant),
+            media_client: crate::mediaserver::upstream::MediaClient::new(),
             throttle: Throttle::new(&config.auth),
             config,
             store,
@@ -331,7 +343,12 @@ impl App {
     }
 
     /// Counts a failed password or code against the account and the client's address.
-    async fn record_failure(&self, user: Option<&User>, name: &str, client: &ClientInfo) {
+    pub(crate) async fn record_failure(
+        &self,
+        user: Option<&User>,
+        name: &str,
+        client: &ClientInfo,
+    ) {
         let now = now_ms();
         self.throttle.ip_failed(client.ip_addr(), now);
         match user {
@@ -721,12 +738,18 @@ impl App {
 
     /// Applies events this process committed to its own view at once.
     pub fn apply(&self, events: &[SequencedEvent]) {
+        if events.iter().any(|e| e.event.is_revocation()) {
+            // Media tokens may now be owed an upstream logout.
+            self.media.logout_wake.notify_one();
+        }
         for e in events {
             self.view.apply_local(&e.event);
-            self.metrics
-                .revocations
-                .with_label_values(&[e.event.scope()])
-                .inc();
+            if e.event.is_revocation() {
+                self.metrics
+                    .revocations
+                    .with_label_values(&[e.event.scope()])
+                    .inc();
+            }
         }
         self.refresh_view_metrics();
     }
@@ -740,6 +763,9 @@ impl App {
             .view_user_cutoffs
             .set(stats.user_cutoffs as i64);
         self.metrics.view_sequence.set(stats.seq);
+        self.metrics
+            .view_media_tokens
+            .set(stats.media_tokens as i64);
     }
 
     /// Notes that a session was used; written in batches by the sync loop, at most once a
@@ -761,7 +787,7 @@ impl App {
     async fn refresh_session_counts(&self) {
         match self.store.count_live_sessions(now_ms()).await {
             Ok(counts) => {
-                for kind in [SessionKind::Web, SessionKind::Api] {
+                for kind in [SessionKind::Web, SessionKind::Api, SessionKind::Media] {
                     let n = counts
                         .iter()
                         .find(|(k, _)| k == kind.as_str())
@@ -795,6 +821,9 @@ impl App {
     pub async fn sync(&self) -> Result<usize, StoreError> {
         match revocation::sync_once(&self.store, &self.view).await {
             Ok(n) => {
+                if n > 0 {
+                    self.media.logout_wake.notify_one();
+                }
                 let unix = SystemTime::now()
                     .duration_since(UNIX_EPOCH)
                     .map(|d| d.as_secs_f64())

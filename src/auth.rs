@@ -42,10 +42,15 @@ pub enum DenyReason {
     EveryoneSignedOut,
     UserDisabled,
     KeyRetired,
+    /// A media-server token the gateway never bound (or that expired long ago).
+    UnknownMediaToken,
+    /// The action (approving a Quick Connect code for a user with a second factor) needs a
+    /// gateway session, which proves the second factor, not only a media token.
+    GatewaySessionRequired,
 }
 
 impl DenyReason {
-    pub const ALL: [DenyReason; 15] = [
+    pub const ALL: [DenyReason; 17] = [
         DenyReason::NoCredentials,
         DenyReason::Malformed,
         DenyReason::WrongType,
@@ -61,6 +66,8 @@ impl DenyReason {
         DenyReason::EveryoneSignedOut,
         DenyReason::UserDisabled,
         DenyReason::KeyRetired,
+        DenyReason::UnknownMediaToken,
+        DenyReason::GatewaySessionRequired,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -80,6 +87,8 @@ impl DenyReason {
             DenyReason::EveryoneSignedOut => "everyone_signed_out",
             DenyReason::UserDisabled => "user_disabled",
             DenyReason::KeyRetired => "key_retired",
+            DenyReason::UnknownMediaToken => "unknown_media_token",
+            DenyReason::GatewaySessionRequired => "gateway_session_required",
         }
     }
 }

@@ -202,6 +202,26 @@ struct FileRoute {
     #[serde(default)]
     public_paths: Vec<String>,
     identity_header: Option<String>,
+    media: Option<FileMedia>,
+}
+
+/// `[route.media]`: how a `jellyfin` or `emby` route treats the media server's own tokens.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileMedia {
+    #[serde(default)]
+    user_map: std::collections::BTreeMap<String, String>,
+    password_login: Option<String>,
+    users_public: Option<String>,
+    blocked_paths: Option<Vec<String>>,
+    adopt_unknown_tokens: Option<bool>,
+    #[serde(default, with = "humantime_serde")]
+    token_idle: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    token_lifetime: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    grant_lifetime: Option<Duration>,
+    images: Option<String>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -310,6 +330,7 @@ pub struct LogConfig {
 pub enum RouteKind {
     Generic,
     Jellyfin,
+    Emby,
     Plex,
 }
 
@@ -318,6 +339,7 @@ impl RouteKind {
         match self {
             RouteKind::Generic => "generic",
             RouteKind::Jellyfin => "jellyfin",
+            RouteKind::Emby => "emby",
             RouteKind::Plex => "plex",
         }
     }
@@ -338,6 +360,63 @@ pub struct Route {
     pub public_paths: Vec<String>,
     /// Header in which the authenticated user's name is sent upstream, if any (lower-case).
     pub identity_header: Option<String>,
+    /// For `jellyfin` and `emby` routes: how the media server's tokens are handled.
+    pub media: Option<MediaConfig>,
+}
+
+/// Media tokens idle this long are ended (logged out upstream).
+pub const DEFAULT_MEDIA_TOKEN_IDLE: Duration = Duration::from_secs(30 * 24 * 3600);
+/// Media tokens are ended this long after they were minted, however active.
+pub const DEFAULT_MEDIA_TOKEN_LIFETIME: Duration = Duration::from_secs(180 * 24 * 3600);
+/// A playback grant lets credential-less stream requests for its item through this long.
+pub const DEFAULT_GRANT_LIFETIME: Duration = Duration::from_secs(6 * 3600);
+/// Paths refused on media routes unless configured otherwise (matched case-insensitively
+/// after the base URL and the legacy `/emby` `/mediabrowser` prefixes).
+pub const DEFAULT_BLOCKED_PATHS: [&str; 2] = ["/Startup", "/api-docs"];
+
+/// Whether password logins through the media server's own login routes are allowed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PasswordLogin {
+    Allow,
+    /// Refused for users with a second factor at the gateway, unless the request also carries
+    /// a gateway session of that user that passed the second factor.
+    DenyFor2faUsers,
+    Deny,
+}
+
+/// Credential-less image requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ImagePolicy {
+    /// Allowed from an address that a live session of this route was seen at recently.
+    Grant,
+    Open,
+}
+
+#[derive(Debug, Clone)]
+pub struct MediaConfig {
+    /// Media-server user name (lower-case) → gateway user name. Unlisted names map to the
+    /// gateway user of the same name.
+    pub user_map: std::collections::HashMap<String, String>,
+    pub password_login: PasswordLogin,
+    /// `GET /Users/Public` answers `[]` (true) or is passed through (false).
+    pub hide_user_list: bool,
+    /// Lower-case path prefixes refused with 403.
+    pub blocked_paths: Vec<String>,
+    /// Unknown tokens are checked once with `GET /Users/Me` and bound when valid.
+    pub adopt_unknown_tokens: bool,
+    pub token_idle: Duration,
+    pub token_lifetime: Duration,
+    pub grant_lifetime: Duration,
+    pub images: ImagePolicy,
+}
+
+impl MediaConfig {
+    /// The gateway user name a media-server user name maps to.
+    pub fn gateway_user<'a>(&'a self, media_name: &'a str) -> &'a str {
+        self.user_map
+            .get(&media_name.to_lowercase())
+            .map_or(media_name, String::as_str)
+    }
 }
 
 /// Environment variables that override values of the file.
@@ -805,13 +884,26 @@ impl Validator {
         let kind = match r.kind.as_deref().unwrap_or("generic") {
             "generic" => RouteKind::Generic,
             "jellyfin" => RouteKind::Jellyfin,
+            "emby" => RouteKind::Emby,
             "plex" => RouteKind::Plex,
             other => {
                 return Err(self.err(
                     &key("kind"),
-                    format!("`{other}` is not generic, jellyfin or plex"),
+                    format!("`{other}` is not generic, jellyfin, emby or plex"),
                 ))
             }
+        };
+        let media = match (kind, r.media) {
+            (RouteKind::Jellyfin | RouteKind::Emby, m) => {
+                Some(self.media(i, m.unwrap_or_default())?)
+            }
+            (_, Some(_)) => {
+                return Err(self.err(
+                    &key("media"),
+                    "only routes of kind jellyfin or emby take a [route.media] table",
+                ))
+            }
+            (_, None) => None,
         };
         let mut public_paths = Vec::new();
         for (j, p) in r.public_paths.iter().enumerate() {
@@ -847,6 +939,81 @@ impl Validator {
             kind,
             public_paths,
             identity_header,
+            media,
+        })
+    }
+
+    fn media(&self, i: usize, m: FileMedia) -> Result<MediaConfig, ConfigError> {
+        let key = |k: &str| format!("route[{i}].media.{k}");
+        let password_login = match m.password_login.as_deref().unwrap_or("deny_for_2fa_users") {
+            "allow" => PasswordLogin::Allow,
+            "deny_for_2fa_users" => PasswordLogin::DenyFor2faUsers,
+            "deny" => PasswordLogin::Deny,
+            other => {
+                return Err(self.err(
+                    &key("password_login"),
+                    format!("`{other}` is not allow, deny_for_2fa_users or deny"),
+                ))
+            }
+        };
+        let hide_user_list = match m.users_public.as_deref().unwrap_or("empty") {
+            "empty" => true,
+            "pass" => false,
+            other => {
+                return Err(self.err(
+                    &key("users_public"),
+                    format!("`{other}` is not empty or pass"),
+                ))
+            }
+        };
+        let images = match m.images.as_deref().unwrap_or("grant") {
+            "grant" => ImagePolicy::Grant,
+            "open" => ImagePolicy::Open,
+            other => {
+                return Err(self.err(&key("images"), format!("`{other}` is not grant or open")))
+            }
+        };
+        let blocked = m.blocked_paths.unwrap_or_else(|| {
+            DEFAULT_BLOCKED_PATHS
+                .iter()
+                .map(|p| p.to_string())
+                .collect()
+        });
+        let mut blocked_paths = Vec::new();
+        for (j, p) in blocked.iter().enumerate() {
+            let p = normalise_prefix(p)
+                .map_err(|e| self.err(&format!("{}[{j}]", key("blocked_paths")), e))?;
+            blocked_paths.push(p.to_lowercase());
+        }
+        let mut user_map = std::collections::HashMap::new();
+        for (from, to) in m.user_map {
+            if from.is_empty() || to.is_empty() {
+                return Err(self.err(&key("user_map"), "names must not be empty"));
+            }
+            user_map.insert(from.to_lowercase(), to);
+        }
+        let positive = |k: &str, d: Option<Duration>, default: Duration| {
+            let d = d.unwrap_or(default);
+            if d.is_zero() {
+                Err(self.err(&key(k), "must be longer than zero"))
+            } else {
+                Ok(d)
+            }
+        };
+        Ok(MediaConfig {
+            user_map,
+            password_login,
+            hide_user_list,
+            blocked_paths,
+            adopt_unknown_tokens: m.adopt_unknown_tokens.unwrap_or(false),
+            token_idle: positive("token_idle", m.token_idle, DEFAULT_MEDIA_TOKEN_IDLE)?,
+            token_lifetime: positive(
+                "token_lifetime",
+                m.token_lifetime,
+                DEFAULT_MEDIA_TOKEN_LIFETIME,
+            )?,
+            grant_lifetime: positive("grant_lifetime", m.grant_lifetime, DEFAULT_GRANT_LIFETIME)?,
+            images,
         })
     }
 }

@@ -9,6 +9,7 @@ pub mod app;
 pub mod auth;
 pub mod cli;
 pub mod config;
+pub mod mediaserver;
 pub mod metrics;
 pub mod proxy;
 pub mod revocation;

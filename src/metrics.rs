@@ -26,6 +26,11 @@ pub const ACTIVE_SESSIONS: &str = "portcullis_active_sessions";
 pub const SYNC_LAG: &str = "portcullis_sync_lag_seconds";
 pub const WEBSOCKETS_OPEN: &str = "portcullis_websockets_open";
 pub const LOCKOUTS_TOTAL: &str = "portcullis_lockouts_total";
+pub const MEDIA_TOKENS_BOUND_TOTAL: &str = "portcullis_media_tokens_bound_total";
+pub const MEDIA_LOGOUTS_TOTAL: &str = "portcullis_media_logouts_total";
+pub const VIEW_MEDIA_TOKENS: &str = "portcullis_revocation_view_media_tokens";
+pub const PLAYBACK_GRANTS: &str = "portcullis_playback_grants_active";
+pub const CONNECTIONS_CLOSED_TOTAL: &str = "portcullis_connections_closed_total";
 
 /// Reasons a request is refused before authentication.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -34,14 +39,24 @@ pub enum RejectReason {
     HeadersTooLarge,
     NoRoute,
     BodyTooLarge,
+    /// Two different media-server tokens in one request.
+    TwoTokens,
+    /// A media-server client field (Client, Device, DeviceId, Version) or token that is too
+    /// long or holds control characters or path separators.
+    BadClientField,
+    /// A media-server path refused by configuration (e.g. the first-run wizard).
+    BlockedPath,
 }
 
 impl RejectReason {
-    pub const ALL: [RejectReason; 4] = [
+    pub const ALL: [RejectReason; 7] = [
         RejectReason::BadPath,
         RejectReason::HeadersTooLarge,
         RejectReason::NoRoute,
         RejectReason::BodyTooLarge,
+        RejectReason::TwoTokens,
+        RejectReason::BadClientField,
+        RejectReason::BlockedPath,
     ];
     pub fn as_str(self) -> &'static str {
         match self {
@@ -49,6 +64,9 @@ impl RejectReason {
             RejectReason::HeadersTooLarge => "headers_too_large",
             RejectReason::NoRoute => "no_route",
             RejectReason::BodyTooLarge => "body_too_large",
+            RejectReason::TwoTokens => "two_tokens",
+            RejectReason::BadClientField => "bad_client_field",
+            RejectReason::BlockedPath => "blocked_path",
         }
     }
 }
@@ -56,6 +74,12 @@ impl RejectReason {
 /// Pre-resolved counters of one route label.
 pub struct RouteCounters {
     pub allowed: IntCounter,
+    /// Credential-less requests let through by a playback grant (or, for artwork, a live
+    /// session seen at the same address).
+    pub granted: IntCounter,
+    /// Requests the gateway answered for the media server (the hidden user list) or
+    /// performed on the client's behalf (media logins).
+    pub media_handled: IntCounter,
     pub public: IntCounter,
     pub gateway_page: IntCounter,
     pub upstream_unavailable: IntCounter,
@@ -94,6 +118,11 @@ pub struct Metrics {
     pub active_sessions: IntGaugeVec,
     pub sync_lag: Gauge,
     pub websockets_open: IntGauge,
+    pub media_tokens_bound: IntCounterVec,
+    pub media_logouts: IntCounterVec,
+    pub view_media_tokens: IntGauge,
+    pub playback_grants: IntGauge,
+    pub connections_closed: IntCounter,
 }
 
 /// Route label for requests answered before a route was chosen, or by the gateway's own pages.
@@ -181,6 +210,38 @@ impl Metrics {
             "Seconds since the revocation view last synced with the store.",
         )?;
         let websockets_open = IntGauge::new(WEBSOCKETS_OPEN, "WebSocket connections open now.")?;
+        let media_tokens_bound = IntCounterVec::new(
+            Opts::new(
+                MEDIA_TOKENS_BOUND_TOTAL,
+                "Media-server tokens bound to gateway users, by how they were minted.",
+            ),
+            &["source"],
+        )?;
+        let media_logouts = IntCounterVec::new(
+            Opts::new(
+                MEDIA_LOGOUTS_TOTAL,
+                "Upstream logouts of ended media tokens, by result.",
+            ),
+            &["result"],
+        )?;
+        let view_media_tokens = IntGauge::new(
+            VIEW_MEDIA_TOKENS,
+            "Bound media-server tokens held in the revocation view.",
+        )?;
+        let playback_grants = IntGauge::new(
+            PLAYBACK_GRANTS,
+            "Playback grants held now (refreshed periodically).",
+        )?;
+        let connections_closed = IntCounter::new(
+            CONNECTIONS_CLOSED_TOTAL,
+            "Open WebSockets and streams closed because their session ended.",
+        )?;
+        for source in ["media_password", "quick_connect", "adopted"] {
+            media_tokens_bound.with_label_values(&[source]);
+        }
+        for result in ["done", "gone", "retry", "unreadable"] {
+            media_logouts.with_label_values(&[result]);
+        }
         let build_info = IntGaugeVec::new(
             Opts::new(BUILD_INFO, "Build information; the value is always 1."),
             &["version", "store"],
@@ -205,6 +266,11 @@ impl Metrics {
         registry.register(Box::new(active_sessions.clone()))?;
         registry.register(Box::new(sync_lag.clone()))?;
         registry.register(Box::new(websockets_open.clone()))?;
+        registry.register(Box::new(media_tokens_bound.clone()))?;
+        registry.register(Box::new(media_logouts.clone()))?;
+        registry.register(Box::new(view_media_tokens.clone()))?;
+        registry.register(Box::new(playback_grants.clone()))?;
+        registry.register(Box::new(connections_closed.clone()))?;
         #[cfg(target_os = "linux")]
         registry.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
@@ -218,6 +284,8 @@ impl Metrics {
         for name in labels {
             routes.push(RouteCounters {
                 allowed: requests.with_label_values(&[name, "allow", "valid_session"]),
+                granted: requests.with_label_values(&[name, "allow", "playback_grant"]),
+                media_handled: requests.with_label_values(&[name, "gateway", "media_handled"]),
                 public: requests.with_label_values(&[name, "allow", "public_path"]),
                 gateway_page: requests.with_label_values(&[name, "gateway", "own_page"]),
                 upstream_unavailable: requests.with_label_values(&[
@@ -254,6 +322,11 @@ impl Metrics {
             active_sessions,
             sync_lag,
             websockets_open,
+            media_tokens_bound,
+            media_logouts,
+            view_media_tokens,
+            playback_grants,
+            connections_closed,
         })
     }
 

@@ -5,6 +5,7 @@
 //! No store I/O happens on this path.
 
 pub mod forward;
+mod media;
 pub mod path;
 mod respond;
 
@@ -38,6 +39,11 @@ pub struct RequestCtx {
     client_ip: String,
     upstream_start: Option<Instant>,
     websocket: bool,
+    /// A long-lived exchange (WebSocket, media stream) to close if its session ends.
+    track: bool,
+    /// Its handle in the connection registry, once connected upstream.
+    conn: Option<u64>,
+    media: media::MediaCtx,
 }
 
 pub struct Gateway {
@@ -265,6 +271,9 @@ impl ProxyHttp for Gateway {
             client_ip: String::new(),
             upstream_start: None,
             websocket: false,
+            track: false,
+            conn: None,
+            media: media::MediaCtx::default(),
         }
     }
 
@@ -326,7 +335,12 @@ impl ProxyHttp for Gateway {
             return Ok(false);
         }
 
-        // 7. Authenticate against the revocation view.
+        // 7. Media routes: their own carriers, login routes, grants.
+        if route.media.is_some() {
+            return self.media_filter(session, ctx, index, &canonical).await;
+        }
+
+        // 8. Authenticate against the revocation view.
         let token = auth::extract_credential(&session.req_header().headers, self.app.cookie_name)
             .map(|(t, _)| t);
         let now = now_ms();
@@ -337,6 +351,7 @@ impl ProxyHttp for Gateway {
                 ctx.outcome = Outcome::Allowed;
                 if session.is_upgrade_req() {
                     ctx.websocket = true;
+                    ctx.track = true;
                     self.app.metrics.websockets_open.inc();
                 }
                 Ok(false)
@@ -389,8 +404,65 @@ impl ProxyHttp for Gateway {
                 request_id: &ctx.request_id,
                 identity: ctx.identity.as_ref(),
                 identity_header: route.and_then(|r| r.identity_header.as_deref()),
+                media: route.is_some_and(|r| r.media.is_some()),
             },
         )
+    }
+
+    async fn connected_to_upstream(
+        &self,
+        _session: &mut Session,
+        _reused: bool,
+        _peer: &HttpPeer,
+        #[cfg(unix)] fd: std::os::unix::io::RawFd,
+        _digest: Option<&pingora::protocols::Digest>,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        if !ctx.track || ctx.conn.is_some() {
+            return Ok(());
+        }
+        let upstream = ctx
+            .route
+            .and_then(|i| self.routes().get(i))
+            .map(|r| r.upstream);
+        if let (Some(identity), Some(upstream)) = (ctx.identity.as_ref(), upstream) {
+            ctx.conn = self.app.media.register(identity, fd, upstream);
+        }
+        Ok(())
+    }
+
+    async fn response_filter(
+        &self,
+        session: &mut Session,
+        upstream_response: &mut pingora::http::ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        let status = upstream_response.status.as_u16();
+        if let (Some(item), Some(identity), Some(index)) = (
+            ctx.media.grant_item.take(),
+            ctx.identity.as_ref(),
+            ctx.route,
+        ) {
+            let lifetime = self
+                .routes()
+                .get(index)
+                .and_then(|r| r.media.as_ref())
+                .map_or(0, |m| m.grant_lifetime.as_millis() as i64);
+            if status == 200 {
+                self.app
+                    .media
+                    .grant(index, &item, &ctx.client_ip, identity, now_ms() + lifetime);
+            }
+        }
+        if let Some(sid) = ctx.media.logout_sid.take() {
+            if (200..300).contains(&status) {
+                let app = self.app.clone();
+                self.control
+                    .spawn(async move { app.media_logged_out(sid).await });
+            }
+        }
+        let _ = session;
+        Ok(())
     }
 
     async fn fail_to_proxy(
@@ -445,6 +517,8 @@ impl ProxyHttp for Gateway {
         };
         match ctx.outcome {
             Outcome::Allowed => counters.allowed.inc(),
+            Outcome::Granted => counters.granted.inc(),
+            Outcome::MediaHandled => counters.media_handled.inc(),
             Outcome::Public => counters.public.inc(),
             Outcome::GatewayPage => counters.gateway_page.inc(),
             Outcome::Denied(r) => counters.denied(r).inc(),
@@ -461,6 +535,9 @@ impl ProxyHttp for Gateway {
         }
         if ctx.websocket {
             self.app.metrics.websockets_open.dec();
+        }
+        if let Some(conn) = ctx.conn.take() {
+            self.app.media.unregister(conn);
         }
         let req = session.req_header();
         let route = ctx

@@ -7,7 +7,7 @@
 //! this process are also applied at once. Applying an event twice is harmless.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use crate::store::{DynStore, RevocationEvent, SequencedEvent, SessionId, Snapshot, StoreResult};
@@ -27,6 +27,31 @@ pub enum Revoked {
     KeyRetired,
 }
 
+/// A bound media-server token, keyed in the view by its keyed hash.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MediaEntry {
+    pub sid: SessionId,
+    pub user_id: i64,
+    pub user_name: Arc<str>,
+    pub issued_ms: i64,
+    pub expires_ms: i64,
+}
+
+/// What the view says about a media token.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MediaCheck {
+    /// Never bound here (or expired and swept).
+    Unknown,
+    Expired,
+    Revoked(Revoked),
+    Alive(MediaEntry),
+}
+
+/// Decodes the hex of a keyed hash; `None` unless it is 32 bytes.
+pub fn hash_from_hex(hex_text: &str) -> Option<[u8; 32]> {
+    hex::decode(hex_text).ok()?.try_into().ok()
+}
+
 #[derive(Default)]
 struct ViewState {
     retired_keys: HashSet<String>,
@@ -34,6 +59,7 @@ struct ViewState {
     user_cutoff: HashMap<i64, i64>,
     global_cutoff: Option<i64>,
     disabled: HashSet<i64>,
+    media: HashMap<[u8; 32], MediaEntry>,
     /// Highest sequence number applied from the store's log in order.
     seq: i64,
     last_sync: Option<Instant>,
@@ -46,6 +72,7 @@ pub struct ViewStats {
     pub revoked_sessions: usize,
     pub user_cutoffs: usize,
     pub disabled_users: usize,
+    pub media_tokens: usize,
     pub seq: i64,
 }
 
@@ -87,6 +114,24 @@ impl RevocationView {
         Ok(())
     }
 
+    /// Looks a media token up by its keyed hash and decides whether it is alive at `now_ms`.
+    pub fn check_media(&self, hash: &[u8; 32], now_ms: i64) -> MediaCheck {
+        let entry = {
+            let s = self.read();
+            match s.media.get(hash) {
+                Some(e) => e.clone(),
+                None => return MediaCheck::Unknown,
+            }
+        };
+        if entry.expires_ms <= now_ms {
+            return MediaCheck::Expired;
+        }
+        match self.check(entry.sid, entry.user_id, entry.issued_ms, "") {
+            Ok(()) => MediaCheck::Alive(entry),
+            Err(r) => MediaCheck::Revoked(r),
+        }
+    }
+
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, ViewState> {
         match self.state.write() {
             Ok(s) => s,
@@ -113,6 +158,22 @@ impl RevocationView {
         s.global_cutoff = snap.global_cutoff;
         s.disabled = snap.disabled_users.into_iter().collect();
         s.retired_keys = snap.retired_keys.into_iter().collect();
+        s.media = snap
+            .media_tokens
+            .into_iter()
+            .filter_map(|m| {
+                Some((
+                    hash_from_hex(&m.token_hash)?,
+                    MediaEntry {
+                        sid: m.sid,
+                        user_id: m.user_id,
+                        user_name: m.user_name.into(),
+                        issued_ms: m.issued_ms,
+                        expires_ms: m.expires_ms,
+                    },
+                ))
+            })
+            .collect();
         s.seq = snap.seq;
         s.last_sync = Some(now);
         s.last_error = None;
@@ -150,6 +211,7 @@ impl RevocationView {
         let mut s = self.write();
         let before = s.revoked.len();
         s.revoked.retain(|_, exp| *exp > now_ms);
+        s.media.retain(|_, m| m.expires_ms > now_ms);
         before - s.revoked.len()
     }
 
@@ -187,6 +249,7 @@ impl RevocationView {
             revoked_sessions: s.revoked.len(),
             user_cutoffs: s.user_cutoff.len(),
             disabled_users: s.disabled.len(),
+            media_tokens: s.media.len(),
             seq: s.seq,
         }
     }
@@ -215,6 +278,27 @@ fn apply(s: &mut ViewState, event: &RevocationEvent) {
         }
         RevocationEvent::UserEnabled { user_id } => {
             s.disabled.remove(&user_id);
+        }
+        RevocationEvent::MediaBound {
+            sid,
+            user_id,
+            ref user_name,
+            ref token_hash,
+            issued_ms,
+            expires_ms,
+        } => {
+            if let Some(hash) = hash_from_hex(token_hash) {
+                s.media.insert(
+                    hash,
+                    MediaEntry {
+                        sid,
+                        user_id,
+                        user_name: user_name.as_str().into(),
+                        issued_ms,
+                        expires_ms,
+                    },
+                );
+            }
         }
     }
 }
@@ -297,6 +381,35 @@ mod tests {
             Err(Revoked::KeyRetired)
         );
         assert_eq!(v.check(sid(1), 1, i64::MAX, "new"), Ok(()));
+    }
+
+    #[test]
+    fn media_tokens_die_with_their_session_user_and_lifetime() {
+        let v = RevocationView::new();
+        let hash = [7u8; 32];
+        assert_eq!(v.check_media(&hash, 0), MediaCheck::Unknown);
+        v.apply_local(&RevocationEvent::MediaBound {
+            sid: sid(5),
+            user_id: 2,
+            user_name: "bob".into(),
+            token_hash: hex::encode(hash),
+            issued_ms: 100,
+            expires_ms: 10_000,
+        });
+        assert!(
+            matches!(v.check_media(&hash, 200), MediaCheck::Alive(e) if &*e.user_name == "bob")
+        );
+        assert_eq!(v.check_media(&hash, 10_000), MediaCheck::Expired);
+        v.apply_local(&RevocationEvent::UserCutoff {
+            user_id: 2,
+            at_ms: 150,
+        });
+        assert_eq!(
+            v.check_media(&hash, 200),
+            MediaCheck::Revoked(Revoked::UserSignedOut)
+        );
+        assert_eq!(v.sweep(10_000), 0);
+        assert_eq!(v.check_media(&hash, 200), MediaCheck::Unknown);
     }
 
     #[test]

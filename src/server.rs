@@ -107,6 +107,10 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
         }
     });
     control.spawn(app.clone().run_sync_loop());
+    if app.config.routes.iter().any(|r| r.media.is_some()) {
+        control.spawn(app.clone().run_media_loop());
+    }
+    control.spawn(app.clone().run_connection_watch());
 
     let data_dir = app.config.server.data_dir.clone();
     let _ = std::fs::create_dir_all(&data_dir);

@@ -90,6 +90,8 @@ pub enum SessionKind {
     Web,
     /// A login through the JSON API; the token is sent as a Bearer token.
     Api,
+    /// A media-server (Jellyfin, Emby) token minted through the gateway and bound to a user.
+    Media,
 }
 
 impl SessionKind {
@@ -97,13 +99,14 @@ impl SessionKind {
         match self {
             SessionKind::Web => "web",
             SessionKind::Api => "api",
+            SessionKind::Media => "media",
         }
     }
     pub fn parse(s: &str) -> SessionKind {
-        if s == "api" {
-            SessionKind::Api
-        } else {
-            SessionKind::Web
+        match s {
+            "api" => SessionKind::Api,
+            "media" => SessionKind::Media,
+            _ => SessionKind::Web,
         }
     }
 }
@@ -117,6 +120,36 @@ pub struct NewSession {
     pub ip: String,
     pub created_ms: i64,
     pub expires_ms: i64,
+}
+
+/// A media-server token to bind: its session row and what is kept of the token.
+#[derive(Clone, Debug)]
+pub struct NewMediaBinding {
+    pub session: NewSession,
+    /// Hex of the token's keyed hash.
+    pub token_hash: String,
+    /// The token sealed under the secrets key, for the upstream logout only.
+    pub token_sealed: String,
+    pub route: String,
+    pub media_user_id: String,
+    pub media_user: String,
+    pub device_id: String,
+    pub client: String,
+    pub device_name: String,
+    pub version: String,
+}
+
+/// A media token whose session has ended and which is still owed an upstream logout.
+#[derive(Clone, Debug)]
+pub struct OwedLogout {
+    pub sid: SessionId,
+    pub route: String,
+    pub token_sealed: String,
+    pub client: String,
+    pub device_name: String,
+    pub device_id: String,
+    pub version: String,
+    pub attempts: i64,
 }
 
 #[derive(Clone, Debug)]
@@ -161,6 +194,16 @@ pub enum RevocationEvent {
     KeyRetired {
         kid: String,
     },
+    /// A media-server token was bound to a user (not a revocation: it teaches every
+    /// instance's view the token's keyed hash).
+    MediaBound {
+        sid: SessionId,
+        user_id: i64,
+        user_name: String,
+        token_hash: String,
+        issued_ms: i64,
+        expires_ms: i64,
+    },
 }
 
 impl RevocationEvent {
@@ -173,7 +216,13 @@ impl RevocationEvent {
             RevocationEvent::UserDisabled { .. } => "user_disabled",
             RevocationEvent::UserEnabled { .. } => "user_enabled",
             RevocationEvent::KeyRetired { .. } => "key_retired",
+            RevocationEvent::MediaBound { .. } => "media_bound",
         }
+    }
+
+    /// Whether the event ends anything (a binding does not).
+    pub fn is_revocation(&self) -> bool {
+        !matches!(self, RevocationEvent::MediaBound { .. })
     }
 }
 
@@ -193,6 +242,20 @@ pub struct Snapshot {
     pub global_cutoff: Option<i64>,
     pub disabled_users: Vec<i64>,
     pub retired_keys: Vec<String>,
+    /// Bound media tokens whose sessions have not expired (revoked ones included, so that
+    /// the view can say why they are refused).
+    pub media_tokens: Vec<MediaTokenRow>,
+}
+
+/// A bound media token as the view holds it.
+#[derive(Clone, Debug)]
+pub struct MediaTokenRow {
+    pub token_hash: String,
+    pub sid: SessionId,
+    pub user_id: i64,
+    pub user_name: String,
+    pub issued_ms: i64,
+    pub expires_ms: i64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -333,6 +396,26 @@ pub trait Store: Send + Sync + 'static {
         since_ms: i64,
         limit: i64,
     ) -> StoreResult<Vec<AuditEntry>>;
+
+    /// Binds a media token in one transaction: a `media` session, the token's keyed hash and
+    /// sealed copy, and the end of earlier bindings of the same route, media user and device
+    /// (the media server deletes those itself). The `MediaBound` event comes first. A token
+    /// that is bound already yields no events.
+    async fn bind_media_token(&self, b: &NewMediaBinding) -> StoreResult<Vec<SequencedEvent>>;
+    /// Media tokens whose session ended (revoked or expired) and whose upstream logout is
+    /// owed and due at `now_ms`, oldest first.
+    async fn owed_media_logouts(&self, now_ms: i64, limit: i64) -> StoreResult<Vec<OwedLogout>>;
+    /// Records that a media token is logged out upstream, erasing its sealed copy.
+    async fn media_logout_done(&self, sid: SessionId, now_ms: i64) -> StoreResult<()>;
+    /// Records a failed upstream logout; it is tried again at `next_ms`.
+    async fn media_logout_failed(&self, sid: SessionId, next_ms: i64) -> StoreResult<()>;
+    /// Ends the media sessions of a route last seen before `idle_before_ms`.
+    async fn end_idle_media_sessions(
+        &self,
+        route: &str,
+        idle_before_ms: i64,
+        now_ms: i64,
+    ) -> StoreResult<Vec<SequencedEvent>>;
 
     /// Events with `seq > after`, in sequence order, at most `limit` of them.
     async fn events_since(&self, after: i64, limit: i64) -> StoreResult<Vec<SequencedEvent>>;

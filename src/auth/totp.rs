@@ -187,15 +187,39 @@ impl SecretsKey {
 
     /// Encrypts a seed for `user_id`: hex of nonce || ciphertext.
     pub fn seal(&self, user_id: i64, seed: &[u8]) -> String {
+        self.seal_with(&user_id.to_be_bytes(), seed)
+    }
+
+    pub fn open(&self, user_id: i64, sealed: &str) -> Result<Vec<u8>, SecretsError> {
+        self.open_with(&user_id.to_be_bytes(), sealed)
+    }
+
+    /// The keyed hash under which a media-server token is stored and looked up.
+    pub fn media_token_hash(&self, token: &str) -> [u8; 32] {
+        let Ok(mut mac) = <Hmac<Sha256> as Mac>::new_from_slice(&self.key) else {
+            return [0; 32];
+        };
+        mac.update(b"portcullis-media-token:");
+        mac.update(token.as_bytes());
+        mac.finalize().into_bytes().into()
+    }
+
+    /// Seals a media-server token for its session (the session id is the associated data).
+    pub fn seal_token(&self, sid: &str, token: &str) -> String {
+        self.seal_with(sid.as_bytes(), token.as_bytes())
+    }
+
+    pub fn open_token(&self, sid: &str, sealed: &str) -> Result<String, SecretsError> {
+        let bytes = self.open_with(sid.as_bytes(), sealed)?;
+        String::from_utf8(bytes).map_err(|_| SecretsError::Decrypt)
+    }
+
+    fn seal_with(&self, aad: &[u8], msg: &[u8]) -> String {
         let nonce: [u8; 12] = rand::random();
-        let aad = user_id.to_be_bytes();
-        match self.cipher().encrypt(
-            Nonce::from_slice(&nonce),
-            Payload {
-                msg: seed,
-                aad: &aad,
-            },
-        ) {
+        match self
+            .cipher()
+            .encrypt(Nonce::from_slice(&nonce), Payload { msg, aad })
+        {
             Ok(ct) => {
                 let mut out = nonce.to_vec();
                 out.extend_from_slice(&ct);
@@ -205,15 +229,14 @@ impl SecretsKey {
         }
     }
 
-    pub fn open(&self, user_id: i64, sealed: &str) -> Result<Vec<u8>, SecretsError> {
+    fn open_with(&self, aad: &[u8], sealed: &str) -> Result<Vec<u8>, SecretsError> {
         let bytes = hex::decode(sealed).map_err(|_| SecretsError::Decrypt)?;
         if bytes.len() < 12 + 16 {
             return Err(SecretsError::Decrypt);
         }
         let (nonce, ct) = bytes.split_at(12);
-        let aad = user_id.to_be_bytes();
         self.cipher()
-            .decrypt(Nonce::from_slice(nonce), Payload { msg: ct, aad: &aad })
+            .decrypt(Nonce::from_slice(nonce), Payload { msg: ct, aad })
             .map_err(|_| SecretsError::Decrypt)
     }
 

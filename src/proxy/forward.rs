@@ -53,6 +53,9 @@ pub struct ForwardFacts<'a> {
     pub request_id: &'a str,
     pub identity: Option<&'a Identity>,
     pub identity_header: Option<&'a str>,
+    /// A media route: `Authorization` headers of any scheme other than `MediaBrowser`/`Emby`
+    /// are removed too (Jellyfin ignores `X-Emby-Authorization` when one is present).
+    pub media: bool,
 }
 
 fn normalised(name: &str) -> String {
@@ -104,7 +107,16 @@ pub fn rewrite(req: &mut RequestHeader, f: &ForwardFacts<'_>) -> pingora::Result
     if !cookies.is_empty() {
         req.insert_header(http::header::COOKIE, cookies.join("; "))?;
     }
-    if crate::auth::bearer_token(&req.headers).is_some() {
+    let foreign_scheme = f.media
+        && req
+            .headers
+            .get_all(http::header::AUTHORIZATION)
+            .iter()
+            .any(|v| {
+                crate::mediaserver::carrier::parse_params(&String::from_utf8_lossy(v.as_bytes()))
+                    .is_none()
+            });
+    if foreign_scheme || crate::auth::bearer_token(&req.headers).is_some() {
         req.remove_header(&http::header::AUTHORIZATION);
     }
 
@@ -164,6 +176,7 @@ mod tests {
                 request_id: "rid",
                 identity: Some(&id),
                 identity_header: Some("x-user"),
+                media: false,
             },
         )
         .unwrap();
@@ -179,6 +192,31 @@ mod tests {
     }
 
     #[test]
+    fn foreign_authorization_schemes_are_dropped_on_media_routes() {
+        for (value, kept) in [
+            ("Basic YTpi", false),
+            ("MediaBrowser Token=\"abc\"", true),
+            ("emby Token=\"abc\"", true),
+        ] {
+            let mut r = request(&[("Authorization", value)]);
+            rewrite(
+                &mut r,
+                &ForwardFacts {
+                    client_ip: "::1",
+                    proto: "https",
+                    host: None,
+                    request_id: "r",
+                    identity: None,
+                    identity_header: None,
+                    media: true,
+                },
+            )
+            .unwrap();
+            assert_eq!(r.headers.get("authorization").is_some(), kept, "{value}");
+        }
+    }
+
+    #[test]
     fn media_server_authorization_is_kept() {
         let mut r = request(&[("Authorization", "MediaBrowser Token=\"abc\"")]);
         rewrite(
@@ -190,6 +228,7 @@ mod tests {
                 request_id: "r",
                 identity: None,
                 identity_header: None,
+                media: false,
             },
         )
         .unwrap();

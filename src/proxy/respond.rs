@@ -22,14 +22,19 @@ pub enum Outcome {
     Denied(DenyReason),
     Rejected(RejectReason),
     Failed(u16),
+    /// A credential-less media request let through by a playback grant (or artwork by a
+    /// live session seen at the same address).
+    Granted,
+    /// Answered or performed by the gateway for the media server (hidden user list, logins).
+    MediaHandled,
 }
 
 impl Outcome {
     pub fn decision(self) -> &'static str {
         match self {
             Outcome::Unfinished => "unfinished",
-            Outcome::Allowed | Outcome::Public => "allow",
-            Outcome::GatewayPage => "gateway",
+            Outcome::Allowed | Outcome::Public | Outcome::Granted => "allow",
+            Outcome::GatewayPage | Outcome::MediaHandled => "gateway",
             Outcome::Denied(_) => "deny",
             Outcome::Rejected(_) => "reject",
             Outcome::Failed(_) => "error",
@@ -42,6 +47,8 @@ impl Outcome {
             Outcome::Allowed => "valid_session",
             Outcome::Public => "public_path",
             Outcome::GatewayPage => "own_page",
+            Outcome::Granted => "playback_grant",
+            Outcome::MediaHandled => "media_handled",
             Outcome::Denied(r) => r.as_str(),
             Outcome::Rejected(r) => r.as_str(),
             Outcome::Failed(502) => "upstream_unavailable",
@@ -96,6 +103,13 @@ pub async fn reject(session: &mut Session, reason: RejectReason) -> Result<()> {
         RejectReason::HeadersTooLarge => (431, "The request headers are too large."),
         RejectReason::NoRoute => (404, "No route serves this host and path."),
         RejectReason::BodyTooLarge => (413, "The request body is too large."),
+        RejectReason::TwoTokens => (400, "The request carries more than one media-server token."),
+        RejectReason::BadClientField => (
+            400,
+            "A Client, Device, DeviceId, Version or token value is too long or holds control \
+             characters or path separators.",
+        ),
+        RejectReason::BlockedPath => (403, "This path is not available through the gateway."),
     };
     let body = Bytes::from(format!("{text}\n"));
     send(session, status, &[], "text/plain; charset=utf-8", body).await
@@ -186,4 +200,64 @@ pub async fn page(session: &mut Session, parts: http::response::Parts, body: Byt
         session.write_response_body(Some(body), true).await?;
     }
     Ok(())
+}
+
+/// A small JSON answer given for the media server (e.g. the hidden user list).
+pub async fn json(session: &mut Session, status: u16, body: &'static str) -> Result<()> {
+    send(
+        session,
+        status,
+        &[],
+        "application/json",
+        Bytes::from_static(body.as_bytes()),
+    )
+    .await
+}
+
+/// An answer the gateway obtained from (or made for) the media server on the client's behalf.
+pub async fn relay(session: &mut Session, answer: crate::app::media::MediaAnswer) -> Result<()> {
+    let close = has_unread_body(session);
+    let mut resp = ResponseHeader::build(answer.status, Some(answer.headers.len() + 2))?;
+    for (name, value) in answer.headers.iter() {
+        let hop = matches!(
+            name.as_str(),
+            "connection" | "keep-alive" | "transfer-encoding" | "content-length" | "upgrade"
+        );
+        if !hop {
+            resp.append_header(name.clone(), value.clone())?;
+        }
+    }
+    resp.insert_header("content-length", answer.body.len().to_string())?;
+    resp.insert_header("cache-control", "no-store")?;
+    if close {
+        resp.insert_header("connection", "close")?;
+        session.set_keepalive(None);
+    }
+    let head_only = session.req_header().method == http::Method::HEAD || answer.body.is_empty();
+    session
+        .write_response_header(Box::new(resp), head_only)
+        .await?;
+    if !head_only {
+        session.write_response_body(Some(answer.body), true).await?;
+    }
+    Ok(())
+}
+
+/// A media route's refusal for lack of a live credential: 401, which makes the apps drop their
+/// token and show their login screen.
+pub async fn media_deny(session: &mut Session) -> Result<()> {
+    send(
+        session,
+        401,
+        &[],
+        "application/json",
+        Bytes::from_static(b"{\"error\":\"unauthorized\"}\n"),
+    )
+    .await
+}
+
+/// A media route's refusal with a reason the user can act on.
+pub async fn media_refuse(session: &mut Session, status: u16, message: &str) -> Result<()> {
+    let body = serde_json::json!({ "error": message }).to_string();
+    send(session, status, &[], "application/json", Bytes::from(body)).await
 }

@@ -15,8 +15,9 @@ use sqlx::sqlite::{
 use sqlx::Row;
 
 use super::{
-    AuditEntry, NewSession, ResetLinkState, RevocationEvent, SequencedEvent, SessionId,
-    SessionKind, SessionRecord, Snapshot, Store, StoreError, StoreResult, User,
+    AuditEntry, MediaTokenRow, NewMediaBinding, NewSession, OwedLogout, ResetLinkState,
+    RevocationEvent, SequencedEvent, SessionId, SessionKind, SessionRecord, Snapshot, Store,
+    StoreError, StoreResult, User,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
@@ -27,6 +28,7 @@ const KIND_GLOBAL_CUTOFF: &str = "global_cutoff";
 const KIND_USER_DISABLED: &str = "user_disabled";
 const KIND_USER_ENABLED: &str = "user_enabled";
 const KIND_KEY_RETIRED: &str = "key_retired";
+const KIND_MEDIA_BOUND: &str = "media_bound";
 
 const USER_COLUMNS: &str = "id, name, password_hash, is_admin, disabled, created_ms, must_reset,
      failed_logins, locked_until_ms, last_failure_ms, totp_secret, totp_enabled, totp_last_step";
@@ -241,6 +243,20 @@ fn event_from_row(row: &SqliteRow) -> StoreResult<SequencedEvent> {
         },
         KIND_USER_ENABLED => RevocationEvent::UserEnabled {
             user_id: user_id.ok_or_else(|| corrupt("user_id"))?,
+        },
+        KIND_MEDIA_BOUND => RevocationEvent::MediaBound {
+            sid: sid_from_text(session_id.as_deref().ok_or_else(|| corrupt("session_id"))?)?,
+            user_id: user_id.ok_or_else(|| corrupt("user_id"))?,
+            user_name: row
+                .try_get::<Option<String>, _>("user_name")
+                .map_err(unavailable)?
+                .unwrap_or_default(),
+            token_hash: row
+                .try_get::<Option<String>, _>("token_hash")
+                .map_err(unavailable)?
+                .ok_or_else(|| corrupt("token_hash"))?,
+            issued_ms: at_ms,
+            expires_ms: expires_ms.ok_or_else(|| corrupt("expires_ms"))?,
         },
         KIND_KEY_RETIRED => RevocationEvent::KeyRetired {
             kid: row
@@ -861,8 +877,10 @@ impl Store for SqliteStore {
 
     async fn events_since(&self, after: i64, limit: i64) -> StoreResult<Vec<SequencedEvent>> {
         let rows = sqlx::query(
-            "SELECT seq, kind, session_id, user_id, at_ms, expires_ms, key_id
-             FROM revocation_events WHERE seq > ? ORDER BY seq LIMIT ?",
+            "SELECT e.seq, e.kind, e.session_id, e.user_id, e.at_ms, e.expires_ms, e.key_id,
+                    e.token_hash, u.name AS user_name
+             FROM revocation_events e LEFT JOIN users u ON u.id = e.user_id
+             WHERE e.seq > ? ORDER BY e.seq LIMIT ?",
         )
         .bind(after)
         .bind(limit)
@@ -940,6 +958,28 @@ impl Store for SqliteStore {
         .iter()
         .filter_map(|r| r.try_get::<Option<String>, _>(0).ok().flatten())
         .collect();
+        let mut media_tokens = Vec::new();
+        {
+            let mut rows = sqlx::query(
+                "SELECT m.token_hash, s.id, s.user_id, u.name, s.created_ms, s.expires_ms
+                 FROM media_tokens m JOIN sessions s ON s.id = m.session_id
+                 JOIN users u ON u.id = s.user_id
+                 WHERE s.expires_ms > ?",
+            )
+            .bind(now_ms)
+            .fetch(&mut *tx);
+            while let Some(row) = rows.try_next().await.map_err(unavailable)? {
+                let sid: &str = row.try_get(1).map_err(unavailable)?;
+                media_tokens.push(MediaTokenRow {
+                    token_hash: row.try_get(0).map_err(unavailable)?,
+                    sid: sid_from_text(sid)?,
+                    user_id: row.try_get(2).map_err(unavailable)?,
+                    user_name: row.try_get(3).map_err(unavailable)?,
+                    issued_ms: row.try_get(4).map_err(unavailable)?,
+                    expires_ms: row.try_get(5).map_err(unavailable)?,
+                });
+            }
+        }
         tx.commit().await.map_err(unavailable)?;
         Ok(Snapshot {
             seq,
@@ -948,7 +988,236 @@ impl Store for SqliteStore {
             global_cutoff,
             disabled_users,
             retired_keys,
+            media_tokens,
         })
+    }
+
+    async fn bind_media_token(&self, b: &NewMediaBinding) -> StoreResult<Vec<SequencedEvent>> {
+        let mut tx = self.write_tx().await?;
+        let s = &b.session;
+        let existing = sqlx::query("SELECT 1 FROM media_tokens WHERE token_hash = ?")
+            .bind(&b.token_hash)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+        if existing.is_some() {
+            return Ok(Vec::new());
+        }
+        sqlx::query(
+            "INSERT INTO sessions (id, user_id, kind, user_agent, ip, created_ms, last_seen_ms, expires_ms)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(s.id.to_string())
+        .bind(s.user_id)
+        .bind(s.kind.as_str())
+        .bind(&s.user_agent)
+        .bind(&s.ip)
+        .bind(s.created_ms)
+        .bind(s.created_ms)
+        .bind(s.expires_ms)
+        .execute(&mut *tx)
+        .await
+        .map_err(unavailable)?;
+        sqlx::query(
+            "INSERT INTO media_tokens (session_id, token_hash, token_sealed, route, media_user_id,
+                 media_user, device_id, client, device_name, version)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(s.id.to_string())
+        .bind(&b.token_hash)
+        .bind(&b.token_sealed)
+        .bind(&b.route)
+        .bind(&b.media_user_id)
+        .bind(&b.media_user)
+        .bind(&b.device_id)
+        .bind(&b.client)
+        .bind(&b.device_name)
+        .bind(&b.version)
+        .execute(&mut *tx)
+        .await
+        .map_err(unavailable)?;
+        let seq = sqlx::query(
+            "INSERT INTO revocation_events (kind, session_id, user_id, at_ms, expires_ms, token_hash)
+             VALUES (?, ?, ?, ?, ?, ?) RETURNING seq",
+        )
+        .bind(KIND_MEDIA_BOUND)
+        .bind(s.id.to_string())
+        .bind(s.user_id)
+        .bind(s.created_ms)
+        .bind(s.expires_ms)
+        .bind(&b.token_hash)
+        .fetch_one(&mut *tx)
+        .await
+        .and_then(|r| r.try_get::<i64, _>(0))
+        .map_err(unavailable)?;
+        let user_name: String = sqlx::query("SELECT name FROM users WHERE id = ?")
+            .bind(s.user_id)
+            .fetch_one(&mut *tx)
+            .await
+            .and_then(|r| r.try_get(0))
+            .map_err(unavailable)?;
+        let mut events = vec![SequencedEvent {
+            seq,
+            event: RevocationEvent::MediaBound {
+                sid: s.id,
+                user_id: s.user_id,
+                user_name,
+                token_hash: b.token_hash.clone(),
+                issued_ms: s.created_ms,
+                expires_ms: s.expires_ms,
+            },
+        }];
+        // The media server deleted the older tokens of this device and user when it minted
+        // the new one: end their sessions here, with no upstream logout owed.
+        let older = sqlx::query(
+            "UPDATE sessions SET revoked_ms = ?
+             WHERE revoked_ms IS NULL AND id IN (
+                 SELECT session_id FROM media_tokens
+                 WHERE route = ? AND media_user_id = ? AND device_id = ? AND session_id != ?)
+             RETURNING id, user_id, expires_ms",
+        )
+        .bind(s.created_ms)
+        .bind(&b.route)
+        .bind(&b.media_user_id)
+        .bind(&b.device_id)
+        .bind(s.id.to_string())
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(unavailable)?;
+        for row in &older {
+            let sid = sid_from_text(row.try_get::<&str, _>(0).map_err(unavailable)?)?;
+            let user_id: i64 = row.try_get(1).map_err(unavailable)?;
+            let expires_ms: i64 = row.try_get(2).map_err(unavailable)?;
+            sqlx::query(
+                "UPDATE media_tokens SET logged_out_ms = ?, token_sealed = '' WHERE session_id = ?",
+            )
+            .bind(s.created_ms)
+            .bind(sid.to_string())
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+            let seq = Self::insert_event(
+                &mut tx,
+                KIND_SESSION,
+                Some(sid),
+                Some(user_id),
+                s.created_ms,
+                Some(expires_ms),
+            )
+            .await?;
+            events.push(SequencedEvent {
+                seq,
+                event: RevocationEvent::SessionRevoked {
+                    sid,
+                    user_id,
+                    expires_ms,
+                },
+            });
+        }
+        tx.commit().await.map_err(unavailable)?;
+        Ok(events)
+    }
+
+    async fn owed_media_logouts(&self, now_ms: i64, limit: i64) -> StoreResult<Vec<OwedLogout>> {
+        let rows = sqlx::query(
+            "SELECT m.session_id, m.route, m.token_sealed, m.client, m.device_name, m.device_id,
+                    m.version, m.logout_attempts
+             FROM media_tokens m JOIN sessions s ON s.id = m.session_id
+             WHERE m.logged_out_ms IS NULL AND m.next_attempt_ms <= ?
+               AND (s.revoked_ms IS NOT NULL OR s.expires_ms <= ?)
+             ORDER BY m.next_attempt_ms LIMIT ?",
+        )
+        .bind(now_ms)
+        .bind(now_ms)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        rows.iter()
+            .map(|r| {
+                Ok(OwedLogout {
+                    sid: sid_from_text(r.try_get::<&str, _>(0).map_err(unavailable)?)?,
+                    route: r.try_get(1).map_err(unavailable)?,
+                    token_sealed: r.try_get(2).map_err(unavailable)?,
+                    client: r.try_get(3).map_err(unavailable)?,
+                    device_name: r.try_get(4).map_err(unavailable)?,
+                    device_id: r.try_get(5).map_err(unavailable)?,
+                    version: r.try_get(6).map_err(unavailable)?,
+                    attempts: r.try_get(7).map_err(unavailable)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn media_logout_done(&self, sid: SessionId, now_ms: i64) -> StoreResult<()> {
+        sqlx::query(
+            "UPDATE media_tokens SET logged_out_ms = ?, token_sealed = '' WHERE session_id = ?",
+        )
+        .bind(now_ms)
+        .bind(sid.to_string())
+        .execute(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn media_logout_failed(&self, sid: SessionId, next_ms: i64) -> StoreResult<()> {
+        sqlx::query(
+            "UPDATE media_tokens SET logout_attempts = logout_attempts + 1, next_attempt_ms = ?
+             WHERE session_id = ?",
+        )
+        .bind(next_ms)
+        .bind(sid.to_string())
+        .execute(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn end_idle_media_sessions(
+        &self,
+        route: &str,
+        idle_before_ms: i64,
+        now_ms: i64,
+    ) -> StoreResult<Vec<SequencedEvent>> {
+        let mut tx = self.write_tx().await?;
+        let rows = sqlx::query(
+            "UPDATE sessions SET revoked_ms = ?
+             WHERE revoked_ms IS NULL AND kind = 'media' AND last_seen_ms < ? AND id IN (
+                 SELECT session_id FROM media_tokens WHERE route = ?)
+             RETURNING id, user_id, expires_ms",
+        )
+        .bind(now_ms)
+        .bind(idle_before_ms)
+        .bind(route)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(unavailable)?;
+        let mut events = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let sid = sid_from_text(row.try_get::<&str, _>(0).map_err(unavailable)?)?;
+            let user_id: i64 = row.try_get(1).map_err(unavailable)?;
+            let expires_ms: i64 = row.try_get(2).map_err(unavailable)?;
+            let seq = Self::insert_event(
+                &mut tx,
+                KIND_SESSION,
+                Some(sid),
+                Some(user_id),
+                now_ms,
+                Some(expires_ms),
+            )
+            .await?;
+            events.push(SequencedEvent {
+                seq,
+                event: RevocationEvent::SessionRevoked {
+                    sid,
+                    user_id,
+                    expires_ms,
+                },
+            });
+        }
+        tx.commit().await.map_err(unavailable)?;
+        Ok(events)
     }
 }
 

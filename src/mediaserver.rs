@@ -1,0 +1,348 @@
+//! Media servers behind the gateway (Jellyfin, and Emby which differs only in carriers and
+//! prefixes). The pure parts live in submodules: where clients carry tokens (`carrier`), which
+//! endpoint a request is for (`endpoint`), and the gateway's own calls upstream (`upstream`).
+//! This module holds the in-memory state that goes with them, per instance:
+//!
+//! - playback grants: an authenticated `PlaybackInfo` (or universal audio) call lets
+//!   credential-less stream requests for that item from that address through while the
+//!   session it was made with is alive (Android TV, Swiftfin and external players send none);
+//! - addresses a live session was seen at, for credential-less artwork;
+//! - Quick Connect codes approved through the gateway, and by whom;
+//! - the registry of long-lived proxied connections (WebSockets, streams) per session, so a
+//!   revocation can close them: the gateway shuts the upstream socket down, which ends the
+//!   proxied exchange and closes the client's connection.
+
+pub mod carrier;
+pub mod endpoint;
+pub mod upstream;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use moka::sync::Cache;
+
+use crate::auth::Identity;
+use crate::revocation::RevocationView;
+
+/// Longest a Quick Connect code stays useful (Jellyfin keeps it 10 minutes).
+pub const QUICK_CONNECT_TTL: Duration = Duration::from_secs(10 * 60);
+/// A credential-less image is let through from an address a live session of the route was
+/// seen at within this long.
+pub const SEEN_TTL: Duration = Duration::from_secs(3600);
+/// How often open connections are checked against the view.
+pub const CONNECTION_CHECK: Duration = Duration::from_millis(200);
+/// An unknown token that `GET /Users/Me` refused is not asked about again for this long.
+pub const ADOPT_NEGATIVE_TTL: Duration = Duration::from_secs(60);
+
+/// Who approved a Quick Connect code through the gateway.
+#[derive(Clone, Debug)]
+pub struct Approval {
+    pub user_id: i64,
+    pub is_admin: bool,
+}
+
+/// A playback grant: the identity that asked, until when.
+#[derive(Clone, Debug)]
+struct Grant {
+    identity: Identity,
+    until_ms: i64,
+}
+
+/// A long-lived proxied connection: the upstream socket and whose session it serves.
+struct LiveConn {
+    identity: Identity,
+    fd: i32,
+    local_port: u16,
+    peer: SocketAddr,
+}
+
+pub struct MediaState {
+    grants: Cache<(usize, String, String), Grant>,
+    seen: Cache<(usize, String), Identity>,
+    approvals: Cache<(usize, String), Approval>,
+    secrets: Cache<(usize, String), String>,
+    adopt_refused: Cache<[u8; 32], ()>,
+    conns: Mutex<HashMap<u64, LiveConn>>,
+    next_conn: AtomicU64,
+    /// Woken when a revocation may have made an upstream logout due.
+    pub logout_wake: tokio::sync::Notify,
+}
+
+impl MediaState {
+    /// `max_grant` is the longest grant lifetime of any route.
+    pub fn new(max_grant: Duration) -> MediaState {
+        MediaState {
+            grants: Cache::builder()
+                .max_capacity(200_000)
+                .time_to_live(max_grant)
+                .build(),
+            seen: Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(SEEN_TTL)
+                .build(),
+            approvals: Cache::builder()
+                .max_capacity(10_000)
+                .time_to_live(QUICK_CONNECT_TTL)
+                .build(),
+            secrets: Cache::builder()
+                .max_capacity(10_000)
+                .time_to_live(QUICK_CONNECT_TTL)
+                .build(),
+            adopt_refused: Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(ADOPT_NEGATIVE_TTL)
+                .build(),
+            conns: Mutex::new(HashMap::new()),
+            next_conn: AtomicU64::new(1),
+            logout_wake: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// Records a playback grant for `item` from `ip` on route `route`.
+    pub fn grant(&self, route: usize, item: &str, ip: &str, identity: &Identity, until_ms: i64) {
+        self.grants.insert(
+            (route, item.to_string(), ip.to_string()),
+            Grant {
+                identity: identity.clone(),
+                until_ms,
+            },
+        );
+    }
+
+    /// The identity of a live grant for `item` from `ip`, if its session is still alive.
+    pub fn granted(
+        &self,
+        route: usize,
+        item: &str,
+        ip: &str,
+        view: &RevocationView,
+        now_ms: i64,
+    ) -> Option<Identity> {
+        let key = (route, item.to_string(), ip.to_string());
+        let g = self.grants.get(&key)?;
+        if g.until_ms <= now_ms || !alive(&g.identity, view, now_ms) {
+            self.grants.invalidate(&key);
+            return None;
+        }
+        Some(g.identity)
+    }
+
+    /// Live playback grants (approximate: expired entries leave lazily).
+    pub fn grant_count(&self) -> u64 {
+        self.grants.run_pending_tasks();
+        self.grants.entry_count()
+    }
+
+    /// Notes that a live session of `route` was seen at `ip`.
+    pub fn seen_at(&self, route: usize, ip: &str, identity: &Identity) {
+        let key = (route, ip.to_string());
+        if self.seen.get(&key).is_some_and(|i| i.sid == identity.sid) {
+            return;
+        }
+        self.seen.insert(key, identity.clone());
+    }
+
+    /// A live session seen at `ip` on `route`, for credential-less artwork.
+    pub fn seen_session(
+        &self,
+        route: usize,
+        ip: &str,
+        view: &RevocationView,
+        now_ms: i64,
+    ) -> Option<Identity> {
+        let id = self.seen.get(&(route, ip.to_string()))?;
+        alive(&id, view, now_ms).then_some(id)
+    }
+
+    /// Remembers that a Quick Connect `secret` belongs to `code` (from an `Initiate` answer).
+    pub fn remember_secret(&self, route: usize, secret: &str, code: &str) {
+        self.secrets
+            .insert((route, secret.to_string()), code.to_string());
+    }
+
+    pub fn approve(&self, route: usize, code: &str, approval: Approval) {
+        self.approvals.insert((route, code.to_string()), approval);
+    }
+
+    /// Who approved the code that `secret` was issued with, if it was approved here.
+    pub fn approval_for_secret(&self, route: usize, secret: &str) -> Option<Approval> {
+        let code = self.secrets.get(&(route, secret.to_string()))?;
+        self.approvals.get(&(route, code))
+    }
+
+    pub fn adopt_was_refused(&self, hash: &[u8; 32]) -> bool {
+        self.adopt_refused.contains_key(hash)
+    }
+
+    pub fn adopt_refused(&self, hash: [u8; 32]) {
+        self.adopt_refused.insert(hash, ());
+    }
+
+    /// Registers a long-lived connection; returns its handle for `unregister`.
+    pub fn register(&self, identity: &Identity, fd: i32, peer: SocketAddr) -> Option<u64> {
+        let local_port = local_port(fd)?;
+        let id = self.next_conn.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut conns) = self.conns.lock() {
+            conns.insert(
+                id,
+                LiveConn {
+                    identity: identity.clone(),
+                    fd,
+                    local_port,
+                    peer,
+                },
+            );
+        }
+        Some(id)
+    }
+
+    pub fn unregister(&self, id: u64) {
+        if let Ok(mut conns) = self.conns.lock() {
+            conns.remove(&id);
+        }
+    }
+
+    pub fn open_connections(&self) -> usize {
+        self.conns.lock().map_or(0, |c| c.len())
+    }
+
+    /// Shuts down the upstream socket of every registered connection whose session is no
+    /// longer alive; returns how many were closed.
+    pub fn close_dead_connections(&self, view: &RevocationView, now_ms: i64) -> usize {
+        let Ok(mut conns) = self.conns.lock() else {
+            return 0;
+        };
+        let dead: Vec<u64> = conns
+            .iter()
+            .filter(|(_, c)| !alive(&c.identity, view, now_ms))
+            .map(|(id, _)| *id)
+            .collect();
+        let mut closed = 0;
+        for id in dead {
+            if let Some(c) = conns.remove(&id) {
+                // The descriptor is still this connection's only if it still joins the same
+                // two endpoints; a reused descriptor number belongs to someone else.
+                if local_port(c.fd) == Some(c.local_port) && peer_of(c.fd) == Some(c.peer) {
+                    // SAFETY: shutdown(2) on a descriptor number has no memory effects; the
+                    // check above makes sure it is the proxied upstream socket.
+                    unsafe {
+                        libc::shutdown(c.fd, libc::SHUT_RDWR);
+                    }
+                    closed += 1;
+                }
+            }
+        }
+        closed
+    }
+}
+
+/// Whether an identity's session is alive at `now_ms`.
+pub fn alive(identity: &Identity, view: &RevocationView, now_ms: i64) -> bool {
+    identity.expires_s.saturating_mul(1000) > now_ms
+        && view
+            .check(identity.sid, identity.user_id, identity.issued_ms, "")
+            .is_ok()
+}
+
+fn sockaddr_of(fd: i32, peer: bool) -> Option<SocketAddr> {
+    // SAFETY: the storage is zeroed and large enough for any address; the kernel writes at
+    // most `len` bytes and the family decides how it is read.
+    unsafe {
+        let mut storage: libc::sockaddr_storage = std::mem::zeroed();
+        let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+        let ptr = &mut storage as *mut libc::sockaddr_storage as *mut libc::sockaddr;
+        let rc = if peer {
+            libc::getpeername(fd, ptr, &mut len)
+        } else {
+            libc::getsockname(fd, ptr, &mut len)
+        };
+        if rc != 0 {
+            return None;
+        }
+        match storage.ss_family as i32 {
+            libc::AF_INET => {
+                let a = &*(ptr as *const libc::sockaddr_in);
+                let ip = std::net::Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr));
+                Some(SocketAddr::from((ip, u16::from_be(a.sin_port))))
+            }
+            libc::AF_INET6 => {
+                let a = &*(ptr as *const libc::sockaddr_in6);
+                let ip = std::net::Ipv6Addr::from(a.sin6_addr.s6_addr);
+                Some(SocketAddr::from((ip, u16::from_be(a.sin6_port))))
+            }
+            _ => None,
+        }
+    }
+}
+
+fn local_port(fd: i32) -> Option<u16> {
+    sockaddr_of(fd, false).map(|a| a.port())
+}
+
+fn peer_of(fd: i32) -> Option<SocketAddr> {
+    sockaddr_of(fd, true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{RevocationEvent, SessionId};
+
+    fn identity(sid: u128) -> Identity {
+        Identity {
+            user_id: 1,
+            name: "a".into(),
+            sid: SessionId(sid),
+            issued_ms: 1000,
+            expires_s: 10_000,
+        }
+    }
+
+    #[test]
+    fn grants_die_with_their_session() {
+        let state = MediaState::new(Duration::from_secs(60));
+        let view = RevocationView::new();
+        state.grant(0, "item", "10.0.0.1", &identity(5), 9_000_000);
+        assert!(state.granted(0, "item", "10.0.0.1", &view, 2000).is_some());
+        assert!(state.granted(0, "item", "10.0.0.2", &view, 2000).is_none());
+        assert!(state.granted(1, "item", "10.0.0.1", &view, 2000).is_none());
+        assert!(state
+            .granted(0, "item", "10.0.0.1", &view, 9_000_000)
+            .is_none());
+        state.grant(0, "item", "10.0.0.1", &identity(5), 9_000_000);
+        view.apply_local(&RevocationEvent::SessionRevoked {
+            sid: SessionId(5),
+            user_id: 1,
+            expires_ms: 10_000_000,
+        });
+        assert!(state.granted(0, "item", "10.0.0.1", &view, 2000).is_none());
+    }
+
+    #[test]
+    fn a_socket_of_a_revoked_session_is_shut_down() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let client = std::net::TcpStream::connect(addr).unwrap();
+        let (mut server_side, _) = listener.accept().unwrap();
+        use std::os::unix::io::AsRawFd;
+        let state = MediaState::new(Duration::from_secs(60));
+        let view = RevocationView::new();
+        state
+            .register(&identity(9), client.as_raw_fd(), addr)
+            .unwrap();
+        assert_eq!(state.close_dead_connections(&view, 2000), 0);
+        view.apply_local(&RevocationEvent::UserCutoff {
+            user_id: 1,
+            at_ms: 1000,
+        });
+        assert_eq!(state.close_dead_connections(&view, 2000), 1);
+        assert_eq!(state.open_connections(), 0);
+        // The far end sees the connection end.
+        use std::io::Read;
+        let mut buf = [0u8; 1];
+        assert_eq!(server_side.read(&mut buf).unwrap(), 0);
+    }
+}

@@ -1,0 +1,382 @@
+//! The request filter of `jellyfin` and `emby` routes. In order: the endpoint (after the base
+//! URL and legacy prefixes), every token carrier (two different tokens or a malformed client
+//! field → 400), blocked paths (403), the hidden user list, the login routes (performed by the
+//! gateway so the minted token is bound before the client sees it), then the credential: a
+//! bound media token, else a gateway session, else — for credential-less media and artwork —
+//! a playback grant. Unknown and revoked tokens get 401 on every route that serves content.
+
+use bytes::BytesMut;
+use pingora::prelude::*;
+use pingora::proxy::Session;
+
+use super::{forward, respond, Gateway, Outcome, RequestCtx};
+use crate::app::media::{identity_of, MediaRequest, MAX_LOGIN_BODY};
+use crate::app::{now_ms, ClientInfo};
+use crate::auth::{self, AuthDecision, DenyReason, Identity};
+use crate::config::ImagePolicy;
+use crate::mediaserver::carrier::{self, CarrierError, ClientFields};
+use crate::mediaserver::endpoint::{self, Endpoint, LoginRoute};
+use crate::metrics::RejectReason;
+use crate::revocation::MediaCheck;
+
+/// Per-request state of a media route.
+#[derive(Default)]
+pub struct MediaCtx {
+    /// Record a playback grant for this item if the upstream answers 200.
+    pub grant_item: Option<String>,
+    /// The client is logging its own token out: end its session when the upstream agrees.
+    pub logout_sid: Option<crate::store::SessionId>,
+}
+
+/// Headers that describe the connection, not the request, dropped from requests the gateway
+/// sends itself.
+const NOT_FORWARDED: [&str; 6] = [
+    "connection",
+    "upgrade",
+    "content-length",
+    "transfer-encoding",
+    "host",
+    "expect",
+];
+
+impl Gateway {
+    /// Handles a request on a media route; `Ok(true)` when it was answered here.
+    pub(super) async fn media_filter(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        index: usize,
+        canonical: &str,
+    ) -> Result<bool> {
+        let Some(route) = self.routes().get(index) else {
+            return Ok(false);
+        };
+        let Some(media) = route.media.as_ref() else {
+            return Ok(false);
+        };
+        let req = session.req_header();
+        let server_path = endpoint::server_path(canonical, &route.path_prefix);
+        let ep = endpoint::classify(&req.method, server_path, &media.blocked_paths);
+        let carried = match carrier::extract(&req.headers, req.uri.query()) {
+            Ok(c) => c,
+            Err(e) => {
+                let reason = match e {
+                    CarrierError::TwoTokens => RejectReason::TwoTokens,
+                    CarrierError::BadField(_) | CarrierError::BadToken => {
+                        RejectReason::BadClientField
+                    }
+                };
+                tracing::debug!(request_id = %ctx.request_id, error = %e, "bad media credentials");
+                ctx.outcome = Outcome::Rejected(reason);
+                respond::reject(session, reason).await?;
+                return Ok(true);
+            }
+        };
+
+        match ep {
+            Endpoint::Blocked => {
+                ctx.outcome = Outcome::Rejected(RejectReason::BlockedPath);
+                respond::reject(session, RejectReason::BlockedPath).await?;
+                return Ok(true);
+            }
+            Endpoint::UsersPublic if media.hide_user_list => {
+                ctx.outcome = Outcome::MediaHandled;
+                respond::json(session, 200, "[]").await?;
+                return Ok(true);
+            }
+            Endpoint::Login(login) => {
+                self.perform_media_request(session, ctx, index, Some(login), carried.fields)
+                    .await?;
+                return Ok(true);
+            }
+            Endpoint::QuickConnectInitiate => {
+                self.perform_media_request(session, ctx, index, None, carried.fields)
+                    .await?;
+                return Ok(true);
+            }
+            _ => {}
+        }
+
+        let now = now_ms();
+        let gateway = self.gateway_identity(session, now);
+        let decision: Result<(Identity, bool), DenyReason> = match carried.token.as_deref() {
+            Some(token) => match self.app.check_media_token(token, now) {
+                MediaCheck::Alive(entry) => Ok((identity_of(&entry), true)),
+                MediaCheck::Expired => Err(DenyReason::Expired),
+                MediaCheck::Revoked(r) => Err(r.into()),
+                MediaCheck::Unknown if media.adopt_unknown_tokens => {
+                    match self
+                        .adopt(index, token, &carried.fields, &ctx.client_ip, session)
+                        .await
+                    {
+                        Some(identity) => Ok((identity, true)),
+                        None => Err(DenyReason::UnknownMediaToken),
+                    }
+                }
+                MediaCheck::Unknown => Err(DenyReason::UnknownMediaToken),
+            },
+            None => match &gateway {
+                Some(Ok(identity)) => Ok((identity.clone(), false)),
+                Some(Err(reason)) => Err(*reason),
+                None => Err(DenyReason::NoCredentials),
+            },
+        };
+
+        let (identity, by_media_token) = match decision {
+            Ok(found) => found,
+            Err(reason) => {
+                let credential_less = carried.token.is_none();
+                match &ep {
+                    // Nothing a token protects: apps with a stale token must still reach
+                    // their login screen.
+                    Endpoint::PreLogin => {
+                        ctx.outcome = Outcome::Public;
+                        return Ok(false);
+                    }
+                    Endpoint::UsersPublic => {
+                        ctx.outcome = Outcome::Public;
+                        return Ok(false);
+                    }
+                    Endpoint::Media { item } if credential_less => {
+                        if let Some(identity) =
+                            self.app
+                                .media
+                                .granted(index, item, &ctx.client_ip, &self.app.view, now)
+                        {
+                            return Ok(self.let_through(session, ctx, identity, Outcome::Granted));
+                        }
+                    }
+                    Endpoint::Image if credential_less => match media.images {
+                        ImagePolicy::Open => {
+                            ctx.outcome = Outcome::Public;
+                            return Ok(false);
+                        }
+                        ImagePolicy::Grant => {
+                            if let Some(identity) = self.app.media.seen_session(
+                                index,
+                                &ctx.client_ip,
+                                &self.app.view,
+                                now,
+                            ) {
+                                return Ok(self.let_through(
+                                    session,
+                                    ctx,
+                                    identity,
+                                    Outcome::Granted,
+                                ));
+                            }
+                        }
+                    },
+                    _ => {}
+                }
+                ctx.outcome = Outcome::Denied(reason);
+                respond::media_deny(session).await?;
+                return Ok(true);
+            }
+        };
+
+        self.app.touch(identity.sid, now);
+        self.app.media.seen_at(index, &ctx.client_ip, &identity);
+        match ep {
+            Endpoint::QuickConnectAuthorize => {
+                let code = query_value(session.req_header().uri.query(), "code");
+                if let Some(code) = code {
+                    let via_gateway =
+                        matches!(&gateway, Some(Ok(g)) if g.user_id == identity.user_id);
+                    let app = self.app.clone();
+                    let who = identity.clone();
+                    let approved = self
+                        .control
+                        .spawn(async move {
+                            app.approve_quick_connect(index, &code, &who, via_gateway)
+                                .await
+                        })
+                        .await
+                        .or_err(ErrorType::InternalError, "approving a quick connect code")?;
+                    if let Err(message) = approved {
+                        ctx.outcome = Outcome::Denied(DenyReason::GatewaySessionRequired);
+                        ctx.identity = Some(identity);
+                        respond::media_refuse(session, 403, message).await?;
+                        return Ok(true);
+                    }
+                }
+            }
+            Endpoint::Playback { item } => {
+                ctx.media.grant_item = Some(item);
+            }
+            Endpoint::Logout if by_media_token => {
+                ctx.media.logout_sid = Some(identity.sid);
+            }
+            Endpoint::Media { .. } => ctx.track = true,
+            _ => {}
+        }
+        Ok(self.let_through(session, ctx, identity, Outcome::Allowed))
+    }
+
+    /// Forwards with this identity; always `false` ("not answered here").
+    fn let_through(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        identity: Identity,
+        outcome: Outcome,
+    ) -> bool {
+        if outcome == Outcome::Granted {
+            ctx.track = true;
+        }
+        if session.is_upgrade_req() {
+            ctx.websocket = true;
+            ctx.track = true;
+            self.app.metrics.websockets_open.inc();
+        }
+        ctx.identity = Some(identity);
+        ctx.outcome = outcome;
+        false
+    }
+
+    /// The gateway session (cookie or Bearer) the request carries: `None` if it carries none.
+    fn gateway_identity(
+        &self,
+        session: &Session,
+        now_ms: i64,
+    ) -> Option<std::result::Result<Identity, DenyReason>> {
+        let (token, _) =
+            auth::extract_credential(&session.req_header().headers, self.app.cookie_name)?;
+        Some(
+            match auth::authenticate(
+                Some(token),
+                &self.app.keyring(),
+                &self.app.view,
+                now_ms / 1000,
+            ) {
+                AuthDecision::Allow(identity) => Ok(identity),
+                AuthDecision::Deny(reason) => Err(reason),
+            },
+        )
+    }
+
+    async fn adopt(
+        &self,
+        index: usize,
+        token: &str,
+        fields: &ClientFields,
+        ip: &str,
+        session: &Session,
+    ) -> Option<Identity> {
+        let app = self.app.clone();
+        let token = token.to_string();
+        let fields = fields.clone();
+        let client = ClientInfo {
+            ip: ip.to_string(),
+            user_agent: user_agent(session),
+        };
+        self.control
+            .spawn(async move { app.adopt_media_token(index, &token, &fields, &client).await })
+            .await
+            .ok()
+            .flatten()
+    }
+
+    /// Performs a login route (`Some`) or Quick Connect's `Initiate` (`None`) on the client's
+    /// behalf and relays the answer.
+    async fn perform_media_request(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        index: usize,
+        login: Option<LoginRoute>,
+        fields: ClientFields,
+    ) -> Result<()> {
+        let mut body = BytesMut::new();
+        while let Some(chunk) = session.read_request_body().await? {
+            if body.len() + chunk.len() > MAX_LOGIN_BODY {
+                ctx.outcome = Outcome::Rejected(RejectReason::BodyTooLarge);
+                return respond::reject(session, RejectReason::BodyTooLarge).await;
+            }
+            body.extend_from_slice(&chunk);
+        }
+        let now = now_ms();
+        let gateway = self.gateway_identity(session, now).and_then(|r| r.ok());
+        let head = session.req_header();
+        let mut upstream_head = head.clone();
+        let host = super::host_of(head).map(str::to_string);
+        forward::rewrite(
+            &mut upstream_head,
+            &forward::ForwardFacts {
+                client_ip: &ctx.client_ip,
+                proto: self.proto,
+                host: host.as_deref(),
+                request_id: &ctx.request_id,
+                identity: None,
+                identity_header: None,
+                media: true,
+            },
+        )?;
+        let mut headers = upstream_head.headers.clone();
+        for name in NOT_FORWARDED {
+            headers.remove(name);
+        }
+        // Only encodings the gateway can read, so that the minted token can be found.
+        let gzip_ok = headers
+            .get_all(http::header::ACCEPT_ENCODING)
+            .iter()
+            .any(|v| {
+                v.to_str()
+                    .is_ok_and(|s| s.to_ascii_lowercase().contains("gzip"))
+            });
+        headers.remove(http::header::ACCEPT_ENCODING);
+        if gzip_ok {
+            headers.insert(
+                http::header::ACCEPT_ENCODING,
+                http::HeaderValue::from_static("gzip"),
+            );
+        }
+        let request = MediaRequest {
+            method: head.method.clone(),
+            path_and_query: head
+                .uri
+                .path_and_query()
+                .map_or("/".to_string(), |p| p.as_str().to_string()),
+            headers,
+            body: body.freeze(),
+            fields,
+            client: ClientInfo {
+                ip: ctx.client_ip.clone(),
+                user_agent: user_agent(session),
+            },
+            gateway,
+        };
+        let app = self.app.clone();
+        let answer = self
+            .control
+            .spawn(async move {
+                match login {
+                    Some(login) => app.media_login(index, login, request).await,
+                    None => app.quick_connect_initiate(index, request).await,
+                }
+            })
+            .await
+            .or_err(ErrorType::InternalError, "performing a media request")?;
+        ctx.outcome = Outcome::MediaHandled;
+        respond::relay(session, answer).await
+    }
+}
+
+fn user_agent(session: &Session) -> String {
+    session
+        .req_header()
+        .headers
+        .get(http::header::USER_AGENT)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string()
+}
+
+/// The decoded value of a query key, matched case-insensitively as ASP.NET does.
+fn query_value(query: Option<&str>, key: &str) -> Option<String> {
+    carrier::query_pairs(query?)
+        .into_iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case(key))
+        .map(|(_, v)| v)
+        .filter(|v| !v.is_empty())
+}
