@@ -457,18 +457,19 @@ async fn session_command(store: &DynStore, c: SessionCommand) -> anyhow::Result<
                 println!("{}", serde_json::to_string_pretty(&list)?);
             } else {
                 println!(
-                    "{:<32} {:<16} {:<4} {:<15} {:<25} EXPIRES",
-                    "ID", "USER", "KIND", "IP", "CREATED"
+                    "{:<32} {:<16} {:<5} {:<15} {:<25} {:<25} DEVICE",
+                    "ID", "USER", "KIND", "IP", "CREATED", "EXPIRES"
                 );
                 for s in sessions {
                     println!(
-                        "{} {:<16} {:<4} {:<15} {:<25} {}",
+                        "{} {:<16} {:<5} {:<15} {:<25} {:<25} {}",
                         s.id,
                         s.user_name,
                         s.kind.as_str(),
                         s.ip,
                         time_text(s.created_ms),
-                        time_text(s.expires_ms)
+                        time_text(s.expires_ms),
+                        crate::web::pages::session_device(&s)
                     );
                 }
             }

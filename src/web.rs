@@ -7,7 +7,7 @@
 mod account;
 mod admin;
 mod login;
-mod pages;
+pub(crate) mod pages;
 
 use std::sync::Arc;
 

@@ -173,11 +173,7 @@ impl App {
                     }
                 };
                 let Some(user) = user else {
-                    let this = Arc::clone(self);
-                    let client = req.client.clone();
-                    tokio::spawn(async move {
-                        this.record_failure(None, &gateway_name, &client).await;
-                    });
+                    self.record_failure(None, &gateway_name, &req.client).await;
                     count("invalid_credentials");
                     return MediaAnswer::error(401, "Wrong user name or password.");
                 };
@@ -227,12 +223,13 @@ impl App {
         };
         if reply.status != 200 {
             if password_login && reply.status == 401 {
-                let this = Arc::clone(self);
-                let (user, client) = (expected.clone(), req.client.clone());
-                tokio::spawn(async move {
-                    let name = user.as_ref().map(|u| u.name.clone()).unwrap_or_default();
-                    this.record_failure(user.as_ref(), &name, &client).await;
-                });
+                // Recorded before answering, so that the next attempt sees it.
+                let name = expected
+                    .as_ref()
+                    .map(|u| u.name.clone())
+                    .unwrap_or_default();
+                self.record_failure(expected.as_ref(), &name, &req.client)
+                    .await;
                 count("invalid_credentials");
             } else {
                 count("upstream_refused");

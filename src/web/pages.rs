@@ -290,6 +290,15 @@ pub fn device_summary(user_agent: &str) -> String {
     }
 }
 
+/// What a session's device is called in lists: a media app's own description of itself, else
+/// a summary of the browser's user agent.
+pub fn session_device(s: &crate::store::SessionRecord) -> String {
+    match s.kind {
+        crate::store::SessionKind::Media => s.user_agent.clone(),
+        _ => device_summary(&s.user_agent),
+    }
+}
+
 /// The account page.
 pub fn account(
     user: &crate::store::User,
@@ -314,7 +323,7 @@ pub fn account(
 <button type=\"submit\" class=\"secondary\">Sign out</button></form></td></tr>",
                 if is_current { " class=\"current\" data-current=\"1\"" } else { "" },
                 escape(&s.user_agent),
-                escape(&device_summary(&s.user_agent)),
+                escape(&session_device(s)),
                 if is_current { "<span class=\"tag\">This device</span>" } else { "" },
                 escape(s.kind.as_str()),
                 escape(&s.ip),
@@ -440,7 +449,7 @@ pub fn admin(
 <form method=\"post\" action=\"/_portcullis/admin/sessions/revoke\">{}{}\
 <button type=\"submit\" class=\"secondary\">End</button></form></td></tr>",
                 escape(&s.user_name),
-                escape(&device_summary(&s.user_agent)),
+                escape(&session_device(s)),
                 escape(&s.ip),
                 when(s.last_seen_ms),
                 hidden("session", &s.id.to_string()),
