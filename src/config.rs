@@ -1080,6 +1080,58 @@ upstream = "127.0.0.1:8096"
     }
 
     #[test]
+    fn media_table_is_validated_with_key_names() {
+        let base = "[[route]]\nname='a'\nupstream='127.0.0.1:1'\n";
+        let c = parse(&format!("{base}kind='jellyfin'\n")).unwrap();
+        let m = c.routes[0].media.as_ref().unwrap();
+        assert_eq!(m.password_login, PasswordLogin::DenyFor2faUsers);
+        assert!(m.hide_user_list);
+        assert_eq!(m.blocked_paths, vec!["/startup", "/api-docs"]);
+        let c = parse(&format!(
+            "{base}kind='emby'\n[route.media]\nuser_map = {{ 'Alice Smith' = 'alice' }}\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            c.routes[0]
+                .media
+                .as_ref()
+                .unwrap()
+                .gateway_user("alice smith"),
+            "alice"
+        );
+        for (toml, key) in [
+            (
+                "kind='jellyfin'\n[route.media]\npassword_login='maybe'\n",
+                "route[0].media.password_login",
+            ),
+            (
+                "kind='jellyfin'\n[route.media]\nusers_public='all'\n",
+                "route[0].media.users_public",
+            ),
+            (
+                "kind='jellyfin'\n[route.media]\nimages='x'\n",
+                "route[0].media.images",
+            ),
+            (
+                "kind='jellyfin'\n[route.media]\ntoken_idle='0s'\n",
+                "route[0].media.token_idle",
+            ),
+            (
+                "kind='jellyfin'\n[route.media]\nblocked_paths=['x']\n",
+                "route[0].media.blocked_paths[0]",
+            ),
+            (
+                "kind='jellyfin'\n[route.media]\nbogus=1\n",
+                "route[0].media",
+            ),
+            ("kind='generic'\n[route.media]\n", "route[0].media"),
+        ] {
+            let e = parse(&format!("{base}{toml}")).unwrap_err().to_string();
+            assert!(e.contains(key), "{toml}: {e}");
+        }
+    }
+
+    #[test]
     fn env_overrides_store_url() {
         let env = EnvOverrides {
             store_url: Some("sqlite:///tmp/x.db".into()),
