@@ -162,6 +162,7 @@ struct FileStore {
     max_staleness: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
     busy_timeout: Option<Duration>,
+    on_stale: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -292,6 +293,35 @@ pub struct StoreConfig {
     pub poll_interval: Duration,
     pub max_staleness: Duration,
     pub busy_timeout: Duration,
+    /// What the proxy does once the view has not synced for `max_staleness`.
+    pub on_stale: OnStale,
+}
+
+/// The policy for a revocation view that has not synced for too long.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnStale {
+    /// Keep deciding from the view as it stands (revocations made elsewhere meanwhile are not
+    /// seen; the instance says so in metrics and `/readyz`).
+    Serve,
+    /// Refuse requests that need a session with 503 until the view syncs again.
+    Deny,
+}
+
+/// Which kind of store a URL names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreKind {
+    Sqlite,
+    Postgres,
+}
+
+impl StoreConfig {
+    pub fn kind(&self) -> StoreKind {
+        if self.url.expose().starts_with("sqlite://") {
+            StoreKind::Sqlite
+        } else {
+            StoreKind::Postgres
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -712,13 +742,25 @@ impl Validator {
         } else if url.expose().starts_with("postgres://")
             || url.expose().starts_with("postgresql://")
         {
+            if url::Url::parse(url.expose()).is_err() {
+                return Err(self.err(
+                    "store.url",
+                    "is not a valid postgres://user@host:port/database URL",
+                ));
+            }
+        } else {
             return Err(self.err(
                 "store.url",
-                "PostgreSQL is not supported by this build yet; use sqlite://PATH",
+                "must start with sqlite:// (a file) or postgres:// (a server)",
             ));
-        } else {
-            return Err(self.err("store.url", "must start with sqlite://"));
         }
+        let on_stale = match s.on_stale.as_deref().unwrap_or("serve") {
+            "serve" => OnStale::Serve,
+            "deny" => OnStale::Deny,
+            other => {
+                return Err(self.err("store.on_stale", format!("`{other}` is not serve or deny")))
+            }
+        };
         let poll_interval = s.poll_interval.unwrap_or(DEFAULT_POLL_INTERVAL);
         if poll_interval < Duration::from_millis(10) || poll_interval > Duration::from_secs(60) {
             return Err(self.err("store.poll_interval", "must be between 10ms and 60s"));
@@ -739,6 +781,7 @@ impl Validator {
             poll_interval,
             max_staleness,
             busy_timeout,
+            on_stale,
         })
     }
 

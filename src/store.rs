@@ -417,10 +417,40 @@ pub trait Store: Send + Sync + 'static {
         now_ms: i64,
     ) -> StoreResult<Vec<SequencedEvent>>;
 
+    /// Deletes what can no longer matter at `now_ms`: sessions expired longer than `keep_ms`
+    /// ago (with their media tokens, unless an upstream logout is still owed), `session_revoked`
+    /// events whose tokens have expired, spent reset links and old audit entries beyond
+    /// `audit_keep_ms`. Returns the number of rows deleted. Deleting events leaves gaps in the
+    /// sequence; a reader that finds one rebuilds its view from a snapshot.
+    async fn purge_expired(
+        &self,
+        now_ms: i64,
+        keep_ms: i64,
+        audit_keep_ms: i64,
+    ) -> StoreResult<u64>;
+
+    /// Pushed announcements of committed events, for stores that have them (PostgreSQL's
+    /// LISTEN/NOTIFY); `None` where polling (and this process's own writes) is all there is.
+    fn announcements(&self) -> Option<tokio::sync::watch::Receiver<Announcement>> {
+        None
+    }
+
     /// Events with `seq > after`, in sequence order, at most `limit` of them.
     async fn events_since(&self, after: i64, limit: i64) -> StoreResult<Vec<SequencedEvent>>;
     /// The whole revocation state (sessions revoked and still unexpired at `now_ms`).
     async fn snapshot(&self, now_ms: i64) -> StoreResult<Snapshot>;
+}
+
+/// The latest push announcement from the store.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Announcement {
+    /// Highest sequence number announced so far.
+    pub seq: i64,
+    /// Bumped whenever the push connection was (re)established: announcements may have been
+    /// missed before it, so the reader syncs fully.
+    pub generation: u64,
+    /// Whether the push connection is up now.
+    pub connected: bool,
 }
 
 pub type DynStore = Arc<dyn Store>;

@@ -992,6 +992,55 @@ impl Store for SqliteStore {
         })
     }
 
+    async fn purge_expired(
+        &self,
+        now_ms: i64,
+        keep_ms: i64,
+        audit_keep_ms: i64,
+    ) -> StoreResult<u64> {
+        let mut tx = self.write_tx().await?;
+        let mut deleted = 0;
+        // Sessions long expired, unless their media token is still owed an upstream logout.
+        deleted += sqlx::query(
+            "DELETE FROM sessions WHERE expires_ms <= ? AND id NOT IN (
+                 SELECT session_id FROM media_tokens WHERE logged_out_ms IS NULL)",
+        )
+        .bind(now_ms - keep_ms)
+        .execute(&mut *tx)
+        .await
+        .map_err(unavailable)?
+        .rows_affected();
+        // Revoked sessions whose tokens would have expired anyway: the view drops them too.
+        deleted += sqlx::query("DELETE FROM revocation_events WHERE kind = ? AND expires_ms <= ?")
+            .bind(KIND_SESSION)
+            .bind(now_ms)
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?
+            .rows_affected();
+        deleted += sqlx::query("DELETE FROM revocation_events WHERE kind = ? AND expires_ms <= ?")
+            .bind(KIND_MEDIA_BOUND)
+            .bind(now_ms)
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?
+            .rows_affected();
+        deleted += sqlx::query("DELETE FROM reset_links WHERE expires_ms <= ?")
+            .bind(now_ms - keep_ms)
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?
+            .rows_affected();
+        deleted += sqlx::query("DELETE FROM audit_log WHERE at_ms <= ?")
+            .bind(now_ms - audit_keep_ms)
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?
+            .rows_affected();
+        tx.commit().await.map_err(unavailable)?;
+        Ok(deleted)
+    }
+
     async fn bind_media_token(&self, b: &NewMediaBinding) -> StoreResult<Vec<SequencedEvent>> {
         let mut tx = self.write_tx().await?;
         let s = &b.session;
