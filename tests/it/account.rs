@@ -30,13 +30,13 @@ fn now_s() -> i64 {
 }
 
 /// A browser-like client session: the session cookie it holds.
-struct Browser<'a> {
+pub(crate) struct Browser<'a> {
     gw: &'a Gateway,
-    cookie: String,
+    pub(crate) cookie: String,
 }
 
 impl<'a> Browser<'a> {
-    async fn login(gw: &'a Gateway, user: &str, pw: &str) -> Browser<'a> {
+    pub(crate) async fn login(gw: &'a Gateway, user: &str, pw: &str) -> Browser<'a> {
         let resp = client()
             .post(gw.url("/_portcullis/login"))
             .header("Origin", gw.base.clone())
@@ -315,7 +315,7 @@ async fn password_policy_and_current_password_are_enforced() {
 }
 
 /// Enrols alice in TOTP through the account page; returns the seed and the recovery codes.
-async fn enrol(a: &Browser<'_>) -> (Vec<u8>, Vec<String>) {
+pub(crate) async fn enrol(a: &Browser<'_>) -> (Vec<u8>, Vec<String>) {
     let html = a
         .get("/_portcullis/account/2fa")
         .await

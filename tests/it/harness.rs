@@ -453,6 +453,21 @@ upstream = "{upstream}"
         .await
     }
 
+    /// Waits up to a second until a media-server token is refused (401) on `/Users/Me`.
+    pub async fn refused_media(&self, token: &str) -> bool {
+        poll_until(Duration::from_secs(1), || async {
+            client()
+                .get(self.url("/Users/Me"))
+                .header("X-Emby-Token", token)
+                .send()
+                .await
+                .map(|r| r.status().as_u16())
+                .unwrap_or(0)
+                == 401
+        })
+        .await
+    }
+
     /// The session signing key `(kid, secret)` from the key file.
     pub fn signing_key(&self) -> (String, Vec<u8>) {
         use base64::Engine;

@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod harness;
+mod standin;
 mod upstream;
 
 mod account;
@@ -12,10 +13,13 @@ mod browser;
 mod cli;
 mod failures;
 mod forward_auth;
+mod jellyfin;
+mod jellyfin_clients;
 mod login;
 mod logs;
 mod observability;
 mod proxy;
 mod revocation;
+pub(crate) mod standin_fidelity;
 mod streaming;
 mod tls;

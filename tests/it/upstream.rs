@@ -32,7 +32,7 @@ use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
-type RespBody = BoxBody<Bytes, Infallible>;
+pub(crate) type RespBody = BoxBody<Bytes, Infallible>;
 type Log = Arc<Mutex<Vec<Recorded>>>;
 
 /// Size of each chunk produced by the `/bytes` endpoint.
@@ -289,9 +289,16 @@ fn pattern_table() -> &'static Bytes {
 }
 
 /// Streams pattern bytes `[pos, end)` in chunks of at most [`CHUNK`], without copying.
-struct PatternBody {
+pub(crate) struct PatternBody {
     pos: u64,
     end: u64,
+}
+
+impl PatternBody {
+    /// Pattern bytes `[pos, end)`.
+    pub(crate) fn new(pos: u64, end: u64) -> PatternBody {
+        PatternBody { pos, end }
+    }
 }
 
 impl hyper::body::Body for PatternBody {
@@ -322,7 +329,7 @@ impl hyper::body::Body for PatternBody {
     }
 }
 
-enum RangeReq {
+pub(crate) enum RangeReq {
     /// No usable Range header: send everything.
     Full,
     /// Inclusive byte range.
@@ -331,7 +338,7 @@ enum RangeReq {
 }
 
 /// Single `bytes=` ranges only; anything malformed or multi-range is ignored (→ `Full`).
-fn parse_range(value: Option<&HeaderValue>, len: u64) -> RangeReq {
+pub(crate) fn parse_range(value: Option<&HeaderValue>, len: u64) -> RangeReq {
     let Some(spec) = value
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().strip_prefix("bytes="))
