@@ -40,6 +40,11 @@ pub const LAST_SEEN_FLUSH: Duration = Duration::from_secs(5);
 pub const SESSION_COUNT_EVERY: Duration = Duration::from_secs(15);
 
 /// Milliseconds since the Unix epoch.
+/// How often the store is purged of expired rows.
+const PURGE_INTERVAL: Duration = Duration::from_secs(3600);
+/// Expired sessions and spent reset links are kept this long for the account pages and audit.
+const PURGE_KEEP_MS: i64 = 7 * 24 * 3600 * 1000;
+
 pub fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -818,11 +823,29 @@ impl App {
     }
 
     /// Brings the view up to date with the store's event log once.
-    pub async fn sync(&self) -> Result<usize, StoreError> {
-        match revocation::sync_once(&self.store, &self.view).await {
-            Ok(n) => {
-                if n > 0 {
+    pub async fn sync(&self) -> Result<revocation::SyncOutcome, StoreError> {
+        self.sync_with(false).await
+    }
+
+    /// Brings the view up to date; with `full`, rebuilds it from a snapshot.
+    async fn sync_with(&self, full: bool) -> Result<revocation::SyncOutcome, StoreError> {
+        let result = if full {
+            revocation::resync(&self.store, &self.view)
+                .await
+                .map(|()| revocation::SyncOutcome {
+                    applied: 0,
+                    resynced: true,
+                })
+        } else {
+            revocation::sync_once(&self.store, &self.view).await
+        };
+        match result {
+            Ok(outcome) => {
+                if outcome.applied > 0 || outcome.resynced {
                     self.media.logout_wake.notify_one();
+                }
+                if outcome.resynced {
+                    self.metrics.sync_resyncs.inc();
                 }
                 let unix = SystemTime::now()
                     .duration_since(UNIX_EPOCH)
@@ -830,7 +853,7 @@ impl App {
                     .unwrap_or(0.0);
                 self.metrics.sync_last_success.set(unix);
                 self.refresh_view_metrics();
-                Ok(n)
+                Ok(outcome)
             }
             Err(e) => {
                 self.metrics.sync_errors.inc();
@@ -840,17 +863,46 @@ impl App {
         }
     }
 
-    /// The sync loop: a delta poll every `poll_interval`, key file reloads, batched last-seen
-    /// writes, and a sweep of expired revocations.
+    /// The sync loop: a delta poll every `poll_interval` and at once when the store announces
+    /// an event (PostgreSQL's NOTIFY), a full resync whenever the announcement connection was
+    /// re-established (announcements may have been missed) or after a failed sync, key file
+    /// reloads, batched last-seen writes, session counts, and sweeps of expired revocations and
+    /// of the store.
     pub async fn run_sync_loop(self: Arc<Self>) {
         let mut tick = tokio::time::interval(self.config.store.poll_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut announcements = self.store.announcements();
+        let mut generation = announcements.as_ref().map(|rx| rx.borrow().generation);
         let mut last_sweep = Instant::now();
         let mut last_flush = Instant::now();
+        let mut last_purge = Instant::now();
         let mut last_count: Option<Instant> = None;
+        let mut failed = false;
         loop {
-            tick.tick().await;
-            let _ = self.sync().await;
+            let announced = match announcements.as_mut() {
+                Some(rx) => {
+                    tokio::select! {
+                        changed = rx.changed() => changed.is_ok(),
+                        _ = tick.tick() => false,
+                    }
+                }
+                None => {
+                    tick.tick().await;
+                    false
+                }
+            };
+            let mut full = failed;
+            if announced {
+                if let Some(rx) = announcements.as_ref() {
+                    let a = *rx.borrow();
+                    self.metrics.push_connected.set(i64::from(a.connected));
+                    if generation != Some(a.generation) {
+                        generation = Some(a.generation);
+                        full = true;
+                    }
+                }
+            }
+            failed = self.sync_with(full).await.is_err();
             self.reload_keys_if_changed();
             if last_count.is_none_or(|t| t.elapsed() >= SESSION_COUNT_EVERY) {
                 self.refresh_session_counts().await;
@@ -868,7 +920,33 @@ impl App {
                 last_sweep = Instant::now();
                 self.refresh_view_metrics();
             }
+            if last_purge.elapsed() >= PURGE_INTERVAL {
+                self.purge().await;
+                last_purge = Instant::now();
+            }
         }
+    }
+
+    /// Deletes what can no longer matter from the store.
+    pub async fn purge(&self) {
+        let audit_keep = self.config.store.audit_retention.as_millis() as i64;
+        match self
+            .store
+            .purge_expired(now_ms(), PURGE_KEEP_MS, audit_keep)
+            .await
+        {
+            Ok(n) if n > 0 => tracing::info!(deleted = n, "purged expired rows from the store"),
+            Ok(_) => {}
+            Err(e) => {
+                self.store_error("purge", e);
+            }
+        }
+    }
+
+    /// Whether requests that need a session are refused because the view is too stale
+    /// (`store.on_stale = "deny"`).
+    pub fn refuses_when_stale(&self) -> bool {
+        self.config.store.on_stale == crate::config::OnStale::Deny && !self.view_is_fresh().0
     }
 
     /// Whether the view is fresh enough to call the instance ready.

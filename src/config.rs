@@ -163,6 +163,8 @@ struct FileStore {
     #[serde(default, with = "humantime_serde")]
     busy_timeout: Option<Duration>,
     on_stale: Option<String>,
+    #[serde(default, with = "humantime_serde")]
+    audit_retention: Option<Duration>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -295,7 +297,12 @@ pub struct StoreConfig {
     pub busy_timeout: Duration,
     /// What the proxy does once the view has not synced for `max_staleness`.
     pub on_stale: OnStale,
+    /// Audit entries older than this are purged.
+    pub audit_retention: Duration,
 }
+
+/// Audit entries are kept this long unless configured otherwise.
+pub const DEFAULT_AUDIT_RETENTION: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// The policy for a revocation view that has not synced for too long.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -782,6 +789,7 @@ impl Validator {
             max_staleness,
             busy_timeout,
             on_stale,
+            audit_retention: s.audit_retention.unwrap_or(DEFAULT_AUDIT_RETENTION),
         })
     }
 

@@ -31,6 +31,8 @@ pub const MEDIA_LOGOUTS_TOTAL: &str = "portcullis_media_logouts_total";
 pub const VIEW_MEDIA_TOKENS: &str = "portcullis_revocation_view_media_tokens";
 pub const PLAYBACK_GRANTS: &str = "portcullis_playback_grants_active";
 pub const CONNECTIONS_CLOSED_TOTAL: &str = "portcullis_connections_closed_total";
+pub const SYNC_RESYNCS_TOTAL: &str = "portcullis_sync_resyncs_total";
+pub const PUSH_CONNECTED: &str = "portcullis_sync_push_connected";
 
 /// Reasons a request is refused before authentication.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -123,6 +125,8 @@ pub struct Metrics {
     pub view_media_tokens: IntGauge,
     pub playback_grants: IntGauge,
     pub connections_closed: IntCounter,
+    pub sync_resyncs: IntCounter,
+    pub push_connected: IntGauge,
 }
 
 /// Route label for requests answered before a route was chosen, or by the gateway's own pages.
@@ -236,6 +240,16 @@ impl Metrics {
             CONNECTIONS_CLOSED_TOTAL,
             "Open WebSockets and streams closed because their session ended.",
         )?;
+        let sync_resyncs = IntCounter::new(
+            SYNC_RESYNCS_TOTAL,
+            "Times the revocation view was rebuilt from a store snapshot (a gap in the event log, \
+             a re-established push connection, or a failed sync).",
+        )?;
+        let push_connected = IntGauge::new(
+            PUSH_CONNECTED,
+            "1 while the store's push announcements (PostgreSQL LISTEN) are connected; 0 when \
+             not, or when the store has none (SQLite).",
+        )?;
         for source in ["media_password", "quick_connect", "adopted"] {
             media_tokens_bound.with_label_values(&[source]);
         }
@@ -271,6 +285,8 @@ impl Metrics {
         registry.register(Box::new(view_media_tokens.clone()))?;
         registry.register(Box::new(playback_grants.clone()))?;
         registry.register(Box::new(connections_closed.clone()))?;
+        registry.register(Box::new(sync_resyncs.clone()))?;
+        registry.register(Box::new(push_connected.clone()))?;
         #[cfg(target_os = "linux")]
         registry.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
@@ -327,6 +343,8 @@ impl Metrics {
             view_media_tokens,
             playback_grants,
             connections_closed,
+            sync_resyncs,
+            push_connected,
         })
     }
 

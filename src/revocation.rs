@@ -17,6 +17,23 @@ pub const EVENT_PAGE: i64 = 1000;
 /// How often expired entries are swept from the revoked-session map.
 pub const SWEEP_INTERVAL: Duration = Duration::from_secs(60);
 
+/// Events were missed: the log does not continue where the view stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("the revocation log skips from sequence {expected} to {found}")]
+pub struct SeqGap {
+    pub expected: i64,
+    pub found: i64,
+}
+
+/// What one sync did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SyncOutcome {
+    /// Events applied from the log.
+    pub applied: usize,
+    /// Whether the view was rebuilt from a snapshot (a gap in the log, or asked for).
+    pub resynced: bool,
+}
+
 /// Why the view refuses a token.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Revoked {
@@ -186,8 +203,20 @@ impl RevocationView {
     }
 
     /// Applies events fetched from the log, in order; returns how many advanced the view.
-    pub fn apply_from_log(&self, events: &[SequencedEvent], now: Instant) -> usize {
+    /// Sequence numbers are gap-free in commit order, so an event that does not follow the
+    /// view's sequence number means events were missed (purged, or a bug): nothing is applied
+    /// and the caller rebuilds the view from a snapshot.
+    pub fn apply_from_log(&self, events: &[SequencedEvent], now: Instant) -> Result<usize, SeqGap> {
         let mut s = self.write();
+        let newer = events.iter().filter(|e| e.seq > s.seq);
+        for (expected, e) in (s.seq + 1..).zip(newer) {
+            if e.seq != expected {
+                return Err(SeqGap {
+                    expected,
+                    found: e.seq,
+                });
+            }
+        }
         let mut applied = 0;
         for e in events {
             if e.seq <= s.seq {
@@ -199,7 +228,15 @@ impl RevocationView {
         }
         s.last_sync = Some(now);
         s.last_error = None;
-        applied
+        Ok(applied)
+    }
+
+    /// Marks the view as in sync with the store without new events (a delta poll that found
+    /// nothing new).
+    pub fn mark_synced(&self, now: Instant) {
+        let mut s = self.write();
+        s.last_sync = Some(now);
+        s.last_error = None;
     }
 
     pub fn record_sync_error(&self, message: String) {
@@ -303,17 +340,37 @@ fn apply(s: &mut ViewState, event: &RevocationEvent) {
     }
 }
 
-/// Fetches every event after the view's sequence number and applies it.
-pub async fn sync_once(store: &DynStore, view: &RevocationView) -> StoreResult<usize> {
-    let mut total = 0;
+/// Fetches every event after the view's sequence number and applies it; rebuilds the view
+/// from a snapshot when the log has a gap.
+pub async fn sync_once(store: &DynStore, view: &RevocationView) -> StoreResult<SyncOutcome> {
+    let mut outcome = SyncOutcome::default();
     loop {
         let events = store.events_since(view.seq(), EVENT_PAGE).await?;
         let full = events.len() as i64 == EVENT_PAGE;
-        total += view.apply_from_log(&events, Instant::now());
+        match view.apply_from_log(&events, Instant::now()) {
+            Ok(n) => outcome.applied += n,
+            Err(gap) => {
+                tracing::warn!(%gap, "rebuilding the revocation view from a snapshot");
+                resync(store, view).await?;
+                outcome.resynced = true;
+                return Ok(outcome);
+            }
+        }
         if !full {
-            return Ok(total);
+            return Ok(outcome);
         }
     }
+}
+
+/// Rebuilds the whole view from a store snapshot.
+pub async fn resync(store: &DynStore, view: &RevocationView) -> StoreResult<()> {
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0);
+    let snapshot = store.snapshot(now_ms).await?;
+    view.load(snapshot, Instant::now());
+    Ok(())
 }
 
 #[cfg(test)]
@@ -358,11 +415,38 @@ mod tests {
                 event: RevocationEvent::UserDisabled { user_id: 3 },
             },
         ];
-        assert_eq!(v.apply_from_log(&events, Instant::now()), 2);
-        assert_eq!(v.apply_from_log(&events, Instant::now()), 0);
+        assert_eq!(v.apply_from_log(&events, Instant::now()), Ok(2));
+        assert_eq!(v.apply_from_log(&events, Instant::now()), Ok(0));
         assert_eq!(v.seq(), 2);
         assert_eq!(v.check(sid(7), 1, 10, "k"), Err(Revoked::Session));
         assert_eq!(v.check(sid(8), 3, 10, "k"), Err(Revoked::UserDisabled));
+    }
+
+    #[test]
+    fn a_gap_in_the_log_applies_nothing_and_is_reported() {
+        let v = RevocationView::new();
+        let event = |seq| SequencedEvent {
+            seq,
+            event: RevocationEvent::UserDisabled { user_id: seq },
+        };
+        assert_eq!(v.apply_from_log(&[event(1)], Instant::now()), Ok(1));
+        assert_eq!(
+            v.apply_from_log(&[event(2), event(4)], Instant::now()),
+            Err(SeqGap {
+                expected: 3,
+                found: 4
+            })
+        );
+        assert_eq!(v.seq(), 1);
+        assert_eq!(v.check(sid(1), 2, 0, "k"), Ok(()));
+        assert_eq!(
+            v.apply_from_log(&[event(3)], Instant::now())
+                .and_then(|_| v.apply_from_log(&[event(2), event(3), event(4)], Instant::now())),
+            Err(SeqGap {
+                expected: 2,
+                found: 3
+            })
+        );
     }
 
     #[test]
