@@ -226,7 +226,18 @@ impl App {
         let names: Vec<String> = config.routes.iter().map(|r| r.name.clone()).collect();
         let metrics = Metrics::new(&names, store.backend())?;
         let view = RevocationView::new();
+        let started = Instant::now();
         view.load(store.snapshot(now_ms()).await?, Instant::now());
+        let stats = view.stats();
+        tracing::info!(
+            revoked_sessions = stats.revoked_sessions,
+            user_cutoffs = stats.user_cutoffs,
+            media_tokens = stats.media_tokens,
+            seq = stats.seq,
+            build_ms = started.elapsed().as_secs_f64() * 1000.0,
+            backend = store.backend(),
+            "revocation view built"
+        );
         let cookie_name = cookie::name(config.server.secure);
         let key_file = config
             .session

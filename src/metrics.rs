@@ -48,10 +48,13 @@ pub enum RejectReason {
     BadClientField,
     /// A media-server path refused by configuration (e.g. the first-run wizard).
     BlockedPath,
+    /// The revocation view has not synced for `store.max_staleness` and `store.on_stale` is
+    /// `deny`: sessions cannot be confirmed.
+    ViewStale,
 }
 
 impl RejectReason {
-    pub const ALL: [RejectReason; 7] = [
+    pub const ALL: [RejectReason; 8] = [
         RejectReason::BadPath,
         RejectReason::HeadersTooLarge,
         RejectReason::NoRoute,
@@ -59,6 +62,7 @@ impl RejectReason {
         RejectReason::TwoTokens,
         RejectReason::BadClientField,
         RejectReason::BlockedPath,
+        RejectReason::ViewStale,
     ];
     pub fn as_str(self) -> &'static str {
         match self {
@@ -69,6 +73,7 @@ impl RejectReason {
             RejectReason::TwoTokens => "two_tokens",
             RejectReason::BadClientField => "bad_client_field",
             RejectReason::BlockedPath => "blocked_path",
+            RejectReason::ViewStale => "view_stale",
         }
     }
 }

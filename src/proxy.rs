@@ -306,6 +306,11 @@ impl ProxyHttp for Gateway {
 
         // 3. The forward-auth endpoint, answered here on the fast path.
         if canonical == web::VERIFY_PATH {
+            if self.app.refuses_when_stale() {
+                ctx.outcome = Outcome::Rejected(RejectReason::ViewStale);
+                respond::reject(session, RejectReason::ViewStale).await?;
+                return Ok(true);
+            }
             self.verify(session, ctx).await?;
             return Ok(true);
         }
@@ -335,12 +340,19 @@ impl ProxyHttp for Gateway {
             return Ok(false);
         }
 
-        // 7. Media routes: their own carriers, login routes, grants.
+        // 7. A view too stale to trust, when the operator chose to deny then.
+        if self.app.refuses_when_stale() {
+            ctx.outcome = Outcome::Rejected(RejectReason::ViewStale);
+            respond::reject(session, RejectReason::ViewStale).await?;
+            return Ok(true);
+        }
+
+        // 8. Media routes: their own carriers, login routes, grants.
         if route.media.is_some() {
             return self.media_filter(session, ctx, index, &canonical).await;
         }
 
-        // 8. Authenticate against the revocation view.
+        // 9. Authenticate against the revocation view.
         let token = auth::extract_credential(&session.req_header().headers, self.app.cookie_name)
             .map(|(t, _)| t);
         let now = now_ms();

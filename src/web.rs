@@ -244,6 +244,12 @@ async fn readyz(State(app): State<Arc<App>>) -> Response {
         "view_staleness_seconds": staleness.map(|s| s.as_secs_f64()),
         "view_sequence": app.view.seq(),
         "last_sync_error": app.view.last_error(),
+        "store_backend": app.store.backend(),
+        "push": app.store.announcements().map(|rx| if rx.borrow().connected { "connected" } else { "disconnected" }),
+        "on_stale": match app.config.store.on_stale {
+            crate::config::OnStale::Serve => "serve",
+            crate::config::OnStale::Deny => "deny",
+        },
     });
     let status = if store_ok && fresh {
         StatusCode::OK

@@ -110,6 +110,11 @@ pub async fn reject(session: &mut Session, reason: RejectReason) -> Result<()> {
              characters or path separators.",
         ),
         RejectReason::BlockedPath => (403, "This path is not available through the gateway."),
+        RejectReason::ViewStale => (
+            503,
+            "The gateway cannot confirm sessions right now: it has lost contact with its \
+             store. Try again shortly.",
+        ),
     };
     let body = Bytes::from(format!("{text}\n"));
     send(session, status, &[], "text/plain; charset=utf-8", body).await
