@@ -892,10 +892,16 @@ impl App {
         loop {
             let announced = match announcements.as_mut() {
                 Some(rx) => {
-                    tokio::select! {
-                        changed = rx.changed() => changed.is_ok(),
-                        _ = tick.tick() => false,
+                    let changed = tokio::select! {
+                        changed = rx.changed() => Some(changed.is_ok()),
+                        _ = tick.tick() => None,
+                    };
+                    if changed == Some(false) {
+                        // The store stopped announcing: poll from now on.
+                        announcements = None;
+                        self.metrics.push_connected.set(0);
                     }
+                    changed == Some(true)
                 }
                 None => {
                     tick.tick().await;

@@ -49,10 +49,12 @@ async fn bootstrap_admin(app: &App) -> Result<(), ServeError> {
         .hash(Secret::new(password.clone()))
         .await
         .map_err(|e| ServeError::Bootstrap(e.to_string()))?;
-    app.store
-        .create_user("admin", &hash, true, now_ms())
-        .await
-        .map_err(|e| ServeError::Bootstrap(e.to_string()))?;
+    match app.store.create_user("admin", &hash, true, now_ms()).await {
+        Ok(_) => {}
+        // Another replica starting at the same moment created it first.
+        Err(crate::store::StoreError::Conflict(_)) => return Ok(()),
+        Err(e) => return Err(ServeError::Bootstrap(e.to_string())),
+    }
     println!(
         "\nPortcullis created the first admin account (this password is shown only once):\n\
          \x20 user name: admin\n\

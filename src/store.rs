@@ -1,9 +1,15 @@
 //! The durable store: users, sessions and the append-only revocation event log, behind the
-//! `Store` trait. SQLite (`store::sqlite`) is the embedded default. Every revocation is committed
-//! as an event before the call returns, and the event is returned so the caller can apply it to
-//! its in-memory view at once.
+//! `Store` trait. SQLite (`store::sqlite`) is the embedded default; PostgreSQL (`store::postgres`)
+//! is the store when several gateway replicas share one database, and adds push announcements
+//! of committed events (LISTEN/NOTIFY). Event sequence numbers are gap-free and in commit order
+//! in both, so a reader that has seen sequence N has seen every event before it. Every
+//! revocation is committed as an event before the call returns, and the event is returned so the
+//! caller can apply it to its in-memory view at once.
 
+pub mod postgres;
 pub mod sqlite;
+#[cfg(test)]
+mod tests;
 
 use std::fmt;
 use std::sync::Arc;
@@ -455,15 +461,19 @@ pub struct Announcement {
 
 pub type DynStore = Arc<dyn Store>;
 
-/// Opens the store named by a validated URL and brings its schema up to date.
+/// Opens the store named by a validated URL and brings its schema up to date: `sqlite://<path>`
+/// or `postgres://…` (also `postgresql://…`, query parameters such as `options` honoured).
 pub async fn open(url: &str, busy_timeout: std::time::Duration) -> StoreResult<DynStore> {
-    match url.strip_prefix("sqlite://") {
-        Some(path) => Ok(Arc::new(
+    if let Some(path) = url.strip_prefix("sqlite://") {
+        return Ok(Arc::new(
             sqlite::SqliteStore::open(path, busy_timeout).await?,
-        )),
-        None => Err(StoreError::Open {
-            path: "<url>".to_string(),
-            message: "only sqlite:// URLs are supported".to_string(),
-        }),
+        ));
     }
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        return Ok(Arc::new(postgres::PgStore::open(url, busy_timeout).await?));
+    }
+    Err(StoreError::Open {
+        path: "<url>".to_string(),
+        message: "only sqlite:// and postgres:// URLs are supported".to_string(),
+    })
 }

@@ -49,6 +49,10 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/_portcullis/api/login", post(login::api_login))
         .route("/_portcullis/logout", post(login::logout))
         .route(
+            "/_portcullis/api/signout-all",
+            post(account::api_signout_all),
+        )
+        .route(
             "/_portcullis/reset/{token}",
             get(login::reset_page).post(login::reset_form),
         )

@@ -893,7 +893,12 @@ impl Store for SqliteStore {
     async fn snapshot(&self, now_ms: i64) -> StoreResult<Snapshot> {
         // One read transaction: every query sees the same committed state.
         let mut tx = self.pool.begin().await.map_err(unavailable)?;
-        let seq: i64 = sqlx::query("SELECT COALESCE(MAX(seq), 0) FROM revocation_events")
+        // The AUTOINCREMENT counter, not MAX(seq): a purge may have deleted the newest events,
+        // and the next event will still be numbered after the counter.
+        let seq: i64 = sqlx::query(
+            "SELECT MAX(COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'revocation_events'), 0),
+                        COALESCE((SELECT MAX(seq) FROM revocation_events), 0))",
+        )
             .fetch_one(&mut *tx)
             .await
             .and_then(|r| r.try_get(0))
@@ -1270,71 +1275,4 @@ impl Store for SqliteStore {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    async fn temp_store() -> (tempfile::TempDir, SqliteStore) {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("t.db");
-        let store = SqliteStore::open(path.to_str().unwrap(), Duration::from_secs(1))
-            .await
-            .unwrap();
-        (dir, store)
-    }
-
-    #[tokio::test]
-    async fn revocation_events_are_sequenced_and_in_snapshot() {
-        let (_dir, store) = temp_store().await;
-        let alice = store.create_user("alice", "h", false, 1).await.unwrap();
-        let sid = SessionId::random();
-        store
-            .create_session(&NewSession {
-                id: sid,
-                user_id: alice.id,
-                kind: SessionKind::Web,
-                user_agent: String::new(),
-                ip: String::new(),
-                created_ms: 10,
-                expires_ms: 10_000,
-            })
-            .await
-            .unwrap();
-        let e1 = store.revoke_session(sid, 20).await.unwrap().unwrap();
-        let e2 = store.signout_user(alice.id, 30).await.unwrap();
-        let e3 = store.signout_everyone(40).await.unwrap();
-        assert!(e1.seq < e2.seq && e2.seq < e3.seq);
-        let events = store.events_since(0, 100).await.unwrap();
-        assert_eq!(events.len(), 3);
-        let snap = store.snapshot(25).await.unwrap();
-        assert_eq!(snap.seq, e3.seq);
-        assert_eq!(snap.revoked, vec![(sid, 10_000)]);
-        assert_eq!(snap.user_cutoffs, vec![(alice.id, 30)]);
-        assert_eq!(snap.global_cutoff, Some(40));
-        // Expired revocations are not carried in the snapshot.
-        assert!(store.snapshot(20_000).await.unwrap().revoked.is_empty());
-    }
-
-    #[tokio::test]
-    async fn duplicate_user_name_is_a_conflict_ignoring_case() {
-        let (_dir, store) = temp_store().await;
-        store.create_user("Alice", "h", false, 1).await.unwrap();
-        let err = store.create_user("alice", "h", false, 1).await.unwrap_err();
-        assert!(matches!(err, StoreError::Conflict(_)), "{err}");
-        assert_eq!(
-            store.find_user("ALICE").await.unwrap().unwrap().name,
-            "Alice"
-        );
-    }
-
-    #[tokio::test]
-    async fn revoking_unknown_session_is_none() {
-        let (_dir, store) = temp_store().await;
-        assert!(store
-            .revoke_session(SessionId::random(), 1)
-            .await
-            .unwrap()
-            .is_none());
-        assert!(store.events_since(0, 10).await.unwrap().is_empty());
-    }
-}
+// The tests run against every backend: see `store::tests`.

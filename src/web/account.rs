@@ -173,6 +173,35 @@ pub(crate) async fn signout_others(
     }
 }
 
+/// `POST /_portcullis/api/signout-all` with a Bearer token: "sign out of all devices" for API
+/// clients. 204 when done, 401 without a live Bearer session, 503 when the store is down.
+pub(crate) async fn api_signout_all(
+    State(app): State<Arc<App>>,
+    Extension(client): Extension<ClientInfo>,
+    headers: HeaderMap,
+) -> Response {
+    let Some((id, CredentialSource::Bearer)) = identity(&app, &headers) else {
+        return no_store(
+            (
+                StatusCode::UNAUTHORIZED,
+                axum::Json(serde_json::json!({"error": "a live Bearer session is required"})),
+            )
+                .into_response(),
+        );
+    };
+    match app.signout_all_devices(&id, &client).await {
+        Ok(()) => no_store(StatusCode::NO_CONTENT.into_response()),
+        Err(AccountError::Unavailable(e)) => store_unavailable(&e.to_string()),
+        Err(other) => no_store(
+            (
+                StatusCode::BAD_REQUEST,
+                axum::Json(serde_json::json!({"error": other.to_string()})),
+            )
+                .into_response(),
+        ),
+    }
+}
+
 pub(crate) async fn signout_all(
     State(app): State<Arc<App>>,
     Extension(client): Extension<ClientInfo>,

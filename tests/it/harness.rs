@@ -55,6 +55,9 @@ pub struct UserSpec {
 }
 
 pub struct GatewayBuilder {
+    store_url: Option<String>,
+    keys_from: Option<PathBuf>,
+    store_extra: String,
     upstream: String,
     users: Vec<UserSpec>,
     route_extra: String,
@@ -110,6 +113,25 @@ impl GatewayBuilder {
         self
     }
 
+    /// Uses this store URL instead of a SQLite file of its own (e.g. a PostgreSQL schema).
+    pub fn store_url(mut self, url: &str) -> Self {
+        self.store_url = Some(url.to_string());
+        self
+    }
+
+    /// Extra keys for the `[store]` table.
+    pub fn store_keys(mut self, toml: &str) -> Self {
+        self.store_extra.push_str(toml);
+        self.store_extra.push('\n');
+        self
+    }
+
+    /// Shares another gateway's session and secrets keys, as replicas of one deployment do.
+    pub fn keys_of(mut self, other: &Gateway) -> Self {
+        self.keys_from = Some(other.keys_dir.clone());
+        self
+    }
+
     /// Extra keys for the single `[[route]]` table.
     pub fn route_keys(mut self, toml: &str) -> Self {
         self.route_extra.push_str(toml);
@@ -119,7 +141,14 @@ impl GatewayBuilder {
 
     pub async fn start(self) -> Gateway {
         let dir = tempfile::tempdir().expect("temp dir");
+        let keys_dir = self
+            .keys_from
+            .clone()
+            .unwrap_or_else(|| dir.path().to_path_buf());
         let mut gw = Gateway {
+            store_url: self.store_url,
+            keys_dir,
+            store_extra: self.store_extra,
             dir,
             upstream: self.upstream,
             route_extra: self.route_extra,
@@ -143,6 +172,10 @@ impl GatewayBuilder {
 
 pub struct Gateway {
     pub dir: tempfile::TempDir,
+    store_url: Option<String>,
+    /// Where the session and secrets keys live (this gateway's directory unless shared).
+    keys_dir: PathBuf,
+    store_extra: String,
     upstream: String,
     route_extra: String,
     log: String,
@@ -167,6 +200,9 @@ pub struct Login {
 impl Gateway {
     pub fn builder(upstream: &str) -> GatewayBuilder {
         GatewayBuilder {
+            store_url: None,
+            keys_from: None,
+            store_extra: String::new(),
             upstream: upstream.trim_start_matches("http://").to_string(),
             users: Vec::new(),
             route_extra: String::new(),
@@ -190,7 +226,7 @@ impl Gateway {
     }
 
     pub fn key_path(&self) -> PathBuf {
-        self.dir.path().join("session.key")
+        self.keys_dir.join("session.key")
     }
 
     pub fn pid(&self) -> u32 {
@@ -210,10 +246,8 @@ data_dir = "{data}"
 {server_extra}
 
 [store]
-url = "sqlite://{db}"
-poll_interval = "200ms"
-max_staleness = "5s"
-busy_timeout = "1s"
+url = "{store_url}"
+{store_extra}
 
 [session]
 key_file = "{key}"
@@ -233,13 +267,29 @@ upstream = "{upstream}"
 {tables}
 "#,
             data = d.display(),
-            db = self.db_path().display(),
+            store_url = self
+                .store_url
+                .clone()
+                .unwrap_or_else(|| format!("sqlite://{}", self.db_path().display())),
+            store_extra = {
+                let mut t = self.store_extra.clone();
+                for (key, default) in [
+                    ("poll_interval", "\"200ms\""),
+                    ("max_staleness", "\"5s\""),
+                    ("busy_timeout", "\"1s\""),
+                ] {
+                    if !t.contains(key) {
+                        t.push_str(&format!("{key} = {default}\n"));
+                    }
+                }
+                t
+            },
             key = self.key_path().display(),
             upstream = self.upstream,
             route_extra = self.route_extra,
             log = self.log,
             server_extra = self.server_extra,
-            secrets = d.join("secrets.key").display(),
+            secrets = self.keys_dir.join("secrets.key").display(),
             auth_extra = self.auth_extra,
             tables = self.tables,
             public_url = if self.server_extra.contains("public_url") {

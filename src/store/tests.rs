@@ -1,0 +1,1335 @@
+//! The store suite. Every test is written once against the `Store` trait and run against each
+//! backend through `store::open`: SQLite in a fresh file, PostgreSQL in a fresh schema of the
+//! database at `PORTCULLIS_TEST_PG_URL` (default `postgres://postgres@127.0.0.1:5432/test`),
+//! reached with `options=-c search_path=<schema>` in the URL and dropped (CASCADE) when the test
+//! ends, so tests run in parallel without seeing each other. The `suite!` invocation at the
+//! bottom lists them; they appear as `store::tests::sqlite::<name>` and
+//! `store::tests::postgres::<name>`.
+
+use std::collections::BTreeSet;
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::FutureExt;
+use sqlx::Connection;
+
+use super::*;
+
+const BUSY: Duration = Duration::from_secs(10);
+const DEFAULT_PG_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// One test's store, and how to open another instance on the same data.
+struct Fixture {
+    backend: Backend,
+    store: DynStore,
+    url: String,
+    /// The PostgreSQL schema (also the connections' `application_name`).
+    schema: Option<String>,
+}
+
+impl Fixture {
+    /// Another store on the same data, as a second gateway instance would open it.
+    async fn reopen(&self) -> DynStore {
+        open(&self.url, BUSY).await.unwrap()
+    }
+}
+
+fn pg_base_url() -> String {
+    std::env::var("PORTCULLIS_TEST_PG_URL").unwrap_or_else(|_| DEFAULT_PG_URL.to_string())
+}
+
+/// The URL of one schema of the test database.
+fn pg_schema_url(base: &str, schema: &str) -> String {
+    let sep = if base.contains('?') { '&' } else { '?' };
+    format!("{base}{sep}options=-c%20search_path%3D{schema}&application_name={schema}")
+}
+
+async fn pg_admin() -> sqlx::PgConnection {
+    let base = pg_base_url();
+    sqlx::PgConnection::connect(&base)
+        .await
+        .unwrap_or_else(|e| panic!("PostgreSQL at {base} (PORTCULLIS_TEST_PG_URL): {e}"))
+}
+
+/// Runs one test against a fresh store of `backend`, cleaning up even when the test panics.
+async fn run<F, Fut>(backend: Backend, test: F)
+where
+    F: FnOnce(Fixture) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    match backend {
+        Backend::Sqlite => {
+            let dir = tempfile::tempdir().unwrap();
+            let url = format!("sqlite://{}", dir.path().join("t.db").display());
+            let store = open(&url, BUSY).await.unwrap();
+            test(Fixture {
+                backend,
+                store,
+                url,
+                schema: None,
+            })
+            .await;
+        }
+        Backend::Postgres => {
+            let schema = format!("t_{:016x}", rand::random::<u64>());
+            let mut admin = pg_admin().await;
+            sqlx::raw_sql(&format!("CREATE SCHEMA {schema}"))
+                .execute(&mut admin)
+                .await
+                .unwrap();
+            let url = pg_schema_url(&pg_base_url(), &schema);
+            let outcome = AssertUnwindSafe(async {
+                let store = open(&url, BUSY).await.unwrap();
+                test(Fixture {
+                    backend,
+                    store,
+                    url: url.clone(),
+                    schema: Some(schema.clone()),
+                })
+                .await;
+            })
+            .catch_unwind()
+            .await;
+            sqlx::raw_sql(&format!("DROP SCHEMA {schema} CASCADE"))
+                .execute(&mut admin)
+                .await
+                .unwrap();
+            let _ = admin.close().await;
+            if let Err(panic) = outcome {
+                std::panic::resume_unwind(panic);
+            }
+        }
+    }
+}
+
+async fn user(store: &DynStore, name: &str) -> User {
+    store.create_user(name, "hash", false, 1).await.unwrap()
+}
+
+fn new_session(user_id: i64, kind: SessionKind, created_ms: i64, expires_ms: i64) -> NewSession {
+    NewSession {
+        id: SessionId::random(),
+        user_id,
+        kind,
+        user_agent: "test-agent".to_string(),
+        ip: "192.0.2.7".to_string(),
+        created_ms,
+        expires_ms,
+    }
+}
+
+async fn session(
+    store: &DynStore,
+    user_id: i64,
+    kind: SessionKind,
+    created_ms: i64,
+    expires_ms: i64,
+) -> SessionId {
+    let s = new_session(user_id, kind, created_ms, expires_ms);
+    store.create_session(&s).await.unwrap();
+    s.id
+}
+
+/// A binding of token `token` on route `jellyfin`, media user `mu-1`, device `device`.
+fn binding(
+    user_id: i64,
+    token: &str,
+    device: &str,
+    created_ms: i64,
+    expires_ms: i64,
+) -> NewMediaBinding {
+    NewMediaBinding {
+        session: new_session(user_id, SessionKind::Media, created_ms, expires_ms),
+        token_hash: format!("hash-{token}"),
+        token_sealed: format!("sealed-{token}"),
+        route: "jellyfin".to_string(),
+        media_user_id: "mu-1".to_string(),
+        media_user: "alice".to_string(),
+        device_id: device.to_string(),
+        client: "Jellyfin Android".to_string(),
+        device_name: "Pixel".to_string(),
+        version: "10.9.0".to_string(),
+    }
+}
+
+/// Binds and returns the session id.
+async fn bind(store: &DynStore, b: &NewMediaBinding) -> SessionId {
+    let events = store.bind_media_token(b).await.unwrap();
+    assert!(!events.is_empty(), "{} bound", b.token_hash);
+    b.session.id
+}
+
+fn pairs(events: &[SequencedEvent]) -> Vec<(i64, RevocationEvent)> {
+    events.iter().map(|e| (e.seq, e.event.clone())).collect()
+}
+
+async fn all_events(store: &DynStore) -> Vec<SequencedEvent> {
+    store.events_since(0, 100_000).await.unwrap()
+}
+
+async fn owed(store: &DynStore, now_ms: i64) -> BTreeSet<SessionId> {
+    store
+        .owed_media_logouts(now_ms, 1000)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|o| o.sid)
+        .collect()
+}
+
+fn set<const N: usize>(sids: [SessionId; N]) -> BTreeSet<SessionId> {
+    sids.into_iter().collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Revocation events
+
+async fn revocation_events_are_sequenced_and_in_snapshot(f: Fixture) {
+    let store = &f.store;
+    let alice = user(store, "alice").await;
+    let sid = session(store, alice.id, SessionKind::Web, 10, 10_000).await;
+    let e1 = store.revoke_session(sid, 20).await.unwrap().unwrap();
+    let e2 = store.signout_user(alice.id, 30).await.unwrap();
+    let e3 = store.signout_everyone(40).await.unwrap();
+    assert!(e1.seq < e2.seq && e2.seq < e3.seq);
+    let events = store.events_since(0, 100).await.unwrap();
+    assert_eq!(events.len(), 3);
+    let snap = store.snapshot(25).await.unwrap();
+    assert_eq!(snap.seq, e3.seq);
+    assert_eq!(snap.revoked, vec![(sid, 10_000)]);
+    assert_eq!(snap.user_cutoffs, vec![(alice.id, 30)]);
+    assert_eq!(snap.global_cutoff, Some(40));
+    // Expired revocations are not carried in the snapshot.
+    assert!(store.snapshot(20_000).await.unwrap().revoked.is_empty());
+}
+
+async fn revoking_unknown_session_is_none(f: Fixture) {
+    let store = &f.store;
+    assert!(store
+        .revoke_session(SessionId::random(), 1)
+        .await
+        .unwrap()
+        .is_none());
+    assert!(store.events_since(0, 10).await.unwrap().is_empty());
+    assert_eq!(store.snapshot(1).await.unwrap().seq, 0);
+}
+
+/// 8 writers revoke 20 sessions each at once while a reader polls the log: every number is
+/// handed out once, and whatever the reader sees is always a prefix without holes (a reader
+/// that has seen seq N has seen every event before it).
+async fn concurrent_writers_get_gap_free_sequence_numbers(f: Fixture) {
+    const WRITERS: usize = 8;
+    const EACH: usize = 20;
+    let store = &f.store;
+    let alice = user(store, "alice").await;
+    let mut sids = Vec::new();
+    for _ in 0..WRITERS * EACH {
+        sids.push(session(store, alice.id, SessionKind::Web, 10, 1_000_000).await);
+    }
+    let done = Arc::new(AtomicBool::new(false));
+    let reader = tokio::spawn({
+        let store = store.clone();
+        let done = done.clone();
+        async move {
+            let mut polls = 0;
+            loop {
+                let finished = done.load(Ordering::SeqCst);
+                let events = store.events_since(0, 100_000).await.unwrap();
+                for (i, e) in events.iter().enumerate() {
+                    assert_eq!(
+                        e.seq,
+                        i as i64 + 1,
+                        "seq {} seen without its predecessors",
+                        e.seq
+                    );
+                }
+                polls += 1;
+                if finished {
+                    return polls;
+                }
+                tokio::task::yield_now().await;
+            }
+        }
+    });
+    let writers: Vec<_> = sids
+        .chunks(EACH)
+        .map(|chunk| {
+            let store = store.clone();
+            let chunk = chunk.to_vec();
+            tokio::spawn(async move {
+                let mut seqs = Vec::new();
+                for sid in chunk {
+                    seqs.push(store.revoke_session(sid, 20).await.unwrap().unwrap().seq);
+                }
+                seqs
+            })
+        })
+        .collect();
+    let mut returned = Vec::new();
+    for w in writers {
+        returned.extend(w.await.unwrap());
+    }
+    done.store(true, Ordering::SeqCst);
+    assert!(reader.await.unwrap() >= 1);
+    let n = (WRITERS * EACH) as i64;
+    returned.sort_unstable();
+    assert_eq!(returned, (1..=n).collect::<Vec<_>>());
+    let events = all_events(store).await;
+    assert_eq!(
+        events.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        (1..=n).collect::<Vec<_>>()
+    );
+    let revoked: BTreeSet<SessionId> = events
+        .iter()
+        .map(|e| match &e.event {
+            RevocationEvent::SessionRevoked { sid, .. } => *sid,
+            other => panic!("unexpected {other:?}"),
+        })
+        .collect();
+    assert_eq!(revoked, sids.iter().copied().collect());
+    assert_eq!(store.snapshot(30).await.unwrap().seq, n);
+}
+
+/// Every kind of event, as returned by the call that wrote it and as read back, paged.
+async fn events_since_pages_through_every_kind(f: Fixture) {
+    let store = &f.store;
+    let alice = user(store, "alice").await;
+    let bob = user(store, "bob").await;
+    let sid = session(store, alice.id, SessionKind::Api, 10, 5_000).await;
+    let mut written = Vec::new();
+    written.push(store.revoke_session(sid, 20).await.unwrap().unwrap());
+    written.push(store.signout_user(bob.id, 30).await.unwrap());
+    written.extend(store.set_disabled(bob.id, true, 40).await.unwrap());
+    written.extend(store.set_disabled(bob.id, false, 50).await.unwrap());
+    let b = binding(alice.id, "t1", "dev-1", 60, 9_000);
+    written.extend(store.bind_media_token(&b).await.unwrap());
+    written.extend(
+        store
+            .breach_response(70, &["k1".to_string(), "k2".to_string()])
+            .await
+            .unwrap(),
+    );
+    let expected = vec![
+        RevocationEvent::SessionRevoked {
+            sid,
+            user_id: alice.id,
+            expires_ms: 5_000,
+        },
+        RevocationEvent::UserCutoff {
+            user_id: bob.id,
+            at_ms: 30,
+        },
+        RevocationEvent::UserDisabled { user_id: bob.id },
+        RevocationEvent::UserCutoff {
+            user_id: bob.id,
+            at_ms: 40,
+        },
+        RevocationEvent::UserEnabled { user_id: bob.id },
+        RevocationEvent::MediaBound {
+            sid: b.session.id,
+            user_id: alice.id,
+            user_name: "alice".to_string(),
+            token_hash: "hash-t1".to_string(),
+            issued_ms: 60,
+            expires_ms: 9_000,
+        },
+        RevocationEvent::GlobalCutoff { at_ms: 70 },
+        RevocationEvent::KeyRetired {
+            kid: "k1".to_string(),
+        },
+        RevocationEvent::KeyRetired {
+            kid: "k2".to_string(),
+        },
+    ];
+    let expected: Vec<(i64, RevocationEvent)> = (1..).zip(expected).collect();
+    assert_eq!(pairs(&written), expected);
+    let first = store.events_since(0, 4).await.unwrap();
+    let rest = store.events_since(4, 100).await.unwrap();
+    assert_eq!(pairs(&first), expected[..4].to_vec());
+    assert_eq!(pairs(&rest), expected[4..].to_vec());
+    assert!(store.events_since(9, 100).await.unwrap().is_empty());
+    // A negative limit is no limit.
+    assert_eq!(store.events_since(0, -1).await.unwrap().len(), 9);
+}
+
+/// Numbers are never handed out twice, also when the newest events were purged.
+async fn sequence_numbers_are_not_reused_after_purge(f: Fixture) {
+    let store = &f.store;
+    let alice = user(store, "alice").await;
+    let sid = session(store, alice.id, SessionKind::Web, 10, 100).await;
+    store.signout_user(alice.id, 5).await.unwrap();
+    let last = store.revoke_session(sid, 20).await.unwrap().unwrap();
+    assert_eq!(last.seq, 2);
+    // The session's token has expired: its revocation event is purged, the newest one.
+    assert!(store.purge_expired(1_000, 0, 1_000_000).await.unwrap() >= 1);
+    assert_eq!(store.events_since(0, 10).await.unwrap().len(), 1);
+    let next = store.signout_everyone(1_000).await.unwrap();
+    assert_eq!(next.seq, 3);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Snapshot
+
+async fn snapshot_holds_the_whole_revocation_state(f: Fixture) {
+    let store = &f.store;
+    let alice = user(store, "alice").await;
+    let bob = user(store, "bob").await;
+    let carol = user(store, "carol").await;
+    let w1 = session(store, alice.id, SessionKind::Web, 10, 10_000).await;
+    let w2 = session(store, alice.id, SessionKind::Web, 10, 50).await;
+    store.revoke_session(w1, 20).await.unwrap();
+    store.revoke_session(w2, 21).await.unwrap();
+    store.signout_user(bob.id, 60).await.unwrap();
+    store.signout_user(bob.id, 70).await.unwrap();
+    store.set_disabled(carol.id, true, 80).await.unwrap();
+    let t1 = bind(store, &binding(alice.id, "t1", "dev-1", 30, 10_000)).await;
+    bind(store, &binding(alice.id, "t2", "dev-2", 30, 50)).await;
+    let t3 = bind(store, &binding(alice.id, "t3", "dev-3", 30, 10_000)).await;
+    store.revoke_session(t3, 85).await.unwrap();
+    let last = store
+        .breach_response(90, &["k2".to_string(), "k1".to_string()])
+        .await
+        .unwrap();
+
+    let mut snap = store.snapshot(100).await.unwrap();
+    assert_eq!(snap.seq, last.last().unwrap().seq);
+    snap.revoked.sort();
+    let mut want = vec![(w1, 10_000), (t3, 10_000)];
+    want.sort();
+    assert_eq!(snap.revoked, want, "revoked and unexpired at 100");
+    snap.user_cutoffs.sort();
+    assert_eq!(snap.user_cutoffs, vec![(bob.id, 70), (carol.id, 80)]);
+    assert_eq!(snap.global_cutoff, Some(90));
+    assert_eq!(snap.disabled_users, vec![carol.id]);
+    snap.retired_keys.sort();
+    assert_eq!(snap.retired_keys, vec!["k1".to_string(), "k2".to_string()]);
+    // Unexpired media tokens, the revoked one included; the expired one left out.
+    snap.media_tokens
+        .sort_by(|a, b| a.token_hash.cmp(&b.token_hash));
+    let media: Vec<_> = snap
+        .media_tokens
+        .iter()
+        .map(|m| {
+            (
+                m.token_hash.as_str(),
+                m.sid,
+                m.user_id,
+                m.user_name.as_str(),
+                m.issued_ms,
+                m.expires_ms,
+            )
+        })
+        .collect();
+    assert_eq!(
+        media,
+        vec![
+            ("hash-t1", t1, alice.id, "alice", 30, 10_000),
+            ("hash-t3", t3, alice.id, "alice", 30, 10_000),
+        ]
+    );
+    // The breach response made everyone choose a new password.
+    for u in store.list_users().await.unwrap() {
+        assert!(u.must_reset, "{}", u.name);
+    }
+    // Enabling carol again leaves her cutoff in place.
+    store.set_disabled(carol.id, false, 95).await.unwrap();
+    let snap = store.snapshot(100).await.unwrap();
+    assert!(snap.disabled_users.is_empty());
+    assert!(snap.user_cutoffs.contains(&(carol.id, 80)));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Users and accounts
+
+async fn duplicate_user_name_is_a_conflict_ignoring_case(f: Fixture) {
+    let store = &f.store;
+    store.create_user("Alice", "h", false, 1).await.unwrap();
+    let err = store.create_user("alice", "h", false, 1).await.unwrap_err();
+    assert!(matches!(err, StoreError::Conflict(_)), "{err}");
+    assert_eq!(
+        store.find_user("ALICE").await.unwrap().unwrap().name,
+        "Alice"
+    );
+    // Only ASCII case is ignored, as SQLite's NOCASE does.
+    store.create_user("Émile", "h", false, 1).await.unwrap();
+    store.create_user("émile", "h", false, 1).await.unwrap();
+    assert_eq!(
+        store.find_user("ÉMILE").await.unwrap().unwrap().name,
+        "Émile"
+    );
+    store.create_user("bob", "h", true, 2).await.unwrap();
+    store.create_user("Carol", "h", false, 3).await.unwrap();
+    let names: Vec<String> = store
+        .list_users()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|u| u.name)
+        .collect();
+    assert_eq!(names, ["Alice", "bob", "Carol", "Émile", "émile"]);
+    assert_eq!(store.user_count().await.unwrap(), 5);
+    assert!(store.find_user("nobody").await.unwrap().is_none());
+}
+
+async fn accounts_lock_out_and_change_passwords(f: Fixture) {
+    let store = &f.store;
+    let alice = store.create_user("alice", "h1", true, 7).await.unwrap();
+    let bob = user(store, "bob").await;
+    assert!(alice.is_admin && !alice.disabled && !alice.must_reset);
+    assert_eq!(
+        (alice.created_ms, alice.failed_logins, alice.totp_last_step),
+        (7, 0, 0)
+    );
+    let by_id = store.find_user_by_id(alice.id).await.unwrap().unwrap();
+    assert_eq!(by_id.name, "alice");
+    assert!(store
+        .find_user_by_id(alice.id + 1000)
+        .await
+        .unwrap()
+        .is_none());
+
+    let u = store.record_failure(alice.id, 100, 3, 1_000).await.unwrap();
+    assert_eq!((u.failed_logins, u.locked_until_ms), (1, None));
+    store.record_failure(alice.id, 101, 3, 1_000).await.unwrap();
+    let u = store.record_failure(alice.id, 102, 3, 1_000).await.unwrap();
+    assert_eq!(
+        (u.failed_logins, u.locked_until_ms, u.last_failure_ms),
+        (3, Some(1_102), Some(102))
+    );
+    store.clear_failures(alice.id).await.unwrap();
+    let u = store.find_user_by_id(alice.id).await.unwrap().unwrap();
+    assert_eq!(
+        (u.failed_logins, u.locked_until_ms, u.last_failure_ms),
+        (0, None, None)
+    );
+
+    assert_eq!(store.set_must_reset(Some(alice.id), true).await.unwrap(), 1);
+    assert!(!store.find_user("bob").await.unwrap().unwrap().must_reset);
+    assert_eq!(store.set_must_reset(None, true).await.unwrap(), 2);
+    assert!(store.find_user("bob").await.unwrap().unwrap().must_reset);
+
+    assert!(store
+        .change_password(alice.id, "h2", None)
+        .await
+        .unwrap()
+        .is_none());
+    let u = store.find_user_by_id(alice.id).await.unwrap().unwrap();
+    assert_eq!((u.password_hash.as_str(), u.must_reset), ("h2", false));
+    assert!(store.events_since(0, 10).await.unwrap().is_empty());
+
+    let before = session(store, alice.id, SessionKind::Web, 400, 10_000).await;
+    let after = session(store, alice.id, SessionKind::Web, 600, 10_000).await;
+    let bobs = session(store, bob.id, SessionKind::Web, 400, 10_000).await;
+    let e = store
+        .change_password(alice.id, "h3", Some(500))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        e.event,
+        RevocationEvent::UserCutoff {
+            user_id: alice.id,
+            at_ms: 500
+        }
+    );
+    let s = store.get_session(before).await.unwrap().unwrap();
+    assert_eq!(s.revoked_ms, Some(500));
+    assert_eq!(
+        store.get_session(after).await.unwrap().unwrap().revoked_ms,
+        None
+    );
+    assert_eq!(
+        store.get_session(bobs).await.unwrap().unwrap().revoked_ms,
+        None
+    );
+
+    store.set_password(bob.id, "hb").await.unwrap();
+    assert_eq!(
+        store.find_user("bob").await.unwrap().unwrap().password_hash,
+        "hb"
+    );
+    let missing = alice.id + bob.id + 1000;
+    assert!(matches!(
+        store.set_password(missing, "x").await,
+        Err(StoreError::NotFound(_))
+    ));
+    assert!(matches!(
+        store.set_disabled(missing, true, 1).await,
+        Err(StoreError::NotFound(_))
+    ));
+    assert!(matches!(
+        store.change_password(missing, "x", Some(1)).await,
+        Err(StoreError::NotFound(_))
+    ));
+    assert!(matches!(
+        store.record_failure(missing, 1, 3, 10).await,
+        Err(StoreError::NotFound(_))
+    ));
+    // Nothing was written for the missing user.
+    assert_eq!(store.events_since(0, 10).await.unwrap().len(), 1);
+}
+
+async fn totp_steps_and_recovery_codes(f: Fixture) {
+    let store = &f.store;
+    let alice = user(store, "alice").await;
+    store
+        .set_totp(alice.id, Some("sealed"), true)
+        .await
+        .unwrap();
+    let u = store.find_user_by_id(alice.id).await.unwrap().unwrap();
+    assert_eq!(
+        (u.totp_secret.as_deref(), u.totp_enabled),
+        (Some("sealed"), true)
+    );
+    assert!(store.accept_totp_step(alice.id, 5).await.unwrap());
+    assert!(!store.accept_totp_step(alice.id, 5).await.unwrap());
+    assert!(!store.accept_totp_step(alice.id, 4).await.unwrap());
+    assert!(store.accept_totp_step(alice.id, 6).await.unwrap());
+
+    let codes: Vec<String> = ["a", "b", "c"].iter().map(|s| s.to_string()).collect();
+    store
+        .replace_recovery_codes(alice.id, &codes)
+        .await
+        .unwrap();
+    assert_eq!(store.recovery_codes_left(alice.id).await.unwrap(), 3);
+    assert!(store.use_recovery_code(alice.id, "a", 10).await.unwrap());
+    assert!(!store.use_recovery_code(alice.id, "a", 11).await.unwrap());
+    assert!(!store.use_recovery_code(alice.id, "zzz", 11).await.unwrap());
+    assert_eq!(store.recovery_codes_left(alice.id).await.unwrap(), 2);
+    store
+        .replace_recovery_codes(alice.id, &["d".to_string()])
+        .await
+        .unwrap();
+    assert_eq!(store.recovery_codes_left(alice.id).await.unwrap(), 1);
+    store.replace_recovery_codes(alice.id, &[]).await.unwrap();
+    assert_eq!(store.recovery_codes_left(alice.id).await.unwrap(), 0);
+    store
+        .replace_recovery_codes(alice.id, &["e".to_string()])
+        .await
+        .unwrap();
+    // Turning 2FA off forgets the secret and the codes.
+    store.set_totp(alice.id, None, false).await.unwrap();
+    let u = store.find_user_by_id(alice.id).await.unwrap().unwrap();
+    assert_eq!((u.totp_secret, u.totp_enabled), (None, false));
+    assert_eq!(store.recovery_codes_left(alice.id).await.unwrap(), 0);
+}
+
+async fn reset_links_are_single_use(f: Fixture) {
+    let store = &f.store;
+    let alice = user(store, "alice").await;
+    store
+        .create_reset_link("h1", alice.id, 100, 200)
+        .await
+        .unwrap();
+    store
+        .create_reset_link("h2", alice.id, 100, 120)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.reset_link_state("h1", 150).await.unwrap(),
+        ResetLinkState::Valid { user_id: alice.id }
+    );
+    assert_eq!(
+        store.reset_link_state("h1", 200).await.unwrap(),
+        ResetLinkState::Expired
+    );
+    assert_eq!(
+        store.reset_link_state("nope", 150).await.unwrap(),
+        ResetLinkState::Unknown
+    );
+    let sid = session(store, alice.id, SessionKind::Web, 110, 10_000).await;
+    store.record_failure(alice.id, 120, 1, 1_000).await.unwrap();
+    store.set_must_reset(Some(alice.id), true).await.unwrap();
+
+    assert!(store
+        .redeem_reset_link("h2", "new", 150)
+        .await
+        .unwrap()
+        .is_none());
+    let (user_id, e) = store
+        .redeem_reset_link("h1", "new", 150)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(user_id, alice.id);
+    assert_eq!(
+        e.event,
+        RevocationEvent::UserCutoff {
+            user_id: alice.id,
+            at_ms: 150
+        }
+    );
+    let u = store.find_user_by_id(alice.id).await.unwrap().unwrap();
+    assert_eq!(u.password_hash, "new");
+    assert!(!u.must_reset);
+    assert_eq!((u.failed_logins, u.locked_until_ms), (0, None));
+    assert_eq!(
+        store.get_session(sid).await.unwrap().unwrap().revoked_ms,
+        Some(150)
+    );
+    assert_eq!(
+        store.reset_link_state("h1", 160).await.unwrap(),
+        ResetLinkState::Used
+    );
+    assert!(store
+        .redeem_reset_link("h1", "again", 160)
+        .await
+        .unwrap()
+        .is_none());
+    assert_eq!(store.events_since(0, 10).await.unwrap().len(), 1);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Sessions and audit
+
+async fn sessions_are_listed_counted_and_touched(f: Fixture) {
+    let store = &f.store;
+    let alice = user(store, "alice").await;
+    let bob = user(store, "bob").await;
+    let a1 = session(store, alice.id, SessionKind::Web, 10, 1_000).await;
+    let a2 = session(store, alice.id, SessionKind::Api, 20, 1_000).await;
+    let b1 = session(store, bob.id, SessionKind::Web, 30, 1_000).await;
+    session(store, alice.id, SessionKind::Web, 40, 50).await;
+    let b2 = session(store, bob.id, SessionKind::Web, 45, 1_000).await;
+    store.revoke_session(b2, 60).await.unwrap();
+
+    let ids = |v: Vec<SessionRecord>| v.into_iter().map(|s| s.id).collect::<Vec<_>>();
+    assert_eq!(
+        ids(store.list_live_sessions(None, 100).await.unwrap()),
+        vec![a1, a2, b1]
+    );
+    assert_eq!(
+        ids(store.list_live_sessions(Some(alice.id), 100).await.unwrap()),
+        vec![a1, a2]
+    );
+    let mut counts = store.count_live_sessions(100).await.unwrap();
+    counts.sort();
+    assert_eq!(counts, vec![("api".to_string(), 1), ("web".to_string(), 2)]);
+
+    let s = store.get_session(a2).await.unwrap().unwrap();
+    assert_eq!(
+        (
+            s.user_id,
+            s.user_name.as_str(),
+            s.kind,
+            s.user_agent.as_str(),
+            s.ip.as_str()
+        ),
+        (
+            alice.id,
+            "alice",
+            SessionKind::Api,
+            "test-agent",
+            "192.0.2.7"
+        )
+    );
+    assert_eq!(
+        (s.created_ms, s.last_seen_ms, s.expires_ms, s.revoked_ms),
+        (20, 20, 1_000, None)
+    );
+    assert_eq!(
+        store.get_session(b2).await.unwrap().unwrap().revoked_ms,
+        Some(60)
+    );
+    assert!(store
+        .get_session(SessionId::random())
+        .await
+        .unwrap()
+        .is_none());
+
+    // Last seen only moves forward; a session named twice keeps the later time.
+    store.touch_sessions(&[]).await.unwrap();
+    store
+        .touch_sessions(&[(a1, 50), (a1, 70), (a2, 5), (SessionId::random(), 10)])
+        .await
+        .unwrap();
+    assert_eq!(
+        store.get_session(a1).await.unwrap().unwrap().last_seen_ms,
+        70
+    );
+    assert_eq!(
+        store.get_session(a2).await.unwrap().unwrap().last_seen_ms,
+        20
+    );
+    // Revoking twice records the first time, and an event each time.
+    store.revoke_session(b2, 80).await.unwrap().unwrap();
+    assert_eq!(
+        store.get_session(b2).await.unwrap().unwrap().revoked_ms,
+        Some(60)
+    );
+}
+
+async fn audit_log_lists_newest_first(f: Fixture) {
+    let store = &f.store;
+    let entry = |at_ms: i64, event: &str, user_id: Option<i64>| AuditEntry {
+        at_ms,
+        event: event.to_string(),
+        outcome: "ok".to_string(),
+        user_id,
+        user_name: user_id.map(|id| format!("u{id}")).unwrap_or_default(),
+        ip: "192.0.2.1".to_string(),
+        user_agent: "ua".to_string(),
+        session_id: "sid".to_string(),
+        detail: "d".to_string(),
+    };
+    store
+        .append_audit(&entry(10, "login", Some(1)))
+        .await
+        .unwrap();
+    store
+        .append_audit(&entry(20, "login", Some(2)))
+        .await
+        .unwrap();
+    store
+        .append_audit(&entry(30, "logout", Some(1)))
+        .await
+        .unwrap();
+    store.append_audit(&entry(40, "boot", None)).await.unwrap();
+    let events = |v: Vec<AuditEntry>| v.into_iter().map(|e| e.at_ms).collect::<Vec<_>>();
+    assert_eq!(
+        events(store.list_audit(None, 0, 10).await.unwrap()),
+        vec![40, 30, 20, 10]
+    );
+    assert_eq!(
+        events(store.list_audit(Some(1), 0, 10).await.unwrap()),
+        vec![30, 10]
+    );
+    assert_eq!(
+        events(store.list_audit(None, 20, 10).await.unwrap()),
+        vec![40, 30, 20]
+    );
+    assert_eq!(
+        events(store.list_audit(None, 0, 2).await.unwrap()),
+        vec![40, 30]
+    );
+    let e = &store.list_audit(Some(2), 0, 1).await.unwrap()[0];
+    assert_eq!(
+        (
+            e.event.as_str(),
+            e.outcome.as_str(),
+            e.user_id,
+            e.user_name.as_str(),
+            e.ip.as_str(),
+            e.user_agent.as_str(),
+            e.session_id.as_str(),
+            e.detail.as_str()
+        ),
+        ("login", "ok", Some(2), "u2", "192.0.2.1", "ua", "sid", "d")
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Media tokens
+
+async fn binding_a_media_token_retires_the_same_devices_older_token(f: Fixture) {
+    let store = &f.store;
+    let alice = user(store, "alice").await;
+    let first = binding(alice.id, "t1", "dev-1", 100, 10_000);
+    let events = store.bind_media_token(&first).await.unwrap();
+    assert_eq!(
+        pairs(&events),
+        vec![(
+            1,
+            RevocationEvent::MediaBound {
+                sid: first.session.id,
+                user_id: alice.id,
+                user_name: "alice".to_string(),
+                token_hash: "hash-t1".to_string(),
+                issued_ms: 100,
+                expires_ms: 10_000,
+            }
+        )]
+    );
+    // Another device, another media user on the same device, another route: left alone.
+    let other_device = bind(store, &binding(alice.id, "t2", "dev-2", 110, 10_000)).await;
+    let mut b = binding(alice.id, "t3", "dev-1", 120, 10_000);
+    b.media_user_id = "mu-2".to_string();
+    let other_media_user = bind(store, &b).await;
+    let mut b = binding(alice.id, "t4", "dev-1", 125, 10_000);
+    b.route = "emby".to_string();
+    let other_route = bind(store, &b).await;
+    assert!(store
+        .get_session(first.session.id)
+        .await
+        .unwrap()
+        .unwrap()
+        .revoked_ms
+        .is_none());
+
+    // The same route, media user and device again: the first token is gone upstream.
+    let second = binding(alice.id, "t5", "dev-1", 130, 10_000);
+    let events = store.bind_media_token(&second).await.unwrap();
+    assert_eq!(events.len(), 2);
+    assert!(matches!(
+        &events[0].event,
+        RevocationEvent::MediaBound { sid, .. } if *sid == second.session.id
+    ));
+    assert_eq!(
+        events[1].event,
+        RevocationEvent::SessionRevoked {
+            sid: first.session.id,
+            user_id: alice.id,
+            expires_ms: 10_000
+        }
+    );
+    assert_eq!(events[1].seq, events[0].seq + 1);
+    assert_eq!(
+        store
+            .get_session(first.session.id)
+            .await
+            .unwrap()
+            .unwrap()
+            .revoked_ms,
+        Some(130)
+    );
+    // The media server deleted it itself: no upstream logout is owed.
+    assert!(owed(store, 200).await.is_empty());
+    let live: BTreeSet<SessionId> = store
+        .list_live_sessions(Some(alice.id), 200)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|s| {
+            assert_eq!(s.kind, SessionKind::Media);
+            s.id
+        })
+        .collect();
+    assert_eq!(
+        live,
+        set([
+            other_device,
+            other_media_user,
+            other_route,
+            second.session.id
+        ])
+    );
+    // The log holds exactly what the calls returned, user names included.
+    let logged = all_events(store).await;
+    assert_eq!(logged.len(), 6);
+    assert_eq!(pairs(&logged[4..]), pairs(&events));
+}
+
+async fn binding_the_same_token_twice_yields_no_events(f: Fixture) {
+    let store = &f.store;
+    let alice = user(store, "alice").await;
+    let first = binding(alice.id, "t1", "dev-1", 100, 10_000);
+    assert_eq!(store.bind_media_token(&first).await.unwrap().len(), 1);
+    // The same token again (a retried login response), under a fresh session id.
+    let again = binding(alice.id, "t1", "dev-1", 110, 10_000);
+    assert!(store.bind_media_token(&again).await.unwrap().is_empty());
+    assert!(store.get_session(again.session.id).await.unwrap().is_none());
+    assert_eq!(all_events(store).await.len(), 1);
+    let live = store.list_live_sessions(None, 200).await.unwrap();
+    assert_eq!(live.len(), 1);
+    assert_eq!(live[0].id, first.session.id);
+    assert!(live[0].revoked_ms.is_none());
+}
+
+/// A media session that ends in any way (one device, a user's cutoff, a disabled user, expiry,
+/// everyone's cutoff) is owed an upstream logout until that is done.
+async fn owed_logouts_follow_every_way_a_media_session_ends(f: Fixture) {
+    let store = &f.store;
+    let mut ids = Vec::new();
+    for name in ["alice", "bob", "carol", "dave", "erin"] {
+        ids.push(user(store, name).await.id);
+    }
+    let a = bind(store, &binding(ids[0], "a", "dev-a", 100, 10_000)).await;
+    let b = bind(store, &binding(ids[1], "b", "dev-b", 100, 10_000)).await;
+    let c = bind(store, &binding(ids[2], "c", "dev-c", 100, 10_000)).await;
+    let d = bind(store, &binding(ids[3], "d", "dev-d", 100, 300)).await;
+    let e = bind(store, &binding(ids[4], "e", "dev-e", 100, 10_000)).await;
+    assert!(owed(store, 200).await.is_empty());
+
+    store.revoke_session(a, 210).await.unwrap().unwrap();
+    assert_eq!(owed(store, 220).await, set([a]));
+    let logout = &store.owed_media_logouts(220, 10).await.unwrap()[0];
+    assert_eq!(
+        (
+            logout.sid,
+            logout.route.as_str(),
+            logout.token_sealed.as_str(),
+            logout.client.as_str(),
+            logout.device_name.as_str(),
+            logout.device_id.as_str(),
+            logout.version.as_str(),
+            logout.attempts
+        ),
+        (
+            a,
+            "jellyfin",
+            "sealed-a",
+            "Jellyfin Android",
+            "Pixel",
+            "dev-a",
+            "10.9.0",
+            0
+        )
+    );
+    store.signout_user(ids[1], 230).await.unwrap();
+    assert_eq!(owed(store, 235).await, set([a, b]));
+    store.set_disabled(ids[4], true, 240).await.unwrap();
+    assert_eq!(owed(store, 245).await, set([a, b, e]));
+    // Expired at 300 without being revoked.
+    assert_eq!(owed(store, 299).await, set([a, b, e]));
+    assert_eq!(owed(store, 300).await, set([a, b, d, e]));
+    store.signout_everyone(410).await.unwrap();
+    assert_eq!(owed(store, 415).await, set([a, b, c, d, e]));
+    assert_eq!(store.owed_media_logouts(415, 2).await.unwrap().len(), 2);
+    // A token bound after every cutoff is live and owes nothing.
+    let late = bind(store, &binding(ids[0], "late", "dev-late", 500, 10_000)).await;
+    assert!(!owed(store, 600).await.contains(&late));
+
+    store.media_logout_done(a, 620).await.unwrap();
+    store.media_logout_done(b, 620).await.unwrap();
+    assert_eq!(owed(store, 630).await, set([c, d, e]));
+}
+
+async fn failed_media_logouts_back_off(f: Fixture) {
+    let store = &f.store;
+    let alice = user(store, "alice").await;
+    let a = bind(store, &binding(alice.id, "a", "dev-a", 100, 10_000)).await;
+    let b = bind(store, &binding(alice.id, "b", "dev-b", 110, 10_000)).await;
+    store.revoke_session(a, 200).await.unwrap();
+    store.revoke_session(b, 200).await.unwrap();
+    assert_eq!(owed(store, 300).await, set([a, b]));
+
+    store.media_logout_failed(a, 1_000).await.unwrap();
+    assert_eq!(owed(store, 999).await, set([b]));
+    // Due again at 1000, behind the one that has waited longer.
+    let due = store.owed_media_logouts(1_000, 10).await.unwrap();
+    assert_eq!(due.iter().map(|o| o.sid).collect::<Vec<_>>(), vec![b, a]);
+    assert_eq!((due[0].attempts, due[1].attempts), (0, 1));
+
+    store.media_logout_failed(a, 2_000).await.unwrap();
+    assert_eq!(owed(store, 1_500).await, set([b]));
+    let due = store.owed_media_logouts(2_000, 10).await.unwrap();
+    assert_eq!(due.iter().find(|o| o.sid == a).unwrap().attempts, 2);
+
+    store.media_logout_done(a, 2_100).await.unwrap();
+    assert_eq!(owed(store, 5_000).await, set([b]));
+}
+
+async fn idle_media_sessions_end_per_route(f: Fixture) {
+    let store = &f.store;
+    let alice = user(store, "alice").await;
+    let idle = bind(store, &binding(alice.id, "a", "dev-a", 100, 10_000)).await;
+    let busy = bind(store, &binding(alice.id, "b", "dev-b", 100, 10_000)).await;
+    let mut other = binding(alice.id, "c", "dev-c", 100, 10_000);
+    other.route = "emby".to_string();
+    let other = bind(store, &other).await;
+    let ended = bind(store, &binding(alice.id, "d", "dev-d", 100, 10_000)).await;
+    store.revoke_session(ended, 150).await.unwrap();
+    let web = session(store, alice.id, SessionKind::Web, 100, 10_000).await;
+    store.touch_sessions(&[(busy, 500)]).await.unwrap();
+
+    let events = store
+        .end_idle_media_sessions("jellyfin", 300, 600)
+        .await
+        .unwrap();
+    assert_eq!(
+        events.iter().map(|e| e.event.clone()).collect::<Vec<_>>(),
+        vec![RevocationEvent::SessionRevoked {
+            sid: idle,
+            user_id: alice.id,
+            expires_ms: 10_000
+        }]
+    );
+    let logged = all_events(store).await;
+    assert_eq!(pairs(&logged[logged.len() - 1..]), pairs(&events));
+    assert_eq!(
+        store.get_session(idle).await.unwrap().unwrap().revoked_ms,
+        Some(600)
+    );
+    for live in [busy, other, web] {
+        assert!(store
+            .get_session(live)
+            .await
+            .unwrap()
+            .unwrap()
+            .revoked_ms
+            .is_none());
+    }
+    assert_eq!(
+        store.get_session(ended).await.unwrap().unwrap().revoked_ms,
+        Some(150)
+    );
+    assert_eq!(owed(store, 700).await, set([idle, ended]));
+    assert!(store
+        .end_idle_media_sessions("jellyfin", 300, 700)
+        .await
+        .unwrap()
+        .is_empty());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Purge
+
+async fn purge_deletes_what_can_no_longer_matter(f: Fixture) {
+    let store = &f.store;
+    let alice = user(store, "alice").await;
+    let (now, keep, audit_keep) = (1_000, 50, 500);
+    let s1 = session(store, alice.id, SessionKind::Web, 10, 100).await;
+    let s2 = session(store, alice.id, SessionKind::Web, 10, 2_000).await;
+    let s3 = session(store, alice.id, SessionKind::Web, 10, 500).await;
+    // Expired media tokens: one still owed its upstream logout, one logged out.
+    let m1 = bind(store, &binding(alice.id, "m1", "dev-1", 10, 100)).await;
+    let m2 = bind(store, &binding(alice.id, "m2", "dev-2", 10, 100)).await;
+    store.media_logout_done(m2, 150).await.unwrap();
+    let kept_event = store.revoke_session(s2, 20).await.unwrap().unwrap();
+    store.revoke_session(s3, 30).await.unwrap().unwrap();
+    store
+        .create_reset_link("old", alice.id, 10, 100)
+        .await
+        .unwrap();
+    store
+        .create_reset_link("live", alice.id, 10, 5_000)
+        .await
+        .unwrap();
+    for at_ms in [10, 900] {
+        store
+            .append_audit(&AuditEntry {
+                at_ms,
+                event: "login".to_string(),
+                outcome: "ok".to_string(),
+                ..AuditEntry::default()
+            })
+            .await
+            .unwrap();
+    }
+
+    // Sessions s1, s3, m2; the events binding m1 and m2 and revoking s3; one link; one entry.
+    assert_eq!(store.purge_expired(now, keep, audit_keep).await.unwrap(), 8);
+    assert!(store.get_session(s1).await.unwrap().is_none());
+    assert!(store.get_session(s2).await.unwrap().is_some());
+    assert!(store.get_session(s3).await.unwrap().is_none());
+    assert!(store.get_session(m1).await.unwrap().is_some());
+    assert!(store.get_session(m2).await.unwrap().is_none());
+    assert_eq!(owed(store, now).await, set([m1]));
+    assert_eq!(pairs(&all_events(store).await), pairs(&[kept_event]));
+    assert_eq!(
+        store.reset_link_state("old", now).await.unwrap(),
+        ResetLinkState::Unknown
+    );
+    assert_eq!(
+        store.reset_link_state("live", now).await.unwrap(),
+        ResetLinkState::Valid { user_id: alice.id }
+    );
+    let audit = store.list_audit(None, 0, 10).await.unwrap();
+    assert_eq!(audit.iter().map(|e| e.at_ms).collect::<Vec<_>>(), vec![900]);
+    assert_eq!(store.purge_expired(now, keep, audit_keep).await.unwrap(), 0);
+    // Once its logout is done, the last expired session goes too.
+    store.media_logout_done(m1, now).await.unwrap();
+    assert_eq!(store.purge_expired(now, keep, audit_keep).await.unwrap(), 1);
+    assert!(store.get_session(m1).await.unwrap().is_none());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backends and announcements
+
+async fn backend_answers_and_names_itself(f: Fixture) {
+    let store = &f.store;
+    store.ping().await.unwrap();
+    match f.backend {
+        Backend::Sqlite => {
+            assert_eq!(store.backend(), "sqlite");
+            assert!(store.announcements().is_none());
+        }
+        Backend::Postgres => {
+            assert_eq!(store.backend(), "postgres");
+            let a = *store.announcements().unwrap().borrow();
+            assert!(a.connected && a.generation == 1, "{a:?}");
+        }
+    }
+    // A second instance on the same data sees the first one's writes; PostgreSQL URLs may
+    // also be spelt `postgresql://`.
+    let other = match f.url.strip_prefix("postgres://") {
+        Some(rest) => open(&format!("postgresql://{rest}"), BUSY).await.unwrap(),
+        None => f.reopen().await,
+    };
+    user(store, "alice").await;
+    assert_eq!(other.user_count().await.unwrap(), 1);
+}
+
+/// An event committed through one instance is announced to another within a second.
+async fn announcements_reach_other_instances(f: Fixture) {
+    let mut rx = f.store.announcements().unwrap();
+    assert!(rx.borrow().connected);
+    let other = f.reopen().await;
+    let alice = user(&other, "alice").await;
+    let sid = session(&other, alice.id, SessionKind::Web, 10, 10_000).await;
+    let e = other.revoke_session(sid, 20).await.unwrap().unwrap();
+    tokio::time::timeout(Duration::from_secs(1), rx.wait_for(|a| a.seq >= e.seq))
+        .await
+        .expect("announced within 1 s")
+        .unwrap();
+    // One announcement per transaction, carrying its highest number.
+    let events = other.breach_response(30, &["k".to_string()]).await.unwrap();
+    let last = events.last().unwrap().seq;
+    tokio::time::timeout(Duration::from_secs(1), rx.wait_for(|a| a.seq >= last))
+        .await
+        .expect("announced within 1 s")
+        .unwrap();
+    assert_eq!(rx.borrow().seq, last);
+}
+
+/// Notifications are database-wide; an instance hears only its own schema's.
+async fn announcements_stay_within_their_schema(f: Fixture) {
+    let mut rx = f.store.announcements().unwrap();
+    run(Backend::Postgres, |neighbour| async move {
+        let n = &neighbour.store;
+        let bob = user(n, "bob").await;
+        for at in 0..5 {
+            n.signout_user(bob.id, at).await.unwrap();
+        }
+    })
+    .await;
+    let e = f.store.signout_everyone(10).await.unwrap();
+    assert_eq!(e.seq, 1);
+    tokio::time::timeout(Duration::from_secs(1), rx.wait_for(|a| a.seq >= 1))
+        .await
+        .expect("announced within 1 s")
+        .unwrap();
+    // The neighbour's notifications (seq 1..=5) were committed, and so delivered, earlier.
+    assert_eq!(rx.borrow().seq, 1);
+}
+
+/// When the announcement connection is lost, the store reconnects, bumps the generation, and
+/// announcements flow again.
+async fn announcements_reconnect_after_the_connection_is_lost(f: Fixture) {
+    let mut rx = f.store.announcements().unwrap();
+    let before = *rx.borrow();
+    assert!(before.connected);
+    let schema = f.schema.clone().unwrap();
+    let mut admin = pg_admin().await;
+    // Every connection of this store, the listening one included.
+    let killed: Vec<bool> = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+         WHERE application_name = $1 AND pid <> pg_backend_pid()",
+    )
+    .bind(&schema)
+    .fetch_all(&mut admin)
+    .await
+    .unwrap();
+    assert!(!killed.is_empty());
+    let _ = admin.close().await;
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        rx.wait_for(|a| a.connected && a.generation > before.generation),
+    )
+    .await
+    .expect("reconnected within 5 s")
+    .unwrap();
+    // The query pool recovers as well, and its writes are announced on the new connection.
+    let mut last = None;
+    for _ in 0..3 {
+        match f.store.signout_everyone(10).await {
+            Ok(e) => {
+                last = Some(e.seq);
+                break;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+    let last = last.expect("the store works again");
+    tokio::time::timeout(Duration::from_secs(1), rx.wait_for(|a| a.seq >= last))
+        .await
+        .expect("announced within 1 s")
+        .unwrap();
+}
+
+/// Dropping the store ends its announcement task: receivers see the channel close, and no
+/// connection of the store is left behind.
+async fn announcements_end_with_the_store(f: Fixture) {
+    let Fixture { store, schema, .. } = f;
+    let schema = schema.unwrap();
+    let mut rx = store.announcements().unwrap();
+    drop(store);
+    tokio::time::timeout(Duration::from_secs(1), async {
+        while rx.changed().await.is_ok() {}
+    })
+    .await
+    .expect("the announcement task ends");
+    let mut admin = pg_admin().await;
+    let mut left = -1;
+    for _ in 0..100 {
+        left = sqlx::query_scalar::<_, i64>(
+            "SELECT COUNT(*) FROM pg_stat_activity WHERE application_name = $1",
+        )
+        .bind(&schema)
+        .fetch_one(&mut admin)
+        .await
+        .unwrap();
+        if left == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(left, 0, "connections of a dropped store");
+    let _ = admin.close().await;
+}
+
+macro_rules! suite {
+    (both: [$($both:ident),* $(,)?], postgres_only: [$($pg:ident),* $(,)?] $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $both() {
+                    super::run(super::Backend::Sqlite, super::$both).await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $both() {
+                    super::run(super::Backend::Postgres, super::$both).await;
+                }
+            )*
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $pg() {
+                    super::run(super::Backend::Postgres, super::$pg).await;
+                }
+            )*
+        }
+    };
+}
+
+suite! {
+    both: [
+        revocation_events_are_sequenced_and_in_snapshot,
+        revoking_unknown_session_is_none,
+        concurrent_writers_get_gap_free_sequence_numbers,
+        events_since_pages_through_every_kind,
+        sequence_numbers_are_not_reused_after_purge,
+        snapshot_holds_the_whole_revocation_state,
+        duplicate_user_name_is_a_conflict_ignoring_case,
+        accounts_lock_out_and_change_passwords,
+        totp_steps_and_recovery_codes,
+        reset_links_are_single_use,
+        sessions_are_listed_counted_and_touched,
+        audit_log_lists_newest_first,
+        binding_a_media_token_retires_the_same_devices_older_token,
+        binding_the_same_token_twice_yields_no_events,
+        owed_logouts_follow_every_way_a_media_session_ends,
+        failed_media_logouts_back_off,
+        idle_media_sessions_end_per_route,
+        purge_deletes_what_can_no_longer_matter,
+        backend_answers_and_names_itself,
+    ],
+    postgres_only: [
+        announcements_reach_other_instances,
+        announcements_stay_within_their_schema,
+        announcements_reconnect_after_the_connection_is_lost,
+        announcements_end_with_the_store,
+    ],
+}
