@@ -24,7 +24,7 @@ use portcullis::auth::token::{Keyring, SessionClaims};
 use portcullis::auth::{self, AuthDecision};
 use portcullis::mediaserver::carrier;
 use portcullis::revocation::{MediaCheck, RevocationView};
-use portcullis::store::{RevocationEvent, SessionId, Snapshot};
+use portcullis::store::{RevocationEvent, RevokedEntry, SessionId, Snapshot};
 
 const REVOKED: usize = 1_000_000;
 const NOW_S: i64 = 1_700_000_000;
@@ -59,11 +59,11 @@ fn claims(sid: SessionId) -> SessionClaims {
 fn big_view() -> (RevocationView, SessionId) {
     let start = Instant::now();
     let far = (NOW_S + 30 * 86_400) * 1000;
-    let mut revoked: Vec<(SessionId, i64)> = (0..REVOKED - 1)
-        .map(|_| (SessionId::random(), far))
+    let mut revoked: Vec<RevokedEntry> = (0..REVOKED - 1)
+        .map(|_| RevokedEntry::new(SessionId::random(), far))
         .collect();
     let known = SessionId::random();
-    revoked.push((known, far));
+    revoked.push(RevokedEntry::new(known, far));
     let view = RevocationView::new();
     view.load(
         Snapshot {

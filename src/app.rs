@@ -228,12 +228,14 @@ impl App {
         let view = RevocationView::new();
         let started = Instant::now();
         view.load(store.snapshot(now_ms()).await?, Instant::now());
+        crate::release_free_memory();
         let stats = view.stats();
         tracing::info!(
             revoked_sessions = stats.revoked_sessions,
             user_cutoffs = stats.user_cutoffs,
             media_tokens = stats.media_tokens,
             seq = stats.seq,
+            heap_mib = stats.heap_bytes as f64 / (1024.0 * 1024.0),
             build_ms = started.elapsed().as_secs_f64() * 1000.0,
             backend = store.backend(),
             "revocation view built"
@@ -782,6 +784,7 @@ impl App {
         self.metrics
             .view_media_tokens
             .set(stats.media_tokens as i64);
+        self.metrics.view_bytes.set(stats.heap_bytes as i64);
     }
 
     /// Notes that a session was used; written in batches by the sync loop, at most once a
@@ -857,6 +860,7 @@ impl App {
                 }
                 if outcome.resynced {
                     self.metrics.sync_resyncs.inc();
+                    crate::release_free_memory();
                 }
                 let unix = SystemTime::now()
                     .duration_since(UNIX_EPOCH)

@@ -31,6 +31,7 @@ pub const MEDIA_LOGOUTS_TOTAL: &str = "portcullis_media_logouts_total";
 pub const VIEW_MEDIA_TOKENS: &str = "portcullis_revocation_view_media_tokens";
 pub const PLAYBACK_GRANTS: &str = "portcullis_playback_grants_active";
 pub const CONNECTIONS_CLOSED_TOTAL: &str = "portcullis_connections_closed_total";
+pub const VIEW_BYTES: &str = "portcullis_revocation_view_bytes";
 pub const SYNC_RESYNCS_TOTAL: &str = "portcullis_sync_resyncs_total";
 pub const PUSH_CONNECTED: &str = "portcullis_sync_push_connected";
 
@@ -131,6 +132,7 @@ pub struct Metrics {
     pub playback_grants: IntGauge,
     pub connections_closed: IntCounter,
     pub sync_resyncs: IntCounter,
+    pub view_bytes: IntGauge,
     pub push_connected: IntGauge,
 }
 
@@ -250,6 +252,10 @@ impl Metrics {
             "Times the revocation view was rebuilt from a store snapshot (a gap in the event log, \
              a re-established push connection, or a failed sync).",
         )?;
+        let view_bytes = IntGauge::new(
+            VIEW_BYTES,
+            "Heap bytes held by the revocation view's tables.",
+        )?;
         let push_connected = IntGauge::new(
             PUSH_CONNECTED,
             "1 while the store's push announcements (PostgreSQL LISTEN) are connected; 0 when \
@@ -292,6 +298,7 @@ impl Metrics {
         registry.register(Box::new(connections_closed.clone()))?;
         registry.register(Box::new(sync_resyncs.clone()))?;
         registry.register(Box::new(push_connected.clone()))?;
+        registry.register(Box::new(view_bytes.clone()))?;
         #[cfg(target_os = "linux")]
         registry.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
@@ -350,6 +357,7 @@ impl Metrics {
             connections_closed,
             sync_resyncs,
             push_connected,
+            view_bytes,
         })
     }
 

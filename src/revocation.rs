@@ -10,7 +10,9 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use crate::store::{DynStore, RevocationEvent, SequencedEvent, SessionId, Snapshot, StoreResult};
+use crate::store::{
+    DynStore, RevocationEvent, RevokedEntry, SequencedEvent, SessionId, Snapshot, StoreResult,
+};
 
 /// How many events one delta poll fetches at most; the loop keeps fetching while full pages come.
 pub const EVENT_PAGE: i64 = 1000;
@@ -69,10 +71,80 @@ pub fn hash_from_hex(hex_text: &str) -> Option<[u8; 32]> {
     hex::decode(hex_text).ok()?.try_into().ok()
 }
 
+/// Revoked session ids: a sorted base of compact entries (built from a snapshot, 20 bytes each,
+/// binary-searched) and a small map of revocations applied since, merged into the base once it
+/// grows. A million revoked sessions take about 20 MB.
+#[derive(Default)]
+struct RevokedSet {
+    base: Vec<RevokedEntry>,
+    recent: HashMap<u128, i64>,
+}
+
+/// The recent map is merged into the sorted base when it holds this many entries.
+const MERGE_AT: usize = 64 * 1024;
+
+impl RevokedSet {
+    fn from_entries(mut base: Vec<RevokedEntry>) -> RevokedSet {
+        base.sort_unstable();
+        // Sorted by id then expiry: keep the last (latest expiry) of each id.
+        base.reverse();
+        base.dedup_by_key(|e| e.id_key());
+        base.reverse();
+        base.shrink_to_fit();
+        RevokedSet {
+            base,
+            recent: HashMap::new(),
+        }
+    }
+
+    fn position(&self, sid: SessionId) -> Result<usize, usize> {
+        let key = RevokedEntry::key(sid);
+        self.base.binary_search_by(|e| e.id_key().cmp(&key))
+    }
+
+    fn contains(&self, sid: SessionId) -> bool {
+        (!self.recent.is_empty() && self.recent.contains_key(&sid.0)) || self.position(sid).is_ok()
+    }
+
+    fn insert(&mut self, sid: SessionId, expires_ms: i64) {
+        if let Ok(i) = self.position(sid) {
+            self.base[i].extend_to(expires_ms);
+            return;
+        }
+        let e = self.recent.entry(sid.0).or_insert(expires_ms);
+        *e = (*e).max(expires_ms);
+        if self.recent.len() >= MERGE_AT {
+            let recent = std::mem::take(&mut self.recent);
+            let mut all = std::mem::take(&mut self.base);
+            all.extend(
+                recent
+                    .into_iter()
+                    .map(|(id, exp)| RevokedEntry::new(SessionId(id), exp)),
+            );
+            *self = RevokedSet::from_entries(all);
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.base.len() + self.recent.len()
+    }
+
+    /// Heap bytes held (the map's buckets counted at capacity, one control byte each).
+    fn heap_bytes(&self) -> usize {
+        self.base.capacity() * std::mem::size_of::<RevokedEntry>()
+            + self.recent.capacity() * (std::mem::size_of::<(u128, i64)>() + 1)
+    }
+
+    fn retain_unexpired(&mut self, now_ms: i64) {
+        self.base.retain(|e| e.expires_ms() > now_ms);
+        self.recent.retain(|_, exp| *exp > now_ms);
+    }
+}
+
 #[derive(Default)]
 struct ViewState {
     retired_keys: HashSet<String>,
-    revoked: HashMap<u128, i64>,
+    revoked: RevokedSet,
     user_cutoff: HashMap<i64, i64>,
     global_cutoff: Option<i64>,
     disabled: HashSet<i64>,
@@ -91,6 +163,8 @@ pub struct ViewStats {
     pub disabled_users: usize,
     pub media_tokens: usize,
     pub seq: i64,
+    /// Heap bytes of the view's tables (hash maps counted at capacity).
+    pub heap_bytes: usize,
 }
 
 #[derive(Default)]
@@ -125,7 +199,7 @@ impl RevocationView {
         if s.user_cutoff.get(&user_id).is_some_and(|c| issued_ms <= *c) {
             return Err(Revoked::UserSignedOut);
         }
-        if s.revoked.contains_key(&sid.0) {
+        if s.revoked.contains(sid) {
             return Err(Revoked::Session);
         }
         Ok(())
@@ -165,12 +239,11 @@ impl RevocationView {
 
     /// Replaces the whole view with a snapshot.
     pub fn load(&self, snap: Snapshot, now: Instant) {
+        let started = Instant::now();
+        let revoked = RevokedSet::from_entries(snap.revoked);
+        tracing::debug!(sort = ?started.elapsed(), "revoked set built");
         let mut s = self.write();
-        s.revoked = snap
-            .revoked
-            .into_iter()
-            .map(|(sid, e)| (sid.0, e))
-            .collect();
+        s.revoked = revoked;
         s.user_cutoff = snap.user_cutoffs.into_iter().collect();
         s.global_cutoff = snap.global_cutoff;
         s.disabled = snap.disabled_users.into_iter().collect();
@@ -247,7 +320,7 @@ impl RevocationView {
     pub fn sweep(&self, now_ms: i64) -> usize {
         let mut s = self.write();
         let before = s.revoked.len();
-        s.revoked.retain(|_, exp| *exp > now_ms);
+        s.revoked.retain_unexpired(now_ms);
         s.media.retain(|_, m| m.expires_ms > now_ms);
         before - s.revoked.len()
     }
@@ -288,6 +361,11 @@ impl RevocationView {
             disabled_users: s.disabled.len(),
             media_tokens: s.media.len(),
             seq: s.seq,
+            heap_bytes: s.revoked.heap_bytes()
+                + s.user_cutoff.capacity() * (std::mem::size_of::<(i64, i64)>() + 1)
+                + s.disabled.capacity() * (std::mem::size_of::<i64>() + 1)
+                + s.media.capacity() * (std::mem::size_of::<([u8; 32], MediaEntry)>() + 1)
+                + s.media.values().map(|m| m.user_name.len()).sum::<usize>(),
         }
     }
 }
@@ -300,8 +378,7 @@ fn apply(s: &mut ViewState, event: &RevocationEvent) {
         RevocationEvent::SessionRevoked {
             sid, expires_ms, ..
         } => {
-            let e = s.revoked.entry(sid.0).or_insert(expires_ms);
-            *e = (*e).max(expires_ms);
+            s.revoked.insert(sid, expires_ms);
         }
         RevocationEvent::UserCutoff { user_id, at_ms } => {
             let c = s.user_cutoff.entry(user_id).or_insert(at_ms);
@@ -497,16 +574,45 @@ mod tests {
     }
 
     #[test]
+    fn the_revoked_set_finds_ids_in_its_base_and_its_recent_map_and_merges() {
+        let base: Vec<RevokedEntry> = (1..=1000u128)
+            .map(|n| RevokedEntry::new(sid(((n * 7919) << 64) | n), 5_000))
+            .chain(std::iter::once(RevokedEntry::new(
+                sid((7919 << 64) | 1),
+                9_000,
+            )))
+            .collect();
+        let mut set = RevokedSet::from_entries(base);
+        assert_eq!(set.len(), 1000, "duplicates folded");
+        assert!(set.contains(sid((7919 << 64) | 1)));
+        assert_eq!(
+            set.base[set.position(sid((7919 << 64) | 1)).unwrap()].expires_ms(),
+            9_000
+        );
+        assert!(!set.contains(sid((7919 << 64) | 2)));
+        assert!(!set.contains(sid(1)));
+        for n in 0..(MERGE_AT as u128 + 10) {
+            set.insert(sid(u128::MAX - n), 10_000);
+        }
+        assert!(set.recent.len() < MERGE_AT, "merged into the base");
+        assert_eq!(set.len(), 1000 + MERGE_AT + 10);
+        assert!(set.contains(sid(u128::MAX)) && set.contains(sid(u128::MAX - MERGE_AT as u128)));
+        assert!(set.base.windows(2).all(|w| w[0].id_key() < w[1].id_key()));
+        set.retain_unexpired(6_000);
+        assert_eq!(set.len(), MERGE_AT + 10 + 1);
+    }
+
+    #[test]
     fn sweep_drops_only_expired_revocations() {
         let v = RevocationView::new();
-        for (n, exp) in [(1, 100), (2, 200)] {
+        for (n, exp) in [(1, 1000), (2, 2000)] {
             v.apply_local(&RevocationEvent::SessionRevoked {
                 sid: sid(n),
                 user_id: 1,
                 expires_ms: exp,
             });
         }
-        assert_eq!(v.sweep(150), 1);
+        assert_eq!(v.sweep(1500), 1);
         assert_eq!(v.check(sid(1), 1, 0, "k"), Ok(()));
         assert_eq!(v.check(sid(2), 1, 0, "k"), Err(Revoked::Session));
     }

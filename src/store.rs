@@ -238,12 +238,114 @@ pub struct SequencedEvent {
     pub event: RevocationEvent,
 }
 
+/// A revoked session in a snapshot: its id and when its token expires anyway (whole seconds,
+/// rounded up). 20 bytes, so that a million of them fit in 20 MB.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RevokedEntry {
+    /// The session id's 128 bits, most significant first, so that arrays compare as numbers.
+    id: [u32; 4],
+    expires_s: u32,
+}
+
+impl RevokedEntry {
+    pub fn new(sid: SessionId, expires_ms: i64) -> RevokedEntry {
+        let x = sid.0;
+        let expires_s = (expires_ms.max(0) as u64)
+            .div_ceil(1000)
+            .min(u64::from(u32::MAX)) as u32;
+        RevokedEntry {
+            id: [
+                (x >> 96) as u32,
+                (x >> 64) as u32,
+                (x >> 32) as u32,
+                x as u32,
+            ],
+            expires_s,
+        }
+    }
+
+    /// The key under which a session id is looked up.
+    pub fn key(sid: SessionId) -> [u32; 4] {
+        RevokedEntry::new(sid, 0).id
+    }
+
+    pub fn id_key(&self) -> [u32; 4] {
+        self.id
+    }
+
+    pub fn sid(&self) -> SessionId {
+        let [a, b, c, d] = self.id.map(u128::from);
+        SessionId(a << 96 | b << 64 | c << 32 | d)
+    }
+
+    pub fn expires_ms(&self) -> i64 {
+        i64::from(self.expires_s) * 1000
+    }
+
+    /// Keeps the later expiry.
+    pub fn extend_to(&mut self, expires_ms: i64) {
+        let other = RevokedEntry::new(self.sid(), expires_ms);
+        self.expires_s = self.expires_s.max(other.expires_s);
+    }
+}
+
+impl fmt::Debug for RevokedEntry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "({:?}, {})", self.sid(), self.expires_ms())
+    }
+}
+
+/// Revoked sessions travel from the store in text, not as a million decoded rows: SQLite
+/// concatenates each window of this many sequence numbers into one string, PostgreSQL streams
+/// them with `COPY … TO STDOUT`. Each record is 32 hex digits of session id followed by the
+/// expiry in milliseconds (decimal, after an optional tab).
+pub const REVOKED_WINDOW: i64 = 16 * 1024;
+
+/// Parses revoked-session records separated by `sep` (see [`REVOKED_WINDOW`]) into `out`.
+pub fn parse_revoked_records(text: &[u8], sep: u8, out: &mut Vec<RevokedEntry>) -> StoreResult<()> {
+    let bad = || StoreError::Corrupt("a revoked-session record is malformed".to_string());
+    for record in text.split(|b| *b == sep).filter(|r| !r.is_empty()) {
+        if record.len() < 33 {
+            return Err(bad());
+        }
+        let (id, exp) = record.split_at(32);
+        let exp = exp.strip_prefix(b"\t").unwrap_or(exp);
+        let id = std::str::from_utf8(id)
+            .ok()
+            .and_then(SessionId::parse)
+            .ok_or_else(bad)?;
+        let exp = std::str::from_utf8(exp)
+            .ok()
+            .and_then(|e| e.parse::<i64>().ok())
+            .ok_or_else(bad)?;
+        out.push(RevokedEntry::new(id, exp));
+    }
+    Ok(())
+}
+
+/// Parses `a:b,c:d` pairs of integers (user cutoffs sent as one string).
+pub fn parse_pairs(text: &str) -> StoreResult<Vec<(i64, i64)>> {
+    let bad = || {
+        StoreError::Corrupt(format!(
+            "malformed pair list near `{}`",
+            text.chars().take(40).collect::<String>()
+        ))
+    };
+    text.split(',')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (a, b) = p.split_once(':').ok_or_else(bad)?;
+            Ok((a.parse().map_err(|_| bad())?, b.parse().map_err(|_| bad())?))
+        })
+        .collect()
+}
+
 /// Everything the revocation view needs, read in one consistent transaction.
 #[derive(Clone, Debug, Default)]
 pub struct Snapshot {
     /// The highest event sequence number the snapshot includes.
     pub seq: i64,
-    pub revoked: Vec<(SessionId, i64)>,
+    pub revoked: Vec<RevokedEntry>,
     pub user_cutoffs: Vec<(i64, i64)>,
     pub global_cutoff: Option<i64>,
     pub disabled_users: Vec<i64>,

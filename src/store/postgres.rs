@@ -1160,39 +1160,24 @@ impl Store for PgStore {
             .fetch_one(&mut *tx)
             .await
             .map_err(unavailable)?;
-        // Streamed row by row: a million revoked sessions must not be materialised at once.
-        let mut revoked = Vec::new();
-        {
-            let mut rows = sqlx::query(
-                "SELECT session_id, expires_ms FROM revocation_events
-                 WHERE kind = $1 AND expires_ms > $2 AND seq <= $3",
-            )
-            .bind(KIND_SESSION)
-            .bind(now_ms)
-            .bind(seq)
-            .fetch(&mut *tx);
-            while let Some(row) = rows.try_next().await.map_err(unavailable)? {
-                let sid: &str = row.try_get("session_id").map_err(unavailable)?;
-                let expires: i64 = row.try_get("expires_ms").map_err(unavailable)?;
-                revoked.push((sid_from_text(sid)?, expires));
-            }
-        }
-        let cutoff_rows = sqlx::query(
-            "SELECT user_id, MAX(at_ms) AS at_ms FROM revocation_events
-             WHERE kind = $1 AND seq <= $2 GROUP BY user_id ORDER BY user_id",
+        // Streamed with COPY (see `REVOKED_WINDOW`): rows as text lines, parsed as they
+        // arrive, on another connection while this one reads the rest. Events up to `seq` never
+        // change once committed (a purge only deletes expired ones, which the view drops
+        // anyway), so that connection's snapshot sees the same rows as this one. (Two COPYs of
+        // half the log each were slower on two cores: the server's work and the parsing compete.)
+        let all = tokio::spawn(copy_revoked(self.pool.clone(), 0, seq, now_ms));
+        // The latest cutoff per user, as one string (a hundred thousand users are one row).
+        let cutoffs: Option<String> = sqlx::query_scalar(
+            "SELECT string_agg(user_id || ':' || at_ms, ',' ORDER BY user_id) FROM (
+                 SELECT user_id, MAX(at_ms) AS at_ms FROM revocation_events
+                 WHERE kind = $1 AND seq <= $2 GROUP BY user_id) AS c",
         )
         .bind(KIND_USER_CUTOFF)
         .bind(seq)
-        .fetch_all(&mut *tx)
+        .fetch_one(&mut *tx)
         .await
         .map_err(unavailable)?;
-        let mut user_cutoffs = Vec::with_capacity(cutoff_rows.len());
-        for row in &cutoff_rows {
-            user_cutoffs.push((
-                row.try_get("user_id").map_err(unavailable)?,
-                row.try_get("at_ms").map_err(unavailable)?,
-            ));
-        }
+        let user_cutoffs = super::parse_pairs(cutoffs.as_deref().unwrap_or(""))?;
         let global_cutoff: Option<i64> = sqlx::query_scalar(
             "SELECT MAX(at_ms) FROM revocation_events WHERE kind = $1 AND seq <= $2",
         )
@@ -1241,6 +1226,14 @@ impl Store for PgStore {
             }
         }
         tx.commit().await.map_err(unavailable)?;
+        let revoked = match all.await {
+            Ok(revoked) => revoked?,
+            Err(e) => {
+                return Err(StoreError::Corrupt(format!(
+                    "reading revoked sessions: {e}"
+                )))
+            }
+        };
         Ok(Snapshot {
             seq,
             revoked,
@@ -1480,6 +1473,39 @@ impl Store for PgStore {
         Self::commit(tx, &events).await?;
         Ok(events)
     }
+}
+
+/// Revoked sessions with `low < seq <= high` whose tokens are unexpired at `now_ms`, streamed
+/// with `COPY … TO STDOUT` on a connection of their own. COPY takes no parameters; the values
+/// inlined are numbers and a constant.
+async fn copy_revoked(
+    pool: PgPool,
+    low: i64,
+    high: i64,
+    now_ms: i64,
+) -> StoreResult<Vec<super::RevokedEntry>> {
+    let mut out = Vec::new();
+    if low >= high {
+        return Ok(out);
+    }
+    let mut conn = pool.acquire().await.map_err(unavailable)?;
+    let statement = format!(
+        "COPY (SELECT session_id, expires_ms FROM revocation_events
+               WHERE kind = '{KIND_SESSION}' AND expires_ms > {now_ms}
+                 AND seq > {low} AND seq <= {high})
+         TO STDOUT"
+    );
+    let mut chunks = conn.copy_out_raw(&statement).await.map_err(unavailable)?;
+    let mut pending: Vec<u8> = Vec::new();
+    while let Some(chunk) = chunks.try_next().await.map_err(unavailable)? {
+        pending.extend_from_slice(&chunk);
+        if let Some(end) = pending.iter().rposition(|b| *b == b'\n') {
+            super::parse_revoked_records(&pending[..end], b'\n', &mut out)?;
+            pending.drain(..=end);
+        }
+    }
+    super::parse_revoked_records(&pending, b'\n', &mut out)?;
+    Ok(out)
 }
 
 #[cfg(test)]

@@ -205,7 +205,7 @@ async fn revocation_events_are_sequenced_and_in_snapshot(f: Fixture) {
     assert_eq!(events.len(), 3);
     let snap = store.snapshot(25).await.unwrap();
     assert_eq!(snap.seq, e3.seq);
-    assert_eq!(snap.revoked, vec![(sid, 10_000)]);
+    assert_eq!(snap.revoked, vec![RevokedEntry::new(sid, 10_000)]);
     assert_eq!(snap.user_cutoffs, vec![(alice.id, 30)]);
     assert_eq!(snap.global_cutoff, Some(40));
     // Expired revocations are not carried in the snapshot.
@@ -403,7 +403,7 @@ async fn snapshot_holds_the_whole_revocation_state(f: Fixture) {
     let mut snap = store.snapshot(100).await.unwrap();
     assert_eq!(snap.seq, last.last().unwrap().seq);
     snap.revoked.sort();
-    let mut want = vec![(w1, 10_000), (t3, 10_000)];
+    let mut want = vec![RevokedEntry::new(w1, 10_000), RevokedEntry::new(t3, 10_000)];
     want.sort();
     assert_eq!(snap.revoked, want, "revoked and unexpired at 100");
     snap.user_cutoffs.sort();
@@ -1332,4 +1332,36 @@ suite! {
         announcements_reconnect_after_the_connection_is_lost,
         announcements_end_with_the_store,
     ],
+}
+
+#[test]
+fn revoked_records_parse_exactly_and_refuse_anything_else() {
+    let a = SessionId(0x0123_4567_89ab_cdef_0011_2233_4455_6677);
+    let mut out = Vec::new();
+    parse_revoked_records(
+        format!("{a}1700000000000,{}1000", SessionId(5)).as_bytes(),
+        b',',
+        &mut out,
+    )
+    .unwrap();
+    parse_revoked_records(format!("{a}\t2000\n").as_bytes(), b'\n', &mut out).unwrap();
+    assert_eq!(
+        out,
+        vec![
+            RevokedEntry::new(a, 1_700_000_000_000),
+            RevokedEntry::new(SessionId(5), 1000),
+            RevokedEntry::new(a, 2000)
+        ]
+    );
+    for bad in [
+        format!("{a}"),
+        "zz".to_string(),
+        format!("{a}12x"),
+        format!("{}1", &a.to_string()[..31]),
+    ] {
+        assert!(
+            parse_revoked_records(bad.as_bytes(), b',', &mut Vec::new()).is_err(),
+            "{bad}"
+        );
+    }
 }
