@@ -181,6 +181,23 @@ async fn a_database_outage_keeps_sessions_refuses_changes_and_resyncs_after() {
     assert!(resp.status().is_success() || resp.status().is_redirection());
     assert_eq!(status(&gw, &revoked.token).await, 401);
 
+    // Traffic flows the whole time: a client keeps requesting with alice's session.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let traffic = {
+        let (stop, url, token) = (stop.clone(), gw.url("/probe"), alice.token.clone());
+        tokio::spawn(async move {
+            let (mut ok, mut failed) = (0u32, 0u32);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                match client().get(&url).bearer_auth(&token).send().await {
+                    Ok(r) if r.status() == 200 => ok += 1,
+                    _ => failed += 1,
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            (ok, failed)
+        })
+    };
+
     cluster.stop();
     // Sessions keep working from the view; the acknowledged revocation holds.
     assert_eq!(status(&gw, &alice.token).await, 200);
@@ -239,6 +256,9 @@ async fn a_database_outage_keeps_sessions_refuses_changes_and_resyncs_after() {
         .await,
         "the gateway did not resync after the database came back"
     );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ok, failed) = traffic.await.unwrap();
+    assert!(ok > 50 && failed == 0, "traffic during the outage: {ok} ok, {failed} failed");
     // Everything acknowledged before the outage is still in force; changes work again.
     assert_eq!(status(&gw, &revoked.token).await, 401);
     assert_eq!(status(&gw, &alice.token).await, 200);
