@@ -162,10 +162,14 @@ impl Metrics {
         let revocations = IntCounterVec::new(
             Opts::new(
                 REVOCATIONS_TOTAL,
-                "Revocations committed by this instance, by scope.",
+                "Revocations committed by this instance, by scope (session, user, everyone, \
+                 user_disabled, key_retired; media: a media-server token ended upstream).",
             ),
             &["scope"],
         )?;
+        for scope in ["session", "user", "everyone", "media"] {
+            revocations.with_label_values(&[scope]);
+        }
         let view_revoked_sessions = IntGauge::new(
             VIEW_REVOKED_SESSIONS,
             "Revoked, unexpired session ids held in the revocation view.",

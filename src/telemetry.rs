@@ -17,6 +17,8 @@ const SECRET_QUERY_KEYS: &[&str] = &[
     "password",
     "pw",
     "code",
+    // Quick Connect: the secret a new device redeems for a token.
+    "secret",
 ];
 
 /// Libraries whose debug output carries request headers, query strings or SQL parameters:
@@ -60,6 +62,11 @@ pub fn redact_target(target: &str) -> String {
         .map(|pair| {
             let key = pair.split_once('=').map_or(pair, |(k, _)| k);
             let decoded = percent_encoding::percent_decode_str(key).decode_utf8_lossy();
+            // A query that arrives fully percent-encoded as one key (`ApiKey%3Dabc%26…`), which
+            // Jellyfin decodes for WebSockets: logged only as a marker.
+            if !pair.contains('=') && decoded.contains('=') {
+                return "ENCODED-QUERY-REDACTED".to_string();
+            }
             if SECRET_QUERY_KEYS
                 .iter()
                 .any(|s| decoded.eq_ignore_ascii_case(s))
@@ -76,6 +83,19 @@ pub fn redact_target(target: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::redact_target;
+
+    #[test]
+    fn fully_encoded_queries_and_quick_connect_secrets_are_redacted() {
+        assert_eq!(
+            redact_target("/socket?ApiKey%3Dabc%26deviceId%3Dx"),
+            "/socket?ENCODED-QUERY-REDACTED"
+        );
+        assert_eq!(
+            redact_target("/QuickConnect/Connect?Secret=abc"),
+            "/QuickConnect/Connect?Secret=REDACTED"
+        );
+        assert_eq!(redact_target("/a?flag&b=1"), "/a?flag&b=1");
+    }
 
     #[test]
     fn secret_query_values_are_redacted_in_any_case_and_encoding() {

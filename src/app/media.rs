@@ -695,6 +695,10 @@ impl App {
                 _ => "retry",
             };
             self.metrics.media_logouts.with_label_values(&[label]).inc();
+            if label != "retry" {
+                // A media token ended at the media server too.
+                self.metrics.revocations.with_label_values(&["media"]).inc();
+            }
             let stored = if label == "retry" {
                 let next = now + backoff_ms(o.attempts);
                 tracing::warn!(route = %route.name, attempts = o.attempts + 1, "upstream logout failed; will retry");

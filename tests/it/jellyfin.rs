@@ -439,8 +439,11 @@ async fn sign_out_of_all_devices_ends_media_tokens_and_logs_them_out_upstream() 
         jf.logged_out_tokens()
     );
     assert!(!jf.logged_out_tokens().contains(&bobs));
-    gw.metrics_with(&["portcullis_media_logouts_total{result=\"done\"} 2"])
-        .await;
+    gw.metrics_with(&[
+        "portcullis_media_logouts_total{result=\"done\"} 2",
+        "portcullis_revocations_total{scope=\"media\"} 2",
+    ])
+    .await;
 }
 
 #[tokio::test]
@@ -1217,10 +1220,40 @@ async fn secrets_of_media_logins_never_reach_the_logs_or_the_store_in_clear() {
         .get(gw.url(&format!("/Videos/abc/stream?api_key={tv}")))
         .send()
         .await;
+    let _ = client()
+        .get(gw.url(&format!("/socket?ApiKey%3D{tv}%26deviceId%3Dx")))
+        .send()
+        .await;
+    let _ = client()
+        .get(gw.url(&format!("/emby/Users/Me?X-Emby-Token={tv}")))
+        .send()
+        .await;
+    let (secret, _code) = initiate(&gw, "tv-log").await;
+    let _ = client()
+        .get(gw.url(&format!("/QuickConnect/Connect?secret={secret}")))
+        .send()
+        .await;
+    let _ = client()
+        .post(gw.url(&format!(
+            "/Users/0123/Authenticate?pw={}",
+            PW.replace(' ', "+")
+        )))
+        .header("Authorization", mb("dev-old", None))
+        .send()
+        .await;
     gw.log_containing("/Videos/abc/stream").await;
+    gw.log_containing("/QuickConnect/Connect").await;
+    gw.log_containing("/Users/0123/Authenticate").await;
     let log = gw.log();
     assert!(!log.contains(&tv), "a media token reached the log");
-    assert!(!log.contains(PW), "a password reached the log");
+    assert!(
+        !log.contains(&secret),
+        "a Quick Connect secret reached the log"
+    );
+    assert!(
+        !log.contains(PW) && !log.contains(&PW.replace(' ', "+")),
+        "a password reached the log"
+    );
     let db = std::fs::read(gw.db_path()).unwrap();
     let wal = std::fs::read(format!("{}-wal", gw.db_path().display())).unwrap_or_default();
     for bytes in [db, wal] {

@@ -258,7 +258,10 @@ async fn a_database_outage_keeps_sessions_refuses_changes_and_resyncs_after() {
     );
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let (ok, failed) = traffic.await.unwrap();
-    assert!(ok > 50 && failed == 0, "traffic during the outage: {ok} ok, {failed} failed");
+    assert!(
+        ok > 50 && failed == 0,
+        "traffic during the outage: {ok} ok, {failed} failed"
+    );
     // Everything acknowledged before the outage is still in force; changes work again.
     assert_eq!(status(&gw, &revoked.token).await, 401);
     assert_eq!(status(&gw, &alice.token).await, 200);
