@@ -52,10 +52,16 @@ pub enum RejectReason {
     /// The revocation view has not synced for `store.max_staleness` and `store.on_stale` is
     /// `deny`: sessions cannot be confirmed.
     ViewStale,
+    /// Ambiguous or malformed framing (Content-Length / Transfer-Encoding): smuggling.
+    BadFraming,
+    /// A malformed request head: bare LF, obs-fold, control bytes, Host, underscored names.
+    BadHead,
+    /// An `Upgrade: h2c` request.
+    UpgradeRefused,
 }
 
 impl RejectReason {
-    pub const ALL: [RejectReason; 8] = [
+    pub const ALL: [RejectReason; 11] = [
         RejectReason::BadPath,
         RejectReason::HeadersTooLarge,
         RejectReason::NoRoute,
@@ -64,6 +70,9 @@ impl RejectReason {
         RejectReason::BadClientField,
         RejectReason::BlockedPath,
         RejectReason::ViewStale,
+        RejectReason::BadFraming,
+        RejectReason::BadHead,
+        RejectReason::UpgradeRefused,
     ];
     pub fn as_str(self) -> &'static str {
         match self {
@@ -75,6 +84,9 @@ impl RejectReason {
             RejectReason::BadClientField => "bad_client_field",
             RejectReason::BlockedPath => "blocked_path",
             RejectReason::ViewStale => "view_stale",
+            RejectReason::BadFraming => "bad_framing",
+            RejectReason::BadHead => "bad_head",
+            RejectReason::UpgradeRefused => "upgrade_refused",
         }
     }
 }

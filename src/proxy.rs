@@ -8,6 +8,7 @@ pub mod forward;
 mod media;
 pub mod path;
 mod respond;
+pub mod strict;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -293,7 +294,19 @@ impl ProxyHttp for Gateway {
             return Ok(true);
         }
 
-        // 2. One canonical path, before any routing.
+        // 2. The strict front door: framing and head that cannot be read two ways.
+        let raw = session
+            .as_downstream()
+            .as_http1()
+            .map(|h1| h1.get_headers_raw_bytes());
+        if let Err(v) = strict::check(raw.as_deref(), session.req_header()) {
+            tracing::debug!(request_id = %ctx.request_id, problem = v.detail(), "refused at the front door");
+            ctx.outcome = Outcome::Rejected(v.reason());
+            respond::reject(session, v.reason()).await?;
+            return Ok(true);
+        }
+
+        // 3. One canonical path, before any routing.
         let canonical = match path::canonicalize(session.req_header().uri.path()) {
             Ok(p) => p,
             Err(e) => {
@@ -304,7 +317,7 @@ impl ProxyHttp for Gateway {
             }
         };
 
-        // 3. The forward-auth endpoint, answered here on the fast path.
+        // 4. The forward-auth endpoint, answered here on the fast path.
         if canonical == web::VERIFY_PATH {
             if self.app.refuses_when_stale() {
                 ctx.outcome = Outcome::Rejected(RejectReason::ViewStale);
@@ -315,13 +328,13 @@ impl ProxyHttp for Gateway {
             return Ok(true);
         }
 
-        // 4. The gateway's own pages.
+        // 5. The gateway's own pages.
         if path::under(&canonical, web::PREFIX) {
             self.serve_own_page(session, ctx).await?;
             return Ok(true);
         }
 
-        // 5. Route.
+        // 6. Route.
         let Some(index) = self.find_route(host_of(session.req_header()), &canonical) else {
             ctx.outcome = Outcome::Rejected(RejectReason::NoRoute);
             respond::reject(session, RejectReason::NoRoute).await?;
@@ -330,7 +343,7 @@ impl ProxyHttp for Gateway {
         ctx.route = Some(index);
         let route = &self.routes()[index];
 
-        // 6. Public paths pass without a session.
+        // 7. Public paths pass without a session.
         if route
             .public_paths
             .iter()
@@ -340,19 +353,19 @@ impl ProxyHttp for Gateway {
             return Ok(false);
         }
 
-        // 7. A view too stale to trust, when the operator chose to deny then.
+        // 8. A view too stale to trust, when the operator chose to deny then.
         if self.app.refuses_when_stale() {
             ctx.outcome = Outcome::Rejected(RejectReason::ViewStale);
             respond::reject(session, RejectReason::ViewStale).await?;
             return Ok(true);
         }
 
-        // 8. Media routes: their own carriers, login routes, grants.
+        // 9. Media routes: their own carriers, login routes, grants.
         if route.media.is_some() {
             return self.media_filter(session, ctx, index, &canonical).await;
         }
 
-        // 9. Authenticate against the revocation view.
+        // 10. Authenticate against the revocation view.
         let token = auth::extract_credential(&session.req_header().headers, self.app.cookie_name)
             .map(|(t, _)| t);
         let now = now_ms();

@@ -110,6 +110,12 @@ pub async fn reject(session: &mut Session, reason: RejectReason) -> Result<()> {
              characters or path separators.",
         ),
         RejectReason::BlockedPath => (403, "This path is not available through the gateway."),
+        RejectReason::BadFraming => (
+            400,
+            "The request's length is ambiguous or malformed (Content-Length, Transfer-Encoding).",
+        ),
+        RejectReason::BadHead => (400, "The request head is malformed."),
+        RejectReason::UpgradeRefused => (400, "This protocol upgrade is not supported."),
         RejectReason::ViewStale => (
             503,
             "The gateway cannot confirm sessions right now: it has lost contact with its \
@@ -117,6 +123,17 @@ pub async fn reject(session: &mut Session, reason: RejectReason) -> Result<()> {
         ),
     };
     let body = Bytes::from(format!("{text}\n"));
+    // After a request whose framing or head could be read two ways, nothing more is read from
+    // the connection: whatever follows may be a smuggled request.
+    let front_door = matches!(
+        reason,
+        RejectReason::BadFraming | RejectReason::BadHead | RejectReason::UpgradeRefused
+    );
+    if front_door {
+        session.set_keepalive(None);
+        let headers = [("connection", "close".to_string())];
+        return send(session, status, &headers, "text/plain; charset=utf-8", body).await;
+    }
     send(session, status, &[], "text/plain; charset=utf-8", body).await
 }
 

@@ -601,7 +601,7 @@ pub async fn raw_request(addr: &str, bytes: &[u8]) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-fn response_complete(buf: &[u8]) -> bool {
+pub fn response_complete(buf: &[u8]) -> bool {
     let text = String::from_utf8_lossy(buf);
     let Some(head_end) = text.find("\r\n\r\n") else {
         return false;

@@ -22,6 +22,7 @@ mod pg;
 mod proxy;
 mod replicas;
 mod revocation;
+mod smuggling;
 pub(crate) mod standin_fidelity;
 mod streaming;
 mod tls;

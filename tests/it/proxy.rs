@@ -249,8 +249,6 @@ async fn client_sent_identity_headers_never_reach_upstream() {
         ("X-Auth-Request-User", "admin"),
         ("X-Auth-Request-Email", "admin@example.org"),
         ("X-Auth-Request-Groups", "admins"),
-        ("Remote_User", "admin"),
-        ("X_Forwarded_User", "admin"),
         ("X-Portcullis-User", "admin"),
         ("X-Forwarded-For", "6.6.6.6"),
         ("X-Forwarded-Host", "evil.example"),
@@ -270,6 +268,19 @@ async fn client_sent_identity_headers_never_reach_upstream() {
     assert_eq!(seen.header("x-portcullis-user"), Some("alice"));
     assert_eq!(seen.header_all("x-portcullis-user").len(), 1);
     assert_eq!(seen.header("x-forwarded-for"), Some("127.0.0.1"));
+    // Underscore spellings, which some upstreams read as dashes, are refused outright.
+    let before = up.count();
+    for name in ["Remote_User", "X_Forwarded_User", "X_Auth_Request_User"] {
+        let resp = client()
+            .get(gw.url("/x"))
+            .bearer_auth(&login.token)
+            .header(name, "admin")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 400, "{name}");
+    }
+    assert_eq!(up.count(), before);
 }
 
 #[tokio::test]
