@@ -416,7 +416,8 @@ impl App {
         kind: SessionKind,
         client: &ClientInfo,
     ) -> Result<LoginStep, LoginError> {
-        let name = name.trim();
+        let name = crate::auth::canonical_user_name(name);
+        let name = name.as_str();
         let now = now_ms();
         if let Gate::Wait(d) | Gate::Locked(d) = self.throttle.ip_gate(client.ip_addr(), now) {
             self.audit(self.audit_entry("login", "throttled_ip", None, client))

@@ -9,6 +9,7 @@ pub mod token;
 pub mod totp;
 
 use http::HeaderMap;
+use unicode_normalization::UnicodeNormalization;
 
 use crate::revocation::{RevocationView, Revoked};
 use crate::store::SessionId;
@@ -134,6 +135,16 @@ pub enum CredentialSource {
     Cookie,
 }
 
+/// The one form of a typed user name, used for every lookup (login, media logins, mappings):
+/// surrounding blanks removed, then Unicode NFKC, so that compatibility look-alikes
+/// (full-width `ａｌｉｃｅ`, ligatures) name the same account as their plain form. Stored names
+/// are plain ASCII (`cli::valid_user_name`) and compared ignoring ASCII case, so `ALICE` and
+/// `ａｌｉｃｅ` both reach `alice` — for signing in and for her failure counter — and no
+/// look-alike can be created as a twin.
+pub fn canonical_user_name(typed: &str) -> String {
+    typed.trim().nfkc().collect()
+}
+
 /// Finds the gateway credential: a `Bearer` token in `Authorization`, else the session cookie.
 pub fn extract_credential<'a>(
     headers: &'a HeaderMap,
@@ -240,6 +251,17 @@ mod tests {
             authenticate(None, &ring, &view, 1000),
             AuthDecision::Deny(DenyReason::NoCredentials)
         );
+    }
+
+    #[test]
+    fn look_alike_user_names_take_one_form() {
+        assert_eq!(canonical_user_name(" ａｌｉｃｅ "), "alice");
+        assert_eq!(canonical_user_name("ＡＬＩＣＥ"), "ALICE");
+        assert_eq!(canonical_user_name("ﬁona"), "fiona");
+        assert_eq!(canonical_user_name("bob"), "bob");
+        // Letters that only look alike (Cyrillic а) stay different, and are refused at creation.
+        assert_ne!(canonical_user_name("аlice"), "alice");
+        assert!(!crate::cli::valid_user_name("аlice"));
     }
 
     #[test]

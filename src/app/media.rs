@@ -159,11 +159,12 @@ impl App {
         match login {
             LoginRoute::ByName => {
                 let body: Value = serde_json::from_slice(&req.body).unwrap_or(Value::Null);
-                let Some(name) = field_str(&body, "Username").map(str::trim) else {
+                let Some(name) = field_str(&body, "Username").map(crate::auth::canonical_user_name)
+                else {
                     count("invalid_request");
                     return MediaAnswer::error(400, "The request names no user.");
                 };
-                let gateway_name = media.gateway_user(name).to_string();
+                let gateway_name = media.gateway_user(&name).to_string();
                 let user = match self.store.find_user(&gateway_name).await {
                     Ok(u) => u,
                     Err(e) => {

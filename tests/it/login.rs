@@ -194,3 +194,38 @@ async fn hold_write_lock(path: &std::path::Path) -> Lock {
     conn.execute("BEGIN EXCLUSIVE").await.unwrap();
     Lock(conn)
 }
+
+#[tokio::test]
+async fn look_alike_and_case_variants_of_a_name_reach_the_same_account_and_no_twin() {
+    let (_up, gw) = setup().await;
+    for typed in ["ALICE", "ａｌｉｃｅ", "ＡＬＩＣＥ", " alice "] {
+        let (status, body) = gw.try_login(typed, ALICE_PW, None).await;
+        assert_eq!(status, 200, "{typed}: {body}");
+        // The session is alice's: the forward-auth endpoint names her.
+        let verified = client()
+            .get(gw.url("/_portcullis/verify"))
+            .bearer_auth(body["token"].as_str().unwrap())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(verified.status(), 200, "{typed}");
+        assert_eq!(
+            verified.headers().get("remote-user").unwrap(),
+            "alice",
+            "{typed}"
+        );
+    }
+    // A wrong password under a look-alike counts against alice's own account.
+    let (status, _) = gw
+        .try_login("ａｌｉｃｅ", "wrong password here", None)
+        .await;
+    assert_eq!(status, 401);
+    // No twin account can be made from a look-alike or a case variant.
+    for twin in ["ALICE", "ａｌｉｃｅ", "аlice"] {
+        let out = gw.cli_with_stdin(
+            &["user", "add", twin, "--password-stdin"],
+            "another long password 123\n",
+        );
+        assert!(!out.status.success(), "{twin} was created");
+    }
+}
