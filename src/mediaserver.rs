@@ -34,6 +34,10 @@ pub const QUICK_CONNECT_TTL: Duration = Duration::from_secs(10 * 60);
 pub const SEEN_TTL: Duration = Duration::from_secs(3600);
 /// How often open connections are checked against the view.
 pub const CONNECTION_CHECK: Duration = Duration::from_millis(200);
+/// Quick Connect codes a client address may ask for per [`QUICK_CONNECT_TTL`].
+pub const MAX_INITIATES_PER_IP: u32 = 30;
+/// Refused Quick Connect approvals a user may make per [`QUICK_CONNECT_TTL`] (guessing codes).
+pub const MAX_FAILED_APPROVALS: u32 = 10;
 /// An unknown token that `GET /Users/Me` refused is not asked about again for this long.
 pub const ADOPT_NEGATIVE_TTL: Duration = Duration::from_secs(60);
 
@@ -65,6 +69,8 @@ pub struct MediaState {
     approvals: Cache<(usize, String), Approval>,
     secrets: Cache<(usize, String), String>,
     adopt_refused: Cache<[u8; 32], ()>,
+    initiates: Cache<String, u32>,
+    failed_approvals: Cache<i64, u32>,
     conns: Mutex<HashMap<u64, LiveConn>>,
     next_conn: AtomicU64,
     /// Woken when a revocation may have made an upstream logout due.
@@ -94,6 +100,14 @@ impl MediaState {
             adopt_refused: Cache::builder()
                 .max_capacity(100_000)
                 .time_to_live(ADOPT_NEGATIVE_TTL)
+                .build(),
+            initiates: Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(QUICK_CONNECT_TTL)
+                .build(),
+            failed_approvals: Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(QUICK_CONNECT_TTL)
                 .build(),
             conns: Mutex::new(HashMap::new()),
             next_conn: AtomicU64::new(1),
@@ -171,6 +185,24 @@ impl MediaState {
     pub fn approval_for_secret(&self, route: usize, secret: &str) -> Option<Approval> {
         let code = self.secrets.get(&(route, secret.to_string()))?;
         self.approvals.get(&(route, code))
+    }
+
+    /// Counts a Quick Connect `Initiate` from `ip`; false once the address asked too often.
+    pub fn initiate_allowed(&self, ip: &str) -> bool {
+        let n = self.initiates.get(ip).unwrap_or(0) + 1;
+        self.initiates.insert(ip.to_string(), n);
+        n <= MAX_INITIATES_PER_IP
+    }
+
+    /// Whether a user may still try to approve Quick Connect codes.
+    pub fn approvals_allowed(&self, user_id: i64) -> bool {
+        self.failed_approvals.get(&user_id).unwrap_or(0) < MAX_FAILED_APPROVALS
+    }
+
+    /// Counts an approval the media server refused (a wrong or stale code).
+    pub fn approval_failed(&self, user_id: i64) {
+        let n = self.failed_approvals.get(&user_id).unwrap_or(0) + 1;
+        self.failed_approvals.insert(user_id, n);
     }
 
     pub fn adopt_was_refused(&self, hash: &[u8; 32]) -> bool {

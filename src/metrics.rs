@@ -58,10 +58,12 @@ pub enum RejectReason {
     BadHead,
     /// An `Upgrade: h2c` request.
     UpgradeRefused,
+    /// Too many Quick Connect requests from one address, or failed approvals by one user.
+    RateLimited,
 }
 
 impl RejectReason {
-    pub const ALL: [RejectReason; 11] = [
+    pub const ALL: [RejectReason; 12] = [
         RejectReason::BadPath,
         RejectReason::HeadersTooLarge,
         RejectReason::NoRoute,
@@ -73,6 +75,7 @@ impl RejectReason {
         RejectReason::BadFraming,
         RejectReason::BadHead,
         RejectReason::UpgradeRefused,
+        RejectReason::RateLimited,
     ];
     pub fn as_str(self) -> &'static str {
         match self {
@@ -87,6 +90,7 @@ impl RejectReason {
             RejectReason::BadFraming => "bad_framing",
             RejectReason::BadHead => "bad_head",
             RejectReason::UpgradeRefused => "upgrade_refused",
+            RejectReason::RateLimited => "rate_limited",
         }
     }
 }

@@ -479,6 +479,11 @@ impl ProxyHttp for Gateway {
                     .grant(index, &item, &ctx.client_ip, identity, now_ms() + lifetime);
             }
         }
+        if let Some(user_id) = ctx.media.approving_user.take() {
+            if !(200..300).contains(&status) {
+                self.app.media.approval_failed(user_id);
+            }
+        }
         if let Some(sid) = ctx.media.logout_sid.take() {
             if (200..300).contains(&status) {
                 let app = self.app.clone();

@@ -26,6 +26,8 @@ pub struct MediaCtx {
     pub grant_item: Option<String>,
     /// The client is logging its own token out: end its session when the upstream agrees.
     pub logout_sid: Option<crate::store::SessionId>,
+    /// A Quick Connect approval by this user: count it if the media server refuses it.
+    pub approving_user: Option<i64>,
 }
 
 /// Headers that describe the connection, not the request, dropped from requests the gateway
@@ -90,6 +92,11 @@ impl Gateway {
                 return Ok(true);
             }
             Endpoint::QuickConnectInitiate => {
+                if !self.app.media.initiate_allowed(&ctx.client_ip) {
+                    ctx.outcome = Outcome::Rejected(RejectReason::RateLimited);
+                    respond::reject(session, RejectReason::RateLimited).await?;
+                    return Ok(true);
+                }
                 self.perform_media_request(session, ctx, index, None, carried.fields)
                     .await?;
                 return Ok(true);
@@ -179,6 +186,13 @@ impl Gateway {
         self.app.media.seen_at(index, &ctx.client_ip, &identity);
         match ep {
             Endpoint::QuickConnectAuthorize => {
+                if !self.app.media.approvals_allowed(identity.user_id) {
+                    ctx.outcome = Outcome::Rejected(RejectReason::RateLimited);
+                    ctx.identity = Some(identity);
+                    respond::reject(session, RejectReason::RateLimited).await?;
+                    return Ok(true);
+                }
+                ctx.media.approving_user = Some(identity.user_id);
                 let code = query_value(session.req_header().uri.query(), "code");
                 if let Some(code) = code {
                     let via_gateway =

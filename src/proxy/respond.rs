@@ -116,6 +116,7 @@ pub async fn reject(session: &mut Session, reason: RejectReason) -> Result<()> {
         ),
         RejectReason::BadHead => (400, "The request head is malformed."),
         RejectReason::UpgradeRefused => (400, "This protocol upgrade is not supported."),
+        RejectReason::RateLimited => (429, "Too many attempts; try again in a few minutes."),
         RejectReason::ViewStale => (
             503,
             "The gateway cannot confirm sessions right now: it has lost contact with its \

@@ -1263,3 +1263,49 @@ async fn secrets_of_media_logins_never_reach_the_logs_or_the_store_in_clear() {
         );
     }
 }
+
+#[tokio::test]
+async fn quick_connect_code_guessing_and_initiate_floods_are_rate_limited() {
+    let (jf, gw) = setup("").await;
+    let phone = token_of(&gw, "bob", "phone-1").await;
+    let mut statuses = Vec::new();
+    for i in 0..12 {
+        let resp = client()
+            .post(gw.url(&format!("/QuickConnect/Authorize?code={:06}", 100_000 + i)))
+            .header("Authorization", mb("phone-1", Some(&phone)))
+            .send()
+            .await
+            .unwrap();
+        statuses.push(resp.status().as_u16());
+    }
+    assert!(
+        statuses[..10].iter().all(|s| *s != 200 && *s != 429),
+        "{statuses:?}"
+    );
+    assert_eq!(&statuses[10..], &[429, 429], "{statuses:?}");
+    let tried = jf
+        .requests()
+        .iter()
+        .filter(|r| r.path_and_query.contains("Authorize"))
+        .count();
+    assert_eq!(tried, 10, "guesses past the limit reached the media server");
+
+    let mut last = 0;
+    for _ in 0..=initiate_limit() {
+        last = client()
+            .post(gw.url("/QuickConnect/Initiate"))
+            .header("Authorization", mb("tv-flood", None))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16();
+    }
+    assert_eq!(last, 429);
+    gw.metrics_with(&["reason=\"rate_limited\""]).await;
+}
+
+/// Quick Connect codes one address may ask for in ten minutes (`MAX_INITIATES_PER_IP`).
+fn initiate_limit() -> u32 {
+    portcullis::mediaserver::MAX_INITIATES_PER_IP
+}
