@@ -38,6 +38,9 @@ pub const CONNECTION_CHECK: Duration = Duration::from_millis(200);
 pub const MAX_INITIATES_PER_IP: u32 = 30;
 /// Refused Quick Connect approvals a user may make per [`QUICK_CONNECT_TTL`] (guessing codes).
 pub const MAX_FAILED_APPROVALS: u32 = 10;
+/// Unknown tokens one client address may have checked upstream per [`QUICK_CONNECT_TTL`]
+/// (`adopt_unknown_tokens`): random tokens must not turn the gateway into a request amplifier.
+pub const MAX_ADOPTIONS_PER_IP: u32 = 30;
 /// An unknown token that `GET /Users/Me` refused is not asked about again for this long.
 pub const ADOPT_NEGATIVE_TTL: Duration = Duration::from_secs(60);
 
@@ -70,6 +73,7 @@ pub struct MediaState {
     secrets: Cache<(usize, String), String>,
     adopt_refused: Cache<[u8; 32], ()>,
     initiates: Cache<String, u32>,
+    adoptions: Cache<String, u32>,
     failed_approvals: Cache<i64, u32>,
     conns: Mutex<HashMap<u64, LiveConn>>,
     next_conn: AtomicU64,
@@ -102,6 +106,10 @@ impl MediaState {
                 .time_to_live(ADOPT_NEGATIVE_TTL)
                 .build(),
             initiates: Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(QUICK_CONNECT_TTL)
+                .build(),
+            adoptions: Cache::builder()
                 .max_capacity(100_000)
                 .time_to_live(QUICK_CONNECT_TTL)
                 .build(),
@@ -192,6 +200,14 @@ impl MediaState {
         let n = self.initiates.get(ip).unwrap_or(0) + 1;
         self.initiates.insert(ip.to_string(), n);
         n <= MAX_INITIATES_PER_IP
+    }
+
+    /// Counts an unknown token from `ip` checked upstream; false once the address has had its
+    /// share.
+    pub fn adoption_allowed(&self, ip: &str) -> bool {
+        let n = self.adoptions.get(ip).unwrap_or(0) + 1;
+        self.adoptions.insert(ip.to_string(), n);
+        n <= MAX_ADOPTIONS_PER_IP
     }
 
     /// Whether a user may still try to approve Quick Connect codes.

@@ -508,7 +508,7 @@ impl App {
         let route = self.config.routes.get(route_index)?;
         let media = route.media.as_ref()?;
         let hash = self.secrets.media_token_hash(token);
-        if self.media.adopt_was_refused(&hash) {
+        if self.media.adopt_was_refused(&hash) || !self.media.adoption_allowed(&client.ip) {
             return None;
         }
         let mut headers = HeaderMap::new();

@@ -1154,6 +1154,26 @@ async fn unknown_tokens_can_be_adopted_when_migrating() {
         get_with(&gw, "/Users/Me", "ffffffffffffffffffffffffffffffff").await,
         401
     );
+    // Random tokens cannot make the gateway ask the media server without end.
+    let before = jf
+        .requests()
+        .iter()
+        .filter(|r| r.path_and_query.starts_with("/Users/Me"))
+        .count();
+    for i in 0..(portcullis::mediaserver::MAX_ADOPTIONS_PER_IP + 10) {
+        let token = format!("{:032x}", 0xabc000 + u128::from(i));
+        assert_eq!(get_with(&gw, "/Users/Me", &token).await, 401);
+    }
+    let asked = jf
+        .requests()
+        .iter()
+        .filter(|r| r.path_and_query.starts_with("/Users/Me"))
+        .count()
+        - before;
+    assert!(
+        asked <= portcullis::mediaserver::MAX_ADOPTIONS_PER_IP as usize,
+        "{asked} unknown tokens were checked upstream"
+    );
     gw.metrics_with(&["portcullis_media_tokens_bound_total{source=\"adopted\"} 1"])
         .await;
 }
