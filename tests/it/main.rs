@@ -15,6 +15,7 @@ mod failures;
 mod forward_auth;
 mod jellyfin;
 mod jellyfin_clients;
+mod jwt;
 mod login;
 mod logs;
 mod observability;
