@@ -141,6 +141,33 @@ impl SqliteStore {
         row.try_get::<i64, _>(0).map_err(unavailable)
     }
 
+    /// Records that one session ended, for the view: remembered until `expires_ms`.
+    async fn session_revoked(
+        tx: &mut sqlx::SqliteConnection,
+        sid: SessionId,
+        user_id: i64,
+        at_ms: i64,
+        expires_ms: i64,
+    ) -> StoreResult<SequencedEvent> {
+        let seq = Self::insert_event(
+            tx,
+            KIND_SESSION,
+            Some(sid),
+            Some(user_id),
+            at_ms,
+            Some(expires_ms),
+        )
+        .await?;
+        Ok(SequencedEvent {
+            seq,
+            event: RevocationEvent::SessionRevoked {
+                sid,
+                user_id,
+                expires_ms,
+            },
+        })
+    }
+
     /// Ends the user's sessions issued at or before `at_ms` and records the cutoff.
     async fn cutoff_user(
         tx: &mut sqlx::SqliteConnection,
@@ -557,24 +584,9 @@ impl Store for SqliteStore {
         };
         let user_id: i64 = row.try_get("user_id").map_err(unavailable)?;
         let expires_ms: i64 = row.try_get("expires_ms").map_err(unavailable)?;
-        let seq = Self::insert_event(
-            &mut tx,
-            KIND_SESSION,
-            Some(id),
-            Some(user_id),
-            now_ms,
-            Some(expires_ms),
-        )
-        .await?;
+        let event = Self::session_revoked(&mut tx, id, user_id, now_ms, expires_ms).await?;
         tx.commit().await.map_err(unavailable)?;
-        Ok(Some(SequencedEvent {
-            seq,
-            event: RevocationEvent::SessionRevoked {
-                sid: id,
-                user_id,
-                expires_ms,
-            },
-        }))
+        Ok(Some(event))
     }
 
     async fn signout_user(&self, user_id: i64, now_ms: i64) -> StoreResult<SequencedEvent> {
@@ -1182,23 +1194,9 @@ impl Store for SqliteStore {
             .execute(&mut *tx)
             .await
             .map_err(unavailable)?;
-            let seq = Self::insert_event(
-                &mut tx,
-                KIND_SESSION,
-                Some(sid),
-                Some(user_id),
-                s.created_ms,
-                Some(expires_ms),
-            )
-            .await?;
-            events.push(SequencedEvent {
-                seq,
-                event: RevocationEvent::SessionRevoked {
-                    sid,
-                    user_id,
-                    expires_ms,
-                },
-            });
+            events.push(
+                Self::session_revoked(&mut tx, sid, user_id, s.created_ms, expires_ms).await?,
+            );
         }
         tx.commit().await.map_err(unavailable)?;
         Ok(events)
@@ -1284,23 +1282,7 @@ impl Store for SqliteStore {
             let sid = sid_from_text(row.try_get::<&str, _>(0).map_err(unavailable)?)?;
             let user_id: i64 = row.try_get(1).map_err(unavailable)?;
             let expires_ms: i64 = row.try_get(2).map_err(unavailable)?;
-            let seq = Self::insert_event(
-                &mut tx,
-                KIND_SESSION,
-                Some(sid),
-                Some(user_id),
-                now_ms,
-                Some(expires_ms),
-            )
-            .await?;
-            events.push(SequencedEvent {
-                seq,
-                event: RevocationEvent::SessionRevoked {
-                    sid,
-                    user_id,
-                    expires_ms,
-                },
-            });
+            events.push(Self::session_revoked(&mut tx, sid, user_id, now_ms, expires_ms).await?);
         }
         tx.commit().await.map_err(unavailable)?;
         Ok(events)

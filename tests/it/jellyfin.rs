@@ -69,6 +69,21 @@ async fn get_with(gw: &Gateway, path: &str, token: &str) -> u16 {
         .unwrap_or(0)
 }
 
+/// A token alice gets from the stand-in directly, never seen by the gateway.
+async fn minted_behind_the_gateway(jf: &StandIn, device: &str) -> String {
+    let v: Value = client()
+        .post(format!("{}/Users/AuthenticateByName", jf.url()))
+        .header("Authorization", mb(device, None))
+        .json(&serde_json::json!({"Username": "alice", "Pw": PW}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    v["AccessToken"].as_str().unwrap().to_string()
+}
+
 fn upstream_saw(jf: &StandIn, path_fragment: &str) -> bool {
     jf.requests()
         .iter()
@@ -351,19 +366,7 @@ async fn two_different_tokens_and_bad_client_fields_are_400_and_never_forwarded(
 async fn unknown_tokens_get_401_even_on_routes_jellyfin_leaves_open() {
     let (jf, gw) = setup("").await;
     // Minted by the stand-in directly, never through the gateway: unknown here.
-    let direct = client()
-        .post(format!("{}/Users/AuthenticateByName", jf.url()))
-        .header("Authorization", mb("dev-x", None))
-        .json(&serde_json::json!({"Username": "alice", "Pw": PW}))
-        .send()
-        .await
-        .unwrap()
-        .json::<Value>()
-        .await
-        .unwrap()["AccessToken"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let direct = minted_behind_the_gateway(&jf, "dev-x").await;
     let before = jf.requests().len();
     for path in [
         "/Users/Me".to_string(),
@@ -1130,19 +1133,7 @@ async fn media_token_lifetimes_end_tokens_and_log_them_out() {
 #[tokio::test]
 async fn unknown_tokens_can_be_adopted_when_migrating() {
     let (jf, gw) = setup("adopt_unknown_tokens = true").await;
-    let direct = client()
-        .post(format!("{}/Users/AuthenticateByName", jf.url()))
-        .header("Authorization", mb("old-tv", None))
-        .json(&serde_json::json!({"Username": "alice", "Pw": PW}))
-        .send()
-        .await
-        .unwrap()
-        .json::<Value>()
-        .await
-        .unwrap()["AccessToken"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let direct = minted_behind_the_gateway(&jf, "old-tv").await;
     assert_eq!(get_with(&gw, "/Users/Me", &direct).await, 200);
     let list = gw.cli_ok(&["session", "list", "--user", "alice"]);
     assert!(list.contains("media"), "{list}");
