@@ -50,43 +50,75 @@ impl Violation {
 
 /// Checks a request head; `raw` is the head as received, when the connection is HTTP/1.
 pub fn check(raw: Option<&[u8]>, req: &RequestHeader) -> Result<(), Violation> {
+    let mut framing = Framing::default();
     match raw {
         Some(raw) => {
             check_raw(raw)?;
             // The head as received: the parsed form may already have dropped a
             // Content-Length that came with a Transfer-Encoding.
-            let fields = raw_fields(raw);
-            let values = |name: &str| -> Vec<&[u8]> {
-                fields
-                    .iter()
-                    .filter(|(n, _)| n.eq_ignore_ascii_case(name.as_bytes()))
-                    .map(|(_, v)| *v)
-                    .collect()
-            };
-            check_framing(
-                &values("content-length"),
-                &values("transfer-encoding"),
-                req.version,
-            )?;
+            for line in raw.split(|b| *b == b'\n').skip(1) {
+                let line = line.strip_suffix(b"\r").unwrap_or(line);
+                if let Some(colon) = line.iter().position(|b| *b == b':') {
+                    framing.note(&line[..colon], line[colon + 1..].trim_ascii());
+                }
+            }
         }
         None => {
-            let all = |name| -> Vec<&[u8]> {
-                req.headers
-                    .get_all(name)
-                    .iter()
-                    .map(|v| v.as_bytes())
-                    .collect()
-            };
-            check_framing(
-                &all(http::header::CONTENT_LENGTH),
-                &all(http::header::TRANSFER_ENCODING),
-                req.version,
-            )?;
+            for (name, value) in req.headers.iter() {
+                framing.note(name.as_str().as_bytes(), value.as_bytes());
+            }
         }
     }
+    framing.check(req.version)?;
     check_host(req)?;
     check_upgrade(req)?;
     check_names(req)
+}
+
+/// The message-length fields of a head: how many of each, and the first value.
+#[derive(Default)]
+struct Framing<'a> {
+    content_lengths: usize,
+    content_length: Option<&'a [u8]>,
+    transfer_encodings: usize,
+    transfer_encoding: Option<&'a [u8]>,
+}
+
+impl<'a> Framing<'a> {
+    fn note(&mut self, name: &[u8], value: &'a [u8]) {
+        if name.eq_ignore_ascii_case(b"content-length") {
+            self.content_lengths += 1;
+            self.content_length.get_or_insert(value);
+        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+            self.transfer_encodings += 1;
+            self.transfer_encoding.get_or_insert(value);
+        }
+    }
+
+    fn check(&self, version: http::Version) -> Result<(), Violation> {
+        if self.content_lengths > 1 {
+            return Err(Violation::Framing("several Content-Length headers"));
+        }
+        if let Some(v) = self.content_length {
+            let v = v.trim_ascii();
+            if v.is_empty() || v.len() > 18 || !v.iter().all(u8::is_ascii_digit) {
+                return Err(Violation::Framing("malformed Content-Length"));
+            }
+        }
+        let Some(te) = self.transfer_encoding else {
+            return Ok(());
+        };
+        if self.content_lengths > 0 {
+            return Err(Violation::Framing("Content-Length with Transfer-Encoding"));
+        }
+        if version == http::Version::HTTP_10 || version == http::Version::HTTP_09 {
+            return Err(Violation::Framing("Transfer-Encoding on HTTP/1.0"));
+        }
+        if self.transfer_encodings > 1 || !te.trim_ascii().eq_ignore_ascii_case(b"chunked") {
+            return Err(Violation::Framing("Transfer-Encoding other than chunked"));
+        }
+        Ok(())
+    }
 }
 
 fn check_raw(raw: &[u8]) -> Result<(), Violation> {
@@ -113,54 +145,16 @@ fn check_raw(raw: &[u8]) -> Result<(), Violation> {
     Ok(())
 }
 
-/// The header fields of a raw head: (name, value) with the value's surrounding blanks trimmed.
-fn raw_fields(raw: &[u8]) -> Vec<(&[u8], &[u8])> {
-    raw.split(|b| *b == b'\n')
-        .skip(1)
-        .filter_map(|line| {
-            let line = line.strip_suffix(b"\r").unwrap_or(line);
-            let colon = line.iter().position(|b| *b == b':')?;
-            let (name, value) = line.split_at(colon);
-            Some((name, value[1..].trim_ascii()))
-        })
-        .collect()
-}
-
-fn check_framing(cl: &[&[u8]], te: &[&[u8]], version: http::Version) -> Result<(), Violation> {
-    if cl.len() > 1 {
-        return Err(Violation::Framing("several Content-Length headers"));
-    }
-    if let Some(v) = cl.first() {
-        let v = v.trim_ascii();
-        if v.is_empty() || v.len() > 18 || !v.iter().all(u8::is_ascii_digit) {
-            return Err(Violation::Framing("malformed Content-Length"));
-        }
-    }
-    if te.is_empty() {
-        return Ok(());
-    }
-    if !cl.is_empty() {
-        return Err(Violation::Framing("Content-Length with Transfer-Encoding"));
-    }
-    if version == http::Version::HTTP_10 || version == http::Version::HTTP_09 {
-        return Err(Violation::Framing("Transfer-Encoding on HTTP/1.0"));
-    }
-    let chunked_once = te.len() == 1 && te[0].trim_ascii().eq_ignore_ascii_case(b"chunked");
-    if !chunked_once {
-        return Err(Violation::Framing("Transfer-Encoding other than chunked"));
-    }
-    Ok(())
-}
-
 fn check_host(req: &RequestHeader) -> Result<(), Violation> {
-    let hosts: Vec<_> = req.headers.get_all(http::header::HOST).iter().collect();
-    if hosts.len() > 1 {
+    let mut hosts = req.headers.get_all(http::header::HOST).iter();
+    let first = hosts.next();
+    if hosts.next().is_some() {
         return Err(Violation::Head("several Host headers"));
     }
-    if hosts.is_empty() && req.version == http::Version::HTTP_11 {
+    if first.is_none() && req.version == http::Version::HTTP_11 {
         return Err(Violation::Head("no Host header"));
     }
-    if let (Some(authority), Some(host)) = (req.uri.authority(), hosts.first()) {
+    if let (Some(authority), Some(host)) = (req.uri.authority(), first) {
         let same = host
             .to_str()
             .is_ok_and(|h| h.eq_ignore_ascii_case(authority.as_str()));
