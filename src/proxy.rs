@@ -458,7 +458,7 @@ impl ProxyHttp for Gateway {
 
     async fn response_filter(
         &self,
-        session: &mut Session,
+        _session: &mut Session,
         upstream_response: &mut pingora::http::ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
@@ -491,7 +491,6 @@ impl ProxyHttp for Gateway {
                     .spawn(async move { app.media_logged_out(sid).await });
             }
         }
-        let _ = session;
         Ok(())
     }
 

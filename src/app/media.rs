@@ -491,7 +491,7 @@ impl App {
         };
         self.apply(&events);
         match self.check_media_token(&result.token, now) {
-            MediaCheck::Alive(entry) => Ok(mediaserver_identity(&entry)),
+            MediaCheck::Alive(entry) => Ok(identity_of(&entry)),
             _ => Err(()),
         }
     }
@@ -772,10 +772,6 @@ impl App {
             }
         }
     }
-}
-
-fn mediaserver_identity(entry: &MediaEntry) -> Identity {
-    identity_of(entry)
 }
 
 fn throttled(d: Duration) -> MediaAnswer {
