@@ -22,8 +22,8 @@ use crate::config::{Config, Require2fa, Secret, MAX_PASSWORD_BYTES};
 use crate::metrics::Metrics;
 use crate::revocation::{self, RevocationView, SWEEP_INTERVAL};
 use crate::store::{
-    self, AuditEntry, DynStore, NewSession, SequencedEvent, SessionId, SessionKind, StoreError,
-    User,
+    self, AuditEntry, DynStore, NewSession, RevocationEvent, SequencedEvent, SessionId,
+    SessionKind, StoreError, User,
 };
 
 /// Longest user name accepted at login, in bytes.
@@ -762,6 +762,9 @@ impl App {
             self.media.logout_wake.notify_one();
         }
         for e in events {
+            if let RevocationEvent::MediaNote { note, until_ms } = &e.event {
+                self.apply_media_note(note, *until_ms);
+            }
             self.view.apply_local(&e.event);
             if e.event.is_revocation() {
                 self.metrics
@@ -850,12 +853,16 @@ impl App {
                 .map(|()| revocation::SyncOutcome {
                     applied: 0,
                     resynced: true,
+                    notes: Vec::new(),
                 })
         } else {
             revocation::sync_once(&self.store, &self.view).await
         };
         match result {
             Ok(outcome) => {
+                for (note, until_ms) in &outcome.notes {
+                    self.apply_media_note(note, *until_ms);
+                }
                 if outcome.applied > 0 || outcome.resynced {
                     self.media.logout_wake.notify_one();
                 }

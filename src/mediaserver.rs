@@ -44,6 +44,13 @@ pub const MAX_ADOPTIONS_PER_IP: u32 = 30;
 /// An unknown token that `GET /Users/Me` refused is not asked about again for this long.
 pub const ADOPT_NEGATIVE_TTL: Duration = Duration::from_secs(60);
 
+/// The form in which a Quick Connect secret is remembered and shared between replicas: its
+/// SHA-256 (the secret is 256 random bits, so the hash names it without revealing it).
+pub fn secret_hash(secret: &str) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(secret.as_bytes()))
+}
+
 /// Who approved a Quick Connect code through the gateway.
 #[derive(Clone, Debug)]
 pub struct Approval {
@@ -179,19 +186,21 @@ impl MediaState {
         alive(&id, view, now_ms).then_some(id)
     }
 
-    /// Remembers that a Quick Connect `secret` belongs to `code` (from an `Initiate` answer).
-    pub fn remember_secret(&self, route: usize, secret: &str, code: &str) {
+    /// Remembers that the Quick Connect secret with this hash (see [`secret_hash`]) belongs
+    /// to `code` (from an `Initiate` answer).
+    pub fn remember_secret(&self, route: usize, secret_hash: &str, code: &str) {
         self.secrets
-            .insert((route, secret.to_string()), code.to_string());
+            .insert((route, secret_hash.to_string()), code.to_string());
     }
 
     pub fn approve(&self, route: usize, code: &str, approval: Approval) {
         self.approvals.insert((route, code.to_string()), approval);
     }
 
-    /// Who approved the code that `secret` was issued with, if it was approved here.
-    pub fn approval_for_secret(&self, route: usize, secret: &str) -> Option<Approval> {
-        let code = self.secrets.get(&(route, secret.to_string()))?;
+    /// Who approved the code that the secret with this hash was issued with, if it was
+    /// approved through the gateway.
+    pub fn approval_for_secret(&self, route: usize, secret_hash: &str) -> Option<Approval> {
+        let code = self.secrets.get(&(route, secret_hash.to_string()))?;
         self.approvals.get(&(route, code))
     }
 

@@ -474,9 +474,16 @@ impl ProxyHttp for Gateway {
                 .and_then(|r| r.media.as_ref())
                 .map_or(0, |m| m.grant_lifetime.as_millis() as i64);
             if status == 200 {
+                let until = now_ms() + lifetime;
                 self.app
                     .media
-                    .grant(index, &item, &ctx.client_ip, identity, now_ms() + lifetime);
+                    .grant(index, &item, &ctx.client_ip, identity, until);
+                // Other replicas learn of it through the event log.
+                let (app, ip, identity) =
+                    (self.app.clone(), ctx.client_ip.clone(), identity.clone());
+                self.control.spawn(async move {
+                    app.share_grant(index, &item, &ip, &identity, until).await;
+                });
             }
         }
         if let Some(user_id) = ctx.media.approving_user.take() {

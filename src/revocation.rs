@@ -28,12 +28,14 @@ pub struct SeqGap {
 }
 
 /// What one sync did.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SyncOutcome {
     /// Events applied from the log.
     pub applied: usize,
     /// Whether the view was rebuilt from a snapshot (a gap in the log, or asked for).
     pub resynced: bool,
+    /// Media notes among the events applied, for the media routes' state.
+    pub notes: Vec<(crate::store::MediaNote, i64)>,
 }
 
 /// Why the view refuses a token.
@@ -393,6 +395,8 @@ fn apply(s: &mut ViewState, event: &RevocationEvent) {
         RevocationEvent::UserEnabled { user_id } => {
             s.disabled.remove(&user_id);
         }
+        // Facts for the media routes, not for the view: the application hands them on.
+        RevocationEvent::MediaNote { .. } => {}
         RevocationEvent::MediaBound {
             sid,
             user_id,
@@ -422,10 +426,23 @@ fn apply(s: &mut ViewState, event: &RevocationEvent) {
 pub async fn sync_once(store: &DynStore, view: &RevocationView) -> StoreResult<SyncOutcome> {
     let mut outcome = SyncOutcome::default();
     loop {
-        let events = store.events_since(view.seq(), EVENT_PAGE).await?;
+        let seen = view.seq();
+        let events = store.events_since(seen, EVENT_PAGE).await?;
         let full = events.len() as i64 == EVENT_PAGE;
         match view.apply_from_log(&events, Instant::now()) {
-            Ok(n) => outcome.applied += n,
+            Ok(n) => {
+                outcome.applied += n;
+                outcome
+                    .notes
+                    .extend(events.iter().filter(|e| e.seq > seen).filter_map(
+                        |e| match &e.event {
+                            RevocationEvent::MediaNote { note, until_ms } => {
+                                Some((note.clone(), *until_ms))
+                            }
+                            _ => None,
+                        },
+                    ));
+            }
             Err(gap) => {
                 tracing::warn!(%gap, "rebuilding the revocation view from a snapshot");
                 resync(store, view).await?;

@@ -200,6 +200,12 @@ pub enum RevocationEvent {
     KeyRetired {
         kid: String,
     },
+    /// A fact about a media route that every replica should know until `until_ms` (not a
+    /// revocation): a playback grant, a Quick Connect code, an approval.
+    MediaNote {
+        note: MediaNote,
+        until_ms: i64,
+    },
     /// A media-server token was bound to a user (not a revocation: it teaches every
     /// instance's view the token's keyed hash).
     MediaBound {
@@ -223,13 +229,50 @@ impl RevocationEvent {
             RevocationEvent::UserEnabled { .. } => "user_enabled",
             RevocationEvent::KeyRetired { .. } => "key_retired",
             RevocationEvent::MediaBound { .. } => "media_bound",
+            RevocationEvent::MediaNote { .. } => "media_note",
         }
     }
 
     /// Whether the event ends anything (a binding does not).
     pub fn is_revocation(&self) -> bool {
-        !matches!(self, RevocationEvent::MediaBound { .. })
+        !matches!(
+            self,
+            RevocationEvent::MediaBound { .. } | RevocationEvent::MediaNote { .. }
+        )
     }
+}
+
+/// Facts about media routes that one replica learns and every replica needs: a player on one
+/// replica may fetch its stream through another, a TV may redeem its Quick Connect code on a
+/// third. Routes are named, not numbered, so replicas agree. No secret is carried: a Quick
+/// Connect secret travels as its SHA-256.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "note", rename_all = "snake_case")]
+pub enum MediaNote {
+    /// Credential-less requests for `item` from `ip` pass while this session lives.
+    Grant {
+        route: String,
+        item: String,
+        ip: String,
+        sid: String,
+        user_id: i64,
+        user_name: String,
+        issued_ms: i64,
+        token_expires_s: i64,
+    },
+    /// A Quick Connect code was issued for the secret with this hash.
+    QuickConnectIssued {
+        route: String,
+        secret_hash: String,
+        code: String,
+    },
+    /// A Quick Connect code was approved through the gateway by this user.
+    QuickConnectApproved {
+        route: String,
+        code: String,
+        user_id: i64,
+        is_admin: bool,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -321,6 +364,14 @@ pub fn parse_revoked_records(text: &[u8], sep: u8, out: &mut Vec<RevokedEntry>) 
         out.push(RevokedEntry::new(id, exp));
     }
     Ok(())
+}
+
+/// Reads a media note's JSON from the event log.
+pub fn parse_note(detail: Option<&str>, seq: i64) -> StoreResult<MediaNote> {
+    let detail = detail
+        .ok_or_else(|| StoreError::Corrupt(format!("event {seq} (media_note) lacks detail")))?;
+    serde_json::from_str(detail)
+        .map_err(|e| StoreError::Corrupt(format!("event {seq} (media_note): {e}")))
 }
 
 /// Parses `a:b,c:d` pairs of integers (user cutoffs sent as one string).
@@ -524,6 +575,14 @@ pub trait Store: Send + Sync + 'static {
         idle_before_ms: i64,
         now_ms: i64,
     ) -> StoreResult<Vec<SequencedEvent>>;
+
+    /// Appends a media note (see [`MediaNote`]) to the event log, kept until `until_ms`.
+    async fn append_media_note(
+        &self,
+        note: &MediaNote,
+        until_ms: i64,
+        now_ms: i64,
+    ) -> StoreResult<SequencedEvent>;
 
     /// Deletes what can no longer matter at `now_ms`: sessions expired longer than `keep_ms`
     /// ago (with their media tokens, unless an upstream logout is still owed), `session_revoked`

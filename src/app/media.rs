@@ -19,7 +19,7 @@ use crate::mediaserver::endpoint::LoginRoute;
 use crate::mediaserver::upstream::{field_str, login_result, LoginResult};
 use crate::mediaserver::{self, Approval};
 use crate::revocation::{MediaCheck, MediaEntry};
-use crate::store::{NewMediaBinding, NewSession, SessionId, SessionKind, User};
+use crate::store::{MediaNote, NewMediaBinding, NewSession, SessionId, SessionKind, User};
 
 /// How often ended media tokens are looked for when nothing wakes the worker.
 const LOGOUT_POLL: Duration = Duration::from_secs(1);
@@ -186,8 +186,13 @@ impl App {
             }
             LoginRoute::QuickConnect => {
                 let body: Value = serde_json::from_slice(&req.body).unwrap_or(Value::Null);
-                let secret = field_str(&body, "Secret").unwrap_or("");
-                approval = self.media.approval_for_secret(route_index, secret);
+                let secret = mediaserver::secret_hash(field_str(&body, "Secret").unwrap_or(""));
+                approval = self.media.approval_for_secret(route_index, &secret);
+                if approval.is_none() {
+                    // Approved through another replica a moment ago, perhaps: catch up once.
+                    let _ = self.sync().await;
+                    approval = self.media.approval_for_secret(route_index, &secret);
+                }
                 if approval.is_none() {
                     count("not_approved");
                     return MediaAnswer::error(
@@ -370,7 +375,17 @@ impl App {
             if let Some(v) = reply.json() {
                 if let (Some(secret), Some(code)) = (field_str(&v, "Secret"), field_str(&v, "Code"))
                 {
-                    self.media.remember_secret(route_index, secret, code);
+                    let secret_hash = mediaserver::secret_hash(secret);
+                    self.media.remember_secret(route_index, &secret_hash, code);
+                    self.share_note(
+                        MediaNote::QuickConnectIssued {
+                            route: route.name.clone(),
+                            secret_hash,
+                            code: code.to_string(),
+                        },
+                        now_ms() + mediaserver::QUICK_CONNECT_TTL.as_millis() as i64,
+                    )
+                    .await;
                 }
             }
         }
@@ -609,7 +624,117 @@ impl App {
                 is_admin: user.is_admin,
             },
         );
+        if let Some(route) = self.config.routes.get(route_index) {
+            self.share_note(
+                MediaNote::QuickConnectApproved {
+                    route: route.name.clone(),
+                    code: code.to_string(),
+                    user_id: user.id,
+                    is_admin: user.is_admin,
+                },
+                now_ms() + mediaserver::QUICK_CONNECT_TTL.as_millis() as i64,
+            )
+            .await;
+        }
         Ok(())
+    }
+
+    /// Shares a media note with every replica through the event log. A failure is logged and
+    /// changes nothing here: this replica already acts on the note.
+    pub async fn share_note(&self, note: MediaNote, until_ms: i64) {
+        match self
+            .store
+            .append_media_note(&note, until_ms, now_ms())
+            .await
+        {
+            Ok(event) => self.apply(&[event]),
+            Err(e) => {
+                self.store_error("append_media_note", e);
+            }
+        }
+    }
+
+    /// Records a playback grant for every replica (this one has it already).
+    pub async fn share_grant(
+        &self,
+        route_index: usize,
+        item: &str,
+        ip: &str,
+        identity: &Identity,
+        until_ms: i64,
+    ) {
+        let Some(route) = self.config.routes.get(route_index) else {
+            return;
+        };
+        self.share_note(
+            MediaNote::Grant {
+                route: route.name.clone(),
+                item: item.to_string(),
+                ip: ip.to_string(),
+                sid: identity.sid.to_string(),
+                user_id: identity.user_id,
+                user_name: identity.name.clone(),
+                issued_ms: identity.issued_ms,
+                token_expires_s: identity.expires_s,
+            },
+            until_ms,
+        )
+        .await;
+    }
+
+    /// Acts on a media note from the event log (this replica's or another's).
+    pub(crate) fn apply_media_note(&self, note: &MediaNote, until_ms: i64) {
+        let index = |name: &str| self.config.routes.iter().position(|r| r.name == name);
+        match note {
+            MediaNote::Grant {
+                route,
+                item,
+                ip,
+                sid,
+                user_id,
+                user_name,
+                issued_ms,
+                token_expires_s,
+            } => {
+                let (Some(i), Some(sid)) = (index(route), SessionId::parse(sid)) else {
+                    return;
+                };
+                let identity = Identity {
+                    user_id: *user_id,
+                    name: user_name.clone(),
+                    sid,
+                    issued_ms: *issued_ms,
+                    expires_s: *token_expires_s,
+                };
+                self.media.grant(i, item, ip, &identity, until_ms);
+            }
+            MediaNote::QuickConnectIssued {
+                route,
+                secret_hash,
+                code,
+            } => {
+                if let Some(i) = index(route) {
+                    self.media.remember_secret(i, secret_hash, code);
+                }
+            }
+            MediaNote::QuickConnectApproved {
+                route,
+                code,
+                user_id,
+                is_admin,
+            } => {
+                if let Some(i) = index(route) {
+                    self.media.approve(
+                        i,
+                        code,
+                        Approval {
+                            user_id: *user_id,
+                            is_admin: *is_admin,
+                        },
+                    );
+                }
+            }
+        }
     }
 
     /// The client ended its own token with `POST /Sessions/Logout`: end its session here too

@@ -46,7 +46,7 @@ use sqlx::{Executor, Row};
 use tokio::sync::watch;
 
 use super::{
-    Announcement, AuditEntry, MediaTokenRow, NewMediaBinding, NewSession, OwedLogout,
+    Announcement, AuditEntry, MediaNote, MediaTokenRow, NewMediaBinding, NewSession, OwedLogout,
     ResetLinkState, RevocationEvent, SequencedEvent, SessionId, SessionKind, SessionRecord,
     Snapshot, Store, StoreError, StoreResult, User,
 };
@@ -79,6 +79,7 @@ const KIND_USER_DISABLED: &str = "user_disabled";
 const KIND_USER_ENABLED: &str = "user_enabled";
 const KIND_KEY_RETIRED: &str = "key_retired";
 const KIND_MEDIA_BOUND: &str = "media_bound";
+const KIND_MEDIA_NOTE: &str = "media_note";
 
 const USER_COLUMNS: &str = "id, name, password_hash, is_admin, disabled, created_ms, must_reset,
      failed_logins, locked_until_ms, last_failure_ms, totp_secret, totp_enabled, totp_last_step";
@@ -227,6 +228,13 @@ impl PgStore {
         at_ms: i64,
         event: RevocationEvent,
     ) -> StoreResult<SequencedEvent> {
+        let detail = match &event {
+            RevocationEvent::MediaNote { note, .. } => Some(
+                serde_json::to_string(note)
+                    .map_err(|e| StoreError::Corrupt(format!("a media note: {e}")))?,
+            ),
+            _ => None,
+        };
         let (kind, session_id, user_id, at_ms, expires_ms, key_id, token_hash) = match &event {
             RevocationEvent::SessionRevoked {
                 sid,
@@ -296,12 +304,21 @@ impl PgStore {
                 None,
                 Some(token_hash.as_str()),
             ),
+            RevocationEvent::MediaNote { until_ms, .. } => (
+                KIND_MEDIA_NOTE,
+                None,
+                None,
+                at_ms,
+                Some(*until_ms),
+                None,
+                None,
+            ),
         };
         let seq: i64 = sqlx::query_scalar(
             "WITH next AS (UPDATE revocation_seq SET last = last + 1 RETURNING last)
              INSERT INTO revocation_events
-                 (seq, kind, session_id, user_id, at_ms, expires_ms, key_id, token_hash)
-             SELECT last, $1, $2, $3, $4, $5, $6, $7 FROM next
+                 (seq, kind, session_id, user_id, at_ms, expires_ms, key_id, token_hash, detail)
+             SELECT last, $1, $2, $3, $4, $5, $6, $7, $8 FROM next
              RETURNING seq",
         )
         .bind(kind)
@@ -311,6 +328,7 @@ impl PgStore {
         .bind(expires_ms)
         .bind(key_id)
         .bind(token_hash)
+        .bind(detail)
         .fetch_one(&mut *tx)
         .await
         .map_err(unavailable)?;
@@ -528,6 +546,15 @@ fn event_from_row(row: &PgRow) -> StoreResult<SequencedEvent> {
         },
         KIND_USER_ENABLED => RevocationEvent::UserEnabled {
             user_id: user_id.ok_or_else(|| corrupt("user_id"))?,
+        },
+        KIND_MEDIA_NOTE => RevocationEvent::MediaNote {
+            note: super::parse_note(
+                row.try_get::<Option<String>, _>("detail")
+                    .map_err(unavailable)?
+                    .as_deref(),
+                seq,
+            )?,
+            until_ms: expires_ms.ok_or_else(|| corrupt("expires_ms"))?,
         },
         KIND_MEDIA_BOUND => RevocationEvent::MediaBound {
             sid: sid_from_text(session_id.as_deref().ok_or_else(|| corrupt("session_id"))?)?,
@@ -1135,7 +1162,7 @@ impl Store for PgStore {
     async fn events_since(&self, after: i64, limit: i64) -> StoreResult<Vec<SequencedEvent>> {
         let rows = sqlx::query(
             "SELECT e.seq, e.kind, e.session_id, e.user_id, e.at_ms, e.expires_ms, e.key_id,
-                    e.token_hash, u.name AS user_name
+                    e.token_hash, e.detail, u.name AS user_name
              FROM revocation_events e LEFT JOIN users u ON u.id = e.user_id
              WHERE e.seq > $1 ORDER BY e.seq LIMIT $2",
         )
@@ -1266,11 +1293,12 @@ impl Store for PgStore {
         // Revoked sessions whose tokens would have expired anyway, and bindings of expired
         // media tokens: the view drops them too.
         deleted += sqlx::query(
-            "DELETE FROM revocation_events WHERE kind IN ($1, $2) AND expires_ms <= $3",
+            "DELETE FROM revocation_events WHERE kind IN ($1, $2, $4) AND expires_ms <= $3",
         )
         .bind(KIND_SESSION)
         .bind(KIND_MEDIA_BOUND)
         .bind(now_ms)
+        .bind(KIND_MEDIA_NOTE)
         .execute(&mut *tx)
         .await
         .map_err(unavailable)?
@@ -1289,6 +1317,26 @@ impl Store for PgStore {
             .rows_affected();
         tx.commit().await.map_err(unavailable)?;
         Ok(deleted)
+    }
+
+    async fn append_media_note(
+        &self,
+        note: &MediaNote,
+        until_ms: i64,
+        now_ms: i64,
+    ) -> StoreResult<SequencedEvent> {
+        let mut tx = self.write_tx().await?;
+        let event = Self::append(
+            &mut tx,
+            now_ms,
+            RevocationEvent::MediaNote {
+                note: note.clone(),
+                until_ms,
+            },
+        )
+        .await?;
+        Self::commit(tx, std::slice::from_ref(&event)).await?;
+        Ok(event)
     }
 
     async fn bind_media_token(&self, b: &NewMediaBinding) -> StoreResult<Vec<SequencedEvent>> {

@@ -15,7 +15,7 @@ use sqlx::sqlite::{
 use sqlx::Row;
 
 use super::{
-    AuditEntry, MediaTokenRow, NewMediaBinding, NewSession, OwedLogout, ResetLinkState,
+    AuditEntry, MediaNote, MediaTokenRow, NewMediaBinding, NewSession, OwedLogout, ResetLinkState,
     RevocationEvent, SequencedEvent, SessionId, SessionKind, SessionRecord, Snapshot, Store,
     StoreError, StoreResult, User,
 };
@@ -29,6 +29,7 @@ const KIND_USER_DISABLED: &str = "user_disabled";
 const KIND_USER_ENABLED: &str = "user_enabled";
 const KIND_KEY_RETIRED: &str = "key_retired";
 const KIND_MEDIA_BOUND: &str = "media_bound";
+const KIND_MEDIA_NOTE: &str = "media_note";
 
 const USER_COLUMNS: &str = "id, name, password_hash, is_admin, disabled, created_ms, must_reset,
      failed_logins, locked_until_ms, last_failure_ms, totp_secret, totp_enabled, totp_last_step";
@@ -301,6 +302,15 @@ fn event_from_row(row: &SqliteRow) -> StoreResult<SequencedEvent> {
         },
         KIND_USER_ENABLED => RevocationEvent::UserEnabled {
             user_id: user_id.ok_or_else(|| corrupt("user_id"))?,
+        },
+        KIND_MEDIA_NOTE => RevocationEvent::MediaNote {
+            note: super::parse_note(
+                row.try_get::<Option<String>, _>("detail")
+                    .map_err(unavailable)?
+                    .as_deref(),
+                seq,
+            )?,
+            until_ms: expires_ms.ok_or_else(|| corrupt("expires_ms"))?,
         },
         KIND_MEDIA_BOUND => RevocationEvent::MediaBound {
             sid: sid_from_text(session_id.as_deref().ok_or_else(|| corrupt("session_id"))?)?,
@@ -921,7 +931,7 @@ impl Store for SqliteStore {
     async fn events_since(&self, after: i64, limit: i64) -> StoreResult<Vec<SequencedEvent>> {
         let rows = sqlx::query(
             "SELECT e.seq, e.kind, e.session_id, e.user_id, e.at_ms, e.expires_ms, e.key_id,
-                    e.token_hash, u.name AS user_name
+                    e.token_hash, e.detail, u.name AS user_name
              FROM revocation_events e LEFT JOIN users u ON u.id = e.user_id
              WHERE e.seq > ? ORDER BY e.seq LIMIT ?",
         )
@@ -1067,13 +1077,15 @@ impl Store for SqliteStore {
             .await
             .map_err(unavailable)?
             .rows_affected();
-        deleted += sqlx::query("DELETE FROM revocation_events WHERE kind = ? AND expires_ms <= ?")
-            .bind(KIND_MEDIA_BOUND)
-            .bind(now_ms)
-            .execute(&mut *tx)
-            .await
-            .map_err(unavailable)?
-            .rows_affected();
+        deleted +=
+            sqlx::query("DELETE FROM revocation_events WHERE kind IN (?, ?) AND expires_ms <= ?")
+                .bind(KIND_MEDIA_BOUND)
+                .bind(KIND_MEDIA_NOTE)
+                .bind(now_ms)
+                .execute(&mut *tx)
+                .await
+                .map_err(unavailable)?
+                .rows_affected();
         deleted += sqlx::query("DELETE FROM reset_links WHERE expires_ms <= ?")
             .bind(now_ms - keep_ms)
             .execute(&mut *tx)
@@ -1088,6 +1100,36 @@ impl Store for SqliteStore {
             .rows_affected();
         tx.commit().await.map_err(unavailable)?;
         Ok(deleted)
+    }
+
+    async fn append_media_note(
+        &self,
+        note: &MediaNote,
+        until_ms: i64,
+        now_ms: i64,
+    ) -> StoreResult<SequencedEvent> {
+        let detail = serde_json::to_string(note)
+            .map_err(|e| StoreError::Corrupt(format!("a media note: {e}")))?;
+        let mut tx = self.write_tx().await?;
+        let seq: i64 = sqlx::query_scalar(
+            "INSERT INTO revocation_events (kind, at_ms, expires_ms, detail)
+             VALUES (?, ?, ?, ?) RETURNING seq",
+        )
+        .bind(KIND_MEDIA_NOTE)
+        .bind(now_ms)
+        .bind(until_ms)
+        .bind(detail)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(unavailable)?;
+        tx.commit().await.map_err(unavailable)?;
+        Ok(SequencedEvent {
+            seq,
+            event: RevocationEvent::MediaNote {
+                note: note.clone(),
+                until_ms,
+            },
+        })
     }
 
     async fn bind_media_token(&self, b: &NewMediaBinding) -> StoreResult<Vec<SequencedEvent>> {

@@ -1277,6 +1277,65 @@ async fn announcements_end_with_the_store(f: Fixture) {
     let _ = admin.close().await;
 }
 
+async fn media_notes_travel_through_the_log_and_are_purged_when_spent(f: Fixture) {
+    let store = &f.store;
+    let notes = [
+        MediaNote::Grant {
+            route: "jf".into(),
+            item: "abc".into(),
+            ip: "10.0.0.1".into(),
+            sid: SessionId(7).to_string(),
+            user_id: 3,
+            user_name: "bob".into(),
+            issued_ms: 100,
+            token_expires_s: 9_000,
+        },
+        MediaNote::QuickConnectIssued {
+            route: "jf".into(),
+            secret_hash: "ab".repeat(32),
+            code: "123456".into(),
+        },
+        MediaNote::QuickConnectApproved {
+            route: "jf".into(),
+            code: "123456".into(),
+            user_id: 3,
+            is_admin: false,
+        },
+    ];
+    let mut seqs = Vec::new();
+    for (i, note) in notes.iter().enumerate() {
+        let until = if i == 0 { 5_000 } else { 500 };
+        seqs.push(store.append_media_note(note, until, 200).await.unwrap().seq);
+    }
+    let read: Vec<(i64, RevocationEvent)> = store
+        .events_since(0, 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| (e.seq, e.event))
+        .collect();
+    let want: Vec<(i64, RevocationEvent)> = seqs
+        .iter()
+        .zip(notes.iter().cloned())
+        .enumerate()
+        .map(|(i, (seq, note))| {
+            let until_ms = if i == 0 { 5_000 } else { 500 };
+            (*seq, RevocationEvent::MediaNote { note, until_ms })
+        })
+        .collect();
+    assert_eq!(read, want);
+    // Spent notes go with the purge; the live grant stays.
+    store.purge_expired(1_000, 0, i64::MAX / 2).await.unwrap();
+    let left: Vec<i64> = store
+        .events_since(0, 100)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.seq)
+        .collect();
+    assert_eq!(left, vec![seqs[0]]);
+}
+
 macro_rules! suite {
     (both: [$($both:ident),* $(,)?], postgres_only: [$($pg:ident),* $(,)?] $(,)?) => {
         mod sqlite {
@@ -1325,6 +1384,7 @@ suite! {
         idle_media_sessions_end_per_route,
         purge_deletes_what_can_no_longer_matter,
         backend_answers_and_names_itself,
+        media_notes_travel_through_the_log_and_are_purged_when_spent,
     ],
     postgres_only: [
         announcements_reach_other_instances,

@@ -4,6 +4,7 @@
 
 use std::time::{Duration, Instant};
 
+use futures_util::FutureExt;
 use serde_json::Value;
 
 use crate::harness::{client, poll_until, Gateway};
@@ -330,4 +331,139 @@ async fn replicas_started_together_migrate_once() {
     let carol = gws[0].login("carol", PW).await;
     assert_eq!(status(&gws[0], &carol.token).await, 200);
     schema.sql("SELECT 1 FROM users WHERE name = 'carol'");
+}
+
+#[tokio::test]
+async fn jellyfin_apps_can_move_between_replicas() {
+    use crate::standin::StandIn;
+    let jf = StandIn::start().await;
+    jf.add_user("bob", PW, false);
+    let schema = Schema::on(&pg::server_url());
+    let url = schema.url();
+    let build = |first: Option<&Gateway>| {
+        let mut b = Gateway::builder(&jf.url())
+            .server_keys(PUBLIC_URL)
+            .store_url(&url)
+            .store_keys("poll_interval = \"30s\"\nmax_staleness = \"60s\"")
+            .route_keys("kind = \"jellyfin\"");
+        match first {
+            Some(gw) => b = b.keys_of(gw),
+            None => b = b.user("bob", PW),
+        }
+        b.start()
+    };
+    let a = build(None).await;
+    let b = build(Some(&a)).await;
+    let mb = |device: &str, token: Option<&str>| {
+        let mut v = format!(
+            "MediaBrowser Client=\"Jellyfin Android\", Device=\"Pixel\", DeviceId=\"{device}\", Version=\"2.6.1\""
+        );
+        if let Some(t) = token {
+            v.push_str(&format!(", Token=\"{t}\""));
+        }
+        v
+    };
+    // bob's phone signs in through replica A; its token works on B at once.
+    let resp = client()
+        .post(a.url("/Users/AuthenticateByName"))
+        .header("Authorization", mb("phone", None))
+        .json(&serde_json::json!({"Username": "bob", "Pw": PW}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let phone: String = resp.json::<Value>().await.unwrap()["AccessToken"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let me_on = |gw: &Gateway, token: String| {
+        let req = client()
+            .get(gw.url("/Users/Me"))
+            .header("X-Emby-Token", token);
+        async move { req.send().await.map(|r| r.status().as_u16()).unwrap_or(0) }
+    };
+    assert!(
+        poll_until(Duration::from_secs(1), || me_on(&b, phone.clone())
+            .then(|s| async move { s == 200 }))
+        .await
+    );
+
+    // Playback info through A; the player's credential-less stream lands on B.
+    let item = "0123456789abcdef0123456789abcdef";
+    let resp = client()
+        .post(a.url(&format!("/Items/{item}/PlaybackInfo")))
+        .header("Authorization", mb("phone", Some(&phone)))
+        .json(&serde_json::json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let stream = b.url(&format!("/Videos/{item}/stream?Static=true"));
+    assert!(
+        poll_until(Duration::from_secs(1), || {
+            let req = client().get(&stream).header("Range", "bytes=0-9");
+            async move { req.send().await.is_ok_and(|r| r.status() == 206) }
+        })
+        .await,
+        "replica B never learned of the grant made through A"
+    );
+
+    // A TV asks replica A for a code, bob approves it through replica B, the TV redeems it
+    // through A.
+    let init: Value = client()
+        .post(a.url("/QuickConnect/Initiate"))
+        .header("Authorization", mb("tv", None))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let (secret, code) = (
+        init["Secret"].as_str().unwrap().to_string(),
+        init["Code"].as_str().unwrap().to_string(),
+    );
+    let resp = client()
+        .post(b.url(&format!("/QuickConnect/Authorize?code={code}")))
+        .header("Authorization", mb("phone", Some(&phone)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let resp = client()
+        .post(a.url("/Users/AuthenticateWithQuickConnect"))
+        .header("Authorization", mb("tv", None))
+        .json(&serde_json::json!({"Secret": secret}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        resp.status(),
+        200,
+        "the approval made through B was not known to A"
+    );
+    let tv = resp.json::<Value>().await.unwrap()["AccessToken"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        poll_until(Duration::from_secs(1), || me_on(&b, tv.clone())
+            .then(|s| async move { s == 200 }))
+        .await
+    );
+
+    // And signing bob out through A ends everything, everywhere, grants included.
+    a.cli_ok(&["signout", "--user", "bob"]);
+    assert!(
+        poll_until(Duration::from_secs(1), || async {
+            me_on(&b, tv.clone()).await == 401
+                && me_on(&b, phone.clone()).await == 401
+                && client()
+                    .get(&stream)
+                    .send()
+                    .await
+                    .is_ok_and(|r| r.status() == 401)
+        })
+        .await
+    );
 }
