@@ -522,6 +522,25 @@ fn session_from_row(row: &PgRow) -> StoreResult<SessionRecord> {
     })
 }
 
+/// Inserts a new session row, last seen at its creation.
+async fn insert_session(conn: &mut PgConnection, s: &NewSession) -> StoreResult<()> {
+    sqlx::query(
+        "INSERT INTO sessions (id, user_id, kind, user_agent, ip, created_ms, last_seen_ms, expires_ms)
+         VALUES ($1, $2, $3, $4, $5, $6, $6, $7)",
+    )
+    .bind(s.id.to_string())
+    .bind(s.user_id)
+    .bind(s.kind.as_str())
+    .bind(&s.user_agent)
+    .bind(&s.ip)
+    .bind(s.created_ms)
+    .bind(s.expires_ms)
+    .execute(&mut *conn)
+    .await
+    .map_err(unavailable)?;
+    Ok(())
+}
+
 fn event_from_row(row: &PgRow) -> StoreResult<SequencedEvent> {
     let seq: i64 = row.try_get("seq").map_err(unavailable)?;
     let kind: String = row.try_get("kind").map_err(unavailable)?;
@@ -729,21 +748,8 @@ impl Store for PgStore {
     }
 
     async fn create_session(&self, s: &NewSession) -> StoreResult<()> {
-        sqlx::query(
-            "INSERT INTO sessions (id, user_id, kind, user_agent, ip, created_ms, last_seen_ms, expires_ms)
-             VALUES ($1, $2, $3, $4, $5, $6, $6, $7)",
-        )
-        .bind(s.id.to_string())
-        .bind(s.user_id)
-        .bind(s.kind.as_str())
-        .bind(&s.user_agent)
-        .bind(&s.ip)
-        .bind(s.created_ms)
-        .bind(s.expires_ms)
-        .execute(&self.pool)
-        .await
-        .map_err(unavailable)?;
-        Ok(())
+        let mut conn = self.pool.acquire().await.map_err(unavailable)?;
+        insert_session(&mut conn, s).await
     }
 
     async fn get_session(&self, id: SessionId) -> StoreResult<Option<SessionRecord>> {
@@ -1352,20 +1358,7 @@ impl Store for PgStore {
         if existing.is_some() {
             return Ok(Vec::new());
         }
-        sqlx::query(
-            "INSERT INTO sessions (id, user_id, kind, user_agent, ip, created_ms, last_seen_ms, expires_ms)
-             VALUES ($1, $2, $3, $4, $5, $6, $6, $7)",
-        )
-        .bind(&sid)
-        .bind(s.user_id)
-        .bind(s.kind.as_str())
-        .bind(&s.user_agent)
-        .bind(&s.ip)
-        .bind(s.created_ms)
-        .bind(s.expires_ms)
-        .execute(&mut *tx)
-        .await
-        .map_err(unavailable)?;
+        insert_session(&mut tx, s).await?;
         sqlx::query(
             "INSERT INTO media_tokens (session_id, token_hash, token_sealed, route, media_user_id,
                  media_user, device_id, client, device_name, version)

@@ -225,6 +225,26 @@ async fn revoked_between(
     Ok(out)
 }
 
+/// Inserts a new session row, last seen at its creation.
+async fn insert_session(conn: &mut sqlx::SqliteConnection, s: &NewSession) -> StoreResult<()> {
+    sqlx::query(
+        "INSERT INTO sessions (id, user_id, kind, user_agent, ip, created_ms, last_seen_ms, expires_ms)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(s.id.to_string())
+    .bind(s.user_id)
+    .bind(s.kind.as_str())
+    .bind(&s.user_agent)
+    .bind(&s.ip)
+    .bind(s.created_ms)
+    .bind(s.created_ms)
+    .bind(s.expires_ms)
+    .execute(&mut *conn)
+    .await
+    .map_err(unavailable)?;
+    Ok(())
+}
+
 fn user_from_row(row: &SqliteRow) -> StoreResult<User> {
     Ok(User {
         id: row.try_get("id").map_err(unavailable)?,
@@ -507,22 +527,8 @@ impl Store for SqliteStore {
     }
 
     async fn create_session(&self, s: &NewSession) -> StoreResult<()> {
-        sqlx::query(
-            "INSERT INTO sessions (id, user_id, kind, user_agent, ip, created_ms, last_seen_ms, expires_ms)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-        )
-        .bind(s.id.to_string())
-        .bind(s.user_id)
-        .bind(s.kind.as_str())
-        .bind(&s.user_agent)
-        .bind(&s.ip)
-        .bind(s.created_ms)
-        .bind(s.created_ms)
-        .bind(s.expires_ms)
-        .execute(&self.pool)
-        .await
-        .map_err(unavailable)?;
-        Ok(())
+        let mut conn = self.pool.acquire().await.map_err(unavailable)?;
+        insert_session(&mut conn, s).await
     }
 
     async fn get_session(&self, id: SessionId) -> StoreResult<Option<SessionRecord>> {
@@ -1143,21 +1149,7 @@ impl Store for SqliteStore {
         if existing.is_some() {
             return Ok(Vec::new());
         }
-        sqlx::query(
-            "INSERT INTO sessions (id, user_id, kind, user_agent, ip, created_ms, last_seen_ms, expires_ms)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-        )
-        .bind(s.id.to_string())
-        .bind(s.user_id)
-        .bind(s.kind.as_str())
-        .bind(&s.user_agent)
-        .bind(&s.ip)
-        .bind(s.created_ms)
-        .bind(s.created_ms)
-        .bind(s.expires_ms)
-        .execute(&mut *tx)
-        .await
-        .map_err(unavailable)?;
+        insert_session(&mut tx, s).await?;
         sqlx::query(
             "INSERT INTO media_tokens (session_id, token_hash, token_sealed, route, media_user_id,
                  media_user, device_id, client, device_name, version)
