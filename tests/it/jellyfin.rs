@@ -84,6 +84,24 @@ async fn minted_behind_the_gateway(jf: &StandIn, device: &str) -> String {
     v["AccessToken"].as_str().unwrap().to_string()
 }
 
+/// Opens `/socket?{query}` through the gateway and waits for the stand-in's greeting.
+async fn open_socket(
+    gw: &Gateway,
+    query: &str,
+) -> tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>> {
+    let url = format!("ws://127.0.0.1:{}/socket?{query}", gw.port);
+    let (mut ws, _) = tokio_tungstenite::connect_async(url.into_client_request().unwrap())
+        .await
+        .expect("a websocket through the gateway");
+    let first = tokio::time::timeout(Duration::from_secs(5), ws.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(first.to_text().unwrap().contains("ForceKeepAlive"));
+    ws
+}
+
 fn upstream_saw(jf: &StandIn, path_fragment: &str) -> bool {
     jf.requests()
         .iter()
@@ -264,19 +282,7 @@ async fn header_grammar_edge_cases() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 401);
-    let ws_url = format!(
-        "ws://127.0.0.1:{}/socket?ApiKey%3D{token}%26deviceId%3Dx",
-        gw.port
-    );
-    let (mut ws, _) = tokio_tungstenite::connect_async(ws_url.into_client_request().unwrap())
-        .await
-        .expect("a websocket with a fully encoded query");
-    let first = tokio::time::timeout(Duration::from_secs(5), ws.next())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
-    assert!(first.to_text().unwrap().contains("ForceKeepAlive"));
+    open_socket(&gw, &format!("ApiKey%3D{token}%26deviceId%3Dx")).await;
 }
 
 #[tokio::test]
@@ -598,20 +604,7 @@ async fn the_clients_own_logout_ends_the_binding() {
 async fn websockets_and_streams_of_a_revoked_token_are_closed_within_a_second() {
     let (jf, gw) = setup("").await;
     let tv = token_of(&gw, "alice", "tv-1").await;
-    let ws_url = format!(
-        "ws://127.0.0.1:{}/socket?ApiKey={tv}&deviceId=tv-1",
-        gw.port
-    );
-    let (mut ws, _) = tokio_tungstenite::connect_async(ws_url.into_client_request().unwrap())
-        .await
-        .expect("websocket through the gateway");
-    // The stand-in greets with ForceKeepAlive.
-    let first = tokio::time::timeout(Duration::from_secs(5), ws.next())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
-    assert!(first.to_text().unwrap().contains("ForceKeepAlive"));
+    let mut ws = open_socket(&gw, &format!("ApiKey={tv}&deviceId=tv-1")).await;
 
     let mut stream = client()
         .get(gw.url("/Videos/big/stream?Static=true"))
