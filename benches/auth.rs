@@ -171,8 +171,7 @@ fn benches(c: &mut Criterion) {
     c.bench_function("authenticate/from_headers_bearer_1M", |b| {
         b.iter(|| {
             let headers = black_box(&headers);
-            let t = auth::extract_credential(headers, "portcullis").map(|(t, _)| t);
-            auth::authenticate(t, &ring, &view, black_box(NOW_S))
+            auth::authenticate_headers(headers, "portcullis", &ring, &view, black_box(NOW_S))
         })
     });
     jellyfin_benches(c, &view);

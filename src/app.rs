@@ -367,41 +367,48 @@ impl App {
         name: &str,
         client: &ClientInfo,
     ) {
+        self.count_failure_in_memory(user, name, client);
+        self.record_account_failure(user, client).await;
+    }
+
+    /// Counts a failed login against the client address (and an unknown name) at once: the
+    /// next attempt, even one already on its way, sees it.
+    fn count_failure_in_memory(&self, user: Option<&User>, name: &str, client: &ClientInfo) {
         let now = now_ms();
         self.throttle.ip_failed(client.ip_addr(), now);
-        match user {
-            Some(u) => {
-                let result = self
-                    .store
-                    .record_failure(
-                        u.id,
-                        now,
-                        self.config.auth.max_failures,
-                        self.config.auth.lockout.as_millis() as i64,
-                    )
-                    .await;
-                match result {
-                    Ok(after) => {
-                        let newly_locked = after.locked_until_ms.is_some_and(|t| t > now)
-                            && u.locked_until_ms.is_none_or(|t| t <= now);
-                        if newly_locked {
-                            self.metrics.lockouts.inc();
-                            let mut e = self.audit_entry(
-                                "lockout",
-                                "locked",
-                                Some((u.id, &u.name)),
-                                client,
-                            );
-                            e.detail = format!("{} consecutive failures", after.failed_logins);
-                            self.audit(e).await;
-                        }
-                    }
-                    Err(e) => {
-                        self.store_error("record_failure", e);
-                    }
+        if user.is_none() {
+            self.throttle.unknown_failed(name, now);
+        }
+    }
+
+    /// Counts a failed login against a known account in the store, and audits a new lockout.
+    async fn record_account_failure(&self, user: Option<&User>, client: &ClientInfo) {
+        let Some(u) = user else { return };
+        let now = now_ms();
+        let result = self
+            .store
+            .record_failure(
+                u.id,
+                now,
+                self.config.auth.max_failures,
+                self.config.auth.lockout.as_millis() as i64,
+            )
+            .await;
+        match result {
+            Ok(after) => {
+                let newly_locked = after.locked_until_ms.is_some_and(|t| t > now)
+                    && u.locked_until_ms.is_none_or(|t| t <= now);
+                if newly_locked {
+                    self.metrics.lockouts.inc();
+                    let mut e =
+                        self.audit_entry("lockout", "locked", Some((u.id, &u.name)), client);
+                    e.detail = format!("{} consecutive failures", after.failed_logins);
+                    self.audit(e).await;
                 }
             }
-            None => self.throttle.unknown_failed(name, now),
+            Err(e) => {
+                self.store_error("record_failure", e);
+            }
         }
     }
 
@@ -453,11 +460,13 @@ impl App {
         }
         let stored = user.as_ref().map(|u| u.password_hash.clone());
         if !self.hasher.verify(stored, password).await {
-            // Recorded off the response path, so a known and an unknown name answer alike.
+            // The in-memory counters at once; the store's account counter off the response
+            // path, so a known and an unknown name answer alike.
+            self.count_failure_in_memory(user.as_ref(), name, client);
             let this = Arc::clone(self);
-            let (user, name, client) = (user.clone(), name.to_string(), client.clone());
+            let (user, client) = (user.clone(), client.clone());
             tokio::spawn(async move {
-                this.record_failure(user.as_ref(), &name, &client).await;
+                this.record_account_failure(user.as_ref(), &client).await;
                 let who = user.as_ref().map(|u| (u.id, u.name.as_str()));
                 let mut e = this.audit_entry("login", "failure", who, &client);
                 e.detail = if user.is_some() {

@@ -48,10 +48,14 @@ pub enum DenyReason {
     /// The action (approving a Quick Connect code for a user with a second factor) needs a
     /// gateway session, which proves the second factor, not only a media token.
     GatewaySessionRequired,
+    /// Two different credentials in one request (a cookie and another Bearer token, several
+    /// `Authorization` headers, or a gateway session and another user's media token): none is
+    /// picked, so no request can run as one principal while looking like another.
+    AmbiguousCredentials,
 }
 
 impl DenyReason {
-    pub const ALL: [DenyReason; 17] = [
+    pub const ALL: [DenyReason; 18] = [
         DenyReason::NoCredentials,
         DenyReason::Malformed,
         DenyReason::WrongType,
@@ -69,6 +73,7 @@ impl DenyReason {
         DenyReason::KeyRetired,
         DenyReason::UnknownMediaToken,
         DenyReason::GatewaySessionRequired,
+        DenyReason::AmbiguousCredentials,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -90,6 +95,7 @@ impl DenyReason {
             DenyReason::KeyRetired => "key_retired",
             DenyReason::UnknownMediaToken => "unknown_media_token",
             DenyReason::GatewaySessionRequired => "gateway_session_required",
+            DenyReason::AmbiguousCredentials => "ambiguous_credentials",
         }
     }
 }
@@ -145,26 +151,53 @@ pub fn canonical_user_name(typed: &str) -> String {
     typed.trim().nfkc().collect()
 }
 
-/// Finds the gateway credential: a `Bearer` token in `Authorization`, else the session cookie.
+/// Finds the gateway credential: a `Bearer` token in the one `Authorization` header, or the
+/// session cookie. Several `Authorization` headers when one is a Bearer, or a cookie together
+/// with a different Bearer token, are `AmbiguousCredentials`: the gateway never picks one.
 pub fn extract_credential<'a>(
     headers: &'a HeaderMap,
     cookie_name: &str,
-) -> Option<(&'a str, CredentialSource)> {
-    if let Some(token) = bearer_token(headers) {
-        return Some((token, CredentialSource::Bearer));
+) -> Result<Option<(&'a str, CredentialSource)>, DenyReason> {
+    let cookie = cookie::find(headers, cookie_name);
+    let Some(token) = bearer_token(headers) else {
+        return Ok(cookie.map(|t| (t, CredentialSource::Cookie)));
+    };
+    if headers.get_all(http::header::AUTHORIZATION).iter().count() > 1
+        || cookie.is_some_and(|c| c != token)
+    {
+        return Err(DenyReason::AmbiguousCredentials);
     }
-    cookie::find(headers, cookie_name).map(|t| (t, CredentialSource::Cookie))
+    Ok(Some((token, CredentialSource::Bearer)))
 }
 
-/// The token of an `Authorization: Bearer …` header, if that is its scheme.
+/// The token of an `Authorization: Bearer …` header, if that is its scheme (matched ignoring
+/// case). The rest is taken as it stands, one space after the scheme: a token with blanks,
+/// quotes or commas (`Bearer  t`, `Bearer "t"`, `Bearer a,Bearer b`) is then malformed.
 pub fn bearer_token(headers: &HeaderMap) -> Option<&str> {
     let value = headers.get(http::header::AUTHORIZATION)?.to_str().ok()?;
-    let (scheme, rest) = value.split_once(' ')?;
+    let (scheme, token) = value.split_once(' ')?;
     if !scheme.eq_ignore_ascii_case("bearer") {
         return None;
     }
-    let token = rest.trim();
-    (!token.is_empty()).then_some(token)
+    Some(token)
+}
+
+/// Authenticates the gateway credential of a request's headers; also says where the credential
+/// came from, when there was exactly one.
+pub fn authenticate_headers(
+    headers: &HeaderMap,
+    cookie_name: &str,
+    keyring: &Keyring,
+    view: &RevocationView,
+    now_s: i64,
+) -> (AuthDecision, Option<CredentialSource>) {
+    match extract_credential(headers, cookie_name) {
+        Ok(found) => (
+            authenticate(found.map(|(t, _)| t), keyring, view, now_s),
+            found.map(|(_, source)| source),
+        ),
+        Err(reason) => (AuthDecision::Deny(reason), None),
+    }
 }
 
 /// Verifies a token and checks it against the revocation view, at time `now_s`.
@@ -269,7 +302,40 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert("authorization", "bEaReR abc".parse().unwrap());
         assert_eq!(bearer_token(&h), Some("abc"));
+        h.insert("authorization", "Bearer  abc".parse().unwrap());
+        assert_eq!(
+            bearer_token(&h),
+            Some(" abc"),
+            "kept as sent, so it fails to verify"
+        );
         h.insert("authorization", "MediaBrowser Token=\"x\"".parse().unwrap());
         assert_eq!(bearer_token(&h), None);
+    }
+
+    #[test]
+    fn two_different_credentials_are_ambiguous() {
+        let mut h = HeaderMap::new();
+        h.insert("cookie", "portcullis=a".parse().unwrap());
+        assert_eq!(
+            extract_credential(&h, "portcullis"),
+            Ok(Some(("a", CredentialSource::Cookie)))
+        );
+        h.insert("authorization", "Bearer a".parse().unwrap());
+        assert_eq!(
+            extract_credential(&h, "portcullis"),
+            Ok(Some(("a", CredentialSource::Bearer))),
+            "the same token twice is one credential"
+        );
+        h.insert("authorization", "Bearer b".parse().unwrap());
+        assert_eq!(
+            extract_credential(&h, "portcullis"),
+            Err(DenyReason::AmbiguousCredentials)
+        );
+        h.remove("cookie");
+        h.append("authorization", "Basic YTpi".parse().unwrap());
+        assert_eq!(
+            extract_credential(&h, "portcullis"),
+            Err(DenyReason::AmbiguousCredentials)
+        );
     }
 }

@@ -24,6 +24,12 @@ pub const DEFAULT_MAX_STALENESS: Duration = Duration::from_secs(30);
 pub const DEFAULT_BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// Default graceful-shutdown grace period (SIGTERM): 5 seconds.
 pub const DEFAULT_GRACE_PERIOD: Duration = Duration::from_secs(5);
+/// Time for a request head to arrive, from connect or from the previous response: 30 s.
+pub const DEFAULT_HEAD_TIMEOUT: Duration = Duration::from_secs(30);
+/// Time for a body the gateway reads itself (forms, media-server logins) to arrive: 30 s.
+pub const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Open connections per client address: 256 (a household behind one NAT stays far below).
+pub const DEFAULT_MAX_CONNECTIONS_PER_IP: usize = 256;
 /// Default cap on the total size of request headers, in bytes (larger → 431).
 pub const DEFAULT_MAX_HEADER_BYTES: usize = 32 * 1024;
 /// Default cap on request bodies sent to the gateway's own pages, in bytes (larger → 413).
@@ -147,6 +153,11 @@ struct FileServer {
     work_stealing: Option<bool>,
     #[serde(default, with = "humantime_serde")]
     grace_period: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    head_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    body_timeout: Option<Duration>,
+    max_connections_per_ip: Option<usize>,
     max_header_bytes: Option<usize>,
     max_form_bytes: Option<usize>,
     data_dir: Option<PathBuf>,
@@ -277,6 +288,14 @@ pub struct ServerConfig {
     /// Whether idle proxy threads take work from busy ones (Pingora's `work_stealing`).
     pub work_stealing: bool,
     pub grace_period: Duration,
+    /// How long a connection may take to deliver a complete request head, counted from when
+    /// it opened or its previous response ended; a slow or idle one is closed after it.
+    pub head_timeout: Duration,
+    /// How long the gateway's own pages and the media-server logins may take to receive a
+    /// request body.
+    pub body_timeout: Duration,
+    /// Open connections one client address may hold; past it, its newest waiting ones close.
+    pub max_connections_per_ip: usize,
     pub max_header_bytes: usize,
     pub max_form_bytes: usize,
     /// Where the pid file and upgrade socket live.
@@ -454,6 +473,25 @@ impl MediaConfig {
             .get(&media_name.to_lowercase())
             .map_or(media_name, String::as_str)
     }
+}
+
+/// Largest password blocklist file read, in bytes (a few million common passwords fit).
+const MAX_BLOCKLIST_BYTES: u64 = 64 << 20;
+
+/// Reads a UTF-8 text file of at most `cap` bytes: a larger file, or a path such as
+/// `/dev/zero` that never ends, is an error rather than a hang.
+fn read_capped(path: &Path, cap: u64) -> std::io::Result<String> {
+    use std::io::Read;
+    let mut text = String::new();
+    std::fs::File::open(path)?
+        .take(cap + 1)
+        .read_to_string(&mut text)?;
+    if text.len() as u64 > cap {
+        return Err(std::io::Error::other(format!(
+            "the file is larger than {cap} bytes"
+        )));
+    }
+    Ok(text)
 }
 
 /// Environment variables that override values of the file.
@@ -721,6 +759,23 @@ impl Validator {
         if !(1024..=10_000_000).contains(&max_form_bytes) {
             return Err(self.err("server.max_form_bytes", "must be between 1024 and 10000000"));
         }
+        let head_timeout = s.head_timeout.unwrap_or(DEFAULT_HEAD_TIMEOUT);
+        if !(Duration::from_secs(1)..=Duration::from_secs(600)).contains(&head_timeout) {
+            return Err(self.err("server.head_timeout", "must be between 1s and 10m"));
+        }
+        let body_timeout = s.body_timeout.unwrap_or(DEFAULT_BODY_TIMEOUT);
+        if !(Duration::from_secs(1)..=Duration::from_secs(600)).contains(&body_timeout) {
+            return Err(self.err("server.body_timeout", "must be between 1s and 10m"));
+        }
+        let max_connections_per_ip = s
+            .max_connections_per_ip
+            .unwrap_or(DEFAULT_MAX_CONNECTIONS_PER_IP);
+        if !(1..=1_000_000).contains(&max_connections_per_ip) {
+            return Err(self.err(
+                "server.max_connections_per_ip",
+                "must be between 1 and 1000000",
+            ));
+        }
         Ok(ServerConfig {
             listen,
             admin_listen,
@@ -730,6 +785,9 @@ impl Validator {
             threads,
             work_stealing: s.work_stealing.unwrap_or(true),
             grace_period: s.grace_period.unwrap_or(DEFAULT_GRACE_PERIOD),
+            head_timeout,
+            body_timeout,
+            max_connections_per_ip,
             max_header_bytes,
             max_form_bytes,
             data_dir: s.data_dir.unwrap_or_else(|| PathBuf::from("data")),
@@ -851,7 +909,7 @@ impl Validator {
         }
         let mut blocklist = HashSet::new();
         if let Some(path) = &p.blocklist_file {
-            let text = std::fs::read_to_string(path).map_err(|e| {
+            let text = read_capped(path, MAX_BLOCKLIST_BYTES).map_err(|e| {
                 self.err(
                     "password.blocklist_file",
                     format!("cannot read {}: {e}", path.display()),
@@ -1128,6 +1186,19 @@ upstream = "127.0.0.1:8096"
             .unwrap_err()
             .to_string();
         assert!(e.contains("route[0].kind") && e.contains("emby2"), "{e}");
+    }
+
+    #[test]
+    fn endless_blocklist_file_is_an_error_not_a_hang() {
+        let e = parse(&format!(
+            "[password]\nblocklist_file = '/dev/zero'\n{MINIMAL}"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("password.blocklist_file") && e.contains("larger than"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -38,6 +38,9 @@ pub const CONNECTION_CHECK: Duration = Duration::from_millis(200);
 pub const MAX_INITIATES_PER_IP: u32 = 30;
 /// Refused Quick Connect approvals a user may make per [`QUICK_CONNECT_TTL`] (guessing codes).
 pub const MAX_FAILED_APPROVALS: u32 = 10;
+/// Quick Connect secrets one client address may redeem without an approval per
+/// [`QUICK_CONNECT_TTL`] (guessing secrets; each miss also costs a store sync).
+pub const MAX_FAILED_REDEEMS_PER_IP: u32 = 10;
 /// Unknown tokens one client address may have checked upstream per [`QUICK_CONNECT_TTL`]
 /// (`adopt_unknown_tokens`): random tokens must not turn the gateway into a request amplifier.
 pub const MAX_ADOPTIONS_PER_IP: u32 = 30;
@@ -82,6 +85,7 @@ pub struct MediaState {
     initiates: Cache<String, u32>,
     adoptions: Cache<String, u32>,
     failed_approvals: Cache<i64, u32>,
+    failed_redeems: Cache<String, u32>,
     conns: Mutex<HashMap<u64, LiveConn>>,
     next_conn: AtomicU64,
     /// Woken when a revocation may have made an upstream logout due.
@@ -121,6 +125,10 @@ impl MediaState {
                 .time_to_live(QUICK_CONNECT_TTL)
                 .build(),
             failed_approvals: Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(QUICK_CONNECT_TTL)
+                .build(),
+            failed_redeems: Cache::builder()
                 .max_capacity(100_000)
                 .time_to_live(QUICK_CONNECT_TTL)
                 .build(),
@@ -205,6 +213,17 @@ impl MediaState {
     }
 
     /// Counts a Quick Connect `Initiate` from `ip`; false once the address asked too often.
+    /// Whether `ip` may still try to redeem a Quick Connect secret.
+    pub fn redeem_allowed(&self, ip: &str) -> bool {
+        self.failed_redeems.get(ip).unwrap_or(0) < MAX_FAILED_REDEEMS_PER_IP
+    }
+
+    /// Counts a secret `ip` tried to redeem that was never approved through the gateway.
+    pub fn redeem_failed(&self, ip: &str) {
+        let n = self.failed_redeems.get(ip).unwrap_or(0) + 1;
+        self.failed_redeems.insert(ip.to_string(), n);
+    }
+
     pub fn initiate_allowed(&self, ip: &str) -> bool {
         let n = self.initiates.get(ip).unwrap_or(0) + 1;
         self.initiates.insert(ip.to_string(), n);
@@ -336,10 +355,20 @@ fn sockaddr_of(fd: i32, peer: bool) -> Option<SocketAddr> {
 }
 
 fn local_port(fd: i32) -> Option<u16> {
-    sockaddr_of(fd, false).map(|a| a.port())
+    local_addr_of(fd).map(|a| a.port())
 }
 
 fn peer_of(fd: i32) -> Option<SocketAddr> {
+    peer_addr_of(fd)
+}
+
+/// The local address of socket descriptor `fd` (getsockname), if it is an IP socket.
+pub(crate) fn local_addr_of(fd: i32) -> Option<SocketAddr> {
+    sockaddr_of(fd, false)
+}
+
+/// The peer address of socket descriptor `fd` (getpeername), if it is a connected IP socket.
+pub(crate) fn peer_addr_of(fd: i32) -> Option<SocketAddr> {
     sockaddr_of(fd, true)
 }
 

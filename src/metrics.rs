@@ -31,6 +31,7 @@ pub const MEDIA_LOGOUTS_TOTAL: &str = "portcullis_media_logouts_total";
 pub const VIEW_MEDIA_TOKENS: &str = "portcullis_revocation_view_media_tokens";
 pub const PLAYBACK_GRANTS: &str = "portcullis_playback_grants_active";
 pub const CONNECTIONS_CLOSED_TOTAL: &str = "portcullis_connections_closed_total";
+pub const CONNECTIONS_DROPPED_TOTAL: &str = "portcullis_connections_dropped_total";
 pub const VIEW_BYTES: &str = "portcullis_revocation_view_bytes";
 pub const SYNC_RESYNCS_TOTAL: &str = "portcullis_sync_resyncs_total";
 pub const PUSH_CONNECTED: &str = "portcullis_sync_push_connected";
@@ -60,10 +61,15 @@ pub enum RejectReason {
     UpgradeRefused,
     /// Too many Quick Connect requests from one address, or failed approvals by one user.
     RateLimited,
+    /// A body the gateway reads itself did not arrive within `server.body_timeout`.
+    SlowBody,
+    /// A WebSocket upgrade carried by the session cookie from a page of another origin
+    /// (cross-site WebSocket hijacking).
+    CrossSiteUpgrade,
 }
 
 impl RejectReason {
-    pub const ALL: [RejectReason; 12] = [
+    pub const ALL: [RejectReason; 14] = [
         RejectReason::BadPath,
         RejectReason::HeadersTooLarge,
         RejectReason::NoRoute,
@@ -76,6 +82,8 @@ impl RejectReason {
         RejectReason::BadHead,
         RejectReason::UpgradeRefused,
         RejectReason::RateLimited,
+        RejectReason::SlowBody,
+        RejectReason::CrossSiteUpgrade,
     ];
     pub fn as_str(self) -> &'static str {
         match self {
@@ -91,6 +99,8 @@ impl RejectReason {
             RejectReason::BadHead => "bad_head",
             RejectReason::UpgradeRefused => "upgrade_refused",
             RejectReason::RateLimited => "rate_limited",
+            RejectReason::SlowBody => "slow_body",
+            RejectReason::CrossSiteUpgrade => "cross_site_upgrade",
         }
     }
 }
@@ -147,6 +157,8 @@ pub struct Metrics {
     pub view_media_tokens: IntGauge,
     pub playback_grants: IntGauge,
     pub connections_closed: IntCounter,
+    /// Client connections the admission watchman shut, by `proxy::admission::Closed`.
+    pub connections_dropped: IntCounterVec,
     pub sync_resyncs: IntCounter,
     pub view_bytes: IntGauge,
     pub push_connected: IntGauge,
@@ -267,6 +279,17 @@ impl Metrics {
             CONNECTIONS_CLOSED_TOTAL,
             "Open WebSockets and streams closed because their session ended.",
         )?;
+        let connections_dropped = IntCounterVec::new(
+            Opts::new(
+                CONNECTIONS_DROPPED_TOTAL,
+                "Client connections shut because no complete request head arrived in time \
+                 (head_timeout) or their address held too many (per_ip_cap).",
+            ),
+            &["reason"],
+        )?;
+        for reason in ["head_timeout", "per_ip_cap"] {
+            connections_dropped.with_label_values(&[reason]);
+        }
         let sync_resyncs = IntCounter::new(
             SYNC_RESYNCS_TOTAL,
             "Times the revocation view was rebuilt from a store snapshot (a gap in the event log, \
@@ -316,6 +339,7 @@ impl Metrics {
         registry.register(Box::new(view_media_tokens.clone()))?;
         registry.register(Box::new(playback_grants.clone()))?;
         registry.register(Box::new(connections_closed.clone()))?;
+        registry.register(Box::new(connections_dropped.clone()))?;
         registry.register(Box::new(sync_resyncs.clone()))?;
         registry.register(Box::new(push_connected.clone()))?;
         registry.register(Box::new(view_bytes.clone()))?;
@@ -375,6 +399,7 @@ impl Metrics {
             view_media_tokens,
             playback_grants,
             connections_closed,
+            connections_dropped,
             sync_resyncs,
             push_connected,
             view_bytes,

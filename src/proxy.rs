@@ -4,6 +4,7 @@
 //! rewrites what the upstream sees; `logging` writes the access log line and counts the outcome.
 //! No store I/O happens on this path.
 
+pub mod admission;
 pub mod forward;
 mod media;
 pub mod path;
@@ -38,6 +39,8 @@ pub struct RequestCtx {
     outcome: Outcome,
     identity: Option<Identity>,
     client_ip: String,
+    /// The client's socket address, as the admission watchman keys the connection.
+    peer: Option<SocketAddr>,
     upstream_start: Option<Instant>,
     websocket: bool,
     /// A long-lived exchange (WebSocket, media stream) to close if its session ends.
@@ -52,12 +55,17 @@ pub struct Gateway {
     router: axum::Router,
     /// The runtime that owns the store's connections; the gateway's pages run there.
     control: tokio::runtime::Handle,
+    admission: Arc<admission::Admission>,
     peers: Vec<HttpPeer>,
     proto: &'static str,
 }
 
 impl Gateway {
-    pub fn new(app: Arc<App>, control: tokio::runtime::Handle) -> Gateway {
+    pub fn new(
+        app: Arc<App>,
+        control: tokio::runtime::Handle,
+        admission: Arc<admission::Admission>,
+    ) -> Gateway {
         let peers = app
             .config
             .routes
@@ -73,6 +81,7 @@ impl Gateway {
             router: web::router(app.clone()),
             app,
             control,
+            admission,
             peers,
             proto,
         }
@@ -110,9 +119,13 @@ impl Gateway {
     /// by `X-Original-URI` / `X-Forwarded-Uri` and `X-Forwarded-Method`.
     async fn verify(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<()> {
         let req = session.req_header();
-        let token = auth::extract_credential(&req.headers, self.app.cookie_name).map(|(t, _)| t);
-        let decision =
-            auth::authenticate(token, &self.app.keyring(), &self.app.view, now_ms() / 1000);
+        let (decision, _) = auth::authenticate_headers(
+            &req.headers,
+            self.app.cookie_name,
+            &self.app.keyring(),
+            &self.app.view,
+            now_ms() / 1000,
+        );
         match decision {
             AuthDecision::Allow(identity) => {
                 ctx.outcome = Outcome::Allowed;
@@ -143,17 +156,60 @@ impl Gateway {
         }
     }
 
+    /// A WebSocket upgrade whose `Origin` is another site's: a browser attaches the session
+    /// cookie to it wherever the page came from, so the cookie must not open it.
+    fn cross_site_upgrade(&self, session: &Session) -> bool {
+        session.is_upgrade_req()
+            && session
+                .req_header()
+                .headers
+                .get(http::header::ORIGIN)
+                .is_some_and(|o| o.as_bytes() != self.app.config.server.public_url.as_bytes())
+    }
+
+    /// Reads a request body the gateway handles itself (its pages, media-server logins). A
+    /// declared or actual size over `cap` is refused before more is read, and a body still
+    /// incomplete after `server.body_timeout` is refused (slow-body attacks).
+    async fn read_own_body(
+        &self,
+        session: &mut Session,
+        cap: usize,
+    ) -> Result<std::result::Result<Bytes, RejectReason>> {
+        let declared = session
+            .req_header()
+            .headers
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > cap as u64) {
+            return Ok(Err(RejectReason::BodyTooLarge));
+        }
+        let read = async {
+            let mut body = BytesMut::new();
+            while let Some(chunk) = session.read_request_body().await? {
+                if body.len() + chunk.len() > cap {
+                    return Ok(Err(RejectReason::BodyTooLarge));
+                }
+                body.extend_from_slice(&chunk);
+            }
+            Ok(Ok(body.freeze()))
+        };
+        match tokio::time::timeout(self.app.config.server.body_timeout, read).await {
+            Ok(result) => result,
+            Err(_) => Ok(Err(RejectReason::SlowBody)),
+        }
+    }
+
     /// Runs the gateway's own router for a request under `/_portcullis/`.
     async fn serve_own_page(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<()> {
         let cap = self.app.config.server.max_form_bytes;
-        let mut body = BytesMut::new();
-        while let Some(chunk) = session.read_request_body().await? {
-            if body.len() + chunk.len() > cap {
-                ctx.outcome = Outcome::Rejected(RejectReason::BodyTooLarge);
-                return respond::reject(session, RejectReason::BodyTooLarge).await;
+        let body = match self.read_own_body(session, cap).await? {
+            Ok(body) => body,
+            Err(reason) => {
+                ctx.outcome = Outcome::Rejected(reason);
+                return respond::reject(session, reason).await;
             }
-            body.extend_from_slice(&chunk);
-        }
+        };
         let head = session.req_header();
         let mut builder = http::Request::builder()
             .method(head.method.clone())
@@ -172,7 +228,7 @@ impl Gateway {
                 ip: ctx.client_ip.clone(),
                 user_agent,
             })
-            .body(axum::body::Body::from(body.freeze()))
+            .body(axum::body::Body::from(body))
             .or_err(ErrorType::InternalError, "building the page request")?;
         let router = self.router.clone();
         let response = self
@@ -270,6 +326,7 @@ impl ProxyHttp for Gateway {
             outcome: Outcome::Unfinished,
             identity: None,
             client_ip: String::new(),
+            peer: None,
             upstream_start: None,
             websocket: false,
             track: false,
@@ -281,11 +338,11 @@ impl ProxyHttp for Gateway {
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         ctx.start = Instant::now();
         ctx.request_id = request_id(session.req_header());
-        ctx.client_ip = session
-            .client_addr()
-            .and_then(|a| a.as_inet())
-            .map(|a: &SocketAddr| a.ip().to_string())
-            .unwrap_or_default();
+        ctx.peer = session.client_addr().and_then(|a| a.as_inet()).copied();
+        ctx.client_ip = ctx.peer.map(|a| a.ip().to_string()).unwrap_or_default();
+        if let Some(peer) = ctx.peer {
+            self.admission.head_arrived(peer);
+        }
 
         // 1. Size of the request head.
         if header_bytes(session.req_header()) > self.app.config.server.max_header_bytes {
@@ -366,10 +423,23 @@ impl ProxyHttp for Gateway {
         }
 
         // 10. Authenticate against the revocation view.
-        let token = auth::extract_credential(&session.req_header().headers, self.app.cookie_name)
-            .map(|(t, _)| t);
         let now = now_ms();
-        match auth::authenticate(token, &self.app.keyring(), &self.app.view, now / 1000) {
+        let (decision, source) = auth::authenticate_headers(
+            &session.req_header().headers,
+            self.app.cookie_name,
+            &self.app.keyring(),
+            &self.app.view,
+            now / 1000,
+        );
+        match decision {
+            AuthDecision::Allow(_)
+                if source == Some(auth::CredentialSource::Cookie)
+                    && self.cross_site_upgrade(session) =>
+            {
+                ctx.outcome = Outcome::Rejected(RejectReason::CrossSiteUpgrade);
+                respond::reject(session, RejectReason::CrossSiteUpgrade).await?;
+                Ok(true)
+            }
             AuthDecision::Allow(identity) => {
                 self.app.touch(identity.sid, now);
                 ctx.identity = Some(identity);
@@ -542,6 +612,9 @@ impl ProxyHttp for Gateway {
     }
 
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
+        if let Some(peer) = ctx.peer {
+            self.admission.response_ended(peer, Instant::now());
+        }
         let status = session
             .response_written()
             .map(|r| r.status.as_u16())

@@ -2,7 +2,8 @@
 //! the private admin listener, and the Pingora server with the proxy service on the public
 //! listener. `serve` blocks until the process is told to stop (SIGINT fast, SIGTERM graceful).
 
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use pingora::server::configuration::ServerConf;
 use pingora::server::{RunArgs, Server};
@@ -10,6 +11,7 @@ use pingora::server::{RunArgs, Server};
 use crate::app::{now_ms, App, StartError};
 use crate::auth::password::generate_password;
 use crate::config::{Config, Secret};
+use crate::proxy::admission::{self, Admission};
 use crate::proxy::Gateway;
 use crate::web;
 
@@ -66,6 +68,30 @@ async fn bootstrap_admin(app: &App) -> Result<(), ServeError> {
         app.config.source.display()
     );
     Ok(())
+}
+
+/// Starts the thread that closes slow, idle and excess client connections (`proxy::admission`).
+fn spawn_watchman(admission: Arc<Admission>, port: u16, app: Arc<App>) -> Result<(), ServeError> {
+    // Four looks per deadline, at least one a second: a connection closes at most a quarter
+    // of the deadline late.
+    let tick = (admission.head_timeout / 4).min(Duration::from_secs(1));
+    std::thread::Builder::new()
+        .name("portcullis-watchman".into())
+        .spawn(move || loop {
+            std::thread::sleep(tick);
+            let sockets = admission::sockets_on_port(port);
+            for (socket, why) in admission.review(&sockets, Instant::now()) {
+                if admission::shut(socket, port) {
+                    app.metrics
+                        .connections_dropped
+                        .with_label_values(&[why.as_str()])
+                        .inc();
+                    tracing::info!(peer = %socket.peer, reason = why.as_str(), "client connection closed");
+                }
+            }
+        })
+        .map(|_| ())
+        .map_err(ServeError::Runtime)
 }
 
 /// Runs the gateway until it is told to stop.
@@ -129,11 +155,16 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
         upstream_keepalive_pool_size: 256,
         ..ServerConf::default()
     };
+    let admission = Arc::new(Admission::new(
+        app.config.server.head_timeout,
+        app.config.server.max_connections_per_ip,
+    ));
+    spawn_watchman(admission.clone(), listen.port(), app.clone())?;
     let mut server = Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
     let mut service = pingora::proxy::http_proxy_service(
         &server.configuration,
-        Gateway::new(app.clone(), control.handle().clone()),
+        Gateway::new(app.clone(), control.handle().clone(), admission),
     );
     let addr = listen.to_string();
     match &app.config.server.tls {

@@ -520,6 +520,8 @@ pub trait Store: Send + Sync + 'static {
     async fn use_recovery_code(&self, user_id: i64, hash: &str, now_ms: i64) -> StoreResult<bool>;
     async fn recovery_codes_left(&self, user_id: i64) -> StoreResult<i64>;
 
+    /// Stores a new reset link for the user; any older unused link of theirs stops working
+    /// (reads as `Used`), so only the newest link sent out can set a password.
     async fn create_reset_link(
         &self,
         token_hash: &str,

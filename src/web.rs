@@ -113,13 +113,20 @@ pub fn safe_return_path(candidate: Option<&str>) -> String {
         return "/".to_string();
     };
     let decoded = percent_encoding::percent_decode_str(p).decode_utf8_lossy();
+    // Only a path on this origin, before and after decoding: no scheme or authority (`//host`,
+    // `/\\host`) and no control characters. Raw, it must also be written as a URL path is
+    // written, without the characters a URL never holds unencoded (quotes, angle brackets,
+    // blanks…), which only an injection attempt sends.
     let bad = |s: &str| {
         !s.starts_with('/')
             || s.starts_with("//")
             || s.contains('\\')
             || s.chars().any(|c| c.is_control())
     };
-    if p.len() > 2048 || bad(p) || bad(&decoded) || decoded.starts_with("/%") {
+    let unencoded = p
+        .chars()
+        .any(|c| c.is_whitespace() || "\"<>`{}|^".contains(c));
+    if p.len() > 2048 || bad(p) || unencoded || bad(&decoded) || decoded.starts_with("/%") {
         return "/".to_string();
     }
     p.to_string()
@@ -163,10 +170,23 @@ pub(crate) fn cross_site(app: &App, headers: &HeaderMap) -> bool {
     if let Some(site) = headers.get("sec-fetch-site").and_then(|v| v.to_str().ok()) {
         return site != "same-origin" && site != "none";
     }
-    match headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) {
-        Some(origin) => origin != app.config.server.public_url,
+    if let Some(origin) = headers.get(header::ORIGIN) {
+        return origin.to_str().ok() != Some(app.config.server.public_url.as_str());
+    }
+    // Without Origin (older browsers, some privacy settings), a Referer must be this origin;
+    // a client that sends neither is not a browser and cannot be made to forge a request.
+    match headers.get(header::REFERER) {
+        Some(referer) => !referer
+            .to_str()
+            .is_ok_and(|r| same_origin(r, &app.config.server.public_url)),
         None => false,
     }
+}
+
+/// Whether URL `url` is on `origin` (`https://host[:port]`, no trailing slash).
+fn same_origin(url: &str, origin: &str) -> bool {
+    url.strip_prefix(origin)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with('/') || rest.starts_with('?'))
 }
 
 /// Refuses every cross-site POST under `/_portcullis/` with 403 before any form is read.
@@ -211,10 +231,15 @@ pub(crate) fn store_unavailable(detail: &str) -> Response {
 
 /// The signed-in identity of a request, and where its credential came from.
 pub(crate) fn identity(app: &App, headers: &HeaderMap) -> Option<(Identity, CredentialSource)> {
-    let (token, source) = auth::extract_credential(headers, app.cookie_name)?;
-    match auth::authenticate(Some(token), &app.keyring(), &app.view, now_ms() / 1000) {
-        AuthDecision::Allow(id) => Some((id, source)),
-        AuthDecision::Deny(_) => None,
+    match auth::authenticate_headers(
+        headers,
+        app.cookie_name,
+        &app.keyring(),
+        &app.view,
+        now_ms() / 1000,
+    ) {
+        (AuthDecision::Allow(id), Some(source)) => Some((id, source)),
+        _ => None,
     }
 }
 
@@ -292,6 +317,8 @@ mod tests {
             "/%5Cevil.example",
             "evil.example",
             "/%09/evil.example",
+            "/\"><script>alert(1)</script>",
+            "/a b",
         ] {
             assert_eq!(safe_return_path(Some(evil)), "/", "{evil}");
         }

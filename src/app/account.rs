@@ -20,6 +20,8 @@ pub const ENROLL_TTL_SECS: i64 = 600;
 pub enum AccountError {
     #[error("the current password is wrong")]
     WrongPassword,
+    #[error("too many wrong passwords; try again later")]
+    TooManyAttempts,
     #[error("the code is not valid")]
     InvalidCode,
     #[error("{0}")]
@@ -205,6 +207,36 @@ impl App {
         Ok(ok)
     }
 
+    /// Checks a signed-in user's password (re-entered to change it or to turn 2FA off) under
+    /// the same throttle and lock as a login: a stolen session cannot guess it freely, and a
+    /// wrong guess counts toward the account's lock.
+    async fn confirm_password(
+        &self,
+        user: &User,
+        password: Secret,
+        client: &ClientInfo,
+    ) -> Result<(), AccountError> {
+        let now = now_ms();
+        let gate = crate::auth::throttle::account_gate(
+            user.failed_logins,
+            user.last_failure_ms,
+            user.locked_until_ms,
+            now,
+        );
+        if gate != crate::auth::throttle::Gate::Open {
+            return Err(AccountError::TooManyAttempts);
+        }
+        if !self
+            .hasher
+            .verify(Some(user.password_hash.clone()), password)
+            .await
+        {
+            self.record_failure(Some(user), &user.name, client).await;
+            return Err(AccountError::WrongPassword);
+        }
+        Ok(())
+    }
+
     /// Changes the password after checking the current one. With `signout_others` every other
     /// session ends and this device gets a fresh session (returned).
     pub async fn change_own_password(
@@ -221,20 +253,16 @@ impl App {
             signout_others,
         } = change;
         let user = self.user(identity.user_id).await?;
-        if !self
-            .hasher
-            .verify(Some(user.password_hash.clone()), current)
-            .await
-        {
-            let mut e = self.audit_entry(
+        if let Err(e) = self.confirm_password(&user, current, client).await {
+            let mut entry = self.audit_entry(
                 "password_change",
                 "failure",
                 Some((user.id, &user.name)),
                 client,
             );
-            e.detail = "wrong current password".into();
-            self.audit(e).await;
-            return Err(AccountError::WrongPassword);
+            entry.detail = e.to_string();
+            self.audit(entry).await;
+            return Err(e);
         }
         let hash = self.new_password_hash(&user.name, new, confirm).await?;
         let at = signout_others.then(now_ms);
@@ -427,13 +455,7 @@ impl App {
         if !user.totp_enabled {
             return Err(AccountError::NotEnrolled);
         }
-        if !self
-            .hasher
-            .verify(Some(user.password_hash.clone()), password)
-            .await
-        {
-            return Err(AccountError::WrongPassword);
-        }
+        self.confirm_password(&user, password, client).await?;
         self.check_second_factor(&user, code, client)
             .await
             .map_err(|_| AccountError::InvalidCode)?;

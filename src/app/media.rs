@@ -144,7 +144,7 @@ impl App {
             count("throttled");
             return throttled(d);
         }
-        let password_login = matches!(login, LoginRoute::ByName | LoginRoute::Legacy);
+        let password_login = login == LoginRoute::ByName;
         if password_login && media.password_login == PasswordLogin::Deny {
             count("refused_by_policy");
             return MediaAnswer::error(
@@ -185,6 +185,13 @@ impl App {
                 expected = Some(user);
             }
             LoginRoute::QuickConnect => {
+                if !self.media.redeem_allowed(&req.client.ip) {
+                    count("throttled");
+                    return MediaAnswer::error(
+                        429,
+                        "Too many Quick Connect attempts; try again in a few minutes.",
+                    );
+                }
                 let body: Value = serde_json::from_slice(&req.body).unwrap_or(Value::Null);
                 let secret = mediaserver::secret_hash(field_str(&body, "Secret").unwrap_or(""));
                 approval = self.media.approval_for_secret(route_index, &secret);
@@ -194,6 +201,7 @@ impl App {
                     approval = self.media.approval_for_secret(route_index, &secret);
                 }
                 if approval.is_none() {
+                    self.media.redeem_failed(&req.client.ip);
                     count("not_approved");
                     return MediaAnswer::error(
                         401,
@@ -201,7 +209,6 @@ impl App {
                     );
                 }
             }
-            LoginRoute::Legacy => {}
         }
 
         let reply = match self
@@ -277,8 +284,6 @@ impl App {
                     "The Quick Connect code was approved by a different user.",
                 ),
             )),
-            // The legacy route names the user by id: its owner is known only now.
-            (Some(o), None, None) => self.refuse_user(o, media.password_login, &req, now),
             _ => None,
         };
         let owner = match (refusal, owner) {

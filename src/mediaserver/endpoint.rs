@@ -9,8 +9,6 @@ use http::Method;
 pub enum LoginRoute {
     /// `POST /Users/AuthenticateByName`
     ByName,
-    /// The obsolete `POST /Users/{id}/Authenticate?pw=`
-    Legacy,
     /// `POST /Users/AuthenticateWithQuickConnect`
     QuickConnect,
 }
@@ -19,7 +17,7 @@ impl LoginRoute {
     /// The login-method label used in metrics.
     pub fn method_label(self) -> &'static str {
         match self {
-            LoginRoute::ByName | LoginRoute::Legacy => "media_password",
+            LoginRoute::ByName => "media_password",
             LoginRoute::QuickConnect => "quick_connect",
         }
     }
@@ -132,7 +130,11 @@ pub fn classify(method: &Method, path: &str, blocked: &[String]) -> Endpoint {
         ["users", "authenticatewithquickconnect"] if post => {
             Endpoint::Login(LoginRoute::QuickConnect)
         }
-        ["users", _, "authenticate"] if post => Endpoint::Login(LoginRoute::Legacy),
+        // The obsolete `POST /Users/{id}/Authenticate?pw=` (hidden from Jellyfin's OpenAPI;
+        // no current app uses it) names the user by id, so the gateway could learn whose
+        // account it is only from the media server's answer: after the password was tried,
+        // past the account's throttle and lock. It is closed instead.
+        ["users", _, "authenticate"] if post => Endpoint::Blocked,
         ["sessions", "logout"] if post => Endpoint::Logout,
         ["items", _, "playbackinfo"] => Endpoint::Playback {
             item: normalise_item(orig[1]),
@@ -197,7 +199,7 @@ mod tests {
         );
         assert_eq!(
             c(Method::POST, "/Users/0123/Authenticate"),
-            Endpoint::Login(LoginRoute::Legacy)
+            Endpoint::Blocked
         );
         assert_eq!(
             c(Method::POST, "/Users/AuthenticateWithQuickConnect"),

@@ -1,6 +1,8 @@
 //! What the upstream sees: the gateway's own credentials removed, client-sent identity headers
-//! removed (in their dash and underscore spellings), hop-by-hop headers removed, and the
-//! forwarded headers and optional identity header set by the gateway alone.
+//! and headers that would tell the upstream another path or method than the one judged
+//! removed (in their dash, underscore and dot spellings), hop-by-hop headers removed, any
+//! `Authorization` other than the media server's own scheme removed, and the forwarded headers
+//! and optional identity header set by the gateway alone.
 
 use http::HeaderName;
 use pingora::http::RequestHeader;
@@ -8,12 +10,19 @@ use pingora::http::RequestHeader;
 use crate::auth::{cookie, Identity};
 
 /// Identity headers that only the gateway may set, compared after lower-casing and turning `_`
-/// into `-`.
+/// and `.` into `-`.
 const IDENTITY_HEADERS: &[&str] = &[
     "remote-user",
     "remote-email",
     "remote-groups",
     "remote-name",
+    "x-authenticated-user",
+    "x-authenticated-groups",
+    "x-remote-email",
+    "x-remote-groups",
+    "x-webauth-email",
+    "x-webauth-groups",
+    "x-webauth-name",
     "x-forwarded-user",
     "x-forwarded-email",
     "x-forwarded-groups",
@@ -32,6 +41,18 @@ const FORWARDING_HEADERS: &[&str] = &[
     "x-forwarded-port",
     "x-real-ip",
     "x-request-id",
+    "x-forwarded-server",
+    // The gateway judged this method and path; nothing may tell the upstream another one.
+    "x-forwarded-prefix",
+    "x-forwarded-uri",
+    "x-forwarded-method",
+    "x-original-url",
+    "x-original-uri",
+    "x-original-method",
+    "x-rewrite-url",
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
 ];
 
 /// Hop-by-hop headers that never travel further (Connection and Upgrade are left to Pingora,
@@ -53,13 +74,15 @@ pub struct ForwardFacts<'a> {
     pub request_id: &'a str,
     pub identity: Option<&'a Identity>,
     pub identity_header: Option<&'a str>,
-    /// A media route: `Authorization` headers of any scheme other than `MediaBrowser`/`Emby`
-    /// are removed too (Jellyfin ignores `X-Emby-Authorization` when one is present).
+    /// A media route (kept for the caller's clarity; on every route an `Authorization` header
+    /// of any scheme other than `MediaBrowser`/`Emby` is removed: the gateway's Bearer must not
+    /// leak, `Basic` credentials are not the upstream's to see, and Jellyfin ignores
+    /// `X-Emby-Authorization` when another `Authorization` is present).
     pub media: bool,
 }
 
 fn normalised(name: &str) -> String {
-    name.to_ascii_lowercase().replace('_', "-")
+    name.to_ascii_lowercase().replace(['_', '.'], "-")
 }
 
 /// Whether a header name is one a client may not send through the gateway.
@@ -107,16 +130,15 @@ pub fn rewrite(req: &mut RequestHeader, f: &ForwardFacts<'_>) -> pingora::Result
     if !cookies.is_empty() {
         req.insert_header(http::header::COOKIE, cookies.join("; "))?;
     }
-    let foreign_scheme = f.media
-        && req
-            .headers
-            .get_all(http::header::AUTHORIZATION)
-            .iter()
-            .any(|v| {
-                crate::mediaserver::carrier::parse_params(&String::from_utf8_lossy(v.as_bytes()))
-                    .is_none()
-            });
-    if foreign_scheme || crate::auth::bearer_token(&req.headers).is_some() {
+    let foreign_scheme = req
+        .headers
+        .get_all(http::header::AUTHORIZATION)
+        .iter()
+        .any(|v| {
+            crate::mediaserver::carrier::parse_params(&String::from_utf8_lossy(v.as_bytes()))
+                .is_none()
+        });
+    if foreign_scheme {
         req.remove_header(&http::header::AUTHORIZATION);
     }
 
@@ -152,6 +174,11 @@ mod tests {
             ("Remote-User", "admin"),
             ("remote_user", "admin"),
             ("X-Auth-Request-Email", "a@b"),
+            ("Remote.User", "admin"),
+            ("X-Authenticated-User", "admin"),
+            ("X-Original-URL", "/System/Info/Public"),
+            ("X-Forwarded-Prefix", "/public"),
+            ("X-HTTP-Method-Override", "DELETE"),
             ("X-Forwarded-For", "6.6.6.6"),
             ("Cookie", "portcullis=tok; theme=dark"),
             ("Authorization", "Bearer tok"),
@@ -183,7 +210,16 @@ mod tests {
         let h = &r.headers;
         assert!(h.get("remote-user").is_none() && h.get("remote_user").is_none());
         assert!(h.get("x-auth-request-email").is_none() && h.get("x-secret").is_none());
-        assert!(h.get("authorization").is_none());
+        for stripped in [
+            "remote.user",
+            "x-authenticated-user",
+            "x-original-url",
+            "x-forwarded-prefix",
+            "x-http-method-override",
+            "authorization",
+        ] {
+            assert!(h.get(stripped).is_none(), "{stripped}");
+        }
         assert_eq!(h.get("cookie").unwrap(), "theme=dark");
         assert_eq!(h.get("x-forwarded-for").unwrap(), "127.0.0.1");
         assert_eq!(h.get_all("x-user").iter().count(), 1);
@@ -192,27 +228,32 @@ mod tests {
     }
 
     #[test]
-    fn foreign_authorization_schemes_are_dropped_on_media_routes() {
+    fn foreign_authorization_schemes_are_dropped() {
         for (value, kept) in [
+            ("Bearer abc", false),
+            ("bearer abc", false),
+            ("", false),
             ("Basic YTpi", false),
             ("MediaBrowser Token=\"abc\"", true),
             ("emby Token=\"abc\"", true),
         ] {
-            let mut r = request(&[("Authorization", value)]);
-            rewrite(
-                &mut r,
-                &ForwardFacts {
-                    client_ip: "::1",
-                    proto: "https",
-                    host: None,
-                    request_id: "r",
-                    identity: None,
-                    identity_header: None,
-                    media: true,
-                },
-            )
-            .unwrap();
-            assert_eq!(r.headers.get("authorization").is_some(), kept, "{value}");
+            for media in [true, false] {
+                let mut r = request(&[("Authorization", value)]);
+                rewrite(
+                    &mut r,
+                    &ForwardFacts {
+                        client_ip: "::1",
+                        proto: "https",
+                        host: None,
+                        request_id: "r",
+                        identity: None,
+                        identity_header: None,
+                        media,
+                    },
+                )
+                .unwrap();
+                assert_eq!(r.headers.get("authorization").is_some(), kept, "{value}");
+            }
         }
     }
 

@@ -5,7 +5,6 @@
 //! bound media token, else a gateway session, else — for credential-less media and artwork —
 //! a playback grant. Unknown and revoked tokens get 401 on every route that serves content.
 
-use bytes::BytesMut;
 use pingora::prelude::*;
 use pingora::proxy::Session;
 
@@ -129,6 +128,22 @@ impl Gateway {
             },
         };
 
+        // A gateway session and a media token of another user in one request (or two
+        // gateway credentials) name two principals: neither is picked.
+        let decision = match (decision, &gateway) {
+            (_, Some(Err(DenyReason::AmbiguousCredentials))) => {
+                Err(DenyReason::AmbiguousCredentials)
+            }
+            (Ok((identity, true)), Some(Ok(g))) if g.user_id != identity.user_id => {
+                Err(DenyReason::AmbiguousCredentials)
+            }
+            (decision, _) => decision,
+        };
+        if matches!(decision, Ok((_, false))) && self.cross_site_upgrade(session) {
+            ctx.outcome = Outcome::Rejected(RejectReason::CrossSiteUpgrade);
+            respond::reject(session, RejectReason::CrossSiteUpgrade).await?;
+            return Ok(true);
+        }
         let (identity, by_media_token) = match decision {
             Ok(found) => found,
             Err(reason) => {
@@ -254,8 +269,11 @@ impl Gateway {
         session: &Session,
         now_ms: i64,
     ) -> Option<std::result::Result<Identity, DenyReason>> {
-        let (token, _) =
-            auth::extract_credential(&session.req_header().headers, self.app.cookie_name)?;
+        let token =
+            match auth::extract_credential(&session.req_header().headers, self.app.cookie_name) {
+                Ok(found) => found?.0,
+                Err(reason) => return Some(Err(reason)),
+            };
         Some(
             match auth::authenticate(
                 Some(token),
@@ -301,14 +319,13 @@ impl Gateway {
         login: Option<LoginRoute>,
         fields: ClientFields,
     ) -> Result<()> {
-        let mut body = BytesMut::new();
-        while let Some(chunk) = session.read_request_body().await? {
-            if body.len() + chunk.len() > MAX_LOGIN_BODY {
-                ctx.outcome = Outcome::Rejected(RejectReason::BodyTooLarge);
-                return respond::reject(session, RejectReason::BodyTooLarge).await;
+        let body = match self.read_own_body(session, MAX_LOGIN_BODY).await? {
+            Ok(body) => body,
+            Err(reason) => {
+                ctx.outcome = Outcome::Rejected(reason);
+                return respond::reject(session, reason).await;
             }
-            body.extend_from_slice(&chunk);
-        }
+        };
         let now = now_ms();
         let gateway = self.gateway_identity(session, now).and_then(|r| r.ok());
         let head = session.req_header();
@@ -352,7 +369,7 @@ impl Gateway {
                 .path_and_query()
                 .map_or("/".to_string(), |p| p.as_str().to_string()),
             headers,
-            body: body.freeze(),
+            body,
             fields,
             client: ClientInfo {
                 ip: ctx.client_ip.clone(),

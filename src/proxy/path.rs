@@ -1,7 +1,8 @@
 //! The one canonical path of a request, computed once before routing. Ambiguous forms are
 //! refused rather than normalised: dot segments (raw or encoded), encoded slashes and
-//! backslashes, raw backslashes, control bytes, empty segments, invalid percent-encoding and
-//! paths that are not UTF-8 once decoded. Because none of those can pass, the raw path that is
+//! backslashes, raw backslashes, control bytes, empty segments, invalid percent-encoding,
+//! double encoding (`%25` followed by two hex digits, which a second decoder would turn into
+//! anything above), `;` path parameters, a raw `#`, and paths that are not UTF-8 once decoded. Because none of those can pass, the raw path that is
 //! forwarded names exactly the resource the canonical path was judged by.
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
@@ -24,6 +25,10 @@ pub enum PathError {
     DotSegment,
     #[error("the path has an empty segment (//)")]
     EmptySegment,
+    #[error("the path is percent-encoded twice (%25 followed by hex digits)")]
+    DoubleEncoding,
+    #[error("the path holds a ; (path parameter) or a raw #")]
+    Delimiter,
     #[error("the path is not UTF-8 once decoded")]
     NotUtf8,
     #[error("the path is too long")]
@@ -57,6 +62,7 @@ pub fn canonicalize(raw: &str) -> Result<String, PathError> {
         let b = bytes[i];
         match b {
             b'\\' => return Err(PathError::Backslash),
+            b';' | b'#' => return Err(PathError::Delimiter),
             0..=0x1f | 0x7f => return Err(PathError::ControlCharacter),
             b'%' => {
                 let (Some(h), Some(l)) = (
@@ -70,6 +76,11 @@ pub fn canonicalize(raw: &str) -> Result<String, PathError> {
                     b'/' => return Err(PathError::EncodedSlash),
                     b'\\' => return Err(PathError::EncodedBackslash),
                     b'.' => return Err(PathError::EncodedDot),
+                    b'%' if bytes.get(i + 3).copied().and_then(hex).is_some()
+                        && bytes.get(i + 4).copied().and_then(hex).is_some() =>
+                    {
+                        return Err(PathError::DoubleEncoding)
+                    }
                     0..=0x1f | 0x7f => return Err(PathError::ControlCharacter),
                     _ => out.push(d),
                 }
@@ -113,6 +124,16 @@ mod tests {
         assert_eq!(canonicalize("/a%20b/c.txt").unwrap(), "/a b/c.txt");
         assert_eq!(canonicalize("/web/").unwrap(), "/web/");
         assert_eq!(canonicalize("/caf%C3%A9").unwrap(), "/café");
+        assert_eq!(
+            canonicalize("/100%25").unwrap(),
+            "/100%",
+            "a lone encoded % is fine"
+        );
+        assert_eq!(
+            canonicalize("/a%3Bb").unwrap(),
+            "/a;b",
+            "an encoded ; is data"
+        );
     }
 
     #[test]
@@ -134,6 +155,10 @@ mod tests {
             ("/a%ff", PathError::NotUtf8),
             ("/a//b", PathError::EmptySegment),
             ("a", PathError::NotAbsolute),
+            ("/web/%252e%252e/Users/Me", PathError::DoubleEncoding),
+            ("/a%252Fb", PathError::DoubleEncoding),
+            ("/a;jsessionid=1/b", PathError::Delimiter),
+            ("/a#b", PathError::Delimiter),
         ];
         for (raw, want) in cases {
             assert_eq!(canonicalize(raw), Err(want), "{raw}");

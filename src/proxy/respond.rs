@@ -117,6 +117,11 @@ pub async fn reject(session: &mut Session, reason: RejectReason) -> Result<()> {
         RejectReason::BadHead => (400, "The request head is malformed."),
         RejectReason::UpgradeRefused => (400, "This protocol upgrade is not supported."),
         RejectReason::RateLimited => (429, "Too many attempts; try again in a few minutes."),
+        RejectReason::SlowBody => (408, "The request body did not arrive in time."),
+        RejectReason::CrossSiteUpgrade => (
+            403,
+            "A WebSocket opened from another site cannot use this browser's session.",
+        ),
         RejectReason::ViewStale => (
             503,
             "The gateway cannot confirm sessions right now: it has lost contact with its \
@@ -126,9 +131,14 @@ pub async fn reject(session: &mut Session, reason: RejectReason) -> Result<()> {
     let body = Bytes::from(format!("{text}\n"));
     // After a request whose framing or head could be read two ways, nothing more is read from
     // the connection: whatever follows may be a smuggled request.
+    // The same after a body that was not read to its end (too large, too slow).
     let front_door = matches!(
         reason,
-        RejectReason::BadFraming | RejectReason::BadHead | RejectReason::UpgradeRefused
+        RejectReason::BadFraming
+            | RejectReason::BadHead
+            | RejectReason::UpgradeRefused
+            | RejectReason::BodyTooLarge
+            | RejectReason::SlowBody
     );
     if front_door {
         session.set_keepalive(None);
@@ -201,15 +211,19 @@ pub async fn failure(session: &mut Session, status: u16) -> Result<()> {
 /// A response produced by the gateway's own router.
 pub async fn page(session: &mut Session, parts: http::response::Parts, body: Bytes) -> Result<()> {
     let close = has_unread_body(session);
-    let mut resp = ResponseHeader::build(parts.status, Some(parts.headers.len() + 2))?;
+    let mut resp = ResponseHeader::build(parts.status, Some(parts.headers.len() + 4))?;
     for (name, value) in parts.headers.iter() {
         resp.append_header(name.clone(), value.clone())?;
     }
     resp.insert_header("content-length", body.len().to_string())?;
     resp.insert_header("x-frame-options", "DENY")?;
+    // Links that carry a secret in the path (reset links) never leave in a Referer; `same-origin`
+    // rather than `no-referrer`, which would make the browser send `Origin: null` on the
+    // gateway's own form posts.
+    resp.insert_header("referrer-policy", "same-origin")?;
     resp.insert_header(
         "content-security-policy",
-        "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; frame-ancestors 'none'",
+        "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
     )?;
     if close {
         resp.insert_header("connection", "close")?;

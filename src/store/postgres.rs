@@ -1003,6 +1003,13 @@ impl Store for PgStore {
         now_ms: i64,
         expires_ms: i64,
     ) -> StoreResult<()> {
+        let mut tx = self.pool.begin().await.map_err(unavailable)?;
+        sqlx::query("UPDATE reset_links SET used_ms = $1 WHERE user_id = $2 AND used_ms IS NULL")
+            .bind(now_ms)
+            .bind(user_id)
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?;
         sqlx::query(
             "INSERT INTO reset_links (token_hash, user_id, created_ms, expires_ms)
              VALUES ($1, $2, $3, $4)",
@@ -1011,9 +1018,10 @@ impl Store for PgStore {
         .bind(user_id)
         .bind(now_ms)
         .bind(expires_ms)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await
         .map_err(unavailable)?;
+        tx.commit().await.map_err(unavailable)?;
         Ok(())
     }
 

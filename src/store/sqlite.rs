@@ -772,6 +772,13 @@ impl Store for SqliteStore {
         now_ms: i64,
         expires_ms: i64,
     ) -> StoreResult<()> {
+        let mut tx = self.pool.begin().await.map_err(unavailable)?;
+        sqlx::query("UPDATE reset_links SET used_ms = ? WHERE user_id = ? AND used_ms IS NULL")
+            .bind(now_ms)
+            .bind(user_id)
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?;
         sqlx::query(
             "INSERT INTO reset_links (token_hash, user_id, created_ms, expires_ms)
              VALUES (?, ?, ?, ?)",
@@ -780,9 +787,10 @@ impl Store for SqliteStore {
         .bind(user_id)
         .bind(now_ms)
         .bind(expires_ms)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await
         .map_err(unavailable)?;
+        tx.commit().await.map_err(unavailable)?;
         Ok(())
     }
 

@@ -627,13 +627,22 @@ async fn reset_links_are_single_use(f: Fixture) {
     let store = &f.store;
     let alice = user(store, "alice").await;
     store
+        .create_reset_link("h2", alice.id, 90, 120)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.reset_link_state("h2", 95).await.unwrap(),
+        ResetLinkState::Valid { user_id: alice.id }
+    );
+    store
         .create_reset_link("h1", alice.id, 100, 200)
         .await
         .unwrap();
-    store
-        .create_reset_link("h2", alice.id, 100, 120)
-        .await
-        .unwrap();
+    assert_eq!(
+        store.reset_link_state("h2", 105).await.unwrap(),
+        ResetLinkState::Used,
+        "a newer link retires the older one"
+    );
     assert_eq!(
         store.reset_link_state("h1", 150).await.unwrap(),
         ResetLinkState::Valid { user_id: alice.id }

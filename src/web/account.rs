@@ -105,6 +105,7 @@ pub(crate) async fn page(
     };
     let error = match q.error.as_deref() {
         Some("password") => Some("The password was not changed: check the current password, and that the new one is long enough, differs from your user name and is typed the same twice."),
+        Some("locked") => Some("The password was not changed: too many wrong passwords were entered. Try again later."),
         _ => None,
     };
     no_store(
@@ -265,7 +266,11 @@ pub(crate) async fn change_password(
         Err(AccountError::Unavailable(s)) => store_unavailable(&s.to_string()),
         Err(e) => {
             tracing::info!(user = %id.name, reason = %e, "password change refused");
-            redirect(&format!("{ACCOUNT_PATH}?error=password"))
+            let code = match e {
+                AccountError::TooManyAttempts => "locked",
+                _ => "password",
+            };
+            redirect(&format!("{ACCOUNT_PATH}?error={code}"))
         }
     }
 }

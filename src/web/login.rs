@@ -462,10 +462,9 @@ pub(crate) async fn logout(
     if cross_site(&app, &headers) {
         return forbidden_cross_site();
     }
-    let found = auth::extract_credential(&headers, app.cookie_name);
-    let source = found.map(|(_, s)| s);
-    let decision = auth::authenticate(
-        found.map(|(t, _)| t),
+    let (decision, source) = auth::authenticate_headers(
+        &headers,
+        app.cookie_name,
         &app.keyring(),
         &app.view,
         now_ms() / 1000,

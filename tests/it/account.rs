@@ -314,6 +314,51 @@ async fn password_policy_and_current_password_are_enforced() {
     gw.login("alice", &long).await;
 }
 
+#[tokio::test]
+async fn a_wrong_current_password_counts_toward_the_account_lock() {
+    // ATK-64(b): a stolen session must not let its holder guess the password freely.
+    let up = Upstream::start().await;
+    let gw = Gateway::builder(&up.url())
+        .user("alice", ALICE_PW)
+        .auth_keys("max_failures = 3")
+        .start()
+        .await;
+    let a = Browser::login(&gw, "alice", ALICE_PW).await;
+    let mut errors = Vec::new();
+    for current in [
+        "guess-one-xxxx",
+        "guess-two-xxxx",
+        "guess-three-xx",
+        ALICE_PW,
+    ] {
+        let csrf = a.csrf().await;
+        let fields = [
+            ("current", current),
+            ("new_password", "a brand new passphrase"),
+            ("confirm", "a brand new passphrase"),
+            ("csrf", csrf.as_str()),
+        ];
+        let resp = a.post("/_portcullis/account/password", &fields).await;
+        let location = resp.headers()["location"].to_str().unwrap().to_string();
+        errors.push(location);
+    }
+    assert_eq!(
+        errors,
+        [
+            "/_portcullis/account?error=password",
+            "/_portcullis/account?error=password",
+            "/_portcullis/account?error=password",
+            "/_portcullis/account?error=locked",
+        ],
+        "the right password was tried while locked"
+    );
+    // The same lock holds for signing in, and the password was not changed.
+    let (status, _) = gw.try_login("alice", ALICE_PW, None).await;
+    assert_eq!(status, 403, "alice is locked");
+    gw.cli_ok(&["user", "unlock", "alice"]);
+    gw.login("alice", ALICE_PW).await;
+}
+
 /// Enrols alice in TOTP through the account page; returns the seed and the recovery codes.
 pub(crate) async fn enrol(a: &Browser<'_>) -> (Vec<u8>, Vec<String>) {
     let html = a

@@ -11,10 +11,10 @@ use crate::account::{enrol, Browser};
 use crate::harness::{client, poll_until, Gateway};
 use crate::standin::StandIn;
 
-const PW: &str = "correct horse battery staple";
+pub(crate) const PW: &str = "correct horse battery staple";
 
 /// A stand-in with alice and bob, and a gateway route of kind `jellyfin` in front of it.
-async fn setup(media: &str) -> (StandIn, Gateway) {
+pub(crate) async fn setup(media: &str) -> (StandIn, Gateway) {
     let jf = StandIn::start().await;
     jf.add_user("alice", PW, false);
     jf.add_user("bob", PW, false);
@@ -28,7 +28,7 @@ async fn setup(media: &str) -> (StandIn, Gateway) {
 }
 
 /// The `Authorization` header value a Jellyfin client sends.
-fn mb(device_id: &str, token: Option<&str>) -> String {
+pub(crate) fn mb(device_id: &str, token: Option<&str>) -> String {
     let mut v = format!(
         "MediaBrowser Client=\"Jellyfin Android\", Device=\"Pixel 7\", DeviceId=\"{device_id}\", Version=\"2.6.1\""
     );
@@ -52,7 +52,7 @@ async fn jf_login(gw: &Gateway, user: &str, pw: &str, device: &str) -> (u16, Val
     (status, body)
 }
 
-async fn token_of(gw: &Gateway, user: &str, device: &str) -> String {
+pub(crate) async fn token_of(gw: &Gateway, user: &str, device: &str) -> String {
     let (status, body) = jf_login(gw, user, PW, device).await;
     assert_eq!(status, 200, "login of {user}: {body}");
     body["AccessToken"].as_str().unwrap().to_string()
@@ -856,7 +856,9 @@ async fn compressed_and_camel_case_login_answers_bind_too() {
 }
 
 #[tokio::test]
-async fn the_obsolete_login_route_binds_too() {
+async fn the_obsolete_login_route_is_closed_before_the_media_server() {
+    // `POST /Users/{id}/Authenticate?pw=` names the account by id, so the gateway could not
+    // throttle or lock it before the media server had tried the password (ATK-31a).
     let jf = StandIn::start().await;
     let id = jf.add_user("alice", PW, false);
     let gw = Gateway::builder(&jf.url())
@@ -864,19 +866,27 @@ async fn the_obsolete_login_route_binds_too() {
         .route_keys("kind = \"jellyfin\"\nmedia = { password_login = \"allow\" }")
         .start()
         .await;
-    let resp = client()
-        .post(gw.url(&format!(
-            "/Users/{id}/Authenticate?pw={}",
-            PW.replace(' ', "%20")
-        )))
-        .header("Authorization", mb("dev-old", None))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 200);
-    let v: Value = resp.json().await.unwrap();
-    let token = v["AccessToken"].as_str().unwrap();
-    assert_eq!(get_with(&gw, "/Users/Me", token).await, 200);
+    for path in [
+        format!("/Users/{id}/Authenticate?pw={}", PW.replace(' ', "%20")),
+        format!("/USERS/{id}/AUTHENTICATE?pw=wrong"),
+        format!("/emby/Users/{id}/Authenticate?pw=wrong"),
+    ] {
+        let resp = client()
+            .post(gw.url(&path))
+            .header("Authorization", mb("dev-old", None))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 403, "{path}");
+    }
+    assert!(
+        jf.requests().iter().all(|r| !r
+            .path_and_query
+            .to_ascii_lowercase()
+            .contains("/authenticate")),
+        "the obsolete route reached the media server"
+    );
+    gw.metrics_with(&["reason=\"blocked_path\""]).await;
 }
 
 #[tokio::test]
@@ -1327,6 +1337,28 @@ async fn quick_connect_code_guessing_and_initiate_floods_are_rate_limited() {
     }
     assert_eq!(last, 429);
     gw.metrics_with(&["reason=\"rate_limited\""]).await;
+
+    // Guessed secrets (ATK-31d): refused, then throttled; none reaches the media server.
+    let limit = portcullis::mediaserver::MAX_FAILED_REDEEMS_PER_IP as usize;
+    let mut statuses = Vec::new();
+    for i in 0..limit + 2 {
+        let resp = client()
+            .post(gw.url("/Users/AuthenticateWithQuickConnect"))
+            .header("Authorization", mb("tv-guess", None))
+            .json(&serde_json::json!({"Secret": format!("{i:064x}")}))
+            .send()
+            .await
+            .unwrap();
+        statuses.push(resp.status().as_u16());
+    }
+    assert!(statuses[..limit].iter().all(|s| *s == 401), "{statuses:?}");
+    assert_eq!(&statuses[limit..], &[429, 429], "{statuses:?}");
+    assert!(
+        jf.requests()
+            .iter()
+            .all(|r| !r.path_and_query.contains("AuthenticateWithQuickConnect")),
+        "a guessed secret reached the media server"
+    );
 }
 
 /// Quick Connect codes one address may ask for in ten minutes (`MAX_INITIATES_PER_IP`).

@@ -172,6 +172,69 @@ async fn hand_built_tokens_are_judged_exactly() {
             sign(&header_with(&[("alg", json!("None"))]), &claims, &secret),
         ),
         (
+            "alg NONE",
+            sign(&header_with(&[("alg", json!("NONE"))]), &claims, &secret),
+        ),
+        (
+            "alg nOnE",
+            sign(&header_with(&[("alg", json!("nOnE"))]), &claims, &secret),
+        ),
+        (
+            "alg none with the real signature attached",
+            sign(&header_with(&[("alg", json!("none"))]), &claims, &secret),
+        ),
+        ("alg none, empty signature", {
+            let t = sign(&header_with(&[("alg", json!("none"))]), &claims, &secret);
+            format!("{}.", t.rsplit_once('.').unwrap().0)
+        }),
+        ("RS256 signed with an attacker's RSA key (ATK-04)", {
+            // An RSA key of nobody's, as PKCS#1 DER.
+            let der = std::fs::read(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/tests/fixtures/attacker-rsa.der"
+            ))
+            .unwrap();
+            let mut h = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256);
+            h.typ = Some("portcullis-session+jwt".into());
+            h.kid = Some(kid.clone());
+            jsonwebtoken::encode(&h, &claims, &jsonwebtoken::EncodingKey::from_rsa_der(&der))
+                .unwrap()
+        }),
+        (
+            "ES256 signed with an attacker's EC key, embedded as jwk (ATK-08f)",
+            {
+                let pair = rcgen::KeyPair::generate().unwrap();
+                let point = pair.public_key_raw();
+                let mut h = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+                h.typ = Some("portcullis-session+jwt".into());
+                h.jwk = serde_json::from_value(json!({
+                    "kty": "EC", "crv": "P-256",
+                    "x": b64(&point[1..33]), "y": b64(&point[33..65]),
+                }))
+                .ok();
+                jsonwebtoken::encode(
+                    &h,
+                    &claims,
+                    &jsonwebtoken::EncodingKey::from_ec_der(&pair.serialize_der()),
+                )
+                .unwrap()
+            },
+        ),
+        (
+            "a spare bit of the last signature character flipped (ATK-01b)",
+            {
+                // 32 signature bytes are 43 base64url characters: the last one carries 4 bits and
+                // 2 unused ones. A lax decoder reads the flipped form as the same signature.
+                const ALPHABET: &[u8] =
+                    b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+                let last = *good.as_bytes().last().unwrap();
+                let v = ALPHABET.iter().position(|c| *c == last).unwrap();
+                let mut t = good[..good.len() - 1].to_string();
+                t.push(ALPHABET[v ^ 1] as char);
+                t
+            },
+        ),
+        (
             "a pending-2FA typ used as a session",
             sign(
                 &header_with(&[("typ", json!("portcullis-pending+jwt"))]),

@@ -1,0 +1,228 @@
+//! What each fuzz target checks, shared by the libFuzzer targets (`fuzz/fuzz_targets/`, run with
+//! `cargo +nightly fuzz run <target>`) and by the stable replay of the committed seed corpora
+//! (`tests/it/fuzz_corpus.rs`). Every function takes arbitrary bytes; it panics only when the
+//! code under test panics or breaks one of the properties written here, each of which is checked
+//! by a simpler, independent reading of the input.
+
+use http::{HeaderMap, HeaderName, HeaderValue};
+use pingora::http::RequestHeader;
+use portcullis::{auth, config, mediaserver::carrier, proxy};
+
+/// The canonical path: never panics; what it accepts is absolute, has no dot or empty
+/// segments, no control bytes and no backslash; an input without `%` is accepted unchanged; and
+/// route matching never panics on it.
+pub fn path(data: &[u8]) {
+    let Ok(raw) = std::str::from_utf8(data) else {
+        return;
+    };
+    let Ok(canonical) = proxy::path::canonicalize(raw) else {
+        return;
+    };
+    assert!(canonical.starts_with('/'), "{raw:?} -> {canonical:?}");
+    assert!(!canonical.contains('\\'), "{raw:?} -> {canonical:?}");
+    assert!(
+        !canonical
+            .chars()
+            .any(|c| (c as u32) < 0x20 || c == '\u{7f}'),
+        "{raw:?} -> {canonical:?}"
+    );
+    let segments: Vec<&str> = canonical[1..].split('/').collect();
+    for (n, s) in segments.iter().enumerate() {
+        assert!(*s != "." && *s != "..", "{raw:?} -> {canonical:?}");
+        assert!(
+            !s.is_empty() || n == segments.len() - 1,
+            "{raw:?} -> {canonical:?}"
+        );
+    }
+    if !raw.contains('%') {
+        assert_eq!(canonical, raw);
+    }
+    for prefix in ["/", "/web", "/web/", "/jellyfin", segments[0]] {
+        let _ = proxy::path::under(&canonical, prefix);
+    }
+}
+
+/// Headers from `name: value` lines (invalid names or values are skipped, as a client library
+/// could not send them); the last line without a colon is the query string.
+fn headers_and_query(data: &[u8]) -> (HeaderMap, Option<String>) {
+    let mut headers = HeaderMap::new();
+    let mut query = None;
+    for line in data.split(|b| *b == b'\n') {
+        match line.iter().position(|b| *b == b':') {
+            Some(colon) => {
+                let (Ok(name), Ok(value)) = (
+                    HeaderName::from_bytes(&line[..colon]),
+                    HeaderValue::from_bytes(line[colon + 1..].trim_ascii()),
+                ) else {
+                    continue;
+                };
+                headers.append(name, value);
+            }
+            None => query = Some(String::from_utf8_lossy(line).into_owned()),
+        }
+    }
+    (headers, query)
+}
+
+/// Jellyfin's credential carriers: never panics; an accepted token is non-blank, within the
+/// length cap and free of control characters; accepted client fields are short and hold no
+/// path separators, `..` or control characters; the parameter parser never invents a key that
+/// the text does not hold.
+pub fn carrier(data: &[u8]) {
+    let (headers, query) = headers_and_query(data);
+    if let Ok(carried) = carrier::extract(&headers, query.as_deref()) {
+        if let Some(token) = &carried.token {
+            assert!(!token.trim().is_empty());
+            assert!(token.len() <= carrier::MAX_TOKEN_BYTES);
+            assert!(!token.chars().any(char::is_control));
+        }
+        let f = &carried.fields;
+        for v in [&f.client, &f.device, &f.device_id, &f.version] {
+            assert!(v.chars().count() <= 128, "{v:?}");
+            assert!(
+                !v.contains('/') && !v.contains('\\') && !v.contains(".."),
+                "{v:?}"
+            );
+            assert!(!v.chars().any(char::is_control), "{v:?}");
+        }
+    }
+    let text = String::from_utf8_lossy(data);
+    if let Some(params) = carrier::parse_params(&text) {
+        for (k, _) in &params {
+            assert!(text.contains(k.as_str()), "{k:?} not in {text:?}");
+        }
+    }
+    let _ = carrier::query_pairs(&text);
+    let _ = carrier::url_decode(&text);
+}
+
+/// The gateway's own credentials: a cookie value found is non-empty and has no `;`; a Bearer
+/// token is used only when it is the one `Authorization` header and no different cookie came
+/// with it; the token is the header's value after `Bearer ` exactly; and the `Cookie` header
+/// forwarded upstream never names one of the gateway's cookies.
+pub fn credentials(data: &[u8]) {
+    let (headers, _) = headers_and_query(data);
+    for name in [auth::cookie::name(true), auth::cookie::name(false)] {
+        let cookie = auth::cookie::find(&headers, name);
+        if let Some(c) = cookie {
+            assert!(!c.is_empty() && !c.contains(';'), "{c:?}");
+        }
+        if let Ok(Some((token, source))) = auth::extract_credential(&headers, name) {
+            if source == auth::CredentialSource::Bearer {
+                assert_eq!(
+                    headers.get_all(http::header::AUTHORIZATION).iter().count(),
+                    1
+                );
+                assert!(
+                    cookie.is_none_or(|c| c == token),
+                    "{cookie:?} with {token:?}"
+                );
+            } else {
+                assert_eq!(Some(token), cookie);
+            }
+        }
+    }
+    if let Some(token) = auth::bearer_token(&headers) {
+        let value = headers
+            .get(http::header::AUTHORIZATION)
+            .map(|v| v.as_bytes());
+        assert_eq!(value.map(<[u8]>::len), Some("Bearer ".len() + token.len()));
+    }
+    let gateway = [
+        auth::cookie::name(true),
+        auth::cookie::name(false),
+        auth::cookie::pending_name(true),
+        auth::cookie::pending_name(false),
+    ];
+    for value in headers.get_all(http::header::COOKIE) {
+        if let Some(kept) = auth::cookie::without_gateway_cookies(value.as_bytes()) {
+            for pair in kept.split(';') {
+                let name = pair.trim().split_once('=').map_or(pair.trim(), |(k, _)| k);
+                assert!(!gateway.contains(&name), "{kept:?} keeps {name:?}");
+            }
+        }
+    }
+    let _ = auth::canonical_user_name(&String::from_utf8_lossy(data));
+}
+
+/// The strict HTTP/1 front door, given the head exactly as Pingora parses it: never panics, and
+/// whatever it lets through has CRLF line ends only, no control bytes but tab, no obs-fold, at
+/// most one `Host`, at most one `Content-Length`, and not both a `Content-Length` and a
+/// `Transfer-Encoding`.
+pub fn front_door(data: &[u8]) {
+    let mut slots = [httparse::EMPTY_HEADER; 256];
+    let mut parsed = httparse::Request::new(&mut slots);
+    let Ok(httparse::Status::Complete(len)) = parsed.parse(data) else {
+        return;
+    };
+    let Ok(mut req) = RequestHeader::build(
+        parsed.method.unwrap_or(""),
+        parsed.path.unwrap_or("").as_bytes(),
+        Some(parsed.headers.len()),
+    ) else {
+        return;
+    };
+    req.set_version(match parsed.version {
+        Some(1) => http::Version::HTTP_11,
+        Some(0) => http::Version::HTTP_10,
+        _ => http::Version::HTTP_09,
+    });
+    for h in parsed.headers.iter() {
+        let (Ok(name), Ok(value)) = (
+            HeaderName::from_bytes(h.name.as_bytes()),
+            HeaderValue::from_bytes(h.value),
+        ) else {
+            return;
+        };
+        if req.append_header(name, value).is_err() {
+            return;
+        }
+    }
+    let head = &data[..len];
+    if proxy::strict::check(Some(head), &req).is_err() {
+        return;
+    }
+    let lines: Vec<&[u8]> = head.split(|b| *b == b'\n').collect();
+    for (n, line) in lines.iter().enumerate() {
+        if n + 1 < lines.len() {
+            assert!(line.ends_with(b"\r"), "bare LF passed: {head:?}");
+        }
+        let body = line.strip_suffix(b"\r").unwrap_or(line);
+        assert!(
+            !body
+                .iter()
+                .any(|b| (*b < 0x20 && *b != b'\t') || *b == 0x7f),
+            "control byte passed: {head:?}"
+        );
+        if n > 0 {
+            assert!(
+                !body.starts_with(b" ") && !body.starts_with(b"\t"),
+                "obs-fold passed: {head:?}"
+            );
+        }
+    }
+    let count = |name: &str| {
+        parsed
+            .headers
+            .iter()
+            .filter(|h| h.name.eq_ignore_ascii_case(name))
+            .count()
+    };
+    assert!(count("host") <= 1, "two Host headers passed: {head:?}");
+    assert!(count("content-length") <= 1, "two Content-Lengths passed");
+    assert!(
+        count("content-length") == 0 || count("transfer-encoding") == 0,
+        "Content-Length with Transfer-Encoding passed: {head:?}"
+    );
+}
+
+/// Config loading: never panics, whatever the text; every error names the file.
+pub fn config(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let path = std::path::Path::new("fuzz.toml");
+    if let Err(e) = config::Config::parse(text, path, &config::EnvOverrides::default()) {
+        assert!(e.to_string().contains("fuzz.toml"), "{e}");
+    }
+}

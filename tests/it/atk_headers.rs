@@ -1,0 +1,144 @@
+//! Oversized heads and HTTP/2 (checklist §3: ATK-13, ATK-59). Heads past the cap are refused
+//! before any token work and never reach the upstream; HTTP/2 is not spoken at all, so its
+//! abuse cases (rapid reset, CONTINUATION floods, H2→H1 desync) have nothing to reach.
+
+use std::io::{Read, Write};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::harness::{status_of, Gateway};
+use crate::upstream::Upstream;
+
+const ALICE_PW: &str = "alice-password-1234";
+
+/// Sends raw bytes and returns what came back before the connection closed (or 5 s passed).
+async fn exchange(port: u16, bytes: &[u8]) -> String {
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    // The gateway may answer and close before reading all of a large head: a failed write
+    // is part of the answer.
+    let _ = s.write_all(bytes).await;
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test]
+async fn atk13_oversized_heads_are_refused_before_auth_and_never_forwarded() {
+    let up = Upstream::start().await;
+    let gw = Gateway::builder(&up.url())
+        .user("alice", ALICE_PW)
+        .start()
+        .await;
+    let token = gw.login("alice", ALICE_PW).await.token;
+    let head = |extra: &str, target: &str| {
+        format!("GET {target} HTTP/1.1\r\nHost: x\r\n{extra}Connection: close\r\n\r\n").into_bytes()
+    };
+    // (a) a 64 KiB Cookie header ending in a valid session cookie.
+    let mut cookie = String::from("Cookie: ");
+    for i in 0..4000 {
+        cookie.push_str(&format!("c{i}=xxxxxxxxxxx; "));
+    }
+    cookie.push_str(&format!("portcullis={token}\r\n"));
+    // (b) one 100 KiB header.
+    let big = format!("X-Pad: {}\r\n", "A".repeat(100 * 1024));
+    // (c) 500 headers of 10 bytes.
+    let many: String = (0..500).map(|i| format!("X-{i:03}: 1\r\n")).collect();
+    // (d) a 64 KiB query string.
+    let long_target = format!("/Items?x={}", "a".repeat(64 * 1024));
+    // (e) a 5,000-byte cookie value (not a token the gateway could have issued).
+    let fat = format!("Cookie: portcullis={}\r\n", "e".repeat(5000));
+    let cases: [(&str, Vec<u8>, &[u16]); 5] = [
+        ("(a) 64 KiB cookie", head(&cookie, "/x"), &[431]),
+        ("(b) 100 KiB header", head(&big, "/x"), &[431]),
+        // Pingora refuses more than 256 headers itself, as a malformed head.
+        ("(c) 500 headers", head(&many, "/x"), &[400, 431]),
+        ("(d) 64 KiB query", head("", &long_target), &[400, 414, 431]),
+        ("(e) 5,000-byte cookie value", head(&fat, "/x"), &[401]),
+    ];
+    for (name, bytes, allowed) in cases {
+        let resp = exchange(gw.port, &bytes).await;
+        let status = status_of(&resp);
+        assert!(allowed.contains(&status), "{name}: {status}\n{resp:.300}");
+    }
+    assert_eq!(up.count(), 0, "{:?}", up.requests());
+    // The gateway is still healthy and serving.
+    assert_eq!(gw.get_status("/after", &token).await, 200);
+}
+
+#[tokio::test]
+async fn atk59_http2_is_not_spoken_on_either_listener_kind() {
+    let up = Upstream::start().await;
+    // Cleartext: the HTTP/2 connection preface is not a request.
+    let gw = Gateway::builder(&up.url()).start().await;
+    let resp = exchange(
+        gw.port,
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00",
+    )
+    .await;
+    assert!(
+        resp.is_empty() || status_of(&resp) >= 400,
+        "the h2 preface got {resp:?}"
+    );
+    assert!(!resp.contains("HTTP/2"), "{resp}");
+
+    // TLS: a client that offers only h2 gets no protocol chosen, and its h2 preface is refused.
+    let dir = tempfile::tempdir().unwrap();
+    let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let cert_path = dir.path().join("cert.pem");
+    let key_path = dir.path().join("key.pem");
+    std::fs::write(&cert_path, certified.cert.pem()).unwrap();
+    std::fs::write(&key_path, certified.key_pair.serialize_pem()).unwrap();
+    let tls_gw = Gateway::builder(&up.url())
+        .server_keys(&format!(
+            "tls_cert = \"{}\"\ntls_key = \"{}\"",
+            cert_path.display(),
+            key_path.display()
+        ))
+        .start()
+        .await;
+    let port = tls_gw.port;
+    let der = certified.cert.der().clone();
+    let (alpn, answer) = tokio::task::spawn_blocking(move || {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(der).unwrap();
+        let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let conn = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
+        let sock = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut tls = rustls::StreamOwned::new(conn, sock);
+        tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").unwrap();
+        let alpn = tls.conn.alpn_protocol().map(<[u8]>::to_vec);
+        let mut out = Vec::new();
+        let _ = tls.read_to_end(&mut out);
+        (alpn, String::from_utf8_lossy(&out).into_owned())
+    })
+    .await
+    .unwrap();
+    assert_eq!(alpn, None, "the TLS listener chose a protocol: {alpn:?}");
+    assert!(
+        answer.is_empty() || status_of(&answer) >= 400,
+        "the h2 preface over TLS got {answer:?}"
+    );
+    assert_eq!(up.count(), 0, "{:?}", up.requests());
+}

@@ -1,0 +1,298 @@
+//! Slow and greedy clients (ATK-58): a request head trickled a byte at a time, an idle
+//! keep-alive connection, one address opening more connections than allowed, a body trickled
+//! to the gateway's own pages, and a body declared far over the cap. Pingora alone only times
+//! out each read after 60 s; the gateway's admission watchman and body deadline are what cut
+//! these, while other clients keep being served.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::harness::{client, status_of, Gateway};
+use crate::upstream::Upstream;
+
+/// A connection from `source` (a loopback address of its own, so that per-address counting
+/// sees only this test's connections).
+async fn connect_from(source: [u8; 4], gw: &Gateway) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket
+        .bind(SocketAddr::from((source, 0)))
+        .expect("bind a loopback source address");
+    socket
+        .connect(SocketAddr::from(([127, 0, 0, 1], gw.port)))
+        .await
+        .unwrap()
+}
+
+/// Whether the peer has closed `s`: a read sees the end (or a reset) rather than blocking.
+async fn closed(s: &mut TcpStream) -> bool {
+    let mut buf = [0u8; 4096];
+    loop {
+        match tokio::time::timeout(Duration::from_millis(20), s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return true,
+            Ok(Ok(_)) => continue,
+            Err(_) => return false,
+        }
+    }
+}
+
+/// Whether the peer closes `s` within `within`.
+async fn closes_within(s: &mut TcpStream, within: Duration) -> bool {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if closed(s).await {
+            return true;
+        }
+    }
+    false
+}
+
+/// Reads one whole response (headers and `Content-Length` body) from `s`.
+async fn read_response(s: &mut TcpStream) -> String {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            let n = s.read(&mut buf).await.unwrap();
+            if n == 0 {
+                return;
+            }
+            out.extend_from_slice(&buf[..n]);
+            if crate::harness::response_complete(&out) {
+                return;
+            }
+        }
+    })
+    .await
+    .expect("a response within 5 s");
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+async fn gateway(up: &Upstream, server: &str) -> Gateway {
+    Gateway::builder(&up.url())
+        .server_keys(server)
+        .route_keys("public_paths = [\"/pub\"]")
+        .start()
+        .await
+}
+
+#[tokio::test]
+async fn a_trickled_head_is_cut_at_the_deadline_while_others_are_served() {
+    let up = Upstream::start().await;
+    let gw = gateway(&up, "head_timeout = \"2s\"").await;
+    let start = Instant::now();
+    let mut slow = connect_from([127, 0, 0, 2], &gw).await;
+    slow.write_all(b"GET /pub HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    // One header line every 200 ms: each read arrives well within Pingora's per-read timeout.
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    let mut served_meanwhile = false;
+    let cut = loop {
+        tick.tick().await;
+        if slow.write_all(b"X-Drip: a\r\n").await.is_err() || closed(&mut slow).await {
+            break start.elapsed();
+        }
+        if !served_meanwhile {
+            let r = client().get(gw.url("/pub/ok")).send().await.unwrap();
+            assert_eq!(r.status(), 200);
+            served_meanwhile = true;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(6),
+            "the trickled head was still open after 6 s"
+        );
+    };
+    assert!(
+        cut >= Duration::from_millis(1900),
+        "cut too early: {cut:?} (deadline 2 s)"
+    );
+    assert!(served_meanwhile);
+    assert_eq!(
+        up.count(),
+        1,
+        "only the normal request reached the upstream"
+    );
+    gw.metrics_with(&["portcullis_connections_dropped_total{reason=\"head_timeout\"} 1"])
+        .await;
+}
+
+#[tokio::test]
+async fn an_idle_keepalive_connection_closes_after_the_deadline_and_a_busy_one_does_not() {
+    let up = Upstream::start().await;
+    let gw = gateway(&up, "head_timeout = \"1s\"").await;
+    let mut idle = connect_from([127, 0, 0, 3], &gw).await;
+    idle.write_all(b"GET /pub/a HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    assert_eq!(status_of(&read_response(&mut idle).await), 200);
+    let answered = Instant::now();
+    // A download the client has not started reading (8 MB, more than the socket buffers
+    // hold) stays open past the deadline: the connection is busy, not waiting for a head.
+    let mut busy = connect_from([127, 0, 0, 3], &gw).await;
+    busy.write_all(b"GET /pub/bytes/8000000 HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    assert!(
+        closes_within(&mut idle, Duration::from_secs(4)).await,
+        "the idle keep-alive connection stayed open"
+    );
+    assert!(answered.elapsed() >= Duration::from_millis(900));
+    // The property is about time passing: the busy one must outlive the deadline twice over.
+    tokio::time::sleep_until((answered + Duration::from_millis(2500)).into()).await;
+    let mut body = Vec::new();
+    let mut buf = vec![0u8; 1 << 16];
+    let mut head_end = None;
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let n = busy.read(&mut buf).await.unwrap();
+            assert!(n > 0, "the download was cut after {} bytes", body.len());
+            body.extend_from_slice(&buf[..n]);
+            if head_end.is_none() {
+                head_end = body
+                    .windows(4)
+                    .position(|w| w == b"\r\n\r\n")
+                    .map(|p| p + 4);
+            }
+            if head_end.is_some_and(|h| body.len() >= h + 8_000_000) {
+                break;
+            }
+        }
+    })
+    .await
+    .expect("the download finishes");
+    let head_end = head_end.unwrap();
+    assert_eq!(status_of(&String::from_utf8_lossy(&body[..head_end])), 200);
+    assert_eq!(
+        body.len() - head_end,
+        8_000_000,
+        "the whole download arrived"
+    );
+}
+
+#[tokio::test]
+async fn an_address_over_its_cap_loses_its_newest_waiting_connections() {
+    let up = Upstream::start().await;
+    let gw = gateway(&up, "max_connections_per_ip = 4").await;
+    let mut old = Vec::new();
+    for _ in 0..4 {
+        let mut s = connect_from([127, 0, 0, 4], &gw).await;
+        s.write_all(b"GET /pub/a HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        assert_eq!(status_of(&read_response(&mut s).await), 200);
+        old.push(s);
+    }
+    let mut new = Vec::new();
+    for _ in 0..4 {
+        new.push(connect_from([127, 0, 0, 4], &gw).await);
+    }
+    let mut all_cut = true;
+    for s in new.iter_mut() {
+        all_cut &= closes_within(s, Duration::from_secs(5)).await;
+    }
+    assert!(all_cut, "the connections over the cap stayed open");
+    for s in old.iter_mut() {
+        assert!(!closed(s).await, "an established connection was cut");
+        s.write_all(b"GET /pub/b HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        assert_eq!(status_of(&read_response(s).await), 200);
+    }
+    // Another address is not affected by this one's count.
+    let r = client().get(gw.url("/pub/c")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    gw.metrics_with(&["portcullis_connections_dropped_total{reason=\"per_ip_cap\"} 4"])
+        .await;
+}
+
+#[tokio::test]
+async fn a_trickled_login_body_gets_408_and_a_huge_one_413_at_once() {
+    let up = Upstream::start().await;
+    let gw = gateway(&up, "body_timeout = \"1s\"").await;
+    let mut slow = connect_from([127, 0, 0, 5], &gw).await;
+    slow.write_all(
+        b"POST /_portcullis/login HTTP/1.1\r\nHost: x\r\n\
+          Content-Type: application/x-www-form-urlencoded\r\nContent-Length: 1000\r\n\r\nusername=",
+    )
+    .await
+    .unwrap();
+    let start = Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                let _ = slow.write_all(b"a").await;
+            }
+            n = slow.read(&mut buf) => {
+                let n = n.unwrap_or(0);
+                if n == 0 {
+                    break;
+                }
+                out.extend_from_slice(&buf[..n]);
+            }
+        }
+        assert!(start.elapsed() < Duration::from_secs(5), "no answer in 5 s");
+    }
+    let resp = String::from_utf8_lossy(&out);
+    assert_eq!(status_of(&resp), 408, "{resp}");
+    assert!(
+        resp.to_ascii_lowercase().contains("connection: close"),
+        "{resp}"
+    );
+    assert!(start.elapsed() >= Duration::from_millis(900));
+
+    let mut huge = connect_from([127, 0, 0, 5], &gw).await;
+    let start = Instant::now();
+    huge.write_all(
+        b"POST /_portcullis/login HTTP/1.1\r\nHost: x\r\n\
+          Content-Type: application/x-www-form-urlencoded\r\nContent-Length: 104857600\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let resp = read_response(&mut huge).await;
+    assert_eq!(status_of(&resp), 413, "{resp}");
+    assert!(
+        start.elapsed() < Duration::from_millis(500),
+        "{:?}",
+        start.elapsed()
+    );
+    assert!(closed(&mut huge).await, "the connection stayed open");
+    assert_eq!(up.count(), 0);
+    gw.metrics_with(&["reason=\"slow_body\""]).await;
+}
+
+#[tokio::test]
+async fn an_unfinished_tls_handshake_is_cut_at_the_head_deadline() {
+    let up = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let cert = dir.path().join("cert.pem");
+    let key = dir.path().join("key.pem");
+    std::fs::write(&cert, certified.cert.pem()).unwrap();
+    std::fs::write(&key, certified.key_pair.serialize_pem()).unwrap();
+    let gw = gateway(
+        &up,
+        &format!(
+            "head_timeout = \"1s\"\ntls_cert = \"{}\"\ntls_key = \"{}\"",
+            cert.display(),
+            key.display()
+        ),
+    )
+    .await;
+    let start = Instant::now();
+    let mut stalled = connect_from([127, 0, 0, 8], &gw).await;
+    // The first bytes of a TLS record header, and then nothing (ATK-58d).
+    stalled.write_all(&[0x16, 0x03, 0x01]).await.unwrap();
+    assert!(
+        closes_within(&mut stalled, Duration::from_secs(4)).await,
+        "the stalled handshake stayed open"
+    );
+    assert!(start.elapsed() >= Duration::from_millis(900));
+    gw.metrics_with(&["portcullis_connections_dropped_total{reason=\"head_timeout\"} 1"])
+        .await;
+}
