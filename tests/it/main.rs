@@ -13,6 +13,7 @@ mod atk_credentials;
 mod atk_headers;
 mod atk_paths;
 mod atk_redirects;
+mod atk_second_factor;
 mod atk_websocket;
 mod bad_input;
 mod browser;
