@@ -172,7 +172,8 @@ pub fn main() -> i32 {
             return 2;
         }
     };
-    crate::telemetry::init(&config.log);
+    // Held until the command returns, so the log lines still queued are written.
+    let _log = crate::telemetry::init(&config.log);
     let result = match cli.command {
         Command::Serve => crate::server::serve(config).map_err(anyhow::Error::from),
         other => run_store_command(config, other),
