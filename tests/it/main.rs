@@ -11,6 +11,7 @@ mod account;
 mod atk_carriers;
 mod atk_credentials;
 mod atk_headers;
+mod atk_passwords;
 mod atk_paths;
 mod atk_redirects;
 mod atk_second_factor;
