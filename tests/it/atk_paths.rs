@@ -3,19 +3,12 @@
 //! canonical path; what it cannot read one way only is refused, and a refused request never
 //! reaches Jellyfin.
 
-use std::time::Duration;
-
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-use crate::harness::{client, status_of, Gateway};
+use crate::harness::{client, raw_request, status_of, Gateway};
 use crate::jellyfin::{mb, PW};
 use crate::standin::StandIn;
 
 /// Sends one request as raw bytes and returns the status of the answer.
 async fn raw(gw: &Gateway, method: &str, path: &str, headers: &str) -> u16 {
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", gw.port))
-        .await
-        .unwrap();
     let body = if method == "POST" {
         "{\"Username\":\"alice\",\"Pw\":\"wrong\"}"
     } else {
@@ -26,13 +19,7 @@ async fn raw(gw: &Gateway, method: &str, path: &str, headers: &str) -> u16 {
          Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     );
-    s.write_all(req.as_bytes()).await.unwrap();
-    let mut out = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out))
-        .await
-        .expect("an answer within 5 s")
-        .unwrap();
-    status_of(&String::from_utf8_lossy(&out))
+    status_of(&raw_request(&format!("127.0.0.1:{}", gw.port), req.as_bytes()).await)
 }
 
 async fn setup(media: &str) -> (StandIn, Gateway) {
