@@ -57,7 +57,10 @@ pub fn init(cfg: &LogConfig) -> tracing_appender::non_blocking::WorkerGuard {
         .lossy(false)
         .buffered_lines_limit(QUEUED_LINES)
         .thread_name("portcullis-log")
-        .finish(std::io::BufWriter::with_capacity(1 << 16, std::io::stderr()));
+        .finish(std::io::BufWriter::with_capacity(
+            1 << 16,
+            std::io::stderr(),
+        ));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(writer);
