@@ -5,6 +5,7 @@
 
 pub mod account;
 pub mod media;
+pub mod sso;
 
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -64,6 +65,8 @@ pub enum StartError {
     Password(#[from] PasswordError),
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
+    #[error("single sign-on: {0}")]
+    Oidc(#[from] crate::oidc::OidcError),
 }
 
 /// Why a login (or one of its steps) did not go ahead.
@@ -209,11 +212,16 @@ pub struct App {
     pub throttle: Throttle,
     pub cookie_name: &'static str,
     pending_tries: Cache<String, u32>,
+    /// Pending logins (by `jti`) of single sign-on logins whose provider claim grants admin:
+    /// granted when the session is created (see `sso::SsoLogin::grant_admin`).
+    sso_admin_grants: Cache<String, ()>,
     last_seen_written: Cache<u128, i64>,
     last_seen_pending: Mutex<Vec<(SessionId, i64)>>,
     /// Playback grants, Quick Connect approvals and open connections of media routes.
     pub media: crate::mediaserver::MediaState,
     pub media_client: crate::mediaserver::upstream::MediaClient,
+    /// Single sign-on providers (`[[oidc]]`).
+    pub oidc: crate::oidc::Providers,
 }
 
 impl App {
@@ -224,7 +232,10 @@ impl App {
         let secrets = SecretsKey::load(&config.auth.secrets_key_file, true)?;
         let hasher = Hasher::new(&config.password)?;
         let names: Vec<String> = config.routes.iter().map(|r| r.name.clone()).collect();
+        let provider_ids: Vec<String> = config.oidc.iter().map(|p| p.id.clone()).collect();
         let metrics = Metrics::new(&names, store.backend())?;
+        metrics.register_oidc_providers(&provider_ids);
+        let oidc = crate::oidc::Providers::new(&config.oidc, &config.server.public_url)?;
         let view = RevocationView::new();
         let started = Instant::now();
         view.load(store.snapshot(now_ms()).await?, Instant::now());
@@ -260,6 +271,7 @@ impl App {
         let app = App {
             media: crate::mediaserver::MediaState::new(max_grant),
             media_client: crate::mediaserver::upstream::MediaClient::new(),
+            oidc,
             throttle: Throttle::new(&config.auth),
             config,
             store,
@@ -271,6 +283,10 @@ impl App {
             cookie_name,
             pending_tries: Cache::builder()
                 .max_capacity(100_000)
+                .time_to_live(Duration::from_secs(PENDING_TTL_SECS as u64 + 60))
+                .build(),
+            sso_admin_grants: Cache::builder()
+                .max_capacity(10_000)
                 .time_to_live(Duration::from_secs(PENDING_TTL_SECS as u64 + 60))
                 .build(),
             last_seen_written: Cache::builder()
@@ -495,15 +511,18 @@ impl App {
                 }
                 (None, Channel::Api) => return Err(LoginError::SecondFactorRequired),
                 (None, Channel::Form) => {
-                    return self.pending(&user, PendingStage::Totp);
+                    return self.pending(&user, PendingStage::Totp, None);
                 }
             }
         }
-        self.after_factors(&user, amr, channel, kind, client).await
+        self.after_factors(&user, amr, channel, kind, client, None)
+            .await
     }
 
     /// The steps after every factor was checked: 2FA enrolment if required, a new password if
-    /// required, then the session.
+    /// required (after a single sign-on too: a breach response or `require-reset` asks it of
+    /// every way in), then the session. A single sign-on login records its provider session
+    /// with the new session.
     async fn after_factors(
         &self,
         user: &User,
@@ -511,6 +530,7 @@ impl App {
         channel: Channel,
         kind: SessionKind,
         client: &ClientInfo,
+        sso: Option<sso::SsoLogin>,
     ) -> Result<LoginStep, LoginError> {
         let must_enroll = !user.totp_enabled
             && match self.config.auth.require_2fa {
@@ -521,13 +541,13 @@ impl App {
         if must_enroll {
             return match channel {
                 Channel::Api => Err(LoginError::EnrollmentRequired),
-                Channel::Form => self.pending(user, PendingStage::Enroll),
+                Channel::Form => self.pending(user, PendingStage::Enroll, sso.as_ref()),
             };
         }
         if user.must_reset {
             return match channel {
                 Channel::Api => Err(LoginError::PasswordResetRequired),
-                Channel::Form => self.pending(user, PendingStage::Password),
+                Channel::Form => self.pending(user, PendingStage::Password, sso.as_ref()),
             };
         }
         if user.failed_logins != 0 || user.locked_until_ms.is_some() {
@@ -536,14 +556,45 @@ impl App {
                 .await
                 .map_err(|e| self.store_error("clear_failures", e))?;
         }
-        let ok = self.create_session(user, amr, kind, client).await?;
-        let mut e = self.audit_entry("login", "success", Some((user.id, &user.name)), client);
-        e.session_id = ok.session_id.to_string();
-        self.audit(e).await;
+        let ok = self
+            .open_session(user, amr, kind, client, sso.as_ref())
+            .await?;
         Ok(LoginStep::Session(ok))
     }
 
-    fn pending(&self, user: &User, stage: PendingStage) -> Result<LoginStep, LoginError> {
+    /// Creates the session of a login that owes nothing more, completes what a single sign-on
+    /// brings with it (provider session, admin by claim), and audits the login.
+    async fn open_session(
+        &self,
+        user: &User,
+        amr: Vec<String>,
+        kind: SessionKind,
+        client: &ClientInfo,
+        sso: Option<&sso::SsoLogin>,
+    ) -> Result<LoginOk, LoginError> {
+        let ok = self.create_session(user, amr.clone(), kind, client).await?;
+        let event = match sso {
+            Some(s) => {
+                self.finish_sso_session(user, &ok, s, &amr, client).await?;
+                "sso_login"
+            }
+            None => "login",
+        };
+        let mut e = self.audit_entry(event, "success", Some((user.id, &user.name)), client);
+        e.session_id = ok.session_id.to_string();
+        if let Some(s) = sso {
+            e.detail = format!("provider {}", s.pending.provider);
+        }
+        self.audit(e).await;
+        Ok(ok)
+    }
+
+    fn pending(
+        &self,
+        user: &User,
+        stage: PendingStage,
+        sso: Option<&sso::SsoLogin>,
+    ) -> Result<LoginStep, LoginError> {
         let now = now_ms() / 1000;
         let ring = self.keyring();
         let claims = PendingClaims {
@@ -556,11 +607,24 @@ impl App {
             iat: now,
             nbf: now,
             exp: now + PENDING_TTL_SECS,
+            sso: sso.map(|s| s.pending.clone()),
         };
         let token = ring
             .issue_typed(PENDING_TYP, &claims)
             .map_err(|_| LoginError::Internal)?;
+        if sso.is_some_and(|s| s.grant_admin) {
+            self.sso_admin_grants.insert(claims.jti.clone(), ());
+        }
         Ok(LoginStep::Pending { token, stage })
+    }
+
+    /// The single sign-on login a pending login carries, if any.
+    pub(crate) fn resumed_sso(&self, claims: &PendingClaims) -> Option<sso::SsoLogin> {
+        let grant_admin = self.sso_admin_grants.contains_key(&claims.jti);
+        claims
+            .sso
+            .clone()
+            .map(|p| sso::SsoLogin::resumed(p, grant_admin))
     }
 
     /// Reads a pending-login token for `stage` and loads its user.
@@ -616,12 +680,14 @@ impl App {
             self.pending_tries.insert(claims.jti.clone(), tries + 1);
             return Err(e);
         }
+        let first = if claims.sso.is_some() { "sso" } else { "pwd" };
         self.after_factors(
             &user,
-            vec!["pwd".into(), "otp".into()],
+            vec![first.into(), "otp".into()],
             Channel::Form,
             kind,
             client,
+            self.resumed_sso(&claims),
         )
         .await
     }
@@ -901,6 +967,9 @@ impl App {
     /// reloads, batched last-seen writes, session counts, and sweeps of expired revocations and
     /// of the store.
     pub async fn run_sync_loop(self: Arc<Self>) {
+        // Serving: find the single sign-on providers (retried in the background until they
+        // answer; the gateway does not wait for them).
+        self.oidc.spawn_discovery();
         let mut tick = tokio::time::interval(self.config.store.poll_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut announcements = self.store.announcements();

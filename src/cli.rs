@@ -112,6 +112,22 @@ pub enum UserCommand {
     },
     /// Clear a user's failed logins and lock.
     Unlock { name: String },
+    /// Link a single sign-on provider's subject (`sub`) to a user.
+    LinkOidc {
+        name: String,
+        /// The provider's `id` in `[[oidc]]`.
+        #[arg(long)]
+        provider: String,
+        /// The subject (`sub` claim) the provider gives the user.
+        #[arg(long)]
+        subject: String,
+    },
+    /// Remove a user's link to a single sign-on provider.
+    UnlinkOidc {
+        name: String,
+        #[arg(long)]
+        provider: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -339,6 +355,81 @@ async fn user_command(config: &Config, store: &DynStore, c: UserCommand) -> anyh
             }
             Ok(())
         }
+        UserCommand::LinkOidc {
+            name,
+            provider,
+            subject,
+        } => {
+            let Some(issuer) = config
+                .oidc
+                .iter()
+                .find(|p| p.id == provider)
+                .map(|p| p.issuer.as_str())
+            else {
+                return Err(refused(format!(
+                    "no [[oidc]] provider has id `{provider}` in the config"
+                )));
+            };
+            if subject.is_empty() || subject.len() > 255 {
+                return Err(refused("the subject must be 1-255 characters"));
+            }
+            let user = find_user(store, &name).await?;
+            if let Some(other) = store
+                .find_oidc_link(&provider, issuer, &subject)
+                .await
+                .map_err(store_refusal)?
+            {
+                if other == user.id {
+                    println!("{} is already linked to that subject", user.name);
+                    return Ok(());
+                }
+                return Err(refused(
+                    "that subject is linked to another user; unlink it there first",
+                ));
+            }
+            match store
+                .link_oidc(&provider, issuer, &subject, user.id, now_ms())
+                .await
+            {
+                Ok(()) => {}
+                Err(StoreError::Conflict(_)) => {
+                    return Err(refused(format!(
+                        "{} is linked to another subject at {provider}; unlink it first",
+                        user.name
+                    )))
+                }
+                Err(e) => return Err(store_refusal(e)),
+            }
+            cli_audit(
+                store,
+                "sso_link",
+                Some(&user),
+                &format!("provider {provider} (admin)"),
+            )
+            .await;
+            println!("linked {} to {provider}", user.name);
+            Ok(())
+        }
+        UserCommand::UnlinkOidc { name, provider } => {
+            let user = find_user(store, &name).await?;
+            if store
+                .unlink_oidc(&provider, user.id)
+                .await
+                .map_err(store_refusal)?
+            {
+                cli_audit(
+                    store,
+                    "sso_unlink",
+                    Some(&user),
+                    &format!("provider {provider} (admin)"),
+                )
+                .await;
+                println!("unlinked {} from {provider}", user.name);
+                Ok(())
+            } else {
+                Err(refused(format!("{} has no link to {provider}", user.name)))
+            }
+        }
         UserCommand::Disable { name } => {
             let user = find_user(store, &name).await?;
             store
@@ -541,6 +632,10 @@ async fn breach(config: &Config, store: &DynStore) -> anyhow::Result<()> {
     println!(
         "  - {} users must choose a new password at next login",
         report.users_reset
+    );
+    println!(
+        "  - {} single sign-on links removed (users link their provider account again)",
+        report.oidc_links_removed
     );
     println!(
         "  - session signing key replaced: new key {}, retired {} (tokens they signed no longer work anywhere)",

@@ -10,6 +10,11 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+mod oidc;
+pub use oidc::{
+    is_loopback_url as oidc_is_loopback, AutoLink, ClientSecretSource, OidcProviderConfig,
+};
+
 /// Default public listener.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 /// Default private listener for `/metrics`, `/healthz`, `/readyz`.
@@ -124,6 +129,8 @@ struct FileConfig {
     auth: FileAuth,
     #[serde(default)]
     route: Vec<FileRoute>,
+    #[serde(default)]
+    oidc: Vec<oidc::FileOidc>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -139,6 +146,7 @@ struct FileAuth {
     #[serde(default, with = "humantime_serde")]
     reset_link_ttl: Option<Duration>,
     secrets_key_file: Option<PathBuf>,
+    password_form: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -253,6 +261,8 @@ pub struct Config {
     pub log: LogConfig,
     pub auth: AuthConfig,
     pub routes: Vec<Route>,
+    /// Single sign-on providers (`[[oidc]]`).
+    pub oidc: Vec<OidcProviderConfig>,
 }
 
 /// Who must use a second factor.
@@ -274,6 +284,9 @@ pub struct AuthConfig {
     pub reset_link_ttl: Duration,
     /// Key that encrypts TOTP secrets at rest; generated 0600 on first start if absent.
     pub secrets_key_file: PathBuf,
+    /// Whether the login page shows the password form (`password_form = "shown"`, the
+    /// default) or only the single sign-on buttons (`"hidden"`; the JSON login API stays).
+    pub password_form: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -602,6 +615,13 @@ impl Validator {
         let password = self.password(raw.password)?;
         let log = self.log(raw.log)?;
         let auth = self.auth(raw.auth)?;
+        let oidc = self.oidc(raw.oidc)?;
+        if !auth.password_form && oidc.is_empty() {
+            return Err(self.err(
+                "auth.password_form",
+                "`hidden` needs at least one [[oidc]] provider, or nobody could sign in",
+            ));
+        }
         if raw.route.is_empty() {
             return Err(self.err("route", "at least one [[route]] is required"));
         }
@@ -638,6 +658,7 @@ impl Validator {
             log,
             auth,
             routes,
+            oidc,
         })
     }
 
@@ -678,7 +699,18 @@ impl Validator {
         {
             return Err(self.err("auth.reset_link_ttl", "must be between 1m and 30 days"));
         }
+        let password_form = match a.password_form.as_deref().unwrap_or("shown") {
+            "shown" => true,
+            "hidden" => false,
+            other => {
+                return Err(self.err(
+                    "auth.password_form",
+                    format!("`{other}` is not shown or hidden"),
+                ))
+            }
+        };
         Ok(AuthConfig {
+            password_form,
             require_2fa,
             max_failures,
             lockout,
@@ -1181,14 +1213,6 @@ upstream = "127.0.0.1:8096"
     }
 
     #[test]
-    fn bad_route_kind_names_route_index() {
-        let e = parse("[[route]]\nname='a'\nupstream='127.0.0.1:1'\nkind='emby2'\n")
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("route[0].kind") && e.contains("emby2"), "{e}");
-    }
-
-    #[test]
     fn endless_blocklist_file_is_an_error_not_a_hang() {
         let e = parse(&format!(
             "[password]\nblocklist_file = '/dev/zero'\n{MINIMAL}"
@@ -1199,6 +1223,14 @@ upstream = "127.0.0.1:8096"
             e.contains("password.blocklist_file") && e.contains("larger than"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn bad_route_kind_names_route_index() {
+        let e = parse("[[route]]\nname='a'\nupstream='127.0.0.1:1'\nkind='emby2'\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("route[0].kind") && e.contains("emby2"), "{e}");
     }
 
     #[test]

@@ -11,6 +11,7 @@ pub mod cli;
 pub mod config;
 pub mod mediaserver;
 pub mod metrics;
+pub mod oidc;
 pub mod proxy;
 pub mod revocation;
 pub mod server;

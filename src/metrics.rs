@@ -35,6 +35,9 @@ pub const CONNECTIONS_DROPPED_TOTAL: &str = "portcullis_connections_dropped_tota
 pub const VIEW_BYTES: &str = "portcullis_revocation_view_bytes";
 pub const SYNC_RESYNCS_TOTAL: &str = "portcullis_sync_resyncs_total";
 pub const PUSH_CONNECTED: &str = "portcullis_sync_push_connected";
+pub const OIDC_LOGINS_TOTAL: &str = "portcullis_oidc_logins_total";
+pub const OIDC_BACKCHANNEL_LOGOUTS_TOTAL: &str = "portcullis_oidc_backchannel_logouts_total";
+pub const OIDC_LINKS_TOTAL: &str = "portcullis_oidc_links_total";
 
 /// Reasons a request is refused before authentication.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -162,6 +165,13 @@ pub struct Metrics {
     pub sync_resyncs: IntCounter,
     pub view_bytes: IntGauge,
     pub push_connected: IntGauge,
+    /// Single sign-on callbacks by provider and result (`success`, `pending` or the typed
+    /// reason of a refusal: see `app::sso::SsoError::label`).
+    pub oidc_logins: IntCounterVec,
+    /// Back-channel logouts by provider and result (`success` or the typed reason).
+    pub oidc_backchannel: IntCounterVec,
+    /// Links made and removed, by provider and how (`auto`, `user`, `admin`, `unlink`).
+    pub oidc_links: IntCounterVec,
 }
 
 /// Route label for requests answered before a route was chosen, or by the gateway's own pages.
@@ -304,6 +314,33 @@ impl Metrics {
             "1 while the store's push announcements (PostgreSQL LISTEN) are connected; 0 when \
              not, or when the store has none (SQLite).",
         )?;
+        let oidc_logins = IntCounterVec::new(
+            Opts::new(
+                OIDC_LOGINS_TOTAL,
+                "Single sign-on logins by provider and result (success, pending, or the reason \
+                 they were refused).",
+            ),
+            &["provider", "result"],
+        )?;
+        let oidc_backchannel = IntCounterVec::new(
+            Opts::new(
+                OIDC_BACKCHANNEL_LOGOUTS_TOTAL,
+                "Back-channel logout requests from providers by provider and result (success, or \
+                 the reason they were refused).",
+            ),
+            &["provider", "result"],
+        )?;
+        let oidc_links = IntCounterVec::new(
+            Opts::new(
+                OIDC_LINKS_TOTAL,
+                "Links between provider subjects and users made (auto, user, admin, created) or \
+                 removed (unlink).",
+            ),
+            &["provider", "how"],
+        )?;
+        registry.register(Box::new(oidc_logins.clone()))?;
+        registry.register(Box::new(oidc_backchannel.clone()))?;
+        registry.register(Box::new(oidc_links.clone()))?;
         for source in ["media_password", "quick_connect", "adopted"] {
             media_tokens_bound.with_label_values(&[source]);
         }
@@ -403,7 +440,20 @@ impl Metrics {
             sync_resyncs,
             push_connected,
             view_bytes,
+            oidc_logins,
+            oidc_backchannel,
+            oidc_links,
         })
+    }
+
+    /// Shows every provider's main series at zero from the start.
+    pub fn register_oidc_providers(&self, ids: &[String]) {
+        for id in ids {
+            for result in ["success", "pending"] {
+                self.oidc_logins.with_label_values(&[id, result]);
+            }
+            self.oidc_backchannel.with_label_values(&[id, "success"]);
+        }
     }
 
     /// Counters of route `index`, or of the no-route label when `None`.

@@ -158,6 +158,49 @@ pub struct OwedLogout {
     pub attempts: i64,
 }
 
+/// A provider subject linked to a gateway user (single sign-on).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OidcLink {
+    pub provider: String,
+    /// The provider's issuer when the link was made; a login under another issuer (the same
+    /// provider id reconfigured) does not find the link.
+    pub issuer: String,
+    pub subject: String,
+    pub user_id: i64,
+    pub created_ms: i64,
+}
+
+/// The provider session behind a gateway session created by an SSO login.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OidcSession {
+    pub session_id: SessionId,
+    pub provider: String,
+    pub subject: String,
+    /// The provider's session id (`sid` claim), when it sent one.
+    pub oidc_sid: Option<String>,
+    /// The ID token sealed under the secrets key (for `id_token_hint` at the provider's logout).
+    pub id_token_sealed: String,
+    /// The session's authentication methods (as in its token), carried to a session that
+    /// replaces it on this device.
+    pub amr: Vec<String>,
+}
+
+/// A validated back-channel logout token, as the store applies it.
+#[derive(Clone, Debug)]
+pub struct BackchannelLogout {
+    pub provider: String,
+    pub jti: String,
+    /// The `jti` is remembered until then (after that, the token's `iat` is too old anyway).
+    pub jti_expires_ms: i64,
+    pub subject: Option<String>,
+    pub oidc_sid: Option<String>,
+    /// The provider's configured issuer: a subject-only logout finds only links made under it.
+    pub issuer: String,
+    /// With `oidc_sid`, the provider session is remembered as ended until then, so that a login
+    /// through it still waiting at a gateway step cannot create a session afterwards.
+    pub ended_until_ms: i64,
+}
+
 #[derive(Clone, Debug)]
 pub struct SessionRecord {
     pub id: SessionId,
@@ -597,6 +640,49 @@ pub trait Store: Send + Sync + 'static {
         keep_ms: i64,
         audit_keep_ms: i64,
     ) -> StoreResult<u64>;
+
+    /// Grants or withdraws admin rights.
+    async fn set_admin(&self, user_id: i64, is_admin: bool) -> StoreResult<()>;
+
+    /// Links a provider subject (under `issuer`) to a user. `Conflict` if the subject is linked
+    /// already, or the user already has a link to this provider.
+    async fn link_oidc(
+        &self,
+        provider: &str,
+        issuer: &str,
+        subject: &str,
+        user_id: i64,
+        now_ms: i64,
+    ) -> StoreResult<()>;
+    /// The user a provider subject is linked to, if the link was made under `issuer`.
+    async fn find_oidc_link(
+        &self,
+        provider: &str,
+        issuer: &str,
+        subject: &str,
+    ) -> StoreResult<Option<i64>>;
+    /// The user's links, by provider.
+    async fn oidc_links_of(&self, user_id: i64) -> StoreResult<Vec<OidcLink>>;
+    /// Removes the user's link to a provider; false if there was none.
+    async fn unlink_oidc(&self, provider: &str, user_id: i64) -> StoreResult<bool>;
+    /// Removes every link of every user (the breach response: users link again). Returns how
+    /// many there were.
+    async fn unlink_all_oidc(&self) -> StoreResult<u64>;
+    /// Records the provider session behind a gateway session (the session row exists), in one
+    /// transaction with the check that a back-channel logout has not ended that provider
+    /// session meanwhile: `Ok(false)` (nothing recorded) when it has.
+    async fn record_oidc_session(&self, s: &OidcSession, now_ms: i64) -> StoreResult<bool>;
+    async fn get_oidc_session(&self, session_id: SessionId) -> StoreResult<Option<OidcSession>>;
+    /// Applies a back-channel logout in one transaction: remembers its `jti` (`Ok(None)` if it
+    /// was seen before: a replay, nothing changed), then ends the gateway sessions of the
+    /// provider session `oidc_sid` with the media sessions of their users and remembers that
+    /// provider session as ended until `ended_until_ms`, or, with only a subject, every session
+    /// of the user linked under `issuer`. Returns the events committed.
+    async fn oidc_backchannel_logout(
+        &self,
+        l: &BackchannelLogout,
+        now_ms: i64,
+    ) -> StoreResult<Option<Vec<SequencedEvent>>>;
 
     /// Pushed announcements of committed events, for stores that have them (PostgreSQL's
     /// LISTEN/NOTIFY); `None` where polling (and this process's own writes) is all there is.

@@ -8,6 +8,7 @@ mod account;
 mod admin;
 mod login;
 pub(crate) mod pages;
+mod sso;
 
 use std::sync::Arc;
 
@@ -82,6 +83,14 @@ pub fn router(app: Arc<App>) -> Router {
             "/_portcullis/account/2fa/disable",
             post(account::twofa_disable),
         )
+        .route("/_portcullis/oidc/{provider}/start", get(sso::start))
+        .route("/_portcullis/oidc/{provider}/callback", get(sso::callback))
+        .route(
+            "/_portcullis/oidc/{provider}/backchannel-logout",
+            post(sso::backchannel_logout),
+        )
+        .route("/_portcullis/account/oidc/link", post(sso::link))
+        .route("/_portcullis/account/oidc/unlink", post(sso::unlink))
         .route("/_portcullis/admin", get(admin::page))
         .route("/_portcullis/admin/users", post(admin::add_user))
         .route("/_portcullis/admin/users/action", post(admin::user_action))

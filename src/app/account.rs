@@ -78,6 +78,8 @@ pub struct BreachReport {
     pub new_kid: String,
     pub retired_kids: Vec<String>,
     pub users_reset: u64,
+    /// Single sign-on links removed (users link their provider account again).
+    pub oidc_links_removed: u64,
 }
 
 /// Why a new password could not be set.
@@ -184,18 +186,18 @@ impl App {
         Ok(())
     }
 
-    /// "Sign out of all other devices": every session ends, and this device gets a fresh one.
+    /// "Sign out of all other devices": every session ends, and this device gets a fresh one
+    /// (carrying this session's provider session, if it came through single sign-on).
     pub async fn signout_other_devices(
         &self,
         identity: &Identity,
         kind: SessionKind,
         client: &ClientInfo,
     ) -> Result<LoginOk, AccountError> {
+        let sso = self.sso_session_of(identity.sid).await?;
         self.signout_user(identity).await?;
         let user = self.user(identity.user_id).await?;
-        let ok = self
-            .create_session(&user, vec!["pwd".into()], kind, client)
-            .await?;
+        let ok = self.replacement_session(&user, sso, kind, client).await?;
         let mut e = self.audit_entry(
             "signout_other_devices",
             "success",
@@ -207,10 +209,33 @@ impl App {
         Ok(ok)
     }
 
-    /// Checks a signed-in user's password (re-entered to change it or to turn 2FA off) under
-    /// the same throttle and lock as a login: a stolen session cannot guess it freely, and a
-    /// wrong guess counts toward the account's lock.
-    async fn confirm_password(
+    /// The session that replaces a signed-out one on this device. One that came through single
+    /// sign-on keeps its authentication methods and its provider session (so that the
+    /// provider's back-channel logout and end-session redirect still reach it); otherwise a
+    /// password session.
+    async fn replacement_session(
+        &self,
+        user: &User,
+        sso: Option<crate::store::OidcSession>,
+        kind: SessionKind,
+        client: &ClientInfo,
+    ) -> Result<LoginOk, AccountError> {
+        let amr = sso
+            .as_ref()
+            .map(|s| s.amr.clone())
+            .filter(|a| !a.is_empty())
+            .unwrap_or_else(|| vec!["pwd".into()]);
+        let ok = self.create_session(user, amr, kind, client).await?;
+        if let Some(from) = &sso {
+            self.carry_sso_session(from, ok.session_id).await?;
+        }
+        Ok(ok)
+    }
+
+    /// Checks a signed-in user's password (re-entered to change it, to turn 2FA off or to link
+    /// a provider account) under the same throttle and lock as a login: a stolen session cannot
+    /// guess it freely, and a wrong guess counts toward the account's lock.
+    pub(super) async fn confirm_password(
         &self,
         user: &User,
         password: Secret,
@@ -266,14 +291,16 @@ impl App {
         }
         let hash = self.new_password_hash(&user.name, new, confirm).await?;
         let at = signout_others.then(now_ms);
+        let sso = if signout_others {
+            self.sso_session_of(identity.sid).await?
+        } else {
+            None
+        };
         let event = self.store.change_password(user.id, &hash, at).await?;
         let fresh = match event {
             Some(ev) => {
                 self.apply(&[ev]);
-                Some(
-                    self.create_session(&user, vec!["pwd".into()], kind, client)
-                        .await?,
-                )
+                Some(self.replacement_session(&user, sso, kind, client).await?)
             }
             None => None,
         };
@@ -292,7 +319,8 @@ impl App {
         Ok(fresh)
     }
 
-    /// The forced new-password step of a login (after `require-reset` or a breach response).
+    /// The forced new-password step of a login (after `require-reset` or a breach response),
+    /// a password login's or a single sign-on's.
     pub async fn complete_password_step(
         &self,
         pending_token: &str,
@@ -301,7 +329,7 @@ impl App {
         kind: SessionKind,
         client: &ClientInfo,
     ) -> Result<LoginOk, LoginError> {
-        let (_, user) = self
+        let (claims, user) = self
             .pending_user(pending_token, PendingStage::Password)
             .await?;
         let hash = self.new_password_hash(&user.name, new, confirm).await?;
@@ -320,15 +348,16 @@ impl App {
         );
         e.detail = "required at login; signed out connected devices".into();
         self.audit(e).await;
-        let mut amr = vec!["pwd".to_string()];
-        if user.totp_enabled {
-            amr.push("otp".into());
-        }
-        let ok = self.create_session(&user, amr, kind, client).await?;
-        let mut e = self.audit_entry("login", "success", Some((user.id, &user.name)), client);
-        e.session_id = ok.session_id.to_string();
-        self.audit(e).await;
-        Ok(ok)
+        let sso = self.resumed_sso(&claims);
+        // A single sign-on that reached this step may have skipped the gateway's code (trusted
+        // provider factors): only what is known for sure is claimed.
+        let amr = match (&sso, user.totp_enabled) {
+            (Some(_), _) => vec!["sso".to_string()],
+            (None, true) => vec!["pwd".to_string(), "otp".to_string()],
+            (None, false) => vec!["pwd".to_string()],
+        };
+        self.open_session(&user, amr, kind, client, sso.as_ref())
+            .await
     }
 
     /// Starts TOTP enrolment for a user: a fresh seed, sealed into a short-lived token.
@@ -411,7 +440,7 @@ impl App {
         kind: SessionKind,
         client: &ClientInfo,
     ) -> Result<(super::LoginStep, Vec<String>), LoginError> {
-        let (_, user) = self
+        let (claims, user) = self
             .pending_user(pending_token, PendingStage::Enroll)
             .await?;
         let codes = self
@@ -423,24 +452,18 @@ impl App {
                 _ => LoginError::RestartLogin,
             })?;
         let user = self.user(user.id).await.map_err(|_| LoginError::Internal)?;
-        let step = self.after_enrollment(&user, kind, client).await?;
+        let first = if claims.sso.is_some() { "sso" } else { "pwd" };
+        let step = self
+            .after_factors(
+                &user,
+                vec![first.into(), "otp".into()],
+                super::Channel::Form,
+                kind,
+                client,
+                self.resumed_sso(&claims),
+            )
+            .await?;
         Ok((step, codes))
-    }
-
-    async fn after_enrollment(
-        &self,
-        user: &User,
-        kind: SessionKind,
-        client: &ClientInfo,
-    ) -> Result<super::LoginStep, LoginError> {
-        self.after_factors(
-            user,
-            vec!["pwd".into(), "otp".into()],
-            super::Channel::Form,
-            kind,
-            client,
-        )
-        .await
     }
 
     /// Turns 2FA off; needs the password and a current code.
@@ -557,8 +580,8 @@ impl App {
         let _ = self.sync().await;
         let mut e = self.audit_entry("breach_response", "success", None, client);
         e.detail = format!(
-            "new key {}, retired {:?}, {} users must reset",
-            report.new_kid, report.retired_kids, report.users_reset
+            "new key {}, retired {:?}, {} users must reset, {} single sign-on links removed",
+            report.new_kid, report.retired_kids, report.users_reset, report.oidc_links_removed
         );
         self.audit(e).await;
         Ok(report)
@@ -566,8 +589,10 @@ impl App {
 }
 
 /// The breach response against a store (shared by the CLI and the admin page): rotate the key
-/// file dropping every old key, then — in one store transaction — sign out everyone, require a
-/// new password of every user and retire the old key ids so no instance accepts them again.
+/// file dropping every old key, remove every single sign-on link (a link made with a stolen
+/// session would otherwise be a way back in; users link again), then — in one store
+/// transaction — sign out everyone, require a new password of every user and retire the old
+/// key ids so no instance accepts them again.
 pub async fn breach_response(
     config: &crate::config::Config,
     store: &crate::store::DynStore,
@@ -580,6 +605,9 @@ pub async fn breach_response(
         )));
     }
     let (new_kid, retired_kids) = rotate_key_file(&config.session.key_file, true)?;
+    // Before everyone is signed out: no provider login can open a session after the cutoff
+    // through a link made before it.
+    let oidc_links_removed = store.unlink_all_oidc().await?;
     let now = now_ms();
     store.breach_response(now, &retired_kids).await?;
     let users_reset = store.list_users().await?.len() as u64;
@@ -587,5 +615,6 @@ pub async fn breach_response(
         new_kid,
         retired_kids,
         users_reset,
+        oidc_links_removed,
     })
 }

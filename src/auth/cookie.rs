@@ -20,6 +20,44 @@ pub fn name(secure: bool) -> &'static str {
     }
 }
 
+/// The cookie that binds a single sign-on attempt (state, nonce, PKCE verifier) to the browser
+/// that started it. SameSite=Lax: the provider sends the browser back with a top-level GET.
+pub const SECURE_FLOW_NAME: &str = "__Host-portcullis-oidc";
+pub const PLAIN_FLOW_NAME: &str = "portcullis-oidc";
+
+/// The single sign-on flow cookie name for a deployment.
+pub fn flow_name(secure: bool) -> &'static str {
+    if secure {
+        SECURE_FLOW_NAME
+    } else {
+        PLAIN_FLOW_NAME
+    }
+}
+
+/// `Set-Cookie` value for a single sign-on attempt, valid `max_age_s` seconds.
+pub fn flow(token: &str, secure: bool, max_age_s: i64) -> String {
+    let mut c = format!(
+        "{}={token}; Path=/; HttpOnly; SameSite=Lax; Max-Age={max_age_s}",
+        flow_name(secure)
+    );
+    if secure {
+        c.push_str("; Secure");
+    }
+    c
+}
+
+/// `Set-Cookie` value that removes the single sign-on flow cookie.
+pub fn clear_flow(secure: bool) -> String {
+    let mut c = format!(
+        "{}=; Path=/; HttpOnly; SameSite=Lax; Max-Age=0",
+        flow_name(secure)
+    );
+    if secure {
+        c.push_str("; Secure");
+    }
+    c
+}
+
 /// The pending-login cookie name for a deployment.
 pub fn pending_name(secure: bool) -> &'static str {
     if secure {
@@ -107,6 +145,8 @@ pub fn without_gateway_cookies(value: &[u8]) -> Option<String> {
                     PLAIN_NAME,
                     SECURE_PENDING_NAME,
                     PLAIN_PENDING_NAME,
+                    SECURE_FLOW_NAME,
+                    PLAIN_FLOW_NAME,
                 ]
                 .contains(&n)
         })
@@ -125,13 +165,19 @@ mod tests {
         assert!(c.contains("; Secure") && !c.contains("Domain"));
         assert!(!session("tok", false, 60).contains("Secure"));
         assert!(clear(true).contains("Max-Age=0"));
+        let f = flow("t", true, 600);
+        assert!(f.starts_with("__Host-portcullis-oidc=t; Path=/; HttpOnly; SameSite=Lax"));
+        assert!(f.contains("; Secure") && !f.contains("Domain"));
+        assert!(clear_flow(true).contains("Max-Age=0"));
     }
 
     #[test]
     fn stripping_keeps_other_cookies() {
         assert_eq!(
-            without_gateway_cookies(b"a=1; portcullis=secret; __Host-portcullis=s2; b=2")
-                .as_deref(),
+            without_gateway_cookies(
+                b"a=1; portcullis=secret; __Host-portcullis=s2; __Host-portcullis-oidc=f; b=2"
+            )
+            .as_deref(),
             Some("a=1; b=2")
         );
         assert_eq!(without_gateway_cookies(b"portcullis=x"), None);

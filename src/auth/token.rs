@@ -61,6 +61,19 @@ pub struct PendingClaims {
     pub iat: i64,
     pub nbf: i64,
     pub exp: i64,
+    /// Set when the login came through a single sign-on provider.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sso: Option<SsoPending>,
+}
+
+/// The provider login behind a pending login (single sign-on): carried to the session so that
+/// a back-channel logout finds it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SsoPending {
+    pub provider: String,
+    pub subject: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sid: Option<String>,
 }
 
 /// Claims of an enrolment token.

@@ -46,9 +46,9 @@ use sqlx::{Executor, Row};
 use tokio::sync::watch;
 
 use super::{
-    Announcement, AuditEntry, MediaNote, MediaTokenRow, NewMediaBinding, NewSession, OwedLogout,
-    ResetLinkState, RevocationEvent, SequencedEvent, SessionId, SessionKind, SessionRecord,
-    Snapshot, Store, StoreError, StoreResult, User,
+    Announcement, AuditEntry, BackchannelLogout, MediaNote, MediaTokenRow, NewMediaBinding,
+    NewSession, OidcLink, OidcSession, OwedLogout, ResetLinkState, RevocationEvent, SequencedEvent,
+    SessionId, SessionKind, SessionRecord, Snapshot, Store, StoreError, StoreResult, User,
 };
 
 /// Migrations for this backend. `Migrator::run` holds a session-level
@@ -1317,6 +1317,18 @@ impl Store for PgStore {
         .await
         .map_err(unavailable)?
         .rows_affected();
+        deleted += sqlx::query("DELETE FROM oidc_logout_jtis WHERE expires_ms <= $1")
+            .bind(now_ms)
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?
+            .rows_affected();
+        deleted += sqlx::query("DELETE FROM oidc_ended_sids WHERE expires_ms <= $1")
+            .bind(now_ms)
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?
+            .rows_affected();
         deleted += sqlx::query("DELETE FROM reset_links WHERE expires_ms <= $1")
             .bind(now_ms.saturating_sub(keep_ms))
             .execute(&mut *tx)
@@ -1521,6 +1533,265 @@ impl Store for PgStore {
         Self::append_revoked(&mut tx, now_ms, &rows, &mut events).await?;
         Self::commit(tx, &events).await?;
         Ok(events)
+    }
+
+    async fn set_admin(&self, user_id: i64, is_admin: bool) -> StoreResult<()> {
+        let done = sqlx::query("UPDATE users SET is_admin = $1 WHERE id = $2")
+            .bind(is_admin)
+            .bind(user_id)
+            .execute(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound(format!("user {user_id}")));
+        }
+        Ok(())
+    }
+
+    async fn link_oidc(
+        &self,
+        provider: &str,
+        issuer: &str,
+        subject: &str,
+        user_id: i64,
+        now_ms: i64,
+    ) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO oidc_links (provider, issuer, subject, user_id, created_ms)
+             VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(provider)
+        .bind(issuer)
+        .bind(subject)
+        .bind(user_id)
+        .bind(now_ms)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| {
+            if is_unique_violation(&e) {
+                StoreError::Conflict(format!("a link to {provider} for this user or subject"))
+            } else if matches!(&e, sqlx::Error::Database(d) if d.is_foreign_key_violation()) {
+                StoreError::NotFound(format!("user {user_id}"))
+            } else {
+                unavailable(e)
+            }
+        })?;
+        Ok(())
+    }
+
+    async fn find_oidc_link(
+        &self,
+        provider: &str,
+        issuer: &str,
+        subject: &str,
+    ) -> StoreResult<Option<i64>> {
+        sqlx::query_scalar(
+            "SELECT user_id FROM oidc_links WHERE provider = $1 AND subject = $2 AND issuer = $3",
+        )
+        .bind(provider)
+        .bind(subject)
+        .bind(issuer)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(unavailable)
+    }
+
+    async fn oidc_links_of(&self, user_id: i64) -> StoreResult<Vec<OidcLink>> {
+        let rows = sqlx::query(
+            "SELECT provider, issuer, subject, user_id, created_ms FROM oidc_links
+             WHERE user_id = $1 ORDER BY provider",
+        )
+        .bind(user_id)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        rows.iter()
+            .map(|r| {
+                Ok(OidcLink {
+                    provider: r.try_get(0).map_err(unavailable)?,
+                    issuer: r.try_get(1).map_err(unavailable)?,
+                    subject: r.try_get(2).map_err(unavailable)?,
+                    user_id: r.try_get(3).map_err(unavailable)?,
+                    created_ms: r.try_get(4).map_err(unavailable)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn unlink_oidc(&self, provider: &str, user_id: i64) -> StoreResult<bool> {
+        let done = sqlx::query("DELETE FROM oidc_links WHERE provider = $1 AND user_id = $2")
+            .bind(provider)
+            .bind(user_id)
+            .execute(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn unlink_all_oidc(&self) -> StoreResult<u64> {
+        let done = sqlx::query("DELETE FROM oidc_links")
+            .execute(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        Ok(done.rows_affected())
+    }
+
+    async fn record_oidc_session(&self, o: &OidcSession, now_ms: i64) -> StoreResult<bool> {
+        // Under the writer lock, as the back-channel logout that would end the provider
+        // session: one of the two always sees the other.
+        let mut tx = self.write_tx().await?;
+        if let Some(oidc_sid) = &o.oidc_sid {
+            let ended: Option<i32> = sqlx::query_scalar(
+                "SELECT 1 FROM oidc_ended_sids
+                 WHERE provider = $1 AND oidc_sid = $2 AND expires_ms > $3",
+            )
+            .bind(&o.provider)
+            .bind(oidc_sid)
+            .bind(now_ms)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+            if ended.is_some() {
+                return Ok(false);
+            }
+        }
+        sqlx::query(
+            "INSERT INTO oidc_sessions
+                 (session_id, provider, subject, oidc_sid, id_token_sealed, amr)
+             VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(o.session_id.to_string())
+        .bind(&o.provider)
+        .bind(&o.subject)
+        .bind(o.oidc_sid.as_deref())
+        .bind(&o.id_token_sealed)
+        .bind(o.amr.join(" "))
+        .execute(&mut *tx)
+        .await
+        .map_err(unavailable)?;
+        tx.commit().await.map_err(unavailable)?;
+        Ok(true)
+    }
+
+    async fn get_oidc_session(&self, session_id: SessionId) -> StoreResult<Option<OidcSession>> {
+        let row = sqlx::query(
+            "SELECT provider, subject, oidc_sid, id_token_sealed, amr FROM oidc_sessions
+             WHERE session_id = $1",
+        )
+        .bind(session_id.to_string())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        row.map(|r| {
+            let amr: String = r.try_get(4).map_err(unavailable)?;
+            Ok(OidcSession {
+                session_id,
+                provider: r.try_get(0).map_err(unavailable)?,
+                subject: r.try_get(1).map_err(unavailable)?,
+                oidc_sid: r.try_get(2).map_err(unavailable)?,
+                id_token_sealed: r.try_get(3).map_err(unavailable)?,
+                amr: amr.split_whitespace().map(str::to_string).collect(),
+            })
+        })
+        .transpose()
+    }
+
+    async fn oidc_backchannel_logout(
+        &self,
+        l: &BackchannelLogout,
+        now_ms: i64,
+    ) -> StoreResult<Option<Vec<SequencedEvent>>> {
+        let mut tx = self.write_tx().await?;
+        let fresh = sqlx::query(
+            "INSERT INTO oidc_logout_jtis (provider, jti, expires_ms) VALUES ($1, $2, $3)
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(&l.provider)
+        .bind(&l.jti)
+        .bind(l.jti_expires_ms)
+        .execute(&mut *tx)
+        .await
+        .map_err(unavailable)?;
+        if fresh.rows_affected() == 0 {
+            return Ok(None);
+        }
+        let mut events = Vec::new();
+        match (&l.oidc_sid, &l.subject) {
+            (Some(oidc_sid), subject) => {
+                // Remembered as ended, so that a login through it still waiting at a gateway
+                // step cannot create a session after this.
+                sqlx::query(
+                    "INSERT INTO oidc_ended_sids (provider, oidc_sid, expires_ms)
+                     VALUES ($1, $2, $3)
+                     ON CONFLICT (provider, oidc_sid)
+                     DO UPDATE SET expires_ms = GREATEST(oidc_ended_sids.expires_ms,
+                                                         EXCLUDED.expires_ms)",
+                )
+                .bind(&l.provider)
+                .bind(oidc_sid)
+                .bind(l.ended_until_ms)
+                .execute(&mut *tx)
+                .await
+                .map_err(unavailable)?;
+                // The provider session's gateway sessions, then the media sessions of their
+                // users (a media binding does not record the web session it came through).
+                let rows = sqlx::query(
+                    "UPDATE sessions SET revoked_ms = $1
+                     WHERE revoked_ms IS NULL AND expires_ms > $1 AND id IN (
+                         SELECT session_id FROM oidc_sessions
+                         WHERE provider = $2 AND oidc_sid = $3
+                           AND ($4::TEXT IS NULL OR subject = $4))
+                     RETURNING id, user_id, expires_ms",
+                )
+                .bind(now_ms)
+                .bind(&l.provider)
+                .bind(oidc_sid)
+                .bind(subject.as_deref())
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(unavailable)?;
+                let mut users: Vec<i64> = Vec::new();
+                for row in &rows {
+                    let user_id: i64 = row.try_get(1).map_err(unavailable)?;
+                    if !users.contains(&user_id) {
+                        users.push(user_id);
+                    }
+                }
+                Self::append_revoked(&mut tx, now_ms, &rows, &mut events).await?;
+                for user_id in users {
+                    let rows = sqlx::query(
+                        "UPDATE sessions SET revoked_ms = $1
+                         WHERE revoked_ms IS NULL AND expires_ms > $1 AND user_id = $2
+                           AND kind = 'media'
+                         RETURNING id, user_id, expires_ms",
+                    )
+                    .bind(now_ms)
+                    .bind(user_id)
+                    .fetch_all(&mut *tx)
+                    .await
+                    .map_err(unavailable)?;
+                    Self::append_revoked(&mut tx, now_ms, &rows, &mut events).await?;
+                }
+            }
+            (None, Some(subject)) => {
+                let user: Option<i64> = sqlx::query_scalar(
+                    "SELECT user_id FROM oidc_links
+                     WHERE provider = $1 AND subject = $2 AND issuer = $3",
+                )
+                .bind(&l.provider)
+                .bind(subject)
+                .bind(&l.issuer)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(unavailable)?;
+                if let Some(user_id) = user {
+                    events.push(Self::cutoff_user(&mut tx, user_id, now_ms).await?);
+                }
+            }
+            (None, None) => {}
+        }
+        Self::commit(tx, &events).await?;
+        Ok(Some(events))
     }
 }
 

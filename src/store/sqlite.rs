@@ -15,9 +15,9 @@ use sqlx::sqlite::{
 use sqlx::Row;
 
 use super::{
-    AuditEntry, MediaNote, MediaTokenRow, NewMediaBinding, NewSession, OwedLogout, ResetLinkState,
-    RevocationEvent, SequencedEvent, SessionId, SessionKind, SessionRecord, Snapshot, Store,
-    StoreError, StoreResult, User,
+    AuditEntry, BackchannelLogout, MediaNote, MediaTokenRow, NewMediaBinding, NewSession, OidcLink,
+    OidcSession, OwedLogout, ResetLinkState, RevocationEvent, SequencedEvent, SessionId,
+    SessionKind, SessionRecord, Snapshot, Store, StoreError, StoreResult, User,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
@@ -1100,6 +1100,18 @@ impl Store for SqliteStore {
                 .await
                 .map_err(unavailable)?
                 .rows_affected();
+        deleted += sqlx::query("DELETE FROM oidc_logout_jtis WHERE expires_ms <= ?")
+            .bind(now_ms)
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?
+            .rows_affected();
+        deleted += sqlx::query("DELETE FROM oidc_ended_sids WHERE expires_ms <= ?")
+            .bind(now_ms)
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?
+            .rows_affected();
         deleted += sqlx::query("DELETE FROM reset_links WHERE expires_ms <= ?")
             .bind(now_ms - keep_ms)
             .execute(&mut *tx)
@@ -1328,6 +1340,274 @@ impl Store for SqliteStore {
         }
         tx.commit().await.map_err(unavailable)?;
         Ok(events)
+    }
+
+    async fn set_admin(&self, user_id: i64, is_admin: bool) -> StoreResult<()> {
+        let done = sqlx::query("UPDATE users SET is_admin = ? WHERE id = ?")
+            .bind(is_admin)
+            .bind(user_id)
+            .execute(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound(format!("user {user_id}")));
+        }
+        Ok(())
+    }
+
+    async fn link_oidc(
+        &self,
+        provider: &str,
+        issuer: &str,
+        subject: &str,
+        user_id: i64,
+        now_ms: i64,
+    ) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO oidc_links (provider, issuer, subject, user_id, created_ms)
+             VALUES (?, ?, ?, ?, ?)",
+        )
+        .bind(provider)
+        .bind(issuer)
+        .bind(subject)
+        .bind(user_id)
+        .bind(now_ms)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| {
+            if is_unique_violation(&e) {
+                StoreError::Conflict(format!("a link to {provider} for this user or subject"))
+            } else if matches!(&e, sqlx::Error::Database(d) if d.is_foreign_key_violation()) {
+                StoreError::NotFound(format!("user {user_id}"))
+            } else {
+                unavailable(e)
+            }
+        })?;
+        Ok(())
+    }
+
+    async fn find_oidc_link(
+        &self,
+        provider: &str,
+        issuer: &str,
+        subject: &str,
+    ) -> StoreResult<Option<i64>> {
+        sqlx::query_scalar(
+            "SELECT user_id FROM oidc_links WHERE provider = ? AND subject = ? AND issuer = ?",
+        )
+        .bind(provider)
+        .bind(subject)
+        .bind(issuer)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(unavailable)
+    }
+
+    async fn oidc_links_of(&self, user_id: i64) -> StoreResult<Vec<OidcLink>> {
+        let rows = sqlx::query(
+            "SELECT provider, issuer, subject, user_id, created_ms FROM oidc_links
+             WHERE user_id = ? ORDER BY provider",
+        )
+        .bind(user_id)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        rows.iter()
+            .map(|r| {
+                Ok(OidcLink {
+                    provider: r.try_get(0).map_err(unavailable)?,
+                    issuer: r.try_get(1).map_err(unavailable)?,
+                    subject: r.try_get(2).map_err(unavailable)?,
+                    user_id: r.try_get(3).map_err(unavailable)?,
+                    created_ms: r.try_get(4).map_err(unavailable)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn unlink_oidc(&self, provider: &str, user_id: i64) -> StoreResult<bool> {
+        let done = sqlx::query("DELETE FROM oidc_links WHERE provider = ? AND user_id = ?")
+            .bind(provider)
+            .bind(user_id)
+            .execute(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn unlink_all_oidc(&self) -> StoreResult<u64> {
+        let done = sqlx::query("DELETE FROM oidc_links")
+            .execute(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        Ok(done.rows_affected())
+    }
+
+    async fn record_oidc_session(&self, o: &OidcSession, now_ms: i64) -> StoreResult<bool> {
+        let mut tx = self.write_tx().await?;
+        if let Some(oidc_sid) = &o.oidc_sid {
+            let ended: Option<i64> = sqlx::query_scalar(
+                "SELECT 1 FROM oidc_ended_sids
+                 WHERE provider = ? AND oidc_sid = ? AND expires_ms > ?",
+            )
+            .bind(&o.provider)
+            .bind(oidc_sid)
+            .bind(now_ms)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+            if ended.is_some() {
+                return Ok(false);
+            }
+        }
+        sqlx::query(
+            "INSERT INTO oidc_sessions
+                 (session_id, provider, subject, oidc_sid, id_token_sealed, amr)
+             VALUES (?, ?, ?, ?, ?, ?)",
+        )
+        .bind(o.session_id.to_string())
+        .bind(&o.provider)
+        .bind(&o.subject)
+        .bind(o.oidc_sid.as_deref())
+        .bind(&o.id_token_sealed)
+        .bind(o.amr.join(" "))
+        .execute(&mut *tx)
+        .await
+        .map_err(unavailable)?;
+        tx.commit().await.map_err(unavailable)?;
+        Ok(true)
+    }
+
+    async fn get_oidc_session(&self, session_id: SessionId) -> StoreResult<Option<OidcSession>> {
+        let row = sqlx::query(
+            "SELECT provider, subject, oidc_sid, id_token_sealed, amr FROM oidc_sessions
+             WHERE session_id = ?",
+        )
+        .bind(session_id.to_string())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        row.map(|r| {
+            let amr: String = r.try_get(4).map_err(unavailable)?;
+            Ok(OidcSession {
+                session_id,
+                provider: r.try_get(0).map_err(unavailable)?,
+                subject: r.try_get(1).map_err(unavailable)?,
+                oidc_sid: r.try_get(2).map_err(unavailable)?,
+                id_token_sealed: r.try_get(3).map_err(unavailable)?,
+                amr: amr.split_whitespace().map(str::to_string).collect(),
+            })
+        })
+        .transpose()
+    }
+
+    async fn oidc_backchannel_logout(
+        &self,
+        l: &BackchannelLogout,
+        now_ms: i64,
+    ) -> StoreResult<Option<Vec<SequencedEvent>>> {
+        let mut tx = self.write_tx().await?;
+        let fresh = sqlx::query(
+            "INSERT INTO oidc_logout_jtis (provider, jti, expires_ms) VALUES (?, ?, ?)
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(&l.provider)
+        .bind(&l.jti)
+        .bind(l.jti_expires_ms)
+        .execute(&mut *tx)
+        .await
+        .map_err(unavailable)?;
+        if fresh.rows_affected() == 0 {
+            return Ok(None);
+        }
+        let mut events = Vec::new();
+        match (&l.oidc_sid, &l.subject) {
+            (Some(oidc_sid), subject) => {
+                // Remembered as ended, so that a login through it still waiting at a gateway
+                // step cannot create a session after this.
+                sqlx::query(
+                    "INSERT INTO oidc_ended_sids (provider, oidc_sid, expires_ms) VALUES (?, ?, ?)
+                     ON CONFLICT (provider, oidc_sid)
+                     DO UPDATE SET expires_ms = MAX(expires_ms, excluded.expires_ms)",
+                )
+                .bind(&l.provider)
+                .bind(oidc_sid)
+                .bind(l.ended_until_ms)
+                .execute(&mut *tx)
+                .await
+                .map_err(unavailable)?;
+                // The provider session's gateway sessions, then the media sessions of their
+                // users (a media binding does not record the web session it came through).
+                let rows = sqlx::query(
+                    "UPDATE sessions SET revoked_ms = ?
+                     WHERE revoked_ms IS NULL AND expires_ms > ? AND id IN (
+                         SELECT session_id FROM oidc_sessions
+                         WHERE provider = ? AND oidc_sid = ? AND (? IS NULL OR subject = ?))
+                     RETURNING id, user_id, expires_ms",
+                )
+                .bind(now_ms)
+                .bind(now_ms)
+                .bind(&l.provider)
+                .bind(oidc_sid)
+                .bind(subject.as_deref())
+                .bind(subject.as_deref())
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(unavailable)?;
+                let mut users = Vec::new();
+                for row in &rows {
+                    let sid = sid_from_text(row.try_get::<&str, _>(0).map_err(unavailable)?)?;
+                    let user_id: i64 = row.try_get(1).map_err(unavailable)?;
+                    let expires_ms: i64 = row.try_get(2).map_err(unavailable)?;
+                    if !users.contains(&user_id) {
+                        users.push(user_id);
+                    }
+                    events.push(
+                        Self::session_revoked(&mut tx, sid, user_id, now_ms, expires_ms).await?,
+                    );
+                }
+                for user_id in users {
+                    let rows = sqlx::query(
+                        "UPDATE sessions SET revoked_ms = ?
+                         WHERE revoked_ms IS NULL AND expires_ms > ? AND user_id = ?
+                           AND kind = 'media'
+                         RETURNING id, user_id, expires_ms",
+                    )
+                    .bind(now_ms)
+                    .bind(now_ms)
+                    .bind(user_id)
+                    .fetch_all(&mut *tx)
+                    .await
+                    .map_err(unavailable)?;
+                    for row in &rows {
+                        let sid = sid_from_text(row.try_get::<&str, _>(0).map_err(unavailable)?)?;
+                        let expires_ms: i64 = row.try_get(2).map_err(unavailable)?;
+                        events.push(
+                            Self::session_revoked(&mut tx, sid, user_id, now_ms, expires_ms)
+                                .await?,
+                        );
+                    }
+                }
+            }
+            (None, Some(subject)) => {
+                let user: Option<i64> = sqlx::query_scalar(
+                    "SELECT user_id FROM oidc_links
+                     WHERE provider = ? AND subject = ? AND issuer = ?",
+                )
+                .bind(&l.provider)
+                .bind(subject)
+                .bind(&l.issuer)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(unavailable)?;
+                if let Some(user_id) = user {
+                    events.push(Self::cutoff_user(&mut tx, user_id, now_ms).await?);
+                }
+            }
+            (None, None) => {}
+        }
+        tx.commit().await.map_err(unavailable)?;
+        Ok(Some(events))
     }
 }
 

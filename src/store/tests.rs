@@ -1345,6 +1345,318 @@ async fn media_notes_travel_through_the_log_and_are_purged_when_spent(f: Fixture
     assert_eq!(left, vec![seqs[0]]);
 }
 
+// ---------------------------------------------------------------------------------------------
+// Single sign-on
+
+const ISS: &str = "https://idp.example";
+
+async fn oidc_links_are_one_per_subject_and_one_per_user_and_provider(f: Fixture) {
+    let store = &f.store;
+    let alice = user(store, "alice").await;
+    let bob = user(store, "bob").await;
+    store
+        .link_oidc("idp", ISS, "sub-a", alice.id, 5)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.find_oidc_link("idp", ISS, "sub-a").await.unwrap(),
+        Some(alice.id)
+    );
+    assert_eq!(
+        store.find_oidc_link("other", ISS, "sub-a").await.unwrap(),
+        None
+    );
+    // The subject is taken: it cannot be linked to bob as well.
+    assert!(matches!(
+        store.link_oidc("idp", ISS, "sub-a", bob.id, 6).await,
+        Err(StoreError::Conflict(_))
+    ));
+    // Alice has a link to this provider: no second subject (a changed account at the
+    // provider never lands on her).
+    assert!(matches!(
+        store.link_oidc("idp", ISS, "sub-other", alice.id, 6).await,
+        Err(StoreError::Conflict(_))
+    ));
+    // Another provider is fine.
+    store
+        .link_oidc("other", "https://other.example", "sub-a", alice.id, 7)
+        .await
+        .unwrap();
+    let links = store.oidc_links_of(alice.id).await.unwrap();
+    assert_eq!(
+        links
+            .iter()
+            .map(|l| (
+                l.provider.as_str(),
+                l.issuer.as_str(),
+                l.subject.as_str(),
+                l.created_ms
+            ))
+            .collect::<Vec<_>>(),
+        vec![
+            ("idp", ISS, "sub-a", 5),
+            ("other", "https://other.example", "sub-a", 7)
+        ]
+    );
+    assert!(store.unlink_oidc("idp", alice.id).await.unwrap());
+    assert!(!store.unlink_oidc("idp", alice.id).await.unwrap());
+    assert_eq!(
+        store.find_oidc_link("idp", ISS, "sub-a").await.unwrap(),
+        None
+    );
+    store
+        .link_oidc("idp", ISS, "sub-a", bob.id, 8)
+        .await
+        .unwrap();
+    assert!(matches!(
+        store.link_oidc("idp", ISS, "sub-x", 999_999, 9).await,
+        Err(StoreError::NotFound(_) | StoreError::Conflict(_))
+    ));
+    store.set_admin(bob.id, true).await.unwrap();
+    assert!(
+        store
+            .find_user_by_id(bob.id)
+            .await
+            .unwrap()
+            .unwrap()
+            .is_admin
+    );
+}
+
+async fn oidc_links_count_only_under_the_issuer_they_were_made_with(f: Fixture) {
+    let store = &f.store;
+    let alice = user(store, "alice").await;
+    store
+        .link_oidc("idp", ISS, "sub-a", alice.id, 5)
+        .await
+        .unwrap();
+    // The same provider id, reconfigured with another issuer: its subjects are another
+    // namespace, and the old link does not answer for them.
+    assert_eq!(
+        store
+            .find_oidc_link("idp", "https://new-idp.example", "sub-a")
+            .await
+            .unwrap(),
+        None
+    );
+    session(store, alice.id, SessionKind::Web, 10, 100_000).await;
+    let logout = BackchannelLogout {
+        provider: "idp".into(),
+        jti: "j-1".into(),
+        jti_expires_ms: 50_000,
+        subject: Some("sub-a".into()),
+        oidc_sid: None,
+        issuer: "https://new-idp.example".into(),
+        ended_until_ms: 50_000,
+    };
+    let events = store
+        .oidc_backchannel_logout(&logout, 20)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(events.is_empty(), "{events:?}");
+    assert_eq!(store.list_live_sessions(None, 30).await.unwrap().len(), 1);
+    let logout = BackchannelLogout {
+        jti: "j-2".into(),
+        issuer: ISS.into(),
+        ..logout
+    };
+    assert_eq!(
+        store
+            .oidc_backchannel_logout(&logout, 20)
+            .await
+            .unwrap()
+            .unwrap()
+            .len(),
+        1
+    );
+    assert!(store.list_live_sessions(None, 30).await.unwrap().is_empty());
+}
+
+async fn breach_response_unlinks_every_provider_account(f: Fixture) {
+    let store = &f.store;
+    let alice = user(store, "alice").await;
+    let bob = user(store, "bob").await;
+    store.link_oidc("idp", ISS, "a", alice.id, 1).await.unwrap();
+    store.link_oidc("idp", ISS, "b", bob.id, 1).await.unwrap();
+    store
+        .link_oidc("other", ISS, "a", alice.id, 1)
+        .await
+        .unwrap();
+    assert_eq!(store.unlink_all_oidc().await.unwrap(), 3);
+    assert!(store.oidc_links_of(alice.id).await.unwrap().is_empty());
+    assert_eq!(store.find_oidc_link("idp", ISS, "b").await.unwrap(), None);
+    assert_eq!(store.unlink_all_oidc().await.unwrap(), 0);
+}
+
+fn oidc_session(sid: SessionId, oidc_sid: &str) -> OidcSession {
+    OidcSession {
+        session_id: sid,
+        provider: "idp".into(),
+        subject: "sub-a".into(),
+        oidc_sid: Some(oidc_sid.into()),
+        id_token_sealed: "sealed".into(),
+        amr: vec!["sso".into(), "mfa".into()],
+    }
+}
+
+async fn backchannel_logout_ends_the_provider_session_once(f: Fixture) {
+    let store = &f.store;
+    let alice = user(store, "alice").await;
+    let bob = user(store, "bob").await;
+    store
+        .link_oidc("idp", ISS, "sub-a", alice.id, 1)
+        .await
+        .unwrap();
+    let web = session(store, alice.id, SessionKind::Web, 10, 100_000).await;
+    let other_web = session(store, alice.id, SessionKind::Web, 10, 100_000).await;
+    let password_web = session(store, alice.id, SessionKind::Web, 10, 100_000).await;
+    let media = bind(store, &binding(alice.id, "t1", "d1", 10, 100_000)).await;
+    let bobs = session(store, bob.id, SessionKind::Web, 10, 100_000).await;
+    for (sid, oidc_sid) in [(web, "op-1"), (other_web, "op-2")] {
+        assert!(store
+            .record_oidc_session(&oidc_session(sid, oidc_sid), 10)
+            .await
+            .unwrap());
+    }
+    let got = store.get_oidc_session(web).await.unwrap().unwrap();
+    assert_eq!(got, oidc_session(web, "op-1"));
+    assert!(store.get_oidc_session(bobs).await.unwrap().is_none());
+    let logout = BackchannelLogout {
+        provider: "idp".into(),
+        jti: "j-1".into(),
+        jti_expires_ms: 50_000,
+        subject: Some("sub-a".into()),
+        oidc_sid: Some("op-1".into()),
+        issuer: ISS.into(),
+        ended_until_ms: 30_000,
+    };
+    let events = store
+        .oidc_backchannel_logout(&logout, 20)
+        .await
+        .unwrap()
+        .unwrap();
+    let ended: BTreeSet<SessionId> = events
+        .iter()
+        .filter_map(|e| match e.event {
+            RevocationEvent::SessionRevoked { sid, .. } => Some(sid),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(ended, set([web, media]));
+    let live: BTreeSet<SessionId> = store
+        .list_live_sessions(None, 30)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|s| s.id)
+        .collect();
+    assert_eq!(live, set([other_web, password_web, bobs]));
+    // The same jti again: a replay, nothing changes.
+    let before = all_events(store).await.len();
+    assert!(store
+        .oidc_backchannel_logout(&logout, 21)
+        .await
+        .unwrap()
+        .is_none());
+    assert_eq!(all_events(store).await.len(), before);
+    // A subject-only logout signs the linked user out everywhere.
+    let by_subject = BackchannelLogout {
+        jti: "j-2".into(),
+        oidc_sid: None,
+        ..logout.clone()
+    };
+    let events = store
+        .oidc_backchannel_logout(&by_subject, 40)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        events.iter().map(|e| e.event.clone()).collect::<Vec<_>>(),
+        vec![RevocationEvent::UserCutoff {
+            user_id: alice.id,
+            at_ms: 40
+        }]
+    );
+    // An unknown subject: accepted, nothing to end.
+    let unknown = BackchannelLogout {
+        jti: "j-3".into(),
+        subject: Some("nobody".into()),
+        oidc_sid: None,
+        ..logout.clone()
+    };
+    assert_eq!(
+        store
+            .oidc_backchannel_logout(&unknown, 41)
+            .await
+            .unwrap()
+            .unwrap()
+            .len(),
+        0
+    );
+    // Spent jtis are purged once they could no longer be accepted.
+    store
+        .purge_expired(60_000, 1_000_000, 1_000_000)
+        .await
+        .unwrap();
+    assert!(store
+        .oidc_backchannel_logout(&logout, 60_001)
+        .await
+        .unwrap()
+        .is_some());
+}
+
+async fn a_provider_session_ended_by_back_channel_logout_records_no_new_session(f: Fixture) {
+    let store = &f.store;
+    let alice = user(store, "alice").await;
+    let logout = BackchannelLogout {
+        provider: "idp".into(),
+        jti: "j-1".into(),
+        jti_expires_ms: 50_000,
+        subject: Some("sub-a".into()),
+        oidc_sid: Some("op-1".into()),
+        issuer: ISS.into(),
+        ended_until_ms: 30_000,
+    };
+    // The logout arrives while a login through op-1 waits at its TOTP step: no session yet.
+    store
+        .oidc_backchannel_logout(&logout, 20)
+        .await
+        .unwrap()
+        .unwrap();
+    // The login finishes on another instance: the provider session is over there too.
+    let other = f.reopen().await;
+    let late = session(&other, alice.id, SessionKind::Web, 25, 100_000).await;
+    assert!(!other
+        .record_oidc_session(&oidc_session(late, "op-1"), 25)
+        .await
+        .unwrap());
+    assert!(other.get_oidc_session(late).await.unwrap().is_none());
+    // Another provider session, and another provider's op-1, are unaffected.
+    let fine = session(store, alice.id, SessionKind::Web, 25, 100_000).await;
+    assert!(store
+        .record_oidc_session(&oidc_session(fine, "op-2"), 25)
+        .await
+        .unwrap());
+    let elsewhere = session(store, alice.id, SessionKind::Web, 25, 100_000).await;
+    let mut o = oidc_session(elsewhere, "op-1");
+    o.provider = "other".into();
+    assert!(store.record_oidc_session(&o, 25).await.unwrap());
+    // Once no pending login can be waiting any more, the memory expires and is purged.
+    let after = session(store, alice.id, SessionKind::Web, 30_001, 100_000).await;
+    assert!(store
+        .record_oidc_session(&oidc_session(after, "op-1"), 30_001)
+        .await
+        .unwrap());
+    assert_eq!(
+        store
+            .purge_expired(30_001, 1_000_000, 1_000_000)
+            .await
+            .unwrap(),
+        1
+    );
+}
+
 macro_rules! suite {
     (both: [$($both:ident),* $(,)?], postgres_only: [$($pg:ident),* $(,)?] $(,)?) => {
         mod sqlite {
@@ -1394,6 +1706,11 @@ suite! {
         purge_deletes_what_can_no_longer_matter,
         backend_answers_and_names_itself,
         media_notes_travel_through_the_log_and_are_purged_when_spent,
+        oidc_links_are_one_per_subject_and_one_per_user_and_provider,
+        oidc_links_count_only_under_the_issuer_they_were_made_with,
+        breach_response_unlinks_every_provider_account,
+        backchannel_logout_ends_the_provider_session_once,
+        a_provider_session_ended_by_back_channel_logout_records_no_new_session,
     ],
     postgres_only: [
         announcements_reach_other_instances,

@@ -31,7 +31,7 @@ fn signed_in(app: &App, headers: &HeaderMap, back_to: &str) -> Result<Identity, 
 }
 
 /// For a form post: signed in, same origin, and the session's CSRF token.
-fn form_identity(
+pub(crate) fn form_identity(
     app: &App,
     headers: &HeaderMap,
     csrf: &str,
@@ -93,6 +93,23 @@ pub(crate) async fn page(
         Err(e) => return account_error(e),
     };
     let csrf = app.secrets.csrf_token(&id.sid.to_string());
+    let links = match app.store.oidc_links_of(id.user_id).await {
+        Ok(l) => l,
+        Err(e) => return store_unavailable(&e.to_string()),
+    };
+    let providers: Vec<(String, String, Option<i64>)> = app
+        .oidc
+        .all()
+        .iter()
+        .map(|p| {
+            let linked = links
+                .iter()
+                .find(|l| l.provider == p.config.id)
+                .map(|l| l.created_ms);
+            (p.config.id.clone(), p.config.display_name.clone(), linked)
+        })
+        .collect();
+    let sso = pages::sso_section(&providers, &csrf);
     let notice = match q.done.as_deref() {
         Some("device") => Some("That device has been signed out."),
         Some("others") => Some("Every other device has been signed out."),
@@ -101,6 +118,8 @@ pub(crate) async fn page(
             Some("Your password has been changed and every other device has been signed out.")
         }
         Some("2fa-off") => Some("Two-factor authentication is off."),
+        Some("sso-linked") => Some("The sign-in provider is linked to your account."),
+        Some("sso-unlinked") => Some("The sign-in provider is unlinked from your account."),
         _ => None,
     };
     let error = match q.error.as_deref() {
@@ -117,6 +136,7 @@ pub(crate) async fn page(
             notice,
             error,
             app.config.password.min_length,
+            &sso,
         )
         .into_response(),
     )
@@ -213,9 +233,12 @@ pub(crate) async fn signout_all(
         Ok(v) => v,
         Err(r) => return r,
     };
+    // A session that came through a provider also ends the provider's session (when that
+    // provider is configured for it), so the browser is not signed straight back in.
+    let end_session = app.sso_end_session_url(id.sid).await;
     match app.signout_all_devices(&id, &client).await {
         Ok(()) => with_cookie(
-            redirect(LOGIN_PATH),
+            redirect(end_session.as_deref().unwrap_or(LOGIN_PATH)),
             &cookie::clear(app.config.server.secure),
         ),
         Err(e) => account_error(e),

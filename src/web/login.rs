@@ -62,12 +62,12 @@ fn stage_path(stage: PendingStage) -> &'static str {
     }
 }
 
-fn encode(s: &str) -> String {
+pub(crate) fn encode(s: &str) -> String {
     percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).to_string()
 }
 
 /// Turns a login step into the browser's next page.
-fn step_response(app: &App, step: LoginStep, rd: &str, client: &ClientInfo) -> Response {
+pub(crate) fn step_response(app: &App, step: LoginStep, rd: &str, client: &ClientInfo) -> Response {
     let secure = app.config.server.secure;
     match step {
         LoginStep::Session(ok) => {
@@ -94,9 +94,26 @@ pub(crate) struct RdQuery {
     rd: Option<String>,
 }
 
-pub(crate) async fn login_page(Query(q): Query<RdQuery>) -> Response {
+impl RdQuery {
+    pub(crate) fn rd(&self) -> Option<&str> {
+        self.rd.as_deref()
+    }
+}
+
+/// The login page with this gateway's providers and password-form setting.
+pub(crate) fn login_html(app: &App, rd: &str, error: Option<&str>) -> axum::response::Html<String> {
+    let sso: Vec<(String, String)> = app
+        .oidc
+        .all()
+        .iter()
+        .map(|p| (p.config.id.clone(), p.config.display_name.clone()))
+        .collect();
+    pages::login(rd, error, &sso, app.config.auth.password_form)
+}
+
+pub(crate) async fn login_page(State(app): State<Arc<App>>, Query(q): Query<RdQuery>) -> Response {
     let rd = safe_return_path(q.rd.as_deref());
-    no_store(pages::login(&rd, None).into_response())
+    no_store(login_html(&app, &rd, None).into_response())
 }
 
 #[derive(Deserialize)]
@@ -131,7 +148,11 @@ pub(crate) async fn login_form(
         Ok(step) => step_response(&app, step, &rd, &client),
         Err(e) => {
             tracing::info!(ip = %client.ip, reason = e.label(), "login refused");
-            let resp = (login_status(&e), pages::login(&rd, Some(&e.to_string()))).into_response();
+            let resp = (
+                login_status(&e),
+                login_html(&app, &rd, Some(&e.to_string())),
+            )
+                .into_response();
             no_store(with_retry_after(resp, &e))
         }
     }
@@ -198,7 +219,7 @@ fn pending_error(app: &App, e: LoginError, rd: &str) -> Option<Response> {
             let resp = with_cookie(
                 (
                     StatusCode::UNAUTHORIZED,
-                    pages::login(rd, Some(&e.to_string())),
+                    login_html(app, rd, Some(&e.to_string())),
                 )
                     .into_response(),
                 &cookie::clear_pending(app.config.server.secure),
@@ -207,7 +228,8 @@ fn pending_error(app: &App, e: LoginError, rd: &str) -> Option<Response> {
         }
         LoginError::Unavailable(s) => Some(store_unavailable(&s.to_string())),
         LoginError::Throttled(_) | LoginError::Locked | LoginError::Disabled => {
-            let resp = (login_status(&e), pages::login(rd, Some(&e.to_string()))).into_response();
+            let resp =
+                (login_status(&e), login_html(app, rd, Some(&e.to_string()))).into_response();
             Some(no_store(with_retry_after(resp, &e)))
         }
         _ => None,
@@ -469,7 +491,11 @@ pub(crate) async fn logout(
         &app.view,
         now_ms() / 1000,
     );
+    let mut end_session = None;
     if let AuthDecision::Allow(identity) = decision {
+        if source == Some(CredentialSource::Cookie) {
+            end_session = app.sso_end_session_url(identity.sid).await;
+        }
         if let Err(e) = app.revoke_session(identity.sid).await {
             return store_unavailable(&e.to_string());
         }
@@ -485,7 +511,7 @@ pub(crate) async fn logout(
     match source {
         Some(CredentialSource::Bearer) => no_store(StatusCode::NO_CONTENT.into_response()),
         _ => with_cookie(
-            redirect(LOGIN_PATH),
+            redirect(end_session.as_deref().unwrap_or(LOGIN_PATH)),
             &cookie::clear(app.config.server.secure),
         ),
     }

@@ -45,7 +45,9 @@ border-radius:.2rem;margin-left:.4rem;vertical-align:middle}\
 code{font-size:1.05rem;word-break:break-all;font-family:ui-monospace,monospace}\
 .key{letter-spacing:.08em;background:#f4f4f6;padding:.2rem .4rem;border-radius:.2rem}\
 .codes{columns:2;font-family:ui-monospace,monospace;font-size:1.05rem}\
-.qr svg{width:200px;height:200px}";
+.qr svg{width:200px;height:200px}\
+a.sso{display:block;text-align:center;margin:.6rem 0;padding:.55rem 1.2rem;background:#1d1d24;\
+color:#fff;border-radius:.3rem;text-decoration:none}p.or{text-align:center}";
 
 fn layout(title: &str, body: &str) -> Html<String> {
     page(title, body, false)
@@ -66,15 +68,42 @@ fn page(title: &str, body: &str, wide: bool) -> Html<String> {
     ))
 }
 
-/// The login form; `rd` is the (already validated) path to return to.
-pub fn login(rd: &str, error: Option<&str>) -> Html<String> {
+/// The login form; `rd` is the (already validated) path to return to. `sso` lists the single
+/// sign-on providers (id, display name), shown as buttons above the password form, which
+/// `password_form = false` leaves out.
+pub fn login(
+    rd: &str,
+    error: Option<&str>,
+    sso: &[(String, String)],
+    password_form: bool,
+) -> Html<String> {
     let error = error
         .map(|e| format!("<p class=\"error\" role=\"alert\">{}</p>", escape(e)))
         .unwrap_or_default();
+    let rd_q = percent_encoding::utf8_percent_encode(rd, percent_encoding::NON_ALPHANUMERIC);
+    let buttons: String = sso
+        .iter()
+        .map(|(id, name)| {
+            format!(
+                "<a class=\"sso\" data-provider=\"{}\" href=\"/_portcullis/oidc/{}/start?rd={rd_q}\">Sign in with {}</a>",
+                escape(id),
+                escape(id),
+                escape(name)
+            )
+        })
+        .collect();
+    let or = if !sso.is_empty() && password_form {
+        "<p class=\"muted or\">or with your Portcullis password</p>"
+    } else {
+        ""
+    };
+    if !password_form {
+        return layout("Sign in", &format!("<h1>Sign in</h1>{error}{buttons}"));
+    }
     layout(
         "Sign in",
         &format!(
-            "<h1>Sign in</h1>{error}\
+            "<h1>Sign in</h1>{error}{buttons}{or}\
 <form method=\"post\" action=\"/_portcullis/login\">\
 <input type=\"hidden\" name=\"rd\" value=\"{}\">\
 <label for=\"username\">User name</label>\
@@ -299,7 +328,38 @@ pub fn session_device(s: &crate::store::SessionRecord) -> String {
     }
 }
 
+/// The account page's single sign-on section: each provider (id, display name, when it was
+/// linked, if it is) with a "Link" or "Unlink" button. Empty without providers.
+pub fn sso_section(providers: &[(String, String, Option<i64>)], csrf: &str) -> String {
+    if providers.is_empty() {
+        return String::new();
+    }
+    let rows: String = providers
+        .iter()
+        .map(|(id, name, linked)| {
+            let (action, label, state) = match linked {
+                Some(ms) => ("unlink", "Unlink", format!("Linked since {}", when(*ms))),
+                None => ("link", "Link", "Not linked".to_string()),
+            };
+            format!(
+                "<tr data-provider=\"{}\"><td>{}</td><td>{state}</td><td>\
+<form method=\"post\" action=\"/_portcullis/account/oidc/{action}\">{}{}\
+<button type=\"submit\" class=\"secondary\">{label}</button></form></td></tr>",
+                escape(id),
+                escape(name),
+                hidden("provider", id),
+                hidden("csrf", csrf),
+            )
+        })
+        .collect();
+    format!(
+        "<section id=\"sso\"><h2>Single sign-on</h2>\
+<table><thead><tr><th>Provider</th><th>State</th><th></th></tr></thead><tbody>{rows}</tbody></table></section>"
+    )
+}
+
 /// The account page.
+#[allow(clippy::too_many_arguments)]
 pub fn account(
     user: &crate::store::User,
     sessions: &[crate::store::SessionRecord],
@@ -308,6 +368,7 @@ pub fn account(
     notice: Option<&str>,
     error: Option<&str>,
     min_length: usize,
+    sso: &str,
 ) -> Html<String> {
     let notice = notice
         .map(|n| format!("<p class=\"notice\" role=\"status\">{}</p>", escape(n)))
@@ -361,7 +422,7 @@ pub fn account(
 <input type=\"password\" id=\"confirm\" name=\"confirm\" autocomplete=\"new-password\" required>\
 <label class=\"check\"><input type=\"checkbox\" id=\"signout\" name=\"signout\" value=\"1\" checked> Sign out connected devices</label>\
 <button type=\"submit\">Change password</button></form></section>\
-<section><h2>Two-factor authentication</h2><p>{}</p></section>\
+{sso}<section><h2>Two-factor authentication</h2><p>{}</p></section>\
 <section><form method=\"post\" action=\"/_portcullis/logout\">\
 <button type=\"submit\" class=\"secondary\">Sign out of this device</button></form></section>",
             escape(&user.name),
@@ -529,9 +590,14 @@ mod tests {
 
     #[test]
     fn values_are_escaped() {
-        let page = login("/\"><script>x</script>", Some("<b>")).0;
+        let sso = [("idp".to_string(), "<i>IdP</i>".to_string())];
+        let page = login("/\"><script>x</script>", Some("<b>"), &sso, true).0;
         assert!(!page.contains("<script>x"));
         assert!(page.contains("&quot;&gt;&lt;script&gt;"));
         assert!(page.contains("&lt;b&gt;"));
+        assert!(page.contains("Sign in with &lt;i&gt;IdP&lt;/i&gt;"));
+        assert!(page.contains("href=\"/_portcullis/oidc/idp/start?rd="));
+        let hidden = login("/", None, &sso, false).0;
+        assert!(!hidden.contains("name=\"password\"") && hidden.contains("Sign in with"));
     }
 }

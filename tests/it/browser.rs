@@ -22,14 +22,14 @@ fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-fn chromium() -> PathBuf {
+pub(crate) fn chromium() -> PathBuf {
     std::env::var_os("CHROMIUM")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("/usr/bin/chromium"))
 }
 
 /// Panics with what to install when the browser or the npm package is missing.
-fn check_prerequisites() {
+pub(crate) fn check_prerequisites() {
     let browser = chromium();
     assert!(
         browser.exists(),

@@ -28,6 +28,7 @@ mod jwt;
 mod login;
 mod logs;
 mod observability;
+mod oidc;
 mod pg;
 mod proxy;
 mod replicas;
