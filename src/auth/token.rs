@@ -155,6 +155,27 @@ pub struct Keyring {
     issuer: String,
     audience: String,
     validation: Validation,
+    /// Session tokens this keyring verified, by their exact text: a token seen again skips
+    /// parsing and the signature check, not its time checks (nor, in the caller, the
+    /// revocation view). Dies with the keyring, so a key change empties it.
+    verified: moka::sync::Cache<Box<str>, std::sync::Arc<(SessionClaims, usize)>>,
+}
+
+/// Verified session tokens remembered per keyring (a few KiB each at most: ≈ 10 MiB).
+const VERIFIED_CACHE_ENTRIES: u64 = 20_000;
+/// How long a verified token is remembered before it is checked in full again.
+const VERIFIED_CACHE_TTL: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// The time claims of a token that verified, at `now_s`: expiry, not-before and issued-at with
+/// the leeway.
+fn check_times(iat: i64, nbf: i64, exp: i64, now_s: i64) -> Result<(), TokenError> {
+    if exp.saturating_add(LEEWAY_SECS) < now_s {
+        return Err(TokenError::Expired);
+    }
+    if nbf > now_s.saturating_add(LEEWAY_SECS) || iat > now_s.saturating_add(LEEWAY_SECS) {
+        return Err(TokenError::NotYetValid);
+    }
+    Ok(())
 }
 
 impl std::fmt::Debug for Keyring {
@@ -220,6 +241,10 @@ impl Keyring {
             issuer: issuer.to_string(),
             audience: audience.to_string(),
             validation,
+            verified: moka::sync::Cache::builder()
+                .max_capacity(VERIFIED_CACHE_ENTRIES)
+                .time_to_live(VERIFIED_CACHE_TTL)
+                .build(),
         })
     }
 
@@ -292,7 +317,17 @@ impl Keyring {
         token: &str,
         now_s: i64,
     ) -> Result<(SessionClaims, &str), TokenError> {
-        self.verify_typed(SESSION_TYP, token, now_s)
+        if let Some(hit) = self.verified.get(token) {
+            let (claims, key) = &*hit;
+            check_times(claims.iat, claims.nbf, claims.exp, now_s)?;
+            return Ok((claims.clone(), self.keys[*key].kid.as_str()));
+        }
+        let (claims, kid) = self.verify_typed::<SessionClaims>(SESSION_TYP, token, now_s)?;
+        if let Some(&key) = self.by_kid.get(kid) {
+            self.verified
+                .insert(token.into(), std::sync::Arc::new((claims.clone(), key)));
+        }
+        Ok((claims, kid))
     }
 
     /// Verifies a token of the given `typ` with the fixed order of checks.
@@ -333,12 +368,7 @@ impl Keyring {
         )?;
         let c = data.claims;
         let (iat, nbf, exp) = c.times();
-        if exp + LEEWAY_SECS < now_s {
-            return Err(TokenError::Expired);
-        }
-        if nbf > now_s + LEEWAY_SECS || iat > now_s + LEEWAY_SECS {
-            return Err(TokenError::NotYetValid);
-        }
+        check_times(iat, nbf, exp, now_s)?;
         Ok((c, key.kid.as_str()))
     }
 }
@@ -498,6 +528,27 @@ mod tests {
             r.verify(&t, 1_000_000 - LEEWAY_SECS - 1),
             Err(TokenError::NotYetValid)
         );
+    }
+
+    #[test]
+    fn a_remembered_token_still_meets_its_times_and_only_the_exact_text_is_remembered() {
+        let r = ring(1);
+        let t = r.issue(&claims(1_000_000)).unwrap();
+        let first = r.verify_with_kid(&t, 1_000_000).unwrap();
+        assert_eq!(r.verify_with_kid(&t, 1_000_001).unwrap(), first);
+        assert_eq!(r.verified.get(t.as_str()).map(|h| h.1), Some(0));
+        // Remembering it does not lengthen its life.
+        assert_eq!(
+            r.verify(&t, 1_000_000 + 3600 + LEEWAY_SECS + 1),
+            Err(TokenError::Expired)
+        );
+        // A token that differs in one character is checked in full.
+        let mut tampered = t.clone();
+        let last = tampered.pop().unwrap();
+        tampered.push(if last == 'A' { 'B' } else { 'A' });
+        assert!(r.verify(&tampered, 1_000_000).is_err());
+        // Another keyring (a key change) remembers nothing.
+        assert_eq!(ring(2).verify(&t, 1_000_000), Err(TokenError::BadSignature));
     }
 
     #[test]
