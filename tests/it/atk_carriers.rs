@@ -5,16 +5,26 @@
 //! refused reaches Jellyfin.
 
 use std::net::IpAddr;
+use std::time::Duration;
 
-use crate::harness::{client, Gateway};
+use crate::harness::{client, poll_until, Gateway};
 use crate::jellyfin::{mb, setup, token_of};
 use crate::standin::StandIn;
 
-/// Bob's token, then bob signed out: a token the gateway knows as revoked.
-async fn revoked_token(gw: &Gateway) -> String {
+/// Bob's token, then bob signed out: a token the gateway knows as revoked. Returns once the
+/// gateway's own logout of it has reached Jellyfin, so that nothing later is mistaken for it.
+pub(crate) async fn revoked_token(gw: &Gateway, jf: &StandIn) -> String {
     let t = token_of(gw, "bob", "bob-old-phone").await;
     gw.cli_ok(&["signout", "--user", "bob"]);
     assert!(gw.refused_media(&t).await);
+    let logged_out = poll_until(Duration::from_secs(5), || async {
+        jf.logged_out_tokens().contains(&t)
+    })
+    .await;
+    assert!(
+        logged_out,
+        "the gateway never logged the revoked token out of Jellyfin"
+    );
     t
 }
 
@@ -46,7 +56,7 @@ fn mb_raw(token_part: &str) -> String {
 #[tokio::test]
 async fn atk19_an_empty_token_falls_through_exactly_as_jellyfin_reads_it() {
     let (jf, gw) = setup("").await;
-    let r = revoked_token(&gw).await;
+    let r = revoked_token(&gw, &jf).await;
     let before = jf.requests().len();
     let empty = mb_raw("Token=\"\"");
     // (a) the empty header token falls through to the query's revoked one; (b) alone it is no
@@ -71,7 +81,7 @@ async fn atk19_an_empty_token_falls_through_exactly_as_jellyfin_reads_it() {
 #[tokio::test]
 async fn atk20_a_revoked_token_cannot_hide_in_another_spelling() {
     let (jf, gw) = setup("").await;
-    let r = revoked_token(&gw).await;
+    let r = revoked_token(&gw, &jf).await;
     let before = jf.requests().len();
     let percent: String = r.bytes().map(|b| format!("%{b:02x}")).collect();
     let spellings = [
@@ -111,7 +121,7 @@ async fn atk20_a_revoked_token_cannot_hide_in_another_spelling() {
 #[tokio::test]
 async fn atk22_unknown_and_revoked_tokens_are_refused_on_the_routes_jellyfin_leaves_open() {
     let (jf, gw) = setup("").await;
-    let r = revoked_token(&gw).await;
+    let r = revoked_token(&gw, &jf).await;
     let u = "00112233445566778899aabbccddeeff";
     let item = "0123456789abcdef0123456789abcdef";
     let before = jf.requests().len();

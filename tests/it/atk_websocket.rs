@@ -69,9 +69,7 @@ async fn atk60_upgrades_need_a_live_session_and_a_same_site_page() {
 #[tokio::test]
 async fn atk60_jellyfin_sockets_refuse_revoked_tokens_and_foreign_pages() {
     let (jf, gw) = jellyfin_setup("").await;
-    let revoked = token_of(&gw, "bob", "old-tablet").await;
-    gw.cli_ok(&["signout", "--user", "bob"]);
-    assert!(gw.refused_media(&revoked).await);
+    let revoked = crate::atk_carriers::revoked_token(&gw, &jf).await;
     let live = token_of(&gw, "alice", "phone").await;
     let session = gw.login("alice", crate::jellyfin::PW).await.token;
     let before = jf.requests().len();
