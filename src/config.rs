@@ -43,8 +43,15 @@ pub const DEFAULT_MAX_FORM_BYTES: usize = 64 * 1024;
 pub const ARGON2_MIN_MEMORY_KIB: u32 = 19_456;
 /// OWASP minimum argon2id iterations at the minimum memory cost.
 pub const ARGON2_MIN_ITERATIONS: u32 = 2;
-/// Default number of password hashes computed at once (the rest wait their turn).
-pub const DEFAULT_HASH_CONCURRENCY: usize = 2;
+/// Default number of password hashes computed at once (the rest wait their turn): one less
+/// than the machine's cores, at least one, so a storm of logins always leaves a core to the
+/// proxy.
+pub fn default_hash_concurrency() -> usize {
+    std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .saturating_sub(1)
+        .max(1)
+}
 /// Default issuer (`iss`) of session tokens.
 pub const DEFAULT_ISSUER: &str = "portcullis";
 /// Default shortest new password, in characters (NIST SP 800-63B allows 8; we ask for more).
@@ -928,7 +935,7 @@ impl Validator {
         if parallelism == 0 || parallelism > 16 {
             return Err(self.err("password.parallelism", "must be between 1 and 16"));
         }
-        let max_concurrent = p.max_concurrent.unwrap_or(DEFAULT_HASH_CONCURRENCY);
+        let max_concurrent = p.max_concurrent.unwrap_or_else(default_hash_concurrency);
         if max_concurrent == 0 || max_concurrent > 64 {
             return Err(self.err("password.max_concurrent", "must be between 1 and 64"));
         }
