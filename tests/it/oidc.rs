@@ -286,14 +286,20 @@ async fn sso_with(
     callback(gw, provider, &s.state, Some(&s.flow_cookie)).await
 }
 
-/// The session token of a sign-in that must succeed.
-async fn sso_session(gw: &Gateway, op: &FakeOp, provider: &str, claims: Value) -> String {
-    let resp = sso_with(gw, op, provider, |nonce| {
+/// A sign-in whose ID token carries `claims`, with the flow's nonce filled in, signed by the
+/// provider's key.
+async fn sso_signed(gw: &Gateway, op: &FakeOp, provider: &str, claims: Value) -> reqwest::Response {
+    sso_with(gw, op, provider, |nonce| {
         let mut c = claims;
         c["nonce"] = json!(nonce);
         op.key.sign(None, &c)
     })
-    .await;
+    .await
+}
+
+/// The session token of a sign-in that must succeed.
+async fn sso_session(gw: &Gateway, op: &FakeOp, provider: &str, claims: Value) -> String {
+    let resp = sso_signed(gw, op, provider, claims).await;
     assert_eq!(
         resp.status(),
         303,
@@ -1261,12 +1267,7 @@ async fn complete_totp(gw: &Gateway, pending: &str, code: &str) -> reqwest::Resp
 /// A sign-in with `claims` (its nonce filled in) that must stop at a pending step: the pending
 /// cookie, after checking where the browser was sent.
 async fn sso_pending(gw: &Gateway, op: &FakeOp, provider: &str, claims: Value, to: &str) -> String {
-    let resp = sso_with(gw, op, provider, |nonce| {
-        let mut c = claims;
-        c["nonce"] = json!(nonce);
-        op.key.sign(None, &c)
-    })
-    .await;
+    let resp = sso_signed(gw, op, provider, claims).await;
     assert_eq!(
         resp.status(),
         303,
@@ -1323,22 +1324,12 @@ async fn auto_link_takes_only_the_exact_name_never_an_admin_and_never_skips_the_
     .enumerate()
     {
         let claims = named(&format!("s-lookalike-{i}"), name);
-        let resp = sso_with(&gw, &op, "idp", |n| {
-            let mut c = claims;
-            c["nonce"] = json!(n);
-            op.key.sign(None, &c)
-        })
-        .await;
+        let resp = sso_signed(&gw, &op, "idp", claims).await;
         assert_eq!(resp.status(), 403, "{name:?}");
         assert!(set_cookie(&resp, "portcullis").is_none(), "{name:?}");
     }
     // An administrator is never auto-linked, whatever the provider says.
-    let resp = sso_with(&gw, &op, "idp", |n| {
-        let mut c = named("s-root", "root");
-        c["nonce"] = json!(n);
-        op.key.sign(None, &c)
-    })
-    .await;
+    let resp = sso_signed(&gw, &op, "idp", named("s-root", "root")).await;
     assert_eq!(resp.status(), 403);
     assert!(set_cookie(&resp, "portcullis").is_none());
     assert!(resp.text().await.unwrap().contains("administrator"));
