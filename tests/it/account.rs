@@ -309,6 +309,12 @@ async fn password_policy_and_current_password_are_enforced() {
         );
     }
     // 64 characters and more are allowed, with no composition rules.
+    // Past the 1,024-byte cap a new password is refused, as at login (ATK-69).
+    let over_cap = "x".repeat(1025);
+    assert_eq!(
+        change_password(&mut a, ALICE_PW, &over_cap, false).await,
+        400
+    );
     let long = "x".repeat(80);
     assert_eq!(change_password(&mut a, ALICE_PW, &long, false).await, 303);
     gw.login("alice", &long).await;

@@ -313,8 +313,24 @@ async fn atk35_forwarded_for_headers_neither_dodge_the_limit_nor_reach_the_upstr
         .await
         .unwrap();
     assert_eq!(resp.status(), 429, "the address limit was dodged");
+    // Spraying on (ATK-46): one password against 200 names, existing and not, from this peer.
+    for i in 0..200 {
+        let user = if i % 50 == 0 {
+            "bob".to_string()
+        } else {
+            format!("user{i}")
+        };
+        let resp = client()
+            .post(gw.url("/_portcullis/api/login"))
+            .header("x-forwarded-for", format!("198.51.100.{}", i % 250))
+            .json(&serde_json::json!({"username": user, "password": "Winter2025!"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 429, "spray attempt {i} for {user}");
+    }
 
-    // Spraying locked no account: bob signs in from another address.
+    // Spraying locked no account: bob and alice sign in from another address.
     let other = reqwest::Client::builder()
         .local_address(std::net::IpAddr::from([127, 0, 0, 6]))
         .build()
@@ -328,6 +344,17 @@ async fn atk35_forwarded_for_headers_neither_dodge_the_limit_nor_reach_the_upstr
     assert_eq!(resp.status(), 200);
     let token: serde_json::Value = resp.json().await.unwrap();
     let token = token["token"].as_str().unwrap();
+    let resp = other
+        .post(gw.url("/_portcullis/api/login"))
+        .json(&serde_json::json!({"username": "alice", "password": ALICE_PW}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        resp.status(),
+        200,
+        "alice was locked by someone else's spraying"
+    );
 
     // What the upstream sees is the real peer, overwritten, not appended to.
     let resp = other

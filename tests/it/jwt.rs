@@ -265,6 +265,12 @@ async fn hand_built_tokens_are_judged_exactly() {
     // Nobody fetched anything from the trap.
     let accepted = tokio::time::timeout(Duration::from_millis(200), trap.accept()).await;
     assert!(accepted.is_err(), "the gateway connected to a jku/x5u URL");
+    // The attacker's kid values never reach the log, escaped or not (ATK-08).
+    gw.log_containing("401").await;
+    let log = gw.log();
+    for kid in ["dev/null", "UNION SELECT"] {
+        assert!(!log.contains(kid), "the kid {kid:?} reached the log");
+    }
     // A 20 KB claim set in a header is refused on size before any verification work.
     let huge = sign(
         &header,
