@@ -365,6 +365,45 @@ async fn a_wrong_current_password_counts_toward_the_account_lock() {
     gw.login("alice", ALICE_PW).await;
 }
 
+/// A form login with return path `rd` that stops at the code step: no session yet, sent to the
+/// code page; returns the pending cookie and the code page's CSRF token.
+pub(crate) async fn pending_login(
+    gw: &Gateway,
+    user: &str,
+    pw: &str,
+    rd: &str,
+) -> (String, String) {
+    let resp = client()
+        .post(gw.url("/_portcullis/login"))
+        .header("Origin", gw.base.clone())
+        .form(&[("username", user), ("password", pw), ("rd", rd)])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 303);
+    assert!(
+        set_cookie(&resp, "portcullis").is_none(),
+        "a session before the code"
+    );
+    let code_page = format!(
+        "/_portcullis/login/2fa?rd={}",
+        percent_encoding::utf8_percent_encode(rd, percent_encoding::NON_ALPHANUMERIC)
+    );
+    assert_eq!(resp.headers()["location"], code_page.as_str());
+    let pending = set_cookie(&resp, "portcullis-pending").expect("pending cookie");
+    let html = client()
+        .get(gw.url(&code_page))
+        .header("Cookie", &pending)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let csrf = input_value(&html, "csrf").expect("csrf on the code page");
+    (pending, csrf)
+}
+
 /// Enrols alice in TOTP through the account page; returns the seed and the recovery codes.
 pub(crate) async fn enrol(a: &Browser<'_>) -> (Vec<u8>, Vec<String>) {
     let html = a
@@ -451,40 +490,10 @@ async fn totp_login_with_replay_protection_and_recovery_codes() {
     assert_eq!(status, 401, "a recovery code was accepted twice");
 
     // The form login walks through the code page.
-    let resp = client()
-        .post(gw.url("/_portcullis/login"))
-        .header("Origin", gw.base.clone())
-        .form(&[
-            ("username", "alice"),
-            ("password", ALICE_PW),
-            ("rd", "/web/"),
-        ])
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 303);
-    assert!(
-        set_cookie(&resp, "portcullis").is_none(),
-        "a session before the code"
-    );
-    assert_eq!(
-        resp.headers()["location"],
-        "/_portcullis/login/2fa?rd=%2Fweb%2F"
-    );
-    let pending = set_cookie(&resp, "portcullis-pending").expect("pending cookie");
+    let (pending, csrf) = pending_login(&gw, "alice", ALICE_PW, "/web/").await;
     // The pending cookie is not a session.
     let pending_token = pending.split_once('=').unwrap().1;
     assert_eq!(gw.get_status("/probe", pending_token).await, 401);
-    let html = client()
-        .get(gw.url("/_portcullis/login/2fa?rd=%2Fweb%2F"))
-        .header("Cookie", &pending)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let csrf = input_value(&html, "csrf").unwrap();
     let resp = client()
         .post(gw.url("/_portcullis/login/2fa"))
         .header("Cookie", &pending)

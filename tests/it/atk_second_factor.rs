@@ -4,8 +4,8 @@
 
 use portcullis::auth::totp;
 
-use crate::account::{enrol, Browser};
-use crate::harness::{client, input_value, set_cookie, Gateway};
+use crate::account::{enrol, pending_login, Browser};
+use crate::harness::{client, set_cookie, Gateway};
 use crate::upstream::Upstream;
 
 const ALICE_PW: &str = "alice-password-1234";
@@ -16,36 +16,6 @@ fn now_s() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs() as i64
-}
-
-/// A form login that stops at the code step: the pending cookie and the step's CSRF token.
-async fn pending_login(gw: &Gateway, user: &str, pw: &str) -> (String, String) {
-    let resp = client()
-        .post(gw.url("/_portcullis/login"))
-        .header("Origin", gw.base.clone())
-        .form(&[("username", user), ("password", pw), ("rd", "/")])
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 303);
-    assert!(
-        set_cookie(&resp, "portcullis").is_none(),
-        "a session before the code"
-    );
-    let pending = set_cookie(&resp, "portcullis-pending").expect("a pending cookie");
-    let html = client()
-        .get(gw.url("/_portcullis/login/2fa?rd=%2F"))
-        .header("Cookie", &pending)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    (
-        pending,
-        input_value(&html, "csrf").expect("csrf on the code page"),
-    )
 }
 
 /// Posts a code on the pending login: status, the page, and whether a session cookie came.
@@ -70,7 +40,7 @@ async fn atk51_wrong_codes_in_any_spelling_count_against_the_account() {
         .start()
         .await;
     let (seed, _) = enrol(&Browser::login(&gw, "alice", ALICE_PW).await).await;
-    let (pending, csrf) = pending_login(&gw, "alice", ALICE_PW).await;
+    let (pending, csrf) = pending_login(&gw, "alice", ALICE_PW, "/").await;
     // (e) the pending cookie is not a session, as a cookie or as a Bearer token.
     let token = pending.split_once('=').unwrap().1;
     let as_cookie = client()
@@ -116,7 +86,7 @@ async fn atk44_a_code_from_another_users_authenticator_is_refused() {
         .await;
     enrol(&Browser::login(&gw, "alice", ALICE_PW).await).await;
     let (bob_seed, _) = enrol(&Browser::login(&gw, "bob", BOB_PW).await).await;
-    let (pending, csrf) = pending_login(&gw, "alice", ALICE_PW).await;
+    let (pending, csrf) = pending_login(&gw, "alice", ALICE_PW, "/").await;
     let step = totp::step_of(now_s());
     for s in [step, step + 1] {
         let (status, _, session) =
