@@ -4,8 +4,9 @@
 //! `Authorization` other than the media server's own scheme removed, and the forwarded headers
 //! and optional identity header set by the gateway alone.
 
-use http::HeaderName;
+use http::{HeaderName, HeaderValue};
 use pingora::http::RequestHeader;
+use pingora::{ErrorType, OrErr};
 
 use crate::auth::{cookie, Identity};
 
@@ -66,6 +67,13 @@ const HOP_BY_HOP: &[&str] = &[
     "trailer",
 ];
 
+// Names the gateway sets, sent upstream in lower case as before.
+const X_FORWARDED_FOR: &str = "x-forwarded-for";
+const X_REAL_IP: &str = "x-real-ip";
+const X_FORWARDED_PROTO: &str = "x-forwarded-proto";
+const X_FORWARDED_HOST: &str = "x-forwarded-host";
+const X_REQUEST_ID: &str = "x-request-id";
+
 /// Per-request facts the forwarding rewrite needs.
 pub struct ForwardFacts<'a> {
     pub client_ip: &'a str,
@@ -81,18 +89,57 @@ pub struct ForwardFacts<'a> {
     pub media: bool,
 }
 
-fn normalised(name: &str) -> String {
-    name.to_ascii_lowercase().replace(['_', '.'], "-")
+/// A header name byte as compared: lower case, with `_` and `.` read as `-`.
+fn fold(b: u8) -> u8 {
+    match b {
+        b'_' | b'.' => b'-',
+        b => b.to_ascii_lowercase(),
+    }
 }
 
-/// Whether a header name is one a client may not send through the gateway.
+/// Whether `name` starts with `prefix` (lower case, dashes) once folded.
+fn folded_starts_with(name: &[u8], prefix: &str) -> bool {
+    name.len() >= prefix.len()
+        && name
+            .iter()
+            .zip(prefix.as_bytes())
+            .all(|(&n, &p)| fold(n) == p)
+}
+
+/// Whether `name` is `reserved` (lower case, dashes) once folded.
+fn folded_eq(name: &[u8], reserved: &str) -> bool {
+    name.len() == reserved.len() && folded_starts_with(name, reserved)
+}
+
+/// Whether a header name is one a client may not send through the gateway. Every reserved
+/// name starts with one of `fkprtx` (`extra`, the route's identity header, is checked apart),
+/// so most names are told apart by their first byte. Nothing is allocated: this runs for
+/// every header of every request.
 pub fn is_reserved(name: &str, extra: Option<&str>) -> bool {
-    let n = normalised(name);
-    IDENTITY_HEADERS.contains(&n.as_str())
-        || IDENTITY_PREFIXES.iter().any(|p| n.starts_with(p))
-        || FORWARDING_HEADERS.contains(&n.as_str())
-        || HOP_BY_HOP.contains(&n.as_str())
-        || extra.is_some_and(|e| e == n)
+    let n = name.as_bytes();
+    if extra.is_some_and(|e| folded_eq(n, e)) {
+        return true;
+    }
+    if !matches!(
+        n.first().map(|b| b.to_ascii_lowercase()),
+        Some(b'f' | b'k' | b'p' | b'r' | b't' | b'x')
+    ) {
+        return false;
+    }
+    IDENTITY_HEADERS.iter().any(|r| folded_eq(n, r))
+        || IDENTITY_PREFIXES.iter().any(|p| folded_starts_with(n, p))
+        || FORWARDING_HEADERS.iter().any(|r| folded_eq(n, r))
+        || HOP_BY_HOP.iter().any(|r| folded_eq(n, r))
+}
+
+/// Whether an `Authorization` value is in the media server's own scheme (`MediaBrowser` or
+/// `Emby` followed by a space), the only one forwarded.
+fn media_server_scheme(value: &[u8]) -> bool {
+    let Some(space) = value.iter().position(|b| *b == b' ') else {
+        return false;
+    };
+    let scheme = &value[..space];
+    scheme.eq_ignore_ascii_case(b"mediabrowser") || scheme.eq_ignore_ascii_case(b"emby")
 }
 
 /// Rewrites the request that goes upstream.
@@ -120,35 +167,37 @@ pub fn rewrite(req: &mut RequestHeader, f: &ForwardFacts<'_>) -> pingora::Result
     }
 
     // The gateway's cookie and Bearer token stay here.
-    let cookies: Vec<String> = req
-        .headers
-        .get_all(http::header::COOKIE)
-        .iter()
-        .filter_map(|v| cookie::without_gateway_cookies(v.as_bytes()))
-        .collect();
-    req.remove_header(&http::header::COOKIE);
-    if !cookies.is_empty() {
-        req.insert_header(http::header::COOKIE, cookies.join("; "))?;
+    if req.headers.contains_key(http::header::COOKIE) {
+        let cookies: Vec<String> = req
+            .headers
+            .get_all(http::header::COOKIE)
+            .iter()
+            .filter_map(|v| cookie::without_gateway_cookies(v.as_bytes()))
+            .collect();
+        req.remove_header(&http::header::COOKIE);
+        if !cookies.is_empty() {
+            req.insert_header(http::header::COOKIE, cookies.join("; "))?;
+        }
     }
     let foreign_scheme = req
         .headers
         .get_all(http::header::AUTHORIZATION)
         .iter()
-        .any(|v| {
-            crate::mediaserver::carrier::parse_params(&String::from_utf8_lossy(v.as_bytes()))
-                .is_none()
-        });
+        .any(|v| !media_server_scheme(v.as_bytes()));
     if foreign_scheme {
         req.remove_header(&http::header::AUTHORIZATION);
     }
 
-    req.insert_header("x-forwarded-for", f.client_ip)?;
-    req.insert_header("x-real-ip", f.client_ip)?;
-    req.insert_header("x-forwarded-proto", f.proto)?;
+    // Every client-sent header of these names was removed above, so appending sets them.
+    let client_ip = HeaderValue::from_str(f.client_ip)
+        .or_err(ErrorType::InvalidHTTPHeader, "client address")?;
+    req.append_header(X_FORWARDED_FOR, client_ip.clone())?;
+    req.append_header(X_REAL_IP, client_ip)?;
+    req.append_header(X_FORWARDED_PROTO, HeaderValue::from_static(f.proto))?;
     if let Some(host) = f.host {
-        req.insert_header("x-forwarded-host", host)?;
+        req.append_header(X_FORWARDED_HOST, host)?;
     }
-    req.insert_header("x-request-id", f.request_id)?;
+    req.append_header(X_REQUEST_ID, f.request_id)?;
     if let (Some(header), Some(identity)) = (f.identity_header, f.identity) {
         req.insert_header(header.to_string(), identity.name.as_str())?;
     }
@@ -168,6 +217,80 @@ mod tests {
         r
     }
 
+    /// The plain reading `is_reserved` must agree with: fold the name, then look it up.
+    fn reserved_by_allocation(name: &str, extra: Option<&str>) -> bool {
+        let n = name.to_ascii_lowercase().replace(['_', '.'], "-");
+        IDENTITY_HEADERS.contains(&n.as_str())
+            || IDENTITY_PREFIXES.iter().any(|p| n.starts_with(p))
+            || FORWARDING_HEADERS.contains(&n.as_str())
+            || HOP_BY_HOP.contains(&n.as_str())
+            || extra.is_some_and(|e| e == n)
+    }
+
+    #[test]
+    fn reserved_names_are_found_in_every_spelling_without_allocating() {
+        let mut names: Vec<String> = Vec::new();
+        for list in [
+            IDENTITY_HEADERS,
+            FORWARDING_HEADERS,
+            HOP_BY_HOP,
+            IDENTITY_PREFIXES,
+        ] {
+            for n in list {
+                names.push(n.to_string());
+                names.push(n.to_ascii_uppercase().replace('-', "_"));
+                names.push(n.replace('-', "."));
+                names.push(format!("{n}x"));
+                names.push(n[..n.len() - 1].to_string());
+                names.push(format!("{n}-extra"));
+            }
+        }
+        for n in [
+            "host",
+            "accept",
+            "x",
+            "",
+            "_",
+            "te",
+            "Te",
+            "tE_",
+            "x-my-user",
+            "X_My.User",
+        ] {
+            names.push(n.to_string());
+        }
+        for name in &names {
+            for extra in [None, Some("x-my-user")] {
+                assert_eq!(
+                    is_reserved(name, extra),
+                    reserved_by_allocation(name, extra),
+                    "{name} {extra:?}"
+                );
+            }
+        }
+        assert!(is_reserved("Remote.User", None) && is_reserved("X_My.User", Some("x-my-user")));
+        assert!(!is_reserved("Accept", None));
+    }
+
+    #[test]
+    fn only_the_media_server_scheme_is_forwarded_as_jellyfin_parses_it() {
+        for value in [
+            "MediaBrowser Token=\"a\"",
+            "mediabrowser x",
+            "Emby Client=\"c\"",
+            "EMBY ",
+            "Bearer tok",
+            "Basic dXNlcg==",
+            "MediaBrowser",
+            "MediaBrowserToken=a",
+            "",
+            " MediaBrowser a",
+        ] {
+            let by_parse = crate::mediaserver::carrier::parse_params(value).is_some();
+            assert_eq!(media_server_scheme(value.as_bytes()), by_parse, "{value}");
+        }
+    }
+
     #[test]
     fn identity_and_credentials_are_stripped_and_forwarded_headers_set() {
         let mut r = request(&[
@@ -179,7 +302,7 @@ mod tests {
             ("X-Original-URL", "/System/Info/Public"),
             ("X-Forwarded-Prefix", "/public"),
             ("X-HTTP-Method-Override", "DELETE"),
-            ("X-Forwarded-For", "6.6.6.6"),
+            ("x-forwarded-for", "6.6.6.6"),
             ("Cookie", "portcullis=tok; theme=dark"),
             ("Authorization", "Bearer tok"),
             ("Connection", "keep-alive, X-Secret"),
