@@ -26,6 +26,9 @@ impl ProxyHttp for Bare {
 
     fn new_ctx(&self) {}
 
+    /// As the gateway: without Pingora's default (disabled) compression module.
+    fn init_downstream_modules(&self, _modules: &mut pingora::modules::http::HttpModules) {}
+
     async fn upstream_peer(&self, _session: &mut Session, _ctx: &mut ()) -> Result<Box<HttpPeer>> {
         Ok(Box::new(self.peer.clone()))
     }

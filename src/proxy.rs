@@ -298,8 +298,37 @@ fn request_id(req: &RequestHeader) -> String {
         });
     match given {
         Some(v) => v.to_string(),
-        None => format!("{:016x}", rand::random::<u64>()),
+        None => {
+            const HEX: &[u8; 16] = b"0123456789abcdef";
+            let n = rand::random::<u64>();
+            (0..16)
+                .rev()
+                .map(|i| HEX[((n >> (i * 4)) & 0xf) as usize] as char)
+                .collect()
+        }
     }
+}
+
+/// An address as `Display` writes it; IPv4 without the formatter's padding machinery, since
+/// this runs for every request.
+fn ip_text(ip: std::net::IpAddr) -> String {
+    let std::net::IpAddr::V4(v4) = ip else {
+        return ip.to_string();
+    };
+    let mut out = String::with_capacity(15);
+    for (i, octet) in v4.octets().into_iter().enumerate() {
+        if i > 0 {
+            out.push('.');
+        }
+        if octet >= 100 {
+            out.push(char::from(b'0' + octet / 100));
+        }
+        if octet >= 10 {
+            out.push(char::from(b'0' + octet / 10 % 10));
+        }
+        out.push(char::from(b'0' + octet % 10));
+    }
+    out
 }
 
 /// Whether a refused request looks like a browser navigating, which gets sent to the login page.
@@ -317,6 +346,10 @@ fn is_navigation(req: &RequestHeader) -> bool {
 #[async_trait]
 impl ProxyHttp for Gateway {
     type CTX = RequestCtx;
+
+    /// No downstream modules: Pingora's default adds a compression module at level 0, which does
+    /// nothing here but still runs on every request and response.
+    fn init_downstream_modules(&self, _modules: &mut pingora::modules::http::HttpModules) {}
 
     fn new_ctx(&self) -> RequestCtx {
         RequestCtx {
@@ -339,7 +372,7 @@ impl ProxyHttp for Gateway {
         ctx.start = Instant::now();
         ctx.request_id = request_id(session.req_header());
         ctx.peer = session.client_addr().and_then(|a| a.as_inet()).copied();
-        ctx.client_ip = ctx.peer.map(|a| a.ip().to_string()).unwrap_or_default();
+        ctx.client_ip = ctx.peer.map(|a| ip_text(a.ip())).unwrap_or_default();
         if let Some(peer) = ctx.peer {
             self.admission.head_arrived(peer);
         }
@@ -677,4 +710,29 @@ pub(crate) fn short_page(title: &str, text: &str) -> Bytes {
         "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{title}</title></head>\
 <body><h1>{title}</h1><p>{text}</p></body></html>\n"
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ip_text;
+
+    #[test]
+    fn addresses_read_as_display_writes_them() {
+        for ip in [
+            "0.0.0.0",
+            "127.0.0.1",
+            "10.20.255.9",
+            "255.255.255.255",
+            "1.0.100.99",
+            "::1",
+            "fe80::1",
+        ] {
+            let ip: std::net::IpAddr = ip.parse().unwrap();
+            assert_eq!(ip_text(ip), ip.to_string());
+        }
+        for n in (0..=u32::MAX).step_by(65_521) {
+            let ip = std::net::IpAddr::V4(n.into());
+            assert_eq!(ip_text(ip), ip.to_string());
+        }
+    }
 }
