@@ -29,6 +29,7 @@ KNOBS = {
     "i": ("d", "d without access log (RUST_LOG=warn)"),
     "j": ("d", "d with threads = 1"),
     "k": ("g", "g + jemalloc (LD_PRELOAD)"),
+    "l": ("d", "d with work_stealing = false"),
 }
 UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0}
 

@@ -19,6 +19,7 @@
 # With VARIANTS=1 (default) four tuning knobs run in the same rounds, without touching the code:
 #   h  d with jemalloc (LD_PRELOAD)   i  d without access log (RUST_LOG=warn)
 #   j  d with threads = 1             k  g with jemalloc
+#   l  d with work_stealing = false (one runtime per thread, no cross-thread wake-ups)
 # Then the login storm: (d) alone vs (d) while 50 clients log in with passwords nonstop.
 #
 # Environment: ROUNDS=3 DURATION=8 CONNS=64 THREADS=2 (nginx proxy workers = gateway threads =
@@ -49,7 +50,8 @@ VARIANTS=${VARIANTS:-1}
 #   i  d without the access log (RUST_LOG=warn)
 #   j  d with threads = 1
 #   k  g with jemalloc
-KNOBS=(h i j k)
+#   l  d with work_stealing = false
+KNOBS=(h i j k l)
 PASSWORD="bench-password-123456"
 
 say() { printf '\n== %s\n' "$*" >&2; }
@@ -136,7 +138,7 @@ wait_http() {
     return 1
 }
 
-read -r P_UP P_NB P_NC P_GA P_GAA P_GB P_GBA P_BARE P_H P_HA P_I P_IA P_J P_JA P_K <<<"$(free_ports 15)"
+read -r P_UP P_NB P_NC P_GA P_GAA P_GB P_GBA P_BARE P_H P_HA P_I P_IA P_J P_JA P_K P_L P_LA <<<"$(free_ports 17)"
 
 # ------------------------------------------------------------------ upstream nginx
 say "upstream nginx on :$P_UP ($UP_WORKERS workers), 1 KiB and $BIG_MIB MiB files"
@@ -344,7 +346,7 @@ wait_http "http://127.0.0.1:$P_BARE/1k" "$BARE_PID" || die "bare_proxy did not s
 
 if [ "$VARIANTS" = 1 ]; then
     JEMALLOC=$(ldconfig -p | awk '/libjemalloc.so.2 / {print $NF; exit}')
-    say "knob variants: h (d + jemalloc $JEMALLOC), i (d, no access log), j (d, 1 thread), k (g + jemalloc)"
+    say "knob variants: h (d + jemalloc $JEMALLOC), i (d, no access log), j (d, 1 thread), k (g + jemalloc), l (d, no work stealing)"
     # Copies of gateway A's config on other ports; same store, key and public_url, so the
     # same token is valid on all of them.
     variant_config() { # NAME PORT ADMIN THREADS
@@ -363,6 +365,11 @@ if [ "$VARIANTS" = 1 ]; then
     variant_config gwJ "$P_J" "$P_JA" 1
     start_gateway gwJ "$P_J" "$P_JA"
     J_PID=$GW_PID
+    variant_config gwL "$P_L" "$P_LA" "$THREADS"
+    printf '%s\n' '/^threads = /a work_stealing = false' >"$TMP/gwL/ws.sed"
+    sed -i -f "$TMP/gwL/ws.sed" "$TMP/gwL/portcullis.toml"
+    start_gateway gwL "$P_L" "$P_LA"
+    L_PID=$GW_PID
     LD_PRELOAD=$JEMALLOC "$BARE" "127.0.0.1:$P_K" "127.0.0.1:$P_UP" "$THREADS" >"$TMP/bare_k.log" 2>&1 &
     K_PID=$!
     PIDS+=("$K_PID")
@@ -381,6 +388,7 @@ url_of() {
     e) echo "http://127.0.0.1:$P_GB" ;; g) echo "http://127.0.0.1:$P_BARE" ;;
     h) echo "http://127.0.0.1:$P_H" ;; i) echo "http://127.0.0.1:$P_I" ;;
     j) echo "http://127.0.0.1:$P_J" ;; k) echo "http://127.0.0.1:$P_K" ;;
+    l) echo "http://127.0.0.1:$P_L" ;;
     esac
 }
 token_of() { case $1 in e) echo "$TOKEN_B" ;; f) echo "$TOKEN_R" ;; *) echo "$TOKEN_A" ;; esac; }
@@ -390,6 +398,7 @@ pids_of() {
     a) echo "$UP_WORKER_PIDS" ;; b) echo "$PX_WORKER_PIDS" ;; c) echo "$PX_WORKER_PIDS $GWA_PID" ;;
     d | f) echo "$GWA_PID" ;; e) echo "$GWB_PID" ;; g) echo "$BARE_PID" ;;
     h) echo "$H_PID" ;; i) echo "$I_PID" ;; j) echo "$J_PID" ;; k) echo "$K_PID" ;;
+    l) echo "$L_PID" ;;
     esac
 }
 ticks() { # PIDS... -> utime+stime clock ticks summed
