@@ -56,11 +56,14 @@ pub fn check(raw: Option<&[u8]>, req: &RequestHeader) -> Result<(), Violation> {
             check_raw(raw)?;
             // The head as received: the parsed form may already have dropped a
             // Content-Length that came with a Transfer-Encoding.
-            for line in raw.split(|b| *b == b'\n').skip(1) {
-                // Only Content-Length and Transfer-Encoding are noted.
-                if !matches!(line.first(), Some(b'c' | b'C' | b't' | b'T')) {
+            // Every line after the request line; only Content-Length and Transfer-Encoding
+            // are noted, so other lines are passed over by their first byte.
+            for nl in memchr::memchr_iter(b'\n', raw) {
+                let rest = &raw[nl + 1..];
+                if !matches!(rest.first(), Some(b'c' | b'C' | b't' | b'T')) {
                     continue;
                 }
+                let line = memchr::memchr(b'\n', rest).map_or(rest, |end| &rest[..end]);
                 let line = line.strip_suffix(b"\r").unwrap_or(line);
                 if let Some(colon) = line.iter().position(|b| *b == b':') {
                     framing.note(&line[..colon], line[colon + 1..].trim_ascii());
