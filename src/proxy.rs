@@ -298,14 +298,7 @@ fn request_id(req: &RequestHeader) -> String {
         });
     match given {
         Some(v) => v.to_string(),
-        None => {
-            const HEX: &[u8; 16] = b"0123456789abcdef";
-            let n = rand::random::<u64>();
-            (0..16)
-                .rev()
-                .map(|i| HEX[((n >> (i * 4)) & 0xf) as usize] as char)
-                .collect()
-        }
+        None => hex::encode(rand::random::<u64>().to_be_bytes()),
     }
 }
 
