@@ -712,30 +712,8 @@ async fn require_reset_forces_a_new_password_at_next_login() {
         "/_portcullis/login/password?rd=%2Fx"
     );
     let pending = set_cookie(&resp, "portcullis-pending").unwrap();
-    let html = client()
-        .get(gw.url("/_portcullis/login/password?rd=%2Fx"))
-        .header("Cookie", &pending)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let csrf = input_value(&html, "csrf").unwrap();
     let new_pw = "forced new passphrase";
-    let resp = client()
-        .post(gw.url("/_portcullis/login/password"))
-        .header("Cookie", &pending)
-        .header("Origin", gw.base.clone())
-        .form(&[
-            ("new_password", new_pw),
-            ("confirm", new_pw),
-            ("csrf", &csrf),
-            ("rd", "/x"),
-        ])
-        .send()
-        .await
-        .unwrap();
+    let resp = gw.set_new_password(&pending, new_pw, "/x").await;
     assert_eq!(resp.status(), 303);
     assert_eq!(resp.headers()["location"], "/x");
     assert!(set_cookie(&resp, "portcullis").is_some());

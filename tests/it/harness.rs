@@ -458,6 +458,40 @@ upstream = "{upstream}"
         format!("{}{}", self.base, path)
     }
 
+    /// Walks the forced new-password page with a pending login's cookie: reads the form's
+    /// CSRF token, then posts the new password (twice) with the return path `rd`.
+    pub async fn set_new_password(
+        &self,
+        pending: &str,
+        new_pw: &str,
+        rd: &str,
+    ) -> reqwest::Response {
+        let page = format!("/_portcullis/login/password?rd={}", rd.replace('/', "%2F"));
+        let html = client()
+            .get(self.url(&page))
+            .header("Cookie", pending)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let csrf = input_value(&html, "csrf").expect("the new-password form has a CSRF token");
+        client()
+            .post(self.url("/_portcullis/login/password"))
+            .header("Cookie", pending)
+            .header("Origin", self.base.clone())
+            .form(&[
+                ("new_password", new_pw),
+                ("confirm", new_pw),
+                ("csrf", csrf.as_str()),
+                ("rd", rd),
+            ])
+            .send()
+            .await
+            .unwrap()
+    }
+
     /// Tries a login through the JSON API: the status and the JSON body.
     pub async fn try_login(&self, user: &str, password: &str, totp: Option<&str>) -> (u16, Value) {
         let mut body = serde_json::json!({"username": user, "password": password});

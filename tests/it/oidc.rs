@@ -1488,30 +1488,8 @@ async fn breach_response_unlinks_and_sso_logins_of_users_who_must_reset_choose_a
     let mut claims = op.claims("s-alice", "");
     claims["sid"] = json!("op-reset");
     let pending = sso_pending(&gw, &op, "idp", claims, "/_portcullis/login/password").await;
-    let html = client()
-        .get(gw.url("/_portcullis/login/password?rd=%2Fafter"))
-        .header("cookie", &pending)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let csrf = crate::harness::input_value(&html, "csrf").unwrap();
     let new_pw = "a brand new password for alice";
-    let resp = client()
-        .post(gw.url("/_portcullis/login/password"))
-        .header("cookie", &pending)
-        .header("origin", gw.base.clone())
-        .form(&[
-            ("new_password", new_pw),
-            ("confirm", new_pw),
-            ("csrf", &csrf),
-            ("rd", "/after"),
-        ])
-        .send()
-        .await
-        .unwrap();
+    let resp = gw.set_new_password(&pending, new_pw, "/after").await;
     assert_eq!(resp.status(), 303);
     let token = set_cookie(&resp, "portcullis").expect("a session after the new password");
     let token = token.trim_start_matches("portcullis=").to_string();
