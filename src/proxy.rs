@@ -514,14 +514,14 @@ impl ProxyHttp for Gateway {
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         ctx.upstream_start = Some(Instant::now());
-        let host = host_of(session.req_header()).map(str::to_string);
+        let host = host_of(session.req_header());
         let route = ctx.route.and_then(|i| self.routes().get(i));
         forward::rewrite(
             upstream_request,
             &forward::ForwardFacts {
                 client_ip: &ctx.client_ip,
                 proto: self.proto,
-                host: host.as_deref(),
+                host,
                 request_id: &ctx.request_id,
                 identity: ctx.identity.as_ref(),
                 identity_header: route.and_then(|r| r.identity_header.as_deref()),
@@ -679,21 +679,19 @@ impl ProxyHttp for Gateway {
             .route
             .and_then(|i| self.routes().get(i))
             .map_or("-", |r| r.name.as_str());
-        let path =
-            telemetry::redact_target(req.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/"));
-        tracing::info!(
-            target: "portcullis::access",
-            request_id = %ctx.request_id,
-            client = %ctx.client_ip,
-            method = %req.method,
-            path = %path,
+        let path = telemetry::redact_target(req.uri.path_and_query().map_or("/", |p| p.as_str()));
+        telemetry::access(&telemetry::AccessLine {
+            request_id: &ctx.request_id,
+            client: &ctx.client_ip,
+            method: req.method.as_str(),
+            path: &path,
             route,
-            decision = ctx.outcome.decision(),
-            reason = ctx.outcome.reason(),
-            user = ctx.identity.as_ref().map_or("-", |i| i.name.as_str()),
+            decision: ctx.outcome.decision(),
+            reason: ctx.outcome.reason(),
+            user: ctx.identity.as_ref().map_or("-", |i| i.name.as_str()),
             status,
-            duration_ms = elapsed.as_secs_f64() * 1000.0,
-        );
+            duration_ms: elapsed.as_secs_f64() * 1000.0,
+        });
     }
 }
 

@@ -1,24 +1,27 @@
 //! Logging: a `tracing` subscriber in text or JSON, its level from the config or `RUST_LOG`,
 //! and the redaction of secrets that may appear in request targets. Access log lines are
-//! emitted by the proxy under the target `portcullis::access`.
+//! emitted by the proxy under the target `portcullis::access`, through [`access`].
 //!
-//! Lines are formatted on the thread that logs them. Access-log lines are appended to a shared
+//! Lines are formatted on the thread that logs them. In the text format an access line is
+//! written by [`access`] straight into the sink, byte for byte as `tracing_subscriber`'s default
+//! format would write it but without its per-field formatting machinery; in JSON it goes
+//! through `tracing` like every other line. Access-log lines are appended to a shared
 //! buffer that a flusher thread writes out every [`FLUSH_EVERY`] in one `write(2)`: a proxy thread
 //! never makes a system call or wakes another thread for its access line. Every other line is
 //! written at once, after whatever the buffer holds, so lines keep their order and a warning or
 //! an error is on stderr before the call that logged it returns. Nothing is dropped: a buffer
 //! past [`MAX_PENDING`] is written out by the thread that filled it.
 
+use std::borrow::Cow;
+use std::cell::RefCell;
 use std::io::Write;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::Duration;
 
-use tracing::field::{Field, Visit};
-use tracing::{Event, Level, Metadata, Subscriber};
-use tracing_subscriber::fmt::format::{Format, Full, Writer};
+use tracing::{Level, Metadata};
+use tracing_subscriber::fmt::format::Writer;
 use tracing_subscriber::fmt::time::FormatTime;
-use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, MakeWriter};
-use tracing_subscriber::registry::LookupSpan;
+use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::EnvFilter;
 
 use crate::config::{LogConfig, LogFormat};
@@ -74,95 +77,135 @@ pub fn init(cfg: &LogConfig) -> LogGuard {
     let guard = sink.start_flusher(FLUSH_EVERY);
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(sink)
+        .with_writer(sink.clone())
         .with_timer(UtcMicros);
-    let _ = match cfg.format {
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
-        LogFormat::Text => builder
-            .with_ansi(false)
-            .event_format(TextLines {
-                general: tracing_subscriber::fmt::format()
-                    .with_ansi(false)
-                    .with_timer(UtcMicros),
-            })
-            .try_init(),
-    };
+    match cfg.format {
+        LogFormat::Json => {
+            let _ = builder.json().flatten_event(true).try_init();
+        }
+        LogFormat::Text => {
+            if builder.with_ansi(false).try_init().is_ok() {
+                let _ = ACCESS_SINK.set(sink);
+            }
+        }
+    }
     guard
 }
 
-/// The text format: access lines are written by a short path of their own, every other line
-/// by `tracing_subscriber`'s full format. Both give the same text, e.g.
-/// `2026-11-29T19:28:33.037543Z  INFO portcullis::access: request_id=9f… status=200 …`; the
-/// general format spends most of an access line's cost on styling that is off anyway.
-struct TextLines {
-    general: Format<Full, UtcMicros>,
+/// Where [`access`] writes text lines itself; set by [`init`] for the text format.
+static ACCESS_SINK: OnceLock<Sink> = OnceLock::new();
+
+/// The fields of one access-log line, in the order they are written.
+#[derive(Debug, Clone, Copy)]
+pub struct AccessLine<'a> {
+    pub request_id: &'a str,
+    pub client: &'a str,
+    pub method: &'a str,
+    /// Already redacted ([`redact_target`]).
+    pub path: &'a str,
+    pub route: &'a str,
+    pub decision: &'a str,
+    pub reason: &'a str,
+    pub user: &'a str,
+    pub status: u16,
+    pub duration_ms: f64,
 }
 
-impl<S, N> FormatEvent<S, N> for TextLines
-where
-    S: Subscriber + for<'a> LookupSpan<'a>,
-    N: for<'a> FormatFields<'a> + 'static,
-{
-    fn format_event(
-        &self,
-        ctx: &FmtContext<'_, S, N>,
-        mut writer: Writer<'_>,
-        event: &Event<'_>,
-    ) -> std::fmt::Result {
-        let meta = event.metadata();
-        if meta.target() != ACCESS_TARGET
-            || meta.fields().field("message").is_some()
-            || ctx.event_scope().is_some()
-        {
-            return self.general.format_event(ctx, writer, event);
-        }
-        UtcMicros.format_time(&mut writer)?;
-        let level = match *meta.level() {
-            Level::TRACE => "TRACE",
-            Level::DEBUG => "DEBUG",
-            Level::INFO => " INFO",
-            Level::WARN => " WARN",
-            _ => "ERROR",
-        };
-        write!(writer, " {level} {}: ", meta.target())?;
-        let mut fields = PlainFields {
-            writer: &mut writer,
-            first: true,
-            result: Ok(()),
-        };
-        event.record(&mut fields);
-        fields.result?;
-        writeln!(writer)
+/// Logs one access line at INFO under `portcullis::access`, if that target is enabled.
+pub fn access(line: &AccessLine<'_>) {
+    if !tracing::enabled!(target: ACCESS_TARGET, Level::INFO) {
+        return;
     }
-}
-
-/// `name=value` pairs separated by spaces, values as `Debug` shows them (strings quoted), as
-/// `tracing_subscriber`'s default fields without styling.
-struct PlainFields<'w, 'a> {
-    writer: &'w mut Writer<'a>,
-    first: bool,
-    result: std::fmt::Result,
-}
-
-impl Visit for PlainFields<'_, '_> {
-    fn record_str(&mut self, field: &Field, value: &str) {
-        self.record_debug(field, &value)
+    let Some(sink) = ACCESS_SINK.get() else {
+        access_event(line);
+        return;
+    };
+    thread_local! {
+        static LINE: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
     }
-
-    fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
-        self.record_debug(field, &value.to_string())
-    }
-
-    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
-        let name = field.name();
-        if self.result.is_err() || name.starts_with("log.") {
+    let _ = LINE.try_with(|buf| {
+        let Ok(mut buf) = buf.try_borrow_mut() else {
             return;
-        }
-        let name = name.strip_prefix("r#").unwrap_or(name);
-        let pad = if self.first { "" } else { " " };
-        self.first = false;
-        self.result = write!(self.writer, "{pad}{name}={value:?}");
+        };
+        buf.clear();
+        utc_micros(|second, micros| {
+            buf.extend_from_slice(second.as_bytes());
+            buf.push(b'.');
+            push_digits(&mut buf, micros, 6);
+        });
+        write_access_fields(&mut buf, line);
+        sink.append(&buf, true);
+    });
+}
+
+/// The access line as a `tracing` event, for the JSON format (and any subscriber but ours).
+fn access_event(line: &AccessLine<'_>) {
+    tracing::info!(
+        target: ACCESS_TARGET,
+        request_id = %line.request_id,
+        client = %line.client,
+        method = %line.method,
+        path = %line.path,
+        route = line.route,
+        decision = line.decision,
+        reason = line.reason,
+        user = line.user,
+        status = line.status,
+        duration_ms = line.duration_ms,
+    );
+}
+
+/// Everything after the time: ` INFO portcullis::access: request_id=… duration_ms=…` and the
+/// newline, as the default format writes the event `access` would log through `tracing`:
+/// `%` fields as `Display` shows them, strings quoted as `Debug` shows them.
+fn write_access_fields(buf: &mut Vec<u8>, line: &AccessLine<'_>) {
+    buf.extend_from_slice(b"Z  INFO portcullis::access: request_id=");
+    buf.extend_from_slice(line.request_id.as_bytes());
+    buf.extend_from_slice(b" client=");
+    buf.extend_from_slice(line.client.as_bytes());
+    buf.extend_from_slice(b" method=");
+    buf.extend_from_slice(line.method.as_bytes());
+    buf.extend_from_slice(b" path=");
+    buf.extend_from_slice(line.path.as_bytes());
+    for (name, value) in [
+        (&b" route="[..], line.route),
+        (b" decision=", line.decision),
+        (b" reason=", line.reason),
+        (b" user=", line.user),
+    ] {
+        buf.extend_from_slice(name);
+        push_quoted(buf, value);
     }
+    buf.extend_from_slice(b" status=");
+    push_digits(buf, u32::from(line.status), 1);
+    // `{:?}` of an f64, as `tracing` records it (`1.0`, not `1`).
+    let _ = writeln!(buf, " duration_ms={:?}", line.duration_ms);
+}
+
+/// A string as `{:?}` writes it: quoted, with escapes where needed (printable ASCII needs
+/// none but for `"` and `\\`).
+fn push_quoted(buf: &mut Vec<u8>, s: &str) {
+    if s.bytes()
+        .all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\')
+    {
+        buf.push(b'"');
+        buf.extend_from_slice(s.as_bytes());
+        buf.push(b'"');
+    } else {
+        let _ = write!(buf, "{s:?}");
+    }
+}
+
+/// `n` in decimal, zero-padded to at least `width` digits.
+fn push_digits(buf: &mut Vec<u8>, mut n: u32, width: usize) {
+    let mut digits = [0u8; 10];
+    let mut i = digits.len();
+    while n > 0 || digits.len() - i < width {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+    }
+    buf.extend_from_slice(&digits[i..]);
 }
 
 /// Wall-clock time in UTC to the microsecond, as `tracing_subscriber`'s `SystemTime` writes it;
@@ -172,21 +215,32 @@ struct UtcMicros;
 
 impl FormatTime for UtcMicros {
     fn format_time(&self, w: &mut Writer<'_>) -> std::fmt::Result {
-        thread_local! {
-            static SECOND: std::cell::RefCell<(u64, String)> =
-                const { std::cell::RefCell::new((u64::MAX, String::new())) };
+        utc_micros(|second, micros| write!(w, "{second}.{micros:06}Z"))
+    }
+}
+
+/// Calls `f` with the time now: `YYYY-MM-DDTHH:MM:SS` in UTC and the microseconds past it. The
+/// text of the second is worked out once a second per thread.
+fn utc_micros<R>(mut f: impl FnMut(&str, u32) -> R) -> R {
+    thread_local! {
+        static SECOND: RefCell<(u64, String)> = const { RefCell::new((u64::MAX, String::new())) };
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let secs = now.as_secs();
+    let micros = now.subsec_micros();
+    let cached = SECOND.try_with(|cached| {
+        let mut cached = cached.borrow_mut();
+        if cached.0 != secs {
+            *cached = (secs, utc_second(secs));
         }
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default();
-        let secs = now.as_secs();
-        SECOND.with(|cached| {
-            let mut cached = cached.borrow_mut();
-            if cached.0 != secs {
-                *cached = (secs, utc_second(secs));
-            }
-            write!(w, "{}.{:06}Z", cached.1, now.subsec_micros())
-        })
+        f(&cached.1, micros)
+    });
+    match cached {
+        Ok(r) => r,
+        // The thread is ending and its cache is gone.
+        Err(_) => f(&utc_second(secs), micros),
     }
 }
 
@@ -365,9 +419,9 @@ impl<'a> MakeWriter<'a> for Sink {
 }
 
 /// A request target with the values of secret query parameters replaced by `REDACTED`.
-pub fn redact_target(target: &str) -> String {
+pub fn redact_target(target: &str) -> Cow<'_, str> {
     let Some((path, query)) = target.split_once('?') else {
-        return target.to_string();
+        return Cow::Borrowed(target);
     };
     let parts: Vec<String> = query
         .split('&')
@@ -389,7 +443,7 @@ pub fn redact_target(target: &str) -> String {
             }
         })
         .collect();
-    format!("{path}?{}", parts.join("&"))
+    Cow::Owned(format!("{path}?{}", parts.join("&")))
 }
 
 #[cfg(test)]
@@ -458,63 +512,90 @@ mod tests {
         assert!(out.text().contains("last"), "the guard writes out the rest");
     }
 
-    /// One event logged through `text_lines` (ours) or the library's default text format.
-    fn one_line(ours: bool, f: impl FnOnce()) -> String {
+    /// One event as the library's default text format writes it, from the space after the time.
+    fn default_line(f: impl FnOnce()) -> String {
         let out = Shared::default();
-        let sink = Sink::new(Box::new(out.clone()));
-        let builder = tracing_subscriber::fmt()
-            .with_writer(sink)
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(Sink::new(Box::new(out.clone())))
             .with_ansi(false)
-            .with_timer(UtcMicros);
-        if ours {
-            let subscriber = builder
-                .event_format(TextLines {
-                    general: tracing_subscriber::fmt::format()
-                        .with_ansi(false)
-                        .with_timer(UtcMicros),
-                })
-                .finish();
-            tracing::subscriber::with_default(subscriber, f);
-        } else {
-            tracing::subscriber::with_default(builder.finish(), f);
-        }
+            .with_timer(UtcMicros)
+            .finish();
+        tracing::subscriber::with_default(subscriber, f);
         let text = out.text();
-        // The same text after the time, which differs between two calls.
-        text.split_once(' ').unwrap().1.to_string()
+        text.split_once('Z').unwrap().1.to_string()
     }
 
     #[test]
     fn access_lines_read_as_the_default_format_writes_them() {
-        let access = || {
-            let path = String::from("/Videos/1/stream?ApiKey=REDACTED");
-            tracing::info!(
-                target: "portcullis::access",
-                request_id = %"9f2c",
-                client = %"127.0.0.1",
-                method = %http::Method::GET,
-                path = %path,
-                route = "media",
-                decision = "allow",
-                reason = "valid \"session\"\n",
-                user = "alice",
-                status = 200u16,
-                duration_ms = 1.25f64,
-                r#type = true,
-            );
+        let first = AccessLine {
+            request_id: "9f2c",
+            client: "127.0.0.1",
+            method: "GET",
+            path: "/Videos/1/stream?ApiKey=REDACTED",
+            route: "media",
+            decision: "allow",
+            reason: "valid_session",
+            user: "alice",
+            status: 200,
+            duration_ms: 0.418_372,
         };
-        let ours = one_line(true, access);
-        assert_eq!(ours, one_line(false, access));
-        assert!(
-            ours.starts_with(" INFO portcullis::access: request_id=9f2c client=127.0.0.1"),
-            "{ours}"
+        let lines = [
+            first,
+            // Strings that need escapes, whole and tiny numbers, a long IPv6 client.
+            AccessLine {
+                reason: "valid \"session\"\n",
+                user: "Zoë\\x\t",
+                route: "",
+                client: "2001:db8::ff00:42:8329",
+                status: 0,
+                duration_ms: 1.0,
+                ..first
+            },
+            AccessLine {
+                method: "PROPFIND",
+                path: "/",
+                status: 65_535,
+                duration_ms: 0.000_012_3,
+                ..first
+            },
+            AccessLine {
+                status: 7,
+                duration_ms: 123_456_789.5,
+                ..first
+            },
+        ];
+        for line in lines {
+            let mut ours = Vec::new();
+            write_access_fields(&mut ours, &line);
+            let ours = String::from_utf8(ours).unwrap();
+            let theirs = default_line(|| access_event(&line));
+            assert_eq!(ours.strip_prefix('Z'), Some(theirs.as_str()));
+        }
+        let mut first_line = Vec::new();
+        write_access_fields(&mut first_line, &first);
+        assert_eq!(
+            String::from_utf8(first_line).unwrap(),
+            "Z  INFO portcullis::access: request_id=9f2c client=127.0.0.1 method=GET \
+             path=/Videos/1/stream?ApiKey=REDACTED route=\"media\" decision=\"allow\" \
+             reason=\"valid_session\" user=\"alice\" status=200 duration_ms=0.418372\n"
         );
-        assert!(
-            ours.contains(r#"reason="valid \"session\"\n" user="alice" status=200"#),
-            "{ours}"
-        );
-        // Other lines, with a message or another target, take the general path.
-        let other = || tracing::warn!(peer = %"1.2.3.4", "client connection closed");
-        assert_eq!(one_line(true, other), one_line(false, other));
+    }
+
+    #[test]
+    fn digits_are_padded_to_their_width() {
+        for (n, width, want) in [
+            (0, 6, "000000"),
+            (42, 6, "000042"),
+            (0, 1, "0"),
+            (65_535, 1, "65535"),
+        ] {
+            let mut buf = Vec::new();
+            push_digits(&mut buf, n, width);
+            assert_eq!(buf, want.as_bytes());
+        }
+        let mut buf = Vec::new();
+        push_digits(&mut buf, u32::MAX, 6);
+        assert_eq!(buf, b"4294967295");
     }
 
     #[test]

@@ -124,6 +124,36 @@ async fn proxy_error_lines_do_not_carry_query_secrets() {
         log.contains("upstream_unavailable"),
         "the failure was not logged:\n{log}"
     );
+    // The text access line, written by the gateway's own short path, reads as the library's
+    // default format: time, level, target, then the fields, strings quoted.
+    let access = log
+        .lines()
+        .find(|l| l.contains(" portcullis::access: ") && l.contains("/Videos/1/stream"))
+        .unwrap_or_else(|| panic!("no access line:\n{log}"));
+    let (time, rest) = access.split_at(27);
+    assert!(
+        time.len() == 27
+            && time.ends_with('Z')
+            && time.as_bytes()[10] == b'T'
+            && time.as_bytes()[19] == b'.',
+        "{access}"
+    );
+    let rest = rest
+        .strip_prefix("  INFO portcullis::access: request_id=")
+        .unwrap_or_else(|| panic!("{access}"));
+    let (id, rest) = rest.split_once(' ').unwrap();
+    assert!(
+        id.len() == 16 && id.bytes().all(|b| b.is_ascii_hexdigit()),
+        "{access}"
+    );
+    let rest = rest
+        .strip_prefix(
+            "client=127.0.0.1 method=GET path=/Videos/1/stream?api_key=REDACTED&Static=true \
+             route=\"media\" decision=\"error\" reason=\"upstream_unavailable\" user=\"alice\" \
+             status=502 duration_ms=",
+        )
+        .unwrap_or_else(|| panic!("{access}"));
+    assert!(rest.parse::<f64>().is_ok_and(|ms| ms >= 0.0), "{access}");
     assert!(
         !log.contains("streamsecret999"),
         "query secret in the log:\n{log}"
