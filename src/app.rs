@@ -215,7 +215,9 @@ pub struct App {
     /// Pending logins (by `jti`) of single sign-on logins whose provider claim grants admin:
     /// granted when the session is created (see `sso::SsoLogin::grant_admin`).
     sso_admin_grants: Cache<String, ()>,
-    last_seen_written: Cache<u128, i64>,
+    /// When each session's last use was last queued for the store, by session id. Looked up on
+    /// every request; hashed with foldhash (the ids are the gateway's own random numbers).
+    last_seen_written: Cache<u128, i64, foldhash::fast::RandomState>,
     last_seen_pending: Mutex<Vec<(SessionId, i64)>>,
     /// Playback grants, Quick Connect approvals and open connections of media routes.
     pub media: crate::mediaserver::MediaState,
@@ -292,7 +294,7 @@ impl App {
             last_seen_written: Cache::builder()
                 .max_capacity(1_000_000)
                 .time_to_idle(Duration::from_millis(LAST_SEEN_EVERY_MS as u64 * 2))
-                .build(),
+                .build_with_hasher(foldhash::fast::RandomState::default()),
             last_seen_pending: Mutex::new(Vec::new()),
         };
         app.refresh_view_metrics();

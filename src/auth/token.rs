@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::Path;
+use std::sync::Arc;
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
@@ -157,8 +158,10 @@ pub struct Keyring {
     validation: Validation,
     /// Session tokens this keyring verified, by their exact text: a token seen again skips
     /// parsing and the signature check, not its time checks (nor, in the caller, the
-    /// revocation view). Dies with the keyring, so a key change empties it.
-    verified: moka::sync::Cache<Box<str>, std::sync::Arc<(SessionClaims, usize)>>,
+    /// revocation view). Dies with the keyring, so a key change empties it. Hashed with
+    /// foldhash, not SipHash: only tokens whose signature checked are put in, so nobody can
+    /// fill it with keys chosen to collide, and the token is hashed on every request.
+    verified: moka::sync::Cache<Box<str>, (Arc<SessionClaims>, usize), foldhash::fast::RandomState>,
 }
 
 /// Verified session tokens remembered per keyring (a few KiB each at most: ≈ 10 MiB).
@@ -244,7 +247,7 @@ impl Keyring {
             verified: moka::sync::Cache::builder()
                 .max_capacity(VERIFIED_CACHE_ENTRIES)
                 .time_to_live(VERIFIED_CACHE_TTL)
-                .build(),
+                .build_with_hasher(foldhash::fast::RandomState::default()),
         })
     }
 
@@ -308,24 +311,25 @@ impl Keyring {
 
     /// Verifies a token at time `now_s` (seconds since the epoch).
     pub fn verify(&self, token: &str, now_s: i64) -> Result<SessionClaims, TokenError> {
-        self.verify_with_kid(token, now_s).map(|(c, _)| c)
+        self.verify_with_kid(token, now_s)
+            .map(|(c, _)| SessionClaims::clone(&c))
     }
 
-    /// Verifies a token and also says which key signed it.
+    /// Verifies a token and also says which key signed it. The claims are shared with the
+    /// cache of verified tokens, not copied.
     pub fn verify_with_kid(
         &self,
         token: &str,
         now_s: i64,
-    ) -> Result<(SessionClaims, &str), TokenError> {
-        if let Some(hit) = self.verified.get(token) {
-            let (claims, key) = &*hit;
+    ) -> Result<(Arc<SessionClaims>, &str), TokenError> {
+        if let Some((claims, key)) = self.verified.get(token) {
             check_times(claims.iat, claims.nbf, claims.exp, now_s)?;
-            return Ok((claims.clone(), self.keys[*key].kid.as_str()));
+            return Ok((claims, self.keys[key].kid.as_str()));
         }
         let (claims, kid) = self.verify_typed::<SessionClaims>(SESSION_TYP, token, now_s)?;
+        let claims = Arc::new(claims);
         if let Some(&key) = self.by_kid.get(kid) {
-            self.verified
-                .insert(token.into(), std::sync::Arc::new((claims.clone(), key)));
+            self.verified.insert(token.into(), (claims.clone(), key));
         }
         Ok((claims, kid))
     }
