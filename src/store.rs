@@ -27,10 +27,22 @@ impl SessionId {
 
     /// Parses exactly 32 hex digits; anything else is `None`.
     pub fn parse(s: &str) -> Option<SessionId> {
-        if s.len() != 32 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+        if s.len() != 32 {
             return None;
         }
-        u128::from_str_radix(s, 16).ok().map(SessionId)
+        // By hand: `u128::from_str_radix` checks for overflow at every digit, and this runs on
+        // every request.
+        let mut n = 0u128;
+        for b in s.bytes() {
+            let digit = match b {
+                b'0'..=b'9' => b - b'0',
+                b'a'..=b'f' => b - b'a' + 10,
+                b'A'..=b'F' => b - b'A' + 10,
+                _ => return None,
+            };
+            n = n << 4 | u128::from(digit);
+        }
+        Some(SessionId(n))
     }
 }
 

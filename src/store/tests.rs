@@ -1751,3 +1751,32 @@ fn revoked_records_parse_exactly_and_refuse_anything_else() {
         );
     }
 }
+
+#[test]
+fn session_ids_parse_as_32_hex_digits_and_nothing_else() {
+    for n in [
+        0u128,
+        1,
+        0xe2c7_c72a_b3bc_fd5d_d489_f9e4_c483_4eef,
+        u128::MAX,
+    ] {
+        let id = SessionId(n);
+        assert_eq!(SessionId::parse(&id.to_string()), Some(id));
+        assert_eq!(
+            SessionId::parse(&id.to_string().to_ascii_uppercase()),
+            Some(id)
+        );
+    }
+    let good = "e2c7c72ab3bcfd5dd489f9e4c4834eef";
+    for bad in [
+        "",
+        &good[1..],
+        &format!("{good}0"),
+        "+2c7c72ab3bcfd5dd489f9e4c4834eef",
+        "g2c7c72ab3bcfd5dd489f9e4c4834eef",
+        "e2c7c72ab3bcfd5dd489f9e4c4834ee ",
+        "e2c7c72ab3bcfd5dd489f9e4c4834e\u{e9}",
+    ] {
+        assert_eq!(SessionId::parse(bad), None, "{bad:?}");
+    }
+}
