@@ -155,9 +155,9 @@ fn access_event(line: &AccessLine<'_>) {
     );
 }
 
-/// Everything after the time: ` INFO portcullis::access: request_id=… duration_ms=…` and the
-/// newline, as the default format writes the event `access` would log through `tracing`:
-/// `%` fields as `Display` shows them, strings quoted as `Debug` shows them.
+/// Everything after the time's digits: `Z  INFO portcullis::access: request_id=… duration_ms=…`
+/// and the newline, as the default format writes the event [`access_event`] logs: `%` fields
+/// as `Display` shows them, strings quoted as `Debug` shows them.
 fn write_access_fields(buf: &mut Vec<u8>, line: &AccessLine<'_>) {
     buf.extend_from_slice(b"Z  INFO portcullis::access: request_id=");
     buf.extend_from_slice(line.request_id.as_bytes());
@@ -183,7 +183,7 @@ fn write_access_fields(buf: &mut Vec<u8>, line: &AccessLine<'_>) {
 }
 
 /// A string as `{:?}` writes it: quoted, with escapes where needed (printable ASCII needs
-/// none but for `"` and `\\`).
+/// none but for `"` and `\`).
 fn push_quoted(buf: &mut Vec<u8>, s: &str) {
     if s.bytes()
         .all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\')
@@ -196,11 +196,11 @@ fn push_quoted(buf: &mut Vec<u8>, s: &str) {
     }
 }
 
-/// `n` in decimal, zero-padded to at least `width` digits.
+/// `n` in decimal, zero-padded to at least `width` digits (at most ten in all).
 fn push_digits(buf: &mut Vec<u8>, mut n: u32, width: usize) {
     let mut digits = [0u8; 10];
     let mut i = digits.len();
-    while n > 0 || digits.len() - i < width {
+    while i > 0 && (n > 0 || digits.len() - i < width) {
         i -= 1;
         digits[i] = b'0' + (n % 10) as u8;
         n /= 10;
@@ -596,6 +596,10 @@ mod tests {
         let mut buf = Vec::new();
         push_digits(&mut buf, u32::MAX, 6);
         assert_eq!(buf, b"4294967295");
+        // A width past ten digits is capped, not a panic.
+        let mut buf = Vec::new();
+        push_digits(&mut buf, 5, 12);
+        assert_eq!(buf, b"0000000005");
     }
 
     #[test]
