@@ -7,7 +7,9 @@
 #   bash bench/instructions.sh            # 2,000 requests over 4 keep-alive connections
 #
 # Environment: REQUESTS=2000 CONNS=4 SKIP_BUILD=1 KEEP=1 (keep the temp dir and the
-# callgrind files; `callgrind_annotate --inclusive=yes FILE` reads them).
+# callgrind files; `callgrind_annotate --inclusive=yes FILE` reads them). REVOKED=1000000 also
+# measures the gateway again with that many revoked sessions in its view (case e of
+# bench/run.sh; loading them under valgrind takes a few minutes).
 # Installs valgrind, nginx, curl and python3 from Debian if missing. Counts are of user-space
 # instructions only (the kernel's share is not seen), and a `rep movsb` copy counts one per
 # byte, so a large memcpy weighs more here than in time.
@@ -157,6 +159,46 @@ TOKEN=$(curl -sf --max-time 120 -X POST -H 'content-type: application/json' \
 bare=$(measure bare "$P_BARE" "$BARE_PID" unused)
 gw=$(measure gw "$P_GW" "$GW_PID" "$TOKEN")
 GW_OUT=$(ls -t "$TMP"/gw.cg.out.* | head -1)
+
+if [ "${REVOKED:-0}" -gt 0 ]; then
+    # The same gateway, database and session, restarted with REVOKED more revoked sessions.
+    command -v sqlite3 >/dev/null 2>&1 ||
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq sqlite3 >/dev/null
+    kill -TERM "$GW_PID"
+    for _ in $(seq 300); do kill -0 "$GW_PID" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$GW_PID" 2>/dev/null || true
+    now_ms=$(($(date +%s) * 1000))
+    sqlite3 "$TMP/gw/p.db" >/dev/null <<SQL
+PRAGMA busy_timeout = 5000;
+BEGIN;
+WITH RECURSIVE n(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM n WHERE x < $REVOKED)
+INSERT INTO revocation_events (kind, session_id, user_id, at_ms, expires_ms)
+SELECT 'session_revoked', lower(hex(randomblob(16))), (SELECT id FROM users WHERE name = 'bench'),
+       $now_ms, $((now_ms + 30 * 86400 * 1000)) FROM n;
+COMMIT;
+SQL
+    (cd "$TMP/gw" && exec valgrind --tool=callgrind --callgrind-out-file="$TMP/gwe.cg.out" \
+        "$PORTCULLIS" --config "$TMP/gw/portcullis.toml" serve) >"$TMP/gw/gateway-e.log" 2>&1 &
+    GW_PID=$!
+    PIDS+=("$GW_PID")
+    view=0
+    for _ in $(seq 3000); do
+        view=$(curl -s --max-time 5 "http://127.0.0.1:$P_GWA/metrics" |
+            awk '$1 == "portcullis_revocation_view_revoked_sessions" {print $2}' || true)
+        python3 -c "import sys; sys.exit(0 if float(sys.argv[1] or 0) >= int(sys.argv[2]) else 1)" \
+            "${view:-0}" "$REVOKED" && break
+        kill -0 "$GW_PID" 2>/dev/null || { tail -20 "$TMP/gw/gateway-e.log"; exit 1; }
+        sleep 0.2
+    done
+    wait_up "http://127.0.0.1:$P_GW/_portcullis/login" "$GW_PID" || exit 1
+    gwe=$(measure gwe "$P_GW" "$GW_PID" "$TOKEN")
+    python3 - "$gwe" "$gw" "$REQUESTS" "${view:-0}" <<'PY'
+import sys
+e, d, n, view = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+print(f"with {view:,.0f} revoked sessions in the view: {e / n:,.0f} instructions per request, "
+      f"{e / d:.4f}x the gateway without")
+PY
+fi
 
 BARE_OUT=$(ls -t "$TMP"/bare.cg.out.* | head -1)
 python3 - "$bare" "$gw" "$REQUESTS" "$BARE_OUT" "$GW_OUT" "$ROOT" <<'EOF'
