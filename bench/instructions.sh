@@ -24,12 +24,9 @@ command -v valgrind >/dev/null 2>&1 || need+=(valgrind)
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need+=(nginx-light)
 command -v curl >/dev/null 2>&1 || need+=(curl)
 command -v python3 >/dev/null 2>&1 || need+=(python3)
+[ "${REVOKED:-0}" -eq 0 ] || command -v sqlite3 >/dev/null 2>&1 || need+=(sqlite3)
 if [ ${#need[@]} -gt 0 ]; then
-    sudo=""
-    [ "$(id -u)" -eq 0 ] || sudo="sudo"
-    export DEBIAN_FRONTEND=noninteractive
-    $sudo apt-get update -qq
-    $sudo apt-get install -y -qq "${need[@]}" >/dev/null
+    "$ROOT/scripts/apt-install" "${need[@]}"
 fi
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 
@@ -162,8 +159,6 @@ GW_OUT=$(ls -t "$TMP"/gw.cg.out.* | head -1)
 
 if [ "${REVOKED:-0}" -gt 0 ]; then
     # The same gateway, database and session, restarted with REVOKED more revoked sessions.
-    command -v sqlite3 >/dev/null 2>&1 ||
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq sqlite3 >/dev/null
     kill -TERM "$GW_PID"
     for _ in $(seq 300); do kill -0 "$GW_PID" 2>/dev/null || break; sleep 0.1; done
     kill -KILL "$GW_PID" 2>/dev/null || true

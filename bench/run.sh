@@ -69,11 +69,7 @@ command -v python3 >/dev/null 2>&1 || need+=(python3)
 command -v strace >/dev/null 2>&1 || [ -z "${DIAG:-}" ] || need+=(strace)
 if [ ${#need[@]} -gt 0 ]; then
     say "installing ${need[*]}"
-    sudo=""
-    [ "$(id -u)" -eq 0 ] || sudo="sudo"
-    export DEBIAN_FRONTEND=noninteractive
-    $sudo apt-get update -qq
-    $sudo apt-get install -y -qq "${need[@]}" >/dev/null
+    "$ROOT/scripts/apt-install" "${need[@]}"
 fi
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 "$NGINX" -V 2>&1 | grep -q http_auth_request_module || die "this nginx lacks auth_request"

@@ -33,11 +33,7 @@ command -v psql >/dev/null 2>&1 || need+=(postgresql-client)
 command -v curl >/dev/null 2>&1 || need+=(curl)
 if [ ${#need[@]} -gt 0 ]; then
     say "installing ${need[*]}"
-    sudo=""
-    [ "$(id -u)" -eq 0 ] || sudo="sudo"
-    export DEBIAN_FRONTEND=noninteractive
-    $sudo apt-get update -qq
-    $sudo apt-get install -y -qq "${need[@]}" >/dev/null
+    "$ROOT/scripts/apt-install" "${need[@]}"
 fi
 
 TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
