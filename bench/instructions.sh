@@ -9,7 +9,8 @@
 # Environment: REQUESTS=2000 CONNS=4 SKIP_BUILD=1 KEEP=1 (keep the temp dir and the
 # callgrind files; `callgrind_annotate --inclusive=yes FILE` reads them). REVOKED=1000000 also
 # measures the gateway again with that many revoked sessions in its view (case e of
-# bench/run.sh; loading them under valgrind takes a few minutes).
+# bench/run.sh; loading them under valgrind takes a few minutes). CACHESIM=1 also simulates the
+# caches and prints L1 instruction and data cache misses per request.
 # Installs valgrind, nginx, curl and python3 from Debian if missing. Counts are of user-space
 # instructions only (the kernel's share is not seen), and a `rep movsb` copy counts one per
 # byte, so a large memcpy weighs more here than in time.
@@ -101,6 +102,9 @@ wait_up() { # URL PID
     return 1
 }
 
+CALLGRIND=(valgrind --tool=callgrind)
+[ -z "${CACHESIM:-}" ] || CALLGRIND+=(--cache-sim=yes)
+
 # measure NAME PORT PID TOKEN: warm up, zero the counters, run the load, dump; prints the total.
 measure() {
     local name=$1 port=$2 pid=$3 token=$4 out
@@ -112,7 +116,7 @@ measure() {
     callgrind_annotate "$out" 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1}'
 }
 
-valgrind --tool=callgrind --callgrind-out-file="$TMP/bare.cg.out" \
+"${CALLGRIND[@]}" --callgrind-out-file="$TMP/bare.cg.out" \
     "$BARE" "127.0.0.1:$P_BARE" "127.0.0.1:$P_UP" 2 >"$TMP/bare.log" 2>&1 &
 BARE_PID=$!
 PIDS+=("$BARE_PID")
@@ -142,7 +146,7 @@ upstream = "127.0.0.1:$P_UP"
 EOF
 PASSWORD="bench-password-123456"
 printf '%s\n' "$PASSWORD" | "$PORTCULLIS" --config "$TMP/gw/portcullis.toml" user add bench --password-stdin >/dev/null
-(cd "$TMP/gw" && exec valgrind --tool=callgrind --callgrind-out-file="$TMP/gw.cg.out" \
+(cd "$TMP/gw" && exec "${CALLGRIND[@]}" --callgrind-out-file="$TMP/gw.cg.out" \
     "$PORTCULLIS" --config "$TMP/gw/portcullis.toml" serve) >"$TMP/gw/gateway.log" 2>&1 &
 GW_PID=$!
 PIDS+=("$GW_PID")
@@ -172,7 +176,7 @@ SELECT 'session_revoked', lower(hex(randomblob(16))), (SELECT id FROM users WHER
        $now_ms, $((now_ms + 30 * 86400 * 1000)) FROM n;
 COMMIT;
 SQL
-    (cd "$TMP/gw" && exec valgrind --tool=callgrind --callgrind-out-file="$TMP/gwe.cg.out" \
+    (cd "$TMP/gw" && exec "${CALLGRIND[@]}" --callgrind-out-file="$TMP/gwe.cg.out" \
         "$PORTCULLIS" --config "$TMP/gw/portcullis.toml" serve) >"$TMP/gw/gateway-e.log" 2>&1 &
     GW_PID=$!
     PIDS+=("$GW_PID")
@@ -196,6 +200,21 @@ PY
 fi
 
 BARE_OUT=$(ls -t "$TMP"/bare.cg.out.* | head -1)
+if [ -n "${CACHESIM:-}" ]; then
+    for who in "bare Pingora" gateway; do
+        out=$BARE_OUT
+        [ "$who" = gateway ] && out=$GW_OUT
+        callgrind_annotate "$out" 2>/dev/null | awk -v n="$REQUESTS" -v who="$who" '
+            /^Ir / { for (i = 1; i <= NF; i++) col[$i] = i }
+            # Each total is followed by its share, "(100.0%)": the k-th column is field 2k-1.
+            /PROGRAM TOTALS/ {
+                gsub(",", "")
+                printf "%s: simulated L1 misses per request: instructions %.0f, data %.0f\n",
+                    who, $(2 * col["I1mr"] - 1) / n,
+                    ($(2 * col["D1mr"] - 1) + $(2 * col["D1mw"] - 1)) / n
+            }'
+    done
+fi
 python3 - "$bare" "$gw" "$REQUESTS" "$BARE_OUT" "$GW_OUT" "$ROOT" <<'EOF'
 # Where the difference goes: self instructions summed by the source they were compiled from
 # (inlined code counts where it was written), our own files one by one, libraries by crate.
