@@ -285,6 +285,30 @@ def main():
         spread = " / ".join(fmt(x, 2) for x in rs) if rs else "–"
         add(f"| {name} | {fmt(r, 2)} | {spread} | {aim_s} | {met} |")
     add("")
+
+    # Back-to-back triples (g, d, e in runs seconds apart): the ratios least touched by drift.
+    triples = []
+    for p in range(1, meta.get("pairs", 0) + 1):
+        runs = {k: parse_wrk(os.path.join(res, f"pair_{k}_p{p}.txt"))["rps"]
+                for k in "gde" if os.path.exists(os.path.join(res, f"pair_{k}_p{p}.txt"))}
+        if len(runs) == 3:
+            triples.append(runs)
+    if triples:
+        back = {}
+        for name, x, y in (("d / g", "d", "g"), ("e / d", "e", "d")):
+            rs = [ratio(t[x], t[y]) for t in triples if ratio(t[x], t[y]) is not None]
+            back[name] = {"median": med(rs), "min": min(rs), "max": max(rs), "all": rs}
+        summary["back_to_back"] = back
+        add(
+            f"Back to back ({len(triples)} triples of {meta['pair_duration_s']} s runs, g d e and "
+            "e d g in turn): "
+            + "; ".join(
+                f"{n} median {fmt(v['median'], 2)} (min {fmt(v['min'], 2)}, max {fmt(v['max'], 2)}; "
+                + " / ".join(fmt(x, 2) for x in v["all"]) + ")"
+                for n, v in back.items()
+            )
+        )
+        add("")
     add(
         "Other ratios: "
         + ", ".join(

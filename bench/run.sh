@@ -24,7 +24,8 @@
 #
 # Environment: ROUNDS=3 DURATION=8 CONNS=64 THREADS=2 (nginx proxy workers = gateway threads =
 # bare_proxy threads) UP_WORKERS=2 REVOKED=1000000 BIG_MIB=256 STREAM_REPS=2 (downloads per case
-# per round) STORM=50 VARIANTS=1 OUT=bench/out KEEP=1 (keep the temp dir) SKIP_BUILD=1
+# per round) STORM=50 VARIANTS=1 PAIRS=6 PAIR_DURATION=4 (back-to-back g/d/e triples after the
+# rounds; 0 skips them) OUT=bench/out KEEP=1 (keep the temp dir) SKIP_BUILD=1
 # DIAG=1 (also syscalls and CPU per request of b, d and g with strace/perf; slower)
 # COMMIT=... (the label in the report when run outside a git checkout).
 # Results: OUT/results.md (the tables), OUT/results.json, OUT/chart.png.
@@ -41,6 +42,8 @@ REVOKED=${REVOKED:-1000000}
 BIG_MIB=${BIG_MIB:-256}
 STREAM_REPS=${STREAM_REPS:-2}
 STORM=${STORM:-50}
+PAIRS=${PAIRS:-6}
+PAIR_DURATION=${PAIR_DURATION:-4}
 OUT=${OUT:-$ROOT/bench/out}
 CASES=(a b c d e f g)
 STREAM_CASES=(a b c d e g)
@@ -461,6 +464,23 @@ for ((r = 1; r <= ROUNDS; r++)); do
     done
 done
 
+# ------------------------------------------------------------------ back-to-back triples
+# d next to g and next to e, in runs seconds apart, the order reversed every other time: the
+# ratios d/g and e/d from these see the least of the machine's drift.
+if [ "$PAIRS" -gt 0 ]; then
+    say "back to back: $PAIRS triples of ${PAIR_DURATION} s runs, g d e and e d g in turn"
+    for ((p = 1; p <= PAIRS; p++)); do
+        triple=(g d e)
+        [ $((p % 2)) -eq 1 ] || triple=(e d g)
+        for case in "${triple[@]}"; do
+            run_wrk "$case" "$RES/pair_${case}_p$p" "$PAIR_DURATION"
+        done
+        printf '  %s\n' "$(for case in g d e; do
+            printf '%s %s  ' "$case" "$(awk '/Requests\/sec/ {print $2}' "$RES/pair_${case}_p$p.txt")"
+        done)" >&2
+    done
+fi
+
 # ------------------------------------------------------------------ login storm (item 4)
 say "login storm: (d) alone vs (d) with $STORM concurrent password logins, $ROUNDS pairs"
 for ((r = 1; r <= ROUNDS; r++)); do
@@ -510,7 +530,7 @@ fi
 # ------------------------------------------------------------------ report
 cat >"$RES/meta.json" <<EOF
 {
-  "rounds": $ROUNDS, "stream_reps": $STREAM_REPS, "variants": $VARIANTS, "duration_s": $DURATION, "connections": $CONNS, "threads": $THREADS,
+  "rounds": $ROUNDS, "pairs": $PAIRS, "pair_duration_s": $PAIR_DURATION, "stream_reps": $STREAM_REPS, "variants": $VARIANTS, "duration_s": $DURATION, "connections": $CONNS, "threads": $THREADS,
   "upstream_workers": $UP_WORKERS, "revoked": $REVOKED, "big_bytes": $BIG_BYTES, "storm": $STORM,
   "view_revoked_sessions": $view, "gateway_b_rss_kib": $GWB_RSS_KIB, "gateway_a_rss_kib": $GWA_RSS_KIB,
   "cpu": "$(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo)", "cores": $(nproc),
