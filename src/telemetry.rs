@@ -111,21 +111,26 @@ pub struct AccessLine<'a> {
     pub duration_ms: f64,
 }
 
-/// Logs one access line at INFO under `portcullis::access`, if that target is enabled.
+/// Logs one access line at INFO under `portcullis::access`, if that target is enabled. Inside
+/// a span (none is entered on the proxy path today) or when this thread cannot use its buffer,
+/// the line goes through `tracing` instead, which writes the span context too.
 pub fn access(line: &AccessLine<'_>) {
     if !tracing::enabled!(target: ACCESS_TARGET, Level::INFO) {
         return;
     }
-    let Some(sink) = ACCESS_SINK.get() else {
-        access_event(line);
-        return;
+    let sink = match ACCESS_SINK.get() {
+        Some(sink) if tracing::Span::current().is_none() => sink,
+        _ => {
+            access_event(line);
+            return;
+        }
     };
     thread_local! {
         static LINE: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
     }
-    let _ = LINE.try_with(|buf| {
+    let written = LINE.try_with(|buf| {
         let Ok(mut buf) = buf.try_borrow_mut() else {
-            return;
+            return false;
         };
         buf.clear();
         utc_micros(|second, micros| {
@@ -135,7 +140,11 @@ pub fn access(line: &AccessLine<'_>) {
         });
         write_access_fields(&mut buf, line);
         sink.append(&buf, true);
+        true
     });
+    if !matches!(written, Ok(true)) {
+        access_event(line);
+    }
 }
 
 /// The access line as a `tracing` event, for the JSON format (and any subscriber but ours).
@@ -571,6 +580,24 @@ mod tests {
             let theirs = default_line(|| access_event(&line));
             assert_eq!(ours.strip_prefix('Z'), Some(theirs.as_str()));
         }
+        // Without the text sink (as under any subscriber but the gateway's own), `access`
+        // logs through `tracing`; inside a span the span's context is written too.
+        assert!(ACCESS_SINK.get().is_none());
+        let via_access = default_line(|| access(&first));
+        let mut direct = Vec::new();
+        write_access_fields(&mut direct, &first);
+        assert_eq!(
+            Some(via_access.as_str()),
+            std::str::from_utf8(&direct).unwrap().strip_prefix('Z')
+        );
+        let in_span = default_line(|| {
+            let _span = tracing::info_span!("request", id = 7).entered();
+            access(&first);
+        });
+        assert!(
+            in_span.contains(" request{id=7}: portcullis::access: request_id=9f2c "),
+            "{in_span}"
+        );
         let mut first_line = Vec::new();
         write_access_fields(&mut first_line, &first);
         assert_eq!(
