@@ -103,7 +103,7 @@ wait_up() { # URL PID
 }
 
 CALLGRIND=(valgrind --tool=callgrind)
-[ -z "${CACHESIM:-}" ] || CALLGRIND+=(--cache-sim=yes)
+[ "${CACHESIM:-0}" != 1 ] || CALLGRIND+=(--cache-sim=yes)
 
 # measure NAME PORT PID TOKEN: warm up, zero the counters, run the load, dump; prints the total.
 measure() {
@@ -189,6 +189,8 @@ SQL
         kill -0 "$GW_PID" 2>/dev/null || { tail -20 "$TMP/gw/gateway-e.log"; exit 1; }
         sleep 0.2
     done
+    python3 -c "import sys; sys.exit(0 if float(sys.argv[1] or 0) >= int(sys.argv[2]) else 1)" \
+        "${view:-0}" "$REVOKED" || { echo "instructions: the view never held $REVOKED" >&2; exit 1; }
     wait_up "http://127.0.0.1:$P_GW/_portcullis/login" "$GW_PID" || exit 1
     gwe=$(measure gwe "$P_GW" "$GW_PID" "$TOKEN")
     python3 - "$gwe" "$gw" "$REQUESTS" "${view:-0}" <<'PY'
@@ -200,18 +202,18 @@ PY
 fi
 
 BARE_OUT=$(ls -t "$TMP"/bare.cg.out.* | head -1)
-if [ -n "${CACHESIM:-}" ]; then
+if [ "${CACHESIM:-0}" = 1 ]; then
     for who in "bare Pingora" gateway; do
         out=$BARE_OUT
         [ "$who" = gateway ] && out=$GW_OUT
         callgrind_annotate "$out" 2>/dev/null | awk -v n="$REQUESTS" -v who="$who" '
             /^Ir / { for (i = 1; i <= NF; i++) col[$i] = i }
-            # Each total is followed by its share, "(100.0%)": the k-th column is field 2k-1.
+            # A total is followed by its share, "(100.0%)", unless it is 0: drop the shares so
+            # that the k-th total is field k.
             /PROGRAM TOTALS/ {
-                gsub(",", "")
+                gsub(/\([^)]*\)/, ""); gsub(",", ""); $0 = $0
                 printf "%s: simulated L1 misses per request: instructions %.0f, data %.0f\n",
-                    who, $(2 * col["I1mr"] - 1) / n,
-                    ($(2 * col["D1mr"] - 1) + $(2 * col["D1mw"] - 1)) / n
+                    who, $col["I1mr"] / n, ($col["D1mr"] + $col["D1mw"]) / n
             }'
     done
 fi

@@ -101,6 +101,7 @@ def main():
             if not os.path.exists(p + ".txt"):
                 continue
             w = parse_wrk(p + ".txt")
+            w["round"] = r
             w["cpu_us"], w["up_cpu_us"] = parse_cpu(p + ".cpu", w["requests"])
             runs.append(w)
         if not runs:
@@ -259,10 +260,11 @@ def main():
     def per_round(x, y):
         """The ratio x/y within each round (the two ran minutes apart at most), so the
         machine's drift between rounds shows as a spread rather than hiding in the medians."""
+        ys = {w["round"]: w["rps"] for w in c[y]["runs"]}
         return [
-            ratio(wx["rps"], wy["rps"])
-            for wx, wy in zip(c[x]["runs"], c[y]["runs"])
-            if ratio(wx["rps"], wy["rps"]) is not None
+            ratio(w["rps"], ys.get(w["round"]))
+            for w in c[x]["runs"]
+            if ratio(w["rps"], ys.get(w["round"])) is not None
         ]
 
     aims = [
@@ -293,12 +295,14 @@ def main():
                 for k in "gde" if os.path.exists(os.path.join(res, f"pair_{k}_p{p}.txt"))}
         if len(runs) == 3:
             triples.append(runs)
+    back = {}
     if triples:
-        back = {}
         for name, x, y in (("d / g", "d", "g"), ("e / d", "e", "d")):
             rs = [ratio(t[x], t[y]) for t in triples if ratio(t[x], t[y]) is not None]
-            back[name] = {"median": med(rs), "min": min(rs), "max": max(rs), "all": rs}
+            if rs:
+                back[name] = {"median": med(rs), "min": min(rs), "max": max(rs), "all": rs}
         summary["back_to_back"] = back
+    if triples and back:
         add(
             f"Back to back ({len(triples)} triples of {meta['pair_duration_s']} s runs, g d e and "
             "e d g in turn): "
