@@ -391,15 +391,7 @@ pub(crate) async fn pending_login(
     );
     assert_eq!(resp.headers()["location"], code_page.as_str());
     let pending = set_cookie(&resp, "portcullis-pending").expect("pending cookie");
-    let html = client()
-        .get(gw.url(&code_page))
-        .header("Cookie", &pending)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let html = gw.page_with_cookie(&code_page, &pending).await;
     let csrf = input_value(&html, "csrf").expect("csrf on the code page");
     (pending, csrf)
 }
@@ -571,15 +563,9 @@ async fn require_2fa_sends_users_without_it_to_enrolment() {
         "/_portcullis/login/enroll?rd=%2F"
     );
     let pending = set_cookie(&resp, "portcullis-pending").unwrap();
-    let html = client()
-        .get(gw.url("/_portcullis/login/enroll?rd=%2F"))
-        .header("Cookie", &pending)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let html = gw
+        .page_with_cookie("/_portcullis/login/enroll?rd=%2F", &pending)
+        .await;
     let key_start = html.find("id=\"totp-secret\">").unwrap() + "id=\"totp-secret\">".len();
     let key = &html[key_start..key_start + html[key_start..].find('<').unwrap()];
     let seed = data_encoding::BASE32_NOPAD.decode(key.as_bytes()).unwrap();

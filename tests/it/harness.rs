@@ -458,6 +458,19 @@ upstream = "{upstream}"
         format!("{}{}", self.base, path)
     }
 
+    /// The text of a gateway page fetched with `cookie` (the login steps' pending cookie).
+    pub async fn page_with_cookie(&self, path: &str, cookie: &str) -> String {
+        client()
+            .get(self.url(path))
+            .header("Cookie", cookie)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
     /// Walks the forced new-password page with a pending login's cookie: reads the form's
     /// CSRF token, then posts the new password (twice) with the return path `rd`.
     pub async fn set_new_password(
@@ -467,15 +480,7 @@ upstream = "{upstream}"
         rd: &str,
     ) -> reqwest::Response {
         let page = format!("/_portcullis/login/password?rd={}", rd.replace('/', "%2F"));
-        let html = client()
-            .get(self.url(&page))
-            .header("Cookie", pending)
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let html = self.page_with_cookie(&page, pending).await;
         let csrf = input_value(&html, "csrf").expect("the new-password form has a CSRF token");
         client()
             .post(self.url("/_portcullis/login/password"))
