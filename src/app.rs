@@ -12,6 +12,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use arc_swap::ArcSwap;
 use moka::sync::Cache;
 
 use crate::auth::password::{Hasher, PasswordError};
@@ -202,7 +203,9 @@ fn modified(path: &PathBuf) -> Option<SystemTime> {
 }
 
 pub struct App {
-    pub config: Config,
+    /// The configuration in force. A reload swaps it whole ([`App::apply_config`]); readers
+    /// take a snapshot with [`App::config`] and keep it for the operation at hand.
+    config: ArcSwap<Config>,
     pub store: DynStore,
     pub view: RevocationView,
     keys: Keys,
@@ -224,6 +227,7 @@ pub struct App {
     pub media_client: crate::mediaserver::upstream::MediaClient,
     /// Single sign-on providers (`[[oidc]]`).
     pub oidc: crate::oidc::Providers,
+    media_loop_started: std::sync::atomic::AtomicBool,
 }
 
 impl App {
@@ -275,7 +279,7 @@ impl App {
             media_client: crate::mediaserver::upstream::MediaClient::new(),
             oidc,
             throttle: Throttle::new(&config.auth),
-            config,
+            config: ArcSwap::from_pointee(config),
             store,
             view,
             keys,
@@ -296,9 +300,44 @@ impl App {
                 .time_to_idle(Duration::from_millis(LAST_SEEN_EVERY_MS as u64 * 2))
                 .build_with_hasher(foldhash::fast::RandomState::default()),
             last_seen_pending: Mutex::new(Vec::new()),
+            media_loop_started: std::sync::atomic::AtomicBool::new(false),
         };
+        app.metrics.config_loaded.set(now_ms() as f64 / 1000.0);
         app.refresh_view_metrics();
         Ok(Arc::new(app))
+    }
+
+    /// The configuration in force now. A request or operation takes it once and uses that
+    /// snapshot throughout, so a reload never changes it halfway.
+    pub fn config(&self) -> Arc<Config> {
+        self.config.load_full()
+    }
+
+    /// Puts a reloaded configuration (already validated and merged by
+    /// `config::live::prepare`) in force for every request from now on: counters for new
+    /// routes, the throttling limits, and the media loop when the first media route appears.
+    pub fn apply_config(self: &Arc<Self>, config: Config) {
+        let names: Vec<&str> = config.routes.iter().map(|r| r.name.as_str()).collect();
+        self.metrics.ensure_routes(&names);
+        self.throttle.set_limits(&config.auth);
+        self.config.store(Arc::new(config));
+        self.metrics.config_loaded.set(now_ms() as f64 / 1000.0);
+        self.start_media_loop();
+    }
+
+    /// Starts the media loop (owed upstream logouts, idle media tokens) once a media route is
+    /// configured; at most once per process. Call from inside the control runtime.
+    pub fn start_media_loop(self: &Arc<Self>) {
+        if !self.config().routes.iter().any(|r| r.media.is_some()) {
+            return;
+        }
+        if self
+            .media_loop_started
+            .swap(true, std::sync::atomic::Ordering::AcqRel)
+        {
+            return;
+        }
+        tokio::spawn(self.clone().run_media_loop());
     }
 
     /// The current keyring.
@@ -320,7 +359,8 @@ impl App {
         if now.is_none() || now == *last {
             return;
         }
-        match Keyring::load(&self.config.session, &self.config.server.public_url, false) {
+        let config = self.config();
+        match Keyring::load(&config.session, &config.server.public_url, false) {
             Ok(ring) => {
                 tracing::info!(kids = ?ring.kids(), "session keys reloaded");
                 match self.keys.ring.write() {
@@ -408,8 +448,8 @@ impl App {
             .record_failure(
                 u.id,
                 now,
-                self.config.auth.max_failures,
-                self.config.auth.lockout.as_millis() as i64,
+                self.config().auth.max_failures,
+                self.config().auth.lockout.as_millis() as i64,
             )
             .await;
         match result {
@@ -535,7 +575,7 @@ impl App {
         sso: Option<sso::SsoLogin>,
     ) -> Result<LoginStep, LoginError> {
         let must_enroll = !user.totp_enabled
-            && match self.config.auth.require_2fa {
+            && match self.config().auth.require_2fa {
                 Require2fa::Off => false,
                 Require2fa::Admins => user.is_admin,
                 Require2fa::All => true,
@@ -761,7 +801,7 @@ impl App {
     ) -> Result<LoginOk, LoginError> {
         let now = now_ms();
         let issued_ms = now.max(self.view.min_issue_ms(user.id));
-        let ttl_ms = self.config.session.ttl.as_millis() as i64;
+        let ttl_ms = self.config().session.ttl.as_millis() as i64;
         let sid = SessionId::random();
         let session = NewSession {
             id: sid,
@@ -972,7 +1012,7 @@ impl App {
         // Serving: find the single sign-on providers (retried in the background until they
         // answer; the gateway does not wait for them).
         self.oidc.spawn_discovery();
-        let mut tick = tokio::time::interval(self.config.store.poll_interval);
+        let mut tick = tokio::time::interval(self.config().store.poll_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut announcements = self.store.announcements();
         let mut generation = announcements.as_ref().map(|rx| rx.borrow().generation);
@@ -1038,7 +1078,7 @@ impl App {
 
     /// Deletes what can no longer matter from the store.
     pub async fn purge(&self) {
-        let audit_keep = self.config.store.audit_retention.as_millis() as i64;
+        let audit_keep = self.config().store.audit_retention.as_millis() as i64;
         match self
             .store
             .purge_expired(now_ms(), PURGE_KEEP_MS, audit_keep)
@@ -1055,13 +1095,13 @@ impl App {
     /// Whether requests that need a session are refused because the view is too stale
     /// (`store.on_stale = "deny"`).
     pub fn refuses_when_stale(&self) -> bool {
-        self.config.store.on_stale == crate::config::OnStale::Deny && !self.view_is_fresh().0
+        self.config().store.on_stale == crate::config::OnStale::Deny && !self.view_is_fresh().0
     }
 
     /// Whether the view is fresh enough to call the instance ready.
     pub fn view_is_fresh(&self) -> (bool, Option<Duration>) {
         let staleness = self.view.staleness(Instant::now());
-        let fresh = staleness.is_some_and(|s| s <= self.config.store.max_staleness);
+        let fresh = staleness.is_some_and(|s| s <= self.config().store.max_staleness);
         (fresh, staleness)
     }
 }

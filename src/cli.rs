@@ -39,6 +39,8 @@ pub struct Cli {
 pub enum Command {
     /// Run the gateway.
     Serve,
+    /// Make the running gateway re-read its config file (SIGHUP), and report the outcome.
+    Reload,
     /// Validate config files (the --config file when none are named).
     CheckConfig { files: Vec<PathBuf> },
     /// Manage user accounts.
@@ -192,6 +194,7 @@ pub fn main() -> i32 {
     let _log = crate::telemetry::init(&config.log);
     let result = match cli.command {
         Command::Serve => crate::server::serve(config).map_err(anyhow::Error::from),
+        Command::Reload => reload(&config),
         other => run_store_command(config, other),
     };
     match result {
@@ -232,6 +235,33 @@ fn check_config(default: &std::path::Path, files: &[PathBuf]) -> i32 {
     code
 }
 
+/// `portcullis reload`: the file was validated before this runs (as `check-config` does), so
+/// only a file that the gateway will accept is signalled.
+fn reload(config: &Config) -> anyhow::Result<()> {
+    use crate::server::reload;
+    let status = reload::request(&config.server.data_dir, std::time::Duration::from_secs(15))
+        .map_err(|e| refused(e.to_string()))?;
+    match status.result.as_str() {
+        "refused" => Err(refused(format!(
+            "the gateway refused the config: {}",
+            status.error
+        ))),
+        _ => {
+            println!("reloaded (pid {})", status.pid);
+            if !status.routes_added.is_empty() {
+                println!("  routes added: {}", status.routes_added.join(", "));
+            }
+            if !status.routes_removed.is_empty() {
+                println!("  routes removed: {}", status.routes_removed.join(", "));
+            }
+            for key in &status.needs_restart {
+                println!("  `{key}` changed but needs a restart: the running value stays");
+            }
+            Ok(())
+        }
+    }
+}
+
 fn run_store_command(config: Config, command: Command) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -253,7 +283,7 @@ fn run_store_command(config: Config, command: Command) -> anyhow::Result<()> {
                 json,
                 limit,
             } => audit(&store, user, since, json, limit).await,
-            Command::Serve | Command::CheckConfig { .. } => Ok(()),
+            Command::Serve | Command::CheckConfig { .. } | Command::Reload => Ok(()),
         }
     })
 }

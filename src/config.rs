@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+pub mod live;
 mod oidc;
 pub use oidc::{
     is_loopback_url as oidc_is_loopback, AutoLink, ClientSecretSource, OidcProviderConfig,
@@ -322,7 +323,7 @@ pub struct ServerConfig {
     pub data_dir: PathBuf,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TlsFiles {
     pub cert: PathBuf,
     pub key: PathBuf,
@@ -438,6 +439,9 @@ pub struct Route {
     pub identity_header: Option<String>,
     /// For `jellyfin` and `emby` routes: how the media server's tokens are handled.
     pub media: Option<MediaConfig>,
+    /// Removed from the file by a reload: kept so that route indices stay stable (for metrics,
+    /// playback grants and owed upstream logouts), but never matched by a request.
+    pub retired: bool,
 }
 
 /// Media tokens idle this long are ended (logged out upstream).
@@ -1088,6 +1092,7 @@ impl Validator {
             public_paths,
             identity_header,
             media,
+            retired: false,
         })
     }
 

@@ -17,6 +17,7 @@ pub mod revocation;
 pub mod server;
 pub mod store;
 pub mod telemetry;
+pub mod tls;
 pub mod web;
 
 /// Asks the allocator to hand memory freed by a large transient build (the revocation view

@@ -2,6 +2,9 @@
 //! values come from closed enums or the operator's route names, never from request data.
 //! Per-request counters are resolved to handles once at start, not per request.
 
+use std::sync::{Arc, Mutex};
+
+use arc_swap::ArcSwap;
 use prometheus::{
     Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
@@ -38,6 +41,36 @@ pub const PUSH_CONNECTED: &str = "portcullis_sync_push_connected";
 pub const OIDC_LOGINS_TOTAL: &str = "portcullis_oidc_logins_total";
 pub const OIDC_BACKCHANNEL_LOGOUTS_TOTAL: &str = "portcullis_oidc_backchannel_logouts_total";
 pub const OIDC_LINKS_TOTAL: &str = "portcullis_oidc_links_total";
+pub const CONFIG_RELOADS_TOTAL: &str = "portcullis_config_reloads_total";
+pub const CONFIG_LOADED_TIMESTAMP: &str = "portcullis_config_loaded_timestamp_seconds";
+pub const CONFIG_LAST_RELOAD_SUCCESSFUL: &str = "portcullis_config_last_reload_successful";
+pub const CONFIG_RESTART_PENDING: &str = "portcullis_config_restart_pending";
+
+/// How a reload ended (the `result` label of [`CONFIG_RELOADS_TOTAL`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReloadResult {
+    /// Every change was applied.
+    Applied,
+    /// Applied, except keys that only take effect after a restart.
+    NeedsRestart,
+    /// The file failed validation (or its certificates could not be loaded): nothing changed.
+    Refused,
+}
+
+impl ReloadResult {
+    pub const ALL: [ReloadResult; 3] = [
+        ReloadResult::Applied,
+        ReloadResult::NeedsRestart,
+        ReloadResult::Refused,
+    ];
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReloadResult::Applied => "applied",
+            ReloadResult::NeedsRestart => "needs_restart",
+            ReloadResult::Refused => "refused",
+        }
+    }
+}
 
 /// Reasons a request is refused before authentication.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -138,10 +171,58 @@ impl RouteCounters {
     }
 }
 
+/// The metric families that per-route counters are taken from.
+struct RouteFamilies {
+    requests: IntCounterVec,
+    duration: HistogramVec,
+    upstream_duration: HistogramVec,
+}
+
+impl RouteFamilies {
+    fn counters(&self, name: &str) -> RouteCounters {
+        let requests = &self.requests;
+        RouteCounters {
+            allowed: requests.with_label_values(&[name, "allow", "valid_session"]),
+            granted: requests.with_label_values(&[name, "allow", "playback_grant"]),
+            media_handled: requests.with_label_values(&[name, "gateway", "media_handled"]),
+            public: requests.with_label_values(&[name, "allow", "public_path"]),
+            gateway_page: requests.with_label_values(&[name, "gateway", "own_page"]),
+            upstream_unavailable: requests.with_label_values(&[
+                name,
+                "error",
+                "upstream_unavailable",
+            ]),
+            proxy_error: requests.with_label_values(&[name, "error", "proxy_error"]),
+            denied: DenyReason::ALL
+                .iter()
+                .map(|r| requests.with_label_values(&[name, "deny", r.as_str()]))
+                .collect(),
+            rejected: RejectReason::ALL
+                .iter()
+                .map(|r| requests.with_label_values(&[name, "reject", r.as_str()]))
+                .collect(),
+            duration: self.duration.with_label_values(&[name]),
+            upstream_duration: self.upstream_duration.with_label_values(&[name]),
+        }
+    }
+}
+
 pub struct Metrics {
     registry: Registry,
-    /// Indexed like the config's routes; the last entry is for requests that matched no route.
-    routes: Vec<RouteCounters>,
+    /// Indexed like the config's routes (which only grow: a reload retires, never removes).
+    routes: ArcSwap<Vec<Arc<RouteCounters>>>,
+    /// For requests that matched no route, and the gateway's own pages.
+    no_route: Arc<RouteCounters>,
+    /// The families per-route counters are made from, for routes a reload adds.
+    route_families: RouteFamilies,
+    /// Serialises [`Metrics::ensure_routes`].
+    routes_grow: Mutex<()>,
+    pub config_reloads: IntCounterVec,
+    pub config_loaded: Gauge,
+    /// 0 while the file on disk was refused by the last reload (the running config is older).
+    pub config_last_reload_ok: IntGauge,
+    /// 1 when keys changed in the file that only a restart applies.
+    pub config_restart_pending: IntGauge,
     pub logins: IntCounterVec,
     pub revocations: IntCounterVec,
     pub view_revoked_sessions: IntGauge,
@@ -385,39 +466,53 @@ impl Metrics {
             prometheus::process_collector::ProcessCollector::for_self(),
         ))?;
 
-        let mut routes = Vec::new();
-        let labels = route_names
-            .iter()
-            .map(String::as_str)
-            .chain(std::iter::once(NO_ROUTE_LABEL));
-        for name in labels {
-            routes.push(RouteCounters {
-                allowed: requests.with_label_values(&[name, "allow", "valid_session"]),
-                granted: requests.with_label_values(&[name, "allow", "playback_grant"]),
-                media_handled: requests.with_label_values(&[name, "gateway", "media_handled"]),
-                public: requests.with_label_values(&[name, "allow", "public_path"]),
-                gateway_page: requests.with_label_values(&[name, "gateway", "own_page"]),
-                upstream_unavailable: requests.with_label_values(&[
-                    name,
-                    "error",
-                    "upstream_unavailable",
-                ]),
-                proxy_error: requests.with_label_values(&[name, "error", "proxy_error"]),
-                denied: DenyReason::ALL
-                    .iter()
-                    .map(|r| requests.with_label_values(&[name, "deny", r.as_str()]))
-                    .collect(),
-                rejected: RejectReason::ALL
-                    .iter()
-                    .map(|r| requests.with_label_values(&[name, "reject", r.as_str()]))
-                    .collect(),
-                duration: duration.with_label_values(&[name]),
-                upstream_duration: upstream_duration.with_label_values(&[name]),
-            });
+        let config_reloads = IntCounterVec::new(
+            Opts::new(
+                CONFIG_RELOADS_TOTAL,
+                "Configuration reloads by result (applied, needs_restart, refused).",
+            ),
+            &["result"],
+        )?;
+        for r in ReloadResult::ALL {
+            config_reloads.with_label_values(&[r.as_str()]);
         }
+        let config_loaded = Gauge::new(
+            CONFIG_LOADED_TIMESTAMP,
+            "When the configuration in force was loaded (start or last applied reload).",
+        )?;
+        let config_last_reload_ok = IntGauge::new(
+            CONFIG_LAST_RELOAD_SUCCESSFUL,
+            "Whether the last configuration reload was applied (1) or refused (0).",
+        )?;
+        config_last_reload_ok.set(1);
+        let config_restart_pending = IntGauge::new(
+            CONFIG_RESTART_PENDING,
+            "Whether keys changed by a reload wait for a restart to take effect.",
+        )?;
+        registry.register(Box::new(config_reloads.clone()))?;
+        registry.register(Box::new(config_loaded.clone()))?;
+        registry.register(Box::new(config_last_reload_ok.clone()))?;
+        registry.register(Box::new(config_restart_pending.clone()))?;
+
+        let route_families = RouteFamilies {
+            requests,
+            duration,
+            upstream_duration,
+        };
+        let routes = route_names
+            .iter()
+            .map(|name| Arc::new(route_families.counters(name)))
+            .collect();
         Ok(Metrics {
             registry,
-            routes,
+            routes: ArcSwap::from_pointee(routes),
+            no_route: Arc::new(route_families.counters(NO_ROUTE_LABEL)),
+            route_families,
+            routes_grow: Mutex::new(()),
+            config_reloads,
+            config_loaded,
+            config_last_reload_ok,
+            config_restart_pending,
             logins,
             revocations,
             view_revoked_sessions,
@@ -457,9 +552,28 @@ impl Metrics {
     }
 
     /// Counters of route `index`, or of the no-route label when `None`.
-    pub fn route(&self, index: Option<usize>) -> &RouteCounters {
-        let last = self.routes.len() - 1;
-        &self.routes[index.unwrap_or(last).min(last)]
+    pub fn route(&self, index: Option<usize>) -> Arc<RouteCounters> {
+        index
+            .and_then(|i| self.routes.load().get(i).cloned())
+            .unwrap_or_else(|| self.no_route.clone())
+    }
+
+    /// Makes counters for routes past those known (`names` in route order: a reload only
+    /// appends routes), so a new route counts from its first request.
+    pub fn ensure_routes(&self, names: &[&str]) {
+        let _one_at_a_time = self
+            .routes_grow
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let current = self.routes.load_full();
+        if names.len() <= current.len() {
+            return;
+        }
+        let mut grown: Vec<Arc<RouteCounters>> = current.as_ref().clone();
+        for name in &names[current.len()..] {
+            grown.push(Arc::new(self.route_families.counters(name)));
+        }
+        self.routes.store(Arc::new(grown));
     }
 
     /// The text exposition of every metric.

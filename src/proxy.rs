@@ -15,6 +15,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
+use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use pingora::http::RequestHeader;
@@ -24,7 +25,7 @@ use tower::ServiceExt;
 
 use crate::app::{now_ms, App, ClientInfo};
 use crate::auth::{self, AuthDecision, Identity};
-use crate::config::Route;
+use crate::config::{Config, Route};
 use crate::metrics::RejectReason;
 use crate::telemetry;
 use crate::web;
@@ -33,6 +34,9 @@ pub use respond::Outcome;
 
 /// Per-request state shared by the phases.
 pub struct RequestCtx {
+    /// The configuration this request is decided under, taken when it arrived: a reload
+    /// applies to the next request, never halfway through this one.
+    config: Arc<Config>,
     start: Instant,
     request_id: String,
     route: Option<usize>,
@@ -56,8 +60,52 @@ pub struct Gateway {
     /// The runtime that owns the store's connections; the gateway's pages run there.
     control: tokio::runtime::Handle,
     admission: Arc<admission::Admission>,
-    peers: Vec<HttpPeer>,
+    /// The routes' upstream peers, built for one configuration and rebuilt after a reload.
+    peers: ArcSwap<Peers>,
     proto: &'static str,
+}
+
+/// Upstream peers indexed like the routes of `config`.
+struct Peers {
+    config: Arc<Config>,
+    list: Vec<HttpPeer>,
+}
+
+impl Peers {
+    fn of(config: Arc<Config>) -> Peers {
+        let list = config
+            .routes
+            .iter()
+            .map(|r| HttpPeer::new(r.upstream, false, String::new()))
+            .collect();
+        Peers { config, list }
+    }
+}
+
+/// The route for a host and canonical path: the longest matching prefix, routes that name the
+/// host before routes for any host. Routes a reload removed are kept (so indices stay stable)
+/// but never match.
+fn find_route(routes: &[Route], host: Option<&str>, canonical: &str) -> Option<usize> {
+    let mut best: Option<(usize, (bool, usize))> = None;
+    for (i, r) in routes.iter().enumerate() {
+        if r.retired {
+            continue;
+        }
+        let host_match = match (&r.host, host) {
+            (None, _) => Some(false),
+            (Some(want), Some(h)) if want.eq_ignore_ascii_case(h) => Some(true),
+            _ => None,
+        };
+        let Some(specific) = host_match else { continue };
+        if !path::under(canonical, &r.path_prefix) {
+            continue;
+        }
+        let rank = (specific, r.path_prefix.len());
+        if best.is_none_or(|(_, b)| rank > b) {
+            best = Some((i, rank));
+        }
+    }
+    best.map(|(i, _)| i)
 }
 
 impl Gateway {
@@ -66,13 +114,8 @@ impl Gateway {
         control: tokio::runtime::Handle,
         admission: Arc<admission::Admission>,
     ) -> Gateway {
-        let peers = app
-            .config
-            .routes
-            .iter()
-            .map(|r| HttpPeer::new(r.upstream, false, String::new()))
-            .collect();
-        let proto = if app.config.server.tls.is_some() {
+        let peers = ArcSwap::from_pointee(Peers::of(app.config()));
+        let proto = if app.config().server.tls.is_some() {
             "https"
         } else {
             "http"
@@ -87,30 +130,17 @@ impl Gateway {
         }
     }
 
-    fn routes(&self) -> &[Route] {
-        &self.app.config.routes
-    }
-
-    /// The route for a host and canonical path: the longest matching prefix, routes that name
-    /// the host before routes for any host.
-    fn find_route(&self, host: Option<&str>, canonical: &str) -> Option<usize> {
-        let mut best: Option<(usize, (bool, usize))> = None;
-        for (i, r) in self.routes().iter().enumerate() {
-            let host_match = match (&r.host, host) {
-                (None, _) => Some(false),
-                (Some(want), Some(h)) if want.eq_ignore_ascii_case(h) => Some(true),
-                _ => None,
-            };
-            let Some(specific) = host_match else { continue };
-            if !path::under(canonical, &r.path_prefix) {
-                continue;
-            }
-            let rank = (specific, r.path_prefix.len());
-            if best.is_none_or(|(_, b)| rank > b) {
-                best = Some((i, rank));
-            }
+    /// The upstream peer of route `index` under `config`.
+    fn peer(&self, config: &Arc<Config>, index: usize) -> Option<HttpPeer> {
+        let peers = self.peers.load();
+        if Arc::ptr_eq(&peers.config, config) {
+            return peers.list.get(index).cloned();
         }
-        best.map(|(i, _)| i)
+        // The first request after a reload builds the peers of the new configuration.
+        let fresh = Arc::new(Peers::of(config.clone()));
+        let peer = fresh.list.get(index).cloned();
+        self.peers.store(fresh);
+        peer
     }
 
     /// Forward-auth (nginx `auth_request`, Traefik `forwardAuth`, Caddy `forward_auth`): 200 with
@@ -158,13 +188,13 @@ impl Gateway {
 
     /// A WebSocket upgrade whose `Origin` is another site's: a browser attaches the session
     /// cookie to it wherever the page came from, so the cookie must not open it.
-    fn cross_site_upgrade(&self, session: &Session) -> bool {
+    fn cross_site_upgrade(&self, session: &Session, ctx: &RequestCtx) -> bool {
         session.is_upgrade_req()
             && session
                 .req_header()
                 .headers
                 .get(http::header::ORIGIN)
-                .is_some_and(|o| o.as_bytes() != self.app.config.server.public_url.as_bytes())
+                .is_some_and(|o| o.as_bytes() != ctx.config.server.public_url.as_bytes())
     }
 
     /// Reads a request body the gateway handles itself (its pages, media-server logins). A
@@ -174,6 +204,7 @@ impl Gateway {
         &self,
         session: &mut Session,
         cap: usize,
+        timeout: std::time::Duration,
     ) -> Result<std::result::Result<Bytes, RejectReason>> {
         let declared = session
             .req_header()
@@ -194,7 +225,7 @@ impl Gateway {
             }
             Ok(Ok(body.freeze()))
         };
-        match tokio::time::timeout(self.app.config.server.body_timeout, read).await {
+        match tokio::time::timeout(timeout, read).await {
             Ok(result) => result,
             Err(_) => Ok(Err(RejectReason::SlowBody)),
         }
@@ -202,8 +233,11 @@ impl Gateway {
 
     /// Runs the gateway's own router for a request under `/_portcullis/`.
     async fn serve_own_page(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<()> {
-        let cap = self.app.config.server.max_form_bytes;
-        let body = match self.read_own_body(session, cap).await? {
+        let (cap, timeout) = (
+            ctx.config.server.max_form_bytes,
+            ctx.config.server.body_timeout,
+        );
+        let body = match self.read_own_body(session, cap, timeout).await? {
             Ok(body) => body,
             Err(reason) => {
                 ctx.outcome = Outcome::Rejected(reason);
@@ -346,6 +380,7 @@ impl ProxyHttp for Gateway {
 
     fn new_ctx(&self) -> RequestCtx {
         RequestCtx {
+            config: self.app.config(),
             start: Instant::now(),
             request_id: String::new(),
             route: None,
@@ -371,7 +406,7 @@ impl ProxyHttp for Gateway {
         }
 
         // 1. Size of the request head.
-        if header_bytes(session.req_header()) > self.app.config.server.max_header_bytes {
+        if header_bytes(session.req_header()) > ctx.config.server.max_header_bytes {
             ctx.outcome = Outcome::Rejected(RejectReason::HeadersTooLarge);
             respond::reject(session, RejectReason::HeadersTooLarge).await?;
             return Ok(true);
@@ -418,13 +453,15 @@ impl ProxyHttp for Gateway {
         }
 
         // 6. Route.
-        let Some(index) = self.find_route(host_of(session.req_header()), &canonical) else {
+        let config = ctx.config.clone();
+        let Some(index) = find_route(&config.routes, host_of(session.req_header()), &canonical)
+        else {
             ctx.outcome = Outcome::Rejected(RejectReason::NoRoute);
             respond::reject(session, RejectReason::NoRoute).await?;
             return Ok(true);
         };
         ctx.route = Some(index);
-        let route = &self.routes()[index];
+        let route = &config.routes[index];
 
         // 7. Public paths pass without a session.
         if route
@@ -460,7 +497,7 @@ impl ProxyHttp for Gateway {
         match decision {
             AuthDecision::Allow(_)
                 if source == Some(auth::CredentialSource::Cookie)
-                    && self.cross_site_upgrade(session) =>
+                    && self.cross_site_upgrade(session, ctx) =>
             {
                 ctx.outcome = Outcome::Rejected(RejectReason::CrossSiteUpgrade);
                 respond::reject(session, RejectReason::CrossSiteUpgrade).await?;
@@ -501,10 +538,9 @@ impl ProxyHttp for Gateway {
             .route
             .or_err(ErrorType::InternalError, "no route chosen")?;
         let peer = self
-            .peers
-            .get(index)
+            .peer(&ctx.config, index)
             .or_err(ErrorType::InternalError, "route without peer")?;
-        Ok(Box::new(peer.clone()))
+        Ok(Box::new(peer))
     }
 
     async fn upstream_request_filter(
@@ -515,7 +551,7 @@ impl ProxyHttp for Gateway {
     ) -> Result<()> {
         ctx.upstream_start = Some(Instant::now());
         let host = host_of(session.req_header());
-        let route = ctx.route.and_then(|i| self.routes().get(i));
+        let route = ctx.route.and_then(|i| ctx.config.routes.get(i));
         forward::rewrite(
             upstream_request,
             &forward::ForwardFacts {
@@ -544,7 +580,7 @@ impl ProxyHttp for Gateway {
         }
         let upstream = ctx
             .route
-            .and_then(|i| self.routes().get(i))
+            .and_then(|i| ctx.config.routes.get(i))
             .map(|r| r.upstream);
         if let (Some(identity), Some(upstream)) = (ctx.identity.as_ref(), upstream) {
             ctx.conn = self.app.media.register(identity, fd, upstream);
@@ -564,8 +600,9 @@ impl ProxyHttp for Gateway {
             ctx.identity.as_ref(),
             ctx.route,
         ) {
-            let lifetime = self
-                .routes()
+            let lifetime = ctx
+                .config
+                .routes
                 .get(index)
                 .and_then(|r| r.media.as_ref())
                 .map_or(0, |m| m.grant_lifetime.as_millis() as i64);
@@ -677,7 +714,7 @@ impl ProxyHttp for Gateway {
         let req = session.req_header();
         let route = ctx
             .route
-            .and_then(|i| self.routes().get(i))
+            .and_then(|i| ctx.config.routes.get(i))
             .map_or("-", |r| r.name.as_str());
         let path = telemetry::redact_target(req.uri.path_and_query().map_or("/", |p| p.as_str()));
         telemetry::access(&telemetry::AccessLine {

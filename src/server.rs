@@ -15,6 +15,8 @@ use crate::proxy::admission::{self, Admission};
 use crate::proxy::Gateway;
 use crate::web;
 
+pub mod reload;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     #[error(transparent)]
@@ -63,9 +65,9 @@ async fn bootstrap_admin(app: &App) -> Result<(), ServeError> {
          \x20 password:  {password}\n\
          \x20 sign in at {}{}\n\
          \x20 change it with: portcullis --config {} user passwd admin\n",
-        app.config.server.public_url,
+        app.config().server.public_url,
         web::LOGIN_PATH,
-        app.config.source.display()
+        app.config().source.display()
     );
     Ok(())
 }
@@ -113,14 +115,14 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
 
     let app = control.block_on(App::open(config))?;
     control.block_on(bootstrap_admin(&app))?;
-    if !app.config.server.secure {
+    if !app.config().server.secure {
         tracing::warn!(
-            public_url = %app.config.server.public_url,
+            public_url = %app.config().server.public_url,
             "public_url is plain http: the session cookie is sent without Secure and without the __Host- prefix; put TLS in front for anything but a trial"
         );
     }
 
-    let admin_addr = app.config.server.admin_listen;
+    let admin_addr = app.config().server.admin_listen;
     let admin_listener = control
         .block_on(tokio::net::TcpListener::bind(admin_addr))
         .map_err(|source| ServeError::Listen {
@@ -135,18 +137,19 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
         }
     });
     control.spawn(app.clone().run_sync_loop());
-    if app.config.routes.iter().any(|r| r.media.is_some()) {
-        control.spawn(app.clone().run_media_loop());
+    {
+        let _in_control = control.enter();
+        app.start_media_loop();
     }
     control.spawn(app.clone().run_connection_watch());
 
-    let data_dir = app.config.server.data_dir.clone();
+    let data_dir = app.config().server.data_dir.clone();
     let _ = std::fs::create_dir_all(&data_dir);
     let conf = ServerConf {
-        threads: app.config.server.threads,
-        work_stealing: app.config.server.work_stealing,
-        grace_period_seconds: Some(app.config.server.grace_period.as_secs()),
-        graceful_shutdown_timeout_seconds: Some(app.config.server.grace_period.as_secs().max(1)),
+        threads: app.config().server.threads,
+        work_stealing: app.config().server.work_stealing,
+        grace_period_seconds: Some(app.config().server.grace_period.as_secs()),
+        graceful_shutdown_timeout_seconds: Some(app.config().server.grace_period.as_secs().max(1)),
         pid_file: data_dir.join("portcullis.pid").display().to_string(),
         upgrade_sock: data_dir
             .join("portcullis.upgrade.sock")
@@ -156,8 +159,8 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
         ..ServerConf::default()
     };
     let admission = Arc::new(Admission::new(
-        app.config.server.head_timeout,
-        app.config.server.max_connections_per_ip,
+        app.config().server.head_timeout,
+        app.config().server.max_connections_per_ip,
     ));
     spawn_watchman(admission.clone(), listen.port(), app.clone())?;
     let mut server = Server::new_with_opt_and_conf(None, conf);
@@ -167,22 +170,30 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
         Gateway::new(app.clone(), control.handle().clone(), admission),
     );
     let addr = listen.to_string();
-    match &app.config.server.tls {
-        Some(tls) => service
-            .add_tls(
-                &addr,
-                &tls.cert.display().to_string(),
-                &tls.key.display().to_string(),
-            )
-            .map_err(|e| ServeError::Proxy(e.to_string()))?,
-        None => service.add_tcp(&addr),
-    }
+    // The certificate is handed out by a resolver, so a reload can swap it.
+    let certs = match &app.config().server.tls {
+        Some(files) => {
+            let first = crate::tls::load(files).map_err(|e| ServeError::Proxy(e.to_string()))?;
+            let resolver = crate::tls::CertResolver::new(first);
+            let mut settings = pingora::listeners::tls::TlsSettings::intermediate("", "")
+                .map_err(|e| ServeError::Proxy(e.to_string()))?;
+            settings.set_cert_resolver(resolver.clone());
+            service.add_tls_with_settings(&addr, None, settings);
+            Some(resolver)
+        }
+        None => {
+            service.add_tcp(&addr);
+            None
+        }
+    };
     server.add_service(service);
+    let reloader = Arc::new(reload::Reloader::new(app.clone(), certs));
+    control.spawn(reloader.run_on_sighup());
     tracing::info!(
         listen = %listen,
         admin = %admin_addr,
         store = app.store.backend(),
-        routes = app.config.routes.len(),
+        routes = app.config().routes.len(),
         "portcullis is serving"
     );
     server.run(RunArgs::default());

@@ -15,6 +15,8 @@
 use std::borrow::Cow;
 use std::cell::RefCell;
 use std::io::Write;
+use std::sync::atomic::AtomicBool;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::Duration;
 
@@ -62,37 +64,86 @@ const MAX_PENDING: usize = 1 << 20;
 /// The target of access-log lines, the only ones that wait in the buffer.
 const ACCESS_TARGET: &str = "portcullis::access";
 
-/// Starts logging to stderr. `RUST_LOG`, when set, wins over the config's level. Keep the guard
-/// until the process ends: dropping it writes out the lines still buffered.
-pub fn init(cfg: &LogConfig) -> LogGuard {
+/// The level filter: `RUST_LOG` when set, else the config's level, with the libraries that
+/// could log secrets capped ([`CAPPED_TARGETS`]).
+fn level_filter(level: &str) -> EnvFilter {
     let mut filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(&cfg.level))
+        .or_else(|_| EnvFilter::try_new(level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
     for directive in CAPPED_TARGETS {
         if let Ok(d) = directive.parse() {
             filter = filter.add_directive(d);
         }
     }
+    filter
+}
+
+/// Starts logging to stderr. `RUST_LOG`, when set, wins over the config's level. Keep the guard
+/// until the process ends: dropping it writes out the lines still buffered. The level and the
+/// format can be changed later by [`reconfigure`] (a config reload).
+pub fn init(cfg: &LogConfig) -> LogGuard {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::Layer;
+
+    JSON.store(cfg.format == LogFormat::Json, Relaxed);
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(level_filter(&cfg.level));
     let sink = Sink::new(Box::new(std::io::stderr()));
     let guard = sink.start_flusher(FLUSH_EVERY);
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    // Both formats are installed; a flag picks the one that writes (callsite interest is
+    // rebuilt when it flips).
+    let text = tracing_subscriber::fmt::layer()
+        .with_ansi(false)
         .with_writer(sink.clone())
-        .with_timer(UtcMicros);
-    match cfg.format {
-        LogFormat::Json => {
-            let _ = builder.json().flatten_event(true).try_init();
-        }
-        LogFormat::Text => {
-            if builder.with_ansi(false).try_init().is_ok() {
-                let _ = ACCESS_SINK.set(sink);
-            }
-        }
+        .with_timer(UtcMicros)
+        .with_filter(tracing_subscriber::filter::filter_fn(|_| {
+            !JSON.load(Relaxed)
+        }));
+    let json = tracing_subscriber::fmt::layer()
+        .json()
+        .flatten_event(true)
+        .with_writer(sink.clone())
+        .with_timer(UtcMicros)
+        .with_filter(tracing_subscriber::filter::filter_fn(|_| {
+            JSON.load(Relaxed)
+        }));
+    let installed = tracing_subscriber::registry()
+        .with(filter)
+        .with(text)
+        .with(json)
+        .try_init();
+    if installed.is_ok() {
+        let _ = ACCESS_SINK.set(sink);
+        let _ = LEVEL.set(handle);
     }
     guard
 }
 
-/// Where [`access`] writes text lines itself; set by [`init`] for the text format.
+/// Applies a reloaded `[log]` section: the level (unless `RUST_LOG` is set, which keeps
+/// winning) and the format. Returns an error when logging was not started by [`init`].
+pub fn reconfigure(cfg: &LogConfig) -> Result<(), String> {
+    let handle = LEVEL
+        .get()
+        .ok_or_else(|| "logging was not started by the gateway".to_string())?;
+    handle
+        .reload(level_filter(&cfg.level))
+        .map_err(|e| format!("cannot change the log level: {e}"))?;
+    let json = cfg.format == LogFormat::Json;
+    if JSON.swap(json, Relaxed) != json {
+        tracing::callsite::rebuild_interest_cache();
+    }
+    Ok(())
+}
+
+/// Whether lines are written as JSON (else text).
+static JSON: AtomicBool = AtomicBool::new(false);
+
+/// Changes the level filter of the installed subscriber.
+static LEVEL: OnceLock<
+    tracing_subscriber::reload::Handle<EnvFilter, tracing_subscriber::Registry>,
+> = OnceLock::new();
+
+/// Where [`access`] writes text lines itself; set by [`init`].
 static ACCESS_SINK: OnceLock<Sink> = OnceLock::new();
 
 /// The fields of one access-log line, in the order they are written.
@@ -119,7 +170,7 @@ pub fn access(line: &AccessLine<'_>) {
         return;
     }
     let sink = match ACCESS_SINK.get() {
-        Some(sink) if tracing::Span::current().is_none() => sink,
+        Some(sink) if !JSON.load(Relaxed) && tracing::Span::current().is_none() => sink,
         _ => {
             access_event(line);
             return;

@@ -167,7 +167,7 @@ pub(crate) fn session_cookie(app: &App, resp: Response, ok: &LoginOk) -> Respons
     let max_age = (ok.expires_s - now_ms() / 1000).max(0);
     with_cookie(
         resp,
-        &cookie::session(&ok.token, app.config.server.secure, max_age),
+        &cookie::session(&ok.token, app.config().server.secure, max_age),
     )
 }
 
@@ -180,14 +180,14 @@ pub(crate) fn cross_site(app: &App, headers: &HeaderMap) -> bool {
         return site != "same-origin" && site != "none";
     }
     if let Some(origin) = headers.get(header::ORIGIN) {
-        return origin.to_str().ok() != Some(app.config.server.public_url.as_str());
+        return origin.to_str().ok() != Some(app.config().server.public_url.as_str());
     }
     // Without Origin (older browsers, some privacy settings), a Referer must be this origin;
     // a client that sends neither is not a browser and cannot be made to forge a request.
     match headers.get(header::REFERER) {
         Some(referer) => !referer
             .to_str()
-            .is_ok_and(|r| same_origin(r, &app.config.server.public_url)),
+            .is_ok_and(|r| same_origin(r, &app.config().server.public_url)),
         None => false,
     }
 }
@@ -284,7 +284,7 @@ async fn readyz(State(app): State<Arc<App>>) -> Response {
         "last_sync_error": app.view.last_error(),
         "store_backend": app.store.backend(),
         "push": app.store.announcements().map(|rx| if rx.borrow().connected { "connected" } else { "disconnected" }),
-        "on_stale": match app.config.store.on_stale {
+        "on_stale": match app.config().store.on_stale {
             crate::config::OnStale::Serve => "serve",
             crate::config::OnStale::Deny => "deny",
         },

@@ -122,7 +122,7 @@ impl App {
         if new.expose() != confirm.expose() {
             return Err(NewPasswordError::Policy(PolicyError::Mismatch));
         }
-        check_policy(&self.config.password, user_name, new.expose())
+        check_policy(&self.config().password, user_name, new.expose())
             .map_err(NewPasswordError::Policy)?;
         self.hasher
             .hash(new)
@@ -501,7 +501,7 @@ impl App {
     ) -> Result<String, AccountError> {
         let token = data_encoding::BASE64URL_NOPAD.encode(&rand::random::<[u8; 32]>());
         let now = now_ms();
-        let ttl = self.config.auth.reset_link_ttl.as_millis() as i64;
+        let ttl = self.config().auth.reset_link_ttl.as_millis() as i64;
         self.store
             .create_reset_link(&token_hash(&token), user.id, now, now + ttl)
             .await?;
@@ -514,7 +514,7 @@ impl App {
         self.audit(e).await;
         Ok(format!(
             "{}/_portcullis/reset/{token}",
-            self.config.server.public_url
+            self.config().server.public_url
         ))
     }
 
@@ -574,7 +574,7 @@ impl App {
         self: &Arc<Self>,
         client: &ClientInfo,
     ) -> Result<BreachReport, AccountError> {
-        let report = breach_response(&self.config, &self.store).await?;
+        let report = breach_response(&self.config(), &self.store).await?;
         self.reload_keys_if_changed();
         // The events were committed by the store call; make them count here at once.
         let _ = self.sync().await;

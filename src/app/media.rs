@@ -126,7 +126,8 @@ impl App {
         login: LoginRoute,
         req: MediaRequest,
     ) -> MediaAnswer {
-        let Some(route) = self.config.routes.get(route_index) else {
+        let config = self.config();
+        let Some(route) = config.routes.get(route_index) else {
             return MediaAnswer::error(500, "no such route");
         };
         let Some(media) = route.media.as_ref() else {
@@ -351,7 +352,8 @@ impl App {
         route_index: usize,
         req: MediaRequest,
     ) -> MediaAnswer {
-        let Some(route) = self.config.routes.get(route_index) else {
+        let config = self.config();
+        let Some(route) = config.routes.get(route_index) else {
             return MediaAnswer::error(500, "no such route");
         };
         if let Gate::Wait(d) | Gate::Locked(d) =
@@ -525,7 +527,8 @@ impl App {
         fields: &ClientFields,
         client: &ClientInfo,
     ) -> Option<Identity> {
-        let route = self.config.routes.get(route_index)?;
+        let config = self.config();
+        let route = config.routes.get(route_index)?;
         let media = route.media.as_ref()?;
         let hash = self.secrets.media_token_hash(token);
         if self.media.adopt_was_refused(&hash) || !self.media.adoption_allowed(&client.ip) {
@@ -629,7 +632,7 @@ impl App {
                 is_admin: user.is_admin,
             },
         );
-        if let Some(route) = self.config.routes.get(route_index) {
+        if let Some(route) = self.config().routes.get(route_index) {
             self.share_note(
                 MediaNote::QuickConnectApproved {
                     route: route.name.clone(),
@@ -668,7 +671,8 @@ impl App {
         identity: &Identity,
         until_ms: i64,
     ) {
-        let Some(route) = self.config.routes.get(route_index) else {
+        let config = self.config();
+        let Some(route) = config.routes.get(route_index) else {
             return;
         };
         self.share_note(
@@ -689,7 +693,7 @@ impl App {
 
     /// Acts on a media note from the event log (this replica's or another's).
     pub(crate) fn apply_media_note(&self, note: &MediaNote, until_ms: i64) {
-        let index = |name: &str| self.config.routes.iter().position(|r| r.name == name);
+        let index = |name: &str| self.config().routes.iter().position(|r| r.name == name);
         match note {
             MediaNote::Grant {
                 route,
@@ -796,8 +800,9 @@ impl App {
                 return;
             }
         };
+        let config = self.config();
         for o in owed {
-            let route = self.config.routes.iter().find(|r| r.name == o.route);
+            let route = config.routes.iter().find(|r| r.name == o.route);
             let token = self.secrets.open_token(&o.sid.to_string(), &o.token_sealed);
             let (Some(route), Ok(token)) = (route, token) else {
                 // The route is gone from the config, or the token cannot be read: nothing can
@@ -846,7 +851,7 @@ impl App {
     /// Ends media tokens idle longer than their route allows.
     async fn end_idle_media_tokens(&self) {
         let now = now_ms();
-        for route in &self.config.routes {
+        for route in &self.config().routes {
             let Some(media) = route.media.as_ref() else {
                 continue;
             };

@@ -726,7 +726,7 @@ impl App {
             .flatten();
         let back = format!(
             "{}{}",
-            self.config.server.public_url,
+            self.config().server.public_url,
             crate::web::LOGIN_PATH
         );
         provider.end_session_url(hint.as_deref(), &back)

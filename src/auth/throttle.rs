@@ -4,6 +4,8 @@
 //! so a lock or a delay never tells whether an account exists.
 
 use std::net::IpAddr;
+use std::sync::atomic::AtomicI64;
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use moka::sync::Cache;
@@ -70,10 +72,11 @@ struct Counter {
 pub struct Throttle {
     ips: Cache<IpAddr, Counter>,
     unknown_names: Cache<String, Counter>,
-    ip_max: i64,
-    window_ms: i64,
-    max_failures: i64,
-    lockout_ms: i64,
+    /// The limits, replaced by a reload ([`Throttle::set_limits`]); counters already kept stay.
+    ip_max: AtomicI64,
+    window_ms: AtomicI64,
+    max_failures: AtomicI64,
+    lockout_ms: AtomicI64,
 }
 
 impl Throttle {
@@ -88,11 +91,22 @@ impl Throttle {
                 .max_capacity(200_000)
                 .time_to_idle(longest)
                 .build(),
-            ip_max: cfg.ip_max_failures as i64,
-            window_ms: cfg.ip_window.as_millis() as i64,
-            max_failures: cfg.max_failures as i64,
-            lockout_ms: cfg.lockout.as_millis() as i64,
+            ip_max: AtomicI64::new(cfg.ip_max_failures as i64),
+            window_ms: AtomicI64::new(cfg.ip_window.as_millis() as i64),
+            max_failures: AtomicI64::new(cfg.max_failures as i64),
+            lockout_ms: AtomicI64::new(cfg.lockout.as_millis() as i64),
         }
+    }
+
+    /// Takes the limits of a reloaded config. The caches' idle time stays as built at start
+    /// (a longer window than before is honoured for counters touched within the old one).
+    pub fn set_limits(&self, cfg: &AuthConfig) {
+        self.ip_max.store(cfg.ip_max_failures as i64, Relaxed);
+        self.window_ms
+            .store(cfg.ip_window.as_millis() as i64, Relaxed);
+        self.max_failures.store(cfg.max_failures as i64, Relaxed);
+        self.lockout_ms
+            .store(cfg.lockout.as_millis() as i64, Relaxed);
     }
 
     /// The gate for an IP address.
@@ -100,18 +114,20 @@ impl Throttle {
         let Some(c) = ip.and_then(|ip| self.ips.get(&ip)) else {
             return Gate::Open;
         };
-        if now_ms - c.first_ms > self.window_ms || c.failures < self.ip_max {
+        if now_ms - c.first_ms > self.window_ms.load(Relaxed)
+            || c.failures < self.ip_max.load(Relaxed)
+        {
             return Gate::Open;
         }
         Gate::Wait(Duration::from_millis(
-            (c.first_ms + self.window_ms - now_ms).max(0) as u64,
+            (c.first_ms + self.window_ms.load(Relaxed) - now_ms).max(0) as u64,
         ))
     }
 
     pub fn ip_failed(&self, ip: Option<IpAddr>, now_ms: i64) {
         let Some(ip) = ip else { return };
         let mut c = self.ips.get(&ip).unwrap_or_default();
-        if c.failures == 0 || now_ms - c.first_ms > self.window_ms {
+        if c.failures == 0 || now_ms - c.first_ms > self.window_ms.load(Relaxed) {
             c = Counter {
                 first_ms: now_ms,
                 ..Counter::default()
@@ -144,8 +160,8 @@ impl Throttle {
         }
         c.failures += 1;
         c.last_ms = now_ms;
-        if c.failures >= self.max_failures {
-            c.locked_until_ms = Some(now_ms + self.lockout_ms);
+        if c.failures >= self.max_failures.load(Relaxed) {
+            c.locked_until_ms = Some(now_ms + self.lockout_ms.load(Relaxed));
         }
         self.unknown_names.insert(key, c);
     }

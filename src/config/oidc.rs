@@ -73,7 +73,7 @@ pub enum ClientSecretSource {
 }
 
 /// One validated `[[oidc]]` provider.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct OidcProviderConfig {
     /// Used in URLs (`/_portcullis/oidc/{id}/…`), links and metrics.
     pub id: String,

@@ -49,7 +49,8 @@ impl Gateway {
         index: usize,
         canonical: &str,
     ) -> Result<bool> {
-        let Some(route) = self.routes().get(index) else {
+        let config = ctx.config.clone();
+        let Some(route) = config.routes.get(index) else {
             return Ok(false);
         };
         let Some(media) = route.media.as_ref() else {
@@ -139,7 +140,7 @@ impl Gateway {
             }
             (decision, _) => decision,
         };
-        if matches!(decision, Ok((_, false))) && self.cross_site_upgrade(session) {
+        if matches!(decision, Ok((_, false))) && self.cross_site_upgrade(session, ctx) {
             ctx.outcome = Outcome::Rejected(RejectReason::CrossSiteUpgrade);
             respond::reject(session, RejectReason::CrossSiteUpgrade).await?;
             return Ok(true);
@@ -319,7 +320,10 @@ impl Gateway {
         login: Option<LoginRoute>,
         fields: ClientFields,
     ) -> Result<()> {
-        let body = match self.read_own_body(session, MAX_LOGIN_BODY).await? {
+        let body = match self
+            .read_own_body(session, MAX_LOGIN_BODY, ctx.config.server.body_timeout)
+            .await?
+        {
             Ok(body) => body,
             Err(reason) => {
                 ctx.outcome = Outcome::Rejected(reason);

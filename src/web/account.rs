@@ -135,7 +135,7 @@ pub(crate) async fn page(
             &csrf,
             notice,
             error,
-            app.config.password.min_length,
+            app.config().password.min_length,
             &sso,
         )
         .into_response(),
@@ -167,7 +167,7 @@ pub(crate) async fn revoke_device(
     if sid == id.sid {
         return with_cookie(
             redirect(LOGIN_PATH),
-            &cookie::clear(app.config.server.secure),
+            &cookie::clear(app.config().server.secure),
         );
     }
     redirect(&format!("{ACCOUNT_PATH}?done=device"))
@@ -239,7 +239,7 @@ pub(crate) async fn signout_all(
     match app.signout_all_devices(&id, &client).await {
         Ok(()) => with_cookie(
             redirect(end_session.as_deref().unwrap_or(LOGIN_PATH)),
-            &cookie::clear(app.config.server.secure),
+            &cookie::clear(app.config().server.secure),
         ),
         Err(e) => account_error(e),
     }

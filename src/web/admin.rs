@@ -123,7 +123,7 @@ pub(crate) async fn add_user(
         Some(p) => (p, false),
         None => (generate_password(), true),
     };
-    if let Err(e) = check_policy(&app.config.password, &name, &password) {
+    if let Err(e) = check_policy(&app.config().password, &name, &password) {
         return bad(&e.to_string());
     }
     let hash = match app.hasher.hash(Secret::new(password.clone())).await {
@@ -232,7 +232,7 @@ pub(crate) async fn user_action(
                         &format!(
                             "Give this one-time link to {} (valid for {}): {link}",
                             user.name,
-                            humantime::format_duration(app.config.auth.reset_link_ttl)
+                            humantime::format_duration(app.config().auth.reset_link_ttl)
                         ),
                         ADMIN_PATH,
                         "Back to admin",

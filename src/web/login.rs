@@ -68,7 +68,7 @@ pub(crate) fn encode(s: &str) -> String {
 
 /// Turns a login step into the browser's next page.
 pub(crate) fn step_response(app: &App, step: LoginStep, rd: &str, client: &ClientInfo) -> Response {
-    let secure = app.config.server.secure;
+    let secure = app.config().server.secure;
     match step {
         LoginStep::Session(ok) => {
             tracing::info!(user = %ok.user_name, session = %ok.session_id, ip = %client.ip, "login");
@@ -86,7 +86,7 @@ pub(crate) fn step_response(app: &App, step: LoginStep, rd: &str, client: &Clien
 }
 
 fn pending_token<'a>(app: &App, headers: &'a HeaderMap) -> Option<&'a str> {
-    cookie::find(headers, cookie::pending_name(app.config.server.secure))
+    cookie::find(headers, cookie::pending_name(app.config().server.secure))
 }
 
 #[derive(Deserialize)]
@@ -108,7 +108,7 @@ pub(crate) fn login_html(app: &App, rd: &str, error: Option<&str>) -> axum::resp
         .iter()
         .map(|p| (p.config.id.clone(), p.config.display_name.clone()))
         .collect();
-    pages::login(rd, error, &sso, app.config.auth.password_form)
+    pages::login(rd, error, &sso, app.config().auth.password_form)
 }
 
 pub(crate) async fn login_page(State(app): State<Arc<App>>, Query(q): Query<RdQuery>) -> Response {
@@ -222,7 +222,7 @@ fn pending_error(app: &App, e: LoginError, rd: &str) -> Option<Response> {
                     login_html(app, rd, Some(&e.to_string())),
                 )
                     .into_response(),
-                &cookie::clear_pending(app.config.server.secure),
+                &cookie::clear_pending(app.config().server.secure),
             );
             Some(no_store(resp))
         }
@@ -401,7 +401,7 @@ pub(crate) async fn enroll_form(
         Ok((LoginStep::Session(ok), codes)) => {
             let page = pages::recovery_codes(&codes, &rd);
             let resp = session_cookie(&app, no_store(page.into_response()), &ok);
-            with_cookie(resp, &cookie::clear_pending(app.config.server.secure))
+            with_cookie(resp, &cookie::clear_pending(app.config().server.secure))
         }
         Ok((step @ LoginStep::Pending { .. }, _)) => step_response(&app, step, &rd, &client),
         Err(e) => {
@@ -512,7 +512,7 @@ pub(crate) async fn logout(
         Some(CredentialSource::Bearer) => no_store(StatusCode::NO_CONTENT.into_response()),
         _ => with_cookie(
             redirect(end_session.as_deref().unwrap_or(LOGIN_PATH)),
-            &cookie::clear(app.config.server.secure),
+            &cookie::clear(app.config().server.secure),
         ),
     }
 }

@@ -61,7 +61,7 @@ fn sso_error_page(app: &App, e: &SsoError, rd: &str) -> Response {
     let resp = (status, login_html(app, rd, Some(&e.to_string()))).into_response();
     no_store(with_cookie(
         resp,
-        &cookie::clear_flow(app.config.server.secure),
+        &cookie::clear_flow(app.config().server.secure),
     ))
 }
 
@@ -75,7 +75,7 @@ pub(crate) async fn start(
     match app.sso_start(&provider, &rd, None) {
         Ok((url, token)) => with_cookie(
             redirect(&url),
-            &cookie::flow(&token, app.config.server.secure, FLOW_TTL_SECS),
+            &cookie::flow(&token, app.config().server.secure, FLOW_TTL_SECS),
         ),
         Err(e) => {
             tracing::warn!(provider = known(&app, &provider), reason = e.label(), error = %e, "single sign-on start refused");
@@ -93,7 +93,7 @@ pub(crate) async fn callback(
     headers: HeaderMap,
     Query(params): Query<CallbackParams>,
 ) -> Response {
-    let secure = app.config.server.secure;
+    let secure = app.config().server.secure;
     let flow = cookie::find(&headers, cookie::flow_name(secure));
     let current = identity(&app, &headers).map(|(id, _)| id);
     let result = app
@@ -314,7 +314,7 @@ pub(crate) async fn link(
     match app.sso_start(&form.provider, ACCOUNT_PATH, Some(&id)) {
         Ok((url, token)) => with_cookie(
             redirect(&url),
-            &cookie::flow(&token, app.config.server.secure, FLOW_TTL_SECS),
+            &cookie::flow(&token, app.config().server.secure, FLOW_TTL_SECS),
         ),
         Err(e) => not_linked(StatusCode::BAD_GATEWAY, &e.to_string()),
     }

@@ -31,6 +31,7 @@ mod observability;
 mod oidc;
 mod pg;
 mod proxy;
+mod reload;
 mod replicas;
 mod revocation;
 mod slowloris;
