@@ -224,6 +224,8 @@ pub struct App {
     pub media_client: crate::mediaserver::upstream::MediaClient,
     /// Single sign-on providers (`[[oidc]]`).
     pub oidc: crate::oidc::Providers,
+    /// Whether this process should be sent traffic (`/readyz`, systemd's `READY=1`).
+    pub readiness: crate::readiness::Readiness,
 }
 
 impl App {
@@ -296,6 +298,7 @@ impl App {
                 .time_to_idle(Duration::from_millis(LAST_SEEN_EVERY_MS as u64 * 2))
                 .build_with_hasher(foldhash::fast::RandomState::default()),
             last_seen_pending: Mutex::new(Vec::new()),
+            readiness: crate::readiness::Readiness::default(),
         };
         app.refresh_view_metrics();
         Ok(Arc::new(app))

@@ -13,9 +13,11 @@ pub mod mediaserver;
 pub mod metrics;
 pub mod oidc;
 pub mod proxy;
+pub mod readiness;
 pub mod revocation;
 pub mod server;
 pub mod store;
+pub mod systemd;
 pub mod telemetry;
 pub mod web;
 
