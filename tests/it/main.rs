@@ -37,4 +37,6 @@ mod slowloris;
 mod smuggling;
 pub(crate) mod standin_fidelity;
 mod streaming;
+mod systemd;
 mod tls;
+pub(crate) mod upgrade;
