@@ -227,7 +227,9 @@ pub fn main() -> i32 {
 fn upgrade(config: &Config, timeout: std::time::Duration) -> anyhow::Result<()> {
     let (old, new) = crate::server::upgrade::request(&config.server.data_dir, timeout)
         .map_err(|e| refused(e.to_string()))?;
-    println!("portcullis: pid {new} serves now; pid {old} finishes its requests in flight and exits");
+    println!(
+        "portcullis: pid {new} serves now; pid {old} finishes its requests in flight and exits"
+    );
     Ok(())
 }
 

@@ -27,9 +27,9 @@ impl Phase {
         match self {
             Phase::Starting => Some("the public listener is not accepting connections yet"),
             Phase::Serving => None,
-            Phase::HandedOver => {
-                Some("the listeners were handed over to a new process; finishing requests in flight")
-            }
+            Phase::HandedOver => Some(
+                "the listeners were handed over to a new process; finishing requests in flight",
+            ),
             Phase::Stopping => Some("shutting down"),
         }
     }

@@ -211,7 +211,10 @@ impl Lifecycle {
         while !listening_on(self.port) {
             tick.tick().await;
             if !warned && started.elapsed() > Duration::from_secs(10) {
-                tracing::warn!(port = self.port, "the public listener is not accepting after 10 s");
+                tracing::warn!(
+                    port = self.port,
+                    "the public listener is not accepting after 10 s"
+                );
                 warned = true;
             }
         }
@@ -275,14 +278,19 @@ pub fn serve(config: Config, opts: ServeOptions) -> Result<(), ServeError> {
         .map_err(ServeError::Runtime)?;
     // Before anything slow: a SIGQUIT or SIGUSR2 arriving during start-up must not end the
     // process (their default action).
-    let signals = control.block_on(async { Signals::register() }).map_err(ServeError::Runtime)?;
+    let signals = control
+        .block_on(async { Signals::register() })
+        .map_err(ServeError::Runtime)?;
 
     // Fail with a clear message while an address is taken, before Pingora tries. A process that
     // takes over from a running one shares both addresses with it.
     let listen = config.server.listen;
     let admin_addr = config.server.admin_listen;
     if !opts.upgrade {
-        for (addr, what) in [(listen, "server.listen"), (admin_addr, "server.admin_listen")] {
+        for (addr, what) in [
+            (listen, "server.listen"),
+            (admin_addr, "server.admin_listen"),
+        ] {
             std::net::TcpListener::bind(addr).map_err(|source| ServeError::Listen {
                 addr: addr.to_string(),
                 what,

@@ -32,7 +32,9 @@ pub fn socket_addr(value: &OsStr) -> Result<SocketAddr, NotifyError> {
     let bytes = value.as_bytes();
     let bad = || NotifyError::BadSocket(value.to_string_lossy().into_owned());
     match bytes.first() {
-        Some(b'@') if bytes.len() > 1 => SocketAddr::from_abstract_name(&bytes[1..]).map_err(|_| bad()),
+        Some(b'@') if bytes.len() > 1 => {
+            SocketAddr::from_abstract_name(&bytes[1..]).map_err(|_| bad())
+        }
         Some(b'/') => SocketAddr::from_pathname(std::path::Path::new(value)).map_err(|_| bad()),
         _ => Err(bad()),
     }
@@ -124,7 +126,9 @@ pub fn watchdog_interval(
         }
     }
     match usec.trim().parse::<u64>() {
-        Ok(n) if n > 0 => Ok(Some(Duration::from_micros(n / 2).max(Duration::from_millis(1)))),
+        Ok(n) if n > 0 => Ok(Some(
+            Duration::from_micros(n / 2).max(Duration::from_millis(1)),
+        )),
         _ => Err(NotifyError::BadWatchdogUsec(usec.to_string())),
     }
 }
@@ -171,7 +175,10 @@ mod tests {
             watchdog_interval(Some("30000000"), Some("7"), 7).unwrap(),
             Some(Duration::from_secs(15))
         );
-        assert_eq!(watchdog_interval(Some("30000000"), Some("8"), 7).unwrap(), None);
+        assert_eq!(
+            watchdog_interval(Some("30000000"), Some("8"), 7).unwrap(),
+            None
+        );
         for bad in ["0", "-5", "soon"] {
             assert!(matches!(
                 watchdog_interval(Some(bad), None, 7),

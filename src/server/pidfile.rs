@@ -10,7 +10,9 @@ pub const FILE_NAME: &str = "portcullis.pid";
 
 #[derive(Debug, thiserror::Error)]
 pub enum PidFileError {
-    #[error("cannot read the pid file {path}: {source} (is the gateway running with this config?)")]
+    #[error(
+        "cannot read the pid file {path}: {source} (is the gateway running with this config?)"
+    )]
     Read {
         path: PathBuf,
         #[source]
@@ -83,7 +85,17 @@ mod tests {
     fn only_a_plain_decimal_pid_parses() {
         assert_eq!(parse("1234\n"), Some(1234));
         assert_eq!(parse("1234"), Some(1234));
-        for bad in ["", "\n", " 1234\n", "12 34\n", "-5\n", "1\n", "0\n", "99999999999\n", "12\n\n"] {
+        for bad in [
+            "",
+            "\n",
+            " 1234\n",
+            "12 34\n",
+            "-5\n",
+            "1\n",
+            "0\n",
+            "99999999999\n",
+            "12\n\n",
+        ] {
             assert_eq!(parse(bad), None, "{bad:?}");
         }
     }

@@ -66,7 +66,9 @@ pub enum UpgradeError {
         #[source]
         source: std::io::Error,
     },
-    #[error("no new process took over within {secs} s; pid {pid} keeps serving (its log says why)")]
+    #[error(
+        "no new process took over within {secs} s; pid {pid} keeps serving (its log says why)"
+    )]
     NoTakeOver { pid: u32, secs: u64 },
 }
 

@@ -16,7 +16,9 @@ use crate::upgrade::{alive, read_pid, signal, Reaper};
 use crate::upstream::Upstream;
 
 fn deploy(file: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy").join(file)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("deploy")
+        .join(file)
 }
 
 /// The shipped unit with ExecStart pointing at the binary under test (verify checks that the
@@ -39,7 +41,10 @@ fn the_unit_verifies_and_rates_ok_or_better() {
         .output()
         .expect("systemd-analyze (package systemd; scripts/test installs it)");
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "systemd-analyze verify failed:\n{stderr}");
+    assert!(
+        out.status.success(),
+        "systemd-analyze verify failed:\n{stderr}"
+    );
     assert!(
         !stderr.contains("portcullis.service"),
         "systemd-analyze verify complains about the unit:\n{stderr}"
@@ -54,14 +59,22 @@ fn the_unit_verifies_and_rates_ok_or_better() {
     let line = text
         .lines()
         .find(|l| l.contains("Overall exposure level for portcullis.service:"))
-        .unwrap_or_else(|| panic!("no overall rating:\n{text}{}", String::from_utf8_lossy(&out.stderr)));
+        .unwrap_or_else(|| {
+            panic!(
+                "no overall rating:\n{text}{}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
     let rating: f64 = line
         .rsplit_once(':')
         .and_then(|(_, r)| r.split_whitespace().next())
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("cannot read the rating in {line:?}"));
     eprintln!("systemd-analyze security: {}", line.trim());
-    assert!(rating <= 2.0, "exposure {rating} is worse than OK (2.0): {line}");
+    assert!(
+        rating <= 2.0,
+        "exposure {rating} is worse than OK (2.0): {line}"
+    );
 }
 
 #[test]
@@ -74,13 +87,20 @@ fn the_sysusers_and_tmpfiles_snippets_create_the_user_and_directories() {
         .arg(deploy("portcullis.sysusers"))
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let passwd = std::fs::read_to_string(root.path().join("etc/passwd")).unwrap();
     let user = passwd
         .lines()
         .find(|l| l.starts_with("portcullis:"))
         .unwrap_or_else(|| panic!("no portcullis user in {passwd}"));
-    assert!(user.ends_with(":/var/lib/portcullis:/usr/sbin/nologin"), "{user}");
+    assert!(
+        user.ends_with(":/var/lib/portcullis:/usr/sbin/nologin"),
+        "{user}"
+    );
 
     let out = Command::new("systemd-tmpfiles")
         .arg(format!("--root={}", root.path().display()))
@@ -88,7 +108,11 @@ fn the_sysusers_and_tmpfiles_snippets_create_the_user_and_directories() {
         .arg(deploy("portcullis.tmpfiles"))
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     use std::os::unix::fs::MetadataExt;
     let state = std::fs::metadata(root.path().join("var/lib/portcullis")).unwrap();
     assert_eq!(state.mode() & 0o777, 0o750);
@@ -118,8 +142,8 @@ impl Notifications {
             while Arc::strong_count(&log) > 1 {
                 if let Ok(n) = socket.recv(&mut buf) {
                     let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
-                    let accepts = msg.contains("READY=1")
-                        && TcpStream::connect(("127.0.0.1", port)).is_ok();
+                    let accepts =
+                        msg.contains("READY=1") && TcpStream::connect(("127.0.0.1", port)).is_ok();
                     log.lock().unwrap().push((Instant::now(), msg, accepts));
                 }
             }
@@ -182,13 +206,27 @@ async fn ready_comes_only_once_the_public_listener_accepts_and_readyz_agrees() {
         gw.log()
     );
     let r = client().get(&readyz).send().await.unwrap();
-    let not_ready = Some((r.status().as_u16(), r.text().await.unwrap_or_default()));
-    let (status, body) = not_ready.unwrap();
+    let (status, body) = (r.status().as_u16(), r.text().await.unwrap_or_default());
     assert_eq!(status, 503, "{body}");
-    assert!(body.contains("the public listener is not accepting connections yet"), "{body}");
-    let health = client().get(format!("{}/healthz", gw.admin)).send().await.unwrap();
-    assert_eq!(health.status(), 200, "liveness does not wait for the listener");
-    assert_eq!(notify.count("READY=1"), 0, "READY=1 before the listener was there");
+    assert!(
+        body.contains("the public listener is not accepting connections yet"),
+        "{body}"
+    );
+    let health = client()
+        .get(format!("{}/healthz", gw.admin))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        health.status(),
+        200,
+        "liveness does not wait for the listener"
+    );
+    assert_eq!(
+        notify.count("READY=1"),
+        0,
+        "READY=1 before the listener was there"
+    );
 
     // Hand the listener over the way an old gateway does.
     let sock = gw.dir.path().join("portcullis.upgrade.sock");
@@ -207,7 +245,10 @@ async fn ready_comes_only_once_the_public_listener_accepts_and_readyz_agrees() {
     .unwrap();
 
     assert!(
-        poll_until(Duration::from_secs(20), || async { notify.count("READY=1") > 0 }).await,
+        poll_until(Duration::from_secs(20), || async {
+            notify.count("READY=1") > 0
+        })
+        .await,
         "no READY=1:\n{}",
         gw.log()
     );
@@ -216,7 +257,10 @@ async fn ready_comes_only_once_the_public_listener_accepts_and_readyz_agrees() {
         .into_iter()
         .find(|(_, m, _)| m.lines().any(|l| l == "READY=1"))
         .unwrap();
-    assert!(ready.2, "READY=1 came while the public listener refused connections");
+    assert!(
+        ready.2,
+        "READY=1 came while the public listener refused connections"
+    );
     assert!(
         ready.1.contains(&format!("MAINPID={}", child.id())),
         "a process that took over names itself the main process: {:?}",
@@ -224,15 +268,25 @@ async fn ready_comes_only_once_the_public_listener_accepts_and_readyz_agrees() {
     );
     let r = client().get(&readyz).send().await.unwrap();
     assert_eq!(r.status(), 200);
-    assert_eq!(read_pid(&gw.dir.path().join("portcullis.pid")), Some(child.id()));
-    let through = client().get(gw.url("/_portcullis/login")).send().await.unwrap();
+    assert_eq!(
+        read_pid(&gw.dir.path().join("portcullis.pid")),
+        Some(child.id())
+    );
+    let through = client()
+        .get(gw.url("/_portcullis/login"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(through.status(), 200);
 
     // WATCHDOG_USEC=200000: a ping every 100 ms.
     let before = notify.count("WATCHDOG=1");
     let start = Instant::now();
     assert!(
-        poll_until(Duration::from_secs(5), || async { notify.count("WATCHDOG=1") >= before + 5 }).await,
+        poll_until(Duration::from_secs(5), || async {
+            notify.count("WATCHDOG=1") >= before + 5
+        })
+        .await,
         "watchdog pings missing"
     );
     eprintln!(
@@ -258,14 +312,24 @@ async fn a_plain_start_notifies_ready_once_listening_and_no_watchdog_unasked() {
     let mut child = spawn(&gw, &["serve"], &notify.path, None);
     reaper.watch(child.id());
     assert!(
-        poll_until(Duration::from_secs(30), || async { notify.count("READY=1") > 0 }).await,
+        poll_until(Duration::from_secs(30), || async {
+            notify.count("READY=1") > 0
+        })
+        .await,
         "no READY=1:\n{}",
         gw.log()
     );
     let (_, msg, accepted) = notify.messages().into_iter().next().unwrap();
-    assert!(accepted, "READY=1 came while the public listener refused connections");
+    assert!(
+        accepted,
+        "READY=1 came while the public listener refused connections"
+    );
     assert!(!msg.contains("MAINPID="), "{msg}");
-    let r = client().get(format!("{}/readyz", gw.admin)).send().await.unwrap();
+    let r = client()
+        .get(format!("{}/readyz", gw.admin))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(notify.count("WATCHDOG=1"), 0);
     signal(child.id(), libc::SIGINT);

@@ -67,7 +67,10 @@ impl Drop for Reaper {
 async fn wait_pid_file(gw: &Gateway, pid: u32) {
     let path = pid_file(gw);
     assert!(
-        poll_until(Duration::from_secs(10), || async { read_pid(&path) == Some(pid) }).await,
+        poll_until(Duration::from_secs(10), || async {
+            read_pid(&path) == Some(pid)
+        })
+        .await,
         "the pid file never named {pid}: {:?}\n{}",
         std::fs::read_to_string(&path),
         gw.log()
@@ -94,7 +97,8 @@ async fn load(url: String, token: String, stop: Arc<AtomicBool>) -> Vec<Sample> 
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     while !stop.load(Ordering::Relaxed) {
         tick.tick().await;
-        let (http, url, token, samples) = (http.clone(), url.clone(), token.clone(), samples.clone());
+        let (http, url, token, samples) =
+            (http.clone(), url.clone(), token.clone(), samples.clone());
         tasks.push(tokio::spawn(async move {
             let start = Instant::now();
             let error = match http.get(&url).bearer_auth(&token).send().await {
@@ -116,11 +120,7 @@ async fn load(url: String, token: String, stop: Arc<AtomicBool>) -> Vec<Sample> 
     for t in tasks {
         t.await.unwrap();
     }
-    Arc::try_unwrap(samples)
-        .ok()
-        .unwrap()
-        .into_inner()
-        .unwrap()
+    Arc::try_unwrap(samples).ok().unwrap().into_inner().unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -142,7 +142,11 @@ async fn a_binary_upgrade_drops_no_request_and_finishes_the_download_in_flight()
     // A large download, read slowly.
     let received = Arc::new(AtomicU64::new(0));
     let download = {
-        let (url, token, received) = (gw.url(&format!("/bytes/{SIZE}")), token.clone(), received.clone());
+        let (url, token, received) = (
+            gw.url(&format!("/bytes/{SIZE}")),
+            token.clone(),
+            received.clone(),
+        );
         tokio::spawn(async move {
             let mut resp = client().get(url).bearer_auth(token).send().await.unwrap();
             assert_eq!(resp.status(), 200);
@@ -232,7 +236,11 @@ async fn a_binary_upgrade_drops_no_request_and_finishes_the_download_in_flight()
         .map(|w| w[1] - w[0])
         .max()
         .unwrap_or_default();
-    let max_latency = samples.iter().map(|s| s.end - s.start).max().unwrap_or_default();
+    let max_latency = samples
+        .iter()
+        .map(|s| s.end - s.start)
+        .max()
+        .unwrap_or_default();
     let span = ends.last().copied().unwrap() - ends[0];
     eprintln!(
         "upgrade: {} requests over {:.1} s, {} failed; longest gap between answers {} ms, slowest request {} ms; \
@@ -254,7 +262,11 @@ async fn a_binary_upgrade_drops_no_request_and_finishes_the_download_in_flight()
     );
 
     // The new process answers on the admin listener too, and cleans up after itself.
-    let ready = client().get(format!("{}/readyz", gw.admin)).send().await.unwrap();
+    let ready = client()
+        .get(format!("{}/readyz", gw.admin))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(ready.status(), 200);
     signal(new, libc::SIGTERM);
     assert!(poll_until(Duration::from_secs(30), || async { !alive(new) }).await);
@@ -326,12 +338,21 @@ async fn a_new_process_that_fails_leaves_the_old_one_serving() {
     assert!(alive(old));
     assert_eq!(read_pid(&pid_file(&gw)), Some(old));
     assert_eq!(gw.get_status("/probe", &token).await, 200);
-    let ready = client().get(format!("{}/readyz", gw.admin)).send().await.unwrap();
+    let ready = client()
+        .get(format!("{}/readyz", gw.admin))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(ready.status(), 200);
 
     // `portcullis upgrade` with a broken config refuses before signalling anything.
     let out = gw.cli(&["upgrade"]);
-    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stderr).contains("no_such_key"));
     std::fs::write(&config, good).unwrap();
     assert!(alive(old));
