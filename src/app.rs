@@ -228,6 +228,8 @@ pub struct App {
     /// Single sign-on providers (`[[oidc]]`).
     pub oidc: crate::oidc::Providers,
     media_loop_started: std::sync::atomic::AtomicBool,
+    /// Whether this process should be sent traffic (`/readyz`, systemd's `READY=1`).
+    pub readiness: crate::readiness::Readiness,
 }
 
 impl App {
@@ -301,6 +303,7 @@ impl App {
                 .build_with_hasher(foldhash::fast::RandomState::default()),
             last_seen_pending: Mutex::new(Vec::new()),
             media_loop_started: std::sync::atomic::AtomicBool::new(false),
+            readiness: crate::readiness::Readiness::default(),
         };
         app.metrics.config_loaded.set(now_ms() as f64 / 1000.0);
         app.refresh_view_metrics();

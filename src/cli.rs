@@ -38,7 +38,19 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Run the gateway.
-    Serve,
+    Serve {
+        /// Take the listening sockets over from the running gateway (then send it SIGQUIT)
+        /// instead of binding them: a binary upgrade without refused connections.
+        #[arg(long)]
+        upgrade: bool,
+    },
+    /// Replace the running gateway (the pid file in data_dir) by a new process of the binary
+    /// now installed, without dropping connections; waits until the new process serves.
+    Upgrade {
+        /// How long to wait for the new process, e.g. 2m.
+        #[arg(long, default_value = "2m", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+    },
     /// Make the running gateway re-read its config file (SIGHUP), and report the outcome.
     Reload,
     /// Validate config files (the --config file when none are named).
@@ -193,8 +205,12 @@ pub fn main() -> i32 {
     // Held until the command returns, so the log lines still queued are written.
     let _log = crate::telemetry::init(&config.log);
     let result = match cli.command {
-        Command::Serve => crate::server::serve(config).map_err(anyhow::Error::from),
         Command::Reload => reload(&config),
+        Command::Serve { upgrade } => {
+            crate::server::serve(config, crate::server::ServeOptions { upgrade })
+                .map_err(anyhow::Error::from)
+        }
+        Command::Upgrade { timeout } => upgrade(&config, timeout),
         other => run_store_command(config, other),
     };
     match result {
@@ -208,6 +224,16 @@ pub fn main() -> i32 {
             1
         }
     }
+}
+
+/// `portcullis upgrade`: see `server::upgrade::request`.
+fn upgrade(config: &Config, timeout: std::time::Duration) -> anyhow::Result<()> {
+    let (old, new) = crate::server::upgrade::request(&config.server.data_dir, timeout)
+        .map_err(|e| refused(e.to_string()))?;
+    println!(
+        "portcullis: pid {new} serves now; pid {old} finishes its requests in flight and exits"
+    );
+    Ok(())
 }
 
 fn check_config(default: &std::path::Path, files: &[PathBuf]) -> i32 {
@@ -283,7 +309,10 @@ fn run_store_command(config: Config, command: Command) -> anyhow::Result<()> {
                 json,
                 limit,
             } => audit(&store, user, since, json, limit).await,
-            Command::Serve | Command::CheckConfig { .. } | Command::Reload => Ok(()),
+            Command::Serve { .. }
+            | Command::Upgrade { .. }
+            | Command::CheckConfig { .. }
+            | Command::Reload => Ok(()),
         }
     })
 }

@@ -1,19 +1,30 @@
 //! Building and running the gateway: a control runtime that owns the store, the sync loop and
 //! the private admin listener, and the Pingora server with the proxy service on the public
-//! listener. `serve` blocks until the process is told to stop (SIGINT fast, SIGTERM graceful).
+//! listener. `serve` blocks until the process is told to stop (SIGINT fast, SIGTERM graceful)
+//! or has handed its listeners to a new process and finished its requests in flight
+//! (`upgrade`). Along the way it keeps the pid file (`pidfile`), tells systemd (`READY=1` once
+//! the public listener accepts, `STOPPING=1`, watchdog pings) and sets the readiness that
+//! `/readyz` reports.
+
+pub mod pidfile;
+pub mod upgrade;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use pingora::server::configuration::ServerConf;
-use pingora::server::{RunArgs, Server};
+use pingora::server::configuration::{Opt, ServerConf};
+use pingora::server::{ExecutionPhase, RunArgs, Server};
+use tokio::sync::broadcast;
 
 use crate::app::{now_ms, App, StartError};
 use crate::auth::password::generate_password;
 use crate::config::{Config, Secret};
 use crate::proxy::admission::{self, Admission};
 use crate::proxy::Gateway;
+use crate::readiness::Phase;
+use crate::systemd;
 use crate::web;
+use upgrade::{Exit, Relaunch, SignalContext, SignalWatch, Signals};
 
 pub mod reload;
 
@@ -34,6 +45,22 @@ pub enum ServeError {
     Bootstrap(String),
     #[error("cannot set up the proxy listener: {0}")]
     Proxy(String),
+    #[error("the upgrade socket path {0} is longer than a unix socket path may be ({max} bytes); choose a shorter server.data_dir", max = upgrade::MAX_SOCKET_PATH)]
+    UpgradeSocketPath(String),
+    #[error("cannot start the {what} thread: {source}")]
+    Thread {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// How `serve` starts.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ServeOptions {
+    /// Take the listening sockets from the running gateway (`serve --upgrade`) instead of
+    /// binding them.
+    pub upgrade: bool,
 }
 
 /// Creates an `admin` account with a generated password when the store has no user yet, and
@@ -96,22 +123,197 @@ fn spawn_watchman(admission: Arc<Admission>, port: u16, app: Arc<App>) -> Result
         .map_err(ServeError::Runtime)
 }
 
+/// Whether this process holds a listening TCP socket on `port` (bound and `listen`ed: the kernel
+/// queues connections for Pingora's accept loop from then on).
+fn listening_on(port: u16) -> bool {
+    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
+        return false;
+    };
+    dir.flatten().any(|entry| {
+        let Some(fd) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
+            return false;
+        };
+        if crate::mediaserver::local_addr_of(fd).map(|a| a.port()) != Some(port) {
+            return false;
+        }
+        let mut accepting: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: getsockopt writes at most `len` bytes into the valid, exclusively borrowed
+        // `accepting`; a descriptor that is not a socket only makes it fail.
+        let rc = unsafe {
+            libc::getsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_ACCEPTCONN,
+                (&mut accepting as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        };
+        rc == 0 && accepting != 0
+    })
+}
+
+/// Binds the admin listener with SO_REUSEPORT, so that a new process can bind it while the old
+/// one still serves during an upgrade (Linux lets only the same user share a port).
+fn bind_admin(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.set_reuseport(true)?;
+    socket.bind(addr)?;
+    socket.listen(1024)
+}
+
+/// What the lifecycle tasks share.
+struct Lifecycle {
+    app: Arc<App>,
+    port: u16,
+    upgrade: bool,
+    pid_file: std::path::PathBuf,
+    exit: std::sync::mpsc::Sender<Exit>,
+    stop_admin: Arc<tokio::sync::Notify>,
+}
+
+impl Lifecycle {
+    /// Follows Pingora's execution phases: readiness once the accept loops run, the admin
+    /// listener closed once the listeners went to a new process, the drain watch once the grace
+    /// period starts.
+    async fn follow(self: Arc<Self>, mut phases: broadcast::Receiver<ExecutionPhase>) {
+        loop {
+            match phases.recv().await {
+                Ok(ExecutionPhase::Running) => {
+                    tokio::spawn(self.clone().announce_when_listening());
+                }
+                Ok(ExecutionPhase::GracefulUpgradeCloseTimeout) => {
+                    self.app.readiness.advance(Phase::HandedOver);
+                    self.stop_admin.notify_one();
+                }
+                Ok(ExecutionPhase::ShutdownGracePeriod) => {
+                    tokio::spawn(self.clone().exit_when_drained());
+                }
+                Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                Err(broadcast::error::RecvError::Closed) => return,
+            }
+        }
+    }
+
+    /// Marks the process ready, writes the pid file and tells systemd once the public listener
+    /// accepts.
+    async fn announce_when_listening(self: Arc<Self>) {
+        let started = Instant::now();
+        let mut warned = false;
+        let mut tick = tokio::time::interval(Duration::from_millis(5));
+        while !listening_on(self.port) {
+            tick.tick().await;
+            if !warned && started.elapsed() > Duration::from_secs(10) {
+                tracing::warn!(
+                    port = self.port,
+                    "the public listener is not accepting after 10 s"
+                );
+                warned = true;
+            }
+        }
+        if !self.app.readiness.advance(Phase::Serving) {
+            return;
+        }
+        let pid = std::process::id();
+        if let Err(e) = pidfile::write(&self.pid_file, pid) {
+            tracing::error!(error = %e, "cannot write the pid file; `portcullis reload` and `upgrade` will not find this process");
+        }
+        systemd::ready(self.upgrade.then_some(pid));
+        tracing::info!(
+            pid,
+            listen = %self.app.config().server.listen,
+            admin = %self.app.config().server.admin_listen,
+            store = self.app.store.backend(),
+            routes = self.app.config().routes.len(),
+            upgraded = self.upgrade,
+            "portcullis is serving"
+        );
+    }
+
+    /// During the grace period, ends the process as soon as no client connection is left
+    /// (Pingora would otherwise sit out the whole period).
+    async fn exit_when_drained(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(Duration::from_millis(50));
+        let mut logged = false;
+        loop {
+            tick.tick().await;
+            let open = admission::sockets_on_port(self.port).len();
+            if open == 0 {
+                tracing::info!("no client connection left; exiting");
+                let _ = self.exit.send(Exit::Drained);
+                return;
+            }
+            if !logged {
+                tracing::info!(open, "finishing the requests in flight");
+                logged = true;
+            }
+        }
+    }
+}
+
+/// Sends `WATCHDOG=1` at half of systemd's watchdog timeout, from the control runtime (a
+/// wedged runtime stops the pings and lets systemd restart the service).
+async fn watchdog(every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tick.tick().await;
+        systemd::watchdog();
+    }
+}
+
 /// Runs the gateway until it is told to stop.
-pub fn serve(config: Config) -> Result<(), ServeError> {
+pub fn serve(config: Config, opts: ServeOptions) -> Result<(), ServeError> {
     let control = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("portcullis-control")
         .enable_all()
         .build()
         .map_err(ServeError::Runtime)?;
+    // Before anything slow: a SIGQUIT or SIGUSR2 arriving during start-up must not end the
+    // process (their default action).
+    let signals = control
+        .block_on(async { Signals::register() })
+        .map_err(ServeError::Runtime)?;
 
-    // Fail with a clear message while the address is taken, before Pingora tries.
+    // Fail with a clear message while an address is taken, before Pingora tries. A process that
+    // takes over from a running one shares both addresses with it.
     let listen = config.server.listen;
-    std::net::TcpListener::bind(listen).map_err(|source| ServeError::Listen {
-        addr: listen.to_string(),
-        what: "server.listen",
-        source,
-    })?;
+    let admin_addr = config.server.admin_listen;
+    if !opts.upgrade {
+        for (addr, what) in [
+            (listen, "server.listen"),
+            (admin_addr, "server.admin_listen"),
+        ] {
+            std::net::TcpListener::bind(addr).map_err(|source| ServeError::Listen {
+                addr: addr.to_string(),
+                what,
+                source,
+            })?;
+        }
+    }
+    let data_dir = config.server.data_dir.clone();
+    let upgrade_sock = data_dir.join(upgrade::SOCKET_NAME);
+    if upgrade_sock.as_os_str().len() > upgrade::MAX_SOCKET_PATH {
+        return Err(ServeError::UpgradeSocketPath(
+            upgrade_sock.display().to_string(),
+        ));
+    }
+    let relaunch = match Relaunch::current() {
+        Ok(r) => Some(r),
+        Err(e) => {
+            tracing::warn!(error = %e, "binary upgrades through SIGUSR2 will not work");
+            None
+        }
+    };
 
     let app = control.block_on(App::open(config))?;
     control.block_on(bootstrap_admin(&app))?;
@@ -122,17 +324,21 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
         );
     }
 
-    let admin_addr = app.config().server.admin_listen;
     let admin_listener = control
-        .block_on(tokio::net::TcpListener::bind(admin_addr))
+        .block_on(async { bind_admin(admin_addr) })
         .map_err(|source| ServeError::Listen {
             addr: admin_addr.to_string(),
             what: "server.admin_listen",
             source,
         })?;
     let admin = web::admin_router(app.clone());
+    let stop_admin = Arc::new(tokio::sync::Notify::new());
+    let stop = stop_admin.clone();
     control.spawn(async move {
-        if let Err(e) = axum::serve(admin_listener, admin).await {
+        let served = axum::serve(admin_listener, admin)
+            .with_graceful_shutdown(async move { stop.notified().await })
+            .await;
+        if let Err(e) = served {
             tracing::error!(error = %e, "admin listener stopped");
         }
     });
@@ -142,19 +348,24 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
         app.start_media_loop();
     }
     control.spawn(app.clone().run_connection_watch());
+    match systemd::watchdog_interval_from_env() {
+        Ok(Some(every)) => {
+            control.spawn(watchdog(every));
+        }
+        Ok(None) => {}
+        Err(e) => tracing::warn!(error = %e, "no watchdog pings"),
+    }
 
-    let data_dir = app.config().server.data_dir.clone();
     let _ = std::fs::create_dir_all(&data_dir);
     let conf = ServerConf {
         threads: app.config().server.threads,
         work_stealing: app.config().server.work_stealing,
         grace_period_seconds: Some(app.config().server.grace_period.as_secs()),
         graceful_shutdown_timeout_seconds: Some(app.config().server.grace_period.as_secs().max(1)),
-        pid_file: data_dir.join("portcullis.pid").display().to_string(),
-        upgrade_sock: data_dir
-            .join("portcullis.upgrade.sock")
-            .display()
-            .to_string(),
+        pid_file: pidfile::path(&data_dir).display().to_string(),
+        upgrade_sock: upgrade_sock.display().to_string(),
+        // A new process started by hand waits this many seconds for the old one's SIGQUIT.
+        upgrade_sock_connect_accept_max_retries: opts.upgrade.then_some(30),
         upstream_keepalive_pool_size: 256,
         ..ServerConf::default()
     };
@@ -163,7 +374,16 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
         app.config().server.max_connections_per_ip,
     ));
     spawn_watchman(admission.clone(), listen.port(), app.clone())?;
-    let mut server = Server::new_with_opt_and_conf(None, conf);
+    let opt = Opt {
+        upgrade: opts.upgrade,
+        ..Opt::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(Some(opt), conf);
+    if opts.upgrade {
+        tracing::info!(socket = %upgrade_sock.display(), "waiting for the running gateway's listeners (send it SIGQUIT)");
+    }
+    // With --upgrade this waits until the old process sends its listening sockets (or exits the
+    // process when none come).
     server.bootstrap();
     let mut service = pingora::proxy::http_proxy_service(
         &server.configuration,
@@ -189,14 +409,46 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
     server.add_service(service);
     let reloader = Arc::new(reload::Reloader::new(app.clone(), certs));
     control.spawn(reloader.run_on_sighup());
-    tracing::info!(
-        listen = %listen,
-        admin = %admin_addr,
-        store = app.store.backend(),
-        routes = app.config().routes.len(),
-        "portcullis is serving"
-    );
-    server.run(RunArgs::default());
+
+    let (exit_tx, exit_rx) = std::sync::mpsc::channel();
+    let lifecycle = Arc::new(Lifecycle {
+        app: app.clone(),
+        port: listen.port(),
+        upgrade: opts.upgrade,
+        pid_file: pidfile::path(&data_dir),
+        exit: exit_tx.clone(),
+        stop_admin,
+    });
+    control.spawn(lifecycle.follow(server.watch_execution_phase()));
+    let (to_pingora, from_signals) = tokio::sync::mpsc::channel(4);
+    control.spawn(signals.run(
+        SignalContext {
+            app: app.clone(),
+            relaunch,
+            upgrade_sock,
+            exit: exit_tx.clone(),
+        },
+        to_pingora,
+    ));
+    let watch = SignalWatch::new(from_signals);
+    let finished = exit_tx;
+    std::thread::Builder::new()
+        .name("portcullis-server".into())
+        .spawn(move || {
+            server.run(RunArgs {
+                shutdown_signal: Box::new(watch),
+            });
+            let _ = finished.send(Exit::Finished);
+        })
+        .map_err(|source| ServeError::Thread {
+            what: "server",
+            source,
+        })?;
+    // Pingora's run returns at the end of the grace period; a drained process leaves earlier
+    // (the server thread ends with the process).
+    let how = exit_rx.recv().unwrap_or(Exit::Finished);
+    tracing::info!(how = ?how, "portcullis stopped");
+    pidfile::remove_if_ours(&pidfile::path(&data_dir), std::process::id());
     drop(app);
     control.shutdown_timeout(Duration::from_secs(2));
     Ok(())

@@ -276,7 +276,10 @@ async fn not_found() -> Response {
 async fn readyz(State(app): State<Arc<App>>) -> Response {
     let store_ok = app.store.ping().await.is_ok();
     let (fresh, staleness) = app.view_is_fresh();
+    let phase = app.readiness.phase();
     let body = serde_json::json!({
+        "listener": phase.as_str(),
+        "not_ready_reason": phase.not_ready_reason(),
         "store": if store_ok { "ok" } else { "unreachable" },
         "view": if fresh { "fresh" } else { "stale" },
         "view_staleness_seconds": staleness.map(|s| s.as_secs_f64()),
@@ -289,7 +292,7 @@ async fn readyz(State(app): State<Arc<App>>) -> Response {
             crate::config::OnStale::Deny => "deny",
         },
     });
-    let status = if store_ok && fresh {
+    let status = if store_ok && fresh && phase.not_ready_reason().is_none() {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE

@@ -75,6 +75,7 @@ impl Reloader {
     pub async fn reload(&self) -> ReloadStatus {
         let mut seq = self.seq.lock().await;
         *seq += 1;
+        crate::systemd::reloading();
         let running = self.app.config();
         let path = running.source.clone();
         let mut status = ReloadStatus {
@@ -155,6 +156,7 @@ impl Reloader {
             crate::app::truncate(&status.error, 512)
         };
         self.app.audit(entry).await;
+        crate::systemd::ready(None);
         let dir = running.server.data_dir.clone();
         if let Err(e) = write_status(&dir, &status) {
             tracing::warn!(error = %e, "cannot write the reload status file");
@@ -202,9 +204,6 @@ pub fn read_status(data_dir: &Path) -> Option<ReloadStatus> {
     serde_json::from_slice(&text).ok()
 }
 
-/// The file, in `data_dir`, that holds the serving process's id.
-pub const PID_FILE: &str = "portcullis.pid";
-
 /// Why `portcullis reload` could not get an answer.
 #[derive(Debug, thiserror::Error)]
 pub enum RequestError {
@@ -226,15 +225,10 @@ pub fn running_pid(data_dir: &Path) -> Result<i32, RequestError> {
         dir: data_dir.display().to_string(),
         reason,
     };
-    let path = data_dir.join(PID_FILE);
-    let text = std::fs::read_to_string(&path)
-        .map_err(|e| not_running(format!("cannot read {}: {e}", path.display())))?;
-    let pid: i32 = text
-        .trim()
-        .parse()
-        .ok()
-        .filter(|p| *p > 0)
-        .ok_or_else(|| not_running(format!("{} holds no process id", path.display())))?;
+    let path = super::pidfile::path(data_dir);
+    let pid = super::pidfile::read(&path).map_err(|e| not_running(e.to_string()))?;
+    let pid = i32::try_from(pid)
+        .map_err(|_| not_running(format!("{} holds no process id", path.display())))?;
     // SAFETY: kill(2) with signal 0 only checks that the process exists; no memory is passed.
     if unsafe { libc::kill(pid, 0) } != 0 {
         return Err(not_running(format!(

@@ -140,6 +140,14 @@ impl GatewayBuilder {
     }
 
     pub async fn start(self) -> Gateway {
+        let mut gw = self.configure();
+        gw.spawn().await;
+        gw
+    }
+
+    /// Writes the config and creates the users, without starting the gateway (tests that
+    /// start it themselves, e.g. with `serve --upgrade` or a notify socket).
+    pub fn configure(self) -> Gateway {
         let dir = tempfile::tempdir().expect("temp dir");
         let keys_dir = self
             .keys_from
@@ -165,7 +173,6 @@ impl GatewayBuilder {
         for u in &self.users {
             gw.add_user(&u.name, &u.password, u.admin);
         }
-        gw.spawn().await;
         gw
     }
 }
@@ -241,7 +248,7 @@ listen = "127.0.0.1:{port}"
 admin_listen = "127.0.0.1:{admin_port}"
 {public_url}
 threads = 1
-grace_period = "1s"
+{grace_period}
 data_dir = "{data}"
 {server_extra}
 
@@ -267,6 +274,11 @@ upstream = "{upstream}"
 {tables}
 "#,
             data = d.display(),
+            grace_period = if self.server_extra.contains("grace_period") {
+                ""
+            } else {
+                "grace_period = \"1s\""
+            },
             store_url = self
                 .store_url
                 .clone()

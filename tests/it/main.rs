@@ -38,4 +38,6 @@ mod slowloris;
 mod smuggling;
 pub(crate) mod standin_fidelity;
 mod streaming;
+mod systemd;
 mod tls;
+pub(crate) mod upgrade;
