@@ -32,6 +32,8 @@ pub enum ServeError {
     Bootstrap(String),
     #[error("cannot set up the proxy listener: {0}")]
     Proxy(String),
+    #[error(transparent)]
+    DataDir(#[from] crate::datadir::DataDirError),
 }
 
 /// Creates an `admin` account with a generated password when the store has no user yet, and
@@ -96,6 +98,11 @@ fn spawn_watchman(admission: Arc<Admission>, port: u16, app: Arc<App>) -> Result
 
 /// Runs the gateway until it is told to stop.
 pub fn serve(config: Config) -> Result<(), ServeError> {
+    // Held shared for the process's lifetime: `portcullis restore` refuses while it is.
+    let _data_dir_lock = crate::datadir::DataDirLock::acquire(
+        &config.server.data_dir,
+        crate::datadir::LockMode::Shared,
+    )?;
     let control = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("portcullis-control")

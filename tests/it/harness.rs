@@ -140,6 +140,13 @@ impl GatewayBuilder {
     }
 
     pub async fn start(self) -> Gateway {
+        let mut gw = self.prepare();
+        gw.spawn().await;
+        gw
+    }
+
+    /// Writes the config and creates the users without starting the gateway (`launch` does).
+    pub fn prepare(self) -> Gateway {
         let dir = tempfile::tempdir().expect("temp dir");
         let keys_dir = self
             .keys_from
@@ -165,7 +172,6 @@ impl GatewayBuilder {
         for u in &self.users {
             gw.add_user(&u.name, &u.password, u.admin);
         }
-        gw.spawn().await;
         gw
     }
 }
@@ -413,6 +419,11 @@ upstream = "{upstream}"
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    /// Starts a gateway made by `GatewayBuilder::prepare`.
+    pub async fn launch(&mut self) {
+        self.spawn().await;
     }
 
     /// Kills the gateway and starts it again on the same config and database.
