@@ -723,6 +723,17 @@ pub async fn restore(config: &Config, file: &Path, opts: RestoreOptions) -> Resu
     .await;
     store.close().await;
     result?;
+    {
+        // Fold the write-ahead log into the file so that it can be renamed alone (the
+        // gateway turns WAL on again when it opens the store).
+        use sqlx::Connection;
+        let mut conn = connect(&partial_db).await?;
+        let folded = sqlx::query_scalar::<_, String>("PRAGMA journal_mode = DELETE")
+            .fetch_one(&mut conn)
+            .await;
+        let _ = conn.close().await;
+        folded.map_err(|e| damaged(format!("its database cannot be finished: {e}")))?;
+    }
     let wal = with_suffix(&partial_db, "-wal");
     if std::fs::metadata(&wal).is_ok_and(|m| m.len() > 0) {
         return Err(BackupError::Io {

@@ -301,6 +301,14 @@ fn fresh(jf: &StandIn) -> Gateway {
     builder(jf).prepare()
 }
 
+/// A fresh directory for the same deployment: the same public URL (the tokens' audience) as
+/// the gateway whose backup it receives, so that a token it refuses is refused as revoked.
+fn fresh_for(jf: &StandIn, original: &Gateway) -> Gateway {
+    builder(jf)
+        .server_keys(&format!("public_url = \"{}\"", original.base))
+        .prepare()
+}
+
 fn restore(gw: &Gateway, backup: &Path, extra: &[&str]) -> std::process::Output {
     let mut args = vec!["restore", backup.to_str().unwrap()];
     args.extend_from_slice(extra);
@@ -342,7 +350,7 @@ async fn backup_under_load_restores_everything_and_ends_every_earlier_session() 
     assert_eq!(session_status(&b.gw, &b.live).await, 404);
 
     // Restore into a fresh directory; a gateway starts there.
-    let mut gw2 = fresh(&b.jf);
+    let mut gw2 = fresh_for(&b.jf, &b.gw);
     let out = restore(&gw2, &b.backup, &[]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
@@ -410,7 +418,7 @@ async fn backup_under_load_restores_everything_and_ends_every_earlier_session() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restore_with_keep_sessions_warns_and_keeps_only_live_sessions() {
     let b = before_backup().await;
-    let mut gw2 = fresh(&b.jf);
+    let mut gw2 = fresh_for(&b.jf, &b.gw);
     let out = restore(&gw2, &b.backup, &["--keep-sessions"]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
