@@ -69,6 +69,23 @@ pub enum Command {
     /// Manage session signing keys.
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// Copy the store (online, while the gateway serves) and its key files into one file.
+    Backup {
+        /// The backup file to write (never overwritten).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Restore a backup into the configured store and key files (the gateway must be stopped).
+    /// Every session and media token from before the backup is ended unless --keep-sessions.
+    Restore {
+        file: PathBuf,
+        /// Keep the sessions in the backup alive (those signed out after it come back too).
+        #[arg(long)]
+        keep_sessions: bool,
+        /// Move an existing store and key files aside instead of refusing.
+        #[arg(long)]
+        force: bool,
+    },
     /// Show the audit log, newest first.
     Audit {
         #[arg(long)]
@@ -211,6 +228,7 @@ pub fn main() -> i32 {
                 .map_err(anyhow::Error::from)
         }
         Command::Upgrade { timeout } => upgrade(&config, timeout),
+        Command::Backup { .. } | Command::Restore { .. } => backup_command(config, cli.command),
         other => run_store_command(config, other),
     };
     match result {
@@ -312,7 +330,9 @@ fn run_store_command(config: Config, command: Command) -> anyhow::Result<()> {
             Command::Serve { .. }
             | Command::Upgrade { .. }
             | Command::CheckConfig { .. }
-            | Command::Reload => Ok(()),
+            | Command::Reload
+            | Command::Backup { .. }
+            | Command::Restore { .. } => Ok(()),
         }
     })
 }
@@ -797,4 +817,83 @@ async fn signout(store: &DynStore, a: SignoutArgs) -> anyhow::Result<()> {
     cli_audit(store, "signout_all_devices", Some(&user), "by an operator").await;
     println!("signed out every device of {}", user.name);
     Ok(())
+}
+
+/// `backup` and `restore` (see `crate::backup`): they open the store themselves.
+fn backup_command(config: Config, command: Command) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    let refuse = |e: crate::backup::BackupError| refused(e.to_string());
+    match command {
+        Command::Backup { out } => {
+            let r = rt
+                .block_on(crate::backup::backup(&config, &out))
+                .map_err(refuse)?;
+            let m = &r.manifest;
+            let names: Vec<&str> = m.files.iter().map(|f| f.name.as_str()).collect();
+            println!(
+                "backup written to {} ({} bytes, {} users, schema {}, copied in {} ms, {} ms in all)",
+                r.path.display(),
+                r.bytes,
+                m.users,
+                m.schema_version,
+                r.copy_time.as_millis(),
+                r.total_time.as_millis()
+            );
+            println!("  holds: manifest.json, {}", names.join(", "));
+            println!(
+                "  it holds password hashes, 2FA secrets and the keys that unlock them: keep it as secret as the keys (mode 0600)"
+            );
+            for n in &r.notes {
+                println!("  note: {n}");
+            }
+            Ok(())
+        }
+        Command::Restore {
+            file,
+            keep_sessions,
+            force,
+        } => {
+            let opts = crate::backup::RestoreOptions {
+                keep_sessions,
+                force,
+            };
+            if keep_sessions {
+                eprintln!(
+                    "portcullis: warning: --keep-sessions: every session and media token that was live when the backup was taken works again, including any signed out since; use it only for a backup taken moments ago"
+                );
+            }
+            let r = rt
+                .block_on(crate::backup::restore(&config, &file, opts))
+                .map_err(refuse)?;
+            let m = &r.manifest;
+            println!(
+                "restored a backup made {} by Portcullis {} (schema {}, {} users)",
+                time_text(m.created_ms),
+                m.portcullis_version,
+                m.schema_version,
+                m.users
+            );
+            for (from, to) in &r.moved_aside {
+                println!("  moved aside: {} -> {}", from.display(), to.display());
+            }
+            for w in &r.written {
+                println!("  wrote {}", w.display());
+            }
+            for n in &r.notes {
+                println!("  note: {n}");
+            }
+            if r.sessions_ended {
+                println!(
+                    "every session and media token from before the backup is ended: everyone signs in again (media apps too)"
+                );
+            } else {
+                println!("sessions from the backup were kept (--keep-sessions)");
+            }
+            Ok(())
+        }
+        _ => Ok(()),
+    }
 }

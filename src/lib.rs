@@ -7,8 +7,10 @@
 
 pub mod app;
 pub mod auth;
+pub mod backup;
 pub mod cli;
 pub mod config;
+pub mod datadir;
 pub mod mediaserver;
 pub mod metrics;
 pub mod oidc;

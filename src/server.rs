@@ -53,6 +53,8 @@ pub enum ServeError {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    DataDir(#[from] crate::datadir::DataDirError),
 }
 
 /// How `serve` starts.
@@ -272,6 +274,11 @@ async fn watchdog(every: Duration) {
 
 /// Runs the gateway until it is told to stop.
 pub fn serve(config: Config, opts: ServeOptions) -> Result<(), ServeError> {
+    // Held shared for the process's lifetime: `portcullis restore` refuses while it is.
+    let _data_dir_lock = crate::datadir::DataDirLock::acquire(
+        &config.server.data_dir,
+        crate::datadir::LockMode::Shared,
+    )?;
     let control = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("portcullis-control")

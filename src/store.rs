@@ -480,6 +480,8 @@ pub enum StoreError {
     Open { path: String, message: String },
     #[error("schema migration failed: {0}")]
     Migrate(#[source] sqlx::migrate::MigrateError),
+    #[error("this store was written by a newer Portcullis (schema {found}, this binary knows up to {known}): upgrade the binary or restore a backup")]
+    NewerSchema { found: i64, known: i64 },
     #[error("{0} already exists")]
     Conflict(String),
     #[error("{0} was not found")]
@@ -489,6 +491,22 @@ pub enum StoreError {
 }
 
 pub type StoreResult<T> = Result<T, StoreError>;
+
+/// Names a failed migration: a store whose applied migrations go past the newest this binary
+/// knows (sqlx reports one it does not know as `VersionMissing`) was written by a newer
+/// Portcullis, and the binary refuses it rather than run on a schema it does not understand.
+pub fn migrate_error(
+    e: sqlx::migrate::MigrateError,
+    applied: Option<i64>,
+    known: i64,
+) -> StoreError {
+    match (&e, applied) {
+        (sqlx::migrate::MigrateError::VersionMissing(_), Some(found)) if found > known => {
+            StoreError::NewerSchema { found, known }
+        }
+        _ => StoreError::Migrate(e),
+    }
+}
 
 /// The store's operations. Every method that changes revocation state commits an event and
 /// returns it.

@@ -56,6 +56,11 @@ use super::{
 /// applies them, so replicas that start together apply each migration once, one after another.
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/postgres");
 
+/// The newest schema version (migration) this binary knows.
+pub fn schema_version() -> i64 {
+    MIGRATOR.iter().map(|m| m.version).max().unwrap_or(0)
+}
+
 /// The advisory lock every event-appending (and every other multi-statement write) transaction
 /// takes first. Fixed for all Portcullis databases: "portcull" in ASCII. It is not a multiple
 /// of 0x3d32ad9e, so it can never equal the key of sqlx's migration lock (0x3d32ad9e times the
@@ -154,7 +159,15 @@ impl PgStore {
             .connect_with(options.clone())
             .await
             .map_err(|e| open_err(e.to_string()))?;
-        MIGRATOR.run(&pool).await.map_err(StoreError::Migrate)?;
+        if let Err(e) = MIGRATOR.run(&pool).await {
+            let applied: Option<i64> =
+                sqlx::query_scalar("SELECT MAX(version) FROM _sqlx_migrations")
+                    .fetch_one(&pool)
+                    .await
+                    .ok()
+                    .flatten();
+            return Err(super::migrate_error(e, applied, schema_version()));
+        }
         let schema: Option<String> = sqlx::query_scalar("SELECT current_schema()")
             .fetch_one(&pool)
             .await

@@ -22,6 +22,23 @@ use super::{
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
 
+/// The newest schema version (migration) this binary knows.
+pub fn schema_version() -> i64 {
+    MIGRATOR.iter().map(|m| m.version).max().unwrap_or(0)
+}
+
+/// The newest migration applied to the database, if its migration table can be read.
+pub async fn applied_schema_version<'c, E>(db: E) -> Option<i64>
+where
+    E: sqlx::Executor<'c, Database = sqlx::Sqlite>,
+{
+    sqlx::query_scalar::<_, Option<i64>>("SELECT MAX(version) FROM _sqlx_migrations")
+        .fetch_one(db)
+        .await
+        .ok()
+        .flatten()
+}
+
 const KIND_SESSION: &str = "session_revoked";
 const KIND_USER_CUTOFF: &str = "user_cutoff";
 const KIND_GLOBAL_CUTOFF: &str = "global_cutoff";
@@ -73,8 +90,35 @@ impl SqliteStore {
             .connect_with(options)
             .await
             .map_err(|e| open_err(e.to_string()))?;
-        MIGRATOR.run(&pool).await.map_err(StoreError::Migrate)?;
+        if let Err(e) = MIGRATOR.run(&pool).await {
+            return Err(super::migrate_error(
+                e,
+                applied_schema_version(&pool).await,
+                schema_version(),
+            ));
+        }
         Ok(SqliteStore { pool })
+    }
+
+    /// Writes a consistent copy of the whole database to `path` (which must not exist) with
+    /// `VACUUM INTO`: one read transaction, so writers carry on meanwhile (WAL) and the copy is
+    /// the database as of one commit.
+    pub async fn copy_into(&self, path: &Path) -> StoreResult<()> {
+        let target = path.to_str().ok_or_else(|| StoreError::Open {
+            path: path.display().to_string(),
+            message: "the path is not valid UTF-8".to_string(),
+        })?;
+        sqlx::query("VACUUM INTO ?")
+            .bind(target)
+            .execute(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    /// Closes every connection, so that SQLite checkpoints and removes the WAL file.
+    pub async fn close(&self) {
+        self.pool.close().await;
     }
 
     /// A write transaction that takes SQLite's write lock at once, so concurrent writers queue

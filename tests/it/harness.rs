@@ -146,7 +146,7 @@ impl GatewayBuilder {
     }
 
     /// Writes the config and creates the users, without starting the gateway (tests that
-    /// start it themselves, e.g. with `serve --upgrade` or a notify socket).
+    /// start it themselves, e.g. with `serve --upgrade`, a notify socket, or `launch`).
     pub fn configure(self) -> Gateway {
         let dir = tempfile::tempdir().expect("temp dir");
         let keys_dir = self
@@ -425,6 +425,11 @@ upstream = "{upstream}"
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    /// Starts a gateway made by `GatewayBuilder::configure`.
+    pub async fn launch(&mut self) {
+        self.spawn().await;
     }
 
     /// Kills the gateway and starts it again on the same config and database.

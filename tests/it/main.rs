@@ -16,6 +16,7 @@ mod atk_paths;
 mod atk_redirects;
 mod atk_second_factor;
 mod atk_websocket;
+mod backup;
 mod bad_input;
 mod browser;
 mod cli;

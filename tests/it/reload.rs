@@ -245,7 +245,9 @@ async fn reloads_apply_new_routes_without_dropping_a_download_a_websocket_or_a_r
     // 4. The route is removed again: its prefix falls back to the catch-all route.
     std::fs::write(gw.config_path(), &good).unwrap();
     edit_config(&gw, |t| t.replace(&second_route, ""));
-    hangup(&gw);
+    // This time through the CLI, which finds the gateway by its pid file and reports back.
+    let said = gw.cli_ok(&["reload"]);
+    assert!(said.contains("routes removed: second"), "{said}");
     let s = reload_status(gw.dir.path(), 4).await;
     assert_eq!(s["result"], "applied", "{s}");
     assert_eq!(s["routes_removed"], serde_json::json!(["second"]));
