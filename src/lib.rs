@@ -12,6 +12,7 @@ pub mod config;
 pub mod mediaserver;
 pub mod metrics;
 pub mod oidc;
+pub mod probe;
 pub mod proxy;
 pub mod revocation;
 pub mod server;

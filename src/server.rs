@@ -139,6 +139,11 @@ pub fn serve(config: Config) -> Result<(), ServeError> {
         control.spawn(app.clone().run_media_loop());
     }
     control.spawn(app.clone().run_connection_watch());
+    // Says plainly, once, which routes' upstreams answer; does not hold up the start.
+    control.spawn(crate::probe::at_start(
+        app.config.routes.clone(),
+        app.metrics.upstream_up.clone(),
+    ));
 
     let data_dir = app.config.server.data_dir.clone();
     let _ = std::fs::create_dir_all(&data_dir);

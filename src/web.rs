@@ -20,6 +20,7 @@ use axum::{Json, Router};
 
 use crate::app::{now_ms, App, LoginOk};
 use crate::auth::{self, cookie, AuthDecision, CredentialSource, Identity};
+use crate::probe;
 
 /// The reserved path prefix of the gateway's own pages.
 pub const PREFIX: &str = "/_portcullis";
@@ -276,6 +277,9 @@ async fn not_found() -> Response {
 async fn readyz(State(app): State<Arc<App>>) -> Response {
     let store_ok = app.store.ping().await.is_ok();
     let (fresh, staleness) = app.view_is_fresh();
+    // Fresh probes; a route whose upstream is down does not make the gateway unready.
+    let upstreams = probe::probe_all(&app.config.routes, probe::Depth::Identify).await;
+    probe::record(&upstreams, &app.metrics.upstream_up);
     let body = serde_json::json!({
         "store": if store_ok { "ok" } else { "unreachable" },
         "view": if fresh { "fresh" } else { "stale" },
@@ -288,6 +292,7 @@ async fn readyz(State(app): State<Arc<App>>) -> Response {
             crate::config::OnStale::Serve => "serve",
             crate::config::OnStale::Deny => "deny",
         },
+        "upstreams": upstreams.iter().map(probe::RouteProbe::json).collect::<Vec<_>>(),
     });
     let status = if store_ok && fresh {
         StatusCode::OK
