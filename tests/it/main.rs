@@ -30,6 +30,7 @@ mod logs;
 mod observability;
 mod oidc;
 mod pg;
+mod probe;
 mod proxy;
 mod replicas;
 mod revocation;
