@@ -14,6 +14,7 @@ pub mod datadir;
 pub mod mediaserver;
 pub mod metrics;
 pub mod oidc;
+pub mod probe;
 pub mod proxy;
 pub mod readiness;
 pub mod revocation;

@@ -71,6 +71,7 @@ impl ReloadResult {
         }
     }
 }
+pub const UPSTREAM_UP: &str = "portcullis_upstream_up";
 
 /// Reasons a request is refused before authentication.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -253,6 +254,8 @@ pub struct Metrics {
     pub oidc_backchannel: IntCounterVec,
     /// Links made and removed, by provider and how (`auto`, `user`, `admin`, `unlink`).
     pub oidc_links: IntCounterVec,
+    /// 1 when the route's upstream answered its last probe (at start, or for `/readyz`).
+    pub upstream_up: IntGaugeVec,
 }
 
 /// Route label for requests answered before a route was chosen, or by the gateway's own pages.
@@ -422,6 +425,15 @@ impl Metrics {
         registry.register(Box::new(oidc_logins.clone()))?;
         registry.register(Box::new(oidc_backchannel.clone()))?;
         registry.register(Box::new(oidc_links.clone()))?;
+        let upstream_up = IntGaugeVec::new(
+            Opts::new(
+                UPSTREAM_UP,
+                "1 when the route's upstream answered its last probe (at start, and on each \
+                 /readyz), 0 when it did not.",
+            ),
+            &["route"],
+        )?;
+        registry.register(Box::new(upstream_up.clone()))?;
         for source in ["media_password", "quick_connect", "adopted"] {
             media_tokens_bound.with_label_values(&[source]);
         }
@@ -538,6 +550,7 @@ impl Metrics {
             oidc_logins,
             oidc_backchannel,
             oidc_links,
+            upstream_up,
         })
     }
 

@@ -32,6 +32,9 @@ use crate::web;
 
 pub use respond::Outcome;
 
+/// How long the 502 page waits for the store to say whether the user is an admin.
+const ADMIN_LOOKUP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Per-request state shared by the phases.
 pub struct RequestCtx {
     /// The configuration this request is decided under, taken when it arrived: a reload
@@ -229,6 +232,36 @@ impl Gateway {
             Ok(result) => result,
             Err(_) => Ok(Err(RejectReason::SlowBody)),
         }
+    }
+
+    /// Which route and address failed, and why, when the request is a signed-in admin's (the
+    /// account is looked up in the store: this runs only after the upstream failed, never on
+    /// the way to it). Anyone else, or a store that does not answer at once, gets `None`.
+    async fn failure_detail_for_admin(
+        &self,
+        ctx: &RequestCtx,
+        e: &Error,
+    ) -> Option<web::pages::FailedUpstream> {
+        let user_id = ctx.identity.as_ref()?.user_id;
+        let route = ctx.config.routes.get(ctx.route?)?;
+        let app = self.app.clone();
+        let lookup = self.control.spawn(async move {
+            tokio::time::timeout(ADMIN_LOOKUP_TIMEOUT, app.store.find_user_by_id(user_id)).await
+        });
+        let user = match lookup.await {
+            Ok(Ok(Ok(Some(user)))) => user,
+            _ => return None,
+        };
+        if !user.is_admin || user.disabled {
+            return None;
+        }
+        let (problem, hint) = respond::upstream_problem(e.etype(), route.kind);
+        Some(web::pages::FailedUpstream {
+            route: route.name.clone(),
+            upstream: route.upstream.to_string(),
+            problem,
+            hint,
+        })
     }
 
     /// Runs the gateway's own router for a request under `/_portcullis/`.
@@ -653,7 +686,12 @@ impl ProxyHttp for Gateway {
         };
         ctx.outcome = Outcome::Failed(code);
         if code > 0 && session.response_written().is_none() {
-            if let Err(err) = respond::failure(session, code).await {
+            let detail = match code {
+                502 | 504 => self.failure_detail_for_admin(ctx, e).await,
+                _ => None,
+            };
+            let html = is_navigation(session.req_header());
+            if let Err(err) = respond::failure(session, code, html, detail.as_ref()).await {
                 tracing::debug!(error = %err, "could not send the error response");
             }
         }
@@ -730,14 +768,6 @@ impl ProxyHttp for Gateway {
             duration_ms: elapsed.as_secs_f64() * 1000.0,
         });
     }
-}
-
-/// A short body for error pages.
-pub(crate) fn short_page(title: &str, text: &str) -> Bytes {
-    Bytes::from(format!(
-        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{title}</title></head>\
-<body><h1>{title}</h1><p>{text}</p></body></html>\n"
-    ))
 }
 
 #[cfg(test)]

@@ -362,6 +362,11 @@ pub fn serve(config: Config, opts: ServeOptions) -> Result<(), ServeError> {
         Ok(None) => {}
         Err(e) => tracing::warn!(error = %e, "no watchdog pings"),
     }
+    // Says plainly, once, which routes' upstreams answer; does not hold up the start.
+    control.spawn(crate::probe::at_start(
+        app.config().routes.clone(),
+        app.metrics.upstream_up.clone(),
+    ));
 
     let _ = std::fs::create_dir_all(&data_dir);
     let conf = ServerConf {

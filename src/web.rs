@@ -20,6 +20,7 @@ use axum::{Json, Router};
 
 use crate::app::{now_ms, App, LoginOk};
 use crate::auth::{self, cookie, AuthDecision, CredentialSource, Identity};
+use crate::probe;
 
 /// The reserved path prefix of the gateway's own pages.
 pub const PREFIX: &str = "/_portcullis";
@@ -277,6 +278,9 @@ async fn readyz(State(app): State<Arc<App>>) -> Response {
     let store_ok = app.store.ping().await.is_ok();
     let (fresh, staleness) = app.view_is_fresh();
     let phase = app.readiness.phase();
+    // Fresh probes; a route whose upstream is down does not make the gateway unready.
+    let upstreams = probe::probe_all(&app.config().routes, probe::Depth::Identify).await;
+    probe::record(&upstreams, &app.metrics.upstream_up);
     let body = serde_json::json!({
         "listener": phase.as_str(),
         "not_ready_reason": phase.not_ready_reason(),
@@ -291,6 +295,7 @@ async fn readyz(State(app): State<Arc<App>>) -> Response {
             crate::config::OnStale::Serve => "serve",
             crate::config::OnStale::Deny => "deny",
         },
+        "upstreams": upstreams.iter().map(probe::RouteProbe::json).collect::<Vec<_>>(),
     });
     let status = if store_ok && fresh && phase.not_ready_reason().is_none() {
         StatusCode::OK

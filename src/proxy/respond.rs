@@ -1,6 +1,7 @@
 //! The one place where the proxy's outcomes become HTTP responses: rejections of malformed
 //! requests, denials (302 to the login page for browser navigations, 401 otherwise), upstream
-//! failures, and the gateway's own pages. Small hand-built responses keep the connection alive
+//! failures (the styled page, or JSON for API clients; route and address for admins only), and
+//! the gateway's own pages. Small hand-built responses keep the connection alive
 //! unless the request body was left unread.
 
 use bytes::Bytes;
@@ -9,8 +10,10 @@ use pingora::prelude::*;
 use pingora::proxy::Session;
 
 use crate::auth::DenyReason;
+use crate::config::RouteKind;
 use crate::metrics::RejectReason;
 use crate::web;
+use crate::web::pages::{self, FailedUpstream};
 
 /// What happened to a request, for metrics and the access log.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -194,18 +197,66 @@ pub async fn verified(session: &mut Session, user: &str) -> Result<()> {
     .await
 }
 
-/// The upstream could not be reached, or proxying failed.
-pub async fn failure(session: &mut Session, status: u16) -> Result<()> {
-    session.set_keepalive(None);
-    let body = if status == 502 {
-        super::short_page(
-            "Bad gateway",
-            "The media server behind this gateway is not answering. Try again shortly.",
-        )
-    } else {
-        super::short_page("Error", "The request could not be completed.")
+/// The content-security policy of the gateway's pages: inline styles, nothing else loaded.
+const PAGE_CSP: &str = "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; \
+frame-ancestors 'none'; base-uri 'none'";
+
+/// What went wrong upstream, in a few words, and what to check next: for admins only.
+pub fn upstream_problem(etype: &ErrorType, kind: RouteKind) -> (String, String) {
+    use crate::probe::{hint, ProbeError};
+    let (problem, like) = match etype {
+        ErrorType::ConnectRefused => (
+            "nothing answers (connection refused)".to_string(),
+            ProbeError::NothingAnswers,
+        ),
+        ErrorType::ConnectTimedout => (
+            "nothing answers (the connection timed out)".to_string(),
+            ProbeError::NoReply(crate::probe::PROBE_TIMEOUT),
+        ),
+        ErrorType::ConnectNoRoute | ErrorType::ConnectError | ErrorType::BindError => (
+            format!("cannot connect ({})", etype.as_str()),
+            ProbeError::Connect(String::new()),
+        ),
+        _ => (
+            format!("the exchange failed ({})", etype.as_str()),
+            ProbeError::NoHttpAnswer(String::new()),
+        ),
     };
-    send(session, status, &[], "text/html; charset=utf-8", body).await
+    (problem, hint(kind, &like))
+}
+
+/// The upstream could not be reached, or proxying failed: the gateway's styled page for a
+/// browser navigation (`html`), JSON otherwise. `detail` (route, address, cause) is given
+/// only for a signed-in admin.
+pub async fn failure(
+    session: &mut Session,
+    status: u16,
+    html: bool,
+    detail: Option<&FailedUpstream>,
+) -> Result<()> {
+    session.set_keepalive(None);
+    if html {
+        let body = Bytes::from(pages::upstream_failed(status, detail).0);
+        let headers = [
+            ("x-frame-options", "DENY".to_string()),
+            ("referrer-policy", "same-origin".to_string()),
+            ("content-security-policy", PAGE_CSP.to_string()),
+        ];
+        return send(session, status, &headers, "text/html; charset=utf-8", body).await;
+    }
+    let (title, text) = pages::upstream_failure_text(status);
+    let mut body = serde_json::json!({
+        "error": title.to_ascii_lowercase().replace(' ', "_"),
+        "message": text,
+    });
+    if let Some(d) = detail {
+        body["route"] = d.route.clone().into();
+        body["upstream"] = d.upstream.clone().into();
+        body["problem"] = d.problem.clone().into();
+        body["hint"] = d.hint.clone().into();
+    }
+    let body = Bytes::from(format!("{body}\n"));
+    send(session, status, &[], "application/json", body).await
 }
 
 /// A response produced by the gateway's own router.
@@ -221,10 +272,7 @@ pub async fn page(session: &mut Session, parts: http::response::Parts, body: Byt
     // rather than `no-referrer`, which would make the browser send `Origin: null` on the
     // gateway's own form posts.
     resp.insert_header("referrer-policy", "same-origin")?;
-    resp.insert_header(
-        "content-security-policy",
-        "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
-    )?;
+    resp.insert_header("content-security-policy", PAGE_CSP)?;
     if close {
         resp.insert_header("connection", "close")?;
         session.set_keepalive(None);

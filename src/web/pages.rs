@@ -584,6 +584,68 @@ pub fn message(title: &str, text: &str) -> Html<String> {
     )
 }
 
+/// What a signed-in admin is told about an upstream that failed.
+#[derive(Clone, Debug)]
+pub struct FailedUpstream {
+    pub route: String,
+    pub upstream: String,
+    /// What went wrong, in a few words ("nothing answers (connection refused)").
+    pub problem: String,
+    /// The question to ask next ("is Jellyfin running, and bound to that address?").
+    pub hint: String,
+}
+
+/// The heading and the friendly sentence of an upstream failure page.
+pub fn upstream_failure_text(status: u16) -> (&'static str, &'static str) {
+    match status {
+        502 => (
+            "Bad gateway",
+            "The media server behind this gateway is not answering. Try again shortly.",
+        ),
+        504 => (
+            "Gateway timeout",
+            "The media server behind this gateway took too long to answer. Try again shortly.",
+        ),
+        _ => ("Error", "The request could not be completed."),
+    }
+}
+
+/// The page for a request the upstream could not answer: the friendly message for everyone,
+/// and for a signed-in admin (`detail`) which route and address failed and what to check.
+pub fn upstream_failed(status: u16, detail: Option<&FailedUpstream>) -> Html<String> {
+    let (title, text) = upstream_failure_text(status);
+    let admin = detail
+        .map(|d| {
+            format!(
+                "<section class=\"detail\"><h2>For administrators</h2>\
+<p>Route <code>{}</code>: {} at <code>{}</code>.</p><p>{}</p>\
+<p class=\"muted\">Every route's state: <code>/readyz</code> on the admin listener. \
+Only administrators see this part.</p></section>",
+                escape(&d.route),
+                escape(&d.problem),
+                escape(&d.upstream),
+                escape(&capitalized(&d.hint))
+            )
+        })
+        .unwrap_or_default();
+    layout(
+        title,
+        &format!(
+            "<h1>{}</h1><p class=\"error\" role=\"alert\">{}</p>{admin}",
+            escape(title),
+            escape(text)
+        ),
+    )
+}
+
+fn capitalized(s: &str) -> String {
+    let mut chars = s.chars();
+    match chars.next() {
+        Some(first) => first.to_uppercase().chain(chars).collect(),
+        None => String::new(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -599,5 +661,21 @@ mod tests {
         assert!(page.contains("href=\"/_portcullis/oidc/idp/start?rd="));
         let hidden = login("/", None, &sso, false).0;
         assert!(!hidden.contains("name=\"password\"") && hidden.contains("Sign in with"));
+    }
+
+    #[test]
+    fn upstream_failure_detail_is_escaped_and_only_where_given() {
+        let detail = FailedUpstream {
+            route: "<media>".into(),
+            upstream: "127.0.0.1:8096".into(),
+            problem: "nothing answers".into(),
+            hint: "is Jellyfin running?".into(),
+        };
+        let admin = upstream_failed(502, Some(&detail)).0;
+        assert!(admin.contains("<code>&lt;media&gt;</code>") && !admin.contains("<media>"));
+        assert!(admin.contains("127.0.0.1:8096") && admin.contains("Is Jellyfin running?"));
+        let user = upstream_failed(502, None).0;
+        assert!(user.contains("Bad gateway") && !user.contains("127.0.0.1"));
+        assert!(user.contains(STYLE));
     }
 }

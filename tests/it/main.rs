@@ -31,6 +31,7 @@ mod logs;
 mod observability;
 mod oidc;
 mod pg;
+mod probe;
 mod proxy;
 mod reload;
 mod replicas;

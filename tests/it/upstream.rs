@@ -92,6 +92,12 @@ impl Upstream {
             Ok(l) => l,
             Err(e) => panic!("upstream: cannot bind 127.0.0.1:0: {e}"),
         };
+        Upstream::start_on(listener)
+    }
+
+    /// Serves on a listener the test already holds (e.g. a port reserved before anything
+    /// listened on it).
+    pub fn start_on(listener: TcpListener) -> Upstream {
         let addr = match listener.local_addr() {
             Ok(a) => a,
             Err(e) => panic!("upstream: no local address: {e}"),
