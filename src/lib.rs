@@ -9,6 +9,7 @@ pub mod app;
 pub mod auth;
 pub mod cli;
 pub mod config;
+pub mod healthcheck;
 pub mod mediaserver;
 pub mod metrics;
 pub mod oidc;
