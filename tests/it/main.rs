@@ -19,6 +19,7 @@ mod atk_websocket;
 mod bad_input;
 mod browser;
 mod cli;
+mod container;
 mod failures;
 mod forward_auth;
 mod fuzz_corpus;
