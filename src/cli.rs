@@ -55,6 +55,16 @@ pub enum Command {
     Reload,
     /// Validate config files (the --config file when none are named).
     CheckConfig { files: Vec<PathBuf> },
+    /// Exit 0 when the admin listener's /healthz answers 200, else 1 with the reason (for
+    /// container health checks).
+    Healthcheck {
+        /// host:port to probe instead of the config's server.admin_listen.
+        #[arg(long)]
+        addr: Option<String>,
+        /// Give up after this long, e.g. 3s.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "3s")]
+        timeout: std::time::Duration,
+    },
     /// Manage user accounts.
     #[command(subcommand)]
     User(UserCommand),
@@ -212,6 +222,9 @@ pub fn main() -> i32 {
     if let Command::CheckConfig { files } = &cli.command {
         return check_config(&cli.config, files);
     }
+    if let Command::Healthcheck { addr, timeout } = &cli.command {
+        return healthcheck(&cli.config, addr.as_deref(), *timeout);
+    }
     let config = match Config::load(&cli.config) {
         Ok(c) => c,
         Err(e) => {
@@ -302,6 +315,23 @@ fn reload(config: &Config) -> anyhow::Result<()> {
                 println!("  `{key}` changed but needs a restart: the running value stays");
             }
             Ok(())
+/// Exit code 1 for every failure: a health check reads 2 as "reserved".
+fn healthcheck(config: &std::path::Path, addr: Option<&str>, timeout: std::time::Duration) -> i32 {
+    use crate::healthcheck as hc;
+    let target = match addr {
+        Some(a) => Ok(a.to_string()),
+        None => hc::admin_listen_of(config),
+    }
+    .and_then(|a| hc::resolve(&a))
+    .and_then(|a| hc::check(a, timeout).map(|()| a));
+    match target {
+        Ok(a) => {
+            println!("ok: http://{a}/healthz answered 200");
+            0
+        }
+        Err(e) => {
+            eprintln!("portcullis: unhealthy: {e}");
+            1
         }
     }
 }
@@ -331,6 +361,7 @@ fn run_store_command(config: Config, command: Command) -> anyhow::Result<()> {
             | Command::Upgrade { .. }
             | Command::CheckConfig { .. }
             | Command::Reload
+            | Command::Healthcheck { .. }
             | Command::Backup { .. }
             | Command::Restore { .. } => Ok(()),
         }

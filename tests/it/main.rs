@@ -20,6 +20,7 @@ mod backup;
 mod bad_input;
 mod browser;
 mod cli;
+mod container;
 mod failures;
 mod forward_auth;
 mod fuzz_corpus;
