@@ -315,6 +315,11 @@ fn reload(config: &Config) -> anyhow::Result<()> {
                 println!("  `{key}` changed but needs a restart: the running value stays");
             }
             Ok(())
+        }
+    }
+}
+
+/// `portcullis healthcheck` (the container's HEALTHCHECK): GET /healthz on the admin listener.
 /// Exit code 1 for every failure: a health check reads 2 as "reserved".
 fn healthcheck(config: &std::path::Path, addr: Option<&str>, timeout: std::time::Duration) -> i32 {
     use crate::healthcheck as hc;
