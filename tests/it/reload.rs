@@ -14,6 +14,7 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::harness::{client, poll_until, Gateway};
+use crate::upgrade::answers_grow;
 use crate::upstream::{pattern_byte, Upstream};
 
 const ALICE_PW: &str = "alice-password-1234";
@@ -115,48 +116,19 @@ async fn reloads_apply_new_routes_without_dropping_a_download_a_websocket_or_a_r
         .insert("Authorization", format!("Bearer {token}").parse().unwrap());
     let (mut ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
 
-    // A keep-alive client at 200 requests a second for as long as the reloads last.
+    // A client at 200 requests a second for as long as the reloads last.
     let stop = Arc::new(AtomicBool::new(false));
-    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-    let load = {
-        let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
-        let (url, token) = (gw.url("/steady"), token.clone());
-        tokio::spawn(async move {
-            let http = client();
-            let mut tick = tokio::time::interval(Duration::from_millis(5));
-            let mut sent = Vec::new();
-            while !stop.load(Ordering::Relaxed) {
-                tick.tick().await;
-                // Sent on the tick, not after the previous answer: 200 a second however slow.
-                let (http, url, token) = (http.clone(), url.clone(), token.clone());
-                let (ok, failed) = (ok.clone(), failed.clone());
-                sent.push(tokio::spawn(async move {
-                    let good = match http.get(&url).bearer_auth(&token).send().await {
-                        Ok(r) => r.status() == 200 && r.bytes().await.is_ok(),
-                        Err(_) => false,
-                    };
-                    let counter = if good { &ok } else { &failed };
-                    counter.fetch_add(1, Ordering::Relaxed);
-                }));
-            }
-            for s in sent {
-                s.await.unwrap();
-            }
-        })
-    };
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let answered = Arc::new(AtomicU64::new(0));
+    let load = tokio::spawn(crate::upgrade::load(
+        gw.url("/steady"),
+        token.clone(),
+        stop.clone(),
+        answered.clone(),
+    ));
+    answers_grow(&answered, 50).await;
 
     // 1. A new route appears.
-    assert_eq!(
-        client()
-            .get(gw.url("/second/x"))
-            .bearer_auth(&token)
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(gw.get_status("/second/x", &token).await, 200);
     assert_eq!(second.count(), 0);
     let second_route = format!(
         "\n[[route]]\nname = \"second\"\npath_prefix = \"/second\"\nupstream = \"{}\"\n",
@@ -180,7 +152,7 @@ async fn reloads_apply_new_routes_without_dropping_a_download_a_websocket_or_a_r
         "the new route did not reach its upstream"
     );
     // Traffic keeps flowing between reloads too.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    answers_grow(&answered, 100).await;
     check_ws(&mut ws, 1).await;
 
     // 2. A broken file is refused with the key named; the running config keeps serving.
@@ -200,20 +172,11 @@ async fn reloads_apply_new_routes_without_dropping_a_download_a_websocket_or_a_r
         "check-config and the reload disagree: {error} / {}",
         String::from_utf8_lossy(&check.stderr)
     );
-    assert_eq!(
-        client()
-            .get(gw.url("/second/y"))
-            .bearer_auth(&token)
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(gw.get_status("/second/y", &token).await, 200);
     assert_eq!(second.count(), 2);
     gw.log_containing("configuration reload refused").await;
     // Traffic keeps flowing between reloads too.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    answers_grow(&answered, 100).await;
     check_ws(&mut ws, 2).await;
 
     // 3. A key that needs a restart is named and keeps its running value.
@@ -228,18 +191,9 @@ async fn reloads_apply_new_routes_without_dropping_a_download_a_websocket_or_a_r
     let s = reload_status(gw.dir.path(), 3).await;
     assert_eq!(s["result"], "needs_restart", "{s}");
     assert_eq!(s["needs_restart"], serde_json::json!(["server.listen"]));
-    assert_eq!(
-        client()
-            .get(gw.url("/steady"))
-            .bearer_auth(&token)
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(gw.get_status("/steady", &token).await, 200);
     // Traffic keeps flowing between reloads too.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    answers_grow(&answered, 100).await;
     check_ws(&mut ws, 3).await;
 
     // 4. The route is removed again: its prefix falls back to the catch-all route.
@@ -252,16 +206,7 @@ async fn reloads_apply_new_routes_without_dropping_a_download_a_websocket_or_a_r
     assert_eq!(s["result"], "applied", "{s}");
     assert_eq!(s["routes_removed"], serde_json::json!(["second"]));
     let before = up.count();
-    assert_eq!(
-        client()
-            .get(gw.url("/second/z"))
-            .bearer_auth(&token)
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(gw.get_status("/second/z", &token).await, 200);
     assert_eq!(
         second.count(),
         2,
@@ -271,7 +216,7 @@ async fn reloads_apply_new_routes_without_dropping_a_download_a_websocket_or_a_r
         .iter()
         .any(|r| r.path_and_query == "/second/z"));
     // Traffic keeps flowing between reloads too.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    answers_grow(&answered, 100).await;
     check_ws(&mut ws, 4).await;
 
     // 5. Log format and level change live: lines are JSON from now on.
@@ -281,26 +226,17 @@ async fn reloads_apply_new_routes_without_dropping_a_download_a_websocket_or_a_r
     hangup(&gw);
     let s = reload_status(gw.dir.path(), 5).await;
     assert_eq!(s["result"], "applied", "{s}");
-    assert_eq!(
-        client()
-            .get(gw.url("/after-json"))
-            .bearer_auth(&token)
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(gw.get_status("/after-json", &token).await, 200);
     let log = gw.log_containing("\"path\":\"/after-json\"").await;
     let line = log.lines().find(|l| l.contains("/after-json")).unwrap();
     let parsed: Value = serde_json::from_str(line).expect("a JSON access line");
     assert_eq!(parsed["status"], 200);
     // Traffic keeps flowing between reloads too.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    answers_grow(&answered, 100).await;
     check_ws(&mut ws, 5).await;
 
     stop.store(true, Ordering::Relaxed);
-    load.await.unwrap();
+    let samples = load.await.unwrap();
     let still_downloading = !download.is_finished();
     hurry.store(true, Ordering::Relaxed);
     let (got, intact) = download.await.unwrap();
@@ -311,10 +247,21 @@ async fn reloads_apply_new_routes_without_dropping_a_download_a_websocket_or_a_r
     assert_eq!(got, SIZE);
     assert!(intact, "the download's bytes differ from the upstream's");
     ws.close(None).await.unwrap();
-    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
-    eprintln!("steady client: {ok} ok, {failed} failed");
-    assert!(ok >= 400, "the steady client hardly ran: {ok}");
-    assert_eq!(failed, 0, "requests failed during the reloads");
+    let failed: Vec<&String> = samples.iter().filter_map(|s| s.error.as_ref()).collect();
+    eprintln!(
+        "steady client: {} requests, {} failed",
+        samples.len(),
+        failed.len()
+    );
+    assert!(
+        samples.len() >= 400,
+        "the steady client hardly ran: {}",
+        samples.len()
+    );
+    assert!(
+        failed.is_empty(),
+        "requests failed during the reloads: {failed:?}"
+    );
     gw.metrics_with(&[
         "portcullis_config_reloads_total{result=\"applied\"} 3",
         "portcullis_config_reloads_total{result=\"refused\"} 1",

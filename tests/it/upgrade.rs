@@ -78,14 +78,32 @@ async fn wait_pid_file(gw: &Gateway, pid: u32) {
 }
 
 /// One request of the load: when it started and ended, and its error if it failed.
-struct Sample {
-    start: Instant,
-    end: Instant,
-    error: Option<String>,
+pub(crate) struct Sample {
+    pub start: Instant,
+    pub end: Instant,
+    pub error: Option<String>,
 }
 
-/// Sends a GET every 5 ms (200 per second), each on a new connection, until `stop` is set.
-async fn load(url: String, token: String, stop: Arc<AtomicBool>) -> Vec<Sample> {
+/// Waits until the load has had `more` answers beyond those counted now.
+pub(crate) async fn answers_grow(answered: &AtomicU64, more: u64) {
+    let target = answered.load(Ordering::Relaxed) + more;
+    assert!(
+        poll_until(Duration::from_secs(30), || async {
+            answered.load(Ordering::Relaxed) >= target
+        })
+        .await,
+        "the load got no answers"
+    );
+}
+
+/// Sends a GET every 5 ms (200 per second), each on a new connection, until `stop` is set;
+/// counts every answer (good or not) in `answered`.
+pub(crate) async fn load(
+    url: String,
+    token: String,
+    stop: Arc<AtomicBool>,
+    answered: Arc<AtomicU64>,
+) -> Vec<Sample> {
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(0)
         .timeout(Duration::from_secs(30))
@@ -97,8 +115,13 @@ async fn load(url: String, token: String, stop: Arc<AtomicBool>) -> Vec<Sample> 
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     while !stop.load(Ordering::Relaxed) {
         tick.tick().await;
-        let (http, url, token, samples) =
-            (http.clone(), url.clone(), token.clone(), samples.clone());
+        let (http, url, token, samples, answered) = (
+            http.clone(),
+            url.clone(),
+            token.clone(),
+            samples.clone(),
+            answered.clone(),
+        );
         tasks.push(tokio::spawn(async move {
             let start = Instant::now();
             let error = match http.get(&url).bearer_auth(&token).send().await {
@@ -115,6 +138,7 @@ async fn load(url: String, token: String, stop: Arc<AtomicBool>) -> Vec<Sample> 
                 end: Instant::now(),
                 error,
             });
+            answered.fetch_add(1, Ordering::Relaxed);
         }));
     }
     for t in tasks {
@@ -177,8 +201,14 @@ async fn a_binary_upgrade_drops_no_request_and_finishes_the_download_in_flight()
     );
 
     let stop = Arc::new(AtomicBool::new(false));
-    let load_task = tokio::spawn(load(gw.url("/probe"), token.clone(), stop.clone()));
-    tokio::time::sleep(Duration::from_millis(500)).await; // load before the hand-over
+    let answered = Arc::new(AtomicU64::new(0));
+    let load_task = tokio::spawn(load(
+        gw.url("/probe"),
+        token.clone(),
+        stop.clone(),
+        answered.clone(),
+    ));
+    answers_grow(&answered, 100).await; // load before the hand-over
 
     let config = gw.config_path();
     let upgrade_started = Instant::now();
@@ -224,7 +254,7 @@ async fn a_binary_upgrade_drops_no_request_and_finishes_the_download_in_flight()
         old_exited + Duration::from_millis(500) >= download_done,
         "the old process exited before its download finished"
     );
-    tokio::time::sleep(Duration::from_secs(1)).await; // load after the old process is gone
+    answers_grow(&answered, 200).await; // load after the old process is gone
     stop.store(true, Ordering::Relaxed);
     let samples = load_task.await.unwrap();
 
