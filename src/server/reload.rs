@@ -211,26 +211,23 @@ pub enum RequestError {
     NotRunning { dir: String, reason: String },
     #[error("cannot signal the gateway (pid {pid}): {source}")]
     Signal {
-        pid: i32,
+        pid: u32,
         #[source]
         source: std::io::Error,
     },
     #[error("the gateway (pid {pid}) did not report the reload within {secs} s: see its log")]
-    NoAnswer { pid: i32, secs: u64 },
+    NoAnswer { pid: u32, secs: u64 },
 }
 
 /// The pid in `data_dir`'s pid file, if that process is alive.
-pub fn running_pid(data_dir: &Path) -> Result<i32, RequestError> {
+pub fn running_pid(data_dir: &Path) -> Result<u32, RequestError> {
     let not_running = |reason: String| RequestError::NotRunning {
         dir: data_dir.display().to_string(),
         reason,
     };
     let path = super::pidfile::path(data_dir);
     let pid = super::pidfile::read(&path).map_err(|e| not_running(e.to_string()))?;
-    let pid = i32::try_from(pid)
-        .map_err(|_| not_running(format!("{} holds no process id", path.display())))?;
-    // SAFETY: kill(2) with signal 0 only checks that the process exists; no memory is passed.
-    if unsafe { libc::kill(pid, 0) } != 0 {
+    if !super::upgrade::alive(pid) {
         return Err(not_running(format!(
             "process {pid} (from {}) is not running",
             path.display()
@@ -244,18 +241,13 @@ pub fn running_pid(data_dir: &Path) -> Result<i32, RequestError> {
 pub fn request(data_dir: &Path, wait: std::time::Duration) -> Result<ReloadStatus, RequestError> {
     let pid = running_pid(data_dir)?;
     let before = read_status(data_dir);
-    // SAFETY: kill(2) with a pid and a signal number; no memory is passed.
-    if unsafe { libc::kill(pid, libc::SIGHUP) } != 0 {
-        return Err(RequestError::Signal {
-            pid,
-            source: std::io::Error::last_os_error(),
-        });
-    }
+    super::upgrade::send_to(pid, libc::SIGHUP)
+        .map_err(|source| RequestError::Signal { pid, source })?;
     let deadline = std::time::Instant::now() + wait;
     while std::time::Instant::now() < deadline {
         std::thread::sleep(std::time::Duration::from_millis(50));
         if let Some(now) = read_status(data_dir) {
-            if now.pid == pid as u32 && Some(&now) != before.as_ref() {
+            if now.pid == pid && Some(&now) != before.as_ref() {
                 return Ok(now);
             }
         }

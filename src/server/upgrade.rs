@@ -321,18 +321,16 @@ pub fn alive(pid: u32) -> bool {
 }
 
 fn send_signal(pid: u32, sig: libc::c_int) -> Result<(), UpgradeError> {
-    let Ok(raw) = libc::pid_t::try_from(pid) else {
-        return Err(UpgradeError::Signal {
-            pid,
-            source: std::io::Error::from_raw_os_error(libc::ESRCH),
-        });
-    };
+    send_to(pid, sig).map_err(|source| UpgradeError::Signal { pid, source })
+}
+
+/// Sends signal `sig` to process `pid`.
+pub fn send_to(pid: u32, sig: libc::c_int) -> std::io::Result<()> {
+    let raw =
+        libc::pid_t::try_from(pid).map_err(|_| std::io::Error::from_raw_os_error(libc::ESRCH))?;
     // SAFETY: kill(2) takes plain integers and touches no memory of ours.
     if unsafe { libc::kill(raw, sig) } != 0 {
-        return Err(UpgradeError::Signal {
-            pid,
-            source: std::io::Error::last_os_error(),
-        });
+        return Err(std::io::Error::last_os_error());
     }
     Ok(())
 }
