@@ -6,6 +6,7 @@
 //! the public listener accepts, `STOPPING=1`, watchdog pings) and sets the readiness that
 //! `/readyz` reports.
 
+pub mod handover;
 pub mod pidfile;
 pub mod upgrade;
 
@@ -14,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::{ExecutionPhase, RunArgs, Server};
+use pingora::services::listening::Service;
 use tokio::sync::broadcast;
 
 use crate::app::{now_ms, App, StartError};
@@ -24,6 +26,7 @@ use crate::proxy::Gateway;
 use crate::readiness::Phase;
 use crate::systemd;
 use crate::web;
+use handover::HandOver;
 use upgrade::{Exit, Relaunch, SignalContext, SignalWatch, Signals};
 
 pub mod reload;
@@ -397,9 +400,14 @@ pub fn serve(config: Config, opts: ServeOptions) -> Result<(), ServeError> {
     // With --upgrade this waits until the old process sends its listening sockets (or exits the
     // process when none come).
     server.bootstrap();
-    let mut service = pingora::proxy::http_proxy_service(
+    let head_timeout = admission.head_timeout;
+    let proxy = pingora::proxy::http_proxy(
         &server.configuration,
         Gateway::new(app.clone(), control.handle().clone(), admission),
+    );
+    let mut service = Service::new(
+        "portcullis public listener".to_string(),
+        HandOver::new(proxy, head_timeout),
     );
     let addr = listen.to_string();
     // The certificate is handed out by a resolver, so a reload can swap it.

@@ -330,8 +330,28 @@ async fn serve_upgrade_started_by_hand_takes_over_on_sigquit() {
     reaper.watch(new);
     // It waits for the old process's sockets; the old one serves meanwhile.
     assert_eq!(gw.get_status("/probe", &token).await, 200);
+    // A connection the old process accepted whose request has not arrived yet when it stops
+    // accepting: the request, sent just after the shutdown began, is still answered.
+    let mut waiting = tokio::net::TcpStream::connect(("127.0.0.1", gw.port))
+        .await
+        .unwrap();
     signal(old, libc::SIGQUIT);
     wait_pid_file(&gw, new).await;
+    assert!(
+        poll_until(Duration::from_secs(30), || async {
+            gw.log().contains("finishing the requests in flight")
+        })
+        .await,
+        "the old process never began its shutdown:\n{}",
+        gw.log()
+    );
+    let answer = answer_on(&mut waiting, &token).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(
+        answer.to_ascii_lowercase().contains("connection: close"),
+        "the old process must not keep the connection: {answer}"
+    );
+    assert!(answer.contains("upstream ok: GET /probe"), "{answer}");
     assert!(
         poll_until(Duration::from_secs(30), || async { !alive(old) }).await,
         "the old process did not exit:\n{}",
@@ -343,6 +363,21 @@ async fn serve_upgrade_started_by_hand_takes_over_on_sigquit() {
     let status = child.wait().unwrap();
     assert!(status.success(), "the new process ended with {status}");
     assert!(!pid_file(&gw).exists());
+}
+
+/// Sends one `GET /probe` on `conn` and reads the answer until the server closes.
+async fn answer_on(conn: &mut tokio::net::TcpStream, token: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let head = format!(
+        "GET /probe HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {token}\r\n\r\n"
+    );
+    conn.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), conn.read_to_end(&mut answer))
+        .await
+        .expect("the old process neither answered nor closed")
+        .expect("the connection was reset");
+    String::from_utf8_lossy(&answer).into_owned()
 }
 
 #[tokio::test]
