@@ -166,7 +166,8 @@ fn image() -> &'static Image {
     IMAGE_ONCE.get_or_init(|| {
         require_root();
         let started = Instant::now();
-        let bases = run(Command::new(format!("{ROOT}/scripts/container-bases")).arg("--runtime-only"));
+        let bases =
+            run(Command::new(format!("{ROOT}/scripts/container-bases")).arg("--runtime-only"));
         let build_args = String::from_utf8(bases.stdout).unwrap();
         let bases_done = started.elapsed();
         let prebuilt = Path::new(ROOT).join("target/container/portcullis");

@@ -368,9 +368,8 @@ async fn serve_upgrade_started_by_hand_takes_over_on_sigquit() {
 /// Sends one `GET /probe` on `conn` and reads the answer until the server closes.
 async fn answer_on(conn: &mut tokio::net::TcpStream, token: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let head = format!(
-        "GET /probe HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {token}\r\n\r\n"
-    );
+    let head =
+        format!("GET /probe HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {token}\r\n\r\n");
     conn.write_all(head.as_bytes()).await.unwrap();
     let mut answer = Vec::new();
     tokio::time::timeout(Duration::from_secs(10), conn.read_to_end(&mut answer))
