@@ -199,7 +199,7 @@ fn require_root() {
 }
 
 /// The image, built once per test run from the Containerfile's runtime stage around this
-/// build's binary (`BINARY=prebuilt`, stripped): compiling the gateway again inside the builder
+/// build's binary (`--target prebuilt`, stripped): compiling the gateway again inside the builder
 /// stage takes longer than this machine's CI budget allows (the README has the full build's
 /// figures).
 fn image() -> &'static Image {
@@ -229,7 +229,7 @@ fn image() -> &'static Image {
                 "--quiet",
             ])
             .args(build_args.split_whitespace())
-            .args(["--build-arg", "BINARY=prebuilt", "-t", IMAGE, "."]);
+            .args(["--target", "prebuilt", "-t", IMAGE, "."]);
         run(&mut build);
         eprintln!(
             "container: runtime base ready in {:.0?}, image built in {:.0?}",
@@ -407,6 +407,7 @@ fn image_binary_serves_as_its_user_on_a_read_only_root_writing_only_data() {
     assert_eq!(meta("usr/local/bin/portcullis").uid(), 0);
     assert_eq!(meta("data").uid().to_string(), uid);
     assert_eq!(meta("data").gid().to_string(), gid);
+    assert_eq!(meta("data").mode() & 0o777, 0o700, "/data is its user's alone");
     assert!(meta("config/portcullis.toml").is_file());
 
     let one_shot = |args: &[&str]| {
