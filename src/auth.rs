@@ -144,11 +144,20 @@ pub enum CredentialSource {
 /// The one form of a typed user name, used for every lookup (login, media logins, mappings):
 /// surrounding blanks removed, then Unicode NFKC, so that compatibility look-alikes
 /// (full-width `ａｌｉｃｅ`, ligatures) name the same account as their plain form. Stored names
-/// are plain ASCII (`cli::valid_user_name`) and compared ignoring ASCII case, so `ALICE` and
+/// are plain ASCII (`valid_user_name`) and compared ignoring ASCII case, so `ALICE` and
 /// `ａｌｉｃｅ` both reach `alice` — for signing in and for her failure counter — and no
 /// look-alike can be created as a twin.
 pub fn canonical_user_name(typed: &str) -> String {
     typed.trim().nfkc().collect()
+}
+
+/// Whether `name` may name an account: 1 to 64 ASCII letters, digits and `. _ - @`.
+pub fn valid_user_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '@'))
 }
 
 /// Finds the gateway credential: a `Bearer` token in the one `Authorization` header, or the
@@ -294,7 +303,7 @@ mod tests {
         assert_eq!(canonical_user_name("bob"), "bob");
         // Letters that only look alike (Cyrillic а) stay different, and are refused at creation.
         assert_ne!(canonical_user_name("аlice"), "alice");
-        assert!(!crate::cli::valid_user_name("аlice"));
+        assert!(!valid_user_name("аlice"));
     }
 
     #[test]

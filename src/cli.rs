@@ -373,14 +373,6 @@ fn run_store_command(config: Config, command: Command) -> anyhow::Result<()> {
     })
 }
 
-pub fn valid_user_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 64
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '@'))
-}
-
 /// Reads a password from the first line of stdin, or generates one (returned for printing),
 /// and checks it against the password policy.
 fn new_password(
@@ -434,7 +426,7 @@ async fn user_command(config: &Config, store: &DynStore, c: UserCommand) -> anyh
             admin,
             password_stdin,
         } => {
-            if !valid_user_name(&name) {
+            if !crate::auth::valid_user_name(&name) {
                 return Err(refused(format!(
                     "`{name}` is not a valid user name (1-64 of A-Z a-z 0-9 . _ - @)"
                 )));

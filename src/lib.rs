@@ -15,6 +15,7 @@ pub mod healthcheck;
 pub mod mediaserver;
 pub mod metrics;
 pub mod oidc;
+pub mod paths;
 pub mod probe;
 pub mod proxy;
 pub mod readiness;

@@ -27,6 +27,7 @@ use crate::app::{now_ms, App, ClientInfo};
 use crate::auth::{self, AuthDecision, Identity};
 use crate::config::{Config, Route};
 use crate::metrics::RejectReason;
+use crate::paths;
 use crate::telemetry;
 use crate::web;
 
@@ -469,7 +470,7 @@ impl ProxyHttp for Gateway {
         };
 
         // 4. The forward-auth endpoint, answered here on the fast path.
-        if canonical == web::VERIFY_PATH {
+        if canonical == paths::VERIFY_PATH {
             if self.app.refuses_when_stale() {
                 ctx.outcome = Outcome::Rejected(RejectReason::ViewStale);
                 respond::reject(session, RejectReason::ViewStale).await?;
@@ -480,7 +481,7 @@ impl ProxyHttp for Gateway {
         }
 
         // 5. The gateway's own pages.
-        if path::under(&canonical, web::PREFIX) {
+        if path::under(&canonical, paths::PREFIX) {
             self.serve_own_page(session, ctx).await?;
             return Ok(true);
         }

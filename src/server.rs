@@ -98,7 +98,7 @@ async fn bootstrap_admin(app: &App) -> Result<(), ServeError> {
          \x20 sign in at {}{}\n\
          \x20 change it with: portcullis --config {} user passwd admin\n",
         app.config().server.public_url,
-        web::LOGIN_PATH,
+        crate::paths::LOGIN_PATH,
         app.config().source.display()
     );
     Ok(())

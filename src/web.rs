@@ -20,14 +20,8 @@ use axum::{Json, Router};
 
 use crate::app::{now_ms, App, LoginOk};
 use crate::auth::{self, cookie, AuthDecision, CredentialSource, Identity};
+use crate::paths::{ACCOUNT_PATH, LOGIN_PATH};
 use crate::probe;
-
-/// The reserved path prefix of the gateway's own pages.
-pub const PREFIX: &str = "/_portcullis";
-pub const LOGIN_PATH: &str = "/_portcullis/login";
-pub const ACCOUNT_PATH: &str = "/_portcullis/account";
-/// The forward-auth endpoint, answered by the proxy itself.
-pub const VERIFY_PATH: &str = "/_portcullis/verify";
 
 /// The router for `/_portcullis/…`, served in-process by the proxy.
 pub fn router(app: Arc<App>) -> Router {

@@ -439,7 +439,7 @@ impl App {
             .string("preferred_username")
             .or_else(|| claims.string("email").filter(|_| claims.email_verified()))
             .map(crate::auth::canonical_user_name)
-            .filter(|n| crate::cli::valid_user_name(n))
+            .filter(|n| crate::auth::valid_user_name(n))
             .ok_or(SsoError::LinkConflict(
                 "the provider sent no usable user name to create an account with",
             ))?;
@@ -727,7 +727,7 @@ impl App {
         let back = format!(
             "{}{}",
             self.config().server.public_url,
-            crate::web::LOGIN_PATH
+            crate::paths::LOGIN_PATH
         );
         provider.end_session_url(hint.as_deref(), &back)
     }
@@ -819,7 +819,7 @@ fn auto_link_name(mode: AutoLink, claims: &IdClaims) -> Option<&str> {
             .filter(|e| e.is_ascii()),
         AutoLink::PreferredUsername => claims.string("preferred_username"),
     }?;
-    crate::cli::valid_user_name(raw).then_some(raw)
+    crate::auth::valid_user_name(raw).then_some(raw)
 }
 
 #[cfg(test)]

@@ -159,7 +159,7 @@ pub async fn deny(session: &mut Session, navigation: bool, return_to: &str) -> R
             percent_encoding::NON_ALPHANUMERIC,
         )
         .to_string();
-        let location = format!("{}?rd={rd}", web::LOGIN_PATH);
+        let location = format!("{}?rd={rd}", crate::paths::LOGIN_PATH);
         return send(
             session,
             302,

@@ -116,7 +116,7 @@ pub(crate) async fn add_user(
         Err(r) => return r,
     };
     let name = form.name.trim().to_string();
-    if !crate::cli::valid_user_name(&name) {
+    if !crate::auth::valid_user_name(&name) {
         return bad("That is not a valid user name (1-64 of A-Z a-z 0-9 . _ - @).");
     }
     let (password, generated) = match form.password.filter(|p| !p.is_empty()) {

@@ -407,7 +407,11 @@ fn image_binary_serves_as_its_user_on_a_read_only_root_writing_only_data() {
     assert_eq!(meta("usr/local/bin/portcullis").uid(), 0);
     assert_eq!(meta("data").uid().to_string(), uid);
     assert_eq!(meta("data").gid().to_string(), gid);
-    assert_eq!(meta("data").mode() & 0o777, 0o700, "/data is its user's alone");
+    assert_eq!(
+        meta("data").mode() & 0o777,
+        0o700,
+        "/data is its user's alone"
+    );
     assert!(meta("config/portcullis.toml").is_file());
 
     let one_shot = |args: &[&str]| {

@@ -27,6 +27,7 @@ mod fuzz_corpus;
 pub(crate) mod jellyfin;
 mod jellyfin_clients;
 mod jwt;
+mod layers;
 mod login;
 mod logs;
 mod observability;
