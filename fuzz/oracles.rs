@@ -103,7 +103,13 @@ pub fn carrier(data: &[u8]) {
 pub fn credentials(data: &[u8]) {
     let (headers, _) = headers_and_query(data);
     for name in [auth::cookie::name(true), auth::cookie::name(false)] {
-        let cookie = auth::cookie::find(&headers, name);
+        let Ok(cookie) = auth::cookie::find(&headers, name) else {
+            assert_eq!(
+                auth::extract_credential(&headers, name),
+                Err(auth::DenyReason::AmbiguousCredentials)
+            );
+            continue;
+        };
         if let Some(c) = cookie {
             assert!(!c.is_empty() && !c.contains(';'), "{c:?}");
         }
@@ -128,21 +134,75 @@ pub fn credentials(data: &[u8]) {
             .map(|v| v.as_bytes());
         assert_eq!(value.map(<[u8]>::len), Some("Bearer ".len() + token.len()));
     }
-    let gateway = [
-        auth::cookie::name(true),
-        auth::cookie::name(false),
-        auth::cookie::pending_name(true),
-        auth::cookie::pending_name(false),
-    ];
-    for value in headers.get_all(http::header::COOKIE) {
-        if let Some(kept) = auth::cookie::without_gateway_cookies(value.as_bytes()) {
-            for pair in kept.split(';') {
-                let name = pair.trim().split_once('=').map_or(pair.trim(), |(k, _)| k);
-                assert!(!gateway.contains(&name), "{kept:?} keeps {name:?}");
-            }
+    let _ = auth::canonical_user_name(&String::from_utf8_lossy(data));
+}
+
+/// The `Cookie` header (one header per line): a gateway cookie name is found exactly when it
+/// appears once, is ambiguous whenever it appears more than once (whatever the values, empty
+/// ones too), and a look-alike name never counts; stripping removes every gateway cookie and
+/// keeps every other pair in order; the expiring variants all expire the one name.
+pub fn cookie_header(data: &[u8]) {
+    let mut headers = HeaderMap::new();
+    for line in data.split(|b| *b == b'\n') {
+        if let Ok(v) = HeaderValue::from_bytes(line) {
+            headers.append(http::header::COOKIE, v);
         }
     }
-    let _ = auth::canonical_user_name(&String::from_utf8_lossy(data));
+    let pairs: Vec<(&str, &str)> = headers
+        .get_all(http::header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|p| p.trim().split_once('='))
+        .collect();
+    for name in auth::cookie::ALL_NAMES {
+        let values: Vec<&str> = pairs
+            .iter()
+            .filter(|(k, _)| *k == name)
+            .map(|(_, v)| *v)
+            .collect();
+        let found = auth::cookie::find(&headers, name);
+        match values.as_slice() {
+            [] => assert_eq!(found, Ok(None)),
+            [v] => assert_eq!(found, Ok(Some(*v).filter(|v| !v.is_empty()))),
+            _ => assert_eq!(
+                found,
+                Err(auth::cookie::Ambiguous),
+                "{name} x{}",
+                values.len()
+            ),
+        }
+        let secure = name.starts_with("__Host-");
+        let host = pairs.first().map(|(_, v)| *v);
+        let variants = auth::cookie::clear_variants(name, secure, host, "/a/b/c/d");
+        assert!(!variants.is_empty() && variants.len() <= 16);
+        for v in &variants {
+            assert!(
+                v.starts_with(&format!("{name}=; Path=/")) && v.contains("Max-Age=0"),
+                "{v}"
+            );
+        }
+        assert!(!secure || variants.len() == 1);
+    }
+    for secure in [true, false] {
+        for name in auth::cookie::ambiguous_names(&headers, secure) {
+            assert!(auth::cookie::names(secure).contains(&name));
+            assert!(pairs.iter().filter(|(k, _)| *k == name).count() > 1);
+        }
+    }
+    for value in headers.get_all(http::header::COOKIE) {
+        let text = String::from_utf8_lossy(value.as_bytes());
+        let expected: Vec<&str> = text
+            .split(';')
+            .map(str::trim)
+            .filter(|p| {
+                let n = p.split_once('=').map_or(*p, |(k, _)| k);
+                !p.is_empty() && !auth::cookie::ALL_NAMES.contains(&n)
+            })
+            .collect();
+        let kept = auth::cookie::without_gateway_cookies(value.as_bytes());
+        assert_eq!(kept, (!expected.is_empty()).then(|| expected.join("; ")));
+    }
 }
 
 /// The strict HTTP/1 front door, given the head exactly as Pingora parses it: never panics, and

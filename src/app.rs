@@ -218,6 +218,9 @@ pub struct App {
     /// Pending logins (by `jti`) of single sign-on logins whose provider claim grants admin:
     /// granted when the session is created (see `sso::SsoLogin::grant_admin`).
     sso_admin_grants: Cache<String, ()>,
+    /// Client addresses whose ambiguous credentials were audited in the last minute: one audit
+    /// entry per address and minute, however many such requests it sends.
+    ambiguous_audited: Cache<String, ()>,
     /// When each session's last use was last queued for the store, by session id. Looked up on
     /// every request; hashed with foldhash (the ids are the gateway's own random numbers).
     last_seen_written: Cache<u128, i64, foldhash::fast::RandomState>,
@@ -296,6 +299,10 @@ impl App {
             sso_admin_grants: Cache::builder()
                 .max_capacity(10_000)
                 .time_to_live(Duration::from_secs(PENDING_TTL_SECS as u64 + 60))
+                .build(),
+            ambiguous_audited: Cache::builder()
+                .max_capacity(10_000)
+                .time_to_live(Duration::from_secs(60))
                 .build(),
             last_seen_written: Cache::builder()
                 .max_capacity(1_000_000)
@@ -378,8 +385,7 @@ impl App {
 
     fn store_error(&self, operation: &str, e: StoreError) -> StoreError {
         self.metrics
-            .store_errors
-            .with_label_values(&[operation])
+            .counter(crate::metrics::Family::StoreErrors, &[operation])
             .inc();
         tracing::warn!(operation, error = %e, "store operation failed");
         e
@@ -399,6 +405,23 @@ impl App {
         if let Err(e) = self.store.append_audit(&entry).await {
             self.store_error("append_audit", e);
         }
+    }
+
+    /// Audits a request refused for carrying one of the gateway's cookies (`names`) more than
+    /// once: the first such request from an address in a minute (the counter of refused
+    /// requests counts them all).
+    pub async fn audit_ambiguous(&self, client: &ClientInfo, names: &[&str]) {
+        if !self
+            .ambiguous_audited
+            .entry(client.ip.clone())
+            .or_insert(())
+            .is_fresh()
+        {
+            return;
+        }
+        let mut entry = self.audit_entry("credentials", "ambiguous_credentials", None, client);
+        entry.detail = format!("cookies sent more than once: {}", names.join(", "));
+        self.audit(entry).await;
     }
 
     /// An audit entry for a user and client, stamped now.
@@ -774,8 +797,10 @@ impl App {
             (ok, "totp")
         };
         self.metrics
-            .second_factor
-            .with_label_values(&[method, if accepted { "success" } else { "failure" }])
+            .counter(
+                crate::metrics::Family::SecondFactor,
+                &[method, if accepted { "success" } else { "failure" }],
+            )
             .inc();
         let mut e = self.audit_entry(
             "second_factor",
@@ -888,8 +913,7 @@ impl App {
             self.view.apply_local(&e.event);
             if e.event.is_revocation() {
                 self.metrics
-                    .revocations
-                    .with_label_values(&[e.event.scope()])
+                    .counter(crate::metrics::Family::Revocations, &[e.event.scope()])
                     .inc();
             }
         }
@@ -935,10 +959,7 @@ impl App {
                         .iter()
                         .find(|(k, _)| k == kind.as_str())
                         .map_or(0, |(_, n)| *n);
-                    self.metrics
-                        .active_sessions
-                        .with_label_values(&[kind.as_str()])
-                        .set(n);
+                    self.metrics.active_sessions(kind.as_str()).set(n);
                 }
             }
             Err(e) => {

@@ -161,13 +161,15 @@ pub fn valid_user_name(name: &str) -> bool {
 }
 
 /// Finds the gateway credential: a `Bearer` token in the one `Authorization` header, or the
-/// session cookie. Several `Authorization` headers when one is a Bearer, or a cookie together
-/// with a different Bearer token, are `AmbiguousCredentials`: the gateway never picks one.
+/// session cookie. The session cookie sent twice, several `Authorization` headers when one is a
+/// Bearer, or a cookie together with a different Bearer token are `AmbiguousCredentials`: the
+/// gateway never picks one.
 pub fn extract_credential<'a>(
     headers: &'a HeaderMap,
     cookie_name: &str,
 ) -> Result<Option<(&'a str, CredentialSource)>, DenyReason> {
-    let cookie = cookie::find(headers, cookie_name);
+    let cookie =
+        cookie::find(headers, cookie_name).map_err(|_| DenyReason::AmbiguousCredentials)?;
     let Some(token) = bearer_token(headers) else {
         return Ok(cookie.map(|t| (t, CredentialSource::Cookie)));
     };

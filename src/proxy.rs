@@ -190,6 +190,47 @@ impl Gateway {
         }
     }
 
+    /// A request carrying one of the gateway's cookies (`names`) more than once: a browser
+    /// navigating gets the login page, any other client a 401; both are told to expire every
+    /// variant of those cookies. Audited (once a minute per address) and counted.
+    async fn refuse_ambiguous(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        names: &[&'static str],
+        canonical: &str,
+    ) -> Result<()> {
+        ctx.outcome = Outcome::Denied(auth::DenyReason::AmbiguousCredentials);
+        let req = session.req_header();
+        let secure = ctx.config.server.secure;
+        let clears: Vec<String> = names
+            .iter()
+            .flat_map(|n| auth::cookie::clear_variants(n, secure, host_of(req), canonical))
+            .collect();
+        let client = ClientInfo {
+            ip: ctx.client_ip.clone(),
+            user_agent: req
+                .headers
+                .get(http::header::USER_AGENT)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_string(),
+        };
+        let (app, names_owned) = (self.app.clone(), names.to_vec());
+        self.control
+            .spawn(async move { app.audit_ambiguous(&client, &names_owned).await });
+        let page = is_navigation(req).then(|| {
+            let return_to = req
+                .uri
+                .path_and_query()
+                .map(|p| p.as_str())
+                .filter(|_| !path::under(canonical, paths::PREFIX))
+                .unwrap_or("/");
+            web::ambiguous_login_page(&self.app, return_to)
+        });
+        respond::ambiguous(session, page, &clears).await
+    }
+
     /// A WebSocket upgrade whose `Origin` is another site's: a browser attaches the session
     /// cookie to it wherever the page came from, so the cookie must not open it.
     fn cross_site_upgrade(&self, session: &Session, ctx: &RequestCtx) -> bool {
@@ -477,6 +518,15 @@ impl ProxyHttp for Gateway {
                 return Ok(true);
             }
             self.verify(session, ctx).await?;
+            return Ok(true);
+        }
+
+        // 5. One of the gateway's cookies sent twice: refused everywhere, never guessed at.
+        let ambiguous =
+            auth::cookie::ambiguous_names(&session.req_header().headers, ctx.config.server.secure);
+        if !ambiguous.is_empty() {
+            self.refuse_ambiguous(session, ctx, &ambiguous, &canonical)
+                .await?;
             return Ok(true);
         }
 

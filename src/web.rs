@@ -7,6 +7,7 @@
 mod account;
 mod admin;
 mod login;
+pub(crate) use login::ambiguous_login_page;
 pub(crate) mod pages;
 mod sso;
 

@@ -80,7 +80,7 @@ async fn send(
     let close = has_unread_body(session);
     let mut resp = ResponseHeader::build(status, Some(headers.len() + 4))?;
     for (name, value) in headers {
-        resp.insert_header(*name, value.as_str())?;
+        resp.append_header(*name, value.as_str())?;
     }
     resp.insert_header("content-type", content_type)?;
     resp.insert_header("content-length", body.len().to_string())?;
@@ -182,6 +182,47 @@ pub async fn deny(session: &mut Session, navigation: bool, return_to: &str) -> R
     .await
 }
 
+/// A request refused for carrying one of the gateway's cookies more than once: the login page
+/// (400) for a browser navigating, else a 401 naming the reason; with `clears`, the expiring
+/// `Set-Cookie` values for every variant of those cookies.
+pub async fn ambiguous(
+    session: &mut Session,
+    page: Option<String>,
+    clears: &[String],
+) -> Result<()> {
+    let mut headers: Vec<(&'static str, String)> =
+        clears.iter().map(|c| ("set-cookie", c.clone())).collect();
+    match page {
+        Some(html) => {
+            headers.extend(page_headers());
+            send(
+                session,
+                400,
+                &headers,
+                "text/html; charset=utf-8",
+                Bytes::from(html),
+            )
+            .await
+        }
+        None => {
+            headers.push((
+                "www-authenticate",
+                "Bearer realm=\"portcullis\"".to_string(),
+            ));
+            send(
+                session,
+                401,
+                &headers,
+                "application/json",
+                Bytes::from_static(
+                    b"{\"error\":\"unauthorized\",\"reason\":\"ambiguous_credentials\"}\n",
+                ),
+            )
+            .await
+        }
+    }
+}
+
 /// A forward-auth answer for a live session, with the identity headers proxies copy upstream.
 pub async fn verified(session: &mut Session, user: &str) -> Result<()> {
     send(
@@ -200,6 +241,16 @@ pub async fn verified(session: &mut Session, user: &str) -> Result<()> {
 /// The content-security policy of the gateway's pages: inline styles, nothing else loaded.
 const PAGE_CSP: &str = "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; \
 frame-ancestors 'none'; base-uri 'none'";
+
+/// The headers of a gateway page the proxy builds itself (the router's pages get the same in
+/// [`page`]).
+fn page_headers() -> [(&'static str, String); 3] {
+    [
+        ("x-frame-options", "DENY".to_string()),
+        ("referrer-policy", "same-origin".to_string()),
+        ("content-security-policy", PAGE_CSP.to_string()),
+    ]
+}
 
 /// What went wrong upstream, in a few words, and what to check next: for admins only.
 pub fn upstream_problem(etype: &ErrorType, kind: RouteKind) -> (String, String) {
@@ -237,12 +288,14 @@ pub async fn failure(
     session.set_keepalive(None);
     if html {
         let body = Bytes::from(pages::upstream_failed(status, detail).0);
-        let headers = [
-            ("x-frame-options", "DENY".to_string()),
-            ("referrer-policy", "same-origin".to_string()),
-            ("content-security-policy", PAGE_CSP.to_string()),
-        ];
-        return send(session, status, &headers, "text/html; charset=utf-8", body).await;
+        return send(
+            session,
+            status,
+            &page_headers(),
+            "text/html; charset=utf-8",
+            body,
+        )
+        .await;
     }
     let (title, text) = pages::upstream_failure_text(status);
     let mut body = serde_json::json!({

@@ -51,7 +51,9 @@ fn count_login(app: &App, method: &str, result: &Result<LoginStep, LoginError>) 
         Ok(LoginStep::Pending { .. }) => "pending",
         Err(e) => e.label(),
     };
-    app.metrics.logins.with_label_values(&[method, label]).inc();
+    app.metrics
+        .counter(crate::metrics::Family::Logins, &[method, label])
+        .inc();
 }
 
 fn stage_path(stage: PendingStage) -> &'static str {
@@ -85,8 +87,12 @@ pub(crate) fn step_response(app: &App, step: LoginStep, rd: &str, client: &Clien
     }
 }
 
+/// The pending-login token; a request carrying the cookie twice never reaches here (the proxy
+/// refuses it first), and is treated as having none.
 fn pending_token<'a>(app: &App, headers: &'a HeaderMap) -> Option<&'a str> {
     cookie::find(headers, cookie::pending_name(app.config().server.secure))
+        .ok()
+        .flatten()
 }
 
 #[derive(Deserialize)]
@@ -109,6 +115,17 @@ pub(crate) fn login_html(app: &App, rd: &str, error: Option<&str>) -> axum::resp
         .map(|p| (p.config.id.clone(), p.config.display_name.clone()))
         .collect();
     pages::login(rd, error, &sso, app.config().auth.password_form)
+}
+
+/// What the login page says to a browser whose request carried one of the gateway's cookies
+/// more than once (the response also expires them).
+const AMBIGUOUS_COOKIES: &str = "Your browser sent more than one Portcullis sign-in cookie, so \
+     this request was refused rather than guessed at. They have been cleared: please sign in \
+     again. If this keeps happening, another site under this domain may be setting cookies.";
+
+/// The login page for a request refused for ambiguous cookies, returning to `rd` afterwards.
+pub(crate) fn ambiguous_login_page(app: &App, rd: &str) -> String {
+    login_html(app, &safe_return_path(Some(rd)), Some(AMBIGUOUS_COOKIES)).0
 }
 
 pub(crate) async fn login_page(State(app): State<Arc<App>>, Query(q): Query<RdQuery>) -> Response {

@@ -37,8 +37,10 @@ fn known<'a>(app: &App, provider: &'a str) -> &'a str {
 
 fn count(app: &App, provider: &str, result: &'static str) {
     app.metrics
-        .oidc_logins
-        .with_label_values(&[known(app, provider), result])
+        .counter(
+            crate::metrics::Family::OidcLogins,
+            &[known(app, provider), result],
+        )
         .inc();
 }
 
@@ -94,7 +96,10 @@ pub(crate) async fn callback(
     Query(params): Query<CallbackParams>,
 ) -> Response {
     let secure = app.config().server.secure;
-    let flow = cookie::find(&headers, cookie::flow_name(secure));
+    // Sent twice, the flow cookie is refused by the proxy before this page is reached.
+    let flow = cookie::find(&headers, cookie::flow_name(secure))
+        .ok()
+        .flatten();
     let current = identity(&app, &headers).map(|(id, _)| id);
     let result = app
         .sso_callback(&provider, &params, flow, current.as_ref(), &client)
@@ -157,8 +162,7 @@ pub(crate) async fn backchannel_logout(
         Err(e) => e.label(),
     };
     app.metrics
-        .oidc_backchannel
-        .with_label_values(&[provider, label])
+        .counter(crate::metrics::Family::OidcBackchannel, &[provider, label])
         .inc();
     match result {
         Ok(ended) => {

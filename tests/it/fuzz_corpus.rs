@@ -44,3 +44,8 @@ fn front_door_seeds_pass() {
 fn config_seeds_pass() {
     replay("config", oracles::config);
 }
+
+#[test]
+fn cookie_header_seeds_pass() {
+    replay("cookie_header", oracles::cookie_header);
+}
