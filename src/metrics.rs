@@ -46,6 +46,317 @@ pub const CONFIG_LOADED_TIMESTAMP: &str = "portcullis_config_loaded_timestamp_se
 pub const CONFIG_LAST_RELOAD_SUCCESSFUL: &str = "portcullis_config_last_reload_successful";
 pub const CONFIG_RESTART_PENDING: &str = "portcullis_config_restart_pending";
 
+/// Every metric family, for the test that compares them with a fresh gateway's exposition.
+pub const ALL_FAMILIES: &[&str] = &[
+    REQUESTS_TOTAL,
+    REQUEST_DURATION,
+    LOGINS_TOTAL,
+    REVOCATIONS_TOTAL,
+    VIEW_REVOKED_SESSIONS,
+    VIEW_USER_CUTOFFS,
+    VIEW_SEQUENCE,
+    SYNC_LAST_SUCCESS,
+    SYNC_ERRORS_TOTAL,
+    STORE_ERRORS_TOTAL,
+    BUILD_INFO,
+    SECOND_FACTOR_TOTAL,
+    UPSTREAM_DURATION,
+    ACTIVE_SESSIONS,
+    SYNC_LAG,
+    WEBSOCKETS_OPEN,
+    LOCKOUTS_TOTAL,
+    MEDIA_TOKENS_BOUND_TOTAL,
+    MEDIA_LOGOUTS_TOTAL,
+    VIEW_MEDIA_TOKENS,
+    PLAYBACK_GRANTS,
+    CONNECTIONS_CLOSED_TOTAL,
+    CONNECTIONS_DROPPED_TOTAL,
+    VIEW_BYTES,
+    SYNC_RESYNCS_TOTAL,
+    PUSH_CONNECTED,
+    OIDC_LOGINS_TOTAL,
+    OIDC_BACKCHANNEL_LOGOUTS_TOTAL,
+    OIDC_LINKS_TOTAL,
+    CONFIG_RELOADS_TOTAL,
+    CONFIG_LOADED_TIMESTAMP,
+    CONFIG_LAST_RELOAD_SUCCESSFUL,
+    CONFIG_RESTART_PENDING,
+    UPSTREAM_UP,
+];
+
+/// A label of a labelled family: a closed list of values, or the names of something
+/// configured (routes, single sign-on providers).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Label {
+    Values(&'static str, &'static [&'static str]),
+    /// The `provider` label: the configured single sign-on providers' ids.
+    Provider,
+}
+
+/// The counter families whose every series is exported at zero from the start, with the label
+/// values each may carry, so alert rules with `rate()` and dashboards work on a fresh gateway.
+/// A value counted anywhere must be listed here (checked where it is counted, in debug builds);
+/// the tests compare a fresh gateway's exposition with this list. (`portcullis_requests_total`
+/// is per route, from `DenyReason::ALL` and `RejectReason::ALL`; `portcullis_upstream_up` per
+/// route once probed.)
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Family {
+    Logins,
+    SecondFactor,
+    StoreErrors,
+    Revocations,
+    MediaTokensBound,
+    MediaLogouts,
+    ConnectionsDropped,
+    ConfigReloads,
+    ActiveSessions,
+    OidcLogins,
+    OidcBackchannel,
+    OidcLinks,
+}
+
+/// The results of a login, gateway or media-server (`portcullis_logins_total{result}`).
+const LOGIN_RESULTS: &[&str] = &[
+    "success",
+    "pending",
+    "invalid_credentials",
+    "throttled",
+    "locked",
+    "disabled",
+    "second_factor_required",
+    "invalid_code",
+    "restart_login",
+    "password_reset_required",
+    "second_factor_enrollment_required",
+    "password_policy",
+    "store_unavailable",
+    "internal_error",
+    // Media-server logins only.
+    "refused_by_policy",
+    "invalid_request",
+    "not_approved",
+    "upstream_unavailable",
+    "upstream_refused",
+    "unreadable_answer",
+    "no_gateway_user",
+    "user_mismatch",
+];
+
+/// Store operations that can fail (`portcullis_store_errors_total{operation}`).
+const STORE_OPERATIONS: &[&str] = &[
+    "accept_totp",
+    "append_audit",
+    "append_media_note",
+    "bind_media_token",
+    "clear_failures",
+    "count_sessions",
+    "create_session",
+    "end_idle_media_sessions",
+    "find_user",
+    "get_oidc_session",
+    "media_logout",
+    "media_logout_done",
+    "oidc_backchannel",
+    "owed_media_logouts",
+    "purge",
+    "record_failure",
+    "record_oidc_session",
+    "revoke_session",
+    "set_admin",
+    "signout_user",
+    "sync",
+    "touch_sessions",
+    "use_recovery_code",
+];
+
+/// Why a single sign-on login ended as it did (`portcullis_oidc_logins_total{result}`).
+const OIDC_LOGIN_RESULTS: &[&str] = &[
+    "success",
+    "pending",
+    "linked",
+    "unknown_provider",
+    "not_discovered",
+    "flow_expired",
+    "state_mismatch",
+    "provider_denied",
+    "provider_error",
+    // ID-token and logout-token refusals (`oidc::TokenRefusal`).
+    "malformed",
+    "wrong_algorithm",
+    "unknown_key",
+    "bad_signature",
+    "wrong_issuer",
+    "wrong_audience",
+    "wrong_azp",
+    "expired",
+    "issued_in_future",
+    "not_yet_valid",
+    "too_old",
+    "wrong_nonce",
+    "no_subject",
+    "not_logout_token",
+    "nonce_in_logout_token",
+    "no_sub_or_sid",
+    "no_jti",
+    "not_linked",
+    "link_conflict",
+    "admin_not_auto_linked",
+    "not_signed_in",
+    "store_unavailable",
+    // A sign-on whose gateway login step was refused (the gateway login results).
+    "invalid_credentials",
+    "throttled",
+    "locked",
+    "disabled",
+    "second_factor_required",
+    "invalid_code",
+    "restart_login",
+    "password_reset_required",
+    "second_factor_enrollment_required",
+    "password_policy",
+    "internal_error",
+];
+
+const OIDC_BACKCHANNEL_RESULTS: &[&str] = &[
+    "success",
+    "unknown_provider",
+    "not_discovered",
+    "missing_token",
+    // ID-token and logout-token refusals (`oidc::TokenRefusal`).
+    "malformed",
+    "wrong_algorithm",
+    "unknown_key",
+    "bad_signature",
+    "wrong_issuer",
+    "wrong_audience",
+    "wrong_azp",
+    "expired",
+    "issued_in_future",
+    "not_yet_valid",
+    "too_old",
+    "wrong_nonce",
+    "no_subject",
+    "not_logout_token",
+    "nonce_in_logout_token",
+    "no_sub_or_sid",
+    "no_jti",
+    "replayed",
+    "store_unavailable",
+];
+
+impl Family {
+    pub const ALL: [Family; 12] = [
+        Family::Logins,
+        Family::SecondFactor,
+        Family::StoreErrors,
+        Family::Revocations,
+        Family::MediaTokensBound,
+        Family::MediaLogouts,
+        Family::ConnectionsDropped,
+        Family::ConfigReloads,
+        Family::ActiveSessions,
+        Family::OidcLogins,
+        Family::OidcBackchannel,
+        Family::OidcLinks,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Family::Logins => LOGINS_TOTAL,
+            Family::SecondFactor => SECOND_FACTOR_TOTAL,
+            Family::StoreErrors => STORE_ERRORS_TOTAL,
+            Family::Revocations => REVOCATIONS_TOTAL,
+            Family::MediaTokensBound => MEDIA_TOKENS_BOUND_TOTAL,
+            Family::MediaLogouts => MEDIA_LOGOUTS_TOTAL,
+            Family::ConnectionsDropped => CONNECTIONS_DROPPED_TOTAL,
+            Family::ConfigReloads => CONFIG_RELOADS_TOTAL,
+            Family::ActiveSessions => ACTIVE_SESSIONS,
+            Family::OidcLogins => OIDC_LOGINS_TOTAL,
+            Family::OidcBackchannel => OIDC_BACKCHANNEL_LOGOUTS_TOTAL,
+            Family::OidcLinks => OIDC_LINKS_TOTAL,
+        }
+    }
+
+    /// The family's labels, in the order their values are given.
+    pub fn labels(self) -> &'static [Label] {
+        use Label::{Provider, Values};
+        match self {
+            Family::Logins => &[
+                Values(
+                    "method",
+                    &["password", "api", "media_password", "quick_connect"],
+                ),
+                Values("result", LOGIN_RESULTS),
+            ],
+            Family::SecondFactor => &[
+                Values("method", &["totp", "recovery_code"]),
+                Values("result", &["success", "failure"]),
+            ],
+            Family::StoreErrors => &[Values("operation", STORE_OPERATIONS)],
+            Family::Revocations => &[Values(
+                "scope",
+                &[
+                    "session",
+                    "user",
+                    "everyone",
+                    "user_disabled",
+                    "user_enabled",
+                    "key_retired",
+                    "media_bound",
+                    "media_note",
+                    "media",
+                ],
+            )],
+            Family::MediaTokensBound => &[Values(
+                "source",
+                &["media_password", "quick_connect", "adopted"],
+            )],
+            Family::MediaLogouts => &[Values("result", &["done", "gone", "retry", "unreadable"])],
+            Family::ConnectionsDropped => &[Values("reason", &["head_timeout", "per_ip_cap"])],
+            Family::ConfigReloads => &[Values("result", &["applied", "needs_restart", "refused"])],
+            Family::ActiveSessions => &[Values("kind", &["web", "api", "media"])],
+            Family::OidcLogins => &[Provider, Values("result", OIDC_LOGIN_RESULTS)],
+            Family::OidcBackchannel => &[Provider, Values("result", OIDC_BACKCHANNEL_RESULTS)],
+            Family::OidcLinks => &[
+                Provider,
+                Values("how", &["auto", "user", "admin", "created", "unlink"]),
+            ],
+        }
+    }
+
+    /// Every label-value combination of the family, given the configured providers.
+    pub fn series(self, providers: &[String]) -> Vec<Vec<String>> {
+        let mut all: Vec<Vec<String>> = vec![Vec::new()];
+        for label in self.labels() {
+            let values: Vec<String> = match label {
+                Label::Values(_, v) => v.iter().map(|s| s.to_string()).collect(),
+                Label::Provider => providers.to_vec(),
+            };
+            all = all
+                .into_iter()
+                .flat_map(|prefix| {
+                    values.iter().map(move |v| {
+                        let mut s = prefix.clone();
+                        s.push(v.clone());
+                        s
+                    })
+                })
+                .collect();
+        }
+        all
+    }
+
+    /// Whether `values` are declared for the family (a provider label takes any id).
+    pub fn declares(self, values: &[&str]) -> bool {
+        let labels = self.labels();
+        labels.len() == values.len()
+            && labels.iter().zip(values).all(|(l, v)| match l {
+                Label::Values(_, known) => known.contains(v),
+                Label::Provider => true,
+            })
+    }
+}
+
 /// How a reload ended (the `result` label of [`CONFIG_RELOADS_TOTAL`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ReloadResult {
@@ -218,42 +529,42 @@ pub struct Metrics {
     route_families: RouteFamilies,
     /// Serialises [`Metrics::ensure_routes`].
     routes_grow: Mutex<()>,
-    pub config_reloads: IntCounterVec,
+    config_reloads: IntCounterVec,
     pub config_loaded: Gauge,
     /// 0 while the file on disk was refused by the last reload (the running config is older).
     pub config_last_reload_ok: IntGauge,
     /// 1 when keys changed in the file that only a restart applies.
     pub config_restart_pending: IntGauge,
-    pub logins: IntCounterVec,
-    pub revocations: IntCounterVec,
+    logins: IntCounterVec,
+    revocations: IntCounterVec,
     pub view_revoked_sessions: IntGauge,
     pub view_user_cutoffs: IntGauge,
     pub view_sequence: IntGauge,
     pub sync_last_success: Gauge,
     pub sync_errors: IntCounter,
-    pub store_errors: IntCounterVec,
-    pub second_factor: IntCounterVec,
+    store_errors: IntCounterVec,
+    second_factor: IntCounterVec,
     pub lockouts: IntCounter,
-    pub active_sessions: IntGaugeVec,
+    active_sessions: IntGaugeVec,
     pub sync_lag: Gauge,
     pub websockets_open: IntGauge,
-    pub media_tokens_bound: IntCounterVec,
-    pub media_logouts: IntCounterVec,
+    media_tokens_bound: IntCounterVec,
+    media_logouts: IntCounterVec,
     pub view_media_tokens: IntGauge,
     pub playback_grants: IntGauge,
     pub connections_closed: IntCounter,
     /// Client connections the admission watchman shut, by `proxy::admission::Closed`.
-    pub connections_dropped: IntCounterVec,
+    connections_dropped: IntCounterVec,
     pub sync_resyncs: IntCounter,
     pub view_bytes: IntGauge,
     pub push_connected: IntGauge,
     /// Single sign-on callbacks by provider and result (`success`, `pending` or the typed
     /// reason of a refusal: see `app::sso::SsoError::label`).
-    pub oidc_logins: IntCounterVec,
+    oidc_logins: IntCounterVec,
     /// Back-channel logouts by provider and result (`success` or the typed reason).
-    pub oidc_backchannel: IntCounterVec,
+    oidc_backchannel: IntCounterVec,
     /// Links made and removed, by provider and how (`auto`, `user`, `admin`, `unlink`).
-    pub oidc_links: IntCounterVec,
+    oidc_links: IntCounterVec,
     /// 1 when the route's upstream answered its last probe (at start, or for `/readyz`).
     pub upstream_up: IntGaugeVec,
 }
@@ -289,9 +600,6 @@ impl Metrics {
             ),
             &["scope"],
         )?;
-        for scope in ["session", "user", "everyone", "media"] {
-            revocations.with_label_values(&[scope]);
-        }
         let view_revoked_sessions = IntGauge::new(
             VIEW_REVOKED_SESSIONS,
             "Revoked, unexpired session ids held in the revocation view.",
@@ -381,9 +689,6 @@ impl Metrics {
             ),
             &["reason"],
         )?;
-        for reason in ["head_timeout", "per_ip_cap"] {
-            connections_dropped.with_label_values(&[reason]);
-        }
         let sync_resyncs = IntCounter::new(
             SYNC_RESYNCS_TOTAL,
             "Times the revocation view was rebuilt from a store snapshot (a gap in the event log, \
@@ -434,12 +739,6 @@ impl Metrics {
             &["route"],
         )?;
         registry.register(Box::new(upstream_up.clone()))?;
-        for source in ["media_password", "quick_connect", "adopted"] {
-            media_tokens_bound.with_label_values(&[source]);
-        }
-        for result in ["done", "gone", "retry", "unreadable"] {
-            media_logouts.with_label_values(&[result]);
-        }
         let build_info = IntGaugeVec::new(
             Opts::new(BUILD_INFO, "Build information; the value is always 1."),
             &["version", "store"],
@@ -485,9 +784,6 @@ impl Metrics {
             ),
             &["result"],
         )?;
-        for r in ReloadResult::ALL {
-            config_reloads.with_label_values(&[r.as_str()]);
-        }
         let config_loaded = Gauge::new(
             CONFIG_LOADED_TIMESTAMP,
             "When the configuration in force was loaded (start or last applied reload).",
@@ -515,7 +811,7 @@ impl Metrics {
             .iter()
             .map(|name| Arc::new(route_families.counters(name)))
             .collect();
-        Ok(Metrics {
+        let metrics = Metrics {
             registry,
             routes: ArcSwap::from_pointee(routes),
             no_route: Arc::new(route_families.counters(NO_ROUTE_LABEL)),
@@ -551,17 +847,69 @@ impl Metrics {
             oidc_backchannel,
             oidc_links,
             upstream_up,
-        })
+        };
+        metrics.show_at_zero(&[]);
+        Ok(metrics)
     }
 
-    /// Shows every provider's main series at zero from the start.
-    pub fn register_oidc_providers(&self, ids: &[String]) {
-        for id in ids {
-            for result in ["success", "pending"] {
-                self.oidc_logins.with_label_values(&[id, result]);
+    /// Makes every declared series of the families exist (at zero), for `providers` where a
+    /// family is per provider.
+    fn show_at_zero(&self, providers: &[String]) {
+        for family in Family::ALL {
+            let per_provider = family.labels().contains(&Label::Provider);
+            if per_provider == providers.is_empty() {
+                continue;
             }
-            self.oidc_backchannel.with_label_values(&[id, "success"]);
+            for series in family.series(providers) {
+                let values: Vec<&str> = series.iter().map(String::as_str).collect();
+                match family {
+                    Family::ActiveSessions => {
+                        self.active_sessions.with_label_values(&values);
+                    }
+                    _ => {
+                        self.counter(family, &values);
+                    }
+                }
+            }
         }
+    }
+
+    /// Shows every provider's series at zero from the start.
+    pub fn register_oidc_providers(&self, ids: &[String]) {
+        if !ids.is_empty() {
+            self.show_at_zero(ids);
+        }
+    }
+
+    /// The gauge of live sessions of `kind` (`web`, `api`, `media`).
+    pub fn active_sessions(&self, kind: &str) -> IntGauge {
+        debug_assert!(Family::ActiveSessions.declares(&[kind]), "kind {kind}");
+        self.active_sessions.with_label_values(&[kind])
+    }
+
+    /// The counter of `family` with label `values`. A value the family does not declare would
+    /// appear only after its first increment: a bug, caught here in debug builds (the tests).
+    pub fn counter(&self, family: Family, values: &[&str]) -> IntCounter {
+        debug_assert!(
+            family.declares(values),
+            "{} does not declare {values:?}",
+            family.name()
+        );
+        let vec = match family {
+            Family::Logins => &self.logins,
+            Family::SecondFactor => &self.second_factor,
+            Family::StoreErrors => &self.store_errors,
+            Family::Revocations => &self.revocations,
+            Family::MediaTokensBound => &self.media_tokens_bound,
+            Family::MediaLogouts => &self.media_logouts,
+            Family::ConnectionsDropped => &self.connections_dropped,
+            Family::ConfigReloads => &self.config_reloads,
+            Family::OidcLogins => &self.oidc_logins,
+            Family::OidcBackchannel => &self.oidc_backchannel,
+            Family::OidcLinks => &self.oidc_links,
+            Family::ActiveSessions => unreachable!("{} is a gauge", family.name()),
+        };
+        vec.with_label_values(values)
     }
 
     /// Counters of route `index`, or of the no-route label when `None`.

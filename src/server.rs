@@ -117,8 +117,8 @@ fn spawn_watchman(admission: Arc<Admission>, port: u16, app: Arc<App>) -> Result
             for (socket, why) in admission.review(&sockets, Instant::now()) {
                 if admission::shut(socket, port) {
                     app.metrics
-                        .connections_dropped
-                        .with_label_values(&[why.as_str()])
+                        .counter(crate::metrics::Family::ConnectionsDropped
+                        , &[why.as_str()])
                         .inc();
                     tracing::info!(peer = %socket.peer, reason = why.as_str(), "client connection closed");
                 }

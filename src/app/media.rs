@@ -137,8 +137,7 @@ impl App {
         let method_label = login.method_label();
         let count = |result: &str| {
             self.metrics
-                .logins
-                .with_label_values(&[method_label, result])
+                .counter(crate::metrics::Family::Logins, &[method_label, result])
                 .inc();
         };
         if let Gate::Wait(d) | Gate::Locked(d) = self.throttle.ip_gate(req.client.ip_addr(), now) {
@@ -324,8 +323,7 @@ impl App {
             }
         }
         self.metrics
-            .media_tokens_bound
-            .with_label_values(&[source])
+            .counter(crate::metrics::Family::MediaTokensBound, &[source])
             .inc();
         count("success");
         let mut e = self.audit_entry(
@@ -589,8 +587,7 @@ impl App {
             .await
             .ok()?;
         self.metrics
-            .media_tokens_bound
-            .with_label_values(&["adopted"])
+            .counter(crate::metrics::Family::MediaTokensBound, &["adopted"])
             .inc();
         let mut e = self.audit_entry(
             "media_token_adopted",
@@ -809,8 +806,7 @@ impl App {
                 // be sent. The token is refused by the gateway regardless.
                 tracing::warn!(route = %o.route, "media token cannot be logged out upstream");
                 self.metrics
-                    .media_logouts
-                    .with_label_values(&["unreadable"])
+                    .counter(crate::metrics::Family::MediaLogouts, &["unreadable"])
                     .inc();
                 if let Err(e) = self.store.media_logout_done(o.sid, now).await {
                     self.store_error("media_logout_done", e);
@@ -830,10 +826,14 @@ impl App {
                 Ok(401 | 403 | 404) => "gone",
                 _ => "retry",
             };
-            self.metrics.media_logouts.with_label_values(&[label]).inc();
+            self.metrics
+                .counter(crate::metrics::Family::MediaLogouts, &[label])
+                .inc();
             if label != "retry" {
                 // A media token ended at the media server too.
-                self.metrics.revocations.with_label_values(&["media"]).inc();
+                self.metrics
+                    .counter(crate::metrics::Family::Revocations, &["media"])
+                    .inc();
             }
             let stored = if label == "retry" {
                 let next = now + backoff_ms(o.attempts);

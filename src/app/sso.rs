@@ -523,7 +523,9 @@ impl App {
             }
             Err(e) => return Err(e.into()),
         }
-        self.metrics.oidc_links.with_label_values(&[pid, how]).inc();
+        self.metrics
+            .counter(crate::metrics::Family::OidcLinks, &[pid, how])
+            .inc();
         let mut e = self.audit_entry("sso_link", "success", Some((user_id, user_name)), client);
         e.detail = format!("provider {pid} ({how})");
         self.audit(e).await;
@@ -579,8 +581,7 @@ impl App {
         let removed = self.store.unlink_oidc(provider, user_id).await?;
         if removed {
             self.metrics
-                .oidc_links
-                .with_label_values(&[provider, "unlink"])
+                .counter(crate::metrics::Family::OidcLinks, &[provider, "unlink"])
                 .inc();
             let mut e =
                 self.audit_entry("sso_unlink", "success", Some((user_id, user_name)), client);

@@ -138,8 +138,7 @@ impl Reloader {
         }
         self.app
             .metrics
-            .config_reloads
-            .with_label_values(&[result.as_str()])
+            .counter(crate::metrics::Family::ConfigReloads, &[result.as_str()])
             .inc();
         let mut entry = self.app.audit_entry(
             "config_reload",

@@ -8,6 +8,7 @@ mod standin;
 mod upstream;
 
 mod account;
+mod ambiguous;
 mod atk_carriers;
 mod atk_credentials;
 mod atk_headers;
@@ -22,6 +23,7 @@ mod browser;
 mod cli;
 mod container;
 mod failures;
+mod first_scrape;
 mod forward_auth;
 mod fuzz_corpus;
 pub(crate) mod jellyfin;
