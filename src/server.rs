@@ -35,14 +35,15 @@ pub mod reload;
 pub enum ServeError {
     #[error(transparent)]
     Start(#[from] StartError),
-    #[error("cannot listen on {addr} ({what}): {source}")]
+    /// The cause is part of the message (not a source), so it is printed once, before the hint.
+    #[error("cannot listen on {addr} ({what}): {cause}{hint}")]
     Listen {
         addr: String,
         what: &'static str,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
+        hint: &'static str,
     },
-    #[error("cannot start the control runtime: {0}")]
+    #[error("cannot start the control runtime")]
     Runtime(#[source] std::io::Error),
     #[error("cannot create the first admin account: {0}")]
     Bootstrap(String),
@@ -50,7 +51,7 @@ pub enum ServeError {
     Proxy(String),
     #[error("the upgrade socket path {0} is longer than a unix socket path may be ({max} bytes); choose a shorter server.data_dir", max = upgrade::MAX_SOCKET_PATH)]
     UpgradeSocketPath(String),
-    #[error("cannot start the {what} thread: {source}")]
+    #[error("cannot start the {what} thread")]
     Thread {
         what: &'static str,
         #[source]
@@ -58,6 +59,27 @@ pub enum ServeError {
     },
     #[error(transparent)]
     DataDir(#[from] crate::datadir::DataDirError),
+}
+
+impl ServeError {
+    /// A listener that could not be bound, named by its config key.
+    fn listen(addr: std::net::SocketAddr, what: &'static str, source: std::io::Error) -> Self {
+        let hint = match source.kind() {
+            std::io::ErrorKind::AddrInUse => {
+                "; is another Portcullis, or another program, already listening there?"
+            }
+            std::io::ErrorKind::PermissionDenied => {
+                "; ports below 1024 need CAP_NET_BIND_SERVICE (the systemd unit grants it)"
+            }
+            _ => "",
+        };
+        ServeError::Listen {
+            addr: addr.to_string(),
+            what,
+            cause: source,
+            hint,
+        }
+    }
 }
 
 /// How `serve` starts.
@@ -303,11 +325,8 @@ pub fn serve(config: Config, opts: ServeOptions) -> Result<(), ServeError> {
             (listen, "server.listen"),
             (admin_addr, "server.admin_listen"),
         ] {
-            std::net::TcpListener::bind(addr).map_err(|source| ServeError::Listen {
-                addr: addr.to_string(),
-                what,
-                source,
-            })?;
+            std::net::TcpListener::bind(addr)
+                .map_err(|source| ServeError::listen(addr, what, source))?;
         }
     }
     let data_dir = config.server.data_dir.clone();
@@ -336,11 +355,7 @@ pub fn serve(config: Config, opts: ServeOptions) -> Result<(), ServeError> {
 
     let admin_listener = control
         .block_on(async { bind_admin(admin_addr) })
-        .map_err(|source| ServeError::Listen {
-            addr: admin_addr.to_string(),
-            what: "server.admin_listen",
-            source,
-        })?;
+        .map_err(|source| ServeError::listen(admin_addr, "server.admin_listen", source))?;
     let admin = web::admin_router(app.clone());
     let stop_admin = Arc::new(tokio::sync::Notify::new());
     let stop = stop_admin.clone();

@@ -43,6 +43,7 @@ mod revocation;
 mod slowloris;
 mod smuggling;
 pub(crate) mod standin_fidelity;
+mod startup;
 mod streaming;
 mod systemd;
 mod tls;
