@@ -382,4 +382,70 @@ mod tests {
             Err(CarrierError::BadToken)
         );
     }
+
+    /// Every pair of carriers (the same carrier twice included): two different tokens are
+    /// refused whichever carriers hold them, the same token twice is that token.
+    #[test]
+    fn every_carrier_pair_with_two_tokens_is_refused() {
+        type Put = fn(&mut HeaderMap, &mut Vec<String>, &str);
+        let carriers: [(&str, Put); 9] = [
+            ("Authorization MediaBrowser", |h, _, t| {
+                h.append(
+                    "authorization",
+                    format!("MediaBrowser Client=\"c\", Token=\"{t}\"")
+                        .parse()
+                        .unwrap(),
+                );
+            }),
+            ("Authorization Emby", |h, _, t| {
+                h.append(
+                    "authorization",
+                    format!("Emby Token=\"{t}\"").parse().unwrap(),
+                );
+            }),
+            ("X-Emby-Authorization", |h, _, t| {
+                h.append(
+                    "x-emby-authorization",
+                    format!("MediaBrowser Token=\"{t}\"").parse().unwrap(),
+                );
+            }),
+            ("X-Emby-Token", |h, _, t| {
+                h.append("x-emby-token", t.parse().unwrap());
+            }),
+            ("X-MediaBrowser-Token", |h, _, t| {
+                h.append("x-mediabrowser-token", t.parse().unwrap());
+            }),
+            ("?ApiKey", |_, q, t| q.push(format!("ApiKey={t}"))),
+            ("?api_key", |_, q, t| q.push(format!("api_key={t}"))),
+            ("?APIKEY", |_, q, t| q.push(format!("APIKEY={t}"))),
+            ("?X-Emby-Token", |_, q, t| {
+                q.push(format!("X-Emby-Token={t}"))
+            }),
+        ];
+        let mut pairs = 0;
+        for (first, put_first) in &carriers {
+            for (second, put_second) in &carriers {
+                for (b, expect) in [("tokenB", Err(CarrierError::TwoTokens)), ("tokenA", Ok(()))] {
+                    let (mut h, mut q) = (HeaderMap::new(), Vec::new());
+                    put_first(&mut h, &mut q, "tokenA");
+                    put_second(&mut h, &mut q, b);
+                    let query = q.join("&");
+                    let got = extract(
+                        &h,
+                        Some(&query).filter(|q| !q.is_empty()).map(|q| q.as_str()),
+                    );
+                    match expect {
+                        Err(e) => assert_eq!(got.err(), Some(e), "{first} + {second}"),
+                        Ok(()) => assert_eq!(
+                            got.map(|c| c.token),
+                            Ok(Some("tokenA".to_string())),
+                            "{first} + {second}"
+                        ),
+                    }
+                    pairs += 1;
+                }
+            }
+        }
+        assert_eq!(pairs, 9 * 9 * 2);
+    }
 }

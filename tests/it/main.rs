@@ -42,6 +42,7 @@ mod replicas;
 mod revocation;
 mod slowloris;
 mod smuggling;
+mod soak;
 pub(crate) mod standin_fidelity;
 mod startup;
 mod streaming;
