@@ -124,6 +124,10 @@ fn slope(points: &[(f64, f64)]) -> f64 {
     }
 }
 
+/// A sampled quantity: its name, how to read it from a sample, and how much it may grow over
+/// the second half.
+type Check = (&'static str, fn(&Sample) -> u64, f64);
+
 /// The mix's clients: each loops until `stop`, counting completed operations.
 async fn gateway_user(gw: Arc<Gateway>, stop: Arc<AtomicBool>, ops: Arc<AtomicU64>) {
     let http = client();
@@ -306,7 +310,7 @@ async fn soak(store: Option<&Schema>) {
     // Allowances for the growth over the second half: memory may settle by a few MiB (the
     // allocator, the revocation view's legitimate entries for the sessions signed out); counts
     // of descriptors, threads and connections by the noise of what is in flight at a sample.
-    let checks: [(&str, fn(&Sample) -> u64, f64); 4] = [
+    let checks: [Check; 4] = [
         ("rss_kib", |s| s.rss_kib, 8.0 * 1024.0),
         ("fds", |s| s.fds, 6.0),
         ("threads", |s| s.threads, 2.0),
