@@ -88,7 +88,8 @@ pub const ALL_FAMILIES: &[&str] = &[
 /// configured (routes, single sign-on providers).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Label {
-    Values(&'static str, &'static [&'static str]),
+    /// A label's name and its values, in groups (a family may share a group with another).
+    Values(&'static str, &'static [&'static [&'static str]]),
     /// The `provider` label: the configured single sign-on providers' ids.
     Provider,
 }
@@ -115,8 +116,8 @@ pub enum Family {
     OidcLinks,
 }
 
-/// The results of a login, gateway or media-server (`portcullis_logins_total{result}`).
-const LOGIN_RESULTS: &[&str] = &[
+/// The results of a gateway login (`LoginError` labels, and success or a step still owed).
+const GATEWAY_LOGIN_RESULTS: &[&str] = &[
     "success",
     "pending",
     "invalid_credentials",
@@ -131,7 +132,10 @@ const LOGIN_RESULTS: &[&str] = &[
     "password_policy",
     "store_unavailable",
     "internal_error",
-    // Media-server logins only.
+];
+
+/// Results only a media-server login has.
+const MEDIA_LOGIN_RESULTS: &[&str] = &[
     "refused_by_policy",
     "invalid_request",
     "not_approved",
@@ -169,8 +173,8 @@ const STORE_OPERATIONS: &[&str] = &[
     "use_recovery_code",
 ];
 
-/// Why a single sign-on login ended as it did (`portcullis_oidc_logins_total{result}`).
-const OIDC_LOGIN_RESULTS: &[&str] = &[
+/// How a single sign-on login ended, before any token or gateway-login refusal (`SsoError`).
+const SSO_RESULTS: &[&str] = &[
     "success",
     "pending",
     "linked",
@@ -180,49 +184,15 @@ const OIDC_LOGIN_RESULTS: &[&str] = &[
     "state_mismatch",
     "provider_denied",
     "provider_error",
-    // ID-token and logout-token refusals (`oidc::TokenRefusal`).
-    "malformed",
-    "wrong_algorithm",
-    "unknown_key",
-    "bad_signature",
-    "wrong_issuer",
-    "wrong_audience",
-    "wrong_azp",
-    "expired",
-    "issued_in_future",
-    "not_yet_valid",
-    "too_old",
-    "wrong_nonce",
-    "no_subject",
-    "not_logout_token",
-    "nonce_in_logout_token",
-    "no_sub_or_sid",
-    "no_jti",
     "not_linked",
     "link_conflict",
     "admin_not_auto_linked",
     "not_signed_in",
     "store_unavailable",
-    // A sign-on whose gateway login step was refused (the gateway login results).
-    "invalid_credentials",
-    "throttled",
-    "locked",
-    "disabled",
-    "second_factor_required",
-    "invalid_code",
-    "restart_login",
-    "password_reset_required",
-    "second_factor_enrollment_required",
-    "password_policy",
-    "internal_error",
 ];
 
-const OIDC_BACKCHANNEL_RESULTS: &[&str] = &[
-    "success",
-    "unknown_provider",
-    "not_discovered",
-    "missing_token",
-    // ID-token and logout-token refusals (`oidc::TokenRefusal`).
+/// ID-token and logout-token refusals (`oidc::TokenRefusal`).
+const TOKEN_REFUSALS: &[&str] = &[
     "malformed",
     "wrong_algorithm",
     "unknown_key",
@@ -240,6 +210,14 @@ const OIDC_BACKCHANNEL_RESULTS: &[&str] = &[
     "nonce_in_logout_token",
     "no_sub_or_sid",
     "no_jti",
+];
+
+/// Back-channel logout results before any token refusal (`BackchannelError`).
+const BACKCHANNEL_RESULTS: &[&str] = &[
+    "success",
+    "unknown_provider",
+    "not_discovered",
+    "missing_token",
     "replayed",
     "store_unavailable",
 ];
@@ -284,18 +262,18 @@ impl Family {
             Family::Logins => &[
                 Values(
                     "method",
-                    &["password", "api", "media_password", "quick_connect"],
+                    &[&["password", "api", "media_password", "quick_connect"]],
                 ),
-                Values("result", LOGIN_RESULTS),
+                Values("result", &[GATEWAY_LOGIN_RESULTS, MEDIA_LOGIN_RESULTS]),
             ],
             Family::SecondFactor => &[
-                Values("method", &["totp", "recovery_code"]),
-                Values("result", &["success", "failure"]),
+                Values("method", &[&["totp", "recovery_code"]]),
+                Values("result", &[&["success", "failure"]]),
             ],
-            Family::StoreErrors => &[Values("operation", STORE_OPERATIONS)],
+            Family::StoreErrors => &[Values("operation", &[STORE_OPERATIONS])],
             Family::Revocations => &[Values(
                 "scope",
-                &[
+                &[&[
                     "session",
                     "user",
                     "everyone",
@@ -305,21 +283,36 @@ impl Family {
                     "media_bound",
                     "media_note",
                     "media",
-                ],
+                ]],
             )],
             Family::MediaTokensBound => &[Values(
                 "source",
-                &["media_password", "quick_connect", "adopted"],
+                &[&["media_password", "quick_connect", "adopted"]],
             )],
-            Family::MediaLogouts => &[Values("result", &["done", "gone", "retry", "unreadable"])],
-            Family::ConnectionsDropped => &[Values("reason", &["head_timeout", "per_ip_cap"])],
-            Family::ConfigReloads => &[Values("result", &["applied", "needs_restart", "refused"])],
-            Family::ActiveSessions => &[Values("kind", &["web", "api", "media"])],
-            Family::OidcLogins => &[Provider, Values("result", OIDC_LOGIN_RESULTS)],
-            Family::OidcBackchannel => &[Provider, Values("result", OIDC_BACKCHANNEL_RESULTS)],
+            Family::MediaLogouts => &[Values(
+                "result",
+                &[&["done", "gone", "retry", "unreadable"]],
+            )],
+            Family::ConnectionsDropped => &[Values("reason", &[&["head_timeout", "per_ip_cap"]])],
+            Family::ConfigReloads => &[Values(
+                "result",
+                &[&["applied", "needs_restart", "refused"]],
+            )],
+            Family::ActiveSessions => &[Values("kind", &[&["web", "api", "media"]])],
+            Family::OidcLogins => &[
+                Provider,
+                Values(
+                    "result",
+                    &[SSO_RESULTS, TOKEN_REFUSALS, GATEWAY_LOGIN_RESULTS],
+                ),
+            ],
+            Family::OidcBackchannel => &[
+                Provider,
+                Values("result", &[BACKCHANNEL_RESULTS, TOKEN_REFUSALS]),
+            ],
             Family::OidcLinks => &[
                 Provider,
-                Values("how", &["auto", "user", "admin", "created", "unlink"]),
+                Values("how", &[&["auto", "user", "admin", "created", "unlink"]]),
             ],
         }
     }
@@ -328,10 +321,16 @@ impl Family {
     pub fn series(self, providers: &[String]) -> Vec<Vec<String>> {
         let mut all: Vec<Vec<String>> = vec![Vec::new()];
         for label in self.labels() {
-            let values: Vec<String> = match label {
-                Label::Values(_, v) => v.iter().map(|s| s.to_string()).collect(),
+            let mut values: Vec<String> = match label {
+                Label::Values(_, groups) => groups
+                    .iter()
+                    .flat_map(|g| g.iter())
+                    .map(|s| s.to_string())
+                    .collect(),
                 Label::Provider => providers.to_vec(),
             };
+            let mut seen = std::collections::HashSet::new();
+            values.retain(|v| seen.insert(v.clone()));
             all = all
                 .into_iter()
                 .flat_map(|prefix| {
@@ -351,7 +350,7 @@ impl Family {
         let labels = self.labels();
         labels.len() == values.len()
             && labels.iter().zip(values).all(|(l, v)| match l {
-                Label::Values(_, known) => known.contains(v),
+                Label::Values(_, groups) => groups.iter().any(|g| g.contains(v)),
                 Label::Provider => true,
             })
     }
