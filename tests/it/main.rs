@@ -10,6 +10,7 @@ mod upstream;
 mod account;
 mod atk_carriers;
 mod atk_credentials;
+mod atk_csrf;
 mod atk_headers;
 mod atk_passwords;
 mod atk_paths;
