@@ -15,6 +15,7 @@ mod atk_headers;
 mod atk_passwords;
 mod atk_paths;
 mod atk_redirects;
+mod atk_revocation;
 mod atk_second_factor;
 mod atk_websocket;
 mod backup;
