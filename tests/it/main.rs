@@ -8,6 +8,7 @@ mod standin;
 mod upstream;
 
 mod account;
+mod atk_brute_force;
 mod atk_carriers;
 mod atk_credentials;
 mod atk_csrf;
