@@ -718,7 +718,18 @@ impl App {
         if user.disabled {
             return Err(LoginError::Disabled);
         }
+        // A pending login that finished its step (or ran out of tries) is spent.
+        if self.pending_tries.get(&claims.jti).unwrap_or(0) >= PENDING_MAX_TRIES {
+            return Err(LoginError::RestartLogin);
+        }
         Ok((claims, user))
+    }
+
+    /// Marks a pending login as used, so its cookie cannot finish a step again (ATK-44: a
+    /// pending login is single use). Held in this instance's memory for the token's lifetime.
+    pub(crate) fn spend_pending(&self, jti: &str) {
+        self.pending_tries
+            .insert(jti.to_string(), PENDING_MAX_TRIES);
     }
 
     /// The second step of a form login: the TOTP or recovery code.
@@ -731,9 +742,6 @@ impl App {
     ) -> Result<LoginStep, LoginError> {
         let (claims, user) = self.pending_user(pending_token, PendingStage::Totp).await?;
         let tries = self.pending_tries.get(&claims.jti).unwrap_or(0);
-        if tries >= PENDING_MAX_TRIES {
-            return Err(LoginError::RestartLogin);
-        }
         match account_gate(
             user.failed_logins,
             user.last_failure_ms,
@@ -748,6 +756,7 @@ impl App {
             self.pending_tries.insert(claims.jti.clone(), tries + 1);
             return Err(e);
         }
+        self.spend_pending(&claims.jti);
         let first = if claims.sso.is_some() { "sso" } else { "pwd" };
         self.after_factors(
             &user,

@@ -13,7 +13,7 @@ mod sso;
 
 use std::sync::Arc;
 
-use axum::extract::State;
+use axum::extract::{FromRequest, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -206,6 +206,43 @@ async fn refuse_cross_site(
     next.run(req).await
 }
 
+/// A urlencoded form body whose refusal is the gateway's own page with a precise status: 415
+/// for another content type (e.g. `text/plain` with a JSON body), 413 over the body limit, and
+/// 400 for a form that lacks a field or cannot be read (axum's own answer would be a plain-text
+/// 422). CSRF fields default to empty, so a form without one is refused by the CSRF check (403).
+pub(crate) struct PageForm<T>(pub T);
+
+impl<T, S> FromRequest<S> for PageForm<T>
+where
+    T: serde::de::DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = Response;
+
+    async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, Response> {
+        match axum::Form::<T>::from_request(req, state).await {
+            Ok(axum::Form(value)) => Ok(PageForm(value)),
+            Err(rejection) => {
+                let status = match rejection.status() {
+                    s @ (StatusCode::UNSUPPORTED_MEDIA_TYPE | StatusCode::PAYLOAD_TOO_LARGE) => s,
+                    _ => StatusCode::BAD_REQUEST,
+                };
+                tracing::info!(status = status.as_u16(), "form refused");
+                Err(no_store(
+                    (
+                        status,
+                        pages::message(
+                            "Not processed",
+                            "The form was incomplete or not sent as a form, so nothing was changed.",
+                        ),
+                    )
+                        .into_response(),
+                ))
+            }
+        }
+    }
+}
+
 pub(crate) fn forbidden_cross_site() -> Response {
     no_store(
         (
@@ -256,7 +293,10 @@ pub(crate) fn to_login(path: &str) -> Response {
 
 async fn home(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
     match identity(&app, &headers) {
-        Some((id, _)) => no_store(pages::home(&id.name).into_response()),
+        Some((id, _)) => {
+            let csrf = app.secrets.csrf_token(&id.sid.to_string());
+            no_store(pages::home(&id.name, &csrf).into_response())
+        }
         None => redirect(LOGIN_PATH),
     }
 }

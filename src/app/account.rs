@@ -340,6 +340,7 @@ impl App {
         {
             self.apply(&[ev]);
         }
+        self.spend_pending(&claims.jti);
         let mut e = self.audit_entry(
             "password_change",
             "success",
@@ -451,6 +452,7 @@ impl App {
                 AccountError::Unavailable(s) => LoginError::Unavailable(s),
                 _ => LoginError::RestartLogin,
             })?;
+        self.spend_pending(&claims.jti);
         let user = self.user(user.id).await.map_err(|_| LoginError::Internal)?;
         let first = if claims.sso.is_some() { "sso" } else { "pwd" };
         let step = self

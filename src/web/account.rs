@@ -10,12 +10,12 @@ use std::sync::Arc;
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::{Extension, Form};
+use axum::Extension;
 use serde::Deserialize;
 
 use super::{
     cross_site, forbidden_cross_site, identity, no_store, pages, redirect, session_cookie,
-    store_unavailable, to_login, with_cookie, ACCOUNT_PATH, LOGIN_PATH,
+    store_unavailable, to_login, with_cookie, PageForm, ACCOUNT_PATH, LOGIN_PATH,
 };
 use crate::app::account::{AccountError, PasswordChange};
 use crate::app::{App, ClientInfo};
@@ -145,6 +145,7 @@ pub(crate) async fn page(
 #[derive(Deserialize)]
 pub(crate) struct DeviceForm {
     session: String,
+    #[serde(default)]
     csrf: String,
 }
 
@@ -152,7 +153,7 @@ pub(crate) async fn revoke_device(
     State(app): State<Arc<App>>,
     Extension(client): Extension<ClientInfo>,
     headers: HeaderMap,
-    Form(form): Form<DeviceForm>,
+    PageForm(form): PageForm<DeviceForm>,
 ) -> Response {
     let (id, _) = match form_identity(&app, &headers, &form.csrf) {
         Ok(v) => v,
@@ -175,6 +176,7 @@ pub(crate) async fn revoke_device(
 
 #[derive(Deserialize)]
 pub(crate) struct CsrfForm {
+    #[serde(default)]
     csrf: String,
 }
 
@@ -182,7 +184,7 @@ pub(crate) async fn signout_others(
     State(app): State<Arc<App>>,
     Extension(client): Extension<ClientInfo>,
     headers: HeaderMap,
-    Form(form): Form<CsrfForm>,
+    PageForm(form): PageForm<CsrfForm>,
 ) -> Response {
     let (id, kind) = match form_identity(&app, &headers, &form.csrf) {
         Ok(v) => v,
@@ -227,7 +229,7 @@ pub(crate) async fn signout_all(
     State(app): State<Arc<App>>,
     Extension(client): Extension<ClientInfo>,
     headers: HeaderMap,
-    Form(form): Form<CsrfForm>,
+    PageForm(form): PageForm<CsrfForm>,
 ) -> Response {
     let (id, _) = match form_identity(&app, &headers, &form.csrf) {
         Ok(v) => v,
@@ -252,6 +254,7 @@ pub(crate) struct PasswordForm {
     confirm: String,
     /// Present (any value) when "Sign out connected devices" is ticked.
     signout: Option<String>,
+    #[serde(default)]
     csrf: String,
 }
 
@@ -259,7 +262,7 @@ pub(crate) async fn change_password(
     State(app): State<Arc<App>>,
     Extension(client): Extension<ClientInfo>,
     headers: HeaderMap,
-    Form(form): Form<PasswordForm>,
+    PageForm(form): PageForm<PasswordForm>,
 ) -> Response {
     let (id, kind) = match form_identity(&app, &headers, &form.csrf) {
         Ok(v) => v,
@@ -333,6 +336,7 @@ pub(crate) async fn twofa_page(State(app): State<Arc<App>>, headers: HeaderMap) 
 pub(crate) struct EnableForm {
     enroll: String,
     code: String,
+    #[serde(default)]
     csrf: String,
 }
 
@@ -340,7 +344,7 @@ pub(crate) async fn twofa_enable(
     State(app): State<Arc<App>>,
     Extension(client): Extension<ClientInfo>,
     headers: HeaderMap,
-    Form(form): Form<EnableForm>,
+    PageForm(form): PageForm<EnableForm>,
 ) -> Response {
     let (id, _) = match form_identity(&app, &headers, &form.csrf) {
         Ok(v) => v,
@@ -379,6 +383,7 @@ pub(crate) async fn twofa_enable(
 pub(crate) struct DisableForm {
     password: String,
     code: String,
+    #[serde(default)]
     csrf: String,
 }
 
@@ -386,7 +391,7 @@ pub(crate) async fn twofa_disable(
     State(app): State<Arc<App>>,
     Extension(client): Extension<ClientInfo>,
     headers: HeaderMap,
-    Form(form): Form<DisableForm>,
+    PageForm(form): PageForm<DisableForm>,
 ) -> Response {
     let (id, _) = match form_identity(&app, &headers, &form.csrf) {
         Ok(v) => v,

@@ -9,12 +9,12 @@ use std::sync::Arc;
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::{Extension, Form};
+use axum::Extension;
 use serde::Deserialize;
 
 use super::{
     cross_site, forbidden_cross_site, identity, no_store, pages, redirect, store_unavailable,
-    to_login,
+    to_login, PageForm,
 };
 use crate::app::{now_ms, App, ClientInfo};
 use crate::auth::password::{check_policy, generate_password};
@@ -102,6 +102,7 @@ pub(crate) struct AddUser {
     name: String,
     password: Option<String>,
     admin: Option<String>,
+    #[serde(default)]
     csrf: String,
 }
 
@@ -109,7 +110,7 @@ pub(crate) async fn add_user(
     State(app): State<Arc<App>>,
     Extension(client): Extension<ClientInfo>,
     headers: HeaderMap,
-    Form(form): Form<AddUser>,
+    PageForm(form): PageForm<AddUser>,
 ) -> Response {
     let (_, actor) = match admin_form(&app, &headers, &form.csrf).await {
         Ok(v) => v,
@@ -170,6 +171,7 @@ fn bad(text: &str) -> Response {
 pub(crate) struct UserAction {
     name: String,
     action: String,
+    #[serde(default)]
     csrf: String,
 }
 
@@ -177,7 +179,7 @@ pub(crate) async fn user_action(
     State(app): State<Arc<App>>,
     Extension(client): Extension<ClientInfo>,
     headers: HeaderMap,
-    Form(form): Form<UserAction>,
+    PageForm(form): PageForm<UserAction>,
 ) -> Response {
     let (_, actor) = match admin_form(&app, &headers, &form.csrf).await {
         Ok(v) => v,
@@ -263,6 +265,7 @@ pub(crate) async fn user_action(
 #[derive(Deserialize)]
 pub(crate) struct RevokeForm {
     session: String,
+    #[serde(default)]
     csrf: String,
 }
 
@@ -270,7 +273,7 @@ pub(crate) async fn revoke_session(
     State(app): State<Arc<App>>,
     Extension(client): Extension<ClientInfo>,
     headers: HeaderMap,
-    Form(form): Form<RevokeForm>,
+    PageForm(form): PageForm<RevokeForm>,
 ) -> Response {
     let (_, actor) = match admin_form(&app, &headers, &form.csrf).await {
         Ok(v) => v,
@@ -295,6 +298,7 @@ pub(crate) async fn revoke_session(
 #[derive(Deserialize)]
 pub(crate) struct BreachForm {
     confirm: String,
+    #[serde(default)]
     csrf: String,
 }
 
@@ -302,7 +306,7 @@ pub(crate) async fn breach(
     State(app): State<Arc<App>>,
     Extension(client): Extension<ClientInfo>,
     headers: HeaderMap,
-    Form(form): Form<BreachForm>,
+    PageForm(form): PageForm<BreachForm>,
 ) -> Response {
     let (_, actor) = match admin_form(&app, &headers, &form.csrf).await {
         Ok(v) => v,

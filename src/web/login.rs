@@ -6,12 +6,12 @@ use std::sync::Arc;
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::{Extension, Form, Json};
+use axum::{Extension, Json};
 use serde::Deserialize;
 
 use super::{
     cross_site, forbidden_cross_site, no_store, pages, redirect, safe_return_path, session_cookie,
-    store_unavailable, with_cookie, LOGIN_PATH,
+    store_unavailable, with_cookie, PageForm, LOGIN_PATH,
 };
 use crate::app::{now_ms, App, Channel, ClientInfo, LoginError, LoginStep, PendingStage};
 use crate::auth::{self, cookie, AuthDecision, CredentialSource};
@@ -144,7 +144,7 @@ pub(crate) async fn login_form(
     State(app): State<Arc<App>>,
     Extension(client): Extension<ClientInfo>,
     headers: HeaderMap,
-    Form(form): Form<LoginFormData>,
+    PageForm(form): PageForm<LoginFormData>,
 ) -> Response {
     if cross_site(&app, &headers) {
         return forbidden_cross_site();
@@ -273,6 +273,7 @@ pub(crate) async fn totp_page(
 #[derive(Deserialize)]
 pub(crate) struct CodeForm {
     code: String,
+    #[serde(default)]
     csrf: String,
     rd: Option<String>,
 }
@@ -281,7 +282,7 @@ pub(crate) async fn totp_form(
     State(app): State<Arc<App>>,
     Extension(client): Extension<ClientInfo>,
     headers: HeaderMap,
-    Form(form): Form<CodeForm>,
+    PageForm(form): PageForm<CodeForm>,
 ) -> Response {
     let rd = safe_return_path(form.rd.as_deref());
     let token = match pending_form(&app, &headers, PendingStage::Totp, &form.csrf).await {
@@ -332,6 +333,7 @@ pub(crate) async fn password_page(
 pub(crate) struct NewPasswordForm {
     new_password: String,
     confirm: String,
+    #[serde(default)]
     csrf: String,
     rd: Option<String>,
 }
@@ -340,7 +342,7 @@ pub(crate) async fn password_form(
     State(app): State<Arc<App>>,
     Extension(client): Extension<ClientInfo>,
     headers: HeaderMap,
-    Form(form): Form<NewPasswordForm>,
+    PageForm(form): PageForm<NewPasswordForm>,
 ) -> Response {
     let rd = safe_return_path(form.rd.as_deref());
     let token = match pending_form(&app, &headers, PendingStage::Password, &form.csrf).await {
@@ -396,6 +398,7 @@ pub(crate) async fn enroll_page(
 pub(crate) struct EnrollForm {
     enroll: String,
     code: String,
+    #[serde(default)]
     csrf: String,
     rd: Option<String>,
 }
@@ -404,7 +407,7 @@ pub(crate) async fn enroll_form(
     State(app): State<Arc<App>>,
     Extension(client): Extension<ClientInfo>,
     headers: HeaderMap,
-    Form(form): Form<EnrollForm>,
+    PageForm(form): PageForm<EnrollForm>,
 ) -> Response {
     let rd = safe_return_path(form.rd.as_deref());
     let token = match pending_form(&app, &headers, PendingStage::Enroll, &form.csrf).await {
@@ -493,10 +496,21 @@ pub(crate) async fn api_login(
     }
 }
 
+#[derive(Deserialize)]
+pub(crate) struct LogoutForm {
+    #[serde(default)]
+    csrf: String,
+}
+
+/// `POST /_portcullis/logout`: a Bearer session ends with 204; a cookie session only with the
+/// CSRF token of the page's sign-out form (the cookie is ambient, so without the token a forged
+/// post could sign the victim out), else 403 and nothing ends. A request without a live session
+/// just gets the cookie cleared.
 pub(crate) async fn logout(
     State(app): State<Arc<App>>,
     Extension(client): Extension<ClientInfo>,
     headers: HeaderMap,
+    form: Result<axum::Form<LogoutForm>, axum::extract::rejection::FormRejection>,
 ) -> Response {
     if cross_site(&app, &headers) {
         return forbidden_cross_site();
@@ -511,6 +525,11 @@ pub(crate) async fn logout(
     let mut end_session = None;
     if let AuthDecision::Allow(identity) = decision {
         if source == Some(CredentialSource::Cookie) {
+            let csrf = form.as_ref().map(|f| f.csrf.as_str()).unwrap_or("");
+            if !app.secrets.csrf_ok(&identity.sid.to_string(), csrf) {
+                tracing::info!(ip = %client.ip, "cookie logout without its CSRF token refused");
+                return forbidden_cross_site();
+            }
             end_session = app.sso_end_session_url(identity.sid).await;
         }
         if let Err(e) = app.revoke_session(identity.sid).await {
@@ -576,7 +595,7 @@ pub(crate) async fn reset_form(
     Extension(client): Extension<ClientInfo>,
     headers: HeaderMap,
     Path(token): Path<String>,
-    Form(form): Form<ResetForm>,
+    PageForm(form): PageForm<ResetForm>,
 ) -> Response {
     if cross_site(&app, &headers) {
         return forbidden_cross_site();

@@ -423,7 +423,7 @@ pub fn account(
 <label class=\"check\"><input type=\"checkbox\" id=\"signout\" name=\"signout\" value=\"1\" checked> Sign out connected devices</label>\
 <button type=\"submit\">Change password</button></form></section>\
 {sso}<section><h2>Two-factor authentication</h2><p>{}</p></section>\
-<section><form method=\"post\" action=\"/_portcullis/logout\">\
+<section><form method=\"post\" action=\"/_portcullis/logout\">{}\
 <button type=\"submit\" class=\"secondary\">Sign out of this device</button></form></section>",
             escape(&user.name),
             error_block(error),
@@ -435,6 +435,7 @@ pub fn account(
             } else {
                 "Off. <a href=\"/_portcullis/account/2fa\">Turn it on</a>"
             },
+            hidden("csrf", csrf),
         ),
         true,
     )
@@ -562,16 +563,17 @@ key so copied keys stop working.</p>\
     )
 }
 
-/// The signed-in landing page.
-pub fn home(user: &str) -> Html<String> {
+/// The signed-in landing page; `csrf` is the session's token for the sign-out form.
+pub fn home(user: &str, csrf: &str) -> Html<String> {
     layout(
         "Signed in",
         &format!(
             "<h1>Signed in</h1><p>You are signed in as <strong>{}</strong>.</p>\
 <p><a href=\"/\">Continue to the media server</a></p>\
 <p><a href=\"/_portcullis/account\">Your account and devices</a></p>\
-<form method=\"post\" action=\"/_portcullis/logout\"><button type=\"submit\">Sign out</button></form>",
-            escape(user)
+<form method=\"post\" action=\"/_portcullis/logout\">{}<button type=\"submit\">Sign out</button></form>",
+            escape(user),
+            hidden("csrf", csrf)
         ),
     )
 }

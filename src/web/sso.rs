@@ -16,7 +16,7 @@ use super::account::form_identity;
 use super::login::{login_html, step_response, RdQuery};
 use super::ACCOUNT_PATH;
 use super::{
-    identity, no_store, pages, redirect, safe_return_path, store_unavailable, with_cookie,
+    identity, no_store, pages, redirect, safe_return_path, store_unavailable, with_cookie, PageForm,
 };
 use crate::app::account::AccountError;
 use crate::app::sso::{BackchannelError, CallbackParams, SsoDone, SsoError, FLOW_TTL_SECS};
@@ -197,12 +197,14 @@ pub(crate) async fn backchannel_logout(
 #[derive(Deserialize)]
 pub(crate) struct ProviderForm {
     provider: String,
+    #[serde(default)]
     csrf: String,
 }
 
 #[derive(Deserialize)]
 pub(crate) struct LinkForm {
     provider: String,
+    #[serde(default)]
     csrf: String,
     /// Absent on the account page's button: the confirmation page asks for it.
     password: Option<String>,
@@ -254,7 +256,7 @@ pub(crate) async fn link(
     State(app): State<Arc<App>>,
     Extension(client): Extension<ClientInfo>,
     headers: HeaderMap,
-    Form(form): Form<LinkForm>,
+    PageForm(form): PageForm<LinkForm>,
 ) -> Response {
     let (id, _) = match form_identity(&app, &headers, &form.csrf) {
         Ok(v) => v,
@@ -329,7 +331,7 @@ pub(crate) async fn unlink(
     State(app): State<Arc<App>>,
     Extension(client): Extension<ClientInfo>,
     headers: HeaderMap,
-    Form(form): Form<ProviderForm>,
+    PageForm(form): PageForm<ProviderForm>,
 ) -> Response {
     let (id, _) = match form_identity(&app, &headers, &form.csrf) {
         Ok(v) => v,

@@ -9,12 +9,16 @@ mod upstream;
 
 mod account;
 mod ambiguous;
+mod atk_brute_force;
 mod atk_carriers;
 mod atk_credentials;
+mod atk_csrf;
 mod atk_headers;
 mod atk_passwords;
 mod atk_paths;
 mod atk_redirects;
+mod atk_replicas;
+pub(crate) mod atk_revocation;
 mod atk_second_factor;
 mod atk_websocket;
 mod backup;

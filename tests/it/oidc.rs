@@ -1580,10 +1580,12 @@ async fn sessions_that_replace_an_sso_session_keep_its_provider_session_and_amr(
     assert_eq!(resp.status(), 303);
     let fresh = new_cookie(&resp);
     assert_eq!(amr_of(&fresh), ["sso", "mfa"]);
+    let csrf = account_csrf(&gw, &format!("portcullis={fresh}")).await;
     let resp = client()
         .post(gw.url("/_portcullis/logout"))
         .header("cookie", format!("portcullis={fresh}"))
         .header("origin", gw.base.clone())
+        .form(&[("csrf", &csrf)])
         .send()
         .await
         .unwrap();

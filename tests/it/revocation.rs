@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use crate::harness::{client, Gateway};
+use crate::harness::{client, input_value, Gateway};
 use crate::upstream::Upstream;
 
 const ALICE_PW: &str = "alice-password-1234";
@@ -78,23 +78,88 @@ async fn logout_ends_only_that_session_at_once() {
     assert_eq!(gw.get_status("/probe", &a2.token).await, 200);
 }
 
-#[tokio::test]
-async fn cookie_logout_clears_cookie_and_ends_session() {
-    let (_up, gw) = setup().await;
-    let a = gw.login("alice", ALICE_PW).await;
-    let resp = client()
+/// A cookie sign-out from the home page's form: the session's own CSRF token is needed.
+async fn cookie_logout(gw: &Gateway, origin: &str, cookie: &str) -> reqwest::Response {
+    let html = gw.page_with_cookie("/_portcullis/", cookie).await;
+    let csrf = input_value(&html, "csrf").unwrap_or_else(|| panic!("no csrf:\n{html}"));
+    client()
         .post(gw.url("/_portcullis/logout"))
-        .header("Cookie", format!("portcullis={}", a.token))
-        .header("Origin", gw.base.clone())
+        .header("Cookie", cookie)
+        .header("Origin", origin)
+        .form(&[("csrf", csrf.as_str())])
         .send()
         .await
-        .unwrap();
+        .unwrap()
+}
+
+async fn status_with_cookie(gw: &Gateway, cookie: &str) -> u16 {
+    client()
+        .get(gw.url("/probe"))
+        .header("Cookie", cookie)
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+/// The attributes of a `Set-Cookie` value, after its `name=value` pair.
+fn attributes(set_cookie: &str) -> Vec<String> {
+    set_cookie
+        .split(';')
+        .skip(1)
+        .map(|a| a.trim().to_string())
+        .collect()
+}
+
+#[tokio::test]
+async fn cookie_logout_clears_cookie_and_ends_session() {
+    let (up, gw) = setup().await;
+    let a = gw.login("alice", ALICE_PW).await;
+    let cookie = format!("portcullis={}", a.token);
+    assert_eq!(status_with_cookie(&gw, &cookie).await, 200);
+    let resp = cookie_logout(&gw, &gw.base, &cookie).await;
+    assert_eq!(resp.status(), 303);
+    let set_cookie = resp.headers()["set-cookie"].to_str().unwrap();
+    assert!(set_cookie.starts_with("portcullis=;"), "{set_cookie}");
+    let attrs = attributes(set_cookie);
+    for want in ["Max-Age=0", "Path=/", "HttpOnly"] {
+        assert!(attrs.iter().any(|a| a == want), "{set_cookie} lacks {want}");
+    }
+    // The old value is dead in either carrier, and never reaches the upstream.
+    let before = up.count();
+    assert_eq!(status_with_cookie(&gw, &cookie).await, 401);
+    assert_eq!(gw.get_status("/probe", &a.token).await, 401);
+    assert_eq!(up.count(), before);
+}
+
+#[tokio::test]
+async fn https_cookie_logout_clears_the_host_prefixed_secure_cookie() {
+    let up = Upstream::start().await;
+    let gw = Gateway::builder(&up.url())
+        .user("alice", ALICE_PW)
+        .server_keys(r#"public_url = "https://media.example""#)
+        .start()
+        .await;
+    let a = gw.login("alice", ALICE_PW).await;
+    let cookie = format!("__Host-portcullis={}", a.token);
+    assert_eq!(status_with_cookie(&gw, &cookie).await, 200);
+    let resp = cookie_logout(&gw, "https://media.example", &cookie).await;
     assert_eq!(resp.status(), 303);
     let set_cookie = resp.headers()["set-cookie"].to_str().unwrap();
     assert!(
-        set_cookie.starts_with("portcullis=;") && set_cookie.contains("Max-Age=0"),
+        set_cookie.starts_with("__Host-portcullis=;"),
         "{set_cookie}"
     );
+    let attrs = attributes(set_cookie);
+    for want in ["Max-Age=0", "Path=/", "HttpOnly", "Secure"] {
+        assert!(attrs.iter().any(|a| a == want), "{set_cookie} lacks {want}");
+    }
+    assert!(
+        !attrs.iter().any(|a| a.starts_with("Domain")),
+        "{set_cookie}"
+    );
+    assert_eq!(status_with_cookie(&gw, &cookie).await, 401);
     assert_eq!(gw.get_status("/probe", &a.token).await, 401);
 }
 
