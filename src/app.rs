@@ -9,6 +9,7 @@ pub mod sso;
 
 use std::net::IpAddr;
 use std::path::PathBuf;
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -221,6 +222,10 @@ pub struct App {
     /// Client addresses whose ambiguous credentials were audited in the last minute: one audit
     /// entry per address and minute, however many such requests it sends.
     ambiguous_audited: Cache<String, ()>,
+    /// Failed logins of known accounts on their way to the store (written off the response
+    /// path), by user id: the account's gate counts them too, so a quick run of wrong
+    /// passwords cannot outrun its own lock.
+    failures_in_flight: Mutex<HashMap<i64, i64>>,
     /// When each session's last use was last queued for the store, by session id. Looked up on
     /// every request; hashed with foldhash (the ids are the gateway's own random numbers).
     last_seen_written: Cache<u128, i64, foldhash::fast::RandomState>,
@@ -304,6 +309,7 @@ impl App {
                 .max_capacity(10_000)
                 .time_to_live(Duration::from_secs(60))
                 .build(),
+            failures_in_flight: Mutex::new(HashMap::new()),
             last_seen_written: Cache::builder()
                 .max_capacity(1_000_000)
                 .time_to_idle(Duration::from_millis(LAST_SEEN_EVERY_MS as u64 * 2))
@@ -465,6 +471,49 @@ impl App {
         }
     }
 
+    /// Adds `delta` to the failures of `user_id` still on their way to the store.
+    fn failure_in_flight(&self, user_id: i64, delta: i64) {
+        let mut map = self
+            .failures_in_flight
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let n = map.entry(user_id).or_insert(0);
+        *n += delta;
+        if *n <= 0 {
+            map.remove(&user_id);
+        }
+    }
+
+    /// The gate of a known account: its failures in the store, plus those still on their way
+    /// there (each one just now).
+    fn account_gate(&self, u: &User, now: i64) -> Gate {
+        let in_flight = self
+            .failures_in_flight
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&u.id)
+            .copied()
+            .unwrap_or(0);
+        if in_flight == 0 {
+            return account_gate(u.failed_logins, u.last_failure_ms, u.locked_until_ms, now);
+        }
+        if let Some(until) = u.locked_until_ms.filter(|t| *t > now) {
+            return Gate::Locked(Duration::from_millis((until - now) as u64));
+        }
+        // A lock that ran out starts the count afresh, as the store does.
+        let stored = if u.locked_until_ms.is_some() {
+            0
+        } else {
+            u.failed_logins
+        };
+        let failures = stored + in_flight;
+        let auth = &self.config().auth;
+        if failures >= i64::from(auth.max_failures) {
+            return Gate::Locked(auth.lockout);
+        }
+        account_gate(failures, Some(now), None, now)
+    }
+
     /// Counts a failed login against a known account in the store, and audits a new lockout.
     async fn record_account_failure(&self, user: Option<&User>, client: &ClientInfo) {
         let Some(u) = user else { return };
@@ -529,7 +578,7 @@ impl App {
             .await
             .map_err(|e| LoginError::Unavailable(self.store_error("find_user", e)))?;
         let gate = match &user {
-            Some(u) => account_gate(u.failed_logins, u.last_failure_ms, u.locked_until_ms, now),
+            Some(u) => self.account_gate(u, now),
             None => self.throttle.unknown_gate(name, now),
         };
         match gate {
@@ -547,10 +596,16 @@ impl App {
             // The in-memory counters at once; the store's account counter off the response
             // path, so a known and an unknown name answer alike.
             self.count_failure_in_memory(user.as_ref(), name, client);
+            if let Some(u) = &user {
+                self.failure_in_flight(u.id, 1);
+            }
             let this = Arc::clone(self);
             let (user, client) = (user.clone(), client.clone());
             tokio::spawn(async move {
                 this.record_account_failure(user.as_ref(), &client).await;
+                if let Some(u) = &user {
+                    this.failure_in_flight(u.id, -1);
+                }
                 let who = user.as_ref().map(|u| (u.id, u.name.as_str()));
                 let mut e = this.audit_entry("login", "failure", who, &client);
                 e.detail = if user.is_some() {

@@ -1,11 +1,103 @@
-//! Checklist §3 ATK-48: refused logins look alike for every kind of account.
+//! Checklist §3 ATK-45 and ATK-48: the account lock counts the canonical user from any
+//! address and is reset by a success; refused logins look alike for every kind of account.
 
-use crate::harness::Gateway;
+use std::time::Duration;
+
+use crate::harness::{poll_until, set_cookie, Gateway};
 use crate::upstream::Upstream;
 
 const ALICE_PW: &str = "alice-password-1234";
 const BOB_PW: &str = "bob-password-123456";
 const CAROL_PW: &str = "carol-password-1234";
+
+/// A form login from loopback address `127.0.0.{host}`: status, and whether a session or
+/// pending cookie was set.
+async fn login_from(gw: &Gateway, host: u8, user: &str, pw: &str) -> (u16, bool) {
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .local_address(std::net::IpAddr::from([127, 0, 0, host]))
+        .build()
+        .unwrap();
+    let resp = http
+        .post(gw.url("/_portcullis/login"))
+        .header("Origin", gw.base.clone())
+        .form(&[("username", user), ("password", pw), ("rd", "/")])
+        .send()
+        .await
+        .unwrap();
+    let cookie = set_cookie(&resp, "portcullis").is_some()
+        || set_cookie(&resp, "portcullis-pending").is_some();
+    (resp.status().as_u16(), cookie)
+}
+
+/// Fails once as `user` from address `host`, waiting out any growing delay (429) first.
+async fn fail_once(gw: &Gateway, host: u8, user: &str) {
+    let failed = poll_until(Duration::from_secs(20), || async {
+        let (status, cookie) = login_from(gw, host, user, "wrong-password-x").await;
+        assert!(!cookie, "a wrong password set a cookie");
+        assert!(status == 401 || status == 429, "{user}: {status}");
+        status == 401
+    })
+    .await;
+    assert!(failed, "{user} from 127.0.0.{host} was never judged");
+}
+
+#[tokio::test]
+async fn atk45_failures_from_many_addresses_and_spellings_lock_the_one_account_until_a_success_or_unlock(
+) {
+    let up = Upstream::start().await;
+    let gw = Gateway::builder(&up.url())
+        .user("alice", ALICE_PW)
+        .auth_keys("max_failures = 3\nlockout = \"10m\"")
+        .start()
+        .await;
+    // A success resets the count: two failures, a success, two more failures — not locked.
+    fail_once(&gw, 2, "alice").await;
+    fail_once(&gw, 3, "ALICE").await;
+    assert!(
+        poll_until(Duration::from_secs(20), || async {
+            login_from(&gw, 4, "alice", ALICE_PW).await == (303, true)
+        })
+        .await,
+        "the right password never worked after two failures"
+    );
+    fail_once(&gw, 5, "alice").await;
+    fail_once(&gw, 6, "ａlice").await;
+    assert!(
+        poll_until(Duration::from_secs(20), || async {
+            login_from(&gw, 7, "alice", ALICE_PW).await == (303, true)
+        })
+        .await,
+        "the earlier failures still counted after a success"
+    );
+
+    // Three failures, each from another address (so no per-address cap is what locks) and in
+    // another spelling of the same account, lock it.
+    fail_once(&gw, 8, "alice").await;
+    fail_once(&gw, 9, "ALICE").await;
+    fail_once(&gw, 10, "ａlice").await;
+    // While locked, the right password from a fresh address gets the generic refusal and no
+    // cookie of any kind; so does every spelling.
+    let last = std::cell::Cell::new((0, false));
+    assert!(
+        poll_until(Duration::from_secs(20), || async {
+            last.set(login_from(&gw, 11, "alice", ALICE_PW).await);
+            last.get() == (403, false)
+        })
+        .await,
+        "the account was not locked: {:?}",
+        last.get()
+    );
+    for (host, name) in [(12, "ALICE"), (13, "ａlice")] {
+        assert_eq!(login_from(&gw, host, name, ALICE_PW).await, (403, false));
+    }
+    let (status, body) = gw.try_login("alice", ALICE_PW, None).await;
+    assert_eq!((status, body["error"].as_str()), (403, Some("locked")));
+    assert!(body.get("token").is_none());
+    // The documented unlock path.
+    gw.cli_ok(&["user", "unlock", "alice"]);
+    assert_eq!(login_from(&gw, 14, "alice", ALICE_PW).await, (303, true));
+}
 
 /// Everything a client can compare about an answer, but the date.
 async fn observable(resp: reqwest::Response) -> (u16, Vec<(String, String)>, Vec<u8>) {
