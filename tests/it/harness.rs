@@ -64,6 +64,7 @@ pub struct GatewayBuilder {
     log: String,
     server_extra: String,
     auth_extra: String,
+    session_extra: String,
     tables: String,
 }
 
@@ -79,6 +80,13 @@ impl GatewayBuilder {
     pub fn auth_keys(mut self, toml: &str) -> Self {
         self.auth_extra.push_str(toml);
         self.auth_extra.push('\n');
+        self
+    }
+
+    /// Keys for the `[session]` table (e.g. `ttl = "1m"`).
+    pub fn session_keys(mut self, toml: &str) -> Self {
+        self.session_extra.push_str(toml);
+        self.session_extra.push('\n');
         self
     }
 
@@ -163,6 +171,7 @@ impl GatewayBuilder {
             log: self.log,
             server_extra: self.server_extra,
             auth_extra: self.auth_extra,
+            session_extra: self.session_extra,
             tables: self.tables,
             child: None,
             base: String::new(),
@@ -188,6 +197,7 @@ pub struct Gateway {
     log: String,
     server_extra: String,
     auth_extra: String,
+    session_extra: String,
     tables: String,
     child: Option<Child>,
     /// `http://127.0.0.1:PORT` of the public listener.
@@ -216,6 +226,7 @@ impl Gateway {
             log: "level = \"info\"".to_string(),
             server_extra: String::new(),
             auth_extra: String::new(),
+            session_extra: String::new(),
             tables: String::new(),
         }
     }
@@ -258,6 +269,7 @@ url = "{store_url}"
 
 [session]
 key_file = "{key}"
+{session_extra}
 
 [log]
 {log}
@@ -303,6 +315,7 @@ upstream = "{upstream}"
             server_extra = self.server_extra,
             secrets = self.keys_dir.join("secrets.key").display(),
             auth_extra = self.auth_extra,
+            session_extra = self.session_extra,
             tables = self.tables,
             public_url = if self.server_extra.contains("public_url") {
                 String::new()

@@ -247,7 +247,13 @@ async fn soak(store: Option<&Schema>) {
         .user("bob", PW)
         .user("carol", PW)
         .log("text", "warn")
-        .route_keys("kind = \"jellyfin\"\nmedia = { }");
+        // Short lifetimes, so the revocation view (which keeps every revoked session and ended
+        // media token until it would have expired) reaches its steady size within minutes:
+        // what must stay flat is then the whole process.
+        .session_keys("ttl = \"1m\"")
+        .route_keys(
+            "kind = \"jellyfin\"\nmedia = { token_lifetime = \"2m\", token_idle = \"1m\" }",
+        );
     if let Some(schema) = store {
         builder = builder.store_url(&schema.url());
     }
