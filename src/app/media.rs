@@ -510,6 +510,15 @@ impl App {
             }
         };
         self.apply(&events);
+        if let MediaCheck::Alive(entry) = self.check_media_token(&result.token, now) {
+            return Ok(identity_of(&entry));
+        }
+        // The view may not have caught up with an earlier change of this user that the store
+        // already holds (re-enabled from the CLI a moment ago, say): catch up once, then judge.
+        if let Err(e) = self.sync().await {
+            self.store_error("sync", e);
+            return Err(());
+        }
         match self.check_media_token(&result.token, now) {
             MediaCheck::Alive(entry) => Ok(identity_of(&entry)),
             _ => Err(()),

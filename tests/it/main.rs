@@ -35,6 +35,7 @@ mod jellyfin_clients;
 mod jwt;
 mod layers;
 mod login;
+mod media_accounts;
 mod logs;
 mod observability;
 mod oidc;
