@@ -1,12 +1,15 @@
 //! The durable store: users, sessions and the append-only revocation event log, behind the
-//! `Store` trait. SQLite (`store::sqlite`) is the embedded default; PostgreSQL (`store::postgres`)
-//! is the store when several gateway replicas share one database, and adds push announcements
-//! of committed events (LISTEN/NOTIFY). Event sequence numbers are gap-free and in commit order
+//! `Store` trait, implemented once (`store::sql`) over the two SQL backends, whose differences
+//! are one small `Dialect` each. SQLite (`store::sqlite`) is the embedded default; PostgreSQL
+//! (`store::postgres`) is the store when several gateway replicas share one database, and adds
+//! push announcements of committed events (LISTEN/NOTIFY). Event sequence numbers are gap-free and in commit order
 //! in both, so a reader that has seen sequence N has seen every event before it. Every
 //! revocation is committed as an event before the call returns, and the event is returned so the
 //! caller can apply it to its in-memory view at once.
 
+mod dialect;
 pub mod postgres;
+mod sql;
 pub mod sqlite;
 #[cfg(test)]
 mod tests;
