@@ -478,7 +478,7 @@ pub struct MediaTokenRow {
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("the store is unavailable: {0}")]
-    Unavailable(#[source] sqlx::Error),
+    Unavailable(#[from] sqlx::Error),
     #[error("the store could not be opened at {path}: {message}")]
     Open { path: String, message: String },
     #[error("schema migration failed: {0}")]

@@ -56,6 +56,16 @@ pub(super) fn unavailable(e: sqlx::Error) -> StoreError {
     StoreError::Unavailable(e)
 }
 
+/// `sqlx::query(sql)` with `args` bound, in order, to `$1`, `$2`…
+macro_rules! query {
+    ($sql:expr; $($arg:expr),* $(,)?) => { sqlx::query($sql)$(.bind($arg))* };
+}
+
+/// `sqlx::query_scalar(sql)` with `args` bound, in order, to `$1`, `$2`…
+macro_rules! query_scalar {
+    ($sql:expr; $($arg:expr),* $(,)?) => { sqlx::query_scalar($sql)$(.bind($arg))* };
+}
+
 fn is_unique_violation(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(d) if d.is_unique_violation())
 }
@@ -132,17 +142,10 @@ where
 
     /// A writing transaction: one writer at a time, in commit order (see `Dialect::BEGIN_WRITE`).
     async fn write_tx(&self) -> StoreResult<Tx<D>> {
-        let mut tx = self
-            .pool
-            .begin_with(D::BEGIN_WRITE)
-            .await
-            .map_err(unavailable)?;
+        let mut tx = self.pool.begin_with(D::BEGIN_WRITE).await?;
         if let Some(lock) = &self.write_lock {
             // A plain string is sent as a simple query: several statements, one round trip.
-            (&mut *tx)
-                .execute(lock.as_str())
-                .await
-                .map_err(unavailable)?;
+            (&mut *tx).execute(lock.as_str()).await?;
         }
         Ok(tx)
     }
@@ -150,13 +153,9 @@ where
     /// Commits, first announcing the highest event number written (delivered at commit).
     async fn commit(mut tx: Tx<D>, events: &[SequencedEvent]) -> StoreResult<()> {
         if let (Some(announce), Some(last)) = (D::ANNOUNCE, events.iter().map(|e| e.seq).max()) {
-            sqlx::query(announce)
-                .bind(last)
-                .execute(&mut *tx)
-                .await
-                .map_err(unavailable)?;
+            query!(announce; last).execute(&mut *tx).await?;
         }
-        tx.commit().await.map_err(unavailable)
+        Ok(tx.commit().await?)
     }
 
     fn get<'r, T, I>(row: &'r D::Row, column: I) -> StoreResult<T>
@@ -167,10 +166,6 @@ where
         row.try_get(column).map_err(unavailable)
     }
 
-    fn rows_affected(done: Result<D::QueryResult, sqlx::Error>) -> StoreResult<u64> {
-        Ok(D::rows_affected(&done.map_err(unavailable)?))
-    }
-
     /// Appends one event (under the writer lock held by `tx`) and numbers it. `at_ms` is the
     /// time recorded for events that carry none of their own.
     async fn append(
@@ -178,116 +173,62 @@ where
         at_ms: i64,
         event: RevocationEvent,
     ) -> StoreResult<SequencedEvent> {
-        let mut detail = None;
-        let (kind, sid, user_id, at_ms, expires_ms, key_id, token_hash) = match &event {
-            RevocationEvent::SessionRevoked {
-                sid,
-                user_id,
-                expires_ms,
-            } => (
-                KIND_SESSION,
-                Some(sid),
-                Some(*user_id),
-                at_ms,
-                Some(*expires_ms),
-                None,
-                None,
-            ),
-            RevocationEvent::UserCutoff { user_id, at_ms } => (
-                KIND_USER_CUTOFF,
-                None,
-                Some(*user_id),
-                *at_ms,
-                None,
-                None,
-                None,
-            ),
-            RevocationEvent::GlobalCutoff { at_ms } => {
-                (KIND_GLOBAL_CUTOFF, None, None, *at_ms, None, None, None)
-            }
-            RevocationEvent::UserDisabled { user_id } => (
-                KIND_USER_DISABLED,
-                None,
-                Some(*user_id),
-                at_ms,
-                None,
-                None,
-                None,
-            ),
-            RevocationEvent::UserEnabled { user_id } => (
-                KIND_USER_ENABLED,
-                None,
-                Some(*user_id),
-                at_ms,
-                None,
-                None,
-                None,
-            ),
-            RevocationEvent::KeyRetired { kid } => (
-                KIND_KEY_RETIRED,
-                None,
-                None,
-                at_ms,
-                None,
-                Some(kid.as_str()),
-                None,
-            ),
-            RevocationEvent::MediaBound {
-                sid,
-                user_id,
-                token_hash,
+        use RevocationEvent as E;
+        let (kind, at_ms, expires_ms) = match &event {
+            E::SessionRevoked { expires_ms, .. } => (KIND_SESSION, at_ms, Some(*expires_ms)),
+            E::UserCutoff { at_ms, .. } => (KIND_USER_CUTOFF, *at_ms, None),
+            E::GlobalCutoff { at_ms } => (KIND_GLOBAL_CUTOFF, *at_ms, None),
+            E::UserDisabled { .. } => (KIND_USER_DISABLED, at_ms, None),
+            E::UserEnabled { .. } => (KIND_USER_ENABLED, at_ms, None),
+            E::KeyRetired { .. } => (KIND_KEY_RETIRED, at_ms, None),
+            E::MediaBound {
                 issued_ms,
                 expires_ms,
                 ..
-            } => (
-                KIND_MEDIA_BOUND,
-                Some(sid),
-                Some(*user_id),
-                *issued_ms,
-                Some(*expires_ms),
-                None,
-                Some(token_hash.as_str()),
-            ),
-            RevocationEvent::MediaNote { note, until_ms } => {
-                detail = Some(
-                    serde_json::to_string(note)
-                        .map_err(|e| StoreError::Corrupt(format!("a media note: {e}")))?,
-                );
-                (
-                    KIND_MEDIA_NOTE,
-                    None,
-                    None,
-                    at_ms,
-                    Some(*until_ms),
-                    None,
-                    None,
-                )
-            }
+            } => (KIND_MEDIA_BOUND, *issued_ms, Some(*expires_ms)),
+            E::MediaNote { until_ms, .. } => (KIND_MEDIA_NOTE, at_ms, Some(*until_ms)),
         };
-        let seq: i64 = sqlx::query_scalar(D::INSERT_EVENT)
-            .bind(kind)
-            .bind(sid.map(SessionId::to_string))
-            .bind(user_id)
-            .bind(at_ms)
-            .bind(expires_ms)
-            .bind(key_id)
-            .bind(token_hash)
-            .bind(detail)
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(unavailable)?;
+        let (sid, user_id) = match &event {
+            E::SessionRevoked { sid, user_id, .. } | E::MediaBound { sid, user_id, .. } => {
+                (Some(sid.to_string()), Some(*user_id))
+            }
+            E::UserCutoff { user_id, .. }
+            | E::UserDisabled { user_id }
+            | E::UserEnabled { user_id } => (None, Some(*user_id)),
+            E::GlobalCutoff { .. } | E::KeyRetired { .. } | E::MediaNote { .. } => (None, None),
+        };
+        let key_id = match &event {
+            E::KeyRetired { kid } => Some(kid.as_str()),
+            _ => None,
+        };
+        let token_hash = match &event {
+            E::MediaBound { token_hash, .. } => Some(token_hash.as_str()),
+            _ => None,
+        };
+        let detail = match &event {
+            E::MediaNote { note, .. } => Some(
+                serde_json::to_string(note)
+                    .map_err(|e| StoreError::Corrupt(format!("a media note: {e}")))?,
+            ),
+            _ => None,
+        };
+        let seq: i64 = query_scalar!(
+            D::INSERT_EVENT;
+            kind, sid, user_id, at_ms, expires_ms, key_id, token_hash, detail,
+        )
+        .fetch_one(&mut *tx)
+        .await?;
         Ok(SequencedEvent { seq, event })
     }
 
     /// Ends every session issued at or before `at_ms` and records the global cutoff.
     async fn cutoff_everyone(tx: &mut D::Connection, at_ms: i64) -> StoreResult<SequencedEvent> {
-        sqlx::query(
-            "UPDATE sessions SET revoked_ms = $1 WHERE revoked_ms IS NULL AND created_ms <= $1",
+        query!(
+            "UPDATE sessions SET revoked_ms = $1 WHERE revoked_ms IS NULL AND created_ms <= $1";
+            at_ms,
         )
-        .bind(at_ms)
         .execute(&mut *tx)
-        .await
-        .map_err(unavailable)?;
+        .await?;
         Self::append(tx, at_ms, RevocationEvent::GlobalCutoff { at_ms }).await
     }
 
@@ -297,15 +238,13 @@ where
         user_id: i64,
         at_ms: i64,
     ) -> StoreResult<SequencedEvent> {
-        sqlx::query(
+        query!(
             "UPDATE sessions SET revoked_ms = $1
-             WHERE user_id = $2 AND revoked_ms IS NULL AND created_ms <= $1",
+             WHERE user_id = $2 AND revoked_ms IS NULL AND created_ms <= $1";
+            at_ms, user_id,
         )
-        .bind(at_ms)
-        .bind(user_id)
         .execute(&mut *tx)
-        .await
-        .map_err(unavailable)?;
+        .await?;
         Self::append(tx, at_ms, RevocationEvent::UserCutoff { user_id, at_ms }).await
     }
 
@@ -330,21 +269,15 @@ where
 
     /// Inserts a new session row, last seen at its creation.
     async fn insert_session(conn: &mut D::Connection, s: &NewSession) -> StoreResult<()> {
-        sqlx::query(
+        query!(
             "INSERT INTO sessions
-                 (id, user_id, kind, user_agent, ip, created_ms, last_seen_ms, expires_ms)
-             VALUES ($1, $2, $3, $4, $5, $6, $6, $7)",
+             (id, user_id, kind, user_agent, ip, created_ms, last_seen_ms, expires_ms)
+             VALUES ($1, $2, $3, $4, $5, $6, $6, $7)";
+            s.id.to_string(), s.user_id, s.kind.as_str(), &s.user_agent, &s.ip, s.created_ms,
+            s.expires_ms,
         )
-        .bind(s.id.to_string())
-        .bind(s.user_id)
-        .bind(s.kind.as_str())
-        .bind(&s.user_agent)
-        .bind(&s.ip)
-        .bind(s.created_ms)
-        .bind(s.expires_ms)
         .execute(&mut *conn)
-        .await
-        .map_err(unavailable)?;
+        .await?;
         Ok(())
     }
 
@@ -468,10 +401,7 @@ where
     usize: ColumnIndex<D::Row>,
 {
     async fn ping(&self) -> StoreResult<()> {
-        sqlx::query("SELECT 1")
-            .execute(&self.pool)
-            .await
-            .map_err(unavailable)?;
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
         Ok(())
     }
 
@@ -480,10 +410,9 @@ where
     }
 
     async fn user_count(&self) -> StoreResult<i64> {
-        sqlx::query_scalar("SELECT COUNT(*) FROM users")
+        Ok(sqlx::query_scalar("SELECT COUNT(*) FROM users")
             .fetch_one(&self.pool)
-            .await
-            .map_err(unavailable)
+            .await?)
     }
 
     async fn create_user(
@@ -493,35 +422,26 @@ where
         is_admin: bool,
         now_ms: i64,
     ) -> StoreResult<User> {
-        let row = sqlx::query(&format!(
+        let sql = format!(
             "INSERT INTO users (name, password_hash, is_admin, disabled, created_ms)
              VALUES ($1, $2, $3, FALSE, $4) RETURNING {USER_COLUMNS}"
-        ))
-        .bind(name)
-        .bind(password_hash)
-        .bind(is_admin)
-        .bind(now_ms)
-        .fetch_one(&self.pool)
-        .await
-        .map_err(|e| {
-            if is_unique_violation(&e) {
-                StoreError::Conflict(format!("user `{name}`"))
-            } else {
-                unavailable(e)
-            }
-        })?;
+        );
+        let row = query!(&sql; name, password_hash, is_admin, now_ms)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(|e| {
+                if is_unique_violation(&e) {
+                    StoreError::Conflict(format!("user `{name}`"))
+                } else {
+                    unavailable(e)
+                }
+            })?;
         Self::user_from_row(&row)
     }
 
     async fn find_user(&self, name: &str) -> StoreResult<Option<User>> {
-        let row = sqlx::query(&format!(
-            "SELECT {USER_COLUMNS} FROM users WHERE {}",
-            D::NAME_IS
-        ))
-        .bind(name)
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(unavailable)?;
+        let sql = format!("SELECT {USER_COLUMNS} FROM users WHERE {}", D::NAME_IS);
+        let row = query!(&sql; name).fetch_optional(&self.pool).await?;
         row.as_ref().map(Self::user_from_row).transpose()
     }
 
@@ -531,27 +451,23 @@ where
             D::NAME_ORDER
         ))
         .fetch_all(&self.pool)
-        .await
-        .map_err(unavailable)?;
+        .await?;
         rows.iter().map(Self::user_from_row).collect()
     }
 
     async fn find_user_by_id(&self, id: i64) -> StoreResult<Option<User>> {
-        let row = sqlx::query(&format!("SELECT {USER_COLUMNS} FROM users WHERE id = $1"))
-            .bind(id)
+        let row = query!(&format!("SELECT {USER_COLUMNS} FROM users WHERE id = $1"); id)
             .fetch_optional(&self.pool)
-            .await
-            .map_err(unavailable)?;
+            .await?;
         row.as_ref().map(Self::user_from_row).transpose()
     }
 
     async fn set_password(&self, user_id: i64, password_hash: &str) -> StoreResult<()> {
-        let done = sqlx::query("UPDATE users SET password_hash = $1 WHERE id = $2")
-            .bind(password_hash)
-            .bind(user_id)
-            .execute(&self.pool)
-            .await;
-        if Self::rows_affected(done)? == 0 {
+        let done =
+            query!("UPDATE users SET password_hash = $1 WHERE id = $2"; password_hash, user_id)
+                .execute(&self.pool)
+                .await?;
+        if D::rows_affected(&done) == 0 {
             return Err(StoreError::NotFound(format!("user {user_id}")));
         }
         Ok(())
@@ -564,25 +480,21 @@ where
         now_ms: i64,
     ) -> StoreResult<Vec<SequencedEvent>> {
         let mut tx = self.write_tx().await?;
-        let done = sqlx::query("UPDATE users SET disabled = $1 WHERE id = $2")
-            .bind(disabled)
-            .bind(user_id)
+        let done = query!("UPDATE users SET disabled = $1 WHERE id = $2"; disabled, user_id)
             .execute(&mut *tx)
-            .await;
-        if Self::rows_affected(done)? == 0 {
+            .await?;
+        if D::rows_affected(&done) == 0 {
             return Err(StoreError::NotFound(format!("user {user_id}")));
         }
         let mut events = Vec::new();
         if disabled {
-            sqlx::query(
+            query!(
                 "UPDATE sessions SET revoked_ms = $1
-                 WHERE user_id = $2 AND revoked_ms IS NULL AND created_ms <= $1",
+                 WHERE user_id = $2 AND revoked_ms IS NULL AND created_ms <= $1";
+                now_ms, user_id,
             )
-            .bind(now_ms)
-            .bind(user_id)
             .execute(&mut *tx)
-            .await
-            .map_err(unavailable)?;
+            .await?;
             let disabled = RevocationEvent::UserDisabled { user_id };
             events.push(Self::append(&mut tx, now_ms, disabled).await?);
             let cutoff = RevocationEvent::UserCutoff {
@@ -599,20 +511,19 @@ where
     }
 
     async fn create_session(&self, s: &NewSession) -> StoreResult<()> {
-        let mut conn = self.pool.acquire().await.map_err(unavailable)?;
+        let mut conn = self.pool.acquire().await?;
         Self::insert_session(&mut conn, s).await
     }
 
     async fn get_session(&self, id: SessionId) -> StoreResult<Option<SessionRecord>> {
-        let row = sqlx::query(
+        let row = query!(
             "SELECT s.id, s.user_id, u.name AS user_name, s.kind, s.user_agent, s.ip,
-                    s.created_ms, s.last_seen_ms, s.expires_ms, s.revoked_ms
-             FROM sessions s JOIN users u ON u.id = s.user_id WHERE s.id = $1",
+             s.created_ms, s.last_seen_ms, s.expires_ms, s.revoked_ms
+             FROM sessions s JOIN users u ON u.id = s.user_id WHERE s.id = $1";
+            id.to_string(),
         )
-        .bind(id.to_string())
         .fetch_optional(&self.pool)
-        .await
-        .map_err(unavailable)?;
+        .await?;
         row.as_ref().map(Self::session_from_row).transpose()
     }
 
@@ -621,31 +532,28 @@ where
         user_id: Option<i64>,
         now_ms: i64,
     ) -> StoreResult<Vec<SessionRecord>> {
-        let rows = sqlx::query(
+        let rows = query!(
             "SELECT s.id, s.user_id, u.name AS user_name, s.kind, s.user_agent, s.ip,
-                    s.created_ms, s.last_seen_ms, s.expires_ms, s.revoked_ms
+             s.created_ms, s.last_seen_ms, s.expires_ms, s.revoked_ms
              FROM sessions s JOIN users u ON u.id = s.user_id
              WHERE s.revoked_ms IS NULL AND s.expires_ms > $1
-               AND (CAST($2 AS BIGINT) IS NULL OR s.user_id = $2)
-             ORDER BY s.created_ms",
+             AND (CAST($2 AS BIGINT) IS NULL OR s.user_id = $2)
+             ORDER BY s.created_ms";
+            now_ms, user_id,
         )
-        .bind(now_ms)
-        .bind(user_id)
         .fetch_all(&self.pool)
-        .await
-        .map_err(unavailable)?;
+        .await?;
         rows.iter().map(Self::session_from_row).collect()
     }
 
     async fn count_live_sessions(&self, now_ms: i64) -> StoreResult<Vec<(String, i64)>> {
-        let rows = sqlx::query(
+        let rows = query!(
             "SELECT kind, COUNT(*) FROM sessions
-             WHERE revoked_ms IS NULL AND expires_ms > $1 GROUP BY kind ORDER BY kind",
+             WHERE revoked_ms IS NULL AND expires_ms > $1 GROUP BY kind ORDER BY kind";
+            now_ms,
         )
-        .bind(now_ms)
         .fetch_all(&self.pool)
-        .await
-        .map_err(unavailable)?;
+        .await?;
         rows.iter()
             .map(|r| Ok((Self::get(r, 0)?, Self::get(r, 1)?)))
             .collect()
@@ -657,15 +565,13 @@ where
         now_ms: i64,
     ) -> StoreResult<Option<SequencedEvent>> {
         let mut tx = self.write_tx().await?;
-        let row = sqlx::query(
+        let row = query!(
             "UPDATE sessions SET revoked_ms = COALESCE(revoked_ms, $1) WHERE id = $2
-             RETURNING user_id, expires_ms",
+             RETURNING user_id, expires_ms";
+            now_ms, id.to_string(),
         )
-        .bind(now_ms)
-        .bind(id.to_string())
         .fetch_optional(&mut *tx)
-        .await
-        .map_err(unavailable)?;
+        .await?;
         let Some(row) = row else {
             return Ok(None);
         };
@@ -700,18 +606,15 @@ where
         max_failures: u32,
         lockout_ms: i64,
     ) -> StoreResult<User> {
-        let row = sqlx::query(&format!(
+        let sql = format!(
             "UPDATE users SET failed_logins = failed_logins + 1, last_failure_ms = $1,
                  locked_until_ms = CASE WHEN failed_logins + 1 >= $2 THEN $3 ELSE locked_until_ms END
              WHERE id = $4 RETURNING {USER_COLUMNS}"
-        ))
-        .bind(now_ms)
-        .bind(i64::from(max_failures))
-        .bind(now_ms.saturating_add(lockout_ms))
-        .bind(user_id)
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(unavailable)?;
+        );
+        let locked_until = now_ms.saturating_add(lockout_ms);
+        let row = query!(&sql; now_ms, i64::from(max_failures), locked_until, user_id)
+            .fetch_optional(&self.pool)
+            .await?;
         match row {
             Some(row) => Self::user_from_row(&row),
             None => Err(StoreError::NotFound(format!("user {user_id}"))),
@@ -719,26 +622,24 @@ where
     }
 
     async fn clear_failures(&self, user_id: i64) -> StoreResult<()> {
-        sqlx::query(
+        query!(
             "UPDATE users SET failed_logins = 0, locked_until_ms = NULL, last_failure_ms = NULL
-             WHERE id = $1 AND (failed_logins != 0 OR locked_until_ms IS NOT NULL)",
+             WHERE id = $1 AND (failed_logins != 0 OR locked_until_ms IS NOT NULL)";
+            user_id,
         )
-        .bind(user_id)
         .execute(&self.pool)
-        .await
-        .map_err(unavailable)?;
+        .await?;
         Ok(())
     }
 
     async fn set_must_reset(&self, user_id: Option<i64>, must: bool) -> StoreResult<u64> {
-        let done = sqlx::query(
-            "UPDATE users SET must_reset = $1 WHERE CAST($2 AS BIGINT) IS NULL OR id = $2",
+        let done = query!(
+            "UPDATE users SET must_reset = $1 WHERE CAST($2 AS BIGINT) IS NULL OR id = $2";
+            must, user_id,
         )
-        .bind(must)
-        .bind(user_id)
         .execute(&self.pool)
-        .await;
-        Self::rows_affected(done)
+        .await?;
+        Ok(D::rows_affected(&done))
     }
 
     async fn change_password(
@@ -748,13 +649,13 @@ where
         signout_at: Option<i64>,
     ) -> StoreResult<Option<SequencedEvent>> {
         let mut tx = self.write_tx().await?;
-        let done =
-            sqlx::query("UPDATE users SET password_hash = $1, must_reset = FALSE WHERE id = $2")
-                .bind(password_hash)
-                .bind(user_id)
-                .execute(&mut *tx)
-                .await;
-        if Self::rows_affected(done)? == 0 {
+        let done = query!(
+            "UPDATE users SET password_hash = $1, must_reset = FALSE WHERE id = $2";
+            password_hash, user_id,
+        )
+        .execute(&mut *tx)
+        .await?;
+        if D::rows_affected(&done) == 0 {
             return Err(StoreError::NotFound(format!("user {user_id}")));
         }
         let event = match signout_at {
@@ -767,41 +668,35 @@ where
 
     async fn set_totp(&self, user_id: i64, secret: Option<&str>, enabled: bool) -> StoreResult<()> {
         let mut tx = self.write_tx().await?;
-        sqlx::query("UPDATE users SET totp_secret = $1, totp_enabled = $2 WHERE id = $3")
-            .bind(secret)
-            .bind(enabled)
-            .bind(user_id)
-            .execute(&mut *tx)
-            .await
-            .map_err(unavailable)?;
+        query!(
+            "UPDATE users SET totp_secret = $1, totp_enabled = $2 WHERE id = $3";
+            secret, enabled, user_id,
+        )
+        .execute(&mut *tx)
+        .await?;
         if !enabled {
-            sqlx::query("DELETE FROM recovery_codes WHERE user_id = $1")
-                .bind(user_id)
+            query!("DELETE FROM recovery_codes WHERE user_id = $1"; user_id)
                 .execute(&mut *tx)
-                .await
-                .map_err(unavailable)?;
+                .await?;
         }
-        tx.commit().await.map_err(unavailable)
+        Ok(tx.commit().await?)
     }
 
     async fn accept_totp_step(&self, user_id: i64, step: i64) -> StoreResult<bool> {
-        let done = sqlx::query(
-            "UPDATE users SET totp_last_step = $1 WHERE id = $2 AND totp_last_step < $1",
+        let done = query!(
+            "UPDATE users SET totp_last_step = $1 WHERE id = $2 AND totp_last_step < $1";
+            step, user_id,
         )
-        .bind(step)
-        .bind(user_id)
         .execute(&self.pool)
-        .await;
-        Ok(Self::rows_affected(done)? == 1)
+        .await?;
+        Ok(D::rows_affected(&done) == 1)
     }
 
     async fn replace_recovery_codes(&self, user_id: i64, hashes: &[String]) -> StoreResult<()> {
         let mut tx = self.write_tx().await?;
-        sqlx::query("DELETE FROM recovery_codes WHERE user_id = $1")
-            .bind(user_id)
+        query!("DELETE FROM recovery_codes WHERE user_id = $1"; user_id)
             .execute(&mut *tx)
-            .await
-            .map_err(unavailable)?;
+            .await?;
         if !hashes.is_empty() {
             // One statement: `($1, $2), ($1, $3), …`.
             let rows: Vec<String> = (2..hashes.len() + 2)
@@ -811,36 +706,33 @@ where
                 "INSERT INTO recovery_codes (user_id, code_hash) VALUES {}",
                 rows.join(", ")
             );
-            let mut insert = sqlx::query(&sql).bind(user_id);
+            let mut insert = query!(&sql; user_id);
             for h in hashes {
                 insert = insert.bind(h);
             }
-            insert.execute(&mut *tx).await.map_err(unavailable)?;
+            insert.execute(&mut *tx).await?;
         }
-        tx.commit().await.map_err(unavailable)
+        Ok(tx.commit().await?)
     }
 
     async fn use_recovery_code(&self, user_id: i64, hash: &str, now_ms: i64) -> StoreResult<bool> {
-        let done = sqlx::query(
+        let done = query!(
             "UPDATE recovery_codes SET used_ms = $1
-             WHERE user_id = $2 AND code_hash = $3 AND used_ms IS NULL",
+             WHERE user_id = $2 AND code_hash = $3 AND used_ms IS NULL";
+            now_ms, user_id, hash,
         )
-        .bind(now_ms)
-        .bind(user_id)
-        .bind(hash)
         .execute(&self.pool)
-        .await;
-        Ok(Self::rows_affected(done)? == 1)
+        .await?;
+        Ok(D::rows_affected(&done) == 1)
     }
 
     async fn recovery_codes_left(&self, user_id: i64) -> StoreResult<i64> {
-        sqlx::query_scalar(
-            "SELECT COUNT(*) FROM recovery_codes WHERE user_id = $1 AND used_ms IS NULL",
+        Ok(query_scalar!(
+            "SELECT COUNT(*) FROM recovery_codes WHERE user_id = $1 AND used_ms IS NULL";
+            user_id,
         )
-        .bind(user_id)
         .fetch_one(&self.pool)
-        .await
-        .map_err(unavailable)
+        .await?)
     }
 
     async fn create_reset_link(
@@ -850,35 +742,30 @@ where
         now_ms: i64,
         expires_ms: i64,
     ) -> StoreResult<()> {
-        let mut tx = self.pool.begin().await.map_err(unavailable)?;
-        sqlx::query("UPDATE reset_links SET used_ms = $1 WHERE user_id = $2 AND used_ms IS NULL")
-            .bind(now_ms)
-            .bind(user_id)
-            .execute(&mut *tx)
-            .await
-            .map_err(unavailable)?;
-        sqlx::query(
-            "INSERT INTO reset_links (token_hash, user_id, created_ms, expires_ms)
-             VALUES ($1, $2, $3, $4)",
+        let mut tx = self.pool.begin().await?;
+        query!(
+            "UPDATE reset_links SET used_ms = $1 WHERE user_id = $2 AND used_ms IS NULL";
+            now_ms, user_id,
         )
-        .bind(token_hash)
-        .bind(user_id)
-        .bind(now_ms)
-        .bind(expires_ms)
         .execute(&mut *tx)
-        .await
-        .map_err(unavailable)?;
-        tx.commit().await.map_err(unavailable)
+        .await?;
+        query!(
+            "INSERT INTO reset_links (token_hash, user_id, created_ms, expires_ms)
+             VALUES ($1, $2, $3, $4)";
+            token_hash, user_id, now_ms, expires_ms,
+        )
+        .execute(&mut *tx)
+        .await?;
+        Ok(tx.commit().await?)
     }
 
     async fn reset_link_state(&self, token_hash: &str, now_ms: i64) -> StoreResult<ResetLinkState> {
-        let row = sqlx::query(
-            "SELECT user_id, expires_ms, used_ms FROM reset_links WHERE token_hash = $1",
+        let row = query!(
+            "SELECT user_id, expires_ms, used_ms FROM reset_links WHERE token_hash = $1";
+            token_hash,
         )
-        .bind(token_hash)
         .fetch_optional(&self.pool)
-        .await
-        .map_err(unavailable)?;
+        .await?;
         let Some(row) = row else {
             return Ok(ResetLinkState::Unknown);
         };
@@ -902,27 +789,23 @@ where
         now_ms: i64,
     ) -> StoreResult<Option<(i64, SequencedEvent)>> {
         let mut tx = self.write_tx().await?;
-        let user_id: Option<i64> = sqlx::query_scalar(
+        let user_id: Option<i64> = query_scalar!(
             "UPDATE reset_links SET used_ms = $1
-             WHERE token_hash = $2 AND used_ms IS NULL AND expires_ms > $1 RETURNING user_id",
+             WHERE token_hash = $2 AND used_ms IS NULL AND expires_ms > $1 RETURNING user_id";
+            now_ms, token_hash,
         )
-        .bind(now_ms)
-        .bind(token_hash)
         .fetch_optional(&mut *tx)
-        .await
-        .map_err(unavailable)?;
+        .await?;
         let Some(user_id) = user_id else {
             return Ok(None);
         };
-        sqlx::query(
+        query!(
             "UPDATE users SET password_hash = $1, must_reset = FALSE, failed_logins = 0,
-                 locked_until_ms = NULL WHERE id = $2",
+             locked_until_ms = NULL WHERE id = $2";
+            password_hash, user_id,
         )
-        .bind(password_hash)
-        .bind(user_id)
         .execute(&mut *tx)
-        .await
-        .map_err(unavailable)?;
+        .await?;
         let event = Self::cutoff_user(&mut tx, user_id, now_ms).await?;
         Self::commit(tx, std::slice::from_ref(&event)).await?;
         Ok(Some((user_id, event)))
@@ -933,10 +816,8 @@ where
             return Ok(());
         }
         let mut tx = self.write_tx().await?;
-        D::touch_sessions(&mut tx, seen)
-            .await
-            .map_err(unavailable)?;
-        tx.commit().await.map_err(unavailable)
+        D::touch_sessions(&mut tx, seen).await?;
+        Ok(tx.commit().await?)
     }
 
     async fn breach_response(
@@ -947,8 +828,7 @@ where
         let mut tx = self.write_tx().await?;
         sqlx::query("UPDATE users SET must_reset = TRUE")
             .execute(&mut *tx)
-            .await
-            .map_err(unavailable)?;
+            .await?;
         let mut events = vec![Self::cutoff_everyone(&mut tx, now_ms).await?];
         for kid in retired_keys {
             let retired = RevocationEvent::KeyRetired { kid: kid.clone() };
@@ -959,22 +839,14 @@ where
     }
 
     async fn append_audit(&self, e: &AuditEntry) -> StoreResult<()> {
-        sqlx::query(
+        query!(
             "INSERT INTO audit_log (at_ms, event, outcome, user_id, user_name, ip, user_agent,
-                 session_id, detail) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+             session_id, detail) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)";
+            e.at_ms, &e.event, &e.outcome, e.user_id, &e.user_name, &e.ip, &e.user_agent,
+            &e.session_id, &e.detail,
         )
-        .bind(e.at_ms)
-        .bind(&e.event)
-        .bind(&e.outcome)
-        .bind(e.user_id)
-        .bind(&e.user_name)
-        .bind(&e.ip)
-        .bind(&e.user_agent)
-        .bind(&e.session_id)
-        .bind(&e.detail)
         .execute(&self.pool)
-        .await
-        .map_err(unavailable)?;
+        .await?;
         Ok(())
     }
 
@@ -984,17 +856,14 @@ where
         since_ms: i64,
         limit: i64,
     ) -> StoreResult<Vec<AuditEntry>> {
-        let rows = sqlx::query(
+        let rows = query!(
             "SELECT at_ms, event, outcome, user_id, user_name, ip, user_agent, session_id, detail
              FROM audit_log WHERE at_ms >= $1 AND (CAST($2 AS BIGINT) IS NULL OR user_id = $2)
-             ORDER BY id DESC LIMIT $3",
+             ORDER BY id DESC LIMIT $3";
+            since_ms, user_id, limit_of(limit),
         )
-        .bind(since_ms)
-        .bind(user_id)
-        .bind(limit_of(limit))
         .fetch_all(&self.pool)
-        .await
-        .map_err(unavailable)?;
+        .await?;
         rows.iter().map(Self::audit_from_row).collect()
     }
 
@@ -1003,38 +872,25 @@ where
         let s = &b.session;
         let sid = s.id.to_string();
         // Race-free under the writer lock: no other binding runs until this one commits.
-        let existing = sqlx::query("SELECT 1 FROM media_tokens WHERE token_hash = $1")
-            .bind(&b.token_hash)
+        let existing = query!("SELECT 1 FROM media_tokens WHERE token_hash = $1"; &b.token_hash)
             .fetch_optional(&mut *tx)
-            .await
-            .map_err(unavailable)?;
+            .await?;
         if existing.is_some() {
             return Ok(Vec::new());
         }
         Self::insert_session(&mut tx, s).await?;
-        sqlx::query(
+        query!(
             "INSERT INTO media_tokens (session_id, token_hash, token_sealed, route, media_user_id,
-                 media_user, device_id, client, device_name, version)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+             media_user, device_id, client, device_name, version)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)";
+            &sid, &b.token_hash, &b.token_sealed, &b.route, &b.media_user_id, &b.media_user,
+            &b.device_id, &b.client, &b.device_name, &b.version,
         )
-        .bind(&sid)
-        .bind(&b.token_hash)
-        .bind(&b.token_sealed)
-        .bind(&b.route)
-        .bind(&b.media_user_id)
-        .bind(&b.media_user)
-        .bind(&b.device_id)
-        .bind(&b.client)
-        .bind(&b.device_name)
-        .bind(&b.version)
         .execute(&mut *tx)
-        .await
-        .map_err(unavailable)?;
-        let user_name: String = sqlx::query_scalar("SELECT name FROM users WHERE id = $1")
-            .bind(s.user_id)
+        .await?;
+        let user_name: String = query_scalar!("SELECT name FROM users WHERE id = $1"; s.user_id)
             .fetch_one(&mut *tx)
-            .await
-            .map_err(unavailable)?;
+            .await?;
         let bound = RevocationEvent::MediaBound {
             sid: s.id,
             user_id: s.user_id,
@@ -1046,31 +902,24 @@ where
         let mut events = vec![Self::append(&mut tx, s.created_ms, bound).await?];
         // The media server deleted the older tokens of this device and user when it minted
         // the new one: end their sessions here, with no upstream logout owed.
-        let older = sqlx::query(
+        let older = query!(
             "UPDATE sessions SET revoked_ms = $1
              WHERE revoked_ms IS NULL AND id IN (
-                 SELECT session_id FROM media_tokens
-                 WHERE route = $2 AND media_user_id = $3 AND device_id = $4 AND session_id != $5)
-             RETURNING id, user_id, expires_ms",
+             SELECT session_id FROM media_tokens
+             WHERE route = $2 AND media_user_id = $3 AND device_id = $4 AND session_id != $5)
+             RETURNING id, user_id, expires_ms";
+            s.created_ms, &b.route, &b.media_user_id, &b.device_id, &sid,
         )
-        .bind(s.created_ms)
-        .bind(&b.route)
-        .bind(&b.media_user_id)
-        .bind(&b.device_id)
-        .bind(&sid)
         .fetch_all(&mut *tx)
-        .await
-        .map_err(unavailable)?;
+        .await?;
         for row in &older {
-            sqlx::query(
+            query!(
                 "UPDATE media_tokens SET logged_out_ms = $1, token_sealed = ''
-                 WHERE session_id = $2",
+                 WHERE session_id = $2";
+                s.created_ms, Self::get::<&str, _>(row, 0)?,
             )
-            .bind(s.created_ms)
-            .bind(Self::get::<&str, _>(row, 0)?)
             .execute(&mut *tx)
-            .await
-            .map_err(unavailable)?;
+            .await?;
         }
         Self::append_revoked(&mut tx, s.created_ms, &older, &mut events).await?;
         Self::commit(tx, &events).await?;
@@ -1078,19 +927,17 @@ where
     }
 
     async fn owed_media_logouts(&self, now_ms: i64, limit: i64) -> StoreResult<Vec<OwedLogout>> {
-        let rows = sqlx::query(
+        let rows = query!(
             "SELECT m.session_id, m.route, m.token_sealed, m.client, m.device_name, m.device_id,
-                    m.version, m.logout_attempts
+             m.version, m.logout_attempts
              FROM media_tokens m JOIN sessions s ON s.id = m.session_id
              WHERE m.logged_out_ms IS NULL AND m.next_attempt_ms <= $1
-               AND (s.revoked_ms IS NOT NULL OR s.expires_ms <= $1)
-             ORDER BY m.next_attempt_ms, s.created_ms LIMIT $2",
+             AND (s.revoked_ms IS NOT NULL OR s.expires_ms <= $1)
+             ORDER BY m.next_attempt_ms, s.created_ms LIMIT $2";
+            now_ms, limit_of(limit),
         )
-        .bind(now_ms)
-        .bind(limit_of(limit))
         .fetch_all(&self.pool)
-        .await
-        .map_err(unavailable)?;
+        .await?;
         rows.iter()
             .map(|r| {
                 Ok(OwedLogout {
@@ -1108,27 +955,23 @@ where
     }
 
     async fn media_logout_done(&self, sid: SessionId, now_ms: i64) -> StoreResult<()> {
-        sqlx::query(
-            "UPDATE media_tokens SET logged_out_ms = $1, token_sealed = '' WHERE session_id = $2",
+        query!(
+            "UPDATE media_tokens SET logged_out_ms = $1, token_sealed = '' WHERE session_id = $2";
+            now_ms, sid.to_string(),
         )
-        .bind(now_ms)
-        .bind(sid.to_string())
         .execute(&self.pool)
-        .await
-        .map_err(unavailable)?;
+        .await?;
         Ok(())
     }
 
     async fn media_logout_failed(&self, sid: SessionId, next_ms: i64) -> StoreResult<()> {
-        sqlx::query(
+        query!(
             "UPDATE media_tokens SET logout_attempts = logout_attempts + 1, next_attempt_ms = $1
-             WHERE session_id = $2",
+             WHERE session_id = $2";
+            next_ms, sid.to_string(),
         )
-        .bind(next_ms)
-        .bind(sid.to_string())
         .execute(&self.pool)
-        .await
-        .map_err(unavailable)?;
+        .await?;
         Ok(())
     }
 
@@ -1139,18 +982,15 @@ where
         now_ms: i64,
     ) -> StoreResult<Vec<SequencedEvent>> {
         let mut tx = self.write_tx().await?;
-        let rows = sqlx::query(
+        let rows = query!(
             "UPDATE sessions SET revoked_ms = $1
              WHERE revoked_ms IS NULL AND kind = 'media' AND last_seen_ms < $2 AND id IN (
-                 SELECT session_id FROM media_tokens WHERE route = $3)
-             RETURNING id, user_id, expires_ms",
+             SELECT session_id FROM media_tokens WHERE route = $3)
+             RETURNING id, user_id, expires_ms";
+            now_ms, idle_before_ms, route,
         )
-        .bind(now_ms)
-        .bind(idle_before_ms)
-        .bind(route)
         .fetch_all(&mut *tx)
-        .await
-        .map_err(unavailable)?;
+        .await?;
         let mut events = Vec::with_capacity(rows.len());
         Self::append_revoked(&mut tx, now_ms, &rows, &mut events).await?;
         Self::commit(tx, &events).await?;
@@ -1209,19 +1049,17 @@ where
         ];
         let mut deleted = 0;
         for (sql, before) in deletes {
-            deleted += Self::rows_affected(sqlx::query(sql).bind(before).execute(&mut *tx).await)?;
+            deleted += D::rows_affected(&query!(sql; before).execute(&mut *tx).await?);
         }
-        tx.commit().await.map_err(unavailable)?;
+        tx.commit().await?;
         Ok(deleted)
     }
 
     async fn set_admin(&self, user_id: i64, is_admin: bool) -> StoreResult<()> {
-        let done = sqlx::query("UPDATE users SET is_admin = $1 WHERE id = $2")
-            .bind(is_admin)
-            .bind(user_id)
+        let done = query!("UPDATE users SET is_admin = $1 WHERE id = $2"; is_admin, user_id)
             .execute(&self.pool)
-            .await;
-        if Self::rows_affected(done)? == 0 {
+            .await?;
+        if D::rows_affected(&done) == 0 {
             return Err(StoreError::NotFound(format!("user {user_id}")));
         }
         Ok(())
@@ -1235,15 +1073,11 @@ where
         user_id: i64,
         now_ms: i64,
     ) -> StoreResult<()> {
-        sqlx::query(
+        query!(
             "INSERT INTO oidc_links (provider, issuer, subject, user_id, created_ms)
-             VALUES ($1, $2, $3, $4, $5)",
+             VALUES ($1, $2, $3, $4, $5)";
+            provider, issuer, subject, user_id, now_ms,
         )
-        .bind(provider)
-        .bind(issuer)
-        .bind(subject)
-        .bind(user_id)
-        .bind(now_ms)
         .execute(&self.pool)
         .await
         .map_err(|e| {
@@ -1264,26 +1098,22 @@ where
         issuer: &str,
         subject: &str,
     ) -> StoreResult<Option<i64>> {
-        sqlx::query_scalar(
-            "SELECT user_id FROM oidc_links WHERE provider = $1 AND subject = $2 AND issuer = $3",
+        Ok(query_scalar!(
+            "SELECT user_id FROM oidc_links WHERE provider = $1 AND subject = $2 AND issuer = $3";
+            provider, subject, issuer,
         )
-        .bind(provider)
-        .bind(subject)
-        .bind(issuer)
         .fetch_optional(&self.pool)
-        .await
-        .map_err(unavailable)
+        .await?)
     }
 
     async fn oidc_links_of(&self, user_id: i64) -> StoreResult<Vec<OidcLink>> {
-        let rows = sqlx::query(
+        let rows = query!(
             "SELECT provider, issuer, subject, user_id, created_ms FROM oidc_links
-             WHERE user_id = $1 ORDER BY provider",
+             WHERE user_id = $1 ORDER BY provider";
+            user_id,
         )
-        .bind(user_id)
         .fetch_all(&self.pool)
-        .await
-        .map_err(unavailable)?;
+        .await?;
         rows.iter()
             .map(|r| {
                 Ok(OidcLink {
@@ -1298,20 +1128,20 @@ where
     }
 
     async fn unlink_oidc(&self, provider: &str, user_id: i64) -> StoreResult<bool> {
-        let done = sqlx::query("DELETE FROM oidc_links WHERE provider = $1 AND user_id = $2")
-            .bind(provider)
-            .bind(user_id)
-            .execute(&self.pool)
-            .await;
-        Ok(Self::rows_affected(done)? > 0)
+        let done = query!(
+            "DELETE FROM oidc_links WHERE provider = $1 AND user_id = $2";
+            provider, user_id,
+        )
+        .execute(&self.pool)
+        .await?;
+        Ok(D::rows_affected(&done) > 0)
     }
 
     async fn unlink_all_oidc(&self) -> StoreResult<u64> {
-        Self::rows_affected(
-            sqlx::query("DELETE FROM oidc_links")
-                .execute(&self.pool)
-                .await,
-        )
+        let done = sqlx::query("DELETE FROM oidc_links")
+            .execute(&self.pool)
+            .await?;
+        Ok(D::rows_affected(&done))
     }
 
     async fn record_oidc_session(&self, o: &OidcSession, now_ms: i64) -> StoreResult<bool> {
@@ -1319,47 +1149,38 @@ where
         // session: one of the two always sees the other.
         let mut tx = self.write_tx().await?;
         if let Some(oidc_sid) = &o.oidc_sid {
-            let ended = sqlx::query(
+            let ended = query!(
                 "SELECT 1 FROM oidc_ended_sids
-                 WHERE provider = $1 AND oidc_sid = $2 AND expires_ms > $3",
+                 WHERE provider = $1 AND oidc_sid = $2 AND expires_ms > $3";
+                &o.provider, oidc_sid, now_ms,
             )
-            .bind(&o.provider)
-            .bind(oidc_sid)
-            .bind(now_ms)
             .fetch_optional(&mut *tx)
-            .await
-            .map_err(unavailable)?;
+            .await?;
             if ended.is_some() {
                 return Ok(false);
             }
         }
-        sqlx::query(
+        query!(
             "INSERT INTO oidc_sessions
-                 (session_id, provider, subject, oidc_sid, id_token_sealed, amr)
-             VALUES ($1, $2, $3, $4, $5, $6)",
+             (session_id, provider, subject, oidc_sid, id_token_sealed, amr)
+             VALUES ($1, $2, $3, $4, $5, $6)";
+            o.session_id.to_string(), &o.provider, &o.subject, o.oidc_sid.as_deref(),
+            &o.id_token_sealed, o.amr.join(" "),
         )
-        .bind(o.session_id.to_string())
-        .bind(&o.provider)
-        .bind(&o.subject)
-        .bind(o.oidc_sid.as_deref())
-        .bind(&o.id_token_sealed)
-        .bind(o.amr.join(" "))
         .execute(&mut *tx)
-        .await
-        .map_err(unavailable)?;
-        tx.commit().await.map_err(unavailable)?;
+        .await?;
+        tx.commit().await?;
         Ok(true)
     }
 
     async fn get_oidc_session(&self, session_id: SessionId) -> StoreResult<Option<OidcSession>> {
-        let row = sqlx::query(
+        let row = query!(
             "SELECT provider, subject, oidc_sid, id_token_sealed, amr FROM oidc_sessions
-             WHERE session_id = $1",
+             WHERE session_id = $1";
+            session_id.to_string(),
         )
-        .bind(session_id.to_string())
         .fetch_optional(&self.pool)
-        .await
-        .map_err(unavailable)?;
+        .await?;
         row.map(|r| {
             let amr: &str = Self::get(&r, 4)?;
             Ok(OidcSession {
@@ -1380,16 +1201,14 @@ where
         now_ms: i64,
     ) -> StoreResult<Option<Vec<SequencedEvent>>> {
         let mut tx = self.write_tx().await?;
-        let fresh = sqlx::query(
+        let fresh = query!(
             "INSERT INTO oidc_logout_jtis (provider, jti, expires_ms) VALUES ($1, $2, $3)
-             ON CONFLICT DO NOTHING",
+             ON CONFLICT DO NOTHING";
+            &l.provider, &l.jti, l.jti_expires_ms,
         )
-        .bind(&l.provider)
-        .bind(&l.jti)
-        .bind(l.jti_expires_ms)
         .execute(&mut *tx)
-        .await;
-        if Self::rows_affected(fresh)? == 0 {
+        .await?;
+        if D::rows_affected(&fresh) == 0 {
             return Ok(None);
         }
         let mut events = Vec::new();
@@ -1397,36 +1216,29 @@ where
             (Some(oidc_sid), subject) => {
                 // Remembered as ended, so that a login through it still waiting at a gateway
                 // step cannot create a session after this.
-                sqlx::query(
+                query!(
                     "INSERT INTO oidc_ended_sids (provider, oidc_sid, expires_ms)
                      VALUES ($1, $2, $3)
                      ON CONFLICT (provider, oidc_sid) DO UPDATE SET expires_ms =
-                         CASE WHEN oidc_ended_sids.expires_ms < excluded.expires_ms
-                              THEN excluded.expires_ms ELSE oidc_ended_sids.expires_ms END",
+                     CASE WHEN oidc_ended_sids.expires_ms < excluded.expires_ms
+                     THEN excluded.expires_ms ELSE oidc_ended_sids.expires_ms END";
+                    &l.provider, oidc_sid, l.ended_until_ms,
                 )
-                .bind(&l.provider)
-                .bind(oidc_sid)
-                .bind(l.ended_until_ms)
                 .execute(&mut *tx)
-                .await
-                .map_err(unavailable)?;
+                .await?;
                 // The provider session's gateway sessions, then the media sessions of their
                 // users (a media binding does not record the web session it came through).
-                let rows = sqlx::query(
+                let rows = query!(
                     "UPDATE sessions SET revoked_ms = $1
                      WHERE revoked_ms IS NULL AND expires_ms > $1 AND id IN (
-                         SELECT session_id FROM oidc_sessions
-                         WHERE provider = $2 AND oidc_sid = $3
-                           AND (CAST($4 AS TEXT) IS NULL OR subject = $4))
-                     RETURNING id, user_id, expires_ms",
+                     SELECT session_id FROM oidc_sessions
+                     WHERE provider = $2 AND oidc_sid = $3
+                     AND (CAST($4 AS TEXT) IS NULL OR subject = $4))
+                     RETURNING id, user_id, expires_ms";
+                    now_ms, &l.provider, oidc_sid, subject.as_deref(),
                 )
-                .bind(now_ms)
-                .bind(&l.provider)
-                .bind(oidc_sid)
-                .bind(subject.as_deref())
                 .fetch_all(&mut *tx)
-                .await
-                .map_err(unavailable)?;
+                .await?;
                 let mut users: Vec<i64> = Vec::new();
                 for row in &rows {
                     let user_id: i64 = Self::get(row, 1)?;
@@ -1436,31 +1248,26 @@ where
                 }
                 Self::append_revoked(&mut tx, now_ms, &rows, &mut events).await?;
                 for user_id in users {
-                    let rows = sqlx::query(
+                    let rows = query!(
                         "UPDATE sessions SET revoked_ms = $1
                          WHERE revoked_ms IS NULL AND expires_ms > $1 AND user_id = $2
-                           AND kind = 'media'
-                         RETURNING id, user_id, expires_ms",
+                         AND kind = 'media'
+                         RETURNING id, user_id, expires_ms";
+                        now_ms, user_id,
                     )
-                    .bind(now_ms)
-                    .bind(user_id)
                     .fetch_all(&mut *tx)
-                    .await
-                    .map_err(unavailable)?;
+                    .await?;
                     Self::append_revoked(&mut tx, now_ms, &rows, &mut events).await?;
                 }
             }
             (None, Some(subject)) => {
-                let user: Option<i64> = sqlx::query_scalar(
+                let user: Option<i64> = query_scalar!(
                     "SELECT user_id FROM oidc_links
-                     WHERE provider = $1 AND subject = $2 AND issuer = $3",
+                     WHERE provider = $1 AND subject = $2 AND issuer = $3";
+                    &l.provider, subject, &l.issuer,
                 )
-                .bind(&l.provider)
-                .bind(subject)
-                .bind(&l.issuer)
                 .fetch_optional(&mut *tx)
-                .await
-                .map_err(unavailable)?;
+                .await?;
                 if let Some(user_id) = user {
                     events.push(Self::cutoff_user(&mut tx, user_id, now_ms).await?);
                 }
@@ -1476,77 +1283,64 @@ where
     }
 
     async fn events_since(&self, after: i64, limit: i64) -> StoreResult<Vec<SequencedEvent>> {
-        let rows = sqlx::query(
+        let rows = query!(
             "SELECT e.seq, e.kind, e.session_id, e.user_id, e.at_ms, e.expires_ms, e.key_id,
-                    e.token_hash, e.detail, u.name AS user_name
-             FROM revocation_events e LEFT JOIN users u ON u.id = e.user_id
-             WHERE e.seq > $1 ORDER BY e.seq LIMIT $2",
+                 e.token_hash, e.detail, u.name AS user_name
+                 FROM revocation_events e LEFT JOIN users u ON u.id = e.user_id
+                 WHERE e.seq > $1 ORDER BY e.seq LIMIT $2";
+            after, limit_of(limit),
         )
-        .bind(after)
-        .bind(limit_of(limit))
         .fetch_all(&self.pool)
-        .await
-        .map_err(unavailable)?;
+        .await?;
         rows.iter().map(Self::event_from_row).collect()
     }
 
     async fn snapshot(&self, now_ms: i64) -> StoreResult<Snapshot> {
         // One snapshot of the database for every query below.
-        let mut tx = self
-            .pool
-            .begin_with(D::BEGIN_READ)
-            .await
-            .map_err(unavailable)?;
-        let seq: i64 = sqlx::query_scalar(D::LAST_SEQ)
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(unavailable)?;
+        let mut tx = self.pool.begin_with(D::BEGIN_READ).await?;
+        let seq: i64 = sqlx::query_scalar(D::LAST_SEQ).fetch_one(&mut *tx).await?;
         let revoked = tokio::spawn(D::revoked_sessions(self.pool.clone(), seq, now_ms));
         // The latest cutoff per user, as one string (a hundred thousand users are one row).
-        let cutoffs: Option<String> = sqlx::query_scalar(
+        let cutoffs: Option<String> = query_scalar!(
             "SELECT string_agg(user_id || ':' || at_ms, ',' ORDER BY user_id) FROM (
                  SELECT user_id, MAX(at_ms) AS at_ms FROM revocation_events
-                 WHERE kind = 'user_cutoff' AND seq <= $1 GROUP BY user_id) AS c",
+                 WHERE kind = 'user_cutoff' AND seq <= $1 GROUP BY user_id) AS c";
+            seq,
         )
-        .bind(seq)
         .fetch_one(&mut *tx)
-        .await
-        .map_err(unavailable)?;
+        .await?;
         let user_cutoffs = super::parse_pairs(cutoffs.as_deref().unwrap_or(""))?;
-        let global_cutoff: Option<i64> = sqlx::query_scalar(
-            "SELECT MAX(at_ms) FROM revocation_events WHERE kind = 'global_cutoff' AND seq <= $1",
+        let global_cutoff: Option<i64> = query_scalar!(
+            "SELECT MAX(at_ms) FROM revocation_events WHERE kind = 'global_cutoff' AND seq <= $1";
+            seq,
         )
-        .bind(seq)
         .fetch_one(&mut *tx)
-        .await
-        .map_err(unavailable)?;
+        .await?;
         let disabled_users: Vec<i64> =
             sqlx::query_scalar("SELECT id FROM users WHERE disabled ORDER BY id")
                 .fetch_all(&mut *tx)
-                .await
-                .map_err(unavailable)?;
+                .await?;
         let retired_keys: Vec<String> = sqlx::query_scalar::<_, Option<String>>(
             "SELECT DISTINCT key_id FROM revocation_events
              WHERE kind = 'key_retired' AND seq <= $1 ORDER BY key_id",
         )
         .bind(seq)
         .fetch_all(&mut *tx)
-        .await
-        .map_err(unavailable)?
+        .await?
         .into_iter()
         .flatten()
         .collect();
         let mut media_tokens = Vec::new();
         {
-            let mut rows = sqlx::query(
+            let mut rows = query!(
                 "SELECT m.token_hash, s.id, s.user_id, u.name, s.created_ms, s.expires_ms
-                 FROM media_tokens m JOIN sessions s ON s.id = m.session_id
-                 JOIN users u ON u.id = s.user_id
-                 WHERE s.expires_ms > $1",
+                     FROM media_tokens m JOIN sessions s ON s.id = m.session_id
+                     JOIN users u ON u.id = s.user_id
+                     WHERE s.expires_ms > $1";
+                now_ms,
             )
-            .bind(now_ms)
             .fetch(&mut *tx);
-            while let Some(row) = rows.try_next().await.map_err(unavailable)? {
+            while let Some(row) = rows.try_next().await? {
                 media_tokens.push(MediaTokenRow {
                     token_hash: Self::get(&row, 0)?,
                     sid: sid_from_text(Self::get(&row, 1)?)?,
@@ -1557,7 +1351,7 @@ where
                 });
             }
         }
-        tx.commit().await.map_err(unavailable)?;
+        tx.commit().await?;
         let revoked = match revoked.await {
             Ok(revoked) => revoked?,
             Err(e) => {
