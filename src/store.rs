@@ -61,7 +61,7 @@ impl fmt::Debug for SessionId {
     }
 }
 
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, sqlx::FromRow)]
 pub struct User {
     pub id: i64,
     pub name: String,
@@ -82,7 +82,7 @@ pub struct User {
 }
 
 /// A security event for the audit log. Never holds a secret.
-#[derive(Clone, Debug, Default, serde::Serialize)]
+#[derive(Clone, Debug, Default, serde::Serialize, sqlx::FromRow)]
 pub struct AuditEntry {
     pub at_ms: i64,
     pub event: String,
@@ -161,7 +161,7 @@ pub struct NewMediaBinding {
 }
 
 /// A media token whose session has ended and which is still owed an upstream logout.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, sqlx::FromRow)]
 pub struct OwedLogout {
     pub sid: SessionId,
     pub route: String,
@@ -174,7 +174,7 @@ pub struct OwedLogout {
 }
 
 /// A provider subject linked to a gateway user (single sign-on).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, sqlx::FromRow)]
 pub struct OidcLink {
     pub provider: String,
     /// The provider's issuer when the link was made; a login under another issuer (the same
@@ -216,7 +216,7 @@ pub struct BackchannelLogout {
     pub ended_until_ms: i64,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, sqlx::FromRow)]
 pub struct SessionRecord {
     pub id: SessionId,
     pub user_id: i64,
@@ -465,7 +465,7 @@ pub struct Snapshot {
 }
 
 /// A bound media token as the view holds it.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, sqlx::FromRow)]
 pub struct MediaTokenRow {
     pub token_hash: String,
     pub sid: SessionId,
@@ -478,7 +478,7 @@ pub struct MediaTokenRow {
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("the store is unavailable: {0}")]
-    Unavailable(#[from] sqlx::Error),
+    Unavailable(#[source] sqlx::Error),
     #[error("the store could not be opened at {path}: {message}")]
     Open { path: String, message: String },
     #[error("schema migration failed: {0}")]
@@ -494,6 +494,17 @@ pub enum StoreError {
 }
 
 pub type StoreResult<T> = Result<T, StoreError>;
+
+/// A value that cannot be read as its type (a malformed session id) is `Corrupt`; every other
+/// database error means the store is unavailable.
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> StoreError {
+        match e {
+            sqlx::Error::ColumnDecode { .. } => StoreError::Corrupt(e.to_string()),
+            e => StoreError::Unavailable(e),
+        }
+    }
+}
 
 /// Names a failed migration: a store whose applied migrations go past the newest this binary
 /// knows (sqlx reports one it does not know as `VersionMissing`) was written by a newer

@@ -5,7 +5,6 @@
 //! pushes announcements. The sqlx bounds the queries need are gathered on the two `impl` blocks
 //! below and nowhere else.
 
-use futures_util::TryStreamExt;
 use sqlx::migrate::Migrate;
 use sqlx::{
     ColumnIndex, Decode, Encode, Executor, FromRow, IntoArguments, Pool, Row, Transaction, Type,
@@ -61,6 +60,11 @@ macro_rules! query {
     ($sql:expr; $($arg:expr),* $(,)?) => { sqlx::query($sql)$(.bind($arg))* };
 }
 
+/// `sqlx::query_as(sql)` with `args` bound, in order, to `$1`, `$2`…
+macro_rules! query_as {
+    ($sql:expr; $($arg:expr),* $(,)?) => { sqlx::query_as($sql)$(.bind($arg))* };
+}
+
 /// `sqlx::query_scalar(sql)` with `args` bound, in order, to `$1`, `$2`…
 macro_rules! query_scalar {
     ($sql:expr; $($arg:expr),* $(,)?) => { sqlx::query_scalar($sql)$(.bind($arg))* };
@@ -72,6 +76,51 @@ fn is_unique_violation(e: &sqlx::Error) -> bool {
 
 fn sid_from_text(text: &str) -> StoreResult<SessionId> {
     SessionId::parse(text).ok_or_else(|| StoreError::Corrupt(format!("session id `{text}`")))
+}
+
+/// Session ids and kinds are stored as text, and read straight into their types (rows derive
+/// `sqlx::FromRow`); a malformed id fails the read as `StoreError::Corrupt`.
+impl<DB: sqlx::Database> Type<DB> for SessionId
+where
+    str: Type<DB>,
+{
+    fn type_info() -> DB::TypeInfo {
+        <str as Type<DB>>::type_info()
+    }
+    fn compatible(ty: &DB::TypeInfo) -> bool {
+        <str as Type<DB>>::compatible(ty)
+    }
+}
+
+impl<'r, DB: sqlx::Database> Decode<'r, DB> for SessionId
+where
+    &'r str: Decode<'r, DB>,
+{
+    fn decode(value: DB::ValueRef<'r>) -> Result<Self, sqlx::error::BoxDynError> {
+        let text = <&str as Decode<DB>>::decode(value)?;
+        Ok(sid_from_text(text)?)
+    }
+}
+
+impl<DB: sqlx::Database> Type<DB> for SessionKind
+where
+    str: Type<DB>,
+{
+    fn type_info() -> DB::TypeInfo {
+        <str as Type<DB>>::type_info()
+    }
+    fn compatible(ty: &DB::TypeInfo) -> bool {
+        <str as Type<DB>>::compatible(ty)
+    }
+}
+
+impl<'r, DB: sqlx::Database> Decode<'r, DB> for SessionKind
+where
+    &'r str: Decode<'r, DB>,
+{
+    fn decode(value: DB::ValueRef<'r>) -> Result<Self, sqlx::error::BoxDynError> {
+        Ok(SessionKind::parse(<&str as Decode<DB>>::decode(value)?))
+    }
 }
 
 /// A negative limit means "no limit"; both backends take the largest number for that.
@@ -120,7 +169,8 @@ where
     for<'q> bool: Encode<'q, D> + Decode<'q, D> + Type<D>,
     for<'q> i64: Encode<'q, D> + Decode<'q, D> + Type<D>,
     for<'q> String: Encode<'q, D> + Decode<'q, D> + Type<D>,
-    for<'q> &'q str: Encode<'q, D> + Decode<'q, D> + Type<D>,
+    for<'q> &'q str: Encode<'q, D> + Decode<'q, D>,
+    str: Type<D>,
     for<'q> Option<i64>: Encode<'q, D>,
     for<'q> Option<String>: Encode<'q, D>,
     for<'q> Option<&'q str>: Encode<'q, D>,
@@ -258,7 +308,7 @@ where
     ) -> StoreResult<()> {
         for row in rows {
             let event = RevocationEvent::SessionRevoked {
-                sid: sid_from_text(Self::get(row, 0)?)?,
+                sid: Self::get(row, 0)?,
                 user_id: Self::get(row, 1)?,
                 expires_ms: Self::get(row, 2)?,
             };
@@ -279,53 +329,6 @@ where
         .execute(&mut *conn)
         .await?;
         Ok(())
-    }
-
-    fn user_from_row(row: &D::Row) -> StoreResult<User> {
-        Ok(User {
-            id: Self::get(row, "id")?,
-            name: Self::get(row, "name")?,
-            password_hash: Self::get(row, "password_hash")?,
-            is_admin: Self::get(row, "is_admin")?,
-            disabled: Self::get(row, "disabled")?,
-            created_ms: Self::get(row, "created_ms")?,
-            must_reset: Self::get(row, "must_reset")?,
-            failed_logins: Self::get(row, "failed_logins")?,
-            locked_until_ms: Self::get(row, "locked_until_ms")?,
-            last_failure_ms: Self::get(row, "last_failure_ms")?,
-            totp_secret: Self::get(row, "totp_secret")?,
-            totp_enabled: Self::get(row, "totp_enabled")?,
-            totp_last_step: Self::get(row, "totp_last_step")?,
-        })
-    }
-
-    fn audit_from_row(row: &D::Row) -> StoreResult<AuditEntry> {
-        Ok(AuditEntry {
-            at_ms: Self::get(row, "at_ms")?,
-            event: Self::get(row, "event")?,
-            outcome: Self::get(row, "outcome")?,
-            user_id: Self::get(row, "user_id")?,
-            user_name: Self::get(row, "user_name")?,
-            ip: Self::get(row, "ip")?,
-            user_agent: Self::get(row, "user_agent")?,
-            session_id: Self::get(row, "session_id")?,
-            detail: Self::get(row, "detail")?,
-        })
-    }
-
-    fn session_from_row(row: &D::Row) -> StoreResult<SessionRecord> {
-        Ok(SessionRecord {
-            id: sid_from_text(Self::get(row, "id")?)?,
-            user_id: Self::get(row, "user_id")?,
-            user_name: Self::get(row, "user_name")?,
-            kind: SessionKind::parse(Self::get(row, "kind")?),
-            user_agent: Self::get(row, "user_agent")?,
-            ip: Self::get(row, "ip")?,
-            created_ms: Self::get(row, "created_ms")?,
-            last_seen_ms: Self::get(row, "last_seen_ms")?,
-            expires_ms: Self::get(row, "expires_ms")?,
-            revoked_ms: Self::get(row, "revoked_ms")?,
-        })
     }
 
     fn event_from_row(row: &D::Row) -> StoreResult<SequencedEvent> {
@@ -393,7 +396,8 @@ where
     for<'q> bool: Encode<'q, D> + Decode<'q, D> + Type<D>,
     for<'q> i64: Encode<'q, D> + Decode<'q, D> + Type<D>,
     for<'q> String: Encode<'q, D> + Decode<'q, D> + Type<D>,
-    for<'q> &'q str: Encode<'q, D> + Decode<'q, D> + Type<D>,
+    for<'q> &'q str: Encode<'q, D> + Decode<'q, D>,
+    str: Type<D>,
     for<'q> Option<i64>: Encode<'q, D>,
     for<'q> Option<String>: Encode<'q, D>,
     for<'q> Option<&'q str>: Encode<'q, D>,
@@ -426,7 +430,7 @@ where
             "INSERT INTO users (name, password_hash, is_admin, disabled, created_ms)
              VALUES ($1, $2, $3, FALSE, $4) RETURNING {USER_COLUMNS}"
         );
-        let row = query!(&sql; name, password_hash, is_admin, now_ms)
+        query_as!(&sql; name, password_hash, is_admin, now_ms)
             .fetch_one(&self.pool)
             .await
             .map_err(|e| {
@@ -435,31 +439,25 @@ where
                 } else {
                     unavailable(e)
                 }
-            })?;
-        Self::user_from_row(&row)
+            })
     }
 
     async fn find_user(&self, name: &str) -> StoreResult<Option<User>> {
         let sql = format!("SELECT {USER_COLUMNS} FROM users WHERE {}", D::NAME_IS);
-        let row = query!(&sql; name).fetch_optional(&self.pool).await?;
-        row.as_ref().map(Self::user_from_row).transpose()
+        Ok(query_as!(&sql; name).fetch_optional(&self.pool).await?)
     }
 
     async fn list_users(&self) -> StoreResult<Vec<User>> {
-        let rows = sqlx::query(&format!(
+        let sql = format!(
             "SELECT {USER_COLUMNS} FROM users ORDER BY {}",
             D::NAME_ORDER
-        ))
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter().map(Self::user_from_row).collect()
+        );
+        Ok(sqlx::query_as(&sql).fetch_all(&self.pool).await?)
     }
 
     async fn find_user_by_id(&self, id: i64) -> StoreResult<Option<User>> {
-        let row = query!(&format!("SELECT {USER_COLUMNS} FROM users WHERE id = $1"); id)
-            .fetch_optional(&self.pool)
-            .await?;
-        row.as_ref().map(Self::user_from_row).transpose()
+        let sql = format!("SELECT {USER_COLUMNS} FROM users WHERE id = $1");
+        Ok(query_as!(&sql; id).fetch_optional(&self.pool).await?)
     }
 
     async fn set_password(&self, user_id: i64, password_hash: &str) -> StoreResult<()> {
@@ -516,15 +514,14 @@ where
     }
 
     async fn get_session(&self, id: SessionId) -> StoreResult<Option<SessionRecord>> {
-        let row = query!(
+        Ok(query_as!(
             "SELECT s.id, s.user_id, u.name AS user_name, s.kind, s.user_agent, s.ip,
              s.created_ms, s.last_seen_ms, s.expires_ms, s.revoked_ms
              FROM sessions s JOIN users u ON u.id = s.user_id WHERE s.id = $1";
             id.to_string(),
         )
         .fetch_optional(&self.pool)
-        .await?;
-        row.as_ref().map(Self::session_from_row).transpose()
+        .await?)
     }
 
     async fn list_live_sessions(
@@ -532,7 +529,7 @@ where
         user_id: Option<i64>,
         now_ms: i64,
     ) -> StoreResult<Vec<SessionRecord>> {
-        let rows = query!(
+        Ok(query_as!(
             "SELECT s.id, s.user_id, u.name AS user_name, s.kind, s.user_agent, s.ip,
              s.created_ms, s.last_seen_ms, s.expires_ms, s.revoked_ms
              FROM sessions s JOIN users u ON u.id = s.user_id
@@ -542,8 +539,7 @@ where
             now_ms, user_id,
         )
         .fetch_all(&self.pool)
-        .await?;
-        rows.iter().map(Self::session_from_row).collect()
+        .await?)
     }
 
     async fn count_live_sessions(&self, now_ms: i64) -> StoreResult<Vec<(String, i64)>> {
@@ -612,13 +608,10 @@ where
              WHERE id = $4 RETURNING {USER_COLUMNS}"
         );
         let locked_until = now_ms.saturating_add(lockout_ms);
-        let row = query!(&sql; now_ms, i64::from(max_failures), locked_until, user_id)
+        query_as!(&sql; now_ms, i64::from(max_failures), locked_until, user_id)
             .fetch_optional(&self.pool)
-            .await?;
-        match row {
-            Some(row) => Self::user_from_row(&row),
-            None => Err(StoreError::NotFound(format!("user {user_id}"))),
-        }
+            .await?
+            .ok_or_else(|| StoreError::NotFound(format!("user {user_id}")))
     }
 
     async fn clear_failures(&self, user_id: i64) -> StoreResult<()> {
@@ -856,15 +849,14 @@ where
         since_ms: i64,
         limit: i64,
     ) -> StoreResult<Vec<AuditEntry>> {
-        let rows = query!(
+        Ok(query_as!(
             "SELECT at_ms, event, outcome, user_id, user_name, ip, user_agent, session_id, detail
              FROM audit_log WHERE at_ms >= $1 AND (CAST($2 AS BIGINT) IS NULL OR user_id = $2)
              ORDER BY id DESC LIMIT $3";
             since_ms, user_id, limit_of(limit),
         )
         .fetch_all(&self.pool)
-        .await?;
-        rows.iter().map(Self::audit_from_row).collect()
+        .await?)
     }
 
     async fn bind_media_token(&self, b: &NewMediaBinding) -> StoreResult<Vec<SequencedEvent>> {
@@ -927,9 +919,9 @@ where
     }
 
     async fn owed_media_logouts(&self, now_ms: i64, limit: i64) -> StoreResult<Vec<OwedLogout>> {
-        let rows = query!(
-            "SELECT m.session_id, m.route, m.token_sealed, m.client, m.device_name, m.device_id,
-             m.version, m.logout_attempts
+        Ok(query_as!(
+            "SELECT m.session_id AS sid, m.route, m.token_sealed, m.client, m.device_name,
+             m.device_id, m.version, m.logout_attempts AS attempts
              FROM media_tokens m JOIN sessions s ON s.id = m.session_id
              WHERE m.logged_out_ms IS NULL AND m.next_attempt_ms <= $1
              AND (s.revoked_ms IS NOT NULL OR s.expires_ms <= $1)
@@ -937,21 +929,7 @@ where
             now_ms, limit_of(limit),
         )
         .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(OwedLogout {
-                    sid: sid_from_text(Self::get(r, 0)?)?,
-                    route: Self::get(r, 1)?,
-                    token_sealed: Self::get(r, 2)?,
-                    client: Self::get(r, 3)?,
-                    device_name: Self::get(r, 4)?,
-                    device_id: Self::get(r, 5)?,
-                    version: Self::get(r, 6)?,
-                    attempts: Self::get(r, 7)?,
-                })
-            })
-            .collect()
+        .await?)
     }
 
     async fn media_logout_done(&self, sid: SessionId, now_ms: i64) -> StoreResult<()> {
@@ -1107,24 +1085,13 @@ where
     }
 
     async fn oidc_links_of(&self, user_id: i64) -> StoreResult<Vec<OidcLink>> {
-        let rows = query!(
+        Ok(query_as!(
             "SELECT provider, issuer, subject, user_id, created_ms FROM oidc_links
              WHERE user_id = $1 ORDER BY provider";
             user_id,
         )
         .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(OidcLink {
-                    provider: Self::get(r, 0)?,
-                    issuer: Self::get(r, 1)?,
-                    subject: Self::get(r, 2)?,
-                    user_id: Self::get(r, 3)?,
-                    created_ms: Self::get(r, 4)?,
-                })
-            })
-            .collect()
+        .await?)
     }
 
     async fn unlink_oidc(&self, provider: &str, user_id: i64) -> StoreResult<bool> {
@@ -1330,27 +1297,16 @@ where
         .into_iter()
         .flatten()
         .collect();
-        let mut media_tokens = Vec::new();
-        {
-            let mut rows = query!(
-                "SELECT m.token_hash, s.id, s.user_id, u.name, s.created_ms, s.expires_ms
-                     FROM media_tokens m JOIN sessions s ON s.id = m.session_id
-                     JOIN users u ON u.id = s.user_id
-                     WHERE s.expires_ms > $1";
-                now_ms,
-            )
-            .fetch(&mut *tx);
-            while let Some(row) = rows.try_next().await? {
-                media_tokens.push(MediaTokenRow {
-                    token_hash: Self::get(&row, 0)?,
-                    sid: sid_from_text(Self::get(&row, 1)?)?,
-                    user_id: Self::get(&row, 2)?,
-                    user_name: Self::get(&row, 3)?,
-                    issued_ms: Self::get(&row, 4)?,
-                    expires_ms: Self::get(&row, 5)?,
-                });
-            }
-        }
+        let media_tokens: Vec<MediaTokenRow> = query_as!(
+            "SELECT m.token_hash, s.id AS sid, s.user_id, u.name AS user_name,
+                    s.created_ms AS issued_ms, s.expires_ms
+             FROM media_tokens m JOIN sessions s ON s.id = m.session_id
+             JOIN users u ON u.id = s.user_id
+             WHERE s.expires_ms > $1";
+            now_ms,
+        )
+        .fetch_all(&mut *tx)
+        .await?;
         tx.commit().await?;
         let revoked = match revoked.await {
             Ok(revoked) => revoked?,
