@@ -7,6 +7,21 @@
 //! revocation is committed as an event before the call returns, and the event is returned so the
 //! caller can apply it to its in-memory view at once.
 
+/// `sqlx::query(sql)` with `args` bound, in order, to `$1`, `$2`…
+macro_rules! query {
+    ($sql:expr; $($arg:expr),* $(,)?) => { sqlx::query($sql)$(.bind($arg))* };
+}
+
+/// `sqlx::query_as(sql)` with `args` bound, in order, to `$1`, `$2`…
+macro_rules! query_as {
+    ($sql:expr; $($arg:expr),* $(,)?) => { sqlx::query_as($sql)$(.bind($arg))* };
+}
+
+/// `sqlx::query_scalar(sql)` with `args` bound, in order, to `$1`, `$2`…
+macro_rules! query_scalar {
+    ($sql:expr; $($arg:expr),* $(,)?) => { sqlx::query_scalar($sql)$(.bind($arg))* };
+}
+
 mod dialect;
 pub mod postgres;
 mod sql;

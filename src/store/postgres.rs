@@ -111,14 +111,10 @@ impl Dialect for Postgres {
         let ids: Vec<String> = seen.iter().map(|(sid, _)| sid.to_string()).collect();
         let ats: Vec<i64> = seen.iter().map(|(_, at)| *at).collect();
         async move {
-            sqlx::query(
-                "UPDATE sessions s SET last_seen_ms = GREATEST(s.last_seen_ms, v.at)
-                 FROM (SELECT id, MAX(at) AS at FROM unnest($1::TEXT[], $2::BIGINT[]) AS t(id, at)
-                       GROUP BY id) v
-                 WHERE s.id = v.id",
-            )
-            .bind(&ids)
-            .bind(&ats)
+            query!("UPDATE sessions s SET last_seen_ms = GREATEST(s.last_seen_ms, v.at)
+                    FROM (SELECT id, MAX(at) AS at
+                          FROM unnest($1::TEXT[], $2::BIGINT[]) AS t(id, at) GROUP BY id) v
+                    WHERE s.id = v.id"; &ids, &ats)
             .execute(conn)
             .await?;
             Ok(())

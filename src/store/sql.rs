@@ -55,21 +55,6 @@ pub(super) fn unavailable(e: sqlx::Error) -> StoreError {
     StoreError::Unavailable(e)
 }
 
-/// `sqlx::query(sql)` with `args` bound, in order, to `$1`, `$2`…
-macro_rules! query {
-    ($sql:expr; $($arg:expr),* $(,)?) => { sqlx::query($sql)$(.bind($arg))* };
-}
-
-/// `sqlx::query_as(sql)` with `args` bound, in order, to `$1`, `$2`…
-macro_rules! query_as {
-    ($sql:expr; $($arg:expr),* $(,)?) => { sqlx::query_as($sql)$(.bind($arg))* };
-}
-
-/// `sqlx::query_scalar(sql)` with `args` bound, in order, to `$1`, `$2`…
-macro_rules! query_scalar {
-    ($sql:expr; $($arg:expr),* $(,)?) => { sqlx::query_scalar($sql)$(.bind($arg))* };
-}
-
 fn is_unique_violation(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(d) if d.is_unique_violation())
 }
@@ -78,50 +63,37 @@ fn sid_from_text(text: &str) -> StoreResult<SessionId> {
     SessionId::parse(text).ok_or_else(|| StoreError::Corrupt(format!("session id `{text}`")))
 }
 
-/// Session ids and kinds are stored as text, and read straight into their types (rows derive
-/// `sqlx::FromRow`); a malformed id fails the read as `StoreError::Corrupt`.
-impl<DB: sqlx::Database> Type<DB> for SessionId
-where
-    str: Type<DB>,
-{
-    fn type_info() -> DB::TypeInfo {
-        <str as Type<DB>>::type_info()
-    }
-    fn compatible(ty: &DB::TypeInfo) -> bool {
-        <str as Type<DB>>::compatible(ty)
-    }
+/// Implements `Type` and `Decode` for a type stored as text: `parse` reads it (an error fails
+/// the row as `StoreError::Corrupt`). Rows then read straight into their types (`sqlx::FromRow`).
+macro_rules! decode_from_text {
+    ($ty:ty, $parse:expr) => {
+        impl<DB: sqlx::Database> Type<DB> for $ty
+        where
+            str: Type<DB>,
+        {
+            fn type_info() -> DB::TypeInfo {
+                <str as Type<DB>>::type_info()
+            }
+            fn compatible(ty: &DB::TypeInfo) -> bool {
+                <str as Type<DB>>::compatible(ty)
+            }
+        }
+
+        impl<'r, DB: sqlx::Database> Decode<'r, DB> for $ty
+        where
+            &'r str: Decode<'r, DB>,
+        {
+            fn decode(value: DB::ValueRef<'r>) -> Result<Self, sqlx::error::BoxDynError> {
+                Ok($parse(<&str as Decode<DB>>::decode(value)?)?)
+            }
+        }
+    };
 }
 
-impl<'r, DB: sqlx::Database> Decode<'r, DB> for SessionId
-where
-    &'r str: Decode<'r, DB>,
-{
-    fn decode(value: DB::ValueRef<'r>) -> Result<Self, sqlx::error::BoxDynError> {
-        let text = <&str as Decode<DB>>::decode(value)?;
-        Ok(sid_from_text(text)?)
-    }
-}
-
-impl<DB: sqlx::Database> Type<DB> for SessionKind
-where
-    str: Type<DB>,
-{
-    fn type_info() -> DB::TypeInfo {
-        <str as Type<DB>>::type_info()
-    }
-    fn compatible(ty: &DB::TypeInfo) -> bool {
-        <str as Type<DB>>::compatible(ty)
-    }
-}
-
-impl<'r, DB: sqlx::Database> Decode<'r, DB> for SessionKind
-where
-    &'r str: Decode<'r, DB>,
-{
-    fn decode(value: DB::ValueRef<'r>) -> Result<Self, sqlx::error::BoxDynError> {
-        Ok(SessionKind::parse(<&str as Decode<DB>>::decode(value)?))
-    }
-}
+decode_from_text!(SessionId, sid_from_text);
+decode_from_text!(SessionKind, |text| StoreResult::Ok(SessionKind::parse(
+    text
+)));
 
 /// A negative limit means "no limit"; both backends take the largest number for that.
 fn limit_of(limit: i64) -> i64 {
@@ -166,7 +138,6 @@ where
     D::Connection: Migrate,
     for<'c> &'c mut D::Connection: Executor<'c, Database = D>,
     for<'q> D::Arguments<'q>: IntoArguments<'q, D>,
-    for<'q> bool: Encode<'q, D> + Decode<'q, D> + Type<D>,
     for<'q> i64: Encode<'q, D> + Decode<'q, D> + Type<D>,
     for<'q> String: Encode<'q, D> + Decode<'q, D> + Type<D>,
     for<'q> &'q str: Encode<'q, D> + Decode<'q, D>,
@@ -273,10 +244,8 @@ where
 
     /// Ends every session issued at or before `at_ms` and records the global cutoff.
     async fn cutoff_everyone(tx: &mut D::Connection, at_ms: i64) -> StoreResult<SequencedEvent> {
-        query!(
-            "UPDATE sessions SET revoked_ms = $1 WHERE revoked_ms IS NULL AND created_ms <= $1";
-            at_ms,
-        )
+        query!("UPDATE sessions SET revoked_ms = $1 WHERE revoked_ms IS NULL AND created_ms <= $1";
+               at_ms)
         .execute(&mut *tx)
         .await?;
         Self::append(tx, at_ms, RevocationEvent::GlobalCutoff { at_ms }).await
@@ -288,29 +257,26 @@ where
         user_id: i64,
         at_ms: i64,
     ) -> StoreResult<SequencedEvent> {
-        query!(
-            "UPDATE sessions SET revoked_ms = $1
-             WHERE user_id = $2 AND revoked_ms IS NULL AND created_ms <= $1";
-            at_ms, user_id,
-        )
+        query!("UPDATE sessions SET revoked_ms = $1
+                WHERE user_id = $2 AND revoked_ms IS NULL AND created_ms <= $1"; at_ms, user_id)
         .execute(&mut *tx)
         .await?;
         Self::append(tx, at_ms, RevocationEvent::UserCutoff { user_id, at_ms }).await
     }
 
-    /// Records `SessionRevoked` events for sessions just ended by an `UPDATE … RETURNING id,
-    /// user_id, expires_ms`.
+    /// Records `SessionRevoked` events for sessions just ended, as an `UPDATE … RETURNING id,
+    /// user_id, expires_ms` names them.
     async fn append_revoked(
         tx: &mut D::Connection,
         at_ms: i64,
-        rows: &[D::Row],
+        ended: &[(SessionId, i64, i64)],
         events: &mut Vec<SequencedEvent>,
     ) -> StoreResult<()> {
-        for row in rows {
+        for &(sid, user_id, expires_ms) in ended {
             let event = RevocationEvent::SessionRevoked {
-                sid: Self::get(row, 0)?,
-                user_id: Self::get(row, 1)?,
-                expires_ms: Self::get(row, 2)?,
+                sid,
+                user_id,
+                expires_ms,
             };
             events.push(Self::append(tx, at_ms, event).await?);
         }
@@ -319,13 +285,11 @@ where
 
     /// Inserts a new session row, last seen at its creation.
     async fn insert_session(conn: &mut D::Connection, s: &NewSession) -> StoreResult<()> {
-        query!(
-            "INSERT INTO sessions
-             (id, user_id, kind, user_agent, ip, created_ms, last_seen_ms, expires_ms)
-             VALUES ($1, $2, $3, $4, $5, $6, $6, $7)";
-            s.id.to_string(), s.user_id, s.kind.as_str(), &s.user_agent, &s.ip, s.created_ms,
-            s.expires_ms,
-        )
+        query!("INSERT INTO sessions
+                (id, user_id, kind, user_agent, ip, created_ms, last_seen_ms, expires_ms)
+                VALUES ($1, $2, $3, $4, $5, $6, $6, $7)";
+               s.id.to_string(), s.user_id, s.kind.as_str(), &s.user_agent, &s.ip, s.created_ms,
+               s.expires_ms)
         .execute(&mut *conn)
         .await?;
         Ok(())
@@ -486,11 +450,9 @@ where
         }
         let mut events = Vec::new();
         if disabled {
-            query!(
-                "UPDATE sessions SET revoked_ms = $1
-                 WHERE user_id = $2 AND revoked_ms IS NULL AND created_ms <= $1";
-                now_ms, user_id,
-            )
+            query!("UPDATE sessions SET revoked_ms = $1
+                    WHERE user_id = $2 AND revoked_ms IS NULL AND created_ms <= $1";
+                   now_ms, user_id)
             .execute(&mut *tx)
             .await?;
             let disabled = RevocationEvent::UserDisabled { user_id };
@@ -514,14 +476,14 @@ where
     }
 
     async fn get_session(&self, id: SessionId) -> StoreResult<Option<SessionRecord>> {
-        Ok(query_as!(
-            "SELECT s.id, s.user_id, u.name AS user_name, s.kind, s.user_agent, s.ip,
-             s.created_ms, s.last_seen_ms, s.expires_ms, s.revoked_ms
-             FROM sessions s JOIN users u ON u.id = s.user_id WHERE s.id = $1";
-            id.to_string(),
+        Ok(
+            query_as!("SELECT s.id, s.user_id, u.name AS user_name, s.kind, s.user_agent, s.ip,
+                      s.created_ms, s.last_seen_ms, s.expires_ms, s.revoked_ms
+                      FROM sessions s JOIN users u ON u.id = s.user_id WHERE s.id = $1";
+                     id.to_string())
+            .fetch_optional(&self.pool)
+            .await?,
         )
-        .fetch_optional(&self.pool)
-        .await?)
     }
 
     async fn list_live_sessions(
@@ -529,30 +491,24 @@ where
         user_id: Option<i64>,
         now_ms: i64,
     ) -> StoreResult<Vec<SessionRecord>> {
-        Ok(query_as!(
-            "SELECT s.id, s.user_id, u.name AS user_name, s.kind, s.user_agent, s.ip,
-             s.created_ms, s.last_seen_ms, s.expires_ms, s.revoked_ms
-             FROM sessions s JOIN users u ON u.id = s.user_id
-             WHERE s.revoked_ms IS NULL AND s.expires_ms > $1
-             AND (CAST($2 AS BIGINT) IS NULL OR s.user_id = $2)
-             ORDER BY s.created_ms";
-            now_ms, user_id,
+        Ok(
+            query_as!("SELECT s.id, s.user_id, u.name AS user_name, s.kind, s.user_agent, s.ip,
+                      s.created_ms, s.last_seen_ms, s.expires_ms, s.revoked_ms
+                      FROM sessions s JOIN users u ON u.id = s.user_id
+                      WHERE s.revoked_ms IS NULL AND s.expires_ms > $1
+                      AND (CAST($2 AS BIGINT) IS NULL OR s.user_id = $2)
+                      ORDER BY s.created_ms"; now_ms, user_id)
+            .fetch_all(&self.pool)
+            .await?,
         )
-        .fetch_all(&self.pool)
-        .await?)
     }
 
     async fn count_live_sessions(&self, now_ms: i64) -> StoreResult<Vec<(String, i64)>> {
-        let rows = query!(
-            "SELECT kind, COUNT(*) FROM sessions
-             WHERE revoked_ms IS NULL AND expires_ms > $1 GROUP BY kind ORDER BY kind";
-            now_ms,
-        )
+        Ok(query_as!("SELECT kind, COUNT(*) FROM sessions
+                      WHERE revoked_ms IS NULL AND expires_ms > $1 GROUP BY kind ORDER BY kind";
+                     now_ms)
         .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|r| Ok((Self::get(r, 0)?, Self::get(r, 1)?)))
-            .collect()
+        .await?)
     }
 
     async fn revoke_session(
@@ -561,24 +517,15 @@ where
         now_ms: i64,
     ) -> StoreResult<Option<SequencedEvent>> {
         let mut tx = self.write_tx().await?;
-        let row = query!(
-            "UPDATE sessions SET revoked_ms = COALESCE(revoked_ms, $1) WHERE id = $2
-             RETURNING user_id, expires_ms";
-            now_ms, id.to_string(),
-        )
-        .fetch_optional(&mut *tx)
-        .await?;
-        let Some(row) = row else {
-            return Ok(None);
-        };
-        let revoked = RevocationEvent::SessionRevoked {
-            sid: id,
-            user_id: Self::get(&row, "user_id")?,
-            expires_ms: Self::get(&row, "expires_ms")?,
-        };
-        let event = Self::append(&mut tx, now_ms, revoked).await?;
-        Self::commit(tx, std::slice::from_ref(&event)).await?;
-        Ok(Some(event))
+        let ended: Vec<(SessionId, i64, i64)> =
+            query_as!("UPDATE sessions SET revoked_ms = COALESCE(revoked_ms, $1) WHERE id = $2
+                       RETURNING id, user_id, expires_ms"; now_ms, id.to_string())
+            .fetch_all(&mut *tx)
+            .await?;
+        let mut events = Vec::with_capacity(1);
+        Self::append_revoked(&mut tx, now_ms, &ended, &mut events).await?;
+        Self::commit(tx, &events).await?;
+        Ok(events.pop())
     }
 
     async fn signout_user(&self, user_id: i64, now_ms: i64) -> StoreResult<SequencedEvent> {
@@ -604,7 +551,7 @@ where
     ) -> StoreResult<User> {
         let sql = format!(
             "UPDATE users SET failed_logins = failed_logins + 1, last_failure_ms = $1,
-                 locked_until_ms = CASE WHEN failed_logins + 1 >= $2 THEN $3 ELSE locked_until_ms END
+             locked_until_ms = CASE WHEN failed_logins + 1 >= $2 THEN $3 ELSE locked_until_ms END
              WHERE id = $4 RETURNING {USER_COLUMNS}"
         );
         let locked_until = now_ms.saturating_add(lockout_ms);
@@ -615,11 +562,8 @@ where
     }
 
     async fn clear_failures(&self, user_id: i64) -> StoreResult<()> {
-        query!(
-            "UPDATE users SET failed_logins = 0, locked_until_ms = NULL, last_failure_ms = NULL
-             WHERE id = $1 AND (failed_logins != 0 OR locked_until_ms IS NOT NULL)";
-            user_id,
-        )
+        query!("UPDATE users SET failed_logins = 0, locked_until_ms = NULL, last_failure_ms = NULL
+                WHERE id = $1 AND (failed_logins != 0 OR locked_until_ms IS NOT NULL)"; user_id)
         .execute(&self.pool)
         .await?;
         Ok(())
@@ -642,10 +586,8 @@ where
         signout_at: Option<i64>,
     ) -> StoreResult<Option<SequencedEvent>> {
         let mut tx = self.write_tx().await?;
-        let done = query!(
-            "UPDATE users SET password_hash = $1, must_reset = FALSE WHERE id = $2";
-            password_hash, user_id,
-        )
+        let done = query!("UPDATE users SET password_hash = $1, must_reset = FALSE WHERE id = $2";
+                          password_hash, user_id)
         .execute(&mut *tx)
         .await?;
         if D::rows_affected(&done) == 0 {
@@ -661,10 +603,8 @@ where
 
     async fn set_totp(&self, user_id: i64, secret: Option<&str>, enabled: bool) -> StoreResult<()> {
         let mut tx = self.write_tx().await?;
-        query!(
-            "UPDATE users SET totp_secret = $1, totp_enabled = $2 WHERE id = $3";
-            secret, enabled, user_id,
-        )
+        query!("UPDATE users SET totp_secret = $1, totp_enabled = $2 WHERE id = $3";
+               secret, enabled, user_id)
         .execute(&mut *tx)
         .await?;
         if !enabled {
@@ -709,11 +649,9 @@ where
     }
 
     async fn use_recovery_code(&self, user_id: i64, hash: &str, now_ms: i64) -> StoreResult<bool> {
-        let done = query!(
-            "UPDATE recovery_codes SET used_ms = $1
-             WHERE user_id = $2 AND code_hash = $3 AND used_ms IS NULL";
-            now_ms, user_id, hash,
-        )
+        let done = query!("UPDATE recovery_codes SET used_ms = $1
+                           WHERE user_id = $2 AND code_hash = $3 AND used_ms IS NULL";
+                          now_ms, user_id, hash)
         .execute(&self.pool)
         .await?;
         Ok(D::rows_affected(&done) == 1)
@@ -736,42 +674,28 @@ where
         expires_ms: i64,
     ) -> StoreResult<()> {
         let mut tx = self.pool.begin().await?;
-        query!(
-            "UPDATE reset_links SET used_ms = $1 WHERE user_id = $2 AND used_ms IS NULL";
-            now_ms, user_id,
-        )
+        query!("UPDATE reset_links SET used_ms = $1 WHERE user_id = $2 AND used_ms IS NULL";
+               now_ms, user_id)
         .execute(&mut *tx)
         .await?;
-        query!(
-            "INSERT INTO reset_links (token_hash, user_id, created_ms, expires_ms)
-             VALUES ($1, $2, $3, $4)";
-            token_hash, user_id, now_ms, expires_ms,
-        )
+        query!("INSERT INTO reset_links (token_hash, user_id, created_ms, expires_ms)
+                VALUES ($1, $2, $3, $4)"; token_hash, user_id, now_ms, expires_ms)
         .execute(&mut *tx)
         .await?;
         Ok(tx.commit().await?)
     }
 
     async fn reset_link_state(&self, token_hash: &str, now_ms: i64) -> StoreResult<ResetLinkState> {
-        let row = query!(
-            "SELECT user_id, expires_ms, used_ms FROM reset_links WHERE token_hash = $1";
-            token_hash,
-        )
-        .fetch_optional(&self.pool)
-        .await?;
-        let Some(row) = row else {
-            return Ok(ResetLinkState::Unknown);
-        };
-        let used: Option<i64> = Self::get(&row, "used_ms")?;
-        let expires: i64 = Self::get(&row, "expires_ms")?;
-        Ok(if used.is_some() {
-            ResetLinkState::Used
-        } else if expires <= now_ms {
-            ResetLinkState::Expired
-        } else {
-            ResetLinkState::Valid {
-                user_id: Self::get(&row, "user_id")?,
-            }
+        let link: Option<(i64, i64, Option<i64>)> =
+            query_as!("SELECT user_id, expires_ms, used_ms FROM reset_links WHERE token_hash = $1";
+                      token_hash)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(match link {
+            None => ResetLinkState::Unknown,
+            Some((_, _, Some(_))) => ResetLinkState::Used,
+            Some((_, expires_ms, None)) if expires_ms <= now_ms => ResetLinkState::Expired,
+            Some((user_id, _, None)) => ResetLinkState::Valid { user_id },
         })
     }
 
@@ -792,11 +716,8 @@ where
         let Some(user_id) = user_id else {
             return Ok(None);
         };
-        query!(
-            "UPDATE users SET password_hash = $1, must_reset = FALSE, failed_logins = 0,
-             locked_until_ms = NULL WHERE id = $2";
-            password_hash, user_id,
-        )
+        query!("UPDATE users SET password_hash = $1, must_reset = FALSE, failed_logins = 0,
+                locked_until_ms = NULL WHERE id = $2"; password_hash, user_id)
         .execute(&mut *tx)
         .await?;
         let event = Self::cutoff_user(&mut tx, user_id, now_ms).await?;
@@ -832,12 +753,10 @@ where
     }
 
     async fn append_audit(&self, e: &AuditEntry) -> StoreResult<()> {
-        query!(
-            "INSERT INTO audit_log (at_ms, event, outcome, user_id, user_name, ip, user_agent,
-             session_id, detail) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)";
-            e.at_ms, &e.event, &e.outcome, e.user_id, &e.user_name, &e.ip, &e.user_agent,
-            &e.session_id, &e.detail,
-        )
+        query!("INSERT INTO audit_log (at_ms, event, outcome, user_id, user_name, ip, user_agent,
+                session_id, detail) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)";
+               e.at_ms, &e.event, &e.outcome, e.user_id, &e.user_name, &e.ip, &e.user_agent,
+               &e.session_id, &e.detail)
         .execute(&self.pool)
         .await?;
         Ok(())
@@ -894,7 +813,7 @@ where
         let mut events = vec![Self::append(&mut tx, s.created_ms, bound).await?];
         // The media server deleted the older tokens of this device and user when it minted
         // the new one: end their sessions here, with no upstream logout owed.
-        let older = query!(
+        let older: Vec<(SessionId, i64, i64)> = query_as!(
             "UPDATE sessions SET revoked_ms = $1
              WHERE revoked_ms IS NULL AND id IN (
              SELECT session_id FROM media_tokens
@@ -904,12 +823,9 @@ where
         )
         .fetch_all(&mut *tx)
         .await?;
-        for row in &older {
-            query!(
-                "UPDATE media_tokens SET logged_out_ms = $1, token_sealed = ''
-                 WHERE session_id = $2";
-                s.created_ms, Self::get::<&str, _>(row, 0)?,
-            )
+        for (older_sid, _, _) in &older {
+            query!("UPDATE media_tokens SET logged_out_ms = $1, token_sealed = ''
+                    WHERE session_id = $2"; s.created_ms, older_sid.to_string())
             .execute(&mut *tx)
             .await?;
         }
@@ -919,35 +835,27 @@ where
     }
 
     async fn owed_media_logouts(&self, now_ms: i64, limit: i64) -> StoreResult<Vec<OwedLogout>> {
-        Ok(query_as!(
-            "SELECT m.session_id AS sid, m.route, m.token_sealed, m.client, m.device_name,
-             m.device_id, m.version, m.logout_attempts AS attempts
-             FROM media_tokens m JOIN sessions s ON s.id = m.session_id
-             WHERE m.logged_out_ms IS NULL AND m.next_attempt_ms <= $1
-             AND (s.revoked_ms IS NOT NULL OR s.expires_ms <= $1)
-             ORDER BY m.next_attempt_ms, s.created_ms LIMIT $2";
-            now_ms, limit_of(limit),
-        )
+        Ok(query_as!("SELECT m.session_id AS sid, m.route, m.token_sealed, m.client, m.device_name,
+                      m.device_id, m.version, m.logout_attempts AS attempts
+                      FROM media_tokens m JOIN sessions s ON s.id = m.session_id
+                      WHERE m.logged_out_ms IS NULL AND m.next_attempt_ms <= $1
+                      AND (s.revoked_ms IS NOT NULL OR s.expires_ms <= $1)
+                      ORDER BY m.next_attempt_ms, s.created_ms LIMIT $2"; now_ms, limit_of(limit))
         .fetch_all(&self.pool)
         .await?)
     }
 
     async fn media_logout_done(&self, sid: SessionId, now_ms: i64) -> StoreResult<()> {
-        query!(
-            "UPDATE media_tokens SET logged_out_ms = $1, token_sealed = '' WHERE session_id = $2";
-            now_ms, sid.to_string(),
-        )
+        query!("UPDATE media_tokens SET logged_out_ms = $1, token_sealed = ''
+                WHERE session_id = $2"; now_ms, sid.to_string())
         .execute(&self.pool)
         .await?;
         Ok(())
     }
 
     async fn media_logout_failed(&self, sid: SessionId, next_ms: i64) -> StoreResult<()> {
-        query!(
-            "UPDATE media_tokens SET logout_attempts = logout_attempts + 1, next_attempt_ms = $1
-             WHERE session_id = $2";
-            next_ms, sid.to_string(),
-        )
+        query!("UPDATE media_tokens SET logout_attempts = logout_attempts + 1, next_attempt_ms = $1
+                WHERE session_id = $2"; next_ms, sid.to_string())
         .execute(&self.pool)
         .await?;
         Ok(())
@@ -960,7 +868,7 @@ where
         now_ms: i64,
     ) -> StoreResult<Vec<SequencedEvent>> {
         let mut tx = self.write_tx().await?;
-        let rows = query!(
+        let rows: Vec<(SessionId, i64, i64)> = query_as!(
             "UPDATE sessions SET revoked_ms = $1
              WHERE revoked_ms IS NULL AND kind = 'media' AND last_seen_ms < $2 AND id IN (
              SELECT session_id FROM media_tokens WHERE route = $3)
@@ -1051,11 +959,8 @@ where
         user_id: i64,
         now_ms: i64,
     ) -> StoreResult<()> {
-        query!(
-            "INSERT INTO oidc_links (provider, issuer, subject, user_id, created_ms)
-             VALUES ($1, $2, $3, $4, $5)";
-            provider, issuer, subject, user_id, now_ms,
-        )
+        query!("INSERT INTO oidc_links (provider, issuer, subject, user_id, created_ms)
+                VALUES ($1, $2, $3, $4, $5)"; provider, issuer, subject, user_id, now_ms)
         .execute(&self.pool)
         .await
         .map_err(|e| {
@@ -1085,20 +990,17 @@ where
     }
 
     async fn oidc_links_of(&self, user_id: i64) -> StoreResult<Vec<OidcLink>> {
-        Ok(query_as!(
-            "SELECT provider, issuer, subject, user_id, created_ms FROM oidc_links
-             WHERE user_id = $1 ORDER BY provider";
-            user_id,
+        Ok(
+            query_as!("SELECT provider, issuer, subject, user_id, created_ms FROM oidc_links
+                      WHERE user_id = $1 ORDER BY provider"; user_id)
+            .fetch_all(&self.pool)
+            .await?,
         )
-        .fetch_all(&self.pool)
-        .await?)
     }
 
     async fn unlink_oidc(&self, provider: &str, user_id: i64) -> StoreResult<bool> {
-        let done = query!(
-            "DELETE FROM oidc_links WHERE provider = $1 AND user_id = $2";
-            provider, user_id,
-        )
+        let done = query!("DELETE FROM oidc_links WHERE provider = $1 AND user_id = $2";
+                          provider, user_id)
         .execute(&self.pool)
         .await?;
         Ok(D::rows_affected(&done) > 0)
@@ -1116,24 +1018,20 @@ where
         // session: one of the two always sees the other.
         let mut tx = self.write_tx().await?;
         if let Some(oidc_sid) = &o.oidc_sid {
-            let ended = query!(
-                "SELECT 1 FROM oidc_ended_sids
-                 WHERE provider = $1 AND oidc_sid = $2 AND expires_ms > $3";
-                &o.provider, oidc_sid, now_ms,
-            )
+            let ended = query!("SELECT 1 FROM oidc_ended_sids
+                                WHERE provider = $1 AND oidc_sid = $2 AND expires_ms > $3";
+                               &o.provider, oidc_sid, now_ms)
             .fetch_optional(&mut *tx)
             .await?;
             if ended.is_some() {
                 return Ok(false);
             }
         }
-        query!(
-            "INSERT INTO oidc_sessions
-             (session_id, provider, subject, oidc_sid, id_token_sealed, amr)
-             VALUES ($1, $2, $3, $4, $5, $6)";
-            o.session_id.to_string(), &o.provider, &o.subject, o.oidc_sid.as_deref(),
-            &o.id_token_sealed, o.amr.join(" "),
-        )
+        query!("INSERT INTO oidc_sessions
+                (session_id, provider, subject, oidc_sid, id_token_sealed, amr)
+                VALUES ($1, $2, $3, $4, $5, $6)";
+               o.session_id.to_string(), &o.provider, &o.subject, o.oidc_sid.as_deref(),
+               &o.id_token_sealed, o.amr.join(" "))
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
@@ -1141,25 +1039,21 @@ where
     }
 
     async fn get_oidc_session(&self, session_id: SessionId) -> StoreResult<Option<OidcSession>> {
-        let row = query!(
-            "SELECT provider, subject, oidc_sid, id_token_sealed, amr FROM oidc_sessions
-             WHERE session_id = $1";
-            session_id.to_string(),
-        )
-        .fetch_optional(&self.pool)
-        .await?;
-        row.map(|r| {
-            let amr: &str = Self::get(&r, 4)?;
-            Ok(OidcSession {
+        let row: Option<(String, String, Option<String>, String, String)> =
+            query_as!("SELECT provider, subject, oidc_sid, id_token_sealed, amr FROM oidc_sessions
+                       WHERE session_id = $1"; session_id.to_string())
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.map(
+            |(provider, subject, oidc_sid, id_token_sealed, amr)| OidcSession {
                 session_id,
-                provider: Self::get(&r, 0)?,
-                subject: Self::get(&r, 1)?,
-                oidc_sid: Self::get(&r, 2)?,
-                id_token_sealed: Self::get(&r, 3)?,
+                provider,
+                subject,
+                oidc_sid,
+                id_token_sealed,
                 amr: amr.split_whitespace().map(str::to_string).collect(),
-            })
-        })
-        .transpose()
+            },
+        ))
     }
 
     async fn oidc_backchannel_logout(
@@ -1183,19 +1077,17 @@ where
             (Some(oidc_sid), subject) => {
                 // Remembered as ended, so that a login through it still waiting at a gateway
                 // step cannot create a session after this.
-                query!(
-                    "INSERT INTO oidc_ended_sids (provider, oidc_sid, expires_ms)
-                     VALUES ($1, $2, $3)
-                     ON CONFLICT (provider, oidc_sid) DO UPDATE SET expires_ms =
-                     CASE WHEN oidc_ended_sids.expires_ms < excluded.expires_ms
-                     THEN excluded.expires_ms ELSE oidc_ended_sids.expires_ms END";
-                    &l.provider, oidc_sid, l.ended_until_ms,
-                )
+                query!("INSERT INTO oidc_ended_sids (provider, oidc_sid, expires_ms)
+                        VALUES ($1, $2, $3)
+                        ON CONFLICT (provider, oidc_sid) DO UPDATE SET expires_ms =
+                        CASE WHEN oidc_ended_sids.expires_ms < excluded.expires_ms
+                        THEN excluded.expires_ms ELSE oidc_ended_sids.expires_ms END";
+                       &l.provider, oidc_sid, l.ended_until_ms)
                 .execute(&mut *tx)
                 .await?;
                 // The provider session's gateway sessions, then the media sessions of their
                 // users (a media binding does not record the web session it came through).
-                let rows = query!(
+                let rows: Vec<(SessionId, i64, i64)> = query_as!(
                     "UPDATE sessions SET revoked_ms = $1
                      WHERE revoked_ms IS NULL AND expires_ms > $1 AND id IN (
                      SELECT session_id FROM oidc_sessions
@@ -1207,15 +1099,14 @@ where
                 .fetch_all(&mut *tx)
                 .await?;
                 let mut users: Vec<i64> = Vec::new();
-                for row in &rows {
-                    let user_id: i64 = Self::get(row, 1)?;
+                for &(_, user_id, _) in &rows {
                     if !users.contains(&user_id) {
                         users.push(user_id);
                     }
                 }
                 Self::append_revoked(&mut tx, now_ms, &rows, &mut events).await?;
                 for user_id in users {
-                    let rows = query!(
+                    let rows: Vec<(SessionId, i64, i64)> = query_as!(
                         "UPDATE sessions SET revoked_ms = $1
                          WHERE revoked_ms IS NULL AND expires_ms > $1 AND user_id = $2
                          AND kind = 'media'
@@ -1308,14 +1199,9 @@ where
         .fetch_all(&mut *tx)
         .await?;
         tx.commit().await?;
-        let revoked = match revoked.await {
-            Ok(revoked) => revoked?,
-            Err(e) => {
-                return Err(StoreError::Corrupt(format!(
-                    "reading revoked sessions: {e}"
-                )))
-            }
-        };
+        let revoked = revoked
+            .await
+            .map_err(|e| StoreError::Corrupt(format!("reading revoked sessions: {e}")))??;
         Ok(Snapshot {
             seq,
             revoked,

@@ -62,11 +62,8 @@ impl Dialect for Sqlite {
     ) -> impl Future<Output = Result<(), sqlx::Error>> + Send + 'a {
         async move {
             for (sid, at) in seen {
-                sqlx::query(
-                    "UPDATE sessions SET last_seen_ms = MAX(last_seen_ms, $1) WHERE id = $2",
-                )
-                .bind(at)
-                .bind(sid.to_string())
+                query!("UPDATE sessions SET last_seen_ms = MAX(last_seen_ms, $1) WHERE id = $2";
+                       at, sid.to_string())
                 .execute(&mut *conn)
                 .await?;
             }
@@ -81,19 +78,13 @@ impl Dialect for Sqlite {
         now_ms: i64,
     ) -> impl Future<Output = StoreResult<Vec<RevokedEntry>>> + Send + 'static {
         async move {
-            let middle = high / 2;
-            let lower = tokio::spawn(revoked_between(pool.clone(), 0, middle, now_ms));
-            let mut revoked = revoked_between(pool, middle, high, now_ms).await?;
-            match lower.await {
-                Ok(lower) => {
-                    let mut lower = lower?;
-                    lower.append(&mut revoked);
-                    Ok(lower)
-                }
-                Err(e) => Err(StoreError::Corrupt(format!(
-                    "reading revoked sessions: {e}"
-                ))),
-            }
+            let lower = tokio::spawn(revoked_between(pool.clone(), 0, high / 2, now_ms));
+            let upper = revoked_between(pool, high / 2, high, now_ms).await?;
+            let mut revoked = lower
+                .await
+                .map_err(|e| StoreError::Corrupt(format!("reading revoked sessions: {e}")))??;
+            revoked.extend(upper);
+            Ok(revoked)
         }
     }
 }
@@ -111,15 +102,11 @@ async fn revoked_between(
     let mut out = Vec::new();
     while low < high {
         let end = (low + super::REVOKED_WINDOW).min(high);
-        let batch: Option<String> = sqlx::query_scalar(
-            "SELECT group_concat(session_id || expires_ms, ',') FROM revocation_events
-             WHERE kind = $1 AND expires_ms > $2 AND seq > $3 AND seq <= $4",
-        )
-        .bind(KIND_SESSION)
-        .bind(now_ms)
-        .bind(low)
-        .bind(end)
-        .fetch_one(&mut *conn)
+        let batch: Option<String> =
+            query_scalar!("SELECT group_concat(session_id || expires_ms, ',') FROM revocation_events
+                           WHERE kind = $1 AND expires_ms > $2 AND seq > $3 AND seq <= $4";
+                          KIND_SESSION, now_ms, low, end)
+            .fetch_one(&mut *conn)
         .await
         .map_err(unavailable)?;
         if let Some(batch) = batch {
@@ -174,8 +161,7 @@ impl SqlStore<Sqlite> {
             path: path.display().to_string(),
             message: "the path is not valid UTF-8".to_string(),
         })?;
-        sqlx::query("VACUUM INTO $1")
-            .bind(target)
+        query!("VACUUM INTO $1"; target)
             .execute(&self.pool)
             .await
             .map_err(unavailable)?;
