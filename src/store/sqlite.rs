@@ -5,7 +5,6 @@
 //! handed out in commit order with no holes. The logic is `store::sql`'s; this is SQLite's
 //! [`Dialect`] and what only SQLite has (`copy_into`).
 
-use std::future::Future;
 use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
@@ -56,36 +55,32 @@ impl Dialect for Sqlite {
 
     /// One prepared statement per session: in-process, with the write lock held, that costs
     /// less than building one statement for the batch.
-    fn touch_sessions<'a>(
-        conn: &'a mut SqliteConnection,
-        seen: &'a [(SessionId, i64)],
-    ) -> impl Future<Output = Result<(), sqlx::Error>> + Send + 'a {
-        async move {
-            for (sid, at) in seen {
-                query!("UPDATE sessions SET last_seen_ms = MAX(last_seen_ms, $1) WHERE id = $2";
-                       at, sid.to_string())
-                .execute(&mut *conn)
-                .await?;
-            }
-            Ok(())
+    async fn touch_sessions(
+        conn: &mut SqliteConnection,
+        seen: &[(SessionId, i64)],
+    ) -> Result<(), sqlx::Error> {
+        for (sid, at) in seen {
+            query!("UPDATE sessions SET last_seen_ms = MAX(last_seen_ms, $1) WHERE id = $2";
+                   at, sid.to_string())
+            .execute(&mut *conn)
+            .await?;
         }
+        Ok(())
     }
 
     /// The two halves of the log, each on a connection of its own, window by window.
-    fn revoked_sessions(
+    async fn revoked_sessions(
         pool: SqlitePool,
         high: i64,
         now_ms: i64,
-    ) -> impl Future<Output = StoreResult<Vec<RevokedEntry>>> + Send + 'static {
-        async move {
-            let lower = tokio::spawn(revoked_between(pool.clone(), 0, high / 2, now_ms));
-            let upper = revoked_between(pool, high / 2, high, now_ms).await?;
-            let mut revoked = lower
-                .await
-                .map_err(|e| StoreError::Corrupt(format!("reading revoked sessions: {e}")))??;
-            revoked.extend(upper);
-            Ok(revoked)
-        }
+    ) -> StoreResult<Vec<RevokedEntry>> {
+        let lower = tokio::spawn(revoked_between(pool.clone(), 0, high / 2, now_ms));
+        let upper = revoked_between(pool, high / 2, high, now_ms).await?;
+        let mut revoked = lower
+            .await
+            .map_err(|e| StoreError::Corrupt(format!("reading revoked sessions: {e}")))??;
+        revoked.extend(upper);
+        Ok(revoked)
     }
 }
 
