@@ -816,8 +816,8 @@ where
         let older: Vec<(SessionId, i64, i64)> = query_as!(
             "UPDATE sessions SET revoked_ms = $1
              WHERE revoked_ms IS NULL AND id IN (
-             SELECT session_id FROM media_tokens
-             WHERE route = $2 AND media_user_id = $3 AND device_id = $4 AND session_id != $5)
+                 SELECT session_id FROM media_tokens
+                 WHERE route = $2 AND media_user_id = $3 AND device_id = $4 AND session_id != $5)
              RETURNING id, user_id, expires_ms";
             s.created_ms, &b.route, &b.media_user_id, &b.device_id, &sid,
         )
@@ -871,7 +871,7 @@ where
         let rows: Vec<(SessionId, i64, i64)> = query_as!(
             "UPDATE sessions SET revoked_ms = $1
              WHERE revoked_ms IS NULL AND kind = 'media' AND last_seen_ms < $2 AND id IN (
-             SELECT session_id FROM media_tokens WHERE route = $3)
+                 SELECT session_id FROM media_tokens WHERE route = $3)
              RETURNING id, user_id, expires_ms";
             now_ms, idle_before_ms, route,
         )
@@ -992,7 +992,7 @@ where
     async fn oidc_links_of(&self, user_id: i64) -> StoreResult<Vec<OidcLink>> {
         Ok(
             query_as!("SELECT provider, issuer, subject, user_id, created_ms FROM oidc_links
-                      WHERE user_id = $1 ORDER BY provider"; user_id)
+                       WHERE user_id = $1 ORDER BY provider"; user_id)
             .fetch_all(&self.pool)
             .await?,
         )
@@ -1090,9 +1090,9 @@ where
                 let rows: Vec<(SessionId, i64, i64)> = query_as!(
                     "UPDATE sessions SET revoked_ms = $1
                      WHERE revoked_ms IS NULL AND expires_ms > $1 AND id IN (
-                     SELECT session_id FROM oidc_sessions
-                     WHERE provider = $2 AND oidc_sid = $3
-                     AND (CAST($4 AS TEXT) IS NULL OR subject = $4))
+                         SELECT session_id FROM oidc_sessions
+                         WHERE provider = $2 AND oidc_sid = $3
+                           AND (CAST($4 AS TEXT) IS NULL OR subject = $4))
                      RETURNING id, user_id, expires_ms";
                     now_ms, &l.provider, oidc_sid, subject.as_deref(),
                 )
