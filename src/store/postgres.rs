@@ -68,7 +68,7 @@ pub fn schema_version() -> i64 {
 const WRITER_LOCK: i64 = 0x706f_7274_6375_6c6c;
 
 /// The NOTIFY channel on which committed events are announced (also named in `ANNOUNCE`).
-const CHANNEL: &str = "portcullis_events";
+pub(super) const CHANNEL: &str = "portcullis_events";
 
 const POOL_SIZE: u32 = 8;
 /// How long the announcement task waits before reconnecting, at first and at most.
