@@ -1,12 +1,30 @@
 //! The durable store: users, sessions and the append-only revocation event log, behind the
-//! `Store` trait. SQLite (`store::sqlite`) is the embedded default; PostgreSQL (`store::postgres`)
-//! is the store when several gateway replicas share one database, and adds push announcements
-//! of committed events (LISTEN/NOTIFY). Event sequence numbers are gap-free and in commit order
+//! `Store` trait, implemented once (`store::sql`) over the two SQL backends, whose differences
+//! are one small `Dialect` each. SQLite (`store::sqlite`) is the embedded default; PostgreSQL
+//! (`store::postgres`) is the store when several gateway replicas share one database, and adds
+//! push announcements of committed events (LISTEN/NOTIFY). Event sequence numbers are gap-free and in commit order
 //! in both, so a reader that has seen sequence N has seen every event before it. Every
 //! revocation is committed as an event before the call returns, and the event is returned so the
 //! caller can apply it to its in-memory view at once.
 
+/// `sqlx::query(sql)` with `args` bound, in order, to `$1`, `$2`…
+macro_rules! query {
+    ($sql:expr; $($arg:expr),* $(,)?) => { sqlx::query($sql)$(.bind($arg))* };
+}
+
+/// `sqlx::query_as(sql)` with `args` bound, in order, to `$1`, `$2`…
+macro_rules! query_as {
+    ($sql:expr; $($arg:expr),* $(,)?) => { sqlx::query_as($sql)$(.bind($arg))* };
+}
+
+/// `sqlx::query_scalar(sql)` with `args` bound, in order, to `$1`, `$2`…
+macro_rules! query_scalar {
+    ($sql:expr; $($arg:expr),* $(,)?) => { sqlx::query_scalar($sql)$(.bind($arg))* };
+}
+
+mod dialect;
 pub mod postgres;
+mod sql;
 pub mod sqlite;
 #[cfg(test)]
 mod tests;
@@ -58,7 +76,7 @@ impl fmt::Debug for SessionId {
     }
 }
 
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, sqlx::FromRow)]
 pub struct User {
     pub id: i64,
     pub name: String,
@@ -79,7 +97,7 @@ pub struct User {
 }
 
 /// A security event for the audit log. Never holds a secret.
-#[derive(Clone, Debug, Default, serde::Serialize)]
+#[derive(Clone, Debug, Default, serde::Serialize, sqlx::FromRow)]
 pub struct AuditEntry {
     pub at_ms: i64,
     pub event: String,
@@ -158,7 +176,7 @@ pub struct NewMediaBinding {
 }
 
 /// A media token whose session has ended and which is still owed an upstream logout.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, sqlx::FromRow)]
 pub struct OwedLogout {
     pub sid: SessionId,
     pub route: String,
@@ -171,7 +189,7 @@ pub struct OwedLogout {
 }
 
 /// A provider subject linked to a gateway user (single sign-on).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, sqlx::FromRow)]
 pub struct OidcLink {
     pub provider: String,
     /// The provider's issuer when the link was made; a login under another issuer (the same
@@ -213,7 +231,7 @@ pub struct BackchannelLogout {
     pub ended_until_ms: i64,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, sqlx::FromRow)]
 pub struct SessionRecord {
     pub id: SessionId,
     pub user_id: i64,
@@ -462,7 +480,7 @@ pub struct Snapshot {
 }
 
 /// A bound media token as the view holds it.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, sqlx::FromRow)]
 pub struct MediaTokenRow {
     pub token_hash: String,
     pub sid: SessionId,
@@ -491,6 +509,17 @@ pub enum StoreError {
 }
 
 pub type StoreResult<T> = Result<T, StoreError>;
+
+/// A value that cannot be read as its type (a malformed session id) is `Corrupt`; every other
+/// database error means the store is unavailable.
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> StoreError {
+        match e {
+            sqlx::Error::ColumnDecode { .. } => StoreError::Corrupt(e.to_string()),
+            e => StoreError::Unavailable(e),
+        }
+    }
+}
 
 /// Names a failed migration: a store whose applied migrations go past the newest this binary
 /// knows (sqlx reports one it does not know as `VersionMissing`) was written by a newer

@@ -1780,3 +1780,13 @@ fn session_ids_parse_as_32_hex_digits_and_nothing_else() {
         assert_eq!(SessionId::parse(bad), None, "{bad:?}");
     }
 }
+
+#[test]
+fn postgres_announces_on_the_channel_it_listens_on() {
+    use super::dialect::Dialect;
+    let announce = <sqlx::Postgres as Dialect>::ANNOUNCE.unwrap();
+    assert!(
+        announce.contains(&format!("'{}'", super::postgres::CHANNEL)),
+        "{announce}"
+    );
+}

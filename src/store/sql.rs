@@ -1,0 +1,1215 @@
+//! The store's logic, written once for every SQL backend: `SqlStore<D>` implements `Store` over
+//! any sqlx database `D` that has a [`Dialect`]. Every write that appends events runs in a
+//! writing transaction (`write_tx`), numbers its events through the dialect's `INSERT_EVENT`
+//! and commits through `commit`, which first announces the highest number where the backend
+//! pushes announcements. The sqlx bounds the queries need are gathered on the two `impl` blocks
+//! below and nowhere else.
+
+use sqlx::migrate::Migrate;
+use sqlx::{
+    ColumnIndex, Decode, Encode, Executor, FromRow, IntoArguments, Pool, Row, Transaction, Type,
+};
+use tokio::sync::watch;
+
+use super::dialect::Dialect;
+use super::{
+    Announcement, AuditEntry, BackchannelLogout, MediaNote, MediaTokenRow, NewMediaBinding,
+    NewSession, OidcLink, OidcSession, OwedLogout, ResetLinkState, RevocationEvent, SequencedEvent,
+    SessionId, SessionKind, SessionRecord, Snapshot, Store, StoreError, StoreResult, User,
+};
+
+pub(super) const KIND_SESSION: &str = "session_revoked";
+const KIND_USER_CUTOFF: &str = "user_cutoff";
+const KIND_GLOBAL_CUTOFF: &str = "global_cutoff";
+const KIND_USER_DISABLED: &str = "user_disabled";
+const KIND_USER_ENABLED: &str = "user_enabled";
+const KIND_KEY_RETIRED: &str = "key_retired";
+const KIND_MEDIA_BOUND: &str = "media_bound";
+const KIND_MEDIA_NOTE: &str = "media_note";
+
+const USER_COLUMNS: &str = "id, name, password_hash, is_admin, disabled, created_ms, must_reset,
+     failed_logins, locked_until_ms, last_failure_ms, totp_secret, totp_enabled, totp_last_step";
+
+/// A store on one SQL backend. Opened by the backend's own `open` (`store::sqlite`,
+/// `store::postgres`).
+pub struct SqlStore<D: Dialect> {
+    pub(super) pool: Pool<D>,
+    /// Run at the start of every writing transaction, after `D::BEGIN_WRITE` (PostgreSQL's
+    /// writer lock).
+    pub(super) write_lock: Option<String>,
+    pub(super) announcements: Option<watch::Receiver<Announcement>>,
+    /// Ends the announcement task, if any, when the store is dropped.
+    pub(super) _listener: Option<AbortOnDrop>,
+}
+
+/// Aborts a task when dropped.
+pub(super) struct AbortOnDrop(pub(super) tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+pub(super) fn unavailable(e: sqlx::Error) -> StoreError {
+    StoreError::Unavailable(e)
+}
+
+fn is_unique_violation(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(d) if d.is_unique_violation())
+}
+
+fn sid_from_text(text: &str) -> StoreResult<SessionId> {
+    SessionId::parse(text).ok_or_else(|| StoreError::Corrupt(format!("session id `{text}`")))
+}
+
+/// Implements `Type` and `Decode` for a type stored as text: `parse` reads it (an error fails
+/// the row as `StoreError::Corrupt`). Rows then read straight into their types (`sqlx::FromRow`).
+macro_rules! decode_from_text {
+    ($ty:ty, $parse:expr) => {
+        impl<DB: sqlx::Database> Type<DB> for $ty
+        where
+            str: Type<DB>,
+        {
+            fn type_info() -> DB::TypeInfo {
+                <str as Type<DB>>::type_info()
+            }
+            fn compatible(ty: &DB::TypeInfo) -> bool {
+                <str as Type<DB>>::compatible(ty)
+            }
+        }
+
+        impl<'r, DB: sqlx::Database> Decode<'r, DB> for $ty
+        where
+            &'r str: Decode<'r, DB>,
+        {
+            fn decode(value: DB::ValueRef<'r>) -> Result<Self, sqlx::error::BoxDynError> {
+                Ok($parse(<&str as Decode<DB>>::decode(value)?)?)
+            }
+        }
+    };
+}
+
+decode_from_text!(SessionId, sid_from_text);
+decode_from_text!(SessionKind, |text| StoreResult::Ok(SessionKind::parse(
+    text
+)));
+
+/// A negative limit means "no limit"; both backends take the largest number for that.
+fn limit_of(limit: i64) -> i64 {
+    if limit < 0 {
+        i64::MAX
+    } else {
+        limit
+    }
+}
+
+/// The newest schema version (migration) a migrator knows.
+pub fn schema_version(migrator: &sqlx::migrate::Migrator) -> i64 {
+    migrator.iter().map(|m| m.version).max().unwrap_or(0)
+}
+
+/// The newest migration applied to the database, if its migration table can be read.
+pub async fn applied_schema_version<'c, E>(db: E) -> Option<i64>
+where
+    E: Executor<'c>,
+    for<'q> <E::Database as sqlx::Database>::Arguments<'q>: IntoArguments<'q, E::Database>,
+    (Option<i64>,): for<'r> FromRow<'r, <E::Database as sqlx::Database>::Row>,
+{
+    sqlx::query_scalar::<_, Option<i64>>("SELECT MAX(version) FROM _sqlx_migrations")
+        .fetch_one(db)
+        .await
+        .ok()
+        .flatten()
+}
+
+impl<D: Dialect> SqlStore<D> {
+    /// Closes every connection (SQLite then checkpoints and removes its WAL file).
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+type Tx<D> = Transaction<'static, D>;
+
+impl<D> SqlStore<D>
+where
+    D: Dialect,
+    D::Connection: Migrate,
+    for<'c> &'c mut D::Connection: Executor<'c, Database = D>,
+    for<'q> D::Arguments<'q>: IntoArguments<'q, D>,
+    for<'q> i64: Encode<'q, D> + Decode<'q, D> + Type<D>,
+    for<'q> String: Encode<'q, D> + Decode<'q, D> + Type<D>,
+    for<'q> &'q str: Encode<'q, D> + Decode<'q, D>,
+    str: Type<D>,
+    for<'q> Option<i64>: Encode<'q, D>,
+    for<'q> Option<String>: Encode<'q, D>,
+    for<'q> Option<&'q str>: Encode<'q, D>,
+    for<'n> &'n str: ColumnIndex<D::Row>,
+    usize: ColumnIndex<D::Row>,
+{
+    /// Brings the schema up to date; a store written by a newer Portcullis is refused.
+    pub(super) async fn migrate(pool: &Pool<D>) -> StoreResult<()> {
+        if let Err(e) = D::migrator().run(pool).await {
+            let applied = applied_schema_version(pool).await;
+            return Err(super::migrate_error(
+                e,
+                applied,
+                schema_version(D::migrator()),
+            ));
+        }
+        Ok(())
+    }
+
+    /// A writing transaction: one writer at a time, in commit order (see `Dialect::BEGIN_WRITE`).
+    async fn write_tx(&self) -> StoreResult<Tx<D>> {
+        let mut tx = self.pool.begin_with(D::BEGIN_WRITE).await?;
+        if let Some(lock) = &self.write_lock {
+            // A plain string is sent as a simple query: several statements, one round trip.
+            (&mut *tx).execute(lock.as_str()).await?;
+        }
+        Ok(tx)
+    }
+
+    /// Commits, first announcing the highest event number written (delivered at commit).
+    async fn commit(mut tx: Tx<D>, events: &[SequencedEvent]) -> StoreResult<()> {
+        if let (Some(announce), Some(last)) = (D::ANNOUNCE, events.iter().map(|e| e.seq).max()) {
+            query!(announce; last).execute(&mut *tx).await?;
+        }
+        Ok(tx.commit().await?)
+    }
+
+    fn get<'r, T, I>(row: &'r D::Row, column: I) -> StoreResult<T>
+    where
+        T: Decode<'r, D> + Type<D>,
+        I: ColumnIndex<D::Row>,
+    {
+        row.try_get(column).map_err(unavailable)
+    }
+
+    /// Appends one event (under the writer lock held by `tx`) and numbers it. `at_ms` is the
+    /// time recorded for events that carry none of their own.
+    async fn append(
+        tx: &mut D::Connection,
+        at_ms: i64,
+        event: RevocationEvent,
+    ) -> StoreResult<SequencedEvent> {
+        use RevocationEvent as E;
+        let (kind, at_ms, expires_ms) = match &event {
+            E::SessionRevoked { expires_ms, .. } => (KIND_SESSION, at_ms, Some(*expires_ms)),
+            E::UserCutoff { at_ms, .. } => (KIND_USER_CUTOFF, *at_ms, None),
+            E::GlobalCutoff { at_ms } => (KIND_GLOBAL_CUTOFF, *at_ms, None),
+            E::UserDisabled { .. } => (KIND_USER_DISABLED, at_ms, None),
+            E::UserEnabled { .. } => (KIND_USER_ENABLED, at_ms, None),
+            E::KeyRetired { .. } => (KIND_KEY_RETIRED, at_ms, None),
+            E::MediaBound {
+                issued_ms,
+                expires_ms,
+                ..
+            } => (KIND_MEDIA_BOUND, *issued_ms, Some(*expires_ms)),
+            E::MediaNote { until_ms, .. } => (KIND_MEDIA_NOTE, at_ms, Some(*until_ms)),
+        };
+        let (sid, user_id) = match &event {
+            E::SessionRevoked { sid, user_id, .. } | E::MediaBound { sid, user_id, .. } => {
+                (Some(sid.to_string()), Some(*user_id))
+            }
+            E::UserCutoff { user_id, .. }
+            | E::UserDisabled { user_id }
+            | E::UserEnabled { user_id } => (None, Some(*user_id)),
+            E::GlobalCutoff { .. } | E::KeyRetired { .. } | E::MediaNote { .. } => (None, None),
+        };
+        let key_id = match &event {
+            E::KeyRetired { kid } => Some(kid.as_str()),
+            _ => None,
+        };
+        let token_hash = match &event {
+            E::MediaBound { token_hash, .. } => Some(token_hash.as_str()),
+            _ => None,
+        };
+        let detail = match &event {
+            E::MediaNote { note, .. } => Some(
+                serde_json::to_string(note)
+                    .map_err(|e| StoreError::Corrupt(format!("a media note: {e}")))?,
+            ),
+            _ => None,
+        };
+        let seq: i64 = query_scalar!(
+            D::INSERT_EVENT;
+            kind, sid, user_id, at_ms, expires_ms, key_id, token_hash, detail,
+        )
+        .fetch_one(&mut *tx)
+        .await?;
+        Ok(SequencedEvent { seq, event })
+    }
+
+    /// Ends every session issued at or before `at_ms` and records the global cutoff.
+    async fn cutoff_everyone(tx: &mut D::Connection, at_ms: i64) -> StoreResult<SequencedEvent> {
+        query!("UPDATE sessions SET revoked_ms = $1 WHERE revoked_ms IS NULL AND created_ms <= $1";
+               at_ms)
+        .execute(&mut *tx)
+        .await?;
+        Self::append(tx, at_ms, RevocationEvent::GlobalCutoff { at_ms }).await
+    }
+
+    /// Ends the user's sessions issued at or before `at_ms` and records the cutoff.
+    async fn cutoff_user(
+        tx: &mut D::Connection,
+        user_id: i64,
+        at_ms: i64,
+    ) -> StoreResult<SequencedEvent> {
+        query!("UPDATE sessions SET revoked_ms = $1
+                WHERE user_id = $2 AND revoked_ms IS NULL AND created_ms <= $1"; at_ms, user_id)
+        .execute(&mut *tx)
+        .await?;
+        Self::append(tx, at_ms, RevocationEvent::UserCutoff { user_id, at_ms }).await
+    }
+
+    /// Records `SessionRevoked` events for sessions just ended, as an `UPDATE … RETURNING id,
+    /// user_id, expires_ms` names them.
+    async fn append_revoked(
+        tx: &mut D::Connection,
+        at_ms: i64,
+        ended: &[(SessionId, i64, i64)],
+        events: &mut Vec<SequencedEvent>,
+    ) -> StoreResult<()> {
+        for &(sid, user_id, expires_ms) in ended {
+            let event = RevocationEvent::SessionRevoked {
+                sid,
+                user_id,
+                expires_ms,
+            };
+            events.push(Self::append(tx, at_ms, event).await?);
+        }
+        Ok(())
+    }
+
+    /// Inserts a new session row, last seen at its creation.
+    async fn insert_session(conn: &mut D::Connection, s: &NewSession) -> StoreResult<()> {
+        query!("INSERT INTO sessions
+                (id, user_id, kind, user_agent, ip, created_ms, last_seen_ms, expires_ms)
+                VALUES ($1, $2, $3, $4, $5, $6, $6, $7)";
+               s.id.to_string(), s.user_id, s.kind.as_str(), &s.user_agent, &s.ip, s.created_ms,
+               s.expires_ms)
+        .execute(&mut *conn)
+        .await?;
+        Ok(())
+    }
+
+    fn event_from_row(row: &D::Row) -> StoreResult<SequencedEvent> {
+        let seq: i64 = Self::get(row, "seq")?;
+        let kind: &str = Self::get(row, "kind")?;
+        let session_id: Option<&str> = Self::get(row, "session_id")?;
+        let user_id: Option<i64> = Self::get(row, "user_id")?;
+        let at_ms: i64 = Self::get(row, "at_ms")?;
+        let expires_ms: Option<i64> = Self::get(row, "expires_ms")?;
+        let corrupt =
+            |what: &str| StoreError::Corrupt(format!("event {seq} ({kind}) lacks {what}"));
+        let sid = || sid_from_text(session_id.ok_or_else(|| corrupt("session_id"))?);
+        let user_id = || user_id.ok_or_else(|| corrupt("user_id"));
+        let expires_ms = || expires_ms.ok_or_else(|| corrupt("expires_ms"));
+        let text = |column: &str| -> StoreResult<Option<String>> { Self::get(row, column) };
+        let event = match kind {
+            KIND_SESSION => RevocationEvent::SessionRevoked {
+                sid: sid()?,
+                user_id: user_id()?,
+                expires_ms: expires_ms()?,
+            },
+            KIND_USER_CUTOFF => RevocationEvent::UserCutoff {
+                user_id: user_id()?,
+                at_ms,
+            },
+            KIND_GLOBAL_CUTOFF => RevocationEvent::GlobalCutoff { at_ms },
+            KIND_USER_DISABLED => RevocationEvent::UserDisabled {
+                user_id: user_id()?,
+            },
+            KIND_USER_ENABLED => RevocationEvent::UserEnabled {
+                user_id: user_id()?,
+            },
+            KIND_MEDIA_NOTE => RevocationEvent::MediaNote {
+                note: super::parse_note(text("detail")?.as_deref(), seq)?,
+                until_ms: expires_ms()?,
+            },
+            KIND_MEDIA_BOUND => RevocationEvent::MediaBound {
+                sid: sid()?,
+                user_id: user_id()?,
+                user_name: text("user_name")?.unwrap_or_default(),
+                token_hash: text("token_hash")?.ok_or_else(|| corrupt("token_hash"))?,
+                issued_ms: at_ms,
+                expires_ms: expires_ms()?,
+            },
+            KIND_KEY_RETIRED => RevocationEvent::KeyRetired {
+                kid: text("key_id")?.ok_or_else(|| corrupt("key_id"))?,
+            },
+            other => {
+                return Err(StoreError::Corrupt(format!(
+                    "event {seq} has kind `{other}`"
+                )))
+            }
+        };
+        Ok(SequencedEvent { seq, event })
+    }
+}
+
+#[async_trait::async_trait]
+impl<D> Store for SqlStore<D>
+where
+    D: Dialect,
+    D::Connection: Migrate,
+    for<'c> &'c mut D::Connection: Executor<'c, Database = D>,
+    for<'q> D::Arguments<'q>: IntoArguments<'q, D>,
+    for<'q> bool: Encode<'q, D> + Decode<'q, D> + Type<D>,
+    for<'q> i64: Encode<'q, D> + Decode<'q, D> + Type<D>,
+    for<'q> String: Encode<'q, D> + Decode<'q, D> + Type<D>,
+    for<'q> &'q str: Encode<'q, D> + Decode<'q, D>,
+    str: Type<D>,
+    for<'q> Option<i64>: Encode<'q, D>,
+    for<'q> Option<String>: Encode<'q, D>,
+    for<'q> Option<&'q str>: Encode<'q, D>,
+    for<'n> &'n str: ColumnIndex<D::Row>,
+    usize: ColumnIndex<D::Row>,
+{
+    async fn ping(&self) -> StoreResult<()> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    fn backend(&self) -> &'static str {
+        D::BACKEND
+    }
+
+    async fn user_count(&self) -> StoreResult<i64> {
+        Ok(sqlx::query_scalar("SELECT COUNT(*) FROM users")
+            .fetch_one(&self.pool)
+            .await?)
+    }
+
+    async fn create_user(
+        &self,
+        name: &str,
+        password_hash: &str,
+        is_admin: bool,
+        now_ms: i64,
+    ) -> StoreResult<User> {
+        let sql = format!(
+            "INSERT INTO users (name, password_hash, is_admin, disabled, created_ms)
+             VALUES ($1, $2, $3, FALSE, $4) RETURNING {USER_COLUMNS}"
+        );
+        query_as!(&sql; name, password_hash, is_admin, now_ms)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(|e| {
+                if is_unique_violation(&e) {
+                    StoreError::Conflict(format!("user `{name}`"))
+                } else {
+                    unavailable(e)
+                }
+            })
+    }
+
+    async fn find_user(&self, name: &str) -> StoreResult<Option<User>> {
+        let sql = format!("SELECT {USER_COLUMNS} FROM users WHERE {}", D::NAME_IS);
+        Ok(query_as!(&sql; name).fetch_optional(&self.pool).await?)
+    }
+
+    async fn list_users(&self) -> StoreResult<Vec<User>> {
+        let sql = format!(
+            "SELECT {USER_COLUMNS} FROM users ORDER BY {}",
+            D::NAME_ORDER
+        );
+        Ok(sqlx::query_as(&sql).fetch_all(&self.pool).await?)
+    }
+
+    async fn find_user_by_id(&self, id: i64) -> StoreResult<Option<User>> {
+        let sql = format!("SELECT {USER_COLUMNS} FROM users WHERE id = $1");
+        Ok(query_as!(&sql; id).fetch_optional(&self.pool).await?)
+    }
+
+    async fn set_password(&self, user_id: i64, password_hash: &str) -> StoreResult<()> {
+        let done =
+            query!("UPDATE users SET password_hash = $1 WHERE id = $2"; password_hash, user_id)
+                .execute(&self.pool)
+                .await?;
+        if D::rows_affected(&done) == 0 {
+            return Err(StoreError::NotFound(format!("user {user_id}")));
+        }
+        Ok(())
+    }
+
+    async fn set_disabled(
+        &self,
+        user_id: i64,
+        disabled: bool,
+        now_ms: i64,
+    ) -> StoreResult<Vec<SequencedEvent>> {
+        let mut tx = self.write_tx().await?;
+        let done = query!("UPDATE users SET disabled = $1 WHERE id = $2"; disabled, user_id)
+            .execute(&mut *tx)
+            .await?;
+        if D::rows_affected(&done) == 0 {
+            return Err(StoreError::NotFound(format!("user {user_id}")));
+        }
+        let mut events = Vec::new();
+        if disabled {
+            query!("UPDATE sessions SET revoked_ms = $1
+                    WHERE user_id = $2 AND revoked_ms IS NULL AND created_ms <= $1";
+                   now_ms, user_id)
+            .execute(&mut *tx)
+            .await?;
+            let disabled = RevocationEvent::UserDisabled { user_id };
+            events.push(Self::append(&mut tx, now_ms, disabled).await?);
+            let cutoff = RevocationEvent::UserCutoff {
+                user_id,
+                at_ms: now_ms,
+            };
+            events.push(Self::append(&mut tx, now_ms, cutoff).await?);
+        } else {
+            let enabled = RevocationEvent::UserEnabled { user_id };
+            events.push(Self::append(&mut tx, now_ms, enabled).await?);
+        }
+        Self::commit(tx, &events).await?;
+        Ok(events)
+    }
+
+    async fn create_session(&self, s: &NewSession) -> StoreResult<()> {
+        let mut conn = self.pool.acquire().await?;
+        Self::insert_session(&mut conn, s).await
+    }
+
+    async fn get_session(&self, id: SessionId) -> StoreResult<Option<SessionRecord>> {
+        Ok(
+            query_as!("SELECT s.id, s.user_id, u.name AS user_name, s.kind, s.user_agent, s.ip,
+                      s.created_ms, s.last_seen_ms, s.expires_ms, s.revoked_ms
+                      FROM sessions s JOIN users u ON u.id = s.user_id WHERE s.id = $1";
+                     id.to_string())
+            .fetch_optional(&self.pool)
+            .await?,
+        )
+    }
+
+    async fn list_live_sessions(
+        &self,
+        user_id: Option<i64>,
+        now_ms: i64,
+    ) -> StoreResult<Vec<SessionRecord>> {
+        Ok(
+            query_as!("SELECT s.id, s.user_id, u.name AS user_name, s.kind, s.user_agent, s.ip,
+                      s.created_ms, s.last_seen_ms, s.expires_ms, s.revoked_ms
+                      FROM sessions s JOIN users u ON u.id = s.user_id
+                      WHERE s.revoked_ms IS NULL AND s.expires_ms > $1
+                      AND (CAST($2 AS BIGINT) IS NULL OR s.user_id = $2)
+                      ORDER BY s.created_ms"; now_ms, user_id)
+            .fetch_all(&self.pool)
+            .await?,
+        )
+    }
+
+    async fn count_live_sessions(&self, now_ms: i64) -> StoreResult<Vec<(String, i64)>> {
+        Ok(query_as!("SELECT kind, COUNT(*) FROM sessions
+                      WHERE revoked_ms IS NULL AND expires_ms > $1 GROUP BY kind ORDER BY kind";
+                     now_ms)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    async fn revoke_session(
+        &self,
+        id: SessionId,
+        now_ms: i64,
+    ) -> StoreResult<Option<SequencedEvent>> {
+        let mut tx = self.write_tx().await?;
+        let ended: Vec<(SessionId, i64, i64)> =
+            query_as!("UPDATE sessions SET revoked_ms = COALESCE(revoked_ms, $1) WHERE id = $2
+                       RETURNING id, user_id, expires_ms"; now_ms, id.to_string())
+            .fetch_all(&mut *tx)
+            .await?;
+        let mut events = Vec::with_capacity(1);
+        Self::append_revoked(&mut tx, now_ms, &ended, &mut events).await?;
+        Self::commit(tx, &events).await?;
+        Ok(events.pop())
+    }
+
+    async fn signout_user(&self, user_id: i64, now_ms: i64) -> StoreResult<SequencedEvent> {
+        let mut tx = self.write_tx().await?;
+        let event = Self::cutoff_user(&mut tx, user_id, now_ms).await?;
+        Self::commit(tx, std::slice::from_ref(&event)).await?;
+        Ok(event)
+    }
+
+    async fn signout_everyone(&self, now_ms: i64) -> StoreResult<SequencedEvent> {
+        let mut tx = self.write_tx().await?;
+        let event = Self::cutoff_everyone(&mut tx, now_ms).await?;
+        Self::commit(tx, std::slice::from_ref(&event)).await?;
+        Ok(event)
+    }
+
+    async fn record_failure(
+        &self,
+        user_id: i64,
+        now_ms: i64,
+        max_failures: u32,
+        lockout_ms: i64,
+    ) -> StoreResult<User> {
+        let sql = format!(
+            "UPDATE users SET failed_logins = failed_logins + 1, last_failure_ms = $1,
+             locked_until_ms = CASE WHEN failed_logins + 1 >= $2 THEN $3 ELSE locked_until_ms END
+             WHERE id = $4 RETURNING {USER_COLUMNS}"
+        );
+        let locked_until = now_ms.saturating_add(lockout_ms);
+        query_as!(&sql; now_ms, i64::from(max_failures), locked_until, user_id)
+            .fetch_optional(&self.pool)
+            .await?
+            .ok_or_else(|| StoreError::NotFound(format!("user {user_id}")))
+    }
+
+    async fn clear_failures(&self, user_id: i64) -> StoreResult<()> {
+        query!("UPDATE users SET failed_logins = 0, locked_until_ms = NULL, last_failure_ms = NULL
+                WHERE id = $1 AND (failed_logins != 0 OR locked_until_ms IS NOT NULL)"; user_id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn set_must_reset(&self, user_id: Option<i64>, must: bool) -> StoreResult<u64> {
+        let done = query!(
+            "UPDATE users SET must_reset = $1 WHERE CAST($2 AS BIGINT) IS NULL OR id = $2";
+            must, user_id,
+        )
+        .execute(&self.pool)
+        .await?;
+        Ok(D::rows_affected(&done))
+    }
+
+    async fn change_password(
+        &self,
+        user_id: i64,
+        password_hash: &str,
+        signout_at: Option<i64>,
+    ) -> StoreResult<Option<SequencedEvent>> {
+        let mut tx = self.write_tx().await?;
+        let done = query!("UPDATE users SET password_hash = $1, must_reset = FALSE WHERE id = $2";
+                          password_hash, user_id)
+        .execute(&mut *tx)
+        .await?;
+        if D::rows_affected(&done) == 0 {
+            return Err(StoreError::NotFound(format!("user {user_id}")));
+        }
+        let event = match signout_at {
+            Some(at) => Some(Self::cutoff_user(&mut tx, user_id, at).await?),
+            None => None,
+        };
+        Self::commit(tx, event.as_slice()).await?;
+        Ok(event)
+    }
+
+    async fn set_totp(&self, user_id: i64, secret: Option<&str>, enabled: bool) -> StoreResult<()> {
+        let mut tx = self.write_tx().await?;
+        query!("UPDATE users SET totp_secret = $1, totp_enabled = $2 WHERE id = $3";
+               secret, enabled, user_id)
+        .execute(&mut *tx)
+        .await?;
+        if !enabled {
+            query!("DELETE FROM recovery_codes WHERE user_id = $1"; user_id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        Ok(tx.commit().await?)
+    }
+
+    async fn accept_totp_step(&self, user_id: i64, step: i64) -> StoreResult<bool> {
+        let done = query!(
+            "UPDATE users SET totp_last_step = $1 WHERE id = $2 AND totp_last_step < $1";
+            step, user_id,
+        )
+        .execute(&self.pool)
+        .await?;
+        Ok(D::rows_affected(&done) == 1)
+    }
+
+    async fn replace_recovery_codes(&self, user_id: i64, hashes: &[String]) -> StoreResult<()> {
+        let mut tx = self.write_tx().await?;
+        query!("DELETE FROM recovery_codes WHERE user_id = $1"; user_id)
+            .execute(&mut *tx)
+            .await?;
+        if !hashes.is_empty() {
+            // One statement: `($1, $2), ($1, $3), …`.
+            let rows: Vec<String> = (2..hashes.len() + 2)
+                .map(|i| format!("($1, ${i})"))
+                .collect();
+            let sql = format!(
+                "INSERT INTO recovery_codes (user_id, code_hash) VALUES {}",
+                rows.join(", ")
+            );
+            let mut insert = query!(&sql; user_id);
+            for h in hashes {
+                insert = insert.bind(h);
+            }
+            insert.execute(&mut *tx).await?;
+        }
+        Ok(tx.commit().await?)
+    }
+
+    async fn use_recovery_code(&self, user_id: i64, hash: &str, now_ms: i64) -> StoreResult<bool> {
+        let done = query!("UPDATE recovery_codes SET used_ms = $1
+                           WHERE user_id = $2 AND code_hash = $3 AND used_ms IS NULL";
+                          now_ms, user_id, hash)
+        .execute(&self.pool)
+        .await?;
+        Ok(D::rows_affected(&done) == 1)
+    }
+
+    async fn recovery_codes_left(&self, user_id: i64) -> StoreResult<i64> {
+        Ok(query_scalar!(
+            "SELECT COUNT(*) FROM recovery_codes WHERE user_id = $1 AND used_ms IS NULL";
+            user_id,
+        )
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
+    async fn create_reset_link(
+        &self,
+        token_hash: &str,
+        user_id: i64,
+        now_ms: i64,
+        expires_ms: i64,
+    ) -> StoreResult<()> {
+        let mut tx = self.pool.begin().await?;
+        query!("UPDATE reset_links SET used_ms = $1 WHERE user_id = $2 AND used_ms IS NULL";
+               now_ms, user_id)
+        .execute(&mut *tx)
+        .await?;
+        query!("INSERT INTO reset_links (token_hash, user_id, created_ms, expires_ms)
+                VALUES ($1, $2, $3, $4)"; token_hash, user_id, now_ms, expires_ms)
+        .execute(&mut *tx)
+        .await?;
+        Ok(tx.commit().await?)
+    }
+
+    async fn reset_link_state(&self, token_hash: &str, now_ms: i64) -> StoreResult<ResetLinkState> {
+        let link: Option<(i64, i64, Option<i64>)> =
+            query_as!("SELECT user_id, expires_ms, used_ms FROM reset_links WHERE token_hash = $1";
+                      token_hash)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(match link {
+            None => ResetLinkState::Unknown,
+            Some((_, _, Some(_))) => ResetLinkState::Used,
+            Some((_, expires_ms, None)) if expires_ms <= now_ms => ResetLinkState::Expired,
+            Some((user_id, _, None)) => ResetLinkState::Valid { user_id },
+        })
+    }
+
+    async fn redeem_reset_link(
+        &self,
+        token_hash: &str,
+        password_hash: &str,
+        now_ms: i64,
+    ) -> StoreResult<Option<(i64, SequencedEvent)>> {
+        let mut tx = self.write_tx().await?;
+        let user_id: Option<i64> = query_scalar!(
+            "UPDATE reset_links SET used_ms = $1
+             WHERE token_hash = $2 AND used_ms IS NULL AND expires_ms > $1 RETURNING user_id";
+            now_ms, token_hash,
+        )
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(user_id) = user_id else {
+            return Ok(None);
+        };
+        query!("UPDATE users SET password_hash = $1, must_reset = FALSE, failed_logins = 0,
+                locked_until_ms = NULL WHERE id = $2"; password_hash, user_id)
+        .execute(&mut *tx)
+        .await?;
+        let event = Self::cutoff_user(&mut tx, user_id, now_ms).await?;
+        Self::commit(tx, std::slice::from_ref(&event)).await?;
+        Ok(Some((user_id, event)))
+    }
+
+    async fn touch_sessions(&self, seen: &[(SessionId, i64)]) -> StoreResult<()> {
+        if seen.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.write_tx().await?;
+        D::touch_sessions(&mut tx, seen).await?;
+        Ok(tx.commit().await?)
+    }
+
+    async fn breach_response(
+        &self,
+        now_ms: i64,
+        retired_keys: &[String],
+    ) -> StoreResult<Vec<SequencedEvent>> {
+        let mut tx = self.write_tx().await?;
+        sqlx::query("UPDATE users SET must_reset = TRUE")
+            .execute(&mut *tx)
+            .await?;
+        let mut events = vec![Self::cutoff_everyone(&mut tx, now_ms).await?];
+        for kid in retired_keys {
+            let retired = RevocationEvent::KeyRetired { kid: kid.clone() };
+            events.push(Self::append(&mut tx, now_ms, retired).await?);
+        }
+        Self::commit(tx, &events).await?;
+        Ok(events)
+    }
+
+    async fn append_audit(&self, e: &AuditEntry) -> StoreResult<()> {
+        query!("INSERT INTO audit_log (at_ms, event, outcome, user_id, user_name, ip, user_agent,
+                session_id, detail) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)";
+               e.at_ms, &e.event, &e.outcome, e.user_id, &e.user_name, &e.ip, &e.user_agent,
+               &e.session_id, &e.detail)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn list_audit(
+        &self,
+        user_id: Option<i64>,
+        since_ms: i64,
+        limit: i64,
+    ) -> StoreResult<Vec<AuditEntry>> {
+        Ok(query_as!(
+            "SELECT at_ms, event, outcome, user_id, user_name, ip, user_agent, session_id, detail
+             FROM audit_log WHERE at_ms >= $1 AND (CAST($2 AS BIGINT) IS NULL OR user_id = $2)
+             ORDER BY id DESC LIMIT $3";
+            since_ms, user_id, limit_of(limit),
+        )
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    async fn bind_media_token(&self, b: &NewMediaBinding) -> StoreResult<Vec<SequencedEvent>> {
+        let mut tx = self.write_tx().await?;
+        let s = &b.session;
+        let sid = s.id.to_string();
+        // Race-free under the writer lock: no other binding runs until this one commits.
+        let existing = query!("SELECT 1 FROM media_tokens WHERE token_hash = $1"; &b.token_hash)
+            .fetch_optional(&mut *tx)
+            .await?;
+        if existing.is_some() {
+            return Ok(Vec::new());
+        }
+        Self::insert_session(&mut tx, s).await?;
+        query!(
+            "INSERT INTO media_tokens (session_id, token_hash, token_sealed, route, media_user_id,
+             media_user, device_id, client, device_name, version)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)";
+            &sid, &b.token_hash, &b.token_sealed, &b.route, &b.media_user_id, &b.media_user,
+            &b.device_id, &b.client, &b.device_name, &b.version,
+        )
+        .execute(&mut *tx)
+        .await?;
+        let user_name: String = query_scalar!("SELECT name FROM users WHERE id = $1"; s.user_id)
+            .fetch_one(&mut *tx)
+            .await?;
+        let bound = RevocationEvent::MediaBound {
+            sid: s.id,
+            user_id: s.user_id,
+            user_name,
+            token_hash: b.token_hash.clone(),
+            issued_ms: s.created_ms,
+            expires_ms: s.expires_ms,
+        };
+        let mut events = vec![Self::append(&mut tx, s.created_ms, bound).await?];
+        // The media server deleted the older tokens of this device and user when it minted
+        // the new one: end their sessions here, with no upstream logout owed.
+        let older: Vec<(SessionId, i64, i64)> = query_as!(
+            "UPDATE sessions SET revoked_ms = $1
+             WHERE revoked_ms IS NULL AND id IN (
+                 SELECT session_id FROM media_tokens
+                 WHERE route = $2 AND media_user_id = $3 AND device_id = $4 AND session_id != $5)
+             RETURNING id, user_id, expires_ms";
+            s.created_ms, &b.route, &b.media_user_id, &b.device_id, &sid,
+        )
+        .fetch_all(&mut *tx)
+        .await?;
+        for (older_sid, _, _) in &older {
+            query!("UPDATE media_tokens SET logged_out_ms = $1, token_sealed = ''
+                    WHERE session_id = $2"; s.created_ms, older_sid.to_string())
+            .execute(&mut *tx)
+            .await?;
+        }
+        Self::append_revoked(&mut tx, s.created_ms, &older, &mut events).await?;
+        Self::commit(tx, &events).await?;
+        Ok(events)
+    }
+
+    async fn owed_media_logouts(&self, now_ms: i64, limit: i64) -> StoreResult<Vec<OwedLogout>> {
+        Ok(query_as!("SELECT m.session_id AS sid, m.route, m.token_sealed, m.client, m.device_name,
+                      m.device_id, m.version, m.logout_attempts AS attempts
+                      FROM media_tokens m JOIN sessions s ON s.id = m.session_id
+                      WHERE m.logged_out_ms IS NULL AND m.next_attempt_ms <= $1
+                      AND (s.revoked_ms IS NOT NULL OR s.expires_ms <= $1)
+                      ORDER BY m.next_attempt_ms, s.created_ms LIMIT $2"; now_ms, limit_of(limit))
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    async fn media_logout_done(&self, sid: SessionId, now_ms: i64) -> StoreResult<()> {
+        query!("UPDATE media_tokens SET logged_out_ms = $1, token_sealed = ''
+                WHERE session_id = $2"; now_ms, sid.to_string())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn media_logout_failed(&self, sid: SessionId, next_ms: i64) -> StoreResult<()> {
+        query!("UPDATE media_tokens SET logout_attempts = logout_attempts + 1, next_attempt_ms = $1
+                WHERE session_id = $2"; next_ms, sid.to_string())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn end_idle_media_sessions(
+        &self,
+        route: &str,
+        idle_before_ms: i64,
+        now_ms: i64,
+    ) -> StoreResult<Vec<SequencedEvent>> {
+        let mut tx = self.write_tx().await?;
+        let rows: Vec<(SessionId, i64, i64)> = query_as!(
+            "UPDATE sessions SET revoked_ms = $1
+             WHERE revoked_ms IS NULL AND kind = 'media' AND last_seen_ms < $2 AND id IN (
+                 SELECT session_id FROM media_tokens WHERE route = $3)
+             RETURNING id, user_id, expires_ms";
+            now_ms, idle_before_ms, route,
+        )
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut events = Vec::with_capacity(rows.len());
+        Self::append_revoked(&mut tx, now_ms, &rows, &mut events).await?;
+        Self::commit(tx, &events).await?;
+        Ok(events)
+    }
+
+    async fn append_media_note(
+        &self,
+        note: &MediaNote,
+        until_ms: i64,
+        now_ms: i64,
+    ) -> StoreResult<SequencedEvent> {
+        let mut tx = self.write_tx().await?;
+        let note = RevocationEvent::MediaNote {
+            note: note.clone(),
+            until_ms,
+        };
+        let event = Self::append(&mut tx, now_ms, note).await?;
+        Self::commit(tx, std::slice::from_ref(&event)).await?;
+        Ok(event)
+    }
+
+    async fn purge_expired(
+        &self,
+        now_ms: i64,
+        keep_ms: i64,
+        audit_keep_ms: i64,
+    ) -> StoreResult<u64> {
+        let mut tx = self.write_tx().await?;
+        let kept_until = now_ms.saturating_sub(keep_ms);
+        // Sessions long expired, unless their media token is still owed an upstream logout.
+        // Revoked sessions whose tokens would have expired anyway, spent media bindings and
+        // notes: the view drops them too.
+        let deletes: [(&str, i64); 6] = [
+            (
+                "DELETE FROM sessions WHERE expires_ms <= $1 AND id NOT IN (
+                     SELECT session_id FROM media_tokens WHERE logged_out_ms IS NULL)",
+                kept_until,
+            ),
+            (
+                "DELETE FROM revocation_events
+                 WHERE kind IN ('session_revoked', 'media_bound', 'media_note')
+                   AND expires_ms <= $1",
+                now_ms,
+            ),
+            (
+                "DELETE FROM oidc_logout_jtis WHERE expires_ms <= $1",
+                now_ms,
+            ),
+            ("DELETE FROM oidc_ended_sids WHERE expires_ms <= $1", now_ms),
+            ("DELETE FROM reset_links WHERE expires_ms <= $1", kept_until),
+            (
+                "DELETE FROM audit_log WHERE at_ms <= $1",
+                now_ms.saturating_sub(audit_keep_ms),
+            ),
+        ];
+        let mut deleted = 0;
+        for (sql, before) in deletes {
+            deleted += D::rows_affected(&query!(sql; before).execute(&mut *tx).await?);
+        }
+        tx.commit().await?;
+        Ok(deleted)
+    }
+
+    async fn set_admin(&self, user_id: i64, is_admin: bool) -> StoreResult<()> {
+        let done = query!("UPDATE users SET is_admin = $1 WHERE id = $2"; is_admin, user_id)
+            .execute(&self.pool)
+            .await?;
+        if D::rows_affected(&done) == 0 {
+            return Err(StoreError::NotFound(format!("user {user_id}")));
+        }
+        Ok(())
+    }
+
+    async fn link_oidc(
+        &self,
+        provider: &str,
+        issuer: &str,
+        subject: &str,
+        user_id: i64,
+        now_ms: i64,
+    ) -> StoreResult<()> {
+        query!("INSERT INTO oidc_links (provider, issuer, subject, user_id, created_ms)
+                VALUES ($1, $2, $3, $4, $5)"; provider, issuer, subject, user_id, now_ms)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| {
+            if is_unique_violation(&e) {
+                StoreError::Conflict(format!("a link to {provider} for this user or subject"))
+            } else if matches!(&e, sqlx::Error::Database(d) if d.is_foreign_key_violation()) {
+                StoreError::NotFound(format!("user {user_id}"))
+            } else {
+                unavailable(e)
+            }
+        })?;
+        Ok(())
+    }
+
+    async fn find_oidc_link(
+        &self,
+        provider: &str,
+        issuer: &str,
+        subject: &str,
+    ) -> StoreResult<Option<i64>> {
+        Ok(query_scalar!(
+            "SELECT user_id FROM oidc_links WHERE provider = $1 AND subject = $2 AND issuer = $3";
+            provider, subject, issuer,
+        )
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+
+    async fn oidc_links_of(&self, user_id: i64) -> StoreResult<Vec<OidcLink>> {
+        Ok(
+            query_as!("SELECT provider, issuer, subject, user_id, created_ms FROM oidc_links
+                       WHERE user_id = $1 ORDER BY provider"; user_id)
+            .fetch_all(&self.pool)
+            .await?,
+        )
+    }
+
+    async fn unlink_oidc(&self, provider: &str, user_id: i64) -> StoreResult<bool> {
+        let done = query!("DELETE FROM oidc_links WHERE provider = $1 AND user_id = $2";
+                          provider, user_id)
+        .execute(&self.pool)
+        .await?;
+        Ok(D::rows_affected(&done) > 0)
+    }
+
+    async fn unlink_all_oidc(&self) -> StoreResult<u64> {
+        let done = sqlx::query("DELETE FROM oidc_links")
+            .execute(&self.pool)
+            .await?;
+        Ok(D::rows_affected(&done))
+    }
+
+    async fn record_oidc_session(&self, o: &OidcSession, now_ms: i64) -> StoreResult<bool> {
+        // Under the writer lock, as the back-channel logout that would end the provider
+        // session: one of the two always sees the other.
+        let mut tx = self.write_tx().await?;
+        if let Some(oidc_sid) = &o.oidc_sid {
+            let ended = query!("SELECT 1 FROM oidc_ended_sids
+                                WHERE provider = $1 AND oidc_sid = $2 AND expires_ms > $3";
+                               &o.provider, oidc_sid, now_ms)
+            .fetch_optional(&mut *tx)
+            .await?;
+            if ended.is_some() {
+                return Ok(false);
+            }
+        }
+        query!("INSERT INTO oidc_sessions
+                (session_id, provider, subject, oidc_sid, id_token_sealed, amr)
+                VALUES ($1, $2, $3, $4, $5, $6)";
+               o.session_id.to_string(), &o.provider, &o.subject, o.oidc_sid.as_deref(),
+               &o.id_token_sealed, o.amr.join(" "))
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    async fn get_oidc_session(&self, session_id: SessionId) -> StoreResult<Option<OidcSession>> {
+        let row: Option<(String, String, Option<String>, String, String)> =
+            query_as!("SELECT provider, subject, oidc_sid, id_token_sealed, amr FROM oidc_sessions
+                       WHERE session_id = $1"; session_id.to_string())
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.map(
+            |(provider, subject, oidc_sid, id_token_sealed, amr)| OidcSession {
+                session_id,
+                provider,
+                subject,
+                oidc_sid,
+                id_token_sealed,
+                amr: amr.split_whitespace().map(str::to_string).collect(),
+            },
+        ))
+    }
+
+    async fn oidc_backchannel_logout(
+        &self,
+        l: &BackchannelLogout,
+        now_ms: i64,
+    ) -> StoreResult<Option<Vec<SequencedEvent>>> {
+        let mut tx = self.write_tx().await?;
+        let fresh = query!(
+            "INSERT INTO oidc_logout_jtis (provider, jti, expires_ms) VALUES ($1, $2, $3)
+             ON CONFLICT DO NOTHING";
+            &l.provider, &l.jti, l.jti_expires_ms,
+        )
+        .execute(&mut *tx)
+        .await?;
+        if D::rows_affected(&fresh) == 0 {
+            return Ok(None);
+        }
+        let mut events = Vec::new();
+        match (&l.oidc_sid, &l.subject) {
+            (Some(oidc_sid), subject) => {
+                // Remembered as ended, so that a login through it still waiting at a gateway
+                // step cannot create a session after this.
+                query!("INSERT INTO oidc_ended_sids (provider, oidc_sid, expires_ms)
+                        VALUES ($1, $2, $3)
+                        ON CONFLICT (provider, oidc_sid) DO UPDATE SET expires_ms =
+                        CASE WHEN oidc_ended_sids.expires_ms < excluded.expires_ms
+                        THEN excluded.expires_ms ELSE oidc_ended_sids.expires_ms END";
+                       &l.provider, oidc_sid, l.ended_until_ms)
+                .execute(&mut *tx)
+                .await?;
+                // The provider session's gateway sessions, then the media sessions of their
+                // users (a media binding does not record the web session it came through).
+                let rows: Vec<(SessionId, i64, i64)> = query_as!(
+                    "UPDATE sessions SET revoked_ms = $1
+                     WHERE revoked_ms IS NULL AND expires_ms > $1 AND id IN (
+                         SELECT session_id FROM oidc_sessions
+                         WHERE provider = $2 AND oidc_sid = $3
+                           AND (CAST($4 AS TEXT) IS NULL OR subject = $4))
+                     RETURNING id, user_id, expires_ms";
+                    now_ms, &l.provider, oidc_sid, subject.as_deref(),
+                )
+                .fetch_all(&mut *tx)
+                .await?;
+                let mut users: Vec<i64> = Vec::new();
+                for &(_, user_id, _) in &rows {
+                    if !users.contains(&user_id) {
+                        users.push(user_id);
+                    }
+                }
+                Self::append_revoked(&mut tx, now_ms, &rows, &mut events).await?;
+                for user_id in users {
+                    let rows: Vec<(SessionId, i64, i64)> = query_as!(
+                        "UPDATE sessions SET revoked_ms = $1
+                         WHERE revoked_ms IS NULL AND expires_ms > $1 AND user_id = $2
+                         AND kind = 'media'
+                         RETURNING id, user_id, expires_ms";
+                        now_ms, user_id,
+                    )
+                    .fetch_all(&mut *tx)
+                    .await?;
+                    Self::append_revoked(&mut tx, now_ms, &rows, &mut events).await?;
+                }
+            }
+            (None, Some(subject)) => {
+                let user: Option<i64> = query_scalar!(
+                    "SELECT user_id FROM oidc_links
+                     WHERE provider = $1 AND subject = $2 AND issuer = $3";
+                    &l.provider, subject, &l.issuer,
+                )
+                .fetch_optional(&mut *tx)
+                .await?;
+                if let Some(user_id) = user {
+                    events.push(Self::cutoff_user(&mut tx, user_id, now_ms).await?);
+                }
+            }
+            (None, None) => {}
+        }
+        Self::commit(tx, &events).await?;
+        Ok(Some(events))
+    }
+
+    fn announcements(&self) -> Option<watch::Receiver<Announcement>> {
+        self.announcements.clone()
+    }
+
+    async fn events_since(&self, after: i64, limit: i64) -> StoreResult<Vec<SequencedEvent>> {
+        let rows = query!(
+            "SELECT e.seq, e.kind, e.session_id, e.user_id, e.at_ms, e.expires_ms, e.key_id,
+                 e.token_hash, e.detail, u.name AS user_name
+                 FROM revocation_events e LEFT JOIN users u ON u.id = e.user_id
+                 WHERE e.seq > $1 ORDER BY e.seq LIMIT $2";
+            after, limit_of(limit),
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(Self::event_from_row).collect()
+    }
+
+    async fn snapshot(&self, now_ms: i64) -> StoreResult<Snapshot> {
+        // One snapshot of the database for every query below.
+        let mut tx = self.pool.begin_with(D::BEGIN_READ).await?;
+        let seq: i64 = sqlx::query_scalar(D::LAST_SEQ).fetch_one(&mut *tx).await?;
+        let revoked = tokio::spawn(D::revoked_sessions(self.pool.clone(), seq, now_ms));
+        // The latest cutoff per user, as one string (a hundred thousand users are one row).
+        let cutoffs: Option<String> = query_scalar!(
+            "SELECT string_agg(user_id || ':' || at_ms, ',' ORDER BY user_id) FROM (
+                 SELECT user_id, MAX(at_ms) AS at_ms FROM revocation_events
+                 WHERE kind = 'user_cutoff' AND seq <= $1 GROUP BY user_id) AS c";
+            seq,
+        )
+        .fetch_one(&mut *tx)
+        .await?;
+        let user_cutoffs = super::parse_pairs(cutoffs.as_deref().unwrap_or(""))?;
+        let global_cutoff: Option<i64> = query_scalar!(
+            "SELECT MAX(at_ms) FROM revocation_events WHERE kind = 'global_cutoff' AND seq <= $1";
+            seq,
+        )
+        .fetch_one(&mut *tx)
+        .await?;
+        let disabled_users: Vec<i64> =
+            sqlx::query_scalar("SELECT id FROM users WHERE disabled ORDER BY id")
+                .fetch_all(&mut *tx)
+                .await?;
+        let retired_keys: Vec<String> = sqlx::query_scalar::<_, Option<String>>(
+            "SELECT DISTINCT key_id FROM revocation_events
+             WHERE kind = 'key_retired' AND seq <= $1 ORDER BY key_id",
+        )
+        .bind(seq)
+        .fetch_all(&mut *tx)
+        .await?
+        .into_iter()
+        .flatten()
+        .collect();
+        let media_tokens: Vec<MediaTokenRow> = query_as!(
+            "SELECT m.token_hash, s.id AS sid, s.user_id, u.name AS user_name,
+                    s.created_ms AS issued_ms, s.expires_ms
+             FROM media_tokens m JOIN sessions s ON s.id = m.session_id
+             JOIN users u ON u.id = s.user_id
+             WHERE s.expires_ms > $1";
+            now_ms,
+        )
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        let revoked = revoked
+            .await
+            .map_err(|e| StoreError::Corrupt(format!("reading revoked sessions: {e}")))??;
+        Ok(Snapshot {
+            seq,
+            revoked,
+            user_cutoffs,
+            global_cutoff,
+            disabled_users,
+            retired_keys,
+            media_tokens,
+        })
+    }
+}
