@@ -379,6 +379,118 @@ async fn sequence_numbers_are_not_reused_after_purge(f: Fixture) {
 // ---------------------------------------------------------------------------------------------
 // Snapshot
 
+/// Writes `n` session revocations of `user_id` straight into the event log (session ids
+/// 1..=n as 32 hex digits, each token expiring at 10,000,000 + i ms), in one statement of the
+/// backend's own SQL, advancing PostgreSQL's sequence counter as the store would.
+async fn write_revoked_sessions(f: &Fixture, user_id: i64, n: i64) {
+    let insert =
+        "INSERT INTO revocation_events (seq, kind, session_id, user_id, at_ms, expires_ms)";
+    match f.backend {
+        Backend::Sqlite => {
+            let sql = format!(
+                "WITH RECURSIVE k(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM k WHERE i < {n})
+                 {insert} SELECT NULL, 'session_revoked', printf('%032x', i), {user_id}, 20,
+                 10000000 + i FROM k"
+            );
+            let mut c = sqlx::SqliteConnection::connect(&f.url).await.unwrap();
+            sqlx::raw_sql(&sql).execute(&mut c).await.unwrap();
+        }
+        Backend::Postgres => {
+            let sql = format!(
+                "{insert} SELECT (SELECT last FROM revocation_seq) + i, 'session_revoked',
+                 lpad(to_hex(i), 32, '0'), {user_id}, 20, 10000000 + i
+                 FROM generate_series(1, {n}) AS i;
+                 UPDATE revocation_seq SET last = last + {n};"
+            );
+            let mut c = sqlx::PgConnection::connect(&f.url).await.unwrap();
+            sqlx::raw_sql(&sql).execute(&mut c).await.unwrap();
+        }
+    }
+}
+
+/// An outage of the store as each backend has one: another process holding the database's
+/// write lock (SQLite), or the table the log lives in (PostgreSQL). A revocation then fails as
+/// `Unavailable` within the busy timeout and leaves nothing behind; once the lock is gone the
+/// store works again and the log has no gap.
+async fn an_outage_refuses_writes_as_unavailable_and_leaves_no_gap(f: Fixture) {
+    let alice = user(&f.store, "alice").await;
+    let s1 = session(&f.store, alice.id, SessionKind::Web, 10, 10_000).await;
+    let s2 = session(&f.store, alice.id, SessionKind::Web, 10, 10_000).await;
+    let first = f.store.revoke_session(s1, 20).await.unwrap().unwrap();
+    let impatient = open(&f.url, Duration::from_millis(300)).await.unwrap();
+    let hold = match f.backend {
+        Backend::Sqlite => "BEGIN EXCLUSIVE",
+        Backend::Postgres => "BEGIN; LOCK TABLE revocation_events IN ACCESS EXCLUSIVE MODE",
+    };
+    let refused = match f.backend {
+        Backend::Sqlite => {
+            let mut c = sqlx::SqliteConnection::connect(&f.url).await.unwrap();
+            sqlx::raw_sql(hold).execute(&mut c).await.unwrap();
+            let r = impatient.revoke_session(s2, 30).await;
+            sqlx::raw_sql("ROLLBACK").execute(&mut c).await.unwrap();
+            r
+        }
+        Backend::Postgres => {
+            let mut c = sqlx::PgConnection::connect(&f.url).await.unwrap();
+            sqlx::raw_sql(hold).execute(&mut c).await.unwrap();
+            let r = impatient.revoke_session(s2, 30).await;
+            sqlx::raw_sql("ROLLBACK").execute(&mut c).await.unwrap();
+            r
+        }
+    };
+    assert!(
+        matches!(refused, Err(StoreError::Unavailable(_))),
+        "{refused:?}"
+    );
+    // Nothing of the refused write remains, and the next one follows without a gap.
+    assert_eq!(f.store.events_since(first.seq, 10).await.unwrap().len(), 0);
+    let next = impatient.revoke_session(s2, 40).await.unwrap().unwrap();
+    assert_eq!(next.seq, first.seq + 1);
+    assert!(f
+        .store
+        .get_session(s2)
+        .await
+        .unwrap()
+        .unwrap()
+        .revoked_ms
+        .is_some());
+}
+
+/// The scale the revocation view is built for: a snapshot of a million revoked sessions holds
+/// every one of them, exactly, and an instance opening the store sees the same.
+async fn a_million_revoked_sessions_travel_whole_in_a_snapshot(f: Fixture) {
+    const N: i64 = 1_000_000;
+    let alice = user(&f.store, "alice").await;
+    write_revoked_sessions(&f, alice.id, N).await;
+    let started = std::time::Instant::now();
+    let snap = f.reopen().await.snapshot(100).await.unwrap();
+    let took = started.elapsed();
+    assert_eq!(snap.revoked.len() as i64, N);
+    let mut ids: Vec<u128> = snap.revoked.iter().map(|r| r.sid().0).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len() as i64, N, "every id once");
+    assert_eq!((ids[0], ids[ids.len() - 1]), (1, N as u128));
+    for r in snap.revoked.iter().step_by(99_991) {
+        let ms = 10_000_000 + r.sid().0 as i64;
+        assert_eq!(r.expires_ms(), (ms + 999) / 1000 * 1000, "{:?}", r.sid());
+    }
+    // Expired ones are left out.
+    assert_eq!(
+        f.store
+            .snapshot(10_000_000 + N / 2)
+            .await
+            .unwrap()
+            .revoked
+            .len() as i64,
+        N / 2
+    );
+    eprintln!(
+        "{:?}: snapshot of {N} revoked sessions in {took:?}",
+        f.backend
+    );
+}
+
 async fn snapshot_holds_the_whole_revocation_state(f: Fixture) {
     let store = &f.store;
     let alice = user(store, "alice").await;
@@ -1168,6 +1280,46 @@ async fn backend_answers_and_names_itself(f: Fixture) {
     assert_eq!(other.user_count().await.unwrap(), 1);
 }
 
+/// Propagation between instances on one store, as every backend has it: each revocation and
+/// cutoff committed through one instance reaches the other's delta poll, in order, at once
+/// (PostgreSQL also announces them: `announcements_reach_other_instances`).
+async fn writes_of_one_instance_reach_the_others_poll_in_order(f: Fixture) {
+    let other = f.reopen().await;
+    let alice = user(&f.store, "alice").await;
+    let from = other
+        .events_since(0, 1000)
+        .await
+        .unwrap()
+        .last()
+        .map_or(0, |e| e.seq);
+    let mut made = Vec::new();
+    for i in 0..50 {
+        let sid = session(&f.store, alice.id, SessionKind::Api, 10, 10_000).await;
+        made.push(
+            f.store
+                .revoke_session(sid, 20 + i)
+                .await
+                .unwrap()
+                .unwrap()
+                .seq,
+        );
+        if i % 10 == 9 {
+            made.push(f.store.signout_user(alice.id, 30 + i).await.unwrap().seq);
+        }
+    }
+    let seen: Vec<i64> = other
+        .events_since(from, 1000)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.seq)
+        .collect();
+    assert_eq!(
+        seen, made,
+        "the other instance sees every event, in commit order"
+    );
+}
+
 /// An event committed through one instance is announced to another within a second.
 async fn announcements_reach_other_instances(f: Fixture) {
     let mut rx = f.store.announcements().unwrap();
@@ -1692,6 +1844,9 @@ suite! {
         events_since_pages_through_every_kind,
         sequence_numbers_are_not_reused_after_purge,
         snapshot_holds_the_whole_revocation_state,
+        a_million_revoked_sessions_travel_whole_in_a_snapshot,
+        an_outage_refuses_writes_as_unavailable_and_leaves_no_gap,
+        writes_of_one_instance_reach_the_others_poll_in_order,
         duplicate_user_name_is_a_conflict_ignoring_case,
         accounts_lock_out_and_change_passwords,
         totp_steps_and_recovery_codes,
