@@ -172,3 +172,80 @@ async fn atk48_wrong_passwords_look_the_same_for_unknown_disabled_2fa_and_plain_
         api[0]
     );
 }
+
+#[tokio::test]
+async fn atk48_the_media_login_route_answers_wrong_passwords_alike_for_every_kind_of_account() {
+    use crate::account::{enrol, Browser};
+    use crate::jellyfin::{mb, PW};
+    use crate::standin::StandIn;
+    let jf = StandIn::start().await;
+    for name in ["alice", "bob", "carol"] {
+        jf.add_user(name, PW, false);
+    }
+    let gw = Gateway::builder(&jf.url())
+        .user("alice", PW)
+        .user("bob", PW)
+        .user("carol", PW)
+        .route_keys("kind = \"jellyfin\"")
+        .start()
+        .await;
+    enrol(&Browser::login(&gw, "alice", PW).await).await;
+    gw.cli_ok(&["user", "disable", "carol"]);
+    let by_name = |host: u8, user: &'static str, pw: &'static str| {
+        let url = gw.url("/Users/AuthenticateByName");
+        async move {
+            reqwest::Client::builder()
+                .local_address(std::net::IpAddr::from([127, 0, 0, host]))
+                .build()
+                .unwrap()
+                .post(url)
+                .header("Authorization", mb(&format!("dev-{host}"), None))
+                .json(&serde_json::json!({"Username": user, "Pw": pw}))
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    // alice: two-factor; bob: password only (his password is checked by the media server);
+    // carol: disabled; nouser: no such account. One try each, from its own address.
+    let mut answers = vec![];
+    for (host, user) in [(30u8, "nouser"), (31, "alice"), (32, "bob"), (33, "carol")] {
+        let answer = observable(by_name(host, user, "wrong-password-x").await).await;
+        answers.push((user, answer));
+    }
+    let (_, first) = &answers[0];
+    assert_eq!(first.0, 401, "{first:?}");
+    assert!(!first.1.iter().any(|(k, _)| k == "set-cookie"), "{first:?}");
+    for (user, answer) in &answers[1..] {
+        assert_eq!(answer, first, "{user}'s refusal differs from nouser's");
+    }
+    // Only bob's password went to the media server: the others were judged by the gateway.
+    let tried: Vec<String> = jf
+        .requests()
+        .iter()
+        .filter(|r| r.path_and_query.contains("AuthenticateByName"))
+        .map(|r| String::from_utf8_lossy(&r.body).into_owned())
+        .collect();
+    assert_eq!(tried.len(), 1, "{tried:?}");
+    assert!(tried[0].contains("\"bob\""), "{tried:?}");
+    // With the right password the reason is told, and still nothing reaches the media server.
+    let resp = by_name(34, "carol", PW).await;
+    assert_eq!(resp.status(), 403);
+    assert!(resp.text().await.unwrap().contains("disabled"));
+    let resp = by_name(35, "alice", PW).await;
+    assert_eq!(resp.status(), 403);
+    assert!(resp.text().await.unwrap().contains("two-factor"));
+    let tried = jf
+        .requests()
+        .iter()
+        .filter(|r| r.path_and_query.contains("AuthenticateByName"))
+        .count();
+    assert_eq!(tried, 1);
+    // The wrong passwords counted against the accounts, as at the gateway's own login.
+    gw.metrics_with(&[
+        "portcullis_logins_total{method=\"media_password\",result=\"invalid_credentials\"} 4",
+        "portcullis_logins_total{method=\"media_password\",result=\"disabled\"} 1",
+        "portcullis_logins_total{method=\"media_password\",result=\"second_factor_required\"} 1",
+    ])
+    .await;
+}
