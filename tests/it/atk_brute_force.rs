@@ -249,3 +249,141 @@ async fn atk48_the_media_login_route_answers_wrong_passwords_alike_for_every_kin
     ])
     .await;
 }
+
+#[tokio::test]
+async fn atk31_quick_connect_approval_for_another_user_is_for_admins_only() {
+    use crate::harness::client;
+    use crate::jellyfin::{mb, token_of, PW};
+    use crate::standin::StandIn;
+    use serde_json::Value;
+    let jf = StandIn::start().await;
+    let alice_id = jf.add_user("alice", PW, false);
+    jf.add_user("bob", PW, false);
+    jf.add_user("root", PW, true);
+    let gw = Gateway::builder(&jf.url())
+        .user("alice", PW)
+        .user("bob", PW)
+        .admin("root", PW)
+        .route_keys("kind = \"jellyfin\"")
+        .start()
+        .await;
+    let bob = token_of(&gw, "bob", "phone-bob").await;
+    let root = token_of(&gw, "root", "phone-root").await;
+    let initiate = |device: &'static str| {
+        let url = gw.url("/QuickConnect/Initiate");
+        async move {
+            let v: Value = client()
+                .post(url)
+                .header("Authorization", mb(device, None))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            (
+                v["Secret"].as_str().unwrap().to_string(),
+                v["Code"].as_str().unwrap().to_string(),
+            )
+        }
+    };
+    let authorize = |code: String, user_id: String, token: String, device: &'static str| {
+        let url = gw.url(&format!(
+            "/QuickConnect/Authorize?code={code}&userId={user_id}"
+        ));
+        async move {
+            client()
+                .post(url)
+                .header("Authorization", mb(device, Some(&token)))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    let redeem = |device: &'static str, secret: String| {
+        let url = gw.url("/Users/AuthenticateWithQuickConnect");
+        async move {
+            client()
+                .post(url)
+                .header("Authorization", mb(device, None))
+                .json(&serde_json::json!({ "Secret": secret }))
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    let alice_media_sessions = || {
+        gw.cli_ok(&["session", "list", "--user", "alice"])
+            .matches(" media ")
+            .count()
+    };
+
+    // (c) bob, not an admin, approves a TV's code for alice's account: refused.
+    let (secret, code) = initiate("tv-1").await;
+    assert_eq!(
+        authorize(code.clone(), alice_id.clone(), bob.clone(), "phone-bob").await,
+        403
+    );
+    let resp = redeem("tv-1", secret.clone()).await;
+    assert_ne!(resp.status(), 200);
+    assert!(resp.text().await.unwrap().find("AccessToken").is_none());
+    assert_eq!(alice_media_sessions(), 0);
+
+    // Were the media server to let the code through for alice anyway (here alice approves it
+    // behind the gateway's back), the gateway still holds bob's approval of that code: the
+    // token it yields is refused and logged out upstream at once.
+    let alice_direct: Value = client()
+        .post(format!("{}/Users/AuthenticateByName", jf.url()))
+        .header("Authorization", mb("alice-direct", None))
+        .json(&serde_json::json!({"Username": "alice", "Pw": PW}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let alice_direct = alice_direct["AccessToken"].as_str().unwrap().to_string();
+    let resp = client()
+        .post(format!(
+            "{}/QuickConnect/Authorize?code={code}&userId={alice_id}",
+            jf.url()
+        ))
+        .header("Authorization", mb("alice-direct", Some(&alice_direct)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let logged_out_before = jf.logged_out_tokens().len();
+    let resp = redeem("tv-1", secret).await;
+    assert_eq!(resp.status(), 403);
+    let body = resp.text().await.unwrap();
+    assert!(
+        body.contains("approved by a different user") && !body.contains("AccessToken"),
+        "{body}"
+    );
+    assert_eq!(jf.logged_out_tokens().len(), logged_out_before + 1);
+    assert_eq!(alice_media_sessions(), 0);
+
+    // An admin may approve a code for another user: the TV's token is alice's, bound to her.
+    let (secret, code) = initiate("tv-2").await;
+    assert_eq!(
+        authorize(code, alice_id.clone(), root.clone(), "phone-root").await,
+        200
+    );
+    let resp = redeem("tv-2", secret).await;
+    assert_eq!(resp.status(), 200);
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["User"]["Name"], "alice", "{v}");
+    let tv = v["AccessToken"].as_str().unwrap();
+    let me = client()
+        .get(gw.url("/Users/Me"))
+        .header("X-Emby-Token", tv)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(me.status(), 200);
+    assert_eq!(me.json::<Value>().await.unwrap()["Name"], "alice");
+    assert_eq!(alice_media_sessions(), 1);
+}
