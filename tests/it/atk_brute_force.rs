@@ -387,3 +387,127 @@ async fn atk31_quick_connect_approval_for_another_user_is_for_admins_only() {
     assert_eq!(me.json::<Value>().await.unwrap()["Name"], "alice");
     assert_eq!(alice_media_sessions(), 1);
 }
+
+/// Two-sided Mann-Whitney U test, normal approximation with the tie correction: the p-value
+/// that `a` and `b` come from one distribution.
+fn mann_whitney_p(a: &[f64], b: &[f64]) -> f64 {
+    let (n1, n2) = (a.len() as f64, b.len() as f64);
+    let mut all: Vec<(f64, bool)> = a
+        .iter()
+        .map(|x| (*x, true))
+        .chain(b.iter().map(|x| (*x, false)))
+        .collect();
+    all.sort_by(|x, y| x.0.total_cmp(&y.0));
+    let (mut rank_sum_a, mut tie_term, mut i) = (0.0, 0.0, 0);
+    while i < all.len() {
+        let mut j = i;
+        while j + 1 < all.len() && all[j + 1].0 == all[i].0 {
+            j += 1;
+        }
+        let rank = (i + j) as f64 / 2.0 + 1.0;
+        let t = (j - i + 1) as f64;
+        tie_term += t * t * t - t;
+        rank_sum_a += all[i..=j].iter().filter(|x| x.1).count() as f64 * rank;
+        i = j + 1;
+    }
+    let u = rank_sum_a - n1 * (n1 + 1.0) / 2.0;
+    let n = n1 + n2;
+    let sigma = (n1 * n2 / 12.0 * ((n + 1.0) - tie_term / (n * (n - 1.0)))).sqrt();
+    let z = (u - n1 * n2 / 2.0).abs() / sigma;
+    // 2 · (1 − Φ(z)), with Φ from the Abramowitz-Stegun erf approximation (error < 1.5e-7).
+    let x = z / std::f64::consts::SQRT_2;
+    let t = 1.0 / (1.0 + 0.3275911 * x);
+    let erf = 1.0
+        - t * (0.254829592
+            + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429))))
+            * (-x * x).exp();
+    (1.0 - erf).max(0.0)
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    (s[s.len() / 2] + s[(s.len() - 1) / 2]) / 2.0
+}
+
+#[test]
+fn the_rank_test_tells_a_shift_from_noise() {
+    // Deterministic samples: one set against itself shuffled, and against itself + 10%.
+    let a: Vec<f64> = (0..200)
+        .map(|i| 50.0 + ((i * 37) % 101) as f64 / 10.0)
+        .collect();
+    let b: Vec<f64> = (0..200)
+        .map(|i| 50.0 + ((i * 53) % 101) as f64 / 10.0)
+        .collect();
+    assert!(mann_whitney_p(&a, &b) > 0.5);
+    let shifted: Vec<f64> = a.iter().map(|x| x + 5.0).collect();
+    assert!(mann_whitney_p(&a, &shifted) < 1e-6);
+}
+
+#[tokio::test]
+async fn atk49_unknown_disabled_and_real_accounts_take_the_same_time_to_refuse() {
+    const SAMPLES: usize = 200;
+    let up = Upstream::start().await;
+    let gw = Gateway::builder(&up.url())
+        .user("alice", ALICE_PW)
+        .user("carol", CAROL_PW)
+        .auth_keys("ip_max_failures = 100000")
+        .start()
+        .await;
+    gw.cli_ok(&["user", "disable", "carol"]);
+    let time = |user: String| {
+        let url = gw.url("/_portcullis/api/login");
+        async move {
+            let started = std::time::Instant::now();
+            let resp = crate::harness::client()
+                .post(url)
+                .json(&serde_json::json!({"username": user, "password": "a-wrong-password-2"}))
+                .send()
+                .await
+                .unwrap();
+            let took = started.elapsed().as_secs_f64() * 1000.0;
+            assert_eq!(resp.status(), 401, "{user}");
+            took
+        }
+    };
+    let (mut unknown, mut known, mut disabled) = (vec![], vec![], vec![]);
+    for i in 0..SAMPLES {
+        // Interleaved, the order rotating, so that load drifts touch the three alike.
+        for k in 0..3 {
+            match (i + k) % 3 {
+                0 => unknown.push(time(format!("nobody{i}")).await),
+                1 => known.push(time("alice".into()).await),
+                _ => disabled.push(time("carol".into()).await),
+            }
+        }
+        // Two failures per account between unlocks, below the free failures before delays
+        // (one still on its way to the store when the unlock runs may survive it).
+        if i % 2 == 1 {
+            gw.cli_ok(&["user", "unlock", "alice"]);
+            gw.cli_ok(&["user", "unlock", "carol"]);
+        }
+    }
+    // Criteria: the median of the paired differences (each pair measured back to back, so
+    // machine load falls on both) under 5 ms, and a rank test that cannot tell the samples
+    // apart (p > 0.001; with no difference it fails one run in a thousand per comparison).
+    // Skipping or cheapening the hash for one kind moves every sample by most of the ~50 ms a
+    // hash takes: a paired median of tens of ms and p far below 1e-20 at 200 samples.
+    for (what, v) in [
+        ("a wrong password", &known),
+        ("a disabled account", &disabled),
+    ] {
+        let paired: Vec<f64> = v.iter().zip(&unknown).map(|(x, u)| x - u).collect();
+        let (d, p) = (median(&paired), mann_whitney_p(&unknown, v));
+        eprintln!(
+            "unknown user median {:.2} ms, {what} {:.2} ms, paired median difference {d:.2} ms, \
+             Mann-Whitney p = {p:.4}",
+            median(&unknown),
+            median(v)
+        );
+        assert!(d.abs() < 5.0, "{what}: paired median difference {d:.2} ms");
+        assert!(
+            p > 0.001,
+            "{what}: distinguishable from an unknown user (p = {p:.2e})"
+        );
+    }
+}
