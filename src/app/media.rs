@@ -174,11 +174,45 @@ impl App {
                     }
                 };
                 let Some(user) = user else {
+                    // An unknown name is delayed and locked like a known one (as at the
+                    // gateway's own login), so the answers after many tries match too.
+                    if let Some(refusal) =
+                        gate_refusal(self.throttle.unknown_gate(&gateway_name, now))
+                    {
+                        count(refusal.0);
+                        return refusal.1;
+                    }
                     self.record_failure(None, &gateway_name, &req.client).await;
                     count("invalid_credentials");
-                    return MediaAnswer::error(401, "Wrong user name or password.");
+                    return wrong_credentials();
                 };
-                if let Some(refusal) = self.refuse_user(&user, media.password_login, &req, now) {
+                if let Some(refusal) = gate_refusal(account_gate(
+                    user.failed_logins,
+                    user.last_failure_ms,
+                    user.locked_until_ms,
+                    now,
+                )) {
+                    count(refusal.0);
+                    return refusal.1;
+                }
+                if let Some(refusal) = self.refuse_user(&user, media.password_login, &req) {
+                    // Why this account may not sign in here is told only to a client that
+                    // proves its password (checked by the gateway, so that the password never
+                    // reaches the media server); anyone else gets the answer of a wrong
+                    // password, and the failure counts (ATK-48).
+                    let pw = crate::config::Secret::new(
+                        field_str(&body, "Pw").unwrap_or("").to_string(),
+                    );
+                    if !self
+                        .hasher
+                        .verify(Some(user.password_hash.clone()), pw)
+                        .await
+                    {
+                        self.record_failure(Some(&user), &user.name, &req.client)
+                            .await;
+                        count("invalid_credentials");
+                        return wrong_credentials();
+                    }
                     count(refusal.0);
                     return refusal.1;
                 }
@@ -244,6 +278,9 @@ impl App {
                 self.record_failure(expected.as_ref(), &name, &req.client)
                     .await;
                 count("invalid_credentials");
+                // The gateway's own answer, not the media server's: the same bytes as for an
+                // unknown name (ATK-48).
+                return wrong_credentials();
             } else {
                 count("upstream_refused");
             }
@@ -407,31 +444,12 @@ impl App {
         user: &User,
         policy: PasswordLogin,
         req: &MediaRequest,
-        now: i64,
     ) -> Option<(&'static str, MediaAnswer)> {
         if user.disabled {
             return Some((
                 "disabled",
                 MediaAnswer::error(403, "This account is disabled."),
             ));
-        }
-        match account_gate(
-            user.failed_logins,
-            user.last_failure_ms,
-            user.locked_until_ms,
-            now,
-        ) {
-            Gate::Open => {}
-            Gate::Wait(d) => return Some(("throttled", throttled(d))),
-            Gate::Locked(_) => {
-                return Some((
-                    "locked",
-                    MediaAnswer::error(
-                        403,
-                        "Too many failed attempts: this account is locked for a while.",
-                    ),
-                ))
-            }
         }
         let gateway_session_of_user = req.gateway.as_ref().is_some_and(|g| g.user_id == user.id);
         if policy == PasswordLogin::DenyFor2faUsers && user.totp_enabled && !gateway_session_of_user
@@ -915,6 +933,27 @@ impl App {
                 self.metrics.connections_closed.inc_by(closed as u64);
             }
         }
+    }
+}
+
+/// A refused password: one answer for an unknown name, a wrong password, and an account whose
+/// state is not told without its password.
+fn wrong_credentials() -> MediaAnswer {
+    MediaAnswer::error(401, "Wrong user name or password.")
+}
+
+/// The answer of a closed delay or lock gate, with its metric label.
+fn gate_refusal(gate: Gate) -> Option<(&'static str, MediaAnswer)> {
+    match gate {
+        Gate::Open => None,
+        Gate::Wait(d) => Some(("throttled", throttled(d))),
+        Gate::Locked(_) => Some((
+            "locked",
+            MediaAnswer::error(
+                403,
+                "Too many failed attempts: this account is locked for a while.",
+            ),
+        )),
     }
 }
 

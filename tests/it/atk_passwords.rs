@@ -57,3 +57,99 @@ async fn atk69_passwords_up_to_the_cap_are_exact_and_longer_ones_are_refused() {
     assert_eq!(resp.status(), 413);
     assert!(start.elapsed() < std::time::Duration::from_millis(900));
 }
+
+#[tokio::test]
+async fn atk64_a_bearer_client_changes_its_password_under_the_same_rules() {
+    use crate::harness::input_value;
+    let up = Upstream::start().await;
+    let old = "alice-old-password-1234";
+    let gw = Gateway::builder(&up.url())
+        .user("alice", old)
+        .auth_keys("max_failures = 3\nlockout = \"10m\"")
+        .start()
+        .await;
+    let api = gw.login("alice", old).await;
+    // An API client reads its session's CSRF token from the account page, with its Bearer.
+    let page = client()
+        .get(gw.url("/_portcullis/account"))
+        .bearer_auth(&api.token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(page.status(), 200);
+    let csrf = input_value(&page.text().await.unwrap(), "csrf").unwrap();
+    let post = |fields: Vec<(&'static str, String)>| {
+        let (url, token) = (gw.url("/_portcullis/account/password"), api.token.clone());
+        async move {
+            let resp = client()
+                .post(url)
+                .bearer_auth(token)
+                .form(&fields)
+                .send()
+                .await
+                .unwrap();
+            let location = resp
+                .headers()
+                .get("location")
+                .map(|l| l.to_str().unwrap().to_string());
+            (resp.status().as_u16(), location)
+        }
+    };
+    let change = |current: &str, new: &str| {
+        vec![
+            ("current", current.to_string()),
+            ("new_password", new.to_string()),
+            ("confirm", new.to_string()),
+            ("csrf", csrf.clone()),
+        ]
+    };
+    let refused = Some("/_portcullis/account?error=password".to_string());
+    // (a) no `current` field → 400; no or another CSRF token → 403.
+    let mut no_current = change(old, "NewPassw0rd-long");
+    no_current.remove(0);
+    assert_eq!(post(no_current).await.0, 400);
+    let mut no_csrf = change(old, "NewPassw0rd-long");
+    no_csrf.pop();
+    assert_eq!(post(no_csrf).await.0, 403);
+    let mut other_csrf = change(old, "NewPassw0rd-long");
+    other_csrf[3].1 = "A".repeat(csrf.len());
+    assert_eq!(post(other_csrf).await.0, 403);
+    // (c) a common short password, (d) a short one: refused, as for a browser.
+    assert_eq!(post(change(old, "password")).await, (303, refused.clone()));
+    assert_eq!(post(change(old, "short7")).await, (303, refused.clone()));
+    // (b) wrong current passwords count toward the account lock: after three, even the right
+    // one is refused as locked, and so is a login.
+    for guess in ["guess-one-xxxx", "guess-two-xxxx", "guess-three-xx"] {
+        let answer = post(change(guess, "NewPassw0rd-long")).await;
+        assert_eq!(answer.0, 303);
+        assert!(answer.1.unwrap().contains("error="));
+    }
+    let locked = Some("/_portcullis/account?error=locked".to_string());
+    assert_eq!(post(change(old, "NewPassw0rd-long")).await, (303, locked));
+    assert_eq!(gw.try_login("alice", old, None).await.0, 403);
+    // Nothing was changed by any refused request.
+    gw.cli_ok(&["user", "unlock", "alice"]);
+    assert_eq!(gw.try_login("alice", "NewPassw0rd-long", None).await.0, 401);
+    let other = gw.login("alice", old).await;
+    // (f) the right request changes it; with "sign out connected devices" the other session
+    // ends, and the change is audited.
+    let mut ok = change(old, "NewPassw0rd-long");
+    ok.push(("signout", "1".to_string()));
+    let (status, location) = post(ok).await;
+    assert_eq!(status, 303);
+    assert_eq!(
+        location.as_deref(),
+        Some("/_portcullis/account?done=password-signout")
+    );
+    assert!(
+        gw.refused_within(&other.token, std::time::Duration::from_secs(1))
+            .await
+    );
+    assert_eq!(gw.try_login("alice", old, None).await.0, 401);
+    assert_eq!(gw.try_login("alice", "NewPassw0rd-long", None).await.0, 200);
+    let audit = gw.cli_ok(&["audit", "--user", "alice"]);
+    assert!(
+        audit.contains("password_change") && audit.contains("signed out connected devices"),
+        "{audit}"
+    );
+}

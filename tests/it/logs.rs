@@ -1,6 +1,8 @@
 //! Logs: one structured access-log line per request, and no secret ever in them.
 
-use crate::harness::{client, Gateway};
+use std::time::Duration;
+
+use crate::harness::{client, poll_until, Gateway};
 use crate::upstream::Upstream;
 
 const ALICE_PW: &str = "alice-password-1234-secret";
@@ -201,4 +203,193 @@ async fn request_ids_are_taken_from_clients_or_made_and_reach_upstream_and_log()
     assert!(made.bytes().all(|b| b.is_ascii_hexdigit()));
     let log = gw.log_containing(&made).await;
     assert!(log.contains("\"request_id\":\"trace-abc-123\""), "{log}");
+}
+
+/// ATK-63: the secrets of a media request whose upstream is down, and of logins with a user
+/// name that tries to forge a log line, reach no log line, metric or error page; the forged
+/// line stays inside one escaped line, in both log formats; every auth event names its UTC
+/// time, address, canonical user, outcome and reason.
+#[tokio::test]
+async fn atk63_upstream_errors_and_forged_user_names_leave_no_secret_and_no_extra_line() {
+    use crate::jellyfin::{mb, token_of, PW};
+    use crate::standin::StandIn;
+    const PW_CANARY: &str = "P@ss-Log-Canary-123";
+    const PLEX_CANARY: &str = "plexcanary7731";
+    const FORGED: &str = "alice\r\n2026-01-01T00:00:00Z INFO login ok user=admin";
+    for format in ["text", "json"] {
+        let jf = StandIn::start().await;
+        jf.add_user("alice", PW, false);
+        let gw = Gateway::builder(&jf.url())
+            .user("alice", PW)
+            .route_keys("kind = \"jellyfin\"")
+            .log(format, "debug")
+            .start()
+            .await;
+        let token = token_of(&gw, "alice", "tv-canary").await;
+        let session = gw.login("alice", PW).await;
+        // A device name is a client's own text that reaches the audit log of a media login
+        // (and Jellyfin's header grammar percent-decodes it): with a line break in it the
+        // request is refused as malformed, before the media server or the log sees it.
+        let resp = client()
+            .post(gw.url("/Users/AuthenticateByName"))
+            .header(
+                "Authorization",
+                "MediaBrowser Client=\"Jellyfin Android\", \
+                 Device=\"TV%0D%0A2026-01-01T00:00:00Z INFO login ok user=admin\", \
+                 DeviceId=\"tv-forged\", Version=\"2.6.1\"",
+            )
+            .json(&serde_json::json!({"Username": "alice", "Pw": PW}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 400, "{format}");
+        assert!(!jf
+            .requests()
+            .iter()
+            .any(|r| r.headers.iter().any(|(_, v)| v.contains("tv-forged"))));
+        // The upstream error path: the media server is gone.
+        drop(jf);
+        let http = client();
+        let mut pages = Vec::new();
+        let resp = http
+            .get(gw.url(&format!(
+                "/Videos/abc/stream?ApiKey={token}&api_key={token}&X-Emby-Token={token}\
+                 &X-Plex-Token={PLEX_CANARY}"
+            )))
+            .header("Authorization", mb("tv-canary", Some(&token)))
+            .header("X-Emby-Token", &token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 502, "{format}");
+        pages.push(resp.text().await.unwrap());
+        let resp = http
+            .get(gw.url("/Items"))
+            .header("Cookie", format!("portcullis={}", session.token))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 502, "{format}");
+        pages.push(resp.text().await.unwrap());
+        let resp = http
+            .post(gw.url("/Users/AuthenticateByName"))
+            .header("Authorization", mb("tv-2", None))
+            .json(&serde_json::json!({"Username": "alice", "Pw": PW_CANARY}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 502, "{format}");
+        pages.push(resp.text().await.unwrap());
+        // The password canary and the forged name at the form, the JSON API and the media
+        // login route.
+        for user in ["alice", FORGED] {
+            let resp = http
+                .post(gw.url("/_portcullis/login"))
+                .header("Origin", gw.base.clone())
+                .form(&[("username", user), ("password", PW_CANARY), ("rd", "/")])
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(resp.status(), 401, "{format} {user:?}");
+            pages.push(resp.text().await.unwrap());
+            let (status, body) = gw.try_login(user, PW_CANARY, None).await;
+            assert_eq!(status, 401, "{format} {user:?}");
+            pages.push(body.to_string());
+        }
+        let resp = http
+            .post(gw.url("/Users/AuthenticateByName"))
+            .header("Authorization", mb("tv-3", None))
+            .json(&serde_json::json!({"Username": FORGED, "Pw": PW_CANARY}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 401, "{format}");
+        pages.push(resp.text().await.unwrap());
+
+        // Wait for the last lines: three media-login access lines, four audited failures.
+        let written = poll_until(Duration::from_secs(5), || async {
+            let log = gw.log();
+            let access = log
+                .lines()
+                .filter(|l| l.contains("portcullis::access") && l.contains("AuthenticateByName"))
+                .count();
+            access >= 3
+                && log.matches("wrong password").count() >= 2
+                && log.matches("unknown user").count() >= 2
+        })
+        .await;
+        assert!(written, "{format}: lines missing:\n{}", gw.log());
+        let metrics = gw.metrics_with(&["portcullis_logins_total"]).await;
+        let log = gw.log();
+        for (what, text) in [("log", &log), ("metrics", &metrics)]
+            .into_iter()
+            .chain(pages.iter().map(|p| ("an error page", p)))
+        {
+            for secret in [token.as_str(), &session.token, PW_CANARY, PLEX_CANARY] {
+                assert!(
+                    !text.contains(secret),
+                    "{format}: {secret} in {what}:\n{text}"
+                );
+            }
+        }
+        // The forged line never starts a line of its own, nor is it written unescaped.
+        assert!(!log.contains("login ok user=admin"), "{format}:\n{log}");
+        for line in log.lines() {
+            assert!(
+                !line.starts_with("2026-01-01T00:00:00Z") && !line.contains("\r"),
+                "{format}: a forged log line:\n{log}"
+            );
+            if format == "json" && !line.trim().is_empty() {
+                assert!(
+                    serde_json::from_str::<serde_json::Value>(line).is_ok(),
+                    "not one JSON object a line: {line}"
+                );
+            }
+        }
+        // Each auth event: UTC time, address, canonical user, outcome, reason.
+        let audit = log.clone();
+        let failures: Vec<&str> = audit
+            .lines()
+            .filter(|l| l.contains("portcullis::audit") && l.contains("failure"))
+            .collect();
+        assert!(failures.len() >= 4, "{format}:\n{audit}");
+        for line in &failures {
+            let (time, user, ip, outcome, detail) = if format == "json" {
+                // The JSON format puts the fields beside the time, flattened.
+                let f: serde_json::Value = serde_json::from_str(line).unwrap();
+                let v = &f;
+                (
+                    v["timestamp"].as_str().unwrap_or("").to_string(),
+                    f["user"].as_str().unwrap_or("").to_string(),
+                    f["ip"].as_str().unwrap_or("").to_string(),
+                    f["outcome"].as_str().unwrap_or("").to_string(),
+                    f["detail"].as_str().unwrap_or("").to_string(),
+                )
+            } else {
+                let field = |name: &str| {
+                    line.split(&format!(" {name}="))
+                        .nth(1)
+                        .map(|rest| rest.split(' ').next().unwrap_or("").to_string())
+                        .unwrap_or_default()
+                };
+                (
+                    line.split(' ').next().unwrap_or("").to_string(),
+                    field("user"),
+                    field("ip"),
+                    field("outcome"),
+                    line.split(" detail=").nth(1).unwrap_or("").to_string(),
+                )
+            };
+            assert!(
+                time.ends_with('Z') && time.as_bytes().get(10) == Some(&b'T'),
+                "{line}"
+            );
+            assert_eq!(ip.trim_matches('"'), "127.0.0.1", "{line}");
+            assert_eq!(outcome.trim_matches('"'), "failure", "{line}");
+            assert!(!detail.is_empty(), "{line}");
+            if detail.contains("wrong password") {
+                assert_eq!(user.trim_matches('"'), "alice", "{line}");
+            }
+        }
+    }
 }
