@@ -484,9 +484,10 @@ impl App {
         }
     }
 
-    /// The gate of a known account: its failures in the store, plus those still on their way
-    /// there (each one just now).
-    fn account_gate(&self, u: &User, now: i64) -> Gate {
+    /// The gate of a known account — for every way in (gateway and media logins, the second
+    /// factor, the current password on the account page): its failures in the store, plus
+    /// those still on their way there (each one just now).
+    pub(crate) fn account_gate(&self, u: &User, now: i64) -> Gate {
         let in_flight = self
             .failures_in_flight
             .lock()
@@ -797,12 +798,7 @@ impl App {
     ) -> Result<LoginStep, LoginError> {
         let (claims, user) = self.pending_user(pending_token, PendingStage::Totp).await?;
         let tries = self.pending_tries.get(&claims.jti).unwrap_or(0);
-        match account_gate(
-            user.failed_logins,
-            user.last_failure_ms,
-            user.locked_until_ms,
-            now_ms(),
-        ) {
+        match self.account_gate(&user, now_ms()) {
             Gate::Open => {}
             Gate::Wait(d) => return Err(LoginError::Throttled(d)),
             Gate::Locked(_) => return Err(LoginError::Locked),

@@ -242,12 +242,7 @@ impl App {
         client: &ClientInfo,
     ) -> Result<(), AccountError> {
         let now = now_ms();
-        let gate = crate::auth::throttle::account_gate(
-            user.failed_logins,
-            user.last_failure_ms,
-            user.locked_until_ms,
-            now,
-        );
+        let gate = self.account_gate(user, now);
         if gate != crate::auth::throttle::Gate::Open {
             return Err(AccountError::TooManyAttempts);
         }

@@ -11,7 +11,7 @@ use http::{HeaderMap, HeaderValue, Method};
 use serde_json::Value;
 
 use super::{now_ms, App, ClientInfo};
-use crate::auth::throttle::{account_gate, Gate};
+use crate::auth::throttle::Gate;
 use crate::auth::Identity;
 use crate::config::{PasswordLogin, Route};
 use crate::mediaserver::carrier::ClientFields;
@@ -186,12 +186,7 @@ impl App {
                     count("invalid_credentials");
                     return wrong_credentials();
                 };
-                if let Some(refusal) = gate_refusal(account_gate(
-                    user.failed_logins,
-                    user.last_failure_ms,
-                    user.locked_until_ms,
-                    now,
-                )) {
+                if let Some(refusal) = gate_refusal(self.account_gate(&user, now)) {
                     count(refusal.0);
                     return refusal.1;
                 }
