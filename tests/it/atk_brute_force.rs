@@ -253,7 +253,7 @@ async fn atk48_the_media_login_route_answers_wrong_passwords_alike_for_every_kin
 #[tokio::test]
 async fn atk31_quick_connect_approval_for_another_user_is_for_admins_only() {
     use crate::harness::client;
-    use crate::jellyfin::{mb, token_of, PW};
+    use crate::jellyfin::{initiate, mb, redeem, token_of, PW};
     use crate::standin::StandIn;
     use serde_json::Value;
     let jf = StandIn::start().await;
@@ -269,24 +269,6 @@ async fn atk31_quick_connect_approval_for_another_user_is_for_admins_only() {
         .await;
     let bob = token_of(&gw, "bob", "phone-bob").await;
     let root = token_of(&gw, "root", "phone-root").await;
-    let initiate = |device: &'static str| {
-        let url = gw.url("/QuickConnect/Initiate");
-        async move {
-            let v: Value = client()
-                .post(url)
-                .header("Authorization", mb(device, None))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            (
-                v["Secret"].as_str().unwrap().to_string(),
-                v["Code"].as_str().unwrap().to_string(),
-            )
-        }
-    };
     let authorize = |code: String, user_id: String, token: String, device: &'static str| {
         let url = gw.url(&format!(
             "/QuickConnect/Authorize?code={code}&userId={user_id}"
@@ -302,18 +284,6 @@ async fn atk31_quick_connect_approval_for_another_user_is_for_admins_only() {
                 .as_u16()
         }
     };
-    let redeem = |device: &'static str, secret: String| {
-        let url = gw.url("/Users/AuthenticateWithQuickConnect");
-        async move {
-            client()
-                .post(url)
-                .header("Authorization", mb(device, None))
-                .json(&serde_json::json!({ "Secret": secret }))
-                .send()
-                .await
-                .unwrap()
-        }
-    };
     let alice_media_sessions = || {
         gw.cli_ok(&["session", "list", "--user", "alice"])
             .matches(" media ")
@@ -321,12 +291,12 @@ async fn atk31_quick_connect_approval_for_another_user_is_for_admins_only() {
     };
 
     // (c) bob, not an admin, approves a TV's code for alice's account: refused.
-    let (secret, code) = initiate("tv-1").await;
+    let (secret, code) = initiate(&gw, "tv-1").await;
     assert_eq!(
         authorize(code.clone(), alice_id.clone(), bob.clone(), "phone-bob").await,
         403
     );
-    let resp = redeem("tv-1", secret.clone()).await;
+    let resp = redeem(&gw, "tv-1", &secret).await;
     assert_ne!(resp.status(), 200);
     assert!(resp.text().await.unwrap().find("AccessToken").is_none());
     assert_eq!(alice_media_sessions(), 0);
@@ -356,7 +326,7 @@ async fn atk31_quick_connect_approval_for_another_user_is_for_admins_only() {
         .unwrap();
     assert_eq!(resp.status(), 200);
     let logged_out_before = jf.logged_out_tokens().len();
-    let resp = redeem("tv-1", secret).await;
+    let resp = redeem(&gw, "tv-1", &secret).await;
     assert_eq!(resp.status(), 403);
     let body = resp.text().await.unwrap();
     assert!(
@@ -367,12 +337,12 @@ async fn atk31_quick_connect_approval_for_another_user_is_for_admins_only() {
     assert_eq!(alice_media_sessions(), 0);
 
     // An admin may approve a code for another user: the TV's token is alice's, bound to her.
-    let (secret, code) = initiate("tv-2").await;
+    let (secret, code) = initiate(&gw, "tv-2").await;
     assert_eq!(
         authorize(code, alice_id.clone(), root.clone(), "phone-root").await,
         200
     );
-    let resp = redeem("tv-2", secret).await;
+    let resp = redeem(&gw, "tv-2", &secret).await;
     assert_eq!(resp.status(), 200);
     let v: Value = resp.json().await.unwrap();
     assert_eq!(v["User"]["Name"], "alice", "{v}");

@@ -986,7 +986,7 @@ async fn wrong_media_passwords_are_throttled_like_gateway_logins() {
 }
 
 /// Quick Connect initiated by a new device through the gateway: its secret and code.
-async fn initiate(gw: &Gateway, device: &str) -> (String, String) {
+pub(crate) async fn initiate(gw: &Gateway, device: &str) -> (String, String) {
     let init: Value = client()
         .post(gw.url("/QuickConnect/Initiate"))
         .header("Authorization", mb(device, None))
@@ -1002,7 +1002,7 @@ async fn initiate(gw: &Gateway, device: &str) -> (String, String) {
     )
 }
 
-async fn redeem(gw: &Gateway, device: &str, secret: &str) -> reqwest::Response {
+pub(crate) async fn redeem(gw: &Gateway, device: &str, secret: &str) -> reqwest::Response {
     client()
         .post(gw.url("/Users/AuthenticateWithQuickConnect"))
         .header("Authorization", mb(device, None))
