@@ -257,6 +257,9 @@ async fn soak(store: Option<&Schema>) {
     if let Some(schema) = store {
         builder = builder.store_url(&schema.url());
     }
+    // The production busy timeout (the harness shortens it to make its outage tests quick):
+    // on a loaded machine one synced commit can take over a second.
+    builder = builder.store_keys("busy_timeout = \"5s\"");
     let gw = Arc::new(builder.start().await);
     let (pid, sqlite) = (gw.pid(), store.is_none());
     let stop = Arc::new(AtomicBool::new(false));
