@@ -162,10 +162,20 @@ pub fn find<'a>(headers: &'a HeaderMap, name: &str) -> Result<Option<&'a str>, A
 }
 
 /// The gateway's cookie names (of this deployment) that the request carries more than once.
+/// One pass over the header (this runs on every request).
 pub fn ambiguous_names(headers: &HeaderMap, secure: bool) -> Vec<&'static str> {
-    names(secure)
+    let names = names(secure);
+    let mut seen = [0u8; 3];
+    for (k, _) in pairs(headers) {
+        if let Some(i) = names.iter().position(|n| *n == k) {
+            seen[i] = seen[i].saturating_add(1);
+        }
+    }
+    names
         .into_iter()
-        .filter(|n| find(headers, n).is_err())
+        .zip(seen)
+        .filter(|(_, count)| *count > 1)
+        .map(|(n, _)| n)
         .collect()
 }
 

@@ -33,17 +33,6 @@ async fn csrf_of(gw: &Gateway, cookie: &str, page: &str) -> String {
     input_value(&html, "csrf").unwrap_or_else(|| panic!("no csrf on {page}:\n{html}"))
 }
 
-async fn status_with_cookie(gw: &Gateway, path: &str, cookie: &str) -> u16 {
-    client()
-        .get(gw.url(path))
-        .header("Cookie", cookie)
-        .send()
-        .await
-        .unwrap()
-        .status()
-        .as_u16()
-}
-
 /// A state-changing route, its form fields other than `csrf`, and its answer to a `text/plain`
 /// body (415 where a form is required; the logout reads no required field, so 403).
 type Target<'a> = (&'a str, Vec<(&'a str, &'a str)>, u16);
@@ -173,7 +162,7 @@ async fn atk43_forged_posts_with_the_victims_cookie_change_nothing() {
     // Nothing was revoked or changed: both of root's sessions and alice's still work, alice is
     // not disabled, the password is the old one, no breach response ran, nothing was proxied.
     for c in [&victim, &other, &alice] {
-        assert_eq!(status_with_cookie(&gw, "/probe", c).await, 200);
+        assert_eq!(gw.status_with_cookie("/probe", c).await, 200);
     }
     assert!(up.requests().iter().all(|r| r.method == "GET"));
     gw.login("root", ROOT_PW).await;
@@ -190,8 +179,8 @@ async fn atk43_forged_posts_with_the_victims_cookie_change_nothing() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 303);
-    assert_eq!(status_with_cookie(&gw, "/probe", &victim).await, 401);
-    assert_eq!(status_with_cookie(&gw, "/probe", &other).await, 200);
+    assert_eq!(gw.status_with_cookie("/probe", &victim).await, 401);
+    assert_eq!(gw.status_with_cookie("/probe", &other).await, 200);
 }
 
 #[tokio::test]
@@ -219,7 +208,7 @@ async fn atk43_a_form_without_its_fields_is_a_400_and_changes_nothing() {
     assert_eq!(resp.status(), 400);
     assert!(resp.text().await.unwrap().contains("nothing was changed"));
     gw.login("alice", ALICE_PW).await;
-    assert_eq!(status_with_cookie(&gw, "/probe", &alice).await, 200);
+    assert_eq!(gw.status_with_cookie("/probe", &alice).await, 200);
 }
 
 #[tokio::test]
@@ -250,7 +239,7 @@ async fn atk44_a_login_never_keeps_the_cookie_it_was_sent() {
     let resp = form_login(&gw, "alice", ALICE_PW, Some(made_up)).await;
     let fresh2 = set_cookie(&resp, "portcullis").expect("a new session cookie");
     assert_ne!(fresh2, made_up);
-    assert_eq!(status_with_cookie(&gw, "/probe", made_up).await, 401);
+    assert_eq!(gw.status_with_cookie("/probe", made_up).await, 401);
 }
 
 fn now_s() -> i64 {
@@ -309,7 +298,7 @@ async fn atk44_a_pending_login_is_replaced_used_once_and_a_password_change_rotat
     .await;
     assert_eq!(resp.status(), 303);
     let session = set_cookie(&resp, "portcullis").expect("a session after the code");
-    assert_eq!(status_with_cookie(&gw, "/probe", &session).await, 200);
+    assert_eq!(gw.status_with_cookie("/probe", &session).await, 200);
     // The used pending value is worth nothing now, even with an unused recovery code.
     let resp = post_code(pending, csrf, recovery[0].clone()).await;
     assert_eq!(resp.status(), 401);
@@ -343,6 +332,6 @@ async fn atk44_a_pending_login_is_replaced_used_once_and_a_password_change_rotat
         .ends_with("done=password-signout"));
     let rotated = set_cookie(&resp, "portcullis").expect("a rotated cookie");
     assert_ne!(rotated, session);
-    assert_eq!(status_with_cookie(&gw, "/probe", &session).await, 401);
-    assert_eq!(status_with_cookie(&gw, "/probe", &rotated).await, 200);
+    assert_eq!(gw.status_with_cookie("/probe", &session).await, 401);
+    assert_eq!(gw.status_with_cookie("/probe", &rotated).await, 200);
 }

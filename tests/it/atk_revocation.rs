@@ -7,7 +7,7 @@ use futures_util::StreamExt;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 use crate::harness::{client, input_value, poll_until, set_cookie, Gateway};
-use crate::jellyfin::{mb, setup, token_of, PW};
+use crate::jellyfin::{drain, mb, setup, token_of, PW};
 use crate::standin::StandIn;
 
 /// A form login: the session cookie pair.
@@ -27,18 +27,6 @@ async fn media_status(gw: &Gateway, path: &str, token: &str) -> u16 {
     client()
         .get(gw.url(path))
         .header("Authorization", mb("probe-device", Some(token)))
-        .send()
-        .await
-        .unwrap()
-        .status()
-        .as_u16()
-}
-
-/// The account page's status for a cookie: 200 signed in, 303 (to the login page) if not.
-async fn cookie_status(gw: &Gateway, cookie: &str) -> u16 {
-    client()
-        .get(gw.url("/_portcullis/account"))
-        .header("Cookie", cookie)
         .send()
         .await
         .unwrap()
@@ -108,7 +96,10 @@ async fn atk09_signing_out_the_browser_leaves_the_apps_own_media_session() {
     assert_eq!(resp.status(), 200);
     let body: serde_json::Value = resp.json().await.unwrap();
     let jf_a = body["AccessToken"].as_str().unwrap().to_string();
-    assert_eq!(cookie_status(&gw, &cookie).await, 200);
+    assert_eq!(
+        gw.status_with_cookie("/_portcullis/account", &cookie).await,
+        200
+    );
     let html = gw.page_with_cookie("/_portcullis/", &cookie).await;
     let csrf = input_value(&html, "csrf").unwrap();
     let resp = client()
@@ -120,7 +111,10 @@ async fn atk09_signing_out_the_browser_leaves_the_apps_own_media_session() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 303);
-    assert_eq!(cookie_status(&gw, &cookie).await, 303);
+    assert_eq!(
+        gw.status_with_cookie("/_portcullis/account", &cookie).await,
+        303
+    );
     // By design (DESIGN.md: a media token is its own media session) the app's token lives on
     // until the app signs out, the user signs out everywhere, or an admin ends it.
     let resp = client()
@@ -166,8 +160,12 @@ async fn atk65_a_password_change_with_sign_out_ends_every_other_device_and_rotat
     assert!(logged_out_upstream(&jf, &[&jf_b, &jf_c]).await);
     // A's old cookie is dead; A goes on with the rotated one. Bob is untouched.
     assert_ne!(rotated, a);
-    assert_eq!(cookie_status(&gw, &a).await, 303);
-    assert_eq!(cookie_status(&gw, &rotated).await, 200);
+    assert_eq!(gw.status_with_cookie("/_portcullis/account", &a).await, 303);
+    assert_eq!(
+        gw.status_with_cookie("/_portcullis/account", &rotated)
+            .await,
+        200
+    );
     assert_eq!(media_status(&gw, "/Users/Me", &bobs).await, 200);
     assert!(!jf.logged_out_tokens().contains(&bobs));
 }
@@ -199,7 +197,10 @@ async fn atk66_a_reset_ends_media_tokens_and_only_the_newest_unexpired_link_work
     let (jf, gw) = setup("").await;
     let tv = token_of(&gw, "alice", "tv-1").await;
     let cookie = browser(&gw).await;
-    assert_eq!(cookie_status(&gw, &cookie).await, 200);
+    assert_eq!(
+        gw.status_with_cookie("/_portcullis/account", &cookie).await,
+        200
+    );
     // (d) A newer link retires the older one.
     let older = reset_link(&gw, "alice");
     let newer = reset_link(&gw, "alice");
@@ -215,7 +216,10 @@ async fn atk66_a_reset_ends_media_tokens_and_only_the_newest_unexpired_link_work
     // (a) The reset signs out every session and ends the media tokens, upstream too.
     let (status, page) = post_reset(&gw, &newer, new_pw).await;
     assert_eq!(status, 200, "{page}");
-    assert_eq!(cookie_status(&gw, &cookie).await, 303);
+    assert_eq!(
+        gw.status_with_cookie("/_portcullis/account", &cookie).await,
+        303
+    );
     assert!(gw.refused_media(&tv).await);
     assert!(logged_out_upstream(&jf, &[&tv]).await);
     // (b) Used once.
@@ -339,16 +343,9 @@ async fn atk62_a_stream_keyed_in_its_url_is_cut_and_its_next_segment_and_range_r
     gw.cli_ok(&["signout", "--user", "alice"]);
     assert!(gw.refused_media(&tv).await);
     // The in-flight stream ends short, and the stand-in stops sending it.
-    let drained = tokio::time::timeout(Duration::from_secs(5), async {
-        loop {
-            match stream.chunk().await {
-                Ok(Some(c)) => received += c.len(),
-                Ok(None) | Err(_) => return,
-            }
-        }
-    })
-    .await;
-    assert!(drained.is_ok(), "the stream was not cut");
+    let drained = drain(&mut stream, Duration::from_secs(5)).await;
+    assert!(drained.is_some(), "the stream was not cut");
+    received += drained.unwrap();
     assert!(received < 512 << 20, "the whole stream went through");
     assert!(
         poll_until(Duration::from_secs(2), || async { jf.open_streams() == 0 }).await,

@@ -244,6 +244,21 @@ fn image() -> &'static Image {
     })
 }
 
+/// Calls `probe` until it gives a value or `within` has passed (these tests drive blocking
+/// commands; the async harness has `poll_until`).
+fn poll_blocking<T>(within: Duration, mut probe: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = probe() {
+            return Some(v);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 fn strings(v: &Value) -> Vec<String> {
     v.as_array()
         .map(|a| {
@@ -453,21 +468,18 @@ fn image_binary_serves_as_its_user_on_a_read_only_root_writing_only_data() {
 
     // The image's HEALTHCHECK, run where a container runtime runs it, until it passes.
     let check: Vec<String> = strings(&img.healthcheck()["Test"])[1..].to_vec();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let healthy = loop {
+    let mut last = None;
+    let healthy = poll_blocking(Duration::from_secs(60), || {
         let out = in_namespaces_of(pid, img, &root, &check);
-        if out.status.success() {
-            break out;
-        }
         let log = std::fs::read_to_string(dir.path().join("serve.log")).unwrap_or_default();
         assert!(serve.try_wait().unwrap().is_none(), "serve exited: {log}");
-        assert!(
-            Instant::now() < deadline,
-            "never healthy: {}\n{log}",
-            text(&out)
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    };
+        if out.status.success() {
+            return Some(out);
+        }
+        last = Some(format!("{}\n{log}", text(&out)));
+        None
+    })
+    .unwrap_or_else(|| panic!("never healthy: {}", last.unwrap_or_default()));
     assert!(
         String::from_utf8_lossy(&healthy.stdout).contains("127.0.0.1:9090/healthz answered 200")
     );
@@ -493,14 +505,8 @@ fn image_binary_serves_as_its_user_on_a_read_only_root_writing_only_data() {
     // STOPSIGNAL SIGTERM: a clean stop.
     // SAFETY: kill takes no pointers; pid is our child.
     unsafe { libc::kill(pid as i32, libc::SIGTERM) };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(s) = serve.try_wait().unwrap() {
-            break s;
-        }
-        assert!(Instant::now() < deadline, "still running after SIGTERM");
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let status = poll_blocking(Duration::from_secs(30), || serve.try_wait().unwrap())
+        .expect("still running after SIGTERM");
     let log = std::fs::read_to_string(dir.path().join("serve.log")).unwrap_or_default();
     assert!(status.success(), "serve ended with {status}: {log}");
     assert!(!log.contains(&password), "the password reached the log");
@@ -571,20 +577,18 @@ fn image_runs_as_a_real_container() {
             .args(["volume", "rm", "-f", &volume])
             .output();
     };
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
+    let mut last = String::new();
+    let healthy = poll_blocking(Duration::from_secs(60), || {
         let hc = Command::new("podman")
             .args(["healthcheck", "run", &id])
             .output()
             .unwrap();
-        if hc.status.success() {
-            break;
-        }
-        if Instant::now() > deadline {
-            cleanup();
-            panic!("container never healthy: {}", text(&hc));
-        }
-        std::thread::sleep(Duration::from_millis(200));
+        last = text(&hc);
+        hc.status.success().then_some(())
+    });
+    if healthy.is_none() {
+        cleanup();
+        panic!("container never healthy: {last}");
     }
     let top = run(Command::new("podman").args(["top", &id, "user"]));
     let logs = run(Command::new("podman").args(["logs", &id]));

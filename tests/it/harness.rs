@@ -564,6 +564,17 @@ upstream = "{upstream}"
             .unwrap_or(0)
     }
 
+    /// Status of `GET path` with `cookie` as the `Cookie` header.
+    pub async fn status_with_cookie(&self, path: &str, cookie: &str) -> u16 {
+        client()
+            .get(self.url(path))
+            .header("Cookie", cookie)
+            .send()
+            .await
+            .map(|r| r.status().as_u16())
+            .unwrap_or(0)
+    }
+
     /// Waits until a token is refused (401), up to `within`.
     pub async fn refused_within(&self, token: &str, within: Duration) -> bool {
         poll_until(within, || async {

@@ -92,17 +92,6 @@ async fn cookie_logout(gw: &Gateway, origin: &str, cookie: &str) -> reqwest::Res
         .unwrap()
 }
 
-async fn status_with_cookie(gw: &Gateway, cookie: &str) -> u16 {
-    client()
-        .get(gw.url("/probe"))
-        .header("Cookie", cookie)
-        .send()
-        .await
-        .unwrap()
-        .status()
-        .as_u16()
-}
-
 /// The attributes of a `Set-Cookie` value, after its `name=value` pair.
 fn attributes(set_cookie: &str) -> Vec<String> {
     set_cookie
@@ -117,7 +106,7 @@ async fn cookie_logout_clears_cookie_and_ends_session() {
     let (up, gw) = setup().await;
     let a = gw.login("alice", ALICE_PW).await;
     let cookie = format!("portcullis={}", a.token);
-    assert_eq!(status_with_cookie(&gw, &cookie).await, 200);
+    assert_eq!(gw.status_with_cookie("/probe", &cookie).await, 200);
     let resp = cookie_logout(&gw, &gw.base, &cookie).await;
     assert_eq!(resp.status(), 303);
     let set_cookie = resp.headers()["set-cookie"].to_str().unwrap();
@@ -128,7 +117,7 @@ async fn cookie_logout_clears_cookie_and_ends_session() {
     }
     // The old value is dead in either carrier, and never reaches the upstream.
     let before = up.count();
-    assert_eq!(status_with_cookie(&gw, &cookie).await, 401);
+    assert_eq!(gw.status_with_cookie("/probe", &cookie).await, 401);
     assert_eq!(gw.get_status("/probe", &a.token).await, 401);
     assert_eq!(up.count(), before);
 }
@@ -143,7 +132,7 @@ async fn https_cookie_logout_clears_the_host_prefixed_secure_cookie() {
         .await;
     let a = gw.login("alice", ALICE_PW).await;
     let cookie = format!("__Host-portcullis={}", a.token);
-    assert_eq!(status_with_cookie(&gw, &cookie).await, 200);
+    assert_eq!(gw.status_with_cookie("/probe", &cookie).await, 200);
     let resp = cookie_logout(&gw, "https://media.example", &cookie).await;
     assert_eq!(resp.status(), 303);
     let set_cookie = resp.headers()["set-cookie"].to_str().unwrap();
@@ -159,7 +148,7 @@ async fn https_cookie_logout_clears_the_host_prefixed_secure_cookie() {
         !attrs.iter().any(|a| a.starts_with("Domain")),
         "{set_cookie}"
     );
-    assert_eq!(status_with_cookie(&gw, &cookie).await, 401);
+    assert_eq!(gw.status_with_cookie("/probe", &cookie).await, 401);
     assert_eq!(gw.get_status("/probe", &a.token).await, 401);
 }
 
