@@ -3,7 +3,8 @@
 //! one gateway, on SQLite and on PostgreSQL. Every 10 s the gateway process is sampled: resident
 //! memory, open file descriptors, threads and store connections. Whatever grows without bound
 //! over the second half (a least-squares slope whose growth over that half exceeds the noise
-//! allowance) fails the test.
+//! allowance) fails the test; in runs shorter than 15 minutes memory is allowed a quarter of
+//! its size (see `SETTLED`).
 //!
 //! Two minutes per store in the suite; `bench/soak.sh` runs it for as long as asked
 //! (`PORTCULLIS_SOAK_SECS`) and keeps the samples (`PORTCULLIS_SOAK_OUT`).
@@ -22,6 +23,9 @@ use crate::pg::{self, Schema};
 use crate::standin::StandIn;
 
 const SAMPLE_EVERY: Duration = Duration::from_secs(10);
+/// From this length on, memory must be flat over the second half (8 MiB); shorter runs see the
+/// allocator still warming up and allow a quarter of the process's size.
+const SETTLED: Duration = Duration::from_secs(900);
 /// A pause after each round of a client: a steady mix a store keeps up with for hours (each
 /// round commits several writes, each synced to disk), not a saturation test.
 const PACE: Duration = Duration::from_millis(50);
@@ -338,6 +342,15 @@ async fn soak(store: Option<&Schema>) {
     ];
     let mut report = Vec::new();
     let mut grown = Vec::new();
+    // Under load the allocator keeps warming up for minutes and grows in steps of tens of MiB
+    // (the 30-minute runs in the README: memory settles after about 13 minutes). A short run
+    // cannot tell such a step from a leak, so below `SETTLED` memory may grow by a quarter of
+    // its size over the second half: only a gross leak fails it there; the long run is the
+    // strict check.
+    let settled = secs >= SETTLED.as_secs();
+    let mut rss: Vec<u64> = second_half.iter().map(|s| s.rss_kib).collect();
+    rss.sort_unstable();
+    let quarter_of_rss = rss[rss.len() / 2] as f64 / 4.0;
     for (name, get, allowance) in checks {
         let points: Vec<(f64, f64)> = second_half
             .iter()
@@ -346,6 +359,11 @@ async fn soak(store: Option<&Schema>) {
         let growth = slope(&points) * span;
         let (first, last) = (get(&samples[0]), get(samples.last().unwrap()));
         report.push(format!("{name} {first}→{last} (second half: {growth:+.1})"));
+        let allowance = if name == "rss_kib" && !settled {
+            allowance.max(quarter_of_rss)
+        } else {
+            allowance
+        };
         if growth > allowance {
             grown.push(format!(
                 "{name} grew {growth:.1} over the second half (allowed {allowance})"
