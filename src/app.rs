@@ -5,6 +5,7 @@
 
 pub mod account;
 pub mod media;
+pub mod plex;
 pub mod sso;
 
 use std::collections::HashMap;
@@ -41,6 +42,9 @@ pub const LAST_SEEN_EVERY_MS: i64 = 60_000;
 pub const LAST_SEEN_FLUSH: Duration = Duration::from_secs(5);
 /// How often the active-session gauges are refreshed from the store.
 pub const SESSION_COUNT_EVERY: Duration = Duration::from_secs(15);
+/// How often memory the allocators hold free is handed back to the operating system (see
+/// `crate::release_free_memory`).
+pub const RELEASE_MEMORY_EVERY: Duration = Duration::from_secs(30);
 
 /// Milliseconds since the Unix epoch.
 /// How often the store is purged of expired rows.
@@ -233,6 +237,10 @@ pub struct App {
     /// Playback grants, Quick Connect approvals and open connections of media routes.
     pub media: crate::mediaserver::MediaState,
     pub media_client: crate::mediaserver::upstream::MediaClient,
+    /// Plex routes' resolved-token lists, keys, self-checks and remembered refusals.
+    pub plex: crate::mediaserver::plex::PlexState,
+    /// The plex.tv client (`None` only if TLS could not be set up, which plex routes report).
+    pub plex_tv: Option<crate::mediaserver::plex::tv::PlexTv>,
     /// Single sign-on providers (`[[oidc]]`).
     pub oidc: crate::oidc::Providers,
     media_loop_started: std::sync::atomic::AtomicBool,
@@ -281,12 +289,21 @@ impl App {
         let max_grant = config
             .routes
             .iter()
-            .filter_map(|r| r.media.as_ref().map(|m| m.grant_lifetime))
+            .filter_map(|r| {
+                r.media
+                    .as_ref()
+                    .map(|m| m.grant_lifetime)
+                    .or(r.plex.as_ref().map(|p| p.session_lifetime))
+            })
             .max()
             .unwrap_or(crate::config::DEFAULT_GRANT_LIFETIME);
         let app = App {
             media: crate::mediaserver::MediaState::new(max_grant),
             media_client: crate::mediaserver::upstream::MediaClient::new(),
+            plex: crate::mediaserver::plex::PlexState::default(),
+            plex_tv: crate::mediaserver::plex::tv::PlexTv::new()
+                .map_err(|e| tracing::error!(error = %e, "plex.tv client unavailable"))
+                .ok(),
             oidc,
             throttle: Throttle::new(&config.auth),
             config: ArcSwap::from_pointee(config),
@@ -344,7 +361,12 @@ impl App {
     /// Starts the media loop (owed upstream logouts, idle media tokens) once a media route is
     /// configured; at most once per process. Call from inside the control runtime.
     pub fn start_media_loop(self: &Arc<Self>) {
-        if !self.config().routes.iter().any(|r| r.media.is_some()) {
+        let config = self.config();
+        if !config
+            .routes
+            .iter()
+            .any(|r| r.media.is_some() || r.plex.is_some())
+        {
             return;
         }
         if self
@@ -354,6 +376,7 @@ impl App {
             return;
         }
         tokio::spawn(self.clone().run_media_loop());
+        tokio::spawn(self.clone().run_plex_loop());
     }
 
     /// The current keyring.
@@ -1103,6 +1126,7 @@ impl App {
         let mut last_sweep = Instant::now();
         let mut last_flush = Instant::now();
         let mut last_purge = Instant::now();
+        let mut last_release = Instant::now();
         let mut last_count: Option<Instant> = None;
         let mut failed = false;
         loop {
@@ -1156,6 +1180,22 @@ impl App {
             if last_purge.elapsed() >= PURGE_INTERVAL {
                 self.purge().await;
                 last_purge = Instant::now();
+            }
+            if last_release.elapsed() >= RELEASE_MEMORY_EVERY {
+                let started = Instant::now();
+                crate::release_free_memory();
+                let took = started.elapsed();
+                let usage = crate::allocator_usage();
+                let mib = |bytes: u64| bytes as f64 / (1024.0 * 1024.0);
+                tracing::debug!(
+                    took_ms = took.as_secs_f64() * 1000.0,
+                    mimalloc_committed_mib = mib(usage.mimalloc_committed),
+                    libc_in_use_mib = mib(usage.libc_in_use),
+                    libc_free_mib = mib(usage.libc_free),
+                    sqlite_in_use_mib = mib(usage.sqlite_in_use),
+                    "released free memory"
+                );
+                last_release = Instant::now();
             }
         }
     }

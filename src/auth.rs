@@ -52,10 +52,19 @@ pub enum DenyReason {
     /// `Authorization` headers, or a gateway session and another user's media token): none is
     /// picked, so no request can run as one principal while looking like another.
     AmbiguousCredentials,
+    /// A Plex token of a Plex account that is linked to no gateway user.
+    UnlinkedAccount,
+    /// A Plex token from an app install (device) its gateway user has not approved.
+    DeviceNotApproved,
+    /// A Plex path only the server's owner may use (it hands out the owner's tokens or
+    /// changes the server).
+    OwnerOnly,
+    /// A transcode URL of a session another user started, or of no known session.
+    ForeignSession,
 }
 
 impl DenyReason {
-    pub const ALL: [DenyReason; 18] = [
+    pub const ALL: [DenyReason; 22] = [
         DenyReason::NoCredentials,
         DenyReason::Malformed,
         DenyReason::WrongType,
@@ -74,6 +83,10 @@ impl DenyReason {
         DenyReason::UnknownMediaToken,
         DenyReason::GatewaySessionRequired,
         DenyReason::AmbiguousCredentials,
+        DenyReason::UnlinkedAccount,
+        DenyReason::DeviceNotApproved,
+        DenyReason::OwnerOnly,
+        DenyReason::ForeignSession,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -96,6 +109,10 @@ impl DenyReason {
             DenyReason::UnknownMediaToken => "unknown_media_token",
             DenyReason::GatewaySessionRequired => "gateway_session_required",
             DenyReason::AmbiguousCredentials => "ambiguous_credentials",
+            DenyReason::UnlinkedAccount => "unlinked_account",
+            DenyReason::DeviceNotApproved => "device_not_approved",
+            DenyReason::OwnerOnly => "owner_only",
+            DenyReason::ForeignSession => "foreign_session",
         }
     }
 }

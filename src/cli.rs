@@ -79,6 +79,9 @@ pub enum Command {
     /// Manage session signing keys.
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// Plex: accounts linked to gateway users, devices, the server self-check.
+    #[command(subcommand)]
+    Plex(PlexCommand),
     /// Copy the store (online, while the gateway serves) and its key files into one file.
     Backup {
         /// The backup file to write (never overwritten).
@@ -182,6 +185,42 @@ pub enum SessionCommand {
     },
     /// End one session.
     Revoke { session_id: String },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum PlexCommand {
+    /// List the Plex accounts the gateway has met and who they are linked to.
+    Accounts {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Link a Plex account (its id or user name) to a gateway user: its tokens then pass.
+    Link { user: String, plex_account: String },
+    /// Unlink a Plex account: every token of it bound at the gateway ends at once.
+    Unlink { plex_account: String },
+    /// List Plex devices (app installs), of one gateway user or all.
+    Devices {
+        #[arg(long)]
+        user: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Approve a device (device approval): PLEX_ACCOUNT and the app's client identifier.
+    Approve {
+        plex_account: String,
+        client_id: String,
+    },
+    /// Revoke a device: its approval is withdrawn and its tokens end at once.
+    Revoke {
+        plex_account: String,
+        client_id: String,
+    },
+    /// Read every plex route's server settings and report what would let anyone around the
+    /// gateway (exit 1 when a problem is fatal or the server cannot be read).
+    Check,
+    /// Also sign out at plex.tv (best effort, never the enforcement): remove the owner's own
+    /// devices the gateway has seen, or stop sharing the server with a friend or Home user.
+    RevokeUpstream { plex_account: String },
 }
 
 #[derive(Args, Debug)]
@@ -356,6 +395,7 @@ fn run_store_command(config: Config, command: Command) -> anyhow::Result<()> {
             Command::Signout(a) => signout(&store, a).await,
             Command::BreachResponse => breach(&config, &store).await,
             Command::Keys(KeysCommand::Rotate) => rotate_keys(&config, &store).await,
+            Command::Plex(c) => plex_command(&config, &store, c).await,
             Command::Audit {
                 user,
                 since,
@@ -698,6 +738,279 @@ async fn session_command(store: &DynStore, c: SessionCommand) -> anyhow::Result<
                 }
                 None => Err(refused(format!("no session {sid}"))),
             }
+        }
+    }
+}
+
+async fn plex_account(
+    config: &Config,
+    store: &DynStore,
+    key: &str,
+) -> anyhow::Result<crate::store::PlexAccount> {
+    if let Some(a) = store
+        .find_plex_account(key)
+        .await
+        .map_err(|e| refused(e.to_string()))?
+    {
+        return Ok(a);
+    }
+    // Perhaps shared at plex.tv since the gateway last asked: ask now.
+    if let Err(e) = crate::app::plex::note_listed_accounts(config, store).await {
+        eprintln!("portcullis: plex.tv could not be asked for the server's accounts: {e}");
+    }
+    store
+        .find_plex_account(key)
+        .await
+        .map_err(|e| refused(e.to_string()))?
+        .ok_or_else(|| {
+            refused(format!(
+                "no Plex account `{key}` has been seen (see `portcullis plex accounts`; an account \
+                 appears once plex.tv lists it for the server or one of its tokens is used)"
+            ))
+        })
+}
+
+/// Tells the running gateways that a Plex account was linked or a device approved, so that
+/// refusals they remember of its tokens end now rather than in a few seconds.
+async fn plex_changed(store: &DynStore, account_id: &str) {
+    let note = crate::store::MediaNote::PlexChanged {
+        account_id: account_id.to_string(),
+    };
+    let until = now_ms() + crate::mediaserver::plex::CHANGE_NOTE_TTL.as_millis() as i64;
+    if let Err(e) = store.append_media_note(&note, until, now_ms()).await {
+        eprintln!(
+            "portcullis: warning: the running gateway may refuse it for a few seconds more: {e}"
+        );
+    }
+}
+
+async fn plex_command(config: &Config, store: &DynStore, c: PlexCommand) -> anyhow::Result<()> {
+    let when = |ms: Option<i64>| ms.map_or("-".to_string(), time_text);
+    match c {
+        PlexCommand::Accounts { json } => {
+            let list = store
+                .list_plex_accounts(None)
+                .await
+                .map_err(|e| refused(e.to_string()))?;
+            if json {
+                let rows: Vec<_> = list
+                    .iter()
+                    .map(|a| {
+                        serde_json::json!({
+                            "account_id": a.account_id, "username": a.username, "title": a.title,
+                            "user": a.user_name, "linked_ms": a.linked_ms,
+                            "last_seen_ms": a.last_seen_ms,
+                        })
+                    })
+                    .collect();
+                println!("{}", serde_json::Value::Array(rows));
+            } else {
+                println!(
+                    "{:<12} {:<24} {:<20} LAST SEEN",
+                    "ACCOUNT", "PLEX USER", "LINKED TO"
+                );
+                for a in list {
+                    println!(
+                        "{:<12} {:<24} {:<20} {}",
+                        a.account_id,
+                        a.username,
+                        a.user_name.as_deref().unwrap_or("-"),
+                        when(Some(a.last_seen_ms))
+                    );
+                }
+            }
+            Ok(())
+        }
+        PlexCommand::Link {
+            user,
+            plex_account: key,
+        } => {
+            let account = plex_account(config, store, &key).await?;
+            let u = store
+                .find_user(&user)
+                .await
+                .map_err(|e| refused(e.to_string()))?
+                .ok_or_else(|| refused(format!("no user `{user}`")))?;
+            store
+                .link_plex_account(&account.account_id, u.id, now_ms())
+                .await
+                .map_err(|e| refused(e.to_string()))?;
+            plex_changed(store, &account.account_id).await;
+            let detail = format!("plex account {} ({})", account.username, account.account_id);
+            cli_audit(store, "plex_linked", Some(&u), &detail).await;
+            println!("{detail} linked to {}", u.name);
+            Ok(())
+        }
+        PlexCommand::Unlink { plex_account: key } => {
+            let account = plex_account(config, store, &key).await?;
+            let ended = store
+                .unlink_plex_account(&account.account_id, now_ms())
+                .await
+                .map_err(|e| refused(e.to_string()))?
+                .ok_or_else(|| refused(format!("Plex account {key} is not linked")))?;
+            let detail = format!(
+                "plex account {} ({}); {} token(s) ended",
+                account.username,
+                account.account_id,
+                ended.len()
+            );
+            cli_audit(store, "plex_unlinked", None, &detail).await;
+            println!("unlinked {detail}");
+            Ok(())
+        }
+        PlexCommand::Devices { user, json } => {
+            let user_id = match user {
+                Some(name) => Some(
+                    store
+                        .find_user(&name)
+                        .await
+                        .map_err(|e| refused(e.to_string()))?
+                        .ok_or_else(|| refused(format!("no user `{name}`")))?
+                        .id,
+                ),
+                None => None,
+            };
+            let list = store
+                .list_plex_devices(user_id)
+                .await
+                .map_err(|e| refused(e.to_string()))?;
+            if json {
+                let rows: Vec<_> = list
+                    .iter()
+                    .map(|d| {
+                        serde_json::json!({
+                            "account_id": d.account_id, "client_id": d.client_id,
+                            "product": d.product, "device_name": d.device_name,
+                            "platform": d.platform, "ip": d.ip,
+                            "approved": d.approved_ms.is_some(), "last_seen_ms": d.last_seen_ms,
+                        })
+                    })
+                    .collect();
+                println!("{}", serde_json::Value::Array(rows));
+            } else {
+                println!(
+                    "{:<12} {:<38} {:<30} {:<9} LAST SEEN",
+                    "ACCOUNT", "CLIENT ID", "APP ON DEVICE", "APPROVED"
+                );
+                for d in list {
+                    println!(
+                        "{:<12} {:<38} {:<30} {:<9} {} from {}",
+                        d.account_id,
+                        d.client_id,
+                        format!("{} on {}", d.product, d.device_name),
+                        if d.approved_ms.is_some() {
+                            "yes"
+                        } else {
+                            "pending"
+                        },
+                        when(Some(d.last_seen_ms)),
+                        d.ip
+                    );
+                }
+            }
+            Ok(())
+        }
+        PlexCommand::Approve {
+            plex_account: key,
+            client_id,
+        } => {
+            let account = plex_account(config, store, &key).await?;
+            let Some(user_id) = account.user_id else {
+                return Err(refused(format!(
+                    "Plex account {key} is not linked to a gateway user; link it first"
+                )));
+            };
+            if !store
+                .approve_plex_device(&account.account_id, &client_id, user_id, now_ms())
+                .await
+                .map_err(|e| refused(e.to_string()))?
+            {
+                return Err(refused(format!(
+                    "no device {client_id} of Plex account {key}"
+                )));
+            }
+            plex_changed(store, &account.account_id).await;
+            let u = store.find_user_by_id(user_id).await.ok().flatten();
+            let detail = format!("plex account {}, device {client_id}", account.account_id);
+            cli_audit(store, "plex_device_approved", u.as_ref(), &detail).await;
+            println!("approved {detail}");
+            Ok(())
+        }
+        PlexCommand::Revoke {
+            plex_account: key,
+            client_id,
+        } => {
+            let account = plex_account(config, store, &key).await?;
+            let ended = store
+                .revoke_plex_device(&account.account_id, &client_id, now_ms())
+                .await
+                .map_err(|e| refused(e.to_string()))?
+                .ok_or_else(|| refused(format!("no device {client_id} of Plex account {key}")))?;
+            let u = match account.user_id {
+                Some(id) => store.find_user_by_id(id).await.ok().flatten(),
+                None => None,
+            };
+            let detail = format!(
+                "plex account {}, device {client_id}; {} token(s) ended",
+                account.account_id,
+                ended.len()
+            );
+            cli_audit(store, "plex_device_revoked", u.as_ref(), &detail).await;
+            println!("revoked {detail}");
+            Ok(())
+        }
+        PlexCommand::Check => {
+            let client = crate::mediaserver::upstream::MediaClient::new();
+            let mut fatal = false;
+            let routes: Vec<_> = config.routes.iter().filter(|r| r.plex.is_some()).collect();
+            if routes.is_empty() {
+                return Err(refused("no plex route is configured"));
+            }
+            for route in routes {
+                match crate::app::plex::self_check_route(&client, route, &config.server.public_url)
+                    .await
+                {
+                    Ok(report) => {
+                        match &report.fatal {
+                            Some(f) => {
+                                fatal = true;
+                                println!("route {}: FATAL: {f}", route.name);
+                            }
+                            None => println!("route {}: the server needs a token from the gateway too (allowedNetworks does not cover it)", route.name),
+                        }
+                        for w in &report.warnings {
+                            println!("route {}: warning: {w}", route.name);
+                        }
+                        if report.fatal.is_none() && report.warnings.is_empty() {
+                            println!("route {}: ok: Remote Access, Relay and GDM are off and the custom server access URL is the gateway", route.name);
+                        }
+                    }
+                    Err(e) => {
+                        fatal = true;
+                        println!("route {}: cannot check: {e}", route.name);
+                    }
+                }
+            }
+            if fatal {
+                return Err(refused("the Plex self-check found a problem (above)"));
+            }
+            Ok(())
+        }
+        PlexCommand::RevokeUpstream { plex_account: key } => {
+            let done = crate::app::plex::revoke_upstream(config, store, &key)
+                .await
+                .map_err(|e| refused(e.to_string()))?;
+            let detail = format!("plex account {key}: {}", done.join("; "));
+            cli_audit(store, "plex_revoked_upstream", None, &detail).await;
+            if done.is_empty() {
+                println!(
+                    "nothing to do at plex.tv for {key} (no device of it seen by the gateway)"
+                );
+            }
+            for line in done {
+                println!("{line}");
+            }
+            Ok(())
         }
     }
 }

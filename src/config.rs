@@ -12,9 +12,11 @@ use serde::Deserialize;
 
 pub mod live;
 mod oidc;
+mod plex;
 pub use oidc::{
     is_loopback_url as oidc_is_loopback, AutoLink, ClientSecretSource, OidcProviderConfig,
 };
+pub use plex::PlexConfig;
 
 /// Default public listener.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
@@ -233,6 +235,7 @@ struct FileRoute {
     public_paths: Vec<String>,
     identity_header: Option<String>,
     media: Option<FileMedia>,
+    plex: Option<plex::FilePlex>,
 }
 
 /// `[route.media]`: how a `jellyfin` or `emby` route treats the media server's own tokens.
@@ -439,6 +442,8 @@ pub struct Route {
     pub identity_header: Option<String>,
     /// For `jellyfin` and `emby` routes: how the media server's tokens are handled.
     pub media: Option<MediaConfig>,
+    /// For `plex` routes: how Plex tokens are resolved and bound.
+    pub plex: Option<PlexConfig>,
     /// Removed from the file by a reload: kept so that route indices stay stable (for metrics,
     /// playback grants and owed upstream logouts), but never matched by a request.
     pub retired: bool,
@@ -504,7 +509,7 @@ const MAX_BLOCKLIST_BYTES: u64 = 64 << 20;
 
 /// Reads a UTF-8 text file of at most `cap` bytes: a larger file, or a path such as
 /// `/dev/zero` that never ends, is an error rather than a hang.
-fn read_capped(path: &Path, cap: u64) -> std::io::Result<String> {
+pub(crate) fn read_capped(path: &Path, cap: u64) -> std::io::Result<String> {
     use std::io::Read;
     let mut text = String::new();
     std::fs::File::open(path)?
@@ -1057,6 +1062,22 @@ impl Validator {
             }
             (_, None) => None,
         };
+        let plex = match (kind, r.plex) {
+            (RouteKind::Plex, Some(p)) => Some(self.plex(i, p)?),
+            (RouteKind::Plex, None) => {
+                return Err(self.err(
+                    &key("plex"),
+                    "a plex route needs a [route.plex] table with server_token_file",
+                ))
+            }
+            (_, Some(_)) => {
+                return Err(self.err(
+                    &key("plex"),
+                    "only routes of kind plex take a [route.plex] table",
+                ))
+            }
+            (_, None) => None,
+        };
         let mut public_paths = Vec::new();
         for (j, p) in r.public_paths.iter().enumerate() {
             if !p.starts_with('/') || p.contains(['\\', '?', '#', '%']) || p.contains("/../") {
@@ -1092,6 +1113,7 @@ impl Validator {
             public_paths,
             identity_header,
             media,
+            plex,
             retired: false,
         })
     }

@@ -27,11 +27,65 @@ pub mod telemetry;
 pub mod tls;
 pub mod web;
 
-/// Asks the allocator to hand memory freed by a large transient build (the revocation view
-/// loaded from a snapshot) back to the operating system, so the resident size reflects what is
-/// kept. The binary's global allocator is mimalloc; where it is not (tests of the library), this
-/// only tidies mimalloc's own, unused heap.
+/// Asks the allocators to hand memory that is free but still held back to the operating system,
+/// so the resident size reflects what is kept: after a large transient build (the revocation
+/// view loaded from a snapshot), and periodically from the sync loop (see
+/// `app::RELEASE_MEMORY_EVERY`). Two allocators hold such memory: mimalloc, the binary's global
+/// allocator (where it is not — tests of the library — this only tidies its own, unused heap),
+/// and the C library's malloc, which SQLite's C code uses and which keeps freed pages in each
+/// thread's arena until trimmed.
 pub fn release_free_memory() {
     // SAFETY: mi_collect takes no pointers and may be called at any time from any thread.
     unsafe { libmimalloc_sys::mi_collect(true) }
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim takes no pointers and may be called at any time from any thread (it
+    // takes each arena's lock in turn). It returns whether memory was released, not an error.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+/// Memory held by the process's allocators, in bytes: the figures behind the resident size.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AllocatorUsage {
+    /// Committed by mimalloc (the Rust heap): in use or free but not yet returned.
+    pub mimalloc_committed: u64,
+    /// Allocated through the C library's malloc (SQLite's C code) and in use.
+    pub libc_in_use: u64,
+    /// Free in the C library's arenas but still held by the process.
+    pub libc_free: u64,
+    /// In use by SQLite (its own count; part of `libc_in_use`).
+    pub sqlite_in_use: u64,
+}
+
+/// What the allocators hold now (see [`AllocatorUsage`]); the C library's figures are zero
+/// where it is not glibc.
+pub fn allocator_usage() -> AllocatorUsage {
+    let mut usage = AllocatorUsage::default();
+    let (mut committed, mut ignored) = (0usize, [0usize; 7]);
+    let [elapsed, user, system, rss, peak_rss, peak_commit, faults] = &mut ignored;
+    // SAFETY: every argument points to a live, writable usize.
+    unsafe {
+        libmimalloc_sys::mi_process_info(
+            elapsed,
+            user,
+            system,
+            rss,
+            peak_rss,
+            &mut committed,
+            peak_commit,
+            faults,
+        );
+    }
+    usage.mimalloc_committed = committed as u64;
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: mallinfo2 takes no pointers and returns a plain struct.
+        let info = unsafe { libc::mallinfo2() };
+        usage.libc_in_use = (info.uordblks + info.hblkhd) as u64;
+        usage.libc_free = info.fordblks as u64;
+    }
+    // SAFETY: sqlite3_memory_used takes no pointers and may be called from any thread.
+    usage.sqlite_in_use = unsafe { libsqlite3_sys::sqlite3_memory_used() }.max(0) as u64;
+    usage
 }

@@ -14,6 +14,7 @@
 
 pub mod carrier;
 pub mod endpoint;
+pub mod plex;
 pub mod upstream;
 
 use std::collections::HashMap;

@@ -41,6 +41,8 @@ pub const PUSH_CONNECTED: &str = "portcullis_sync_push_connected";
 pub const OIDC_LOGINS_TOTAL: &str = "portcullis_oidc_logins_total";
 pub const OIDC_BACKCHANNEL_LOGOUTS_TOTAL: &str = "portcullis_oidc_backchannel_logouts_total";
 pub const OIDC_LINKS_TOTAL: &str = "portcullis_oidc_links_total";
+pub const MEDIA_RESOLUTIONS_TOTAL: &str = "portcullis_media_resolutions_total";
+pub const MEDIA_LINKS_TOTAL: &str = "portcullis_media_links_total";
 pub const CONFIG_RELOADS_TOTAL: &str = "portcullis_config_reloads_total";
 pub const CONFIG_LOADED_TIMESTAMP: &str = "portcullis_config_loaded_timestamp_seconds";
 pub const CONFIG_LAST_RELOAD_SUCCESSFUL: &str = "portcullis_config_last_reload_successful";
@@ -77,6 +79,8 @@ pub const ALL_FAMILIES: &[&str] = &[
     OIDC_LOGINS_TOTAL,
     OIDC_BACKCHANNEL_LOGOUTS_TOTAL,
     OIDC_LINKS_TOTAL,
+    MEDIA_RESOLUTIONS_TOTAL,
+    MEDIA_LINKS_TOTAL,
     CONFIG_RELOADS_TOTAL,
     CONFIG_LOADED_TIMESTAMP,
     CONFIG_LAST_RELOAD_SUCCESSFUL,
@@ -114,6 +118,8 @@ pub enum Family {
     OidcLogins,
     OidcBackchannel,
     OidcLinks,
+    MediaResolutions,
+    MediaLinks,
 }
 
 /// The results of a gateway login (`LoginError` labels, and success or a step still owed).
@@ -223,7 +229,7 @@ const BACKCHANNEL_RESULTS: &[&str] = &[
 ];
 
 impl Family {
-    pub const ALL: [Family; 12] = [
+    pub const ALL: [Family; 14] = [
         Family::Logins,
         Family::SecondFactor,
         Family::StoreErrors,
@@ -236,6 +242,8 @@ impl Family {
         Family::OidcLogins,
         Family::OidcBackchannel,
         Family::OidcLinks,
+        Family::MediaResolutions,
+        Family::MediaLinks,
     ];
 
     pub fn name(self) -> &'static str {
@@ -252,6 +260,8 @@ impl Family {
             Family::OidcLogins => OIDC_LOGINS_TOTAL,
             Family::OidcBackchannel => OIDC_BACKCHANNEL_LOGOUTS_TOTAL,
             Family::OidcLinks => OIDC_LINKS_TOTAL,
+            Family::MediaResolutions => MEDIA_RESOLUTIONS_TOTAL,
+            Family::MediaLinks => MEDIA_LINKS_TOTAL,
         }
     }
 
@@ -287,7 +297,7 @@ impl Family {
             )],
             Family::MediaTokensBound => &[Values(
                 "source",
-                &[&["media_password", "quick_connect", "adopted"]],
+                &[&["media_password", "quick_connect", "adopted", "plex"]],
             )],
             Family::MediaLogouts => &[Values(
                 "result",
@@ -313,6 +323,42 @@ impl Family {
             Family::OidcLinks => &[
                 Provider,
                 Values("how", &[&["auto", "user", "admin", "created", "unlink"]]),
+            ],
+            Family::MediaResolutions => &[
+                Values("kind", &[&["plex"]]),
+                Values(
+                    "source",
+                    &[&["access_list", "plex_tv", "jwt", "transient", "none"]],
+                ),
+                Values(
+                    "result",
+                    &[&[
+                        "bound",
+                        "unlinked",
+                        "device_pending",
+                        "disabled",
+                        "unknown",
+                        "expired",
+                        "forged",
+                        "ambiguous",
+                        "unavailable",
+                        "rate_limited",
+                    ]],
+                ),
+            ],
+            Family::MediaLinks => &[
+                Values("kind", &[&["plex"]]),
+                Values(
+                    "action",
+                    &[&[
+                        "admin_link",
+                        "user_link",
+                        "unlink",
+                        "approve",
+                        "revoke_device",
+                        "revoke_upstream",
+                    ]],
+                ),
             ],
         }
     }
@@ -413,10 +459,15 @@ pub enum RejectReason {
     /// A WebSocket upgrade carried by the session cookie from a page of another origin
     /// (cross-site WebSocket hijacking).
     CrossSiteUpgrade,
+    /// A Plex server whose settings let the gateway in without a token (or were never read):
+    /// the route serves nobody.
+    UpstreamMisconfigured,
+    /// A media token never seen that cannot be resolved now (plex.tv unreachable).
+    IdentityUnavailable,
 }
 
 impl RejectReason {
-    pub const ALL: [RejectReason; 14] = [
+    pub const ALL: [RejectReason; 16] = [
         RejectReason::BadPath,
         RejectReason::HeadersTooLarge,
         RejectReason::NoRoute,
@@ -431,6 +482,8 @@ impl RejectReason {
         RejectReason::RateLimited,
         RejectReason::SlowBody,
         RejectReason::CrossSiteUpgrade,
+        RejectReason::UpstreamMisconfigured,
+        RejectReason::IdentityUnavailable,
     ];
     pub fn as_str(self) -> &'static str {
         match self {
@@ -448,6 +501,8 @@ impl RejectReason {
             RejectReason::RateLimited => "rate_limited",
             RejectReason::SlowBody => "slow_body",
             RejectReason::CrossSiteUpgrade => "cross_site_upgrade",
+            RejectReason::UpstreamMisconfigured => "upstream_misconfigured",
+            RejectReason::IdentityUnavailable => "identity_unavailable",
         }
     }
 }
@@ -564,6 +619,10 @@ pub struct Metrics {
     oidc_backchannel: IntCounterVec,
     /// Links made and removed, by provider and how (`auto`, `user`, `admin`, `unlink`).
     oidc_links: IntCounterVec,
+    /// Media tokens the gateway had not seen, resolved by kind, source and result.
+    media_resolutions: IntCounterVec,
+    /// Media account links, device approvals and upstream revocations, by kind and action.
+    media_links: IntCounterVec,
     /// 1 when the route's upstream answered its last probe (at start, or for `/readyz`).
     pub upstream_up: IntGaugeVec,
 }
@@ -729,6 +788,24 @@ impl Metrics {
         registry.register(Box::new(oidc_logins.clone()))?;
         registry.register(Box::new(oidc_backchannel.clone()))?;
         registry.register(Box::new(oidc_links.clone()))?;
+        let media_resolutions = IntCounterVec::new(
+            Opts::new(
+                MEDIA_RESOLUTIONS_TOTAL,
+                "Media tokens the gateway had not seen before (Plex), resolved by kind, source \
+                 (access_list, plex_tv, jwt, transient) and result (bound, or why not).",
+            ),
+            &["kind", "source", "result"],
+        )?;
+        let media_links = IntCounterVec::new(
+            Opts::new(
+                MEDIA_LINKS_TOTAL,
+                "Media accounts linked to and unlinked from gateway users, devices approved and \
+                 revoked, and upstream revocations, by kind and action.",
+            ),
+            &["kind", "action"],
+        )?;
+        registry.register(Box::new(media_resolutions.clone()))?;
+        registry.register(Box::new(media_links.clone()))?;
         let upstream_up = IntGaugeVec::new(
             Opts::new(
                 UPSTREAM_UP,
@@ -845,6 +922,8 @@ impl Metrics {
             oidc_logins,
             oidc_backchannel,
             oidc_links,
+            media_resolutions,
+            media_links,
             upstream_up,
         };
         metrics.show_at_zero(&[]);
@@ -906,6 +985,8 @@ impl Metrics {
             Family::OidcLogins => &self.oidc_logins,
             Family::OidcBackchannel => &self.oidc_backchannel,
             Family::OidcLinks => &self.oidc_links,
+            Family::MediaResolutions => &self.media_resolutions,
+            Family::MediaLinks => &self.media_links,
             Family::ActiveSessions => unreachable!("{} is a gauge", family.name()),
         };
         vec.with_label_values(values)

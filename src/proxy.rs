@@ -8,6 +8,7 @@ pub mod admission;
 pub mod forward;
 mod media;
 pub mod path;
+mod plex;
 mod respond;
 pub mod strict;
 
@@ -568,6 +569,9 @@ impl ProxyHttp for Gateway {
         if route.media.is_some() {
             return self.media_filter(session, ctx, index, &canonical).await;
         }
+        if route.plex.is_some() {
+            return self.plex_filter(session, ctx, index, &canonical).await;
+        }
 
         // 10. Authenticate against the revocation view.
         let now = now_ms();
@@ -636,6 +640,10 @@ impl ProxyHttp for Gateway {
         ctx.upstream_start = Some(Instant::now());
         let host = host_of(session.req_header());
         let route = ctx.route.and_then(|i| ctx.config.routes.get(i));
+        if ctx.media.plex_scan {
+            // The answer is read for transcode session ids: it must arrive uncompressed.
+            upstream_request.remove_header(&http::header::ACCEPT_ENCODING);
+        }
         forward::rewrite(
             upstream_request,
             &forward::ForwardFacts {
@@ -645,7 +653,7 @@ impl ProxyHttp for Gateway {
                 request_id: &ctx.request_id,
                 identity: ctx.identity.as_ref(),
                 identity_header: route.and_then(|r| r.identity_header.as_deref()),
-                media: route.is_some_and(|r| r.media.is_some()),
+                media: route.is_some_and(|r| r.media.is_some() || r.plex.is_some()),
             },
         )
     }
@@ -716,6 +724,19 @@ impl ProxyHttp for Gateway {
             }
         }
         Ok(())
+    }
+
+    fn response_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        _end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<Option<std::time::Duration>> {
+        if ctx.media.plex_scan {
+            self.scan_plex_body(ctx, body);
+        }
+        Ok(None)
     }
 
     async fn fail_to_proxy(

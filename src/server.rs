@@ -59,6 +59,8 @@ pub enum ServeError {
     },
     #[error(transparent)]
     DataDir(#[from] crate::datadir::DataDirError),
+    #[error("route `{route}`: {problem}")]
+    PlexMisconfigured { route: String, problem: String },
 }
 
 impl ServeError {
@@ -346,6 +348,16 @@ pub fn serve(config: Config, opts: ServeOptions) -> Result<(), ServeError> {
 
     let app = control.block_on(App::open(config))?;
     control.block_on(bootstrap_admin(&app))?;
+    // A Plex server that lets the gateway in without a token would make every request through
+    // it the owner's: refuse to start. A server not answering yet is checked again later (its
+    // route serves nobody until then).
+    for (route, state) in control.block_on(app.check_plex_routes()) {
+        if let crate::mediaserver::plex::CheckState::Done(report) = state {
+            if let Some(problem) = report.fatal {
+                return Err(ServeError::PlexMisconfigured { route, problem });
+            }
+        }
+    }
     if !app.config().server.secure {
         tracing::warn!(
             public_url = %app.config().server.public_url,

@@ -164,7 +164,8 @@ pub struct NewMediaBinding {
     pub session: NewSession,
     /// Hex of the token's keyed hash.
     pub token_hash: String,
-    /// The token sealed under the secrets key, for the upstream logout only.
+    /// The token sealed under the secrets key, for the upstream logout only; empty when none
+    /// is ever owed (Plex tokens: the gateway keeps nothing of them but the hash).
     pub token_sealed: String,
     pub route: String,
     pub media_user_id: String,
@@ -229,6 +230,44 @@ pub struct BackchannelLogout {
     /// With `oidc_sid`, the provider session is remembered as ended until then, so that a login
     /// through it still waiting at a gateway step cannot create a session afterwards.
     pub ended_until_ms: i64,
+}
+
+/// A Plex account the gateway has met (plex.tv's numeric id) and the gateway user it is linked
+/// to, if any. No token is kept with it.
+#[derive(Clone, Debug, PartialEq, Eq, sqlx::FromRow)]
+pub struct PlexAccount {
+    pub account_id: String,
+    pub username: String,
+    pub title: String,
+    pub user_id: Option<i64>,
+    /// The linked gateway user's name.
+    pub user_name: Option<String>,
+    pub linked_ms: Option<i64>,
+    /// A gateway user whose browser presented a token of this account with their session: the
+    /// account page offers them the link.
+    pub offered_user_id: Option<i64>,
+    pub first_seen_ms: i64,
+    pub last_seen_ms: i64,
+}
+
+/// A Plex app install (`X-Plex-Client-Identifier`) of one Plex account.
+#[derive(Clone, Debug, PartialEq, Eq, sqlx::FromRow)]
+pub struct PlexDevice {
+    pub account_id: String,
+    pub client_id: String,
+    pub product: String,
+    pub device_name: String,
+    pub platform: String,
+    pub ip: String,
+    pub first_seen_ms: i64,
+    pub last_seen_ms: i64,
+    /// When its gateway user approved it (device approval); `None` while pending.
+    pub approved_ms: Option<i64>,
+}
+
+/// The `media_user_id` under which the tokens of a Plex account are bound.
+pub fn plex_media_user_id(account_id: &str) -> String {
+    format!("plex:{account_id}")
 }
 
 #[derive(Clone, Debug, sqlx::FromRow)]
@@ -339,6 +378,9 @@ pub enum MediaNote {
         secret_hash: String,
         code: String,
     },
+    /// A Plex account was linked or a Plex device approved (by a page, the CLI or another
+    /// replica): refusals of its tokens remembered a moment ago are forgotten.
+    PlexChanged { account_id: String },
     /// A Quick Connect code was approved through the gateway by this user.
     QuickConnectApproved {
         route: String,
@@ -740,6 +782,59 @@ pub trait Store: Send + Sync + 'static {
     async fn oidc_backchannel_logout(
         &self,
         l: &BackchannelLogout,
+        now_ms: i64,
+    ) -> StoreResult<Option<Vec<SequencedEvent>>>;
+
+    /// Records a Plex account met now (inserted, or its names and last-seen time updated) and
+    /// returns it as it stands.
+    async fn note_plex_account(
+        &self,
+        account_id: &str,
+        username: &str,
+        title: &str,
+        now_ms: i64,
+    ) -> StoreResult<PlexAccount>;
+    /// A Plex account by its id or its user name (ASCII case ignored).
+    async fn find_plex_account(&self, key: &str) -> StoreResult<Option<PlexAccount>>;
+    /// Every Plex account met, or those linked or offered to one gateway user.
+    async fn list_plex_accounts(&self, user_id: Option<i64>) -> StoreResult<Vec<PlexAccount>>;
+    /// Links a Plex account to a gateway user. `NotFound` for an account never met, `Conflict`
+    /// when it is linked to another user already (unlink first).
+    async fn link_plex_account(
+        &self,
+        account_id: &str,
+        user_id: i64,
+        now_ms: i64,
+    ) -> StoreResult<()>;
+    /// Unlinks a Plex account and ends every token of it bound at the gateway, in one
+    /// transaction. `Ok(None)` when it was not linked.
+    async fn unlink_plex_account(
+        &self,
+        account_id: &str,
+        now_ms: i64,
+    ) -> StoreResult<Option<Vec<SequencedEvent>>>;
+    /// Offers the link of an unlinked Plex account to a gateway user (the account page shows it).
+    async fn offer_plex_link(&self, account_id: &str, user_id: i64, now_ms: i64)
+        -> StoreResult<()>;
+    /// Records a Plex device met now (inserted pending, or its description and last-seen time
+    /// updated) and returns it as it stands.
+    async fn note_plex_device(&self, d: &PlexDevice) -> StoreResult<PlexDevice>;
+    /// The devices of the Plex accounts linked to a gateway user, or every device.
+    async fn list_plex_devices(&self, user_id: Option<i64>) -> StoreResult<Vec<PlexDevice>>;
+    /// Approves a device; false if there is no such device.
+    async fn approve_plex_device(
+        &self,
+        account_id: &str,
+        client_id: &str,
+        by_user: i64,
+        now_ms: i64,
+    ) -> StoreResult<bool>;
+    /// Withdraws a device's approval and ends its tokens bound at the gateway, in one
+    /// transaction. `Ok(None)` if there is no such device.
+    async fn revoke_plex_device(
+        &self,
+        account_id: &str,
+        client_id: &str,
         now_ms: i64,
     ) -> StoreResult<Option<Vec<SequencedEvent>>>;
 

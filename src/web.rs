@@ -7,6 +7,7 @@
 mod account;
 mod admin;
 mod login;
+mod plex;
 pub(crate) use login::ambiguous_login_page;
 pub(crate) mod pages;
 mod sso;
@@ -87,6 +88,10 @@ pub fn router(app: Arc<App>) -> Router {
         )
         .route("/_portcullis/account/oidc/link", post(sso::link))
         .route("/_portcullis/account/oidc/unlink", post(sso::unlink))
+        .route("/_portcullis/account/plex/link", post(plex::link))
+        .route("/_portcullis/account/plex/unlink", post(plex::unlink))
+        .route("/_portcullis/account/plex/approve", post(plex::approve))
+        .route("/_portcullis/account/plex/revoke", post(plex::revoke))
         .route("/_portcullis/admin", get(admin::page))
         .route("/_portcullis/admin/users", post(admin::add_user))
         .route("/_portcullis/admin/users/action", post(admin::user_action))
@@ -95,6 +100,8 @@ pub fn router(app: Arc<App>) -> Router {
             post(admin::revoke_session),
         )
         .route("/_portcullis/admin/breach", post(admin::breach))
+        .route("/_portcullis/admin/plex/link", post(admin::plex_link))
+        .route("/_portcullis/admin/plex/unlink", post(admin::plex_unlink))
         .fallback(not_found)
         .layer(axum::middleware::from_fn_with_state(
             app.clone(),
@@ -316,6 +323,7 @@ async fn readyz(State(app): State<Arc<App>>) -> Response {
     // Fresh probes; a route whose upstream is down does not make the gateway unready.
     let upstreams = probe::probe_all(&app.config().routes, probe::Depth::Identify).await;
     probe::record(&upstreams, &app.metrics.upstream_up);
+    let (plex, plex_ok) = plex_readiness(&app).await;
     let body = serde_json::json!({
         "listener": phase.as_str(),
         "not_ready_reason": phase.not_ready_reason(),
@@ -331,13 +339,41 @@ async fn readyz(State(app): State<Arc<App>>) -> Response {
             crate::config::OnStale::Deny => "deny",
         },
         "upstreams": upstreams.iter().map(probe::RouteProbe::json).collect::<Vec<_>>(),
+        "plex": plex,
     });
-    let status = if store_ok && fresh && phase.not_ready_reason().is_none() {
+    let status = if store_ok && fresh && phase.not_ready_reason().is_none() && plex_ok {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
     (status, Json(body)).into_response()
+}
+
+/// Each plex route's self-check, run afresh, and plex.tv's last error. A route whose server
+/// settings are fatal, or were never read, makes the gateway unready.
+async fn plex_readiness(app: &Arc<App>) -> (Vec<serde_json::Value>, bool) {
+    use crate::mediaserver::plex::CheckState;
+    let mut out = Vec::new();
+    let mut ok = true;
+    for (route, state) in app.check_plex_routes().await {
+        let plex_tv = app.plex_state(&route).plex_tv_error.load_full();
+        let (check, fatal, warnings) = match &state {
+            CheckState::Pending(why) => ("pending", Some(why.clone()), Vec::new()),
+            CheckState::Done(r) if r.fatal.is_some() => {
+                ("fatal", r.fatal.clone(), r.warnings.clone())
+            }
+            CheckState::Done(r) => ("ok", None, r.warnings.clone()),
+        };
+        ok &= check == "ok";
+        out.push(serde_json::json!({
+            "route": route,
+            "self_check": check,
+            "problem": fatal,
+            "warnings": warnings,
+            "plex_tv_error": plex_tv.as_ref().clone(),
+        }));
+    }
+    (out, ok)
 }
 
 async fn metrics(State(app): State<Arc<App>>) -> Response {

@@ -69,6 +69,19 @@ impl MediaAnswer {
     }
 }
 
+/// A media token to bind: whose it is upstream, which device, how long it may live, and
+/// whether a sealed copy is kept for an upstream logout.
+pub(crate) struct Binding<'a> {
+    pub token: &'a str,
+    pub media_user_id: String,
+    pub media_user: String,
+    pub device_id: String,
+    pub lifetime: Duration,
+    /// The token's own end (a JWT's `exp`), if sooner.
+    pub not_after_ms: Option<i64>,
+    pub seal: bool,
+}
+
 /// The identity of a bound media token.
 pub fn identity_of(entry: &MediaEntry) -> Identity {
     Identity {
@@ -473,10 +486,46 @@ impl App {
         let Some(media) = route.media.as_ref() else {
             return Err(());
         };
+        let device_id = result
+            .device_id
+            .clone()
+            .filter(|d| !d.is_empty())
+            .unwrap_or_else(|| fields.device_id.clone());
+        self.bind_token(
+            &route.name,
+            owner,
+            Binding {
+                token: &result.token,
+                media_user_id: result.user_id.clone(),
+                media_user: result.user_name.clone(),
+                device_id,
+                lifetime: media.token_lifetime,
+                not_after_ms: None,
+                seal: true,
+            },
+            fields,
+            client,
+        )
+        .await
+    }
+
+    /// Binds a media token to a gateway user (a `media` session keyed by the token's keyed
+    /// hash, so every revocation reaches it) and returns the identity it now carries.
+    pub(crate) async fn bind_token(
+        &self,
+        route_name: &str,
+        owner: &User,
+        b: Binding<'_>,
+        fields: &ClientFields,
+        client: &ClientInfo,
+    ) -> Result<Identity, ()> {
         let now = now_ms();
         let sid = SessionId::random();
         let created = now.max(self.view.min_issue_ms(owner.id));
-        let expires_ms = created + media.token_lifetime.as_millis() as i64;
+        let mut expires_ms = created + b.lifetime.as_millis() as i64;
+        if let Some(limit) = b.not_after_ms {
+            expires_ms = expires_ms.min(limit);
+        }
         let describe = |s: &str, d: &str| {
             if s.is_empty() {
                 d.to_string()
@@ -501,16 +550,16 @@ impl App {
                 created_ms: created,
                 expires_ms,
             },
-            token_hash: hex::encode(self.secrets.media_token_hash(&result.token)),
-            token_sealed: self.secrets.seal_token(&sid.to_string(), &result.token),
-            route: route.name.clone(),
-            media_user_id: result.user_id.clone(),
-            media_user: result.user_name.clone(),
-            device_id: result
-                .device_id
-                .clone()
-                .filter(|d| !d.is_empty())
-                .unwrap_or_else(|| fields.device_id.clone()),
+            token_hash: hex::encode(self.secrets.media_token_hash(b.token)),
+            token_sealed: if b.seal {
+                self.secrets.seal_token(&sid.to_string(), b.token)
+            } else {
+                String::new()
+            },
+            route: route_name.to_string(),
+            media_user_id: b.media_user_id,
+            media_user: b.media_user,
+            device_id: b.device_id,
             client: fields.client.clone(),
             device_name: fields.device.clone(),
             version: fields.version.clone(),
@@ -523,7 +572,7 @@ impl App {
             }
         };
         self.apply(&events);
-        if let MediaCheck::Alive(entry) = self.check_media_token(&result.token, now) {
+        if let MediaCheck::Alive(entry) = self.check_media_token(b.token, now) {
             return Ok(identity_of(&entry));
         }
         // The view may not have caught up with an earlier change of this user that the store
@@ -532,7 +581,7 @@ impl App {
             self.store_error("sync", e);
             return Err(());
         }
-        match self.check_media_token(&result.token, now) {
+        match self.check_media_token(b.token, now) {
             MediaCheck::Alive(entry) => Ok(identity_of(&entry)),
             _ => Err(()),
         }
@@ -714,6 +763,7 @@ impl App {
     pub(crate) fn apply_media_note(&self, note: &MediaNote, until_ms: i64) {
         let index = |name: &str| self.config().routes.iter().position(|r| r.name == name);
         match note {
+            MediaNote::PlexChanged { .. } => self.plex.forget_refusals(),
             MediaNote::Grant {
                 route,
                 item,
@@ -874,10 +924,12 @@ impl App {
     async fn end_idle_media_tokens(&self) {
         let now = now_ms();
         for route in &self.config().routes {
-            let Some(media) = route.media.as_ref() else {
-                continue;
+            let idle = match (route.media.as_ref(), route.plex.as_ref()) {
+                (Some(m), _) => m.token_idle,
+                (None, Some(p)) => p.token_idle,
+                (None, None) => continue,
             };
-            let before = now - media.token_idle.as_millis() as i64;
+            let before = now - idle.as_millis() as i64;
             match self
                 .store
                 .end_idle_media_sessions(&route.name, before, now)

@@ -543,6 +543,21 @@ impl App {
         code: Option<&str>,
         client: &ClientInfo,
     ) -> Result<(), AccountError> {
+        self.reauthenticate(identity, password, code, client, "sso_link")
+            .await
+    }
+
+    /// Checks that the signed-in user is at the keyboard before a sensitive change: their
+    /// password, and their second factor when they have one. Failures count like failed
+    /// logins and are audited under `event`.
+    pub async fn reauthenticate(
+        &self,
+        identity: &Identity,
+        password: Secret,
+        code: Option<&str>,
+        client: &ClientInfo,
+        event: &str,
+    ) -> Result<(), AccountError> {
         let user = self
             .store
             .find_user_by_id(identity.user_id)
@@ -562,8 +577,7 @@ impl App {
             };
         }
         if let Err(e) = &result {
-            let mut entry =
-                self.audit_entry("sso_link", "failure", Some((user.id, &user.name)), client);
+            let mut entry = self.audit_entry(event, "failure", Some((user.id, &user.name)), client);
             entry.detail = e.to_string();
             self.audit(entry).await;
         }

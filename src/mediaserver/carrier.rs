@@ -222,6 +222,65 @@ pub fn extract(headers: &HeaderMap, query: Option<&str>) -> Result<Carried, Carr
     Ok(Carried { token, fields })
 }
 
+/// Longest Plex token accepted, in bytes (plex.tv's JWTs run to several hundred).
+pub const MAX_PLEX_TOKEN_BYTES: usize = 4096;
+
+/// The first non-blank value of a Plex client header, else of the same key in the query (any
+/// case), as Plex apps send either.
+pub fn plex_value(headers: &HeaderMap, pairs: &[(String, String)], name: &str) -> String {
+    header_values(headers, name)
+        .find(|v| !is_blank(v))
+        .or_else(|| {
+            pairs
+                .iter()
+                .find(|(k, v)| k.eq_ignore_ascii_case(name) && !is_blank(v))
+                .map(|(_, v)| v.clone())
+        })
+        .unwrap_or_default()
+}
+
+/// Collects a Plex request's token (`X-Plex-Token` header, or the query key in any case) and
+/// its client fields (`X-Plex-Product`, `-Device-Name`, `-Client-Identifier`, `-Version`, from
+/// headers or the query). Two different tokens, a malformed token or field are errors.
+pub fn extract_plex(headers: &HeaderMap, query: Option<&str>) -> Result<Carried, CarrierError> {
+    let pairs = query.map(query_pairs).unwrap_or_default();
+    let mut token: Option<String> = None;
+    let from_query = pairs
+        .iter()
+        .filter(|(k, _)| k.eq_ignore_ascii_case("x-plex-token"))
+        .map(|(_, v)| v.clone());
+    for t in header_values(headers, "x-plex-token").chain(from_query) {
+        if is_blank(&t) {
+            continue;
+        }
+        if t.len() > MAX_PLEX_TOKEN_BYTES || t.chars().any(|c| c.is_control() || c == ' ') {
+            return Err(CarrierError::BadToken);
+        }
+        match &token {
+            Some(first) if *first != t => return Err(CarrierError::TwoTokens),
+            Some(_) => {}
+            None => token = Some(t),
+        }
+    }
+    let fields = ClientFields {
+        client: plex_value(headers, &pairs, "x-plex-product"),
+        device: plex_value(headers, &pairs, "x-plex-device-name"),
+        device_id: plex_value(headers, &pairs, "x-plex-client-identifier"),
+        version: plex_value(headers, &pairs, "x-plex-version"),
+    };
+    for (label, value) in [
+        ("X-Plex-Product", &fields.client),
+        ("X-Plex-Device-Name", &fields.device),
+        ("X-Plex-Client-Identifier", &fields.device_id),
+        ("X-Plex-Version", &fields.version),
+    ] {
+        if !field_ok(value) {
+            return Err(CarrierError::BadField(label));
+        }
+    }
+    Ok(Carried { token, fields })
+}
+
 /// A client field is short, free of control characters and of path separators.
 fn field_ok(v: &str) -> bool {
     v.chars().count() <= MAX_FIELD_CHARS
@@ -250,6 +309,54 @@ mod tests {
             );
         }
         h
+    }
+
+    #[test]
+    fn plex_tokens_come_from_the_header_or_any_case_of_the_query_key() {
+        let none = HeaderMap::new();
+        let h = headers(&[
+            ("X-Plex-Token", "abc"),
+            ("X-Plex-Client-Identifier", "dev1"),
+        ]);
+        let c = extract_plex(&h, None).unwrap();
+        assert_eq!(c.token.as_deref(), Some("abc"));
+        assert_eq!(c.fields.device_id, "dev1");
+        let c = extract_plex(&none, Some("x-plex-TOKEN=q1&X-Plex-Product=Plex%20Web")).unwrap();
+        assert_eq!(c.token.as_deref(), Some("q1"));
+        assert_eq!(c.fields.client, "Plex Web");
+        // The same token twice is one token; two different ones are refused.
+        assert!(extract_plex(&h, Some("X-Plex-Token=abc")).is_ok());
+        assert!(matches!(
+            extract_plex(&h, Some("X-Plex-Token=other")),
+            Err(CarrierError::TwoTokens)
+        ));
+        assert!(matches!(
+            extract_plex(&none, Some("X-Plex-Token=a&x-plex-token=b")),
+            Err(CarrierError::TwoTokens)
+        ));
+        let h2 = headers(&[("X-Plex-Token", "a"), ("X-Plex-Token", "b")]);
+        assert!(matches!(
+            extract_plex(&h2, None),
+            Err(CarrierError::TwoTokens)
+        ));
+        // Blank values count as absent; malformed ones are refused.
+        assert_eq!(
+            extract_plex(&none, Some("X-Plex-Token=")).unwrap().token,
+            None
+        );
+        assert!(matches!(
+            extract_plex(&none, Some("X-Plex-Token=a%20b")),
+            Err(CarrierError::BadToken)
+        ));
+        let long = "x".repeat(MAX_PLEX_TOKEN_BYTES + 1);
+        assert!(matches!(
+            extract_plex(&none, Some(&format!("X-Plex-Token={long}"))),
+            Err(CarrierError::BadToken)
+        ));
+        assert!(matches!(
+            extract_plex(&none, Some("X-Plex-Client-Identifier=..%2Fx")),
+            Err(CarrierError::BadField("X-Plex-Client-Identifier"))
+        ));
     }
 
     #[test]

@@ -27,11 +27,16 @@ pub struct MediaCtx {
     pub logout_sid: Option<crate::store::SessionId>,
     /// A Quick Connect approval by this user: count it if the media server refuses it.
     pub approving_user: Option<i64>,
+    /// A Plex transcode start: its answer is read for session ids as it passes.
+    pub plex_scan: bool,
+    pub plex_scanned: usize,
+    /// The end of the answer's previous chunk (an id may straddle two).
+    pub plex_tail: Vec<u8>,
 }
 
 /// Headers that describe the connection, not the request, dropped from requests the gateway
 /// sends itself.
-const NOT_FORWARDED: [&str; 6] = [
+pub(super) const NOT_FORWARDED: [&str; 6] = [
     "connection",
     "upgrade",
     "content-length",
@@ -122,24 +127,9 @@ impl Gateway {
                 }
                 MediaCheck::Unknown => Err(DenyReason::UnknownMediaToken),
             },
-            None => match &gateway {
-                Some(Ok(identity)) => Ok((identity.clone(), false)),
-                Some(Err(reason)) => Err(*reason),
-                None => Err(DenyReason::NoCredentials),
-            },
+            None => Err(DenyReason::NoCredentials),
         };
-
-        // A gateway session and a media token of another user in one request (or two
-        // gateway credentials) name two principals: neither is picked.
-        let decision = match (decision, &gateway) {
-            (_, Some(Err(DenyReason::AmbiguousCredentials))) => {
-                Err(DenyReason::AmbiguousCredentials)
-            }
-            (Ok((identity, true)), Some(Ok(g))) if g.user_id != identity.user_id => {
-                Err(DenyReason::AmbiguousCredentials)
-            }
-            (decision, _) => decision,
-        };
+        let decision = with_gateway(decision, carried.token.is_some(), &gateway);
         if matches!(decision, Ok((_, false))) && self.cross_site_upgrade(session, ctx) {
             ctx.outcome = Outcome::Rejected(RejectReason::CrossSiteUpgrade);
             respond::reject(session, RejectReason::CrossSiteUpgrade).await?;
@@ -244,7 +234,7 @@ impl Gateway {
     }
 
     /// Forwards with this identity; always `false` ("not answered here").
-    fn let_through(
+    pub(super) fn let_through(
         &self,
         session: &mut Session,
         ctx: &mut RequestCtx,
@@ -265,7 +255,7 @@ impl Gateway {
     }
 
     /// The gateway session (cookie or Bearer) the request carries: `None` if it carries none.
-    fn gateway_identity(
+    pub(super) fn gateway_identity(
         &self,
         session: &Session,
         now_ms: i64,
@@ -405,6 +395,30 @@ fn user_agent(session: &Session) -> String {
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
         .to_string()
+}
+
+/// The credential a media request is judged by: the media token's identity (`true`: by token)
+/// when it carries one, else the gateway session's (`false`). A gateway session and a media
+/// token of another user in one request (or two gateway credentials) name two principals:
+/// neither is picked.
+pub(super) fn with_gateway(
+    by_token: Result<(Identity, bool), DenyReason>,
+    has_token: bool,
+    gateway: &Option<Result<Identity, DenyReason>>,
+) -> Result<(Identity, bool), DenyReason> {
+    let decision = match (has_token, gateway) {
+        (true, _) => by_token,
+        (false, Some(Ok(identity))) => Ok((identity.clone(), false)),
+        (false, Some(Err(reason))) => Err(*reason),
+        (false, None) => Err(DenyReason::NoCredentials),
+    };
+    match (decision, gateway) {
+        (_, Some(Err(DenyReason::AmbiguousCredentials))) => Err(DenyReason::AmbiguousCredentials),
+        (Ok((identity, true)), Some(Ok(g))) if g.user_id != identity.user_id => {
+            Err(DenyReason::AmbiguousCredentials)
+        }
+        (decision, _) => decision,
+    }
 }
 
 /// The decoded value of a query key, matched case-insensitively as ASP.NET does.

@@ -125,6 +125,14 @@ pub async fn reject(session: &mut Session, reason: RejectReason) -> Result<()> {
             403,
             "A WebSocket opened from another site cannot use this browser's session.",
         ),
+        RejectReason::UpstreamMisconfigured => (
+            503,
+            "The media server behind this route is not safe to serve: see the gateway's log.",
+        ),
+        RejectReason::IdentityUnavailable => (
+            503,
+            "This token cannot be checked right now; try again shortly.",
+        ),
         RejectReason::ViewStale => (
             503,
             "The gateway cannot confirm sessions right now: it has lost contact with its \

@@ -14,8 +14,9 @@ use tokio::sync::watch;
 use super::dialect::Dialect;
 use super::{
     Announcement, AuditEntry, BackchannelLogout, MediaNote, MediaTokenRow, NewMediaBinding,
-    NewSession, OidcLink, OidcSession, OwedLogout, ResetLinkState, RevocationEvent, SequencedEvent,
-    SessionId, SessionKind, SessionRecord, Snapshot, Store, StoreError, StoreResult, User,
+    NewSession, OidcLink, OidcSession, OwedLogout, PlexAccount, PlexDevice, ResetLinkState,
+    RevocationEvent, SequencedEvent, SessionId, SessionKind, SessionRecord, Snapshot, Store,
+    StoreError, StoreResult, User,
 };
 
 pub(super) const KIND_SESSION: &str = "session_revoked";
@@ -29,6 +30,12 @@ const KIND_MEDIA_NOTE: &str = "media_note";
 
 const USER_COLUMNS: &str = "id, name, password_hash, is_admin, disabled, created_ms, must_reset,
      failed_logins, locked_until_ms, last_failure_ms, totp_secret, totp_enabled, totp_last_step";
+
+const PLEX_ACCOUNT_SELECT: &str = "SELECT p.account_id, p.username, p.title, p.user_id,
+     u.name AS user_name, p.linked_ms, p.offered_user_id, p.first_seen_ms, p.last_seen_ms
+     FROM plex_accounts p LEFT JOIN users u ON u.id = p.user_id";
+const PLEX_DEVICE_SELECT: &str = "SELECT account_id, client_id, product, device_name, platform, ip,
+     first_seen_ms, last_seen_ms, approved_ms FROM plex_devices";
 
 /// A store on one SQL backend. Opened by the backend's own `open` (`store::sqlite`,
 /// `store::postgres`).
@@ -94,6 +101,12 @@ decode_from_text!(SessionId, sid_from_text);
 decode_from_text!(SessionKind, |text| StoreResult::Ok(SessionKind::parse(
     text
 )));
+
+/// Live sessions by kind: a range of the `sessions_live` index (migration 7), which holds only
+/// sessions not signed out, so the week of expired sessions kept for the account pages is never
+/// read.
+pub(super) const COUNT_LIVE_SESSIONS: &str = "SELECT kind, COUNT(*) FROM sessions
+     WHERE revoked_ms IS NULL AND expires_ms > $1 GROUP BY kind ORDER BY kind";
 
 /// A negative limit means "no limit"; both backends take the largest number for that.
 fn limit_of(limit: i64) -> i64 {
@@ -281,6 +294,27 @@ where
             events.push(Self::append(tx, at_ms, event).await?);
         }
         Ok(())
+    }
+
+    /// Ends the live sessions of the tokens bound for a Plex account (of one device, or all),
+    /// with no upstream logout owed (the gateway never holds a Plex token to send back).
+    async fn end_plex_tokens(
+        tx: &mut D::Connection,
+        account_id: &str,
+        client_id: Option<&str>,
+        now_ms: i64,
+    ) -> StoreResult<Vec<(SessionId, i64, i64)>> {
+        let ended: Vec<(SessionId, i64, i64)> = query_as!(
+            "UPDATE sessions SET revoked_ms = $1
+             WHERE revoked_ms IS NULL AND expires_ms > $1 AND id IN (
+                 SELECT session_id FROM media_tokens
+                 WHERE media_user_id = $2 AND (CAST($3 AS TEXT) IS NULL OR device_id = $3))
+             RETURNING id, user_id, expires_ms";
+            now_ms, super::plex_media_user_id(account_id), client_id,
+        )
+        .fetch_all(&mut *tx)
+        .await?;
+        Ok(ended)
     }
 
     /// Inserts a new session row, last seen at its creation.
@@ -504,11 +538,9 @@ where
     }
 
     async fn count_live_sessions(&self, now_ms: i64) -> StoreResult<Vec<(String, i64)>> {
-        Ok(query_as!("SELECT kind, COUNT(*) FROM sessions
-                      WHERE revoked_ms IS NULL AND expires_ms > $1 GROUP BY kind ORDER BY kind";
-                     now_ms)
-        .fetch_all(&self.pool)
-        .await?)
+        Ok(query_as!(COUNT_LIVE_SESSIONS; now_ms)
+            .fetch_all(&self.pool)
+            .await?)
     }
 
     async fn revoke_session(
@@ -792,10 +824,12 @@ where
         Self::insert_session(&mut tx, s).await?;
         query!(
             "INSERT INTO media_tokens (session_id, token_hash, token_sealed, route, media_user_id,
-             media_user, device_id, client, device_name, version)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)";
+             media_user, device_id, client, device_name, version, logged_out_ms)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)";
             &sid, &b.token_hash, &b.token_sealed, &b.route, &b.media_user_id, &b.media_user,
             &b.device_id, &b.client, &b.device_name, &b.version,
+            // Without a sealed copy (a Plex token) no upstream logout can ever be owed.
+            b.token_sealed.is_empty().then_some(s.created_ms),
         )
         .execute(&mut *tx)
         .await?;
@@ -1004,6 +1038,168 @@ where
         .execute(&self.pool)
         .await?;
         Ok(D::rows_affected(&done) > 0)
+    }
+
+    async fn note_plex_account(
+        &self,
+        account_id: &str,
+        username: &str,
+        title: &str,
+        now_ms: i64,
+    ) -> StoreResult<PlexAccount> {
+        query!("INSERT INTO plex_accounts (account_id, username, title, first_seen_ms, last_seen_ms)
+                VALUES ($1, $2, $3, $4, $4)
+                ON CONFLICT (account_id) DO UPDATE SET username = $2, title = $3, last_seen_ms = $4";
+               account_id, username, title, now_ms)
+        .execute(&self.pool)
+        .await?;
+        self.find_plex_account(account_id)
+            .await?
+            .ok_or_else(|| StoreError::NotFound(format!("plex account {account_id}")))
+    }
+
+    async fn find_plex_account(&self, key: &str) -> StoreResult<Option<PlexAccount>> {
+        let sql = format!(
+            "{PLEX_ACCOUNT_SELECT} WHERE p.account_id = $1 OR LOWER(p.username) = LOWER($1)
+             ORDER BY (p.account_id = $1) DESC LIMIT 1"
+        );
+        Ok(query_as!(&sql; key).fetch_optional(&self.pool).await?)
+    }
+
+    async fn list_plex_accounts(&self, user_id: Option<i64>) -> StoreResult<Vec<PlexAccount>> {
+        let sql = format!(
+            "{PLEX_ACCOUNT_SELECT} WHERE CAST($1 AS BIGINT) IS NULL OR p.user_id = $1
+             OR (p.user_id IS NULL AND p.offered_user_id = $1) ORDER BY p.username"
+        );
+        Ok(query_as!(&sql; user_id).fetch_all(&self.pool).await?)
+    }
+
+    async fn link_plex_account(
+        &self,
+        account_id: &str,
+        user_id: i64,
+        now_ms: i64,
+    ) -> StoreResult<()> {
+        let mut tx = self.write_tx().await?;
+        let current: Option<(Option<i64>,)> =
+            query_as!("SELECT user_id FROM plex_accounts WHERE account_id = $1"; account_id)
+                .fetch_optional(&mut *tx)
+                .await?;
+        match current {
+            None => return Err(StoreError::NotFound(format!("plex account {account_id}"))),
+            Some((Some(other),)) if other != user_id => {
+                return Err(StoreError::Conflict(format!(
+                    "plex account {account_id} is linked to another user"
+                )))
+            }
+            Some((Some(_),)) => return Ok(()),
+            Some((None,)) => {}
+        }
+        query!("UPDATE plex_accounts SET user_id = $1, linked_ms = $2, offered_user_id = NULL,
+                offered_ms = NULL WHERE account_id = $3"; user_id, now_ms, account_id)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| {
+            if matches!(&e, sqlx::Error::Database(d) if d.is_foreign_key_violation()) {
+                StoreError::NotFound(format!("user {user_id}"))
+            } else {
+                unavailable(e)
+            }
+        })?;
+        Self::commit(tx, &[]).await
+    }
+
+    async fn unlink_plex_account(
+        &self,
+        account_id: &str,
+        now_ms: i64,
+    ) -> StoreResult<Option<Vec<SequencedEvent>>> {
+        let mut tx = self.write_tx().await?;
+        let done = query!("UPDATE plex_accounts SET user_id = NULL, linked_ms = NULL
+                           WHERE account_id = $1 AND user_id IS NOT NULL"; account_id)
+        .execute(&mut *tx)
+        .await?;
+        if D::rows_affected(&done) == 0 {
+            return Ok(None);
+        }
+        let ended = Self::end_plex_tokens(&mut tx, account_id, None, now_ms).await?;
+        let mut events = Vec::new();
+        Self::append_revoked(&mut tx, now_ms, &ended, &mut events).await?;
+        Self::commit(tx, &events).await?;
+        Ok(Some(events))
+    }
+
+    async fn offer_plex_link(
+        &self,
+        account_id: &str,
+        user_id: i64,
+        now_ms: i64,
+    ) -> StoreResult<()> {
+        query!("UPDATE plex_accounts SET offered_user_id = $1, offered_ms = $2
+                WHERE account_id = $3 AND user_id IS NULL"; user_id, now_ms, account_id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn note_plex_device(&self, d: &PlexDevice) -> StoreResult<PlexDevice> {
+        query!("INSERT INTO plex_devices (account_id, client_id, product, device_name, platform, ip,
+                first_seen_ms, last_seen_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $7)
+                ON CONFLICT (account_id, client_id) DO UPDATE SET product = $3, device_name = $4,
+                platform = $5, ip = $6, last_seen_ms = $7";
+               &d.account_id, &d.client_id, &d.product, &d.device_name, &d.platform, &d.ip,
+               d.last_seen_ms)
+        .execute(&self.pool)
+        .await?;
+        let sql = format!("{PLEX_DEVICE_SELECT} WHERE account_id = $1 AND client_id = $2");
+        Ok(query_as!(&sql; &d.account_id, &d.client_id)
+            .fetch_one(&self.pool)
+            .await?)
+    }
+
+    async fn list_plex_devices(&self, user_id: Option<i64>) -> StoreResult<Vec<PlexDevice>> {
+        let sql = format!(
+            "{PLEX_DEVICE_SELECT} WHERE CAST($1 AS BIGINT) IS NULL OR account_id IN
+             (SELECT account_id FROM plex_accounts WHERE user_id = $1)
+             ORDER BY last_seen_ms DESC"
+        );
+        Ok(query_as!(&sql; user_id).fetch_all(&self.pool).await?)
+    }
+
+    async fn approve_plex_device(
+        &self,
+        account_id: &str,
+        client_id: &str,
+        by_user: i64,
+        now_ms: i64,
+    ) -> StoreResult<bool> {
+        let done = query!("UPDATE plex_devices SET approved_ms = $1, approved_by = $2
+                           WHERE account_id = $3 AND client_id = $4";
+                          now_ms, by_user, account_id, client_id)
+        .execute(&self.pool)
+        .await?;
+        Ok(D::rows_affected(&done) > 0)
+    }
+
+    async fn revoke_plex_device(
+        &self,
+        account_id: &str,
+        client_id: &str,
+        now_ms: i64,
+    ) -> StoreResult<Option<Vec<SequencedEvent>>> {
+        let mut tx = self.write_tx().await?;
+        let done = query!("UPDATE plex_devices SET approved_ms = NULL, approved_by = NULL
+                           WHERE account_id = $1 AND client_id = $2"; account_id, client_id)
+        .execute(&mut *tx)
+        .await?;
+        if D::rows_affected(&done) == 0 {
+            return Ok(None);
+        }
+        let ended = Self::end_plex_tokens(&mut tx, account_id, Some(client_id), now_ms).await?;
+        let mut events = Vec::new();
+        Self::append_revoked(&mut tx, now_ms, &ended, &mut events).await?;
+        Self::commit(tx, &events).await?;
+        Ok(Some(events))
     }
 
     async fn unlink_all_oidc(&self) -> StoreResult<u64> {

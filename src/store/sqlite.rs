@@ -25,6 +25,17 @@ pub type SqliteStore = SqlStore<Sqlite>;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
 
+/// Connections in the pool (each holds its own page cache, see `CACHE_KIB`).
+const MAX_CONNECTIONS: u32 = 4;
+/// The page cache of each connection, in KiB (SQLite's default is 2000). The hot pages — the
+/// live-session index, the newest events, the users — fit many times over; what a larger cache
+/// would add is old pages of tables that only grow, held until the connection closes.
+pub const CACHE_KIB: i64 = 1024;
+/// Above this many bytes of SQLite's own heap (process-wide: every connection, statement and
+/// page cache), SQLite reuses page-cache pages instead of allocating more. Soft: no statement
+/// fails for it. Leaves room for `MAX_CONNECTIONS` full caches and the prepared statements.
+pub const SOFT_HEAP_LIMIT_BYTES: i64 = 16 * 1024 * 1024;
+
 /// The newest schema version (migration) this binary knows.
 pub fn schema_version() -> i64 {
     super::sql::schema_version(&MIGRATOR)
@@ -132,9 +143,11 @@ impl SqlStore<Sqlite> {
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Full)
             .foreign_keys(true)
-            .busy_timeout(busy_timeout);
+            .busy_timeout(busy_timeout)
+            .pragma("cache_size", format!("-{CACHE_KIB}"))
+            .pragma("soft_heap_limit", SOFT_HEAP_LIMIT_BYTES.to_string());
         let pool = SqlitePoolOptions::new()
-            .max_connections(4)
+            .max_connections(MAX_CONNECTIONS)
             .acquire_timeout(busy_timeout + Duration::from_secs(1))
             .connect_with(options)
             .await
@@ -165,3 +178,63 @@ impl SqlStore<Sqlite> {
 }
 
 // The tests run against every backend: see `store::tests`.
+
+#[cfg(test)]
+mod unit {
+    use super::*;
+
+    async fn store() -> (tempfile::TempDir, SqliteStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let store = SqliteStore::open(path.to_str().unwrap(), Duration::from_secs(5))
+            .await
+            .unwrap();
+        (dir, store)
+    }
+
+    #[tokio::test]
+    async fn every_connection_keeps_a_bounded_page_cache() {
+        let (_dir, store) = store().await;
+        // All connections of the pool at once, so each is a connection of its own.
+        let mut conns = Vec::new();
+        for _ in 0..MAX_CONNECTIONS {
+            conns.push(store.pool.acquire().await.unwrap());
+        }
+        for conn in &mut conns {
+            let cache: i64 = sqlx::query_scalar("PRAGMA cache_size")
+                .fetch_one(&mut **conn)
+                .await
+                .unwrap();
+            assert_eq!(cache, -CACHE_KIB, "the page cache of a pooled connection");
+            let limit: i64 = sqlx::query_scalar("PRAGMA soft_heap_limit")
+                .fetch_one(&mut **conn)
+                .await
+                .unwrap();
+            assert_eq!(limit, SOFT_HEAP_LIMIT_BYTES);
+        }
+    }
+
+    #[tokio::test]
+    async fn live_session_count_reads_only_the_live_index() {
+        let (_dir, store) = store().await;
+        let plan: Vec<(i64, i64, i64, String)> = sqlx::query_as(&format!(
+            "EXPLAIN QUERY PLAN {}",
+            super::super::sql::COUNT_LIVE_SESSIONS
+        ))
+        .bind(0_i64)
+        .fetch_all(&store.pool)
+        .await
+        .unwrap();
+        let steps: Vec<&str> = plan.iter().map(|p| p.3.as_str()).collect();
+        assert!(
+            steps
+                .iter()
+                .any(|s| s.starts_with("SEARCH sessions USING COVERING INDEX sessions_live")),
+            "{steps:?}"
+        );
+        assert!(
+            !steps.iter().any(|s| s.starts_with("SCAN sessions")),
+            "{steps:?}"
+        );
+    }
+}

@@ -1809,6 +1809,254 @@ async fn a_provider_session_ended_by_back_channel_logout_records_no_new_session(
     );
 }
 
+// ---------------------------------------------------------------------------------------------
+// Plex accounts and devices
+
+fn plex_device(account_id: &str, client_id: &str, at_ms: i64) -> PlexDevice {
+    PlexDevice {
+        account_id: account_id.to_string(),
+        client_id: client_id.to_string(),
+        product: "Plex for Android".to_string(),
+        device_name: "Pixel".to_string(),
+        platform: "Android".to_string(),
+        ip: "192.0.2.7".to_string(),
+        first_seen_ms: at_ms,
+        last_seen_ms: at_ms,
+        approved_ms: None,
+    }
+}
+
+/// A Plex token of `account_id` on `client_id` bound to `user_id`, as the gateway binds them.
+fn plex_binding(user_id: i64, token: &str, account_id: &str, client_id: &str) -> NewMediaBinding {
+    NewMediaBinding {
+        route: "plex".to_string(),
+        media_user_id: crate::store::plex_media_user_id(account_id),
+        media_user: "plexuser".to_string(),
+        device_id: client_id.to_string(),
+        token_sealed: String::new(),
+        ..binding(user_id, token, client_id, 10, 100_000)
+    }
+}
+
+async fn plex_accounts_are_met_offered_linked_once_and_found_by_id_or_name(f: Fixture) {
+    let store = &f.store;
+    let alice = user(store, "alice").await;
+    let bob = user(store, "bob").await;
+    let a = store
+        .note_plex_account("1001", "OwnerPlex", "Owner", 10)
+        .await
+        .unwrap();
+    assert_eq!((a.user_id, a.first_seen_ms, a.last_seen_ms), (None, 10, 10));
+    // Met again: the name follows plex.tv, the first sighting stays.
+    let a = store
+        .note_plex_account("1001", "ownerplex2", "Owner Two", 20)
+        .await
+        .unwrap();
+    assert_eq!(
+        (a.username.as_str(), a.first_seen_ms, a.last_seen_ms),
+        ("ownerplex2", 10, 20)
+    );
+    // Found by id, or by name in any case; an unknown key is none.
+    assert_eq!(
+        store.find_plex_account("1001").await.unwrap(),
+        Some(a.clone())
+    );
+    assert_eq!(
+        store
+            .find_plex_account("OWNERPLEX2")
+            .await
+            .unwrap()
+            .map(|a| a.account_id),
+        Some("1001".to_string())
+    );
+    assert_eq!(store.find_plex_account("9999").await.unwrap(), None);
+
+    // Offered to alice: her list shows it, bob's does not.
+    store.offer_plex_link("1001", alice.id, 30).await.unwrap();
+    let offered = store.list_plex_accounts(Some(alice.id)).await.unwrap();
+    assert_eq!(offered.len(), 1);
+    assert_eq!(
+        (offered[0].user_id, offered[0].offered_user_id),
+        (None, Some(alice.id))
+    );
+    assert!(store
+        .list_plex_accounts(Some(bob.id))
+        .await
+        .unwrap()
+        .is_empty());
+
+    // Linked to alice (twice is fine); bob cannot take it; unknown accounts and users fail.
+    store.link_plex_account("1001", alice.id, 40).await.unwrap();
+    store.link_plex_account("1001", alice.id, 41).await.unwrap();
+    let linked = store.find_plex_account("1001").await.unwrap().unwrap();
+    assert_eq!(
+        (
+            linked.user_id,
+            linked.user_name.as_deref(),
+            linked.linked_ms,
+            linked.offered_user_id
+        ),
+        (Some(alice.id), Some("alice"), Some(40), None)
+    );
+    assert!(matches!(
+        store.link_plex_account("1001", bob.id, 50).await,
+        Err(StoreError::Conflict(_))
+    ));
+    assert!(matches!(
+        store.link_plex_account("9999", bob.id, 50).await,
+        Err(StoreError::NotFound(_))
+    ));
+    store
+        .note_plex_account("1002", "friend", "Friend", 50)
+        .await
+        .unwrap();
+    assert!(matches!(
+        store.link_plex_account("1002", 987_654, 50).await,
+        Err(StoreError::NotFound(_))
+    ));
+    // An offer no longer applies to a linked account.
+    store.offer_plex_link("1001", bob.id, 60).await.unwrap();
+    assert_eq!(
+        store
+            .find_plex_account("1001")
+            .await
+            .unwrap()
+            .unwrap()
+            .offered_user_id,
+        None
+    );
+    let all = store.list_plex_accounts(None).await.unwrap();
+    assert_eq!(all.len(), 2);
+}
+
+async fn unlinking_a_plex_account_or_revoking_a_device_ends_exactly_its_tokens(f: Fixture) {
+    let store = &f.store;
+    let alice = user(store, "alice").await;
+    store
+        .note_plex_account("1001", "owner", "Owner", 10)
+        .await
+        .unwrap();
+    store
+        .note_plex_account("1002", "other", "Other", 10)
+        .await
+        .unwrap();
+    store.link_plex_account("1001", alice.id, 10).await.unwrap();
+    store.link_plex_account("1002", alice.id, 10).await.unwrap();
+    let phone = bind(store, &plex_binding(alice.id, "t-phone", "1001", "phone")).await;
+    let tv = bind(store, &plex_binding(alice.id, "t-tv", "1001", "tv")).await;
+    let other = bind(store, &plex_binding(alice.id, "t-other", "1002", "phone")).await;
+    // No upstream logout is owed for a Plex token (the gateway holds none to log out with).
+    assert!(owed(store, 20).await.is_empty());
+
+    // Devices: noted, listed under their user, approved, revoked.
+    let d = store
+        .note_plex_device(&plex_device("1001", "phone", 20))
+        .await
+        .unwrap();
+    assert_eq!(d.approved_ms, None);
+    store
+        .note_plex_device(&plex_device("1001", "tv", 25))
+        .await
+        .unwrap();
+    let listed = store.list_plex_devices(Some(alice.id)).await.unwrap();
+    assert_eq!(
+        listed
+            .iter()
+            .map(|d| d.client_id.as_str())
+            .collect::<Vec<_>>(),
+        ["tv", "phone"],
+        "newest first"
+    );
+    assert!(store
+        .approve_plex_device("1001", "phone", alice.id, 30)
+        .await
+        .unwrap());
+    assert!(!store
+        .approve_plex_device("1001", "nope", alice.id, 30)
+        .await
+        .unwrap());
+    let approved = store.list_plex_devices(None).await.unwrap();
+    assert_eq!(
+        approved
+            .iter()
+            .find(|d| d.client_id == "phone")
+            .unwrap()
+            .approved_ms,
+        Some(30)
+    );
+    // Seen again: still approved.
+    let again = store
+        .note_plex_device(&plex_device("1001", "phone", 35))
+        .await
+        .unwrap();
+    assert_eq!((again.approved_ms, again.last_seen_ms), (Some(30), 35));
+
+    // Revoking the phone ends the phone's token only, and withdraws the approval.
+    let events = store
+        .revoke_plex_device("1001", "phone", 40)
+        .await
+        .unwrap()
+        .unwrap();
+    let ended: BTreeSet<SessionId> = events
+        .iter()
+        .filter_map(|e| match &e.event {
+            RevocationEvent::SessionRevoked { sid, .. } => Some(*sid),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(ended, set([phone]));
+    assert!(store
+        .revoke_plex_device("1001", "nope", 40)
+        .await
+        .unwrap()
+        .is_none());
+    let phone_now = store.list_plex_devices(None).await.unwrap();
+    assert_eq!(
+        phone_now
+            .iter()
+            .find(|d| d.client_id == "phone")
+            .unwrap()
+            .approved_ms,
+        None
+    );
+
+    // Unlinking 1001 ends its remaining token (the tv), not the other account's.
+    let events = store
+        .unlink_plex_account("1001", 50)
+        .await
+        .unwrap()
+        .unwrap();
+    let ended: BTreeSet<SessionId> = events
+        .iter()
+        .filter_map(|e| match &e.event {
+            RevocationEvent::SessionRevoked { sid, .. } => Some(*sid),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(ended, set([tv]));
+    assert!(store
+        .unlink_plex_account("1001", 60)
+        .await
+        .unwrap()
+        .is_none());
+    assert_eq!(
+        store
+            .find_plex_account("1001")
+            .await
+            .unwrap()
+            .unwrap()
+            .user_id,
+        None
+    );
+    let other = store.get_session(other).await.unwrap().unwrap();
+    assert_eq!(other.revoked_ms, None, "the other account's token lives");
+    assert!(store
+        .list_plex_devices(Some(alice.id))
+        .await
+        .unwrap()
+        .is_empty());
+}
+
 macro_rules! suite {
     (both: [$($both:ident),* $(,)?], postgres_only: [$($pg:ident),* $(,)?] $(,)?) => {
         mod sqlite {
@@ -1838,6 +2086,8 @@ macro_rules! suite {
 
 suite! {
     both: [
+        plex_accounts_are_met_offered_linked_once_and_found_by_id_or_name,
+        unlinking_a_plex_account_or_revoking_a_device_ends_exactly_its_tokens,
         revocation_events_are_sequenced_and_in_snapshot,
         revoking_unknown_session_is_none,
         concurrent_writers_get_gap_free_sequence_numbers,

@@ -110,6 +110,10 @@ pub(crate) async fn page(
         })
         .collect();
     let sso = pages::sso_section(&providers, &csrf);
+    let plex = match super::plex::section(&app, &user, &csrf).await {
+        Ok(p) => p,
+        Err(e) => return store_unavailable(&e.to_string()),
+    };
     let notice = match q.done.as_deref() {
         Some("device") => Some("That device has been signed out."),
         Some("others") => Some("Every other device has been signed out."),
@@ -120,6 +124,12 @@ pub(crate) async fn page(
         Some("2fa-off") => Some("Two-factor authentication is off."),
         Some("sso-linked") => Some("The sign-in provider is linked to your account."),
         Some("sso-unlinked") => Some("The sign-in provider is unlinked from your account."),
+        Some("plex-linked") => {
+            Some("The Plex account is linked: its apps reach the server as you.")
+        }
+        Some("plex-unlinked") => Some("The Plex account is unlinked: its apps are signed out."),
+        Some("plex-approved") => Some("The Plex device is approved."),
+        Some("plex-revoked") => Some("The Plex device is signed out and must be approved again."),
         _ => None,
     };
     let error = match q.error.as_deref() {
@@ -137,6 +147,7 @@ pub(crate) async fn page(
             error,
             app.config().password.min_length,
             &sso,
+            &plex,
         )
         .into_response(),
     )

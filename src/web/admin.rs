@@ -16,6 +16,7 @@ use super::{
     cross_site, forbidden_cross_site, identity, no_store, pages, redirect, store_unavailable,
     to_login, PageForm,
 };
+use crate::app::plex::PlexError;
 use crate::app::{now_ms, App, ClientInfo};
 use crate::auth::password::{check_policy, generate_password};
 use crate::auth::Identity;
@@ -81,11 +82,16 @@ pub(crate) async fn page(
     match (users, sessions, audit) {
         (Ok(users), Ok(sessions), Ok(audit)) => {
             let csrf = app.secrets.csrf_token(&id.sid.to_string());
+            let plex = match super::plex::admin_section(&app, &users, &csrf).await {
+                Ok(p) => p,
+                Err(e) => return store_unavailable(&e.to_string()),
+            };
             no_store(
                 pages::admin(
                     &users,
                     &sessions,
                     &audit,
+                    &plex,
                     &csrf,
                     q.done.as_deref(),
                     now_ms(),
@@ -334,5 +340,58 @@ pub(crate) async fn breach(
             .into_response(),
         ),
         Err(e) => store_unavailable(&e.to_string()),
+    }
+}
+
+#[derive(Deserialize)]
+pub(crate) struct PlexLinkForm {
+    account: String,
+    user: Option<String>,
+    #[serde(default)]
+    csrf: String,
+}
+
+/// What a refused Plex link or unlink tells the admin.
+fn plex_refused(e: PlexError) -> Response {
+    match e {
+        PlexError::Unavailable(s) => store_unavailable(&s.to_string()),
+        other => bad(&other.to_string()),
+    }
+}
+
+/// `POST /_portcullis/admin/plex/link`: links a Plex account to a gateway user.
+pub(crate) async fn plex_link(
+    State(app): State<Arc<App>>,
+    Extension(client): Extension<ClientInfo>,
+    headers: HeaderMap,
+    PageForm(form): PageForm<PlexLinkForm>,
+) -> Response {
+    if let Err(r) = admin_form(&app, &headers, &form.csrf).await {
+        return r;
+    }
+    let user = form.user.as_deref().map(str::trim).unwrap_or_default();
+    if user.is_empty() {
+        return bad("Choose the gateway user to link the Plex account to.");
+    }
+    match app.plex_link(&form.account, user, "admin", &client).await {
+        Ok(_) => redirect(&format!("{ADMIN_PATH}?done=plex-linked")),
+        Err(e) => plex_refused(e),
+    }
+}
+
+/// `POST /_portcullis/admin/plex/unlink`: unlinks a Plex account; its tokens end at once.
+pub(crate) async fn plex_unlink(
+    State(app): State<Arc<App>>,
+    Extension(client): Extension<ClientInfo>,
+    headers: HeaderMap,
+    PageForm(form): PageForm<PlexLinkForm>,
+) -> Response {
+    if let Err(r) = admin_form(&app, &headers, &form.csrf).await {
+        return r;
+    }
+    match app.plex_unlink(&form.account, "admin", &client).await {
+        Ok(true) => redirect(&format!("{ADMIN_PATH}?done=plex-unlinked")),
+        Ok(false) => bad("That Plex account is not linked."),
+        Err(e) => plex_refused(e),
     }
 }

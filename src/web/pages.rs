@@ -122,7 +122,7 @@ fn error_block(error: Option<&str>) -> String {
         .unwrap_or_default()
 }
 
-fn hidden(name: &str, value: &str) -> String {
+pub(crate) fn hidden(name: &str, value: &str) -> String {
     format!(
         "<input type=\"hidden\" name=\"{}\" value=\"{}\">",
         escape(name),
@@ -270,7 +270,7 @@ pub fn message_with_link(title: &str, text: &str, href: &str, link: &str) -> Htm
     )
 }
 
-fn when(ms: i64) -> String {
+pub(crate) fn when(ms: i64) -> String {
     time::OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000)
         .ok()
         .and_then(|t| {
@@ -369,6 +369,7 @@ pub fn account(
     error: Option<&str>,
     min_length: usize,
     sso: &str,
+    plex: &str,
 ) -> Html<String> {
     let notice = notice
         .map(|n| format!("<p class=\"notice\" role=\"status\">{}</p>", escape(n)))
@@ -422,7 +423,7 @@ pub fn account(
 <input type=\"password\" id=\"confirm\" name=\"confirm\" autocomplete=\"new-password\" required>\
 <label class=\"check\"><input type=\"checkbox\" id=\"signout\" name=\"signout\" value=\"1\" checked> Sign out connected devices</label>\
 <button type=\"submit\">Change password</button></form></section>\
-{sso}<section><h2>Two-factor authentication</h2><p>{}</p></section>\
+{sso}{plex}<section><h2>Two-factor authentication</h2><p>{}</p></section>\
 <section><form method=\"post\" action=\"/_portcullis/logout\">{}\
 <button type=\"submit\" class=\"secondary\">Sign out of this device</button></form></section>",
             escape(&user.name),
@@ -446,6 +447,7 @@ pub fn admin(
     users: &[crate::store::User],
     sessions: &[crate::store::SessionRecord],
     audit: &[crate::store::AuditEntry],
+    plex: &str,
     csrf: &str,
     done: Option<&str>,
     now_ms: i64,
@@ -546,7 +548,7 @@ pub fn admin(
 <label><input type=\"checkbox\" name=\"admin\" value=\"1\"> Administrator</label>\
 <button type=\"submit\">Add user</button></form></section>\
 <section id=\"sessions\"><h2>Live sessions</h2><table><thead><tr><th>User</th><th>Device</th><th>IP</th><th>Last seen</th><th></th></tr></thead>\
-<tbody>{session_rows}</tbody></table></section>\
+<tbody>{session_rows}</tbody></table></section>{plex}\
 <section id=\"audit\"><h2>Audit log (latest 100)</h2><table><thead><tr><th>When</th><th>Event</th><th>Outcome</th><th>User</th><th>IP</th><th>Detail</th></tr></thead>\
 <tbody>{audit_rows}</tbody></table></section>\
 <section id=\"breach\"><h2>Breach response</h2><p>Signs out every session of every user, \
