@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Installs the real Jellyfin client libraries that the integration tests drive against the
-# Jellyfin stand-in and the gateway (tests/it/standin_fidelity.rs): the Python package pinned in
-# requirements.txt and the npm packages locked in package-lock.json. Quiet and idempotent; the
-# tests themselves install nothing. PYTHON=... picks the interpreter (default python3).
+# Installs the real client libraries that the integration tests drive against the stand-ins and
+# the gateway (tests/it/standin_fidelity.rs, tests/it/plex_fidelity.rs): the Python packages
+# pinned in requirements.txt (jellyfin-apiclient-python, plexapi) and the npm packages locked in
+# package-lock.json. Quiet and idempotent; the tests themselves install nothing. PYTHON=... picks
+# the interpreter (default python3).
 set -euo pipefail
 cd "$(dirname "$0")"
 py="${PYTHON:-python3}"

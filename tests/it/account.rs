@@ -49,7 +49,7 @@ impl<'a> Browser<'a> {
         Browser { gw, cookie }
     }
 
-    async fn get(&self, path: &str) -> reqwest::Response {
+    pub(crate) async fn get(&self, path: &str) -> reqwest::Response {
         client()
             .get(self.gw.url(path))
             .header("Cookie", &self.cookie)
@@ -64,12 +64,12 @@ impl<'a> Browser<'a> {
         self.get("/probe").await.status() == 200
     }
 
-    async fn csrf(&self) -> String {
+    pub(crate) async fn csrf(&self) -> String {
         let html = self.get("/_portcullis/account").await.text().await.unwrap();
         input_value(&html, "csrf").unwrap_or_else(|| panic!("no csrf on account page:\n{html}"))
     }
 
-    async fn post(&self, path: &str, fields: &[(&str, &str)]) -> reqwest::Response {
+    pub(crate) async fn post(&self, path: &str, fields: &[(&str, &str)]) -> reqwest::Response {
         client()
             .post(self.gw.url(path))
             .header("Cookie", &self.cookie)

@@ -137,9 +137,23 @@ fn bad_config_exits_2_naming_file_and_key() {
 #[test]
 fn shipped_configs_pass_check_config() {
     let root = env!("CARGO_MANIFEST_DIR");
-    for name in ["portcullis.example.toml", "jellyfin.example.toml"] {
+    // The Plex example names the server's token file, which check-config reads: the test
+    // gives it one in a scratch directory.
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("plex-server.token");
+    std::fs::write(&token, "server-token-from-preferences-xml\n").unwrap();
+    let plex = std::fs::read_to_string(format!("{root}/config/plex.example.toml"))
+        .unwrap()
+        .replace("/etc/portcullis/plex-server.token", token.to_str().unwrap());
+    std::fs::write(dir.path().join("plex.example.toml"), plex).unwrap();
+    for path in [
+        format!("{root}/config/portcullis.example.toml"),
+        format!("{root}/config/jellyfin.example.toml"),
+        dir.path().join("plex.example.toml").display().to_string(),
+    ] {
+        let name = &path;
         let out = Command::new(BIN)
-            .args(["check-config", &format!("{root}/config/{name}")])
+            .args(["check-config", &path])
             .output()
             .unwrap();
         assert_eq!(

@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod harness;
+mod plex_standin;
 mod standin;
 mod upstream;
 
@@ -40,6 +41,8 @@ mod media_accounts;
 mod observability;
 mod oidc;
 mod pg;
+mod plex;
+mod plex_fidelity;
 mod probe;
 mod proxy;
 mod reload;

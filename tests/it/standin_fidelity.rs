@@ -1359,7 +1359,7 @@ async fn standin_drop_closes_websockets_and_stops_accepting() {
 
 // ---------------------------------------------------------------- real clients
 
-fn clients_dir() -> PathBuf {
+pub(crate) fn clients_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/clients")
 }
 
@@ -1396,12 +1396,26 @@ where
     F: FnOnce(Value) -> Fut,
     Fut: std::future::Future<Output = ()>,
 {
+    run_client_args(program, script, &[base, user, password], between).await
+}
+
+/// Runs `program tests/clients/<script> <args…>`: reads the phase-1 JSON line, runs `between`
+/// (which gets it), writes one line to the script's stdin, reads the phase-2 JSON line and
+/// expects the script to exit 0; returns both JSON lines.
+pub(crate) async fn run_client_args<F, Fut>(
+    program: &str,
+    script: &str,
+    args: &[&str],
+    between: F,
+) -> (Value, Value)
+where
+    F: FnOnce(Value) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
     let dir = clients_dir();
     let mut child = tokio::process::Command::new(program)
         .arg(dir.join(script))
-        .arg(base)
-        .arg(user)
-        .arg(password)
+        .args(args)
         .current_dir(&dir)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())

@@ -1,0 +1,1116 @@
+//! Plex behind the gateway: the real gateway in front of the Plex Media Server stand-in, with
+//! plex.tv's stand-in resolving tokens ([`crate::plex_standin`]). The real `plexapi` client works
+//! through the gateway as the owner, a friend and a Plex Home user, and "sign out of all
+//! devices" ends its access, its open notification socket and its transcode session within a
+//! second. Tokens of unlinked accounts, expired and forged JWTs, unapproved devices, disabled
+//! users, other users' transcode sessions and owner-only paths are refused with nothing reaching
+//! the server; a server whose `allowedNetworks` covers the gateway is refused at start.
+
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use serde_json::Value;
+
+use crate::account::Browser;
+use crate::harness::{client, input_value, poll_until, Gateway, GatewayBuilder};
+use crate::pg::{self, Schema};
+use crate::plex_standin::{PlexAccount, PlexTv, Pms, BIG_PART_KEY, PART_KEY};
+use crate::standin_fidelity::run_client_args;
+
+const PW: &str = "a passphrase for the plex tests";
+
+struct World {
+    tv: PlexTv,
+    pms: Pms,
+    owner: PlexAccount,
+    /// Holds the server token file.
+    _files: tempfile::TempDir,
+    plex_table: String,
+}
+
+async fn world() -> World {
+    let tv = PlexTv::start().await;
+    let owner = tv.add_account("ownerplex");
+    let pms = Pms::start(&tv, &owner).await;
+    let files = tempfile::tempdir().unwrap();
+    let token_file = files.path().join("plex-token");
+    std::fs::write(&token_file, format!("{}\n", pms.server_token())).unwrap();
+    let plex_table = format!(
+        "[route.plex]\nplex_tv_url = \"{}\"\nserver_token_file = \"{}\"\n",
+        tv.url(),
+        token_file.display()
+    );
+    World {
+        tv,
+        pms,
+        owner,
+        _files: files,
+        plex_table,
+    }
+}
+
+impl World {
+    fn gateway(&self, extra: &str) -> GatewayBuilder {
+        Gateway::builder(&self.pms.url())
+            .user("alice", PW)
+            .user("bob", PW)
+            .user("carol", PW)
+            .route_keys("kind = \"plex\"")
+            .extra_toml(&format!("{}{extra}", self.plex_table))
+    }
+
+    /// Requests the PMS stand-in received carrying `token` (header or query).
+    fn reached(&self, token: &str) -> usize {
+        self.pms
+            .requests()
+            .iter()
+            .filter(|r| r.header("x-plex-token") == Some(token) || r.path_and_query.contains(token))
+            .count()
+    }
+}
+
+/// Links a Plex account to a gateway user with the CLI, once the gateway has met it.
+async fn link(gw: &Gateway, user: &str, plex_user: &str) {
+    assert!(
+        poll_until(Duration::from_secs(10), || async {
+            gw.cli_ok(&["plex", "accounts"]).contains(plex_user)
+        })
+        .await,
+        "the gateway never met {plex_user}:\n{}",
+        gw.cli_ok(&["plex", "accounts"])
+    );
+    let out = gw.cli_ok(&["plex", "link", user, plex_user]);
+    assert!(out.contains("linked to"), "{out}");
+}
+
+/// Status and JSON body of a GET through the gateway with `X-Plex-Token` (if any).
+async fn plex_get(gw: &Gateway, path: &str, token: Option<&str>) -> (u16, Value) {
+    let mut rb = client()
+        .get(gw.url(path))
+        .header("X-Plex-Client-Identifier", "test-device-1")
+        .header("X-Plex-Product", "Plex for Tests")
+        .header("X-Plex-Device-Name", "Test Box")
+        .header("X-Plex-Platform", "Linux")
+        .header("Accept", "application/json");
+    if let Some(t) = token {
+        rb = rb.header("X-Plex-Token", t);
+    }
+    let resp = rb.send().await.unwrap();
+    let status = resp.status().as_u16();
+    // A stream the gateway cuts (its session ended mid-body) still has the status it began with.
+    let body = resp
+        .text()
+        .await
+        .unwrap_or_else(|e| format!("body cut short: {e}"));
+    (
+        status,
+        serde_json::from_str(&body).unwrap_or(Value::String(body)),
+    )
+}
+
+/// Runs plexapi through the gateway with `token`; `revoke` runs between its two phases.
+async fn run_plexapi<F, Fut>(gw: &Gateway, token: &str, revoke: F) -> (Value, Value)
+where
+    F: FnOnce(Value) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    run_client_args("python3", "plex_python.py", &[&gw.base, token], revoke).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plexapi_works_through_the_gateway_as_owner_friend_and_home_user_until_signed_out() {
+    let w = world().await;
+    let friend = w.tv.add_account("friendplex");
+    let share = w.tv.share(&w.pms.machine_id(), &friend);
+    let (home, home_token) = w.tv.add_home_user(&w.owner, "kidplex");
+    let gw = w.gateway("").start().await;
+    link(&gw, "alice", &w.owner.username).await;
+    link(&gw, "bob", &friend.username).await;
+    link(&gw, "carol", &home.username).await;
+
+    for (who, token, owner) in [
+        ("alice", w.owner.token.clone(), true),
+        ("bob", share.clone(), false),
+        ("carol", home_token.clone(), false),
+    ] {
+        let seen_before = std::sync::Arc::new(std::sync::Mutex::new(0usize));
+        let seen = seen_before.clone();
+        let (p1, p2) = run_plexapi(&gw, &token, |p1| {
+            let (gw, w, token) = (&gw, &w, token.clone());
+            async move {
+                assert_eq!(p1["range_ok"], true, "{who}: {p1}");
+                assert_eq!(p1["segment_ok"], true, "{who}: {p1}");
+                assert_eq!(p1["alert_connected"], true, "{who}: {p1}");
+                assert_eq!(
+                    w.pms.open_sockets(),
+                    1,
+                    "{who}: the notification socket is open"
+                );
+                let list = gw.cli_ok(&["session", "list", "--user", who]);
+                assert!(list.contains(" media "), "{who}: no media session:\n{list}");
+                let start = Instant::now();
+                gw.cli_ok(&["signout", "--user", who]);
+                assert!(
+                    poll_until(Duration::from_secs(1), || async {
+                        plex_get(gw, "/library/sections", Some(&token)).await.0 == 401
+                    })
+                    .await,
+                    "{who}: the token still passes a second after the sign-out"
+                );
+                assert!(
+                    poll_until(Duration::from_secs(1), || async {
+                        w.pms.open_sockets() == 0
+                    })
+                    .await,
+                    "{who}: the notification socket is still open"
+                );
+                eprintln!(
+                    "{who}: refused and socket closed {:?} after the sign-out",
+                    start.elapsed()
+                );
+                *seen.lock().unwrap() = w.reached(&token);
+            }
+        })
+        .await;
+        assert_eq!(p1["sections"], serde_json::json!(["Movies"]), "{who}: {p1}");
+        // Only the server's owner may mint transient tokens through the gateway.
+        assert_eq!(
+            p1["transient_status"],
+            if owner { 200 } else { 403 },
+            "{who}: {p1}"
+        );
+        assert_eq!(p2["root_status"], 401, "{who}: {p2}");
+        assert_eq!(
+            p2["segment_status"], 403,
+            "{who}: the transcode session ended: {p2}"
+        );
+        assert_eq!(p2["socket_closed"], true, "{who}: {p2}");
+        assert_eq!(
+            w.reached(&token),
+            *seen_before.lock().unwrap(),
+            "{who}: a request reached the server after the sign-out"
+        );
+    }
+    // The sign-ins were audited with the account they came from; tokens never reach the log.
+    let audit = gw.cli_ok(&["audit", "--limit", "100"]);
+    assert!(audit.contains("plex_token_bound"), "{audit}");
+    let log = gw.log();
+    for t in [&w.owner.token, &share, &home_token] {
+        assert!(!log.contains(t.as_str()), "a Plex token reached the log");
+    }
+    gw.metrics_with(&[
+        "portcullis_media_resolutions_total{kind=\"plex\",result=\"bound\",source=\"plex_tv\"} 1",
+        "portcullis_media_resolutions_total{kind=\"plex\",result=\"bound\",source=\"access_list\"} 2",
+        "portcullis_media_links_total{action=\"admin_link\",kind=\"plex\"} 0",
+    ])
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_the_gateway_cannot_vouch_for_are_refused_before_the_server() {
+    let w = world().await;
+    let stranger = w.tv.add_account("strangerplex");
+    let stranger_share = w.tv.share(&w.pms.machine_id(), &stranger);
+    let gw = w.gateway("").start().await;
+    link(&gw, "alice", &w.owner.username).await;
+    let expired = w.tv.issue_jwt(&w.owner, "phone-1", -60);
+    let forged = w.tv.forged_jwt(&w.owner, "phone-1");
+    let fresh = w.tv.issue_jwt(&w.owner, "phone-1", 3600);
+
+    // The owner shared the server with a stranger at plex.tv: the gateway does not let them in.
+    let (status, body) = plex_get(&gw, "/library/sections", Some(&stranger_share)).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (401, Some("unlinked_account"))
+    );
+    let (status, body) = plex_get(&gw, "/library/sections", Some(&expired)).await;
+    assert_eq!((status, body["error"].as_str()), (401, Some("expired")));
+    let (status, body) = plex_get(&gw, "/library/sections", Some(&forged)).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (401, Some("bad_signature"))
+    );
+    let (status, body) = plex_get(&gw, "/library/sections", Some("not-a-token-of-anyone")).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (401, Some("unknown_media_token"))
+    );
+    let (status, _) = plex_get(&gw, "/library/sections", None).await;
+    assert_eq!(status, 401);
+    for t in [&stranger_share, &expired, &forged] {
+        assert_eq!(w.reached(t), 0, "a refused token reached the server");
+    }
+
+    // Header, query (any case of the key) or both with the same token: one token.
+    assert_eq!(
+        plex_get(&gw, "/library/sections", Some(&fresh)).await.0,
+        200
+    );
+    let q = |t: &str, key: &str| format!("/library/sections?{key}={t}");
+    assert_eq!(plex_get(&gw, &q(&fresh, "x-plex-token"), None).await.0, 200);
+    assert_eq!(
+        plex_get(&gw, &q(&fresh, "X-Plex-Token"), Some(&fresh))
+            .await
+            .0,
+        200
+    );
+    // Two different tokens: 400, never guessed.
+    let before = w.pms.requests().len();
+    assert_eq!(
+        plex_get(&gw, &q(&forged, "X-PLEX-TOKEN"), Some(&fresh))
+            .await
+            .0,
+        400
+    );
+    assert_eq!(
+        w.pms.requests().len(),
+        before,
+        "an ambiguous request reached the server"
+    );
+    // The token in a query string is redacted in the access log.
+    assert!(
+        !gw.log().contains(fresh.as_str()),
+        "a token reached the log"
+    );
+
+    // Owner-only paths: the owner's Plex account is alice's; bob's friend account is not.
+    let friend = w.tv.add_account("friendplex");
+    let share = w.tv.share(&w.pms.machine_id(), &friend);
+    // Shared at plex.tv after the gateway started: linked at once all the same.
+    let out = gw.cli_ok(&["plex", "link", "bob", &friend.username]);
+    assert!(out.contains("linked to bob"), "{out}");
+    // The running gateway learns of the link through the store's event log.
+    assert!(
+        poll_until(Duration::from_secs(3), || async {
+            plex_get(&gw, "/library/sections", Some(&share)).await.0 == 200
+        })
+        .await,
+        "the friend linked from the CLI is still refused"
+    );
+    let before = w.pms.requests().len();
+    for path in [
+        "/myplex/account",
+        "/security/token?type=delegation&scope=all",
+    ] {
+        let (status, body) = plex_get(&gw, path, Some(&share)).await;
+        assert_eq!(
+            (status, body["error"].as_str()),
+            (403, Some("owner_only")),
+            "{path}"
+        );
+    }
+    let put = client()
+        .put(gw.url("/:/prefs?allowedNetworks=0.0.0.0/0"))
+        .header("X-Plex-Token", &share)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(put.status().as_u16(), 403);
+    assert_eq!(
+        w.pms.requests().len(),
+        before,
+        "an owner-only path reached the server"
+    );
+    assert_eq!(w.pms.pref("allowedNetworks"), "");
+
+    // The owner mints a transient token through the gateway; it is bound to alice and ends
+    // with her access.
+    let (status, body) = plex_get(
+        &gw,
+        "/security/token?type=delegation&scope=all",
+        Some(&fresh),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let transient = body["MediaContainer"]["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        plex_get(&gw, "/library/sections", Some(&transient)).await.0,
+        200
+    );
+    gw.cli_ok(&["user", "disable", "alice"]);
+    assert!(
+        poll_until(Duration::from_secs(1), || async {
+            plex_get(&gw, "/library/sections", Some(&transient)).await.0 == 401
+        })
+        .await,
+        "the transient token outlived its user"
+    );
+    assert_eq!(
+        plex_get(&gw, "/library/sections", Some(&fresh)).await.0,
+        401
+    );
+    // A fresh token of a disabled user's account is refused too.
+    let another = w.tv.issue_jwt(&w.owner, "tablet-1", 3600);
+    let (status, body) = plex_get(&gw, "/library/sections", Some(&another)).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (401, Some("user_disabled"))
+    );
+    assert_eq!(w.reached(&another), 0);
+
+    // Unlinking ends the friend's access at once.
+    assert_eq!(
+        plex_get(&gw, "/library/sections", Some(&share)).await.0,
+        200
+    );
+    gw.cli_ok(&["plex", "unlink", &friend.username]);
+    assert!(
+        poll_until(Duration::from_secs(1), || async {
+            plex_get(&gw, "/library/sections", Some(&share)).await.0 == 401
+        })
+        .await
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transcode_urls_pass_only_for_the_user_who_started_the_session() {
+    let w = world().await;
+    let friend = w.tv.add_account("friendplex");
+    let share = w.tv.share(&w.pms.machine_id(), &friend);
+    let gw = w.gateway("").start().await;
+    link(&gw, "alice", &w.owner.username).await;
+    link(&gw, "bob", &friend.username).await;
+    let alice = w.tv.issue_jwt(&w.owner, "tv-1", 3600);
+    // The start carries the token; the session id is only in the answer.
+    let start = format!(
+        "/video/:/transcode/universal/start.m3u8?path=%2Flibrary%2Fmetadata%2F101&X-Plex-Token={alice}"
+    );
+    let resp = client().get(gw.url(&start)).send().await.unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    let playlist = resp.text().await.unwrap();
+    let variant = playlist
+        .lines()
+        .find(|l| l.contains("session/"))
+        .expect("a variant")
+        .to_string();
+    let segment = format!(
+        "/video/:/transcode/universal/{}",
+        variant.replace("index.m3u8", "00000.ts")
+    );
+    let variant = format!("/video/:/transcode/universal/{variant}");
+    assert_eq!(plex_get(&gw, &variant, None).await.0, 200);
+    assert_eq!(plex_get(&gw, &segment, None).await.0, 200);
+    // Another user's token on alice's session, and an unknown session: refused.
+    let before = w.pms.requests().len();
+    let (status, body) = plex_get(&gw, &segment, Some(&share)).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (403, Some("foreign_session"))
+    );
+    let unknown = "/video/:/transcode/universal/session/guessed-id/base/index.m3u8";
+    assert_eq!(plex_get(&gw, unknown, None).await.0, 403);
+    assert_eq!(w.pms.requests().len(), before);
+    // The session ends with alice's access.
+    gw.cli_ok(&["signout", "--user", "alice"]);
+    assert!(
+        poll_until(Duration::from_secs(1), || async {
+            plex_get(&gw, &segment, None).await.0 == 403
+        })
+        .await
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_device_waits_for_approval_and_a_running_stream_ends_on_signout() {
+    let w = world().await;
+    let gw = w.gateway("device_approval = true\n").start().await;
+    link(&gw, "alice", &w.owner.username).await;
+    let token = w.tv.issue_jwt(&w.owner, "test-device-1", 3600);
+    let (status, body) = plex_get(&gw, "/library/sections", Some(&token)).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (401, Some("device_not_approved"))
+    );
+    assert_eq!(w.reached(&token), 0);
+    let devices: Value =
+        serde_json::from_str(&gw.cli_ok(&["plex", "devices", "--user", "alice", "--json"]))
+            .unwrap();
+    let d = &devices[0];
+    assert_eq!(
+        (
+            d["client_id"].as_str(),
+            d["product"].as_str(),
+            d["device_name"].as_str(),
+            d["platform"].as_str(),
+            d["approved"].as_bool()
+        ),
+        (
+            Some("test-device-1"),
+            Some("Plex for Tests"),
+            Some("Test Box"),
+            Some("Linux"),
+            Some(false)
+        ),
+        "{devices}"
+    );
+    gw.cli_ok(&["plex", "approve", &w.owner.username, "test-device-1"]);
+    assert!(
+        poll_until(Duration::from_secs(2), || async {
+            plex_get(&gw, "/library/sections", Some(&token)).await.0 == 200
+        })
+        .await,
+        "the approved device is still refused"
+    );
+
+    // A running stream of the big part ends when alice signs out of all devices.
+    let resp = client()
+        .get(gw.url(&format!("{BIG_PART_KEY}?X-Plex-Token={token}")))
+        .header("X-Plex-Client-Identifier", "test-device-1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    let mut body = resp.bytes_stream();
+    assert!(body.next().await.unwrap().is_ok());
+    assert!(
+        poll_until(Duration::from_secs(2), || async {
+            w.pms.open_streams() == 1
+        })
+        .await
+    );
+    let start = Instant::now();
+    gw.cli_ok(&["signout", "--user", "alice"]);
+    let ended = tokio::time::timeout(Duration::from_secs(1), async {
+        while let Some(Ok(_)) = body.next().await {}
+    })
+    .await;
+    assert!(
+        ended.is_ok(),
+        "the stream still runs a second after the sign-out"
+    );
+    eprintln!("stream ended {:?} after the sign-out", start.elapsed());
+
+    // Revoking a device ends its tokens and needs a new approval.
+    let next = w.tv.issue_jwt(&w.owner, "test-device-1", 3600);
+    assert_eq!(plex_get(&gw, "/library/sections", Some(&next)).await.0, 200);
+    gw.cli_ok(&["plex", "revoke", &w.owner.username, "test-device-1"]);
+    assert!(
+        poll_until(Duration::from_secs(1), || async {
+            plex_get(&gw, "/library/sections", Some(&next)).await.0 == 401
+        })
+        .await
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plex_web_needs_a_gateway_session_and_a_browser_can_offer_the_link() {
+    let w = world().await;
+    let gw = w.gateway("").start().await;
+    // A browser navigating to Plex Web is sent to the login page, and back afterwards.
+    let resp = client()
+        .get(gw.url("/web/index.html"))
+        .header("Sec-Fetch-Mode", "navigate")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 302);
+    let to = resp.headers()["location"].to_str().unwrap().to_string();
+    assert!(
+        to.starts_with("/_portcullis/login?rd=%2Fweb%2Findex%2Ehtml"),
+        "{to}"
+    );
+    let login = gw.login("alice", PW).await;
+    let cookie = format!("portcullis={}", login.token);
+    assert_eq!(gw.status_with_cookie("/web/index.html", &cookie).await, 200);
+    // /identity needs nothing.
+    assert_eq!(plex_get(&gw, "/identity", None).await.0, 200);
+
+    // Plex Web in alice's browser uses the owner's token: not linked yet, so refused, and the
+    // account page offers the link.
+    let token = w.tv.issue_jwt(&w.owner, "browser-1", 3600);
+    let resp = client()
+        .get(gw.url("/library/sections"))
+        .header("Cookie", &cookie)
+        .header("X-Plex-Token", &token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 401);
+    let page = gw.page_with_cookie("/_portcullis/account", &cookie).await;
+    assert!(page.contains("link this Plex account?"), "{page}");
+    let csrf = input_value(&page, "csrf").unwrap();
+    let account_id = w.owner.id.to_string();
+    let wrong = client()
+        .post(gw.url("/_portcullis/account/plex/link"))
+        .header("Cookie", &cookie)
+        .header("Origin", gw.base.as_str())
+        .form(&[
+            ("account", account_id.as_str()),
+            ("csrf", &csrf),
+            ("password", "wrong"),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong.status().as_u16(), 403);
+    let ok = client()
+        .post(gw.url("/_portcullis/account/plex/link"))
+        .header("Cookie", &cookie)
+        .header("Origin", gw.base.as_str())
+        .form(&[
+            ("account", account_id.as_str()),
+            ("csrf", &csrf),
+            ("password", PW),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok.status().as_u16(), 303, "{}", ok.text().await.unwrap());
+    let resp = client()
+        .get(gw.url("/library/sections"))
+        .header("Cookie", &cookie)
+        .header("X-Plex-Token", &token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    // bob's session with alice's Plex token names two people: refused.
+    let bob = gw.login("bob", PW).await;
+    let resp = client()
+        .get(gw.url("/library/sections"))
+        .header("Cookie", format!("portcullis={}", bob.token))
+        .header("X-Plex-Token", &token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 401);
+    let audit = gw.cli_ok(&["audit", "--limit", "50"]);
+    assert!(
+        audit.contains("plex_link_offered") && audit.contains("plex_linked"),
+        "{audit}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plex_tv_down_keeps_known_users_and_answers_new_tokens_with_503() {
+    let w = world().await;
+    let gw = w.gateway("").start().await;
+    link(&gw, "alice", &w.owner.username).await;
+    let known = w.tv.issue_jwt(&w.owner, "phone-1", 3600);
+    assert_eq!(
+        plex_get(&gw, "/library/sections", Some(&known)).await.0,
+        200
+    );
+    w.tv.set_down(true);
+    assert_eq!(
+        plex_get(&gw, "/library/sections", Some(&known)).await.0,
+        200
+    );
+    let new =
+        w.tv.device_token(&w.owner, "tablet-9", "Plex for iOS", "iPad");
+    let (status, body) = plex_get(&gw, "/library/sections", Some(&new)).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("cannot be checked now"),
+        "{body}"
+    );
+    assert_eq!(w.reached(&new), 0);
+    w.tv.set_down(false);
+    assert_eq!(plex_get(&gw, "/library/sections", Some(&new)).await.0, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_lets_the_gateway_in_without_a_token_is_refused() {
+    let w = world().await;
+    w.pms
+        .set_pref("allowedNetworks", "192.168.1.0/24,127.0.0.0/8");
+    let mut gw = w.gateway("").configure();
+    let out = gw.cli(&["serve"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("route `media`") && err.contains("127.0.0.0/8"),
+        "{err}"
+    );
+    // `portcullis plex check` says the same, and the warnings.
+    let check = gw.cli(&["plex", "check"]);
+    let text = String::from_utf8_lossy(&check.stdout);
+    assert!(!check.status.success());
+    assert!(
+        text.contains("FATAL") && text.contains("Relay is on"),
+        "{text}"
+    );
+
+    // Fixed: the gateway serves; changed back while it runs: every request is refused and
+    // /readyz says why.
+    w.pms.set_pref("allowedNetworks", "");
+    gw.launch().await;
+    let check = gw.cli_ok(&["plex", "check"]);
+    assert!(
+        check.contains("warning: local network discovery (GDM) is on"),
+        "{check}"
+    );
+    w.pms.set_pref("allowedNetworks", "127.0.0.1");
+    let readyz = format!("{}/readyz", gw.admin);
+    assert!(
+        poll_until(Duration::from_secs(5), || async {
+            let r = client().get(&readyz).send().await.unwrap();
+            r.status().as_u16() == 503
+                && r.text().await.unwrap().contains("\"self_check\":\"fatal\"")
+        })
+        .await
+    );
+    let before = w.pms.requests().len();
+    let (status, _) = plex_get(&gw, "/library/sections", Some(&w.owner.token)).await;
+    assert_eq!(status, 503);
+    assert_eq!(w.pms.requests().len() - before, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn also_signing_out_at_plex_tv_removes_the_owners_device_or_unshares_a_friend() {
+    let w = world().await;
+    let friend = w.tv.add_account("friendplex");
+    let share = w.tv.share(&w.pms.machine_id(), &friend);
+    let gw = w.gateway("").start().await;
+    link(&gw, "alice", &w.owner.username).await;
+    link(&gw, "bob", &friend.username).await;
+    let phone =
+        w.tv.device_token(&w.owner, "test-device-1", "Plex for Tests", "Test Box");
+    assert_eq!(
+        plex_get(&gw, "/library/sections", Some(&phone)).await.0,
+        200
+    );
+    assert_eq!(
+        plex_get(&gw, "/library/sections", Some(&share)).await.0,
+        200
+    );
+    let out = gw.cli_ok(&["plex", "revoke-upstream", &w.owner.username]);
+    assert!(out.contains("removed the owner's device"), "{out}");
+    let device = w.tv.device_id(&w.owner, "test-device-1");
+    assert!(device.is_none(), "the device is still at plex.tv");
+    assert_eq!(w.tv.deleted_devices().len(), 1);
+    assert!(!w.tv.token_is_live(&phone));
+    let out = gw.cli_ok(&["plex", "revoke-upstream", &friend.username]);
+    assert!(out.contains("stopped sharing"), "{out}");
+    assert_eq!(w.tv.removed_shares(), vec![friend.id]);
+    assert!(!w.tv.token_is_live(&share));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_replica_on_postgresql_obeys_plex_revocations() {
+    let w = world().await;
+    let schema = Schema::on(&pg::server_url());
+    let url = schema.url();
+    let a = w
+        .gateway("")
+        .store_url(&url)
+        .store_keys("poll_interval = \"30s\"\nmax_staleness = \"60s\"")
+        .start()
+        .await;
+    let b = Gateway::builder(&w.pms.url())
+        .keys_of(&a)
+        .store_url(&url)
+        .store_keys("poll_interval = \"30s\"\nmax_staleness = \"60s\"")
+        .route_keys("kind = \"plex\"")
+        .extra_toml(&w.plex_table)
+        .start()
+        .await;
+    link(&a, "alice", &w.owner.username).await;
+    let token = w.tv.issue_jwt(&w.owner, "phone-1", 3600);
+    // Bound through A, known to B at once; and an open socket through B.
+    assert_eq!(plex_get(&a, "/library/sections", Some(&token)).await.0, 200);
+    assert_eq!(plex_get(&b, "/library/sections", Some(&token)).await.0, 200);
+    let ws_url = format!(
+        "ws://{}/:/websockets/notifications?X-Plex-Token={token}",
+        b.base.trim_start_matches("http://")
+    );
+    let (mut ws, _) = tokio_tungstenite::connect_async(&ws_url).await.unwrap();
+    assert!(ws.next().await.unwrap().is_ok());
+    let start = Instant::now();
+    a.cli_ok(&["signout", "--user", "alice"]);
+    assert!(
+        poll_until(Duration::from_secs(1), || async {
+            plex_get(&b, "/library/sections", Some(&token)).await.0 == 401
+        })
+        .await,
+        "replica B still lets the token through"
+    );
+    let closed = tokio::time::timeout(Duration::from_secs(1), async {
+        loop {
+            match ws.next().await {
+                Some(Ok(m)) if !m.is_close() => continue,
+                _ => break,
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "the socket through replica B is still open");
+    eprintln!(
+        "replica B refused and closed {:?} after the sign-out on A",
+        start.elapsed()
+    );
+    // The plain part key keeps working for nobody.
+    assert_eq!(plex_get(&b, PART_KEY, Some(&token)).await.0, 401);
+}
+
+fn now_s() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+/// Posts the account page's "Sign out" of Plex device `test-device-1` of `account`: the status.
+async fn sign_out_device(browser: &crate::account::Browser<'_>, account: &str) -> u16 {
+    let csrf = browser.csrf().await;
+    let fields = [
+        ("account", account),
+        ("client_id", "test-device-1"),
+        ("csrf", csrf.as_str()),
+    ];
+    let resp = browser
+        .post("/_portcullis/account/plex/revoke", &fields)
+        .await;
+    resp.status().as_u16()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_account_page_approves_a_device_only_with_the_password_and_a_fresh_code() {
+    use crate::account::{enrol, Browser};
+    use portcullis::auth::totp;
+
+    let w = world().await;
+    let friend = w.tv.add_account("friendplex");
+    let share = w.tv.share(&w.pms.machine_id(), &friend);
+    let gw = w.gateway("device_approval = true\n").start().await;
+    link(&gw, "alice", &w.owner.username).await;
+    let a = Browser::login(&gw, "alice", PW).await;
+    let (seed, _) = enrol(&a).await;
+    let token = w.tv.issue_jwt(&w.owner, "test-device-1", 3600);
+    assert_eq!(
+        plex_get(&gw, "/library/sections", Some(&token)).await.0,
+        401
+    );
+
+    // The pending device is on alice's page with what the app said about itself.
+    let page = a.get("/_portcullis/account").await.text().await.unwrap();
+    let row = page
+        .split("<tr data-plex-device=\"test-device-1\">")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no pending device row:\n{page}"));
+    let row = &row[..row.find("</tr>").unwrap()];
+    for text in [
+        "Plex for Tests",
+        "Test Box",
+        "Linux",
+        "Waiting for your approval",
+    ] {
+        assert!(row.contains(text), "{text} missing from {row}");
+    }
+    assert!(row.contains("name=\"code\""), "no code field: {row}");
+    let account = w.owner.id.to_string();
+    let approve = |password: &'static str, code: String| {
+        let (a, account) = (&a, account.clone());
+        async move {
+            let csrf = a.csrf().await;
+            a.post(
+                "/_portcullis/account/plex/approve",
+                &[
+                    ("account", account.as_str()),
+                    ("client_id", "test-device-1"),
+                    ("csrf", csrf.as_str()),
+                    ("password", password),
+                    ("code", code.as_str()),
+                ],
+            )
+            .await
+        }
+    };
+    // Without the code, with a wrong code, with a wrong password: refused, still pending.
+    let step = totp::step_of(now_s());
+    let next = totp::code_at(&seed, step + 1);
+    for (password, code) in [
+        (PW, String::new()),
+        (PW, "000000".into()),
+        ("wrong", next.clone()),
+    ] {
+        let resp = approve(password, code.clone()).await;
+        assert_eq!(resp.status().as_u16(), 403, "{password:?} {code:?}");
+    }
+    assert_eq!(
+        plex_get(&gw, "/library/sections", Some(&token)).await.0,
+        401
+    );
+    assert_eq!(w.reached(&token), 0);
+    // The password and a fresh code approve it; the app plays at once.
+    let resp = approve(PW, next).await;
+    assert_eq!(resp.status().as_u16(), 303);
+    assert_eq!(
+        resp.headers()["location"],
+        "/_portcullis/account?done=plex-approved"
+    );
+    assert!(
+        poll_until(Duration::from_secs(1), || async {
+            plex_get(&gw, "/library/sections", Some(&token)).await.0 == 200
+        })
+        .await,
+        "the approved device is still refused"
+    );
+    let page = a.get("/_portcullis/account").await.text().await.unwrap();
+    let row = page
+        .split("<tr data-plex-device=\"test-device-1\">")
+        .nth(1)
+        .unwrap();
+    assert!(
+        row[..row.find("</tr>").unwrap()].contains("Approved "),
+        "{page}"
+    );
+
+    // bob has no second factor: his page says to turn it on, and a forged approval is refused.
+    link(&gw, "bob", &friend.username).await;
+    assert_eq!(
+        plex_get(&gw, "/library/sections", Some(&share)).await.0,
+        401
+    );
+    let b = Browser::login(&gw, "bob", PW).await;
+    let page = b.get("/_portcullis/account").await.text().await.unwrap();
+    assert!(
+        page.contains("turn on two-factor authentication to approve devices"),
+        "{page}"
+    );
+    let csrf = b.csrf().await;
+    let friend_id = friend.id.to_string();
+    let resp = b
+        .post(
+            "/_portcullis/account/plex/approve",
+            &[
+                ("account", friend_id.as_str()),
+                ("client_id", "test-device-1"),
+                ("csrf", csrf.as_str()),
+                ("password", PW),
+            ],
+        )
+        .await;
+    assert_eq!(resp.status().as_u16(), 403);
+    // Nor can bob sign out alice's device.
+    assert_eq!(sign_out_device(&b, &account).await, 400);
+    assert_eq!(
+        plex_get(&gw, "/library/sections", Some(&token)).await.0,
+        200
+    );
+
+    // alice signs the device out from her page: refused again, and pending once more.
+    assert_eq!(sign_out_device(&a, &account).await, 303);
+    assert!(
+        poll_until(Duration::from_secs(1), || async {
+            plex_get(&gw, "/library/sections", Some(&token)).await.0 == 401
+        })
+        .await
+    );
+    let audit = gw.cli_ok(&["audit", "--limit", "100"]);
+    for event in [
+        "plex_device_approve",
+        "plex_device_approved",
+        "plex_device_revoked",
+    ] {
+        assert!(audit.contains(event), "{event} not audited:\n{audit}");
+    }
+}
+
+/// Opens Plex's notification EventSource with `token`; the stream once its first event came.
+async fn event_source(
+    gw: &Gateway,
+    token: &str,
+) -> impl futures_util::Stream<Item = reqwest::Result<bytes::Bytes>> {
+    let resp = client()
+        .get(gw.url(&format!(
+            "/:/eventsource/notifications?filters=activity&X-Plex-Token={token}"
+        )))
+        .header("Accept", "text/event-stream")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    assert_eq!(resp.headers()["content-type"], "text/event-stream");
+    let mut body = resp.bytes_stream();
+    let first = body.next().await.unwrap().unwrap();
+    assert!(
+        String::from_utf8_lossy(&first).starts_with("event: activity\ndata: "),
+        "{first:?}"
+    );
+    body
+}
+
+/// Whether `body` ends (the gateway closed it) within a second.
+async fn ends_within_a_second(
+    body: &mut (impl futures_util::Stream<Item = reqwest::Result<bytes::Bytes>> + Unpin),
+) -> bool {
+    tokio::time::timeout(Duration::from_secs(1), async {
+        while let Some(Ok(_)) = body.next().await {}
+    })
+    .await
+    .is_ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_password_change_with_sign_out_and_a_breach_response_end_plex_apps_and_their_streams() {
+    use crate::account::Browser;
+
+    let w = world().await;
+    let gw = w.gateway("").start().await;
+    link(&gw, "alice", &w.owner.username).await;
+    let phone = w.tv.issue_jwt(&w.owner, "phone-1", 3600);
+    let mut events = Box::pin(event_source(&gw, &phone).await);
+    assert_eq!(w.pms.open_sockets(), 1, "the EventSource is open upstream");
+
+    // alice changes her password and ticks "sign out connected devices".
+    let a = Browser::login(&gw, "alice", PW).await;
+    let csrf = a.csrf().await;
+    let new_pw = "another passphrase for plex";
+    let resp = a
+        .post(
+            "/_portcullis/account/password",
+            &[
+                ("current", PW),
+                ("new_password", new_pw),
+                ("confirm", new_pw),
+                ("signout", "1"),
+                ("csrf", csrf.as_str()),
+            ],
+        )
+        .await;
+    assert_eq!(resp.status().as_u16(), 303);
+    assert!(
+        ends_within_a_second(&mut events).await,
+        "the EventSource still runs a second after the password change"
+    );
+    assert_eq!(
+        plex_get(&gw, "/library/sections", Some(&phone)).await.0,
+        401
+    );
+    assert!(
+        poll_until(Duration::from_secs(1), || async {
+            w.pms.open_sockets() == 0
+        })
+        .await
+    );
+
+    // The app signs in at plex.tv again: a new token, bound afresh, plays.
+    let tv = w.tv.issue_jwt(&w.owner, "tv-1", 3600);
+    let mut events = Box::pin(event_source(&gw, &tv).await);
+    let reached = w.reached(&tv);
+
+    // The operator runs the breach response: every app ends, the stream with it.
+    let out = gw.cli_ok(&["breach-response"]);
+    assert!(!out.is_empty());
+    assert!(
+        ends_within_a_second(&mut events).await,
+        "the EventSource still runs a second after the breach response"
+    );
+    for token in [&tv, &phone] {
+        assert_eq!(plex_get(&gw, "/library/sections", Some(token)).await.0, 401);
+    }
+    assert_eq!(
+        w.reached(&tv),
+        reached,
+        "a request reached Plex after the breach response"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_page_reports_the_self_check_and_links_and_unlinks_plex_accounts() {
+    let w = world().await;
+    let friend = w.tv.add_account("friendplex");
+    let share = w.tv.share(&w.pms.machine_id(), &friend);
+    let gw = w.gateway("").admin("root", PW).start().await;
+    let root = Browser::login(&gw, "root", PW).await;
+    let bob = Browser::login(&gw, "bob", PW).await;
+    // The friend's token: the gateway meets the account, which is not linked yet.
+    let (status, body) = plex_get(&gw, "/library/sections", Some(&share)).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (401, Some("unlinked_account"))
+    );
+    let html = root.get("/_portcullis/admin").await.text().await.unwrap();
+    let section = html
+        .split("<section id=\"plex\">")
+        .nth(1)
+        .expect("a Plex section");
+    assert!(
+        section.contains("Route media")
+            && section.contains("Serving: the server&#39;s settings let nobody in")
+            && section.contains("local network discovery (GDM) is on")
+            && section.contains("friendplex")
+            && section.contains("Not linked"),
+        "{section}"
+    );
+    let csrf = input_value(&html, "csrf").unwrap();
+    let account = friend.id.to_string();
+    let link = |user: &'static str, account: String, csrf: String| {
+        let root = &root;
+        async move {
+            root.post(
+                "/_portcullis/admin/plex/link",
+                &[("account", &account), ("user", user), ("csrf", &csrf)],
+            )
+            .await
+            .status()
+            .as_u16()
+        }
+    };
+    // Only an admin, only with the page's token, only a real user and account.
+    let bob_csrf = bob.csrf().await;
+    let resp = bob
+        .post(
+            "/_portcullis/admin/plex/link",
+            &[("account", &account), ("user", "bob"), ("csrf", &bob_csrf)],
+        )
+        .await;
+    assert_eq!(resp.status(), 403);
+    assert_eq!(link("bob", account.clone(), String::new()).await, 403);
+    assert_eq!(link("", account.clone(), csrf.clone()).await, 400);
+    assert_eq!(link("nobody", account.clone(), csrf.clone()).await, 400);
+    assert_eq!(link("bob", "999999".into(), csrf.clone()).await, 400);
+    assert_eq!(
+        plex_get(&gw, "/library/sections", Some(&share)).await.0,
+        401
+    );
+    // Linked by the admin: the friend's token passes at once.
+    assert_eq!(link("bob", account.clone(), csrf.clone()).await, 303);
+    assert_eq!(
+        plex_get(&gw, "/library/sections", Some(&share)).await.0,
+        200
+    );
+    let html = root.get("/_portcullis/admin").await.text().await.unwrap();
+    assert!(html.contains("Linked to bob"), "{html}");
+    // Unlinked: it ends within a second; unlinking again is refused.
+    let unlink = [("account", account.as_str()), ("csrf", csrf.as_str())];
+    let resp = root.post("/_portcullis/admin/plex/unlink", &unlink).await;
+    assert_eq!(resp.status(), 303);
+    assert!(
+        poll_until(Duration::from_secs(1), || async {
+            plex_get(&gw, "/library/sections", Some(&share)).await.0 == 401
+        })
+        .await
+    );
+    let resp = root.post("/_portcullis/admin/plex/unlink", &unlink).await;
+    assert_eq!(resp.status(), 400);
+    let audit = root.get("/_portcullis/admin").await.text().await.unwrap();
+    assert!(
+        audit.contains("plex_linked")
+            && audit.contains("plex_unlinked")
+            && audit.contains("by admin"),
+        "{audit}"
+    );
+
+    // The server now lets the gateway in without a token: the page says why it refuses.
+    w.pms.set_pref("allowedNetworks", "127.0.0.1");
+    let readyz = format!("{}/readyz", gw.admin);
+    assert!(
+        poll_until(Duration::from_secs(5), || async {
+            client().get(&readyz).send().await.unwrap().status() == 503
+        })
+        .await
+    );
+    let html = root.get("/_portcullis/admin").await.text().await.unwrap();
+    assert!(
+        html.contains("Refusing every request") && html.contains("127.0.0.1"),
+        "{html}"
+    );
+}
