@@ -96,6 +96,91 @@ pub fn carrier(data: &[u8]) {
     let _ = carrier::url_decode(&text);
 }
 
+/// Plex's carriers (`X-Plex-Token` in headers or the query, any case of the key; the client
+/// fields): never panics, and the verdict matches a plain reading of every carried token. An
+/// accepted token is the one value every non-blank carrier holds, within the cap, with no
+/// control character or space; no token is accepted exactly when none is carried; two tokens
+/// are reported only when two different ones are carried, a bad token only when one is; a bad
+/// field only when that field's first non-blank value breaks the field rule. A query without
+/// `%` or `+` carries only tokens written in it literally.
+pub fn plex_carrier(data: &[u8]) {
+    let (headers, query) = headers_and_query(data);
+    let pairs = query
+        .as_deref()
+        .map(carrier::query_pairs)
+        .unwrap_or_default();
+    let from_query: Vec<String> = pairs
+        .iter()
+        .filter(|(k, _)| k.eq_ignore_ascii_case("x-plex-token"))
+        .map(|(_, v)| v.clone())
+        .collect();
+    if let Some(q) = query.as_deref().filter(|q| !q.contains(['%', '+'])) {
+        for t in &from_query {
+            assert!(q.contains(t.as_str()), "{t:?} is not written in {q:?}");
+        }
+        if !q.to_ascii_lowercase().contains("x-plex-token") {
+            assert!(from_query.is_empty(), "{q:?} -> {from_query:?}");
+        }
+    }
+    let carried: Vec<String> = headers
+        .get_all("x-plex-token")
+        .iter()
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+        .chain(from_query)
+        .filter(|t| !t.trim().is_empty())
+        .collect();
+    let bad = |t: &String| {
+        t.len() > carrier::MAX_PLEX_TOKEN_BYTES || t.chars().any(|c| c.is_control() || c == ' ')
+    };
+    let distinct: std::collections::BTreeSet<&String> = carried.iter().collect();
+    match carrier::extract_plex(&headers, query.as_deref()) {
+        Ok(c) => {
+            assert!(!carried.iter().any(bad), "{carried:?} accepted");
+            match &c.token {
+                Some(t) => {
+                    assert!(carried.iter().all(|x| x == t), "{t:?} of {carried:?}");
+                    assert!(!bad(t));
+                }
+                None => assert!(carried.is_empty(), "{carried:?} not seen"),
+            }
+            let f = &c.fields;
+            for v in [&f.client, &f.device, &f.device_id, &f.version] {
+                assert!(v.chars().count() <= 128, "{v:?}");
+                assert!(!v.contains(['/', '\\']) && !v.contains(".."), "{v:?}");
+                assert!(!v.chars().any(char::is_control), "{v:?}");
+            }
+        }
+        Err(carrier::CarrierError::TwoTokens) => {
+            assert!(distinct.len() >= 2, "two tokens in {carried:?}");
+        }
+        Err(carrier::CarrierError::BadToken) => {
+            assert!(carried.iter().any(bad), "a bad token in {carried:?}");
+        }
+        Err(carrier::CarrierError::BadField(label)) => {
+            let name = label.to_ascii_lowercase();
+            let first = headers
+                .get_all(name.as_str())
+                .iter()
+                .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+                .chain(
+                    pairs
+                        .iter()
+                        .filter(|(k, _)| k.eq_ignore_ascii_case(&name))
+                        .map(|(_, v)| v.clone()),
+                )
+                .find(|v| !v.trim().is_empty())
+                .unwrap_or_else(|| panic!("{label} reported bad but not carried"));
+            assert!(
+                first.chars().count() > 128
+                    || first.contains(['/', '\\'])
+                    || first.contains("..")
+                    || first.chars().any(char::is_control),
+                "{label}: {first:?} reported bad"
+            );
+        }
+    }
+}
+
 /// The gateway's own credentials: a cookie value found is non-empty and has no `;`; a Bearer
 /// token is used only when it is the one `Authorization` header and no different cookie came
 /// with it; the token is the header's value after `Bearer ` exactly; and the `Cookie` header

@@ -49,3 +49,8 @@ fn config_seeds_pass() {
 fn cookie_header_seeds_pass() {
     replay("cookie_header", oracles::cookie_header);
 }
+
+#[test]
+fn plex_carrier_seeds_pass() {
+    replay("plex_carrier", oracles::plex_carrier);
+}
