@@ -607,6 +607,19 @@ impl Validator {
         }
     }
 
+    /// A duration that must be longer than zero; `default` when not set.
+    fn positive(
+        &self,
+        key: &str,
+        value: Option<Duration>,
+        default: Duration,
+    ) -> Result<Duration, ConfigError> {
+        match value.unwrap_or(default) {
+            d if d.is_zero() => Err(self.err(key, "must be longer than zero")),
+            d => Ok(d),
+        }
+    }
+
     fn addr(&self, key: &str, value: &str) -> Result<SocketAddr, ConfigError> {
         let mut addrs = value.to_socket_addrs().map_err(|e| {
             self.err(
@@ -1167,14 +1180,8 @@ impl Validator {
             }
             user_map.insert(from.to_lowercase(), to);
         }
-        let positive = |k: &str, d: Option<Duration>, default: Duration| {
-            let d = d.unwrap_or(default);
-            if d.is_zero() {
-                Err(self.err(&key(k), "must be longer than zero"))
-            } else {
-                Ok(d)
-            }
-        };
+        let positive =
+            |k: &str, d: Option<Duration>, default: Duration| self.positive(&key(k), d, default);
         Ok(MediaConfig {
             user_map,
             password_login,

@@ -537,11 +537,7 @@ impl App {
         by: &str,
         client: &ClientInfo,
     ) -> Result<PlexAccount, PlexError> {
-        let account = self
-            .store
-            .find_plex_account(account_key)
-            .await?
-            .ok_or_else(|| PlexError::UnknownAccount(account_key.to_string()))?;
+        let account = known_account(&self.store, account_key).await?;
         let user = self
             .store
             .find_user(user_name)
@@ -583,11 +579,7 @@ impl App {
         by: &str,
         client: &ClientInfo,
     ) -> Result<bool, PlexError> {
-        let account = self
-            .store
-            .find_plex_account(account_key)
-            .await?
-            .ok_or_else(|| PlexError::UnknownAccount(account_key.to_string()))?;
+        let account = known_account(&self.store, account_key).await?;
         let Some(events) = self
             .store
             .unlink_plex_account(&account.account_id, now_ms())
@@ -740,6 +732,14 @@ pub async fn self_check_route(
     Ok(self_check(&prefs, source, public_url))
 }
 
+/// The Plex account with this id or user name, which the gateway must have met.
+async fn known_account(store: &DynStore, account_key: &str) -> Result<PlexAccount, PlexError> {
+    store
+        .find_plex_account(account_key)
+        .await?
+        .ok_or_else(|| PlexError::UnknownAccount(account_key.to_string()))
+}
+
 /// "Also sign out at plex.tv", on an admin's request: the owner's own devices that the gateway
 /// has seen for this account are removed at plex.tv; a friend's or Home user's access to the
 /// server is withdrawn (un-shared). Never the enforcement: the gateway refuses those tokens
@@ -756,10 +756,7 @@ pub async fn revoke_upstream(
         .ok_or(PlexError::NoRoute)?;
     let pc = route.plex.as_ref().ok_or(PlexError::NoRoute)?;
     let tv = PlexTv::new()?;
-    let account = store
-        .find_plex_account(account_key)
-        .await?
-        .ok_or_else(|| PlexError::UnknownAccount(account_key.to_string()))?;
+    let account = known_account(store, account_key).await?;
     let token = pc.server_token.expose();
     let owner = tv.user(&pc.plex_tv, token).await?;
     let mut done = Vec::new();

@@ -108,14 +108,8 @@ impl Validator {
                 ),
             ));
         }
-        let positive = |k: &str, d: Option<Duration>, default: Duration| {
-            let d = d.unwrap_or(default);
-            if d.is_zero() {
-                Err(self.err(&key(k), "must be longer than zero"))
-            } else {
-                Ok(d)
-            }
-        };
+        let positive =
+            |k: &str, d: Option<Duration>, default: Duration| self.positive(&key(k), d, default);
         let refresh = positive("refresh", p.refresh, DEFAULT_PLEX_REFRESH)?;
         if refresh < Duration::from_secs(10) {
             return Err(self.err(

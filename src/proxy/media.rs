@@ -36,7 +36,7 @@ pub struct MediaCtx {
 
 /// Headers that describe the connection, not the request, dropped from requests the gateway
 /// sends itself.
-pub(super) const NOT_FORWARDED: [&str; 6] = [
+const NOT_FORWARDED: [&str; 6] = [
     "connection",
     "upgrade",
     "content-length",
@@ -45,7 +45,53 @@ pub(super) const NOT_FORWARDED: [&str; 6] = [
     "expect",
 ];
 
+/// Answers a request whose media credentials cannot be read (two different tokens, a malformed
+/// token or client field) with 400; it never reaches the server.
+pub(super) async fn refuse_carriers(
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    e: CarrierError,
+) -> Result<bool> {
+    let reason = match e {
+        CarrierError::TwoTokens => RejectReason::TwoTokens,
+        CarrierError::BadField(_) | CarrierError::BadToken => RejectReason::BadClientField,
+    };
+    tracing::debug!(request_id = %ctx.request_id, error = %e, "bad media credentials");
+    ctx.outcome = Outcome::Rejected(reason);
+    respond::reject(session, reason).await?;
+    Ok(true)
+}
+
 impl Gateway {
+    /// The headers of a request the gateway sends the media server itself on the client's
+    /// behalf: the client's, rewritten as when forwarding, without the connection's own.
+    pub(super) fn own_request_headers(
+        &self,
+        session: &Session,
+        ctx: &RequestCtx,
+    ) -> Result<http::HeaderMap> {
+        let head = session.req_header();
+        let mut upstream_head = head.clone();
+        let host = super::host_of(head).map(str::to_string);
+        forward::rewrite(
+            &mut upstream_head,
+            &forward::ForwardFacts {
+                client_ip: &ctx.client_ip,
+                proto: self.proto,
+                host: host.as_deref(),
+                request_id: &ctx.request_id,
+                identity: None,
+                identity_header: None,
+                media: true,
+            },
+        )?;
+        let mut headers = upstream_head.headers.clone();
+        for name in NOT_FORWARDED {
+            headers.remove(name);
+        }
+        Ok(headers)
+    }
+
     /// Handles a request on a media route; `Ok(true)` when it was answered here.
     pub(super) async fn media_filter(
         &self,
@@ -66,18 +112,7 @@ impl Gateway {
         let ep = endpoint::classify(&req.method, server_path, &media.blocked_paths);
         let carried = match carrier::extract(&req.headers, req.uri.query()) {
             Ok(c) => c,
-            Err(e) => {
-                let reason = match e {
-                    CarrierError::TwoTokens => RejectReason::TwoTokens,
-                    CarrierError::BadField(_) | CarrierError::BadToken => {
-                        RejectReason::BadClientField
-                    }
-                };
-                tracing::debug!(request_id = %ctx.request_id, error = %e, "bad media credentials");
-                ctx.outcome = Outcome::Rejected(reason);
-                respond::reject(session, reason).await?;
-                return Ok(true);
-            }
+            Err(e) => return refuse_carriers(session, ctx, e).await,
         };
 
         match ep {
@@ -323,24 +358,7 @@ impl Gateway {
         let now = now_ms();
         let gateway = self.gateway_identity(session, now).and_then(|r| r.ok());
         let head = session.req_header();
-        let mut upstream_head = head.clone();
-        let host = super::host_of(head).map(str::to_string);
-        forward::rewrite(
-            &mut upstream_head,
-            &forward::ForwardFacts {
-                client_ip: &ctx.client_ip,
-                proto: self.proto,
-                host: host.as_deref(),
-                request_id: &ctx.request_id,
-                identity: None,
-                identity_header: None,
-                media: true,
-            },
-        )?;
-        let mut headers = upstream_head.headers.clone();
-        for name in NOT_FORWARDED {
-            headers.remove(name);
-        }
+        let mut headers = self.own_request_headers(session, ctx)?;
         // Only encodings the gateway can read, so that the minted token can be found.
         let gzip_ok = headers
             .get_all(http::header::ACCEPT_ENCODING)

@@ -10,12 +10,12 @@
 use pingora::prelude::*;
 use pingora::proxy::Session;
 
-use super::{forward, respond, Gateway, Outcome, RequestCtx};
+use super::{respond, Gateway, Outcome, RequestCtx};
 use crate::app::media::MediaAnswer;
 use crate::app::plex::Resolution;
 use crate::app::{now_ms, ClientInfo};
 use crate::auth::{DenyReason, Identity};
-use crate::mediaserver::carrier::{self, CarrierError};
+use crate::mediaserver::carrier;
 use crate::mediaserver::endpoint;
 use crate::mediaserver::plex::{self, PlexEndpoint};
 use crate::metrics::RejectReason;
@@ -49,18 +49,7 @@ impl Gateway {
         let ep = plex::classify(&req.method, server_path, query);
         let carried = match carrier::extract_plex(&req.headers, query) {
             Ok(c) => c,
-            Err(e) => {
-                let reason = match e {
-                    CarrierError::TwoTokens => RejectReason::TwoTokens,
-                    CarrierError::BadField(_) | CarrierError::BadToken => {
-                        RejectReason::BadClientField
-                    }
-                };
-                tracing::debug!(request_id = %ctx.request_id, error = %e, "bad plex credentials");
-                ctx.outcome = Outcome::Rejected(reason);
-                respond::reject(session, reason).await?;
-                return Ok(true);
-            }
+            Err(e) => return super::media::refuse_carriers(session, ctx, e).await,
         };
         if ep == PlexEndpoint::Identity {
             ctx.outcome = Outcome::Public;
@@ -274,25 +263,8 @@ impl Gateway {
         identity: Identity,
         fields: carrier::ClientFields,
     ) -> Result<()> {
+        let mut headers = self.own_request_headers(session, ctx)?;
         let head = session.req_header();
-        let mut upstream_head = head.clone();
-        let host = super::host_of(head).map(str::to_string);
-        forward::rewrite(
-            &mut upstream_head,
-            &forward::ForwardFacts {
-                client_ip: &ctx.client_ip,
-                proto: self.proto,
-                host: host.as_deref(),
-                request_id: &ctx.request_id,
-                identity: None,
-                identity_header: None,
-                media: true,
-            },
-        )?;
-        let mut headers = upstream_head.headers.clone();
-        for name in super::media::NOT_FORWARDED {
-            headers.remove(name);
-        }
         headers.remove(http::header::ACCEPT_ENCODING);
         let method = head.method.clone();
         let path = head

@@ -190,6 +190,17 @@ fn set<const N: usize>(sids: [SessionId; N]) -> BTreeSet<SessionId> {
     sids.into_iter().collect()
 }
 
+/// The sessions that `events` revoke.
+fn revoked_sessions(events: &[SequencedEvent]) -> BTreeSet<SessionId> {
+    events
+        .iter()
+        .filter_map(|e| match e.event {
+            RevocationEvent::SessionRevoked { sid, .. } => Some(sid),
+            _ => None,
+        })
+        .collect()
+}
+
 // ---------------------------------------------------------------------------------------------
 // Revocation events
 
@@ -1688,13 +1699,7 @@ async fn backchannel_logout_ends_the_provider_session_once(f: Fixture) {
         .await
         .unwrap()
         .unwrap();
-    let ended: BTreeSet<SessionId> = events
-        .iter()
-        .filter_map(|e| match e.event {
-            RevocationEvent::SessionRevoked { sid, .. } => Some(sid),
-            _ => None,
-        })
-        .collect();
+    let ended = revoked_sessions(&events);
     assert_eq!(ended, set([web, media]));
     let live: BTreeSet<SessionId> = store
         .list_live_sessions(None, 30)
@@ -1997,13 +2002,7 @@ async fn unlinking_a_plex_account_or_revoking_a_device_ends_exactly_its_tokens(f
         .await
         .unwrap()
         .unwrap();
-    let ended: BTreeSet<SessionId> = events
-        .iter()
-        .filter_map(|e| match &e.event {
-            RevocationEvent::SessionRevoked { sid, .. } => Some(*sid),
-            _ => None,
-        })
-        .collect();
+    let ended = revoked_sessions(&events);
     assert_eq!(ended, set([phone]));
     assert!(store
         .revoke_plex_device("1001", "nope", 40)
@@ -2026,13 +2025,7 @@ async fn unlinking_a_plex_account_or_revoking_a_device_ends_exactly_its_tokens(f
         .await
         .unwrap()
         .unwrap();
-    let ended: BTreeSet<SessionId> = events
-        .iter()
-        .filter_map(|e| match &e.event {
-            RevocationEvent::SessionRevoked { sid, .. } => Some(*sid),
-            _ => None,
-        })
-        .collect();
+    let ended = revoked_sessions(&events);
     assert_eq!(ended, set([tv]));
     assert!(store
         .unlink_plex_account("1001", 60)

@@ -16,7 +16,6 @@ use super::{
     cross_site, forbidden_cross_site, identity, no_store, pages, redirect, store_unavailable,
     to_login, PageForm,
 };
-use crate::app::plex::PlexError;
 use crate::app::{now_ms, App, ClientInfo};
 use crate::auth::password::{check_policy, generate_password};
 use crate::auth::Identity;
@@ -351,14 +350,6 @@ pub(crate) struct PlexLinkForm {
     csrf: String,
 }
 
-/// What a refused Plex link or unlink tells the admin.
-fn plex_refused(e: PlexError) -> Response {
-    match e {
-        PlexError::Unavailable(s) => store_unavailable(&s.to_string()),
-        other => bad(&other.to_string()),
-    }
-}
-
 /// `POST /_portcullis/admin/plex/link`: links a Plex account to a gateway user.
 pub(crate) async fn plex_link(
     State(app): State<Arc<App>>,
@@ -375,7 +366,7 @@ pub(crate) async fn plex_link(
     }
     match app.plex_link(&form.account, user, "admin", &client).await {
         Ok(_) => redirect(&format!("{ADMIN_PATH}?done=plex-linked")),
-        Err(e) => plex_refused(e),
+        Err(e) => super::plex::plex_error(e, bad),
     }
 }
 
@@ -392,6 +383,6 @@ pub(crate) async fn plex_unlink(
     match app.plex_unlink(&form.account, "admin", &client).await {
         Ok(true) => redirect(&format!("{ADMIN_PATH}?done=plex-unlinked")),
         Ok(false) => bad("That Plex account is not linked."),
-        Err(e) => plex_refused(e),
+        Err(e) => super::plex::plex_error(e, bad),
     }
 }

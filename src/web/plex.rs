@@ -269,11 +269,17 @@ fn refused(status: StatusCode, text: &str) -> Response {
     )
 }
 
-fn plex_error(e: PlexError) -> Response {
+/// A Plex action that failed: 503 when the store is down, else `refuse` with the reason (a 400
+/// page that leads back to where the form was).
+pub(super) fn plex_error(e: PlexError, refuse: impl FnOnce(&str) -> Response) -> Response {
     match e {
         PlexError::Unavailable(s) => store_unavailable(&s.to_string()),
-        other => refused(StatusCode::BAD_REQUEST, &other.to_string()),
+        other => refuse(&other.to_string()),
     }
+}
+
+fn not_changed(text: &str) -> Response {
+    refused(StatusCode::BAD_REQUEST, text)
 }
 
 /// The password (and the code, with a second factor) of the signed-in user.
@@ -331,7 +337,7 @@ pub(crate) async fn link(
         .await
     {
         Ok(_) => redirect(&format!("{ACCOUNT_PATH}?done=plex-linked")),
-        Err(e) => plex_error(e),
+        Err(e) => plex_error(e, not_changed),
     }
 }
 
@@ -358,7 +364,7 @@ pub(crate) async fn unlink(
     }
     match app.plex_unlink(&form.account, "user", &client).await {
         Ok(_) => redirect(&format!("{ACCOUNT_PATH}?done=plex-unlinked")),
-        Err(e) => plex_error(e),
+        Err(e) => plex_error(e, not_changed),
     }
 }
 
@@ -392,7 +398,7 @@ pub(crate) async fn approve(
         .await
     {
         Ok(()) => redirect(&format!("{ACCOUNT_PATH}?done=plex-approved")),
-        Err(e) => plex_error(e),
+        Err(e) => plex_error(e, not_changed),
     }
 }
 
@@ -412,6 +418,6 @@ pub(crate) async fn revoke(
         .await
     {
         Ok(()) => redirect(&format!("{ACCOUNT_PATH}?done=plex-revoked")),
-        Err(e) => plex_error(e),
+        Err(e) => plex_error(e, not_changed),
     }
 }
