@@ -5,6 +5,7 @@
 
 pub mod account;
 pub mod media;
+pub mod passkey;
 pub mod plex;
 pub mod sso;
 
@@ -73,6 +74,8 @@ pub enum StartError {
     Metrics(#[from] prometheus::Error),
     #[error("single sign-on: {0}")]
     Oidc(#[from] crate::oidc::OidcError),
+    #[error("{0}")]
+    Passkeys(String),
 }
 
 /// Why a login (or one of its steps) did not go ahead.
@@ -96,6 +99,8 @@ pub enum LoginError {
     PasswordResetRequired,
     #[error("two-factor authentication must be set up before signing in")]
     EnrollmentRequired,
+    #[error("this account signs in with a passkey only: use \"Sign in with a passkey\"")]
+    PasskeyRequired,
     #[error("{0}")]
     Policy(#[from] crate::auth::password::PolicyError),
     #[error("the account store is unavailable")]
@@ -116,6 +121,7 @@ impl LoginError {
             LoginError::RestartLogin => "restart_login",
             LoginError::PasswordResetRequired => "password_reset_required",
             LoginError::EnrollmentRequired => "second_factor_enrollment_required",
+            LoginError::PasskeyRequired => "passkey_required",
             LoginError::Policy(_) => "password_policy",
             LoginError::Unavailable(_) => "store_unavailable",
             LoginError::Internal => "internal_error",
@@ -252,6 +258,12 @@ impl App {
     /// Opens the store, loads (or creates) the keys and builds the view from the store.
     pub async fn open(config: Config) -> Result<Arc<App>, StartError> {
         let store = store::open(config.store.url.expose(), config.store.busy_timeout).await?;
+        if let Some(problem) = passkey::rp_id_conflict(&store, &config.webauthn.rp_id).await? {
+            return Err(StartError::Passkeys(format!(
+                "{}: key `webauthn.rp_id`: {problem}",
+                config.source.display()
+            )));
+        }
         let ring = Keyring::load(&config.session, &config.server.public_url, true)?;
         let secrets = SecretsKey::load(&config.auth.secrets_key_file, true)?;
         let hasher = Hasher::new(&config.password)?;
@@ -649,6 +661,19 @@ impl App {
                 .await;
             return Err(LoginError::Disabled);
         }
+        let passkeys = self.passkey_count(&user).await?;
+        // Once a user who must use a passkey has one, their password alone opens nothing (until
+        // then it lets them in to register one).
+        if passkeys > 0 && self.passkey_required(&user) {
+            self.audit(self.audit_entry(
+                "login",
+                "passkey_required",
+                Some((user.id, &user.name)),
+                client,
+            ))
+            .await;
+            return Err(LoginError::PasskeyRequired);
+        }
         let mut amr = vec!["pwd".to_string()];
         if user.totp_enabled {
             match (code, channel) {
@@ -661,6 +686,9 @@ impl App {
                     return self.pending(&user, PendingStage::Totp, None);
                 }
             }
+        } else if passkeys > 0 && channel == Channel::Form {
+            // A passkey is a second factor too: after the password, the step asks for it.
+            return self.pending(&user, PendingStage::Totp, None);
         }
         self.after_factors(&user, amr, channel, kind, client, None)
             .await
@@ -684,7 +712,8 @@ impl App {
                 Require2fa::Off => false,
                 Require2fa::Admins => user.is_admin,
                 Require2fa::All => true,
-            };
+            }
+            && self.passkey_count(user).await? == 0;
         if must_enroll {
             return match channel {
                 Channel::Api => Err(LoginError::EnrollmentRequired),
@@ -734,6 +763,15 @@ impl App {
         }
         self.audit(e).await;
         Ok(ok)
+    }
+
+    /// How many passkeys the user has (each is a second factor).
+    async fn passkey_count(&self, user: &User) -> Result<usize, LoginError> {
+        self.store
+            .passkeys_of(user.id)
+            .await
+            .map(|p| p.len())
+            .map_err(|e| LoginError::Unavailable(self.store_error("find_user", e)))
     }
 
     fn pending(

@@ -141,12 +141,22 @@ struct FileConfig {
     route: Vec<FileRoute>,
     #[serde(default)]
     oidc: Vec<oidc::FileOidc>,
+    #[serde(default)]
+    webauthn: FileWebauthn,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileWebauthn {
+    rp_id: Option<String>,
+    rp_name: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FileAuth {
     require_2fa: Option<String>,
+    require_passkey: Option<String>,
     max_failures: Option<u32>,
     #[serde(default, with = "humantime_serde")]
     lockout: Option<Duration>,
@@ -274,6 +284,26 @@ pub struct Config {
     pub routes: Vec<Route>,
     /// Single sign-on providers (`[[oidc]]`).
     pub oidc: Vec<OidcProviderConfig>,
+    /// Passkeys' relying party (`[webauthn]`).
+    pub webauthn: WebauthnConfig,
+}
+
+/// The WebAuthn relying party: its id (the public URL's host, or a domain it is under, for
+/// several hostnames under one domain), its display name and the one origin passkeys answer
+/// for (the public URL's).
+#[derive(Debug, Clone)]
+pub struct WebauthnConfig {
+    pub rp_id: String,
+    pub rp_name: String,
+    pub origin: url::Url,
+}
+
+/// Who must sign in with a passkey (password login refused).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequirePasskey {
+    Off,
+    Admins,
+    All,
 }
 
 /// Who must use a second factor.
@@ -287,6 +317,7 @@ pub enum Require2fa {
 #[derive(Debug, Clone)]
 pub struct AuthConfig {
     pub require_2fa: Require2fa,
+    pub require_passkey: RequirePasskey,
     /// Consecutive failed logins (password or code) after which an account locks.
     pub max_failures: u32,
     pub lockout: Duration,
@@ -645,6 +676,7 @@ impl Validator {
         let log = self.log(raw.log)?;
         let auth = self.auth(raw.auth)?;
         let oidc = self.oidc(raw.oidc)?;
+        let webauthn = self.webauthn(raw.webauthn, &server.public_url)?;
         if !auth.password_form && oidc.is_empty() {
             return Err(self.err(
                 "auth.password_form",
@@ -688,10 +720,55 @@ impl Validator {
             auth,
             routes,
             oidc,
+            webauthn,
+        })
+    }
+
+    fn webauthn(&self, w: FileWebauthn, public_url: &str) -> Result<WebauthnConfig, ConfigError> {
+        let origin = url::Url::parse(public_url)
+            .map_err(|e| self.err("server.public_url", format!("`{public_url}`: {e}")))?;
+        let host = origin.host_str().unwrap_or_default().to_ascii_lowercase();
+        let rp_id = match w.rp_id {
+            Some(id) => id.trim().trim_end_matches('.').to_ascii_lowercase(),
+            None => host.clone(),
+        };
+        let is_ip = host.parse::<std::net::IpAddr>().is_ok() || host.starts_with('[');
+        // A parent domain, never a bare top-level one (`localhost` is a domain of its own).
+        let under = !is_ip
+            && (rp_id.contains('.') || rp_id == "localhost")
+            && host.ends_with(&format!(".{rp_id}"));
+        if rp_id != host && !under {
+            return Err(self.err(
+                "webauthn.rp_id",
+                format!(
+                    "`{rp_id}` must be the public URL's host `{host}` or a domain it is under \
+                     (such as example.com for media.example.com)"
+                ),
+            ));
+        }
+        let rp_name = w.rp_name.unwrap_or_else(|| "Portcullis".to_string());
+        if rp_name.trim().is_empty() || rp_name.chars().count() > 64 {
+            return Err(self.err("webauthn.rp_name", "must be 1 to 64 characters"));
+        }
+        Ok(WebauthnConfig {
+            rp_id,
+            rp_name,
+            origin,
         })
     }
 
     fn auth(&self, a: FileAuth) -> Result<AuthConfig, ConfigError> {
+        let require_passkey = match a.require_passkey.as_deref().unwrap_or("off") {
+            "off" => RequirePasskey::Off,
+            "admins" => RequirePasskey::Admins,
+            "all" => RequirePasskey::All,
+            other => {
+                return Err(self.err(
+                    "auth.require_passkey",
+                    format!("`{other}` is not off, admins or all"),
+                ))
+            }
+        };
         let require_2fa = match a.require_2fa.as_deref().unwrap_or("off") {
             "off" => Require2fa::Off,
             "admins" => Require2fa::Admins,
@@ -741,6 +818,7 @@ impl Validator {
         Ok(AuthConfig {
             password_form,
             require_2fa,
+            require_passkey,
             max_failures,
             lockout,
             ip_max_failures,

@@ -43,6 +43,7 @@ pub const OIDC_BACKCHANNEL_LOGOUTS_TOTAL: &str = "portcullis_oidc_backchannel_lo
 pub const OIDC_LINKS_TOTAL: &str = "portcullis_oidc_links_total";
 pub const MEDIA_RESOLUTIONS_TOTAL: &str = "portcullis_media_resolutions_total";
 pub const MEDIA_LINKS_TOTAL: &str = "portcullis_media_links_total";
+pub const PASSKEYS_TOTAL: &str = "portcullis_passkeys_total";
 pub const CONFIG_RELOADS_TOTAL: &str = "portcullis_config_reloads_total";
 pub const CONFIG_LOADED_TIMESTAMP: &str = "portcullis_config_loaded_timestamp_seconds";
 pub const CONFIG_LAST_RELOAD_SUCCESSFUL: &str = "portcullis_config_last_reload_successful";
@@ -81,6 +82,7 @@ pub const ALL_FAMILIES: &[&str] = &[
     OIDC_LINKS_TOTAL,
     MEDIA_RESOLUTIONS_TOTAL,
     MEDIA_LINKS_TOTAL,
+    PASSKEYS_TOTAL,
     CONFIG_RELOADS_TOTAL,
     CONFIG_LOADED_TIMESTAMP,
     CONFIG_LAST_RELOAD_SUCCESSFUL,
@@ -120,6 +122,7 @@ pub enum Family {
     OidcLinks,
     MediaResolutions,
     MediaLinks,
+    Passkeys,
 }
 
 /// The results of a gateway login (`LoginError` labels, and success or a step still owed).
@@ -135,6 +138,7 @@ const GATEWAY_LOGIN_RESULTS: &[&str] = &[
     "restart_login",
     "password_reset_required",
     "second_factor_enrollment_required",
+    "passkey_required",
     "password_policy",
     "store_unavailable",
     "internal_error",
@@ -150,6 +154,19 @@ const MEDIA_LOGIN_RESULTS: &[&str] = &[
     "unreadable_answer",
     "no_gateway_user",
     "user_mismatch",
+];
+
+/// Results only a passkey sign-in has (`PasskeyError` labels).
+const PASSKEY_LOGIN_RESULTS: &[&str] = &[
+    "expired_ceremony",
+    "malformed_response",
+    "wrong_origin",
+    "wrong_rp_id",
+    "user_not_verified",
+    "unknown_credential",
+    "possible_clone",
+    "bad_signature",
+    "refused",
 ];
 
 /// Store operations that can fail (`portcullis_store_errors_total{operation}`).
@@ -229,7 +246,7 @@ const BACKCHANNEL_RESULTS: &[&str] = &[
 ];
 
 impl Family {
-    pub const ALL: [Family; 14] = [
+    pub const ALL: [Family; 15] = [
         Family::Logins,
         Family::SecondFactor,
         Family::StoreErrors,
@@ -244,6 +261,7 @@ impl Family {
         Family::OidcLinks,
         Family::MediaResolutions,
         Family::MediaLinks,
+        Family::Passkeys,
     ];
 
     pub fn name(self) -> &'static str {
@@ -262,6 +280,7 @@ impl Family {
             Family::OidcLinks => OIDC_LINKS_TOTAL,
             Family::MediaResolutions => MEDIA_RESOLUTIONS_TOTAL,
             Family::MediaLinks => MEDIA_LINKS_TOTAL,
+            Family::Passkeys => PASSKEYS_TOTAL,
         }
     }
 
@@ -272,12 +291,25 @@ impl Family {
             Family::Logins => &[
                 Values(
                     "method",
-                    &[&["password", "api", "media_password", "quick_connect"]],
+                    &[&[
+                        "password",
+                        "api",
+                        "media_password",
+                        "quick_connect",
+                        "passkey",
+                    ]],
                 ),
-                Values("result", &[GATEWAY_LOGIN_RESULTS, MEDIA_LOGIN_RESULTS]),
+                Values(
+                    "result",
+                    &[
+                        GATEWAY_LOGIN_RESULTS,
+                        MEDIA_LOGIN_RESULTS,
+                        PASSKEY_LOGIN_RESULTS,
+                    ],
+                ),
             ],
             Family::SecondFactor => &[
-                Values("method", &[&["totp", "recovery_code"]]),
+                Values("method", &[&["totp", "recovery_code", "passkey"]]),
                 Values("result", &[&["success", "failure"]]),
             ],
             Family::StoreErrors => &[Values("operation", &[STORE_OPERATIONS])],
@@ -360,6 +392,10 @@ impl Family {
                     ]],
                 ),
             ],
+            Family::Passkeys => &[Values(
+                "event",
+                &[&["registered", "removed", "clone_warning"]],
+            )],
         }
     }
 
@@ -623,6 +659,8 @@ pub struct Metrics {
     media_resolutions: IntCounterVec,
     /// Media account links, device approvals and upstream revocations, by kind and action.
     media_links: IntCounterVec,
+    /// Passkeys registered and removed, and clone warnings.
+    passkeys: IntCounterVec,
     /// 1 when the route's upstream answered its last probe (at start, or for `/readyz`).
     pub upstream_up: IntGaugeVec,
 }
@@ -806,6 +844,15 @@ impl Metrics {
         )?;
         registry.register(Box::new(media_resolutions.clone()))?;
         registry.register(Box::new(media_links.clone()))?;
+        let passkeys = IntCounterVec::new(
+            Opts::new(
+                PASSKEYS_TOTAL,
+                "Passkeys registered and removed, and sign-ins refused because a passkey's \
+                 signature counter did not move forward (a possibly copied credential).",
+            ),
+            &["event"],
+        )?;
+        registry.register(Box::new(passkeys.clone()))?;
         let upstream_up = IntGaugeVec::new(
             Opts::new(
                 UPSTREAM_UP,
@@ -924,6 +971,7 @@ impl Metrics {
             oidc_links,
             media_resolutions,
             media_links,
+            passkeys,
             upstream_up,
         };
         metrics.show_at_zero(&[]);
@@ -987,6 +1035,7 @@ impl Metrics {
             Family::OidcLinks => &self.oidc_links,
             Family::MediaResolutions => &self.media_resolutions,
             Family::MediaLinks => &self.media_links,
+            Family::Passkeys => &self.passkeys,
             Family::ActiveSessions => unreachable!("{} is a gauge", family.name()),
         };
         vec.with_label_values(values)

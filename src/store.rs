@@ -250,6 +250,52 @@ pub struct PlexAccount {
     pub last_seen_ms: i64,
 }
 
+/// A registered passkey (WebAuthn credential) of a user.
+#[derive(Clone, Debug, PartialEq, Eq, sqlx::FromRow)]
+pub struct PasskeyRecord {
+    pub id: i64,
+    pub user_id: i64,
+    /// The credential id, base64url without padding.
+    pub cred_id: String,
+    /// The relying-party id it was registered for.
+    pub rp_id: String,
+    pub label: String,
+    /// The authenticator model's AAGUID (empty when unknown).
+    pub aaguid: String,
+    /// webauthn-rs's credential (public key, counter, flags) as JSON.
+    pub credential: String,
+    pub counter: i64,
+    pub created_ms: i64,
+    pub last_used_ms: Option<i64>,
+    /// When a signature counter that did not move forward was seen: a possibly copied credential.
+    pub clone_warning_ms: Option<i64>,
+}
+
+/// A passkey to register.
+#[derive(Clone, Debug)]
+pub struct NewPasskey {
+    pub user_id: i64,
+    pub cred_id: String,
+    pub rp_id: String,
+    pub label: String,
+    pub aaguid: String,
+    pub credential: String,
+    pub counter: i64,
+    pub created_ms: i64,
+}
+
+/// A WebAuthn ceremony in flight: webauthn-rs's state for one registration or sign-in, kept
+/// server-side and taken back once.
+#[derive(Clone, Debug, PartialEq, Eq, sqlx::FromRow)]
+pub struct Ceremony {
+    pub id: String,
+    /// `register`, `login` or `second_factor`.
+    pub purpose: String,
+    pub user_id: Option<i64>,
+    pub state: String,
+    pub expires_ms: i64,
+}
+
 /// A Plex app install (`X-Plex-Client-Identifier`) of one Plex account.
 #[derive(Clone, Debug, PartialEq, Eq, sqlx::FromRow)]
 pub struct PlexDevice {
@@ -784,6 +830,46 @@ pub trait Store: Send + Sync + 'static {
         l: &BackchannelLogout,
         now_ms: i64,
     ) -> StoreResult<Option<Vec<SequencedEvent>>>;
+
+    /// The user's WebAuthn user handle; `candidate` becomes it if the user has none yet.
+    async fn passkey_handle(&self, user_id: i64, candidate: &str) -> StoreResult<String>;
+    /// The user a WebAuthn user handle belongs to.
+    async fn passkey_user(&self, handle: &str) -> StoreResult<Option<i64>>;
+    /// Registers a passkey; a credential id registered to anyone already is a `Conflict`.
+    async fn add_passkey(&self, p: &NewPasskey) -> StoreResult<i64>;
+    /// A passkey by its credential id (base64url).
+    async fn find_passkey(&self, cred_id: &str) -> StoreResult<Option<PasskeyRecord>>;
+    /// A user's passkeys, oldest first.
+    async fn passkeys_of(&self, user_id: i64) -> StoreResult<Vec<PasskeyRecord>>;
+    /// Records a sign-in with a passkey whose counter was `before` when it was read: stores the
+    /// updated credential and counter, only if the counter moved forward since (or both are 0,
+    /// for authenticators without a counter). `false`: it did not (a possible clone).
+    async fn record_passkey_use(
+        &self,
+        id: i64,
+        before: i64,
+        credential: &str,
+        counter: i64,
+        now_ms: i64,
+    ) -> StoreResult<bool>;
+    /// Flags a passkey whose counter did not move forward.
+    async fn flag_passkey_clone(&self, id: i64, now_ms: i64) -> StoreResult<()>;
+    /// Renames one of the user's passkeys; `false` if they have no such passkey.
+    async fn rename_passkey(&self, user_id: i64, id: i64, label: &str) -> StoreResult<bool>;
+    /// Removes one of the user's passkeys; `false` if they have no such passkey.
+    async fn remove_passkey(&self, user_id: i64, id: i64) -> StoreResult<bool>;
+    /// The relying-party ids passkeys are registered for.
+    async fn passkey_rp_ids(&self) -> StoreResult<Vec<String>>;
+    /// Keeps a ceremony's state (and drops ceremonies expired by `now_ms`).
+    async fn put_ceremony(&self, c: &Ceremony, now_ms: i64) -> StoreResult<()>;
+    /// Takes a ceremony back for `purpose`, deleting it in the same statement: a second take
+    /// finds nothing. An expired ceremony is deleted and not returned.
+    async fn take_ceremony(
+        &self,
+        id: &str,
+        purpose: &str,
+        now_ms: i64,
+    ) -> StoreResult<Option<Ceremony>>;
 
     /// Records a Plex account met now (inserted, or its names and last-seen time updated) and
     /// returns it as it stands.

@@ -7,6 +7,7 @@
 mod account;
 mod admin;
 mod login;
+mod passkey;
 mod plex;
 pub(crate) use login::ambiguous_login_page;
 pub(crate) mod pages;
@@ -92,6 +93,39 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/_portcullis/account/plex/unlink", post(plex::unlink))
         .route("/_portcullis/account/plex/approve", post(plex::approve))
         .route("/_portcullis/account/plex/revoke", post(plex::revoke))
+        .route("/_portcullis/passkey.js", get(passkey::script))
+        .route(
+            "/_portcullis/passkey/login/start",
+            post(passkey::login_start),
+        )
+        .route(
+            "/_portcullis/passkey/login/finish",
+            post(passkey::login_finish),
+        )
+        .route(
+            "/_portcullis/passkey/second-factor/start",
+            post(passkey::second_start),
+        )
+        .route(
+            "/_portcullis/passkey/second-factor/finish",
+            post(passkey::second_finish),
+        )
+        .route(
+            "/_portcullis/account/passkeys/start",
+            post(passkey::add_start),
+        )
+        .route(
+            "/_portcullis/account/passkeys/finish",
+            post(passkey::add_finish),
+        )
+        .route(
+            "/_portcullis/account/passkeys/rename",
+            post(passkey::rename),
+        )
+        .route(
+            "/_portcullis/account/passkeys/remove",
+            post(passkey::remove),
+        )
         .route("/_portcullis/admin", get(admin::page))
         .route("/_portcullis/admin/users", post(admin::add_user))
         .route("/_portcullis/admin/users/action", post(admin::user_action))

@@ -247,8 +247,8 @@ pub async fn verified(session: &mut Session, user: &str) -> Result<()> {
 }
 
 /// The content-security policy of the gateway's pages: inline styles, nothing else loaded.
-const PAGE_CSP: &str = "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; \
-frame-ancestors 'none'; base-uri 'none'";
+const PAGE_CSP: &str = "default-src 'none'; style-src 'unsafe-inline'; script-src 'self'; \
+connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'";
 
 /// The headers of a gateway page the proxy builds itself (the router's pages get the same in
 /// [`page`]).

@@ -88,7 +88,28 @@ impl Reloader {
             routes_added: Vec::new(),
             routes_removed: Vec::new(),
         };
-        let result = match self.prepare(&running, &path) {
+        let mut prepared = self.prepare(&running, &path);
+        if let Ok((p, _)) = &prepared {
+            let rp_id = &p.config.webauthn.rp_id;
+            if *rp_id != running.webauthn.rp_id {
+                match crate::app::passkey::rp_id_conflict(&self.app.store, rp_id).await {
+                    Ok(None) => {}
+                    Ok(Some(problem)) => {
+                        prepared = Err(format!(
+                            "{}: key `webauthn.rp_id`: {problem}",
+                            path.display()
+                        ))
+                    }
+                    Err(e) => {
+                        prepared = Err(format!(
+                            "{}: key `webauthn.rp_id`: the passkeys cannot be checked: {e}",
+                            path.display()
+                        ))
+                    }
+                }
+            }
+        }
+        let result = match prepared {
             Err(message) => {
                 tracing::error!(file = %path.display(), error = %message, "configuration reload refused: the running configuration stays in force");
                 status.error = message;

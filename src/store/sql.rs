@@ -13,10 +13,10 @@ use tokio::sync::watch;
 
 use super::dialect::Dialect;
 use super::{
-    Announcement, AuditEntry, BackchannelLogout, MediaNote, MediaTokenRow, NewMediaBinding,
-    NewSession, OidcLink, OidcSession, OwedLogout, PlexAccount, PlexDevice, ResetLinkState,
-    RevocationEvent, SequencedEvent, SessionId, SessionKind, SessionRecord, Snapshot, Store,
-    StoreError, StoreResult, User,
+    Announcement, AuditEntry, BackchannelLogout, Ceremony, MediaNote, MediaTokenRow,
+    NewMediaBinding, NewPasskey, NewSession, OidcLink, OidcSession, OwedLogout, PasskeyRecord,
+    PlexAccount, PlexDevice, ResetLinkState, RevocationEvent, SequencedEvent, SessionId,
+    SessionKind, SessionRecord, Snapshot, Store, StoreError, StoreResult, User,
 };
 
 pub(super) const KIND_SESSION: &str = "session_revoked";
@@ -34,6 +34,8 @@ const USER_COLUMNS: &str = "id, name, password_hash, is_admin, disabled, created
 const PLEX_ACCOUNT_SELECT: &str = "SELECT p.account_id, p.username, p.title, p.user_id,
      u.name AS user_name, p.linked_ms, p.offered_user_id, p.first_seen_ms, p.last_seen_ms
      FROM plex_accounts p LEFT JOIN users u ON u.id = p.user_id";
+const PASSKEY_SELECT: &str = "SELECT id, user_id, cred_id, rp_id, label, aaguid, credential,
+     counter, created_ms, last_used_ms, clone_warning_ms FROM passkeys";
 const PLEX_DEVICE_SELECT: &str = "SELECT account_id, client_id, product, device_name, platform, ip,
      first_seen_ms, last_seen_ms, approved_ms FROM plex_devices";
 
@@ -1038,6 +1040,123 @@ where
         .execute(&self.pool)
         .await?;
         Ok(D::rows_affected(&done) > 0)
+    }
+
+    async fn passkey_handle(&self, user_id: i64, candidate: &str) -> StoreResult<String> {
+        query!("INSERT INTO passkey_users (user_id, handle) VALUES ($1, $2)
+                ON CONFLICT (user_id) DO NOTHING"; user_id, candidate)
+        .execute(&self.pool)
+        .await?;
+        Ok(
+            query_scalar!("SELECT handle FROM passkey_users WHERE user_id = $1"; user_id)
+                .fetch_one(&self.pool)
+                .await?,
+        )
+    }
+
+    async fn passkey_user(&self, handle: &str) -> StoreResult<Option<i64>> {
+        Ok(
+            query_scalar!("SELECT user_id FROM passkey_users WHERE handle = $1"; handle)
+                .fetch_optional(&self.pool)
+                .await?,
+        )
+    }
+
+    async fn add_passkey(&self, p: &NewPasskey) -> StoreResult<i64> {
+        query_scalar!("INSERT INTO passkeys (user_id, cred_id, rp_id, label, aaguid, credential,
+                counter, created_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING id";
+                p.user_id, &p.cred_id, &p.rp_id, &p.label, &p.aaguid, &p.credential, p.counter,
+                p.created_ms)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(|e| {
+            if is_unique_violation(&e) {
+                StoreError::Conflict("the credential is registered already".into())
+            } else {
+                unavailable(e)
+            }
+        })
+    }
+
+    async fn find_passkey(&self, cred_id: &str) -> StoreResult<Option<PasskeyRecord>> {
+        let sql = format!("{PASSKEY_SELECT} WHERE cred_id = $1");
+        Ok(query_as!(&sql; cred_id).fetch_optional(&self.pool).await?)
+    }
+
+    async fn passkeys_of(&self, user_id: i64) -> StoreResult<Vec<PasskeyRecord>> {
+        let sql = format!("{PASSKEY_SELECT} WHERE user_id = $1 ORDER BY id");
+        Ok(query_as!(&sql; user_id).fetch_all(&self.pool).await?)
+    }
+
+    async fn record_passkey_use(
+        &self,
+        id: i64,
+        before: i64,
+        credential: &str,
+        counter: i64,
+        now_ms: i64,
+    ) -> StoreResult<bool> {
+        let done = query!("UPDATE passkeys SET credential = $1, counter = $2, last_used_ms = $3
+                           WHERE id = $4 AND counter = $5 AND ($2 > $5 OR $2 = 0)";
+                          credential, counter, now_ms, id, before)
+        .execute(&self.pool)
+        .await?;
+        Ok(D::rows_affected(&done) > 0)
+    }
+
+    async fn flag_passkey_clone(&self, id: i64, now_ms: i64) -> StoreResult<()> {
+        query!("UPDATE passkeys SET clone_warning_ms = $1 WHERE id = $2"; now_ms, id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn rename_passkey(&self, user_id: i64, id: i64, label: &str) -> StoreResult<bool> {
+        let done = query!("UPDATE passkeys SET label = $1 WHERE id = $2 AND user_id = $3";
+                          label, id, user_id)
+        .execute(&self.pool)
+        .await?;
+        Ok(D::rows_affected(&done) > 0)
+    }
+
+    async fn remove_passkey(&self, user_id: i64, id: i64) -> StoreResult<bool> {
+        let done = query!("DELETE FROM passkeys WHERE id = $1 AND user_id = $2"; id, user_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(D::rows_affected(&done) > 0)
+    }
+
+    async fn passkey_rp_ids(&self) -> StoreResult<Vec<String>> {
+        Ok(
+            query_scalar!("SELECT DISTINCT rp_id FROM passkeys ORDER BY rp_id";)
+                .fetch_all(&self.pool)
+                .await?,
+        )
+    }
+
+    async fn put_ceremony(&self, c: &Ceremony, now_ms: i64) -> StoreResult<()> {
+        query!("DELETE FROM webauthn_ceremonies WHERE expires_ms <= $1"; now_ms)
+            .execute(&self.pool)
+            .await?;
+        query!("INSERT INTO webauthn_ceremonies (id, purpose, user_id, state, expires_ms)
+                VALUES ($1, $2, $3, $4, $5)"; &c.id, &c.purpose, c.user_id, &c.state, c.expires_ms)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn take_ceremony(
+        &self,
+        id: &str,
+        purpose: &str,
+        now_ms: i64,
+    ) -> StoreResult<Option<Ceremony>> {
+        let taken: Option<Ceremony> = query_as!(
+            "DELETE FROM webauthn_ceremonies WHERE id = $1 AND purpose = $2
+             RETURNING id, purpose, user_id, state, expires_ms"; id, purpose)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(taken.filter(|c| c.expires_ms > now_ms))
     }
 
     async fn note_plex_account(

@@ -1843,6 +1843,114 @@ fn plex_binding(user_id: i64, token: &str, account_id: &str, client_id: &str) ->
     }
 }
 
+fn new_passkey(user_id: i64, cred_id: &str, counter: i64) -> NewPasskey {
+    NewPasskey {
+        user_id,
+        cred_id: cred_id.to_string(),
+        rp_id: "media.example".into(),
+        label: "Phone".into(),
+        aaguid: String::new(),
+        credential: format!("{{\"counter\":{counter}}}"),
+        counter,
+        created_ms: 5,
+    }
+}
+
+async fn passkeys_are_unique_per_credential_and_a_use_needs_a_counter_that_moved_forward(
+    f: Fixture,
+) {
+    let store = &f.store;
+    let alice = user(store, "alice").await;
+    let bob = user(store, "bob").await;
+    // The user handle is made once and found again.
+    let h = store.passkey_handle(alice.id, "handle-a").await.unwrap();
+    assert_eq!(h, "handle-a");
+    assert_eq!(
+        store.passkey_handle(alice.id, "other").await.unwrap(),
+        "handle-a"
+    );
+    assert_eq!(
+        store.passkey_user("handle-a").await.unwrap(),
+        Some(alice.id)
+    );
+    assert_eq!(store.passkey_user("other").await.unwrap(), None);
+    let id = store
+        .add_passkey(&new_passkey(alice.id, "cred-1", 0))
+        .await
+        .unwrap();
+    // One credential id, one account.
+    assert!(matches!(
+        store.add_passkey(&new_passkey(bob.id, "cred-1", 0)).await,
+        Err(StoreError::Conflict(_))
+    ));
+    let found = store.find_passkey("cred-1").await.unwrap().unwrap();
+    assert_eq!((found.id, found.user_id, found.counter), (id, alice.id, 0));
+    assert_eq!(store.passkey_rp_ids().await.unwrap(), vec!["media.example"]);
+    // A use is recorded only when the counter moves forward from what was read (0 stays 0 for
+    // authenticators without a counter).
+    assert!(store.record_passkey_use(id, 0, "{}", 0, 10).await.unwrap());
+    assert!(store
+        .record_passkey_use(id, 0, "{\"c\":3}", 3, 20)
+        .await
+        .unwrap());
+    assert!(!store.record_passkey_use(id, 3, "{}", 3, 30).await.unwrap());
+    assert!(!store.record_passkey_use(id, 3, "{}", 2, 30).await.unwrap());
+    // A stale read (another sign-in moved it meanwhile) records nothing.
+    assert!(!store.record_passkey_use(id, 0, "{}", 4, 30).await.unwrap());
+    let now = store.find_passkey("cred-1").await.unwrap().unwrap();
+    assert_eq!(
+        (now.counter, now.credential.as_str(), now.last_used_ms),
+        (3, "{\"c\":3}", Some(20))
+    );
+    store.flag_passkey_clone(id, 40).await.unwrap();
+    assert_eq!(
+        store.passkeys_of(alice.id).await.unwrap()[0].clone_warning_ms,
+        Some(40)
+    );
+    // Renamed and removed only by their owner.
+    assert!(!store.rename_passkey(bob.id, id, "Mine").await.unwrap());
+    assert!(store.rename_passkey(alice.id, id, "Laptop").await.unwrap());
+    assert!(!store.remove_passkey(bob.id, id).await.unwrap());
+    assert_eq!(
+        store.passkeys_of(alice.id).await.unwrap()[0].label,
+        "Laptop"
+    );
+    assert!(store.remove_passkey(alice.id, id).await.unwrap());
+    assert!(store.passkeys_of(alice.id).await.unwrap().is_empty());
+    assert!(store.passkey_rp_ids().await.unwrap().is_empty());
+}
+
+async fn a_ceremony_is_taken_back_once_for_its_purpose_and_not_after_it_expired(f: Fixture) {
+    let store = &f.store;
+    let alice = user(store, "alice").await;
+    let ceremony = |id: &str, expires_ms| Ceremony {
+        id: id.into(),
+        purpose: "login".into(),
+        user_id: Some(alice.id),
+        state: "{}".into(),
+        expires_ms,
+    };
+    store.put_ceremony(&ceremony("c1", 100), 10).await.unwrap();
+    store.put_ceremony(&ceremony("c2", 100), 10).await.unwrap();
+    // Another purpose takes nothing (and leaves it).
+    assert_eq!(
+        store.take_ceremony("c1", "register", 20).await.unwrap(),
+        None
+    );
+    assert_eq!(
+        store.take_ceremony("c1", "login", 20).await.unwrap(),
+        Some(ceremony("c1", 100))
+    );
+    assert_eq!(store.take_ceremony("c1", "login", 20).await.unwrap(), None);
+    // Expired: gone, and not returned.
+    assert_eq!(store.take_ceremony("c2", "login", 100).await.unwrap(), None);
+    assert_eq!(store.take_ceremony("c2", "login", 50).await.unwrap(), None);
+    // Keeping a new one drops the expired ones.
+    store.put_ceremony(&ceremony("c3", 100), 10).await.unwrap();
+    store.put_ceremony(&ceremony("c4", 300), 200).await.unwrap();
+    assert_eq!(store.take_ceremony("c3", "login", 50).await.unwrap(), None);
+}
+
 async fn plex_accounts_are_met_offered_linked_once_and_found_by_id_or_name(f: Fixture) {
     let store = &f.store;
     let alice = user(store, "alice").await;
@@ -2079,6 +2187,8 @@ macro_rules! suite {
 
 suite! {
     both: [
+        passkeys_are_unique_per_credential_and_a_use_needs_a_counter_that_moved_forward,
+        a_ceremony_is_taken_back_once_for_its_purpose_and_not_after_it_expired,
         plex_accounts_are_met_offered_linked_once_and_found_by_id_or_name,
         unlinking_a_plex_account_or_revoking_a_device_ends_exactly_its_tokens,
         revocation_events_are_sequenced_and_in_snapshot,

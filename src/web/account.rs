@@ -114,6 +114,10 @@ pub(crate) async fn page(
         Ok(p) => p,
         Err(e) => return store_unavailable(&e.to_string()),
     };
+    let passkeys = match app.passkeys_of(user.id).await {
+        Ok(p) => super::passkey::section(&user, &p, &csrf),
+        Err(e) => return store_unavailable(&e.to_string()),
+    };
     let notice = match q.done.as_deref() {
         Some("device") => Some("That device has been signed out."),
         Some("others") => Some("Every other device has been signed out."),
@@ -130,6 +134,11 @@ pub(crate) async fn page(
         Some("plex-unlinked") => Some("The Plex account is unlinked: its apps are signed out."),
         Some("plex-approved") => Some("The Plex device is approved."),
         Some("plex-revoked") => Some("The Plex device is signed out and must be approved again."),
+        Some("passkey-added") => Some("The passkey is added: you can sign in with it."),
+        Some("passkey-renamed") => Some("The passkey is renamed."),
+        Some("passkey-removed") => {
+            Some("The passkey is removed; devices signed in with it stay signed in.")
+        }
         _ => None,
     };
     let error = match q.error.as_deref() {
@@ -148,6 +157,7 @@ pub(crate) async fn page(
             app.config().password.min_length,
             &sso,
             &plex,
+            &passkeys,
         )
         .into_response(),
     )

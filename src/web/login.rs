@@ -29,7 +29,8 @@ pub(crate) fn login_status(e: &LoginError) -> StatusCode {
         LoginError::Locked
         | LoginError::Disabled
         | LoginError::PasswordResetRequired
-        | LoginError::EnrollmentRequired => StatusCode::FORBIDDEN,
+        | LoginError::EnrollmentRequired
+        | LoginError::PasskeyRequired => StatusCode::FORBIDDEN,
         LoginError::Policy(_) => StatusCode::BAD_REQUEST,
         LoginError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
         LoginError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
@@ -89,7 +90,7 @@ pub(crate) fn step_response(app: &App, step: LoginStep, rd: &str, client: &Clien
 
 /// The pending-login token; a request carrying the cookie twice never reaches here (the proxy
 /// refuses it first), and is treated as having none.
-fn pending_token<'a>(app: &App, headers: &'a HeaderMap) -> Option<&'a str> {
+pub(crate) fn pending_token<'a>(app: &App, headers: &'a HeaderMap) -> Option<&'a str> {
     cookie::find(headers, cookie::pending_name(app.config().server.secure))
         .ok()
         .flatten()
@@ -194,7 +195,13 @@ async fn pending_page(
     };
     let csrf = app.secrets.csrf_token(&claims.jti);
     let page = match stage {
-        PendingStage::Totp => pages::totp_step(rd, &csrf, error),
+        PendingStage::Totp => {
+            let passkey = match app.passkeys_of(user.id).await {
+                Ok(p) => !p.is_empty(),
+                Err(e) => return store_unavailable(&e.to_string()),
+            };
+            pages::totp_step(rd, &csrf, error, user.totp_enabled, passkey)
+        }
         PendingStage::Password => pages::password_step(&user.name, rd, &csrf, error),
         PendingStage::Enroll => match app.start_enrollment(user.id).await {
             Ok(en) => pages::enroll(

@@ -104,17 +104,26 @@ pub fn login(
         "Sign in",
         &format!(
             "<h1>Sign in</h1>{error}{buttons}{or}\
-<form method=\"post\" action=\"/_portcullis/login\">\
+<form method=\"post\" action=\"/_portcullis/login\" id=\"login-form\">\
 <input type=\"hidden\" name=\"rd\" value=\"{}\">\
 <label for=\"username\">User name</label>\
-<input type=\"text\" id=\"username\" name=\"username\" autocomplete=\"username\" required autofocus>\
+<input type=\"text\" id=\"username\" name=\"username\" autocomplete=\"username webauthn\" required autofocus>\
 <label for=\"password\">Password</label>\
 <input type=\"password\" id=\"password\" name=\"password\" autocomplete=\"current-password\" required>\
-<button type=\"submit\">Sign in</button></form>",
+<button type=\"submit\">Sign in</button></form>\
+{PASSKEY_ERROR}<p class=\"muted or\">or</p>\
+<button type=\"button\" id=\"passkey-signin\" class=\"secondary\">Sign in with a passkey</button>\
+{PASSKEY_SCRIPT}",
             escape(rd)
         ),
     )
 }
+
+/// Where the passkey script writes what went wrong.
+pub(crate) const PASSKEY_ERROR: &str =
+    "<p id=\"passkey-error\" class=\"error\" role=\"alert\" hidden></p>";
+/// The passkey script (the pages' policy allows the gateway's own scripts only).
+pub(crate) const PASSKEY_SCRIPT: &str = "<script src=\"/_portcullis/passkey.js\" defer></script>";
 
 fn error_block(error: Option<&str>) -> String {
     error
@@ -130,17 +139,36 @@ pub(crate) fn hidden(name: &str, value: &str) -> String {
     )
 }
 
-/// The second step of a login: the code from the authenticator app or a recovery code.
-pub fn totp_step(rd: &str, csrf: &str, error: Option<&str>) -> Html<String> {
+/// The second step of a login: the code from the authenticator app or a recovery code (with
+/// TOTP on), or one of the user's passkeys (when they have one).
+pub fn totp_step(
+    rd: &str,
+    csrf: &str,
+    error: Option<&str>,
+    code: bool,
+    passkey: bool,
+) -> Html<String> {
+    let code = if code {
+        "<label for=\"code\">Code from your authenticator app</label>\
+<input type=\"text\" id=\"code\" name=\"code\" inputmode=\"numeric\" autocomplete=\"one-time-code\" required autofocus>\
+<p class=\"muted\">Lost your device? Enter one of your recovery codes instead.</p>\
+<button type=\"submit\">Verify</button>"
+    } else {
+        ""
+    };
+    let passkey = if passkey {
+        format!(
+            "<button type=\"button\" id=\"passkey-second-factor\" class=\"secondary\">Use a passkey</button>\
+{PASSKEY_ERROR}{PASSKEY_SCRIPT}"
+        )
+    } else {
+        String::new()
+    };
     layout(
         "Two-factor authentication",
         &format!(
             "<h1>Two-factor authentication</h1>{}\
-<form method=\"post\" action=\"/_portcullis/login/2fa\">{}{}\
-<label for=\"code\">Code from your authenticator app</label>\
-<input type=\"text\" id=\"code\" name=\"code\" inputmode=\"numeric\" autocomplete=\"one-time-code\" required autofocus>\
-<p class=\"muted\">Lost your device? Enter one of your recovery codes instead.</p>\
-<button type=\"submit\">Verify</button></form>",
+<form method=\"post\" action=\"/_portcullis/login/2fa\">{}{}{code}{passkey}</form>",
             error_block(error),
             hidden("rd", rd),
             hidden("csrf", csrf)
@@ -370,6 +398,7 @@ pub fn account(
     min_length: usize,
     sso: &str,
     plex: &str,
+    passkeys: &str,
 ) -> Html<String> {
     let notice = notice
         .map(|n| format!("<p class=\"notice\" role=\"status\">{}</p>", escape(n)))
@@ -423,7 +452,7 @@ pub fn account(
 <input type=\"password\" id=\"confirm\" name=\"confirm\" autocomplete=\"new-password\" required>\
 <label class=\"check\"><input type=\"checkbox\" id=\"signout\" name=\"signout\" value=\"1\" checked> Sign out connected devices</label>\
 <button type=\"submit\">Change password</button></form></section>\
-{sso}{plex}<section><h2>Two-factor authentication</h2><p>{}</p></section>\
+{sso}{plex}{passkeys}<section><h2>Two-factor authentication</h2><p>{}</p></section>\
 <section><form method=\"post\" action=\"/_portcullis/logout\">{}\
 <button type=\"submit\" class=\"secondary\">Sign out of this device</button></form></section>",
             escape(&user.name),

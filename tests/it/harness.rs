@@ -312,7 +312,8 @@ upstream = "{upstream}"
             upstream = self.upstream,
             route_extra = self.route_extra,
             log = self.log,
-            server_extra = self.server_extra,
+            // `{port}` in the server keys is this gateway's port (e.g. in `public_url`).
+            server_extra = self.server_extra.replace("{port}", &port.to_string()),
             secrets = self.keys_dir.join("secrets.key").display(),
             auth_extra = self.auth_extra,
             session_extra = self.session_extra,

@@ -5,6 +5,7 @@
 
 mod harness;
 mod plex_standin;
+pub mod soft_authenticator;
 mod standin;
 mod upstream;
 
@@ -40,6 +41,7 @@ mod logs;
 mod media_accounts;
 mod observability;
 mod oidc;
+mod passkeys;
 mod pg;
 mod plex;
 mod plex_fidelity;

@@ -1,0 +1,40 @@
+-- Portcullis schema, version 8 (PostgreSQL): passkeys (WebAuthn credentials) and their ceremonies.
+
+-- Each user's WebAuthn user handle: a random UUID, made at their first passkey registration.
+-- Authenticators store it with a discoverable credential and return it at sign-in; it is not
+-- the user name, so renaming a user keeps their passkeys.
+CREATE TABLE passkey_users (
+    user_id BIGINT  PRIMARY KEY REFERENCES users(id) ON DELETE CASCADE,
+    handle  TEXT    NOT NULL UNIQUE
+);
+
+-- A registered passkey. `cred_id` (base64url) is unique across every account. `credential` is
+-- webauthn-rs's credential (public key, counter, flags) as JSON; `counter` repeats its
+-- signature counter so a use can be recorded only when the counter moves forward.
+-- `rp_id` is the relying-party id it was made for: a changed `[webauthn] rp_id` is refused at
+-- start while credentials exist for the old one. `clone_warning_ms`: when a counter that did
+-- not move forward was seen (a possibly copied credential).
+CREATE TABLE passkeys (
+    id               BIGSERIAL PRIMARY KEY,
+    user_id          BIGINT  NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+    cred_id          TEXT    NOT NULL UNIQUE,
+    rp_id            TEXT    NOT NULL,
+    label            TEXT    NOT NULL,
+    aaguid           TEXT    NOT NULL,
+    credential       TEXT    NOT NULL,
+    counter          BIGINT  NOT NULL,
+    created_ms       BIGINT  NOT NULL,
+    last_used_ms     BIGINT,
+    clone_warning_ms BIGINT
+);
+CREATE INDEX passkeys_user ON passkeys(user_id);
+
+-- A ceremony in flight (registration or sign-in): webauthn-rs's state, taken back once.
+CREATE TABLE webauthn_ceremonies (
+    id         TEXT    PRIMARY KEY,
+    purpose    TEXT    NOT NULL,
+    user_id    BIGINT  REFERENCES users(id) ON DELETE CASCADE,
+    state      TEXT    NOT NULL,
+    expires_ms BIGINT  NOT NULL
+);
+CREATE INDEX webauthn_ceremonies_expiry ON webauthn_ceremonies(expires_ms);

@@ -1,0 +1,868 @@
+//! Passkeys (WebAuthn, checked by webauthn-rs's core): registration from the account page after
+//! a fresh re-authentication; sign-in with a discoverable credential (no user name: the browser
+//! offers the passkeys it holds for this site, also as autofill) or with the user's own
+//! credentials (user name first); and a passkey as the second factor after a password.
+//!
+//! A passkey that verified its user (PIN or biometric: the UV flag) counts as two factors
+//! (`amr` = `hwk`, `uv`). One that did not is something the user has, not who they are: after a
+//! passkey alone the TOTP step follows, or the sign-in is refused when the user has no TOTP.
+//! Ceremony state stays in the store, single use (taken and deleted in one statement) and for
+//! five minutes at most. The signature counter is compared with the stored one in the write
+//! that records the use: a counter that did not move forward means a copied credential; the
+//! sign-in is refused, the credential flagged on the account page and the event audited.
+
+use std::time::Duration;
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use webauthn_rs_core::error::WebauthnError;
+use webauthn_rs_core::proto::{
+    AttestationConveyancePreference, AuthenticationState, Credential, PublicKeyCredential,
+    RegisterPublicKeyCredential, RegistrationState, UserVerificationPolicy,
+};
+use webauthn_rs_core::WebauthnCore;
+
+use super::account::AccountError;
+use super::{now_ms, App, Channel, ClientInfo, LoginError, LoginStep, PendingStage};
+use crate::auth::throttle::Gate;
+use crate::auth::Identity;
+use crate::config::Secret;
+use crate::metrics::Family;
+use crate::store::{Ceremony, NewPasskey, PasskeyRecord, SessionKind, StoreError, User};
+
+/// How long a ceremony (the browser's passkey prompt) may take.
+pub const CEREMONY_TTL: Duration = Duration::from_secs(300);
+/// The longest label a passkey may have.
+pub const MAX_LABEL_CHARS: usize = 64;
+/// The largest credential JSON a browser is allowed to send.
+pub const MAX_RESPONSE_BYTES: usize = 64 * 1024;
+
+/// What a ceremony is for; its state is only ever taken back for the same purpose.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Purpose {
+    Register,
+    Login,
+    SecondFactor,
+}
+
+impl Purpose {
+    fn as_str(self) -> &'static str {
+        match self {
+            Purpose::Register => "register",
+            Purpose::Login => "login",
+            Purpose::SecondFactor => "second_factor",
+        }
+    }
+}
+
+/// Why a passkey ceremony did not go ahead. Each has a reason label (metrics, audit, and the
+/// `error` of the JSON answer).
+#[derive(Debug, thiserror::Error)]
+pub enum PasskeyError {
+    #[error("this passkey prompt has expired or was already answered; start again")]
+    Expired,
+    #[error("the browser's answer could not be read: {0}")]
+    Malformed(String),
+    #[error("the passkey answered for another site (origin)")]
+    WrongOrigin,
+    #[error("the passkey belongs to another site (relying-party id)")]
+    WrongRpId,
+    #[error("the passkey did not verify you (no PIN or biometric), and this account has no other second factor; sign in with your password")]
+    NotVerified,
+    #[error("this passkey is not registered here")]
+    UnknownCredential,
+    #[error("this passkey is already registered")]
+    Duplicate,
+    #[error("this passkey's signature counter went backwards, so it may have been copied: it was refused and is flagged on the account page")]
+    PossibleClone,
+    #[error("the passkey's signature is not valid")]
+    BadSignature,
+    #[error("the passkey could not be verified: {0}")]
+    Refused(String),
+    #[error("the label must be 1 to {MAX_LABEL_CHARS} characters without control characters")]
+    BadLabel,
+    #[error("this is your last way to sign in: add another passkey first")]
+    LastMethod,
+    #[error("no such passkey")]
+    NoSuchPasskey,
+    #[error(transparent)]
+    Login(#[from] LoginError),
+    #[error(transparent)]
+    Account(#[from] AccountError),
+}
+
+impl PasskeyError {
+    pub fn label(&self) -> &'static str {
+        match self {
+            PasskeyError::Expired => "expired_ceremony",
+            PasskeyError::Malformed(_) => "malformed_response",
+            PasskeyError::WrongOrigin => "wrong_origin",
+            PasskeyError::WrongRpId => "wrong_rp_id",
+            PasskeyError::NotVerified => "user_not_verified",
+            PasskeyError::UnknownCredential => "unknown_credential",
+            PasskeyError::Duplicate => "duplicate_credential",
+            PasskeyError::PossibleClone => "possible_clone",
+            PasskeyError::BadSignature => "bad_signature",
+            PasskeyError::Refused(_) => "refused",
+            PasskeyError::BadLabel => "bad_label",
+            PasskeyError::LastMethod => "last_method",
+            PasskeyError::NoSuchPasskey => "no_such_passkey",
+            PasskeyError::Login(e) => e.label(),
+            PasskeyError::Account(AccountError::Unavailable(_)) => "store_unavailable",
+            PasskeyError::Account(_) => "reauthentication_failed",
+        }
+    }
+
+    /// Whether the failure counts against the client like a wrong password.
+    fn counts_as_failure(&self) -> bool {
+        matches!(
+            self,
+            PasskeyError::WrongOrigin
+                | PasskeyError::WrongRpId
+                | PasskeyError::UnknownCredential
+                | PasskeyError::PossibleClone
+                | PasskeyError::BadSignature
+                | PasskeyError::Refused(_)
+        )
+    }
+}
+
+impl From<StoreError> for PasskeyError {
+    fn from(e: StoreError) -> Self {
+        PasskeyError::Login(LoginError::Unavailable(e))
+    }
+}
+
+impl From<WebauthnError> for PasskeyError {
+    fn from(e: WebauthnError) -> Self {
+        match e {
+            WebauthnError::InvalidRPOrigin => PasskeyError::WrongOrigin,
+            WebauthnError::InvalidRPIDHash => PasskeyError::WrongRpId,
+            WebauthnError::UserNotVerified => PasskeyError::NotVerified,
+            WebauthnError::CredentialNotFound => PasskeyError::UnknownCredential,
+            WebauthnError::CredentialExcludedFromRequest
+            | WebauthnError::CredentialAlreadyExists => PasskeyError::Duplicate,
+            WebauthnError::CredentialPossibleCompromise => PasskeyError::PossibleClone,
+            WebauthnError::AuthenticationFailure => PasskeyError::BadSignature,
+            // A challenge of another ceremony: an answer replayed from elsewhere.
+            WebauthnError::MismatchedChallenge => PasskeyError::Expired,
+            WebauthnError::InvalidClientDataType
+            | WebauthnError::ParseBase64Failure(_)
+            | WebauthnError::ParseCBORFailure(_)
+            | WebauthnError::ParseJSONFailure(_)
+            | WebauthnError::ParseNOMFailure
+            | WebauthnError::ParseInsufficientBytesAvailable
+            | WebauthnError::MissingAttestationCredentialData
+            | WebauthnError::COSEKeyInvalidCBORValue
+            | WebauthnError::COSEKeyInvalidType
+            | WebauthnError::COSEKeyECDSAXYInvalid
+            | WebauthnError::COSEKeyInvalidAlgorithm => PasskeyError::Malformed(e.to_string()),
+            other => PasskeyError::Refused(other.to_string()),
+        }
+    }
+}
+
+/// A started ceremony: its id (the browser sends it back) and the options for
+/// `navigator.credentials` (`{"publicKey": …}`, as webauthn-rs writes them).
+#[derive(Debug)]
+pub struct Started {
+    pub ceremony: String,
+    pub options: serde_json::Value,
+}
+
+/// Authenticator names by AAGUID (the ones self-hosters meet most; others show as "Passkey").
+const AUTHENTICATORS: &[(&str, &str)] = &[
+    (
+        "ea9b8d66-4d01-1d21-3ce4-b6b48cb575d4",
+        "Google Password Manager",
+    ),
+    ("fbfc3007-154e-4ecc-8c0b-6e020557d7bd", "iCloud Keychain"),
+    (
+        "dd4ec289-e01d-41c9-bb89-70fa845d4bf2",
+        "iCloud Keychain (managed)",
+    ),
+    ("08987058-cadc-4b81-b6e1-30de50dcbe96", "Windows Hello"),
+    ("9ddd1817-af5a-4672-a2b9-3e3dd95000a9", "Windows Hello"),
+    ("6028b017-b1d4-4c02-b4b3-afcdafc96bb2", "Windows Hello"),
+    ("bada5566-a7aa-401f-bd96-45619a55120d", "1Password"),
+    ("d548826e-79b4-db40-a3d8-11116f7e8349", "Bitwarden"),
+    ("cb69481e-8ff7-4039-93ec-0a2729a154a8", "YubiKey 5 Series"),
+    ("ee882879-721c-4913-9775-3dfcce97072a", "YubiKey 5 Series"),
+    (
+        "fa2b99dc-9e39-4257-8f92-4a30d23c4118",
+        "YubiKey 5 Series with NFC",
+    ),
+    (
+        "2fc0579f-8113-47ea-b116-bb5a8db9202a",
+        "YubiKey 5 Series with NFC",
+    ),
+];
+
+/// The authenticator's name for an AAGUID, where known.
+pub fn authenticator_name(aaguid: &str) -> Option<&'static str> {
+    AUTHENTICATORS
+        .iter()
+        .find(|(id, _)| id.eq_ignore_ascii_case(aaguid))
+        .map(|(_, name)| *name)
+}
+
+/// The AAGUID in a registration's attestation object (CBOR map with `authData`: rp id hash
+/// (32), flags (1), counter (4), then the attested credential data, which starts with the
+/// AAGUID (16)), as a UUID string; `None` when it cannot be read.
+pub fn aaguid_of(attestation_object: &[u8]) -> Option<String> {
+    const KEY: &[u8] = b"\x68authData";
+    let at = attestation_object
+        .windows(KEY.len())
+        .position(|w| w == KEY)?
+        + KEY.len();
+    let rest = attestation_object.get(at..)?;
+    let (len, start) = match *rest.first()? {
+        b @ 0x40..=0x57 => (usize::from(b - 0x40), 1),
+        0x58 => (usize::from(*rest.get(1)?), 2),
+        0x59 => (
+            usize::from(u16::from_be_bytes([*rest.get(1)?, *rest.get(2)?])),
+            3,
+        ),
+        _ => return None,
+    };
+    let auth_data = rest.get(start..start + len)?;
+    // Attested credential data is present only with the AT flag.
+    if auth_data.get(32)? & 0x40 == 0 {
+        return None;
+    }
+    let aaguid = uuid::Uuid::from_slice(auth_data.get(37..53)?).ok()?;
+    Some(aaguid.to_string())
+}
+
+fn parse<T: serde::de::DeserializeOwned>(json: &str) -> Result<T, PasskeyError> {
+    if json.len() > MAX_RESPONSE_BYTES {
+        return Err(PasskeyError::Malformed("the answer is too large".into()));
+    }
+    serde_json::from_str(json).map_err(|e| PasskeyError::Malformed(e.to_string()))
+}
+
+fn label_ok(label: &str) -> bool {
+    let n = label.chars().count();
+    (1..=MAX_LABEL_CHARS).contains(&n) && !label.chars().any(char::is_control)
+}
+
+impl App {
+    /// The relying party for this configuration (its id and the one origin of `public_url`).
+    fn relying_party(&self) -> WebauthnCore {
+        let config = self.config();
+        let w = &config.webauthn;
+        WebauthnCore::new_unsafe_experts_only(
+            &w.rp_name,
+            &w.rp_id,
+            vec![w.origin.clone()],
+            CEREMONY_TTL,
+            None,
+            None,
+        )
+    }
+
+    /// Keeps a ceremony's state in the store and returns its id.
+    async fn keep_ceremony<S: serde::Serialize>(
+        &self,
+        purpose: Purpose,
+        user_id: Option<i64>,
+        state: &S,
+    ) -> Result<String, PasskeyError> {
+        let id = hex::encode(rand::random::<[u8; 16]>());
+        let now = now_ms();
+        let ceremony = Ceremony {
+            id: id.clone(),
+            purpose: purpose.as_str().to_string(),
+            user_id,
+            state: serde_json::to_string(state).map_err(|_| LoginError::Internal)?,
+            expires_ms: now + CEREMONY_TTL.as_millis() as i64,
+        };
+        self.store.put_ceremony(&ceremony, now).await?;
+        Ok(id)
+    }
+
+    /// Takes a ceremony's state back (once: it is deleted in the same statement).
+    async fn take_ceremony<S: serde::de::DeserializeOwned>(
+        &self,
+        id: &str,
+        purpose: Purpose,
+    ) -> Result<(Option<i64>, S), PasskeyError> {
+        let c = self
+            .store
+            .take_ceremony(id, purpose.as_str(), now_ms())
+            .await?
+            .ok_or(PasskeyError::Expired)?;
+        let state = serde_json::from_str(&c.state).map_err(|_| PasskeyError::Expired)?;
+        Ok((c.user_id, state))
+    }
+
+    fn count_passkey(&self, event: &str) {
+        self.metrics.counter(Family::Passkeys, &[event]).inc();
+    }
+
+    async fn audit_passkey(
+        &self,
+        event: &str,
+        outcome: &str,
+        user: Option<&User>,
+        client: &ClientInfo,
+        detail: String,
+    ) {
+        let mut e = self.audit_entry(
+            event,
+            outcome,
+            user.map(|u| (u.id, u.name.as_str())),
+            client,
+        );
+        e.detail = detail;
+        self.audit(e).await;
+    }
+
+    /// The user's passkeys.
+    pub async fn passkeys_of(&self, user_id: i64) -> Result<Vec<PasskeyRecord>, StoreError> {
+        self.store.passkeys_of(user_id).await
+    }
+
+    /// Starts registering a passkey for the signed-in user, after their password (and code).
+    pub async fn passkey_register_start(
+        &self,
+        identity: &Identity,
+        password: Secret,
+        code: Option<&str>,
+        client: &ClientInfo,
+    ) -> Result<Started, PasskeyError> {
+        self.reauthenticate(identity, password, code, client, "passkey_add")
+            .await?;
+        let user = self
+            .store
+            .find_user_by_id(identity.user_id)
+            .await?
+            .ok_or(PasskeyError::Expired)?;
+        let handle = self
+            .store
+            .passkey_handle(user.id, &uuid::Uuid::new_v4().to_string())
+            .await?;
+        let handle = uuid::Uuid::parse_str(&handle)
+            .map_err(|_| StoreError::Corrupt(format!("passkey handle of {}", user.name)))?;
+        let exclude = self
+            .store
+            .passkeys_of(user.id)
+            .await?
+            .iter()
+            .filter_map(|p| URL_SAFE_NO_PAD.decode(&p.cred_id).ok())
+            .collect();
+        let rp = self.relying_party();
+        let builder = rp
+            .new_challenge_register_builder(handle.as_bytes(), &user.name, &user.name)?
+            .attestation(AttestationConveyancePreference::None)
+            .user_verification_policy(UserVerificationPolicy::Preferred)
+            .require_resident_key(true)
+            .exclude_credentials(Some(exclude));
+        let (options, state) = rp.generate_challenge_register(builder)?;
+        let ceremony = self
+            .keep_ceremony(Purpose::Register, Some(user.id), &state)
+            .await?;
+        Ok(Started {
+            ceremony,
+            options: serde_json::to_value(options).map_err(|_| LoginError::Internal)?,
+        })
+    }
+
+    /// Finishes a registration: the browser's credential, checked against the ceremony, is
+    /// stored under `label`. A credential id registered to any account is refused.
+    pub async fn passkey_register_finish(
+        &self,
+        identity: &Identity,
+        ceremony: &str,
+        credential: &str,
+        label: &str,
+        client: &ClientInfo,
+    ) -> Result<PasskeyRecord, PasskeyError> {
+        let label = label.trim();
+        if !label_ok(label) {
+            return Err(PasskeyError::BadLabel);
+        }
+        let (owner, state): (_, RegistrationState) =
+            self.take_ceremony(ceremony, Purpose::Register).await?;
+        if owner != Some(identity.user_id) {
+            return Err(PasskeyError::Expired);
+        }
+        let user = self
+            .store
+            .find_user_by_id(identity.user_id)
+            .await?
+            .ok_or(PasskeyError::Expired)?;
+        let reg: RegisterPublicKeyCredential = parse(credential)?;
+        let result = self.relying_party().register_credential(&reg, &state, None);
+        let cred = match result {
+            Ok(c) => c,
+            Err(e) => {
+                let e = PasskeyError::from(e);
+                self.audit_passkey("passkey_add", "failure", Some(&user), client, e.to_string())
+                    .await;
+                return Err(e);
+            }
+        };
+        let aaguid = aaguid_of(reg.response.attestation_object.as_ref()).unwrap_or_default();
+        let new = NewPasskey {
+            user_id: user.id,
+            cred_id: URL_SAFE_NO_PAD.encode(cred.cred_id.as_slice()),
+            rp_id: self.config().webauthn.rp_id.clone(),
+            label: label.to_string(),
+            aaguid,
+            credential: serde_json::to_string(&cred).map_err(|_| LoginError::Internal)?,
+            counter: i64::from(cred.counter),
+            created_ms: now_ms(),
+        };
+        let id = match self.store.add_passkey(&new).await {
+            Ok(id) => id,
+            Err(StoreError::Conflict(_)) => {
+                self.audit_passkey(
+                    "passkey_add",
+                    "failure",
+                    Some(&user),
+                    client,
+                    "credential already registered".into(),
+                )
+                .await;
+                return Err(PasskeyError::Duplicate);
+            }
+            Err(e) => return Err(e.into()),
+        };
+        self.count_passkey("registered");
+        let verified = if cred.user_verified {
+            "user verified"
+        } else {
+            "without user verification"
+        };
+        self.audit_passkey(
+            "passkey_add",
+            "success",
+            Some(&user),
+            client,
+            format!("passkey `{label}` ({verified})"),
+        )
+        .await;
+        self.store
+            .find_passkey(&new.cred_id)
+            .await?
+            .filter(|p| p.id == id)
+            .ok_or(PasskeyError::NoSuchPasskey)
+    }
+
+    /// Starts a passkey sign-in: for `user_name`'s own credentials when the name is known and
+    /// has passkeys, else for any discoverable credential (so the answer does not tell whether
+    /// a name exists).
+    pub async fn passkey_login_start(
+        &self,
+        user_name: Option<&str>,
+    ) -> Result<Started, PasskeyError> {
+        let mut owner = None;
+        let mut creds = Vec::new();
+        if let Some(name) = user_name.map(crate::auth::canonical_user_name) {
+            if let Some(user) = self.store.find_user(&name).await? {
+                for p in self.store.passkeys_of(user.id).await? {
+                    if let Ok(c) = serde_json::from_str::<Credential>(&p.credential) {
+                        creds.push(c);
+                    }
+                }
+                if !creds.is_empty() {
+                    owner = Some(user.id);
+                }
+            }
+        }
+        self.start_assertion(Purpose::Login, owner, creds).await
+    }
+
+    async fn start_assertion(
+        &self,
+        purpose: Purpose,
+        owner: Option<i64>,
+        creds: Vec<Credential>,
+    ) -> Result<Started, PasskeyError> {
+        let rp = self.relying_party();
+        let builder =
+            rp.new_challenge_authenticate_builder(creds, Some(UserVerificationPolicy::Preferred))?;
+        let (options, state) = rp.generate_challenge_authenticate(builder)?;
+        let ceremony = self.keep_ceremony(purpose, owner, &state).await?;
+        Ok(Started {
+            ceremony,
+            options: serde_json::to_value(options).map_err(|_| LoginError::Internal)?,
+        })
+    }
+
+    /// Checks an assertion against a ceremony: the credential must be registered (to the
+    /// ceremony's user, if it named one, and to the user its user handle names, if it carries
+    /// one), the signature, origin, rp id and challenge valid, and the counter must move
+    /// forward. Returns the user, the credential and whether the user was verified.
+    async fn verify_assertion(
+        &self,
+        ceremony: &str,
+        purpose: Purpose,
+        credential: &str,
+        client: &ClientInfo,
+    ) -> Result<(User, PasskeyRecord, bool), PasskeyError> {
+        let now = now_ms();
+        if let Gate::Wait(d) | Gate::Locked(d) = self.throttle.ip_gate(client.ip_addr(), now) {
+            return Err(LoginError::Throttled(d).into());
+        }
+        let (owner, state): (_, AuthenticationState) =
+            self.take_ceremony(ceremony, purpose).await?;
+        let rsp: PublicKeyCredential = parse(credential)?;
+        let cred_id = URL_SAFE_NO_PAD.encode(rsp.raw_id.as_slice());
+        let record = self.store.find_passkey(&cred_id).await?;
+        let Some(record) = record.filter(|r| owner.is_none_or(|o| o == r.user_id)) else {
+            self.throttle.ip_failed(client.ip_addr(), now);
+            return Err(PasskeyError::UnknownCredential);
+        };
+        let user = self
+            .store
+            .find_user_by_id(record.user_id)
+            .await?
+            .ok_or(PasskeyError::UnknownCredential)?;
+        if let Some(handle) = rsp.get_user_unique_id() {
+            let known = self.store.passkey_user(&uuid_text(handle)).await?;
+            if known != Some(user.id) {
+                self.throttle.ip_failed(client.ip_addr(), now);
+                return Err(PasskeyError::UnknownCredential);
+            }
+        }
+        if user.disabled {
+            return Err(LoginError::Disabled.into());
+        }
+        match self.account_gate(&user, now) {
+            Gate::Open => {}
+            Gate::Wait(d) => return Err(LoginError::Throttled(d).into()),
+            Gate::Locked(_) => return Err(LoginError::Locked.into()),
+        }
+        let mut cred: Credential = serde_json::from_str(&record.credential)
+            .map_err(|_| StoreError::Corrupt(format!("passkey {}", record.id)))?;
+        let result = self
+            .relying_party()
+            .authenticate_single_credential(&rsp, &state, &cred);
+        let checked = match result {
+            Ok(r) => r,
+            Err(e) => {
+                let e = PasskeyError::from(e);
+                return Err(self.assertion_failed(e, &user, &record, client).await);
+            }
+        };
+        let before = cred.counter;
+        cred.counter = checked.counter();
+        cred.backup_state = checked.backup_state();
+        cred.backup_eligible = checked.backup_eligible();
+        let json = serde_json::to_string(&cred).map_err(|_| LoginError::Internal)?;
+        let moved = self
+            .store
+            .record_passkey_use(
+                record.id,
+                i64::from(before),
+                &json,
+                i64::from(cred.counter),
+                now,
+            )
+            .await?;
+        if !moved {
+            let e = PasskeyError::PossibleClone;
+            return Err(self.assertion_failed(e, &user, &record, client).await);
+        }
+        Ok((user, record, checked.user_verified()))
+    }
+
+    /// Counts, audits (and for a possible clone, flags) a failed assertion; returns the error.
+    async fn assertion_failed(
+        &self,
+        e: PasskeyError,
+        user: &User,
+        record: &PasskeyRecord,
+        client: &ClientInfo,
+    ) -> PasskeyError {
+        if matches!(e, PasskeyError::PossibleClone) {
+            if let Err(s) = self.store.flag_passkey_clone(record.id, now_ms()).await {
+                self.store_error("flag_passkey_clone", s);
+            }
+            self.count_passkey("clone_warning");
+            self.audit_passkey(
+                "passkey_clone_warning",
+                "refused",
+                Some(user),
+                client,
+                format!(
+                    "passkey `{}`: signature counter did not increase",
+                    record.label
+                ),
+            )
+            .await;
+        } else {
+            self.audit_passkey(
+                "passkey_login",
+                "failure",
+                Some(user),
+                client,
+                format!("passkey `{}`: {e}", record.label),
+            )
+            .await;
+        }
+        if e.counts_as_failure() {
+            self.throttle.ip_failed(client.ip_addr(), now_ms());
+        }
+        e
+    }
+
+    /// Finishes a passkey sign-in. With user verification the passkey is both factors; without,
+    /// the TOTP step follows (or the sign-in is refused when the user has no TOTP).
+    pub async fn passkey_login_finish(
+        &self,
+        ceremony: &str,
+        credential: &str,
+        kind: SessionKind,
+        client: &ClientInfo,
+    ) -> Result<LoginStep, PasskeyError> {
+        let (user, record, verified) = self
+            .verify_assertion(ceremony, Purpose::Login, credential, client)
+            .await?;
+        let how = if verified {
+            "user verified"
+        } else {
+            "not verified"
+        };
+        if !verified && !user.totp_enabled {
+            self.audit_passkey(
+                "passkey_login",
+                "failure",
+                Some(&user),
+                client,
+                format!("passkey `{}`: {how}, no other second factor", record.label),
+            )
+            .await;
+            return Err(PasskeyError::NotVerified);
+        }
+        self.audit_passkey(
+            "passkey_login",
+            "success",
+            Some(&user),
+            client,
+            format!("passkey `{}` ({how})", record.label),
+        )
+        .await;
+        if !verified {
+            return Ok(self.pending(&user, PendingStage::Totp, None)?);
+        }
+        let amr = vec!["hwk".to_string(), "uv".to_string()];
+        Ok(self
+            .after_factors(&user, amr, Channel::Form, kind, client, None)
+            .await?)
+    }
+
+    /// Starts a passkey as the second factor of a pending password login.
+    pub async fn passkey_second_factor_start(
+        &self,
+        pending_token: &str,
+    ) -> Result<Started, PasskeyError> {
+        let (_, user) = self.pending_user(pending_token, PendingStage::Totp).await?;
+        let creds: Vec<Credential> = self
+            .store
+            .passkeys_of(user.id)
+            .await?
+            .iter()
+            .filter_map(|p| serde_json::from_str(&p.credential).ok())
+            .collect();
+        if creds.is_empty() {
+            return Err(PasskeyError::UnknownCredential);
+        }
+        self.start_assertion(Purpose::SecondFactor, Some(user.id), creds)
+            .await
+    }
+
+    /// Finishes a passkey as the second factor after the password (verified or not: the
+    /// password is the other factor).
+    pub async fn passkey_second_factor_finish(
+        &self,
+        pending_token: &str,
+        ceremony: &str,
+        credential: &str,
+        kind: SessionKind,
+        client: &ClientInfo,
+    ) -> Result<LoginStep, PasskeyError> {
+        let (claims, pending) = self.pending_user(pending_token, PendingStage::Totp).await?;
+        let (user, record, _) = self
+            .verify_assertion(ceremony, Purpose::SecondFactor, credential, client)
+            .await?;
+        if user.id != pending.id {
+            return Err(PasskeyError::UnknownCredential);
+        }
+        self.spend_pending(&claims.jti);
+        self.audit_passkey(
+            "passkey_second_factor",
+            "success",
+            Some(&user),
+            client,
+            format!("passkey `{}`", record.label),
+        )
+        .await;
+        let first = if claims.sso.is_some() { "sso" } else { "pwd" };
+        let amr = vec![first.to_string(), "hwk".to_string()];
+        Ok(self
+            .after_factors(
+                &user,
+                amr,
+                Channel::Form,
+                kind,
+                client,
+                self.resumed_sso(&claims),
+            )
+            .await?)
+    }
+
+    /// Renames one of the user's passkeys.
+    pub async fn passkey_rename(
+        &self,
+        user: &User,
+        id: i64,
+        label: &str,
+        client: &ClientInfo,
+    ) -> Result<(), PasskeyError> {
+        let label = label.trim();
+        if !label_ok(label) {
+            return Err(PasskeyError::BadLabel);
+        }
+        if !self.store.rename_passkey(user.id, id, label).await? {
+            return Err(PasskeyError::NoSuchPasskey);
+        }
+        self.audit_passkey(
+            "passkey_rename",
+            "success",
+            Some(user),
+            client,
+            format!("passkey {id} is now `{label}`"),
+        )
+        .await;
+        Ok(())
+    }
+
+    /// Removes one of the user's passkeys; with `signout`, also ends every session it signed
+    /// in (all of the user's sessions: sessions do not record which passkey opened them). A
+    /// user who must sign in with a passkey keeps at least one.
+    pub async fn passkey_remove(
+        &self,
+        user: &User,
+        id: i64,
+        signout: bool,
+        client: &ClientInfo,
+    ) -> Result<(), PasskeyError> {
+        let mine = self.store.passkeys_of(user.id).await?;
+        let Some(record) = mine.iter().find(|p| p.id == id) else {
+            return Err(PasskeyError::NoSuchPasskey);
+        };
+        if mine.len() == 1 && self.passkey_required(user) {
+            return Err(PasskeyError::LastMethod);
+        }
+        if !self.store.remove_passkey(user.id, id).await? {
+            return Err(PasskeyError::NoSuchPasskey);
+        }
+        self.count_passkey("removed");
+        self.audit_passkey(
+            "passkey_remove",
+            "success",
+            Some(user),
+            client,
+            format!(
+                "passkey `{}`{}",
+                record.label,
+                if signout {
+                    "; signed out every device"
+                } else {
+                    ""
+                }
+            ),
+        )
+        .await;
+        if signout {
+            self.signout_user_id(user.id)
+                .await
+                .map_err(PasskeyError::from)?;
+        }
+        Ok(())
+    }
+
+    /// Whether `auth.require_passkey` asks this user to sign in with a passkey only.
+    pub fn passkey_required(&self, user: &User) -> bool {
+        match self.config().auth.require_passkey {
+            crate::config::RequirePasskey::Off => false,
+            crate::config::RequirePasskey::Admins => user.is_admin,
+            crate::config::RequirePasskey::All => true,
+        }
+    }
+}
+
+/// Why `rp_id` cannot be the relying-party id now, if it cannot: passkeys registered for
+/// another id would stop working (browsers offer a passkey only to the id it was made for).
+pub async fn rp_id_conflict(
+    store: &crate::store::DynStore,
+    rp_id: &str,
+) -> Result<Option<String>, StoreError> {
+    let others: Vec<String> = store
+        .passkey_rp_ids()
+        .await?
+        .into_iter()
+        .filter(|id| id != rp_id)
+        .collect();
+    Ok((!others.is_empty()).then(|| {
+        format!(
+            "`{rp_id}` differs from `{}`, which passkeys are registered for: they would all stop \
+             working. Keep the old id (set `[webauthn] rp_id`), or remove those passkeys first",
+            others.join("`, `")
+        )
+    }))
+}
+
+/// A user handle (16 bytes) as the UUID text it is stored as; other lengths give a text no
+/// handle has.
+fn uuid_text(handle: &[u8]) -> String {
+    uuid::Uuid::from_slice(handle)
+        .map(|u| u.to_string())
+        .unwrap_or_else(|_| "-".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_aaguid_is_read_from_the_attestation_object() {
+        let mut auth_data = vec![0u8; 32];
+        auth_data.push(0x45); // UP, UV, AT
+        auth_data.extend([0, 0, 0, 0]);
+        let aaguid = uuid::Uuid::parse_str("bada5566-a7aa-401f-bd96-45619a55120d").unwrap();
+        auth_data.extend(aaguid.as_bytes());
+        auth_data.extend([0, 1, 9]);
+        let mut obj = vec![0xa3, 0x63];
+        obj.extend(b"fmt");
+        obj.extend([0x64]);
+        obj.extend(b"none");
+        obj.extend([0x67]);
+        obj.extend(b"attStmt");
+        obj.push(0xa0);
+        obj.extend(b"\x68authData");
+        obj.extend([0x58, auth_data.len() as u8]);
+        obj.extend(&auth_data);
+        let read = aaguid_of(&obj).unwrap();
+        assert_eq!(read, aaguid.to_string());
+        assert_eq!(authenticator_name(&read), Some("1Password"));
+        // Without the AT flag, or cut short: nothing.
+        let mut no_at = obj.clone();
+        let flags = obj.len() - auth_data.len() + 32;
+        no_at[flags] = 0x05;
+        assert_eq!(aaguid_of(&no_at), None);
+        assert_eq!(aaguid_of(&obj[..obj.len() - 10]), None);
+        assert_eq!(aaguid_of(b"\x68authData\x20"), None);
+    }
+
+    #[test]
+    fn labels_are_short_and_printable() {
+        assert!(label_ok("Phone"));
+        assert!(!label_ok(""));
+        assert!(!label_ok(&"x".repeat(MAX_LABEL_CHARS + 1)));
+        assert!(!label_ok("a\nb"));
+    }
+}

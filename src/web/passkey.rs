@@ -1,0 +1,484 @@
+//! Passkey endpoints: the JSON halves of the WebAuthn ceremonies the page script
+//! (`passkey.js`) drives — sign-in (usernameless or user name first), a passkey as the second
+//! step of a password login, registration from the account page — and the account page's
+//! rename and remove forms. Every refusal is a 4xx with the reason's label (`error`) and a
+//! sentence (`message`); nothing changes on a refusal.
+
+// Handlers return early with a ready response; boxing it would only add noise.
+#![allow(clippy::result_large_err)]
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
+use serde::Deserialize;
+
+use super::account::form_identity;
+use super::login::{login_status, pending_token, step_response};
+use super::pages::{escape, hidden, message_with_link, when, PASSKEY_ERROR, PASSKEY_SCRIPT};
+use super::{
+    cross_site, forbidden_cross_site, no_store, redirect, safe_return_path, store_unavailable,
+    to_login, PageForm, ACCOUNT_PATH,
+};
+use crate::app::account::AccountError;
+use crate::app::passkey::authenticator_name;
+use crate::app::passkey::{PasskeyError, Started};
+use crate::app::{App, ClientInfo, LoginStep};
+use crate::config::Secret;
+use crate::metrics::Family;
+use crate::store::{PasskeyRecord, SessionKind, User};
+
+/// The account page's passkey section: each passkey (label, authenticator, created and last
+/// used, a warning when it may have been copied) with rename and remove, and the form that adds
+/// one after the password (and code).
+pub(crate) fn section(user: &User, passkeys: &[PasskeyRecord], csrf: &str) -> String {
+    let rows: String = passkeys
+        .iter()
+        .map(|p| {
+            let authenticator = authenticator_name(&p.aaguid).unwrap_or("Passkey");
+            let warning = p.clone_warning_ms.map_or(String::new(), |ms| {
+                format!(
+                    "<p class=\"error\" role=\"alert\">Possibly copied: on {} it signed with a \
+counter that did not move forward, and was refused. Remove it unless you know why.</p>",
+                    when(ms)
+                )
+            });
+            format!(
+                "<tr data-passkey=\"{}\"><td><strong>{}</strong>{warning}</td><td>{}</td>\
+<td class=\"when\">{}</td><td class=\"when\">{}</td><td>\
+<form method=\"post\" action=\"/_portcullis/account/passkeys/rename\">{}{}\
+<input type=\"text\" name=\"label\" aria-label=\"New name\" maxlength=\"64\" required>\
+<button type=\"submit\" class=\"secondary\">Rename</button></form>\
+<form method=\"post\" action=\"/_portcullis/account/passkeys/remove\">{}{}\
+<label class=\"check\"><input type=\"checkbox\" name=\"signout\" value=\"1\"> Also sign out every device</label>\
+<button type=\"submit\" class=\"secondary\">Remove</button></form></td></tr>",
+                p.id,
+                escape(&p.label),
+                escape(authenticator),
+                when(p.created_ms),
+                p.last_used_ms.map_or("never".to_string(), when),
+                hidden("id", &p.id.to_string()),
+                hidden("csrf", csrf),
+                hidden("id", &p.id.to_string()),
+                hidden("csrf", csrf),
+            )
+        })
+        .collect();
+    let code = if user.totp_enabled {
+        "<label for=\"passkey-code\">Code from your authenticator app</label>\
+<input type=\"text\" id=\"passkey-code\" name=\"code\" inputmode=\"numeric\" autocomplete=\"one-time-code\" required>"
+    } else {
+        ""
+    };
+    format!(
+        "<section id=\"passkeys\"><h2>Passkeys</h2>\
+<p>A passkey signs you in without a password, and cannot be phished by a look-alike page. One \
+that checks your fingerprint, face or PIN counts as two factors.</p>\
+<table><thead><tr><th>Passkey</th><th>Authenticator</th><th>Added</th><th>Last used</th><th></th></tr></thead>\
+<tbody>{rows}</tbody></table>\
+<form class=\"narrow\" id=\"passkey-add\" method=\"post\" action=\"/_portcullis/account/passkeys/start\">{}\
+<label for=\"passkey-label\">Name for the new passkey</label>\
+<input type=\"text\" id=\"passkey-label\" name=\"label\" maxlength=\"64\" required placeholder=\"Phone\">\
+<label for=\"passkey-password\">Current password</label>\
+<input type=\"password\" id=\"passkey-password\" name=\"password\" autocomplete=\"current-password\" required>\
+{code}<button type=\"submit\">Add a passkey</button></form>{PASSKEY_ERROR}{PASSKEY_SCRIPT}</section>",
+        hidden("csrf", csrf),
+    )
+}
+
+/// The page script, served by the gateway itself (the pages allow no other script).
+pub(crate) async fn script() -> Response {
+    let mut resp = include_str!("passkey.js").into_response();
+    let headers = resp.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/javascript; charset=utf-8"),
+    );
+    headers.insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("public, max-age=300"),
+    );
+    headers.insert(
+        "x-content-type-options",
+        HeaderValue::from_static("nosniff"),
+    );
+    resp
+}
+
+fn status(e: &PasskeyError) -> StatusCode {
+    match e {
+        PasskeyError::Expired
+        | PasskeyError::Malformed(_)
+        | PasskeyError::WrongOrigin
+        | PasskeyError::WrongRpId
+        | PasskeyError::NotVerified
+        | PasskeyError::Refused(_)
+        | PasskeyError::BadLabel => StatusCode::BAD_REQUEST,
+        PasskeyError::UnknownCredential
+        | PasskeyError::BadSignature
+        | PasskeyError::PossibleClone => StatusCode::UNAUTHORIZED,
+        PasskeyError::Duplicate | PasskeyError::LastMethod => StatusCode::CONFLICT,
+        PasskeyError::NoSuchPasskey => StatusCode::NOT_FOUND,
+        PasskeyError::Login(e) => login_status(e),
+        PasskeyError::Account(AccountError::Unavailable(_)) => StatusCode::SERVICE_UNAVAILABLE,
+        PasskeyError::Account(_) => StatusCode::FORBIDDEN,
+    }
+}
+
+/// A refusal as JSON: `{"error": <reason>, "message": <sentence>}`.
+fn refusal(e: &PasskeyError) -> Response {
+    let body = serde_json::json!({ "error": e.label(), "message": e.to_string() });
+    let mut resp = (status(e), Json(body)).into_response();
+    if let PasskeyError::Login(crate::app::LoginError::Throttled(d)) = e {
+        if let Ok(v) = HeaderValue::from_str(&d.as_secs().max(1).to_string()) {
+            resp.headers_mut().insert(header::RETRY_AFTER, v);
+        }
+    }
+    no_store(resp)
+}
+
+fn started(s: Started) -> Response {
+    let mut body = s.options;
+    if let Some(map) = body.as_object_mut() {
+        map.insert("ceremony".into(), serde_json::Value::String(s.ceremony));
+    }
+    no_store(Json(body).into_response())
+}
+
+/// A login step as JSON for the script: where to go next (the session or the pending step's
+/// page), with the cookies the form login would set.
+fn step_json(app: &App, step: LoginStep, rd: &str, client: &ClientInfo) -> Response {
+    let page = step_response(app, step, rd, client);
+    let to = page
+        .headers()
+        .get(header::LOCATION)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("/")
+        .to_string();
+    let mut resp = Json(serde_json::json!({ "redirect": to })).into_response();
+    for cookie in page.headers().get_all(header::SET_COOKIE) {
+        resp.headers_mut()
+            .append(header::SET_COOKIE, cookie.clone());
+    }
+    no_store(resp)
+}
+
+fn count_login(app: &App, result: &Result<LoginStep, PasskeyError>) {
+    let label = match result {
+        Ok(LoginStep::Session(_)) => "success",
+        Ok(LoginStep::Pending { .. }) => "pending",
+        Err(e) => e.label(),
+    };
+    app.metrics
+        .counter(Family::Logins, &["passkey", label])
+        .inc();
+}
+
+#[derive(Deserialize)]
+pub(crate) struct LoginStart {
+    username: Option<String>,
+}
+
+/// `POST /_portcullis/passkey/login/start`: a sign-in ceremony, for the user's own passkeys
+/// when a known name with passkeys is given, else for any passkey of this site.
+pub(crate) async fn login_start(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    Json(body): Json<LoginStart>,
+) -> Response {
+    if cross_site(&app, &headers) {
+        return forbidden_cross_site();
+    }
+    let name = body
+        .username
+        .as_deref()
+        .map(str::trim)
+        .filter(|n| !n.is_empty());
+    match app.passkey_login_start(name).await {
+        Ok(s) => started(s),
+        Err(e) => refusal(&e),
+    }
+}
+
+#[derive(Deserialize)]
+pub(crate) struct LoginFinish {
+    ceremony: String,
+    credential: serde_json::Value,
+    rd: Option<String>,
+}
+
+/// `POST /_portcullis/passkey/login/finish`: the authenticator's answer; a session (or the
+/// TOTP step, for a passkey that did not verify its user).
+pub(crate) async fn login_finish(
+    State(app): State<Arc<App>>,
+    Extension(client): Extension<ClientInfo>,
+    headers: HeaderMap,
+    Json(body): Json<LoginFinish>,
+) -> Response {
+    if cross_site(&app, &headers) {
+        return forbidden_cross_site();
+    }
+    let rd = safe_return_path(body.rd.as_deref());
+    let result = app
+        .passkey_login_finish(
+            &body.ceremony,
+            &body.credential.to_string(),
+            SessionKind::Web,
+            &client,
+        )
+        .await;
+    count_login(&app, &result);
+    match result {
+        Ok(step) => step_json(&app, step, &rd, &client),
+        Err(e) => {
+            tracing::info!(ip = %client.ip, reason = e.label(), "passkey login refused");
+            refusal(&e)
+        }
+    }
+}
+
+#[derive(Deserialize)]
+pub(crate) struct SecondStart {
+    #[serde(default)]
+    csrf: String,
+}
+
+/// The pending login of a second-step request, once the origin and the step's CSRF token are
+/// checked.
+async fn pending_login<'a>(
+    app: &App,
+    headers: &'a HeaderMap,
+    csrf: &str,
+) -> Result<&'a str, Response> {
+    if cross_site(app, headers) {
+        return Err(forbidden_cross_site());
+    }
+    let token = pending_token(app, headers).ok_or_else(forbidden_cross_site)?;
+    match app
+        .pending_user(token, crate::app::PendingStage::Totp)
+        .await
+    {
+        Ok((claims, _)) if app.secrets.csrf_ok(&claims.jti, csrf) => Ok(token),
+        Ok(_) => Err(forbidden_cross_site()),
+        Err(e) => Err(refusal(&PasskeyError::Login(e))),
+    }
+}
+
+/// `POST /_portcullis/passkey/second-factor/start`: a ceremony for the user's passkeys, as the
+/// second step of a password login.
+pub(crate) async fn second_start(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    Json(body): Json<SecondStart>,
+) -> Response {
+    let token = match pending_login(&app, &headers, &body.csrf).await {
+        Ok(t) => t,
+        Err(r) => return r,
+    };
+    match app.passkey_second_factor_start(token).await {
+        Ok(s) => started(s),
+        Err(e) => refusal(&e),
+    }
+}
+
+#[derive(Deserialize)]
+pub(crate) struct SecondFinish {
+    ceremony: String,
+    credential: serde_json::Value,
+    #[serde(default)]
+    csrf: String,
+    rd: Option<String>,
+}
+
+/// `POST /_portcullis/passkey/second-factor/finish`.
+pub(crate) async fn second_finish(
+    State(app): State<Arc<App>>,
+    Extension(client): Extension<ClientInfo>,
+    headers: HeaderMap,
+    Json(body): Json<SecondFinish>,
+) -> Response {
+    let token = match pending_login(&app, &headers, &body.csrf).await {
+        Ok(t) => t,
+        Err(r) => return r,
+    };
+    let rd = safe_return_path(body.rd.as_deref());
+    let result = app
+        .passkey_second_factor_finish(
+            token,
+            &body.ceremony,
+            &body.credential.to_string(),
+            SessionKind::Web,
+            &client,
+        )
+        .await;
+    let label = match &result {
+        Ok(_) => "success",
+        Err(_) => "failure",
+    };
+    app.metrics
+        .counter(Family::SecondFactor, &["passkey", label])
+        .inc();
+    match result {
+        Ok(step) => step_json(&app, step, &rd, &client),
+        Err(e) => refusal(&e),
+    }
+}
+
+#[derive(Deserialize)]
+pub(crate) struct AddStart {
+    #[serde(default)]
+    password: String,
+    code: Option<String>,
+    #[serde(default)]
+    csrf: String,
+}
+
+/// `POST /_portcullis/account/passkeys/start`: a registration ceremony, after the password
+/// (and the code, with TOTP on).
+pub(crate) async fn add_start(
+    State(app): State<Arc<App>>,
+    Extension(client): Extension<ClientInfo>,
+    headers: HeaderMap,
+    Json(body): Json<AddStart>,
+) -> Response {
+    let (id, _) = match form_identity(&app, &headers, &body.csrf) {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    let code = body
+        .code
+        .as_deref()
+        .map(str::trim)
+        .filter(|c| !c.is_empty());
+    match app
+        .passkey_register_start(&id, Secret::new(body.password), code, &client)
+        .await
+    {
+        Ok(s) => started(s),
+        Err(e) => refusal(&e),
+    }
+}
+
+#[derive(Deserialize)]
+pub(crate) struct AddFinish {
+    ceremony: String,
+    credential: serde_json::Value,
+    #[serde(default)]
+    label: String,
+    #[serde(default)]
+    csrf: String,
+}
+
+/// `POST /_portcullis/account/passkeys/finish`: stores the new passkey.
+pub(crate) async fn add_finish(
+    State(app): State<Arc<App>>,
+    Extension(client): Extension<ClientInfo>,
+    headers: HeaderMap,
+    Json(body): Json<AddFinish>,
+) -> Response {
+    let (id, _) = match form_identity(&app, &headers, &body.csrf) {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    match app
+        .passkey_register_finish(
+            &id,
+            &body.ceremony,
+            &body.credential.to_string(),
+            &body.label,
+            &client,
+        )
+        .await
+    {
+        Ok(p) => no_store(
+            Json(serde_json::json!({
+                "id": p.id,
+                "redirect": format!("{ACCOUNT_PATH}?done=passkey-added"),
+            }))
+            .into_response(),
+        ),
+        Err(e) => refusal(&e),
+    }
+}
+
+#[derive(Deserialize)]
+pub(crate) struct PasskeyForm {
+    id: i64,
+    label: Option<String>,
+    signout: Option<String>,
+    #[serde(default)]
+    csrf: String,
+}
+
+fn not_changed(e: &PasskeyError) -> Response {
+    match e {
+        PasskeyError::Login(crate::app::LoginError::Unavailable(s)) => {
+            store_unavailable(&s.to_string())
+        }
+        other => no_store(
+            (
+                status(other),
+                message_with_link(
+                    "Not changed",
+                    &other.to_string(),
+                    ACCOUNT_PATH,
+                    "Back to your account",
+                ),
+            )
+                .into_response(),
+        ),
+    }
+}
+
+async fn form_user(
+    app: &App,
+    headers: &HeaderMap,
+    csrf: &str,
+) -> Result<crate::store::User, Response> {
+    let (id, _) = form_identity(app, headers, csrf)?;
+    match app.store.find_user_by_id(id.user_id).await {
+        Ok(Some(u)) => Ok(u),
+        Ok(None) => Err(forbidden_cross_site()),
+        Err(e) => Err(store_unavailable(&e.to_string())),
+    }
+}
+
+/// `POST /_portcullis/account/passkeys/rename`.
+pub(crate) async fn rename(
+    State(app): State<Arc<App>>,
+    Extension(client): Extension<ClientInfo>,
+    headers: HeaderMap,
+    PageForm(form): PageForm<PasskeyForm>,
+) -> Response {
+    let user = match form_user(&app, &headers, &form.csrf).await {
+        Ok(u) => u,
+        Err(r) => return r,
+    };
+    let label = form.label.unwrap_or_default();
+    match app.passkey_rename(&user, form.id, &label, &client).await {
+        Ok(()) => redirect(&format!("{ACCOUNT_PATH}?done=passkey-renamed")),
+        Err(e) => not_changed(&e),
+    }
+}
+
+/// `POST /_portcullis/account/passkeys/remove`: removes a passkey; with `signout`, also signs
+/// out every device of the user.
+pub(crate) async fn remove(
+    State(app): State<Arc<App>>,
+    Extension(client): Extension<ClientInfo>,
+    headers: HeaderMap,
+    PageForm(form): PageForm<PasskeyForm>,
+) -> Response {
+    let user = match form_user(&app, &headers, &form.csrf).await {
+        Ok(u) => u,
+        Err(r) => return r,
+    };
+    let signout = form.signout.is_some();
+    match app.passkey_remove(&user, form.id, signout, &client).await {
+        Ok(()) if signout => to_login(ACCOUNT_PATH),
+        Ok(()) => redirect(&format!("{ACCOUNT_PATH}?done=passkey-removed")),
+        Err(e) => not_changed(&e),
+    }
+}

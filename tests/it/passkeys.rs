@@ -1,0 +1,710 @@
+//! Passkeys over HTTP, with the software authenticator ([`crate::soft_authenticator`]) in the
+//! browser's place: registration from the account page after the password, sign-in without a
+//! user name and with one, a passkey as the second step after a password, one without user
+//! verification counting as one factor, and every refusal — wrong origin, another relying
+//! party, a replayed or foreign answer, a counter that went backwards, a credential id
+//! registered already, malformed answers — with its reason and nothing changed.
+
+use reqwest::Response;
+use serde_json::{json, Value};
+
+use crate::account::{enrol, Browser};
+use crate::harness::{client, input_value, set_cookie, Gateway};
+use crate::soft_authenticator::{Options, SoftAuthenticator};
+use crate::upstream::Upstream;
+
+const PW: &str = "a passphrase for passkeys";
+/// 1Password's AAGUID: the account page names the authenticator.
+const ONE_PASSWORD: [u8; 16] = [
+    0xba, 0xda, 0x55, 0x66, 0xa7, 0xaa, 0x40, 0x1f, 0xbd, 0x96, 0x45, 0x61, 0x9a, 0x55, 0x12, 0x0d,
+];
+
+async fn setup(auth: &str) -> (Upstream, Gateway) {
+    let up = Upstream::start().await;
+    let gw = Gateway::builder(&up.url())
+        .user("alice", PW)
+        .user("bob", PW)
+        .auth_keys(auth)
+        .start()
+        .await;
+    (up, gw)
+}
+
+/// A JSON post from the gateway's own page (its origin), with `cookie` if any.
+async fn post_json(gw: &Gateway, path: &str, cookie: Option<&str>, body: &Value) -> Response {
+    let mut rb = client()
+        .post(gw.url(path))
+        .header("Origin", gw.base.clone())
+        .json(body);
+    if let Some(c) = cookie {
+        rb = rb.header("Cookie", c);
+    }
+    rb.send().await.unwrap()
+}
+
+/// Status and JSON body.
+async fn answer(resp: Response) -> (u16, Value) {
+    let status = resp.status().as_u16();
+    let text = resp.text().await.unwrap();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
+/// Registers a passkey for the signed-in browser: the ceremony's options, and the answer of a
+/// new software authenticator (user verified when `uv`).
+async fn register(gw: &Gateway, b: &Browser<'_>, label: &str, uv: bool) -> SoftAuthenticator {
+    let csrf = b.csrf().await;
+    let (status, options) = answer(
+        post_json(
+            gw,
+            "/_portcullis/account/passkeys/start",
+            Some(&b.cookie),
+            &json!({ "password": PW, "csrf": csrf }),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(status, 200, "{options}");
+    let (auth, credential) = SoftAuthenticator::register(&options, &gw.base, uv, ONE_PASSWORD);
+    let (status, body) = answer(
+        post_json(
+            gw,
+            "/_portcullis/account/passkeys/finish",
+            Some(&b.cookie),
+            &json!({
+                "ceremony": options["ceremony"],
+                "credential": credential,
+                "label": label,
+                "csrf": csrf,
+            }),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["redirect"], "/_portcullis/account?done=passkey-added");
+    auth
+}
+
+/// Starts a passkey sign-in (for `user`'s passkeys, or any).
+async fn login_start(gw: &Gateway, user: Option<&str>) -> Value {
+    let body = match user {
+        Some(u) => json!({ "username": u }),
+        None => json!({}),
+    };
+    let (status, options) =
+        answer(post_json(gw, "/_portcullis/passkey/login/start", None, &body).await).await;
+    assert_eq!(status, 200, "{options}");
+    options
+}
+
+async fn login_finish(gw: &Gateway, options: &Value, credential: &Value) -> Response {
+    post_json(
+        gw,
+        "/_portcullis/passkey/login/finish",
+        None,
+        &json!({ "ceremony": options["ceremony"], "credential": credential, "rd": "/probe" }),
+    )
+    .await
+}
+
+/// Signs in with the authenticator (user verified); the session cookie.
+async fn passkey_session(gw: &Gateway, auth: &mut SoftAuthenticator, user: Option<&str>) -> String {
+    let options = login_start(gw, user).await;
+    let credential = auth.assert(&options, &gw.base, true);
+    let resp = login_finish(gw, &options, &credential).await;
+    let cookie = set_cookie(&resp, "portcullis");
+    let (status, body) = answer(resp).await;
+    assert_eq!(
+        (status, body["redirect"].as_str()),
+        (200, Some("/probe")),
+        "{body}"
+    );
+    cookie.expect("a session cookie")
+}
+
+/// The reason of a refused answer, after checking its status and that it opened no session.
+async fn refused(resp: Response) -> (u16, String) {
+    assert!(
+        set_cookie(&resp, "portcullis").is_none(),
+        "a refusal set a session"
+    );
+    let (status, body) = answer(resp).await;
+    (
+        status,
+        body["error"].as_str().unwrap_or_default().to_string(),
+    )
+}
+
+fn allowed_ids(options: &Value) -> Vec<String> {
+    options["publicKey"]["allowCredentials"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|c| c["id"].as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn edit_config(gw: &Gateway, from: &str, to: &str) {
+    let text = std::fs::read_to_string(gw.config_path()).unwrap();
+    assert!(text.contains(from), "{from} not in the config");
+    std::fs::write(gw.config_path(), text.replacen(from, to, 1)).unwrap();
+}
+
+/// A password login through the form: status, `Location`, the pending-login cookie.
+async fn password_form(gw: &Gateway, user: &str) -> (u16, String, Option<String>) {
+    let resp = client()
+        .post(gw.url("/_portcullis/login"))
+        .header("Origin", gw.base.clone())
+        .form(&[("username", user), ("password", PW), ("rd", "/probe")])
+        .send()
+        .await
+        .unwrap();
+    let location = resp
+        .headers()
+        .get("location")
+        .map(|v| v.to_str().unwrap().to_string())
+        .unwrap_or_default();
+    (
+        resp.status().as_u16(),
+        location,
+        set_cookie(&resp, "portcullis-pending"),
+    )
+}
+
+#[tokio::test]
+async fn a_registered_passkey_signs_in_with_or_without_the_user_name_and_counts_as_two_factors() {
+    let (_up, mut gw) = setup("").await;
+    let alice = Browser::login(&gw, "alice", PW).await;
+    // Registration needs the password, freshly.
+    let csrf = alice.csrf().await;
+    let (status, reason) = refused(
+        post_json(
+            &gw,
+            "/_portcullis/account/passkeys/start",
+            Some(&alice.cookie),
+            &json!({ "password": "wrong", "csrf": csrf }),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!((status, reason.as_str()), (403, "reauthentication_failed"));
+    // Without the page's token, nothing starts.
+    let resp = post_json(
+        &gw,
+        "/_portcullis/account/passkeys/start",
+        Some(&alice.cookie),
+        &json!({ "password": PW, "csrf": "" }),
+    )
+    .await;
+    assert_eq!(resp.status(), 403);
+
+    let mut laptop = register(&gw, &alice, "Laptop", true).await;
+    let page = alice
+        .get("/_portcullis/account")
+        .await
+        .text()
+        .await
+        .unwrap();
+    let section = page
+        .split("id=\"passkeys\"")
+        .nth(1)
+        .expect("a passkey section");
+    assert!(
+        section.contains("data-passkey")
+            && section.contains("Laptop")
+            && section.contains("1Password"),
+        "{section}"
+    );
+    // A second registration excludes the first credential.
+    let (_, options) = answer(
+        post_json(
+            &gw,
+            "/_portcullis/account/passkeys/start",
+            Some(&alice.cookie),
+            &json!({ "password": PW, "csrf": csrf }),
+        )
+        .await,
+    )
+    .await;
+    let excluded: Vec<&str> = options["publicKey"]["excludeCredentials"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|c| c["id"].as_str())
+        .collect();
+    assert_eq!(excluded, vec![laptop.credential_id_b64().as_str()]);
+
+    // Without a user name (the browser offers its passkeys), and with one.
+    let options = login_start(&gw, None).await;
+    assert!(allowed_ids(&options).is_empty(), "{options}");
+    let cookie = passkey_session(&gw, &mut laptop, None).await;
+    assert_eq!(gw.status_with_cookie("/probe", &cookie).await, 200);
+    let options = login_start(&gw, Some("alice")).await;
+    assert_eq!(allowed_ids(&options), vec![laptop.credential_id_b64()]);
+    let cookie = passkey_session(&gw, &mut laptop, Some("Alice")).await;
+    assert_eq!(gw.status_with_cookie("/probe", &cookie).await, 200);
+    // A name without passkeys (or no such user) gets the same open ceremony as none.
+    assert!(allowed_ids(&login_start(&gw, Some("bob")).await).is_empty());
+    assert!(allowed_ids(&login_start(&gw, Some("nobody")).await).is_empty());
+    gw.metrics_with(&[
+        "portcullis_logins_total{method=\"passkey\",result=\"success\"} 2",
+        "portcullis_passkeys_total{event=\"registered\"} 1",
+    ])
+    .await;
+
+    // With every user required to use a second factor, the passkey is enough on its own, and
+    // after a password it is the second step; a user with neither must enrol.
+    edit_config(&gw, "[auth]\n", "[auth]\nrequire_2fa = \"all\"\n");
+    gw.restart().await;
+    let cookie = passkey_session(&gw, &mut laptop, None).await;
+    assert_eq!(gw.status_with_cookie("/probe", &cookie).await, 200);
+    let (status, location, pending) = password_form(&gw, "alice").await;
+    assert_eq!(
+        (status, location.as_str()),
+        (303, "/_portcullis/login/2fa?rd=%2Fprobe")
+    );
+    let pending = pending.expect("a pending login");
+    let step = gw.page_with_cookie(&location, &pending).await;
+    assert!(
+        step.contains("id=\"passkey-second-factor\"") && !step.contains("id=\"code\""),
+        "{step}"
+    );
+    let csrf = input_value(&step, "csrf").unwrap();
+    let (status, options) = answer(
+        post_json(
+            &gw,
+            "/_portcullis/passkey/second-factor/start",
+            Some(&pending),
+            &json!({ "csrf": csrf }),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(status, 200, "{options}");
+    assert_eq!(allowed_ids(&options), vec![laptop.credential_id_b64()]);
+    let credential = laptop.assert(&options, &gw.base, true);
+    let resp = post_json(
+        &gw,
+        "/_portcullis/passkey/second-factor/finish",
+        Some(&pending),
+        &json!({ "ceremony": options["ceremony"], "credential": credential, "csrf": csrf, "rd": "/probe" }),
+    )
+    .await;
+    let cookie = set_cookie(&resp, "portcullis").expect("a session after the second step");
+    assert_eq!(answer(resp).await.1["redirect"], "/probe");
+    assert_eq!(gw.status_with_cookie("/probe", &cookie).await, 200);
+    let (status, location, _) = password_form(&gw, "bob").await;
+    assert_eq!(
+        (status, location.as_str()),
+        (303, "/_portcullis/login/enroll?rd=%2Fprobe")
+    );
+}
+
+#[tokio::test]
+async fn every_bad_answer_is_refused_with_its_reason_and_changes_nothing() {
+    let (_up, gw) = setup("").await;
+    let alice = Browser::login(&gw, "alice", PW).await;
+    let mut laptop = register(&gw, &alice, "Laptop", true).await;
+    let origin = gw.base.clone();
+
+    // Another site's page, or an authenticator answering for another relying party.
+    let options = login_start(&gw, None).await;
+    let evil = laptop.assert_with(&options, &Options::new("http://evil.example"));
+    assert_eq!(
+        refused(login_finish(&gw, &options, &evil).await).await,
+        (400, "wrong_origin".into())
+    );
+    let options = login_start(&gw, None).await;
+    let other = laptop.assert_for_rp(&options, &origin, "evil.example", true);
+    assert_eq!(
+        refused(login_finish(&gw, &options, &other).await).await,
+        (400, "wrong_rp_id".into())
+    );
+
+    // An answer is good once, for its own ceremony only.
+    let first = login_start(&gw, None).await;
+    let second = login_start(&gw, None).await;
+    let answer_to_first = laptop.assert(&first, &origin, true);
+    assert_eq!(
+        refused(login_finish(&gw, &second, &answer_to_first).await).await,
+        (400, "expired_ceremony".into())
+    );
+    let resp = login_finish(&gw, &first, &answer_to_first).await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(
+        refused(login_finish(&gw, &first, &answer_to_first).await).await,
+        (400, "expired_ceremony".into())
+    );
+    let options = login_start(&gw, None).await;
+    let resp = post_json(
+        &gw,
+        "/_portcullis/passkey/login/finish",
+        None,
+        &json!({ "ceremony": "made-up", "credential": laptop.assert(&options, &origin, true) }),
+    )
+    .await;
+    assert_eq!(refused(resp).await, (400, "expired_ceremony".into()));
+
+    // Malformed answers.
+    let options = login_start(&gw, None).await;
+    assert_eq!(
+        refused(login_finish(&gw, &options, &json!({})).await).await,
+        (400, "malformed_response".into())
+    );
+    let options = login_start(&gw, None).await;
+    let mut garbled = laptop.assert(&options, &origin, true);
+    garbled["response"]["authenticatorData"] = json!("!!not base64!!");
+    assert_eq!(
+        refused(login_finish(&gw, &options, &garbled).await).await,
+        (400, "malformed_response".into())
+    );
+    let resp = client()
+        .post(gw.url("/_portcullis/passkey/login/finish"))
+        .header("Origin", origin.clone())
+        .header("Content-Type", "application/json")
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    // From another site, nothing is looked at.
+    let resp = client()
+        .post(gw.url("/_portcullis/passkey/login/start"))
+        .header("Origin", "http://evil.example")
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 403);
+
+    // A passkey this gateway never registered.
+    let (_, registration) = answer(
+        post_json(
+            &gw,
+            "/_portcullis/account/passkeys/start",
+            Some(&alice.cookie),
+            &json!({ "password": PW, "csrf": alice.csrf().await }),
+        )
+        .await,
+    )
+    .await;
+    let (mut stranger, _) = SoftAuthenticator::register(&registration, &origin, true, [0; 16]);
+    let options = login_start(&gw, None).await;
+    let unknown = stranger.assert(&options, &origin, true);
+    assert_eq!(
+        refused(login_finish(&gw, &options, &unknown).await).await,
+        (401, "unknown_credential".into())
+    );
+
+    // A counter that went backwards: a copy of the credential. Refused and flagged.
+    laptop.set_counter(0);
+    let options = login_start(&gw, None).await;
+    let copy = laptop.assert(&options, &origin, true);
+    assert_eq!(
+        refused(login_finish(&gw, &options, &copy).await).await,
+        (401, "possible_clone".into())
+    );
+    let page = alice
+        .get("/_portcullis/account")
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert!(page.contains("Possibly copied"), "{page}");
+    gw.metrics_with(&["portcullis_passkeys_total{event=\"clone_warning\"} 1"])
+        .await;
+
+    // A credential id registered to alice cannot be registered to bob.
+    let bob = Browser::login(&gw, "bob", PW).await;
+    let bob_csrf = bob.csrf().await;
+    let (_, options) = answer(
+        post_json(
+            &gw,
+            "/_portcullis/account/passkeys/start",
+            Some(&bob.cookie),
+            &json!({ "password": PW, "csrf": bob_csrf }),
+        )
+        .await,
+    )
+    .await;
+    let (_, same_id) = SoftAuthenticator::register_with(
+        &options,
+        &Options::new(&origin).credential_id(&laptop.credential_id()),
+        [0; 16],
+    );
+    let resp = post_json(
+        &gw,
+        "/_portcullis/account/passkeys/finish",
+        Some(&bob.cookie),
+        &json!({ "ceremony": options["ceremony"], "credential": same_id, "label": "Copy", "csrf": bob_csrf }),
+    )
+    .await;
+    assert_eq!(refused(resp).await, (409, "duplicate_credential".into()));
+    let page = bob.get("/_portcullis/account").await.text().await.unwrap();
+    assert!(!page.contains("data-passkey"), "{page}");
+}
+
+#[tokio::test]
+async fn a_passkey_without_user_verification_is_one_factor_and_the_code_follows() {
+    let (_up, gw) = setup("").await;
+    let bob = Browser::login(&gw, "bob", PW).await;
+    let mut key = register(&gw, &bob, "Security key", false).await;
+    let origin = gw.base.clone();
+    // No other second factor: refused, with the reason.
+    let options = login_start(&gw, None).await;
+    let answer_without_uv = key.assert(&options, &origin, false);
+    assert_eq!(
+        refused(login_finish(&gw, &options, &answer_without_uv).await).await,
+        (400, "user_not_verified".into())
+    );
+    // With TOTP on, the code step follows the passkey.
+    let (_, codes) = enrol(&bob).await;
+    let options = login_start(&gw, None).await;
+    let credential = key.assert(&options, &origin, false);
+    let resp = login_finish(&gw, &options, &credential).await;
+    assert!(
+        set_cookie(&resp, "portcullis").is_none(),
+        "a session before the code"
+    );
+    let pending = set_cookie(&resp, "portcullis-pending").expect("a pending login");
+    let (status, body) = answer(resp).await;
+    assert_eq!(
+        (status, body["redirect"].as_str()),
+        (200, Some("/_portcullis/login/2fa?rd=%2Fprobe"))
+    );
+    let step = gw
+        .page_with_cookie("/_portcullis/login/2fa?rd=%2Fprobe", &pending)
+        .await;
+    let csrf = input_value(&step, "csrf").unwrap();
+    let resp = client()
+        .post(gw.url("/_portcullis/login/2fa"))
+        .header("Origin", origin.clone())
+        .header("Cookie", &pending)
+        .form(&[
+            ("code", codes[0].as_str()),
+            ("csrf", &csrf),
+            ("rd", "/probe"),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 303);
+    let cookie = set_cookie(&resp, "portcullis").expect("a session after the code");
+    assert_eq!(gw.status_with_cookie("/probe", &cookie).await, 200);
+}
+
+#[tokio::test]
+async fn removing_a_passkey_keeps_its_sessions_unless_asked_and_signing_out_ends_them() {
+    let (_up, gw) = setup("").await;
+    let alice = Browser::login(&gw, "alice", PW).await;
+    let mut phone = register(&gw, &alice, "Phone", true).await;
+    let mut laptop = register(&gw, &alice, "Laptop", true).await;
+    let from_phone = passkey_session(&gw, &mut phone, None).await;
+    let page = alice
+        .get("/_portcullis/account")
+        .await
+        .text()
+        .await
+        .unwrap();
+    let id_of = |label: &str| -> String {
+        let row = page
+            .split("<tr data-passkey=\"")
+            .skip(1)
+            .find(|r| r.contains(&format!("<strong>{label}</strong>")))
+            .unwrap_or_else(|| panic!("no {label} row in {page}"));
+        row[..row.find('"').unwrap()].to_string()
+    };
+    let (phone_id, laptop_id) = (id_of("Phone"), id_of("Laptop"));
+    let csrf = alice.csrf().await;
+    // Renamed; an empty name is refused.
+    let resp = alice
+        .post(
+            "/_portcullis/account/passkeys/rename",
+            &[
+                ("id", &laptop_id),
+                ("label", "Work laptop"),
+                ("csrf", &csrf),
+            ],
+        )
+        .await;
+    assert_eq!(resp.status(), 303);
+    let resp = alice
+        .post(
+            "/_portcullis/account/passkeys/rename",
+            &[("id", &laptop_id), ("label", " "), ("csrf", &csrf)],
+        )
+        .await;
+    assert_eq!(resp.status(), 400);
+    // Another user's passkey is not theirs to remove.
+    let bob = Browser::login(&gw, "bob", PW).await;
+    let resp = bob
+        .post(
+            "/_portcullis/account/passkeys/remove",
+            &[("id", &phone_id), ("csrf", &bob.csrf().await)],
+        )
+        .await;
+    assert_eq!(resp.status(), 404);
+    // Removed: the phone no longer signs in, but its session stays.
+    let resp = alice
+        .post(
+            "/_portcullis/account/passkeys/remove",
+            &[("id", &phone_id), ("csrf", &csrf)],
+        )
+        .await;
+    assert_eq!(resp.status(), 303);
+    assert_eq!(gw.status_with_cookie("/probe", &from_phone).await, 200);
+    let options = login_start(&gw, None).await;
+    let gone = phone.assert(&options, &gw.base, true);
+    assert_eq!(
+        refused(login_finish(&gw, &options, &gone).await).await,
+        (401, "unknown_credential".into())
+    );
+    let page = alice
+        .get("/_portcullis/account")
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert!(page.contains("Work laptop") && !page.contains("<strong>Phone</strong>"));
+    // "Also sign out every device": every session of alice ends, this browser's too.
+    let from_laptop = passkey_session(&gw, &mut laptop, None).await;
+    let resp = alice
+        .post(
+            "/_portcullis/account/passkeys/remove",
+            &[("id", &laptop_id), ("signout", "1"), ("csrf", &csrf)],
+        )
+        .await;
+    assert_eq!(resp.status(), 303);
+    for cookie in [&from_phone, &from_laptop, &alice.cookie] {
+        assert_ne!(gw.status_with_cookie("/probe", cookie).await, 200);
+    }
+    gw.metrics_with(&["portcullis_passkeys_total{event=\"removed\"} 2"])
+        .await;
+}
+
+#[tokio::test]
+async fn users_who_must_use_a_passkey_cannot_sign_in_with_the_password_once_they_have_one() {
+    let (_up, gw) = setup("require_passkey = \"all\"\n").await;
+    // Until she has a passkey, alice's password lets her in to register one.
+    let alice = Browser::login(&gw, "alice", PW).await;
+    let mut key = register(&gw, &alice, "Phone", true).await;
+    let resp = client()
+        .post(gw.url("/_portcullis/login"))
+        .header("Origin", gw.base.clone())
+        .form(&[("username", "alice"), ("password", PW), ("rd", "/")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 403);
+    assert!(set_cookie(&resp, "portcullis").is_none());
+    assert!(resp.text().await.unwrap().contains("passkey only"));
+    let (status, body) = gw.try_login("alice", PW, None).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (403, Some("passkey_required"))
+    );
+    // The passkey works, and her last one cannot be removed.
+    let cookie = passkey_session(&gw, &mut key, None).await;
+    assert_eq!(gw.status_with_cookie("/probe", &cookie).await, 200);
+    let page = alice
+        .get("/_portcullis/account")
+        .await
+        .text()
+        .await
+        .unwrap();
+    let id = page
+        .split("<tr data-passkey=\"")
+        .nth(1)
+        .map(|r| r[..r.find('"').unwrap()].to_string())
+        .unwrap();
+    let resp = alice
+        .post(
+            "/_portcullis/account/passkeys/remove",
+            &[("id", id.as_str()), ("csrf", &alice.csrf().await)],
+        )
+        .await;
+    assert_eq!(resp.status(), 409);
+    // bob has none yet: his password still works.
+    assert_eq!(gw.try_login("bob", PW, None).await.0, 200);
+}
+
+#[tokio::test]
+async fn the_relying_party_id_cannot_change_under_registered_passkeys() {
+    let up = Upstream::start().await;
+    let mut gw = Gateway::builder(&up.url())
+        .user("alice", PW)
+        .server_keys("public_url = \"http://media.localhost:{port}\"")
+        .extra_toml("[webauthn]\nrp_id = \"localhost\"\n")
+        .start()
+        .await;
+    let origin = format!("http://media.localhost:{}", gw.port);
+    // An API session, and the account page's token for it.
+    let token = gw.login("alice", PW).await.token;
+    let page = client()
+        .get(gw.url("/_portcullis/account"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let csrf = input_value(&page, "csrf").unwrap();
+    let post = |path: &'static str, body: Value| {
+        let (gw, origin, token) = (&gw, origin.clone(), token.clone());
+        async move {
+            client()
+                .post(gw.url(path))
+                .header("Origin", origin)
+                .bearer_auth(token)
+                .json(&body)
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    let (status, options) = answer(
+        post(
+            "/_portcullis/account/passkeys/start",
+            json!({ "password": PW, "csrf": csrf }),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(status, 200, "{options}");
+    assert_eq!(options["publicKey"]["rp"]["id"], "localhost");
+    let (_, credential) = SoftAuthenticator::register(&options, &origin, true, [0; 16]);
+    let resp = post(
+        "/_portcullis/account/passkeys/finish",
+        json!({ "ceremony": options["ceremony"], "credential": credential, "label": "Phone", "csrf": csrf }),
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
+    // The id falls back to the host: a reload is refused (the passkey still signs in), and so
+    // is a start, each naming the key.
+    edit_config(&gw, "rp_id = \"localhost\"\n", "");
+    // SAFETY: kill(2) with a pid and a signal number; no memory is passed.
+    assert_eq!(unsafe { libc::kill(gw.pid() as i32, libc::SIGHUP) }, 0);
+    let log = gw.log_containing("configuration reload refused").await;
+    assert!(log.contains("webauthn.rp_id"), "{log}");
+    let (status, options) = answer(post("/_portcullis/passkey/login/start", json!({})).await).await;
+    assert_eq!(
+        (status, options["publicKey"]["rpId"].as_str()),
+        (200, Some("localhost"))
+    );
+    gw.kill();
+    let out = gw.cli(&["serve"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("webauthn.rp_id")
+            && err.contains("media.localhost")
+            && err.contains("`localhost`"),
+        "{err}"
+    );
+}
