@@ -107,7 +107,7 @@ export async function fillLogin(page, user, password, rd = `${PREFIX}/account`) 
   await page.goto(url(`${PREFIX}/login?rd=${encodeURIComponent(rd)}`));
   await page.locator('#username').fill(user);
   await page.locator('#password').fill(password);
-  return submitPost(page, page.getByRole('button', { name: 'Sign in' }));
+  return submitPost(page, page.getByRole('button', { name: 'Sign in', exact: true }));
 }
 
 /** Signs in with a password (no second factor) and lands on the account page. */

@@ -138,3 +138,21 @@ async fn browser_account_page_screenshot() {
     run_script(&gw, "account_screenshot.mjs", &extra).await;
     assert!(root().join("tests/output/account.png").exists());
 }
+
+#[tokio::test]
+async fn browser_passkey_registration_and_sign_in_with_the_virtual_authenticator() {
+    let up = Upstream::start().await;
+    // WebAuthn needs a secure context: http://localhost is one, http://127.0.0.1 is not for it.
+    let gw = Gateway::builder(&up.url())
+        .user(USER, PASSWORD)
+        .server_keys("public_url = \"http://localhost:{port}\"")
+        .start()
+        .await;
+    let base = format!("http://localhost:{}", gw.port);
+    run_script(
+        &gw,
+        "passkey_login.mjs",
+        &[("PORTCULLIS_URL", Path::new(&base))],
+    )
+    .await;
+}

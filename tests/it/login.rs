@@ -40,9 +40,32 @@ async fn login_page_is_a_self_contained_form() {
         .to_string();
     assert!(csp.contains("default-src 'none'"));
     let html = resp.text().await.unwrap();
-    assert!(html.contains("<form method=\"post\" action=\"/_portcullis/login\">"));
+    assert!(html.contains("<form method=\"post\" action=\"/_portcullis/login\""));
     assert!(html.contains("name=\"rd\" value=\"/web/\""));
-    assert!(!html.contains("<script") && !html.contains("http://") && !html.contains("https://"));
+    assert!(!html.contains("http://") && !html.contains("https://"));
+    // One script, the gateway's own passkey script; nothing inline.
+    let scripts: Vec<&str> = html.split("<script").skip(1).collect();
+    assert_eq!(scripts.len(), 1, "{html}");
+    assert!(
+        scripts[0].starts_with(" src=\"/_portcullis/passkey.js\" defer></script>"),
+        "{html}"
+    );
+    let js = client()
+        .get(gw.url("/_portcullis/passkey.js"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(js.status(), 200);
+    assert_eq!(
+        js.headers()["content-type"],
+        "text/javascript; charset=utf-8"
+    );
+    assert_eq!(js.headers()["x-content-type-options"], "nosniff");
+    assert!(js
+        .text()
+        .await
+        .unwrap()
+        .contains("navigator.credentials.get"));
 }
 
 #[tokio::test]

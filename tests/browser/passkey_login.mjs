@@ -1,0 +1,112 @@
+// Passkeys in a real browser: Chromium's DevTools virtual authenticator (a CTAP2 platform
+// authenticator with resident keys and user verification) stands in for a phone or laptop.
+//
+// The user signs in with the password, adds a passkey from the account page (after the
+// password), signs out, and is signed in again by the passkey alone (no user name: the login
+// page's autofill request); the account page shows the passkey as used. The password is then
+// followed by "Use a passkey" as the second step. With user verification switched off the browser
+// refuses and the page says so; once the passkey is removed on the account page (the
+// authenticator still holding it), the gateway refuses it and the page explains. Runs at
+// http://localhost:PORT: browsers allow WebAuthn on localhost without TLS, not on 127.0.0.1.
+
+import path from 'node:path';
+import {
+  PREFIX, assert, at, device, env, expectAccountPage, fillLogin, outputDir, run, signIn, step, submit,
+  submitPost, url,
+} from './lib.mjs';
+
+const user = env('PORTCULLIS_USER');
+const password = env('PORTCULLIS_PASSWORD');
+
+/** The text the passkey script showed, once it shows one. */
+async function passkeyError(page) {
+  const box = page.locator('#passkey-error');
+  await box.waitFor({ state: 'visible' });
+  return (await box.textContent()).trim();
+}
+
+await run('passkey_login', async (browser) => {
+  const a = await device(browser, 'A');
+  const cdp = await a.context.newCDPSession(a.page);
+  await cdp.send('WebAuthn.enable', { enableUI: false });
+  const { authenticatorId } = await cdp.send('WebAuthn.addVirtualAuthenticator', {
+    options: {
+      protocol: 'ctap2',
+      ctap2Version: 'ctap2_1',
+      transport: 'internal',
+      hasResidentKey: true,
+      hasUserVerification: true,
+      isUserVerified: true,
+      automaticPresenceSimulation: true,
+    },
+  });
+
+  step('A signs in with the password and adds a passkey from the account page');
+  await signIn(a.page, user, password);
+  const section = a.page.locator('#passkeys');
+  assert.equal(await section.locator('tr[data-passkey]').count(), 0);
+  await a.page.locator('#passkey-label').fill('Laptop');
+  await a.page.locator('#passkey-password').fill(password);
+  await submit(a.page, a.page.getByRole('button', { name: 'Add a passkey' }), /done=passkey-added/);
+  const row = section.locator('tr[data-passkey]');
+  assert.equal(await row.count(), 1, 'one passkey listed');
+  assert.match(await row.textContent(), /Laptop/);
+  assert.match(await row.textContent(), /never/, 'not used yet');
+  const { credentials } = await cdp.send('WebAuthn.getCredentials', { authenticatorId });
+  assert.equal(credentials.length, 1, 'the authenticator holds one credential');
+  assert.equal(credentials[0].isResidentCredential, true, 'a discoverable credential');
+  assert.equal(credentials[0].rpId, new URL(url('/')).hostname);
+  await a.page.screenshot({ path: path.join(outputDir(), 'passkey-added.png'), fullPage: true });
+
+  step('A signs out; the login page signs in with the passkey alone (autofill, no user name)');
+  await submitPost(a.page, a.page.getByRole('button', { name: 'Sign out of this device' }));
+  // The page asks for a passkey with conditional mediation as it loads; the virtual
+  // authenticator answers at once, as a user picking it from the autofill list would.
+  await a.page.goto(url(`${PREFIX}/login?rd=${encodeURIComponent(`${PREFIX}/account`)}`));
+  await a.page.waitForURL(at(`${PREFIX}/account`));
+  await expectAccountPage(a.page, user);
+
+  step('A signs out and signs in with the "Sign in with a passkey" button');
+  await submitPost(a.page, a.page.getByRole('button', { name: 'Sign out of this device' }));
+  await cdp.send('WebAuthn.setAutomaticPresenceSimulation', { authenticatorId, enabled: false });
+  await a.page.goto(url(`${PREFIX}/login?rd=${encodeURIComponent(`${PREFIX}/account`)}`));
+  // The click cancels the waiting autofill request and asks again; the user then touches the
+  // authenticator.
+  await a.page.getByRole('button', { name: 'Sign in with a passkey' }).click();
+  await cdp.send('WebAuthn.setAutomaticPresenceSimulation', { authenticatorId, enabled: true });
+  await a.page.waitForURL(at(`${PREFIX}/account`));
+  await expectAccountPage(a.page, user);
+  assert.doesNotMatch(await a.page.locator('#passkeys tr[data-passkey]').textContent(), /never/, 'last used is set');
+  const after = await cdp.send('WebAuthn.getCredentials', { authenticatorId });
+  assert.ok(after.credentials[0].signCount >= 1, 'the authenticator signed');
+
+  step('Without user verification the browser refuses, and the page says so');
+  await submitPost(a.page, a.page.getByRole('button', { name: 'Sign out of this device' }));
+  await cdp.send('WebAuthn.setUserVerified', { authenticatorId, isUserVerified: false });
+  await a.page.goto(url(`${PREFIX}/login`));
+  await a.page.getByRole('button', { name: 'Sign in with a passkey' }).click();
+  assert.match(await passkeyError(a.page), /closed, timed out, or no passkey/);
+  assert.match(a.page.url(), /\/_portcullis\/login/);
+  await cdp.send('WebAuthn.setUserVerified', { authenticatorId, isUserVerified: true });
+
+  step('With a passkey registered, the password is followed by "Use a passkey"');
+  // Nobody at the authenticator: the login page's autofill request waits, and the password
+  // form is used instead.
+  await cdp.send('WebAuthn.setAutomaticPresenceSimulation', { authenticatorId, enabled: false });
+  const pw = await fillLogin(a.page, user, password);
+  assert.equal(pw.status(), 303);
+  await a.page.waitForURL(at(`${PREFIX}/login/2fa`));
+  assert.equal(await a.page.locator('#code').count(), 0, 'no code field without TOTP');
+  await cdp.send('WebAuthn.setAutomaticPresenceSimulation', { authenticatorId, enabled: true });
+  await submit(a.page, a.page.getByRole('button', { name: 'Use a passkey' }), at(`${PREFIX}/account`));
+  await expectAccountPage(a.page, user);
+
+  step('A removes the passkey on the account page; the authenticator still offers it and is refused');
+  await submit(a.page, a.page.locator('#passkeys').getByRole('button', { name: 'Remove' }), /done=passkey-removed/);
+  assert.equal(await a.page.locator('#passkeys tr[data-passkey]').count(), 0);
+  await submitPost(a.page, a.page.getByRole('button', { name: 'Sign out of this device' }));
+  await a.page.goto(url(`${PREFIX}/login`));
+  assert.match(await passkeyError(a.page), /not registered here/);
+  assert.match(a.page.url(), /\/_portcullis\/login/);
+  await a.page.screenshot({ path: path.join(outputDir(), 'passkey-refused.png'), fullPage: true });
+});
