@@ -52,11 +52,9 @@ async fn answer(resp: Response) -> (u16, Value) {
     )
 }
 
-/// Registers a passkey for the signed-in browser: the ceremony's options, and the answer of a
-/// new software authenticator (user verified when `uv`).
-async fn register(gw: &Gateway, b: &Browser<'_>, label: &str, uv: bool) -> SoftAuthenticator {
-    let csrf = b.csrf().await;
-    let (status, options) = answer(
+/// Starts a registration for the signed-in browser (with the password): status and options.
+async fn registration_options(gw: &Gateway, b: &Browser<'_>, csrf: &str) -> (u16, Value) {
+    answer(
         post_json(
             gw,
             "/_portcullis/account/passkeys/start",
@@ -65,7 +63,14 @@ async fn register(gw: &Gateway, b: &Browser<'_>, label: &str, uv: bool) -> SoftA
         )
         .await,
     )
-    .await;
+    .await
+}
+
+/// Registers a passkey for the signed-in browser: the ceremony's options, and the answer of a
+/// new software authenticator (user verified when `uv`).
+async fn register(gw: &Gateway, b: &Browser<'_>, label: &str, uv: bool) -> SoftAuthenticator {
+    let csrf = b.csrf().await;
+    let (status, options) = registration_options(gw, b, &csrf).await;
     assert_eq!(status, 200, "{options}");
     let (auth, credential) = SoftAuthenticator::register(&options, &gw.base, uv, ONE_PASSWORD);
     let (status, body) = answer(
@@ -221,16 +226,7 @@ async fn a_registered_passkey_signs_in_with_or_without_the_user_name_and_counts_
         "{section}"
     );
     // A second registration excludes the first credential.
-    let (_, options) = answer(
-        post_json(
-            &gw,
-            "/_portcullis/account/passkeys/start",
-            Some(&alice.cookie),
-            &json!({ "password": PW, "csrf": csrf }),
-        )
-        .await,
-    )
-    .await;
+    let (_, options) = registration_options(&gw, &alice, &csrf).await;
     let excluded: Vec<&str> = options["publicKey"]["excludeCredentials"]
         .as_array()
         .unwrap()
@@ -383,16 +379,7 @@ async fn every_bad_answer_is_refused_with_its_reason_and_changes_nothing() {
     assert_eq!(resp.status(), 403);
 
     // A passkey this gateway never registered.
-    let (_, registration) = answer(
-        post_json(
-            &gw,
-            "/_portcullis/account/passkeys/start",
-            Some(&alice.cookie),
-            &json!({ "password": PW, "csrf": alice.csrf().await }),
-        )
-        .await,
-    )
-    .await;
+    let (_, registration) = registration_options(&gw, &alice, &alice.csrf().await).await;
     let (mut stranger, _) = SoftAuthenticator::register(&registration, &origin, true, [0; 16]);
     let options = login_start(&gw, None).await;
     let unknown = stranger.assert(&options, &origin, true);
@@ -422,16 +409,7 @@ async fn every_bad_answer_is_refused_with_its_reason_and_changes_nothing() {
     // A credential id registered to alice cannot be registered to bob.
     let bob = Browser::login(&gw, "bob", PW).await;
     let bob_csrf = bob.csrf().await;
-    let (_, options) = answer(
-        post_json(
-            &gw,
-            "/_portcullis/account/passkeys/start",
-            Some(&bob.cookie),
-            &json!({ "password": PW, "csrf": bob_csrf }),
-        )
-        .await,
-    )
-    .await;
+    let (_, options) = registration_options(&gw, &bob, &bob_csrf).await;
     let (_, same_id) = SoftAuthenticator::register_with(
         &options,
         &Options::new(&origin).credential_id(&laptop.credential_id()),
