@@ -5,6 +5,7 @@
 //! Exit codes: 0 success, 1 a refused action (one line on stderr says why), 2 bad usage or a bad
 //! config.
 
+use crate::app::account::LinkPurpose;
 use std::io::{BufRead, IsTerminal};
 use std::path::PathBuf;
 
@@ -147,6 +148,9 @@ pub enum UserCommand {
     },
     /// Print a one-time password reset link (stored only as a hash).
     ResetLink { name: String },
+    /// Print a one-time link that registers a passkey for a user who lost theirs (stored only
+    /// as a hash; using it signs out every device of the user).
+    PasskeyLink { name: String },
     /// Make the next login of a user (or of every user) choose a new password first.
     RequireReset {
         #[arg(required_unless_present = "all", conflicts_with = "all")]
@@ -437,6 +441,30 @@ fn new_password(
     Ok((Secret::new(password), false))
 }
 
+/// Prints (and audits) a new one-time link for the user.
+async fn print_link(
+    store: &DynStore,
+    config: &Config,
+    name: &str,
+    purpose: LinkPurpose,
+) -> anyhow::Result<()> {
+    let user = find_user(store, name).await?;
+    let link = crate::app::account::create_link(store, config, &user, purpose)
+        .await
+        .map_err(store_refusal)?;
+    let (event, what) = match purpose {
+        LinkPurpose::Password => ("reset_link_issued", "reset link"),
+        LinkPurpose::Passkey => ("passkey_link_issued", "passkey link"),
+    };
+    cli_audit(store, event, Some(&user), "").await;
+    println!(
+        "one-time {what} for {} (valid for {}):\n{link}",
+        user.name,
+        humantime::format_duration(config.auth.reset_link_ttl),
+    );
+    Ok(())
+}
+
 async fn find_user(store: &DynStore, name: &str) -> anyhow::Result<User> {
     store
         .find_user(name)
@@ -598,23 +626,10 @@ async fn user_command(config: &Config, store: &DynStore, c: UserCommand) -> anyh
             Ok(())
         }
         UserCommand::ResetLink { name } => {
-            let user = find_user(store, &name).await?;
-            let token = data_encoding::BASE64URL_NOPAD.encode(&rand::random::<[u8; 32]>());
-            let hash = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(token.as_bytes()));
-            let now = now_ms();
-            let ttl = config.auth.reset_link_ttl;
-            store
-                .create_reset_link(&hash, user.id, now, now + ttl.as_millis() as i64)
-                .await
-                .map_err(store_refusal)?;
-            cli_audit(store, "reset_link_issued", Some(&user), "").await;
-            println!(
-                "one-time reset link for {} (valid for {}):\n{}/_portcullis/reset/{token}",
-                user.name,
-                humantime::format_duration(ttl),
-                config.server.public_url
-            );
-            Ok(())
+            print_link(store, config, &name, LinkPurpose::Password).await
+        }
+        UserCommand::PasskeyLink { name } => {
+            print_link(store, config, &name, LinkPurpose::Passkey).await
         }
         UserCommand::RequireReset { name, all } => {
             if all {

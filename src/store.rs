@@ -282,6 +282,8 @@ pub struct NewPasskey {
     pub credential: String,
     pub counter: i64,
     pub created_ms: i64,
+    /// Whether the authenticator verified its user at registration (for the audit).
+    pub user_verified: bool,
 }
 
 /// A WebAuthn ceremony in flight: webauthn-rs's state for one registration or sign-in, kept
@@ -720,6 +722,30 @@ pub trait Store: Send + Sync + 'static {
         expires_ms: i64,
     ) -> StoreResult<()>;
     async fn reset_link_state(&self, token_hash: &str, now_ms: i64) -> StoreResult<ResetLinkState>;
+    /// Stores a new one-time passkey link for the user (a reset link whose use registers a
+    /// passkey); any older unused passkey link of theirs stops working.
+    async fn create_passkey_link(
+        &self,
+        token_hash: &str,
+        user_id: i64,
+        now_ms: i64,
+        expires_ms: i64,
+    ) -> StoreResult<()>;
+    async fn passkey_link_state(
+        &self,
+        token_hash: &str,
+        now_ms: i64,
+    ) -> StoreResult<ResetLinkState>;
+    /// Uses a passkey link once: registers the passkey (for the link's user only) and ends every
+    /// session of the user, in one transaction. `Ok(None)` if the link is not valid any more
+    /// or names another user; a credential id registered already is a `Conflict` and uses
+    /// nothing.
+    async fn redeem_passkey_link(
+        &self,
+        token_hash: &str,
+        passkey: &NewPasskey,
+        now_ms: i64,
+    ) -> StoreResult<Option<SequencedEvent>>;
     /// Uses a reset link once: sets the password, clears `must_reset`, ends every session of
     /// the user, all in one transaction. `Ok(None)` if the link is not valid any more.
     async fn redeem_reset_link(

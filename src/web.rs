@@ -110,6 +110,15 @@ pub fn router(app: Arc<App>) -> Router {
             "/_portcullis/passkey/second-factor/finish",
             post(passkey::second_finish),
         )
+        .route("/_portcullis/passkey-link/{token}", get(passkey::link_page))
+        .route(
+            "/_portcullis/passkey-link/{token}/start",
+            post(passkey::link_start),
+        )
+        .route(
+            "/_portcullis/passkey-link/{token}/finish",
+            post(passkey::link_finish),
+        )
         .route(
             "/_portcullis/account/passkeys/start",
             post(passkey::add_start),

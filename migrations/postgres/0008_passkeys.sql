@@ -38,3 +38,8 @@ CREATE TABLE webauthn_ceremonies (
     expires_ms BIGINT  NOT NULL
 );
 CREATE INDEX webauthn_ceremonies_expiry ON webauthn_ceremonies(expires_ms);
+
+-- Reset links gain a purpose: `password` (the link sets a new password) or `passkey` (an
+-- administrator's one-time link that registers a passkey, for a user who lost theirs). Either
+-- signs out every device of the user when used.
+ALTER TABLE reset_links ADD COLUMN purpose TEXT NOT NULL DEFAULT 'password';

@@ -111,6 +111,59 @@ fn token_hash(token: &str) -> String {
     hex::encode(Sha256::digest(token.as_bytes()))
 }
 
+/// What a one-time link does when used (both sign out every device of the user).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LinkPurpose {
+    /// Sets a new password (`/_portcullis/reset/TOKEN`).
+    Password,
+    /// Registers a passkey, for a user who lost theirs (`/_portcullis/passkey-link/TOKEN`).
+    Passkey,
+}
+
+/// Stores a new one-time link for `user` (its hash only; valid for `auth.reset_link_ttl`; the
+/// user's older unused link of the same purpose stops working) and returns its URL.
+pub async fn create_link(
+    store: &crate::store::DynStore,
+    config: &crate::config::Config,
+    user: &User,
+    purpose: LinkPurpose,
+) -> Result<String, StoreError> {
+    let token = data_encoding::BASE64URL_NOPAD.encode(&rand::random::<[u8; 32]>());
+    let hash = token_hash(&token);
+    let now = now_ms();
+    let expires = now + config.auth.reset_link_ttl.as_millis() as i64;
+    let path = match purpose {
+        LinkPurpose::Password => {
+            store
+                .create_reset_link(&hash, user.id, now, expires)
+                .await?;
+            "reset"
+        }
+        LinkPurpose::Passkey => {
+            store
+                .create_passkey_link(&hash, user.id, now, expires)
+                .await?;
+            "passkey-link"
+        }
+    };
+    Ok(format!(
+        "{}/_portcullis/{path}/{token}",
+        config.server.public_url
+    ))
+}
+
+/// The state of a passkey link, by its token.
+pub(crate) async fn passkey_link_state(
+    store: &crate::store::DynStore,
+    token: &str,
+) -> Result<ResetLinkState, StoreError> {
+    store.passkey_link_state(&token_hash(token), now_ms()).await
+}
+
+pub(crate) fn link_hash(token: &str) -> String {
+    token_hash(token)
+}
+
 impl App {
     /// Checks a new password (typed twice) against the policy and hashes it.
     async fn new_password_hash(
@@ -491,28 +544,21 @@ impl App {
     }
 
     /// Issues a one-time reset link for a user; only its hash is stored.
-    pub async fn issue_reset_link(
+    /// A one-time link for `user` (see [`create_link`]), audited.
+    pub async fn issue_link(
         &self,
         user: &User,
+        purpose: LinkPurpose,
         client: &ClientInfo,
     ) -> Result<String, AccountError> {
-        let token = data_encoding::BASE64URL_NOPAD.encode(&rand::random::<[u8; 32]>());
-        let now = now_ms();
-        let ttl = self.config().auth.reset_link_ttl.as_millis() as i64;
-        self.store
-            .create_reset_link(&token_hash(&token), user.id, now, now + ttl)
-            .await?;
-        let e = self.audit_entry(
-            "reset_link_issued",
-            "success",
-            Some((user.id, &user.name)),
-            client,
-        );
+        let link = create_link(&self.store, &self.config(), user, purpose).await?;
+        let event = match purpose {
+            LinkPurpose::Password => "reset_link_issued",
+            LinkPurpose::Passkey => "passkey_link_issued",
+        };
+        let e = self.audit_entry(event, "success", Some((user.id, &user.name)), client);
         self.audit(e).await;
-        Ok(format!(
-            "{}/_portcullis/reset/{token}",
-            self.config().server.public_url
-        ))
+        Ok(link)
     }
 
     pub async fn reset_link_state(&self, token: &str) -> Result<ResetLinkState, AccountError> {

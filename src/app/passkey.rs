@@ -85,6 +85,8 @@ pub enum PasskeyError {
     LastMethod,
     #[error("no such passkey")]
     NoSuchPasskey,
+    #[error("this link is not valid any more (used, expired or replaced by a newer one): ask an administrator for a new one")]
+    LinkNotValid,
     #[error(transparent)]
     Login(#[from] LoginError),
     #[error(transparent)]
@@ -107,6 +109,7 @@ impl PasskeyError {
             PasskeyError::BadLabel => "bad_label",
             PasskeyError::LastMethod => "last_method",
             PasskeyError::NoSuchPasskey => "no_such_passkey",
+            PasskeyError::LinkNotValid => "link_not_valid",
             PasskeyError::Login(e) => e.label(),
             PasskeyError::Account(AccountError::Unavailable(_)) => "store_unavailable",
             PasskeyError::Account(_) => "reauthentication_failed",
@@ -338,6 +341,11 @@ impl App {
             .find_user_by_id(identity.user_id)
             .await?
             .ok_or(PasskeyError::Expired)?;
+        self.start_registration(&user).await
+    }
+
+    /// A registration ceremony for `user` (who has been vouched for by the caller).
+    async fn start_registration(&self, user: &User) -> Result<Started, PasskeyError> {
         let handle = self
             .store
             .passkey_handle(user.id, &uuid::Uuid::new_v4().to_string())
@@ -378,33 +386,140 @@ impl App {
         label: &str,
         client: &ClientInfo,
     ) -> Result<PasskeyRecord, PasskeyError> {
+        let user = self
+            .store
+            .find_user_by_id(identity.user_id)
+            .await?
+            .ok_or(PasskeyError::Expired)?;
+        let new = self
+            .check_registration(&user, ceremony, credential, label, client)
+            .await?;
+        let id = match self.store.add_passkey(&new).await {
+            Ok(id) => id,
+            Err(StoreError::Conflict(_)) => return Err(self.duplicate(&user, client).await),
+            Err(e) => return Err(e.into()),
+        };
+        self.registered(&user, &new, "account page", client).await;
+        self.store
+            .find_passkey(&new.cred_id)
+            .await?
+            .filter(|p| p.id == id)
+            .ok_or(PasskeyError::NoSuchPasskey)
+    }
+
+    /// Starts registering a passkey through an administrator's one-time link.
+    pub async fn passkey_link_start(&self, token: &str) -> Result<Started, PasskeyError> {
+        let user = self.link_user(token).await?;
+        self.start_registration(&user).await
+    }
+
+    /// Finishes a registration through a one-time link: the link is used, the passkey stored
+    /// and every device of the user signed out, in one write.
+    pub async fn passkey_link_finish(
+        &self,
+        token: &str,
+        ceremony: &str,
+        credential: &str,
+        label: &str,
+        client: &ClientInfo,
+    ) -> Result<(), PasskeyError> {
+        let user = self.link_user(token).await?;
+        let new = self
+            .check_registration(&user, ceremony, credential, label, client)
+            .await?;
+        let hash = super::account::link_hash(token);
+        match self.store.redeem_passkey_link(&hash, &new, now_ms()).await {
+            Ok(Some(event)) => self.apply(&[event]),
+            Ok(None) => return Err(PasskeyError::LinkNotValid),
+            Err(StoreError::Conflict(_)) => return Err(self.duplicate(&user, client).await),
+            Err(e) => return Err(e.into()),
+        }
+        self.registered(
+            &user,
+            &new,
+            "one-time link; signed out every device",
+            client,
+        )
+        .await;
+        Ok(())
+    }
+
+    /// The user a valid passkey link names.
+    async fn link_user(&self, token: &str) -> Result<User, PasskeyError> {
+        match super::account::passkey_link_state(&self.store, token).await? {
+            crate::store::ResetLinkState::Valid { user_id } => self
+                .store
+                .find_user_by_id(user_id)
+                .await?
+                .filter(|u| !u.disabled)
+                .ok_or(PasskeyError::LinkNotValid),
+            _ => Err(PasskeyError::LinkNotValid),
+        }
+    }
+
+    /// Audits a refused duplicate credential id.
+    async fn duplicate(&self, user: &User, client: &ClientInfo) -> PasskeyError {
+        self.audit_passkey(
+            "passkey_add",
+            "failure",
+            Some(user),
+            client,
+            "credential already registered".into(),
+        )
+        .await;
+        PasskeyError::Duplicate
+    }
+
+    /// Counts and audits a registered passkey.
+    async fn registered(&self, user: &User, new: &NewPasskey, how: &str, client: &ClientInfo) {
+        self.count_passkey("registered");
+        let verified = if new.user_verified {
+            "user verified"
+        } else {
+            "without user verification"
+        };
+        self.audit_passkey(
+            "passkey_add",
+            "success",
+            Some(user),
+            client,
+            format!("passkey `{}` ({verified}; {how})", new.label),
+        )
+        .await;
+    }
+
+    /// Checks a registration answer against the ceremony kept for `user`; the passkey to
+    /// store.
+    async fn check_registration(
+        &self,
+        user: &User,
+        ceremony: &str,
+        credential: &str,
+        label: &str,
+        client: &ClientInfo,
+    ) -> Result<NewPasskey, PasskeyError> {
         let label = label.trim();
         if !label_ok(label) {
             return Err(PasskeyError::BadLabel);
         }
         let (owner, state): (_, RegistrationState) =
             self.take_ceremony(ceremony, Purpose::Register).await?;
-        if owner != Some(identity.user_id) {
+        if owner != Some(user.id) {
             return Err(PasskeyError::Expired);
         }
-        let user = self
-            .store
-            .find_user_by_id(identity.user_id)
-            .await?
-            .ok_or(PasskeyError::Expired)?;
         let reg: RegisterPublicKeyCredential = parse(credential)?;
         let result = self.relying_party().register_credential(&reg, &state, None);
         let cred = match result {
             Ok(c) => c,
             Err(e) => {
                 let e = PasskeyError::from(e);
-                self.audit_passkey("passkey_add", "failure", Some(&user), client, e.to_string())
+                self.audit_passkey("passkey_add", "failure", Some(user), client, e.to_string())
                     .await;
                 return Err(e);
             }
         };
         let aaguid = aaguid_of(reg.response.attestation_object.as_ref()).unwrap_or_default();
-        let new = NewPasskey {
+        Ok(NewPasskey {
             user_id: user.id,
             cred_id: URL_SAFE_NO_PAD.encode(cred.cred_id.as_slice()),
             rp_id: self.config().webauthn.rp_id.clone(),
@@ -413,41 +528,8 @@ impl App {
             credential: serde_json::to_string(&cred).map_err(|_| LoginError::Internal)?,
             counter: i64::from(cred.counter),
             created_ms: now_ms(),
-        };
-        let id = match self.store.add_passkey(&new).await {
-            Ok(id) => id,
-            Err(StoreError::Conflict(_)) => {
-                self.audit_passkey(
-                    "passkey_add",
-                    "failure",
-                    Some(&user),
-                    client,
-                    "credential already registered".into(),
-                )
-                .await;
-                return Err(PasskeyError::Duplicate);
-            }
-            Err(e) => return Err(e.into()),
-        };
-        self.count_passkey("registered");
-        let verified = if cred.user_verified {
-            "user verified"
-        } else {
-            "without user verification"
-        };
-        self.audit_passkey(
-            "passkey_add",
-            "success",
-            Some(&user),
-            client,
-            format!("passkey `{label}` ({verified})"),
-        )
-        .await;
-        self.store
-            .find_passkey(&new.cred_id)
-            .await?
-            .filter(|p| p.id == id)
-            .ok_or(PasskeyError::NoSuchPasskey)
+            user_verified: cred.user_verified,
+        })
     }
 
     /// Starts a passkey sign-in: for `user_name`'s own credentials when the name is known and

@@ -68,6 +68,19 @@ fn is_unique_violation(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(d) if d.is_unique_violation())
 }
 
+/// A passkey insert's failure: a credential id registered already is a `Conflict`.
+fn passkey_conflict(e: sqlx::Error) -> StoreError {
+    if is_unique_violation(&e) {
+        StoreError::Conflict("the credential is registered already".into())
+    } else {
+        unavailable(e)
+    }
+}
+
+/// What a one-time link (`reset_links.purpose`) does when used.
+const LINK_PASSWORD: &str = "password";
+const LINK_PASSKEY: &str = "passkey";
+
 fn sid_from_text(text: &str) -> StoreResult<SessionId> {
     SessionId::parse(text).ok_or_else(|| StoreError::Corrupt(format!("session id `{text}`")))
 }
@@ -174,6 +187,47 @@ where
             ));
         }
         Ok(())
+    }
+
+    /// Stores a one-time link; older unused links of the user with the same purpose stop
+    /// working (read as used), so only the newest link sent out works.
+    async fn create_link(
+        &self,
+        token_hash: &str,
+        user_id: i64,
+        purpose: &str,
+        now_ms: i64,
+        expires_ms: i64,
+    ) -> StoreResult<()> {
+        let mut tx = self.pool.begin().await?;
+        query!("UPDATE reset_links SET used_ms = $1 WHERE user_id = $2 AND purpose = $3
+                AND used_ms IS NULL"; now_ms, user_id, purpose)
+        .execute(&mut *tx)
+        .await?;
+        query!("INSERT INTO reset_links (token_hash, user_id, created_ms, expires_ms, purpose)
+                VALUES ($1, $2, $3, $4, $5)"; token_hash, user_id, now_ms, expires_ms, purpose)
+        .execute(&mut *tx)
+        .await?;
+        Ok(tx.commit().await?)
+    }
+
+    async fn link_state(
+        &self,
+        token_hash: &str,
+        purpose: &str,
+        now_ms: i64,
+    ) -> StoreResult<ResetLinkState> {
+        let link: Option<(i64, i64, Option<i64>)> = query_as!(
+            "SELECT user_id, expires_ms, used_ms FROM reset_links
+             WHERE token_hash = $1 AND purpose = $2"; token_hash, purpose)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(match link {
+            None => ResetLinkState::Unknown,
+            Some((_, _, Some(_))) => ResetLinkState::Used,
+            Some((_, expires_ms, None)) if expires_ms <= now_ms => ResetLinkState::Expired,
+            Some((user_id, _, None)) => ResetLinkState::Valid { user_id },
+        })
     }
 
     /// A writing transaction: one writer at a time, in commit order (see `Dialect::BEGIN_WRITE`).
@@ -707,30 +761,60 @@ where
         now_ms: i64,
         expires_ms: i64,
     ) -> StoreResult<()> {
-        let mut tx = self.pool.begin().await?;
-        query!("UPDATE reset_links SET used_ms = $1 WHERE user_id = $2 AND used_ms IS NULL";
-               now_ms, user_id)
-        .execute(&mut *tx)
-        .await?;
-        query!("INSERT INTO reset_links (token_hash, user_id, created_ms, expires_ms)
-                VALUES ($1, $2, $3, $4)"; token_hash, user_id, now_ms, expires_ms)
-        .execute(&mut *tx)
-        .await?;
-        Ok(tx.commit().await?)
+        self.create_link(token_hash, user_id, LINK_PASSWORD, now_ms, expires_ms)
+            .await
     }
 
     async fn reset_link_state(&self, token_hash: &str, now_ms: i64) -> StoreResult<ResetLinkState> {
-        let link: Option<(i64, i64, Option<i64>)> =
-            query_as!("SELECT user_id, expires_ms, used_ms FROM reset_links WHERE token_hash = $1";
-                      token_hash)
-            .fetch_optional(&self.pool)
-            .await?;
-        Ok(match link {
-            None => ResetLinkState::Unknown,
-            Some((_, _, Some(_))) => ResetLinkState::Used,
-            Some((_, expires_ms, None)) if expires_ms <= now_ms => ResetLinkState::Expired,
-            Some((user_id, _, None)) => ResetLinkState::Valid { user_id },
-        })
+        self.link_state(token_hash, LINK_PASSWORD, now_ms).await
+    }
+
+    async fn create_passkey_link(
+        &self,
+        token_hash: &str,
+        user_id: i64,
+        now_ms: i64,
+        expires_ms: i64,
+    ) -> StoreResult<()> {
+        self.create_link(token_hash, user_id, LINK_PASSKEY, now_ms, expires_ms)
+            .await
+    }
+
+    async fn passkey_link_state(
+        &self,
+        token_hash: &str,
+        now_ms: i64,
+    ) -> StoreResult<ResetLinkState> {
+        self.link_state(token_hash, LINK_PASSKEY, now_ms).await
+    }
+
+    async fn redeem_passkey_link(
+        &self,
+        token_hash: &str,
+        p: &NewPasskey,
+        now_ms: i64,
+    ) -> StoreResult<Option<SequencedEvent>> {
+        let mut tx = self.write_tx().await?;
+        let used = query!(
+            "UPDATE reset_links SET used_ms = $1 WHERE token_hash = $2 AND purpose = $3
+             AND user_id = $4 AND used_ms IS NULL AND expires_ms > $1";
+            now_ms, token_hash, LINK_PASSKEY, p.user_id,
+        )
+        .execute(&mut *tx)
+        .await?;
+        if D::rows_affected(&used) == 0 {
+            return Ok(None);
+        }
+        query!("INSERT INTO passkeys (user_id, cred_id, rp_id, label, aaguid, credential,
+                counter, created_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)";
+                p.user_id, &p.cred_id, &p.rp_id, &p.label, &p.aaguid, &p.credential, p.counter,
+                p.created_ms)
+        .execute(&mut *tx)
+        .await
+        .map_err(passkey_conflict)?;
+        let event = Self::cutoff_user(&mut tx, p.user_id, now_ms).await?;
+        Self::commit(tx, std::slice::from_ref(&event)).await?;
+        Ok(Some(event))
     }
 
     async fn redeem_reset_link(
@@ -741,9 +825,9 @@ where
     ) -> StoreResult<Option<(i64, SequencedEvent)>> {
         let mut tx = self.write_tx().await?;
         let user_id: Option<i64> = query_scalar!(
-            "UPDATE reset_links SET used_ms = $1
-             WHERE token_hash = $2 AND used_ms IS NULL AND expires_ms > $1 RETURNING user_id";
-            now_ms, token_hash,
+            "UPDATE reset_links SET used_ms = $1 WHERE token_hash = $2 AND purpose = $3
+             AND used_ms IS NULL AND expires_ms > $1 RETURNING user_id";
+            now_ms, token_hash, LINK_PASSWORD,
         )
         .fetch_optional(&mut *tx)
         .await?;
@@ -1069,13 +1153,7 @@ where
                 p.created_ms)
         .fetch_one(&self.pool)
         .await
-        .map_err(|e| {
-            if is_unique_violation(&e) {
-                StoreError::Conflict("the credential is registered already".into())
-            } else {
-                unavailable(e)
-            }
-        })
+        .map_err(passkey_conflict)
     }
 
     async fn find_passkey(&self, cred_id: &str) -> StoreResult<Option<PasskeyRecord>> {

@@ -1853,6 +1853,7 @@ fn new_passkey(user_id: i64, cred_id: &str, counter: i64) -> NewPasskey {
         credential: format!("{{\"counter\":{counter}}}"),
         counter,
         created_ms: 5,
+        user_verified: true,
     }
 }
 
@@ -1918,6 +1919,90 @@ async fn passkeys_are_unique_per_credential_and_a_use_needs_a_counter_that_moved
     assert!(store.remove_passkey(alice.id, id).await.unwrap());
     assert!(store.passkeys_of(alice.id).await.unwrap().is_empty());
     assert!(store.passkey_rp_ids().await.unwrap().is_empty());
+}
+
+async fn a_passkey_link_is_used_once_for_its_user_and_is_not_a_reset_link(f: Fixture) {
+    let store = &f.store;
+    let alice = user(store, "alice").await;
+    let bob = user(store, "bob").await;
+    store
+        .create_passkey_link("pk", alice.id, 10, 100)
+        .await
+        .unwrap();
+    store
+        .create_reset_link("pw", alice.id, 10, 100)
+        .await
+        .unwrap();
+    // Each purpose reads only its own links.
+    assert_eq!(
+        store.passkey_link_state("pk", 20).await.unwrap(),
+        ResetLinkState::Valid { user_id: alice.id }
+    );
+    assert_eq!(
+        store.passkey_link_state("pw", 20).await.unwrap(),
+        ResetLinkState::Unknown
+    );
+    assert_eq!(
+        store.reset_link_state("pk", 20).await.unwrap(),
+        ResetLinkState::Unknown
+    );
+    assert!(store
+        .redeem_reset_link("pk", "hash", 20)
+        .await
+        .unwrap()
+        .is_none());
+    // Not for another user's passkey; then once, ending alice's sessions.
+    assert!(store
+        .redeem_passkey_link("pk", &new_passkey(bob.id, "c-bob", 0), 20)
+        .await
+        .unwrap()
+        .is_none());
+    let event = store
+        .redeem_passkey_link("pk", &new_passkey(alice.id, "c-alice", 0), 30)
+        .await
+        .unwrap()
+        .expect("used once");
+    assert!(
+        matches!(event.event, RevocationEvent::UserCutoff { user_id, .. } if user_id == alice.id)
+    );
+    assert_eq!(store.passkeys_of(alice.id).await.unwrap().len(), 1);
+    assert_eq!(
+        store.passkey_link_state("pk", 40).await.unwrap(),
+        ResetLinkState::Used
+    );
+    assert!(store
+        .redeem_passkey_link("pk", &new_passkey(alice.id, "c-again", 0), 40)
+        .await
+        .unwrap()
+        .is_none());
+    // A taken credential id uses nothing.
+    store
+        .create_passkey_link("pk2", alice.id, 50, 100)
+        .await
+        .unwrap();
+    assert!(matches!(
+        store
+            .redeem_passkey_link("pk2", &new_passkey(alice.id, "c-alice", 0), 60)
+            .await,
+        Err(StoreError::Conflict(_))
+    ));
+    assert_eq!(
+        store.passkey_link_state("pk2", 60).await.unwrap(),
+        ResetLinkState::Valid { user_id: alice.id }
+    );
+    // A newer link replaces the older one; the password link is untouched.
+    store
+        .create_passkey_link("pk3", alice.id, 70, 200)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.passkey_link_state("pk2", 70).await.unwrap(),
+        ResetLinkState::Used
+    );
+    assert!(matches!(
+        store.reset_link_state("pw", 70).await.unwrap(),
+        ResetLinkState::Valid { .. }
+    ));
 }
 
 async fn a_ceremony_is_taken_back_once_for_its_purpose_and_not_after_it_expired(f: Fixture) {
@@ -2189,6 +2274,7 @@ suite! {
     both: [
         passkeys_are_unique_per_credential_and_a_use_needs_a_counter_that_moved_forward,
         a_ceremony_is_taken_back_once_for_its_purpose_and_not_after_it_expired,
+        a_passkey_link_is_used_once_for_its_user_and_is_not_a_reset_link,
         plex_accounts_are_met_offered_linked_once_and_found_by_id_or_name,
         unlinking_a_plex_account_or_revoking_a_device_ends_exactly_its_tokens,
         revocation_events_are_sequenced_and_in_snapshot,

@@ -16,6 +16,7 @@ use super::{
     cross_site, forbidden_cross_site, identity, no_store, pages, redirect, store_unavailable,
     to_login, PageForm,
 };
+use crate::app::account::LinkPurpose;
 use crate::app::{now_ms, App, ClientInfo};
 use crate::auth::password::{check_policy, generate_password};
 use crate::auth::Identity;
@@ -231,24 +232,36 @@ pub(crate) async fn user_action(
             .await
             .map(|_| "signed-out")
             .map_err(|e| e.to_string()),
-        "reset_link" => match app.issue_reset_link(&user, &client).await {
-            Ok(link) => {
-                return no_store(
-                    pages::message_with_link(
-                        "Reset link",
-                        &format!(
-                            "Give this one-time link to {} (valid for {}): {link}",
-                            user.name,
-                            humantime::format_duration(app.config().auth.reset_link_ttl)
-                        ),
-                        ADMIN_PATH,
-                        "Back to admin",
-                    )
-                    .into_response(),
+        "reset_link" | "passkey_link" => {
+            let (purpose, title, what) = if form.action == "reset_link" {
+                (
+                    LinkPurpose::Password,
+                    "Reset link",
+                    "it sets a new password",
                 )
+            } else {
+                (LinkPurpose::Passkey, "Passkey link", "it adds a passkey")
+            };
+            match app.issue_link(&user, purpose, &client).await {
+                Ok(link) => {
+                    return no_store(
+                        pages::message_with_link(
+                            title,
+                            &format!(
+                                "Give this one-time link to {} (valid for {}); {what} and signs \
+                                 out every device of theirs: {link}",
+                                user.name,
+                                humantime::format_duration(app.config().auth.reset_link_ttl)
+                            ),
+                            ADMIN_PATH,
+                            "Back to admin",
+                        )
+                        .into_response(),
+                    )
+                }
+                Err(e) => Err(e.to_string()),
             }
-            Err(e) => Err(e.to_string()),
-        },
+        }
         _ => return bad("Unknown action."),
     };
     match result {

@@ -119,6 +119,26 @@ pub fn login(
     )
 }
 
+/// The page of an administrator's one-time passkey link.
+pub fn passkey_link(user: &str, token: &str) -> Html<String> {
+    let path = format!("/_portcullis/passkey-link/{token}");
+    layout(
+        "Add a passkey",
+        &format!(
+            "<h1>Add a passkey</h1><p>This one-time link adds a passkey for <strong>{}</strong>. \
+Using it signs out every device of this account; then sign in with the new passkey.</p>\
+<form class=\"narrow\" id=\"passkey-add\" method=\"post\" action=\"{}/start\" data-start=\"{}/start\" data-finish=\"{}/finish\">\
+<label for=\"passkey-label\">Name for the new passkey</label>\
+<input type=\"text\" id=\"passkey-label\" name=\"label\" maxlength=\"64\" required placeholder=\"Phone\">\
+<button type=\"submit\">Add a passkey</button></form>{PASSKEY_ERROR}{PASSKEY_SCRIPT}",
+            escape(user),
+            escape(&path),
+            escape(&path),
+            escape(&path),
+        ),
+    )
+}
+
 /// Where the passkey script writes what went wrong.
 pub(crate) const PASSKEY_ERROR: &str =
     "<p id=\"passkey-error\" class=\"error\" role=\"alert\" hidden></p>";
@@ -515,7 +535,7 @@ pub fn admin(
             .collect::<Vec<_>>()
             .join(", ");
             format!(
-                "<tr><td>{}</td><td>{}</td><td>{}{}{}{}{}</td></tr>",
+                "<tr><td>{}</td><td>{}</td><td>{}{}{}{}{}{}</td></tr>",
                 escape(&u.name),
                 escape(&state),
                 if u.disabled {
@@ -530,6 +550,7 @@ pub fn admin(
                 },
                 action(&u.name, "require_reset", "Require reset"),
                 action(&u.name, "reset_link", "Reset link"),
+                action(&u.name, "passkey_link", "Passkey link"),
                 action(&u.name, "signout", "Sign out all devices"),
             )
         })

@@ -93,8 +93,10 @@
         const credential = await get(started, 'conditional', autofill.signal);
         if (credential) await finish(started, credential);
       } catch (e) {
-        const message = explain(e);
-        if (message && !(autofill && autofill.signal.aborted)) show(message);
+        // Only the gateway's refusal of a passkey the user picked is worth saying; the browser's
+        // own refusals (no passkey, an origin it will not use, the prompt cancelled) stay silent
+        // here, as the page still offers the password and the button.
+        if (e && e.reason && !(autofill && autofill.signal.aborted)) show(explain(e));
       }
     };
     signin.addEventListener('click', async (event) => {
@@ -139,7 +141,8 @@
     });
   }
 
-  // The account page: add a passkey, after the password (and code).
+  // The account page (after the password and code) or an administrator's one-time link: add a
+  // passkey.
   const add = document.getElementById('passkey-add');
   if (add) {
     add.addEventListener('submit', async (event) => {
@@ -153,7 +156,7 @@
         return input ? input.value : '';
       };
       try {
-        const started = await post('/_portcullis/account/passkeys/start', {
+        const started = await post(add.dataset.start, {
           password: field('password'),
           code: field('code'),
           csrf: field('csrf'),
@@ -162,7 +165,7 @@
           withoutNulls(started.publicKey),
         );
         const credential = await navigator.credentials.create({ publicKey });
-        const done = await post('/_portcullis/account/passkeys/finish', {
+        const done = await post(add.dataset.finish, {
           ceremony: started.ceremony,
           credential: credential.toJSON(),
           label: field('label'),

@@ -9,7 +9,7 @@
 
 use std::sync::Arc;
 
-use axum::extract::State;
+use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
@@ -17,10 +17,10 @@ use serde::Deserialize;
 
 use super::account::form_identity;
 use super::login::{login_status, pending_token, step_response};
-use super::pages::{escape, hidden, message_with_link, when, PASSKEY_ERROR, PASSKEY_SCRIPT};
+use super::pages::{self, escape, hidden, message_with_link, when, PASSKEY_ERROR, PASSKEY_SCRIPT};
 use super::{
     cross_site, forbidden_cross_site, no_store, redirect, safe_return_path, store_unavailable,
-    to_login, PageForm, ACCOUNT_PATH,
+    to_login, PageForm, ACCOUNT_PATH, LOGIN_PATH,
 };
 use crate::app::account::AccountError;
 use crate::app::passkey::authenticator_name;
@@ -28,7 +28,7 @@ use crate::app::passkey::{PasskeyError, Started};
 use crate::app::{App, ClientInfo, LoginStep};
 use crate::config::Secret;
 use crate::metrics::Family;
-use crate::store::{PasskeyRecord, SessionKind, User};
+use crate::store::{PasskeyRecord, ResetLinkState, SessionKind, User};
 
 /// The account page's passkey section: each passkey (label, authenticator, created and last
 /// used, a warning when it may have been copied) with rename and remove, and the form that adds
@@ -78,7 +78,8 @@ counter that did not move forward, and was refused. Remove it unless you know wh
 that checks your fingerprint, face or PIN counts as two factors.</p>\
 <table><thead><tr><th>Passkey</th><th>Authenticator</th><th>Added</th><th>Last used</th><th></th></tr></thead>\
 <tbody>{rows}</tbody></table>\
-<form class=\"narrow\" id=\"passkey-add\" method=\"post\" action=\"/_portcullis/account/passkeys/start\">{}\
+<form class=\"narrow\" id=\"passkey-add\" method=\"post\" action=\"/_portcullis/account/passkeys/start\" \
+data-start=\"/_portcullis/account/passkeys/start\" data-finish=\"/_portcullis/account/passkeys/finish\">{}\
 <label for=\"passkey-label\">Name for the new passkey</label>\
 <input type=\"text\" id=\"passkey-label\" name=\"label\" maxlength=\"64\" required placeholder=\"Phone\">\
 <label for=\"passkey-password\">Current password</label>\
@@ -121,6 +122,7 @@ fn status(e: &PasskeyError) -> StatusCode {
         | PasskeyError::PossibleClone => StatusCode::UNAUTHORIZED,
         PasskeyError::Duplicate | PasskeyError::LastMethod => StatusCode::CONFLICT,
         PasskeyError::NoSuchPasskey => StatusCode::NOT_FOUND,
+        PasskeyError::LinkNotValid => StatusCode::GONE,
         PasskeyError::Login(e) => login_status(e),
         PasskeyError::Account(AccountError::Unavailable(_)) => StatusCode::SERVICE_UNAVAILABLE,
         PasskeyError::Account(_) => StatusCode::FORBIDDEN,
@@ -480,5 +482,88 @@ pub(crate) async fn remove(
         Ok(()) if signout => to_login(ACCOUNT_PATH),
         Ok(()) => redirect(&format!("{ACCOUNT_PATH}?done=passkey-removed")),
         Err(e) => not_changed(&e),
+    }
+}
+
+/// `GET /_portcullis/passkey-link/{token}`: the page of an administrator's one-time link, which
+/// adds a passkey for its user without a password.
+pub(crate) async fn link_page(State(app): State<Arc<App>>, Path(token): Path<String>) -> Response {
+    match crate::app::account::passkey_link_state(&app.store, &token).await {
+        Ok(ResetLinkState::Valid { user_id }) => match app.store.find_user_by_id(user_id).await {
+            Ok(Some(user)) if !user.disabled => {
+                no_store(pages::passkey_link(&user.name, &token).into_response())
+            }
+            Ok(_) => link_gone(),
+            Err(e) => store_unavailable(&e.to_string()),
+        },
+        Ok(ResetLinkState::Unknown) => no_store(
+            (
+                StatusCode::NOT_FOUND,
+                pages::message("Unknown link", "This link is not valid."),
+            )
+                .into_response(),
+        ),
+        Ok(_) => link_gone(),
+        Err(e) => store_unavailable(&e.to_string()),
+    }
+}
+
+fn link_gone() -> Response {
+    no_store(
+        (
+            StatusCode::GONE,
+            pages::message(
+                "Link used or expired",
+                &PasskeyError::LinkNotValid.to_string(),
+            ),
+        )
+            .into_response(),
+    )
+}
+
+/// `POST /_portcullis/passkey-link/{token}/start`.
+pub(crate) async fn link_start(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    Path(token): Path<String>,
+) -> Response {
+    if cross_site(&app, &headers) {
+        return forbidden_cross_site();
+    }
+    match app.passkey_link_start(&token).await {
+        Ok(s) => started(s),
+        Err(e) => refusal(&e),
+    }
+}
+
+/// `POST /_portcullis/passkey-link/{token}/finish`: stores the passkey, uses the link and signs
+/// out every device of the user; the browser then signs in with the new passkey.
+pub(crate) async fn link_finish(
+    State(app): State<Arc<App>>,
+    Extension(client): Extension<ClientInfo>,
+    headers: HeaderMap,
+    Path(token): Path<String>,
+    Json(body): Json<AddFinish>,
+) -> Response {
+    if cross_site(&app, &headers) {
+        return forbidden_cross_site();
+    }
+    match app
+        .passkey_link_finish(
+            &token,
+            &body.ceremony,
+            &body.credential.to_string(),
+            &body.label,
+            &client,
+        )
+        .await
+    {
+        Ok(()) => no_store(
+            Json(serde_json::json!({
+                "redirect": format!("{LOGIN_PATH}?rd={}", super::login::encode(ACCOUNT_PATH)),
+            }))
+            .into_response(),
+        ),
+        Err(e) => refusal(&e),
     }
 }

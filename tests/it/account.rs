@@ -1078,6 +1078,28 @@ async fn admin_pages_are_for_admins_and_act() {
     assert!(resp.text().await.unwrap().contains("/_portcullis/reset/"));
     let resp = root
         .post(
+            "/_portcullis/admin/users/action",
+            &[
+                ("name", "alice"),
+                ("action", "passkey_link"),
+                ("csrf", &csrf),
+            ],
+        )
+        .await;
+    let page = resp.text().await.unwrap();
+    let path = page
+        .split("/_portcullis/passkey-link/")
+        .nth(1)
+        .and_then(|s| s.split('<').next())
+        .expect("a passkey link");
+    let link = client()
+        .get(gw.url(&format!("/_portcullis/passkey-link/{path}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(link.status(), 200);
+    let resp = root
+        .post(
             "/_portcullis/admin/users",
             &[("name", "carol"), ("password", ""), ("csrf", &csrf)],
         )

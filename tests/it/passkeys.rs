@@ -686,3 +686,73 @@ async fn the_relying_party_id_cannot_change_under_registered_passkeys() {
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn an_administrators_one_time_link_adds_a_passkey_and_signs_out_every_device() {
+    let (_up, gw) = setup("").await;
+    let alice = Browser::login(&gw, "alice", PW).await;
+    let link_path = |out: String| -> String {
+        let link = out
+            .lines()
+            .find(|l| l.contains("/_portcullis/passkey-link/"))
+            .unwrap_or_else(|| panic!("no link in {out}"))
+            .trim()
+            .to_string();
+        link.strip_prefix(&gw.base)
+            .expect("a link on the public URL")
+            .to_string()
+    };
+    let first = link_path(gw.cli_ok(&["user", "passkey-link", "alice"]));
+    // A newer link replaces the older one.
+    let path = link_path(gw.cli_ok(&["user", "passkey-link", "alice"]));
+    let gw_ref = &gw;
+    let status_of = |p: String| async move { client().get(gw_ref.url(&p)).send().await.unwrap() };
+    assert_eq!(status_of(first.clone()).await.status(), 410);
+    let page = status_of(path.clone()).await;
+    assert_eq!(page.status(), 200);
+    let page = page.text().await.unwrap();
+    assert!(
+        page.contains("<strong>alice</strong>") && page.contains("data-finish"),
+        "{page}"
+    );
+    let (status, options) =
+        answer(post_json(&gw, &format!("{path}/start"), None, &json!({})).await).await;
+    assert_eq!(status, 200, "{options}");
+    let (mut phone, credential) = SoftAuthenticator::register(&options, &gw.base, true, [0; 16]);
+    let (status, body) = answer(
+        post_json(
+            &gw,
+            &format!("{path}/finish"),
+            None,
+            &json!({ "ceremony": options["ceremony"], "credential": credential, "label": "New phone" }),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(
+        (status, body["redirect"].as_str()),
+        (
+            200,
+            Some("/_portcullis/login?rd=%2F%5Fportcullis%2Faccount")
+        )
+    );
+    // Every device of alice is signed out; the link is spent; the new passkey signs in.
+    assert_ne!(gw.status_with_cookie("/probe", &alice.cookie).await, 200);
+    assert_eq!(status_of(path.clone()).await.status(), 410);
+    let (status, reason) =
+        refused(post_json(&gw, &format!("{path}/start"), None, &json!({})).await).await;
+    assert_eq!((status, reason.as_str()), (410, "link_not_valid"));
+    let cookie = passkey_session(&gw, &mut phone, None).await;
+    assert_eq!(gw.status_with_cookie("/probe", &cookie).await, 200);
+    assert_eq!(
+        status_of("/_portcullis/passkey-link/made-up".into())
+            .await
+            .status(),
+        404
+    );
+    let audit = gw.cli_ok(&["audit", "--user", "alice"]);
+    assert!(
+        audit.contains("passkey_link_issued") && audit.contains("one-time link"),
+        "{audit}"
+    );
+}
