@@ -232,6 +232,9 @@ pub struct App {
     /// Client addresses whose ambiguous credentials were audited in the last minute: one audit
     /// entry per address and minute, however many such requests it sends.
     ambiguous_audited: Cache<String, ()>,
+    /// Passkey ceremonies started without a session, by client address, over the last
+    /// ceremony lifetime: each writes a row to the store, so an address gets a bounded share.
+    pub(crate) passkey_starts: Cache<String, u32>,
     /// Failed logins of known accounts on their way to the store (written off the response
     /// path), by user id: the account's gate counts them too, so a quick run of wrong
     /// passwords cannot outrun its own lock.
@@ -337,6 +340,10 @@ impl App {
             ambiguous_audited: Cache::builder()
                 .max_capacity(10_000)
                 .time_to_live(Duration::from_secs(60))
+                .build(),
+            passkey_starts: Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(passkey::CEREMONY_TTL)
                 .build(),
             failures_in_flight: Mutex::new(HashMap::new()),
             last_seen_written: Cache::builder()

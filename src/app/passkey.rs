@@ -34,6 +34,8 @@ use crate::store::{Ceremony, NewPasskey, PasskeyRecord, SessionKind, StoreError,
 pub const CEREMONY_TTL: Duration = Duration::from_secs(300);
 /// The longest label a passkey may have.
 pub const MAX_LABEL_CHARS: usize = 64;
+/// Ceremonies one client address may start without a session per [`CEREMONY_TTL`].
+pub const MAX_STARTS_PER_IP: u32 = 60;
 /// The largest credential JSON a browser is allowed to send.
 pub const MAX_RESPONSE_BYTES: usize = 64 * 1024;
 
@@ -299,6 +301,16 @@ impl App {
         Ok((c.user_id, state))
     }
 
+    /// Counts a ceremony started without a session; 429 once the address has had its share.
+    fn count_start(&self, client: &ClientInfo) -> Result<(), PasskeyError> {
+        let n = self.passkey_starts.get(&client.ip).unwrap_or(0) + 1;
+        self.passkey_starts.insert(client.ip.clone(), n);
+        if n > MAX_STARTS_PER_IP {
+            return Err(LoginError::Throttled(CEREMONY_TTL).into());
+        }
+        Ok(())
+    }
+
     fn count_passkey(&self, event: &str) {
         self.metrics.counter(Family::Passkeys, &[event]).inc();
     }
@@ -408,7 +420,12 @@ impl App {
     }
 
     /// Starts registering a passkey through an administrator's one-time link.
-    pub async fn passkey_link_start(&self, token: &str) -> Result<Started, PasskeyError> {
+    pub async fn passkey_link_start(
+        &self,
+        token: &str,
+        client: &ClientInfo,
+    ) -> Result<Started, PasskeyError> {
+        self.count_start(client)?;
         let user = self.link_user(token).await?;
         self.start_registration(&user).await
     }
@@ -538,7 +555,9 @@ impl App {
     pub async fn passkey_login_start(
         &self,
         user_name: Option<&str>,
+        client: &ClientInfo,
     ) -> Result<Started, PasskeyError> {
+        self.count_start(client)?;
         let mut owner = None;
         let mut creds = Vec::new();
         if let Some(name) = user_name.map(crate::auth::canonical_user_name) {

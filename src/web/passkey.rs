@@ -187,6 +187,7 @@ pub(crate) struct LoginStart {
 /// when a known name with passkeys is given, else for any passkey of this site.
 pub(crate) async fn login_start(
     State(app): State<Arc<App>>,
+    Extension(client): Extension<ClientInfo>,
     headers: HeaderMap,
     Json(body): Json<LoginStart>,
 ) -> Response {
@@ -198,7 +199,7 @@ pub(crate) async fn login_start(
         .as_deref()
         .map(str::trim)
         .filter(|n| !n.is_empty());
-    match app.passkey_login_start(name).await {
+    match app.passkey_login_start(name, &client).await {
         Ok(s) => started(s),
         Err(e) => refusal(&e),
     }
@@ -524,13 +525,14 @@ fn link_gone() -> Response {
 /// `POST /_portcullis/passkey-link/{token}/start`.
 pub(crate) async fn link_start(
     State(app): State<Arc<App>>,
+    Extension(client): Extension<ClientInfo>,
     headers: HeaderMap,
     Path(token): Path<String>,
 ) -> Response {
     if cross_site(&app, &headers) {
         return forbidden_cross_site();
     }
-    match app.passkey_link_start(&token).await {
+    match app.passkey_link_start(&token, &client).await {
         Ok(s) => started(s),
         Err(e) => refusal(&e),
     }

@@ -425,6 +425,22 @@ async fn every_bad_answer_is_refused_with_its_reason_and_changes_nothing() {
     assert_eq!(refused(resp).await, (409, "duplicate_credential".into()));
     let page = bob.get("/_portcullis/account").await.text().await.unwrap();
     assert!(!page.contains("data-passkey"), "{page}");
+
+    // Each ceremony started without a session is a row in the store: an address gets a
+    // bounded share (60 per five minutes), then 429 with Retry-After.
+    let mut refused_at = None;
+    for n in 1..=80 {
+        let resp = post_json(&gw, "/_portcullis/passkey/login/start", None, &json!({})).await;
+        if resp.status() == 429 {
+            assert!(resp.headers().contains_key("retry-after"));
+            assert_eq!(answer(resp).await.1["error"], "throttled");
+            refused_at = Some(n);
+            break;
+        }
+        assert_eq!(resp.status(), 200);
+    }
+    let refused_at = refused_at.expect("a flood of ceremonies is throttled");
+    assert!((20..=61).contains(&refused_at), "refused at {refused_at}");
 }
 
 #[tokio::test]
