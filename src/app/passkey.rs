@@ -705,7 +705,9 @@ impl App {
             .await;
         }
         if e.counts_as_failure() {
+            // Like a wrong password: the address's count, and the account's (delays, lock).
             self.throttle.ip_failed(client.ip_addr(), now_ms());
+            self.record_account_failure(Some(user), client).await;
         }
         e
     }

@@ -772,3 +772,36 @@ async fn an_administrators_one_time_link_adds_a_passkey_and_signs_out_every_devi
         "{audit}"
     );
 }
+
+#[tokio::test]
+async fn failed_passkey_answers_count_toward_the_account_lock_like_wrong_passwords() {
+    let (_up, gw) = setup("max_failures = 3\nip_max_failures = 100\n").await;
+    let alice = Browser::login(&gw, "alice", PW).await;
+    let mut key = register(&gw, &alice, "Phone", true).await;
+    for _ in 0..3 {
+        let options = login_start(&gw, None).await;
+        let evil = key.assert_with(&options, &Options::new("http://evil.example"));
+        let (status, reason) = refused(login_finish(&gw, &options, &evil).await).await;
+        assert!(
+            (status, reason.as_str()) == (400, "wrong_origin")
+                || (status, reason.as_str()) == (429, "throttled"),
+            "{status} {reason}"
+        );
+    }
+    // Locked: the password and the passkey itself are refused until unlocked.
+    let (status, body) = gw.try_login("alice", PW, None).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (403, Some("locked")),
+        "{body}"
+    );
+    let options = login_start(&gw, None).await;
+    let good = key.assert(&options, &gw.base, true);
+    assert_eq!(
+        refused(login_finish(&gw, &options, &good).await).await,
+        (403, "locked".into())
+    );
+    gw.cli_ok(&["user", "unlock", "alice"]);
+    let cookie = passkey_session(&gw, &mut key, None).await;
+    assert_eq!(gw.status_with_cookie("/probe", &cookie).await, 200);
+}
