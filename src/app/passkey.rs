@@ -562,17 +562,24 @@ impl App {
         let mut creds = Vec::new();
         if let Some(name) = user_name.map(crate::auth::canonical_user_name) {
             if let Some(user) = self.store.find_user(&name).await? {
-                for p in self.store.passkeys_of(user.id).await? {
-                    if let Ok(c) = serde_json::from_str::<Credential>(&p.credential) {
-                        creds.push(c);
-                    }
-                }
+                creds = self.credentials_of(user.id).await?;
                 if !creds.is_empty() {
                     owner = Some(user.id);
                 }
             }
         }
         self.start_assertion(Purpose::Login, owner, creds).await
+    }
+
+    /// The user's passkeys as webauthn-rs credentials (a row that cannot be read is left out).
+    async fn credentials_of(&self, user_id: i64) -> Result<Vec<Credential>, StoreError> {
+        Ok(self
+            .store
+            .passkeys_of(user_id)
+            .await?
+            .iter()
+            .filter_map(|p| serde_json::from_str(&p.credential).ok())
+            .collect())
     }
 
     async fn start_assertion(
@@ -763,13 +770,7 @@ impl App {
         pending_token: &str,
     ) -> Result<Started, PasskeyError> {
         let (_, user) = self.pending_user(pending_token, PendingStage::Totp).await?;
-        let creds: Vec<Credential> = self
-            .store
-            .passkeys_of(user.id)
-            .await?
-            .iter()
-            .filter_map(|p| serde_json::from_str(&p.credential).ok())
-            .collect();
+        let creds = self.credentials_of(user.id).await?;
         if creds.is_empty() {
             return Err(PasskeyError::UnknownCredential);
         }

@@ -50,21 +50,21 @@ pub(crate) fn form_identity(
     Ok((id, kind))
 }
 
+/// The page for an account change that was refused: why, and the way back.
+pub(crate) fn not_changed(status: StatusCode, text: &str) -> Response {
+    no_store(
+        (
+            status,
+            pages::message_with_link("Not changed", text, ACCOUNT_PATH, "Back to your account"),
+        )
+            .into_response(),
+    )
+}
+
 fn account_error(e: AccountError) -> Response {
     match e {
         AccountError::Unavailable(s) => store_unavailable(&s.to_string()),
-        other => no_store(
-            (
-                StatusCode::BAD_REQUEST,
-                pages::message_with_link(
-                    "Not changed",
-                    &other.to_string(),
-                    ACCOUNT_PATH,
-                    "Back to your account",
-                ),
-            )
-                .into_response(),
-        ),
+        other => not_changed(StatusCode::BAD_REQUEST, &other.to_string()),
     }
 }
 

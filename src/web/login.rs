@@ -37,7 +37,7 @@ pub(crate) fn login_status(e: &LoginError) -> StatusCode {
     }
 }
 
-fn with_retry_after(mut resp: Response, e: &LoginError) -> Response {
+pub(crate) fn with_retry_after(mut resp: Response, e: &LoginError) -> Response {
     if let LoginError::Throttled(d) = e {
         if let Ok(v) = HeaderValue::from_str(&d.as_secs().max(1).to_string()) {
             resp.headers_mut().insert(header::RETRY_AFTER, v);
@@ -220,7 +220,7 @@ async fn pending_page(
 
 /// The pending-login token of a step's form post, once the origin and the form's CSRF token
 /// are checked; otherwise the 403 to send.
-async fn pending_form<'a>(
+pub(crate) async fn pending_form<'a>(
     app: &App,
     headers: &'a HeaderMap,
     stage: PendingStage,

@@ -76,6 +76,9 @@
     const form = document.getElementById('login-form');
     const username = document.getElementById('username');
     let autofill = null;
+    // Set once the button is used: an autofill request not yet made is then not made at all
+    // (the browser allows one request at a time).
+    let manual = false;
     const finish = async (started, credential) => {
       const done = await post('/_portcullis/passkey/login/finish', {
         ceremony: started.ceremony,
@@ -86,10 +89,11 @@
     };
     const startAutofill = async () => {
       if (!supported || typeof PublicKeyCredential.isConditionalMediationAvailable !== 'function') return;
-      if (!(await PublicKeyCredential.isConditionalMediationAvailable())) return;
+      if (!(await PublicKeyCredential.isConditionalMediationAvailable()) || manual) return;
       autofill = new AbortController();
       try {
         const started = await post('/_portcullis/passkey/login/start', {});
+        if (manual) return;
         const credential = await get(started, 'conditional', autofill.signal);
         if (credential) await finish(started, credential);
       } catch (e) {
@@ -105,7 +109,10 @@
         show('This browser cannot use passkeys.');
         return;
       }
+      manual = true;
       if (autofill) autofill.abort();
+      // The browser takes one request at a time: let the autofill request end first.
+      await autofillRun;
       try {
         const name = username && username.value.trim();
         const started = await post('/_portcullis/passkey/login/start', name ? { username: name } : {});
@@ -115,7 +122,7 @@
         show(explain(e));
       }
     });
-    startAutofill();
+    const autofillRun = startAutofill();
   }
 
   // The second step of a password login: a passkey instead of the code.

@@ -16,8 +16,8 @@ use axum::{Extension, Json};
 use serde::Deserialize;
 
 use super::account::form_identity;
-use super::login::{login_status, pending_token, step_response};
-use super::pages::{self, escape, hidden, message_with_link, when, PASSKEY_ERROR, PASSKEY_SCRIPT};
+use super::login::{login_status, pending_form, step_response, with_retry_after};
+use super::pages::{self, escape, hidden, when, PASSKEY_ERROR, PASSKEY_SCRIPT};
 use super::{
     cross_site, forbidden_cross_site, no_store, redirect, safe_return_path, store_unavailable,
     to_login, PageForm, ACCOUNT_PATH, LOGIN_PATH,
@@ -25,7 +25,7 @@ use super::{
 use crate::app::account::AccountError;
 use crate::app::passkey::authenticator_name;
 use crate::app::passkey::{PasskeyError, Started};
-use crate::app::{App, ClientInfo, LoginStep};
+use crate::app::{App, ClientInfo, LoginStep, PendingStage};
 use crate::config::Secret;
 use crate::metrics::Family;
 use crate::store::{PasskeyRecord, ResetLinkState, SessionKind, User};
@@ -132,13 +132,11 @@ fn status(e: &PasskeyError) -> StatusCode {
 /// A refusal as JSON: `{"error": <reason>, "message": <sentence>}`.
 fn refusal(e: &PasskeyError) -> Response {
     let body = serde_json::json!({ "error": e.label(), "message": e.to_string() });
-    let mut resp = (status(e), Json(body)).into_response();
-    if let PasskeyError::Login(crate::app::LoginError::Throttled(d)) = e {
-        if let Ok(v) = HeaderValue::from_str(&d.as_secs().max(1).to_string()) {
-            resp.headers_mut().insert(header::RETRY_AFTER, v);
-        }
+    let resp = (status(e), Json(body)).into_response();
+    match e {
+        PasskeyError::Login(login) => no_store(with_retry_after(resp, login)),
+        _ => no_store(resp),
     }
-    no_store(resp)
 }
 
 fn started(s: Started) -> Response {
@@ -248,27 +246,6 @@ pub(crate) struct SecondStart {
     csrf: String,
 }
 
-/// The pending login of a second-step request, once the origin and the step's CSRF token are
-/// checked.
-async fn pending_login<'a>(
-    app: &App,
-    headers: &'a HeaderMap,
-    csrf: &str,
-) -> Result<&'a str, Response> {
-    if cross_site(app, headers) {
-        return Err(forbidden_cross_site());
-    }
-    let token = pending_token(app, headers).ok_or_else(forbidden_cross_site)?;
-    match app
-        .pending_user(token, crate::app::PendingStage::Totp)
-        .await
-    {
-        Ok((claims, _)) if app.secrets.csrf_ok(&claims.jti, csrf) => Ok(token),
-        Ok(_) => Err(forbidden_cross_site()),
-        Err(e) => Err(refusal(&PasskeyError::Login(e))),
-    }
-}
-
 /// `POST /_portcullis/passkey/second-factor/start`: a ceremony for the user's passkeys, as the
 /// second step of a password login.
 pub(crate) async fn second_start(
@@ -276,7 +253,7 @@ pub(crate) async fn second_start(
     headers: HeaderMap,
     Json(body): Json<SecondStart>,
 ) -> Response {
-    let token = match pending_login(&app, &headers, &body.csrf).await {
+    let token = match pending_form(&app, &headers, PendingStage::Totp, &body.csrf).await {
         Ok(t) => t,
         Err(r) => return r,
     };
@@ -302,7 +279,7 @@ pub(crate) async fn second_finish(
     headers: HeaderMap,
     Json(body): Json<SecondFinish>,
 ) -> Response {
-    let token = match pending_login(&app, &headers, &body.csrf).await {
+    let token = match pending_form(&app, &headers, PendingStage::Totp, &body.csrf).await {
         Ok(t) => t,
         Err(r) => return r,
     };
@@ -415,23 +392,12 @@ pub(crate) struct PasskeyForm {
     csrf: String,
 }
 
-fn not_changed(e: &PasskeyError) -> Response {
+fn passkey_not_changed(e: &PasskeyError) -> Response {
     match e {
         PasskeyError::Login(crate::app::LoginError::Unavailable(s)) => {
             store_unavailable(&s.to_string())
         }
-        other => no_store(
-            (
-                status(other),
-                message_with_link(
-                    "Not changed",
-                    &other.to_string(),
-                    ACCOUNT_PATH,
-                    "Back to your account",
-                ),
-            )
-                .into_response(),
-        ),
+        other => super::account::not_changed(status(other), &other.to_string()),
     }
 }
 
@@ -462,7 +428,7 @@ pub(crate) async fn rename(
     let label = form.label.unwrap_or_default();
     match app.passkey_rename(&user, form.id, &label, &client).await {
         Ok(()) => redirect(&format!("{ACCOUNT_PATH}?done=passkey-renamed")),
-        Err(e) => not_changed(&e),
+        Err(e) => passkey_not_changed(&e),
     }
 }
 
@@ -482,7 +448,7 @@ pub(crate) async fn remove(
     match app.passkey_remove(&user, form.id, signout, &client).await {
         Ok(()) if signout => to_login(ACCOUNT_PATH),
         Ok(()) => redirect(&format!("{ACCOUNT_PATH}?done=passkey-removed")),
-        Err(e) => not_changed(&e),
+        Err(e) => passkey_not_changed(&e),
     }
 }
 

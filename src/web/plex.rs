@@ -11,13 +11,13 @@ use std::sync::Arc;
 
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use axum::Extension;
 use serde::Deserialize;
 
-use super::account::form_identity;
-use super::pages::{escape, hidden, message_with_link, when};
-use super::{no_store, redirect, store_unavailable, PageForm, ACCOUNT_PATH};
+use super::account::{form_identity, not_changed};
+use super::pages::{escape, hidden, when};
+use super::{redirect, store_unavailable, PageForm, ACCOUNT_PATH};
 use crate::app::account::AccountError;
 use crate::app::plex::PlexError;
 use crate::app::{App, ClientInfo};
@@ -259,16 +259,6 @@ pub(crate) struct PlexForm {
     code: Option<String>,
 }
 
-fn refused(status: StatusCode, text: &str) -> Response {
-    no_store(
-        (
-            status,
-            message_with_link("Not changed", text, ACCOUNT_PATH, "Back to your account"),
-        )
-            .into_response(),
-    )
-}
-
 /// A Plex action that failed: 503 when the store is down, else `refuse` with the reason (a 400
 /// page that leads back to where the form was).
 pub(super) fn plex_error(e: PlexError, refuse: impl FnOnce(&str) -> Response) -> Response {
@@ -278,8 +268,8 @@ pub(super) fn plex_error(e: PlexError, refuse: impl FnOnce(&str) -> Response) ->
     }
 }
 
-fn not_changed(text: &str) -> Response {
-    refused(StatusCode::BAD_REQUEST, text)
+fn not_changed_400(text: &str) -> Response {
+    not_changed(StatusCode::BAD_REQUEST, text)
 }
 
 /// The password (and the code, with a second factor) of the signed-in user.
@@ -303,7 +293,7 @@ async fn confirmed(
     {
         Ok(()) => Ok(()),
         Err(AccountError::Unavailable(e)) => Err(store_unavailable(&e.to_string())),
-        Err(e) => Err(refused(StatusCode::FORBIDDEN, &e.to_string())),
+        Err(e) => Err(not_changed(StatusCode::FORBIDDEN, &e.to_string())),
     }
 }
 
@@ -324,7 +314,7 @@ pub(crate) async fn link(
         Err(e) => return store_unavailable(&e.to_string()),
     };
     if !offered {
-        return refused(
+        return not_changed(
             StatusCode::FORBIDDEN,
             "This Plex account was not used from your browser; ask an administrator to link it.",
         );
@@ -337,7 +327,7 @@ pub(crate) async fn link(
         .await
     {
         Ok(_) => redirect(&format!("{ACCOUNT_PATH}?done=plex-linked")),
-        Err(e) => plex_error(e, not_changed),
+        Err(e) => plex_error(e, not_changed_400),
     }
 }
 
@@ -355,7 +345,7 @@ pub(crate) async fn unlink(
     match app.store.find_plex_account(&form.account).await {
         Ok(Some(a)) if a.account_id == form.account && a.user_id == Some(id.user_id) => {}
         Ok(_) => {
-            return refused(
+            return not_changed(
                 StatusCode::FORBIDDEN,
                 "That Plex account is not linked to you.",
             )
@@ -364,7 +354,7 @@ pub(crate) async fn unlink(
     }
     match app.plex_unlink(&form.account, "user", &client).await {
         Ok(_) => redirect(&format!("{ACCOUNT_PATH}?done=plex-unlinked")),
-        Err(e) => plex_error(e, not_changed),
+        Err(e) => plex_error(e, not_changed_400),
     }
 }
 
@@ -383,7 +373,7 @@ pub(crate) async fn approve(
     match app.store.find_user_by_id(id.user_id).await {
         Ok(Some(u)) if u.totp_enabled => {}
         Ok(_) => {
-            return refused(
+            return not_changed(
                 StatusCode::FORBIDDEN,
                 "Approving a Plex device needs two-factor authentication: turn it on first.",
             )
@@ -398,7 +388,7 @@ pub(crate) async fn approve(
         .await
     {
         Ok(()) => redirect(&format!("{ACCOUNT_PATH}?done=plex-approved")),
-        Err(e) => plex_error(e, not_changed),
+        Err(e) => plex_error(e, not_changed_400),
     }
 }
 
@@ -418,6 +408,6 @@ pub(crate) async fn revoke(
         .await
     {
         Ok(()) => redirect(&format!("{ACCOUNT_PATH}?done=plex-revoked")),
-        Err(e) => plex_error(e, not_changed),
+        Err(e) => plex_error(e, not_changed_400),
     }
 }

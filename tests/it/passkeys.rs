@@ -130,6 +130,13 @@ async fn passkey_session(gw: &Gateway, auth: &mut SoftAuthenticator, user: Optio
     cookie.expect("a session cookie")
 }
 
+/// Answers a fresh sign-in ceremony with `answer(options)`: the refusal's status and reason.
+async fn refused_answer(gw: &Gateway, answer: impl FnOnce(&Value) -> Value) -> (u16, String) {
+    let options = login_start(gw, None).await;
+    let credential = answer(&options);
+    refused(login_finish(gw, &options, &credential).await).await
+}
+
 /// The reason of a refused answer, after checking its status and that it opened no session.
 async fn refused(resp: Response) -> (u16, String) {
     assert!(
@@ -309,16 +316,20 @@ async fn every_bad_answer_is_refused_with_its_reason_and_changes_nothing() {
     let origin = gw.base.clone();
 
     // Another site's page, or an authenticator answering for another relying party.
-    let options = login_start(&gw, None).await;
-    let evil = laptop.assert_with(&options, &Options::new("http://evil.example"));
     assert_eq!(
-        refused(login_finish(&gw, &options, &evil).await).await,
+        refused_answer(&gw, |options| laptop
+            .assert_with(options, &Options::new("http://evil.example")))
+        .await,
         (400, "wrong_origin".into())
     );
-    let options = login_start(&gw, None).await;
-    let other = laptop.assert_for_rp(&options, &origin, "evil.example", true);
     assert_eq!(
-        refused(login_finish(&gw, &options, &other).await).await,
+        refused_answer(&gw, |options| laptop.assert_for_rp(
+            options,
+            &origin,
+            "evil.example",
+            true
+        ))
+        .await,
         (400, "wrong_rp_id".into())
     );
 
@@ -381,19 +392,15 @@ async fn every_bad_answer_is_refused_with_its_reason_and_changes_nothing() {
     // A passkey this gateway never registered.
     let (_, registration) = registration_options(&gw, &alice, &alice.csrf().await).await;
     let (mut stranger, _) = SoftAuthenticator::register(&registration, &origin, true, [0; 16]);
-    let options = login_start(&gw, None).await;
-    let unknown = stranger.assert(&options, &origin, true);
     assert_eq!(
-        refused(login_finish(&gw, &options, &unknown).await).await,
+        refused_answer(&gw, |options| stranger.assert(options, &origin, true)).await,
         (401, "unknown_credential".into())
     );
 
     // A counter that went backwards: a copy of the credential. Refused and flagged.
     laptop.set_counter(0);
-    let options = login_start(&gw, None).await;
-    let copy = laptop.assert(&options, &origin, true);
     assert_eq!(
-        refused(login_finish(&gw, &options, &copy).await).await,
+        refused_answer(&gw, |options| laptop.assert(options, &origin, true)).await,
         (401, "possible_clone".into())
     );
     let page = alice
@@ -450,10 +457,8 @@ async fn a_passkey_without_user_verification_is_one_factor_and_the_code_follows(
     let mut key = register(&gw, &bob, "Security key", false).await;
     let origin = gw.base.clone();
     // No other second factor: refused, with the reason.
-    let options = login_start(&gw, None).await;
-    let answer_without_uv = key.assert(&options, &origin, false);
     assert_eq!(
-        refused(login_finish(&gw, &options, &answer_without_uv).await).await,
+        refused_answer(&gw, |options| key.assert(options, &origin, false)).await,
         (400, "user_not_verified".into())
     );
     // With TOTP on, the code step follows the passkey.
@@ -552,10 +557,8 @@ async fn removing_a_passkey_keeps_its_sessions_unless_asked_and_signing_out_ends
         .await;
     assert_eq!(resp.status(), 303);
     assert_eq!(gw.status_with_cookie("/probe", &from_phone).await, 200);
-    let options = login_start(&gw, None).await;
-    let gone = phone.assert(&options, &gw.base, true);
     assert_eq!(
-        refused(login_finish(&gw, &options, &gone).await).await,
+        refused_answer(&gw, |options| phone.assert(options, &gw.base, true)).await,
         (401, "unknown_credential".into())
     );
     let page = alice
@@ -795,10 +798,8 @@ async fn failed_passkey_answers_count_toward_the_account_lock_like_wrong_passwor
         (403, Some("locked")),
         "{body}"
     );
-    let options = login_start(&gw, None).await;
-    let good = key.assert(&options, &gw.base, true);
     assert_eq!(
-        refused(login_finish(&gw, &options, &good).await).await,
+        refused_answer(&gw, |options| key.assert(options, &gw.base, true)).await,
         (403, "locked".into())
     );
     gw.cli_ok(&["user", "unlock", "alice"]);
