@@ -92,6 +92,14 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/_portcullis/account/plex/link", post(plex::link))
         .route("/_portcullis/account/plex/unlink", post(plex::unlink))
         .route("/_portcullis/account/plex/approve", post(plex::approve))
+        .route(
+            "/_portcullis/account/plex/approve-passkey/start",
+            post(plex::approve_passkey_start),
+        )
+        .route(
+            "/_portcullis/account/plex/approve-passkey/finish",
+            post(plex::approve_passkey_finish),
+        )
         .route("/_portcullis/account/plex/revoke", post(plex::revoke))
         .route("/_portcullis/passkey.js", get(passkey::script))
         .route(

@@ -45,6 +45,8 @@ pub enum Purpose {
     Register,
     Login,
     SecondFactor,
+    /// The signed-in user confirms a sensitive action (a Plex device approval).
+    Confirm,
 }
 
 impl Purpose {
@@ -53,6 +55,7 @@ impl Purpose {
             Purpose::Register => "register",
             Purpose::Login => "login",
             Purpose::SecondFactor => "second_factor",
+            Purpose::Confirm => "confirm",
         }
     }
 }
@@ -816,6 +819,45 @@ impl App {
                 self.resumed_sso(&claims),
             )
             .await?)
+    }
+
+    /// Starts the signed-in user's confirmation of a sensitive action with one of their
+    /// passkeys (in place of the password and code).
+    pub async fn passkey_confirm_start(&self, user: &User) -> Result<Started, PasskeyError> {
+        let creds = self.credentials_of(user.id).await?;
+        if creds.is_empty() {
+            return Err(PasskeyError::UnknownCredential);
+        }
+        self.start_assertion(Purpose::Confirm, Some(user.id), creds)
+            .await
+    }
+
+    /// Checks a confirmation: the user's own passkey, and it verified them (both factors).
+    pub async fn passkey_confirm(
+        &self,
+        user: &User,
+        ceremony: &str,
+        credential: &str,
+        client: &ClientInfo,
+    ) -> Result<(), PasskeyError> {
+        let (who, record, verified) = self
+            .verify_assertion(ceremony, Purpose::Confirm, credential, client)
+            .await?;
+        if who.id != user.id {
+            return Err(PasskeyError::UnknownCredential);
+        }
+        if !verified {
+            return Err(PasskeyError::NotVerified);
+        }
+        self.audit_passkey(
+            "passkey_confirm",
+            "success",
+            Some(user),
+            client,
+            format!("passkey `{}`", record.label),
+        )
+        .await;
+        Ok(())
     }
 
     /// Renames one of the user's passkeys.

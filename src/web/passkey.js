@@ -148,6 +148,27 @@
     });
   }
 
+  // Confirming an action with a passkey (a Plex device approval): the form's own fields go
+  // with the answer.
+  for (const form of document.querySelectorAll('form[data-passkey-confirm]')) {
+    form.addEventListener('submit', async (event) => {
+      event.preventDefault();
+      const fields = Object.fromEntries(new FormData(form).entries());
+      try {
+        const started = await post(form.dataset.start, { csrf: fields.csrf });
+        const credential = await get(started);
+        const done = await post(form.dataset.finish, {
+          ...fields,
+          ceremony: started.ceremony,
+          credential: credential.toJSON(),
+        });
+        window.location.assign(done.redirect);
+      } catch (e) {
+        show(explain(e));
+      }
+    });
+  }
+
   // The account page (after the password and code) or an administrator's one-time link: add a
   // passkey.
   const add = document.getElementById('passkey-add');

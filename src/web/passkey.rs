@@ -130,7 +130,7 @@ fn status(e: &PasskeyError) -> StatusCode {
 }
 
 /// A refusal as JSON: `{"error": <reason>, "message": <sentence>}`.
-fn refusal(e: &PasskeyError) -> Response {
+pub(crate) fn refusal(e: &PasskeyError) -> Response {
     let body = serde_json::json!({ "error": e.label(), "message": e.to_string() });
     let resp = (status(e), Json(body)).into_response();
     match e {
@@ -139,7 +139,7 @@ fn refusal(e: &PasskeyError) -> Response {
     }
 }
 
-fn started(s: Started) -> Response {
+pub(crate) fn started(s: Started) -> Response {
     let mut body = s.options;
     if let Some(map) = body.as_object_mut() {
         map.insert("ceremony".into(), serde_json::Value::String(s.ceremony));

@@ -11,8 +11,9 @@ use std::sync::Arc;
 
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use axum::Extension;
+use axum::Json;
 use serde::Deserialize;
 
 use super::account::{form_identity, not_changed};
@@ -32,6 +33,7 @@ pub(crate) async fn section(app: &App, user: &User, csrf: &str) -> Result<String
     }
     let accounts = app.store.list_plex_accounts(Some(user.id)).await?;
     let devices = app.store.list_plex_devices(Some(user.id)).await?;
+    let has_passkey = !app.passkeys_of(user.id).await?.is_empty();
     let reauth = |label: &str| {
         let code = if user.totp_enabled {
             "<input type=\"text\" name=\"code\" inputmode=\"numeric\" autocomplete=\"one-time-code\" placeholder=\"Code\" required>"
@@ -90,16 +92,36 @@ pub(crate) async fn section(app: &App, user: &User, csrf: &str) -> Result<String
                         hidden("csrf", csrf)
                     ),
                 ),
-                None if user.totp_enabled => (
-                    "Waiting for your approval".to_string(),
-                    format!(
-                        "<form method=\"post\" action=\"/_portcullis/account/plex/approve\">{}{}{}{}</form>",
+                None if user.totp_enabled || has_passkey => {
+                    let fields = format!(
+                        "{}{}{}",
                         hidden("account", &d.account_id),
                         hidden("client_id", &d.client_id),
-                        hidden("csrf", csrf),
-                        reauth("Approve")
-                    ),
-                ),
+                        hidden("csrf", csrf)
+                    );
+                    let with_code = if user.totp_enabled {
+                        format!(
+                            "<form method=\"post\" action=\"/_portcullis/account/plex/approve\">{fields}{}</form>",
+                            reauth("Approve")
+                        )
+                    } else {
+                        String::new()
+                    };
+                    // A passkey that verifies the user is both factors at once (the account
+                    // page's passkey section carries the script and the error line).
+                    let with_passkey = if has_passkey {
+                        format!(
+                            "<form method=\"post\" data-passkey-confirm data-start=\"{PASSKEY_APPROVE}/start\" \
+data-finish=\"{PASSKEY_APPROVE}/finish\">{fields}<button type=\"submit\">Approve with a passkey</button></form>"
+                        )
+                    } else {
+                        String::new()
+                    };
+                    (
+                        "Waiting for your approval".to_string(),
+                        format!("{with_code}{with_passkey}"),
+                    )
+                }
                 None => (
                     "Waiting for approval: turn on two-factor authentication to approve devices"
                         .to_string(),
@@ -246,6 +268,88 @@ pub(crate) async fn admin_section(
 <h3>Plex accounts</h3><table><thead><tr><th>Plex account</th><th>Link</th><th>Last seen</th><th></th></tr></thead>\
 <tbody>{rows}</tbody></table></section>"
     ))
+}
+
+/// Where a Plex device is approved with a passkey (JSON: `/start`, then `/finish`).
+const PASSKEY_APPROVE: &str = "/_portcullis/account/plex/approve-passkey";
+
+#[derive(Deserialize)]
+pub(crate) struct ConfirmStart {
+    #[serde(default)]
+    csrf: String,
+}
+
+/// The signed-in user of a JSON post from the account page (origin and CSRF token checked).
+async fn json_user(app: &App, headers: &HeaderMap, csrf: &str) -> Result<User, Response> {
+    let (id, _) = form_identity(app, headers, csrf)?;
+    match app.store.find_user_by_id(id.user_id).await {
+        Ok(Some(u)) => Ok(u),
+        Ok(None) => Err(super::forbidden_cross_site()),
+        Err(e) => Err(store_unavailable(&e.to_string())),
+    }
+}
+
+/// `POST /_portcullis/account/plex/approve-passkey/start`: a passkey confirmation ceremony.
+pub(crate) async fn approve_passkey_start(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    Json(body): Json<ConfirmStart>,
+) -> Response {
+    let user = match json_user(&app, &headers, &body.csrf).await {
+        Ok(u) => u,
+        Err(r) => return r,
+    };
+    match app.passkey_confirm_start(&user).await {
+        Ok(s) => super::passkey::started(s),
+        Err(e) => super::passkey::refusal(&e),
+    }
+}
+
+#[derive(Deserialize)]
+pub(crate) struct ConfirmFinish {
+    ceremony: String,
+    credential: serde_json::Value,
+    account: String,
+    client_id: String,
+    #[serde(default)]
+    csrf: String,
+}
+
+/// `POST /_portcullis/account/plex/approve-passkey/finish`: approves a device once one of the
+/// user's passkeys verified them.
+pub(crate) async fn approve_passkey_finish(
+    State(app): State<Arc<App>>,
+    Extension(client): Extension<ClientInfo>,
+    headers: HeaderMap,
+    Json(body): Json<ConfirmFinish>,
+) -> Response {
+    let user = match json_user(&app, &headers, &body.csrf).await {
+        Ok(u) => u,
+        Err(r) => return r,
+    };
+    if let Err(e) = app
+        .passkey_confirm(&user, &body.ceremony, &body.credential.to_string(), &client)
+        .await
+    {
+        return super::passkey::refusal(&e);
+    }
+    match app
+        .plex_approve(user.id, &body.account, &body.client_id, &client)
+        .await
+    {
+        Ok(()) => super::no_store(
+            Json(serde_json::json!({ "redirect": format!("{ACCOUNT_PATH}?done=plex-approved") }))
+                .into_response(),
+        ),
+        Err(PlexError::Unavailable(s)) => store_unavailable(&s.to_string()),
+        Err(e) => super::no_store(
+            (
+                StatusCode::BAD_REQUEST,
+                Json(serde_json::json!({ "error": "refused", "message": e.to_string() })),
+            )
+                .into_response(),
+        ),
+    }
 }
 
 #[derive(Deserialize)]

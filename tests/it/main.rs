@@ -41,7 +41,7 @@ mod logs;
 mod media_accounts;
 mod observability;
 mod oidc;
-mod passkeys;
+pub(crate) mod passkeys;
 mod pg;
 mod plex;
 mod plex_fidelity;

@@ -31,7 +31,12 @@ async fn setup(auth: &str) -> (Upstream, Gateway) {
 }
 
 /// A JSON post from the gateway's own page (its origin), with `cookie` if any.
-async fn post_json(gw: &Gateway, path: &str, cookie: Option<&str>, body: &Value) -> Response {
+pub(crate) async fn post_json(
+    gw: &Gateway,
+    path: &str,
+    cookie: Option<&str>,
+    body: &Value,
+) -> Response {
     let mut rb = client()
         .post(gw.url(path))
         .header("Origin", gw.base.clone())
@@ -43,7 +48,7 @@ async fn post_json(gw: &Gateway, path: &str, cookie: Option<&str>, body: &Value)
 }
 
 /// Status and JSON body.
-async fn answer(resp: Response) -> (u16, Value) {
+pub(crate) async fn answer(resp: Response) -> (u16, Value) {
     let status = resp.status().as_u16();
     let text = resp.text().await.unwrap();
     (
@@ -54,12 +59,21 @@ async fn answer(resp: Response) -> (u16, Value) {
 
 /// Starts a registration for the signed-in browser (with the password): status and options.
 async fn registration_options(gw: &Gateway, b: &Browser<'_>, csrf: &str) -> (u16, Value) {
+    registration_options_as(gw, b, PW, csrf).await
+}
+
+async fn registration_options_as(
+    gw: &Gateway,
+    b: &Browser<'_>,
+    password: &str,
+    csrf: &str,
+) -> (u16, Value) {
     answer(
         post_json(
             gw,
             "/_portcullis/account/passkeys/start",
             Some(&b.cookie),
-            &json!({ "password": PW, "csrf": csrf }),
+            &json!({ "password": password, "csrf": csrf }),
         )
         .await,
     )
@@ -69,8 +83,19 @@ async fn registration_options(gw: &Gateway, b: &Browser<'_>, csrf: &str) -> (u16
 /// Registers a passkey for the signed-in browser: the ceremony's options, and the answer of a
 /// new software authenticator (user verified when `uv`).
 async fn register(gw: &Gateway, b: &Browser<'_>, label: &str, uv: bool) -> SoftAuthenticator {
+    register_as(gw, b, PW, label, uv).await
+}
+
+/// [`register`] for a user whose password is `password`.
+pub(crate) async fn register_as(
+    gw: &Gateway,
+    b: &Browser<'_>,
+    password: &str,
+    label: &str,
+    uv: bool,
+) -> SoftAuthenticator {
     let csrf = b.csrf().await;
-    let (status, options) = registration_options(gw, b, &csrf).await;
+    let (status, options) = registration_options_as(gw, b, password, &csrf).await;
     assert_eq!(status, 200, "{options}");
     let (auth, credential) = SoftAuthenticator::register(&options, &gw.base, uv, ONE_PASSWORD);
     let (status, body) = answer(

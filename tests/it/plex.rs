@@ -1114,3 +1114,98 @@ async fn the_admin_page_reports_the_self_check_and_links_and_unlinks_plex_accoun
         "{html}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_with_a_passkey_and_no_code_approves_a_new_device_with_the_passkey() {
+    use crate::passkeys::{answer, post_json, register_as};
+    use serde_json::json;
+
+    let w = world().await;
+    let gw = w.gateway("device_approval = true\n").start().await;
+    link(&gw, "alice", &w.owner.username).await;
+    let alice = Browser::login(&gw, "alice", PW).await;
+    let mut key = register_as(&gw, &alice, PW, "Phone", true).await;
+    let token = w.tv.issue_jwt(&w.owner, "test-device-1", 3600);
+    assert_eq!(
+        plex_get(&gw, "/library/sections", Some(&token)).await.0,
+        401
+    );
+    // No TOTP: the pending device offers the passkey, not the code.
+    let page = alice
+        .get("/_portcullis/account")
+        .await
+        .text()
+        .await
+        .unwrap();
+    let row = page
+        .split("data-plex-device=\"test-device-1\"")
+        .nth(1)
+        .expect("the pending device");
+    let row = &row[..row.find("</tr>").unwrap()];
+    assert!(
+        row.contains("Approve with a passkey") && !row.contains("name=\"code\""),
+        "{row}"
+    );
+    let csrf = alice.csrf().await;
+    let account = w.owner.id.to_string();
+    async fn confirm(
+        gw: &Gateway,
+        alice: &Browser<'_>,
+        csrf: &str,
+        key: &mut crate::soft_authenticator::SoftAuthenticator,
+        account: &str,
+        uv: bool,
+    ) -> (u16, Value) {
+        let start = "/_portcullis/account/plex/approve-passkey/start";
+        let finish = "/_portcullis/account/plex/approve-passkey/finish";
+        let (status, options) =
+            answer(post_json(gw, start, Some(&alice.cookie), &json!({ "csrf": csrf })).await).await;
+        assert_eq!(status, 200, "{options}");
+        let credential = key.assert(&options, &gw.base, uv);
+        answer(
+            post_json(
+                gw,
+                finish,
+                Some(&alice.cookie),
+                &json!({ "ceremony": options["ceremony"], "credential": credential,
+                         "account": account, "client_id": "test-device-1", "csrf": csrf }),
+            )
+            .await,
+        )
+        .await
+    }
+    // Without the page's token nothing starts; a passkey that did not verify alice is refused.
+    let resp = post_json(
+        &gw,
+        "/_portcullis/account/plex/approve-passkey/start",
+        Some(&alice.cookie),
+        &json!({ "csrf": "" }),
+    )
+    .await;
+    assert_eq!(resp.status(), 403);
+    let (status, body) = confirm(&gw, &alice, &csrf, &mut key, &account, false).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (400, Some("user_not_verified")),
+        "{body}"
+    );
+    assert_eq!(
+        plex_get(&gw, "/library/sections", Some(&token)).await.0,
+        401
+    );
+    // Verified: approved, and the device plays.
+    let (status, body) = confirm(&gw, &alice, &csrf, &mut key, &account, true).await;
+    assert_eq!(
+        (status, body["redirect"].as_str()),
+        (200, Some("/_portcullis/account?done=plex-approved")),
+        "{body}"
+    );
+    assert!(
+        poll_until(Duration::from_secs(2), || async {
+            plex_get(&gw, "/library/sections", Some(&token)).await.0 == 200
+        })
+        .await,
+        "the approved device is still refused"
+    );
+    assert_eq!(w.reached(&token), 1);
+}
