@@ -150,6 +150,8 @@ pub enum PendingStage {
     Totp,
     Password,
     Enroll,
+    /// A user who must sign in with a passkey and has none registers one.
+    Passkey,
 }
 
 impl PendingStage {
@@ -158,6 +160,7 @@ impl PendingStage {
             PendingStage::Totp => "totp",
             PendingStage::Password => "password",
             PendingStage::Enroll => "enroll",
+            PendingStage::Passkey => "passkey",
         }
     }
     fn parse(s: &str) -> Option<PendingStage> {
@@ -165,8 +168,20 @@ impl PendingStage {
             "totp" => Some(PendingStage::Totp),
             "password" => Some(PendingStage::Password),
             "enroll" => Some(PendingStage::Enroll),
+            "passkey" => Some(PendingStage::Passkey),
             _ => None,
         }
+    }
+}
+
+/// The factors a sign-in passed before a pending step that comes after all of them (a new
+/// password, a passkey to register). A single sign-on may have skipped the gateway's code
+/// (trusted provider factors): only what is known for sure is claimed.
+fn factors_before_step(claims: &PendingClaims, user: &User) -> Vec<String> {
+    match (&claims.sso, user.totp_enabled) {
+        (Some(_), _) => vec!["sso".to_string()],
+        (None, true) => vec!["pwd".to_string(), "otp".to_string()],
+        (None, false) => vec!["pwd".to_string()],
     }
 }
 
@@ -693,9 +708,13 @@ impl App {
                     return self.pending(&user, PendingStage::Totp, None);
                 }
             }
-        } else if passkeys > 0 && channel == Channel::Form {
-            // A passkey is a second factor too: after the password, the step asks for it.
-            return self.pending(&user, PendingStage::Totp, None);
+        } else if passkeys > 0 {
+            // A passkey is a second factor too: after the password, the step asks for it. An
+            // API client cannot answer a passkey: it signs in with the passkey endpoints.
+            return match channel {
+                Channel::Form => self.pending(&user, PendingStage::Totp, None),
+                Channel::Api => Err(LoginError::SecondFactorRequired),
+            };
         }
         self.after_factors(&user, amr, channel, kind, client, None)
             .await
@@ -703,7 +722,7 @@ impl App {
 
     /// The steps after every factor was checked: 2FA enrolment if required, a new password if
     /// required (after a single sign-on too: a breach response or `require-reset` asks it of
-    /// every way in), then the session. A single sign-on login records its provider session
+    /// every way in), a passkey if one is required and none is registered, then the session. A single sign-on login records its provider session
     /// with the new session.
     async fn after_factors(
         &self,
@@ -714,13 +733,17 @@ impl App {
         client: &ClientInfo,
         sso: Option<sso::SsoLogin>,
     ) -> Result<LoginStep, LoginError> {
+        let passkeys = self.passkey_count(user).await?;
+        // A user who must register a passkey gets their second factor from it.
+        let must_add_passkey = passkeys == 0 && self.passkey_required(user);
         let must_enroll = !user.totp_enabled
             && match self.config().auth.require_2fa {
                 Require2fa::Off => false,
                 Require2fa::Admins => user.is_admin,
                 Require2fa::All => true,
             }
-            && self.passkey_count(user).await? == 0;
+            && passkeys == 0
+            && !must_add_passkey;
         if must_enroll {
             return match channel {
                 Channel::Api => Err(LoginError::EnrollmentRequired),
@@ -731,6 +754,12 @@ impl App {
             return match channel {
                 Channel::Api => Err(LoginError::PasswordResetRequired),
                 Channel::Form => self.pending(user, PendingStage::Password, sso.as_ref()),
+            };
+        }
+        if must_add_passkey {
+            return match channel {
+                Channel::Api => Err(LoginError::PasskeyRequired),
+                Channel::Form => self.pending(user, PendingStage::Passkey, sso.as_ref()),
             };
         }
         if user.failed_logins != 0 || user.locked_until_ms.is_some() {
@@ -770,6 +799,12 @@ impl App {
         }
         self.audit(e).await;
         Ok(ok)
+    }
+
+    /// Whether the user has a second factor (TOTP or a passkey): a password alone is then
+    /// never enough, for a login, a media app or a Quick Connect approval.
+    pub async fn has_second_factor(&self, user: &User) -> Result<bool, StoreError> {
+        Ok(user.totp_enabled || !self.store.passkeys_of(user.id).await?.is_empty())
     }
 
     /// How many passkeys the user has (each is a second factor).

@@ -76,7 +76,12 @@ pub enum Command {
     Signout(SignoutArgs),
     /// Breach response: sign out everyone, require a new password of every user at next login,
     /// and replace the session signing key (the old one stops working everywhere).
-    BreachResponse,
+    BreachResponse {
+        /// Also require every user to register a passkey at their next sign-in and to sign in
+        /// with it from then on (a phished password or code then opens nothing).
+        #[arg(long)]
+        require_passkey: bool,
+    },
     /// Manage session signing keys.
     #[command(subcommand)]
     Keys(KeysCommand),
@@ -157,6 +162,16 @@ pub enum UserCommand {
         name: Option<String>,
         #[arg(long)]
         all: bool,
+    },
+    /// Make a user (or every user) sign in with a passkey only: one is registered at their
+    /// next sign-in, after which the password alone opens nothing. `--off` lifts it.
+    RequirePasskey {
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        name: Option<String>,
+        #[arg(long)]
+        all: bool,
+        #[arg(long)]
+        off: bool,
     },
     /// Clear a user's failed logins and lock.
     Unlock { name: String },
@@ -397,7 +412,9 @@ fn run_store_command(config: Config, command: Command) -> anyhow::Result<()> {
             Command::User(c) => user_command(&config, &store, c).await,
             Command::Session(c) => session_command(&store, c).await,
             Command::Signout(a) => signout(&store, a).await,
-            Command::BreachResponse => breach(&config, &store).await,
+            Command::BreachResponse { require_passkey } => {
+                breach(&config, &store, require_passkey).await
+            }
             Command::Keys(KeysCommand::Rotate) => rotate_keys(&config, &store).await,
             Command::Plex(c) => plex_command(&config, &store, c).await,
             Command::Audit {
@@ -631,6 +648,38 @@ async fn user_command(config: &Config, store: &DynStore, c: UserCommand) -> anyh
         UserCommand::PasskeyLink { name } => {
             print_link(store, config, &name, LinkPurpose::Passkey).await
         }
+        UserCommand::RequirePasskey { name, all, off } => {
+            let (event, what) = if off {
+                (
+                    "passkey_not_required",
+                    "may sign in with the password again",
+                )
+            } else {
+                (
+                    "passkey_required",
+                    "must sign in with a passkey (registered at the next sign-in)",
+                )
+            };
+            let user = match name {
+                Some(name) if !all => Some(find_user(store, &name).await?),
+                _ => None,
+            };
+            let n = store
+                .set_passkey_required(user.as_ref().map(|u| u.id), !off)
+                .await
+                .map_err(store_refusal)?;
+            match &user {
+                Some(u) => {
+                    cli_audit(store, event, Some(u), "").await;
+                    println!("{} {what}", u.name);
+                }
+                None => {
+                    cli_audit(store, event, None, "all users").await;
+                    println!("{n} users {what}");
+                }
+            }
+            Ok(())
+        }
         UserCommand::RequireReset { name, all } => {
             if all {
                 let n = store
@@ -666,6 +715,7 @@ async fn user_command(config: &Config, store: &DynStore, c: UserCommand) -> anyh
                         serde_json::json!({
                             "id": u.id, "name": u.name, "admin": u.is_admin,
                             "disabled": u.disabled, "created": time_text(u.created_ms),
+                            "must_reset": u.must_reset, "passkey_required": u.passkey_required,
                         })
                     })
                     .collect();
@@ -1048,8 +1098,8 @@ async fn cli_audit(store: &DynStore, event: &str, user: Option<&User>, detail: &
     }
 }
 
-async fn breach(config: &Config, store: &DynStore) -> anyhow::Result<()> {
-    let report = crate::app::account::breach_response(config, store)
+async fn breach(config: &Config, store: &DynStore, require_passkey: bool) -> anyhow::Result<()> {
+    let report = crate::app::account::breach_response(config, store, require_passkey)
         .await
         .map_err(|e| refused(e.to_string()))?;
     cli_audit(
@@ -1057,8 +1107,14 @@ async fn breach(config: &Config, store: &DynStore) -> anyhow::Result<()> {
         "breach_response",
         None,
         &format!(
-            "new key {}, retired {:?}",
-            report.new_kid, report.retired_kids
+            "new key {}, retired {:?}{}",
+            report.new_kid,
+            report.retired_kids,
+            if require_passkey {
+                ", passkeys required"
+            } else {
+                ""
+            }
         ),
     )
     .await;
@@ -1068,6 +1124,11 @@ async fn breach(config: &Config, store: &DynStore) -> anyhow::Result<()> {
         "  - {} users must choose a new password at next login",
         report.users_reset
     );
+    if require_passkey {
+        println!(
+            "  - every user must register a passkey at next login and sign in with it from then on"
+        );
+    }
     println!(
         "  - {} single sign-on links removed (users link their provider account again)",
         report.oidc_links_removed

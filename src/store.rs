@@ -94,6 +94,8 @@ pub struct User {
     pub totp_secret: Option<String>,
     pub totp_enabled: bool,
     pub totp_last_step: i64,
+    /// Must sign in with a passkey (set by an administrator or a breach response).
+    pub passkey_required: bool,
 }
 
 /// A security event for the audit log. Never holds a secret.
@@ -694,6 +696,8 @@ pub trait Store: Send + Sync + 'static {
     async fn clear_failures(&self, user_id: i64) -> StoreResult<()>;
     /// Sets or clears "must choose a new password" for one user, or for all when `None`.
     async fn set_must_reset(&self, user_id: Option<i64>, must: bool) -> StoreResult<u64>;
+    /// Sets or clears "must sign in with a passkey" for one user, or for all when `None`.
+    async fn set_passkey_required(&self, user_id: Option<i64>, required: bool) -> StoreResult<u64>;
     /// Sets a new password and clears `must_reset`; with `signout_at`, also ends every session
     /// of the user issued at or before it, in the same transaction.
     async fn change_password(
@@ -759,11 +763,13 @@ pub trait Store: Send + Sync + 'static {
     async fn touch_sessions(&self, seen: &[(SessionId, i64)]) -> StoreResult<()>;
 
     /// Breach response, in one transaction: everyone signed out, every user must choose a new
-    /// password, and the given signing keys retired.
+    /// password (and, with `require_passkey`, register a passkey), and the given signing keys
+    /// retired.
     async fn breach_response(
         &self,
         now_ms: i64,
         retired_keys: &[String],
+        require_passkey: bool,
     ) -> StoreResult<Vec<SequencedEvent>>;
 
     async fn append_audit(&self, entry: &AuditEntry) -> StoreResult<()>;

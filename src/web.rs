@@ -45,6 +45,15 @@ pub fn router(app: Arc<App>) -> Router {
             "/_portcullis/login/enroll",
             get(login::enroll_page).post(login::enroll_form),
         )
+        .route("/_portcullis/login/passkey", get(login::passkey_page))
+        .route(
+            "/_portcullis/login/passkey/start",
+            post(passkey::enrol_start),
+        )
+        .route(
+            "/_portcullis/login/passkey/finish",
+            post(passkey::enrol_finish),
+        )
         .route("/_portcullis/api/login", post(login::api_login))
         .route("/_portcullis/logout", post(login::logout))
         .route(
@@ -93,12 +102,12 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/_portcullis/account/plex/unlink", post(plex::unlink))
         .route("/_portcullis/account/plex/approve", post(plex::approve))
         .route(
-            "/_portcullis/account/plex/approve-passkey/start",
-            post(plex::approve_passkey_start),
+            "/_portcullis/account/passkeys/confirm/start",
+            post(passkey::confirm_start),
         )
         .route(
-            "/_portcullis/account/plex/approve-passkey/finish",
-            post(plex::approve_passkey_finish),
+            "/_portcullis/account/passkeys/confirm/finish",
+            post(passkey::confirm_finish),
         )
         .route("/_portcullis/account/plex/revoke", post(plex::revoke))
         .route("/_portcullis/passkey.js", get(passkey::script))

@@ -40,8 +40,39 @@ pub enum AccountError {
     Keys(#[from] KeyError),
     #[error("the account store is unavailable")]
     Unavailable(#[from] StoreError),
+    #[error("the passkey confirmation has expired or was used already; confirm again")]
+    PasskeyGrantNotValid,
     #[error("the change could not be completed")]
     Internal,
+}
+
+/// How a signed-in user shows they are at the keyboard before a sensitive change.
+pub enum Reauth {
+    /// Their password, and their current code where the change asks for it.
+    Password {
+        password: Secret,
+        code: Option<String>,
+    },
+    /// A single-use grant from a user-verified passkey confirmation made moments ago in this
+    /// session: both factors at once.
+    Passkey(String),
+}
+
+impl Reauth {
+    /// From a form's fields: a passkey grant, when the form carries one, else the password.
+    pub fn from_form(
+        password: Option<String>,
+        code: Option<String>,
+        grant: Option<String>,
+    ) -> Reauth {
+        match grant.filter(|g| !g.is_empty()) {
+            Some(g) => Reauth::Passkey(g),
+            None => Reauth::Password {
+                password: Secret::new(password.unwrap_or_default()),
+                code: code.map(|c| c.trim().to_string()).filter(|c| !c.is_empty()),
+            },
+        }
+    }
 }
 
 impl From<LoginError> for AccountError {
@@ -57,7 +88,8 @@ impl From<LoginError> for AccountError {
 
 /// A password change as submitted from the account page.
 pub struct PasswordChange {
-    pub current: Secret,
+    /// The current password (no code is asked), or a passkey confirmation.
+    pub current: Reauth,
     pub new: Secret,
     pub confirm: Secret,
     /// "Sign out connected devices".
@@ -80,6 +112,8 @@ pub struct BreachReport {
     pub users_reset: u64,
     /// Single sign-on links removed (users link their provider account again).
     pub oidc_links_removed: u64,
+    /// Every user must also register a passkey at their next sign-in.
+    pub passkey_required: bool,
 }
 
 /// Why a new password could not be set.
@@ -107,7 +141,7 @@ impl From<NewPasswordError> for LoginError {
     }
 }
 
-fn token_hash(token: &str) -> String {
+pub(super) fn token_hash(token: &str) -> String {
     hex::encode(Sha256::digest(token.as_bytes()))
 }
 
@@ -326,7 +360,13 @@ impl App {
             signout_others,
         } = change;
         let user = self.user(identity.user_id).await?;
-        if let Err(e) = self.confirm_password(&user, current, client).await {
+        let confirmed = match current {
+            Reauth::Password { password, .. } => {
+                self.confirm_password(&user, password, client).await
+            }
+            Reauth::Passkey(grant) => self.take_passkey_grant(identity, &grant).await,
+        };
+        if let Err(e) = confirmed {
             let mut entry = self.audit_entry(
                 "password_change",
                 "failure",
@@ -376,7 +416,7 @@ impl App {
         confirm: Secret,
         kind: SessionKind,
         client: &ClientInfo,
-    ) -> Result<LoginOk, LoginError> {
+    ) -> Result<super::LoginStep, LoginError> {
         let (claims, user) = self
             .pending_user(pending_token, PendingStage::Password)
             .await?;
@@ -398,14 +438,10 @@ impl App {
         e.detail = "required at login; signed out connected devices".into();
         self.audit(e).await;
         let sso = self.resumed_sso(&claims);
-        // A single sign-on that reached this step may have skipped the gateway's code (trusted
-        // provider factors): only what is known for sure is claimed.
-        let amr = match (&sso, user.totp_enabled) {
-            (Some(_), _) => vec!["sso".to_string()],
-            (None, true) => vec!["pwd".to_string(), "otp".to_string()],
-            (None, false) => vec!["pwd".to_string()],
-        };
-        self.open_session(&user, amr, kind, client, sso.as_ref())
+        let amr = super::factors_before_step(&claims, &user);
+        // What is still owed (a passkey to register) comes next.
+        let user = self.user(user.id).await.map_err(|_| LoginError::Internal)?;
+        self.after_factors(&user, amr, super::Channel::Form, kind, client, sso)
             .await
     }
 
@@ -516,22 +552,19 @@ impl App {
         Ok((step, codes))
     }
 
-    /// Turns 2FA off; needs the password and a current code.
+    /// Turns 2FA off; needs the password and a current code, or a passkey confirmation.
     pub async fn disable_2fa(
         &self,
         identity: &Identity,
-        password: Secret,
-        code: &str,
+        proof: Reauth,
         client: &ClientInfo,
     ) -> Result<(), AccountError> {
         let user = self.user(identity.user_id).await?;
         if !user.totp_enabled {
             return Err(AccountError::NotEnrolled);
         }
-        self.confirm_password(&user, password, client).await?;
-        self.check_second_factor(&user, code, client)
-            .await
-            .map_err(|_| AccountError::InvalidCode)?;
+        self.reauthenticate(identity, proof, client, "2fa_disable")
+            .await?;
         self.store.set_totp(user.id, None, false).await?;
         let e = self.audit_entry(
             "2fa_disable",
@@ -615,16 +648,25 @@ impl App {
     /// a new password required of every user at next login.
     pub async fn breach_response(
         self: &Arc<Self>,
+        require_passkey: bool,
         client: &ClientInfo,
     ) -> Result<BreachReport, AccountError> {
-        let report = breach_response(&self.config(), &self.store).await?;
+        let report = breach_response(&self.config(), &self.store, require_passkey).await?;
         self.reload_keys_if_changed();
         // The events were committed by the store call; make them count here at once.
         let _ = self.sync().await;
         let mut e = self.audit_entry("breach_response", "success", None, client);
         e.detail = format!(
-            "new key {}, retired {:?}, {} users must reset, {} single sign-on links removed",
-            report.new_kid, report.retired_kids, report.users_reset, report.oidc_links_removed
+            "new key {}, retired {:?}, {} users must reset{}, {} single sign-on links removed",
+            report.new_kid,
+            report.retired_kids,
+            report.users_reset,
+            if report.passkey_required {
+                " and register a passkey"
+            } else {
+                ""
+            },
+            report.oidc_links_removed
         );
         self.audit(e).await;
         Ok(report)
@@ -634,11 +676,13 @@ impl App {
 /// The breach response against a store (shared by the CLI and the admin page): rotate the key
 /// file dropping every old key, remove every single sign-on link (a link made with a stolen
 /// session would otherwise be a way back in; users link again), then — in one store
-/// transaction — sign out everyone, require a new password of every user and retire the old
-/// key ids so no instance accepts them again.
+/// transaction — sign out everyone, require a new password of every user (and, with
+/// `require_passkey`, a passkey: phished passwords and codes then open nothing) and retire the
+/// old key ids so no instance accepts them again.
 pub async fn breach_response(
     config: &crate::config::Config,
     store: &crate::store::DynStore,
+    require_passkey: bool,
 ) -> Result<BreachReport, AccountError> {
     if config.session.key_override.is_some() {
         return Err(AccountError::Keys(KeyError::Env(
@@ -652,12 +696,15 @@ pub async fn breach_response(
     // through a link made before it.
     let oidc_links_removed = store.unlink_all_oidc().await?;
     let now = now_ms();
-    store.breach_response(now, &retired_kids).await?;
+    store
+        .breach_response(now, &retired_kids, require_passkey)
+        .await?;
     let users_reset = store.list_users().await?.len() as u64;
     Ok(BreachReport {
         new_kid,
         retired_kids,
         users_reset,
         oidc_links_removed,
+        passkey_required: require_passkey,
     })
 }

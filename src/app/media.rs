@@ -203,7 +203,17 @@ impl App {
                     count(refusal.0);
                     return refusal.1;
                 }
-                if let Some(refusal) = self.refuse_user(&user, media.password_login, &req) {
+                let second_factor = match self.has_second_factor(&user).await {
+                    Ok(b) => b,
+                    Err(e) => {
+                        self.store_error("find_user", e);
+                        count("store_unavailable");
+                        return MediaAnswer::error(503, "The account store is unavailable.");
+                    }
+                };
+                if let Some(refusal) =
+                    self.refuse_user(&user, second_factor, media.password_login, &req)
+                {
                     // Why this account may not sign in here is told only to a client that
                     // proves its password (checked by the gateway, so that the password never
                     // reaches the media server); anyone else gets the answer of a wrong
@@ -450,6 +460,7 @@ impl App {
     fn refuse_user(
         &self,
         user: &User,
+        second_factor: bool,
         policy: PasswordLogin,
         req: &MediaRequest,
     ) -> Option<(&'static str, MediaAnswer)> {
@@ -460,8 +471,7 @@ impl App {
             ));
         }
         let gateway_session_of_user = req.gateway.as_ref().is_some_and(|g| g.user_id == user.id);
-        if policy == PasswordLogin::DenyFor2faUsers && user.totp_enabled && !gateway_session_of_user
-        {
+        if policy == PasswordLogin::DenyFor2faUsers && second_factor && !gateway_session_of_user {
             return Some((
                 "second_factor_required",
                 MediaAnswer::error(
@@ -673,7 +683,7 @@ impl App {
 
     /// Records who approved a Quick Connect code, after checking that they may: a live
     /// session of a user without a second factor, or a gateway session (which passed the
-    /// second factor) of a user with one.
+    /// second factor: the code or a passkey) of a user with one (TOTP or a passkey).
     pub async fn approve_quick_connect(
         &self,
         route_index: usize,
@@ -689,8 +699,15 @@ impl App {
                 return Err("the account store is unavailable");
             }
         };
-        if user.totp_enabled && !via_gateway_session {
-            return Err("approve Quick Connect codes from a browser signed in to the gateway");
+        match self.has_second_factor(&user).await {
+            Ok(true) if !via_gateway_session => {
+                return Err("approve Quick Connect codes from a browser signed in to the gateway");
+            }
+            Ok(_) => {}
+            Err(e) => {
+                self.store_error("find_user", e);
+                return Err("the account store is unavailable");
+            }
         }
         self.media.approve(
             route_index,

@@ -22,13 +22,13 @@ use webauthn_rs_core::proto::{
 };
 use webauthn_rs_core::WebauthnCore;
 
-use super::account::AccountError;
+use super::account::{token_hash, AccountError, Reauth};
 use super::{now_ms, App, Channel, ClientInfo, LoginError, LoginStep, PendingStage};
 use crate::auth::throttle::Gate;
 use crate::auth::Identity;
-use crate::config::Secret;
 use crate::metrics::Family;
 use crate::store::{Ceremony, NewPasskey, PasskeyRecord, SessionKind, StoreError, User};
+use subtle::ConstantTimeEq;
 
 /// How long a ceremony (the browser's passkey prompt) may take.
 pub const CEREMONY_TTL: Duration = Duration::from_secs(300);
@@ -45,8 +45,11 @@ pub enum Purpose {
     Register,
     Login,
     SecondFactor,
-    /// The signed-in user confirms a sensitive action (a Plex device approval).
+    /// The signed-in user confirms a sensitive change with a passkey.
     Confirm,
+    /// What a confirmation buys: a single-use grant for the next sensitive change of the same
+    /// session (the row's id is the grant's hash, its state the session id).
+    Grant,
 }
 
 impl Purpose {
@@ -56,6 +59,7 @@ impl Purpose {
             Purpose::Login => "login",
             Purpose::SecondFactor => "second_factor",
             Purpose::Confirm => "confirm",
+            Purpose::Grant => "confirm_grant",
         }
     }
 }
@@ -341,15 +345,15 @@ impl App {
         self.store.passkeys_of(user_id).await
     }
 
-    /// Starts registering a passkey for the signed-in user, after their password (and code).
+    /// Starts registering a passkey for the signed-in user, after their password (and code) or
+    /// a passkey confirmation.
     pub async fn passkey_register_start(
         &self,
         identity: &Identity,
-        password: Secret,
-        code: Option<&str>,
+        proof: Reauth,
         client: &ClientInfo,
     ) -> Result<Started, PasskeyError> {
-        self.reauthenticate(identity, password, code, client, "passkey_add")
+        self.reauthenticate(identity, proof, client, "passkey_add")
             .await?;
         let user = self
             .store
@@ -406,20 +410,82 @@ impl App {
             .find_user_by_id(identity.user_id)
             .await?
             .ok_or(PasskeyError::Expired)?;
-        let new = self
-            .check_registration(&user, ceremony, credential, label, client)
+        let (id, cred_id) = self
+            .add_registered(&user, ceremony, credential, label, "account page", client)
             .await?;
-        let id = match self.store.add_passkey(&new).await {
-            Ok(id) => id,
-            Err(StoreError::Conflict(_)) => return Err(self.duplicate(&user, client).await),
-            Err(e) => return Err(e.into()),
-        };
-        self.registered(&user, &new, "account page", client).await;
         self.store
-            .find_passkey(&new.cred_id)
+            .find_passkey(&cred_id)
             .await?
             .filter(|p| p.id == id)
             .ok_or(PasskeyError::NoSuchPasskey)
+    }
+
+    /// Checks a registration answer for `user` and stores the passkey (a credential id
+    /// registered anywhere already is refused); its id and credential id.
+    async fn add_registered(
+        &self,
+        user: &User,
+        ceremony: &str,
+        credential: &str,
+        label: &str,
+        how: &str,
+        client: &ClientInfo,
+    ) -> Result<(i64, String), PasskeyError> {
+        let new = self
+            .check_registration(user, ceremony, credential, label, client)
+            .await?;
+        let id = match self.store.add_passkey(&new).await {
+            Ok(id) => id,
+            Err(StoreError::Conflict(_)) => return Err(self.duplicate(user, client).await),
+            Err(e) => return Err(e.into()),
+        };
+        self.registered(user, &new, how, client).await;
+        Ok((id, new.cred_id))
+    }
+
+    /// Starts the registration that a user who must sign in with a passkey, and has none, owes
+    /// at sign-in (after their other factors, before any session).
+    pub async fn passkey_enrol_start(&self, pending_token: &str) -> Result<Started, PasskeyError> {
+        let (_, user) = self
+            .pending_user(pending_token, PendingStage::Passkey)
+            .await?;
+        self.start_registration(&user).await
+    }
+
+    /// Finishes that registration; the sign-in then goes on (to its session).
+    pub async fn passkey_enrol_finish(
+        &self,
+        pending_token: &str,
+        ceremony: &str,
+        credential: &str,
+        label: &str,
+        kind: SessionKind,
+        client: &ClientInfo,
+    ) -> Result<LoginStep, PasskeyError> {
+        let (claims, user) = self
+            .pending_user(pending_token, PendingStage::Passkey)
+            .await?;
+        self.add_registered(
+            &user,
+            ceremony,
+            credential,
+            label,
+            "required at sign-in",
+            client,
+        )
+        .await?;
+        self.spend_pending(&claims.jti);
+        // The factors this sign-in passed before the step (the new passkey proves nothing yet).
+        Ok(self
+            .after_factors(
+                &user,
+                super::factors_before_step(&claims, &user),
+                Channel::Form,
+                kind,
+                client,
+                self.resumed_sso(&claims),
+            )
+            .await?)
     }
 
     /// Starts registering a passkey through an administrator's one-time link.
@@ -860,6 +926,58 @@ impl App {
         Ok(())
     }
 
+    /// Confirms the signed-in user with one of their passkeys (user verified) and returns a
+    /// grant that stands in for the password and code in the next sensitive change of this
+    /// session: single use, for five minutes, kept in the store (any replica takes it) by its
+    /// hash only.
+    pub async fn passkey_grant(
+        &self,
+        identity: &Identity,
+        user: &User,
+        ceremony: &str,
+        credential: &str,
+        client: &ClientInfo,
+    ) -> Result<String, PasskeyError> {
+        self.passkey_confirm(user, ceremony, credential, client)
+            .await?;
+        let grant = hex::encode(rand::random::<[u8; 32]>());
+        let now = now_ms();
+        let row = Ceremony {
+            id: token_hash(&grant),
+            purpose: Purpose::Grant.as_str().to_string(),
+            user_id: Some(user.id),
+            state: identity.sid.to_string(),
+            expires_ms: now + CEREMONY_TTL.as_millis() as i64,
+        };
+        self.store.put_ceremony(&row, now).await?;
+        Ok(grant)
+    }
+
+    /// Takes a passkey grant of this session (once); refused when it is unknown, used,
+    /// expired, or another session's.
+    pub async fn take_passkey_grant(
+        &self,
+        identity: &Identity,
+        grant: &str,
+    ) -> Result<(), AccountError> {
+        let row = self
+            .store
+            .take_ceremony(&token_hash(grant), Purpose::Grant.as_str(), now_ms())
+            .await?;
+        match row {
+            Some(r)
+                if r.user_id == Some(identity.user_id)
+                    && r.state
+                        .as_bytes()
+                        .ct_eq(identity.sid.to_string().as_bytes())
+                        .into() =>
+            {
+                Ok(())
+            }
+            _ => Err(AccountError::PasskeyGrantNotValid),
+        }
+    }
+
     /// Renames one of the user's passkeys.
     pub async fn passkey_rename(
         &self,
@@ -931,13 +1049,15 @@ impl App {
         Ok(())
     }
 
-    /// Whether `auth.require_passkey` asks this user to sign in with a passkey only.
+    /// Whether this user must sign in with a passkey only: asked of them by an administrator or
+    /// a breach response, or of everyone (or every admin) by `auth.require_passkey`.
     pub fn passkey_required(&self, user: &User) -> bool {
-        match self.config().auth.require_passkey {
-            crate::config::RequirePasskey::Off => false,
-            crate::config::RequirePasskey::Admins => user.is_admin,
-            crate::config::RequirePasskey::All => true,
-        }
+        user.passkey_required
+            || match self.config().auth.require_passkey {
+                crate::config::RequirePasskey::Off => false,
+                crate::config::RequirePasskey::Admins => user.is_admin,
+                crate::config::RequirePasskey::All => true,
+            }
     }
 }
 

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use subtle::ConstantTimeEq;
 
-use super::account::AccountError;
+use super::account::{AccountError, Reauth};
 use super::{
     now_ms, truncate, App, Channel, ClientInfo, LoginError, LoginOk, LoginStep, PendingStage,
     PENDING_TTL_SECS,
@@ -539,22 +539,20 @@ impl App {
     pub async fn confirm_link(
         &self,
         identity: &Identity,
-        password: Secret,
-        code: Option<&str>,
+        proof: Reauth,
         client: &ClientInfo,
     ) -> Result<(), AccountError> {
-        self.reauthenticate(identity, password, code, client, "sso_link")
+        self.reauthenticate(identity, proof, client, "sso_link")
             .await
     }
 
     /// Checks that the signed-in user is at the keyboard before a sensitive change: their
-    /// password, and their second factor when they have one. Failures count like failed
-    /// logins and are audited under `event`.
+    /// password and their code when they have TOTP, or a passkey confirmation (a grant of this
+    /// session, used once). Failures count like failed logins and are audited under `event`.
     pub async fn reauthenticate(
         &self,
         identity: &Identity,
-        password: Secret,
-        code: Option<&str>,
+        proof: Reauth,
         client: &ClientInfo,
         event: &str,
     ) -> Result<(), AccountError> {
@@ -563,19 +561,25 @@ impl App {
             .find_user_by_id(identity.user_id)
             .await?
             .ok_or(AccountError::NoSuchUser)?;
-        let mut result = self.confirm_password(&user, password, client).await;
-        if result.is_ok() && user.totp_enabled {
-            result = match code.map(str::trim).filter(|c| !c.is_empty()) {
-                Some(c) => self
-                    .check_second_factor(&user, c, client)
-                    .await
-                    .map_err(|e| match e {
-                        LoginError::Unavailable(s) => AccountError::Unavailable(s),
-                        _ => AccountError::InvalidCode,
-                    }),
-                None => Err(AccountError::InvalidCode),
-            };
-        }
+        let result = match proof {
+            Reauth::Passkey(grant) => self.take_passkey_grant(identity, &grant).await,
+            Reauth::Password { password, code } => {
+                let mut result = self.confirm_password(&user, password, client).await;
+                if result.is_ok() && user.totp_enabled {
+                    result = match code.as_deref() {
+                        Some(c) => self
+                            .check_second_factor(&user, c, client)
+                            .await
+                            .map_err(|e| match e {
+                                LoginError::Unavailable(s) => AccountError::Unavailable(s),
+                                _ => AccountError::InvalidCode,
+                            }),
+                        None => Err(AccountError::InvalidCode),
+                    };
+                }
+                result
+            }
+        };
         if let Err(e) = &result {
             let mut entry = self.audit_entry(event, "failure", Some((user.id, &user.name)), client);
             entry.detail = e.to_string();

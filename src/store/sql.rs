@@ -29,7 +29,8 @@ const KIND_MEDIA_BOUND: &str = "media_bound";
 const KIND_MEDIA_NOTE: &str = "media_note";
 
 const USER_COLUMNS: &str = "id, name, password_hash, is_admin, disabled, created_ms, must_reset,
-     failed_logins, locked_until_ms, last_failure_ms, totp_secret, totp_enabled, totp_last_step";
+     failed_logins, locked_until_ms, last_failure_ms, totp_secret, totp_enabled, totp_last_step,
+     passkey_required";
 
 const PLEX_ACCOUNT_SELECT: &str = "SELECT p.account_id, p.username, p.title, p.user_id,
      u.name AS user_name, p.linked_ms, p.offered_user_id, p.first_seen_ms, p.last_seen_ms
@@ -667,6 +668,16 @@ where
         Ok(D::rows_affected(&done))
     }
 
+    async fn set_passkey_required(&self, user_id: Option<i64>, required: bool) -> StoreResult<u64> {
+        let done = query!(
+            "UPDATE users SET passkey_required = $1 WHERE CAST($2 AS BIGINT) IS NULL OR id = $2";
+            required, user_id,
+        )
+        .execute(&self.pool)
+        .await?;
+        Ok(D::rows_affected(&done))
+    }
+
     async fn change_password(
         &self,
         user_id: i64,
@@ -856,11 +867,17 @@ where
         &self,
         now_ms: i64,
         retired_keys: &[String],
+        require_passkey: bool,
     ) -> StoreResult<Vec<SequencedEvent>> {
         let mut tx = self.write_tx().await?;
         sqlx::query("UPDATE users SET must_reset = TRUE")
             .execute(&mut *tx)
             .await?;
+        if require_passkey {
+            sqlx::query("UPDATE users SET passkey_required = TRUE")
+                .execute(&mut *tx)
+                .await?;
+        }
         let mut events = vec![Self::cutoff_everyone(&mut tx, now_ms).await?];
         for kid in retired_keys {
             let retired = RevocationEvent::KeyRetired { kid: kid.clone() };

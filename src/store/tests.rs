@@ -325,7 +325,7 @@ async fn events_since_pages_through_every_kind(f: Fixture) {
     written.extend(store.bind_media_token(&b).await.unwrap());
     written.extend(
         store
-            .breach_response(70, &["k1".to_string(), "k2".to_string()])
+            .breach_response(70, &["k1".to_string(), "k2".to_string()], false)
             .await
             .unwrap(),
     );
@@ -519,9 +519,15 @@ async fn snapshot_holds_the_whole_revocation_state(f: Fixture) {
     let t3 = bind(store, &binding(alice.id, "t3", "dev-3", 30, 10_000)).await;
     store.revoke_session(t3, 85).await.unwrap();
     let last = store
-        .breach_response(90, &["k2".to_string(), "k1".to_string()])
+        .breach_response(90, &["k2".to_string(), "k1".to_string()], true)
         .await
         .unwrap();
+
+    // `require_passkey`: every user must also register a passkey, in the same write.
+    for u in [&alice, &bob, &carol] {
+        let u = store.find_user_by_id(u.id).await.unwrap().unwrap();
+        assert!(u.must_reset && u.passkey_required, "{}", u.name);
+    }
 
     let mut snap = store.snapshot(100).await.unwrap();
     assert_eq!(snap.seq, last.last().unwrap().seq);
@@ -639,6 +645,47 @@ async fn accounts_lock_out_and_change_passwords(f: Fixture) {
     assert!(!store.find_user("bob").await.unwrap().unwrap().must_reset);
     assert_eq!(store.set_must_reset(None, true).await.unwrap(), 2);
     assert!(store.find_user("bob").await.unwrap().unwrap().must_reset);
+
+    assert!(
+        !store
+            .find_user("bob")
+            .await
+            .unwrap()
+            .unwrap()
+            .passkey_required
+    );
+    assert_eq!(
+        store
+            .set_passkey_required(Some(alice.id), true)
+            .await
+            .unwrap(),
+        1
+    );
+    assert!(
+        store
+            .find_user("alice")
+            .await
+            .unwrap()
+            .unwrap()
+            .passkey_required
+    );
+    assert!(
+        !store
+            .find_user("bob")
+            .await
+            .unwrap()
+            .unwrap()
+            .passkey_required
+    );
+    assert_eq!(store.set_passkey_required(None, false).await.unwrap(), 2);
+    assert!(
+        !store
+            .find_user("alice")
+            .await
+            .unwrap()
+            .unwrap()
+            .passkey_required
+    );
 
     assert!(store
         .change_password(alice.id, "h2", None)
@@ -1344,7 +1391,10 @@ async fn announcements_reach_other_instances(f: Fixture) {
         .expect("announced within 1 s")
         .unwrap();
     // One announcement per transaction, carrying its highest number.
-    let events = other.breach_response(30, &["k".to_string()]).await.unwrap();
+    let events = other
+        .breach_response(30, &["k".to_string()], false)
+        .await
+        .unwrap();
     let last = events.last().unwrap().seq;
     tokio::time::timeout(Duration::from_secs(1), rx.wait_for(|a| a.seq >= last))
         .await

@@ -17,7 +17,7 @@ use super::{
     cross_site, forbidden_cross_site, identity, no_store, pages, redirect, session_cookie,
     store_unavailable, to_login, with_cookie, PageForm, ACCOUNT_PATH, LOGIN_PATH,
 };
-use crate::app::account::{AccountError, PasswordChange};
+use crate::app::account::{AccountError, PasswordChange, Reauth};
 use crate::app::{App, ClientInfo};
 use crate::auth::{cookie, CredentialSource, Identity};
 use crate::config::Secret;
@@ -114,8 +114,8 @@ pub(crate) async fn page(
         Ok(p) => p,
         Err(e) => return store_unavailable(&e.to_string()),
     };
-    let passkeys = match app.passkeys_of(user.id).await {
-        Ok(p) => super::passkey::section(&user, &p, &csrf),
+    let (passkeys, has_passkey) = match app.passkeys_of(user.id).await {
+        Ok(p) => (super::passkey::section(&user, &p, &csrf), !p.is_empty()),
         Err(e) => return store_unavailable(&e.to_string()),
     };
     let notice = match q.done.as_deref() {
@@ -144,6 +144,7 @@ pub(crate) async fn page(
     let error = match q.error.as_deref() {
         Some("password") => Some("The password was not changed: check the current password, and that the new one is long enough, differs from your user name and is typed the same twice."),
         Some("locked") => Some("The password was not changed: too many wrong passwords were entered. Try again later."),
+        Some("passkey") => Some("The password was not changed: the passkey confirmation has expired or was used already. Confirm again."),
         _ => None,
     };
     no_store(
@@ -158,6 +159,7 @@ pub(crate) async fn page(
             &sso,
             &plex,
             &passkeys,
+            has_passkey,
         )
         .into_response(),
     )
@@ -270,7 +272,10 @@ pub(crate) async fn signout_all(
 
 #[derive(Deserialize)]
 pub(crate) struct PasswordForm {
+    #[serde(default)]
     current: String,
+    /// From a passkey confirmation, in place of the current password.
+    passkey_grant: Option<String>,
     new_password: String,
     confirm: String,
     /// Present (any value) when "Sign out connected devices" is ticked.
@@ -294,7 +299,7 @@ pub(crate) async fn change_password(
         .change_own_password(
             &id,
             PasswordChange {
-                current: Secret::new(form.current),
+                current: Reauth::from_form(Some(form.current), None, form.passkey_grant),
                 new: Secret::new(form.new_password),
                 confirm: Secret::new(form.confirm),
                 signout_others: signout,
@@ -315,6 +320,7 @@ pub(crate) async fn change_password(
             tracing::info!(user = %id.name, reason = %e, "password change refused");
             let code = match e {
                 AccountError::TooManyAttempts => "locked",
+                AccountError::PasskeyGrantNotValid => "passkey",
                 _ => "password",
             };
             redirect(&format!("{ACCOUNT_PATH}?error={code}"))
@@ -335,7 +341,11 @@ pub(crate) async fn twofa_page(State(app): State<Arc<App>>, headers: HeaderMap) 
     };
     if user.totp_enabled {
         let left = app.store.recovery_codes_left(user.id).await.unwrap_or(0);
-        return no_store(pages::twofa_status(left, &csrf, None).into_response());
+        let has_passkey = match app.passkeys_of(user.id).await {
+            Ok(p) => !p.is_empty(),
+            Err(e) => return store_unavailable(&e.to_string()),
+        };
+        return no_store(pages::twofa_status(left, &csrf, None, has_passkey).into_response());
     }
     match app.start_enrollment(user.id).await {
         Ok(en) => no_store(
@@ -402,8 +412,10 @@ pub(crate) async fn twofa_enable(
 
 #[derive(Deserialize)]
 pub(crate) struct DisableForm {
-    password: String,
-    code: String,
+    password: Option<String>,
+    code: Option<String>,
+    /// From a passkey confirmation, in place of the password and code.
+    passkey_grant: Option<String>,
     #[serde(default)]
     csrf: String,
 }
@@ -419,7 +431,11 @@ pub(crate) async fn twofa_disable(
         Err(r) => return r,
     };
     match app
-        .disable_2fa(&id, Secret::new(form.password), &form.code, &client)
+        .disable_2fa(
+            &id,
+            Reauth::from_form(form.password, form.code, form.passkey_grant),
+            &client,
+        )
         .await
     {
         Ok(()) => redirect(&format!("{ACCOUNT_PATH}?done=2fa-off")),

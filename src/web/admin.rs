@@ -227,6 +227,20 @@ pub(crate) async fn user_action(
             .await
             .map(|_| "reset-required")
             .map_err(|e| e.to_string()),
+        "require_passkey" | "passkey_optional" => {
+            let required = form.action == "require_passkey";
+            app.store
+                .set_passkey_required(Some(user.id), required)
+                .await
+                .map(|_| {
+                    if required {
+                        "passkey-required"
+                    } else {
+                        "passkey-optional"
+                    }
+                })
+                .map_err(|e| e.to_string())
+        }
         "signout" => app
             .signout_user_id(user.id)
             .await
@@ -316,6 +330,8 @@ pub(crate) async fn revoke_session(
 #[derive(Deserialize)]
 pub(crate) struct BreachForm {
     confirm: String,
+    /// Present (any value) when every user must also register a passkey.
+    require_passkey: Option<String>,
     #[serde(default)]
     csrf: String,
 }
@@ -336,13 +352,21 @@ pub(crate) async fn breach(
         ));
     }
     tracing::warn!(by = %actor.name, "breach response started from the admin page");
-    match app.breach_response(&client).await {
+    match app
+        .breach_response(form.require_passkey.is_some(), &client)
+        .await
+    {
         Ok(r) => no_store(
             pages::message_with_link(
                 "Breach response done",
                 &format!(
-                    "Everyone is signed out (you too), every user must choose a new password at \
+                    "Everyone is signed out (you too), every user must choose a new password{} at \
                      next login, and the session signing key was replaced (new key {}, retired {}).",
+                    if r.passkey_required {
+                        " and register a passkey"
+                    } else {
+                        ""
+                    },
                     r.new_kid,
                     r.retired_kids.join(", ")
                 ),

@@ -62,6 +62,7 @@ fn stage_path(stage: PendingStage) -> &'static str {
         PendingStage::Totp => "/_portcullis/login/2fa",
         PendingStage::Password => "/_portcullis/login/password",
         PendingStage::Enroll => "/_portcullis/login/enroll",
+        PendingStage::Passkey => "/_portcullis/login/passkey",
     }
 }
 
@@ -214,6 +215,7 @@ async fn pending_page(
             ),
             Err(e) => return store_unavailable(&e.to_string()),
         },
+        PendingStage::Passkey => pages::passkey_step(&user.name, rd, &csrf, error),
     };
     no_store((status, page).into_response())
 }
@@ -319,6 +321,24 @@ pub(crate) async fn totp_form(
     }
 }
 
+/// `GET /_portcullis/login/passkey`: a user who must sign in with a passkey registers one.
+pub(crate) async fn passkey_page(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    Query(q): Query<RdQuery>,
+) -> Response {
+    let rd = safe_return_path(q.rd.as_deref());
+    pending_page(
+        &app,
+        &headers,
+        PendingStage::Passkey,
+        &rd,
+        None,
+        StatusCode::OK,
+    )
+    .await
+}
+
 pub(crate) async fn password_page(
     State(app): State<Arc<App>>,
     headers: HeaderMap,
@@ -366,7 +386,7 @@ pub(crate) async fn password_form(
         )
         .await;
     match result {
-        Ok(ok) => step_response(&app, LoginStep::Session(ok), &rd, &client),
+        Ok(step) => step_response(&app, step, &rd, &client),
         Err(e) => match pending_error(&app, e, &rd) {
             Some(resp) => resp,
             None => {

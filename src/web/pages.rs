@@ -119,23 +119,72 @@ pub fn login(
     )
 }
 
+/// The form that adds a passkey (the page script runs the ceremony through `{base}/start` and
+/// `{base}/finish`): the new passkey's name, then `rest` (hidden fields, what confirms the user,
+/// the buttons).
+pub(crate) fn passkey_add_form(base: &str, rest: &str) -> String {
+    format!(
+        "<form class=\"narrow\" id=\"passkey-add\" method=\"post\" action=\"{base}/start\" \
+data-start=\"{base}/start\" data-finish=\"{base}/finish\">\
+<label for=\"passkey-label\">Name for the new passkey</label>\
+<input type=\"text\" id=\"passkey-label\" name=\"label\" maxlength=\"64\" required placeholder=\"Phone\">\
+{rest}</form>",
+        base = escape(base),
+    )
+}
+
 /// The page of an administrator's one-time passkey link.
 pub fn passkey_link(user: &str, token: &str) -> Html<String> {
-    let path = format!("/_portcullis/passkey-link/{token}");
     layout(
         "Add a passkey",
         &format!(
             "<h1>Add a passkey</h1><p>This one-time link adds a passkey for <strong>{}</strong>. \
 Using it signs out every device of this account; then sign in with the new passkey.</p>\
-<form class=\"narrow\" id=\"passkey-add\" method=\"post\" action=\"{}/start\" data-start=\"{}/start\" data-finish=\"{}/finish\">\
-<label for=\"passkey-label\">Name for the new passkey</label>\
-<input type=\"text\" id=\"passkey-label\" name=\"label\" maxlength=\"64\" required placeholder=\"Phone\">\
-<button type=\"submit\">Add a passkey</button></form>{PASSKEY_ERROR}{PASSKEY_SCRIPT}",
+{}{PASSKEY_ERROR}{PASSKEY_SCRIPT}",
             escape(user),
-            escape(&path),
-            escape(&path),
-            escape(&path),
+            passkey_add_form(
+                &format!("/_portcullis/passkey-link/{token}"),
+                "<button type=\"submit\">Add a passkey</button>"
+            ),
         ),
+    )
+}
+
+/// The step of a sign-in that owes a passkey: the user must sign in with one (required by an
+/// administrator, `auth.require_passkey` or a breach response) and has none yet.
+pub fn passkey_step(user: &str, rd: &str, csrf: &str, error: Option<&str>) -> Html<String> {
+    layout(
+        "Add a passkey",
+        &format!(
+            "<h1>Add a passkey</h1>{}<p><strong>{}</strong> must sign in with a passkey: add one \
+now to finish signing in. From then on the password alone no longer signs in.</p>\
+{}{PASSKEY_ERROR}{PASSKEY_SCRIPT}",
+            error_block(error),
+            escape(user),
+            passkey_add_form(
+                "/_portcullis/login/passkey",
+                &format!(
+                    "{}{}<button type=\"submit\">Add a passkey and sign in</button>",
+                    hidden("rd", rd),
+                    hidden("csrf", csrf)
+                )
+            ),
+        ),
+    )
+}
+
+/// The part of a sensitive change's form with which a user who has a passkey confirms with it
+/// instead of the password (and code): an empty `passkey_grant` that the page script fills once
+/// the passkey answered (then it sends the form), and the button that asks for the passkey.
+/// Empty without a passkey. The page must carry [`PASSKEY_ERROR`] and [`PASSKEY_SCRIPT`].
+pub(crate) fn passkey_confirm(has_passkey: bool, label: &str) -> String {
+    if !has_passkey {
+        return String::new();
+    }
+    format!(
+        "<input type=\"hidden\" name=\"passkey_grant\" value=\"\">\
+<button type=\"button\" class=\"secondary\" data-passkey-grant>{}</button>",
+        escape(label)
     )
 }
 
@@ -268,7 +317,18 @@ They are shown only now.</p><ul class=\"codes\" id=\"recovery-codes\">{list}</ul
 }
 
 /// 2FA status with the form that turns it off.
-pub fn twofa_status(codes_left: i64, csrf: &str, error: Option<&str>) -> Html<String> {
+pub fn twofa_status(
+    codes_left: i64,
+    csrf: &str,
+    error: Option<&str>,
+    has_passkey: bool,
+) -> Html<String> {
+    let with_passkey = passkey_confirm(has_passkey, "Turn off with a passkey instead");
+    let script = if has_passkey {
+        format!("{PASSKEY_ERROR}{PASSKEY_SCRIPT}")
+    } else {
+        String::new()
+    };
     layout(
         "Two-factor authentication",
         &format!(
@@ -278,7 +338,7 @@ pub fn twofa_status(codes_left: i64, csrf: &str, error: Option<&str>) -> Html<St
 <input type=\"password\" id=\"password\" name=\"password\" autocomplete=\"current-password\" required>\
 <label for=\"code\">Current code</label>\
 <input type=\"text\" id=\"code\" name=\"code\" inputmode=\"numeric\" autocomplete=\"one-time-code\" required>\
-<button type=\"submit\" class=\"danger\">Turn off two-factor authentication</button></form>\
+<button type=\"submit\" class=\"danger\">Turn off two-factor authentication</button>{with_passkey}</form>{script}\
 <p><a href=\"/_portcullis/account\">Back to your account</a></p>",
             error_block(error),
             hidden("csrf", csrf)
@@ -419,7 +479,9 @@ pub fn account(
     sso: &str,
     plex: &str,
     passkeys: &str,
+    has_passkey: bool,
 ) -> Html<String> {
+    let with_passkey = passkey_confirm(has_passkey, "Change with a passkey instead");
     let notice = notice
         .map(|n| format!("<p class=\"notice\" role=\"status\">{}</p>", escape(n)))
         .unwrap_or_default();
@@ -471,7 +533,7 @@ pub fn account(
 <label for=\"confirm\">New password again</label>\
 <input type=\"password\" id=\"confirm\" name=\"confirm\" autocomplete=\"new-password\" required>\
 <label class=\"check\"><input type=\"checkbox\" id=\"signout\" name=\"signout\" value=\"1\" checked> Sign out connected devices</label>\
-<button type=\"submit\">Change password</button></form></section>\
+<button type=\"submit\">Change password</button>{with_passkey}</form></section>\
 {sso}{plex}{passkeys}<section><h2>Two-factor authentication</h2><p>{}</p></section>\
 <section><form method=\"post\" action=\"/_portcullis/logout\">{}\
 <button type=\"submit\" class=\"secondary\">Sign out of this device</button></form></section>",
@@ -529,13 +591,14 @@ pub fn admin(
                 locked.then_some("locked"),
                 u.must_reset.then_some("must reset"),
                 u.totp_enabled.then_some("2FA"),
+                u.passkey_required.then_some("passkey required"),
             ]
             .into_iter()
             .flatten()
             .collect::<Vec<_>>()
             .join(", ");
             format!(
-                "<tr><td>{}</td><td>{}</td><td>{}{}{}{}{}{}</td></tr>",
+                "<tr><td>{}</td><td>{}</td><td>{}{}{}{}{}{}{}</td></tr>",
                 escape(&u.name),
                 escape(&state),
                 if u.disabled {
@@ -551,6 +614,11 @@ pub fn admin(
                 action(&u.name, "require_reset", "Require reset"),
                 action(&u.name, "reset_link", "Reset link"),
                 action(&u.name, "passkey_link", "Passkey link"),
+                if u.passkey_required {
+                    action(&u.name, "passkey_optional", "Passkey optional")
+                } else {
+                    action(&u.name, "require_passkey", "Require passkey")
+                },
                 action(&u.name, "signout", "Sign out all devices"),
             )
         })
@@ -607,6 +675,8 @@ key so copied keys stop working.</p>\
 <form method=\"post\" action=\"/_portcullis/admin/breach\">{}\
 <label for=\"confirm\">Type <strong>SIGN OUT EVERYONE</strong> to confirm</label>\
 <input type=\"text\" id=\"confirm\" name=\"confirm\" required autocomplete=\"off\">\
+<label class=\"check\"><input type=\"checkbox\" id=\"require_passkey\" name=\"require_passkey\" value=\"1\"> \
+Also require every user to register a passkey at next sign-in and to sign in with it from then on</label>\
 <button type=\"submit\" class=\"danger\">Run breach response</button></form></section>",
             hidden("csrf", csrf),
             hidden("csrf", csrf),

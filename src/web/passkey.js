@@ -148,29 +148,39 @@
     });
   }
 
-  // Confirming an action with a passkey (a Plex device approval): the form's own fields go
-  // with the answer.
-  for (const form of document.querySelectorAll('form[data-passkey-confirm]')) {
-    form.addEventListener('submit', async (event) => {
+  // Confirming a sensitive change with a passkey instead of the password (and code): the
+  // passkey's answer buys a single-use grant for this session; the form then carries it in
+  // `passkey_grant` and is sent as it stands (its password and code fields are left empty).
+  for (const button of document.querySelectorAll('button[data-passkey-grant]')) {
+    button.addEventListener('click', async (event) => {
       event.preventDefault();
-      const fields = Object.fromEntries(new FormData(form).entries());
+      if (!supported) {
+        show('This browser cannot use passkeys.');
+        return;
+      }
+      const form = button.closest('form');
+      const csrf = form.querySelector('input[name="csrf"]').value;
       try {
-        const started = await post(form.dataset.start, { csrf: fields.csrf });
+        const started = await post('/_portcullis/account/passkeys/confirm/start', { csrf });
         const credential = await get(started);
-        const done = await post(form.dataset.finish, {
-          ...fields,
+        const { grant } = await post('/_portcullis/account/passkeys/confirm/finish', {
           ceremony: started.ceremony,
           credential: credential.toJSON(),
+          csrf,
         });
-        window.location.assign(done.redirect);
+        form.querySelector('input[name="passkey_grant"]').value = grant;
+        for (const input of form.querySelectorAll('input[name="password"], input[name="current"], input[name="code"]')) {
+          input.required = false;
+        }
+        form.requestSubmit();
       } catch (e) {
         show(explain(e));
       }
     });
   }
 
-  // The account page (after the password and code) or an administrator's one-time link: add a
-  // passkey.
+  // The account page (after the password and code, or another passkey) or an administrator's
+  // one-time link: add a passkey.
   const add = document.getElementById('passkey-add');
   if (add) {
     add.addEventListener('submit', async (event) => {
@@ -187,6 +197,7 @@
         const started = await post(add.dataset.start, {
           password: field('password'),
           code: field('code'),
+          passkey_grant: field('passkey_grant'),
           csrf: field('csrf'),
         });
         const publicKey = PublicKeyCredential.parseCreationOptionsFromJSON(
@@ -198,6 +209,7 @@
           credential: credential.toJSON(),
           label: field('label'),
           csrf: field('csrf'),
+          rd: field('rd'),
         });
         window.location.assign(done.redirect);
       } catch (e) {

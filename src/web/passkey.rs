@@ -22,11 +22,10 @@ use super::{
     cross_site, forbidden_cross_site, no_store, redirect, safe_return_path, store_unavailable,
     to_login, PageForm, ACCOUNT_PATH, LOGIN_PATH,
 };
-use crate::app::account::AccountError;
+use crate::app::account::{AccountError, Reauth};
 use crate::app::passkey::authenticator_name;
 use crate::app::passkey::{PasskeyError, Started};
 use crate::app::{App, ClientInfo, LoginStep, PendingStage};
-use crate::config::Secret;
 use crate::metrics::Family;
 use crate::store::{PasskeyRecord, ResetLinkState, SessionKind, User};
 
@@ -78,14 +77,17 @@ counter that did not move forward, and was refused. Remove it unless you know wh
 that checks your fingerprint, face or PIN counts as two factors.</p>\
 <table><thead><tr><th>Passkey</th><th>Authenticator</th><th>Added</th><th>Last used</th><th></th></tr></thead>\
 <tbody>{rows}</tbody></table>\
-<form class=\"narrow\" id=\"passkey-add\" method=\"post\" action=\"/_portcullis/account/passkeys/start\" \
-data-start=\"/_portcullis/account/passkeys/start\" data-finish=\"/_portcullis/account/passkeys/finish\">{}\
-<label for=\"passkey-label\">Name for the new passkey</label>\
-<input type=\"text\" id=\"passkey-label\" name=\"label\" maxlength=\"64\" required placeholder=\"Phone\">\
-<label for=\"passkey-password\">Current password</label>\
+{}{PASSKEY_ERROR}{PASSKEY_SCRIPT}</section>",
+        pages::passkey_add_form(
+            "/_portcullis/account/passkeys",
+            &format!(
+                "{}<label for=\"passkey-password\">Current password</label>\
 <input type=\"password\" id=\"passkey-password\" name=\"password\" autocomplete=\"current-password\" required>\
-{code}<button type=\"submit\">Add a passkey</button></form>{PASSKEY_ERROR}{PASSKEY_SCRIPT}</section>",
-        hidden("csrf", csrf),
+{code}<button type=\"submit\">Add a passkey</button>{}",
+                hidden("csrf", csrf),
+                pages::passkey_confirm(!passkeys.is_empty(), "Add, confirming with a passkey"),
+            )
+        ),
     )
 }
 
@@ -308,9 +310,10 @@ pub(crate) async fn second_finish(
 
 #[derive(Deserialize)]
 pub(crate) struct AddStart {
-    #[serde(default)]
-    password: String,
+    password: Option<String>,
     code: Option<String>,
+    /// From a passkey confirmation, in place of the password and code.
+    passkey_grant: Option<String>,
     #[serde(default)]
     csrf: String,
 }
@@ -327,16 +330,144 @@ pub(crate) async fn add_start(
         Ok(v) => v,
         Err(r) => return r,
     };
-    let code = body
-        .code
-        .as_deref()
-        .map(str::trim)
-        .filter(|c| !c.is_empty());
+    let proof = Reauth::from_form(body.password, body.code, body.passkey_grant);
+    match app.passkey_register_start(&id, proof, &client).await {
+        Ok(s) => started(s),
+        Err(e) => refusal(&e),
+    }
+}
+
+#[derive(Deserialize)]
+pub(crate) struct EnrolStart {
+    #[serde(default)]
+    csrf: String,
+}
+
+/// `POST /_portcullis/login/passkey/start`: the registration a sign-in owes (the user must sign
+/// in with a passkey and has none).
+pub(crate) async fn enrol_start(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    Json(body): Json<EnrolStart>,
+) -> Response {
+    let token = match pending_form(&app, &headers, PendingStage::Passkey, &body.csrf).await {
+        Ok(t) => t,
+        Err(r) => return r,
+    };
+    match app.passkey_enrol_start(token).await {
+        Ok(s) => started(s),
+        Err(e) => refusal(&e),
+    }
+}
+
+#[derive(Deserialize)]
+pub(crate) struct EnrolFinish {
+    ceremony: String,
+    credential: serde_json::Value,
+    #[serde(default)]
+    label: String,
+    #[serde(default)]
+    csrf: String,
+    rd: Option<String>,
+}
+
+/// `POST /_portcullis/login/passkey/finish`: stores the passkey, and the sign-in goes on.
+pub(crate) async fn enrol_finish(
+    State(app): State<Arc<App>>,
+    Extension(client): Extension<ClientInfo>,
+    headers: HeaderMap,
+    Json(body): Json<EnrolFinish>,
+) -> Response {
+    let token = match pending_form(&app, &headers, PendingStage::Passkey, &body.csrf).await {
+        Ok(t) => t,
+        Err(r) => return r,
+    };
+    let rd = safe_return_path(body.rd.as_deref());
+    let result = app
+        .passkey_enrol_finish(
+            token,
+            &body.ceremony,
+            &body.credential.to_string(),
+            &body.label,
+            SessionKind::Web,
+            &client,
+        )
+        .await;
+    match result {
+        Ok(step) => step_json(&app, step, &rd, &client),
+        Err(e) => refusal(&e),
+    }
+}
+
+#[derive(Deserialize)]
+pub(crate) struct ConfirmStart {
+    #[serde(default)]
+    csrf: String,
+}
+
+/// The signed-in user of a JSON post from the account pages (origin and CSRF token checked).
+async fn json_user(
+    app: &App,
+    headers: &HeaderMap,
+    csrf: &str,
+) -> Result<(crate::auth::Identity, User), Response> {
+    let (id, _) = form_identity(app, headers, csrf)?;
+    match app.store.find_user_by_id(id.user_id).await {
+        Ok(Some(u)) => Ok((id, u)),
+        Ok(None) => Err(forbidden_cross_site()),
+        Err(e) => Err(store_unavailable(&e.to_string())),
+    }
+}
+
+/// `POST /_portcullis/account/passkeys/confirm/start`: a ceremony for the signed-in user's own
+/// passkeys, to confirm a sensitive change with one instead of the password (and code).
+pub(crate) async fn confirm_start(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    Json(body): Json<ConfirmStart>,
+) -> Response {
+    let (_, user) = match json_user(&app, &headers, &body.csrf).await {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    match app.passkey_confirm_start(&user).await {
+        Ok(s) => started(s),
+        Err(e) => refusal(&e),
+    }
+}
+
+#[derive(Deserialize)]
+pub(crate) struct ConfirmFinish {
+    ceremony: String,
+    credential: serde_json::Value,
+    #[serde(default)]
+    csrf: String,
+}
+
+/// `POST /_portcullis/account/passkeys/confirm/finish`: once the passkey verified its user,
+/// `{"grant": …}` — single use, for this session, five minutes — which the form of the change
+/// carries as `passkey_grant`.
+pub(crate) async fn confirm_finish(
+    State(app): State<Arc<App>>,
+    Extension(client): Extension<ClientInfo>,
+    headers: HeaderMap,
+    Json(body): Json<ConfirmFinish>,
+) -> Response {
+    let (id, user) = match json_user(&app, &headers, &body.csrf).await {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
     match app
-        .passkey_register_start(&id, Secret::new(body.password), code, &client)
+        .passkey_grant(
+            &id,
+            &user,
+            &body.ceremony,
+            &body.credential.to_string(),
+            &client,
+        )
         .await
     {
-        Ok(s) => started(s),
+        Ok(grant) => no_store(Json(serde_json::json!({ "grant": grant })).into_response()),
         Err(e) => refusal(&e),
     }
 }

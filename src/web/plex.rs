@@ -11,18 +11,16 @@ use std::sync::Arc;
 
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use axum::Extension;
-use axum::Json;
 use serde::Deserialize;
 
 use super::account::{form_identity, not_changed};
-use super::pages::{escape, hidden, when};
+use super::pages::{self, escape, hidden, when};
 use super::{redirect, store_unavailable, PageForm, ACCOUNT_PATH};
-use crate::app::account::AccountError;
+use crate::app::account::{AccountError, Reauth};
 use crate::app::plex::PlexError;
 use crate::app::{App, ClientInfo};
-use crate::config::Secret;
 use crate::mediaserver::plex::CheckState;
 use crate::store::{StoreError, User};
 
@@ -34,6 +32,8 @@ pub(crate) async fn section(app: &App, user: &User, csrf: &str) -> Result<String
     let accounts = app.store.list_plex_accounts(Some(user.id)).await?;
     let devices = app.store.list_plex_devices(Some(user.id)).await?;
     let has_passkey = !app.passkeys_of(user.id).await?.is_empty();
+    // The password (and code), or a passkey instead (the account page's passkey section
+    // carries the script and the error line).
     let reauth = |label: &str| {
         let code = if user.totp_enabled {
             "<input type=\"text\" name=\"code\" inputmode=\"numeric\" autocomplete=\"one-time-code\" placeholder=\"Code\" required>"
@@ -42,8 +42,9 @@ pub(crate) async fn section(app: &App, user: &User, csrf: &str) -> Result<String
         };
         format!(
             "<input type=\"password\" name=\"password\" autocomplete=\"current-password\" placeholder=\"Password\" required>{code}\
-<button type=\"submit\">{}</button>",
-            escape(label)
+<button type=\"submit\">{}</button>{}",
+            escape(label),
+            pages::passkey_confirm(has_passkey, &format!("{label} with a passkey"))
         )
     };
     let account_rows: String = accounts
@@ -93,33 +94,21 @@ pub(crate) async fn section(app: &App, user: &User, csrf: &str) -> Result<String
                     ),
                 ),
                 None if user.totp_enabled || has_passkey => {
-                    let fields = format!(
-                        "{}{}{}",
-                        hidden("account", &d.account_id),
-                        hidden("client_id", &d.client_id),
-                        hidden("csrf", csrf)
-                    );
-                    let with_code = if user.totp_enabled {
-                        format!(
-                            "<form method=\"post\" action=\"/_portcullis/account/plex/approve\">{fields}{}</form>",
-                            reauth("Approve")
-                        )
+                    // Both factors: the password and code, or a passkey that verifies the
+                    // user (the only way for a user whose second factor is a passkey).
+                    let confirm = if user.totp_enabled {
+                        reauth("Approve")
                     } else {
-                        String::new()
-                    };
-                    // A passkey that verifies the user is both factors at once (the account
-                    // page's passkey section carries the script and the error line).
-                    let with_passkey = if has_passkey {
-                        format!(
-                            "<form method=\"post\" data-passkey-confirm data-start=\"{PASSKEY_APPROVE}/start\" \
-data-finish=\"{PASSKEY_APPROVE}/finish\">{fields}<button type=\"submit\">Approve with a passkey</button></form>"
-                        )
-                    } else {
-                        String::new()
+                        pages::passkey_confirm(true, "Approve with a passkey")
                     };
                     (
                         "Waiting for your approval".to_string(),
-                        format!("{with_code}{with_passkey}"),
+                        format!(
+                            "<form method=\"post\" action=\"/_portcullis/account/plex/approve\">{}{}{}{confirm}</form>",
+                            hidden("account", &d.account_id),
+                            hidden("client_id", &d.client_id),
+                            hidden("csrf", csrf)
+                        ),
                     )
                 }
                 None => (
@@ -270,88 +259,6 @@ pub(crate) async fn admin_section(
     ))
 }
 
-/// Where a Plex device is approved with a passkey (JSON: `/start`, then `/finish`).
-const PASSKEY_APPROVE: &str = "/_portcullis/account/plex/approve-passkey";
-
-#[derive(Deserialize)]
-pub(crate) struct ConfirmStart {
-    #[serde(default)]
-    csrf: String,
-}
-
-/// The signed-in user of a JSON post from the account page (origin and CSRF token checked).
-async fn json_user(app: &App, headers: &HeaderMap, csrf: &str) -> Result<User, Response> {
-    let (id, _) = form_identity(app, headers, csrf)?;
-    match app.store.find_user_by_id(id.user_id).await {
-        Ok(Some(u)) => Ok(u),
-        Ok(None) => Err(super::forbidden_cross_site()),
-        Err(e) => Err(store_unavailable(&e.to_string())),
-    }
-}
-
-/// `POST /_portcullis/account/plex/approve-passkey/start`: a passkey confirmation ceremony.
-pub(crate) async fn approve_passkey_start(
-    State(app): State<Arc<App>>,
-    headers: HeaderMap,
-    Json(body): Json<ConfirmStart>,
-) -> Response {
-    let user = match json_user(&app, &headers, &body.csrf).await {
-        Ok(u) => u,
-        Err(r) => return r,
-    };
-    match app.passkey_confirm_start(&user).await {
-        Ok(s) => super::passkey::started(s),
-        Err(e) => super::passkey::refusal(&e),
-    }
-}
-
-#[derive(Deserialize)]
-pub(crate) struct ConfirmFinish {
-    ceremony: String,
-    credential: serde_json::Value,
-    account: String,
-    client_id: String,
-    #[serde(default)]
-    csrf: String,
-}
-
-/// `POST /_portcullis/account/plex/approve-passkey/finish`: approves a device once one of the
-/// user's passkeys verified them.
-pub(crate) async fn approve_passkey_finish(
-    State(app): State<Arc<App>>,
-    Extension(client): Extension<ClientInfo>,
-    headers: HeaderMap,
-    Json(body): Json<ConfirmFinish>,
-) -> Response {
-    let user = match json_user(&app, &headers, &body.csrf).await {
-        Ok(u) => u,
-        Err(r) => return r,
-    };
-    if let Err(e) = app
-        .passkey_confirm(&user, &body.ceremony, &body.credential.to_string(), &client)
-        .await
-    {
-        return super::passkey::refusal(&e);
-    }
-    match app
-        .plex_approve(user.id, &body.account, &body.client_id, &client)
-        .await
-    {
-        Ok(()) => super::no_store(
-            Json(serde_json::json!({ "redirect": format!("{ACCOUNT_PATH}?done=plex-approved") }))
-                .into_response(),
-        ),
-        Err(PlexError::Unavailable(s)) => store_unavailable(&s.to_string()),
-        Err(e) => super::no_store(
-            (
-                StatusCode::BAD_REQUEST,
-                Json(serde_json::json!({ "error": "refused", "message": e.to_string() })),
-            )
-                .into_response(),
-        ),
-    }
-}
-
 #[derive(Deserialize)]
 pub(crate) struct PlexForm {
     account: String,
@@ -361,6 +268,8 @@ pub(crate) struct PlexForm {
     csrf: String,
     password: Option<String>,
     code: Option<String>,
+    /// From a passkey confirmation, in place of the password and code.
+    passkey_grant: Option<String>,
 }
 
 /// A Plex action that failed: 503 when the store is down, else `refuse` with the reason (a 400
@@ -376,7 +285,7 @@ fn not_changed_400(text: &str) -> Response {
     not_changed(StatusCode::BAD_REQUEST, text)
 }
 
-/// The password (and the code, with a second factor) of the signed-in user.
+/// The password (and the code, with TOTP) of the signed-in user, or a passkey confirmation.
 async fn confirmed(
     app: &App,
     identity: &crate::auth::Identity,
@@ -384,17 +293,12 @@ async fn confirmed(
     client: &ClientInfo,
     event: &str,
 ) -> Result<(), Response> {
-    let password = form.password.clone().unwrap_or_default();
-    match app
-        .reauthenticate(
-            identity,
-            Secret::new(password),
-            form.code.as_deref(),
-            client,
-            event,
-        )
-        .await
-    {
+    let proof = Reauth::from_form(
+        form.password.clone(),
+        form.code.clone(),
+        form.passkey_grant.clone(),
+    );
+    match app.reauthenticate(identity, proof, client, event).await {
         Ok(()) => Ok(()),
         Err(AccountError::Unavailable(e)) => Err(store_unavailable(&e.to_string())),
         Err(e) => Err(not_changed(StatusCode::FORBIDDEN, &e.to_string())),
@@ -463,7 +367,8 @@ pub(crate) async fn unlink(
 }
 
 /// `POST /_portcullis/account/plex/approve`: approves a device, after the password and the
-/// second factor (a stolen Plex token on a new device must not be enough).
+/// code or a passkey that verified the user (a stolen Plex token on a new device must not be
+/// enough).
 pub(crate) async fn approve(
     State(app): State<Arc<App>>,
     Extension(client): Extension<ClientInfo>,
@@ -474,12 +379,15 @@ pub(crate) async fn approve(
         Ok(v) => v,
         Err(r) => return r,
     };
+    // The password alone is one factor: without TOTP, only a passkey approves.
+    let with_passkey = form.passkey_grant.as_deref().is_some_and(|g| !g.is_empty());
     match app.store.find_user_by_id(id.user_id).await {
-        Ok(Some(u)) if u.totp_enabled => {}
+        Ok(Some(u)) if u.totp_enabled || with_passkey => {}
         Ok(_) => {
             return not_changed(
                 StatusCode::FORBIDDEN,
-                "Approving a Plex device needs two-factor authentication: turn it on first.",
+                "Approving a Plex device needs two factors: a passkey, or the password and a \
+                 code (turn on two-factor authentication).",
             )
         }
         Err(e) => return store_unavailable(&e.to_string()),

@@ -18,11 +18,10 @@ use super::ACCOUNT_PATH;
 use super::{
     identity, no_store, pages, redirect, safe_return_path, store_unavailable, with_cookie, PageForm,
 };
-use crate::app::account::AccountError;
+use crate::app::account::{AccountError, Reauth};
 use crate::app::sso::{BackchannelError, CallbackParams, SsoDone, SsoError, FLOW_TTL_SECS};
 use crate::app::{App, ClientInfo, LoginError, LoginStep};
 use crate::auth::cookie;
-use crate::config::Secret;
 use crate::oidc::Provider;
 
 /// The provider id as logs, audit entries and metric labels may carry it: a configured id
@@ -209,6 +208,8 @@ pub(crate) struct LinkForm {
     /// Absent on the account page's button: the confirmation page asks for it.
     password: Option<String>,
     code: Option<String>,
+    /// From a passkey confirmation on that page, in place of the password and code.
+    passkey_grant: Option<String>,
 }
 
 /// The page that asks for the password (and the code, with TOTP) before a link. The form goes
@@ -217,6 +218,7 @@ fn link_confirm_page(
     provider: &Provider,
     csrf: &str,
     totp: bool,
+    has_passkey: bool,
     error: Option<&str>,
 ) -> Html<String> {
     const SLOT: &str = "\u{1}link-form\u{1}";
@@ -240,9 +242,15 @@ your Portcullis account. Enter your password to confirm it is you.</p>\
 <input type=\"hidden\" name=\"csrf\" value=\"{csrf}\">\
 <label for=\"password\">Password</label>\
 <input type=\"password\" id=\"password\" name=\"password\" autocomplete=\"current-password\" required autofocus>\
-{code}<button type=\"submit\">Continue to {name}</button></form>",
+{code}<button type=\"submit\">Continue to {name}</button>{with_passkey}</form>{script}",
         name = esc(&provider.config.display_name),
         id = esc(&provider.config.id),
+        with_passkey = pages::passkey_confirm(has_passkey, "Confirm with a passkey instead"),
+        script = if has_passkey {
+            format!("{}{}", pages::PASSKEY_ERROR, pages::PASSKEY_SCRIPT)
+        } else {
+            String::new()
+        },
         csrf = esc(csrf),
     );
     Html(shell.replacen(&format!("<p>{SLOT}</p>"), &form, 1))
@@ -282,15 +290,20 @@ pub(crate) async fn link(
         Ok(None) => return super::to_login(ACCOUNT_PATH),
         Err(e) => return store_unavailable(&e.to_string()),
     };
-    let Some(password) = form.password.filter(|p| !p.is_empty()) else {
-        return no_store(
-            link_confirm_page(provider, &form.csrf, user.totp_enabled, None).into_response(),
-        );
+    let answered = form.password.as_deref().is_some_and(|p| !p.is_empty())
+        || form.passkey_grant.as_deref().is_some_and(|g| !g.is_empty());
+    let has_passkey = match app.passkeys_of(user.id).await {
+        Ok(p) => !p.is_empty(),
+        Err(e) => return store_unavailable(&e.to_string()),
     };
-    match app
-        .confirm_link(&id, Secret::new(password), form.code.as_deref(), &client)
-        .await
-    {
+    if !answered {
+        return no_store(
+            link_confirm_page(provider, &form.csrf, user.totp_enabled, has_passkey, None)
+                .into_response(),
+        );
+    }
+    let proof = Reauth::from_form(form.password, form.code, form.passkey_grant);
+    match app.confirm_link(&id, proof, &client).await {
         Ok(()) => {}
         Err(AccountError::Unavailable(e)) => return store_unavailable(&e.to_string()),
         Err(e) => {
@@ -303,6 +316,10 @@ pub(crate) async fn link(
                     StatusCode::UNAUTHORIZED,
                     "The code is not valid: enter the current code from your app, or a recovery code.",
                 ),
+                AccountError::PasskeyGrantNotValid => (
+                    StatusCode::UNAUTHORIZED,
+                    "The passkey confirmation has expired or was used already: confirm again.",
+                ),
                 _ => (
                     StatusCode::UNAUTHORIZED,
                     "The password is wrong.",
@@ -311,7 +328,13 @@ pub(crate) async fn link(
             return no_store(
                 (
                     status,
-                    link_confirm_page(provider, &form.csrf, user.totp_enabled, Some(text)),
+                    link_confirm_page(
+                        provider,
+                        &form.csrf,
+                        user.totp_enabled,
+                        has_passkey,
+                        Some(text),
+                    ),
                 )
                     .into_response(),
             );

@@ -3,7 +3,8 @@
 //
 // The user signs in with the password, adds a passkey from the account page (after the
 // password), signs out, and is signed in again by the passkey alone (no user name: the login
-// page's autofill request); the account page shows the passkey as used. The password is then
+// page's autofill request); the account page shows the passkey as used, and the passkey stands
+// in for the current password when the password is changed. The password is then
 // followed by "Use a passkey" as the second step. With user verification switched off the browser
 // refuses and the page says so; once the passkey is removed on the account page (the
 // authenticator still holding it), the gateway refuses it and the page explains. Runs at
@@ -41,6 +42,14 @@ await run('passkey_login', async (browser) => {
     },
   });
 
+  // Signs A out with nobody at the authenticator: the login page the sign-out lands on asks for
+  // a passkey as it loads (autofill), and must not sign in (to "/") while the test goes on to
+  // the page it means. A step that wants the authenticator to answer switches it back on.
+  const signOut = async () => {
+    await cdp.send('WebAuthn.setAutomaticPresenceSimulation', { authenticatorId, enabled: false });
+    await submitPost(a.page, a.page.getByRole('button', { name: 'Sign out of this device' }));
+  };
+
   step('A signs in with the password and adds a passkey from the account page');
   await signIn(a.page, user, password);
   const section = a.page.locator('#passkeys');
@@ -59,16 +68,18 @@ await run('passkey_login', async (browser) => {
   await a.page.screenshot({ path: path.join(outputDir(), 'passkey-added.png'), fullPage: true });
 
   step('A signs out; the login page signs in with the passkey alone (autofill, no user name)');
-  await submitPost(a.page, a.page.getByRole('button', { name: 'Sign out of this device' }));
+  await signOut();
   // The page asks for a passkey with conditional mediation as it loads; the virtual
-  // authenticator answers at once, as a user picking it from the autofill list would.
+  // authenticator answers at once, as a user picking it from the autofill list would. (The
+  // request of the page the sign-out landed on waits on: the authenticator answers a request
+  // only as it is made.)
+  await cdp.send('WebAuthn.setAutomaticPresenceSimulation', { authenticatorId, enabled: true });
   await a.page.goto(url(`${PREFIX}/login?rd=${encodeURIComponent(`${PREFIX}/account`)}`));
   await a.page.waitForURL(at(`${PREFIX}/account`));
   await expectAccountPage(a.page, user);
 
   step('A signs out and signs in with the "Sign in with a passkey" button');
-  await submitPost(a.page, a.page.getByRole('button', { name: 'Sign out of this device' }));
-  await cdp.send('WebAuthn.setAutomaticPresenceSimulation', { authenticatorId, enabled: false });
+  await signOut();
   await a.page.goto(url(`${PREFIX}/login?rd=${encodeURIComponent(`${PREFIX}/account`)}`));
   // The click cancels the waiting autofill request and asks again; the user then touches the
   // authenticator.
@@ -80,9 +91,22 @@ await run('passkey_login', async (browser) => {
   const after = await cdp.send('WebAuthn.getCredentials', { authenticatorId });
   assert.ok(after.credentials[0].signCount >= 1, 'the authenticator signed');
 
+  step('A changes the password, confirming with the passkey instead of the current password');
+  const renewed = `${password} renewed`;
+  await a.page.locator('#new_password').fill(renewed);
+  await a.page.locator('#confirm').fill(renewed);
+  await a.page.locator('#signout').uncheck();
+  await submit(
+    a.page,
+    a.page.getByRole('button', { name: 'Change with a passkey instead' }),
+    /done=password$/,
+  );
+  await expectAccountPage(a.page, user);
+
   step('Without user verification the browser refuses, and the page says so');
-  await submitPost(a.page, a.page.getByRole('button', { name: 'Sign out of this device' }));
+  await signOut();
   await cdp.send('WebAuthn.setUserVerified', { authenticatorId, isUserVerified: false });
+  await cdp.send('WebAuthn.setAutomaticPresenceSimulation', { authenticatorId, enabled: true });
   await a.page.goto(url(`${PREFIX}/login`));
   await a.page.getByRole('button', { name: 'Sign in with a passkey' }).click();
   assert.match(await passkeyError(a.page), /closed, timed out, or no passkey/);
@@ -93,7 +117,7 @@ await run('passkey_login', async (browser) => {
   // Nobody at the authenticator: the login page's autofill request waits, and the password
   // form is used instead.
   await cdp.send('WebAuthn.setAutomaticPresenceSimulation', { authenticatorId, enabled: false });
-  const pw = await fillLogin(a.page, user, password);
+  const pw = await fillLogin(a.page, user, renewed);
   assert.equal(pw.status(), 303);
   await a.page.waitForURL(at(`${PREFIX}/login/2fa`));
   assert.equal(await a.page.locator('#code').count(), 0, 'no code field without TOTP');

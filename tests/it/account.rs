@@ -49,6 +49,11 @@ impl<'a> Browser<'a> {
         Browser { gw, cookie }
     }
 
+    /// A browser holding a session cookie got another way (a passkey sign-in).
+    pub(crate) fn with_cookie(gw: &'a Gateway, cookie: String) -> Browser<'a> {
+        Browser { gw, cookie }
+    }
+
     pub(crate) async fn get(&self, path: &str) -> reqwest::Response {
         client()
             .get(self.gw.url(path))

@@ -39,7 +39,7 @@ pub(crate) fn mb(device_id: &str, token: Option<&str>) -> String {
 }
 
 /// A password login through the gateway's Jellyfin route: status and JSON answer.
-async fn jf_login(gw: &Gateway, user: &str, pw: &str, device: &str) -> (u16, Value) {
+pub(crate) async fn jf_login(gw: &Gateway, user: &str, pw: &str, device: &str) -> (u16, Value) {
     let resp = client()
         .post(gw.url("/Users/AuthenticateByName"))
         .header("Authorization", mb(device, None))

@@ -9,9 +9,10 @@ use reqwest::Response;
 use serde_json::{json, Value};
 
 use crate::account::{enrol, Browser};
-use crate::harness::{client, input_value, set_cookie, Gateway};
+use crate::harness::{client, input_value, poll_until, set_cookie, Gateway};
 use crate::soft_authenticator::{Options, SoftAuthenticator};
 use crate::upstream::Upstream;
+use std::time::Duration;
 
 const PW: &str = "a passphrase for passkeys";
 /// 1Password's AAGUID: the account page names the authenticator.
@@ -609,12 +610,82 @@ async fn removing_a_passkey_keeps_its_sessions_unless_asked_and_signing_out_ends
         .await;
 }
 
+/// Registers a passkey in the passkey step a sign-in owes (`pending`: its cookie, at `location`):
+/// the authenticator, and the session cookie the step ends with.
+async fn register_at_sign_in(
+    gw: &Gateway,
+    location: &str,
+    pending: &str,
+) -> (SoftAuthenticator, String) {
+    let step = gw.page_with_cookie(location, pending).await;
+    assert!(
+        step.contains("data-start=\"/_portcullis/login/passkey/start\"")
+            && step.contains("must sign in with a passkey"),
+        "{step}"
+    );
+    let csrf = input_value(&step, "csrf").unwrap();
+    let (status, options) = answer(
+        post_json(
+            gw,
+            "/_portcullis/login/passkey/start",
+            Some(pending),
+            &json!({ "csrf": csrf }),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(status, 200, "{options}");
+    let (auth, credential) = SoftAuthenticator::register(&options, &gw.base, true, ONE_PASSWORD);
+    let resp = post_json(
+        gw,
+        "/_portcullis/login/passkey/finish",
+        Some(pending),
+        &json!({ "ceremony": options["ceremony"], "credential": credential, "label": "Phone", "csrf": csrf, "rd": "/probe" }),
+    )
+    .await;
+    let cookie = set_cookie(&resp, "portcullis");
+    let (status, body) = answer(resp).await;
+    assert_eq!(
+        (status, body["redirect"].as_str()),
+        (200, Some("/probe")),
+        "{body}"
+    );
+    // The step is spent: its cookie starts nothing more.
+    let again = post_json(
+        gw,
+        "/_portcullis/login/passkey/start",
+        Some(pending),
+        &json!({ "csrf": csrf }),
+    )
+    .await;
+    assert_ne!(again.status(), 200);
+    (
+        auth,
+        cookie.expect("a session once the passkey is registered"),
+    )
+}
+
 #[tokio::test]
-async fn users_who_must_use_a_passkey_cannot_sign_in_with_the_password_once_they_have_one() {
+async fn users_who_must_use_a_passkey_register_one_at_sign_in_and_the_password_alone_then_fails() {
     let (_up, gw) = setup("require_passkey = \"all\"\n").await;
-    // Until she has a passkey, alice's password lets her in to register one.
-    let alice = Browser::login(&gw, "alice", PW).await;
-    let mut key = register(&gw, &alice, "Phone", true).await;
+    // Before she has a passkey, alice's password leads to the step that registers one, and
+    // nothing else: no session, and an API client (which cannot register one) is refused.
+    let (status, body) = gw.try_login("alice", PW, None).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (403, Some("passkey_required"))
+    );
+    let (status, location, pending) = password_form(&gw, "alice").await;
+    assert_eq!(
+        (status, location.as_str()),
+        (303, "/_portcullis/login/passkey?rd=%2Fprobe")
+    );
+    let pending = pending.expect("a pending login");
+    assert_ne!(gw.status_with_cookie("/probe", &pending).await, 200);
+    let (mut key, cookie) = register_at_sign_in(&gw, &location, &pending).await;
+    assert_eq!(gw.status_with_cookie("/probe", &cookie).await, 200);
+
+    // Now the password alone opens nothing, by the form or the API.
     let resp = client()
         .post(gw.url("/_portcullis/login"))
         .header("Origin", gw.base.clone())
@@ -633,6 +704,7 @@ async fn users_who_must_use_a_passkey_cannot_sign_in_with_the_password_once_they
     // The passkey works, and her last one cannot be removed.
     let cookie = passkey_session(&gw, &mut key, None).await;
     assert_eq!(gw.status_with_cookie("/probe", &cookie).await, 200);
+    let alice = Browser::with_cookie(&gw, cookie);
     let page = alice
         .get("/_portcullis/account")
         .await
@@ -651,8 +723,320 @@ async fn users_who_must_use_a_passkey_cannot_sign_in_with_the_password_once_they
         )
         .await;
     assert_eq!(resp.status(), 409);
-    // bob has none yet: his password still works.
+    gw.metrics_with(&["portcullis_passkeys_total{event=\"registered\"} 1"])
+        .await;
+}
+
+#[tokio::test]
+async fn an_administrator_or_a_breach_response_can_require_passkeys_and_everything_else_still_holds(
+) {
+    let (_up, gw) = setup("").await;
+    // One user: carol is not there; bob is asked, alice is not.
+    gw.cli_ok(&["user", "require-passkey", "bob"]);
+    assert_eq!(gw.try_login("alice", PW, None).await.0, 200);
+    let (status, location, _) = password_form(&gw, "bob").await;
+    assert_eq!(
+        (status, location.as_str()),
+        (303, "/_portcullis/login/passkey?rd=%2Fprobe")
+    );
+    let required = |name: &str| {
+        let list: Value = serde_json::from_str(&gw.cli_ok(&["user", "list", "--json"])).unwrap();
+        list.as_array()
+            .unwrap()
+            .iter()
+            .find(|u| u["name"] == name)
+            .unwrap()["passkey_required"]
+            .as_bool()
+            .unwrap()
+    };
+    assert!(required("bob") && !required("alice"));
+    gw.cli_ok(&["user", "require-passkey", "bob", "--off"]);
+    assert!(!required("bob"));
     assert_eq!(gw.try_login("bob", PW, None).await.0, 200);
+
+    // alice has a passkey already; bob has none. The breach response asks a new password and a
+    // passkey of everyone, in one write with the sign-out.
+    let alice_pw = Browser::login(&gw, "alice", PW).await;
+    let mut alice_key = register(&gw, &alice_pw, "Laptop", true).await;
+    let out = gw.cli_ok(&["breach-response", "--require-passkey"]);
+    assert!(out.contains("register a passkey"), "{out}");
+    assert!(required("alice") && required("bob"));
+    assert!(
+        poll_until(Duration::from_secs(3), || async {
+            alice_pw.get("/probe").await.status() != 200
+        })
+        .await,
+        "signed out"
+    );
+
+    // bob: the new password first, then the passkey, then the session.
+    let (status, location, pending) = password_form(&gw, "bob").await;
+    assert_eq!(
+        (status, location.as_str()),
+        (303, "/_portcullis/login/password?rd=%2Fprobe")
+    );
+    let pending = pending.unwrap();
+    let step = gw.page_with_cookie(&location, &pending).await;
+    let csrf = input_value(&step, "csrf").unwrap();
+    let new_pw = "a brand new passphrase for bob";
+    let resp = client()
+        .post(gw.url("/_portcullis/login/password"))
+        .header("Origin", gw.base.clone())
+        .header("Cookie", &pending)
+        .form(&[
+            ("new_password", new_pw),
+            ("confirm", new_pw),
+            ("csrf", &csrf),
+            ("rd", "/probe"),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 303);
+    assert!(
+        set_cookie(&resp, "portcullis").is_none(),
+        "no session before the passkey"
+    );
+    let location = resp.headers()["location"].to_str().unwrap().to_string();
+    assert_eq!(location, "/_portcullis/login/passkey?rd=%2Fprobe");
+    let pending = set_cookie(&resp, "portcullis-pending").expect("the next step's cookie");
+    let (_bob_key, cookie) = register_at_sign_in(&gw, &location, &pending).await;
+    assert_eq!(gw.status_with_cookie("/probe", &cookie).await, 200);
+    let (status, body) = gw.try_login("bob", new_pw, None).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (403, Some("passkey_required"))
+    );
+
+    // alice: her passkey still signs her in, and the new password is asked on the way.
+    let options = login_start(&gw, None).await;
+    let credential = alice_key.assert(&options, &gw.base, true);
+    let resp = login_finish(&gw, &options, &credential).await;
+    assert!(set_cookie(&resp, "portcullis").is_none());
+    let (status, body) = answer(resp).await;
+    assert_eq!(
+        (status, body["redirect"].as_str()),
+        (200, Some("/_portcullis/login/password?rd=%2Fprobe")),
+        "{body}"
+    );
+    // Her password alone is refused (she has a passkey and must use it).
+    let (status, body) = gw.try_login("alice", PW, None).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (403, Some("passkey_required"))
+    );
+    let audit = gw.cli_ok(&["audit", "--limit", "50"]);
+    assert!(audit.contains("passkeys required"), "{audit}");
+}
+
+/// Confirms the signed-in browser with `auth` (user verified when `uv`): status and body.
+pub(crate) async fn confirm_grant(
+    gw: &Gateway,
+    b: &Browser<'_>,
+    auth: &mut SoftAuthenticator,
+    uv: bool,
+) -> (u16, Value) {
+    let csrf = b.csrf().await;
+    let (status, options) = answer(
+        post_json(
+            gw,
+            "/_portcullis/account/passkeys/confirm/start",
+            Some(&b.cookie),
+            &json!({ "csrf": csrf }),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(status, 200, "{options}");
+    let credential = auth.assert(&options, &gw.base, uv);
+    answer(
+        post_json(
+            gw,
+            "/_portcullis/account/passkeys/confirm/finish",
+            Some(&b.cookie),
+            &json!({ "ceremony": options["ceremony"], "credential": credential, "csrf": csrf }),
+        )
+        .await,
+    )
+    .await
+}
+
+#[tokio::test]
+async fn a_passkey_confirms_a_sensitive_change_in_place_of_the_password_once_and_in_its_session_only(
+) {
+    let (_up, gw) = setup("").await;
+    let first = Browser::login(&gw, "alice", PW).await;
+    let mut key = register(&gw, &first, "Laptop", true).await;
+    let alice = Browser::with_cookie(&gw, passkey_session(&gw, &mut key, None).await);
+    let other = Browser::with_cookie(&gw, passkey_session(&gw, &mut key, None).await);
+    // The account page offers the passkey on its forms that ask for the password.
+    let page = alice
+        .get("/_portcullis/account")
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(
+        page.matches("data-passkey-grant").count(),
+        2,
+        "password change and new passkey"
+    );
+    let new_pw = "a fresh passphrase after a passkey";
+    let change = |b: &Browser<'_>, grant: String| {
+        let b = Browser::with_cookie(&gw, b.cookie.clone());
+        async move {
+            let csrf = b.csrf().await;
+            b.post(
+                "/_portcullis/account/password",
+                &[
+                    ("current", ""),
+                    ("passkey_grant", grant.as_str()),
+                    ("new_password", new_pw),
+                    ("confirm", new_pw),
+                    ("csrf", &csrf),
+                ],
+            )
+            .await
+        }
+    };
+
+    // A passkey that did not verify its user buys nothing.
+    let (status, body) = confirm_grant(&gw, &alice, &mut key, false).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (400, Some("user_not_verified")),
+        "{body}"
+    );
+    assert!(body.get("grant").is_none());
+    let (status, body) = confirm_grant(&gw, &alice, &mut key, true).await;
+    assert_eq!(status, 200, "{body}");
+    let grant = body["grant"].as_str().unwrap().to_string();
+    // Another session of the same user cannot use it (and spends it: a grant is taken once,
+    // whoever sends it); a made-up grant and no grant at all change nothing either.
+    for (b, g, error) in [
+        (&other, grant.clone(), "passkey"),
+        (&alice, grant, "passkey"),
+        (&alice, "0".repeat(64), "passkey"),
+        (&alice, String::new(), "password"),
+    ] {
+        let resp = change(b, g).await;
+        assert_eq!(resp.status(), 303);
+        assert_eq!(
+            resp.headers()["location"].to_str().unwrap(),
+            format!("/_portcullis/account?error={error}")
+        );
+    }
+    assert_eq!(
+        password_form(&gw, "alice").await.0,
+        303,
+        "the password is unchanged"
+    );
+    // A fresh grant, in its own session: changed, once.
+    let (status, body) = confirm_grant(&gw, &alice, &mut key, true).await;
+    assert_eq!(status, 200, "{body}");
+    let grant = body["grant"].as_str().unwrap().to_string();
+    let resp = change(&alice, grant.clone()).await;
+    assert_eq!(resp.status(), 303);
+    assert_eq!(
+        resp.headers()["location"],
+        "/_portcullis/account?done=password"
+    );
+    assert_ne!(
+        password_form(&gw, "alice").await.0,
+        303,
+        "the old password is gone"
+    );
+    let resp = change(&alice, grant).await;
+    assert_eq!(
+        resp.headers()["location"],
+        "/_portcullis/account?error=passkey",
+        "a grant is used once"
+    );
+    let page = alice
+        .get("/_portcullis/account?error=passkey")
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        page.contains("passkey confirmation has expired or was used"),
+        "{page}"
+    );
+    // Adding another passkey takes a grant in place of the password too.
+    let (_, body) = confirm_grant(&gw, &alice, &mut key, true).await;
+    let csrf = alice.csrf().await;
+    let (status, options) = answer(
+        post_json(
+            &gw,
+            "/_portcullis/account/passkeys/start",
+            Some(&alice.cookie),
+            &json!({ "passkey_grant": body["grant"], "csrf": csrf }),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(status, 200, "{options}");
+    assert!(options["publicKey"]["challenge"].is_string(), "{options}");
+    let audit = gw.cli_ok(&["audit", "--limit", "50"]);
+    assert!(
+        audit.contains("passkey_confirm") && audit.contains("password_change"),
+        "{audit}"
+    );
+}
+
+#[tokio::test]
+async fn a_passkey_is_a_second_factor_that_a_password_alone_cannot_skip_through_apps_or_the_api() {
+    use crate::jellyfin::{initiate, jf_login, mb, token_of};
+    use crate::standin::StandIn;
+    let jf = StandIn::start().await;
+    let jpw = crate::jellyfin::PW;
+    let alice_id = jf.add_user("alice", jpw, false);
+    jf.add_user("bob", jpw, false);
+    let gw = Gateway::builder(&jf.url())
+        .user("alice", jpw)
+        .user("bob", jpw)
+        .route_keys("kind = \"jellyfin\"")
+        .start()
+        .await;
+    // alice's phone app signed in before she added a passkey (no second factor then).
+    let phone = token_of(&gw, "alice", "phone-alice").await;
+    let b = Browser::login(&gw, "alice", jpw).await;
+    let _key = register_as(&gw, &b, jpw, "Laptop", true).await;
+
+    // The API login and a media app's password login are refused without reaching the server.
+    let (status, body) = gw.try_login("alice", jpw, None).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (401, Some("second_factor_required"))
+    );
+    let before = jf.requests().len();
+    let (status, body) = jf_login(&gw, "alice", jpw, "tv-alice").await;
+    assert_eq!(status, 403, "{body}");
+    assert!(body.to_string().contains("two-factor"), "{body}");
+    assert_eq!(
+        jf.requests().len(),
+        before,
+        "nothing reached the media server"
+    );
+    // bob, without a second factor, signs in both ways.
+    assert_eq!(gw.try_login("bob", jpw, None).await.0, 200);
+    assert_eq!(jf_login(&gw, "bob", jpw, "tv-bob").await.0, 200);
+    // A Quick Connect code is approved only from a signed-in browser, not by the app alone.
+    let (_, code) = initiate(&gw, "tv-alice").await;
+    let resp = client()
+        .post(gw.url(&format!(
+            "/QuickConnect/Authorize?code={code}&userId={alice_id}"
+        )))
+        .header("Authorization", mb("phone-alice", Some(&phone)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 403);
+    assert!(resp.text().await.unwrap().contains("browser signed in"));
+    gw.metrics_with(&[
+        "portcullis_logins_total{method=\"media_password\",result=\"second_factor_required\"} 1",
+    ])
+    .await;
 }
 
 #[tokio::test]

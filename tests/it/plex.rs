@@ -1117,8 +1117,7 @@ async fn the_admin_page_reports_the_self_check_and_links_and_unlinks_plex_accoun
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_user_with_a_passkey_and_no_code_approves_a_new_device_with_the_passkey() {
-    use crate::passkeys::{answer, post_json, register_as};
-    use serde_json::json;
+    use crate::passkeys::{confirm_grant, register_as};
 
     let w = world().await;
     let gw = w.gateway("device_approval = true\n").start().await;
@@ -1146,44 +1145,38 @@ async fn a_user_with_a_passkey_and_no_code_approves_a_new_device_with_the_passke
         row.contains("Approve with a passkey") && !row.contains("name=\"code\""),
         "{row}"
     );
-    let csrf = alice.csrf().await;
+    assert!(
+        row.contains("data-passkey-grant") && !row.contains("name=\"password\""),
+        "{row}"
+    );
     let account = w.owner.id.to_string();
-    async fn confirm(
-        gw: &Gateway,
-        alice: &Browser<'_>,
-        csrf: &str,
-        key: &mut crate::soft_authenticator::SoftAuthenticator,
-        account: &str,
-        uv: bool,
-    ) -> (u16, Value) {
-        let start = "/_portcullis/account/plex/approve-passkey/start";
-        let finish = "/_portcullis/account/plex/approve-passkey/finish";
-        let (status, options) =
-            answer(post_json(gw, start, Some(&alice.cookie), &json!({ "csrf": csrf })).await).await;
-        assert_eq!(status, 200, "{options}");
-        let credential = key.assert(&options, &gw.base, uv);
-        answer(
-            post_json(
-                gw,
-                finish,
-                Some(&alice.cookie),
-                &json!({ "ceremony": options["ceremony"], "credential": credential,
-                         "account": account, "client_id": "test-device-1", "csrf": csrf }),
-            )
-            .await,
-        )
-        .await
-    }
-    // Without the page's token nothing starts; a passkey that did not verify alice is refused.
-    let resp = post_json(
-        &gw,
-        "/_portcullis/account/plex/approve-passkey/start",
-        Some(&alice.cookie),
-        &json!({ "csrf": "" }),
-    )
-    .await;
+    let approve = |grant: String| {
+        let (account, alice) = (
+            account.clone(),
+            Browser::with_cookie(&gw, alice.cookie.clone()),
+        );
+        async move {
+            let csrf = alice.csrf().await;
+            alice
+                .post(
+                    "/_portcullis/account/plex/approve",
+                    &[
+                        ("account", account.as_str()),
+                        ("client_id", "test-device-1"),
+                        ("password", PW),
+                        ("passkey_grant", grant.as_str()),
+                        ("csrf", &csrf),
+                    ],
+                )
+                .await
+        }
+    };
+    // The password alone is one factor: refused. A passkey that did not verify alice buys no
+    // grant.
+    let resp = approve(String::new()).await;
     assert_eq!(resp.status(), 403);
-    let (status, body) = confirm(&gw, &alice, &csrf, &mut key, &account, false).await;
+    assert!(resp.text().await.unwrap().contains("two factors"));
+    let (status, body) = confirm_grant(&gw, &alice, &mut key, false).await;
     assert_eq!(
         (status, body["error"].as_str()),
         (400, Some("user_not_verified")),
@@ -1194,11 +1187,13 @@ async fn a_user_with_a_passkey_and_no_code_approves_a_new_device_with_the_passke
         401
     );
     // Verified: approved, and the device plays.
-    let (status, body) = confirm(&gw, &alice, &csrf, &mut key, &account, true).await;
+    let (status, body) = confirm_grant(&gw, &alice, &mut key, true).await;
+    assert_eq!(status, 200, "{body}");
+    let resp = approve(body["grant"].as_str().unwrap().to_string()).await;
+    assert_eq!(resp.status(), 303);
     assert_eq!(
-        (status, body["redirect"].as_str()),
-        (200, Some("/_portcullis/account?done=plex-approved")),
-        "{body}"
+        resp.headers()["location"],
+        "/_portcullis/account?done=plex-approved"
     );
     assert!(
         poll_until(Duration::from_secs(2), || async {
