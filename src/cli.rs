@@ -334,13 +334,22 @@ fn check_config(default: &std::path::Path, files: &[PathBuf]) -> i32 {
     let mut code = 0;
     for f in &files {
         match Config::load(f) {
-            Ok(c) => println!(
-                "{}: ok ({} route{}, store {})",
-                f.display(),
-                c.routes.len(),
-                if c.routes.len() == 1 { "" } else { "s" },
-                c.store.url.expose().split("://").next().unwrap_or("?")
-            ),
+            Ok(c) => match passkey_rp_id_check(&c) {
+                None => println!(
+                    "{}: ok ({} route{}, store {})",
+                    f.display(),
+                    c.routes.len(),
+                    if c.routes.len() == 1 { "" } else { "s" },
+                    c.store.url.expose().split("://").next().unwrap_or("?")
+                ),
+                Some(problem) => {
+                    eprintln!(
+                        "portcullis: {}: key `webauthn.rp_id`: {problem}",
+                        f.display()
+                    );
+                    code = 2;
+                }
+            },
             Err(e) => {
                 eprintln!("portcullis: {e}");
                 code = 2;
@@ -348,6 +357,52 @@ fn check_config(default: &std::path::Path, files: &[PathBuf]) -> i32 {
         }
     }
     code
+}
+
+/// Why the relying-party id of `config` would strand passkeys registered in its store, if it
+/// would. The store is only looked at (nothing created, nothing migrated); one that does not
+/// exist yet has no passkeys, and one that cannot be reached is reported and not held against
+/// the file.
+fn passkey_rp_id_check(config: &Config) -> Option<String> {
+    const LOOK: std::time::Duration = std::time::Duration::from_secs(5);
+    // Migration 0008 made the passkeys table.
+    const PASSKEY_SCHEMA: i64 = 8;
+    let look = async {
+        let Some((store, version)) =
+            crate::store::open_as_is(config.store.url.expose(), LOOK).await?
+        else {
+            return Ok(None);
+        };
+        if version < PASSKEY_SCHEMA {
+            return Ok(None);
+        }
+        crate::app::passkey::rp_id_conflict(&store, &config.webauthn.rp_id).await
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("portcullis: passkeys not checked: {e}");
+            return None;
+        }
+    };
+    match runtime.block_on(async { tokio::time::timeout(2 * LOOK, look).await }) {
+        Ok(Ok(problem)) => problem,
+        Ok(Err(e)) => {
+            eprintln!(
+                "portcullis: the store could not be read ({e}): `webauthn.rp_id` not checked against its passkeys"
+            );
+            None
+        }
+        Err(_) => {
+            eprintln!(
+                "portcullis: the store did not answer: `webauthn.rp_id` not checked against its passkeys"
+            );
+            None
+        }
+    }
 }
 
 /// `portcullis reload`: the file was validated before this runs (as `check-config` does), so

@@ -998,3 +998,23 @@ pub async fn open(url: &str, busy_timeout: std::time::Duration) -> StoreResult<D
         message: "only sqlite:// and postgres:// URLs are supported".to_string(),
     })
 }
+
+/// Opens an existing store as it stands, for a look that changes nothing (`check-config`): no
+/// file is made and no migration runs. `None` where no SQLite file exists yet; else the store
+/// and the newest migration applied to it.
+pub async fn open_as_is(
+    url: &str,
+    busy_timeout: std::time::Duration,
+) -> StoreResult<Option<(DynStore, i64)>> {
+    if let Some(path) = url.strip_prefix("sqlite://") {
+        if !std::path::Path::new(path).exists() {
+            return Ok(None);
+        }
+        let store = sqlite::SqliteStore::open_with(path, busy_timeout, false).await?;
+        let version = store.applied_version().await;
+        return Ok(Some((Arc::new(store), version)));
+    }
+    let store = postgres::PgStore::open_with(url, busy_timeout, false).await?;
+    let version = store.applied_version().await;
+    Ok(Some((Arc::new(store), version)))
+}

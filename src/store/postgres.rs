@@ -150,6 +150,16 @@ impl SqlStore<Postgres> {
     /// schema of its own). `busy_timeout` bounds the wait for a pooled connection and for the
     /// writer lock.
     pub async fn open(url: &str, busy_timeout: Duration) -> StoreResult<PgStore> {
+        Self::open_with(url, busy_timeout, true).await
+    }
+
+    /// [`Self::open`]; without `migrate`, the schema is taken as it stands (a look that
+    /// changes nothing).
+    pub async fn open_with(
+        url: &str,
+        busy_timeout: Duration,
+        migrate: bool,
+    ) -> StoreResult<PgStore> {
         let options = PgConnectOptions::from_str(url).map_err(|e| StoreError::Open {
             path: "<postgres url>".to_string(),
             message: e.to_string(),
@@ -165,7 +175,9 @@ impl SqlStore<Postgres> {
             .connect_with(options.clone())
             .await
             .map_err(|e| open_err(e.to_string()))?;
-        Self::migrate(&pool).await?;
+        if migrate {
+            Self::migrate(&pool).await?;
+        }
         let schema: Option<String> = sqlx::query_scalar("SELECT current_schema()")
             .fetch_one(&pool)
             .await

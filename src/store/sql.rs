@@ -159,6 +159,18 @@ impl<D: Dialect> SqlStore<D> {
     }
 }
 
+impl<D: Dialect> SqlStore<D>
+where
+    for<'c> &'c Pool<D>: Executor<'c, Database = D>,
+    for<'q> D::Arguments<'q>: IntoArguments<'q, D>,
+    (Option<i64>,): for<'r> FromRow<'r, D::Row>,
+{
+    /// The newest migration applied to the database (0 before the first).
+    pub async fn applied_version(&self) -> i64 {
+        applied_schema_version(&self.pool).await.unwrap_or(0)
+    }
+}
+
 type Tx<D> = Transaction<'static, D>;
 
 impl<D> SqlStore<D>

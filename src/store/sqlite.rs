@@ -126,11 +126,21 @@ async fn revoked_between(
 impl SqlStore<Sqlite> {
     /// Opens (creating if absent) the database file and runs pending migrations.
     pub async fn open(path: &str, busy_timeout: Duration) -> StoreResult<SqliteStore> {
+        Self::open_with(path, busy_timeout, true).await
+    }
+
+    /// Opens the database file; with `migrate`, creates it if absent and runs pending
+    /// migrations, else takes it as it stands (a look that changes nothing).
+    pub async fn open_with(
+        path: &str,
+        busy_timeout: Duration,
+        migrate: bool,
+    ) -> StoreResult<SqliteStore> {
         let open_err = |message: String| StoreError::Open {
             path: path.to_string(),
             message,
         };
-        if let Some(parent) = Path::new(path).parent() {
+        if let Some(parent) = Path::new(path).parent().filter(|_| migrate) {
             if !parent.as_os_str().is_empty() {
                 std::fs::create_dir_all(parent)
                     .map_err(|e| open_err(format!("cannot create {}: {e}", parent.display())))?;
@@ -139,7 +149,7 @@ impl SqlStore<Sqlite> {
         let options = SqliteConnectOptions::from_str("sqlite:")
             .map_err(|e| open_err(e.to_string()))?
             .filename(path)
-            .create_if_missing(true)
+            .create_if_missing(migrate)
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Full)
             .foreign_keys(true)
@@ -152,7 +162,9 @@ impl SqlStore<Sqlite> {
             .connect_with(options)
             .await
             .map_err(|e| open_err(e.to_string()))?;
-        Self::migrate(&pool).await?;
+        if migrate {
+            Self::migrate(&pool).await?;
+        }
         Ok(SqlStore {
             pool,
             write_lock: None,

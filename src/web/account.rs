@@ -272,7 +272,7 @@ pub(crate) async fn signout_all(
 
 #[derive(Deserialize)]
 pub(crate) struct PasswordForm {
-    #[serde(default)]
+    /// Empty when a passkey confirmation stands in for it (the field is sent all the same).
     current: String,
     /// From a passkey confirmation, in place of the current password.
     passkey_grant: Option<String>,

@@ -1103,6 +1103,19 @@ async fn the_relying_party_id_cannot_change_under_registered_passkeys() {
         (status, options["publicKey"]["rpId"].as_str()),
         (200, Some("localhost"))
     );
+    // `check-config` says so before anyone tries (it only looks at the store), and passes
+    // the file with the old id.
+    let out = gw.cli(&["check-config"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("key `webauthn.rp_id`") && err.contains("`localhost`"),
+        "{err}"
+    );
+    edit_config(&gw, "[webauthn]\n", "[webauthn]\nrp_id = \"localhost\"\n");
+    let out = gw.cli_ok(&["check-config"]);
+    assert!(out.contains(": ok"), "{out}");
+    edit_config(&gw, "rp_id = \"localhost\"\n", "");
     gw.kill();
     let out = gw.cli(&["serve"]);
     assert!(!out.status.success());
