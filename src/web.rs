@@ -21,7 +21,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 
-use crate::app::{now_ms, App, LoginOk};
+use crate::app::{now_ms, App, LoginOk, PendingStage};
 use crate::auth::{self, cookie, AuthDecision, CredentialSource, Identity};
 use crate::paths::{ACCOUNT_PATH, LOGIN_PATH};
 use crate::probe;
@@ -35,17 +35,20 @@ pub fn router(app: Arc<App>) -> Router {
         )
         .route(
             "/_portcullis/login/2fa",
-            get(login::totp_page).post(login::totp_form),
+            get(login::step_page(PendingStage::Totp)).post(login::totp_form),
         )
         .route(
             "/_portcullis/login/password",
-            get(login::password_page).post(login::password_form),
+            get(login::step_page(PendingStage::Password)).post(login::password_form),
         )
         .route(
             "/_portcullis/login/enroll",
-            get(login::enroll_page).post(login::enroll_form),
+            get(login::step_page(PendingStage::Enroll)).post(login::enroll_form),
         )
-        .route("/_portcullis/login/passkey", get(login::passkey_page))
+        .route(
+            "/_portcullis/login/passkey",
+            get(login::step_page(PendingStage::Passkey)),
+        )
         .route(
             "/_portcullis/login/passkey/start",
             post(passkey::enrol_start),

@@ -7,6 +7,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
+use futures_util::future::BoxFuture;
 use serde::Deserialize;
 
 use super::{
@@ -262,21 +263,18 @@ fn pending_error(app: &App, e: LoginError, rd: &str) -> Option<Response> {
     }
 }
 
-pub(crate) async fn totp_page(
-    State(app): State<Arc<App>>,
-    headers: HeaderMap,
-    Query(q): Query<RdQuery>,
-) -> Response {
-    let rd = safe_return_path(q.rd.as_deref());
-    pending_page(
-        &app,
-        &headers,
-        PendingStage::Totp,
-        &rd,
-        None,
-        StatusCode::OK,
-    )
-    .await
+/// A `GET` handler for the page of a pending step (`/_portcullis/login/2fa`, `/password`,
+/// `/enroll`, `/passkey`): the page, or back to the login form without a live pending login at
+/// that step.
+pub(crate) fn step_page(
+    stage: PendingStage,
+) -> impl Fn(State<Arc<App>>, HeaderMap, Query<RdQuery>) -> BoxFuture<'static, Response> + Clone {
+    move |State(app), headers, Query(q)| {
+        Box::pin(async move {
+            let rd = safe_return_path(q.rd.as_deref());
+            pending_page(&app, &headers, stage, &rd, None, StatusCode::OK).await
+        })
+    }
 }
 
 #[derive(Deserialize)]
@@ -319,41 +317,6 @@ pub(crate) async fn totp_form(
             }
         },
     }
-}
-
-/// `GET /_portcullis/login/passkey`: a user who must sign in with a passkey registers one.
-pub(crate) async fn passkey_page(
-    State(app): State<Arc<App>>,
-    headers: HeaderMap,
-    Query(q): Query<RdQuery>,
-) -> Response {
-    let rd = safe_return_path(q.rd.as_deref());
-    pending_page(
-        &app,
-        &headers,
-        PendingStage::Passkey,
-        &rd,
-        None,
-        StatusCode::OK,
-    )
-    .await
-}
-
-pub(crate) async fn password_page(
-    State(app): State<Arc<App>>,
-    headers: HeaderMap,
-    Query(q): Query<RdQuery>,
-) -> Response {
-    let rd = safe_return_path(q.rd.as_deref());
-    pending_page(
-        &app,
-        &headers,
-        PendingStage::Password,
-        &rd,
-        None,
-        StatusCode::OK,
-    )
-    .await
 }
 
 #[derive(Deserialize)]
@@ -402,23 +365,6 @@ pub(crate) async fn password_form(
             }
         },
     }
-}
-
-pub(crate) async fn enroll_page(
-    State(app): State<Arc<App>>,
-    headers: HeaderMap,
-    Query(q): Query<RdQuery>,
-) -> Response {
-    let rd = safe_return_path(q.rd.as_deref());
-    pending_page(
-        &app,
-        &headers,
-        PendingStage::Enroll,
-        &rd,
-        None,
-        StatusCode::OK,
-    )
-    .await
 }
 
 #[derive(Deserialize)]

@@ -178,6 +178,26 @@ fn count_login(app: &App, result: &Result<LoginStep, PasskeyError>) {
         .inc();
 }
 
+/// A JSON post that only carries the page's CSRF token (the start of a ceremony).
+#[derive(Deserialize)]
+pub(crate) struct CsrfOnly {
+    #[serde(default)]
+    csrf: String,
+}
+
+/// The authenticator's answer to a ceremony, with what the page sends along: the new passkey's
+/// name (registrations), the page's CSRF token and where to go next (sign-ins).
+#[derive(Deserialize)]
+pub(crate) struct Answer {
+    ceremony: String,
+    credential: serde_json::Value,
+    #[serde(default)]
+    label: String,
+    #[serde(default)]
+    csrf: String,
+    rd: Option<String>,
+}
+
 #[derive(Deserialize)]
 pub(crate) struct LoginStart {
     username: Option<String>,
@@ -205,20 +225,13 @@ pub(crate) async fn login_start(
     }
 }
 
-#[derive(Deserialize)]
-pub(crate) struct LoginFinish {
-    ceremony: String,
-    credential: serde_json::Value,
-    rd: Option<String>,
-}
-
 /// `POST /_portcullis/passkey/login/finish`: the authenticator's answer; a session (or the
 /// TOTP step, for a passkey that did not verify its user).
 pub(crate) async fn login_finish(
     State(app): State<Arc<App>>,
     Extension(client): Extension<ClientInfo>,
     headers: HeaderMap,
-    Json(body): Json<LoginFinish>,
+    Json(body): Json<Answer>,
 ) -> Response {
     if cross_site(&app, &headers) {
         return forbidden_cross_site();
@@ -242,18 +255,12 @@ pub(crate) async fn login_finish(
     }
 }
 
-#[derive(Deserialize)]
-pub(crate) struct SecondStart {
-    #[serde(default)]
-    csrf: String,
-}
-
 /// `POST /_portcullis/passkey/second-factor/start`: a ceremony for the user's passkeys, as the
 /// second step of a password login.
 pub(crate) async fn second_start(
     State(app): State<Arc<App>>,
     headers: HeaderMap,
-    Json(body): Json<SecondStart>,
+    Json(body): Json<CsrfOnly>,
 ) -> Response {
     let token = match pending_form(&app, &headers, PendingStage::Totp, &body.csrf).await {
         Ok(t) => t,
@@ -265,21 +272,12 @@ pub(crate) async fn second_start(
     }
 }
 
-#[derive(Deserialize)]
-pub(crate) struct SecondFinish {
-    ceremony: String,
-    credential: serde_json::Value,
-    #[serde(default)]
-    csrf: String,
-    rd: Option<String>,
-}
-
 /// `POST /_portcullis/passkey/second-factor/finish`.
 pub(crate) async fn second_finish(
     State(app): State<Arc<App>>,
     Extension(client): Extension<ClientInfo>,
     headers: HeaderMap,
-    Json(body): Json<SecondFinish>,
+    Json(body): Json<Answer>,
 ) -> Response {
     let token = match pending_form(&app, &headers, PendingStage::Totp, &body.csrf).await {
         Ok(t) => t,
@@ -337,18 +335,12 @@ pub(crate) async fn add_start(
     }
 }
 
-#[derive(Deserialize)]
-pub(crate) struct EnrolStart {
-    #[serde(default)]
-    csrf: String,
-}
-
 /// `POST /_portcullis/login/passkey/start`: the registration a sign-in owes (the user must sign
 /// in with a passkey and has none).
 pub(crate) async fn enrol_start(
     State(app): State<Arc<App>>,
     headers: HeaderMap,
-    Json(body): Json<EnrolStart>,
+    Json(body): Json<CsrfOnly>,
 ) -> Response {
     let token = match pending_form(&app, &headers, PendingStage::Passkey, &body.csrf).await {
         Ok(t) => t,
@@ -360,23 +352,12 @@ pub(crate) async fn enrol_start(
     }
 }
 
-#[derive(Deserialize)]
-pub(crate) struct EnrolFinish {
-    ceremony: String,
-    credential: serde_json::Value,
-    #[serde(default)]
-    label: String,
-    #[serde(default)]
-    csrf: String,
-    rd: Option<String>,
-}
-
 /// `POST /_portcullis/login/passkey/finish`: stores the passkey, and the sign-in goes on.
 pub(crate) async fn enrol_finish(
     State(app): State<Arc<App>>,
     Extension(client): Extension<ClientInfo>,
     headers: HeaderMap,
-    Json(body): Json<EnrolFinish>,
+    Json(body): Json<Answer>,
 ) -> Response {
     let token = match pending_form(&app, &headers, PendingStage::Passkey, &body.csrf).await {
         Ok(t) => t,
@@ -399,12 +380,6 @@ pub(crate) async fn enrol_finish(
     }
 }
 
-#[derive(Deserialize)]
-pub(crate) struct ConfirmStart {
-    #[serde(default)]
-    csrf: String,
-}
-
 /// The signed-in user of a JSON post from the account pages (origin and CSRF token checked).
 async fn json_user(
     app: &App,
@@ -424,7 +399,7 @@ async fn json_user(
 pub(crate) async fn confirm_start(
     State(app): State<Arc<App>>,
     headers: HeaderMap,
-    Json(body): Json<ConfirmStart>,
+    Json(body): Json<CsrfOnly>,
 ) -> Response {
     let (_, user) = match json_user(&app, &headers, &body.csrf).await {
         Ok(v) => v,
@@ -436,14 +411,6 @@ pub(crate) async fn confirm_start(
     }
 }
 
-#[derive(Deserialize)]
-pub(crate) struct ConfirmFinish {
-    ceremony: String,
-    credential: serde_json::Value,
-    #[serde(default)]
-    csrf: String,
-}
-
 /// `POST /_portcullis/account/passkeys/confirm/finish`: once the passkey verified its user,
 /// `{"grant": …}` — single use, for this session, five minutes — which the form of the change
 /// carries as `passkey_grant`.
@@ -451,7 +418,7 @@ pub(crate) async fn confirm_finish(
     State(app): State<Arc<App>>,
     Extension(client): Extension<ClientInfo>,
     headers: HeaderMap,
-    Json(body): Json<ConfirmFinish>,
+    Json(body): Json<Answer>,
 ) -> Response {
     let (id, user) = match json_user(&app, &headers, &body.csrf).await {
         Ok(v) => v,
@@ -472,22 +439,12 @@ pub(crate) async fn confirm_finish(
     }
 }
 
-#[derive(Deserialize)]
-pub(crate) struct AddFinish {
-    ceremony: String,
-    credential: serde_json::Value,
-    #[serde(default)]
-    label: String,
-    #[serde(default)]
-    csrf: String,
-}
-
 /// `POST /_portcullis/account/passkeys/finish`: stores the new passkey.
 pub(crate) async fn add_finish(
     State(app): State<Arc<App>>,
     Extension(client): Extension<ClientInfo>,
     headers: HeaderMap,
-    Json(body): Json<AddFinish>,
+    Json(body): Json<Answer>,
 ) -> Response {
     let (id, _) = match form_identity(&app, &headers, &body.csrf) {
         Ok(v) => v,
@@ -642,7 +599,7 @@ pub(crate) async fn link_finish(
     Extension(client): Extension<ClientInfo>,
     headers: HeaderMap,
     Path(token): Path<String>,
-    Json(body): Json<AddFinish>,
+    Json(body): Json<Answer>,
 ) -> Response {
     if cross_site(&app, &headers) {
         return forbidden_cross_site();

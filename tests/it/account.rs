@@ -64,6 +64,11 @@ impl<'a> Browser<'a> {
             .unwrap()
     }
 
+    /// The text of the page at `path`.
+    pub(crate) async fn text(&self, path: &str) -> String {
+        self.get(path).await.text().await.unwrap()
+    }
+
     /// Whether this browser still reaches the upstream.
     async fn alive(&self) -> bool {
         self.get("/probe").await.status() == 200

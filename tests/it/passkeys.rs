@@ -242,12 +242,7 @@ async fn a_registered_passkey_signs_in_with_or_without_the_user_name_and_counts_
     assert_eq!(resp.status(), 403);
 
     let mut laptop = register(&gw, &alice, "Laptop", true).await;
-    let page = alice
-        .get("/_portcullis/account")
-        .await
-        .text()
-        .await
-        .unwrap();
+    let page = alice.text("/_portcullis/account").await;
     let section = page
         .split("id=\"passkeys\"")
         .nth(1)
@@ -429,12 +424,7 @@ async fn every_bad_answer_is_refused_with_its_reason_and_changes_nothing() {
         refused_answer(&gw, |options| laptop.assert(options, &origin, true)).await,
         (401, "possible_clone".into())
     );
-    let page = alice
-        .get("/_portcullis/account")
-        .await
-        .text()
-        .await
-        .unwrap();
+    let page = alice.text("/_portcullis/account").await;
     assert!(page.contains("Possibly copied"), "{page}");
     gw.metrics_with(&["portcullis_passkeys_total{event=\"clone_warning\"} 1"])
         .await;
@@ -530,12 +520,7 @@ async fn removing_a_passkey_keeps_its_sessions_unless_asked_and_signing_out_ends
     let mut phone = register(&gw, &alice, "Phone", true).await;
     let mut laptop = register(&gw, &alice, "Laptop", true).await;
     let from_phone = passkey_session(&gw, &mut phone, None).await;
-    let page = alice
-        .get("/_portcullis/account")
-        .await
-        .text()
-        .await
-        .unwrap();
+    let page = alice.text("/_portcullis/account").await;
     let id_of = |label: &str| -> String {
         let row = page
             .split("<tr data-passkey=\"")
@@ -587,12 +572,7 @@ async fn removing_a_passkey_keeps_its_sessions_unless_asked_and_signing_out_ends
         refused_answer(&gw, |options| phone.assert(options, &gw.base, true)).await,
         (401, "unknown_credential".into())
     );
-    let page = alice
-        .get("/_portcullis/account")
-        .await
-        .text()
-        .await
-        .unwrap();
+    let page = alice.text("/_portcullis/account").await;
     assert!(page.contains("Work laptop") && !page.contains("<strong>Phone</strong>"));
     // "Also sign out every device": every session of alice ends, this browser's too.
     let from_laptop = passkey_session(&gw, &mut laptop, None).await;
@@ -705,12 +685,7 @@ async fn users_who_must_use_a_passkey_register_one_at_sign_in_and_the_password_a
     let cookie = passkey_session(&gw, &mut key, None).await;
     assert_eq!(gw.status_with_cookie("/probe", &cookie).await, 200);
     let alice = Browser::with_cookie(&gw, cookie);
-    let page = alice
-        .get("/_portcullis/account")
-        .await
-        .text()
-        .await
-        .unwrap();
+    let page = alice.text("/_portcullis/account").await;
     let id = page
         .split("<tr data-passkey=\"")
         .nth(1)
@@ -870,12 +845,7 @@ async fn a_passkey_confirms_a_sensitive_change_in_place_of_the_password_once_and
     let alice = Browser::with_cookie(&gw, passkey_session(&gw, &mut key, None).await);
     let other = Browser::with_cookie(&gw, passkey_session(&gw, &mut key, None).await);
     // The account page offers the passkey on its forms that ask for the password.
-    let page = alice
-        .get("/_portcullis/account")
-        .await
-        .text()
-        .await
-        .unwrap();
+    let page = alice.text("/_portcullis/account").await;
     assert_eq!(
         page.matches("data-passkey-grant").count(),
         2,

@@ -1130,12 +1130,7 @@ async fn a_user_with_a_passkey_and_no_code_approves_a_new_device_with_the_passke
         401
     );
     // No TOTP: the pending device offers the passkey, not the code.
-    let page = alice
-        .get("/_portcullis/account")
-        .await
-        .text()
-        .await
-        .unwrap();
+    let page = alice.text("/_portcullis/account").await;
     let row = page
         .split("data-plex-device=\"test-device-1\"")
         .nth(1)
