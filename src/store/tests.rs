@@ -646,14 +646,15 @@ async fn accounts_lock_out_and_change_passwords(f: Fixture) {
     assert_eq!(store.set_must_reset(None, true).await.unwrap(), 2);
     assert!(store.find_user("bob").await.unwrap().unwrap().must_reset);
 
-    assert!(
-        !store
-            .find_user("bob")
+    let required = |name: &'static str| async move {
+        store
+            .find_user(name)
             .await
             .unwrap()
             .unwrap()
             .passkey_required
-    );
+    };
+    assert!(!required("bob").await);
     assert_eq!(
         store
             .set_passkey_required(Some(alice.id), true)
@@ -661,31 +662,9 @@ async fn accounts_lock_out_and_change_passwords(f: Fixture) {
             .unwrap(),
         1
     );
-    assert!(
-        store
-            .find_user("alice")
-            .await
-            .unwrap()
-            .unwrap()
-            .passkey_required
-    );
-    assert!(
-        !store
-            .find_user("bob")
-            .await
-            .unwrap()
-            .unwrap()
-            .passkey_required
-    );
+    assert!(required("alice").await && !required("bob").await);
     assert_eq!(store.set_passkey_required(None, false).await.unwrap(), 2);
-    assert!(
-        !store
-            .find_user("alice")
-            .await
-            .unwrap()
-            .unwrap()
-            .passkey_required
-    );
+    assert!(!required("alice").await);
 
     assert!(store
         .change_password(alice.id, "h2", None)

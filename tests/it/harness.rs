@@ -352,6 +352,14 @@ upstream = "{upstream}"
         self.cli_with_stdin(args, "")
     }
 
+    /// Asserts that the audit log (`portcullis audit` with `args`) holds each of `needles`.
+    pub fn assert_audit(&self, args: &[&str], needles: &[&str]) {
+        let audit = self.cli_ok(&[&["audit"], args].concat());
+        for n in needles {
+            assert!(audit.contains(n), "`{n}` is not in the audit log:\n{audit}");
+        }
+    }
+
     /// Runs the CLI and insists it succeeds.
     pub fn cli_ok(&self, args: &[&str]) -> String {
         let out = self.cli(args);

@@ -800,8 +800,7 @@ async fn an_administrator_or_a_breach_response_can_require_passkeys_and_everythi
         (status, body["error"].as_str()),
         (403, Some("passkey_required"))
     );
-    let audit = gw.cli_ok(&["audit", "--limit", "50"]);
-    assert!(audit.contains("passkeys required"), "{audit}");
+    gw.assert_audit(&["--limit", "50"], &["passkeys required", "required at sign-in"]);
 }
 
 /// Confirms the signed-in browser with `auth` (user verified when `uv`): status and body.
@@ -947,11 +946,7 @@ async fn a_passkey_confirms_a_sensitive_change_in_place_of_the_password_once_and
     .await;
     assert_eq!(status, 200, "{options}");
     assert!(options["publicKey"]["challenge"].is_string(), "{options}");
-    let audit = gw.cli_ok(&["audit", "--limit", "50"]);
-    assert!(
-        audit.contains("passkey_confirm") && audit.contains("password_change"),
-        "{audit}"
-    );
+    gw.assert_audit(&["--limit", "50"], &["passkey_confirm", "password_change"]);
 }
 
 #[tokio::test]
