@@ -800,7 +800,10 @@ async fn an_administrator_or_a_breach_response_can_require_passkeys_and_everythi
         (status, body["error"].as_str()),
         (403, Some("passkey_required"))
     );
-    gw.assert_audit(&["--limit", "50"], &["passkeys required", "required at sign-in"]);
+    gw.assert_audit(
+        &["--limit", "50"],
+        &["passkeys required", "required at sign-in"],
+    );
 }
 
 /// Confirms the signed-in browser with `auth` (user verified when `uv`): status and body.
@@ -966,7 +969,7 @@ async fn a_passkey_is_a_second_factor_that_a_password_alone_cannot_skip_through_
     // alice's phone app signed in before she added a passkey (no second factor then).
     let phone = token_of(&gw, "alice", "phone-alice").await;
     let b = Browser::login(&gw, "alice", jpw).await;
-    let _key = register_as(&gw, &b, jpw, "Laptop", true).await;
+    let mut key = register_as(&gw, &b, jpw, "Laptop", true).await;
 
     // The API login and a media app's password login are refused without reaching the server.
     let (status, body) = gw.try_login("alice", jpw, None).await;
@@ -998,6 +1001,22 @@ async fn a_passkey_is_a_second_factor_that_a_password_alone_cannot_skip_through_
         .unwrap();
     assert_eq!(resp.status(), 403);
     assert!(resp.text().await.unwrap().contains("browser signed in"));
+    // A browser she signed in to with the passkey (both factors) approves it, and the TV
+    // redeems its code.
+    let (secret, code) = initiate(&gw, "tv-qc").await;
+    let cookie = passkey_session(&gw, &mut key, None).await;
+    let resp = client()
+        .post(gw.url(&format!(
+            "/QuickConnect/Authorize?code={code}&userId={alice_id}"
+        )))
+        .header("Authorization", mb("phone-alice", Some(&phone)))
+        .header("Cookie", &cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let resp = crate::jellyfin::redeem(&gw, "tv-qc", &secret).await;
+    assert_eq!(resp.status(), 200);
     gw.metrics_with(&[
         "portcullis_logins_total{method=\"media_password\",result=\"second_factor_required\"} 1",
     ])
