@@ -949,7 +949,34 @@ async fn a_passkey_confirms_a_sensitive_change_in_place_of_the_password_once_and
     .await;
     assert_eq!(status, 200, "{options}");
     assert!(options["publicKey"]["challenge"].is_string(), "{options}");
-    gw.assert_audit(&["--limit", "50"], &["passkey_confirm", "password_change"]);
+    // Turning TOTP off takes one too, in place of the password and the code; the page offers it.
+    enrol(&alice).await;
+    let page = alice.text("/_portcullis/account/2fa").await;
+    assert!(
+        page.contains("data-passkey-grant") && page.contains("/_portcullis/passkey.js"),
+        "{page}"
+    );
+    let (_, body) = confirm_grant(&gw, &alice, &mut key, true).await;
+    let csrf = input_value(&page, "csrf").unwrap();
+    let resp = alice
+        .post(
+            "/_portcullis/account/2fa/disable",
+            &[
+                ("password", ""),
+                ("code", ""),
+                ("passkey_grant", body["grant"].as_str().unwrap()),
+                ("csrf", &csrf),
+            ],
+        )
+        .await;
+    assert_eq!(
+        resp.headers()["location"],
+        "/_portcullis/account?done=2fa-off"
+    );
+    gw.assert_audit(
+        &["--limit", "50"],
+        &["passkey_confirm", "password_change", "2fa_disable"],
+    );
 }
 
 #[tokio::test]
