@@ -175,9 +175,13 @@ impl PendingStage {
 }
 
 /// The factors a sign-in passed before a pending step that comes after all of them (a new
-/// password, a passkey to register). A single sign-on may have skipped the gateway's code
-/// (trusted provider factors): only what is known for sure is claimed.
+/// password, a passkey to register), as the pending login recorded them. A token without them
+/// (made by an older instance) claims only what is known for sure: a single sign-on may have
+/// skipped the gateway's code (trusted provider factors).
 fn factors_before_step(claims: &PendingClaims, user: &User) -> Vec<String> {
+    if !claims.amr.is_empty() {
+        return claims.amr.clone();
+    }
     match (&claims.sso, user.totp_enabled) {
         (Some(_), _) => vec!["sso".to_string()],
         (None, true) => vec!["pwd".to_string(), "otp".to_string()],
@@ -705,14 +709,14 @@ impl App {
                 }
                 (None, Channel::Api) => return Err(LoginError::SecondFactorRequired),
                 (None, Channel::Form) => {
-                    return self.pending(&user, PendingStage::Totp, None);
+                    return self.pending(&user, PendingStage::Totp, None, &amr);
                 }
             }
         } else if passkeys > 0 {
             // A passkey is a second factor too: after the password, the step asks for it. An
             // API client cannot answer a passkey: it signs in with the passkey endpoints.
             return match channel {
-                Channel::Form => self.pending(&user, PendingStage::Totp, None),
+                Channel::Form => self.pending(&user, PendingStage::Totp, None, &amr),
                 Channel::Api => Err(LoginError::SecondFactorRequired),
             };
         }
@@ -747,19 +751,19 @@ impl App {
         if must_enroll {
             return match channel {
                 Channel::Api => Err(LoginError::EnrollmentRequired),
-                Channel::Form => self.pending(user, PendingStage::Enroll, sso.as_ref()),
+                Channel::Form => self.pending(user, PendingStage::Enroll, sso.as_ref(), &amr),
             };
         }
         if user.must_reset {
             return match channel {
                 Channel::Api => Err(LoginError::PasswordResetRequired),
-                Channel::Form => self.pending(user, PendingStage::Password, sso.as_ref()),
+                Channel::Form => self.pending(user, PendingStage::Password, sso.as_ref(), &amr),
             };
         }
         if must_add_passkey {
             return match channel {
                 Channel::Api => Err(LoginError::PasskeyRequired),
-                Channel::Form => self.pending(user, PendingStage::Passkey, sso.as_ref()),
+                Channel::Form => self.pending(user, PendingStage::Passkey, sso.as_ref(), &amr),
             };
         }
         if user.failed_logins != 0 || user.locked_until_ms.is_some() {
@@ -821,6 +825,7 @@ impl App {
         user: &User,
         stage: PendingStage,
         sso: Option<&sso::SsoLogin>,
+        amr: &[String],
     ) -> Result<LoginStep, LoginError> {
         let now = now_ms() / 1000;
         let ring = self.keyring();
@@ -835,6 +840,7 @@ impl App {
             nbf: now,
             exp: now + PENDING_TTL_SECS,
             sso: sso.map(|s| s.pending.clone()),
+            amr: amr.to_vec(),
         };
         let token = ring
             .issue_typed(PENDING_TYP, &claims)

@@ -42,6 +42,8 @@ pub enum AccountError {
     Unavailable(#[from] StoreError),
     #[error("the passkey confirmation has expired or was used already; confirm again")]
     PasskeyGrantNotValid,
+    #[error("this account signs in with a passkey only: confirm the change with your passkey")]
+    PasskeyConfirmationRequired,
     #[error("the change could not be completed")]
     Internal,
 }
@@ -361,23 +363,41 @@ impl App {
         } = change;
         let user = self.user(identity.user_id).await?;
         let confirmed = match current {
-            Reauth::Password { password, .. } => {
-                self.confirm_password(&user, password, client).await
+            Reauth::Password { password, .. } => match self.password_may_confirm(&user).await {
+                Ok(()) => self
+                    .confirm_password(&user, password, client)
+                    .await
+                    .map(|()| None),
+                Err(e) => Err(e),
+            },
+            Reauth::Passkey(grant) => {
+                // The new password is checked first, so that a refused one keeps the grant.
+                let hash = self
+                    .new_password_hash(&user.name, new.clone(), confirm.clone())
+                    .await?;
+                self.take_passkey_grant(identity, &grant)
+                    .await
+                    .map(|()| Some(hash))
             }
-            Reauth::Passkey(grant) => self.take_passkey_grant(identity, &grant).await,
         };
-        if let Err(e) = confirmed {
-            let mut entry = self.audit_entry(
-                "password_change",
-                "failure",
-                Some((user.id, &user.name)),
-                client,
-            );
-            entry.detail = e.to_string();
-            self.audit(entry).await;
-            return Err(e);
-        }
-        let hash = self.new_password_hash(&user.name, new, confirm).await?;
+        let checked = match confirmed {
+            Ok(h) => h,
+            Err(e) => {
+                let mut entry = self.audit_entry(
+                    "password_change",
+                    "failure",
+                    Some((user.id, &user.name)),
+                    client,
+                );
+                entry.detail = e.to_string();
+                self.audit(entry).await;
+                return Err(e);
+            }
+        };
+        let hash = match checked {
+            Some(h) => h,
+            None => self.new_password_hash(&user.name, new, confirm).await?,
+        };
         let at = signout_others.then(now_ms);
         let sso = if signout_others {
             self.sso_session_of(identity.sid).await?

@@ -470,6 +470,28 @@ impl App {
                 MediaAnswer::error(403, "This account is disabled."),
             ));
         }
+        // Whatever the route's policy: the password of a user who must sign in with a passkey
+        // opens nothing (after a breach response it may be the phished one), nor does one that
+        // must be replaced.
+        if self.passkey_required(user) {
+            return Some((
+                "passkey_required",
+                MediaAnswer::error(
+                    403,
+                    "This account signs in with a passkey: sign this app in with Quick Connect, \
+                     approved from a signed-in browser.",
+                ),
+            ));
+        }
+        if user.must_reset {
+            return Some((
+                "password_reset_required",
+                MediaAnswer::error(
+                    403,
+                    "A new password must be chosen first: sign in at the gateway's page.",
+                ),
+            ));
+        }
         let gateway_session_of_user = req.gateway.as_ref().is_some_and(|g| g.user_id == user.id);
         if policy == PasswordLogin::DenyFor2faUsers && second_factor && !gateway_session_of_user {
             return Some((

@@ -434,6 +434,19 @@ impl App {
         let new = self
             .check_registration(user, ceremony, credential, label, client)
             .await?;
+        // A user who must sign in with a passkey and has no TOTP would be locked out by one
+        // that cannot verify them (it is one factor, and their password opens nothing).
+        if !new.user_verified && !user.totp_enabled && self.passkey_required(user) {
+            self.audit_passkey(
+                "passkey_add",
+                "failure",
+                Some(user),
+                client,
+                format!("passkey `{}`: without user verification", new.label),
+            )
+            .await;
+            return Err(PasskeyError::NotVerified);
+        }
         let id = match self.store.add_passkey(&new).await {
             Ok(id) => id,
             Err(StoreError::Conflict(_)) => return Err(self.duplicate(user, client).await),
@@ -445,7 +458,12 @@ impl App {
 
     /// Starts the registration that a user who must sign in with a passkey, and has none, owes
     /// at sign-in (after their other factors, before any session).
-    pub async fn passkey_enrol_start(&self, pending_token: &str) -> Result<Started, PasskeyError> {
+    pub async fn passkey_enrol_start(
+        &self,
+        pending_token: &str,
+        client: &ClientInfo,
+    ) -> Result<Started, PasskeyError> {
+        self.count_start(client)?;
         let (_, user) = self
             .pending_user(pending_token, PendingStage::Passkey)
             .await?;
@@ -825,7 +843,7 @@ impl App {
         )
         .await;
         if !verified {
-            return Ok(self.pending(&user, PendingStage::Totp, None)?);
+            return Ok(self.pending(&user, PendingStage::Totp, None, &["hwk".to_string()])?);
         }
         let amr = vec!["hwk".to_string(), "uv".to_string()];
         Ok(self

@@ -356,8 +356,22 @@ impl App {
             id_token: Some(Secret::new(exchanged.id_token)),
             grant_admin,
         };
-        let step = if user.totp_enabled && !trusted {
-            self.pending(&user, PendingStage::Totp, Some(&sso))?
+        // A passkey is a second factor like TOTP (the step offers it); a user who must sign in
+        // with a passkey and has one signs in with it, never through a provider.
+        let has_passkey = !self.store.passkeys_of(user.id).await?.is_empty();
+        if has_passkey && self.passkey_required(&user) {
+            let mut e = self.audit_entry(
+                "sso_login",
+                "passkey_required",
+                Some((user.id, &user.name)),
+                client,
+            );
+            e.detail = format!("provider {}", sso.pending.provider);
+            self.audit(e).await;
+            return Err(LoginError::PasskeyRequired.into());
+        }
+        let step = if (user.totp_enabled || has_passkey) && !trusted {
+            self.pending(&user, PendingStage::Totp, Some(&sso), &["sso".to_string()])?
         } else {
             let mut amr = vec!["sso".to_string()];
             if trusted {
@@ -564,7 +578,10 @@ impl App {
         let result = match proof {
             Reauth::Passkey(grant) => self.take_passkey_grant(identity, &grant).await,
             Reauth::Password { password, code } => {
-                let mut result = self.confirm_password(&user, password, client).await;
+                let mut result = self.password_may_confirm(&user).await;
+                if result.is_ok() {
+                    result = self.confirm_password(&user, password, client).await;
+                }
                 if result.is_ok() && user.totp_enabled {
                     result = match code.as_deref() {
                         Some(c) => self
@@ -586,6 +603,15 @@ impl App {
             self.audit(entry).await;
         }
         result
+    }
+
+    /// Refuses the password as a confirmation for a user who must sign in with a passkey and
+    /// has one: for them the password alone opens nothing, a change included.
+    pub(super) async fn password_may_confirm(&self, user: &User) -> Result<(), AccountError> {
+        if self.passkey_required(user) && !self.store.passkeys_of(user.id).await?.is_empty() {
+            return Err(AccountError::PasskeyConfirmationRequired);
+        }
+        Ok(())
     }
 
     /// Removes a user's link to a provider.

@@ -55,7 +55,7 @@ pub struct PendingClaims {
     pub aud: String,
     pub sub: String,
     pub name: String,
-    /// What the login still owes: `totp`, `password` or `enroll`.
+    /// What the login still owes: `totp`, `password`, `enroll` or `passkey`.
     pub stage: String,
     /// A random id, for counting wrong codes per pending login.
     pub jti: String,
@@ -65,6 +65,10 @@ pub struct PendingClaims {
     /// Set when the login came through a single sign-on provider.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sso: Option<SsoPending>,
+    /// The factors the login passed so far (`pwd`, `otp`, `hwk`, `uv`, `sso`, `mfa`), for the
+    /// session it ends in.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub amr: Vec<String>,
 }
 
 /// The provider login behind a pending login (single sign-on): carried to the session so that

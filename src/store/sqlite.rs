@@ -148,9 +148,16 @@ impl SqlStore<Sqlite> {
         }
         let options = SqliteConnectOptions::from_str("sqlite:")
             .map_err(|e| open_err(e.to_string()))?
-            .filename(path)
-            .create_if_missing(migrate)
-            .journal_mode(SqliteJournalMode::Wal)
+            .filename(path);
+        // A look that changes nothing opens the file read-only, as it stands.
+        let options = if migrate {
+            options
+                .create_if_missing(true)
+                .journal_mode(SqliteJournalMode::Wal)
+        } else {
+            options.read_only(true)
+        };
+        let options = options
             .synchronous(SqliteSynchronous::Full)
             .foreign_keys(true)
             .busy_timeout(busy_timeout)

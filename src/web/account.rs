@@ -145,6 +145,7 @@ pub(crate) async fn page(
         Some("password") => Some("The password was not changed: check the current password, and that the new one is long enough, differs from your user name and is typed the same twice."),
         Some("locked") => Some("The password was not changed: too many wrong passwords were entered. Try again later."),
         Some("passkey") => Some("The password was not changed: the passkey confirmation has expired or was used already. Confirm again."),
+        Some("passkey-only") => Some("The password was not changed: this account signs in with a passkey only, so confirm the change with your passkey."),
         _ => None,
     };
     no_store(
@@ -321,6 +322,7 @@ pub(crate) async fn change_password(
             let code = match e {
                 AccountError::TooManyAttempts => "locked",
                 AccountError::PasskeyGrantNotValid => "passkey",
+                AccountError::PasskeyConfirmationRequired => "passkey-only",
                 _ => "password",
             };
             redirect(&format!("{ACCOUNT_PATH}?error={code}"))

@@ -339,6 +339,7 @@ pub(crate) async fn add_start(
 /// in with a passkey and has none).
 pub(crate) async fn enrol_start(
     State(app): State<Arc<App>>,
+    Extension(client): Extension<ClientInfo>,
     headers: HeaderMap,
     Json(body): Json<CsrfOnly>,
 ) -> Response {
@@ -346,7 +347,7 @@ pub(crate) async fn enrol_start(
         Ok(t) => t,
         Err(r) => return r,
     };
-    match app.passkey_enrol_start(token).await {
+    match app.passkey_enrol_start(token, &client).await {
         Ok(s) => started(s),
         Err(e) => refusal(&e),
     }

@@ -320,6 +320,10 @@ pub(crate) async fn link(
                     StatusCode::UNAUTHORIZED,
                     "The passkey confirmation has expired or was used already: confirm again.",
                 ),
+                AccountError::PasskeyConfirmationRequired => (
+                    StatusCode::FORBIDDEN,
+                    "This account signs in with a passkey only: confirm with your passkey.",
+                ),
                 _ => (
                     StatusCode::UNAUTHORIZED,
                     "The password is wrong.",

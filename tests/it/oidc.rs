@@ -1726,3 +1726,56 @@ async fn a_changed_issuer_under_the_same_provider_id_finds_no_link() {
     let password = gw.login("alice", PW).await.token;
     assert_eq!(gw.get_status("/", &password).await, 200);
 }
+
+#[tokio::test]
+async fn a_passkey_is_the_gateway_factor_after_a_provider_and_passkey_only_users_skip_providers() {
+    use crate::passkeys::{answer, post_json, register_as};
+    let (_up, op, gw, _dir) = fake_setup(|b| b.user("alice", PW), &[("idp", "")]).await;
+    link(&gw, "alice", "idp", "s-alice");
+    let b = crate::account::Browser::login(&gw, "alice", PW).await;
+    let mut key = register_as(&gw, &b, PW, "Laptop", true).await;
+    // Her second factor is the passkey (no TOTP): the provider's sign-in goes on to it.
+    let pending = sso_pending(
+        &gw,
+        &op,
+        "idp",
+        op.claims("s-alice", ""),
+        "/_portcullis/login/2fa",
+    )
+    .await;
+    let step = gw
+        .page_with_cookie("/_portcullis/login/2fa", &pending)
+        .await;
+    let csrf = crate::harness::input_value(&step, "csrf").unwrap();
+    let (status, options) = answer(
+        post_json(
+            &gw,
+            "/_portcullis/passkey/second-factor/start",
+            Some(&pending),
+            &json!({ "csrf": csrf }),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(status, 200, "{options}");
+    let credential = key.assert(&options, &gw.base, true);
+    let resp = post_json(
+        &gw,
+        "/_portcullis/passkey/second-factor/finish",
+        Some(&pending),
+        &json!({ "ceremony": options["ceremony"], "credential": credential, "csrf": csrf, "rd": "/after" }),
+    )
+    .await;
+    let token = set_cookie(&resp, "portcullis").expect("a session after the passkey");
+    let token = token.trim_start_matches("portcullis=").to_string();
+    assert_eq!(amr_of(&token), ["sso", "hwk"]);
+    assert_eq!(whoami(&gw, &token).await.as_deref(), Some("alice"));
+
+    // Once she must sign in with a passkey only, the provider opens nothing for her.
+    gw.cli_ok(&["user", "require-passkey", "alice"]);
+    let resp = sso_signed(&gw, &op, "idp", op.claims("s-alice", "")).await;
+    assert_eq!(resp.status(), 403);
+    assert!(set_cookie(&resp, "portcullis").is_none());
+    assert!(set_cookie(&resp, "portcullis-pending").is_none());
+    gw.assert_audit(&["--user", "alice"], &["passkey_required"]);
+}

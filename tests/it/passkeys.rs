@@ -662,6 +662,32 @@ async fn users_who_must_use_a_passkey_register_one_at_sign_in_and_the_password_a
     );
     let pending = pending.expect("a pending login");
     assert_ne!(gw.status_with_cookie("/probe", &pending).await, 200);
+    // A passkey that cannot verify her is refused here (with no TOTP it would lock her out),
+    // and the step stays open.
+    let step = gw.page_with_cookie(&location, &pending).await;
+    let csrf = input_value(&step, "csrf").unwrap();
+    let (_, options) = answer(
+        post_json(
+            &gw,
+            "/_portcullis/login/passkey/start",
+            Some(&pending),
+            &json!({ "csrf": csrf }),
+        )
+        .await,
+    )
+    .await;
+    let (_, credential) = SoftAuthenticator::register(&options, &gw.base, false, ONE_PASSWORD);
+    let (status, reason) = refused(
+        post_json(
+            &gw,
+            "/_portcullis/login/passkey/finish",
+            Some(&pending),
+            &json!({ "ceremony": options["ceremony"], "credential": credential, "label": "Key", "csrf": csrf }),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!((status, reason.as_str()), (400, "user_not_verified"));
     let (mut key, cookie) = register_at_sign_in(&gw, &location, &pending).await;
     assert_eq!(gw.status_with_cookie("/probe", &cookie).await, 200);
 
@@ -698,6 +724,52 @@ async fn users_who_must_use_a_passkey_register_one_at_sign_in_and_the_password_a
         )
         .await;
     assert_eq!(resp.status(), 409);
+    // Nor does the password confirm a change: her passkey does.
+    let new_pw = "another passphrase for alice";
+    let resp = alice
+        .post(
+            "/_portcullis/account/password",
+            &[
+                ("current", PW),
+                ("new_password", new_pw),
+                ("confirm", new_pw),
+                ("csrf", &alice.csrf().await),
+            ],
+        )
+        .await;
+    assert_eq!(
+        resp.headers()["location"],
+        "/_portcullis/account?error=passkey-only"
+    );
+    let (status, reason) = refused(
+        post_json(
+            &gw,
+            "/_portcullis/account/passkeys/start",
+            Some(&alice.cookie),
+            &json!({ "password": PW, "csrf": alice.csrf().await }),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!((status, reason.as_str()), (403, "reauthentication_failed"));
+    let (status, body) = confirm_grant(&gw, &alice, &mut key, true).await;
+    assert_eq!(status, 200, "{body}");
+    let resp = alice
+        .post(
+            "/_portcullis/account/password",
+            &[
+                ("current", ""),
+                ("passkey_grant", body["grant"].as_str().unwrap()),
+                ("new_password", new_pw),
+                ("confirm", new_pw),
+                ("csrf", &alice.csrf().await),
+            ],
+        )
+        .await;
+    assert_eq!(
+        resp.headers()["location"],
+        "/_portcullis/account?done=password"
+    );
     gw.metrics_with(&["portcullis_passkeys_total{event=\"registered\"} 1"])
         .await;
 }
@@ -1016,6 +1088,12 @@ async fn a_passkey_is_a_second_factor_that_a_password_alone_cannot_skip_through_
     // bob, without a second factor, signs in both ways.
     assert_eq!(gw.try_login("bob", jpw, None).await.0, 200);
     assert_eq!(jf_login(&gw, "bob", jpw, "tv-bob").await.0, 200);
+    // Once bob must sign in with a passkey (he has none yet: after a breach response, his
+    // password may be the phished one), his apps' password sign-in is refused too.
+    gw.cli_ok(&["user", "require-passkey", "bob"]);
+    let (status, body) = jf_login(&gw, "bob", jpw, "tv-bob-2").await;
+    assert_eq!(status, 403, "{body}");
+    assert!(body.to_string().contains("passkey"), "{body}");
     // A Quick Connect code is approved only from a signed-in browser, not by the app alone.
     let (_, code) = initiate(&gw, "tv-alice").await;
     let resp = client()
@@ -1046,6 +1124,7 @@ async fn a_passkey_is_a_second_factor_that_a_password_alone_cannot_skip_through_
     assert_eq!(resp.status(), 200);
     gw.metrics_with(&[
         "portcullis_logins_total{method=\"media_password\",result=\"second_factor_required\"} 1",
+        "portcullis_logins_total{method=\"media_password\",result=\"passkey_required\"} 1",
     ])
     .await;
 }
