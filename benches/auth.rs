@@ -77,6 +77,7 @@ fn big_view() -> (RevocationView, SessionId) {
             disabled_users: vec![9],
             retired_keys: Vec::new(),
             media_tokens: Vec::new(),
+            groups: Vec::new(),
         },
         Instant::now(),
     );

@@ -88,6 +88,9 @@ pub enum Command {
     /// Plex: accounts linked to gateway users, devices, the server self-check.
     #[command(subcommand)]
     Plex(PlexCommand),
+    /// The groups users belong to, for access rules (`admins` is the administrator flag).
+    #[command(subcommand)]
+    Group(GroupCommand),
     /// Copy the store (online, while the gateway serves) and its key files into one file.
     Backup {
         /// The backup file to write (never overwritten).
@@ -204,6 +207,21 @@ pub enum SessionCommand {
     },
     /// End one session.
     Revoke { session_id: String },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum GroupCommand {
+    /// Put a user in a group (`admins` makes them an administrator).
+    Add { user: String, group: String },
+    /// Take a user out of a group.
+    Remove { user: String, group: String },
+    /// The groups and how many users are in each, or one user's groups with --user.
+    List {
+        #[arg(long)]
+        user: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -472,6 +490,7 @@ fn run_store_command(config: Config, command: Command) -> anyhow::Result<()> {
             }
             Command::Keys(KeysCommand::Rotate) => rotate_keys(&config, &store).await,
             Command::Plex(c) => plex_command(&config, &store, c).await,
+            Command::Group(c) => group_command(&store, c).await,
             Command::Audit {
                 user,
                 since,
@@ -487,6 +506,67 @@ fn run_store_command(config: Config, command: Command) -> anyhow::Result<()> {
             | Command::Restore { .. } => Ok(()),
         }
     })
+}
+
+async fn group_command(store: &DynStore, command: GroupCommand) -> anyhow::Result<()> {
+    let change = |user: String, group: String, member: bool| async move {
+        let group =
+            crate::config::group_name(&group).map_err(|e| refused(format!("`{group}`: {e}")))?;
+        let user = find_user(store, &user).await?;
+        let changed = store
+            .set_group(user.id, &group, member, now_ms())
+            .await
+            .map_err(store_refusal)?;
+        let (event, done) = if member {
+            ("group_add", "is in")
+        } else {
+            ("group_remove", "is not in")
+        };
+        if changed.is_some() {
+            cli_audit(store, event, Some(&user), &format!("group {group}")).await;
+        }
+        println!(
+            "{} {done} `{group}`{}",
+            user.name,
+            if changed.is_some() { "" } else { " (already)" }
+        );
+        Ok(())
+    };
+    match command {
+        GroupCommand::Add { user, group } => change(user, group, true).await,
+        GroupCommand::Remove { user, group } => change(user, group, false).await,
+        GroupCommand::List {
+            user: Some(name),
+            json,
+        } => {
+            let user = find_user(store, &name).await?;
+            let groups = store.groups_of(user.id).await.map_err(store_refusal)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&groups)?);
+            } else {
+                for g in groups {
+                    println!("{g}");
+                }
+            }
+            Ok(())
+        }
+        GroupCommand::List { user: None, json } => {
+            let groups = store.list_groups().await.map_err(store_refusal)?;
+            if json {
+                let list: Vec<_> = groups
+                    .iter()
+                    .map(|(g, n)| serde_json::json!({ "group": g, "members": n }))
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                println!("{:<32} MEMBERS", "GROUP");
+                for (g, n) in groups {
+                    println!("{g:<32} {n}");
+                }
+            }
+            Ok(())
+        }
+    }
 }
 
 /// Reads a password from the first line of stdin, or generates one (returned for printing),

@@ -189,6 +189,8 @@ struct FileServer {
     max_header_bytes: Option<usize>,
     max_form_bytes: Option<usize>,
     data_dir: Option<PathBuf>,
+    trusted_proxies: Option<Vec<String>>,
+    client_ip_header: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -355,6 +357,10 @@ pub struct ServerConfig {
     pub max_form_bytes: usize,
     /// Where the pid file and upgrade socket live.
     pub data_dir: PathBuf,
+    /// Peers whose forwarding header is believed (see [`crate::netaddr`]).
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// The forwarding header that names the client behind a trusted proxy.
+    pub client_ip_header: crate::netaddr::ClientIpHeader,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -915,7 +921,33 @@ impl Validator {
                 "must be between 1 and 1000000",
             ));
         }
+        let trusted_proxies = s
+            .trusted_proxies
+            .unwrap_or_default()
+            .iter()
+            .map(|n| {
+                parse_net(n).ok_or_else(|| {
+                    self.err(
+                        "server.trusted_proxies",
+                        format!(
+                            "`{n}` is not an address or a network (CIDR such as 10.0.0.0/8 or fd00::/8)"
+                        ),
+                    )
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let client_ip_header = match s.client_ip_header.as_deref() {
+            None => crate::netaddr::ClientIpHeader::XForwardedFor,
+            Some(h) => crate::netaddr::ClientIpHeader::parse(h).ok_or_else(|| {
+                self.err(
+                    "server.client_ip_header",
+                    format!("`{h}` is neither X-Forwarded-For nor Forwarded"),
+                )
+            })?,
+        };
         Ok(ServerConfig {
+            trusted_proxies,
+            client_ip_header,
             listen,
             admin_listen,
             public_url,
@@ -1289,6 +1321,32 @@ fn normalise_prefix(p: &str) -> Result<String, String> {
         return Ok(p.to_string());
     }
     Ok(p.trim_end_matches('/').to_string())
+}
+
+/// A group's name as stored and matched: lower case, 1 to 64 of `a-z 0-9 _ . -`, starting
+/// with a letter or digit (`Family` and `family` are one group).
+pub fn group_name(s: &str) -> Result<String, &'static str> {
+    let name = s.trim().to_ascii_lowercase();
+    let ok = (1..=64).contains(&name.len())
+        && name.as_bytes()[0].is_ascii_alphanumeric()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
+    if ok {
+        Ok(name)
+    } else {
+        Err("a group name is 1 to 64 letters, digits, `_`, `.` or `-`, starting with a letter or digit")
+    }
+}
+
+/// A network in CIDR form (`10.0.0.0/8`, `fd00::/8`), or one address (a /32 or /128); host
+/// bits below the prefix are dropped.
+pub fn parse_net(s: &str) -> Option<ipnet::IpNet> {
+    let s = s.trim();
+    if let Ok(net) = s.parse::<ipnet::IpNet>() {
+        return Some(net.trunc());
+    }
+    s.parse::<std::net::IpAddr>().ok().map(ipnet::IpNet::from)
 }
 
 #[cfg(test)]

@@ -14,6 +14,7 @@ pub mod datadir;
 pub mod healthcheck;
 pub mod mediaserver;
 pub mod metrics;
+pub mod netaddr;
 pub mod oidc;
 pub mod paths;
 pub mod probe;

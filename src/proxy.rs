@@ -476,7 +476,18 @@ impl ProxyHttp for Gateway {
         ctx.start = Instant::now();
         ctx.request_id = request_id(session.req_header());
         ctx.peer = session.client_addr().and_then(|a| a.as_inet()).copied();
-        ctx.client_ip = ctx.peer.map(|a| ip_text(a.ip())).unwrap_or_default();
+        // The client: the peer, or whom a trusted proxy in front of the gateway names.
+        ctx.client_ip = ctx
+            .peer
+            .map(|a| {
+                ip_text(crate::netaddr::client_address(
+                    a.ip(),
+                    &session.req_header().headers,
+                    &ctx.config.server.trusted_proxies,
+                    ctx.config.server.client_ip_header,
+                ))
+            })
+            .unwrap_or_default();
         if let Some(peer) = ctx.peer {
             self.admission.head_arrived(peer);
         }

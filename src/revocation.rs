@@ -151,6 +151,8 @@ struct ViewState {
     global_cutoff: Option<i64>,
     disabled: HashSet<i64>,
     media: HashMap<[u8; 32], MediaEntry>,
+    /// Each user's groups (`admins` for administrators), for the access rules.
+    groups: HashMap<i64, Arc<[String]>>,
     /// Highest sequence number applied from the store's log in order.
     seq: i64,
     last_sync: Option<Instant>,
@@ -205,6 +207,11 @@ impl RevocationView {
             return Err(Revoked::Session);
         }
         Ok(())
+    }
+
+    /// A user's groups (`admins` for an administrator); none for a user in no group.
+    pub fn groups_of(&self, user_id: i64) -> Option<Arc<[String]>> {
+        self.read().groups.get(&user_id).cloned()
     }
 
     /// Looks a media token up by its keyed hash and decides whether it is alive at `now_ms`.
@@ -264,6 +271,18 @@ impl RevocationView {
                         expires_ms: m.expires_ms,
                     },
                 ))
+            })
+            .collect();
+        let mut groups: HashMap<i64, Vec<String>> = HashMap::new();
+        for (user_id, group) in snap.groups {
+            groups.entry(user_id).or_default().push(group);
+        }
+        s.groups = groups
+            .into_iter()
+            .map(|(user, mut list)| {
+                // `admins` first, as the store lists a user's groups.
+                list.sort_by_key(|g| (g != "admins", g.clone()));
+                (user, list.into())
             })
             .collect();
         s.seq = snap.seq;
@@ -367,7 +386,13 @@ impl RevocationView {
                 + s.user_cutoff.capacity() * (std::mem::size_of::<(i64, i64)>() + 1)
                 + s.disabled.capacity() * (std::mem::size_of::<i64>() + 1)
                 + s.media.capacity() * (std::mem::size_of::<([u8; 32], MediaEntry)>() + 1)
-                + s.media.values().map(|m| m.user_name.len()).sum::<usize>(),
+                + s.media.values().map(|m| m.user_name.len()).sum::<usize>()
+                + s.groups.capacity() * (std::mem::size_of::<(i64, Arc<[String]>)>() + 1)
+                + s.groups
+                    .values()
+                    .flat_map(|g| g.iter())
+                    .map(|g| std::mem::size_of::<String>() + g.len())
+                    .sum::<usize>(),
         }
     }
 }
@@ -397,6 +422,16 @@ fn apply(s: &mut ViewState, event: &RevocationEvent) {
         }
         // Facts for the media routes, not for the view: the application hands them on.
         RevocationEvent::MediaNote { .. } => {}
+        RevocationEvent::GroupsChanged {
+            user_id,
+            ref groups,
+        } => {
+            if groups.is_empty() {
+                s.groups.remove(&user_id);
+            } else {
+                s.groups.insert(user_id, groups.as_slice().into());
+            }
+        }
         RevocationEvent::MediaBound {
             sid,
             user_id,

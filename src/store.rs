@@ -368,6 +368,12 @@ pub enum RevocationEvent {
         note: MediaNote,
         until_ms: i64,
     },
+    /// A user's groups as they now are (`admins` for an administrator), for the access rules
+    /// of every replica (not a revocation).
+    GroupsChanged {
+        user_id: i64,
+        groups: Vec<String>,
+    },
     /// A media-server token was bound to a user (not a revocation: it teaches every
     /// instance's view the token's keyed hash).
     MediaBound {
@@ -392,14 +398,17 @@ impl RevocationEvent {
             RevocationEvent::KeyRetired { .. } => "key_retired",
             RevocationEvent::MediaBound { .. } => "media_bound",
             RevocationEvent::MediaNote { .. } => "media_note",
+            RevocationEvent::GroupsChanged { .. } => "groups_changed",
         }
     }
 
-    /// Whether the event ends anything (a binding does not).
+    /// Whether the event ends anything (a binding, a note or a group change does not).
     pub fn is_revocation(&self) -> bool {
         !matches!(
             self,
-            RevocationEvent::MediaBound { .. } | RevocationEvent::MediaNote { .. }
+            RevocationEvent::MediaBound { .. }
+                | RevocationEvent::MediaNote { .. }
+                | RevocationEvent::GroupsChanged { .. }
         )
     }
 }
@@ -569,6 +578,8 @@ pub struct Snapshot {
     /// Bound media tokens whose sessions have not expired (revoked ones included, so that
     /// the view can say why they are refused).
     pub media_tokens: Vec<MediaTokenRow>,
+    /// Every user's groups (`admins` for administrators), as (user id, group) pairs.
+    pub groups: Vec<(i64, String)>,
 }
 
 /// A bound media token as the view holds it.
@@ -696,6 +707,20 @@ pub trait Store: Send + Sync + 'static {
     async fn clear_failures(&self, user_id: i64) -> StoreResult<()>;
     /// Sets or clears "must choose a new password" for one user, or for all when `None`.
     async fn set_must_reset(&self, user_id: Option<i64>, must: bool) -> StoreResult<u64>;
+    /// A user's groups, `admins` first for an administrator.
+    async fn groups_of(&self, user_id: i64) -> StoreResult<Vec<String>>;
+    /// Every group with how many users are in it (`admins`: the administrators).
+    async fn list_groups(&self) -> StoreResult<Vec<(String, i64)>>;
+    /// Puts a user in a group or takes them out (`admins` is the administrator flag) and, in
+    /// the same write, records the user's groups as they now are for every replica's view.
+    /// `None` when nothing changed.
+    async fn set_group(
+        &self,
+        user_id: i64,
+        group: &str,
+        member: bool,
+        now_ms: i64,
+    ) -> StoreResult<Option<SequencedEvent>>;
     /// Sets or clears "must sign in with a passkey" for one user, or for all when `None`.
     async fn set_passkey_required(&self, user_id: Option<i64>, required: bool) -> StoreResult<u64>;
     /// Sets a new password and clears `must_reset`; with `signout_at`, also ends every session
@@ -819,9 +844,6 @@ pub trait Store: Send + Sync + 'static {
         keep_ms: i64,
         audit_keep_ms: i64,
     ) -> StoreResult<u64>;
-
-    /// Grants or withdraws admin rights.
-    async fn set_admin(&self, user_id: i64, is_admin: bool) -> StoreResult<()>;
 
     /// Links a provider subject (under `issuer`) to a user. `Conflict` if the subject is linked
     /// already, or the user already has a link to this provider.

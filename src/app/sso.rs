@@ -694,10 +694,14 @@ impl App {
                 .get(&sso.pending.provider)
                 .and_then(|p| p.config.admin.as_ref())
             {
-                self.store
-                    .set_admin(user.id, true)
+                if let Some(ev) = self
+                    .store
+                    .set_group(user.id, "admins", true, now_ms())
                     .await
-                    .map_err(|e| LoginError::Unavailable(self.store_error("set_admin", e)))?;
+                    .map_err(|e| LoginError::Unavailable(self.store_error("set_admin", e)))?
+                {
+                    self.apply(&[ev]);
+                }
                 let mut e = self.audit_entry(
                     "sso_admin_granted",
                     "success",

@@ -27,6 +27,7 @@ const KIND_USER_ENABLED: &str = "user_enabled";
 const KIND_KEY_RETIRED: &str = "key_retired";
 const KIND_MEDIA_BOUND: &str = "media_bound";
 const KIND_MEDIA_NOTE: &str = "media_note";
+const KIND_GROUPS: &str = "groups_changed";
 
 const USER_COLUMNS: &str = "id, name, password_hash, is_admin, disabled, created_ms, must_reset,
      failed_logins, locked_until_ms, last_failure_ms, totp_secret, totp_enabled, totp_last_step,
@@ -290,6 +291,7 @@ where
                 ..
             } => (KIND_MEDIA_BOUND, *issued_ms, Some(*expires_ms)),
             E::MediaNote { until_ms, .. } => (KIND_MEDIA_NOTE, at_ms, Some(*until_ms)),
+            E::GroupsChanged { .. } => (KIND_GROUPS, at_ms, None),
         };
         let (sid, user_id) = match &event {
             E::SessionRevoked { sid, user_id, .. } | E::MediaBound { sid, user_id, .. } => {
@@ -297,7 +299,8 @@ where
             }
             E::UserCutoff { user_id, .. }
             | E::UserDisabled { user_id }
-            | E::UserEnabled { user_id } => (None, Some(*user_id)),
+            | E::UserEnabled { user_id }
+            | E::GroupsChanged { user_id, .. } => (None, Some(*user_id)),
             E::GlobalCutoff { .. } | E::KeyRetired { .. } | E::MediaNote { .. } => (None, None),
         };
         let key_id = match &event {
@@ -313,6 +316,10 @@ where
                 serde_json::to_string(note)
                     .map_err(|e| StoreError::Corrupt(format!("a media note: {e}")))?,
             ),
+            E::GroupsChanged { groups, .. } => Some(
+                serde_json::to_string(groups)
+                    .map_err(|e| StoreError::Corrupt(format!("a group list: {e}")))?,
+            ),
             _ => None,
         };
         let seq: i64 = query_scalar!(
@@ -322,6 +329,45 @@ where
         .fetch_one(&mut *tx)
         .await?;
         Ok(SequencedEvent { seq, event })
+    }
+
+    /// A user's groups as they are in `tx`, `admins` first for an administrator.
+    async fn groups_in(tx: &mut D::Connection, user_id: i64) -> StoreResult<Vec<String>> {
+        let admin: Option<i64> = query_scalar!(
+            "SELECT CAST(CASE WHEN is_admin THEN 1 ELSE 0 END AS BIGINT) FROM users WHERE id = $1";
+            user_id,
+        )
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(admin) = admin else {
+            return Err(StoreError::NotFound(format!("user {user_id}")));
+        };
+        let mut groups: Vec<String> = if admin == 1 {
+            vec!["admins".to_string()]
+        } else {
+            vec![]
+        };
+        groups.extend(
+            query_scalar!("SELECT name FROM user_groups WHERE user_id = $1 ORDER BY name"; user_id)
+                .fetch_all(&mut *tx)
+                .await?,
+        );
+        Ok(groups)
+    }
+
+    /// Records a user's groups as they now are in `tx` for every replica's view.
+    async fn groups_event(
+        tx: &mut D::Connection,
+        user_id: i64,
+        now_ms: i64,
+    ) -> StoreResult<SequencedEvent> {
+        let groups = Self::groups_in(tx, user_id).await?;
+        Self::append(
+            tx,
+            now_ms,
+            RevocationEvent::GroupsChanged { user_id, groups },
+        )
+        .await
     }
 
     /// Ends every session issued at or before `at_ms` and records the global cutoff.
@@ -440,6 +486,12 @@ where
                 issued_ms: at_ms,
                 expires_ms: expires_ms()?,
             },
+            KIND_GROUPS => RevocationEvent::GroupsChanged {
+                user_id: user_id()?,
+                groups: serde_json::from_str(text("detail")?.as_deref().unwrap_or("[]")).map_err(
+                    |e| StoreError::Corrupt(format!("event {seq} has a bad group list: {e}")),
+                )?,
+            },
             KIND_KEY_RETIRED => RevocationEvent::KeyRetired {
                 kid: text("key_id")?.ok_or_else(|| corrupt("key_id"))?,
             },
@@ -497,8 +549,9 @@ where
             "INSERT INTO users (name, password_hash, is_admin, disabled, created_ms)
              VALUES ($1, $2, $3, FALSE, $4) RETURNING {USER_COLUMNS}"
         );
-        query_as!(&sql; name, password_hash, is_admin, now_ms)
-            .fetch_one(&self.pool)
+        let mut tx = self.write_tx().await?;
+        let user: User = query_as!(&sql; name, password_hash, is_admin, now_ms)
+            .fetch_one(&mut *tx)
             .await
             .map_err(|e| {
                 if is_unique_violation(&e) {
@@ -506,7 +559,14 @@ where
                 } else {
                     unavailable(e)
                 }
-            })
+            })?;
+        // Every replica learns that a new administrator is in `admins`.
+        let mut events = Vec::new();
+        if is_admin {
+            events.push(Self::groups_event(&mut tx, user.id, now_ms).await?);
+        }
+        Self::commit(tx, &events).await?;
+        Ok(user)
     }
 
     async fn find_user(&self, name: &str) -> StoreResult<Option<User>> {
@@ -1090,14 +1150,53 @@ where
         Ok(deleted)
     }
 
-    async fn set_admin(&self, user_id: i64, is_admin: bool) -> StoreResult<()> {
-        let done = query!("UPDATE users SET is_admin = $1 WHERE id = $2"; is_admin, user_id)
-            .execute(&self.pool)
-            .await?;
+    async fn groups_of(&self, user_id: i64) -> StoreResult<Vec<String>> {
+        let mut conn = self.pool.acquire().await?;
+        Self::groups_in(&mut conn, user_id).await
+    }
+
+    async fn list_groups(&self) -> StoreResult<Vec<(String, i64)>> {
+        Ok(query_as!(
+            "SELECT 'admins' AS name, COUNT(*) AS members FROM users WHERE is_admin
+             UNION ALL
+             SELECT name, COUNT(*) AS members FROM user_groups GROUP BY name
+             ORDER BY name";
+        )
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    async fn set_group(
+        &self,
+        user_id: i64,
+        group: &str,
+        member: bool,
+        now_ms: i64,
+    ) -> StoreResult<Option<SequencedEvent>> {
+        let mut tx = self.write_tx().await?;
+        // No such user: `NotFound`.
+        Self::groups_in(&mut tx, user_id).await?;
+        let done = if group == "admins" {
+            query!("UPDATE users SET is_admin = $1 WHERE id = $2 AND is_admin <> $1";
+                   member, user_id)
+            .execute(&mut *tx)
+            .await?
+        } else if member {
+            query!("INSERT INTO user_groups (user_id, name) VALUES ($1, $2)
+                    ON CONFLICT DO NOTHING"; user_id, group)
+            .execute(&mut *tx)
+            .await?
+        } else {
+            query!("DELETE FROM user_groups WHERE user_id = $1 AND name = $2"; user_id, group)
+                .execute(&mut *tx)
+                .await?
+        };
         if D::rows_affected(&done) == 0 {
-            return Err(StoreError::NotFound(format!("user {user_id}")));
+            return Ok(None);
         }
-        Ok(())
+        let event = Self::groups_event(&mut tx, user_id, now_ms).await?;
+        Self::commit(tx, std::slice::from_ref(&event)).await?;
+        Ok(Some(event))
     }
 
     async fn link_oidc(
@@ -1620,6 +1719,14 @@ where
         )
         .fetch_all(&mut *tx)
         .await?;
+        let groups: Vec<(i64, String)> = query_as!(
+            "SELECT id AS user_id, 'admins' AS name FROM users WHERE is_admin
+             UNION ALL
+             SELECT user_id, name FROM user_groups
+             ORDER BY user_id, name";
+        )
+        .fetch_all(&mut *tx)
+        .await?;
         tx.commit().await?;
         let revoked = revoked
             .await
@@ -1632,6 +1739,7 @@ where
             disabled_users,
             retired_keys,
             media_tokens,
+            groups,
         })
     }
 }

@@ -1604,7 +1604,7 @@ async fn oidc_links_are_one_per_subject_and_one_per_user_and_provider(f: Fixture
         store.link_oidc("idp", ISS, "sub-x", 999_999, 9).await,
         Err(StoreError::NotFound(_) | StoreError::Conflict(_))
     ));
-    store.set_admin(bob.id, true).await.unwrap();
+    store.set_group(bob.id, "admins", true, 10).await.unwrap();
     assert!(
         store
             .find_user_by_id(bob.id)
@@ -1884,6 +1884,118 @@ fn new_passkey(user_id: i64, cred_id: &str, counter: i64) -> NewPasskey {
         created_ms: 5,
         user_verified: true,
     }
+}
+
+async fn groups_change_in_one_write_with_their_event_and_travel_in_the_snapshot(f: Fixture) {
+    let store = &f.store;
+    let alice = user(store, "alice").await;
+    let bob = user(store, "bob").await;
+    let root = store.create_user("root", "hash", true, 2).await.unwrap();
+    assert_eq!(store.groups_of(root.id).await.unwrap(), ["admins"]);
+    assert!(store.groups_of(alice.id).await.unwrap().is_empty());
+    // Each change is one event with the user's groups as they now are; no change, no event.
+    let ev = store
+        .set_group(alice.id, "family", true, 10)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        ev.event,
+        RevocationEvent::GroupsChanged {
+            user_id: alice.id,
+            groups: vec!["family".to_string()],
+        }
+    );
+    assert!(store
+        .set_group(alice.id, "family", true, 11)
+        .await
+        .unwrap()
+        .is_none());
+    store
+        .set_group(alice.id, "kids", true, 12)
+        .await
+        .unwrap()
+        .unwrap();
+    let ev = store
+        .set_group(alice.id, "admins", true, 13)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        ev.event,
+        RevocationEvent::GroupsChanged {
+            user_id: alice.id,
+            groups: vec!["admins".into(), "family".into(), "kids".into()],
+        }
+    );
+    assert!(
+        store
+            .find_user_by_id(alice.id)
+            .await
+            .unwrap()
+            .unwrap()
+            .is_admin
+    );
+    store
+        .set_group(bob.id, "kids", true, 14)
+        .await
+        .unwrap()
+        .unwrap();
+    let ev = store
+        .set_group(alice.id, "kids", false, 15)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        ev.event,
+        RevocationEvent::GroupsChanged {
+            user_id: alice.id,
+            groups: vec!["admins".into(), "family".into()],
+        }
+    );
+    assert!(store
+        .set_group(bob.id, "family", false, 16)
+        .await
+        .unwrap()
+        .is_none());
+    assert!(matches!(
+        store.set_group(999_999, "kids", true, 17).await,
+        Err(StoreError::NotFound(_))
+    ));
+    assert_eq!(
+        store.list_groups().await.unwrap(),
+        vec![
+            ("admins".to_string(), 2),
+            ("family".to_string(), 1),
+            ("kids".to_string(), 1)
+        ]
+    );
+    // The log carries every change (the new administrator's first), read back as written.
+    let kinds: Vec<RevocationEvent> = store
+        .events_since(0, 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.event)
+        .collect();
+    assert_eq!(kinds.len(), 6, "{kinds:?}");
+    assert_eq!(
+        kinds[0],
+        RevocationEvent::GroupsChanged {
+            user_id: root.id,
+            groups: vec!["admins".into()],
+        }
+    );
+    let mut snap = store.snapshot(100).await.unwrap();
+    snap.groups.sort();
+    let mut want = vec![
+        (alice.id, "admins".to_string()),
+        (alice.id, "family".to_string()),
+        (bob.id, "kids".to_string()),
+        (root.id, "admins".to_string()),
+    ];
+    want.sort();
+    assert_eq!(snap.groups, want);
 }
 
 async fn passkeys_are_unique_per_credential_and_a_use_needs_a_counter_that_moved_forward(
@@ -2301,6 +2413,7 @@ macro_rules! suite {
 
 suite! {
     both: [
+        groups_change_in_one_write_with_their_event_and_travel_in_the_snapshot,
         passkeys_are_unique_per_credential_and_a_use_needs_a_counter_that_moved_forward,
         a_ceremony_is_taken_back_once_for_its_purpose_and_not_after_it_expired,
         a_passkey_link_is_used_once_for_its_user_and_is_not_a_reset_link,

@@ -31,6 +31,7 @@ const LAYERS: &[&str] = &[
     "revocation",
     "store",
     "config",
+    "netaddr",
     "paths",
 ];
 

@@ -58,4 +58,5 @@ mod startup;
 mod streaming;
 mod systemd;
 mod tls;
+mod trusted_proxies;
 pub(crate) mod upgrade;
