@@ -23,6 +23,22 @@ pub struct Identity {
     pub sid: SessionId,
     pub issued_ms: i64,
     pub expires_s: i64,
+    /// How many kinds of factor the session's sign-in passed (see [`factors_of`]); a media
+    /// server's or Plex token counts as one.
+    pub factors: u8,
+}
+
+/// How many kinds of factor a sign-in's `amr` shows: something known (`pwd`, a provider's
+/// `sso`, a passkey's `uv`) and something held (`otp`, a passkey's `hwk`); a provider's `mfa`
+/// stands for both.
+pub fn factors_of(amr: &[String]) -> u8 {
+    let has = |m: &str| amr.iter().any(|a| a == m);
+    if has("mfa") {
+        return 2;
+    }
+    let known = has("pwd") || has("sso") || has("uv");
+    let held = has("otp") || has("hwk");
+    u8::from(known) + u8::from(held)
 }
 
 /// Why a request was refused. Every variant has a stable label for metrics and logs.
@@ -61,10 +77,15 @@ pub enum DenyReason {
     OwnerOnly,
     /// A transcode URL of a session another user started, or of no known session.
     ForeignSession,
+    /// An access rule (`[[rule]]` with `policy = "deny"`, or a route's `default_policy`)
+    /// refuses the request.
+    RuleDenied,
+    /// An access rule asks for two factors and the session passed one.
+    TwoFactorRequired,
 }
 
 impl DenyReason {
-    pub const ALL: [DenyReason; 22] = [
+    pub const ALL: [DenyReason; 24] = [
         DenyReason::NoCredentials,
         DenyReason::Malformed,
         DenyReason::WrongType,
@@ -87,6 +108,8 @@ impl DenyReason {
         DenyReason::DeviceNotApproved,
         DenyReason::OwnerOnly,
         DenyReason::ForeignSession,
+        DenyReason::RuleDenied,
+        DenyReason::TwoFactorRequired,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -113,6 +136,8 @@ impl DenyReason {
             DenyReason::DeviceNotApproved => "device_not_approved",
             DenyReason::OwnerOnly => "owner_only",
             DenyReason::ForeignSession => "foreign_session",
+            DenyReason::RuleDenied => "rule_denied",
+            DenyReason::TwoFactorRequired => "two_factor_required",
         }
     }
 }
@@ -259,6 +284,7 @@ fn identity_of(c: &SessionClaims) -> Option<Identity> {
         sid: SessionId::parse(&c.sid)?,
         issued_ms: c.ims,
         expires_s: c.exp,
+        factors: factors_of(&c.amr),
     })
 }
 

@@ -352,19 +352,25 @@ fn check_config(default: &std::path::Path, files: &[PathBuf]) -> i32 {
     let mut code = 0;
     for f in &files {
         match Config::load(f) {
-            Ok(c) => match passkey_rp_id_check(&c) {
-                None => println!(
-                    "{}: ok ({} route{}, store {})",
-                    f.display(),
-                    c.routes.len(),
-                    if c.routes.len() == 1 { "" } else { "s" },
-                    c.store.url.expose().split("://").next().unwrap_or("?")
-                ),
-                Some(problem) => {
-                    eprintln!(
-                        "portcullis: {}: key `webauthn.rp_id`: {problem}",
-                        f.display()
-                    );
+            Ok(c) => match store_checks(&c) {
+                None => {
+                    for (later, earlier) in crate::config::rules::shadowed(&c.rules) {
+                        eprintln!(
+                            "portcullis: {}: warning: rule `{later}` never applies: rule \
+                             `{earlier}` before it matches every request it would",
+                            f.display()
+                        );
+                    }
+                    println!(
+                        "{}: ok ({} route{}, store {})",
+                        f.display(),
+                        c.routes.len(),
+                        if c.routes.len() == 1 { "" } else { "s" },
+                        c.store.url.expose().split("://").next().unwrap_or("?")
+                    )
+                }
+                Some((key, problem)) => {
+                    eprintln!("portcullis: {}: key `{key}`: {problem}", f.display());
                     code = 2;
                 }
             },
@@ -377,24 +383,54 @@ fn check_config(default: &std::path::Path, files: &[PathBuf]) -> i32 {
     code
 }
 
-/// Why the relying-party id of `config` would strand passkeys registered in its store, if it
-/// would. The store is only looked at (nothing created, nothing migrated); one that does not
-/// exist yet has no passkeys, and one that cannot be reached is reported and not held against
-/// the file.
-fn passkey_rp_id_check(config: &Config) -> Option<String> {
+/// What the store `config` names says against it, as (key, problem): a relying-party id that
+/// would strand registered passkeys, a rule about a group nobody is in. The store is only
+/// looked at (nothing created, nothing migrated); one that does not exist yet has neither, and
+/// one that cannot be reached is reported and not held against the file.
+fn store_checks(config: &Config) -> Option<(String, String)> {
     const LOOK: std::time::Duration = std::time::Duration::from_secs(5);
-    // Migration 0008 made the passkeys table.
+    // Migrations 0008 and 0010 made the passkeys and groups tables.
     const PASSKEY_SCHEMA: i64 = 8;
+    const GROUP_SCHEMA: i64 = 10;
     let look = async {
         let Some((store, version)) =
             crate::store::open_as_is(config.store.url.expose(), LOOK).await?
         else {
             return Ok(None);
         };
-        if version < PASSKEY_SCHEMA {
-            return Ok(None);
+        if version >= PASSKEY_SCHEMA {
+            if let Some(problem) =
+                crate::app::passkey::rp_id_conflict(&store, &config.webauthn.rp_id).await?
+            {
+                return Ok(Some(("webauthn.rp_id".to_string(), problem)));
+            }
         }
-        crate::app::passkey::rp_id_conflict(&store, &config.webauthn.rp_id).await
+        let known: Vec<String> = if version >= GROUP_SCHEMA {
+            store
+                .list_groups()
+                .await?
+                .into_iter()
+                .map(|(g, _)| g)
+                .collect()
+        } else {
+            vec!["admins".to_string()]
+        };
+        for (i, rule) in config.rules.iter().enumerate() {
+            for s in &rule.subjects {
+                if let crate::config::Subject::Group(g) = s {
+                    if !known.contains(g) {
+                        return Ok(Some((
+                            format!("rule[{i}].subjects"),
+                            format!(
+                                "nobody is in group `{g}` (put users in it first: `portcullis \
+                                 group add USER {g}`)"
+                            ),
+                        )));
+                    }
+                }
+            }
+        }
+        Ok::<_, crate::store::StoreError>(None)
     };
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -410,13 +446,13 @@ fn passkey_rp_id_check(config: &Config) -> Option<String> {
         Ok(Ok(problem)) => problem,
         Ok(Err(e)) => {
             eprintln!(
-                "portcullis: the store could not be read ({e}): `webauthn.rp_id` not checked against its passkeys"
+                "portcullis: the store could not be read ({e}): `webauthn.rp_id` and the rules' groups not checked against it"
             );
             None
         }
         Err(_) => {
             eprintln!(
-                "portcullis: the store did not answer: `webauthn.rp_id` not checked against its passkeys"
+                "portcullis: the store did not answer: `webauthn.rp_id` and the rules' groups not checked against it"
             );
             None
         }

@@ -13,10 +13,12 @@ use serde::Deserialize;
 pub mod live;
 mod oidc;
 mod plex;
+pub mod rules;
 pub use oidc::{
     is_loopback_url as oidc_is_loopback, AutoLink, ClientSecretSource, OidcProviderConfig,
 };
 pub use plex::PlexConfig;
+pub use rules::{DefaultPolicy, Policy, Rule, Subject};
 
 /// Default public listener.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
@@ -143,6 +145,8 @@ struct FileConfig {
     oidc: Vec<oidc::FileOidc>,
     #[serde(default)]
     webauthn: FileWebauthn,
+    #[serde(default)]
+    rule: Vec<rules::FileRule>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -248,6 +252,7 @@ struct FileRoute {
     identity_header: Option<String>,
     media: Option<FileMedia>,
     plex: Option<plex::FilePlex>,
+    default_policy: Option<String>,
 }
 
 /// `[route.media]`: how a `jellyfin` or `emby` route treats the media server's own tokens.
@@ -288,6 +293,8 @@ pub struct Config {
     pub oidc: Vec<OidcProviderConfig>,
     /// Passkeys' relying party (`[webauthn]`).
     pub webauthn: WebauthnConfig,
+    /// Access rules (`[[rule]]`), in order: the first that matches a request decides.
+    pub rules: Vec<Rule>,
 }
 
 /// The WebAuthn relying party: its id (the public URL's host, or a domain it is under, for
@@ -481,6 +488,8 @@ pub struct Route {
     pub media: Option<MediaConfig>,
     /// For `plex` routes: how Plex tokens are resolved and bound.
     pub plex: Option<PlexConfig>,
+    /// What a request no `[[rule]]` matched needs here.
+    pub default_policy: DefaultPolicy,
     /// Removed from the file by a reload: kept so that route indices stay stable (for metrics,
     /// playback grants and owed upstream logouts), but never matched by a request.
     pub retired: bool,
@@ -716,7 +725,9 @@ impl Validator {
                 ));
             }
         }
+        let rules = self.rules(raw.rule, &routes)?;
         Ok(Config {
+            rules,
             source: path.to_path_buf(),
             server,
             store,
@@ -1226,7 +1237,18 @@ impl Validator {
             }
             None => None,
         };
+        let default_policy = match r.default_policy.as_deref() {
+            None | Some("session") => DefaultPolicy::Session,
+            Some("deny") => DefaultPolicy::Deny,
+            Some(other) => {
+                return Err(self.err(
+                    &key("default_policy"),
+                    format!("`{other}` is neither session nor deny"),
+                ))
+            }
+        };
         Ok(Route {
+            default_policy,
             name: r.name,
             host,
             path_prefix,

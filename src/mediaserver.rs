@@ -385,6 +385,7 @@ mod tests {
             sid: SessionId(sid),
             issued_ms: 1000,
             expires_s: 10_000,
+            factors: 1,
         }
     }
 

@@ -6,5 +6,7 @@
 pub const PREFIX: &str = "/_portcullis";
 pub const LOGIN_PATH: &str = "/_portcullis/login";
 pub const ACCOUNT_PATH: &str = "/_portcullis/account";
+/// Where a session that lacks a factor an access rule needs is sent.
+pub const STEP_UP_PATH: &str = "/_portcullis/step-up";
 /// The forward-auth endpoint, answered by the proxy itself.
 pub const VERIFY_PATH: &str = "/_portcullis/verify";

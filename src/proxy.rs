@@ -10,6 +10,7 @@ mod media;
 pub mod path;
 mod plex;
 mod respond;
+pub mod rules;
 pub mod strict;
 
 use std::net::SocketAddr;
@@ -593,6 +594,24 @@ impl ProxyHttp for Gateway {
             &self.app.view,
             now / 1000,
         );
+
+        // 11. The access rules, for whoever this is (or nobody).
+        let identity = match &decision {
+            AuthDecision::Allow(identity) => Some(identity),
+            AuthDecision::Deny(_) => None,
+        };
+        let verdict = self.verdict(session, ctx, route, &canonical, identity);
+        match verdict {
+            rules::Verdict::Bypass if identity.is_none() => {
+                ctx.outcome = Outcome::Public;
+                return Ok(false);
+            }
+            rules::Verdict::Deny(_) | rules::Verdict::StepUp(_) => {
+                ctx.identity = identity.cloned();
+                return self.refuse_by_rule(session, ctx, &verdict).await;
+            }
+            _ => {}
+        }
         match decision {
             AuthDecision::Allow(_)
                 if source == Some(auth::CredentialSource::Cookie)

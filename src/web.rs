@@ -69,6 +69,7 @@ pub fn router(app: Arc<App>) -> Router {
         )
         .route("/_portcullis/", get(home))
         .route("/_portcullis/account", get(account::page))
+        .route(crate::paths::STEP_UP_PATH, get(account::step_up_page))
         .route(
             "/_portcullis/account/sessions/revoke",
             post(account::revoke_device),

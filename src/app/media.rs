@@ -90,6 +90,7 @@ pub fn identity_of(entry: &MediaEntry) -> Identity {
         sid: entry.sid,
         issued_ms: entry.issued_ms,
         expires_s: entry.expires_ms / 1000,
+        factors: 1,
     }
 }
 
@@ -822,6 +823,7 @@ impl App {
                     sid,
                     issued_ms: *issued_ms,
                     expires_s: *token_expires_s,
+                    factors: 1,
                 };
                 self.media.grant(i, item, ip, &identity, until_ms);
             }

@@ -316,6 +316,7 @@ mod tests {
             sid: SessionId(1),
             issued_ms: 0,
             expires_s: 0,
+            factors: 1,
         };
         rewrite(
             &mut r,

@@ -8,7 +8,8 @@
 use pingora::prelude::*;
 use pingora::proxy::Session;
 
-use super::{forward, respond, Gateway, Outcome, RequestCtx};
+use super::rules::Verdict;
+use super::{forward, path, respond, Gateway, Outcome, RequestCtx};
 use crate::app::media::{identity_of, MediaRequest, MAX_LOGIN_BODY};
 use crate::app::{now_ms, ClientInfo};
 use crate::auth::{self, AuthDecision, DenyReason, Identity};
@@ -114,6 +115,13 @@ impl Gateway {
             Ok(c) => c,
             Err(e) => return refuse_carriers(session, ctx, e).await,
         };
+        // A rule that refuses this request whoever sends it (a network, a path) refuses the
+        // media server's own sign-in routes too; rules about users apply once the token is
+        // known.
+        let anonymous = self.verdict(session, ctx, route, canonical, None);
+        if matches!(anonymous, Verdict::Deny(_)) {
+            return self.refuse_by_rule(session, ctx, &anonymous).await;
+        }
 
         match ep {
             Endpoint::Blocked => {
@@ -191,7 +199,9 @@ impl Gateway {
                                 .media
                                 .granted(index, item, &ctx.client_ip, &self.app.view, now)
                         {
-                            return Ok(self.let_through(session, ctx, identity, Outcome::Granted));
+                            return self
+                                .let_through(session, ctx, identity, Outcome::Granted)
+                                .await;
                         }
                     }
                     Endpoint::Image if credential_less => match media.images {
@@ -206,12 +216,9 @@ impl Gateway {
                                 &self.app.view,
                                 now,
                             ) {
-                                return Ok(self.let_through(
-                                    session,
-                                    ctx,
-                                    identity,
-                                    Outcome::Granted,
-                                ));
+                                return self
+                                    .let_through(session, ctx, identity, Outcome::Granted)
+                                    .await;
                             }
                         }
                     },
@@ -265,17 +272,28 @@ impl Gateway {
             Endpoint::Media { .. } => ctx.track = true,
             _ => {}
         }
-        Ok(self.let_through(session, ctx, identity, Outcome::Allowed))
+        self.let_through(session, ctx, identity, Outcome::Allowed)
+            .await
     }
 
-    /// Forwards with this identity; always `false` ("not answered here").
-    pub(super) fn let_through(
+    /// Forwards with this identity unless an access rule refuses it; `Ok(true)` when answered
+    /// here (refused).
+    pub(super) async fn let_through(
         &self,
         session: &mut Session,
         ctx: &mut RequestCtx,
         identity: Identity,
         outcome: Outcome,
-    ) -> bool {
+    ) -> Result<bool> {
+        let config = ctx.config.clone();
+        if let Some(route) = ctx.route.and_then(|i| config.routes.get(i)) {
+            let path = path::canonicalize(session.req_header().uri.path()).unwrap_or_default();
+            let verdict = self.verdict(session, ctx, route, &path, Some(&identity));
+            if matches!(verdict, Verdict::Deny(_) | Verdict::StepUp(_)) {
+                ctx.identity = Some(identity);
+                return self.refuse_by_rule(session, ctx, &verdict).await;
+            }
+        }
         if outcome == Outcome::Granted {
             ctx.track = true;
         }
@@ -286,7 +304,7 @@ impl Gateway {
         }
         ctx.identity = Some(identity);
         ctx.outcome = outcome;
-        false
+        Ok(false)
     }
 
     /// The gateway session (cookie or Bearer) the request carries: `None` if it carries none.

@@ -51,6 +51,11 @@ impl Gateway {
             Ok(c) => c,
             Err(e) => return super::media::refuse_carriers(session, ctx, e).await,
         };
+        // A rule that refuses this request whoever sends it refuses it here already.
+        let anonymous = self.verdict(session, ctx, route, canonical, None);
+        if matches!(anonymous, super::rules::Verdict::Deny(_)) {
+            return self.refuse_by_rule(session, ctx, &anonymous).await;
+        }
         if ep == PlexEndpoint::Identity {
             ctx.outcome = Outcome::Public;
             return Ok(false);
@@ -63,7 +68,8 @@ impl Gateway {
             return match gateway {
                 Some(Ok(identity)) if !self.cross_site_upgrade(session, ctx) => {
                     self.app.touch(identity.sid, now);
-                    Ok(self.let_through(session, ctx, identity, Outcome::Allowed))
+                    self.let_through(session, ctx, identity, Outcome::Allowed)
+                        .await
                 }
                 other => {
                     let reason = match other {
@@ -149,7 +155,10 @@ impl Gateway {
                 (Some(owner), Ok((identity, _))) if identity.user_id != owner.user_id => {
                     self.refuse(session, ctx, DenyReason::ForeignSession).await
                 }
-                (Some(owner), _) => Ok(self.let_through(session, ctx, owner, Outcome::Granted)),
+                (Some(owner), _) => {
+                    self.let_through(session, ctx, owner, Outcome::Granted)
+                        .await
+                }
                 (None, Err(reason)) if carried.token.is_some() => {
                     self.refuse(session, ctx, reason).await
                 }
@@ -190,7 +199,8 @@ impl Gateway {
             }
             _ => ctx.track = plex::long_lived(server_path),
         }
-        Ok(self.let_through(session, ctx, identity, Outcome::Allowed))
+        self.let_through(session, ctx, identity, Outcome::Allowed)
+            .await
     }
 
     /// Refuses a request on a plex route with a JSON reason Plex apps log.

@@ -402,6 +402,53 @@ pub async fn media_deny(session: &mut Session) -> Result<()> {
     .await
 }
 
+/// A browser refused by an access rule: for a session with one factor where two are needed,
+/// the step-up page (which says how to get the second); else a 403 page.
+pub async fn rule_page(session: &mut Session, reason: DenyReason, return_to: &str) -> Result<()> {
+    if reason == DenyReason::TwoFactorRequired {
+        let rd = percent_encoding::utf8_percent_encode(
+            &web::safe_return_path(Some(return_to)),
+            percent_encoding::NON_ALPHANUMERIC,
+        )
+        .to_string();
+        let location = format!("{}?rd={rd}", crate::paths::STEP_UP_PATH);
+        return send(
+            session,
+            302,
+            &[("location", location)],
+            "text/plain; charset=utf-8",
+            Bytes::new(),
+        )
+        .await;
+    }
+    let page = web::pages::message(
+        "Not allowed",
+        "An access rule of this gateway refuses this page to you (from here, or at all). Ask \
+         its administrator if you think you should reach it.",
+    )
+    .0;
+    send(
+        session,
+        403,
+        &[],
+        "text/html; charset=utf-8",
+        Bytes::from(page),
+    )
+    .await
+}
+
+/// An app refused by an access rule: the reason as JSON.
+pub async fn rule_json(session: &mut Session, status: u16, body: &serde_json::Value) -> Result<()> {
+    send(
+        session,
+        status,
+        &[],
+        "application/json",
+        Bytes::from(format!("{body}\n")),
+    )
+    .await
+}
+
 /// A media route's refusal with a reason the user can act on.
 pub async fn media_refuse(session: &mut Session, status: u16, message: &str) -> Result<()> {
     let body = serde_json::json!({ "error": message }).to_string();

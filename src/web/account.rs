@@ -30,6 +30,54 @@ fn signed_in(app: &App, headers: &HeaderMap, back_to: &str) -> Result<Identity, 
         .ok_or_else(|| to_login(back_to))
 }
 
+/// `GET /_portcullis/step-up?rd=`: where an access rule that needs two factors sends a
+/// session that passed one. It says how to get the second: sign in again (with the code or a
+/// passkey) for a user who has one, else set one up first.
+pub(crate) async fn step_up_page(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    Query(q): Query<super::login::RdQuery>,
+) -> Response {
+    let rd = super::safe_return_path(q.rd());
+    let id = match signed_in(&app, &headers, &rd) {
+        Ok(id) => id,
+        Err(r) => return r,
+    };
+    let user = match app.store.find_user_by_id(id.user_id).await {
+        Ok(Some(u)) => u,
+        Ok(None) => return to_login(&rd),
+        Err(e) => return store_unavailable(&e.to_string()),
+    };
+    let second = match app.has_second_factor(&user).await {
+        Ok(b) => b,
+        Err(e) => return store_unavailable(&e.to_string()),
+    };
+    let (text, href, link) = if second {
+        (
+            "This page needs a sign-in with two factors, and this one used one. Sign out of \
+             this device and sign in again: with your code or your passkey, the new sign-in \
+             counts both.",
+            ACCOUNT_PATH.to_string(),
+            "Go to your account (Sign out of this device is at the bottom)",
+        )
+    } else {
+        (
+            "This page needs a sign-in with two factors. Your account has only a password: \
+             turn on two-factor authentication or add a passkey on your account page, then \
+             sign in again.",
+            ACCOUNT_PATH.to_string(),
+            "Go to your account",
+        )
+    };
+    no_store(
+        (
+            StatusCode::UNAUTHORIZED,
+            pages::message_with_link("Two factors needed", text, &href, link),
+        )
+            .into_response(),
+    )
+}
+
 /// For a form post: signed in, same origin, and the session's CSRF token.
 pub(crate) fn form_identity(
     app: &App,

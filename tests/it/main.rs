@@ -50,6 +50,7 @@ mod proxy;
 mod reload;
 mod replicas;
 mod revocation;
+mod rules;
 mod slowloris;
 mod smuggling;
 mod soak;

@@ -1,0 +1,342 @@
+//! Access rules at request time (`[[rule]]`, see [`crate::config::rules`]): the first rule
+//! that matches decides, else the route's `default_policy`. Evaluated in memory (the user's
+//! groups come from the revocation view) for every credential kind — gateway cookies and
+//! Bearer tokens, Jellyfin/Emby and Plex tokens — once the request's identity is known. A rule
+//! about users or groups cannot be decided for an anonymous request: when one could match, the
+//! request is asked to sign in first rather than judged by a later rule.
+
+use std::net::IpAddr;
+
+use pingora::prelude::*;
+use pingora::proxy::Session;
+
+use super::{host_of, is_navigation, respond, Gateway, Outcome, RequestCtx};
+use crate::auth::{canonical_user_name, DenyReason, Identity};
+use crate::config::{DefaultPolicy, Policy, Route, Rule, Subject};
+
+/// What the rules make of a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Through, with the identity the request has.
+    Allow,
+    /// Through without a session.
+    Bypass,
+    /// Refused by the rule named (`default` for a route's `default_policy`).
+    Deny(String),
+    /// A session is needed (none, or none valid).
+    SignIn,
+    /// The session passed one factor; the rule named needs two.
+    StepUp(String),
+}
+
+/// The facts of a request that rules look at.
+pub struct Facts<'a> {
+    pub route: &'a Route,
+    /// Lower-case, without port.
+    pub host: Option<String>,
+    /// The canonical path.
+    pub path: &'a str,
+    pub method: &'a str,
+    /// The client after `server.trusted_proxies`.
+    pub client: Option<IpAddr>,
+}
+
+/// Whether `rule` matches the request, leaving its subjects aside.
+fn matches_request(rule: &Rule, f: &Facts<'_>) -> bool {
+    rule.route.as_ref().is_none_or(|r| *r == f.route.name)
+        && rule
+            .host
+            .as_ref()
+            .is_none_or(|h| f.host.as_deref() == Some(h))
+        && rule.path.as_ref().is_none_or(|p| p.is_match(f.path))
+        && (rule.methods.is_empty() || rule.methods.iter().any(|m| m == f.method))
+        && (rule.networks.is_empty()
+            || f.client
+                .is_some_and(|ip| crate::netaddr::in_any(ip, &rule.networks)))
+}
+
+/// Whether the signed-in user is one of `subjects`.
+fn is_subject(subjects: &[Subject], identity: &Identity, groups: Option<&[String]>) -> bool {
+    subjects.iter().any(|s| match s {
+        Subject::User(name) => {
+            canonical_user_name(name).eq_ignore_ascii_case(&canonical_user_name(&identity.name))
+        }
+        Subject::Group(g) => groups.is_some_and(|list| list.iter().any(|x| x == g)),
+    })
+}
+
+/// The verdict of `rules` (and the route's default) on a request with `identity`, if any,
+/// whose user is in `groups`.
+pub fn decide(
+    rules: &[Rule],
+    f: &Facts<'_>,
+    identity: Option<&Identity>,
+    groups: Option<&[String]>,
+) -> Verdict {
+    for rule in rules.iter().filter(|r| matches_request(r, f)) {
+        if !rule.subjects.is_empty() {
+            match identity {
+                // Whether this rule is about the request cannot be known without a session.
+                None => return Verdict::SignIn,
+                Some(id) if !is_subject(&rule.subjects, id, groups) => continue,
+                Some(_) => {}
+            }
+        }
+        return match (rule.policy, identity) {
+            (Policy::Deny, _) => Verdict::Deny(rule.name.clone()),
+            (Policy::Bypass, _) => Verdict::Bypass,
+            (_, None) => Verdict::SignIn,
+            (Policy::TwoFactor, Some(id)) if id.factors < 2 => Verdict::StepUp(rule.name.clone()),
+            (Policy::OneFactor | Policy::TwoFactor, Some(_)) => Verdict::Allow,
+        };
+    }
+    match (f.route.default_policy, identity) {
+        (DefaultPolicy::Deny, _) => Verdict::Deny("default".to_string()),
+        (DefaultPolicy::Session, Some(_)) => Verdict::Allow,
+        (DefaultPolicy::Session, None) => Verdict::SignIn,
+    }
+}
+
+impl Gateway {
+    /// The verdict of the configuration's rules on this request.
+    pub(super) fn verdict(
+        &self,
+        session: &Session,
+        ctx: &RequestCtx,
+        route: &Route,
+        path: &str,
+        identity: Option<&Identity>,
+    ) -> Verdict {
+        let req = session.req_header();
+        let facts = Facts {
+            route,
+            host: host_of(req).map(|h| h.trim_end_matches('.').to_ascii_lowercase()),
+            path,
+            method: req.method.as_str(),
+            client: ctx.client_ip.parse().ok(),
+        };
+        let groups = identity.and_then(|id| self.app.view.groups_of(id.user_id));
+        decide(&ctx.config.rules, &facts, identity, groups.as_deref())
+    }
+
+    /// Answers a request the rules refuse although it has an identity (`Deny`, `StepUp`):
+    /// browsers get a page (the step-up page, or 403), apps a JSON reason. `Ok(true)` when
+    /// answered here.
+    pub(super) async fn refuse_by_rule(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        verdict: &Verdict,
+    ) -> Result<bool> {
+        let (reason, status, body) = match verdict {
+            Verdict::Deny(rule) => (
+                DenyReason::RuleDenied,
+                403,
+                serde_json::json!({
+                    "error": "rule_denied",
+                    "rule": rule,
+                    "message": "An access rule refuses this request.",
+                }),
+            ),
+            Verdict::StepUp(rule) => (
+                DenyReason::TwoFactorRequired,
+                401,
+                serde_json::json!({
+                    "error": "two_factor_required",
+                    "rule": rule,
+                    "message": "This needs a sign-in with two factors (a code or a passkey).",
+                }),
+            ),
+            _ => return Ok(false),
+        };
+        tracing::info!(
+            request_id = %ctx.request_id,
+            user = ctx.identity.as_ref().map(|i| i.name.as_str()).unwrap_or("-"),
+            rule = body["rule"].as_str().unwrap_or("-"),
+            reason = reason.as_str(),
+            "refused by an access rule"
+        );
+        ctx.outcome = Outcome::Denied(reason);
+        let navigation = is_navigation(session.req_header());
+        if navigation {
+            let return_to = session
+                .req_header()
+                .uri
+                .path_and_query()
+                .map(|p| p.as_str().to_string())
+                .unwrap_or_else(|| "/".to_string());
+            respond::rule_page(session, reason, &return_to).await?;
+        } else {
+            respond::rule_json(session, status, &body).await?;
+        }
+        Ok(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Config, EnvOverrides};
+
+    /// The rules of a config with one route (`media`) and `rules`, and that route.
+    fn parse(rules: &str) -> (Vec<Rule>, Route) {
+        let text = format!("[[route]]\nname = \"media\"\nupstream = \"127.0.0.1:8096\"\n{rules}");
+        let c = Config::parse(
+            &text,
+            std::path::Path::new("t.toml"),
+            &EnvOverrides::default(),
+        )
+        .unwrap();
+        (c.rules, c.routes[0].clone())
+    }
+
+    fn identity(name: &str, factors: u8) -> Identity {
+        Identity {
+            user_id: 7,
+            name: name.to_string(),
+            sid: crate::store::SessionId(1),
+            issued_ms: 0,
+            expires_s: 0,
+            factors,
+        }
+    }
+
+    #[test]
+    fn first_match_wins_and_subjects_need_a_session() {
+        let (rules, route) = parse(
+            r#"
+            [[rule]]
+            name = "lan"
+            networks = ["192.168.1.0/24"]
+            policy = "bypass"
+            [[rule]]
+            name = "admins-dashboard"
+            path = "^/web/dashboard"
+            subjects = ["group:admins", "user:carol"]
+            policy = "two_factor"
+            [[rule]]
+            name = "no-dashboard"
+            path = "^/web/dashboard"
+            policy = "deny"
+            [[rule]]
+            name = "metrics"
+            path = "^/metrics$"
+            methods = ["GET"]
+            networks = ["10.0.0.9"]
+            policy = "one_factor"
+            [[rule]]
+            name = "no-metrics"
+            path = "^/metrics$"
+            policy = "deny"
+            "#,
+        );
+        let facts = |path: &'static str, method: &'static str, ip: &str| Facts {
+            route: &route,
+            host: None,
+            path,
+            method,
+            client: ip.parse().ok(),
+        };
+        let admins = vec!["admins".to_string()];
+        let alice = identity("alice", 2);
+        let alice1 = identity("alice", 1);
+        let carol = identity("Carol", 2);
+        let bob = identity("bob", 2);
+        let wan = "203.0.113.7";
+        // The LAN passes without a session, whatever the path.
+        assert_eq!(
+            decide(
+                &rules,
+                &facts("/web/dashboard", "GET", "192.168.1.20"),
+                None,
+                None
+            ),
+            Verdict::Bypass
+        );
+        // Anonymous and a rule about users could match: sign in first.
+        assert_eq!(
+            decide(&rules, &facts("/web/dashboard", "GET", wan), None, None),
+            Verdict::SignIn
+        );
+        // An admin with two factors; with one, step up; carol by name (any case); bob falls
+        // through to the deny.
+        assert_eq!(
+            decide(
+                &rules,
+                &facts("/web/dashboard", "GET", wan),
+                Some(&alice),
+                Some(&admins)
+            ),
+            Verdict::Allow
+        );
+        assert_eq!(
+            decide(
+                &rules,
+                &facts("/web/dashboard", "GET", wan),
+                Some(&alice1),
+                Some(&admins)
+            ),
+            Verdict::StepUp("admins-dashboard".into())
+        );
+        assert_eq!(
+            decide(
+                &rules,
+                &facts("/web/dashboard", "GET", wan),
+                Some(&carol),
+                None
+            ),
+            Verdict::Allow
+        );
+        assert_eq!(
+            decide(
+                &rules,
+                &facts("/web/dashboard", "GET", wan),
+                Some(&bob),
+                None
+            ),
+            Verdict::Deny("no-dashboard".into())
+        );
+        // Method and network both count.
+        assert_eq!(
+            decide(
+                &rules,
+                &facts("/metrics", "GET", "10.0.0.9"),
+                Some(&bob),
+                None
+            ),
+            Verdict::Allow
+        );
+        assert_eq!(
+            decide(
+                &rules,
+                &facts("/metrics", "POST", "10.0.0.9"),
+                Some(&bob),
+                None
+            ),
+            Verdict::Deny("no-metrics".into())
+        );
+        assert_eq!(
+            decide(
+                &rules,
+                &facts("/metrics", "GET", "10.0.0.8"),
+                Some(&bob),
+                None
+            ),
+            Verdict::Deny("no-metrics".into())
+        );
+        // No rule: the route's default (a session).
+        assert_eq!(
+            decide(
+                &rules,
+                &facts("/web/index.html", "GET", wan),
+                Some(&alice1),
+                None
+            ),
+            Verdict::Allow
+        );
+        assert_eq!(
+            decide(&rules, &facts("/web/index.html", "GET", wan), None, None),
+            Verdict::SignIn
+        );
+    }
+}

@@ -1,0 +1,431 @@
+//! Access rules (`[[rule]]`) against the real gateway: a table of requests over route × path ×
+//! method × network (the client found behind a trusted proxy, or not) × subject (user, group)
+//! × factors, with gateway Bearer sessions of one and two factors, browsers, and Jellyfin app
+//! tokens; a group change reaching the running gateway; and `check-config` refusing what
+//! cannot be right.
+
+use std::time::Duration;
+
+use portcullis::auth::totp;
+use serde_json::Value;
+
+use crate::account::{enrol, Browser};
+use crate::harness::{client, poll_until, Gateway};
+use crate::jellyfin::{mb, token_of, PW};
+use crate::standin::StandIn;
+use crate::upstream::Upstream;
+
+const RULES: &str = r#"
+[[route]]
+name = "app"
+host = "app.test"
+upstream = "{app}"
+
+[[rule]]
+name = "lan-bypass"
+route = "app"
+path = "^/lan/"
+networks = ["192.168.0.0/16"]
+policy = "bypass"
+
+[[rule]]
+name = "admin-area"
+route = "app"
+path = "^/admin"
+subjects = ["group:admins", "user:carol"]
+policy = "two_factor"
+
+[[rule]]
+name = "no-admin-area"
+route = "app"
+path = "^/admin"
+policy = "deny"
+
+[[rule]]
+name = "monitoring"
+route = "app"
+path = "^/metrics$"
+methods = ["GET"]
+networks = ["10.9.9.9"]
+policy = "bypass"
+
+[[rule]]
+name = "no-metrics"
+route = "app"
+path = "^/metrics$"
+policy = "deny"
+
+[[rule]]
+name = "kids-read-only"
+route = "media"
+methods = ["POST", "DELETE"]
+subjects = ["group:kids"]
+policy = "deny"
+"#;
+
+fn now_s() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+/// Who sends a request.
+#[derive(Clone, Copy, Debug)]
+enum Who<'a> {
+    Nobody,
+    /// A gateway Bearer token.
+    Bearer(&'a str),
+    /// A browser's session cookie, navigating.
+    Browser(&'a str),
+}
+
+/// A row of the table: what it is, who sends it, method, path, from which loopback address,
+/// the `X-Forwarded-For` it carries, and the status and `error` (or `Location`) expected.
+type Case<'a> = (
+    &'a str,
+    Who<'a>,
+    &'a str,
+    &'a str,
+    [u8; 4],
+    Option<&'a str>,
+    (u16, &'a str),
+);
+
+/// One request to the `app` route: status, and the JSON `error` if any.
+async fn app(
+    gw: &Gateway,
+    who: Who<'_>,
+    method: &str,
+    path: &str,
+    from: [u8; 4],
+    xff: Option<&str>,
+) -> (u16, String) {
+    let c = reqwest::Client::builder()
+        .local_address(std::net::IpAddr::from(from))
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let mut req = c
+        .request(method.parse().unwrap(), gw.url(path))
+        .header("Host", format!("app.test:{}", gw.port));
+    if let Some(x) = xff {
+        req = req.header("X-Forwarded-For", x);
+    }
+    req = match who {
+        Who::Nobody => req,
+        Who::Bearer(t) => req.bearer_auth(t),
+        Who::Browser(cookie) => req
+            .header("Cookie", cookie)
+            .header("Accept", "text/html")
+            .header("Sec-Fetch-Mode", "navigate"),
+    };
+    let resp = req.send().await.unwrap();
+    let status = resp.status().as_u16();
+    let location = resp
+        .headers()
+        .get("location")
+        .map(|l| l.to_str().unwrap().to_string());
+    let text = resp.text().await.unwrap();
+    let error = serde_json::from_str::<Value>(&text)
+        .ok()
+        .and_then(|v| v["error"].as_str().map(str::to_string))
+        .or(location)
+        .unwrap_or_default();
+    (status, error)
+}
+
+/// A Jellyfin app's request with its token: the status.
+async fn media(gw: &Gateway, token: &str, method: &str, path: &str) -> u16 {
+    client()
+        .request(method.parse().unwrap(), gw.url(path))
+        .header("Authorization", mb("phone", Some(token)))
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+#[tokio::test]
+async fn rules_decide_by_route_path_method_network_subject_and_factors_for_every_credential() {
+    let up = Upstream::start().await;
+    let jf = StandIn::start().await;
+    for name in ["alice", "bob", "carol", "root"] {
+        jf.add_user(name, PW, false);
+    }
+    let gw = Gateway::builder(&jf.url())
+        .user("bob", PW)
+        .user("carol", PW)
+        .admin("alice", PW)
+        .admin("root", PW)
+        .route_keys("kind = \"jellyfin\"")
+        .server_keys("trusted_proxies = [\"127.0.0.1\"]")
+        .extra_toml(&RULES.replace("{app}", up.url().trim_start_matches("http://")))
+        .start()
+        .await;
+    gw.cli_ok(&["group", "add", "bob", "kids"]);
+    // alice: an administrator with TOTP (two factors); root: an administrator with a password
+    // only; bob: in `kids`; carol: named by a rule.
+    let (seed, _) = enrol(&Browser::login(&gw, "alice", PW).await).await;
+    let code = totp::code_at(&seed, totp::step_of(now_s()) + 1);
+    let (status, body) = gw.try_login("alice", PW, Some(&code)).await;
+    assert_eq!(status, 200, "{body}");
+    let alice = body["token"].as_str().unwrap().to_string();
+    let root = gw.login("root", PW).await.token;
+    let bob = gw.login("bob", PW).await.token;
+    let carol = gw.login("carol", PW).await.token;
+    let root_browser = Browser::login(&gw, "root", PW).await;
+
+    let local = [127, 0, 0, 1];
+    let other = [127, 0, 0, 2];
+    let table: Vec<Case> = vec![
+        // The LAN passes without a session — when a trusted proxy says so.
+        (
+            "lan, trusted proxy",
+            Who::Nobody,
+            "GET",
+            "/lan/x",
+            local,
+            Some("192.168.1.5"),
+            (200, ""),
+        ),
+        (
+            "lan claimed by an untrusted peer",
+            Who::Nobody,
+            "GET",
+            "/lan/x",
+            other,
+            Some("192.168.1.5"),
+            (401, "unauthorized"),
+        ),
+        (
+            "lan, the proxy's own client list",
+            Who::Nobody,
+            "GET",
+            "/lan/x",
+            local,
+            Some("192.168.1.5, 203.0.113.9"),
+            (401, "unauthorized"),
+        ),
+        // The admin area: admins with two factors, carol by name; anyone else is refused.
+        (
+            "admin, two factors",
+            Who::Bearer(&alice),
+            "GET",
+            "/admin/x",
+            local,
+            None,
+            (200, ""),
+        ),
+        (
+            "admin, one factor",
+            Who::Bearer(&root),
+            "GET",
+            "/admin/x",
+            local,
+            None,
+            (401, "two_factor_required"),
+        ),
+        (
+            "admin, one factor, browser",
+            Who::Browser(&root_browser.cookie),
+            "GET",
+            "/admin/x",
+            local,
+            None,
+            (302, "/_portcullis/step-up?rd=%2Fadmin%2Fx"),
+        ),
+        (
+            "carol by name, one factor",
+            Who::Bearer(&carol),
+            "GET",
+            "/admin/",
+            local,
+            None,
+            (401, "two_factor_required"),
+        ),
+        (
+            "kids",
+            Who::Bearer(&bob),
+            "GET",
+            "/admin/x",
+            local,
+            None,
+            (403, "rule_denied"),
+        ),
+        (
+            "nobody must sign in first",
+            Who::Nobody,
+            "GET",
+            "/admin/x",
+            local,
+            None,
+            (401, "unauthorized"),
+        ),
+        // Metrics: GET from the monitoring host only, with or without a session.
+        (
+            "monitoring host",
+            Who::Nobody,
+            "GET",
+            "/metrics",
+            local,
+            Some("10.9.9.9"),
+            (200, ""),
+        ),
+        (
+            "monitoring host, POST",
+            Who::Nobody,
+            "POST",
+            "/metrics",
+            local,
+            Some("10.9.9.9"),
+            (403, "rule_denied"),
+        ),
+        (
+            "another host, signed in",
+            Who::Bearer(&alice),
+            "GET",
+            "/metrics",
+            local,
+            Some("10.9.9.8"),
+            (403, "rule_denied"),
+        ),
+        // No rule: the route's default, a session.
+        (
+            "elsewhere, signed in",
+            Who::Bearer(&bob),
+            "GET",
+            "/home",
+            local,
+            None,
+            (200, ""),
+        ),
+        (
+            "elsewhere, nobody",
+            Who::Nobody,
+            "GET",
+            "/home",
+            local,
+            None,
+            (401, "unauthorized"),
+        ),
+    ];
+    let mut wrong = Vec::new();
+    for (what, who, method, path, from, xff, want) in &table {
+        let got = app(&gw, *who, method, path, *from, *xff).await;
+        if (got.0, got.1.as_str()) != *want {
+            wrong.push(format!("{what}: {method} {path} → {got:?}, want {want:?}"));
+        }
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+    // Only what the rules let through reached the upstream.
+    let reached: Vec<String> = up
+        .requests()
+        .iter()
+        .map(|r| r.path_and_query.clone())
+        .collect();
+    assert_eq!(
+        reached,
+        ["/lan/x", "/admin/x", "/metrics", "/home"],
+        "{reached:?}"
+    );
+
+    // Jellyfin app tokens answer to the same rules: a kid's app reads but does not write.
+    let bob_app = token_of(&gw, "bob", "phone-bob").await;
+    let carol_app = token_of(&gw, "carol", "phone-carol").await;
+    assert_eq!(media(&gw, &bob_app, "GET", "/Users/Me").await, 200);
+    let post = "/Items/0123456789abcdef0123456789abcdef/PlaybackInfo";
+    assert_eq!(media(&gw, &bob_app, "POST", post).await, 403);
+    assert_eq!(media(&gw, &carol_app, "POST", post).await, 200);
+    // Taken out of `kids`, bob's app writes again, on the running gateway.
+    gw.cli_ok(&["group", "remove", "bob", "kids"]);
+    assert!(
+        poll_until(Duration::from_secs(3), || async {
+            media(&gw, &bob_app, "POST", post).await == 200
+        })
+        .await,
+        "the group change did not reach the gateway"
+    );
+    gw.metrics_with(&[
+        "portcullis_requests_total{decision=\"deny\",reason=\"rule_denied\",route=\"app\"} 3",
+        "portcullis_requests_total{decision=\"deny\",reason=\"two_factor_required\",route=\"app\"} 3",
+        "portcullis_requests_total{decision=\"deny\",reason=\"rule_denied\",route=\"media\"} 1",
+    ])
+    .await;
+    let list = gw.cli_ok(&["group", "list", "--json"]);
+    let groups: Value = serde_json::from_str(&list).unwrap();
+    assert_eq!(groups[0]["group"], "admins");
+    assert_eq!(groups[0]["members"], 2);
+    gw.assert_audit(&["--user", "bob"], &["group_add", "group_remove"]);
+}
+
+#[tokio::test]
+async fn check_config_refuses_bad_rules_by_key_and_warns_of_shadowed_ones() {
+    let up = Upstream::start().await;
+    let gw = Gateway::builder(&up.url()).user("alice", PW).start().await;
+    let base = std::fs::read_to_string(gw.config_path()).unwrap();
+    let check = |rules: &str| {
+        std::fs::write(gw.config_path(), format!("{base}\n{rules}")).unwrap();
+        let out = gw.cli(&["check-config"]);
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    for (rules, key, says) in [
+        (
+            "[[rule]]\nnetworks = [\"10.0.0.0/33\"]\npolicy = \"deny\"",
+            "rule[0].networks",
+            "10.0.0.0/33",
+        ),
+        (
+            "[[rule]]\npath = \"^/(admin\"\npolicy = \"deny\"",
+            "rule[0].path",
+            "regular expression",
+        ),
+        (
+            "[[rule]]\nroute = \"nope\"\npolicy = \"deny\"",
+            "rule[0].route",
+            "no route is named `nope`",
+        ),
+        ("[[rule]]\npolicy = \"maybe\"", "rule[0].policy", "`maybe`"),
+        (
+            "[[rule]]\nmethods = [\"FETCH\"]\npolicy = \"deny\"",
+            "rule[0].methods",
+            "`FETCH`",
+        ),
+        (
+            "[[rule]]\nsubjects = [\"team:x\"]\npolicy = \"deny\"",
+            "rule[0].subjects",
+            "`team:x`",
+        ),
+        (
+            "[[rule]]\nsubjects = [\"user:alice\"]\npolicy = \"bypass\"",
+            "rule[0].subjects",
+            "bypass",
+        ),
+        (
+            "[[rule]]\nsubjects = [\"group:nobody-here\"]\npolicy = \"deny\"",
+            "rule[0].subjects",
+            "nobody is in group `nobody-here`",
+        ),
+    ] {
+        let (code, err) = check(rules);
+        assert_eq!(code, Some(2), "{rules}: {err}");
+        assert!(
+            err.contains(&format!("`{key}`")) && err.contains(says),
+            "{rules}: {err}"
+        );
+    }
+    let (code, err) = check(
+        "[[rule]]\nname = \"wide\"\nnetworks = [\"10.0.0.0/8\"]\npolicy = \"deny\"\n\
+         [[rule]]\nname = \"narrow\"\nnetworks = [\"10.1.0.0/16\"]\nmethods = [\"GET\"]\npolicy = \"bypass\"\n\
+         [[rule]]\nname = \"admins\"\nsubjects = [\"group:admins\"]\npolicy = \"two_factor\"",
+    );
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        err.contains("rule `narrow` never applies: rule `wide`") && !err.contains("`admins` never"),
+        "{err}"
+    );
+}
