@@ -279,6 +279,7 @@ pub struct App {
 impl App {
     /// Opens the store, loads (or creates) the keys and builds the view from the store.
     pub async fn open(config: Config) -> Result<Arc<App>, StartError> {
+        crate::config::rules::warn_shadowed(&config.rules);
         let store = store::open(config.store.url.expose(), config.store.busy_timeout).await?;
         if let Some(problem) = passkey::rp_id_conflict(&store, &config.webauthn.rp_id).await? {
             return Err(StartError::Passkeys(format!(

@@ -246,3 +246,14 @@ fn covers(a: &Rule, b: &Rule) -> bool {
         && (a.subjects.is_empty()
             || (!b.subjects.is_empty() && b.subjects.iter().all(|s| a.subjects.contains(s))))
 }
+
+/// Logs each rule an earlier rule shadows (at start and on reload; `check-config` prints them).
+pub fn warn_shadowed(rules: &[Rule]) {
+    for (later, earlier) in shadowed(rules) {
+        tracing::warn!(
+            rule = %later,
+            shadowed_by = %earlier,
+            "access rule never applies: an earlier rule matches every request it would"
+        );
+    }
+}

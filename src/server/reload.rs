@@ -122,6 +122,7 @@ impl Reloader {
                 if let (Some(resolver), Some(cert)) = (&self.certs, cert) {
                     resolver.set(cert);
                 }
+                crate::config::rules::warn_shadowed(&prepared.config.rules);
                 self.app.apply_config(prepared.config);
                 for key in &prepared.needs_restart {
                     tracing::warn!(key = %key, "`{key}` changed in the config file but needs a restart: the running value stays until then");

@@ -52,12 +52,11 @@ pub(crate) async fn step_up_page(
         Ok(b) => b,
         Err(e) => return store_unavailable(&e.to_string()),
     };
-    let (text, href, link) = if second {
+    let (text, link) = if second {
         (
             "This page needs a sign-in with two factors, and this one used one. Sign out of \
              this device and sign in again: with your code or your passkey, the new sign-in \
              counts both.",
-            ACCOUNT_PATH.to_string(),
             "Go to your account (Sign out of this device is at the bottom)",
         )
     } else {
@@ -65,14 +64,13 @@ pub(crate) async fn step_up_page(
             "This page needs a sign-in with two factors. Your account has only a password: \
              turn on two-factor authentication or add a passkey on your account page, then \
              sign in again.",
-            ACCOUNT_PATH.to_string(),
             "Go to your account",
         )
     };
     no_store(
         (
             StatusCode::UNAUTHORIZED,
-            pages::message_with_link("Two factors needed", text, &href, link),
+            pages::message_with_link("Two factors needed", text, ACCOUNT_PATH, link),
         )
             .into_response(),
     )

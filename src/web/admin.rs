@@ -86,9 +86,14 @@ pub(crate) async fn page(
                 Ok(p) => p,
                 Err(e) => return store_unavailable(&e.to_string()),
             };
+            let groups: std::collections::HashMap<i64, Vec<String>> = users
+                .iter()
+                .filter_map(|u| Some((u.id, app.view.groups_of(u.id)?.to_vec())))
+                .collect();
             no_store(
                 pages::admin(
                     &users,
+                    &groups,
                     &sessions,
                     &audit,
                     &plex,
@@ -177,6 +182,8 @@ fn bad(text: &str) -> Response {
 pub(crate) struct UserAction {
     name: String,
     action: String,
+    /// For `group_add` and `group_remove`.
+    group: Option<String>,
     #[serde(default)]
     csrf: String,
 }
@@ -227,6 +234,26 @@ pub(crate) async fn user_action(
             .await
             .map(|_| "reset-required")
             .map_err(|e| e.to_string()),
+        "group_add" | "group_remove" => {
+            let group = match crate::config::group_name(form.group.as_deref().unwrap_or("")) {
+                Ok(g) => g,
+                Err(e) => return bad(&format!("Nothing was done: {e}.")),
+            };
+            let member = form.action == "group_add";
+            match app.store.set_group(user.id, &group, member, now).await {
+                Ok(changed) => {
+                    if let Some(ev) = changed {
+                        app.apply(&[ev]);
+                    }
+                    Ok(if member {
+                        "group-added"
+                    } else {
+                        "group-removed"
+                    })
+                }
+                Err(e) => Err(e.to_string()),
+            }
+        }
         "require_passkey" | "passkey_optional" => {
             let required = form.action == "require_passkey";
             app.store
@@ -286,7 +313,14 @@ pub(crate) async fn user_action(
                 Some((user.id, &user.name)),
                 &client,
             );
-            e.detail = format!("by {}", actor.name);
+            e.detail = match form
+                .group
+                .as_deref()
+                .filter(|_| form.action.starts_with("group_"))
+            {
+                Some(g) => format!("group {} by {}", g.trim().to_ascii_lowercase(), actor.name),
+                None => format!("by {}", actor.name),
+            };
             app.audit(e).await;
             redirect(&format!("{ADMIN_PATH}?done={done}"))
         }

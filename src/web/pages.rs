@@ -554,8 +554,10 @@ pub fn account(
 }
 
 /// The admin page.
+#[allow(clippy::too_many_arguments)]
 pub fn admin(
     users: &[crate::store::User],
+    groups: &std::collections::HashMap<i64, Vec<String>>,
     sessions: &[crate::store::SessionRecord],
     audit: &[crate::store::AuditEntry],
     plex: &str,
@@ -598,9 +600,15 @@ pub fn admin(
             .collect::<Vec<_>>()
             .join(", ");
             format!(
-                "<tr><td>{}</td><td>{}</td><td>{}{}{}{}{}{}{}</td></tr>",
+                "<tr data-user=\"{}\"><td>{}</td><td>{}</td><td class=\"groups\">{}</td><td>{}{}{}{}{}{}{}\
+<form method=\"post\" action=\"/_portcullis/admin/users/action\">{}{}\
+<input type=\"text\" name=\"group\" aria-label=\"Group\" placeholder=\"Group\" maxlength=\"64\" required>\
+<button type=\"submit\" name=\"action\" value=\"group_add\" class=\"secondary\">Add to group</button>\
+<button type=\"submit\" name=\"action\" value=\"group_remove\" class=\"secondary\">Remove from group</button></form></td></tr>",
+                escape(&u.name),
                 escape(&u.name),
                 escape(&state),
+                escape(&groups.get(&u.id).map(|g| g.join(", ")).unwrap_or_default()),
                 if u.disabled {
                     action(&u.name, "enable", "Enable")
                 } else {
@@ -620,6 +628,8 @@ pub fn admin(
                     action(&u.name, "require_passkey", "Require passkey")
                 },
                 action(&u.name, "signout", "Sign out all devices"),
+                hidden("name", &u.name),
+                hidden("csrf", csrf),
             )
         })
         .collect();
@@ -657,7 +667,7 @@ pub fn admin(
         "Admin",
         &format!(
             "<nav><a href=\"/_portcullis/account\">Your account</a></nav><h1>Admin</h1>{notice}\
-<section id=\"users\"><h2>Users</h2><table><thead><tr><th>Name</th><th>State</th><th>Actions</th></tr></thead>\
+<section id=\"users\"><h2>Users</h2><table><thead><tr><th>Name</th><th>State</th><th>Groups</th><th>Actions</th></tr></thead>\
 <tbody>{user_rows}</tbody></table>\
 <form method=\"post\" action=\"/_portcullis/admin/users\">{}\
 <label for=\"name\">New user name</label><input type=\"text\" id=\"name\" name=\"name\" required>\

@@ -319,6 +319,13 @@ async fn rules_decide_by_route_path_method_network_subject_and_factors_for_every
         }
     }
     assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+    // The step-up page tells root how to get a second factor.
+    let resp = root_browser
+        .get("/_portcullis/step-up?rd=%2Fadmin%2Fx")
+        .await;
+    assert_eq!(resp.status(), 401);
+    let page = resp.text().await.unwrap();
+    assert!(page.contains("only a password"), "{page}");
     // Only what the rules let through reached the upstream.
     let reached: Vec<String> = up
         .requests()
@@ -353,6 +360,47 @@ async fn rules_decide_by_route_path_method_network_subject_and_factors_for_every
         "portcullis_requests_total{decision=\"deny\",reason=\"rule_denied\",route=\"media\"} 1",
     ])
     .await;
+    // The admin page shows the groups and changes them, audited with the group's name.
+    let page = root_browser.text("/_portcullis/admin").await;
+    let row = page
+        .split("data-user=\"alice\"")
+        .nth(1)
+        .expect("alice's row");
+    let row = &row[..row.find("</tr>").unwrap()];
+    assert!(row.contains("<td class=\"groups\">admins</td>"), "{row}");
+    let csrf = crate::harness::input_value(&page, "csrf").unwrap();
+    let resp = root_browser
+        .post(
+            "/_portcullis/admin/users/action",
+            &[
+                ("name", "carol"),
+                ("action", "group_add"),
+                ("group", "Family"),
+                ("csrf", &csrf),
+            ],
+        )
+        .await;
+    assert_eq!(resp.status(), 303);
+    assert_eq!(
+        gw.cli_ok(&["group", "list", "--user", "carol"]).trim(),
+        "family"
+    );
+    let resp = root_browser
+        .post(
+            "/_portcullis/admin/users/action",
+            &[
+                ("name", "carol"),
+                ("action", "group_add"),
+                ("group", "no spaces"),
+                ("csrf", &csrf),
+            ],
+        )
+        .await;
+    assert_eq!(resp.status(), 400);
+    gw.assert_audit(
+        &["--user", "carol"],
+        &["admin_group_add", "group family by root"],
+    );
     let list = gw.cli_ok(&["group", "list", "--json"]);
     let groups: Value = serde_json::from_str(&list).unwrap();
     assert_eq!(groups[0]["group"], "admins");
