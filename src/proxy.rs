@@ -436,6 +436,15 @@ fn ip_text(ip: std::net::IpAddr) -> String {
 }
 
 /// Whether a refused request looks like a browser navigating, which gets sent to the login page.
+/// This request's path and query (`/` without one): where a browser sent to one of the
+/// gateway's pages comes back to, and what a request performed for the client asks for.
+fn return_to(req: &RequestHeader) -> String {
+    req.uri
+        .path_and_query()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "/".to_string())
+}
+
 fn is_navigation(req: &RequestHeader) -> bool {
     if req.method != http::Method::GET && req.method != http::Method::HEAD {
         return false;
@@ -635,12 +644,7 @@ impl ProxyHttp for Gateway {
             AuthDecision::Deny(reason) => {
                 ctx.outcome = Outcome::Denied(reason);
                 let navigation = is_navigation(session.req_header());
-                let return_to = session
-                    .req_header()
-                    .uri
-                    .path_and_query()
-                    .map(|p| p.as_str().to_string())
-                    .unwrap_or_else(|| "/".to_string());
+                let return_to = return_to(session.req_header());
                 respond::deny(session, navigation, &return_to).await?;
                 Ok(true)
             }

@@ -394,10 +394,7 @@ impl Gateway {
         }
         let request = MediaRequest {
             method: head.method.clone(),
-            path_and_query: head
-                .uri
-                .path_and_query()
-                .map_or("/".to_string(), |p| p.as_str().to_string()),
+            path_and_query: super::return_to(head),
             headers,
             body,
             fields,

@@ -79,12 +79,7 @@ impl Gateway {
                     };
                     ctx.outcome = Outcome::Denied(reason);
                     let navigation = super::is_navigation(session.req_header());
-                    let return_to = session
-                        .req_header()
-                        .uri
-                        .path_and_query()
-                        .map_or("/", |p| p.as_str())
-                        .to_string();
+                    let return_to = super::return_to(session.req_header());
                     respond::deny(session, navigation, &return_to).await?;
                     Ok(true)
                 }
@@ -277,10 +272,7 @@ impl Gateway {
         let head = session.req_header();
         headers.remove(http::header::ACCEPT_ENCODING);
         let method = head.method.clone();
-        let path = head
-            .uri
-            .path_and_query()
-            .map_or("/".to_string(), |p| p.as_str().to_string());
+        let path = super::return_to(head);
         let upstream = ctx
             .config
             .routes

@@ -162,20 +162,7 @@ pub async fn reject(session: &mut Session, reason: RejectReason) -> Result<()> {
 /// A request without a live session.
 pub async fn deny(session: &mut Session, navigation: bool, return_to: &str) -> Result<()> {
     if navigation {
-        let rd = percent_encoding::utf8_percent_encode(
-            &web::safe_return_path(Some(return_to)),
-            percent_encoding::NON_ALPHANUMERIC,
-        )
-        .to_string();
-        let location = format!("{}?rd={rd}", crate::paths::LOGIN_PATH);
-        return send(
-            session,
-            302,
-            &[("location", location)],
-            "text/plain; charset=utf-8",
-            Bytes::new(),
-        )
-        .await;
+        return to_page(session, crate::paths::LOGIN_PATH, return_to).await;
     }
     send(
         session,
@@ -402,24 +389,29 @@ pub async fn media_deny(session: &mut Session) -> Result<()> {
     .await
 }
 
+/// Sends a browser to one of the gateway's pages (`page`), which brings it back to
+/// `return_to` (made a same-origin path) when done.
+async fn to_page(session: &mut Session, page: &str, return_to: &str) -> Result<()> {
+    let rd = percent_encoding::utf8_percent_encode(
+        &web::safe_return_path(Some(return_to)),
+        percent_encoding::NON_ALPHANUMERIC,
+    )
+    .to_string();
+    send(
+        session,
+        302,
+        &[("location", format!("{page}?rd={rd}"))],
+        "text/plain; charset=utf-8",
+        Bytes::new(),
+    )
+    .await
+}
+
 /// A browser refused by an access rule: for a session with one factor where two are needed,
 /// the step-up page (which says how to get the second); else a 403 page.
 pub async fn rule_page(session: &mut Session, reason: DenyReason, return_to: &str) -> Result<()> {
     if reason == DenyReason::TwoFactorRequired {
-        let rd = percent_encoding::utf8_percent_encode(
-            &web::safe_return_path(Some(return_to)),
-            percent_encoding::NON_ALPHANUMERIC,
-        )
-        .to_string();
-        let location = format!("{}?rd={rd}", crate::paths::STEP_UP_PATH);
-        return send(
-            session,
-            302,
-            &[("location", location)],
-            "text/plain; charset=utf-8",
-            Bytes::new(),
-        )
-        .await;
+        return to_page(session, crate::paths::STEP_UP_PATH, return_to).await;
     }
     let page = web::pages::message(
         "Not allowed",

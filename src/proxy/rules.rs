@@ -10,7 +10,7 @@ use std::net::IpAddr;
 use pingora::prelude::*;
 use pingora::proxy::Session;
 
-use super::{host_of, is_navigation, respond, Gateway, Outcome, RequestCtx};
+use super::{host_of, is_navigation, respond, return_to, Gateway, Outcome, RequestCtx};
 use crate::auth::{canonical_user_name, DenyReason, Identity};
 use crate::config::{DefaultPolicy, Policy, Route, Rule, Subject};
 
@@ -166,12 +166,7 @@ impl Gateway {
         ctx.outcome = Outcome::Denied(reason);
         let navigation = is_navigation(session.req_header());
         if navigation {
-            let return_to = session
-                .req_header()
-                .uri
-                .path_and_query()
-                .map(|p| p.as_str().to_string())
-                .unwrap_or_else(|| "/".to_string());
+            let return_to = return_to(session.req_header());
             respond::rule_page(session, reason, &return_to).await?;
         } else {
             respond::rule_json(session, status, &body).await?;

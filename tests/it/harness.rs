@@ -46,6 +46,17 @@ pub fn client() -> reqwest::Client {
         .expect("http client")
 }
 
+/// [`client`] whose connections come from the loopback address `from` (127.x.y.z), so that a
+/// test can be several clients on one machine.
+pub fn client_from(from: [u8; 4]) -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(Duration::from_secs(60))
+        .local_address(std::net::IpAddr::from(from))
+        .build()
+        .expect("http client")
+}
+
 /// A user the harness creates before the gateway starts.
 #[derive(Clone)]
 pub struct UserSpec {

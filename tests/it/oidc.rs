@@ -1729,7 +1729,7 @@ async fn a_changed_issuer_under_the_same_provider_id_finds_no_link() {
 
 #[tokio::test]
 async fn a_passkey_is_the_gateway_factor_after_a_provider_and_passkey_only_users_skip_providers() {
-    use crate::passkeys::{answer, post_json, register_as};
+    use crate::passkeys::{post_json, register_as, step_start};
     let (_up, op, gw, _dir) = fake_setup(|b| b.user("alice", PW), &[("idp", "")]).await;
     link(&gw, "alice", "idp", "s-alice");
     let b = crate::account::Browser::login(&gw, "alice", PW).await;
@@ -1743,21 +1743,13 @@ async fn a_passkey_is_the_gateway_factor_after_a_provider_and_passkey_only_users
         "/_portcullis/login/2fa",
     )
     .await;
-    let step = gw
-        .page_with_cookie("/_portcullis/login/2fa", &pending)
-        .await;
-    let csrf = crate::harness::input_value(&step, "csrf").unwrap();
-    let (status, options) = answer(
-        post_json(
-            &gw,
-            "/_portcullis/passkey/second-factor/start",
-            Some(&pending),
-            &json!({ "csrf": csrf }),
-        )
-        .await,
+    let (csrf, options) = step_start(
+        &gw,
+        "/_portcullis/login/2fa",
+        &pending,
+        "/_portcullis/passkey/second-factor/start",
     )
     .await;
-    assert_eq!(status, 200, "{options}");
     let credential = key.assert(&options, &gw.base, true);
     let resp = post_json(
         &gw,

@@ -298,18 +298,13 @@ async fn a_registered_passkey_signs_in_with_or_without_the_user_name_and_counts_
         step.contains("id=\"passkey-second-factor\"") && !step.contains("id=\"code\""),
         "{step}"
     );
-    let csrf = input_value(&step, "csrf").unwrap();
-    let (status, options) = answer(
-        post_json(
-            &gw,
-            "/_portcullis/passkey/second-factor/start",
-            Some(&pending),
-            &json!({ "csrf": csrf }),
-        )
-        .await,
+    let (csrf, options) = step_start(
+        &gw,
+        &location,
+        &pending,
+        "/_portcullis/passkey/second-factor/start",
     )
     .await;
-    assert_eq!(status, 200, "{options}");
     assert_eq!(allowed_ids(&options), vec![laptop.credential_id_b64()]);
     let credential = laptop.assert(&options, &gw.base, true);
     let resp = post_json(
@@ -590,6 +585,22 @@ async fn removing_a_passkey_keeps_its_sessions_unless_asked_and_signing_out_ends
         .await;
 }
 
+/// Starts the ceremony of a pending login's step: reads the step's page at `page` (with the
+/// pending cookie) for its token, and posts it to `start`. The token and the options.
+pub(crate) async fn step_start(
+    gw: &Gateway,
+    page: &str,
+    pending: &str,
+    start: &str,
+) -> (String, Value) {
+    let step = gw.page_with_cookie(page, pending).await;
+    let csrf = input_value(&step, "csrf").unwrap_or_else(|| panic!("no token on {page}: {step}"));
+    let (status, options) =
+        answer(post_json(gw, start, Some(pending), &json!({ "csrf": csrf })).await).await;
+    assert_eq!(status, 200, "{options}");
+    (csrf, options)
+}
+
 /// Registers a passkey in the passkey step a sign-in owes (`pending`: its cookie, at `location`):
 /// the authenticator, and the session cookie the step ends with.
 async fn register_at_sign_in(
@@ -603,18 +614,8 @@ async fn register_at_sign_in(
             && step.contains("must sign in with a passkey"),
         "{step}"
     );
-    let csrf = input_value(&step, "csrf").unwrap();
-    let (status, options) = answer(
-        post_json(
-            gw,
-            "/_portcullis/login/passkey/start",
-            Some(pending),
-            &json!({ "csrf": csrf }),
-        )
-        .await,
-    )
-    .await;
-    assert_eq!(status, 200, "{options}");
+    let (csrf, options) =
+        step_start(gw, location, pending, "/_portcullis/login/passkey/start").await;
     let (auth, credential) = SoftAuthenticator::register(&options, &gw.base, true, ONE_PASSWORD);
     let resp = post_json(
         gw,
@@ -664,18 +665,8 @@ async fn users_who_must_use_a_passkey_register_one_at_sign_in_and_the_password_a
     assert_ne!(gw.status_with_cookie("/probe", &pending).await, 200);
     // A passkey that cannot verify her is refused here (with no TOTP it would lock her out),
     // and the step stays open.
-    let step = gw.page_with_cookie(&location, &pending).await;
-    let csrf = input_value(&step, "csrf").unwrap();
-    let (_, options) = answer(
-        post_json(
-            &gw,
-            "/_portcullis/login/passkey/start",
-            Some(&pending),
-            &json!({ "csrf": csrf }),
-        )
-        .await,
-    )
-    .await;
+    let (csrf, options) =
+        step_start(&gw, &location, &pending, "/_portcullis/login/passkey/start").await;
     let (_, credential) = SoftAuthenticator::register(&options, &gw.base, false, ONE_PASSWORD);
     let (status, reason) = refused(
         post_json(

@@ -101,11 +101,7 @@ async fn app(
     from: [u8; 4],
     xff: Option<&str>,
 ) -> (u16, String) {
-    let c = reqwest::Client::builder()
-        .local_address(std::net::IpAddr::from(from))
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .unwrap();
+    let c = crate::harness::client_from(from);
     let mut req = c
         .request(method.parse().unwrap(), gw.url(path))
         .header("Host", format!("app.test:{}", gw.port));

@@ -19,10 +19,7 @@ async fn login_as(
     xff: Option<&str>,
     password: &str,
 ) -> u16 {
-    let client = reqwest::Client::builder()
-        .local_address(std::net::IpAddr::from(from))
-        .build()
-        .unwrap();
+    let client = crate::harness::client_from(from);
     let mut req = client
         .post(gw.url("/_portcullis/api/login"))
         .header("Origin", gw.base.clone())
@@ -95,10 +92,7 @@ async fn forwarding_headers_count_only_from_trusted_proxies_for_audit_throttling
     // The upstream sees the client found, never the client's own claim.
     // (bob: alice's wrong passwords have her account waiting a moment.)
     let token = gw.login("bob", PW).await.token;
-    let client = reqwest::Client::builder()
-        .local_address(std::net::IpAddr::from([127, 0, 0, 1]))
-        .build()
-        .unwrap();
+    let client = crate::harness::client_from([127, 0, 0, 1]);
     let resp = client
         .get(gw.url("/probe"))
         .bearer_auth(&token)
