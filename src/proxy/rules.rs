@@ -180,6 +180,16 @@ mod tests {
     use super::*;
     use crate::config::{Config, EnvOverrides};
 
+    /// A request (path, method, client, identity, groups) and the verdict it must get.
+    type Case<'a> = (
+        &'static str,
+        &'static str,
+        &'static str,
+        Option<&'a Identity>,
+        Option<&'a [String]>,
+        Verdict,
+    );
+
     /// The rules of a config with one route (`media`) and `rules`, and that route.
     fn parse(rules: &str) -> (Vec<Rule>, Route) {
         let text = format!("[[route]]\nname = \"media\"\nupstream = \"127.0.0.1:8096\"\n{rules}");
@@ -245,100 +255,75 @@ mod tests {
         let carol = identity("Carol", 2);
         let bob = identity("bob", 2);
         let wan = "203.0.113.7";
-        // The LAN passes without a session, whatever the path.
-        assert_eq!(
-            decide(
-                &rules,
-                &facts("/web/dashboard", "GET", "192.168.1.20"),
-                None,
-                None
-            ),
-            Verdict::Bypass
-        );
-        // Anonymous and a rule about users could match: sign in first.
-        assert_eq!(
-            decide(&rules, &facts("/web/dashboard", "GET", wan), None, None),
-            Verdict::SignIn
-        );
-        // An admin with two factors; with one, step up; carol by name (any case); bob falls
-        // through to the deny.
-        assert_eq!(
-            decide(
-                &rules,
-                &facts("/web/dashboard", "GET", wan),
+        let dash = "/web/dashboard";
+        let deny = |r: &str| Verdict::Deny(r.into());
+        let cases: Vec<Case> = vec![
+            // The LAN passes without a session, whatever the path.
+            (dash, "GET", "192.168.1.20", None, None, Verdict::Bypass),
+            // Anonymous and a rule about users could match: sign in first.
+            (dash, "GET", wan, None, None, Verdict::SignIn),
+            // An admin with two factors; with one, step up; carol by name (any case); bob
+            // falls through to the deny.
+            (
+                dash,
+                "GET",
+                wan,
                 Some(&alice),
-                Some(&admins)
+                Some(&admins),
+                Verdict::Allow,
             ),
-            Verdict::Allow
-        );
-        assert_eq!(
-            decide(
-                &rules,
-                &facts("/web/dashboard", "GET", wan),
+            (
+                dash,
+                "GET",
+                wan,
                 Some(&alice1),
-                Some(&admins)
+                Some(&admins),
+                Verdict::StepUp("admins-dashboard".into()),
             ),
-            Verdict::StepUp("admins-dashboard".into())
-        );
-        assert_eq!(
-            decide(
-                &rules,
-                &facts("/web/dashboard", "GET", wan),
-                Some(&carol),
-                None
-            ),
-            Verdict::Allow
-        );
-        assert_eq!(
-            decide(
-                &rules,
-                &facts("/web/dashboard", "GET", wan),
+            (dash, "GET", wan, Some(&carol), None, Verdict::Allow),
+            (dash, "GET", wan, Some(&bob), None, deny("no-dashboard")),
+            // Method and network both count.
+            (
+                "/metrics",
+                "GET",
+                "10.0.0.9",
                 Some(&bob),
-                None
+                None,
+                Verdict::Allow,
             ),
-            Verdict::Deny("no-dashboard".into())
-        );
-        // Method and network both count.
-        assert_eq!(
-            decide(
-                &rules,
-                &facts("/metrics", "GET", "10.0.0.9"),
+            (
+                "/metrics",
+                "POST",
+                "10.0.0.9",
                 Some(&bob),
-                None
+                None,
+                deny("no-metrics"),
             ),
-            Verdict::Allow
-        );
-        assert_eq!(
-            decide(
-                &rules,
-                &facts("/metrics", "POST", "10.0.0.9"),
+            (
+                "/metrics",
+                "GET",
+                "10.0.0.8",
                 Some(&bob),
-                None
+                None,
+                deny("no-metrics"),
             ),
-            Verdict::Deny("no-metrics".into())
-        );
-        assert_eq!(
-            decide(
-                &rules,
-                &facts("/metrics", "GET", "10.0.0.8"),
-                Some(&bob),
-                None
-            ),
-            Verdict::Deny("no-metrics".into())
-        );
-        // No rule: the route's default (a session).
-        assert_eq!(
-            decide(
-                &rules,
-                &facts("/web/index.html", "GET", wan),
+            // No rule: the route's default (a session).
+            (
+                "/web/index.html",
+                "GET",
+                wan,
                 Some(&alice1),
-                None
+                None,
+                Verdict::Allow,
             ),
-            Verdict::Allow
-        );
-        assert_eq!(
-            decide(&rules, &facts("/web/index.html", "GET", wan), None, None),
-            Verdict::SignIn
-        );
+            ("/web/index.html", "GET", wan, None, None, Verdict::SignIn),
+        ];
+        for (path, method, ip, who, groups, want) in cases {
+            assert_eq!(
+                decide(&rules, &facts(path, method, ip), who, groups),
+                want,
+                "{method} {path} from {ip} as {who:?}"
+            );
+        }
     }
 }

@@ -717,17 +717,7 @@ async fn users_who_must_use_a_passkey_register_one_at_sign_in_and_the_password_a
     assert_eq!(resp.status(), 409);
     // Nor does the password confirm a change: her passkey does.
     let new_pw = "another passphrase for alice";
-    let resp = alice
-        .post(
-            "/_portcullis/account/password",
-            &[
-                ("current", PW),
-                ("new_password", new_pw),
-                ("confirm", new_pw),
-                ("csrf", &alice.csrf().await),
-            ],
-        )
-        .await;
+    let resp = change_password(&alice, PW, "", new_pw).await;
     assert_eq!(
         resp.headers()["location"],
         "/_portcullis/account?error=passkey-only"
@@ -745,18 +735,7 @@ async fn users_who_must_use_a_passkey_register_one_at_sign_in_and_the_password_a
     assert_eq!((status, reason.as_str()), (403, "reauthentication_failed"));
     let (status, body) = confirm_grant(&gw, &alice, &mut key, true).await;
     assert_eq!(status, 200, "{body}");
-    let resp = alice
-        .post(
-            "/_portcullis/account/password",
-            &[
-                ("current", ""),
-                ("passkey_grant", body["grant"].as_str().unwrap()),
-                ("new_password", new_pw),
-                ("confirm", new_pw),
-                ("csrf", &alice.csrf().await),
-            ],
-        )
-        .await;
+    let resp = change_password(&alice, "", body["grant"].as_str().unwrap(), new_pw).await;
     assert_eq!(
         resp.headers()["location"],
         "/_portcullis/account?done=password"
@@ -869,6 +848,28 @@ async fn an_administrator_or_a_breach_response_can_require_passkeys_and_everythi
     );
 }
 
+/// The account page's password change to `new`, with the current password or a passkey grant
+/// (either may be empty); not signing out other devices.
+async fn change_password(
+    b: &Browser<'_>,
+    current: &str,
+    grant: &str,
+    new: &str,
+) -> reqwest::Response {
+    let csrf = b.csrf().await;
+    b.post(
+        "/_portcullis/account/password",
+        &[
+            ("current", current),
+            ("passkey_grant", grant),
+            ("new_password", new),
+            ("confirm", new),
+            ("csrf", &csrf),
+        ],
+    )
+    .await
+}
+
 /// Confirms the signed-in browser with `auth` (user verified when `uv`): status and body.
 pub(crate) async fn confirm_grant(
     gw: &Gateway,
@@ -919,20 +920,7 @@ async fn a_passkey_confirms_a_sensitive_change_in_place_of_the_password_once_and
     let new_pw = "a fresh passphrase after a passkey";
     let change = |b: &Browser<'_>, grant: String| {
         let b = Browser::with_cookie(&gw, b.cookie.clone());
-        async move {
-            let csrf = b.csrf().await;
-            b.post(
-                "/_portcullis/account/password",
-                &[
-                    ("current", ""),
-                    ("passkey_grant", grant.as_str()),
-                    ("new_password", new_pw),
-                    ("confirm", new_pw),
-                    ("csrf", &csrf),
-                ],
-            )
-            .await
-        }
+        async move { change_password(&b, "", &grant, new_pw).await }
     };
 
     // A passkey that did not verify its user buys nothing.
