@@ -174,6 +174,11 @@ impl PendingStage {
     }
 }
 
+/// The names of the configuration's access rules, for their metrics.
+fn rule_names(config: &Config) -> Vec<String> {
+    config.rules.iter().map(|r| r.name.clone()).collect()
+}
+
 /// The factors a sign-in passed before a pending step that comes after all of them (a new
 /// password, a passkey to register), as the pending login recorded them. A token without them
 /// (made by an older instance) claims only what is known for sure: a single sign-on may have
@@ -294,6 +299,7 @@ impl App {
         let provider_ids: Vec<String> = config.oidc.iter().map(|p| p.id.clone()).collect();
         let metrics = Metrics::new(&names, store.backend())?;
         metrics.register_oidc_providers(&provider_ids);
+        metrics.register_rules(&rule_names(&config));
         let oidc = crate::oidc::Providers::new(&config.oidc, &config.server.public_url)?;
         let view = RevocationView::new();
         let started = Instant::now();
@@ -391,6 +397,7 @@ impl App {
     pub fn apply_config(self: &Arc<Self>, config: Config) {
         let names: Vec<&str> = config.routes.iter().map(|r| r.name.as_str()).collect();
         self.metrics.ensure_routes(&names);
+        self.metrics.register_rules(&rule_names(&config));
         self.throttle.set_limits(&config.auth);
         self.config.store(Arc::new(config));
         self.metrics.config_loaded.set(now_ms() as f64 / 1000.0);

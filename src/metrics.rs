@@ -44,6 +44,7 @@ pub const OIDC_LINKS_TOTAL: &str = "portcullis_oidc_links_total";
 pub const MEDIA_RESOLUTIONS_TOTAL: &str = "portcullis_media_resolutions_total";
 pub const MEDIA_LINKS_TOTAL: &str = "portcullis_media_links_total";
 pub const PASSKEYS_TOTAL: &str = "portcullis_passkeys_total";
+pub const RULE_DECISIONS_TOTAL: &str = "portcullis_rule_decisions_total";
 pub const CONFIG_RELOADS_TOTAL: &str = "portcullis_config_reloads_total";
 pub const CONFIG_LOADED_TIMESTAMP: &str = "portcullis_config_loaded_timestamp_seconds";
 pub const CONFIG_LAST_RELOAD_SUCCESSFUL: &str = "portcullis_config_last_reload_successful";
@@ -83,6 +84,7 @@ pub const ALL_FAMILIES: &[&str] = &[
     MEDIA_RESOLUTIONS_TOTAL,
     MEDIA_LINKS_TOTAL,
     PASSKEYS_TOTAL,
+    RULE_DECISIONS_TOTAL,
     CONFIG_RELOADS_TOTAL,
     CONFIG_LOADED_TIMESTAMP,
     CONFIG_LAST_RELOAD_SUCCESSFUL,
@@ -98,7 +100,13 @@ pub enum Label {
     Values(&'static str, &'static [&'static [&'static str]]),
     /// The `provider` label: the configured single sign-on providers' ids.
     Provider,
+    /// The `rule` label: the configured access rules' names, and `default` (a route's
+    /// `default_policy`).
+    Rule,
 }
+
+/// The verdicts of the access rules (the `verdict` label of [`RULE_DECISIONS_TOTAL`]).
+pub const RULE_VERDICTS: &[&str] = &["allow", "bypass", "deny", "sign_in", "step_up"];
 
 /// The counter families whose every series is exported at zero from the start, with the label
 /// values each may carry, so alert rules with `rate()` and dashboards work on a fresh gateway.
@@ -123,6 +131,7 @@ pub enum Family {
     MediaResolutions,
     MediaLinks,
     Passkeys,
+    RuleDecisions,
 }
 
 /// The results of a gateway login (`LoginError` labels, and success or a step still owed).
@@ -246,7 +255,7 @@ const BACKCHANNEL_RESULTS: &[&str] = &[
 ];
 
 impl Family {
-    pub const ALL: [Family; 15] = [
+    pub const ALL: [Family; 16] = [
         Family::Logins,
         Family::SecondFactor,
         Family::StoreErrors,
@@ -262,6 +271,7 @@ impl Family {
         Family::MediaResolutions,
         Family::MediaLinks,
         Family::Passkeys,
+        Family::RuleDecisions,
     ];
 
     pub fn name(self) -> &'static str {
@@ -281,6 +291,7 @@ impl Family {
             Family::MediaResolutions => MEDIA_RESOLUTIONS_TOTAL,
             Family::MediaLinks => MEDIA_LINKS_TOTAL,
             Family::Passkeys => PASSKEYS_TOTAL,
+            Family::RuleDecisions => RULE_DECISIONS_TOTAL,
         }
     }
 
@@ -396,11 +407,12 @@ impl Family {
                 "event",
                 &[&["registered", "removed", "clone_warning"]],
             )],
+            Family::RuleDecisions => &[Label::Rule, Values("verdict", &[RULE_VERDICTS])],
         }
     }
 
-    /// Every label-value combination of the family, given the configured providers.
-    pub fn series(self, providers: &[String]) -> Vec<Vec<String>> {
+    /// Every label-value combination of the family, given the configured providers and rules.
+    pub fn series(self, providers: &[String], rules: &[String]) -> Vec<Vec<String>> {
         let mut all: Vec<Vec<String>> = vec![Vec::new()];
         for label in self.labels() {
             let mut values: Vec<String> = match label {
@@ -410,6 +422,11 @@ impl Family {
                     .map(|s| s.to_string())
                     .collect(),
                 Label::Provider => providers.to_vec(),
+                Label::Rule => rules
+                    .iter()
+                    .cloned()
+                    .chain(std::iter::once("default".to_string()))
+                    .collect(),
             };
             let mut seen = std::collections::HashSet::new();
             values.retain(|v| seen.insert(v.clone()));
@@ -433,7 +450,7 @@ impl Family {
         labels.len() == values.len()
             && labels.iter().zip(values).all(|(l, v)| match l {
                 Label::Values(_, groups) => groups.iter().any(|g| g.contains(v)),
-                Label::Provider => true,
+                Label::Provider | Label::Rule => true,
             })
     }
 }
@@ -661,6 +678,7 @@ pub struct Metrics {
     media_links: IntCounterVec,
     /// Passkeys registered and removed, and clone warnings.
     passkeys: IntCounterVec,
+    rule_decisions: IntCounterVec,
     /// 1 when the route's upstream answered its last probe (at start, or for `/readyz`).
     pub upstream_up: IntGaugeVec,
 }
@@ -853,6 +871,15 @@ impl Metrics {
             &["event"],
         )?;
         registry.register(Box::new(passkeys.clone()))?;
+        let rule_decisions = IntCounterVec::new(
+            Opts::new(
+                RULE_DECISIONS_TOTAL,
+                "Requests decided by the access rules, by the rule that matched (`default`: the \
+                 route's default_policy) and verdict (allow, bypass, deny, sign_in, step_up).",
+            ),
+            &["rule", "verdict"],
+        )?;
+        registry.register(Box::new(rule_decisions.clone()))?;
         let upstream_up = IntGaugeVec::new(
             Opts::new(
                 UPSTREAM_UP,
@@ -972,21 +999,29 @@ impl Metrics {
             media_resolutions,
             media_links,
             passkeys,
+            rule_decisions,
             upstream_up,
         };
-        metrics.show_at_zero(&[]);
+        metrics.show_at_zero(None, None);
         Ok(metrics)
     }
 
-    /// Makes every declared series of the families exist (at zero), for `providers` where a
-    /// family is per provider.
-    fn show_at_zero(&self, providers: &[String]) {
+    /// Makes every declared series of the families exist (at zero): those per provider for
+    /// `providers`, those per rule for `rules` (and `default`), the others when both are `None`.
+    fn show_at_zero(&self, providers: Option<&[String]>, rules: Option<&[String]>) {
         for family in Family::ALL {
-            let per_provider = family.labels().contains(&Label::Provider);
-            if per_provider == providers.is_empty() {
+            let labels = family.labels();
+            let wanted = if labels.contains(&Label::Provider) {
+                providers.is_some()
+            } else if labels.contains(&Label::Rule) {
+                rules.is_some()
+            } else {
+                providers.is_none() && rules.is_none()
+            };
+            if !wanted {
                 continue;
             }
-            for series in family.series(providers) {
+            for series in family.series(providers.unwrap_or(&[]), rules.unwrap_or(&[])) {
                 let values: Vec<&str> = series.iter().map(String::as_str).collect();
                 match family {
                     Family::ActiveSessions => {
@@ -1003,8 +1038,13 @@ impl Metrics {
     /// Shows every provider's series at zero from the start.
     pub fn register_oidc_providers(&self, ids: &[String]) {
         if !ids.is_empty() {
-            self.show_at_zero(ids);
+            self.show_at_zero(Some(ids), None);
         }
+    }
+
+    /// Shows every access rule's series (and `default`'s) at zero, at start and after a reload.
+    pub fn register_rules(&self, names: &[String]) {
+        self.show_at_zero(None, Some(names));
     }
 
     /// The gauge of live sessions of `kind` (`web`, `api`, `media`).
@@ -1036,6 +1076,7 @@ impl Metrics {
             Family::MediaResolutions => &self.media_resolutions,
             Family::MediaLinks => &self.media_links,
             Family::Passkeys => &self.passkeys,
+            Family::RuleDecisions => &self.rule_decisions,
             Family::ActiveSessions => unreachable!("{} is a gauge", family.name()),
         };
         vec.with_label_values(values)

@@ -609,7 +609,7 @@ impl ProxyHttp for Gateway {
             AuthDecision::Allow(identity) => Some(identity),
             AuthDecision::Deny(_) => None,
         };
-        let verdict = self.verdict(session, ctx, route, &canonical, identity);
+        let verdict = self.verdict(session, ctx, route, &canonical, identity, true);
         match verdict {
             rules::Verdict::Bypass if identity.is_none() => {
                 ctx.outcome = Outcome::Public;

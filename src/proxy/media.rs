@@ -118,8 +118,9 @@ impl Gateway {
         // A rule that refuses this request whoever sends it (a network, a path) refuses the
         // media server's own sign-in routes too; rules about users apply once the token is
         // known.
-        let anonymous = self.verdict(session, ctx, route, canonical, None);
+        let anonymous = self.verdict(session, ctx, route, canonical, None, false);
         if matches!(anonymous, Verdict::Deny(_)) {
+            self.verdict(session, ctx, route, canonical, None, true);
             return self.refuse_by_rule(session, ctx, &anonymous).await;
         }
 
@@ -288,7 +289,7 @@ impl Gateway {
         let config = ctx.config.clone();
         if let Some(route) = ctx.route.and_then(|i| config.routes.get(i)) {
             let path = path::canonicalize(session.req_header().uri.path()).unwrap_or_default();
-            let verdict = self.verdict(session, ctx, route, &path, Some(&identity));
+            let verdict = self.verdict(session, ctx, route, &path, Some(&identity), true);
             if matches!(verdict, Verdict::Deny(_) | Verdict::StepUp(_)) {
                 ctx.identity = Some(identity);
                 return self.refuse_by_rule(session, ctx, &verdict).await;

@@ -52,8 +52,9 @@ impl Gateway {
             Err(e) => return super::media::refuse_carriers(session, ctx, e).await,
         };
         // A rule that refuses this request whoever sends it refuses it here already.
-        let anonymous = self.verdict(session, ctx, route, canonical, None);
+        let anonymous = self.verdict(session, ctx, route, canonical, None, false);
         if matches!(anonymous, super::rules::Verdict::Deny(_)) {
+            self.verdict(session, ctx, route, canonical, None, true);
             return self.refuse_by_rule(session, ctx, &anonymous).await;
         }
         if ep == PlexEndpoint::Identity {

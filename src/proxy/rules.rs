@@ -13,6 +13,7 @@ use pingora::proxy::Session;
 use super::{host_of, is_navigation, respond, return_to, Gateway, Outcome, RequestCtx};
 use crate::auth::{canonical_user_name, DenyReason, Identity};
 use crate::config::{DefaultPolicy, Policy, Route, Rule, Subject};
+use crate::metrics::Family;
 
 /// What the rules make of a request.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -65,40 +66,57 @@ fn is_subject(subjects: &[Subject], identity: &Identity, groups: Option<&[String
     })
 }
 
+impl Verdict {
+    /// The `verdict` label of the rule-decision metric.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Verdict::Allow => "allow",
+            Verdict::Bypass => "bypass",
+            Verdict::Deny(_) => "deny",
+            Verdict::SignIn => "sign_in",
+            Verdict::StepUp(_) => "step_up",
+        }
+    }
+}
+
 /// The verdict of `rules` (and the route's default) on a request with `identity`, if any,
-/// whose user is in `groups`.
-pub fn decide(
-    rules: &[Rule],
+/// whose user is in `groups`, with the name of the rule that decided (`default`: the route's
+/// `default_policy`).
+pub fn decide<'r>(
+    rules: &'r [Rule],
     f: &Facts<'_>,
     identity: Option<&Identity>,
     groups: Option<&[String]>,
-) -> Verdict {
+) -> (&'r str, Verdict) {
     for rule in rules.iter().filter(|r| matches_request(r, f)) {
         if !rule.subjects.is_empty() {
             match identity {
                 // Whether this rule is about the request cannot be known without a session.
-                None => return Verdict::SignIn,
+                None => return (&rule.name, Verdict::SignIn),
                 Some(id) if !is_subject(&rule.subjects, id, groups) => continue,
                 Some(_) => {}
             }
         }
-        return match (rule.policy, identity) {
+        let verdict = match (rule.policy, identity) {
             (Policy::Deny, _) => Verdict::Deny(rule.name.clone()),
             (Policy::Bypass, _) => Verdict::Bypass,
             (_, None) => Verdict::SignIn,
             (Policy::TwoFactor, Some(id)) if id.factors < 2 => Verdict::StepUp(rule.name.clone()),
             (Policy::OneFactor | Policy::TwoFactor, Some(_)) => Verdict::Allow,
         };
+        return (&rule.name, verdict);
     }
-    match (f.route.default_policy, identity) {
+    let verdict = match (f.route.default_policy, identity) {
         (DefaultPolicy::Deny, _) => Verdict::Deny("default".to_string()),
         (DefaultPolicy::Session, Some(_)) => Verdict::Allow,
         (DefaultPolicy::Session, None) => Verdict::SignIn,
-    }
+    };
+    ("default", verdict)
 }
 
 impl Gateway {
-    /// The verdict of the configuration's rules on this request.
+    /// The verdict of the configuration's rules on this request, counted by the rule that
+    /// decided when `count` (once per request: at the decision that stands).
     pub(super) fn verdict(
         &self,
         session: &Session,
@@ -106,6 +124,7 @@ impl Gateway {
         route: &Route,
         path: &str,
         identity: Option<&Identity>,
+        count: bool,
     ) -> Verdict {
         if ctx.config.rules.is_empty() && route.default_policy == DefaultPolicy::Session {
             // No rules: a session, as ever (and nothing to compute on the hot path).
@@ -123,7 +142,14 @@ impl Gateway {
             client: ctx.client_ip.parse().ok(),
         };
         let groups = identity.and_then(|id| self.app.view.groups_of(id.user_id));
-        decide(&ctx.config.rules, &facts, identity, groups.as_deref())
+        let (rule, verdict) = decide(&ctx.config.rules, &facts, identity, groups.as_deref());
+        if count {
+            self.app
+                .metrics
+                .counter(Family::RuleDecisions, &[rule, verdict.label()])
+                .inc();
+        }
+        verdict
     }
 
     /// Answers a request the rules refuse although it has an identity (`Deny`, `StepUp`):
@@ -320,7 +346,7 @@ mod tests {
         ];
         for (path, method, ip, who, groups, want) in cases {
             assert_eq!(
-                decide(&rules, &facts(path, method, ip), who, groups),
+                decide(&rules, &facts(path, method, ip), who, groups).1,
                 want,
                 "{method} {path} from {ip} as {who:?}"
             );

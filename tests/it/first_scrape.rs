@@ -97,10 +97,11 @@ async fn a_fresh_gateway_exports_every_family_and_declared_series_at_zero() {
             .map(|l| match l {
                 Label::Values(name, _) => *name,
                 Label::Provider => "provider",
+                Label::Rule => "rule",
             })
             .collect();
         let samples = found.get(family.name()).map(Vec::as_slice).unwrap_or(&[]);
-        for values in family.series(&providers) {
+        for values in family.series(&providers, &[]) {
             let want: BTreeSet<String> = names
                 .iter()
                 .zip(&values)

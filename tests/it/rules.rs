@@ -354,6 +354,11 @@ async fn rules_decide_by_route_path_method_network_subject_and_factors_for_every
         "portcullis_requests_total{decision=\"deny\",reason=\"rule_denied\",route=\"app\"} 3",
         "portcullis_requests_total{decision=\"deny\",reason=\"two_factor_required\",route=\"app\"} 3",
         "portcullis_requests_total{decision=\"deny\",reason=\"rule_denied\",route=\"media\"} 1",
+        "portcullis_rule_decisions_total{rule=\"admin-area\",verdict=\"step_up\"} 3",
+        "portcullis_rule_decisions_total{rule=\"no-admin-area\",verdict=\"deny\"} 1",
+        "portcullis_rule_decisions_total{rule=\"lan-bypass\",verdict=\"bypass\"} 1",
+        "portcullis_rule_decisions_total{rule=\"kids-read-only\",verdict=\"deny\"} 1",
+        "portcullis_rule_decisions_total{rule=\"monitoring\",verdict=\"step_up\"} 0",
     ])
     .await;
     // The admin page shows the groups and changes them, audited with the group's name.
