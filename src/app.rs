@@ -1087,7 +1087,7 @@ impl App {
             if let RevocationEvent::MediaNote { note, until_ms } = &e.event {
                 self.apply_media_note(note, *until_ms);
             }
-            self.view.apply_local(&e.event);
+            self.view.apply_committed(e);
             if e.event.is_revocation() {
                 self.metrics
                     .counter(crate::metrics::Family::Revocations, &[e.event.scope()])

@@ -1365,10 +1365,19 @@ pub fn group_name(s: &str) -> Result<String, &'static str> {
 /// bits below the prefix are dropped.
 pub fn parse_net(s: &str) -> Option<ipnet::IpNet> {
     let s = s.trim();
-    if let Ok(net) = s.parse::<ipnet::IpNet>() {
-        return Some(net.trunc());
+    let net = match s.parse::<ipnet::IpNet>() {
+        Ok(net) => net.trunc(),
+        Err(_) => ipnet::IpNet::from(s.parse::<std::net::IpAddr>().ok()?),
+    };
+    // An IPv4-mapped IPv6 network as its IPv4 network: client addresses are compared as IPv4.
+    if let ipnet::IpNet::V6(v6) = net {
+        if let (Some(v4), true) = (v6.addr().to_ipv4_mapped(), v6.prefix_len() >= 96) {
+            return ipnet::Ipv4Net::new(v4, v6.prefix_len() - 96)
+                .ok()
+                .map(ipnet::IpNet::V4);
+        }
     }
-    s.parse::<std::net::IpAddr>().ok().map(ipnet::IpNet::from)
+    Some(net)
 }
 
 #[cfg(test)]
@@ -1508,5 +1517,26 @@ upstream = "127.0.0.1:8096"
         .unwrap_err()
         .to_string();
         assert!(e.contains("server.public_url"), "{e}");
+    }
+
+    #[test]
+    fn networks_are_cidrs_or_addresses_and_mapped_ones_are_ipv4() {
+        assert_eq!(parse_net("10.1.2.3/8").unwrap().to_string(), "10.0.0.0/8");
+        assert_eq!(
+            parse_net(" 192.168.1.7 ").unwrap().to_string(),
+            "192.168.1.7/32"
+        );
+        assert_eq!(parse_net("fd00::/8").unwrap().to_string(), "fd00::/8");
+        assert_eq!(
+            parse_net("::ffff:10.0.0.0/104").unwrap().to_string(),
+            "10.0.0.0/8"
+        );
+        assert_eq!(
+            parse_net("::ffff:192.0.2.1").unwrap().to_string(),
+            "192.0.2.1/32"
+        );
+        for bad in ["10.0.0.0/33", "10.0.0", "fd00::/129", "", "example.com"] {
+            assert!(parse_net(bad).is_none(), "{bad}");
+        }
     }
 }

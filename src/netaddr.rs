@@ -52,17 +52,19 @@ pub fn client_address(
     if !in_any(client, trusted) {
         return client;
     }
-    // Every field of the header, in order: several header lines read as one list.
-    let hops: Vec<&str> = headers
+    // Every field of the header, in order: several header lines read as one list. Split as
+    // bytes: a line with a byte that is not text (which only a client can have put there) must
+    // not hide the entries a proxy appended to it.
+    let hops: Vec<&[u8]> = headers
         .get_all(header.name())
         .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
         .collect();
     for hop in hops.iter().rev() {
+        let text = std::str::from_utf8(hop).unwrap_or("");
         let parsed = match header {
-            ClientIpHeader::XForwardedFor => parse_hop(hop.trim()),
-            ClientIpHeader::Forwarded => forwarded_for(hop),
+            ClientIpHeader::XForwardedFor => parse_hop(text.trim()),
+            ClientIpHeader::Forwarded => forwarded_for(text),
         };
         let Some(ip) = parsed else {
             break;
@@ -237,6 +239,17 @@ mod tests {
             client("10.0.0.2", FWD, &["proto=https"], trusted),
             "10.0.0.2"
         );
+    }
+
+    #[test]
+    fn a_line_that_is_not_text_hides_nothing_a_proxy_appended() {
+        let mut h = HeaderMap::new();
+        h.append(
+            "x-forwarded-for",
+            http::HeaderValue::from_bytes(b"1.2.3.4\xff, 203.0.113.7").unwrap(),
+        );
+        let ip = client_address("10.0.0.2".parse().unwrap(), &h, &nets(&["10.0.0.0/8"]), XFF);
+        assert_eq!(ip.to_string(), "203.0.113.7");
     }
 
     #[test]

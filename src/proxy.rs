@@ -58,6 +58,8 @@ pub struct RequestCtx {
     /// Its handle in the connection registry, once connected upstream.
     conn: Option<u64>,
     media: media::MediaCtx,
+    /// The access rules have judged this request's identity.
+    rules_checked: bool,
 }
 
 pub struct Gateway {
@@ -479,6 +481,7 @@ impl ProxyHttp for Gateway {
             track: false,
             conn: None,
             media: media::MediaCtx::default(),
+            rules_checked: false,
         }
     }
 

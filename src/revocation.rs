@@ -151,8 +151,9 @@ struct ViewState {
     global_cutoff: Option<i64>,
     disabled: HashSet<i64>,
     media: HashMap<[u8; 32], MediaEntry>,
-    /// Each user's groups (`admins` for administrators), for the access rules.
-    groups: HashMap<i64, Arc<[String]>>,
+    /// Each user's groups (`admins` for administrators), for the access rules, with the
+    /// sequence number of the event that set them (an older event never undoes a newer one).
+    groups: HashMap<i64, (i64, Arc<[String]>)>,
     /// Highest sequence number applied from the store's log in order.
     seq: i64,
     last_sync: Option<Instant>,
@@ -211,7 +212,7 @@ impl RevocationView {
 
     /// A user's groups (`admins` for an administrator); none for a user in no group.
     pub fn groups_of(&self, user_id: i64) -> Option<Arc<[String]>> {
-        self.read().groups.get(&user_id).cloned()
+        self.read().groups.get(&user_id).map(|(_, g)| g.clone())
     }
 
     /// Looks a media token up by its keyed hash and decides whether it is alive at `now_ms`.
@@ -282,7 +283,7 @@ impl RevocationView {
             .map(|(user, mut list)| {
                 // `admins` first, as the store lists a user's groups.
                 list.sort_by_key(|g| (g != "admins", g.clone()));
-                (user, list.into())
+                (user, (snap.seq, list.into()))
             })
             .collect();
         s.seq = snap.seq;
@@ -293,7 +294,13 @@ impl RevocationView {
     /// Applies an event this process just committed, without advancing the sequence number
     /// (earlier events written by other processes may not have been seen yet).
     pub fn apply_local(&self, event: &RevocationEvent) {
-        apply(&mut self.write(), event);
+        apply(&mut self.write(), event, None);
+    }
+
+    /// [`Self::apply_local`] for an event whose sequence number is known (this process wrote
+    /// it): a group change older than the one held is then ignored.
+    pub fn apply_committed(&self, event: &SequencedEvent) {
+        apply(&mut self.write(), &event.event, Some(event.seq));
     }
 
     /// Applies events fetched from the log, in order; returns how many advanced the view.
@@ -316,7 +323,7 @@ impl RevocationView {
             if e.seq <= s.seq {
                 continue;
             }
-            apply(&mut s, &e.event);
+            apply(&mut s, &e.event, Some(e.seq));
             s.seq = e.seq;
             applied += 1;
         }
@@ -387,17 +394,17 @@ impl RevocationView {
                 + s.disabled.capacity() * (std::mem::size_of::<i64>() + 1)
                 + s.media.capacity() * (std::mem::size_of::<([u8; 32], MediaEntry)>() + 1)
                 + s.media.values().map(|m| m.user_name.len()).sum::<usize>()
-                + s.groups.capacity() * (std::mem::size_of::<(i64, Arc<[String]>)>() + 1)
+                + s.groups.capacity() * (std::mem::size_of::<(i64, (i64, Arc<[String]>))>() + 1)
                 + s.groups
                     .values()
-                    .flat_map(|g| g.iter())
+                    .flat_map(|(_, g)| g.iter())
                     .map(|g| std::mem::size_of::<String>() + g.len())
                     .sum::<usize>(),
         }
     }
 }
 
-fn apply(s: &mut ViewState, event: &RevocationEvent) {
+fn apply(s: &mut ViewState, event: &RevocationEvent, seq: Option<i64>) {
     match *event {
         RevocationEvent::KeyRetired { ref kid } => {
             s.retired_keys.insert(kid.clone());
@@ -426,11 +433,11 @@ fn apply(s: &mut ViewState, event: &RevocationEvent) {
             user_id,
             ref groups,
         } => {
-            if groups.is_empty() {
-                s.groups.remove(&user_id);
-            } else {
-                s.groups.insert(user_id, groups.as_slice().into());
+            let seq = seq.unwrap_or(i64::MIN);
+            if s.groups.get(&user_id).is_some_and(|(held, _)| *held > seq) {
+                return;
             }
+            s.groups.insert(user_id, (seq, groups.as_slice().into()));
         }
         RevocationEvent::MediaBound {
             sid,

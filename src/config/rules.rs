@@ -74,7 +74,10 @@ pub struct Rule {
     /// Lower-case, without port.
     pub host: Option<String>,
     pub path: Option<regex::Regex>,
-    /// Upper-case; empty matches every method.
+    /// The same expression ignoring case: media servers (Jellyfin, Emby, Plex) route paths
+    /// in any case, so on their routes a rule matches the path as they would.
+    pub path_any_case: Option<regex::Regex>,
+    /// Upper-case; empty matches every method (`GET` includes `HEAD`).
     pub methods: Vec<String>,
     pub networks: Vec<IpNet>,
     /// Empty matches everyone, signed in or not; else at least one must fit.
@@ -132,14 +135,25 @@ impl Validator {
                 .host
                 .map(|h| h.trim().trim_end_matches('.').to_ascii_lowercase())
                 .filter(|h| !h.is_empty());
-            let path = match r.path {
-                Some(p) => Some(regex::Regex::new(&p).map_err(|e| {
-                    self.err(
-                        &key("path"),
-                        format!("`{p}` is not a regular expression: {e}"),
+            let (path, path_any_case) = match r.path {
+                Some(p) => {
+                    let bad = |e: regex::Error| {
+                        self.err(
+                            &key("path"),
+                            format!("`{p}` is not a regular expression: {e}"),
+                        )
+                    };
+                    (
+                        Some(regex::Regex::new(&p).map_err(bad)?),
+                        Some(
+                            regex::RegexBuilder::new(&p)
+                                .case_insensitive(true)
+                                .build()
+                                .map_err(bad)?,
+                        ),
                     )
-                })?),
-                None => None,
+                }
+                None => (None, None),
             };
             let mut methods = Vec::new();
             for m in r.methods.unwrap_or_default() {
@@ -204,6 +218,7 @@ impl Validator {
                 route: r.route,
                 host,
                 path,
+                path_any_case,
                 methods,
                 networks,
                 subjects,

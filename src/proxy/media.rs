@@ -9,7 +9,7 @@ use pingora::prelude::*;
 use pingora::proxy::Session;
 
 use super::rules::Verdict;
-use super::{forward, path, respond, Gateway, Outcome, RequestCtx};
+use super::{forward, respond, Gateway, Outcome, RequestCtx};
 use crate::app::media::{identity_of, MediaRequest, MAX_LOGIN_BODY};
 use crate::app::{now_ms, ClientInfo};
 use crate::auth::{self, AuthDecision, DenyReason, Identity};
@@ -231,6 +231,10 @@ impl Gateway {
             }
         };
 
+        // The rules first: nothing is done for an identity they refuse.
+        if self.check_rules(session, ctx, &identity).await? {
+            return Ok(true);
+        }
         self.app.touch(identity.sid, now);
         self.app.media.seen_at(index, &ctx.client_ip, &identity);
         match ep {
@@ -286,14 +290,8 @@ impl Gateway {
         identity: Identity,
         outcome: Outcome,
     ) -> Result<bool> {
-        let config = ctx.config.clone();
-        if let Some(route) = ctx.route.and_then(|i| config.routes.get(i)) {
-            let path = path::canonicalize(session.req_header().uri.path()).unwrap_or_default();
-            let verdict = self.verdict(session, ctx, route, &path, Some(&identity), true);
-            if matches!(verdict, Verdict::Deny(_) | Verdict::StepUp(_)) {
-                ctx.identity = Some(identity);
-                return self.refuse_by_rule(session, ctx, &verdict).await;
-            }
+        if self.check_rules(session, ctx, &identity).await? {
+            return Ok(true);
         }
         if outcome == Outcome::Granted {
             ctx.track = true;

@@ -166,6 +166,10 @@ impl Gateway {
             Ok((identity, _)) => identity,
             Err(reason) => return self.refuse(session, ctx, reason).await,
         };
+        // The rules first: nothing is done for an identity they refuse.
+        if self.check_rules(session, ctx, &identity).await? {
+            return Ok(true);
+        }
         self.app.touch(identity.sid, now);
         match &ep {
             PlexEndpoint::OwnerOnly | PlexEndpoint::SecurityToken => {

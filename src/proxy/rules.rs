@@ -35,8 +35,10 @@ pub struct Facts<'a> {
     pub route: &'a Route,
     /// Lower-case, without port.
     pub host: Option<String>,
-    /// The canonical path.
+    /// The canonical path; on a media route, the path the media server sees (without the
+    /// route's prefix and a legacy `/emby` or `/mediabrowser`), matched ignoring case.
     pub path: &'a str,
+    pub media: bool,
     pub method: &'a str,
     /// The client after `server.trusted_proxies`.
     pub client: Option<IpAddr>,
@@ -44,13 +46,22 @@ pub struct Facts<'a> {
 
 /// Whether `rule` matches the request, leaving its subjects aside.
 fn matches_request(rule: &Rule, f: &Facts<'_>) -> bool {
+    let path = if f.media {
+        &rule.path_any_case
+    } else {
+        &rule.path
+    };
     rule.route.as_ref().is_none_or(|r| *r == f.route.name)
         && rule
             .host
             .as_ref()
             .is_none_or(|h| f.host.as_deref() == Some(h))
-        && rule.path.as_ref().is_none_or(|p| p.is_match(f.path))
-        && (rule.methods.is_empty() || rule.methods.iter().any(|m| m == f.method))
+        && path.as_ref().is_none_or(|p| p.is_match(f.path))
+        && (rule.methods.is_empty()
+            || rule
+                .methods
+                .iter()
+                .any(|m| m == f.method || (m == "GET" && f.method == "HEAD")))
         && (rule.networks.is_empty()
             || f.client
                 .is_some_and(|ip| crate::netaddr::in_any(ip, &rule.networks)))
@@ -91,6 +102,8 @@ pub fn decide<'r>(
     for rule in rules.iter().filter(|r| matches_request(r, f)) {
         if !rule.subjects.is_empty() {
             match identity {
+                // A refusal about users cannot be about a request without one.
+                None if rule.policy == Policy::Deny => continue,
                 // Whether this rule is about the request cannot be known without a session.
                 None => return (&rule.name, Verdict::SignIn),
                 Some(id) if !is_subject(&rule.subjects, id, groups) => continue,
@@ -134,10 +147,16 @@ impl Gateway {
             };
         }
         let req = session.req_header();
+        let media = route.media.is_some() || route.plex.is_some();
         let facts = Facts {
             route,
             host: host_of(req).map(|h| h.trim_end_matches('.').to_ascii_lowercase()),
-            path,
+            path: if media {
+                crate::mediaserver::endpoint::server_path(path, &route.path_prefix)
+            } else {
+                path
+            },
+            media,
             method: req.method.as_str(),
             client: ctx.client_ip.parse().ok(),
         };
@@ -152,6 +171,32 @@ impl Gateway {
         verdict
     }
 
+    /// Applies the rules to a request whose identity is now known, once per request (the
+    /// first call decides, before anything is done for the identity): `Ok(true)` when refused
+    /// and answered here.
+    pub(super) async fn check_rules(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        identity: &Identity,
+    ) -> Result<bool> {
+        if ctx.rules_checked {
+            return Ok(false);
+        }
+        ctx.rules_checked = true;
+        let config = ctx.config.clone();
+        let Some(route) = ctx.route.and_then(|i| config.routes.get(i)) else {
+            return Ok(false);
+        };
+        let path = super::path::canonicalize(session.req_header().uri.path()).unwrap_or_default();
+        let verdict = self.verdict(session, ctx, route, &path, Some(identity), true);
+        if matches!(verdict, Verdict::Deny(_) | Verdict::StepUp(_)) {
+            ctx.identity = Some(identity.clone());
+            return self.refuse_by_rule(session, ctx, &verdict).await;
+        }
+        Ok(false)
+    }
+
     /// Answers a request the rules refuse although it has an identity (`Deny`, `StepUp`):
     /// browsers get a page (the step-up page, or 403), apps a JSON reason. `Ok(true)` when
     /// answered here.
@@ -161,31 +206,32 @@ impl Gateway {
         ctx: &mut RequestCtx,
         verdict: &Verdict,
     ) -> Result<bool> {
-        let (reason, status, body) = match verdict {
+        // The rule's name is logged, not told: it would describe the configuration.
+        let (reason, status, body, rule) = match verdict {
             Verdict::Deny(rule) => (
                 DenyReason::RuleDenied,
                 403,
                 serde_json::json!({
                     "error": "rule_denied",
-                    "rule": rule,
                     "message": "An access rule refuses this request.",
                 }),
+                rule,
             ),
             Verdict::StepUp(rule) => (
                 DenyReason::TwoFactorRequired,
                 401,
                 serde_json::json!({
                     "error": "two_factor_required",
-                    "rule": rule,
                     "message": "This needs a sign-in with two factors (a code or a passkey).",
                 }),
+                rule,
             ),
             _ => return Ok(false),
         };
         tracing::info!(
             request_id = %ctx.request_id,
             user = ctx.identity.as_ref().map(|i| i.name.as_str()).unwrap_or("-"),
-            rule = body["rule"].as_str().unwrap_or("-"),
+            rule = %rule,
             reason = reason.as_str(),
             "refused by an access rule"
         );
@@ -240,6 +286,56 @@ mod tests {
     }
 
     #[test]
+    fn media_paths_match_in_any_case_and_a_refusal_about_users_does_not_stop_the_anonymous() {
+        let (rules, route) = parse(
+            r#"
+            [[rule]]
+            name = "kids-no-config"
+            path = "^/System/Configuration"
+            subjects = ["group:kids"]
+            policy = "deny"
+            [[rule]]
+            name = "lan"
+            networks = ["192.168.1.0/24"]
+            policy = "bypass"
+            [[rule]]
+            name = "no-config"
+            path = "^/System/Configuration"
+            policy = "deny"
+            "#,
+        );
+        let facts = |path: &'static str, media: bool, ip: &str| Facts {
+            route: &route,
+            host: None,
+            media,
+            path,
+            method: "GET",
+            client: ip.parse().ok(),
+        };
+        let kids = vec!["kids".to_string()];
+        let kid = identity("kid", 2);
+        // A media server routes any case: so do its rules; a generic route's path is exact.
+        let lower = facts("/system/configuration", true, "203.0.113.7");
+        assert_eq!(
+            decide(&rules, &lower, Some(&kid), Some(&kids)).1,
+            Verdict::Deny("kids-no-config".into())
+        );
+        let exact = facts("/system/configuration", false, "203.0.113.7");
+        assert_eq!(
+            decide(&rules, &exact, Some(&kid), Some(&kids)).1,
+            Verdict::Allow
+        );
+        // Nobody signed in: the refusal about kids is not theirs; the next rules decide.
+        let lan = facts("/System/Configuration", true, "192.168.1.9");
+        assert_eq!(decide(&rules, &lan, None, None), ("lan", Verdict::Bypass));
+        let wan = facts("/System/Configuration", true, "203.0.113.7");
+        assert_eq!(
+            decide(&rules, &wan, None, None).1,
+            Verdict::Deny("no-config".into())
+        );
+    }
+
+    #[test]
     fn first_match_wins_and_subjects_need_a_session() {
         let (rules, route) = parse(
             r#"
@@ -271,6 +367,7 @@ mod tests {
         let facts = |path: &'static str, method: &'static str, ip: &str| Facts {
             route: &route,
             host: None,
+            media: false,
             path,
             method,
             client: ip.parse().ok(),
@@ -328,6 +425,23 @@ mod tests {
             (
                 "/metrics",
                 "GET",
+                "10.0.0.8",
+                Some(&bob),
+                None,
+                deny("no-metrics"),
+            ),
+            // A rule that names GET names HEAD too.
+            (
+                "/metrics",
+                "HEAD",
+                "10.0.0.9",
+                Some(&bob),
+                None,
+                Verdict::Allow,
+            ),
+            (
+                "/metrics",
+                "HEAD",
                 "10.0.0.8",
                 Some(&bob),
                 None,
