@@ -726,11 +726,24 @@ pub async fn restore(config: &Config, file: &Path, opts: RestoreOptions) -> Resu
     {
         // Fold the write-ahead log into the file so that it can be renamed alone (the
         // gateway turns WAL on again when it opens the store).
+        // Leaving WAL needs the only connection to the file, and the store's pooled connections
+        // close on their own threads after `close` returns: a busy answer is waited out (for two
+        // seconds at most), not taken for damage.
         use sqlx::Connection;
         let mut conn = connect(&partial_db).await?;
-        let folded = sqlx::query_scalar::<_, String>("PRAGMA journal_mode = DELETE")
-            .fetch_one(&mut conn)
-            .await;
+        let mut tries = 0;
+        let folded = loop {
+            let r = sqlx::query_scalar::<_, String>("PRAGMA journal_mode = DELETE")
+                .fetch_one(&mut conn)
+                .await;
+            let busy =
+                matches!(&r, Err(sqlx::Error::Database(d)) if d.code().as_deref() == Some("5"));
+            if !busy || tries == 20 {
+                break r;
+            }
+            tries += 1;
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        };
         let _ = conn.close().await;
         folded.map_err(|e| damaged(format!("its database cannot be finished: {e}")))?;
     }
