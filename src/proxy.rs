@@ -156,39 +156,64 @@ impl Gateway {
     /// navigation when the query asks for it (`?redirect=1`). The original request is described
     /// by `X-Original-URI` / `X-Forwarded-Uri` and `X-Forwarded-Method`.
     async fn verify(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<()> {
-        let req = session.req_header();
         let (decision, _) = auth::authenticate_headers(
-            &req.headers,
+            &session.req_header().headers,
             self.app.cookie_name,
             &self.app.keyring(),
             &self.app.view,
             now_ms() / 1000,
         );
+        // The access rules, for the request the proxy in front asks about.
+        let identity = match &decision {
+            AuthDecision::Allow(identity) => Some(identity),
+            AuthDecision::Deny(_) => None,
+        };
+        let Some(verdict) = self.verify_verdict(session, ctx, identity) else {
+            ctx.outcome = Outcome::Rejected(RejectReason::BadPath);
+            return respond::reject(session, RejectReason::BadPath).await;
+        };
+        let req = session.req_header();
+        let header = |n: &str| req.headers.get(n).and_then(|v| v.to_str().ok());
+        // A page (a redirect) only when the proxy asks for one (`?redirect=1`, for Traefik and
+        // Caddy) and a browser navigates: nginx's auth_request takes 401 and 403 only.
+        let wants_redirect = req
+            .uri
+            .query()
+            .is_some_and(|q| q.split('&').any(|p| p == "redirect=1"));
+        let method = header("x-forwarded-method")
+            .or_else(|| header("x-original-method"))
+            .unwrap_or("GET");
+        let navigation = wants_redirect
+            && (method.eq_ignore_ascii_case("GET") || method.eq_ignore_ascii_case("HEAD"))
+            && (header("sec-fetch-mode") == Some("navigate")
+                || header("accept").is_some_and(|a| a.contains("text/html")));
+        let original = header("x-original-uri")
+            .or_else(|| header("x-forwarded-uri"))
+            .unwrap_or("/")
+            .to_string();
+        match (&verdict, identity) {
+            (rules::Verdict::Bypass, None) => {
+                ctx.outcome = Outcome::Public;
+                return respond::verified(session, "", &[]).await;
+            }
+            (rules::Verdict::Deny(_) | rules::Verdict::StepUp(_), _) => {
+                ctx.identity = identity.cloned();
+                let page = navigation.then(|| original.clone());
+                self.refuse_by_rule_as(session, ctx, &verdict, page).await?;
+                return Ok(());
+            }
+            _ => {}
+        }
         match decision {
             AuthDecision::Allow(identity) => {
                 ctx.outcome = Outcome::Allowed;
                 let name = identity.name.clone();
+                let groups = self.app.view.groups_of(identity.user_id);
                 ctx.identity = Some(identity);
-                respond::verified(session, &name).await
+                respond::verified(session, &name, groups.as_deref().unwrap_or(&[])).await
             }
             AuthDecision::Deny(reason) => {
                 ctx.outcome = Outcome::Denied(reason);
-                let header = |n: &str| req.headers.get(n).and_then(|v| v.to_str().ok());
-                let wants_redirect = req
-                    .uri
-                    .query()
-                    .is_some_and(|q| q.split('&').any(|p| p == "redirect=1"));
-                let method = header("x-forwarded-method")
-                    .or_else(|| header("x-original-method"))
-                    .unwrap_or("GET");
-                let navigation = wants_redirect
-                    && (method.eq_ignore_ascii_case("GET") || method.eq_ignore_ascii_case("HEAD"))
-                    && (header("sec-fetch-mode") == Some("navigate")
-                        || header("accept").is_some_and(|a| a.contains("text/html")));
-                let original = header("x-original-uri")
-                    .or_else(|| header("x-forwarded-uri"))
-                    .unwrap_or("/")
-                    .to_string();
                 respond::deny(session, navigation, &original).await
             }
         }

@@ -219,13 +219,13 @@ pub async fn ambiguous(
 }
 
 /// A forward-auth answer for a live session, with the identity headers proxies copy upstream.
-pub async fn verified(session: &mut Session, user: &str) -> Result<()> {
+pub async fn verified(session: &mut Session, user: &str, groups: &[String]) -> Result<()> {
     send(
         session,
         200,
         &[
             ("remote-user", user.to_string()),
-            ("remote-groups", "users".to_string()),
+            ("remote-groups", groups.join(",")),
         ],
         "text/plain; charset=utf-8",
         Bytes::new(),

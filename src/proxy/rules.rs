@@ -32,7 +32,8 @@ pub enum Verdict {
 
 /// The facts of a request that rules look at.
 pub struct Facts<'a> {
-    pub route: &'a Route,
+    /// `None` at the forward-auth endpoint, which judges requests of no route of its own.
+    pub route: Option<&'a Route>,
     /// Lower-case, without port.
     pub host: Option<String>,
     /// The canonical path; on a media route, the path the media server sees (without the
@@ -51,7 +52,9 @@ fn matches_request(rule: &Rule, f: &Facts<'_>) -> bool {
     } else {
         &rule.path
     };
-    rule.route.as_ref().is_none_or(|r| *r == f.route.name)
+    rule.route
+        .as_ref()
+        .is_none_or(|r| f.route.is_some_and(|route| *r == route.name))
         && rule
             .host
             .as_ref()
@@ -119,7 +122,8 @@ pub fn decide<'r>(
         };
         return (&rule.name, verdict);
     }
-    let verdict = match (f.route.default_policy, identity) {
+    let default = f.route.map_or(DefaultPolicy::Session, |r| r.default_policy);
+    let verdict = match (default, identity) {
         (DefaultPolicy::Deny, _) => Verdict::Deny("default".to_string()),
         (DefaultPolicy::Session, Some(_)) => Verdict::Allow,
         (DefaultPolicy::Session, None) => Verdict::SignIn,
@@ -149,7 +153,7 @@ impl Gateway {
         let req = session.req_header();
         let media = route.media.is_some() || route.plex.is_some();
         let facts = Facts {
-            route,
+            route: Some(route),
             host: host_of(req).map(|h| h.trim_end_matches('.').to_ascii_lowercase()),
             path: if media {
                 crate::mediaserver::endpoint::server_path(path, &route.path_prefix)
@@ -169,6 +173,57 @@ impl Gateway {
                 .inc();
         }
         verdict
+    }
+
+    /// The verdict of the rules at the forward-auth endpoint on the request the proxy in front
+    /// asks about (its method, host and URI in `X-Forwarded-Method`/`-Host`/`-Uri`, or nginx's
+    /// `X-Original-*`); rules that name a route do not apply there. Counted. `None` when the
+    /// URI cannot be read: refused like a bad path.
+    pub(super) fn verify_verdict(
+        &self,
+        session: &Session,
+        ctx: &RequestCtx,
+        identity: Option<&Identity>,
+    ) -> Option<Verdict> {
+        if ctx.config.rules.is_empty() {
+            return Some(match identity {
+                Some(_) => Verdict::Allow,
+                None => Verdict::SignIn,
+            });
+        }
+        let headers = &session.req_header().headers;
+        let header = |names: [&str; 2]| {
+            names
+                .iter()
+                .find_map(|n| headers.get(*n).and_then(|v| v.to_str().ok()))
+        };
+        let uri = header(["x-forwarded-uri", "x-original-uri"]).unwrap_or("/");
+        let path = super::path::canonicalize(uri.split(['?', '#']).next().unwrap_or("/")).ok()?;
+        let method = header(["x-forwarded-method", "x-original-method"])
+            .unwrap_or("GET")
+            .to_ascii_uppercase();
+        let host = header(["x-forwarded-host", "x-original-host"]).map(|h| {
+            let h = match h.rfind(':') {
+                Some(i) if !h[i..].contains(']') => &h[..i],
+                _ => h,
+            };
+            h.trim_end_matches('.').to_ascii_lowercase()
+        });
+        let facts = Facts {
+            route: None,
+            host,
+            path: &path,
+            media: false,
+            method: &method,
+            client: ctx.client_ip.parse().ok(),
+        };
+        let groups = identity.and_then(|id| self.app.view.groups_of(id.user_id));
+        let (rule, verdict) = decide(&ctx.config.rules, &facts, identity, groups.as_deref());
+        self.app
+            .metrics
+            .counter(Family::RuleDecisions, &[rule, verdict.label()])
+            .inc();
+        Some(verdict)
     }
 
     /// Applies the rules to a request whose identity is now known, once per request (the
@@ -206,6 +261,21 @@ impl Gateway {
         ctx: &mut RequestCtx,
         verdict: &Verdict,
     ) -> Result<bool> {
+        let req = session.req_header();
+        let page = is_navigation(req).then(|| return_to(req));
+        self.refuse_by_rule_as(session, ctx, verdict, page).await
+    }
+
+    /// [`Self::refuse_by_rule`], answering a browser's page (with `page`, the path it comes back
+    /// to) or an app's JSON as the caller decided (the forward-auth endpoint answers pages only
+    /// when asked to, for the request it is asked about).
+    pub(super) async fn refuse_by_rule_as(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        verdict: &Verdict,
+        page: Option<String>,
+    ) -> Result<bool> {
         // The rule's name is logged, not told: it would describe the configuration.
         let (reason, status, body, rule) = match verdict {
             Verdict::Deny(rule) => (
@@ -236,9 +306,7 @@ impl Gateway {
             "refused by an access rule"
         );
         ctx.outcome = Outcome::Denied(reason);
-        let navigation = is_navigation(session.req_header());
-        if navigation {
-            let return_to = return_to(session.req_header());
+        if let Some(return_to) = page {
             respond::rule_page(session, reason, &return_to).await?;
         } else {
             respond::rule_json(session, status, &body).await?;
@@ -305,7 +373,7 @@ mod tests {
             "#,
         );
         let facts = |path: &'static str, media: bool, ip: &str| Facts {
-            route: &route,
+            route: Some(&route),
             host: None,
             media,
             path,
@@ -365,7 +433,7 @@ mod tests {
             "#,
         );
         let facts = |path: &'static str, method: &'static str, ip: &str| Facts {
-            route: &route,
+            route: Some(&route),
             host: None,
             media: false,
             path,

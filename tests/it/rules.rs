@@ -495,3 +495,121 @@ async fn check_config_refuses_bad_rules_by_key_and_warns_of_shadowed_ones() {
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn the_forward_auth_endpoint_applies_the_rules_to_the_request_it_is_asked_about() {
+    let up = Upstream::start().await;
+    let gw = Gateway::builder(&up.url())
+        .admin("root", PW)
+        .user("bob", PW)
+        .server_keys("trusted_proxies = [\"127.0.0.1\"]")
+        .extra_toml(
+            r#"
+[[rule]]
+name = "admin-host"
+host = "admin.example"
+subjects = ["group:admins"]
+policy = "two_factor"
+
+[[rule]]
+name = "no-admin-host"
+host = "admin.example"
+policy = "deny"
+
+[[rule]]
+name = "lan-public"
+path = "^/public/"
+networks = ["192.168.0.0/16"]
+policy = "bypass"
+"#,
+        )
+        .start()
+        .await;
+    gw.cli_ok(&["group", "add", "bob", "family"]);
+    let root = gw.login("root", PW).await.token;
+    let bob = gw.login("bob", PW).await.token;
+    // nginx's auth_request: the original request in X-Original-* (Traefik and Caddy send
+    // X-Forwarded-*), the client in X-Forwarded-For from the proxy on 127.0.0.1.
+    let ask = |token: Option<&str>, host: &str, uri: &str, client: &str, query: &str| {
+        let mut req = client_from_proxy()
+            .get(gw.url(&format!("/_portcullis/verify{query}")))
+            .header("X-Forwarded-Host", host)
+            .header("X-Original-Uri", uri)
+            .header("X-Forwarded-Method", "GET")
+            .header("X-Forwarded-For", client)
+            .header("Accept", "text/html");
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        async move {
+            let resp = req.send().await.unwrap();
+            let status = resp.status().as_u16();
+            let header = |n: &str| {
+                resp.headers()
+                    .get(n)
+                    .map(|v| v.to_str().unwrap().to_string())
+                    .unwrap_or_default()
+            };
+            let (user, groups, location) = (
+                header("remote-user"),
+                header("remote-groups"),
+                header("location"),
+            );
+            let text = resp.text().await.unwrap();
+            (status, user, groups, location, text)
+        }
+    };
+    let wan = "203.0.113.4";
+    // An administrator with one factor: 401 for the proxy to map, the step-up page when the
+    // proxy asks for redirects.
+    let (status, _, _, _, text) = ask(Some(&root), "admin.example", "/x", wan, "").await;
+    assert_eq!(status, 401, "{text}");
+    assert!(text.contains("two_factor_required"), "{text}");
+    let (status, _, _, location, _) =
+        ask(Some(&root), "admin.example", "/x", wan, "?redirect=1").await;
+    assert_eq!(
+        (status, location.as_str()),
+        (302, "/_portcullis/step-up?rd=%2Fx")
+    );
+    // Anyone else is refused that host; elsewhere bob passes, with his groups.
+    assert_eq!(
+        ask(Some(&bob), "admin.example:443", "/x", wan, "").await.0,
+        403
+    );
+    let (status, user, _, _, _) = ask(Some(&bob), "media.example", "/x", wan, "").await;
+    assert_eq!((status, user.as_str()), (200, "bob"));
+    // (His group reaches the running gateway within a poll of the store.)
+    assert!(
+        poll_until(Duration::from_secs(3), || async {
+            ask(Some(&bob), "media.example", "/x", wan, "").await.2 == "family"
+        })
+        .await,
+        "bob's groups are not told to the proxy"
+    );
+    let (_, _, groups, _, _) = ask(Some(&root), "media.example", "/x", wan, "").await;
+    assert_eq!(groups, "admins");
+    // The LAN's public pages without a session; not from the internet.
+    let (status, user, _, _, _) =
+        ask(None, "media.example", "/public/a?b=c", "192.168.4.4", "").await;
+    assert_eq!((status, user.as_str()), (200, ""));
+    assert_eq!(
+        ask(None, "media.example", "/public/a", wan, "").await.0,
+        401
+    );
+    gw.metrics_with(&[
+        "portcullis_rule_decisions_total{rule=\"admin-host\",verdict=\"step_up\"} 2",
+        "portcullis_rule_decisions_total{rule=\"no-admin-host\",verdict=\"deny\"} 1",
+        "portcullis_rule_decisions_total{rule=\"lan-public\",verdict=\"bypass\"} 1",
+    ])
+    .await;
+    assert_eq!(
+        up.count(),
+        0,
+        "the verify endpoint never reaches the upstream"
+    );
+}
+
+/// A client on the proxy's address (127.0.0.1, trusted in these gateways).
+fn client_from_proxy() -> reqwest::Client {
+    crate::harness::client_from([127, 0, 0, 1])
+}
