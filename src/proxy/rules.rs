@@ -164,8 +164,20 @@ impl Gateway {
             method: req.method.as_str(),
             client: ctx.client_ip.parse().ok(),
         };
+        self.judge(ctx, &facts, identity, count)
+    }
+
+    /// The rules' verdict on `facts` for `identity` (its groups from the view), counted by the
+    /// rule that decided when `count`.
+    fn judge(
+        &self,
+        ctx: &RequestCtx,
+        facts: &Facts<'_>,
+        identity: Option<&Identity>,
+        count: bool,
+    ) -> Verdict {
         let groups = identity.and_then(|id| self.app.view.groups_of(id.user_id));
-        let (rule, verdict) = decide(&ctx.config.rules, &facts, identity, groups.as_deref());
+        let (rule, verdict) = decide(&ctx.config.rules, facts, identity, groups.as_deref());
         if count {
             self.app
                 .metrics
@@ -217,13 +229,7 @@ impl Gateway {
             method: &method,
             client: ctx.client_ip.parse().ok(),
         };
-        let groups = identity.and_then(|id| self.app.view.groups_of(id.user_id));
-        let (rule, verdict) = decide(&ctx.config.rules, &facts, identity, groups.as_deref());
-        self.app
-            .metrics
-            .counter(Family::RuleDecisions, &[rule, verdict.label()])
-            .inc();
-        Some(verdict)
+        Some(self.judge(ctx, &facts, identity, true))
     }
 
     /// Applies the rules to a request whose identity is now known, once per request (the
