@@ -8,7 +8,6 @@
 use pingora::prelude::*;
 use pingora::proxy::Session;
 
-use super::rules::Verdict;
 use super::{forward, respond, Gateway, Outcome, RequestCtx};
 use crate::app::media::{identity_of, MediaRequest, MAX_LOGIN_BODY};
 use crate::app::{now_ms, ClientInfo};
@@ -118,10 +117,11 @@ impl Gateway {
         // A rule that refuses this request whoever sends it (a network, a path) refuses the
         // media server's own sign-in routes too; rules about users apply once the token is
         // known.
-        let anonymous = self.verdict(session, ctx, route, canonical, None, false);
-        if matches!(anonymous, Verdict::Deny(_)) {
-            self.verdict(session, ctx, route, canonical, None, true);
-            return self.refuse_by_rule(session, ctx, &anonymous).await;
+        if self
+            .refuse_if_denied_to_all(session, ctx, route, canonical)
+            .await?
+        {
+            return Ok(true);
         }
 
         match ep {

@@ -43,6 +43,13 @@ impl Gateway {
             respond::media_refuse(session, 503, why).await?;
             return Ok(true);
         }
+        // A rule that refuses this request whoever sends it refuses it here already.
+        if self
+            .refuse_if_denied_to_all(session, ctx, route, canonical)
+            .await?
+        {
+            return Ok(true);
+        }
         let req = session.req_header();
         let query = req.uri.query();
         let server_path = endpoint::server_path(canonical, &route.path_prefix);
@@ -51,12 +58,6 @@ impl Gateway {
             Ok(c) => c,
             Err(e) => return super::media::refuse_carriers(session, ctx, e).await,
         };
-        // A rule that refuses this request whoever sends it refuses it here already.
-        let anonymous = self.verdict(session, ctx, route, canonical, None, false);
-        if matches!(anonymous, super::rules::Verdict::Deny(_)) {
-            self.verdict(session, ctx, route, canonical, None, true);
-            return self.refuse_by_rule(session, ctx, &anonymous).await;
-        }
         if ep == PlexEndpoint::Identity {
             ctx.outcome = Outcome::Public;
             return Ok(false);

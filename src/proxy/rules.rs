@@ -232,6 +232,28 @@ impl Gateway {
         Some(self.judge(ctx, &facts, identity, true))
     }
 
+    /// Refuses a media or Plex request that the rules deny whoever sends it (a network, a
+    /// path), before the media server's own sign-in routes or any token is looked at; rules
+    /// about users wait for the identity ([`Self::check_rules`]). `Ok(true)` when refused.
+    pub(super) async fn refuse_if_denied_to_all(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        route: &Route,
+        path: &str,
+    ) -> Result<bool> {
+        let verdict = self.verdict(session, ctx, route, path, None, false);
+        let Verdict::Deny(rule) = &verdict else {
+            return Ok(false);
+        };
+        // Counted here only: a request let on is counted where its identity is judged.
+        self.app
+            .metrics
+            .counter(Family::RuleDecisions, &[rule, verdict.label()])
+            .inc();
+        self.refuse_by_rule(session, ctx, &verdict).await
+    }
+
     /// Applies the rules to a request whose identity is now known, once per request (the
     /// first call decides, before anything is done for the identity): `Ok(true)` when refused
     /// and answered here.

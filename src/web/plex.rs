@@ -272,6 +272,17 @@ pub(crate) struct PlexForm {
     passkey_grant: Option<String>,
 }
 
+impl PlexForm {
+    /// What the form confirms the user with: the password (and code), or a passkey grant.
+    fn proof(&self) -> Reauth {
+        Reauth::from_form(
+            self.password.clone(),
+            self.code.clone(),
+            self.passkey_grant.clone(),
+        )
+    }
+}
+
 /// A Plex action that failed: 503 when the store is down, else `refuse` with the reason (a 400
 /// page that leads back to where the form was).
 pub(super) fn plex_error(e: PlexError, refuse: impl FnOnce(&str) -> Response) -> Response {
@@ -289,15 +300,10 @@ fn not_changed_400(text: &str) -> Response {
 async fn confirmed(
     app: &App,
     identity: &crate::auth::Identity,
-    form: &PlexForm,
+    proof: Reauth,
     client: &ClientInfo,
     event: &str,
 ) -> Result<(), Response> {
-    let proof = Reauth::from_form(
-        form.password.clone(),
-        form.code.clone(),
-        form.passkey_grant.clone(),
-    );
     match app.reauthenticate(identity, proof, client, event).await {
         Ok(()) => Ok(()),
         Err(AccountError::Unavailable(e)) => Err(store_unavailable(&e.to_string())),
@@ -327,7 +333,7 @@ pub(crate) async fn link(
             "This Plex account was not used from your browser; ask an administrator to link it.",
         );
     }
-    if let Err(r) = confirmed(&app, &id, &form, &client, "plex_link").await {
+    if let Err(r) = confirmed(&app, &id, form.proof(), &client, "plex_link").await {
         return r;
     }
     match app
@@ -380,7 +386,8 @@ pub(crate) async fn approve(
         Err(r) => return r,
     };
     // The password alone is one factor: without TOTP, only a passkey approves.
-    let with_passkey = form.passkey_grant.as_deref().is_some_and(|g| !g.is_empty());
+    let proof = form.proof();
+    let with_passkey = matches!(proof, Reauth::Passkey(_));
     match app.store.find_user_by_id(id.user_id).await {
         Ok(Some(u)) if u.totp_enabled || with_passkey => {}
         Ok(_) => {
@@ -392,7 +399,7 @@ pub(crate) async fn approve(
         }
         Err(e) => return store_unavailable(&e.to_string()),
     }
-    if let Err(r) = confirmed(&app, &id, &form, &client, "plex_device_approve").await {
+    if let Err(r) = confirmed(&app, &id, proof, &client, "plex_device_approve").await {
         return r;
     }
     match app
