@@ -434,19 +434,6 @@ impl App {
         let new = self
             .check_registration(user, ceremony, credential, label, client)
             .await?;
-        // A user who must sign in with a passkey and has no TOTP would be locked out by one
-        // that cannot verify them (it is one factor, and their password opens nothing).
-        if !new.user_verified && !user.totp_enabled && self.passkey_required(user) {
-            self.audit_passkey(
-                "passkey_add",
-                "failure",
-                Some(user),
-                client,
-                format!("passkey `{}`: without user verification", new.label),
-            )
-            .await;
-            return Err(PasskeyError::NotVerified);
-        }
         let id = match self.store.add_passkey(&new).await {
             Ok(id) => id,
             Err(StoreError::Conflict(_)) => return Err(self.duplicate(user, client).await),
@@ -622,6 +609,20 @@ impl App {
                 return Err(e);
             }
         };
+        // A user who must sign in with a passkey and has no TOTP would be locked out by one
+        // that cannot verify them (it is one factor, and their password opens nothing): on the
+        // account page, at sign-in and through an administrator's link alike.
+        if !cred.user_verified && !user.totp_enabled && self.passkey_required(user) {
+            self.audit_passkey(
+                "passkey_add",
+                "failure",
+                Some(user),
+                client,
+                format!("passkey `{label}`: without user verification"),
+            )
+            .await;
+            return Err(PasskeyError::NotVerified);
+        }
         let aaguid = aaguid_of(reg.response.attestation_object.as_ref()).unwrap_or_default();
         Ok(NewPasskey {
             user_id: user.id,

@@ -1225,6 +1225,23 @@ async fn an_administrators_one_time_link_adds_a_passkey_and_signs_out_every_devi
         page.contains("<strong>alice</strong>") && page.contains("data-finish"),
         "{page}"
     );
+    // alice must sign in with a passkey and has no TOTP: a key that cannot verify her would
+    // lock her out, so the link refuses it and stays valid.
+    gw.cli_ok(&["user", "require-passkey", "alice"]);
+    let (_, options) =
+        answer(post_json(&gw, &format!("{path}/start"), None, &json!({})).await).await;
+    let (_, credential) = SoftAuthenticator::register(&options, &gw.base, false, [0; 16]);
+    let (status, reason) = refused(
+        post_json(
+            &gw,
+            &format!("{path}/finish"),
+            None,
+            &json!({ "ceremony": options["ceremony"], "credential": credential, "label": "Key" }),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!((status, reason.as_str()), (400, "user_not_verified"));
     let (status, options) =
         answer(post_json(&gw, &format!("{path}/start"), None, &json!({})).await).await;
     assert_eq!(status, 200, "{options}");
