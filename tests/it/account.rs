@@ -408,6 +408,12 @@ pub(crate) async fn pending_login(
 
 /// Enrols alice in TOTP through the account page; returns the seed and the recovery codes.
 pub(crate) async fn enrol(a: &Browser<'_>) -> (Vec<u8>, Vec<String>) {
+    let (seed, codes, _) = enrol_step(a).await;
+    (seed, codes)
+}
+
+/// [`enrol`], also returning the time step whose code confirmed the enrolment.
+async fn enrol_step(a: &Browser<'_>) -> (Vec<u8>, Vec<String>, i64) {
     let html = a
         .get("/_portcullis/account/2fa")
         .await
@@ -428,7 +434,8 @@ pub(crate) async fn enrol(a: &Browser<'_>) -> (Vec<u8>, Vec<String>) {
         )
         .await;
     assert_eq!(resp.status(), 401);
-    let code = totp::code_at(&seed, totp::step_of(now_s()));
+    let step = totp::step_of(now_s());
+    let code = totp::code_at(&seed, step);
     let resp = a
         .post(
             "/_portcullis/account/2fa",
@@ -444,14 +451,14 @@ pub(crate) async fn enrol(a: &Browser<'_>) -> (Vec<u8>, Vec<String>) {
         .map(|s| s[..s.find("</li>").unwrap()].to_string())
         .collect();
     assert_eq!(codes.len(), 10, "{page}");
-    (seed, codes)
+    (seed, codes, step)
 }
 
 #[tokio::test]
 async fn totp_login_with_replay_protection_and_recovery_codes() {
     let (_up, gw) = setup().await;
     let a = Browser::login(&gw, "alice", ALICE_PW).await;
-    let (seed, recovery) = enrol(&a).await;
+    let (seed, recovery, enrolled) = enrol_step(&a).await;
 
     // The JSON API asks for the second factor.
     let api = |code: Option<String>| {
@@ -472,12 +479,12 @@ async fn totp_login_with_replay_protection_and_recovery_codes() {
         (status, body["error"].as_str()),
         (401, Some("second_factor_required"))
     );
-    // The code that confirmed enrolment is spent.
-    let step = totp::step_of(now_s());
-    let (status, _) = api(Some(totp::code_at(&seed, step))).await;
+    // The code that confirmed enrolment is spent (its own step, whatever the clock says now:
+    // a 30-second step may have ended since).
+    let (status, _) = api(Some(totp::code_at(&seed, enrolled))).await;
     assert_eq!(status, 401, "the enrolment code was accepted again");
     // The next step's code works once, and never twice.
-    let next = totp::code_at(&seed, step + 1);
+    let next = totp::code_at(&seed, enrolled + 1);
     let (status, body) = api(Some(next.clone())).await;
     assert_eq!(status, 200, "{body}");
     let (status, body) = api(Some(next)).await;
