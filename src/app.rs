@@ -4,6 +4,7 @@
 //! applied to this process's view at once; other processes pick it up through the sync loop.
 
 pub mod account;
+pub mod directory;
 pub mod media;
 pub mod passkey;
 pub mod plex;
@@ -76,6 +77,8 @@ pub enum StartError {
     Oidc(#[from] crate::oidc::OidcError),
     #[error("{0}")]
     Passkeys(String),
+    #[error("{0}")]
+    Directory(String),
 }
 
 /// Why a login (or one of its steps) did not go ahead.
@@ -105,6 +108,8 @@ pub enum LoginError {
     Policy(#[from] crate::auth::password::PolicyError),
     #[error("the account store is unavailable")]
     Unavailable(#[source] StoreError),
+    #[error("the user directory is unavailable; try again in a moment")]
+    DirectoryUnavailable,
     #[error("the sign-in could not be completed")]
     Internal,
 }
@@ -124,6 +129,7 @@ impl LoginError {
             LoginError::PasskeyRequired => "passkey_required",
             LoginError::Policy(_) => "password_policy",
             LoginError::Unavailable(_) => "store_unavailable",
+            LoginError::DirectoryUnavailable => "directory_unavailable",
             LoginError::Internal => "internal_error",
         }
     }
@@ -279,6 +285,9 @@ pub struct App {
     media_loop_started: std::sync::atomic::AtomicBool,
     /// Whether this process should be sent traffic (`/readyz`, systemd's `READY=1`).
     pub readiness: crate::readiness::Readiness,
+    /// The LDAP directory (`[directory]`), and what its sync saw last.
+    directory: Option<Arc<crate::directory::Directory>>,
+    pub directory_status: directory::DirectoryStatus,
 }
 
 impl App {
@@ -301,6 +310,23 @@ impl App {
         metrics.register_oidc_providers(&provider_ids);
         metrics.register_rules(&rule_names(&config));
         let oidc = crate::oidc::Providers::new(&config.oidc, &config.server.public_url)?;
+        let directory = match &config.directory {
+            None => None,
+            Some(d) => {
+                let counter = metrics.directory_counter();
+                let made = crate::directory::Directory::new(
+                    d,
+                    Box::new(move |op, outcome| counter(op.as_str(), outcome)),
+                )
+                .map_err(|(key, problem)| {
+                    StartError::Directory(format!(
+                        "{}: key `{key}`: {problem}",
+                        config.source.display()
+                    ))
+                })?;
+                Some(Arc::new(made))
+            }
+        };
         let view = RevocationView::new();
         let started = Instant::now();
         view.load(store.snapshot(now_ms()).await?, Instant::now());
@@ -379,6 +405,8 @@ impl App {
             last_seen_pending: Mutex::new(Vec::new()),
             media_loop_started: std::sync::atomic::AtomicBool::new(false),
             readiness: crate::readiness::Readiness::default(),
+            directory,
+            directory_status: directory::DirectoryStatus::default(),
         };
         app.metrics.config_loaded.set(now_ms() as f64 / 1000.0);
         app.refresh_view_metrics();
@@ -615,6 +643,32 @@ impl App {
         }
     }
 
+    /// Counts a wrong password (or an unknown name): the in-memory counters at once, the
+    /// store's account counter and the audit off the response path, so that a known and an
+    /// unknown name answer alike.
+    fn password_failed(self: &Arc<Self>, user: Option<User>, name: &str, client: &ClientInfo) {
+        self.count_failure_in_memory(user.as_ref(), name, client);
+        if let Some(u) = &user {
+            self.failure_in_flight(u.id, 1);
+        }
+        let this = Arc::clone(self);
+        let client = client.clone();
+        tokio::spawn(async move {
+            this.record_account_failure(user.as_ref(), &client).await;
+            if let Some(u) = &user {
+                this.failure_in_flight(u.id, -1);
+            }
+            let who = user.as_ref().map(|u| (u.id, u.name.as_str()));
+            let mut e = this.audit_entry("login", "failure", who, &client);
+            e.detail = if user.is_some() {
+                "wrong password".into()
+            } else {
+                "unknown user".into()
+            };
+            this.audit(e).await;
+        });
+    }
+
     /// Checks a user name and password, then walks the rest of the pipeline. With the JSON API
     /// `code` carries the second factor; forms get a pending step instead.
     pub async fn login(
@@ -661,34 +715,27 @@ impl App {
                 return Err(LoginError::Locked);
             }
         }
-        let stored = user.as_ref().map(|u| u.password_hash.clone());
-        if !self.hasher.verify(stored, password).await {
-            // The in-memory counters at once; the store's account counter off the response
-            // path, so a known and an unknown name answer alike.
-            self.count_failure_in_memory(user.as_ref(), name, client);
-            if let Some(u) = &user {
-                self.failure_in_flight(u.id, 1);
-            }
-            let this = Arc::clone(self);
-            let (user, client) = (user.clone(), client.clone());
-            tokio::spawn(async move {
-                this.record_account_failure(user.as_ref(), &client).await;
-                if let Some(u) = &user {
-                    this.failure_in_flight(u.id, -1);
+        let user = if self.signs_in_through_directory(user.as_ref()) {
+            match self
+                .directory_password(name, user, &password, client)
+                .await?
+            {
+                directory::PasswordCheck::Right(u) => u,
+                directory::PasswordCheck::Wrong(user) => {
+                    self.password_failed(user, name, client);
+                    return Err(LoginError::InvalidCredentials);
                 }
-                let who = user.as_ref().map(|u| (u.id, u.name.as_str()));
-                let mut e = this.audit_entry("login", "failure", who, &client);
-                e.detail = if user.is_some() {
-                    "wrong password".into()
-                } else {
-                    "unknown user".into()
-                };
-                this.audit(e).await;
-            });
-            return Err(LoginError::InvalidCredentials);
-        }
-        let Some(user) = user else {
-            return Err(LoginError::InvalidCredentials);
+            }
+        } else {
+            let stored = user.as_ref().map(|u| u.password_hash.clone());
+            if !self.hasher.verify(stored, password).await {
+                self.password_failed(user, name, client);
+                return Err(LoginError::InvalidCredentials);
+            }
+            let Some(user) = user else {
+                return Err(LoginError::InvalidCredentials);
+            };
+            user
         };
         if user.disabled {
             self.audit(self.audit_entry("login", "disabled", Some((user.id, &user.name)), client))
@@ -762,7 +809,8 @@ impl App {
                 Channel::Form => self.pending(user, PendingStage::Enroll, sso.as_ref(), &amr),
             };
         }
-        if user.must_reset {
+        // A directory user's password is the directory's to change.
+        if user.must_reset && user.directory_dn.is_none() {
             return match channel {
                 Channel::Api => Err(LoginError::PasswordResetRequired),
                 Channel::Form => self.pending(user, PendingStage::Password, sso.as_ref(), &amr),
@@ -1213,6 +1261,10 @@ impl App {
         // Serving: find the single sign-on providers (retried in the background until they
         // answer; the gateway does not wait for them).
         self.oidc.spawn_discovery();
+        // The directory sync runs beside this loop: a slow directory never holds up the view.
+        if self.directory.is_some() {
+            tokio::spawn(Arc::clone(&self).run_directory_sync());
+        }
         let mut tick = tokio::time::interval(self.config().store.poll_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut announcements = self.store.announcements();

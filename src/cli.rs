@@ -91,6 +91,10 @@ pub enum Command {
     /// The groups users belong to, for access rules (`admins` is the administrator flag).
     #[command(subcommand)]
     Group(GroupCommand),
+    /// The LDAP directory (`[directory]`): check the connection, the service account and
+    /// what the gateway reads of a user.
+    #[command(subcommand)]
+    Directory(DirectoryCommand),
     /// Copy the store (online, while the gateway serves) and its key files into one file.
     Backup {
         /// The backup file to write (never overwritten).
@@ -207,6 +211,16 @@ pub enum SessionCommand {
     },
     /// End one session.
     Revoke { session_id: String },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum DirectoryCommand {
+    /// Bind as the service account, count the users allowed to sign in, and show how the
+    /// gateway sees one of them (DN, email, groups) with --user.
+    Check {
+        #[arg(long)]
+        user: Option<String>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -418,7 +432,8 @@ fn store_checks(config: &Config) -> Option<(String, String)> {
         for (i, rule) in config.rules.iter().enumerate() {
             for s in &rule.subjects {
                 if let crate::config::Subject::Group(g) = s {
-                    if !known.contains(g) {
+                    // A directory's groups arrive with its users' sign-ins and syncs.
+                    if !known.contains(g) && config.directory.is_none() {
                         return Ok(Some((
                             format!("rule[{i}].subjects"),
                             format!(
@@ -527,6 +542,9 @@ fn run_store_command(config: Config, command: Command) -> anyhow::Result<()> {
             Command::Keys(KeysCommand::Rotate) => rotate_keys(&config, &store).await,
             Command::Plex(c) => plex_command(&config, &store, c).await,
             Command::Group(c) => group_command(&store, c).await,
+            Command::Directory(DirectoryCommand::Check { user }) => {
+                directory_check(&config, user.as_deref()).await
+            }
             Command::Audit {
                 user,
                 since,
@@ -603,6 +621,86 @@ async fn group_command(store: &DynStore, command: GroupCommand) -> anyhow::Resul
             Ok(())
         }
     }
+}
+
+/// The directory client of the CLI (its operations are not counted).
+fn cli_directory(config: &Config) -> anyhow::Result<Option<crate::directory::Directory>> {
+    let Some(d) = &config.directory else {
+        return Ok(None);
+    };
+    crate::directory::Directory::new(d, Box::new(|_, _| {}))
+        .map(Some)
+        .map_err(|(key, problem)| refused(format!("key `{key}`: {problem}")))
+}
+
+/// A name lives in one place only: a local account is refused a name the directory holds (and
+/// when the directory cannot be asked, refused too, with the reason).
+async fn refuse_directory_name(config: &Config, name: &str) -> anyhow::Result<()> {
+    let Some(directory) = cli_directory(config)? else {
+        return Ok(());
+    };
+    match directory.find(name).await {
+        Ok(None) => Ok(()),
+        Ok(Some(u)) => Err(refused(format!(
+            "`{name}` is a user of the directory ({}): a local account of the same name is \
+             refused (a name lives in one place only)",
+            u.dn
+        ))),
+        Err(e) => Err(refused(format!(
+            "cannot check that the directory has no `{name}`: {e}"
+        ))),
+    }
+}
+
+/// A directory user's password is the directory's: the gateway neither sets nor resets it.
+fn refuse_directory_user(user: &User) -> anyhow::Result<()> {
+    match &user.directory_dn {
+        Some(dn) => Err(refused(format!(
+            "{} is a user of the directory ({dn}): change the password there",
+            user.name
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// `portcullis directory check`.
+async fn directory_check(config: &Config, user: Option<&str>) -> anyhow::Result<()> {
+    let Some(directory) = cli_directory(config)? else {
+        return Err(refused("no [directory] is configured"));
+    };
+    let users = directory
+        .all_users()
+        .await
+        .map_err(|e| refused(e.to_string()))?;
+    println!(
+        "{}: bound as {}; {} user{} may sign in",
+        directory.config.url,
+        directory.config.bind_dn,
+        users.len(),
+        if users.len() == 1 { "" } else { "s" }
+    );
+    if let Some(name) = user {
+        match directory
+            .find(name)
+            .await
+            .map_err(|e| refused(e.to_string()))?
+        {
+            None => {
+                return Err(refused(format!(
+                    "no user `{name}` may sign in (absent, disabled, or outside the user filter)"
+                )))
+            }
+            Some(u) => {
+                println!("{}: {}", u.name, u.dn);
+                println!("  email: {}", u.email.as_deref().unwrap_or("-"));
+                println!("  groups: {}", u.groups.join(", "));
+                if let Some(admin) = u.is_admin(&directory.config) {
+                    println!("  administrator: {}", if admin { "yes" } else { "no" });
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Reads a password from the first line of stdin, or generates one (returned for printing),
@@ -687,6 +785,7 @@ async fn user_command(config: &Config, store: &DynStore, c: UserCommand) -> anyh
                     "`{name}` is not a valid user name (1-64 of A-Z a-z 0-9 . _ - @)"
                 )));
             }
+            refuse_directory_name(config, &name).await?;
             let (password, generated) = new_password(config, &name, password_stdin)?;
             let hasher = Hasher::new(&config.password)?;
             let hash = hasher.hash(password.clone()).await?;
@@ -705,6 +804,7 @@ async fn user_command(config: &Config, store: &DynStore, c: UserCommand) -> anyh
             password_stdin,
         } => {
             let user = find_user(store, &name).await?;
+            refuse_directory_user(&user)?;
             let (password, generated) = new_password(config, &user.name, password_stdin)?;
             let hasher = Hasher::new(&config.password)?;
             let hash = hasher.hash(password.clone()).await?;
@@ -814,6 +914,7 @@ async fn user_command(config: &Config, store: &DynStore, c: UserCommand) -> anyh
             Ok(())
         }
         UserCommand::ResetLink { name } => {
+            refuse_directory_user(&find_user(store, &name).await?)?;
             print_link(store, config, &name, LinkPurpose::Password).await
         }
         UserCommand::PasskeyLink { name } => {
@@ -887,18 +988,27 @@ async fn user_command(config: &Config, store: &DynStore, c: UserCommand) -> anyh
                             "id": u.id, "name": u.name, "admin": u.is_admin,
                             "disabled": u.disabled, "created": time_text(u.created_ms),
                             "must_reset": u.must_reset, "passkey_required": u.passkey_required,
+                            "directory_dn": u.directory_dn,
                         })
                     })
                     .collect();
                 println!("{}", serde_json::to_string_pretty(&list)?);
             } else {
-                println!("{:<24} {:<6} {:<9} CREATED", "NAME", "ADMIN", "DISABLED");
+                println!(
+                    "{:<24} {:<6} {:<9} {:<10} CREATED",
+                    "NAME", "ADMIN", "DISABLED", "SOURCE"
+                );
                 for u in users {
                     println!(
-                        "{:<24} {:<6} {:<9} {}",
+                        "{:<24} {:<6} {:<9} {:<10} {}",
                         u.name,
                         if u.is_admin { "yes" } else { "no" },
                         if u.disabled { "yes" } else { "no" },
+                        if u.directory_dn.is_some() {
+                            "directory"
+                        } else {
+                            "local"
+                        },
                         time_text(u.created_ms)
                     );
                 }

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+pub mod directory;
 pub mod live;
 mod oidc;
 mod plex;
@@ -147,6 +148,7 @@ struct FileConfig {
     webauthn: FileWebauthn,
     #[serde(default)]
     rule: Vec<rules::FileRule>,
+    directory: Option<directory::FileDirectory>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -295,6 +297,8 @@ pub struct Config {
     pub webauthn: WebauthnConfig,
     /// Access rules (`[[rule]]`), in order: the first that matches a request decides.
     pub rules: Vec<Rule>,
+    /// Users from an LDAP directory (`[directory]`).
+    pub directory: Option<directory::DirectoryConfig>,
 }
 
 /// The WebAuthn relying party: its id (the public URL's host, or a domain it is under, for
@@ -692,6 +696,7 @@ impl Validator {
         let auth = self.auth(raw.auth)?;
         let oidc = self.oidc(raw.oidc)?;
         let webauthn = self.webauthn(raw.webauthn, &server.public_url)?;
+        let directory = self.directory(raw.directory)?;
         if !auth.password_form && oidc.is_empty() {
             return Err(self.err(
                 "auth.password_form",
@@ -738,6 +743,7 @@ impl Validator {
             routes,
             oidc,
             webauthn,
+            directory,
         })
     }
 

@@ -11,6 +11,7 @@ pub mod backup;
 pub mod cli;
 pub mod config;
 pub mod datadir;
+pub mod directory;
 pub mod healthcheck;
 pub mod mediaserver;
 pub mod metrics;

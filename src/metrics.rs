@@ -49,6 +49,10 @@ pub const CONFIG_RELOADS_TOTAL: &str = "portcullis_config_reloads_total";
 pub const CONFIG_LOADED_TIMESTAMP: &str = "portcullis_config_loaded_timestamp_seconds";
 pub const CONFIG_LAST_RELOAD_SUCCESSFUL: &str = "portcullis_config_last_reload_successful";
 pub const CONFIG_RESTART_PENDING: &str = "portcullis_config_restart_pending";
+pub const DIRECTORY_OPERATIONS_TOTAL: &str = "portcullis_directory_operations_total";
+pub const DIRECTORY_SYNC_CHANGES_TOTAL: &str = "portcullis_directory_sync_changes_total";
+pub const DIRECTORY_LAST_SYNC: &str = "portcullis_directory_last_sync_timestamp_seconds";
+pub const DIRECTORY_UP: &str = "portcullis_directory_up";
 
 /// Every metric family, for the test that compares them with a fresh gateway's exposition.
 pub const ALL_FAMILIES: &[&str] = &[
@@ -90,6 +94,10 @@ pub const ALL_FAMILIES: &[&str] = &[
     CONFIG_LAST_RELOAD_SUCCESSFUL,
     CONFIG_RESTART_PENDING,
     UPSTREAM_UP,
+    DIRECTORY_OPERATIONS_TOTAL,
+    DIRECTORY_SYNC_CHANGES_TOTAL,
+    DIRECTORY_LAST_SYNC,
+    DIRECTORY_UP,
 ];
 
 /// A label of a labelled family: a closed list of values, or the names of something
@@ -132,6 +140,8 @@ pub enum Family {
     MediaLinks,
     Passkeys,
     RuleDecisions,
+    DirectoryOperations,
+    DirectorySyncChanges,
 }
 
 /// The results of a gateway login (`LoginError` labels, and success or a step still owed).
@@ -150,8 +160,12 @@ const GATEWAY_LOGIN_RESULTS: &[&str] = &[
     "passkey_required",
     "password_policy",
     "store_unavailable",
+    "directory_unavailable",
     "internal_error",
 ];
+
+/// What the directory sync changed (`portcullis_directory_sync_changes_total{change}`).
+pub const DIRECTORY_SYNC_CHANGES: &[&str] = &["disabled", "enabled", "groups", "conflict"];
 
 /// Results only a media-server login has.
 const MEDIA_LOGIN_RESULTS: &[&str] = &[
@@ -255,7 +269,7 @@ const BACKCHANNEL_RESULTS: &[&str] = &[
 ];
 
 impl Family {
-    pub const ALL: [Family; 16] = [
+    pub const ALL: [Family; 18] = [
         Family::Logins,
         Family::SecondFactor,
         Family::StoreErrors,
@@ -272,6 +286,8 @@ impl Family {
         Family::MediaLinks,
         Family::Passkeys,
         Family::RuleDecisions,
+        Family::DirectoryOperations,
+        Family::DirectorySyncChanges,
     ];
 
     pub fn name(self) -> &'static str {
@@ -292,6 +308,8 @@ impl Family {
             Family::MediaLinks => MEDIA_LINKS_TOTAL,
             Family::Passkeys => PASSKEYS_TOTAL,
             Family::RuleDecisions => RULE_DECISIONS_TOTAL,
+            Family::DirectoryOperations => DIRECTORY_OPERATIONS_TOTAL,
+            Family::DirectorySyncChanges => DIRECTORY_SYNC_CHANGES_TOTAL,
         }
     }
 
@@ -408,6 +426,11 @@ impl Family {
                 &[&["registered", "removed", "clone_warning"]],
             )],
             Family::RuleDecisions => &[Label::Rule, Values("verdict", &[RULE_VERDICTS])],
+            Family::DirectoryOperations => &[
+                Values("operation", &[&["service_bind", "user_bind", "search"]]),
+                Values("outcome", &[&["ok", "rejected", "error"]]),
+            ],
+            Family::DirectorySyncChanges => &[Values("change", &[DIRECTORY_SYNC_CHANGES])],
         }
     }
 
@@ -679,6 +702,12 @@ pub struct Metrics {
     /// Passkeys registered and removed, and clone warnings.
     passkeys: IntCounterVec,
     rule_decisions: IntCounterVec,
+    directory_operations: IntCounterVec,
+    directory_sync_changes: IntCounterVec,
+    /// When the directory sync last read the directory through (0: never).
+    pub directory_last_sync: Gauge,
+    /// 1 while the directory answers, 0 after an operation failed for want of it.
+    pub directory_up: IntGauge,
     /// 1 when the route's upstream answered its last probe (at start, or for `/readyz`).
     pub upstream_up: IntGaugeVec,
 }
@@ -880,6 +909,38 @@ impl Metrics {
             &["rule", "verdict"],
         )?;
         registry.register(Box::new(rule_decisions.clone()))?;
+        let directory_operations = IntCounterVec::new(
+            Opts::new(
+                DIRECTORY_OPERATIONS_TOTAL,
+                "LDAP directory operations by kind (service_bind, user_bind, search) and \
+                 outcome (ok; rejected: wrong password or nothing found; error: the directory \
+                 could not answer).",
+            ),
+            &["operation", "outcome"],
+        )?;
+        registry.register(Box::new(directory_operations.clone()))?;
+        let directory_sync_changes = IntCounterVec::new(
+            Opts::new(
+                DIRECTORY_SYNC_CHANGES_TOTAL,
+                "What the directory sync changed: users disabled (gone from the directory or \
+                 disabled there) or enabled again, group changes, and names held by a local \
+                 account and a directory entry at once (conflict).",
+            ),
+            &["change"],
+        )?;
+        registry.register(Box::new(directory_sync_changes.clone()))?;
+        let directory_last_sync = Gauge::new(
+            DIRECTORY_LAST_SYNC,
+            "When the directory sync last read the whole directory (Unix seconds; 0: never, \
+             or no directory is configured).",
+        )?;
+        registry.register(Box::new(directory_last_sync.clone()))?;
+        let directory_up = IntGauge::new(
+            DIRECTORY_UP,
+            "1 while the LDAP directory answers, 0 after an operation failed for want of it \
+             (also 0 when no directory is configured).",
+        )?;
+        registry.register(Box::new(directory_up.clone()))?;
         let upstream_up = IntGaugeVec::new(
             Opts::new(
                 UPSTREAM_UP,
@@ -1000,6 +1061,10 @@ impl Metrics {
             media_links,
             passkeys,
             rule_decisions,
+            directory_operations,
+            directory_sync_changes,
+            directory_last_sync,
+            directory_up,
             upstream_up,
         };
         metrics.show_at_zero(None, None);
@@ -1047,6 +1112,19 @@ impl Metrics {
         self.show_at_zero(None, Some(names));
     }
 
+    /// Counts directory operations by (operation, outcome), for the directory client (which
+    /// sits below the metrics).
+    pub fn directory_counter(&self) -> impl Fn(&str, &str) + Send + Sync + 'static {
+        let vec = self.directory_operations.clone();
+        move |operation, outcome| {
+            debug_assert!(
+                Family::DirectoryOperations.declares(&[operation, outcome]),
+                "{operation} {outcome}"
+            );
+            vec.with_label_values(&[operation, outcome]).inc();
+        }
+    }
+
     /// The gauge of live sessions of `kind` (`web`, `api`, `media`).
     pub fn active_sessions(&self, kind: &str) -> IntGauge {
         debug_assert!(Family::ActiveSessions.declares(&[kind]), "kind {kind}");
@@ -1077,6 +1155,8 @@ impl Metrics {
             Family::MediaLinks => &self.media_links,
             Family::Passkeys => &self.passkeys,
             Family::RuleDecisions => &self.rule_decisions,
+            Family::DirectoryOperations => &self.directory_operations,
+            Family::DirectorySyncChanges => &self.directory_sync_changes,
             Family::ActiveSessions => unreachable!("{} is a gauge", family.name()),
         };
         vec.with_label_values(values)

@@ -96,6 +96,10 @@ pub struct User {
     pub totp_last_step: i64,
     /// Must sign in with a passkey (set by an administrator or a breach response).
     pub passkey_required: bool,
+    /// The directory entry of a user from the LDAP directory (`None`: a local account).
+    pub directory_dn: Option<String>,
+    /// Disabled by the directory sync (not by an administrator).
+    pub directory_disabled: bool,
 }
 
 /// A security event for the audit log. Never holds a secret.
@@ -721,6 +725,17 @@ pub trait Store: Send + Sync + 'static {
         member: bool,
         now_ms: i64,
     ) -> StoreResult<Option<SequencedEvent>>;
+    /// Makes a user one from the directory (`Some(dn)`), or local again (`None`).
+    async fn set_directory_dn(&self, user_id: i64, dn: Option<&str>) -> StoreResult<()>;
+    /// Disables (ending every token, as `set_disabled`) or enables a user for the directory's
+    /// sake. Enabling touches only a user that the directory disabled, never one an
+    /// administrator disabled. Returns the events (none when nothing changed).
+    async fn set_directory_disabled(
+        &self,
+        user_id: i64,
+        disabled: bool,
+        now_ms: i64,
+    ) -> StoreResult<Vec<SequencedEvent>>;
     /// Sets or clears "must sign in with a passkey" for one user, or for all when `None`.
     async fn set_passkey_required(&self, user_id: Option<i64>, required: bool) -> StoreResult<u64>;
     /// Sets a new password and clears `must_reset`; with `signout_at`, also ends every session

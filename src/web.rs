@@ -404,6 +404,7 @@ async fn readyz(State(app): State<Arc<App>>) -> Response {
         },
         "upstreams": upstreams.iter().map(probe::RouteProbe::json).collect::<Vec<_>>(),
         "plex": plex,
+        "directory": directory_readiness(&app),
     });
     let status = if store_ok && fresh && phase.not_ready_reason().is_none() && plex_ok {
         StatusCode::OK
@@ -411,6 +412,26 @@ async fn readyz(State(app): State<Arc<App>>) -> Response {
         StatusCode::SERVICE_UNAVAILABLE
     };
     (status, Json(body)).into_response()
+}
+
+/// The directory's state as the last operation and sync found it: `degraded` while it cannot
+/// be reached (new sign-ins of its users get 503; existing sessions keep working, so the
+/// gateway stays ready).
+fn directory_readiness(app: &App) -> Option<serde_json::Value> {
+    let config = app.config();
+    let directory = config.directory.as_ref()?;
+    let error = app.directory_status.error();
+    let last = app
+        .directory_status
+        .last_sync_ms
+        .load(std::sync::atomic::Ordering::Acquire);
+    Some(serde_json::json!({
+        "state": if error.is_some() { "degraded" } else { "ok" },
+        "url": directory.url,
+        "error": error,
+        "last_sync_age_seconds": (last > 0)
+            .then(|| (crate::app::now_ms() - last).max(0) as f64 / 1000.0),
+    }))
 }
 
 /// Each plex route's self-check, run afresh, and plex.tv's last error. A route whose server

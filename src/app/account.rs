@@ -44,6 +44,10 @@ pub enum AccountError {
     PasskeyGrantNotValid,
     #[error("this account signs in with a passkey only: confirm the change with your passkey")]
     PasskeyConfirmationRequired,
+    #[error("this account's password is kept by the user directory: change it there")]
+    PasswordInDirectory,
+    #[error("the user directory is unavailable; try again in a moment")]
+    DirectoryUnavailable,
     #[error("the change could not be completed")]
     Internal,
 }
@@ -83,6 +87,7 @@ impl From<LoginError> for AccountError {
             LoginError::Unavailable(s) => AccountError::Unavailable(s),
             LoginError::Policy(p) => AccountError::Policy(p),
             LoginError::InvalidCode => AccountError::InvalidCode,
+            LoginError::DirectoryUnavailable => AccountError::DirectoryUnavailable,
             _ => AccountError::Internal,
         }
     }
@@ -335,11 +340,11 @@ impl App {
         if gate != crate::auth::throttle::Gate::Open {
             return Err(AccountError::TooManyAttempts);
         }
-        if !self
-            .hasher
-            .verify(Some(user.password_hash.clone()), password)
+        let right = self
+            .password_is_right(user, password)
             .await
-        {
+            .map_err(|_| AccountError::DirectoryUnavailable)?;
+        if !right {
             self.record_failure(Some(user), &user.name, client).await;
             return Err(AccountError::WrongPassword);
         }
@@ -362,6 +367,9 @@ impl App {
             signout_others,
         } = change;
         let user = self.user(identity.user_id).await?;
+        if user.directory_dn.is_some() {
+            return Err(AccountError::PasswordInDirectory);
+        }
         let confirmed = match current {
             Reauth::Password { password, .. } => match self.password_may_confirm(&user).await {
                 Ok(()) => self

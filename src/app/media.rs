@@ -222,11 +222,7 @@ impl App {
                     let pw = crate::config::Secret::new(
                         field_str(&body, "Pw").unwrap_or("").to_string(),
                     );
-                    if !self
-                        .hasher
-                        .verify(Some(user.password_hash.clone()), pw)
-                        .await
-                    {
+                    if !self.password_is_right(&user, pw).await.unwrap_or(false) {
                         self.record_failure(Some(&user), &user.name, &req.client)
                             .await;
                         count("invalid_credentials");
@@ -484,7 +480,7 @@ impl App {
                 ),
             ));
         }
-        if user.must_reset {
+        if user.must_reset && user.directory_dn.is_none() {
             return Some((
                 "password_reset_required",
                 MediaAnswer::error(

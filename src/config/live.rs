@@ -54,6 +54,8 @@ pub fn prepare(old: &Config, mut new: Config) -> Prepared {
     // `secure` follows `public_url`, which is kept above.
     new.server.secure = old.server.secure;
     restart_only!("store.url", store.url);
+    // The directory client and its sync loop are made at start.
+    restart_only!("directory", directory);
     restart_only!("store.poll_interval", store.poll_interval);
     restart_only!("store.busy_timeout", store.busy_timeout);
     restart_only!("session.key_file", session.key_file);

@@ -31,7 +31,7 @@ const KIND_GROUPS: &str = "groups_changed";
 
 const USER_COLUMNS: &str = "id, name, password_hash, is_admin, disabled, created_ms, must_reset,
      failed_logins, locked_until_ms, last_failure_ms, totp_secret, totp_enabled, totp_last_step,
-     passkey_required";
+     passkey_required, directory_dn, directory_disabled";
 
 const PLEX_ACCOUNT_SELECT: &str = "SELECT p.account_id, p.username, p.title, p.user_id,
      u.name AS user_name, p.linked_ms, p.offered_user_id, p.first_seen_ms, p.last_seen_ms
@@ -268,6 +268,35 @@ where
         I: ColumnIndex<D::Row>,
     {
         row.try_get(column).map_err(unavailable)
+    }
+
+    /// The events of disabling a user (every token of theirs ends: sessions revoked, a
+    /// cut-off for the rest) or enabling one, written in `tx`.
+    async fn disabled_events(
+        tx: &mut Tx<D>,
+        user_id: i64,
+        disabled: bool,
+        now_ms: i64,
+    ) -> StoreResult<Vec<SequencedEvent>> {
+        let mut events = Vec::new();
+        if disabled {
+            query!("UPDATE sessions SET revoked_ms = $1
+                    WHERE user_id = $2 AND revoked_ms IS NULL AND created_ms <= $1";
+                   now_ms, user_id)
+            .execute(&mut **tx)
+            .await?;
+            let disabled = RevocationEvent::UserDisabled { user_id };
+            events.push(Self::append(&mut **tx, now_ms, disabled).await?);
+            let cutoff = RevocationEvent::UserCutoff {
+                user_id,
+                at_ms: now_ms,
+            };
+            events.push(Self::append(&mut **tx, now_ms, cutoff).await?);
+        } else {
+            let enabled = RevocationEvent::UserEnabled { user_id };
+            events.push(Self::append(&mut **tx, now_ms, enabled).await?);
+        }
+        Ok(events)
     }
 
     /// Appends one event (under the writer lock held by `tx`) and numbers it. `at_ms` is the
@@ -611,24 +640,44 @@ where
         if D::rows_affected(&done) == 0 {
             return Err(StoreError::NotFound(format!("user {user_id}")));
         }
-        let mut events = Vec::new();
-        if disabled {
-            query!("UPDATE sessions SET revoked_ms = $1
-                    WHERE user_id = $2 AND revoked_ms IS NULL AND created_ms <= $1";
-                   now_ms, user_id)
-            .execute(&mut *tx)
+        let events = Self::disabled_events(&mut tx, user_id, disabled, now_ms).await?;
+        Self::commit(tx, &events).await?;
+        Ok(events)
+    }
+
+    async fn set_directory_dn(&self, user_id: i64, dn: Option<&str>) -> StoreResult<()> {
+        let done = query!("UPDATE users SET directory_dn = $1 WHERE id = $2"; dn, user_id)
+            .execute(&self.pool)
             .await?;
-            let disabled = RevocationEvent::UserDisabled { user_id };
-            events.push(Self::append(&mut tx, now_ms, disabled).await?);
-            let cutoff = RevocationEvent::UserCutoff {
-                user_id,
-                at_ms: now_ms,
-            };
-            events.push(Self::append(&mut tx, now_ms, cutoff).await?);
-        } else {
-            let enabled = RevocationEvent::UserEnabled { user_id };
-            events.push(Self::append(&mut tx, now_ms, enabled).await?);
+        if D::rows_affected(&done) == 0 {
+            return Err(StoreError::NotFound(format!("user {user_id}")));
         }
+        Ok(())
+    }
+
+    async fn set_directory_disabled(
+        &self,
+        user_id: i64,
+        disabled: bool,
+        now_ms: i64,
+    ) -> StoreResult<Vec<SequencedEvent>> {
+        let mut tx = self.write_tx().await?;
+        // Disabling: only a user not disabled yet. Enabling: only one the directory disabled.
+        let done = if disabled {
+            query!("UPDATE users SET disabled = TRUE, directory_disabled = TRUE
+                    WHERE id = $1 AND NOT disabled"; user_id)
+            .execute(&mut *tx)
+            .await?
+        } else {
+            query!("UPDATE users SET disabled = FALSE, directory_disabled = FALSE
+                    WHERE id = $1 AND directory_disabled"; user_id)
+            .execute(&mut *tx)
+            .await?
+        };
+        if D::rows_affected(&done) == 0 {
+            return Ok(Vec::new());
+        }
+        let events = Self::disabled_events(&mut tx, user_id, disabled, now_ms).await?;
         Self::commit(tx, &events).await?;
         Ok(events)
     }

@@ -110,6 +110,9 @@ pub(crate) fn not_changed(status: StatusCode, text: &str) -> Response {
 fn account_error(e: AccountError) -> Response {
     match e {
         AccountError::Unavailable(s) => store_unavailable(&s.to_string()),
+        AccountError::DirectoryUnavailable => {
+            not_changed(StatusCode::SERVICE_UNAVAILABLE, &e.to_string())
+        }
         other => not_changed(StatusCode::BAD_REQUEST, &other.to_string()),
     }
 }
@@ -191,6 +194,8 @@ pub(crate) async fn page(
         Some("password") => Some("The password was not changed: check the current password, and that the new one is long enough, differs from your user name and is typed the same twice."),
         Some("locked") => Some("The password was not changed: too many wrong passwords were entered. Try again later."),
         Some("passkey") => Some("The password was not changed: the passkey confirmation has expired or was used already. Confirm again."),
+        Some("directory") => Some("The password was not changed: this account's password is kept by the user directory. Change it there."),
+        Some("directory-down") => Some("The password could not be checked: the user directory is unavailable. Try again in a moment."),
         Some("passkey-only") => Some("The password was not changed: this account signs in with a passkey only, so confirm the change with your passkey."),
         _ => None,
     };
@@ -369,6 +374,8 @@ pub(crate) async fn change_password(
                 AccountError::TooManyAttempts => "locked",
                 AccountError::PasskeyGrantNotValid => "passkey",
                 AccountError::PasskeyConfirmationRequired => "passkey-only",
+                AccountError::PasswordInDirectory => "directory",
+                AccountError::DirectoryUnavailable => "directory-down",
                 _ => "password",
             };
             redirect(&format!("{ACCOUNT_PATH}?error={code}"))

@@ -33,7 +33,9 @@ pub(crate) fn login_status(e: &LoginError) -> StatusCode {
         | LoginError::EnrollmentRequired
         | LoginError::PasskeyRequired => StatusCode::FORBIDDEN,
         LoginError::Policy(_) => StatusCode::BAD_REQUEST,
-        LoginError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+        LoginError::Unavailable(_) | LoginError::DirectoryUnavailable => {
+            StatusCode::SERVICE_UNAVAILABLE
+        }
         LoginError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }

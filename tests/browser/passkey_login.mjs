@@ -28,6 +28,18 @@ async function passkeyError(page) {
 
 await run('passkey_login', async (browser) => {
   const a = await device(browser, 'A');
+  // Counts the page's WebAuthn requests by mediation, so a step can wait until the login page's
+  // autofill request is pending before it lets the authenticator answer (the authenticator
+  // answers a request only as it is made, so the order decides which request it answers).
+  await a.context.addInitScript(() => {
+    window.__passkeyRequests = { conditional: 0, modal: 0 };
+    const original = navigator.credentials.get.bind(navigator.credentials);
+    navigator.credentials.get = (options) => {
+      window.__passkeyRequests[options && options.mediation === 'conditional' ? 'conditional' : 'modal'] += 1;
+      return original(options);
+    };
+  });
+  const autofillPending = () => a.page.waitForFunction(() => window.__passkeyRequests.conditional > 0);
   const cdp = await a.context.newCDPSession(a.page);
   await cdp.send('WebAuthn.enable', { enableUI: false });
   const { authenticatorId } = await cdp.send('WebAuthn.addVirtualAuthenticator', {
@@ -81,10 +93,11 @@ await run('passkey_login', async (browser) => {
   step('A signs out and signs in with the "Sign in with a passkey" button');
   await signOut();
   await a.page.goto(url(`${PREFIX}/login?rd=${encodeURIComponent(`${PREFIX}/account`)}`));
-  // The click cancels the waiting autofill request and asks again; the user then touches the
-  // authenticator.
-  await a.page.getByRole('button', { name: 'Sign in with a passkey' }).click();
+  // The autofill request is made with nobody at the authenticator, and waits; the click cancels
+  // it and asks again, and the authenticator, now answering, answers the button's request.
+  await autofillPending();
   await cdp.send('WebAuthn.setAutomaticPresenceSimulation', { authenticatorId, enabled: true });
+  await a.page.getByRole('button', { name: 'Sign in with a passkey' }).click();
   await a.page.waitForURL(at(`${PREFIX}/account`));
   await expectAccountPage(a.page, user);
   assert.doesNotMatch(await a.page.locator('#passkeys tr[data-passkey]').textContent(), /never/, 'last used is set');

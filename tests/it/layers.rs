@@ -20,6 +20,7 @@ const LAYERS: &[&str] = &[
     "app",
     "metrics",
     "oidc",
+    "directory",
     "probe",
     "telemetry",
     "tls",

@@ -1,0 +1,390 @@
+//! Users from the LDAP directory (`[directory]`): their sign-in (a bind as the user, never a
+//! password kept here), their local record (made at the first sign-in, kept for sessions, TOTP,
+//! passkeys and the audit), and the sync that brings the directory's removals, disabled
+//! accounts and group changes to every session and media token: a user the directory no longer
+//! lets in is disabled here (every token ends, on every replica, through the store's events),
+//! and their groups, which the access rules read, follow the directory's.
+//!
+//! A name lives in one place only: a local account's name is never looked up in the directory,
+//! and a directory entry with the name of a local account is refused (reported by the sync, and
+//! `portcullis user add` refuses a name the directory holds).
+
+use std::collections::HashSet;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+
+use crate::app::{now_ms, App, ClientInfo, LoginError};
+use crate::auth::canonical_user_name;
+use crate::config::Secret;
+use crate::directory::{Authenticated, Directory, DirectoryError, DirectoryUser};
+use crate::metrics::Family;
+use crate::store::{StoreError, User};
+
+/// Whether a user is a local account (a password kept here). A directory user has a DN, or,
+/// for the moment between its record's making and the DN's writing, no password at all.
+fn is_local_account(user: &User) -> bool {
+    user.directory_dn.is_none() && !user.password_hash.is_empty()
+}
+
+/// What the directory sync saw last, for `/readyz`.
+#[derive(Debug, Default)]
+pub struct DirectoryStatus {
+    /// The last failure to reach the directory, cleared by the next success.
+    pub last_error: Mutex<Option<String>>,
+    /// When the sync last read the directory through (ms; 0: not yet).
+    pub last_sync_ms: std::sync::atomic::AtomicI64,
+    /// Names held by a local account and a directory entry, reported once each.
+    conflicts_reported: Mutex<HashSet<String>>,
+}
+
+impl DirectoryStatus {
+    fn set_error(&self, e: Option<String>) {
+        *self
+            .last_error
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = e;
+    }
+
+    pub fn error(&self) -> Option<String> {
+        self.last_error
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+}
+
+/// Where a password is checked: local accounts by their hash, directory users by a bind.
+pub(crate) enum PasswordCheck {
+    /// The password is right; the user as they now stand (made or brought up to date from the
+    /// directory for a directory user).
+    Right(User),
+    /// Wrong, or no such user: the known local record, if any, for the account's lock.
+    Wrong(Option<User>),
+}
+
+impl App {
+    /// The directory client, when `[directory]` is configured.
+    pub fn directory(&self) -> Option<&Directory> {
+        self.directory.as_deref()
+    }
+
+    /// Whether a sign-in with this name goes to the directory: a directory is configured and the
+    /// name is not a local account's.
+    pub(crate) fn signs_in_through_directory(&self, local: Option<&User>) -> bool {
+        self.directory.is_some() && local.is_none_or(|u| !is_local_account(u))
+    }
+
+    /// The outcome of a directory operation, for `portcullis_directory_up`.
+    fn directory_answered(&self, result: &Result<(), &DirectoryError>) {
+        match result {
+            Ok(()) => self.metrics.directory_up.set(1),
+            Err(DirectoryError::Unavailable(why)) => {
+                self.metrics.directory_up.set(0);
+                self.directory_status.set_error(Some(why.clone()));
+                tracing::warn!(error = %why, "directory unavailable");
+            }
+            Err(DirectoryError::Ambiguous(_)) => self.metrics.directory_up.set(1),
+        }
+    }
+
+    /// Checks the password of a sign-in through the directory (see
+    /// [`App::signs_in_through_directory`]). The directory being down is an error of its own:
+    /// nobody is let in on an old answer, and no password is kept for that.
+    pub(crate) async fn directory_password(
+        &self,
+        name: &str,
+        local: Option<User>,
+        password: &Secret,
+        client: &ClientInfo,
+    ) -> Result<PasswordCheck, LoginError> {
+        let Some(directory) = self.directory() else {
+            return Ok(PasswordCheck::Wrong(local));
+        };
+        // The same work as a local password check, so that the answer's timing does not tell a
+        // directory name from a local one.
+        self.hasher.verify(None, password.clone()).await;
+        let outcome = directory.authenticate(name, password).await;
+        self.directory_answered(&outcome.as_ref().map(|_| ()));
+        match outcome {
+            Err(DirectoryError::Unavailable(_)) => Err(LoginError::DirectoryUnavailable),
+            Err(DirectoryError::Ambiguous(n)) => {
+                tracing::warn!(name = %n, "directory: the name matches several entries; refused");
+                Ok(PasswordCheck::Wrong(local))
+            }
+            Ok(Authenticated::UnknownUser) => {
+                // Gone from the directory, or disabled there: the sync would say so at its
+                // next run; say it now.
+                if let Some(u) = &local {
+                    self.directory_user_gone(u, client).await;
+                }
+                Ok(PasswordCheck::Wrong(local))
+            }
+            Ok(Authenticated::WrongPassword(_)) => Ok(PasswordCheck::Wrong(local)),
+            Ok(Authenticated::Yes(found)) => {
+                match self.adopt_directory_user(local, &found, client).await {
+                    Ok(Some(user)) => Ok(PasswordCheck::Right(user)),
+                    Ok(None) => Ok(PasswordCheck::Wrong(None)),
+                    Err(e) => Err(LoginError::Unavailable(self.store_error("find_user", e))),
+                }
+            }
+        }
+    }
+
+    /// Checks a signed-in user's password: a local account's against its hash, a directory
+    /// user's by a bind. `Err` when the directory cannot answer.
+    pub(crate) async fn password_is_right(
+        &self,
+        user: &User,
+        password: Secret,
+    ) -> Result<bool, DirectoryError> {
+        if is_local_account(user) {
+            return Ok(self
+                .hasher
+                .verify(Some(user.password_hash.clone()), password)
+                .await);
+        }
+        let Some(directory) = self.directory() else {
+            // A directory user while no directory is configured: nobody can vouch for them.
+            return Ok(false);
+        };
+        let outcome = directory.authenticate(&user.name, &password).await;
+        self.directory_answered(&outcome.as_ref().map(|_| ()));
+        Ok(matches!(outcome?, Authenticated::Yes(_)))
+    }
+
+    /// Makes (at the first sign-in) or brings up to date the local record of a directory user:
+    /// their DN, their groups, administrator by `directory.admin_group`, enabled again if the
+    /// directory had them disabled. `None` when the name cannot be used here (a local account
+    /// holds it, or it is not a name the gateway accepts).
+    async fn adopt_directory_user(
+        &self,
+        local: Option<User>,
+        found: &DirectoryUser,
+        client: &ClientInfo,
+    ) -> Result<Option<User>, StoreError> {
+        let name = canonical_user_name(&found.name);
+        if !crate::auth::valid_user_name(&name) {
+            tracing::warn!(
+                dn = %found.dn,
+                "directory: the user's name is not one the gateway accepts (1 to 64 letters, \
+                 digits, `. _ - @`); refused"
+            );
+            return Ok(None);
+        }
+        let user = match local {
+            Some(u) => Some(u),
+            None => self.store.find_user(&name).await?,
+        };
+        let user = match user {
+            Some(u) if is_local_account(&u) => {
+                self.report_conflict(&u.name, &found.dn);
+                return Ok(None);
+            }
+            Some(u) => u,
+            None => match self.store.create_user(&name, "", false, now_ms()).await {
+                Ok(u) => {
+                    let mut e = self.audit_entry(
+                        "directory_user",
+                        "created",
+                        Some((u.id, &u.name)),
+                        client,
+                    );
+                    e.detail = format!("from {}", found.dn);
+                    self.audit(e).await;
+                    u
+                }
+                // Made a moment ago by another replica's sign-in.
+                Err(_) => match self.store.find_user(&name).await? {
+                    Some(u) if !is_local_account(&u) => u,
+                    _ => return Ok(None),
+                },
+            },
+        };
+        self.bring_up_to_date(&user, found).await?;
+        self.store.find_user_by_id(user.id).await
+    }
+
+    /// Brings a directory user's record in line with the directory's entry.
+    async fn bring_up_to_date(&self, user: &User, found: &DirectoryUser) -> Result<(), StoreError> {
+        let now = now_ms();
+        if user.directory_dn.as_deref() != Some(found.dn.as_str()) {
+            self.store
+                .set_directory_dn(user.id, Some(&found.dn))
+                .await?;
+        }
+        if user.directory_disabled {
+            let events = self
+                .store
+                .set_directory_disabled(user.id, false, now)
+                .await?;
+            if !events.is_empty() {
+                self.apply(&events);
+                self.count_sync_change("enabled");
+                let mut e = self.audit_entry(
+                    "directory_sync",
+                    "enabled",
+                    Some((user.id, &user.name)),
+                    &ClientInfo::default(),
+                );
+                e.detail = "back in the directory".into();
+                self.audit(e).await;
+            }
+        }
+        let config = self.config();
+        let Some(directory) = config.directory.as_ref() else {
+            return Ok(());
+        };
+        let have: Vec<String> = self
+            .store
+            .groups_of(user.id)
+            .await?
+            .into_iter()
+            .filter(|g| g != "admins")
+            .collect();
+        let mut changed = Vec::new();
+        for g in have.iter().filter(|g| !found.groups.contains(g)) {
+            if let Some(e) = self.store.set_group(user.id, g, false, now).await? {
+                self.apply(&[e]);
+                changed.push(format!("-{g}"));
+            }
+        }
+        for g in found.groups.iter().filter(|g| !have.contains(g)) {
+            if let Some(e) = self.store.set_group(user.id, g, true, now).await? {
+                self.apply(&[e]);
+                changed.push(format!("+{g}"));
+            }
+        }
+        if let Some(admin) = found.is_admin(directory) {
+            if admin != user.is_admin {
+                if let Some(e) = self.store.set_group(user.id, "admins", admin, now).await? {
+                    self.apply(&[e]);
+                    changed.push(format!("{}admins", if admin { "+" } else { "-" }));
+                }
+            }
+        }
+        if !changed.is_empty() {
+            self.count_sync_change("groups");
+            let mut e = self.audit_entry(
+                "directory_sync",
+                "groups",
+                Some((user.id, &user.name)),
+                &ClientInfo::default(),
+            );
+            e.detail = changed.join(" ");
+            self.audit(e).await;
+        }
+        Ok(())
+    }
+
+    /// A directory user the directory no longer lets in: disabled here, every token ended.
+    async fn directory_user_gone(&self, user: &User, client: &ClientInfo) {
+        if user.disabled {
+            return;
+        }
+        match self
+            .store
+            .set_directory_disabled(user.id, true, now_ms())
+            .await
+        {
+            Ok(events) if !events.is_empty() => {
+                self.apply(&events);
+                self.count_sync_change("disabled");
+                let mut e = self.audit_entry(
+                    "directory_sync",
+                    "disabled",
+                    Some((user.id, &user.name)),
+                    client,
+                );
+                e.detail =
+                    "gone from the directory, disabled there, or outside its user filter".into();
+                self.audit(e).await;
+            }
+            Ok(_) => {}
+            Err(e) => {
+                self.store_error("signout_user", e);
+            }
+        }
+    }
+
+    fn count_sync_change(&self, change: &str) {
+        self.metrics
+            .counter(Family::DirectorySyncChanges, &[change])
+            .inc();
+    }
+
+    /// A directory entry with the name of a local account: the local account keeps the name,
+    /// the entry is refused. Logged and counted once per name.
+    fn report_conflict(&self, name: &str, dn: &str) {
+        let first = self
+            .directory_status
+            .conflicts_reported
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(name.to_ascii_lowercase());
+        if first {
+            self.count_sync_change("conflict");
+            tracing::warn!(
+                name,
+                dn,
+                "directory: a local account has this name; the directory entry is refused \
+                 (rename or remove one of them)"
+            );
+        }
+    }
+
+    /// One pass of the directory sync: every directory user the directory no longer lets in is
+    /// disabled (every token ends), one it lets in again is enabled, and groups follow the
+    /// directory's. Local accounts whose name a directory entry also has are reported.
+    pub async fn sync_directory(&self) -> Result<(), DirectoryError> {
+        let Some(directory) = self.directory() else {
+            return Ok(());
+        };
+        let listed = directory.all_users().await;
+        self.directory_answered(&listed.as_ref().map(|_| ()));
+        let listed = listed?;
+        let users = match self.store.list_users().await {
+            Ok(u) => u,
+            Err(e) => {
+                self.store_error("find_user", e);
+                return Ok(());
+            }
+        };
+        let none = ClientInfo::default();
+        for user in &users {
+            let found = listed.get(&canonical_user_name(&user.name).to_lowercase());
+            match (&user.directory_dn, found) {
+                (Some(_), Some(found)) => {
+                    if let Err(e) = self.bring_up_to_date(user, found).await {
+                        self.store_error("find_user", e);
+                    }
+                }
+                (Some(_), None) => self.directory_user_gone(user, &none).await,
+                (None, Some(found)) if is_local_account(user) => {
+                    self.report_conflict(&user.name, &found.dn)
+                }
+                (None, _) => {}
+            }
+        }
+        let now = now_ms();
+        self.directory_status
+            .last_sync_ms
+            .store(now, Ordering::Release);
+        self.directory_status.set_error(None);
+        self.metrics.directory_last_sync.set(now as f64 / 1000.0);
+        Ok(())
+    }
+
+    /// Runs the directory sync every `directory.sync_interval` (sooner again after a failure).
+    pub async fn run_directory_sync(self: Arc<Self>) {
+        let Some(interval) = self.config().directory.as_ref().map(|d| d.sync_interval) else {
+            return;
+        };
+        loop {
+            let wait = match self.sync_directory().await {
+                Ok(()) => interval,
+                Err(_) => crate::directory::retry_after(interval),
+            };
+            tokio::time::sleep(wait).await;
+        }
+    }
+}
