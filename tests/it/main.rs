@@ -51,6 +51,7 @@ mod reload;
 mod replicas;
 mod revocation;
 mod rules;
+mod slapd;
 mod slowloris;
 mod smuggling;
 mod soak;
