@@ -130,6 +130,33 @@ impl App {
         }
     }
 
+    /// The record of a directory user found by name, made if they have none yet (for a media
+    /// server's sign-in, whose password the media server checks). `None` when the directory
+    /// lets nobody of that name in.
+    pub(crate) async fn directory_lookup(
+        &self,
+        name: &str,
+        client: &ClientInfo,
+    ) -> Result<Option<User>, DirectoryError> {
+        let Some(directory) = self.directory() else {
+            return Ok(None);
+        };
+        let found = directory.find(name).await;
+        self.directory_answered(&found.as_ref().map(|_| ()));
+        let found = match found {
+            Ok(Some(f)) => f,
+            Ok(None) | Err(DirectoryError::Ambiguous(_)) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        match self.adopt_directory_user(None, &found, client).await {
+            Ok(u) => Ok(u),
+            Err(e) => {
+                self.store_error("find_user", e);
+                Ok(None)
+            }
+        }
+    }
+
     /// Checks a signed-in user's password: a local account's against its hash, a directory
     /// user's by a bind. `Err` when the directory cannot answer.
     pub(crate) async fn password_is_right(

@@ -187,6 +187,23 @@ impl App {
                         return MediaAnswer::error(503, "The account store is unavailable.");
                     }
                 };
+                // A directory user who never signed in at the gateway has no record yet: the
+                // directory is asked (their password is the media server's to check).
+                let user = match user {
+                    None if self.directory().is_some() => {
+                        match self.directory_lookup(&gateway_name, &req.client).await {
+                            Ok(u) => u,
+                            Err(_) => {
+                                count("directory_unavailable");
+                                return MediaAnswer::error(
+                                    503,
+                                    "The user directory is unavailable; try again in a moment.",
+                                );
+                            }
+                        }
+                    }
+                    other => other,
+                };
                 let Some(user) = user else {
                     // An unknown name is delayed and locked like a known one (as at the
                     // gateway's own login), so the answers after many tries match too.

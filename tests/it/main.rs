@@ -36,6 +36,7 @@ pub(crate) mod jellyfin;
 mod jellyfin_clients;
 mod jwt;
 mod layers;
+mod ldap;
 mod login;
 mod logs;
 mod media_accounts;
