@@ -2391,6 +2391,74 @@ async fn unlinking_a_plex_account_or_revoking_a_device_ends_exactly_its_tokens(f
         .is_empty());
 }
 
+/// A directory user: the DN is kept, and the sync's disabling ends every token like an
+/// administrator's, but its enabling undoes only its own disabling, never an administrator's.
+async fn the_directory_disables_and_enables_only_what_it_disabled(f: Fixture) {
+    let store = &f.store;
+    let alice = user(store, "alice").await;
+    let bob = user(store, "bob").await;
+    assert_eq!(alice.directory_dn, None);
+    store
+        .set_directory_dn(alice.id, Some("uid=alice,ou=people,dc=example,dc=org"))
+        .await
+        .unwrap();
+    store
+        .set_directory_dn(bob.id, Some("uid=bob,ou=people,dc=example,dc=org"))
+        .await
+        .unwrap();
+    let a = store.find_user("ALICE").await.unwrap().unwrap();
+    assert_eq!(
+        a.directory_dn.as_deref(),
+        Some("uid=alice,ou=people,dc=example,dc=org")
+    );
+    assert!(matches!(
+        store.set_directory_dn(i64::MAX, None).await,
+        Err(StoreError::NotFound(_))
+    ));
+
+    let events = store.set_directory_disabled(alice.id, true, 10).await.unwrap();
+    let kinds: Vec<_> = events.iter().map(|e| e.event.clone()).collect();
+    assert_eq!(
+        kinds,
+        vec![
+            RevocationEvent::UserDisabled { user_id: alice.id },
+            RevocationEvent::UserCutoff {
+                user_id: alice.id,
+                at_ms: 10
+            },
+        ]
+    );
+    let a = store.find_user_by_id(alice.id).await.unwrap().unwrap();
+    assert!(a.disabled && a.directory_disabled);
+    // Disabled already: nothing more is written.
+    assert!(store
+        .set_directory_disabled(alice.id, true, 11)
+        .await
+        .unwrap()
+        .is_empty());
+    // An administrator disabled bob: the directory's enabling leaves him disabled.
+    store.set_disabled(bob.id, true, 12).await.unwrap();
+    assert!(store
+        .set_directory_disabled(bob.id, false, 13)
+        .await
+        .unwrap()
+        .is_empty());
+    assert!(store.find_user_by_id(bob.id).await.unwrap().unwrap().disabled);
+    // The directory's own disabling is undone by it.
+    let events = store
+        .set_directory_disabled(alice.id, false, 14)
+        .await
+        .unwrap();
+    assert_eq!(
+        events.iter().map(|e| e.event.clone()).collect::<Vec<_>>(),
+        vec![RevocationEvent::UserEnabled { user_id: alice.id }]
+    );
+    let a = store.find_user_by_id(alice.id).await.unwrap().unwrap();
+    assert!(!a.disabled && !a.directory_disabled);
+    let snap = store.snapshot(20).await.unwrap();
+    assert_eq!(snap.disabled_users, vec![bob.id]);
+}
+
 macro_rules! suite {
     (both: [$($both:ident),* $(,)?], postgres_only: [$($pg:ident),* $(,)?] $(,)?) => {
         mod sqlite {
@@ -2420,6 +2488,7 @@ macro_rules! suite {
 
 suite! {
     both: [
+        the_directory_disables_and_enables_only_what_it_disabled,
         groups_change_in_one_write_with_their_event_and_travel_in_the_snapshot,
         passkeys_are_unique_per_credential_and_a_use_needs_a_counter_that_moved_forward,
         a_ceremony_is_taken_back_once_for_its_purpose_and_not_after_it_expired,
