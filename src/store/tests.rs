@@ -2416,7 +2416,10 @@ async fn the_directory_disables_and_enables_only_what_it_disabled(f: Fixture) {
         Err(StoreError::NotFound(_))
     ));
 
-    let events = store.set_directory_disabled(alice.id, true, 10).await.unwrap();
+    let events = store
+        .set_directory_disabled(alice.id, true, 10)
+        .await
+        .unwrap();
     let kinds: Vec<_> = events.iter().map(|e| e.event.clone()).collect();
     assert_eq!(
         kinds,
@@ -2443,7 +2446,14 @@ async fn the_directory_disables_and_enables_only_what_it_disabled(f: Fixture) {
         .await
         .unwrap()
         .is_empty());
-    assert!(store.find_user_by_id(bob.id).await.unwrap().unwrap().disabled);
+    assert!(
+        store
+            .find_user_by_id(bob.id)
+            .await
+            .unwrap()
+            .unwrap()
+            .disabled
+    );
     // The directory's own disabling is undone by it.
     let events = store
         .set_directory_disabled(alice.id, false, 14)

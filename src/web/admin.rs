@@ -203,6 +203,12 @@ pub(crate) async fn user_action(
         Ok(None) => return bad("No such user."),
         Err(e) => return store_unavailable(&e.to_string()),
     };
+    if user.directory_dn.is_some() && matches!(form.action.as_str(), "reset_link" | "require_reset")
+    {
+        return bad(
+            "Nothing was done: this user's password is kept by the user directory; change it there.",
+        );
+    }
     let now = now_ms();
     let result: Result<&str, String> = match form.action.as_str() {
         "disable" => app

@@ -588,8 +588,10 @@ pub fn admin(
         .map(|u| {
             let locked = u.locked_until_ms.is_some_and(|t| t > now_ms);
             let state = [
+                u.directory_dn.is_some().then_some("directory"),
                 u.is_admin.then_some("admin"),
-                u.disabled.then_some("disabled"),
+                (u.disabled && !u.directory_disabled).then_some("disabled"),
+                u.directory_disabled.then_some("disabled by the directory"),
                 locked.then_some("locked"),
                 u.must_reset.then_some("must reset"),
                 u.totp_enabled.then_some("2FA"),
@@ -600,7 +602,7 @@ pub fn admin(
             .collect::<Vec<_>>()
             .join(", ");
             format!(
-                "<tr data-user=\"{}\"><td>{}</td><td>{}</td><td class=\"groups\">{}</td><td>{}{}{}{}{}{}{}\
+                "<tr data-user=\"{}\"><td>{}</td><td>{}</td><td class=\"groups\">{}</td><td>{}{}{}{}{}{}\
 <form method=\"post\" action=\"/_portcullis/admin/users/action\">{}{}\
 <input type=\"text\" name=\"group\" aria-label=\"Group\" placeholder=\"Group\" maxlength=\"64\" required>\
 <button type=\"submit\" name=\"action\" value=\"group_add\" class=\"secondary\">Add to group</button>\
@@ -619,8 +621,12 @@ pub fn admin(
                 } else {
                     String::new()
                 },
-                action(&u.name, "require_reset", "Require reset"),
-                action(&u.name, "reset_link", "Reset link"),
+                if u.directory_dn.is_none() {
+                    action(&u.name, "require_reset", "Require reset")
+                        + &action(&u.name, "reset_link", "Reset link")
+                } else {
+                    String::new()
+                },
                 action(&u.name, "passkey_link", "Passkey link"),
                 if u.passkey_required {
                     action(&u.name, "passkey_optional", "Passkey optional")

@@ -212,6 +212,18 @@ async fn directory_users_sign_in_by_binding_as_themselves_and_their_groups_feed_
     let (status, body) = gw.try_login("bob", BOB_PW, Some(&code)).await;
     assert_eq!(status, 200, "{body}");
 
+    // The admin page (alice is an administrator through the directory) marks directory users
+    // and offers no password reset for them.
+    let admin = Browser::login(&gw, "alice", ALICE_PW).await;
+    let page = admin.text("/_portcullis/admin").await;
+    let row = |name: &str| {
+        let start = page.find(&format!("<tr data-user=\"{name}\">")).unwrap();
+        page[start..start + page[start..].find("</tr>").unwrap()].to_string()
+    };
+    assert!(row("bob").contains("directory"), "{}", row("bob"));
+    assert!(!row("bob").contains("Reset link"));
+    assert!(!row("carol").contains("directory") && row("carol").contains("Reset link"));
+
     // What the directory check shows an operator.
     let check = gw.cli_ok(&["directory", "check", "--user", "alice"]);
     assert!(check.contains("3 users may sign in"), "{check}");
@@ -366,10 +378,7 @@ async fn a_directory_that_is_down_keeps_sessions_and_refuses_new_sign_ins_with_5
         "admin_group",
         "group_filter = \"(&(objectClass=groupOfNames)(member={dn}))\"\nadmin_group",
     );
-    let gw = Gateway::builder(&up.url())
-        .extra_toml(&toml)
-        .start()
-        .await;
+    let gw = Gateway::builder(&up.url()).extra_toml(&toml).start().await;
     let alice = gw.login("alice", ALICE_PW).await.token;
     let browser = Browser::login(&gw, "bob", BOB_PW).await;
 
