@@ -4,7 +4,8 @@
 //! by a directory group, a name held by a local account refused to the directory, filter
 //! injection in user names, TOTP for directory users, and the sync: a user removed, locked or
 //! taken out of a group loses their sessions and media tokens at the next sync (on a second
-//! replica too), and a directory that is down keeps existing sessions while new sign-ins get 503.
+//! replica too), a passkey stops signing in a user the directory locked, and a directory that is
+//! down keeps existing sessions (and passkey sign-ins) while new password sign-ins get 503.
 
 use std::time::{Duration, Instant};
 
@@ -14,6 +15,7 @@ use serde_json::Value;
 use crate::account::{enrol, Browser};
 use crate::harness::{client, poll_until, Gateway};
 use crate::jellyfin::{jf_login, mb};
+use crate::passkeys::{login_finish, login_start, passkey_session, register_as};
 use crate::slapd::Slapd;
 use crate::standin::StandIn;
 use crate::upstream::Upstream;
@@ -381,18 +383,43 @@ async fn a_directory_that_is_down_keeps_sessions_and_refuses_new_sign_ins_with_5
     let gw = Gateway::builder(&up.url()).extra_toml(&toml).start().await;
     let alice = gw.login("alice", ALICE_PW).await.token;
     let browser = Browser::login(&gw, "bob", BOB_PW).await;
+    // bob adds a passkey, confirming with his directory password (a bind).
+    let mut bobs_key = register_as(&gw, &browser, BOB_PW, "Laptop", true).await;
 
     slapd.kill();
     let (status, body) = gw.try_login("alice", ALICE_PW, None).await;
     assert_eq!(status, 503, "{body}");
     assert_eq!(body["error"], "directory_unavailable");
-    // Existing sessions keep working, through several syncs that fail.
-    let until = Instant::now() + SYNC * 2;
-    while Instant::now() < until {
-        assert_eq!(app(&gw, "/family/x", &alice).await, 200);
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    // Existing sessions keep working, through syncs that fail (each one a refused connection
+    // of the service account, counted).
+    let failed_syncs = || async {
+        let text = client()
+            .get(format!("{}/metrics", gw.admin))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .find(|l| {
+                l.starts_with("portcullis_directory_operations_total{operation=\"service_bind\",outcome=\"error\"}")
+            })
+            .and_then(|l| l.rsplit(' ').next())
+            .map_or(0, |v| v.parse::<u64>().unwrap())
+    };
+    let before = failed_syncs().await;
+    assert!(
+        poll_until(SYNC * 4, || async {
+            assert_eq!(app(&gw, "/family/x", &alice).await, 200);
+            failed_syncs().await >= before + 2
+        })
+        .await,
+        "the sync did not try the directory again"
+    );
     assert_eq!(browser.get("/_portcullis/account").await.status(), 200);
+    // A passkey sign-in needs no directory: it relies on the last sync meanwhile.
+    passkey_session(&gw, &mut bobs_key, None).await;
     let ready = client()
         .get(format!("{}/readyz", gw.admin))
         .send()
@@ -418,6 +445,21 @@ async fn a_directory_that_is_down_keeps_sessions_and_refuses_new_sign_ins_with_5
         .await,
         "sign-ins did not come back with the directory"
     );
+    // Once the directory locks bob, the sync disables him: his passkey no longer signs in.
+    slapd.lock_user("bob").await;
+    let deadline = Instant::now() + SYNC + Duration::from_secs(1);
+    loop {
+        let options = login_start(&gw, None).await;
+        let credential = bobs_key.assert(&options, &gw.base, true);
+        if login_finish(&gw, &options, &credential).await.status() != 200 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "a passkey signed a user in whom the directory locked"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert!(
         poll_until(SYNC + Duration::from_secs(1), || async {
             let r: Value = client()

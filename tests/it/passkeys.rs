@@ -120,7 +120,7 @@ pub(crate) async fn register_as(
 }
 
 /// Starts a passkey sign-in (for `user`'s passkeys, or any).
-async fn login_start(gw: &Gateway, user: Option<&str>) -> Value {
+pub(crate) async fn login_start(gw: &Gateway, user: Option<&str>) -> Value {
     let body = match user {
         Some(u) => json!({ "username": u }),
         None => json!({}),
@@ -131,7 +131,7 @@ async fn login_start(gw: &Gateway, user: Option<&str>) -> Value {
     options
 }
 
-async fn login_finish(gw: &Gateway, options: &Value, credential: &Value) -> Response {
+pub(crate) async fn login_finish(gw: &Gateway, options: &Value, credential: &Value) -> Response {
     post_json(
         gw,
         "/_portcullis/passkey/login/finish",
@@ -142,7 +142,11 @@ async fn login_finish(gw: &Gateway, options: &Value, credential: &Value) -> Resp
 }
 
 /// Signs in with the authenticator (user verified); the session cookie.
-async fn passkey_session(gw: &Gateway, auth: &mut SoftAuthenticator, user: Option<&str>) -> String {
+pub(crate) async fn passkey_session(
+    gw: &Gateway,
+    auth: &mut SoftAuthenticator,
+    user: Option<&str>,
+) -> String {
     let options = login_start(gw, user).await;
     let credential = auth.assert(&options, &gw.base, true);
     let resp = login_finish(gw, &options, &credential).await;
