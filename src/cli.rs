@@ -221,6 +221,9 @@ pub enum DirectoryCommand {
         #[arg(long)]
         user: Option<String>,
     },
+    /// Hand the record of NAME (its passkeys, TOTP, links) to the directory entry that has the
+    /// name now (after a user was recreated in the directory): every session of theirs ends.
+    Relink { name: String },
 }
 
 #[derive(Subcommand, Debug)]
@@ -545,6 +548,9 @@ fn run_store_command(config: Config, command: Command) -> anyhow::Result<()> {
             Command::Directory(DirectoryCommand::Check { user }) => {
                 directory_check(&config, user.as_deref()).await
             }
+            Command::Directory(DirectoryCommand::Relink { name }) => {
+                directory_relink(&config, &store, &name).await
+            }
             Command::Audit {
                 user,
                 since,
@@ -663,6 +669,44 @@ fn refuse_directory_user(user: &User) -> anyhow::Result<()> {
     }
 }
 
+/// `portcullis directory relink`: the operator says that the entry now holding the name is
+/// the same person as the record's. Every session of the record ends (a new entry, a new
+/// start), and the sync's disabling is lifted with the next sign-in.
+async fn directory_relink(config: &Config, store: &DynStore, name: &str) -> anyhow::Result<()> {
+    let Some(directory) = cli_directory(config)? else {
+        return Err(refused("no [directory] is configured"));
+    };
+    let user = find_user(store, name).await?;
+    let Some(old) = user.directory_dn.clone() else {
+        return Err(refused(format!("{} is a local account", user.name)));
+    };
+    let found = directory
+        .find(&user.name)
+        .await
+        .map_err(|e| refused(e.to_string()))?
+        .ok_or_else(|| refused(format!("the directory lets no `{}` sign in", user.name)))?;
+    store
+        .signout_user(user.id, now_ms())
+        .await
+        .map_err(store_refusal)?;
+    store
+        .set_directory_entry(user.id, &found.dn, found.id.as_deref())
+        .await
+        .map_err(store_refusal)?;
+    cli_audit(
+        store,
+        "directory_relink",
+        Some(&user),
+        &format!("{old} -> {}", found.dn),
+    )
+    .await;
+    println!(
+        "{} now belongs to {} (was {old}); every session of theirs ended",
+        user.name, found.dn
+    );
+    Ok(())
+}
+
 /// `portcullis directory check`.
 async fn directory_check(config: &Config, user: Option<&str>) -> anyhow::Result<()> {
     let Some(directory) = cli_directory(config)? else {
@@ -676,9 +720,15 @@ async fn directory_check(config: &Config, user: Option<&str>) -> anyhow::Result<
         "{}: bound as {}; {} user{} may sign in",
         directory.config.url,
         directory.config.bind_dn,
-        users.len(),
-        if users.len() == 1 { "" } else { "s" }
+        users.users.len(),
+        if users.users.len() == 1 { "" } else { "s" }
     );
+    if !users.unsure.is_empty() {
+        println!(
+            "  not read whole (left as they are by the sync): {}",
+            users.unsure.iter().cloned().collect::<Vec<_>>().join(", ")
+        );
+    }
     if let Some(name) = user {
         match directory
             .find(name)

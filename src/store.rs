@@ -98,8 +98,10 @@ pub struct User {
     pub passkey_required: bool,
     /// The directory entry of a user from the LDAP directory (`None`: a local account).
     pub directory_dn: Option<String>,
-    /// Disabled by the directory sync (not by an administrator).
-    pub directory_disabled: bool,
+    /// That entry's stable id (entryUUID, objectGUID), when the directory has one.
+    pub directory_id: Option<String>,
+    /// When the directory sync disabled the user (not an administrator).
+    pub directory_disabled_ms: Option<i64>,
 }
 
 /// A security event for the audit log. Never holds a secret.
@@ -725,16 +727,23 @@ pub trait Store: Send + Sync + 'static {
         member: bool,
         now_ms: i64,
     ) -> StoreResult<Option<SequencedEvent>>;
-    /// Makes a user one from the directory (`Some(dn)`), or local again (`None`).
-    async fn set_directory_dn(&self, user_id: i64, dn: Option<&str>) -> StoreResult<()>;
-    /// Disables (ending every token, as `set_disabled`) or enables a user for the directory's
-    /// sake. Enabling touches only a user that the directory disabled, never one an
-    /// administrator disabled. Returns the events (none when nothing changed).
+    /// Records the directory entry (DN and stable id) a user comes from.
+    async fn set_directory_entry(
+        &self,
+        user_id: i64,
+        dn: &str,
+        id: Option<&str>,
+    ) -> StoreResult<()>;
+    /// Disables a user for the directory's sake (ending every token, as `set_disabled`), unless
+    /// already disabled; or enables one the directory disabled before `read_ms` (when the
+    /// reading of the directory that lets them in again began), never one an administrator
+    /// disabled. Returns the events (none when nothing changed).
     async fn set_directory_disabled(
         &self,
         user_id: i64,
         disabled: bool,
         now_ms: i64,
+        read_ms: i64,
     ) -> StoreResult<Vec<SequencedEvent>>;
     /// Sets or clears "must sign in with a passkey" for one user, or for all when `None`.
     async fn set_passkey_required(&self, user_id: Option<i64>, required: bool) -> StoreResult<u64>;

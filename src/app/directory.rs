@@ -6,8 +6,10 @@
 //! and their groups, which the access rules read, follow the directory's.
 //!
 //! A name lives in one place only: a local account's name is never looked up in the directory,
-//! and a directory entry with the name of a local account is refused (reported by the sync, and
-//! `portcullis user add` refuses a name the directory holds).
+//! and a directory entry with the name of a local account is refused (reported by the sync;
+//! `portcullis user add`, the admin page and single sign-on refuse a name the directory
+//! holds). A record belongs to the entry it was made for (its stable id, else its DN): another
+//! entry that gets the name later is refused, never handed the record.
 
 use std::collections::HashSet;
 use std::sync::atomic::Ordering;
@@ -16,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use crate::app::{now_ms, App, ClientInfo, LoginError};
 use crate::auth::canonical_user_name;
 use crate::config::Secret;
-use crate::directory::{Authenticated, Directory, DirectoryError, DirectoryUser};
+use crate::directory::{listing_key, Authenticated, Directory, DirectoryError, DirectoryUser};
 use crate::metrics::Family;
 use crate::store::{StoreError, User};
 
@@ -30,10 +32,10 @@ fn is_local_account(user: &User) -> bool {
 #[derive(Debug, Default)]
 pub struct DirectoryStatus {
     /// The last failure to reach the directory, cleared by the next success.
-    pub last_error: Mutex<Option<String>>,
+    last_error: Mutex<Option<String>>,
     /// When the sync last read the directory through (ms; 0: not yet).
     pub last_sync_ms: std::sync::atomic::AtomicI64,
-    /// Names held by a local account and a directory entry, reported once each.
+    /// Names refused to the directory (a local account's, or another entry's), reported once.
     conflicts_reported: Mutex<HashSet<String>>,
 }
 
@@ -58,7 +60,7 @@ pub(crate) enum PasswordCheck {
     /// The password is right; the user as they now stand (made or brought up to date from the
     /// directory for a directory user).
     Right(User),
-    /// Wrong, or no such user: the known local record, if any, for the account's lock.
+    /// Wrong, or no such user: the local record, if any, for the account's lock.
     Wrong(Option<User>),
 }
 
@@ -74,16 +76,15 @@ impl App {
         self.directory.is_some() && local.is_none_or(|u| !is_local_account(u))
     }
 
-    /// The outcome of a directory operation, for `portcullis_directory_up`.
-    fn directory_answered(&self, result: &Result<(), &DirectoryError>) {
+    /// Notes how a directory operation ended, for `portcullis_directory_up` and `/readyz`.
+    fn directory_answered(&self, result: Result<(), &DirectoryError>) {
         match result {
-            Ok(()) => self.metrics.directory_up.set(1),
             Err(DirectoryError::Unavailable(why)) => {
                 self.metrics.directory_up.set(0);
                 self.directory_status.set_error(Some(why.clone()));
                 tracing::warn!(error = %why, "directory unavailable");
             }
-            Err(DirectoryError::Ambiguous(_)) => self.metrics.directory_up.set(1),
+            Ok(()) | Err(DirectoryError::Ambiguous(_)) => self.metrics.directory_up.set(1),
         }
     }
 
@@ -100,33 +101,34 @@ impl App {
         let Some(directory) = self.directory() else {
             return Ok(PasswordCheck::Wrong(local));
         };
-        // The same work as a local password check, so that the answer's timing does not tell a
-        // directory name from a local one.
+        // The same work as a local password check, so that an unknown name does not answer
+        // faster than a known one.
         self.hasher.verify(None, password.clone()).await;
+        let read_ms = now_ms();
         let outcome = directory.authenticate(name, password).await;
-        self.directory_answered(&outcome.as_ref().map(|_| ()));
+        self.directory_answered(outcome.as_ref().map(|_| ()));
+        let adopt = |found: DirectoryUser, local: Option<User>| async move {
+            self.adopt_directory_user(local, &found, read_ms, client)
+                .await
+                .map_err(|e| LoginError::Unavailable(self.store_error("find_user", e)))
+        };
         match outcome {
             Err(DirectoryError::Unavailable(_)) => Err(LoginError::DirectoryUnavailable),
             Err(DirectoryError::Ambiguous(n)) => {
                 tracing::warn!(name = %n, "directory: the name matches several entries; refused");
                 Ok(PasswordCheck::Wrong(local))
             }
-            Ok(Authenticated::UnknownUser) => {
-                // Gone from the directory, or disabled there: the sync would say so at its
-                // next run; say it now.
-                if let Some(u) = &local {
-                    self.directory_user_gone(u, client).await;
-                }
-                Ok(PasswordCheck::Wrong(local))
+            // Gone, disabled there, or outside the user filter: the sync disables the record
+            // (a sign-in by anyone must not end someone's sessions).
+            Ok(Authenticated::UnknownUser) => Ok(PasswordCheck::Wrong(local)),
+            // A wrong password counts against the account's lock, so the record is made for it.
+            Ok(Authenticated::WrongPassword(found)) => {
+                Ok(PasswordCheck::Wrong(adopt(found, local).await?))
             }
-            Ok(Authenticated::WrongPassword(_)) => Ok(PasswordCheck::Wrong(local)),
-            Ok(Authenticated::Yes(found)) => {
-                match self.adopt_directory_user(local, &found, client).await {
-                    Ok(Some(user)) => Ok(PasswordCheck::Right(user)),
-                    Ok(None) => Ok(PasswordCheck::Wrong(None)),
-                    Err(e) => Err(LoginError::Unavailable(self.store_error("find_user", e))),
-                }
-            }
+            Ok(Authenticated::Yes(found)) => Ok(match adopt(found, local).await? {
+                Some(user) => PasswordCheck::Right(user),
+                None => PasswordCheck::Wrong(None),
+            }),
         }
     }
 
@@ -141,14 +143,18 @@ impl App {
         let Some(directory) = self.directory() else {
             return Ok(None);
         };
+        let read_ms = now_ms();
         let found = directory.find(name).await;
-        self.directory_answered(&found.as_ref().map(|_| ()));
+        self.directory_answered(found.as_ref().map(|_| ()));
         let found = match found {
             Ok(Some(f)) => f,
             Ok(None) | Err(DirectoryError::Ambiguous(_)) => return Ok(None),
             Err(e) => return Err(e),
         };
-        match self.adopt_directory_user(None, &found, client).await {
+        match self
+            .adopt_directory_user(None, &found, read_ms, client)
+            .await
+        {
             Ok(u) => Ok(u),
             Err(e) => {
                 self.store_error("find_user", e);
@@ -157,8 +163,23 @@ impl App {
         }
     }
 
+    /// Whether the directory holds `name` (for the ways a local account is made: the admin
+    /// page, single sign-on). `Err` with the reason when that cannot be known: a name must live
+    /// in one place only, so the account is not made then either.
+    pub(crate) async fn name_in_directory(&self, name: &str) -> Result<Option<String>, String> {
+        let Some(directory) = self.directory() else {
+            return Ok(None);
+        };
+        match directory.find(name).await {
+            Ok(found) => Ok(found.map(|u| u.dn)),
+            Err(DirectoryError::Ambiguous(_)) => Ok(Some("several entries".to_string())),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
     /// Checks a signed-in user's password: a local account's against its hash, a directory
-    /// user's by a bind. `Err` when the directory cannot answer.
+    /// user's by a bind (as the entry the record belongs to). `Err` when the directory cannot
+    /// answer.
     pub(crate) async fn password_is_right(
         &self,
         user: &User,
@@ -175,18 +196,24 @@ impl App {
             return Ok(false);
         };
         let outcome = directory.authenticate(&user.name, &password).await;
-        self.directory_answered(&outcome.as_ref().map(|_| ()));
-        Ok(matches!(outcome?, Authenticated::Yes(_)))
+        self.directory_answered(outcome.as_ref().map(|_| ()));
+        Ok(match outcome? {
+            Authenticated::Yes(found) => {
+                found.is_entry(user.directory_dn.as_deref(), user.directory_id.as_deref())
+            }
+            _ => false,
+        })
     }
 
     /// Makes (at the first sign-in) or brings up to date the local record of a directory user:
-    /// their DN, their groups, administrator by `directory.admin_group`, enabled again if the
-    /// directory had them disabled. `None` when the name cannot be used here (a local account
-    /// holds it, or it is not a name the gateway accepts).
+    /// their entry, their groups, administrator by `directory.admin_group`, enabled again if the
+    /// directory had them disabled before `read_ms`. `None` when the name cannot be used here:
+    /// a local account holds it, another entry's record does, or the gateway does not accept it.
     async fn adopt_directory_user(
         &self,
         local: Option<User>,
         found: &DirectoryUser,
+        read_ms: i64,
         client: &ClientInfo,
     ) -> Result<Option<User>, StoreError> {
         let name = canonical_user_name(&found.name);
@@ -199,12 +226,21 @@ impl App {
             return Ok(None);
         }
         let user = match local {
-            Some(u) => Some(u),
-            None => self.store.find_user(&name).await?,
+            Some(u) if u.name.eq_ignore_ascii_case(&name) => Some(u),
+            _ => self.store.find_user(&name).await?,
         };
         let user = match user {
             Some(u) if is_local_account(&u) => {
-                self.report_conflict(&u.name, &found.dn);
+                self.report_conflict(&u.name, &found.dn, "a local account has this name");
+                return Ok(None);
+            }
+            Some(u) if u.directory_dn.is_some() && !self.same_entry(&u, found) => {
+                self.report_conflict(
+                    &u.name,
+                    &found.dn,
+                    "the record of this name was made for another directory entry \
+                     (`portcullis directory relink NAME` hands it to this one)",
+                );
                 return Ok(None);
             }
             Some(u) => u,
@@ -222,27 +258,41 @@ impl App {
                 }
                 // Made a moment ago by another replica's sign-in.
                 Err(_) => match self.store.find_user(&name).await? {
-                    Some(u) if !is_local_account(&u) => u,
+                    Some(u) if !is_local_account(&u) && self.same_entry(&u, found) => u,
                     _ => return Ok(None),
                 },
             },
         };
-        self.bring_up_to_date(&user, found).await?;
+        self.bring_up_to_date(&user, found, read_ms).await?;
         self.store.find_user_by_id(user.id).await
     }
 
-    /// Brings a directory user's record in line with the directory's entry.
-    async fn bring_up_to_date(&self, user: &User, found: &DirectoryUser) -> Result<(), StoreError> {
+    /// Whether a directory user's record belongs to `found` (a record still being made has no
+    /// entry yet, and takes it).
+    fn same_entry(&self, user: &User, found: &DirectoryUser) -> bool {
+        user.directory_dn.is_none()
+            || found.is_entry(user.directory_dn.as_deref(), user.directory_id.as_deref())
+    }
+
+    /// Brings a directory user's record in line with the directory's entry, read at `read_ms`.
+    async fn bring_up_to_date(
+        &self,
+        user: &User,
+        found: &DirectoryUser,
+        read_ms: i64,
+    ) -> Result<(), StoreError> {
         let now = now_ms();
-        if user.directory_dn.as_deref() != Some(found.dn.as_str()) {
+        if user.directory_dn.as_deref() != Some(found.dn.as_str())
+            || (found.id.is_some() && user.directory_id != found.id)
+        {
             self.store
-                .set_directory_dn(user.id, Some(&found.dn))
+                .set_directory_entry(user.id, &found.dn, found.id.as_deref())
                 .await?;
         }
-        if user.directory_disabled {
+        if user.directory_disabled_ms.is_some() {
             let events = self
                 .store
-                .set_directory_disabled(user.id, false, now)
+                .set_directory_disabled(user.id, false, now, read_ms)
                 .await?;
             if !events.is_empty() {
                 self.apply(&events);
@@ -253,7 +303,7 @@ impl App {
                     Some((user.id, &user.name)),
                     &ClientInfo::default(),
                 );
-                e.detail = "back in the directory".into();
+                e.detail = "the directory lets them in again".into();
                 self.audit(e).await;
             }
         }
@@ -304,13 +354,14 @@ impl App {
     }
 
     /// A directory user the directory no longer lets in: disabled here, every token ended.
-    async fn directory_user_gone(&self, user: &User, client: &ClientInfo) {
+    async fn directory_user_gone(&self, user: &User, why: &str) {
         if user.disabled {
             return;
         }
+        let now = now_ms();
         match self
             .store
-            .set_directory_disabled(user.id, true, now_ms())
+            .set_directory_disabled(user.id, true, now, now)
             .await
         {
             Ok(events) if !events.is_empty() => {
@@ -320,10 +371,9 @@ impl App {
                     "directory_sync",
                     "disabled",
                     Some((user.id, &user.name)),
-                    client,
+                    &ClientInfo::default(),
                 );
-                e.detail =
-                    "gone from the directory, disabled there, or outside its user filter".into();
+                e.detail = why.to_string();
                 self.audit(e).await;
             }
             Ok(_) => {}
@@ -339,35 +389,31 @@ impl App {
             .inc();
     }
 
-    /// A directory entry with the name of a local account: the local account keeps the name,
-    /// the entry is refused. Logged and counted once per name.
-    fn report_conflict(&self, name: &str, dn: &str) {
+    /// A directory entry refused the name it has: logged and counted once per name and entry.
+    fn report_conflict(&self, name: &str, dn: &str, why: &str) {
         let first = self
             .directory_status
             .conflicts_reported
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert(name.to_ascii_lowercase());
+            .insert(format!("{}\n{dn}", name.to_ascii_lowercase()));
         if first {
             self.count_sync_change("conflict");
-            tracing::warn!(
-                name,
-                dn,
-                "directory: a local account has this name; the directory entry is refused \
-                 (rename or remove one of them)"
-            );
+            tracing::warn!(name, dn, "directory: the entry is refused: {why}");
         }
     }
 
     /// One pass of the directory sync: every directory user the directory no longer lets in is
     /// disabled (every token ends), one it lets in again is enabled, and groups follow the
-    /// directory's. Local accounts whose name a directory entry also has are reported.
+    /// directory's. Users whose entry could not be read whole are left as they are; local
+    /// accounts whose name a directory entry also has are reported.
     pub async fn sync_directory(&self) -> Result<(), DirectoryError> {
         let Some(directory) = self.directory() else {
             return Ok(());
         };
+        let read_ms = now_ms();
         let listed = directory.all_users().await;
-        self.directory_answered(&listed.as_ref().map(|_| ()));
+        self.directory_answered(listed.as_ref().map(|_| ()));
         let listed = listed?;
         let users = match self.store.list_users().await {
             Ok(u) => u,
@@ -376,20 +422,43 @@ impl App {
                 return Ok(());
             }
         };
-        let none = ClientInfo::default();
         for user in &users {
-            let found = listed.get(&canonical_user_name(&user.name).to_lowercase());
-            match (&user.directory_dn, found) {
-                (Some(_), Some(found)) => {
-                    if let Err(e) = self.bring_up_to_date(user, found).await {
+            let key = listing_key(&user.name);
+            let found = listed.users.get(&key);
+            if is_local_account(user) {
+                if let Some(found) = found {
+                    self.report_conflict(&user.name, &found.dn, "a local account has this name");
+                }
+                continue;
+            }
+            if listed.unsure.contains(&key) {
+                continue;
+            }
+            match found {
+                Some(found) if self.same_entry(user, found) => {
+                    if let Err(e) = self.bring_up_to_date(user, found, read_ms).await {
                         self.store_error("find_user", e);
                     }
                 }
-                (Some(_), None) => self.directory_user_gone(user, &none).await,
-                (None, Some(found)) if is_local_account(user) => {
-                    self.report_conflict(&user.name, &found.dn)
+                Some(found) => {
+                    self.report_conflict(
+                        &user.name,
+                        &found.dn,
+                        "the record of this name was made for another directory entry",
+                    );
+                    self.directory_user_gone(
+                        user,
+                        "its directory entry is gone (another entry has the name now)",
+                    )
+                    .await;
                 }
-                (None, _) => {}
+                None => {
+                    self.directory_user_gone(
+                        user,
+                        "gone from the directory, disabled there, or outside its user filter",
+                    )
+                    .await
+                }
             }
         }
         let now = now_ms();

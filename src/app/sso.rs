@@ -462,6 +462,12 @@ impl App {
                 "a Portcullis account of that name exists and is not linked to it",
             ));
         }
+        // A name lives in one place only: not one the user directory holds (nor one it might).
+        if self.name_in_directory(&name).await != Ok(None) {
+            return Err(SsoError::LinkConflict(
+                "the user directory has (or may have) a user of that name: sign in as them",
+            ));
+        }
         // No password anyone knows: the account signs in through the provider (an admin can
         // set one, or issue a reset link). Admin by claim follows with the session.
         let unusable = self

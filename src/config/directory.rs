@@ -31,6 +31,7 @@ pub(super) struct FileDirectory {
     user_filter: Option<String>,
     name_attribute: Option<String>,
     email_attribute: Option<String>,
+    id_attribute: Option<String>,
     group_base: Option<String>,
     group_filter: Option<String>,
     group_name_attribute: Option<String>,
@@ -91,14 +92,18 @@ pub struct DirectoryConfig {
     pub user_filter: Option<String>,
     pub name_attribute: String,
     pub email_attribute: String,
+    /// The entry's stable id (`entryUUID`, AD's binary `objectGUID`): a record made for one
+    /// entry is never taken by another that gets the same name later.
+    pub id_attribute: String,
     pub group_base: String,
     /// A search for a user's groups, `{dn}` standing for the user's DN (escaped); `None`: the
     /// user's `member_of_attribute` names them.
     pub group_filter: Option<String>,
     pub group_name_attribute: String,
     pub member_of_attribute: String,
-    /// Members of this directory group are administrators (the `admins` group); unset, the
-    /// directory grants no administrator and leaves that flag to the gateway.
+    /// Members of this directory group (its name exactly, ignoring ASCII case, and under
+    /// `group_base`) are administrators (the `admins` group); unset, the directory grants no
+    /// administrator and leaves that flag to the gateway.
     pub admin_group: Option<String>,
     pub sync_interval: Duration,
     pub timeout: Duration,
@@ -272,7 +277,9 @@ impl Validator {
             Some(f) => Some(filter("user_filter", f)?),
             None => match preset {
                 Preset::Lldap => None,
-                Preset::OpenLdap => Some("(!(pwdAccountLockedTime=*))".to_string()),
+                // ppolicy's permanent (administrative) lock only: a temporary lock after failed
+                // binds is the bind's to refuse, and must not disable anyone here.
+                Preset::OpenLdap => Some("(!(pwdAccountLockedTime=000001010000Z))".to_string()),
                 Preset::ActiveDirectory => {
                     Some("(!(userAccountControl:1.2.840.113556.1.4.803:=2))".to_string())
                 }
@@ -299,6 +306,15 @@ impl Validator {
             },
         )?;
         let email_attribute = attribute("email_attribute", d.email_attribute, "mail")?;
+        let id_attribute = attribute(
+            "id_attribute",
+            d.id_attribute,
+            if preset == Preset::ActiveDirectory {
+                "objectGUID"
+            } else {
+                "entryUUID"
+            },
+        )?;
         let group_name_attribute = attribute("group_name_attribute", d.group_name_attribute, "cn")?;
         let member_of_attribute =
             attribute("member_of_attribute", d.member_of_attribute, "memberOf")?;
@@ -324,11 +340,15 @@ impl Validator {
             }
             filter("group_filter", &f.replace("{dn}", "uid=x"))?;
         }
-        let admin_group = match d.admin_group {
+        let admin_group = match d.admin_group.as_deref().map(str::trim) {
             None => None,
-            Some(g) => Some(gateway_group_name(&g).ok_or_else(|| {
-                self.err(&key("admin_group"), format!("`{g}` is not a group name"))
-            })?),
+            Some(g) if g.is_empty() || g.contains(['=', ',']) => {
+                return Err(self.err(
+                    &key("admin_group"),
+                    format!("`{g}` must be a group's name (its cn), not empty and not a DN"),
+                ))
+            }
+            Some(g) => Some(g.to_string()),
         };
         let sync_interval = self.positive(
             &key("sync_interval"),
@@ -348,6 +368,7 @@ impl Validator {
             user_filter,
             name_attribute,
             email_attribute,
+            id_attribute,
             group_base,
             group_filter,
             group_name_attribute,
@@ -389,14 +410,16 @@ mod tests {
         assert_eq!(c.transport, Transport::Ldaps);
         assert_eq!(
             c.user_filter.as_deref(),
-            Some("(!(pwdAccountLockedTime=*))")
+            Some("(!(pwdAccountLockedTime=000001010000Z))")
         );
+        assert_eq!(c.id_attribute, "entryUUID");
         assert_eq!(c.group_filter, None, "OpenLDAP reads memberOf");
         let ad = parse(&format!("{MINIMAL}preset = \"active_directory\"\n"))
             .unwrap()
             .directory
             .unwrap();
         assert_eq!(ad.name_attribute, "sAMAccountName");
+        assert_eq!(ad.id_attribute, "objectGUID");
         assert!(ad
             .user_filter
             .unwrap()
@@ -417,7 +440,7 @@ mod tests {
         let f = c.user_search_filter("*)(uid=*))(|(uid=*");
         assert_eq!(
             f,
-            "(&(objectClass=inetOrgPerson)(!(pwdAccountLockedTime=*))\
+            "(&(objectClass=inetOrgPerson)(!(pwdAccountLockedTime=000001010000Z))\
              (uid=\\2a\\29\\28uid=\\2a\\29\\29\\28|\\28uid=\\2a))"
         );
         assert!(ldap3::parse_filter(&f).is_ok());
@@ -448,7 +471,10 @@ mod tests {
             ("group_filter = \"(member=x)\"\n", "directory.group_filter"),
             ("name_attribute = \"u id\"\n", "directory.name_attribute"),
             ("sync_interval = \"0s\"\n", "directory.sync_interval"),
-            ("admin_group = \"!!\"\n", "directory.admin_group"),
+            (
+                "admin_group = \"cn=admins,ou=groups\"\n",
+                "directory.admin_group",
+            ),
             ("user_base = \"people\"\n", "directory.user_base"),
         ];
         for (extra, want) in cases {

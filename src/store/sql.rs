@@ -31,7 +31,7 @@ const KIND_GROUPS: &str = "groups_changed";
 
 const USER_COLUMNS: &str = "id, name, password_hash, is_admin, disabled, created_ms, must_reset,
      failed_logins, locked_until_ms, last_failure_ms, totp_secret, totp_enabled, totp_last_step,
-     passkey_required, directory_dn, directory_disabled";
+     passkey_required, directory_dn, directory_id, directory_disabled_ms";
 
 const PLEX_ACCOUNT_SELECT: &str = "SELECT p.account_id, p.username, p.title, p.user_id,
      u.name AS user_name, p.linked_ms, p.offered_user_id, p.first_seen_ms, p.last_seen_ms
@@ -634,9 +634,11 @@ where
         now_ms: i64,
     ) -> StoreResult<Vec<SequencedEvent>> {
         let mut tx = self.write_tx().await?;
-        let done = query!("UPDATE users SET disabled = $1 WHERE id = $2"; disabled, user_id)
-            .execute(&mut *tx)
-            .await?;
+        // An administrator's decision: the directory sync never undoes it.
+        let done = query!("UPDATE users SET disabled = $1, directory_disabled_ms = NULL
+                           WHERE id = $2"; disabled, user_id)
+        .execute(&mut *tx)
+        .await?;
         if D::rows_affected(&done) == 0 {
             return Err(StoreError::NotFound(format!("user {user_id}")));
         }
@@ -645,10 +647,16 @@ where
         Ok(events)
     }
 
-    async fn set_directory_dn(&self, user_id: i64, dn: Option<&str>) -> StoreResult<()> {
-        let done = query!("UPDATE users SET directory_dn = $1 WHERE id = $2"; dn, user_id)
-            .execute(&self.pool)
-            .await?;
+    async fn set_directory_entry(
+        &self,
+        user_id: i64,
+        dn: &str,
+        id: Option<&str>,
+    ) -> StoreResult<()> {
+        let done = query!("UPDATE users SET directory_dn = $1, directory_id = $2 WHERE id = $3";
+                          dn, id, user_id)
+        .execute(&self.pool)
+        .await?;
         if D::rows_affected(&done) == 0 {
             return Err(StoreError::NotFound(format!("user {user_id}")));
         }
@@ -660,17 +668,21 @@ where
         user_id: i64,
         disabled: bool,
         now_ms: i64,
+        read_ms: i64,
     ) -> StoreResult<Vec<SequencedEvent>> {
         let mut tx = self.write_tx().await?;
-        // Disabling: only a user not disabled yet. Enabling: only one the directory disabled.
+        // Disabling: only a user not disabled yet. Enabling: only one the directory disabled,
+        // and only by a reading that began after it did (a replica's older reading must not
+        // undo another's newer one).
         let done = if disabled {
-            query!("UPDATE users SET disabled = TRUE, directory_disabled = TRUE
-                    WHERE id = $1 AND NOT disabled"; user_id)
+            query!("UPDATE users SET disabled = TRUE, directory_disabled_ms = $1
+                    WHERE id = $2 AND NOT disabled"; now_ms, user_id)
             .execute(&mut *tx)
             .await?
         } else {
-            query!("UPDATE users SET disabled = FALSE, directory_disabled = FALSE
-                    WHERE id = $1 AND directory_disabled"; user_id)
+            query!("UPDATE users SET disabled = FALSE, directory_disabled_ms = NULL
+                    WHERE id = $1 AND directory_disabled_ms IS NOT NULL
+                    AND directory_disabled_ms < $2"; user_id, read_ms)
             .execute(&mut *tx)
             .await?
         };

@@ -2391,33 +2391,37 @@ async fn unlinking_a_plex_account_or_revoking_a_device_ends_exactly_its_tokens(f
         .is_empty());
 }
 
-/// A directory user: the DN is kept, and the sync's disabling ends every token like an
-/// administrator's, but its enabling undoes only its own disabling, never an administrator's.
+/// A directory user: the entry is kept, and the sync's disabling ends every token like an
+/// administrator's, but its enabling undoes only its own disabling, never an administrator's
+/// (not even one made after the sync's), and only by a reading of the directory that began
+/// after the disabling.
 async fn the_directory_disables_and_enables_only_what_it_disabled(f: Fixture) {
     let store = &f.store;
     let alice = user(store, "alice").await;
     let bob = user(store, "bob").await;
-    assert_eq!(alice.directory_dn, None);
+    assert_eq!(
+        (alice.directory_dn.as_deref(), alice.directory_id.as_deref()),
+        (None, None)
+    );
+    let dn = "uid=alice,ou=people,dc=example,dc=org";
     store
-        .set_directory_dn(alice.id, Some("uid=alice,ou=people,dc=example,dc=org"))
+        .set_directory_entry(alice.id, dn, Some("0b1c-uuid"))
         .await
         .unwrap();
     store
-        .set_directory_dn(bob.id, Some("uid=bob,ou=people,dc=example,dc=org"))
+        .set_directory_entry(bob.id, "uid=bob,ou=people,dc=example,dc=org", None)
         .await
         .unwrap();
     let a = store.find_user("ALICE").await.unwrap().unwrap();
-    assert_eq!(
-        a.directory_dn.as_deref(),
-        Some("uid=alice,ou=people,dc=example,dc=org")
-    );
+    assert_eq!(a.directory_dn.as_deref(), Some(dn));
+    assert_eq!(a.directory_id.as_deref(), Some("0b1c-uuid"));
     assert!(matches!(
-        store.set_directory_dn(i64::MAX, None).await,
+        store.set_directory_entry(i64::MAX, dn, None).await,
         Err(StoreError::NotFound(_))
     ));
 
     let events = store
-        .set_directory_disabled(alice.id, true, 10)
+        .set_directory_disabled(alice.id, true, 10, 10)
         .await
         .unwrap();
     let kinds: Vec<_> = events.iter().map(|e| e.event.clone()).collect();
@@ -2432,17 +2436,32 @@ async fn the_directory_disables_and_enables_only_what_it_disabled(f: Fixture) {
         ]
     );
     let a = store.find_user_by_id(alice.id).await.unwrap().unwrap();
-    assert!(a.disabled && a.directory_disabled);
+    assert!(a.disabled);
+    assert_eq!(a.directory_disabled_ms, Some(10));
     // Disabled already: nothing more is written.
     assert!(store
-        .set_directory_disabled(alice.id, true, 11)
+        .set_directory_disabled(alice.id, true, 11, 11)
         .await
         .unwrap()
         .is_empty());
+    // A reading of the directory begun before the disabling does not undo it.
+    assert!(store
+        .set_directory_disabled(alice.id, false, 12, 9)
+        .await
+        .unwrap()
+        .is_empty());
+    assert!(
+        store
+            .find_user_by_id(alice.id)
+            .await
+            .unwrap()
+            .unwrap()
+            .disabled
+    );
     // An administrator disabled bob: the directory's enabling leaves him disabled.
     store.set_disabled(bob.id, true, 12).await.unwrap();
     assert!(store
-        .set_directory_disabled(bob.id, false, 13)
+        .set_directory_disabled(bob.id, false, 13, 13)
         .await
         .unwrap()
         .is_empty());
@@ -2454,9 +2473,9 @@ async fn the_directory_disables_and_enables_only_what_it_disabled(f: Fixture) {
             .unwrap()
             .disabled
     );
-    // The directory's own disabling is undone by it.
+    // The directory's own disabling is undone by a later reading.
     let events = store
-        .set_directory_disabled(alice.id, false, 14)
+        .set_directory_disabled(alice.id, false, 14, 14)
         .await
         .unwrap();
     assert_eq!(
@@ -2464,9 +2483,24 @@ async fn the_directory_disables_and_enables_only_what_it_disabled(f: Fixture) {
         vec![RevocationEvent::UserEnabled { user_id: alice.id }]
     );
     let a = store.find_user_by_id(alice.id).await.unwrap().unwrap();
-    assert!(!a.disabled && !a.directory_disabled);
+    assert!(!a.disabled);
+    assert_eq!(a.directory_disabled_ms, None);
+    // Disabled by the sync, then by an administrator: the administrator's stands when the
+    // directory lets the user in again.
+    store
+        .set_directory_disabled(alice.id, true, 15, 15)
+        .await
+        .unwrap();
+    store.set_disabled(alice.id, true, 16).await.unwrap();
+    assert!(store
+        .set_directory_disabled(alice.id, false, 17, 17)
+        .await
+        .unwrap()
+        .is_empty());
+    let a = store.find_user_by_id(alice.id).await.unwrap().unwrap();
+    assert!(a.disabled && a.directory_disabled_ms.is_none());
     let snap = store.snapshot(20).await.unwrap();
-    assert_eq!(snap.disabled_users, vec![bob.id]);
+    assert_eq!(snap.disabled_users, vec![alice.id, bob.id]);
 }
 
 macro_rules! suite {

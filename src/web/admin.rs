@@ -143,6 +143,20 @@ pub(crate) async fn add_user(
         Err(_) => return bad("The password could not be hashed."),
     };
     let is_admin = form.admin.is_some();
+    // A name lives in one place only.
+    match app.name_in_directory(&name).await {
+        Ok(None) => {}
+        Ok(Some(dn)) => {
+            return bad(&format!(
+                "Nothing was done: `{name}` is a user of the directory ({dn}); a local account of the same name is refused."
+            ))
+        }
+        Err(e) => {
+            return bad(&format!(
+                "Nothing was done: cannot check that the directory has no `{name}`: {e}"
+            ))
+        }
+    }
     match app
         .store
         .create_user(&name, &hash, is_admin, now_ms())

@@ -590,8 +590,8 @@ pub fn admin(
             let state = [
                 u.directory_dn.is_some().then_some("directory"),
                 u.is_admin.then_some("admin"),
-                (u.disabled && !u.directory_disabled).then_some("disabled"),
-                u.directory_disabled.then_some("disabled by the directory"),
+                (u.disabled && u.directory_disabled_ms.is_none()).then_some("disabled"),
+                u.directory_disabled_ms.is_some().then_some("disabled by the directory"),
                 locked.then_some("locked"),
                 u.must_reset.then_some("must reset"),
                 u.totp_enabled.then_some("2FA"),

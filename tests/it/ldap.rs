@@ -357,6 +357,55 @@ async fn directory_changes_end_sessions_and_media_tokens_at_the_next_sync_on_eve
     .await;
     assert!(again, "an unlocked user could not sign in again");
     assert_eq!(app(&gw, "/elsewhere", &alice).await, 401);
+
+    // A temporary ppolicy lock (after failed binds, say) refuses the bind but disables nobody:
+    // alice's new session lives through the syncs that follow.
+    let alice = gw.login("alice", ALICE_PW).await.token;
+    slapd.modify(&format!(
+        "dn: {}\nchangetype: modify\nreplace: pwdAccountLockedTime\npwdAccountLockedTime: 20260101000000Z\n",
+        slapd.user_dn("alice")
+    ));
+    let (status, _) = gw.try_login("alice", ALICE_PW, None).await;
+    assert_eq!(status, 401, "the directory refuses the locked bind");
+    next_sync(&gw).await;
+    next_sync(&gw).await;
+    assert_eq!(
+        app(&gw, "/elsewhere", &alice).await,
+        200,
+        "a temporary lock ended sessions"
+    );
+    slapd.unlock_user("alice").await;
+
+    // bob is made again in the directory: another entry with his name does not inherit his
+    // record (passkeys, TOTP, links) until an operator says it is him.
+    slapd.add_user("bob", "the new bob's passphrase").await;
+    let (status, _) = gw.try_login("bob", "the new bob's passphrase", None).await;
+    assert_eq!(status, 401);
+    gw.metrics_with(&["portcullis_directory_sync_changes_total{change=\"conflict\"} 1"])
+        .await;
+    let out = gw.cli_ok(&["directory", "relink", "bob"]);
+    assert!(out.contains("now belongs to uid=bob"), "{out}");
+    assert!(
+        poll_until(SYNC + Duration::from_secs(1), || async {
+            gw.try_login("bob", "the new bob's passphrase", None)
+                .await
+                .0
+                == 200
+        })
+        .await,
+        "the relinked record did not let the new entry in"
+    );
+
+    // An administrator's disabling stands whatever the directory says.
+    gw.cli_ok(&["user", "disable", "alice"]);
+    next_sync(&gw).await;
+    next_sync(&gw).await;
+    let (status, body) = gw.try_login("alice", ALICE_PW, None).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (403, Some("disabled")),
+        "{body}"
+    );
     println!(
         "directory sync: group removal reached the rules in {:.0} ms, a removal ended sessions in {:.0} ms",
         group_lag.as_secs_f64() * 1000.0,
@@ -365,9 +414,31 @@ async fn directory_changes_end_sessions_and_media_tokens_at_the_next_sync_on_eve
     gw.assert_audit(&["--user", "bob"], &["directory_sync", "disabled"]);
     gw.metrics_with(&[
         "portcullis_directory_sync_changes_total{change=\"disabled\"} 2",
-        "portcullis_directory_sync_changes_total{change=\"enabled\"} 1",
+        "portcullis_directory_sync_changes_total{change=\"enabled\"} 2",
     ])
     .await;
+}
+
+/// Waits for the gateway's next complete reading of the directory.
+async fn next_sync(gw: &Gateway) {
+    let last = || async {
+        let text = client()
+            .get(format!("{}/metrics", gw.admin))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix("portcullis_directory_last_sync_timestamp_seconds "))
+            .map_or(0.0, |v| v.trim().parse::<f64>().unwrap())
+    };
+    let before = last().await;
+    assert!(
+        poll_until(SYNC * 3, || async { last().await > before }).await,
+        "no directory sync within three intervals"
+    );
 }
 
 #[tokio::test]
