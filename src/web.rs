@@ -383,11 +383,12 @@ async fn not_found() -> Response {
 async fn readyz(State(app): State<Arc<App>>) -> Response {
     let store_ok = app.store.ping().await.is_ok();
     let (fresh, staleness) = app.view_is_fresh();
-    let phase = app.readiness.phase();
     // Fresh probes; a route whose upstream is down does not make the gateway unready.
     let upstreams = probe::probe_all(&app.config().routes, probe::Depth::Identify).await;
     probe::record(&upstreams, &app.metrics.upstream_up);
     let (plex, plex_ok) = plex_readiness(&app).await;
+    // The phase as the answer leaves, after the probes (which may take seconds).
+    let phase = app.readiness.phase();
     let body = serde_json::json!({
         "listener": phase.as_str(),
         "not_ready_reason": phase.not_ready_reason(),
