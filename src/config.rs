@@ -12,6 +12,7 @@ use serde::Deserialize;
 
 pub mod directory;
 pub mod live;
+pub mod mail;
 mod oidc;
 mod plex;
 pub mod rules;
@@ -149,6 +150,7 @@ struct FileConfig {
     #[serde(default)]
     rule: Vec<rules::FileRule>,
     directory: Option<directory::FileDirectory>,
+    mail: Option<mail::FileMail>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -299,6 +301,8 @@ pub struct Config {
     pub rules: Vec<Rule>,
     /// Users from an LDAP directory (`[directory]`).
     pub directory: Option<directory::DirectoryConfig>,
+    /// The SMTP server mail goes through (`[mail]`).
+    pub mail: Option<mail::MailConfig>,
 }
 
 /// The WebAuthn relying party: its id (the public URL's host, or a domain it is under, for
@@ -697,6 +701,7 @@ impl Validator {
         let oidc = self.oidc(raw.oidc)?;
         let webauthn = self.webauthn(raw.webauthn, &server.public_url)?;
         let directory = self.directory(raw.directory)?;
+        let mail = self.mail(raw.mail)?;
         if !auth.password_form && oidc.is_empty() {
             return Err(self.err(
                 "auth.password_form",
@@ -744,6 +749,7 @@ impl Validator {
             oidc,
             webauthn,
             directory,
+            mail,
         })
     }
 

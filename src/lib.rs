@@ -13,6 +13,7 @@ pub mod config;
 pub mod datadir;
 pub mod directory;
 pub mod healthcheck;
+pub mod mail;
 pub mod mediaserver;
 pub mod metrics;
 pub mod netaddr;

@@ -102,6 +102,73 @@ pub struct User {
     pub directory_id: Option<String>,
     /// When the directory sync disabled the user (not an administrator).
     pub directory_disabled_ms: Option<i64>,
+    /// The user's verified email address.
+    pub email: Option<String>,
+    pub email_verified_ms: Option<i64>,
+}
+
+/// A message waiting in the outbox (mail, or a webhook's request).
+#[derive(Clone, Debug, PartialEq, Eq, sqlx::FromRow)]
+pub struct OutboxMessage {
+    pub id: i64,
+    pub created_ms: i64,
+    /// `mail` or `webhook`.
+    pub channel: String,
+    /// What it tells of (a notice's kind, `password_reset`, `confirm_email`, `test` …).
+    pub kind: String,
+    pub user_id: Option<i64>,
+    /// The recipient, when it is not the user's verified address (or a webhook's URL).
+    pub address: Option<String>,
+    /// JSON: what the message says. Never a secret.
+    pub params: String,
+    /// Attempts made so far.
+    pub attempts: i64,
+}
+
+/// A message to put in the outbox.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NewOutbox {
+    pub channel: String,
+    pub kind: String,
+    pub user_id: Option<i64>,
+    pub address: Option<String>,
+    pub params: String,
+}
+
+/// How an attempt to send an outbox message ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum OutboxOutcome {
+    Sent,
+    /// Failed for now: try again at `at_ms`.
+    Retry {
+        at_ms: i64,
+        error: String,
+    },
+    /// Failed for good (refused by the server, or too old to retry).
+    Failed {
+        error: String,
+    },
+}
+
+/// The outbox's backlog: messages not sent yet (nor given up), and when the oldest was queued.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OutboxStats {
+    pub queued: i64,
+    pub oldest_created_ms: Option<i64>,
+}
+
+/// What following an email confirmation link did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum EmailConfirmation {
+    /// The address is the user's now; `previous` was theirs before.
+    Confirmed {
+        user_id: i64,
+        address: String,
+        previous: Option<String>,
+    },
+    Used,
+    Expired,
+    Unknown,
 }
 
 /// A security event for the audit log. Never holds a secret.
@@ -745,6 +812,49 @@ pub trait Store: Send + Sync + 'static {
         now_ms: i64,
         read_ms: i64,
     ) -> StoreResult<Vec<SequencedEvent>>;
+    /// Sets (verified at `now_ms`) or clears a user's email address.
+    async fn set_email(&self, user_id: i64, address: Option<&str>, now_ms: i64) -> StoreResult<()>;
+    /// Stores a confirmation link for a new address (its hash only); the user's older unused
+    /// links stop working.
+    async fn create_email_confirmation(
+        &self,
+        token_hash: &str,
+        user_id: i64,
+        address: &str,
+        now_ms: i64,
+        expires_ms: i64,
+    ) -> StoreResult<()>;
+    /// Uses a confirmation link: the address becomes the user's, in the same write.
+    async fn confirm_email(&self, token_hash: &str, now_ms: i64) -> StoreResult<EmailConfirmation>;
+    /// Appends an audit entry and, in the same transaction, the messages that tell of it.
+    async fn append_audit_with(&self, e: &AuditEntry, outbox: &[NewOutbox]) -> StoreResult<()>;
+    /// Puts messages in the outbox, due at once.
+    async fn enqueue(&self, outbox: &[NewOutbox], now_ms: i64) -> StoreResult<()>;
+    /// Takes a lease on up to `limit` due messages for `owner` until `now_ms + lease_ms` and
+    /// returns them: no other owner gets them while the lease runs.
+    async fn claim_outbox(
+        &self,
+        owner: &str,
+        now_ms: i64,
+        lease_ms: i64,
+        limit: i64,
+    ) -> StoreResult<Vec<OutboxMessage>>;
+    /// Records how an attempt ended; `false` when `owner` no longer held the lease (the
+    /// outcome is then not recorded).
+    async fn finish_outbox(
+        &self,
+        id: i64,
+        owner: &str,
+        outcome: &OutboxOutcome,
+        now_ms: i64,
+    ) -> StoreResult<bool>;
+    /// The backlog of one channel.
+    async fn outbox_stats(&self, channel: &str) -> StoreResult<OutboxStats>;
+    /// The newest messages of the outbox (sent or not), newest first, for the CLI and tests.
+    async fn list_outbox(
+        &self,
+        limit: i64,
+    ) -> StoreResult<Vec<(OutboxMessage, Option<i64>, Option<i64>)>>;
     /// Sets or clears "must sign in with a passkey" for one user, or for all when `None`.
     async fn set_passkey_required(&self, user_id: Option<i64>, required: bool) -> StoreResult<u64>;
     /// Sets a new password and clears `must_reset`; with `signout_at`, also ends every session

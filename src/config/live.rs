@@ -56,6 +56,8 @@ pub fn prepare(old: &Config, mut new: Config) -> Prepared {
     restart_only!("store.url", store.url);
     // The directory client and its sync loop are made at start.
     restart_only!("directory", directory);
+    // The mailer and its outbox worker are made at start.
+    restart_only!("mail", mail);
     restart_only!("store.poll_interval", store.poll_interval);
     restart_only!("store.busy_timeout", store.busy_timeout);
     restart_only!("session.key_file", session.key_file);

@@ -13,10 +13,11 @@ use tokio::sync::watch;
 
 use super::dialect::Dialect;
 use super::{
-    Announcement, AuditEntry, BackchannelLogout, Ceremony, MediaNote, MediaTokenRow,
-    NewMediaBinding, NewPasskey, NewSession, OidcLink, OidcSession, OwedLogout, PasskeyRecord,
-    PlexAccount, PlexDevice, ResetLinkState, RevocationEvent, SequencedEvent, SessionId,
-    SessionKind, SessionRecord, Snapshot, Store, StoreError, StoreResult, User,
+    Announcement, AuditEntry, BackchannelLogout, Ceremony, EmailConfirmation, MediaNote,
+    MediaTokenRow, NewMediaBinding, NewOutbox, NewPasskey, NewSession, OidcLink, OidcSession,
+    OutboxMessage, OutboxOutcome, OutboxStats, OwedLogout, PasskeyRecord, PlexAccount, PlexDevice,
+    ResetLinkState, RevocationEvent, SequencedEvent, SessionId, SessionKind, SessionRecord,
+    Snapshot, Store, StoreError, StoreResult, User,
 };
 
 pub(super) const KIND_SESSION: &str = "session_revoked";
@@ -31,7 +32,8 @@ const KIND_GROUPS: &str = "groups_changed";
 
 const USER_COLUMNS: &str = "id, name, password_hash, is_admin, disabled, created_ms, must_reset,
      failed_logins, locked_until_ms, last_failure_ms, totp_secret, totp_enabled, totp_last_step,
-     passkey_required, directory_dn, directory_id, directory_disabled_ms";
+     passkey_required, directory_dn, directory_id, directory_disabled_ms, email, email_verified_ms";
+const OUTBOX_COLUMNS: &str = "id, created_ms, channel, kind, user_id, address, params, attempts";
 
 const PLEX_ACCOUNT_SELECT: &str = "SELECT p.account_id, p.username, p.title, p.user_id,
      u.name AS user_name, p.linked_ms, p.offered_user_id, p.first_seen_ms, p.last_seen_ms
@@ -268,6 +270,20 @@ where
         I: ColumnIndex<D::Row>,
     {
         row.try_get(column).map_err(unavailable)
+    }
+
+    /// Puts one message in the outbox, due at once, in the transaction open on `conn`.
+    async fn insert_outbox(
+        conn: &mut D::Connection,
+        m: &NewOutbox,
+        now_ms: i64,
+    ) -> StoreResult<()> {
+        query!("INSERT INTO outbox (created_ms, channel, kind, user_id, address, params,
+                next_attempt_ms) VALUES ($1, $2, $3, $4, $5, $6, $1)";
+               now_ms, &m.channel, &m.kind, m.user_id, &m.address, &m.params)
+        .execute(&mut *conn)
+        .await?;
+        Ok(())
     }
 
     /// The events of disabling a user (every token of theirs ends: sessions revoked, a
@@ -1021,13 +1037,209 @@ where
     }
 
     async fn append_audit(&self, e: &AuditEntry) -> StoreResult<()> {
+        self.append_audit_with(e, &[]).await
+    }
+
+    async fn append_audit_with(&self, e: &AuditEntry, outbox: &[NewOutbox]) -> StoreResult<()> {
+        let mut tx = self.pool.begin().await?;
         query!("INSERT INTO audit_log (at_ms, event, outcome, user_id, user_name, ip, user_agent,
                 session_id, detail) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)";
                e.at_ms, &e.event, &e.outcome, e.user_id, &e.user_name, &e.ip, &e.user_agent,
                &e.session_id, &e.detail)
+        .execute(&mut *tx)
+        .await?;
+        for m in outbox {
+            Self::insert_outbox(&mut tx, m, e.at_ms).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn enqueue(&self, outbox: &[NewOutbox], now_ms: i64) -> StoreResult<()> {
+        let mut tx = self.pool.begin().await?;
+        for m in outbox {
+            Self::insert_outbox(&mut tx, m, now_ms).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn claim_outbox(
+        &self,
+        owner: &str,
+        now_ms: i64,
+        lease_ms: i64,
+        limit: i64,
+    ) -> StoreResult<Vec<OutboxMessage>> {
+        // The lease's conditions stand in the outer WHERE too: PostgreSQL checks them again on
+        // a row another claim changed meanwhile, so two replicas never both take a message.
+        let sql = format!(
+            "UPDATE outbox SET lease_owner = $1, lease_until_ms = $2
+             WHERE id IN (SELECT id FROM outbox
+                          WHERE sent_ms IS NULL AND failed_ms IS NULL AND next_attempt_ms <= $3
+                            AND (lease_until_ms IS NULL OR lease_until_ms <= $3)
+                          ORDER BY id LIMIT $4)
+               AND sent_ms IS NULL AND failed_ms IS NULL
+               AND (lease_until_ms IS NULL OR lease_until_ms <= $3)
+             RETURNING {OUTBOX_COLUMNS}"
+        );
+        let mut tx = self.write_tx().await?;
+        let mut claimed: Vec<OutboxMessage> = sqlx::query_as(&sql)
+            .bind(owner)
+            .bind(now_ms + lease_ms)
+            .bind(now_ms)
+            .bind(limit)
+            .fetch_all(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        claimed.sort_by_key(|m| m.id);
+        Ok(claimed)
+    }
+
+    async fn finish_outbox(
+        &self,
+        id: i64,
+        owner: &str,
+        outcome: &OutboxOutcome,
+        now_ms: i64,
+    ) -> StoreResult<bool> {
+        let done = match outcome {
+            OutboxOutcome::Sent => {
+                query!(
+                "UPDATE outbox SET sent_ms = $1, attempts = attempts + 1, lease_owner = NULL,
+                 lease_until_ms = NULL, last_error = NULL WHERE id = $2 AND lease_owner = $3";
+                now_ms, id, owner)
+                .execute(&self.pool)
+                .await?
+            }
+            OutboxOutcome::Retry { at_ms, error } => {
+                query!(
+                "UPDATE outbox SET next_attempt_ms = $1, attempts = attempts + 1,
+                 lease_owner = NULL, lease_until_ms = NULL, last_error = $2
+                 WHERE id = $3 AND lease_owner = $4";
+                at_ms, error, id, owner)
+                .execute(&self.pool)
+                .await?
+            }
+            OutboxOutcome::Failed { error } => {
+                query!(
+                "UPDATE outbox SET failed_ms = $1, attempts = attempts + 1, lease_owner = NULL,
+                 lease_until_ms = NULL, last_error = $2 WHERE id = $3 AND lease_owner = $4";
+                now_ms, error, id, owner)
+                .execute(&self.pool)
+                .await?
+            }
+        };
+        Ok(D::rows_affected(&done) == 1)
+    }
+
+    async fn outbox_stats(&self, channel: &str) -> StoreResult<OutboxStats> {
+        let row: (i64, Option<i64>) = sqlx::query_as(
+            "SELECT COUNT(*), MIN(created_ms) FROM outbox
+             WHERE channel = $1 AND sent_ms IS NULL AND failed_ms IS NULL",
+        )
+        .bind(channel)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(OutboxStats {
+            queued: row.0,
+            oldest_created_ms: row.1,
+        })
+    }
+
+    async fn list_outbox(
+        &self,
+        limit: i64,
+    ) -> StoreResult<Vec<(OutboxMessage, Option<i64>, Option<i64>)>> {
+        let sql = format!(
+            "SELECT {OUTBOX_COLUMNS}, sent_ms, failed_ms FROM outbox ORDER BY id DESC LIMIT $1"
+        );
+        let rows = sqlx::query(&sql)
+            .bind(limit_of(limit))
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok((
+                    OutboxMessage::from_row(r)?,
+                    r.try_get("sent_ms")?,
+                    r.try_get("failed_ms")?,
+                ))
+            })
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(unavailable)
+    }
+
+    async fn set_email(&self, user_id: i64, address: Option<&str>, now_ms: i64) -> StoreResult<()> {
+        let verified = address.map(|_| now_ms);
+        let done = query!("UPDATE users SET email = $1, email_verified_ms = $2 WHERE id = $3";
+                          address, verified, user_id)
         .execute(&self.pool)
         .await?;
+        if D::rows_affected(&done) == 0 {
+            return Err(StoreError::NotFound(format!("user {user_id}")));
+        }
         Ok(())
+    }
+
+    async fn create_email_confirmation(
+        &self,
+        token_hash: &str,
+        user_id: i64,
+        address: &str,
+        now_ms: i64,
+        expires_ms: i64,
+    ) -> StoreResult<()> {
+        let mut tx = self.pool.begin().await?;
+        query!("DELETE FROM email_confirmations WHERE user_id = $1 AND used_ms IS NULL"; user_id)
+            .execute(&mut *tx)
+            .await?;
+        query!("INSERT INTO email_confirmations (token_hash, user_id, address, created_ms,
+                expires_ms) VALUES ($1, $2, $3, $4, $5)";
+               token_hash, user_id, address, now_ms, expires_ms)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn confirm_email(&self, token_hash: &str, now_ms: i64) -> StoreResult<EmailConfirmation> {
+        let mut tx = self.write_tx().await?;
+        let row: Option<(i64, String, i64, Option<i64>)> = sqlx::query_as(
+            "SELECT user_id, address, expires_ms, used_ms FROM email_confirmations
+             WHERE token_hash = $1",
+        )
+        .bind(token_hash)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some((user_id, address, expires_ms, used_ms)) = row else {
+            return Ok(EmailConfirmation::Unknown);
+        };
+        if used_ms.is_some() {
+            return Ok(EmailConfirmation::Used);
+        }
+        if expires_ms <= now_ms {
+            return Ok(EmailConfirmation::Expired);
+        }
+        let previous: Option<String> = sqlx::query_scalar("SELECT email FROM users WHERE id = $1")
+            .bind(user_id)
+            .fetch_optional(&mut *tx)
+            .await?
+            .flatten();
+        query!("UPDATE email_confirmations SET used_ms = $1 WHERE token_hash = $2";
+               now_ms, token_hash)
+        .execute(&mut *tx)
+        .await?;
+        query!("UPDATE users SET email = $1, email_verified_ms = $2 WHERE id = $3";
+               &address, now_ms, user_id)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(EmailConfirmation::Confirmed {
+            user_id,
+            address,
+            previous,
+        })
     }
 
     async fn list_audit(
@@ -1180,7 +1392,7 @@ where
         // Sessions long expired, unless their media token is still owed an upstream logout.
         // Revoked sessions whose tokens would have expired anyway, spent media bindings and
         // notes: the view drops them too.
-        let deletes: [(&str, i64); 6] = [
+        let deletes: [(&str, i64); 8] = [
             (
                 "DELETE FROM sessions WHERE expires_ms <= $1 AND id NOT IN (
                      SELECT session_id FROM media_tokens WHERE logged_out_ms IS NULL)",
@@ -1198,6 +1410,15 @@ where
             ),
             ("DELETE FROM oidc_ended_sids WHERE expires_ms <= $1", now_ms),
             ("DELETE FROM reset_links WHERE expires_ms <= $1", kept_until),
+            (
+                "DELETE FROM email_confirmations WHERE expires_ms <= $1",
+                kept_until,
+            ),
+            (
+                "DELETE FROM outbox WHERE (sent_ms IS NOT NULL AND sent_ms <= $1)
+                    OR (failed_ms IS NOT NULL AND failed_ms <= $1)",
+                kept_until,
+            ),
             (
                 "DELETE FROM audit_log WHERE at_ms <= $1",
                 now_ms.saturating_sub(audit_keep_ms),

@@ -21,6 +21,7 @@ const LAYERS: &[&str] = &[
     "metrics",
     "oidc",
     "directory",
+    "mail",
     "probe",
     "telemetry",
     "tls",

@@ -1,0 +1,41 @@
+-- Portcullis schema, version 12: email addresses and the outbox of mail and webhooks.
+
+-- A user's verified address (NULL: none), set by following a confirmation link or by an
+-- administrator; mail about the account goes there.
+ALTER TABLE users ADD COLUMN email TEXT;
+ALTER TABLE users ADD COLUMN email_verified_ms INTEGER;
+
+-- Addresses waiting for their confirmation link to be followed: the link's token by its
+-- SHA-256 hex only, single use, expiring. A newer one for the user replaces an older one.
+CREATE TABLE email_confirmations (
+    token_hash TEXT    PRIMARY KEY,
+    user_id    INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+    address    TEXT    NOT NULL,
+    created_ms INTEGER NOT NULL,
+    expires_ms INTEGER NOT NULL,
+    used_ms    INTEGER
+);
+CREATE INDEX email_confirmations_user ON email_confirmations(user_id);
+
+-- What is to be sent: written in the same transaction as the audit entry of the event it tells
+-- of, sent by a worker that takes a lease on it (one replica sends each message), retried with
+-- back-off. `address` names the recipient when it is not the user's verified address (a new
+-- address to confirm). `params` is JSON: what the message says (never a secret; links with
+-- tokens are made when the message is sent).
+CREATE TABLE outbox (
+    id              INTEGER PRIMARY KEY AUTOINCREMENT,
+    created_ms      INTEGER NOT NULL,
+    channel         TEXT    NOT NULL,
+    kind            TEXT    NOT NULL,
+    user_id         INTEGER REFERENCES users(id) ON DELETE CASCADE,
+    address         TEXT,
+    params          TEXT    NOT NULL DEFAULT '{}',
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    next_attempt_ms INTEGER NOT NULL,
+    lease_owner     TEXT,
+    lease_until_ms  INTEGER,
+    sent_ms         INTEGER,
+    failed_ms       INTEGER,
+    last_error      TEXT
+);
+CREATE INDEX outbox_due ON outbox(next_attempt_ms) WHERE sent_ms IS NULL AND failed_ms IS NULL;
