@@ -5,7 +5,9 @@
 
 pub mod account;
 pub mod directory;
+pub mod email;
 pub mod media;
+pub mod outbox;
 pub mod passkey;
 pub mod plex;
 pub mod sso;
@@ -77,8 +79,9 @@ pub enum StartError {
     Oidc(#[from] crate::oidc::OidcError),
     #[error("{0}")]
     Passkeys(String),
+    /// A file a section names cannot be used (`[directory]`, `[mail]`).
     #[error("{0}")]
-    Directory(String),
+    Setup(String),
 }
 
 /// Why a login (or one of its steps) did not go ahead.
@@ -285,6 +288,10 @@ pub struct App {
     media_loop_started: std::sync::atomic::AtomicBool,
     /// Whether this process should be sent traffic (`/readyz`, systemd's `READY=1`).
     pub readiness: crate::readiness::Readiness,
+    /// The SMTP client (`[mail]`), and the outbox worker's wake-up call.
+    pub mailer: Option<Arc<crate::mail::Mailer>>,
+    pub outbox_wake: tokio::sync::Notify,
+    mail_limits: email::MailLimits,
     /// The LDAP directory (`[directory]`), and what its sync saw last.
     directory: Option<Arc<crate::directory::Directory>>,
     pub directory_status: directory::DirectoryStatus,
@@ -310,6 +317,17 @@ impl App {
         metrics.register_oidc_providers(&provider_ids);
         metrics.register_rules(&rule_names(&config));
         let oidc = crate::oidc::Providers::new(&config.oidc, &config.server.public_url)?;
+        let mailer = match &config.mail {
+            None => None,
+            Some(m) => Some(Arc::new(crate::mail::Mailer::new(m).map_err(
+                |(key, problem)| {
+                    StartError::Setup(format!(
+                        "{}: key `{key}`: {problem}",
+                        config.source.display()
+                    ))
+                },
+            )?)),
+        };
         let directory = match &config.directory {
             None => None,
             Some(d) => {
@@ -319,7 +337,7 @@ impl App {
                     Box::new(move |op, outcome| counter(op.as_str(), outcome)),
                 )
                 .map_err(|(key, problem)| {
-                    StartError::Directory(format!(
+                    StartError::Setup(format!(
                         "{}: key `{key}`: {problem}",
                         config.source.display()
                     ))
@@ -407,6 +425,9 @@ impl App {
             readiness: crate::readiness::Readiness::default(),
             directory,
             directory_status: directory::DirectoryStatus::default(),
+            mailer,
+            outbox_wake: tokio::sync::Notify::new(),
+            mail_limits: email::MailLimits::default(),
         };
         app.metrics.config_loaded.set(now_ms() as f64 / 1000.0);
         app.refresh_view_metrics();
@@ -505,8 +526,23 @@ impl App {
             session = %entry.session_id,
             detail = %entry.detail,
         );
-        if let Err(e) = self.store.append_audit(&entry).await {
-            self.store_error("append_audit", e);
+        // The notice that tells the user of it goes into the outbox in the same write.
+        let mut notices = Vec::new();
+        if let (Some(_), Some(id), Some(_)) = (
+            &self.mailer,
+            entry.user_id,
+            outbox::notice_kind(&entry.event, &entry.outcome),
+        ) {
+            if let Ok(user) = self.store.find_user_by_id(id).await {
+                notices.extend(outbox::notice_for(&entry, user.as_ref()));
+            }
+        }
+        match self.store.append_audit_with(&entry, &notices).await {
+            Ok(()) if !notices.is_empty() => self.outbox_wake.notify_one(),
+            Ok(()) => {}
+            Err(e) => {
+                self.store_error("append_audit", e);
+            }
         }
     }
 
@@ -1261,9 +1297,13 @@ impl App {
         // Serving: find the single sign-on providers (retried in the background until they
         // answer; the gateway does not wait for them).
         self.oidc.spawn_discovery();
-        // The directory sync runs beside this loop: a slow directory never holds up the view.
+        // The directory sync and the outbox worker run beside this loop: a slow directory or
+        // mail server never holds up the view.
         if self.directory.is_some() {
             tokio::spawn(Arc::clone(&self).run_directory_sync());
+        }
+        if self.mailer.is_some() {
+            tokio::spawn(Arc::clone(&self).run_outbox());
         }
         let mut tick = tokio::time::interval(self.config().store.poll_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

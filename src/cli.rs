@@ -791,6 +791,7 @@ async fn print_link(
     let (event, what) = match purpose {
         LinkPurpose::Password => ("reset_link_issued", "reset link"),
         LinkPurpose::Passkey => ("passkey_link_issued", "passkey link"),
+        LinkPurpose::NotMe => ("not_me_link_issued", "\"this wasn't me\" link"),
     };
     cli_audit(store, event, Some(&user), "").await;
     println!(

@@ -53,6 +53,9 @@ pub const DIRECTORY_OPERATIONS_TOTAL: &str = "portcullis_directory_operations_to
 pub const DIRECTORY_SYNC_CHANGES_TOTAL: &str = "portcullis_directory_sync_changes_total";
 pub const DIRECTORY_LAST_SYNC: &str = "portcullis_directory_last_sync_timestamp_seconds";
 pub const DIRECTORY_UP: &str = "portcullis_directory_up";
+pub const OUTBOX_MESSAGES_TOTAL: &str = "portcullis_outbox_messages_total";
+pub const OUTBOX_QUEUED: &str = "portcullis_outbox_queued";
+pub const OUTBOX_OLDEST_AGE: &str = "portcullis_outbox_oldest_age_seconds";
 
 /// Every metric family, for the test that compares them with a fresh gateway's exposition.
 pub const ALL_FAMILIES: &[&str] = &[
@@ -98,6 +101,9 @@ pub const ALL_FAMILIES: &[&str] = &[
     DIRECTORY_SYNC_CHANGES_TOTAL,
     DIRECTORY_LAST_SYNC,
     DIRECTORY_UP,
+    OUTBOX_MESSAGES_TOTAL,
+    OUTBOX_QUEUED,
+    OUTBOX_OLDEST_AGE,
 ];
 
 /// A label of a labelled family: a closed list of values, or the names of something
@@ -142,6 +148,7 @@ pub enum Family {
     RuleDecisions,
     DirectoryOperations,
     DirectorySyncChanges,
+    Outbox,
 }
 
 /// The results of a gateway login (`LoginError` labels, and success or a step still owed).
@@ -163,6 +170,9 @@ const GATEWAY_LOGIN_RESULTS: &[&str] = &[
     "directory_unavailable",
     "internal_error",
 ];
+
+/// The outbox's channels (`channel` label of the outbox metrics).
+pub const OUTBOX_CHANNELS: &[&str] = &["mail"];
 
 /// What the directory sync changed (`portcullis_directory_sync_changes_total{change}`).
 pub const DIRECTORY_SYNC_CHANGES: &[&str] = &["disabled", "enabled", "groups", "conflict"];
@@ -206,6 +216,7 @@ const STORE_OPERATIONS: &[&str] = &[
     "get_oidc_session",
     "media_logout",
     "media_logout_done",
+    "outbox",
     "oidc_backchannel",
     "owed_media_logouts",
     "purge",
@@ -269,7 +280,7 @@ const BACKCHANNEL_RESULTS: &[&str] = &[
 ];
 
 impl Family {
-    pub const ALL: [Family; 18] = [
+    pub const ALL: [Family; 19] = [
         Family::Logins,
         Family::SecondFactor,
         Family::StoreErrors,
@@ -288,6 +299,7 @@ impl Family {
         Family::RuleDecisions,
         Family::DirectoryOperations,
         Family::DirectorySyncChanges,
+        Family::Outbox,
     ];
 
     pub fn name(self) -> &'static str {
@@ -310,6 +322,7 @@ impl Family {
             Family::RuleDecisions => RULE_DECISIONS_TOTAL,
             Family::DirectoryOperations => DIRECTORY_OPERATIONS_TOTAL,
             Family::DirectorySyncChanges => DIRECTORY_SYNC_CHANGES_TOTAL,
+            Family::Outbox => OUTBOX_MESSAGES_TOTAL,
         }
     }
 
@@ -431,6 +444,10 @@ impl Family {
                 Values("outcome", &[&["ok", "rejected", "error"]]),
             ],
             Family::DirectorySyncChanges => &[Values("change", &[DIRECTORY_SYNC_CHANGES])],
+            Family::Outbox => &[
+                Values("channel", &[OUTBOX_CHANNELS]),
+                Values("result", &[&["sent", "retry", "failed"]]),
+            ],
         }
     }
 
@@ -708,6 +725,9 @@ pub struct Metrics {
     pub directory_last_sync: Gauge,
     /// 1 while the directory answers, 0 after an operation failed for want of it.
     pub directory_up: IntGauge,
+    outbox_messages: IntCounterVec,
+    outbox_queued: IntGaugeVec,
+    outbox_oldest_age: prometheus::GaugeVec,
     /// 1 when the route's upstream answered its last probe (at start, or for `/readyz`).
     pub upstream_up: IntGaugeVec,
 }
@@ -941,6 +961,35 @@ impl Metrics {
              (also 0 when no directory is configured).",
         )?;
         registry.register(Box::new(directory_up.clone()))?;
+        let outbox_messages = IntCounterVec::new(
+            Opts::new(
+                OUTBOX_MESSAGES_TOTAL,
+                "Attempts to send outbox messages (mail) by channel and result: sent, retry \
+                 (failed for now, tried again later) or failed (refused for good, or too old).",
+            ),
+            &["channel", "result"],
+        )?;
+        registry.register(Box::new(outbox_messages.clone()))?;
+        let outbox_queued = IntGaugeVec::new(
+            Opts::new(
+                OUTBOX_QUEUED,
+                "Outbox messages waiting to be sent (neither sent nor given up), by channel.",
+            ),
+            &["channel"],
+        )?;
+        registry.register(Box::new(outbox_queued.clone()))?;
+        let outbox_oldest_age = prometheus::GaugeVec::new(
+            Opts::new(
+                OUTBOX_OLDEST_AGE,
+                "Age of the oldest outbox message waiting to be sent, by channel (0: none).",
+            ),
+            &["channel"],
+        )?;
+        registry.register(Box::new(outbox_oldest_age.clone()))?;
+        for channel in OUTBOX_CHANNELS {
+            outbox_queued.with_label_values(&[channel]).set(0);
+            outbox_oldest_age.with_label_values(&[channel]).set(0.0);
+        }
         let upstream_up = IntGaugeVec::new(
             Opts::new(
                 UPSTREAM_UP,
@@ -1065,6 +1114,9 @@ impl Metrics {
             directory_sync_changes,
             directory_last_sync,
             directory_up,
+            outbox_messages,
+            outbox_queued,
+            outbox_oldest_age,
             upstream_up,
         };
         metrics.show_at_zero(None, None);
@@ -1125,6 +1177,16 @@ impl Metrics {
         }
     }
 
+    /// The gauge of messages waiting in the outbox's `channel`.
+    pub fn outbox_queued(&self, channel: &str) -> IntGauge {
+        self.outbox_queued.with_label_values(&[channel])
+    }
+
+    /// The gauge of the age of the oldest message waiting in the outbox's `channel`.
+    pub fn outbox_oldest_age(&self, channel: &str) -> Gauge {
+        self.outbox_oldest_age.with_label_values(&[channel])
+    }
+
     /// The gauge of live sessions of `kind` (`web`, `api`, `media`).
     pub fn active_sessions(&self, kind: &str) -> IntGauge {
         debug_assert!(Family::ActiveSessions.declares(&[kind]), "kind {kind}");
@@ -1157,6 +1219,7 @@ impl Metrics {
             Family::RuleDecisions => &self.rule_decisions,
             Family::DirectoryOperations => &self.directory_operations,
             Family::DirectorySyncChanges => &self.directory_sync_changes,
+            Family::Outbox => &self.outbox_messages,
             Family::ActiveSessions => unreachable!("{} is a gauge", family.name()),
         };
         vec.with_label_values(values)

@@ -812,6 +812,9 @@ pub trait Store: Send + Sync + 'static {
         now_ms: i64,
         read_ms: i64,
     ) -> StoreResult<Vec<SequencedEvent>>;
+    /// The one user whose verified address is `address` (ignoring ASCII case); `None` when
+    /// nobody's is, or more than one user's is.
+    async fn find_user_by_email(&self, address: &str) -> StoreResult<Option<User>>;
     /// Sets (verified at `now_ms`) or clears a user's email address.
     async fn set_email(&self, user_id: i64, address: Option<&str>, now_ms: i64) -> StoreResult<()>;
     /// Stores a confirmation link for a new address (its hash only); the user's older unused
@@ -909,12 +912,33 @@ pub trait Store: Send + Sync + 'static {
         passkey: &NewPasskey,
         now_ms: i64,
     ) -> StoreResult<Option<SequencedEvent>>;
-    /// Uses a reset link once: sets the password, clears `must_reset`, ends every session of
-    /// the user, all in one transaction. `Ok(None)` if the link is not valid any more.
+    /// Uses a reset link once: sets the password, clears `must_reset` and, with `signout`, ends
+    /// every session of the user, all in one transaction. `Ok(None)` if the link is not valid
+    /// any more.
     async fn redeem_reset_link(
         &self,
         token_hash: &str,
         password_hash: &str,
+        signout: bool,
+        now_ms: i64,
+    ) -> StoreResult<Option<(i64, Option<SequencedEvent>)>>;
+    /// Stores a new "this wasn't me" link for the user (a new sign-in alert's); older unused
+    /// ones of theirs stop working.
+    async fn create_not_me_link(
+        &self,
+        token_hash: &str,
+        user_id: i64,
+        now_ms: i64,
+        expires_ms: i64,
+    ) -> StoreResult<()>;
+    async fn not_me_link_state(&self, token_hash: &str, now_ms: i64)
+        -> StoreResult<ResetLinkState>;
+    /// Uses a "this wasn't me" link once: ends every session of the user and requires a new
+    /// password at their next sign-in, in one transaction. `Ok(None)` if the link is not valid
+    /// any more.
+    async fn redeem_not_me_link(
+        &self,
+        token_hash: &str,
         now_ms: i64,
     ) -> StoreResult<Option<(i64, SequencedEvent)>>;
 

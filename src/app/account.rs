@@ -159,6 +159,9 @@ pub enum LinkPurpose {
     Password,
     /// Registers a passkey, for a user who lost theirs (`/_portcullis/passkey-link/TOKEN`).
     Passkey,
+    /// "This wasn't me", from a new sign-in alert (`/_portcullis/not-me/TOKEN`): signs out
+    /// every device and requires a new password, after a confirmation on its page.
+    NotMe,
 }
 
 /// Stores a new one-time link for `user` (its hash only; valid for `auth.reset_link_ttl`; the
@@ -185,6 +188,12 @@ pub async fn create_link(
                 .create_passkey_link(&hash, user.id, now, expires)
                 .await?;
             "passkey-link"
+        }
+        LinkPurpose::NotMe => {
+            store
+                .create_not_me_link(&hash, user.id, now, expires)
+                .await?;
+            "not-me"
         }
     };
     Ok(format!(
@@ -616,6 +625,7 @@ impl App {
         let event = match purpose {
             LinkPurpose::Password => "reset_link_issued",
             LinkPurpose::Passkey => "passkey_link_issued",
+            LinkPurpose::NotMe => "not_me_link_issued",
         };
         let e = self.audit_entry(event, "success", Some((user.id, &user.name)), client);
         self.audit(e).await;
@@ -629,12 +639,14 @@ impl App {
             .await?)
     }
 
-    /// Uses a reset link: new password, every device signed out.
+    /// Uses a reset link: a new password and, with `signout` ("sign out connected devices",
+    /// ticked unless the user unticks it), every device signed out.
     pub async fn redeem_reset_link(
         &self,
         token: &str,
         new: Secret,
         confirm: Secret,
+        signout: bool,
         client: &ClientInfo,
     ) -> Result<ResetLinkState, AccountError> {
         let state = self.reset_link_state(token).await?;
@@ -645,17 +657,22 @@ impl App {
         let hash = self.new_password_hash(&user.name, new, confirm).await?;
         match self
             .store
-            .redeem_reset_link(&token_hash(token), &hash, now_ms())
+            .redeem_reset_link(&token_hash(token), &hash, signout, now_ms())
             .await?
         {
             Some((_, event)) => {
-                self.apply(&[event]);
-                let e = self.audit_entry(
+                self.apply(event.as_slice());
+                let mut e = self.audit_entry(
                     "reset_link_used",
                     "success",
                     Some((user.id, &user.name)),
                     client,
                 );
+                e.detail = if signout {
+                    "every device signed out".into()
+                } else {
+                    "other devices kept".into()
+                };
                 self.audit(e).await;
                 Ok(ResetLinkState::Valid { user_id })
             }

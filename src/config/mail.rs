@@ -11,6 +11,8 @@ use super::{ConfigError, Validator};
 
 /// How long one SMTP conversation may take.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(15);
+/// The wait before the first retry of a message that could not be sent.
+pub const DEFAULT_RETRY_INITIAL: Duration = Duration::from_secs(30);
 /// The largest template file accepted.
 pub const MAX_TEMPLATE_BYTES: u64 = 64 * 1024;
 /// Every kind of message, by its template's name.
@@ -44,6 +46,8 @@ pub(super) struct FileMail {
     templates_dir: Option<PathBuf>,
     #[serde(default, with = "humantime_serde")]
     timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    retry_initial: Option<Duration>,
     new_sign_in_alerts: Option<bool>,
 }
 
@@ -73,6 +77,9 @@ pub struct MailConfig {
     /// templates of that kind.
     pub templates_dir: Option<PathBuf>,
     pub timeout: Duration,
+    /// The wait before the first retry of a message that could not be sent (doubling after
+    /// each further failure, up to an hour).
+    pub retry_initial: Duration,
     /// Mail a user when their account signs in from a device or network not seen before.
     pub new_sign_in_alerts: bool,
 }
@@ -170,6 +177,11 @@ impl Validator {
             self.templates(dir)?;
         }
         let timeout = self.positive(&key("timeout"), m.timeout, DEFAULT_TIMEOUT)?;
+        let retry_initial = self.positive(
+            &key("retry_initial"),
+            m.retry_initial,
+            DEFAULT_RETRY_INITIAL,
+        )?;
         Ok(Some(MailConfig {
             host,
             port,
@@ -179,6 +191,7 @@ impl Validator {
             ca_file: m.ca_file,
             templates_dir: m.templates_dir,
             timeout,
+            retry_initial,
             new_sign_in_alerts: m.new_sign_in_alerts.unwrap_or(true),
         }))
     }

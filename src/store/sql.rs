@@ -84,6 +84,7 @@ fn passkey_conflict(e: sqlx::Error) -> StoreError {
 /// What a one-time link (`reset_links.purpose`) does when used.
 const LINK_PASSWORD: &str = "password";
 const LINK_PASSKEY: &str = "passkey";
+const LINK_NOT_ME: &str = "not_me";
 
 fn sid_from_text(text: &str) -> StoreResult<SessionId> {
     SessionId::parse(text).ok_or_else(|| StoreError::Corrupt(format!("session id `{text}`")))
@@ -841,6 +842,16 @@ where
         if D::rows_affected(&done) == 0 {
             return Err(StoreError::NotFound(format!("user {user_id}")));
         }
+        // A new password makes every reset link sent out before it useless.
+        let now = signout_at.unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as i64)
+        });
+        query!("UPDATE reset_links SET used_ms = $1 WHERE user_id = $2 AND purpose = $3
+                AND used_ms IS NULL"; now, user_id, LINK_PASSWORD)
+        .execute(&mut *tx)
+        .await?;
         let event = match signout_at {
             Some(at) => Some(Self::cutoff_user(&mut tx, user_id, at).await?),
             None => None,
@@ -981,8 +992,9 @@ where
         &self,
         token_hash: &str,
         password_hash: &str,
+        signout: bool,
         now_ms: i64,
-    ) -> StoreResult<Option<(i64, SequencedEvent)>> {
+    ) -> StoreResult<Option<(i64, Option<SequencedEvent>)>> {
         let mut tx = self.write_tx().await?;
         let user_id: Option<i64> = query_scalar!(
             "UPDATE reset_links SET used_ms = $1 WHERE token_hash = $2 AND purpose = $3
@@ -998,6 +1010,52 @@ where
                 locked_until_ms = NULL WHERE id = $2"; password_hash, user_id)
         .execute(&mut *tx)
         .await?;
+        let event = match signout {
+            true => Some(Self::cutoff_user(&mut tx, user_id, now_ms).await?),
+            false => None,
+        };
+        Self::commit(tx, event.as_slice()).await?;
+        Ok(Some((user_id, event)))
+    }
+
+    async fn create_not_me_link(
+        &self,
+        token_hash: &str,
+        user_id: i64,
+        now_ms: i64,
+        expires_ms: i64,
+    ) -> StoreResult<()> {
+        self.create_link(token_hash, user_id, LINK_NOT_ME, now_ms, expires_ms)
+            .await
+    }
+
+    async fn not_me_link_state(
+        &self,
+        token_hash: &str,
+        now_ms: i64,
+    ) -> StoreResult<ResetLinkState> {
+        self.link_state(token_hash, LINK_NOT_ME, now_ms).await
+    }
+
+    async fn redeem_not_me_link(
+        &self,
+        token_hash: &str,
+        now_ms: i64,
+    ) -> StoreResult<Option<(i64, SequencedEvent)>> {
+        let mut tx = self.write_tx().await?;
+        let user_id: Option<i64> = query_scalar!(
+            "UPDATE reset_links SET used_ms = $1 WHERE token_hash = $2 AND purpose = $3
+             AND used_ms IS NULL AND expires_ms > $1 RETURNING user_id";
+            now_ms, token_hash, LINK_NOT_ME,
+        )
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(user_id) = user_id else {
+            return Ok(None);
+        };
+        query!("UPDATE users SET must_reset = TRUE WHERE id = $1"; user_id)
+            .execute(&mut *tx)
+            .await?;
         let event = Self::cutoff_user(&mut tx, user_id, now_ms).await?;
         Self::commit(tx, std::slice::from_ref(&event)).await?;
         Ok(Some((user_id, event)))
@@ -1168,6 +1226,21 @@ where
             })
             .collect::<Result<_, sqlx::Error>>()
             .map_err(unavailable)
+    }
+
+    async fn find_user_by_email(&self, address: &str) -> StoreResult<Option<User>> {
+        let sql = format!(
+            "SELECT {USER_COLUMNS} FROM users WHERE email IS NOT NULL
+             AND LOWER(email) = LOWER($1) LIMIT 2"
+        );
+        let mut users: Vec<User> = sqlx::query_as(&sql)
+            .bind(address)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(match users.len() {
+            1 => users.pop(),
+            _ => None,
+        })
     }
 
     async fn set_email(&self, user_id: i64, address: Option<&str>, now_ms: i64) -> StoreResult<()> {

@@ -816,18 +816,18 @@ async fn reset_links_are_single_use(f: Fixture) {
     store.set_must_reset(Some(alice.id), true).await.unwrap();
 
     assert!(store
-        .redeem_reset_link("h2", "new", 150)
+        .redeem_reset_link("h2", "new", true, 150)
         .await
         .unwrap()
         .is_none());
     let (user_id, e) = store
-        .redeem_reset_link("h1", "new", 150)
+        .redeem_reset_link("h1", "new", true, 150)
         .await
         .unwrap()
         .unwrap();
     assert_eq!(user_id, alice.id);
     assert_eq!(
-        e.event,
+        e.unwrap().event,
         RevocationEvent::UserCutoff {
             user_id: alice.id,
             at_ms: 150
@@ -846,7 +846,7 @@ async fn reset_links_are_single_use(f: Fixture) {
         ResetLinkState::Used
     );
     assert!(store
-        .redeem_reset_link("h1", "again", 160)
+        .redeem_reset_link("h1", "again", true, 160)
         .await
         .unwrap()
         .is_none());
@@ -2095,7 +2095,7 @@ async fn a_passkey_link_is_used_once_for_its_user_and_is_not_a_reset_link(f: Fix
         ResetLinkState::Unknown
     );
     assert!(store
-        .redeem_reset_link("pk", "hash", 20)
+        .redeem_reset_link("pk", "hash", true, 20)
         .await
         .unwrap()
         .is_none());

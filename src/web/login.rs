@@ -563,6 +563,8 @@ pub(crate) async fn reset_page(State(app): State<Arc<App>>, Path(token): Path<St
 pub(crate) struct ResetForm {
     new_password: String,
     confirm: String,
+    /// "Sign out connected devices" (ticked on the page).
+    signout: Option<String>,
 }
 
 pub(crate) async fn reset_form(
@@ -575,11 +577,13 @@ pub(crate) async fn reset_form(
     if cross_site(&app, &headers) {
         return forbidden_cross_site();
     }
+    let signout = form.signout.is_some();
     match app
         .redeem_reset_link(
             &token,
             Secret::new(form.new_password),
             Secret::new(form.confirm),
+            signout,
             &client,
         )
         .await
@@ -587,7 +591,11 @@ pub(crate) async fn reset_form(
         Ok(ResetLinkState::Valid { .. }) => no_store(
             pages::message_with_link(
                 "Password changed",
-                "Your password has been changed and every device has been signed out.",
+                if signout {
+                    "Your password has been changed and every device has been signed out."
+                } else {
+                    "Your password has been changed. Devices signed in before keep their sessions."
+                },
                 LOGIN_PATH,
                 "Sign in",
             )

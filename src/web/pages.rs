@@ -351,12 +351,13 @@ pub fn reset_form(token: &str, error: Option<&str>) -> Html<String> {
     layout(
         "Reset your password",
         &format!(
-            "<h1>Reset your password</h1>{}<p>Every device signed in to your account will be \
-signed out.</p><form method=\"post\" action=\"/_portcullis/reset/{}\">\
+            "<h1>Reset your password</h1>{}<form method=\"post\" action=\"/_portcullis/reset/{}\">\
 <label for=\"new_password\">New password</label>\
 <input type=\"password\" id=\"new_password\" name=\"new_password\" autocomplete=\"new-password\" required autofocus>\
 <label for=\"confirm\">New password again</label>\
 <input type=\"password\" id=\"confirm\" name=\"confirm\" autocomplete=\"new-password\" required>\
+<label class=\"check\"><input type=\"checkbox\" id=\"signout\" name=\"signout\" value=\"1\" checked> \
+Sign out connected devices (every phone, TV and browser signed in to your account)</label>\
 <button type=\"submit\">Set new password</button></form>",
             error_block(error),
             escape(token)

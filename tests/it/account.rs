@@ -637,7 +637,24 @@ async fn reset_link_sets_a_password_signs_out_everywhere_and_works_once() {
     let resp = client().get(gw.url(path)).send().await.unwrap();
     assert_eq!(resp.status(), 200);
     let new_pw = "reset passphrase 2026";
-    let form = [("new_password", new_pw), ("confirm", new_pw)];
+    // The page's "sign out connected devices" is ticked: a browser sends it.
+    let page = client()
+        .get(gw.url(path))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        page.contains("name=\"signout\" value=\"1\" checked"),
+        "{page}"
+    );
+    let form = [
+        ("new_password", new_pw),
+        ("confirm", new_pw),
+        ("signout", "1"),
+    ];
     let resp = client()
         .post(gw.url(path))
         .form(&form)

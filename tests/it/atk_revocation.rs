@@ -185,7 +185,7 @@ async fn post_reset(gw: &Gateway, path: &str, pw: &str) -> (u16, String) {
     let resp = client()
         .post(gw.url(path))
         .header("Origin", gw.base.clone())
-        .form(&[("new_password", pw), ("confirm", pw)])
+        .form(&[("new_password", pw), ("confirm", pw), ("signout", "1")])
         .send()
         .await
         .unwrap();

@@ -1,0 +1,296 @@
+//! Users' email addresses and what they make possible: an address is the user's only once a
+//! confirmation link sent to it was followed (the old address is told of the change); a
+//! forgotten password is reset through a link mailed to the verified address. The answer to
+//! "forgot my password" is the same, and takes the same time, whether or not the account or
+//! address exists: the work happens after the answer.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use moka::sync::Cache;
+use serde_json::json;
+
+use crate::app::account::{token_hash, AccountError, Reauth};
+use crate::app::{now_ms, App, ClientInfo};
+use crate::auth::Identity;
+use crate::config::mail::valid_address;
+use crate::store::{EmailConfirmation, StoreError, User};
+
+/// Reset requests one client address may make per window.
+const FORGOT_PER_CLIENT: u32 = 10;
+const FORGOT_CLIENT_WINDOW: Duration = Duration::from_secs(15 * 60);
+/// Reset mails one account may be sent per window.
+const FORGOT_PER_ACCOUNT: u32 = 3;
+const FORGOT_ACCOUNT_WINDOW: Duration = Duration::from_secs(3600);
+/// Address changes one user may start per window (each mails a new address).
+const CHANGES_PER_USER: u32 = 5;
+
+/// The throttles of the mail a visitor can cause to be sent.
+pub struct MailLimits {
+    by_client: Cache<String, u32>,
+    by_account: Cache<String, u32>,
+    changes: Cache<i64, u32>,
+}
+
+impl Default for MailLimits {
+    fn default() -> Self {
+        MailLimits {
+            by_client: Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(FORGOT_CLIENT_WINDOW)
+                .build(),
+            by_account: Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(FORGOT_ACCOUNT_WINDOW)
+                .build(),
+            changes: Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(FORGOT_ACCOUNT_WINDOW)
+                .build(),
+        }
+    }
+}
+
+/// Counts one more use of `key` in `cache`; whether it is still within `limit`.
+fn within<K>(cache: &Cache<K, u32>, key: K, limit: u32) -> bool
+where
+    K: std::hash::Hash + Eq + Send + Sync + Clone + 'static,
+{
+    let n = cache
+        .entry(key)
+        .and_upsert_with(|old| old.map_or(1, |e| e.into_value().saturating_add(1)))
+        .into_value();
+    n <= limit
+}
+
+/// Why an address change was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum EmailError {
+    #[error("mail is not set up on this gateway")]
+    NoMail,
+    #[error("that is not an email address")]
+    BadAddress,
+    #[error("that is your address already")]
+    Same,
+    #[error("too many address changes; try again later")]
+    TooMany,
+    #[error("{0}")]
+    Account(#[from] AccountError),
+}
+
+impl From<StoreError> for EmailError {
+    fn from(e: StoreError) -> Self {
+        EmailError::Account(AccountError::Unavailable(e))
+    }
+}
+
+/// What a visitor's "forgot my password" did, for the page that answers it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Forgot {
+    /// Taken (whether or not anything is sent).
+    Accepted,
+    /// This client asked too often.
+    Throttled,
+}
+
+impl App {
+    /// Whether the gateway can send mail.
+    pub fn mail_enabled(&self) -> bool {
+        self.mailer.is_some()
+    }
+
+    /// A one-time link that makes `address` the user's, stored by its hash.
+    pub(crate) async fn email_confirmation_link(
+        &self,
+        user: &User,
+        address: &str,
+    ) -> Result<String, StoreError> {
+        let config = self.config();
+        let token = data_encoding::BASE64URL_NOPAD.encode(&rand::random::<[u8; 32]>());
+        let now = now_ms();
+        let expires = now + config.auth.reset_link_ttl.as_millis() as i64;
+        self.store
+            .create_email_confirmation(&token_hash(&token), user.id, address, now, expires)
+            .await?;
+        Ok(format!(
+            "{}/_portcullis/email/confirm/{token}",
+            config.server.public_url.trim_end_matches('/')
+        ))
+    }
+
+    /// Starts a change of the signed-in user's address: confirmed as a sensitive change (the
+    /// password, or a passkey), then a confirmation link goes to the new address. Nothing
+    /// changes until it is followed.
+    pub async fn request_email_change(
+        &self,
+        identity: &Identity,
+        address: &str,
+        reauth: Reauth,
+        client: &ClientInfo,
+    ) -> Result<(), EmailError> {
+        if !self.mail_enabled() {
+            return Err(EmailError::NoMail);
+        }
+        let address = address.trim();
+        if !valid_address(address) {
+            return Err(EmailError::BadAddress);
+        }
+        let user = self
+            .store
+            .find_user_by_id(identity.user_id)
+            .await?
+            .ok_or(AccountError::NoSuchUser)?;
+        if user
+            .email
+            .as_deref()
+            .is_some_and(|a| a.eq_ignore_ascii_case(address))
+        {
+            return Err(EmailError::Same);
+        }
+        self.reauthenticate(identity, reauth, client, "email_change_requested")
+            .await?;
+        if !within(&self.mail_limits.changes, user.id, CHANGES_PER_USER) {
+            return Err(EmailError::TooMany);
+        }
+        self.enqueue_mail(
+            "confirm_email",
+            Some(user.id),
+            Some(address),
+            json!({ "address": address, "at_ms": now_ms(), "ip": client.ip }),
+        )
+        .await?;
+        let mut e = self.audit_entry(
+            "email_change_requested",
+            "success",
+            Some((user.id, &user.name)),
+            client,
+        );
+        e.detail = format!("to {address}");
+        self.audit(e).await;
+        Ok(())
+    }
+
+    /// Follows a confirmation link: the address becomes the user's; the address it replaces
+    /// is told.
+    pub async fn confirm_email(
+        &self,
+        token: &str,
+        client: &ClientInfo,
+    ) -> Result<EmailConfirmation, StoreError> {
+        let outcome = self
+            .store
+            .confirm_email(&token_hash(token), now_ms())
+            .await?;
+        if let EmailConfirmation::Confirmed {
+            user_id,
+            address,
+            previous,
+        } = &outcome
+        {
+            let user = self.store.find_user_by_id(*user_id).await?;
+            let name = user.as_ref().map(|u| u.name.clone()).unwrap_or_default();
+            if let Some(old) = previous
+                .as_deref()
+                .filter(|p| !p.eq_ignore_ascii_case(address))
+            {
+                self.enqueue_mail(
+                    "email_changed",
+                    Some(*user_id),
+                    Some(old),
+                    json!({ "address": address, "at_ms": now_ms(), "ip": client.ip }),
+                )
+                .await?;
+            }
+            let mut e =
+                self.audit_entry("email_changed", "success", Some((*user_id, &name)), client);
+            e.detail = format!("to {address}");
+            self.audit(e).await;
+        }
+        Ok(outcome)
+    }
+
+    /// "Forgot my password" for `identifier` (a user name or an address). The answer does not
+    /// depend on whether anything is sent: the lookup and the mail happen after it. Only users
+    /// with a verified address, whose password the gateway keeps, are sent a link.
+    pub fn forgot_password(self: &Arc<Self>, identifier: &str, client: &ClientInfo) -> Forgot {
+        if !within(
+            &self.mail_limits.by_client,
+            client.ip.clone(),
+            FORGOT_PER_CLIENT,
+        ) {
+            return Forgot::Throttled;
+        }
+        let identifier = crate::auth::canonical_user_name(identifier);
+        if identifier.is_empty() || identifier.len() > 254 || !self.mail_enabled() {
+            return Forgot::Accepted;
+        }
+        let this = Arc::clone(self);
+        let client = client.clone();
+        tokio::spawn(async move {
+            let outcome = this.send_reset_link(&identifier, &client).await;
+            tracing::info!(outcome, "forgot password: request handled");
+        });
+        Forgot::Accepted
+    }
+
+    async fn send_reset_link(&self, identifier: &str, client: &ClientInfo) -> &'static str {
+        let found = if identifier.contains('@') {
+            self.store.find_user_by_email(identifier).await
+        } else {
+            self.store.find_user(identifier).await
+        };
+        let user = match found {
+            Ok(Some(u)) => u,
+            Ok(None) => return "no such account",
+            Err(e) => {
+                self.store_error("find_user", e);
+                return "store unavailable";
+            }
+        };
+        let refusal = if user.email.is_none() {
+            Some("no verified address")
+        } else if user.directory_dn.is_some() {
+            Some("a directory user")
+        } else if user.disabled {
+            Some("disabled")
+        } else if !within(
+            &self.mail_limits.by_account,
+            user.name.to_ascii_lowercase(),
+            FORGOT_PER_ACCOUNT,
+        ) {
+            Some("too many requests for this account")
+        } else {
+            None
+        };
+        let mut e = self.audit_entry(
+            "password_reset_requested",
+            if refusal.is_none() {
+                "success"
+            } else {
+                "refused"
+            },
+            Some((user.id, &user.name)),
+            client,
+        );
+        e.detail = refusal.unwrap_or("link mailed").to_string();
+        self.audit(e).await;
+        if let Some(why) = refusal {
+            return why;
+        }
+        match self
+            .enqueue_mail(
+                "password_reset",
+                Some(user.id),
+                None,
+                json!({ "at_ms": now_ms(), "ip": client.ip }),
+            )
+            .await
+        {
+            Ok(()) => "queued",
+            Err(e) => {
+                self.store_error("outbox", e);
+                "store unavailable"
+            }
+        }
+    }
+}
