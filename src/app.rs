@@ -1105,6 +1105,7 @@ impl App {
             .create_session(&session)
             .await
             .map_err(|e| LoginError::Unavailable(self.store_error("create_session", e)))?;
+        self.note_sign_in(user, client, &amr).await;
         let iat = issued_ms / 1000;
         let exp = (issued_ms + ttl_ms) / 1000;
         let ring = self.keyring();

@@ -81,7 +81,14 @@ pub enum Command {
         /// with it from then on (a phished password or code then opens nothing).
         #[arg(long)]
         require_passkey: bool,
+        /// Mail every user with a verified address what happened and what to do (sent by the
+        /// running gateway's outbox).
+        #[arg(long)]
+        notify: bool,
     },
+    /// Mail: send a test message, or look at the outbox.
+    #[command(subcommand)]
+    Mail(MailCommand),
     /// Manage session signing keys.
     #[command(subcommand)]
     Keys(KeysCommand),
@@ -182,6 +189,13 @@ pub enum UserCommand {
     },
     /// Clear a user's failed logins and lock.
     Unlock { name: String },
+    /// Set a user's email address (verified: the administrator vouches for it), or clear it.
+    SetEmail {
+        name: String,
+        address: Option<String>,
+        #[arg(long, conflicts_with = "address")]
+        clear: bool,
+    },
     /// Link a single sign-on provider's subject (`sub`) to a user.
     LinkOidc {
         name: String,
@@ -211,6 +225,20 @@ pub enum SessionCommand {
     },
     /// End one session.
     Revoke { session_id: String },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum MailCommand {
+    /// Send a test message to ADDRESS through the configured SMTP server, now (not through the
+    /// outbox), and say how it went.
+    Test { address: String },
+    /// The newest messages of the outbox: kind, recipient, state, attempts.
+    Outbox {
+        #[arg(long, default_value_t = 50)]
+        limit: i64,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -539,9 +567,11 @@ fn run_store_command(config: Config, command: Command) -> anyhow::Result<()> {
             Command::User(c) => user_command(&config, &store, c).await,
             Command::Session(c) => session_command(&store, c).await,
             Command::Signout(a) => signout(&store, a).await,
-            Command::BreachResponse { require_passkey } => {
-                breach(&config, &store, require_passkey).await
-            }
+            Command::BreachResponse {
+                require_passkey,
+                notify,
+            } => breach(&config, &store, require_passkey, notify).await,
+            Command::Mail(c) => mail_command(&config, &store, c).await,
             Command::Keys(KeysCommand::Rotate) => rotate_keys(&config, &store).await,
             Command::Plex(c) => plex_command(&config, &store, c).await,
             Command::Group(c) => group_command(&store, c).await,
@@ -1022,6 +1052,43 @@ async fn user_command(config: &Config, store: &DynStore, c: UserCommand) -> anyh
             }
             Ok(())
         }
+        UserCommand::SetEmail {
+            name,
+            address,
+            clear,
+        } => {
+            let user = find_user(store, &name).await?;
+            let address = match (address, clear) {
+                (Some(a), false) => {
+                    let a = a.trim().to_string();
+                    if !crate::config::mail::valid_address(&a) {
+                        return Err(refused(format!(
+                            "`{}` is not an email address",
+                            a.escape_debug()
+                        )));
+                    }
+                    Some(a)
+                }
+                (None, true) => None,
+                _ => return Err(refused("give an ADDRESS, or --clear")),
+            };
+            store
+                .set_email(user.id, address.as_deref(), now_ms())
+                .await
+                .map_err(store_refusal)?;
+            cli_audit(
+                store,
+                "admin_set_email",
+                Some(&user),
+                address.as_deref().unwrap_or("cleared"),
+            )
+            .await;
+            match address {
+                Some(a) => println!("{}'s address is {a} (verified)", user.name),
+                None => println!("{} has no address now", user.name),
+            }
+            Ok(())
+        }
         UserCommand::Unlock { name } => {
             let user = find_user(store, &name).await?;
             store.clear_failures(user.id).await.map_err(store_refusal)?;
@@ -1039,7 +1106,7 @@ async fn user_command(config: &Config, store: &DynStore, c: UserCommand) -> anyh
                             "id": u.id, "name": u.name, "admin": u.is_admin,
                             "disabled": u.disabled, "created": time_text(u.created_ms),
                             "must_reset": u.must_reset, "passkey_required": u.passkey_required,
-                            "directory_dn": u.directory_dn,
+                            "directory_dn": u.directory_dn, "email": u.email,
                         })
                     })
                     .collect();
@@ -1425,13 +1492,26 @@ async fn cli_audit(store: &DynStore, event: &str, user: Option<&User>, detail: &
         ..AuditEntry::default()
     };
     tracing::info!(target: "portcullis::audit", event, user = %entry.user_name, detail, "cli");
-    if let Err(e) = store.append_audit(&entry).await {
+    // The user is told, as when the same is done at the admin page (the running gateway's
+    // outbox sends it).
+    let notices: Vec<_> = crate::app::outbox::notice_for(&entry, user)
+        .into_iter()
+        .collect();
+    if let Err(e) = store.append_audit_with(&entry, &notices).await {
         eprintln!("portcullis: warning: the audit log could not be written: {e}");
     }
 }
 
-async fn breach(config: &Config, store: &DynStore, require_passkey: bool) -> anyhow::Result<()> {
-    let report = crate::app::account::breach_response(config, store, require_passkey)
+async fn breach(
+    config: &Config,
+    store: &DynStore,
+    require_passkey: bool,
+    notify: bool,
+) -> anyhow::Result<()> {
+    if notify && config.mail.is_none() {
+        return Err(refused("--notify needs [mail] in the config"));
+    }
+    let report = crate::app::account::breach_response(config, store, require_passkey, notify)
         .await
         .map_err(|e| refused(e.to_string()))?;
     cli_audit(
@@ -1470,8 +1550,86 @@ async fn breach(config: &Config, store: &DynStore, require_passkey: bool) -> any
         report.new_kid,
         report.retired_kids.join(", ")
     );
+    if notify {
+        println!(
+            "  - {} users with a verified address are mailed what happened and what to do (by the running gateway's outbox)",
+            report.users_notified
+        );
+    }
     println!("  running gateways apply this within their poll interval");
     Ok(())
+}
+
+async fn mail_command(config: &Config, store: &DynStore, c: MailCommand) -> anyhow::Result<()> {
+    match c {
+        MailCommand::Test { address } => {
+            let Some(mail) = &config.mail else {
+                return Err(refused("no [mail] is configured"));
+            };
+            if !crate::config::mail::valid_address(&address) {
+                return Err(refused(format!(
+                    "`{}` is not an email address",
+                    address.escape_debug()
+                )));
+            }
+            let mailer = crate::mail::Mailer::new(mail)
+                .map_err(|(key, problem)| refused(format!("key `{key}`: {problem}")))?;
+            let vars = std::collections::BTreeMap::from([(
+                "gateway",
+                config.server.public_url.trim_end_matches('/').to_string(),
+            )]);
+            let message = mailer.render("test", &vars).map_err(refused)?;
+            mailer.send(&address, &message).await.map_err(|e| {
+                refused(format!(
+                    "{}:{} did not take the message: {e}",
+                    mail.host, mail.port
+                ))
+            })?;
+            println!(
+                "sent a test message to {address} through {}:{}",
+                mail.host, mail.port
+            );
+            Ok(())
+        }
+        MailCommand::Outbox { limit, json } => {
+            let rows = store.list_outbox(limit).await.map_err(store_refusal)?;
+            let state = |sent: Option<i64>, failed: Option<i64>| match (sent, failed) {
+                (Some(_), _) => "sent",
+                (None, Some(_)) => "failed",
+                (None, None) => "queued",
+            };
+            if json {
+                let list: Vec<_> = rows
+                    .iter()
+                    .map(|(m, sent, failed)| {
+                        serde_json::json!({
+                            "id": m.id, "channel": m.channel, "kind": m.kind,
+                            "user_id": m.user_id, "address": m.address,
+                            "state": state(*sent, *failed), "attempts": m.attempts,
+                            "created": time_text(m.created_ms),
+                        })
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                println!(
+                    "{:<8} {:<26} {:<8} {:<8} CREATED",
+                    "ID", "KIND", "STATE", "ATTEMPTS"
+                );
+                for (m, sent, failed) in rows {
+                    println!(
+                        "{:<8} {:<26} {:<8} {:<8} {}",
+                        m.id,
+                        m.kind,
+                        state(sent, failed),
+                        m.attempts,
+                        time_text(m.created_ms)
+                    );
+                }
+            }
+            Ok(())
+        }
+    }
 }
 
 async fn rotate_keys(config: &Config, store: &DynStore) -> anyhow::Result<()> {

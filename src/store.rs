@@ -157,6 +157,16 @@ pub struct OutboxStats {
     pub oldest_created_ms: Option<i64>,
 }
 
+/// What a sign-in's device and network were to the user.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeviceSeen {
+    /// The user's first sign-in on record: nothing to compare with.
+    First,
+    Known,
+    /// Not seen before for this user.
+    New,
+}
+
 /// What following an email confirmation link did.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum EmailConfirmation {
@@ -933,14 +943,22 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreResult<()>;
     async fn not_me_link_state(&self, token_hash: &str, now_ms: i64)
         -> StoreResult<ResetLinkState>;
-    /// Uses a "this wasn't me" link once: ends every session of the user and requires a new
-    /// password at their next sign-in, in one transaction. `Ok(None)` if the link is not valid
-    /// any more.
+    /// Uses a "this wasn't me" link once: ends every session of the user and, with
+    /// `password_hash`, sets a new password, in one transaction. `Ok(None)` if the link is not
+    /// valid any more.
     async fn redeem_not_me_link(
         &self,
         token_hash: &str,
+        password_hash: Option<&str>,
         now_ms: i64,
     ) -> StoreResult<Option<(i64, SequencedEvent)>>;
+    /// Records a sign-in's device fingerprint for the user and says whether it is new.
+    async fn note_device(
+        &self,
+        user_id: i64,
+        fingerprint: &str,
+        now_ms: i64,
+    ) -> StoreResult<DeviceSeen>;
 
     /// Records when sessions were last seen (written in batches, off the request path).
     async fn touch_sessions(&self, seen: &[(SessionId, i64)]) -> StoreResult<()>;

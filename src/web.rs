@@ -6,6 +6,7 @@
 
 mod account;
 mod admin;
+mod email;
 mod login;
 mod passkey;
 mod plex;
@@ -67,6 +68,19 @@ pub fn router(app: Arc<App>) -> Router {
             "/_portcullis/reset/{token}",
             get(login::reset_page).post(login::reset_form),
         )
+        .route(
+            "/_portcullis/forgot",
+            get(email::forgot_form).post(email::forgot),
+        )
+        .route(
+            "/_portcullis/email/confirm/{token}",
+            get(email::confirm_page).post(email::confirm),
+        )
+        .route(
+            "/_portcullis/not-me/{token}",
+            get(email::not_me_page).post(email::not_me),
+        )
+        .route("/_portcullis/account/email", post(email::change))
         .route("/_portcullis/", get(home))
         .route("/_portcullis/account", get(account::page))
         .route(crate::paths::STEP_UP_PATH, get(account::step_up_page))

@@ -39,3 +39,14 @@ CREATE TABLE outbox (
     last_error      TEXT
 );
 CREATE INDEX outbox_due ON outbox(next_attempt_ms) WHERE sent_ms IS NULL AND failed_ms IS NULL;
+
+-- The devices and networks each user has signed in from, by a hash of the device's kind (browser
+-- or app, and system) and the network (an IPv4 /24 or IPv6 /48): a sign-in from one not seen
+-- before mails the user (if they have an address).
+CREATE TABLE known_devices (
+    user_id       BIGINT NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+    fingerprint   TEXT   NOT NULL,
+    first_seen_ms BIGINT NOT NULL,
+    last_seen_ms  BIGINT NOT NULL,
+    PRIMARY KEY (user_id, fingerprint)
+);

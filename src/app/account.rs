@@ -121,6 +121,8 @@ pub struct BreachReport {
     pub oidc_links_removed: u64,
     /// Every user must also register a passkey at their next sign-in.
     pub passkey_required: bool,
+    /// Users mailed what happened and what to do (those with a verified address).
+    pub users_notified: u64,
 }
 
 /// Why a new password could not be set.
@@ -216,7 +218,7 @@ pub(crate) fn link_hash(token: &str) -> String {
 
 impl App {
     /// Checks a new password (typed twice) against the policy and hashes it.
-    async fn new_password_hash(
+    pub(super) async fn new_password_hash(
         &self,
         user_name: &str,
         new: Secret,
@@ -694,9 +696,13 @@ impl App {
     pub async fn breach_response(
         self: &Arc<Self>,
         require_passkey: bool,
+        notify: bool,
         client: &ClientInfo,
     ) -> Result<BreachReport, AccountError> {
-        let report = breach_response(&self.config(), &self.store, require_passkey).await?;
+        let report = breach_response(&self.config(), &self.store, require_passkey, notify).await?;
+        if report.users_notified > 0 {
+            self.outbox_wake.notify_one();
+        }
         self.reload_keys_if_changed();
         // The events were committed by the store call; make them count here at once.
         let _ = self.sync().await;
@@ -713,6 +719,10 @@ impl App {
             },
             report.oidc_links_removed
         );
+        if notify {
+            e.detail
+                .push_str(&format!(", {} users mailed", report.users_notified));
+        }
         self.audit(e).await;
         Ok(report)
     }
@@ -728,6 +738,7 @@ pub async fn breach_response(
     config: &crate::config::Config,
     store: &crate::store::DynStore,
     require_passkey: bool,
+    notify: bool,
 ) -> Result<BreachReport, AccountError> {
     if config.session.key_override.is_some() {
         return Err(AccountError::Keys(KeyError::Env(
@@ -744,12 +755,28 @@ pub async fn breach_response(
     store
         .breach_response(now, &retired_kids, require_passkey)
         .await?;
-    let users_reset = store.list_users().await?.len() as u64;
+    let users = store.list_users().await?;
+    let users_reset = users.len() as u64;
+    // Everyone with an address is told what happened and what to do (`--notify`).
+    let notices: Vec<crate::store::NewOutbox> = users
+        .iter()
+        .filter(|u| notify && config.mail.is_some() && u.email.is_some())
+        .map(|u| crate::store::NewOutbox {
+            channel: super::outbox::MAIL.to_string(),
+            kind: "breach_response".to_string(),
+            user_id: Some(u.id),
+            address: None,
+            params: serde_json::json!({ "at_ms": now }).to_string(),
+        })
+        .collect();
+    store.enqueue(&notices, now).await?;
+    let users_notified = notices.len() as u64;
     Ok(BreachReport {
         new_kid,
         retired_kids,
         users_reset,
         oidc_links_removed,
         passkey_required: require_passkey,
+        users_notified,
     })
 }

@@ -14,7 +14,9 @@ use crate::app::account::{token_hash, AccountError, Reauth};
 use crate::app::{now_ms, App, ClientInfo};
 use crate::auth::Identity;
 use crate::config::mail::valid_address;
-use crate::store::{EmailConfirmation, StoreError, User};
+use crate::config::Secret;
+use crate::store::{DeviceSeen, EmailConfirmation, StoreError, User};
+use sha2::{Digest, Sha256};
 
 /// Reset requests one client address may make per window.
 const FORGOT_PER_CLIENT: u32 = 10;
@@ -93,7 +95,191 @@ pub enum Forgot {
     Throttled,
 }
 
+/// A device's kind, for a reader and for telling devices apart: the browser and system of a
+/// browser (`Firefox on Linux`), or an app's own product name (`Jellyfin Android`).
+pub fn device_family(user_agent: &str) -> String {
+    let ua = user_agent.trim();
+    if ua.is_empty() {
+        return "an unnamed client".into();
+    }
+    let system = [
+        ("Android", "Android"),
+        ("iPhone", "iOS"),
+        ("iPad", "iPadOS"),
+        ("Windows", "Windows"),
+        ("Mac OS X", "macOS"),
+        ("Macintosh", "macOS"),
+        ("CrOS", "ChromeOS"),
+        ("Linux", "Linux"),
+    ]
+    .iter()
+    .find(|(needle, _)| ua.contains(needle))
+    .map(|(_, name)| *name);
+    let browser = [
+        ("Edg/", "Edge"),
+        ("OPR/", "Opera"),
+        ("Firefox/", "Firefox"),
+        ("Chrome/", "Chrome"),
+        ("Chromium/", "Chromium"),
+        ("Safari/", "Safari"),
+    ]
+    .iter()
+    .find(|(needle, _)| ua.contains(needle))
+    .map(|(_, name)| *name);
+    match (ua.starts_with("Mozilla/"), browser, system) {
+        (true, Some(b), Some(s)) => format!("{b} on {s}"),
+        (true, Some(b), None) => b.to_string(),
+        (true, None, Some(s)) => format!("a browser on {s}"),
+        _ => ua
+            .split(['/', '('])
+            .next()
+            .unwrap_or(ua)
+            .trim()
+            .chars()
+            .take(64)
+            .collect(),
+    }
+}
+
+/// The network of an address: its /24 (IPv4) or /48 (IPv6); the text itself otherwise.
+fn network_of(ip: &str) -> String {
+    match ip.parse::<std::net::IpAddr>() {
+        Ok(std::net::IpAddr::V4(a)) => {
+            let o = a.octets();
+            format!("{}.{}.{}.0/24", o[0], o[1], o[2])
+        }
+        Ok(std::net::IpAddr::V6(a)) => {
+            let s = a.segments();
+            format!("{:x}:{:x}:{:x}::/48", s[0], s[1], s[2])
+        }
+        Err(_) => ip.to_string(),
+    }
+}
+
+/// What tells a sign-in's device and network apart from others, hashed (the store keeps no
+/// user agent or address for this).
+pub fn device_fingerprint(user_agent: &str, ip: &str) -> String {
+    let text = format!("{}\n{}", device_family(user_agent), network_of(ip));
+    hex::encode(Sha256::digest(text.as_bytes()))
+}
+
+/// How a session was signed in, in words, from its methods (`amr`).
+fn how_signed_in(amr: &[String]) -> &'static str {
+    let has = |m: &str| amr.iter().any(|a| a == m);
+    if has("hwk") {
+        "a passkey"
+    } else if has("sso") {
+        "single sign-on"
+    } else if has("otp") {
+        "password and code"
+    } else {
+        "password"
+    }
+}
+
 impl App {
+    /// Notes a sign-in's device and network; one not seen before for the user mails them a
+    /// new sign-in alert with a "this wasn't me" link (when alerts are on and they have a
+    /// verified address). The first sign-in on record alerts nobody.
+    pub(crate) async fn note_sign_in(&self, user: &User, client: &ClientInfo, amr: &[String]) {
+        let fingerprint = device_fingerprint(&client.user_agent, &client.ip);
+        let seen = match self
+            .store
+            .note_device(user.id, &fingerprint, now_ms())
+            .await
+        {
+            Ok(s) => s,
+            Err(e) => {
+                self.store_error("outbox", e);
+                return;
+            }
+        };
+        let alerts = self
+            .config()
+            .mail
+            .as_ref()
+            .is_some_and(|m| m.new_sign_in_alerts);
+        if seen != DeviceSeen::New || !alerts || user.email.is_none() {
+            return;
+        }
+        let params = json!({
+            "at_ms": now_ms(),
+            "ip": client.ip,
+            "device": device_family(&client.user_agent),
+            "how": how_signed_in(amr),
+        });
+        if let Err(e) = self
+            .enqueue_mail("new_sign_in", Some(user.id), None, params)
+            .await
+        {
+            self.store_error("outbox", e);
+        }
+    }
+
+    /// The user a "this wasn't me" link belongs to, or why it is not valid.
+    pub async fn not_me_link_user(
+        &self,
+        token: &str,
+    ) -> Result<Result<User, crate::store::ResetLinkState>, StoreError> {
+        use crate::store::ResetLinkState;
+        match self
+            .store
+            .not_me_link_state(&token_hash(token), now_ms())
+            .await?
+        {
+            ResetLinkState::Valid { user_id } => match self.store.find_user_by_id(user_id).await? {
+                Some(u) => Ok(Ok(u)),
+                None => Ok(Err(ResetLinkState::Unknown)),
+            },
+            other => Ok(Err(other)),
+        }
+    }
+
+    /// Uses a "this wasn't me" link: every device of the user signed out and (for an account
+    /// whose password the gateway keeps) the new password set, in one write; audited, and the
+    /// user told.
+    pub async fn redeem_not_me_link(
+        &self,
+        token: &str,
+        password: Option<(Secret, Secret)>,
+        client: &ClientInfo,
+    ) -> Result<Result<(), crate::store::ResetLinkState>, AccountError> {
+        let user = match self.not_me_link_user(token).await? {
+            Ok(u) => u,
+            Err(state) => return Ok(Err(state)),
+        };
+        let hash = match (user.directory_dn.is_some(), password) {
+            (true, _) => None,
+            (false, Some((new, confirm))) => {
+                Some(self.new_password_hash(&user.name, new, confirm).await?)
+            }
+            (false, None) => {
+                return Err(AccountError::Policy(
+                    crate::auth::password::PolicyError::TooShort(self.config().password.min_length),
+                ))
+            }
+        };
+        match self
+            .store
+            .redeem_not_me_link(&token_hash(token), hash.as_deref(), now_ms())
+            .await?
+        {
+            Some((_, event)) => {
+                self.apply(&[event]);
+                let mut e =
+                    self.audit_entry("not_me", "success", Some((user.id, &user.name)), client);
+                e.detail = if hash.is_some() {
+                    "every device signed out, password replaced".into()
+                } else {
+                    "every device signed out".into()
+                };
+                self.audit(e).await;
+                Ok(Ok(()))
+            }
+            None => Ok(Err(crate::store::ResetLinkState::Used)),
+        }
+    }
+
     /// Whether the gateway can send mail.
     pub fn mail_enabled(&self) -> bool {
         self.mailer.is_some()

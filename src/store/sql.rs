@@ -13,11 +13,11 @@ use tokio::sync::watch;
 
 use super::dialect::Dialect;
 use super::{
-    Announcement, AuditEntry, BackchannelLogout, Ceremony, EmailConfirmation, MediaNote,
-    MediaTokenRow, NewMediaBinding, NewOutbox, NewPasskey, NewSession, OidcLink, OidcSession,
-    OutboxMessage, OutboxOutcome, OutboxStats, OwedLogout, PasskeyRecord, PlexAccount, PlexDevice,
-    ResetLinkState, RevocationEvent, SequencedEvent, SessionId, SessionKind, SessionRecord,
-    Snapshot, Store, StoreError, StoreResult, User,
+    Announcement, AuditEntry, BackchannelLogout, Ceremony, DeviceSeen, EmailConfirmation,
+    MediaNote, MediaTokenRow, NewMediaBinding, NewOutbox, NewPasskey, NewSession, OidcLink,
+    OidcSession, OutboxMessage, OutboxOutcome, OutboxStats, OwedLogout, PasskeyRecord, PlexAccount,
+    PlexDevice, ResetLinkState, RevocationEvent, SequencedEvent, SessionId, SessionKind,
+    SessionRecord, Snapshot, Store, StoreError, StoreResult, User,
 };
 
 pub(super) const KIND_SESSION: &str = "session_revoked";
@@ -1040,6 +1040,7 @@ where
     async fn redeem_not_me_link(
         &self,
         token_hash: &str,
+        password_hash: Option<&str>,
         now_ms: i64,
     ) -> StoreResult<Option<(i64, SequencedEvent)>> {
         let mut tx = self.write_tx().await?;
@@ -1053,9 +1054,16 @@ where
         let Some(user_id) = user_id else {
             return Ok(None);
         };
-        query!("UPDATE users SET must_reset = TRUE WHERE id = $1"; user_id)
+        if let Some(hash) = password_hash {
+            query!("UPDATE users SET password_hash = $1, must_reset = FALSE, failed_logins = 0,
+                    locked_until_ms = NULL WHERE id = $2"; hash, user_id)
             .execute(&mut *tx)
             .await?;
+            query!("UPDATE reset_links SET used_ms = $1 WHERE user_id = $2 AND purpose = $3
+                    AND used_ms IS NULL"; now_ms, user_id, LINK_PASSWORD)
+            .execute(&mut *tx)
+            .await?;
+        }
         let event = Self::cutoff_user(&mut tx, user_id, now_ms).await?;
         Self::commit(tx, std::slice::from_ref(&event)).await?;
         Ok(Some((user_id, event)))
@@ -1226,6 +1234,41 @@ where
             })
             .collect::<Result<_, sqlx::Error>>()
             .map_err(unavailable)
+    }
+
+    async fn note_device(
+        &self,
+        user_id: i64,
+        fingerprint: &str,
+        now_ms: i64,
+    ) -> StoreResult<DeviceSeen> {
+        let mut tx = self.pool.begin().await?;
+        let known: i64 =
+            sqlx::query_scalar("SELECT COUNT(*) FROM known_devices WHERE user_id = $1")
+                .bind(user_id)
+                .fetch_one(&mut *tx)
+                .await?;
+        let updated = query!("UPDATE known_devices SET last_seen_ms = $1
+                              WHERE user_id = $2 AND fingerprint = $3";
+                             now_ms, user_id, fingerprint)
+        .execute(&mut *tx)
+        .await?;
+        let seen = if D::rows_affected(&updated) > 0 {
+            DeviceSeen::Known
+        } else {
+            query!("INSERT INTO known_devices (user_id, fingerprint, first_seen_ms, last_seen_ms)
+                    VALUES ($1, $2, $3, $3) ON CONFLICT DO NOTHING";
+                   user_id, fingerprint, now_ms)
+            .execute(&mut *tx)
+            .await?;
+            if known == 0 {
+                DeviceSeen::First
+            } else {
+                DeviceSeen::New
+            }
+        };
+        tx.commit().await?;
+        Ok(seen)
     }
 
     async fn find_user_by_email(&self, address: &str) -> StoreResult<Option<User>> {

@@ -188,6 +188,7 @@ pub(crate) async fn page(
         Some("passkey-removed") => {
             Some("The passkey is removed; devices signed in with it stay signed in.")
         }
+        Some(other) => super::email::notice(other),
         _ => None,
     };
     let error = match q.error.as_deref() {
@@ -197,8 +198,10 @@ pub(crate) async fn page(
         Some("directory") => Some("The password was not changed: this account's password is kept by the user directory. Change it there."),
         Some("directory-down") => Some("The password could not be checked: the user directory is unavailable. Try again in a moment."),
         Some("passkey-only") => Some("The password was not changed: this account signs in with a passkey only, so confirm the change with your passkey."),
+        Some(other) => super::email::error(other),
         _ => None,
     };
+    let email = super::email::section(&app, &user, &csrf, has_passkey);
     no_store(
         pages::account(
             &user,
@@ -212,6 +215,7 @@ pub(crate) async fn page(
             &plex,
             &passkeys,
             has_passkey,
+            &email,
         )
         .into_response(),
     )

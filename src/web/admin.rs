@@ -386,6 +386,8 @@ pub(crate) struct BreachForm {
     confirm: String,
     /// Present (any value) when every user must also register a passkey.
     require_passkey: Option<String>,
+    /// Present (any value) when every user with an address is mailed what happened.
+    notify: Option<String>,
     #[serde(default)]
     csrf: String,
 }
@@ -407,7 +409,11 @@ pub(crate) async fn breach(
     }
     tracing::warn!(by = %actor.name, "breach response started from the admin page");
     match app
-        .breach_response(form.require_passkey.is_some(), &client)
+        .breach_response(
+            form.require_passkey.is_some(),
+            form.notify.is_some(),
+            &client,
+        )
         .await
     {
         Ok(r) => no_store(

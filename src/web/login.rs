@@ -119,7 +119,13 @@ pub(crate) fn login_html(app: &App, rd: &str, error: Option<&str>) -> axum::resp
         .iter()
         .map(|p| (p.config.id.clone(), p.config.display_name.clone()))
         .collect();
-    pages::login(rd, error, &sso, app.config().auth.password_form)
+    pages::login(
+        rd,
+        error,
+        &sso,
+        app.config().auth.password_form,
+        app.mail_enabled(),
+    )
 }
 
 /// What the login page says to a browser whose request carried one of the gateway's cookies

@@ -49,6 +49,11 @@ code{font-size:1.05rem;word-break:break-all;font-family:ui-monospace,monospace}\
 a.sso{display:block;text-align:center;margin:.6rem 0;padding:.55rem 1.2rem;background:#1d1d24;\
 color:#fff;border-radius:.3rem;text-decoration:none}p.or{text-align:center}";
 
+/// A plain page of the gateway's (narrow layout) with `body` as its content.
+pub(crate) fn page_of(title: &str, body: &str) -> Html<String> {
+    layout(title, body)
+}
+
 fn layout(title: &str, body: &str) -> Html<String> {
     page(title, body, false)
 }
@@ -76,7 +81,13 @@ pub fn login(
     error: Option<&str>,
     sso: &[(String, String)],
     password_form: bool,
+    forgot: bool,
 ) -> Html<String> {
+    let forgot = if forgot {
+        "<p class=\"muted\"><a href=\"/_portcullis/forgot\">Forgot your password?</a></p>"
+    } else {
+        ""
+    };
     let error = error
         .map(|e| format!("<p class=\"error\" role=\"alert\">{}</p>", escape(e)))
         .unwrap_or_default();
@@ -110,7 +121,7 @@ pub fn login(
 <input type=\"text\" id=\"username\" name=\"username\" autocomplete=\"username webauthn\" required autofocus>\
 <label for=\"password\">Password</label>\
 <input type=\"password\" id=\"password\" name=\"password\" autocomplete=\"current-password\" required>\
-<button type=\"submit\">Sign in</button></form>\
+<button type=\"submit\">Sign in</button></form>{forgot}\
 {PASSKEY_ERROR}<p class=\"muted or\">or</p>\
 <button type=\"button\" id=\"passkey-signin\" class=\"secondary\">Sign in with a passkey</button>\
 {PASSKEY_SCRIPT}",
@@ -481,6 +492,7 @@ pub fn account(
     plex: &str,
     passkeys: &str,
     has_passkey: bool,
+    email: &str,
 ) -> Html<String> {
     let with_passkey = passkey_confirm(has_passkey, "Change with a passkey instead");
     let notice = notice
@@ -535,7 +547,7 @@ pub fn account(
 <input type=\"password\" id=\"confirm\" name=\"confirm\" autocomplete=\"new-password\" required>\
 <label class=\"check\"><input type=\"checkbox\" id=\"signout\" name=\"signout\" value=\"1\" checked> Sign out connected devices</label>\
 <button type=\"submit\">Change password</button>{with_passkey}</form></section>\
-{sso}{plex}{passkeys}<section><h2>Two-factor authentication</h2><p>{}</p></section>\
+{email}{sso}{plex}{passkeys}<section><h2>Two-factor authentication</h2><p>{}</p></section>\
 <section><form method=\"post\" action=\"/_portcullis/logout\">{}\
 <button type=\"submit\" class=\"secondary\">Sign out of this device</button></form></section>",
             escape(&user.name),
@@ -694,6 +706,8 @@ key so copied keys stop working.</p>\
 <input type=\"text\" id=\"confirm\" name=\"confirm\" required autocomplete=\"off\">\
 <label class=\"check\"><input type=\"checkbox\" id=\"require_passkey\" name=\"require_passkey\" value=\"1\"> \
 Also require every user to register a passkey at next sign-in and to sign in with it from then on</label>\
+<label class=\"check\"><input type=\"checkbox\" id=\"notify\" name=\"notify\" value=\"1\" checked> \
+Mail every user with a confirmed address what happened and what to do</label>\
 <button type=\"submit\" class=\"danger\">Run breach response</button></form></section>",
             hidden("csrf", csrf),
             hidden("csrf", csrf),
@@ -794,13 +808,13 @@ mod tests {
     #[test]
     fn values_are_escaped() {
         let sso = [("idp".to_string(), "<i>IdP</i>".to_string())];
-        let page = login("/\"><script>x</script>", Some("<b>"), &sso, true).0;
+        let page = login("/\"><script>x</script>", Some("<b>"), &sso, true, false).0;
         assert!(!page.contains("<script>x"));
         assert!(page.contains("&quot;&gt;&lt;script&gt;"));
         assert!(page.contains("&lt;b&gt;"));
         assert!(page.contains("Sign in with &lt;i&gt;IdP&lt;/i&gt;"));
         assert!(page.contains("href=\"/_portcullis/oidc/idp/start?rd="));
-        let hidden = login("/", None, &sso, false).0;
+        let hidden = login("/", None, &sso, false, false).0;
         assert!(!hidden.contains("name=\"password\"") && hidden.contains("Sign in with"));
     }
 
