@@ -166,7 +166,9 @@ pub fn device_fingerprint(user_agent: &str, ip: &str) -> String {
 /// How a session was signed in, in words, from its methods (`amr`).
 fn how_signed_in(amr: &[String]) -> &'static str {
     let has = |m: &str| amr.iter().any(|a| a == m);
-    if has("hwk") {
+    if has("media") {
+        "a media app (its own sign-in through the gateway)"
+    } else if has("hwk") {
         "a passkey"
     } else if has("sso") {
         "single sign-on"

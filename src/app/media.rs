@@ -618,6 +618,18 @@ impl App {
             }
         };
         self.apply(&events);
+        // A new app on a device or network not seen before is told to the user, as a new
+        // browser sign-in is.
+        let app_client = ClientInfo {
+            ip: client.ip.clone(),
+            user_agent: format!(
+                "{} on {}",
+                describe(&fields.client, "a media app"),
+                describe(&fields.device, "a device")
+            ),
+        };
+        self.note_sign_in(owner, &app_client, &["media".to_string()])
+            .await;
         if let MediaCheck::Alive(entry) = self.check_media_token(b.token, now) {
             return Ok(identity_of(&entry));
         }

@@ -39,6 +39,7 @@ mod layers;
 mod ldap;
 mod login;
 mod logs;
+mod mail;
 mod media_accounts;
 mod observability;
 mod oidc;
