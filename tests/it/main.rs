@@ -39,7 +39,6 @@ mod layers;
 mod ldap;
 mod login;
 mod logs;
-mod mail;
 mod media_accounts;
 mod observability;
 mod oidc;
