@@ -288,8 +288,10 @@ pub struct App {
     media_loop_started: std::sync::atomic::AtomicBool,
     /// Whether this process should be sent traffic (`/readyz`, systemd's `READY=1`).
     pub readiness: crate::readiness::Readiness,
-    /// The SMTP client (`[mail]`), and the outbox worker's wake-up call.
+    /// The SMTP client (`[mail]`), the webhooks (`[[webhook]]`), and the outbox worker's
+    /// wake-up call.
     pub mailer: Option<Arc<crate::mail::Mailer>>,
+    pub webhooks: Option<Arc<crate::webhook::Webhooks>>,
     pub outbox_wake: tokio::sync::Notify,
     mail_limits: email::MailLimits,
     /// The LDAP directory (`[directory]`), and what its sync saw last.
@@ -327,6 +329,17 @@ impl App {
                     ))
                 },
             )?)),
+        };
+        let webhooks = match config.webhooks.is_empty() {
+            true => None,
+            false => Some(Arc::new(
+                crate::webhook::Webhooks::new(&config.webhooks).map_err(|(key, problem)| {
+                    StartError::Setup(format!(
+                        "{}: key `{key}`: {problem}",
+                        config.source.display()
+                    ))
+                })?,
+            )),
         };
         let directory = match &config.directory {
             None => None,
@@ -426,6 +439,7 @@ impl App {
             directory,
             directory_status: directory::DirectoryStatus::default(),
             mailer,
+            webhooks,
             outbox_wake: tokio::sync::Notify::new(),
             mail_limits: email::MailLimits::default(),
         };
@@ -528,13 +542,15 @@ impl App {
         );
         // The notice that tells the user of it goes into the outbox in the same write.
         let mut notices = Vec::new();
-        if let (Some(_), Some(id), Some(_)) = (
-            &self.mailer,
+        if let (Some(id), Some(kind)) = (
             entry.user_id,
             outbox::notice_kind(&entry.event, &entry.outcome),
         ) {
             if let Ok(user) = self.store.find_user_by_id(id).await {
-                notices.extend(outbox::notice_for(&entry, user.as_ref()));
+                if self.mailer.is_some() {
+                    notices.extend(outbox::notice_for(&entry, user.as_ref()));
+                }
+                notices.extend(self.webhook_messages(kind, user.as_ref(), &entry));
             }
         }
         match self.store.append_audit_with(&entry, &notices).await {
@@ -1303,7 +1319,7 @@ impl App {
         if self.directory.is_some() {
             tokio::spawn(Arc::clone(&self).run_directory_sync());
         }
-        if self.mailer.is_some() {
+        if self.mailer.is_some() || self.webhooks.is_some() {
             tokio::spawn(Arc::clone(&self).run_outbox());
         }
         let mut tick = tokio::time::interval(self.config().store.poll_interval);

@@ -16,6 +16,7 @@ pub mod mail;
 mod oidc;
 mod plex;
 pub mod rules;
+pub mod webhook;
 pub use oidc::{
     is_loopback_url as oidc_is_loopback, AutoLink, ClientSecretSource, OidcProviderConfig,
 };
@@ -151,6 +152,8 @@ struct FileConfig {
     rule: Vec<rules::FileRule>,
     directory: Option<directory::FileDirectory>,
     mail: Option<mail::FileMail>,
+    #[serde(default)]
+    webhook: Vec<webhook::FileWebhook>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -303,6 +306,8 @@ pub struct Config {
     pub directory: Option<directory::DirectoryConfig>,
     /// The SMTP server mail goes through (`[mail]`).
     pub mail: Option<mail::MailConfig>,
+    /// Endpoints told of security events (`[[webhook]]`).
+    pub webhooks: Vec<webhook::WebhookConfig>,
 }
 
 /// The WebAuthn relying party: its id (the public URL's host, or a domain it is under, for
@@ -702,6 +707,7 @@ impl Validator {
         let webauthn = self.webauthn(raw.webauthn, &server.public_url)?;
         let directory = self.directory(raw.directory)?;
         let mail = self.mail(raw.mail)?;
+        let webhooks = self.webhooks(raw.webhook)?;
         if !auth.password_form && oidc.is_empty() {
             return Err(self.err(
                 "auth.password_form",
@@ -750,6 +756,7 @@ impl Validator {
             webauthn,
             directory,
             mail,
+            webhooks,
         })
     }
 

@@ -29,6 +29,7 @@ pub mod systemd;
 pub mod telemetry;
 pub mod tls;
 pub mod web;
+pub mod webhook;
 
 /// Asks the allocators to hand memory that is free but still held back to the operating system,
 /// so the resident size reflects what is kept: after a large transient build (the revocation

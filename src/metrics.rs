@@ -172,7 +172,7 @@ const GATEWAY_LOGIN_RESULTS: &[&str] = &[
 ];
 
 /// The outbox's channels (`channel` label of the outbox metrics).
-pub const OUTBOX_CHANNELS: &[&str] = &["mail"];
+pub const OUTBOX_CHANNELS: &[&str] = &["mail", "webhook"];
 
 /// What the directory sync changed (`portcullis_directory_sync_changes_total{change}`).
 pub const DIRECTORY_SYNC_CHANGES: &[&str] = &["disabled", "enabled", "groups", "conflict"];

@@ -723,6 +723,7 @@ impl App {
             e.detail
                 .push_str(&format!(", {} users mailed", report.users_notified));
         }
+        self.enqueue_webhooks("breach_response", None, &e).await;
         self.audit(e).await;
         Ok(report)
     }

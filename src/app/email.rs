@@ -196,12 +196,25 @@ impl App {
                 return;
             }
         };
+        if seen != DeviceSeen::New {
+            return;
+        }
+        let mut event = self.audit_entry(
+            "new_sign_in",
+            "success",
+            Some((user.id, &user.name)),
+            client,
+        );
+        event.user_agent = device_family(&client.user_agent);
+        event.detail = format!("by {}", how_signed_in(amr));
+        self.enqueue_webhooks("new_sign_in", Some(user), &event)
+            .await;
         let alerts = self
             .config()
             .mail
             .as_ref()
             .is_some_and(|m| m.new_sign_in_alerts);
-        if seen != DeviceSeen::New || !alerts || user.email.is_none() {
+        if !alerts || user.email.is_none() {
             return;
         }
         let params = json!({
@@ -392,6 +405,8 @@ impl App {
             let mut e =
                 self.audit_entry("email_changed", "success", Some((*user_id, &name)), client);
             e.detail = format!("to {address}");
+            self.enqueue_webhooks("email_changed", user.as_ref(), &e)
+                .await;
             self.audit(e).await;
         }
         Ok(outcome)

@@ -18,6 +18,8 @@ use crate::store::{AuditEntry, NewOutbox, OutboxMessage, OutboxOutcome, User};
 
 /// The mail channel of the outbox.
 pub const MAIL: &str = "mail";
+/// The webhook channel of the outbox (`address` names the webhook).
+pub const WEBHOOK: &str = "webhook";
 /// How many due messages one pass takes.
 const BATCH: i64 = 20;
 /// How often the worker looks for due messages when nothing wakes it.
@@ -136,6 +138,56 @@ fn lifetime(d: Duration) -> String {
 }
 
 impl App {
+    /// The webhook deliveries of an event about `user` (one per webhook that asked for it).
+    pub(crate) fn webhook_messages(
+        &self,
+        event: &str,
+        user: Option<&User>,
+        entry: &AuditEntry,
+    ) -> Vec<NewOutbox> {
+        let Some(hooks) = &self.webhooks else {
+            return Vec::new();
+        };
+        let params = json!({
+            "at_ms": entry.at_ms,
+            "user": user.map(|u| u.name.clone()),
+            "ip": entry.ip,
+            "device": entry.user_agent,
+            "detail": notice_detail(&entry.event, &entry.detail),
+        })
+        .to_string();
+        hooks
+            .subscribed(event)
+            .into_iter()
+            .map(|name| NewOutbox {
+                channel: WEBHOOK.to_string(),
+                kind: event.to_string(),
+                user_id: user.map(|u| u.id),
+                address: Some(name),
+                params: params.clone(),
+            })
+            .collect()
+    }
+
+    /// Puts an event's webhook deliveries in the outbox and wakes the worker.
+    pub(crate) async fn enqueue_webhooks(
+        &self,
+        event: &str,
+        user: Option<&User>,
+        entry: &AuditEntry,
+    ) {
+        let messages = self.webhook_messages(event, user, entry);
+        if messages.is_empty() {
+            return;
+        }
+        match self.store.enqueue(&messages, now_ms()).await {
+            Ok(()) => self.outbox_wake.notify_one(),
+            Err(e) => {
+                self.store_error("outbox", e);
+            }
+        }
+    }
+
     /// Puts a mail message in the outbox (when mail is configured) and wakes the worker.
     pub async fn enqueue_mail(
         &self,
@@ -177,10 +229,15 @@ impl App {
 
     /// One pass: takes due messages and sends them. Whether it found any.
     pub async fn outbox_pass(&self, owner: &str) -> bool {
-        let Some(mail) = self.config().mail.clone() else {
-            return false;
+        let config = self.config();
+        let (timeout, retry_initial) = match &config.mail {
+            Some(m) => (m.timeout, m.retry_initial),
+            None => (
+                crate::config::mail::DEFAULT_TIMEOUT,
+                crate::config::mail::DEFAULT_RETRY_INITIAL,
+            ),
         };
-        let lease_ms = (mail.timeout.as_millis() as i64) * BATCH + 60_000;
+        let lease_ms = (timeout.as_millis() as i64) * BATCH + 60_000;
         let claimed = match self
             .store
             .claim_outbox(owner, now_ms(), lease_ms, BATCH)
@@ -193,15 +250,18 @@ impl App {
             }
         };
         for m in &claimed {
-            let outcome = self.deliver(m, mail.retry_initial).await;
+            let outcome = match m.channel.as_str() {
+                WEBHOOK => self.deliver_webhook(m, retry_initial).await,
+                _ => self.deliver(m, retry_initial).await,
+            };
             let label = match &outcome {
                 OutboxOutcome::Sent => "sent",
                 OutboxOutcome::Retry { error, .. } => {
-                    tracing::warn!(id = m.id, kind = %m.kind, error = %error, "mail: will try again");
+                    tracing::warn!(id = m.id, channel = %m.channel, kind = %m.kind, error = %error, "outbox: will try again");
                     "retry"
                 }
                 OutboxOutcome::Failed { error } => {
-                    tracing::warn!(id = m.id, kind = %m.kind, error = %error, "mail: given up");
+                    tracing::warn!(id = m.id, channel = %m.channel, kind = %m.kind, error = %error, "outbox: given up");
                     "failed"
                 }
             };
@@ -217,6 +277,47 @@ impl App {
             }
         }
         !claimed.is_empty()
+    }
+
+    /// Delivers one webhook message: the event as JSON, signed.
+    async fn deliver_webhook(&self, m: &OutboxMessage, retry_initial: Duration) -> OutboxOutcome {
+        let Some(hooks) = self.webhooks.as_ref() else {
+            return OutboxOutcome::Failed {
+                error: "no webhooks are configured".into(),
+            };
+        };
+        let now = now_ms();
+        if now - m.created_ms > GIVE_UP_AFTER_MS {
+            return OutboxOutcome::Failed {
+                error: "not delivered within three days".into(),
+            };
+        }
+        let params: Value = serde_json::from_str(&m.params).unwrap_or(Value::Null);
+        let at = params["at_ms"].as_i64().unwrap_or(m.created_ms);
+        let body = json!({
+            "id": m.id,
+            "event": m.kind,
+            "at": time::OffsetDateTime::from_unix_timestamp(at / 1000)
+                .ok()
+                .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok()),
+            "user": params["user"],
+            "ip": params["ip"],
+            "device": params["device"],
+            "detail": params["detail"],
+        })
+        .to_string();
+        let name = m.address.as_deref().unwrap_or_default();
+        match hooks
+            .send(name, m.id, &m.kind, body.as_bytes(), now / 1000)
+            .await
+        {
+            Ok(()) => OutboxOutcome::Sent,
+            Err(crate::mail::SendError::Permanent(e)) => OutboxOutcome::Failed { error: e },
+            Err(crate::mail::SendError::Transient(e)) => OutboxOutcome::Retry {
+                at_ms: now + retry_delay_ms(retry_initial, m.attempts),
+                error: e,
+            },
+        }
     }
 
     /// Renders and sends one message.
@@ -343,12 +444,14 @@ impl App {
 
     /// Keeps the outbox gauges current.
     async fn refresh_outbox_metrics(&self) {
-        if let Ok(stats) = self.store.outbox_stats(MAIL).await {
-            self.metrics.outbox_queued(MAIL).set(stats.queued);
-            let age = stats
-                .oldest_created_ms
-                .map_or(0.0, |t| (now_ms() - t).max(0) as f64 / 1000.0);
-            self.metrics.outbox_oldest_age(MAIL).set(age);
+        for channel in [MAIL, WEBHOOK] {
+            if let Ok(stats) = self.store.outbox_stats(channel).await {
+                self.metrics.outbox_queued(channel).set(stats.queued);
+                let age = stats
+                    .oldest_created_ms
+                    .map_or(0.0, |t| (now_ms() - t).max(0) as f64 / 1000.0);
+                self.metrics.outbox_oldest_age(channel).set(age);
+            }
         }
     }
 }

@@ -58,6 +58,7 @@ pub fn prepare(old: &Config, mut new: Config) -> Prepared {
     restart_only!("directory", directory);
     // The mailer and its outbox worker are made at start.
     restart_only!("mail", mail);
+    restart_only!("webhook", webhooks);
     restart_only!("store.poll_interval", store.poll_interval);
     restart_only!("store.busy_timeout", store.busy_timeout);
     restart_only!("session.key_file", session.key_file);

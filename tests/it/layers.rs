@@ -21,6 +21,7 @@ const LAYERS: &[&str] = &[
     "metrics",
     "oidc",
     "directory",
+    "webhook",
     "mail",
     "probe",
     "telemetry",
