@@ -54,6 +54,7 @@ mod revocation;
 mod rules;
 mod slapd;
 mod slowloris;
+mod smtpd;
 mod smuggling;
 mod soak;
 pub(crate) mod standin_fidelity;
