@@ -1514,6 +1514,20 @@ async fn breach(
     let report = crate::app::account::breach_response(config, store, require_passkey, notify)
         .await
         .map_err(|e| refused(e.to_string()))?;
+    let event = AuditEntry {
+        at_ms: now_ms(),
+        event: "breach_response".to_string(),
+        outcome: "success".to_string(),
+        ip: "cli".to_string(),
+        detail: format!("{} users must reset", report.users_reset),
+        ..AuditEntry::default()
+    };
+    let hooks =
+        crate::app::outbox::webhook_messages(&config.webhooks, "breach_response", None, &event);
+    store
+        .enqueue(&hooks, now_ms())
+        .await
+        .map_err(store_refusal)?;
     cli_audit(
         store,
         "breach_response",

@@ -92,15 +92,6 @@ impl Webhooks {
         })
     }
 
-    /// The names of the webhooks that asked for `event`.
-    pub fn subscribed(&self, event: &str) -> Vec<String> {
-        self.hooks
-            .iter()
-            .filter(|(c, _)| c.events.iter().any(|e| e == event))
-            .map(|(c, _)| c.name.clone())
-            .collect()
-    }
-
     /// Delivers one event to the webhook `name`: 2xx is delivered; 408, 429 and 5xx, or no
     /// answer, are worth trying again; any other answer is final.
     pub async fn send(

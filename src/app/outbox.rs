@@ -102,6 +102,35 @@ fn notice_detail(event: &str, detail: &str) -> String {
     }
 }
 
+/// The webhook deliveries of an event about `user`: one per configured webhook that asked for
+/// the event.
+pub fn webhook_messages(
+    hooks: &[crate::config::webhook::WebhookConfig],
+    event: &str,
+    user: Option<&User>,
+    entry: &AuditEntry,
+) -> Vec<NewOutbox> {
+    let params = json!({
+        "at_ms": entry.at_ms,
+        "user": user.map(|u| u.name.clone()),
+        "ip": entry.ip,
+        "device": entry.user_agent,
+        "detail": notice_detail(&entry.event, &entry.detail),
+    })
+    .to_string();
+    hooks
+        .iter()
+        .filter(|h| h.events.iter().any(|e| e == event))
+        .map(|h| NewOutbox {
+            channel: WEBHOOK.to_string(),
+            kind: event.to_string(),
+            user_id: user.map(|u| u.id),
+            address: Some(h.name.clone()),
+            params: params.clone(),
+        })
+        .collect()
+}
+
 /// Milliseconds to wait before the attempt after `attempts` failed ones: `initial`, doubled each
 /// time up to an hour, with a fifth of jitter either way.
 pub fn retry_delay_ms(initial: Duration, attempts: i64) -> i64 {
@@ -138,35 +167,14 @@ fn lifetime(d: Duration) -> String {
 }
 
 impl App {
-    /// The webhook deliveries of an event about `user` (one per webhook that asked for it).
+    /// The webhook deliveries of an event about `user`.
     pub(crate) fn webhook_messages(
         &self,
         event: &str,
         user: Option<&User>,
         entry: &AuditEntry,
     ) -> Vec<NewOutbox> {
-        let Some(hooks) = &self.webhooks else {
-            return Vec::new();
-        };
-        let params = json!({
-            "at_ms": entry.at_ms,
-            "user": user.map(|u| u.name.clone()),
-            "ip": entry.ip,
-            "device": entry.user_agent,
-            "detail": notice_detail(&entry.event, &entry.detail),
-        })
-        .to_string();
-        hooks
-            .subscribed(event)
-            .into_iter()
-            .map(|name| NewOutbox {
-                channel: WEBHOOK.to_string(),
-                kind: event.to_string(),
-                user_id: user.map(|u| u.id),
-                address: Some(name),
-                params: params.clone(),
-            })
-            .collect()
+        webhook_messages(&self.config().webhooks, event, user, entry)
     }
 
     /// Puts an event's webhook deliveries in the outbox and wakes the worker.
