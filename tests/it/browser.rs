@@ -156,3 +156,44 @@ async fn browser_passkey_registration_and_sign_in_with_the_virtual_authenticator
     )
     .await;
 }
+
+/// "Forgot your password?" in Chromium, with the link from the mail a real SMTP server
+/// received: the request from the login page, then the mailed link's page.
+#[tokio::test]
+async fn browser_forgot_password_with_the_link_from_the_received_mail() {
+    let up = Upstream::start().await;
+    let smtpd = crate::smtpd::Smtpd::start().await;
+    let gw = Gateway::builder(&up.url())
+        .user(USER, PASSWORD)
+        .extra_toml(&format!(
+            "[mail]\nhost = \"127.0.0.1\"\nport = {}\ntls = \"none\"\nfrom = \"portcullis@example.org\"\n",
+            smtpd.port
+        ))
+        .start()
+        .await;
+    gw.cli_ok(&["user", "set-email", USER, "alice@example.org"]);
+    run_script(
+        &gw,
+        "forgot_password.mjs",
+        &[("PHASE", Path::new("request"))],
+    )
+    .await;
+    let mail = smtpd.wait_for(1, Duration::from_secs(10)).await.remove(0);
+    assert_eq!(mail.to, ["alice@example.org"]);
+    let link = mail
+        .links()
+        .into_iter()
+        .find(|l| l.contains("/_portcullis/reset/"))
+        .expect("a reset link in the mail");
+    assert!(link.starts_with(&gw.base), "built from public_url: {link}");
+    run_script(
+        &gw,
+        "forgot_password.mjs",
+        &[
+            ("PHASE", Path::new("reset")),
+            ("RESET_LINK", Path::new(&link)),
+            ("NEW_PASSWORD", Path::new("alice reset in the browser 2026")),
+        ],
+    )
+    .await;
+}
