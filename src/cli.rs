@@ -554,7 +554,12 @@ fn healthcheck(config: &std::path::Path, addr: Option<&str>, timeout: std::time:
     }
 }
 
+/// The configured webhooks, for the CLI's audited actions (set once per command).
+static WEBHOOKS: std::sync::OnceLock<Vec<crate::config::webhook::WebhookConfig>> =
+    std::sync::OnceLock::new();
+
 fn run_store_command(config: Config, command: Command) -> anyhow::Result<()> {
+    let _ = WEBHOOKS.set(config.webhooks.clone());
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -1494,9 +1499,18 @@ async fn cli_audit(store: &DynStore, event: &str, user: Option<&User>, detail: &
     tracing::info!(target: "portcullis::audit", event, user = %entry.user_name, detail, "cli");
     // The user is told, as when the same is done at the admin page (the running gateway's
     // outbox sends it).
-    let notices: Vec<_> = crate::app::outbox::notice_for(&entry, user)
+    let mut notices: Vec<_> = crate::app::outbox::notice_for(&entry, user)
         .into_iter()
         .collect();
+    // And the webhooks that asked for the event.
+    if let (Some(kind), Some(hooks)) = (
+        crate::app::outbox::notice_kind(&entry.event, &entry.outcome),
+        WEBHOOKS.get(),
+    ) {
+        notices.extend(crate::app::outbox::webhook_messages(
+            hooks, kind, user, &entry,
+        ));
+    }
     if let Err(e) = store.append_audit_with(&entry, &notices).await {
         eprintln!("portcullis: warning: the audit log could not be written: {e}");
     }

@@ -303,8 +303,9 @@ fn builtin(kind: &str) -> Option<(&'static str, &'static str)> {
     })
 }
 
-/// The HTML form of a text body: escaped, in paragraphs, with its URLs as links.
-fn html_of_text(text: &str) -> String {
+/// The HTML form of a text body: escaped, in paragraphs, with the gateway's own URLs (those
+/// under `base`) as links; other text that looks like a URL (a passkey's name, say) stays text.
+fn html_of_text(text: &str, base: &str) -> String {
     let mut body = String::new();
     for para in text.split("\n\n") {
         let lines: Vec<String> = para
@@ -312,7 +313,7 @@ fn html_of_text(text: &str) -> String {
             .map(|line| {
                 line.split(' ')
                     .map(|word| {
-                        if word.starts_with("https://") || word.starts_with("http://") {
+                        if !base.is_empty() && word.starts_with(base) {
                             let url = html_escape(word);
                             format!("<a href=\"{url}\">{url}</a>")
                         } else {
@@ -359,9 +360,10 @@ pub fn render(
     let subject = read_override(dir, kind, "subject")?.unwrap_or_else(|| subject.to_string());
     let text_template = read_override(dir, kind, "txt")?.unwrap_or_else(|| text.to_string());
     let text = fill(&text_template, vars, |v| v.to_string());
+    let base = vars.get("gateway").map(String::as_str).unwrap_or("");
     let html = match read_override(dir, kind, "html")? {
         Some(t) => fill(&t, vars, html_escape),
-        None => html_of_text(&text),
+        None => html_of_text(&text, base),
     };
     Ok(Rendered {
         subject: one_line(&fill(&subject, vars, one_line)),

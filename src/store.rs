@@ -861,6 +861,10 @@ pub trait Store: Send + Sync + 'static {
         outcome: &OutboxOutcome,
         now_ms: i64,
     ) -> StoreResult<bool>;
+    /// How many messages of `kind` for the user were queued since `since_ms` (on every
+    /// replica: the throttle of mail a visitor can cause).
+    async fn count_outbox_since(&self, user_id: i64, kind: &str, since_ms: i64)
+        -> StoreResult<i64>;
     /// The backlog of one channel.
     async fn outbox_stats(&self, channel: &str) -> StoreResult<OutboxStats>;
     /// The newest messages of the outbox (sent or not), newest first, for the CLI and tests.

@@ -110,9 +110,13 @@ impl Webhooks {
         if !hook.allow_private {
             let host = hook.url.host_str().unwrap_or_default().to_string();
             let port = hook.url.port_or_known_default().unwrap_or(443);
-            let addrs = tokio::net::lookup_host((host.trim_matches(['[', ']']), port))
-                .await
-                .map_err(|e| SendError::Transient(format!("cannot resolve `{host}`: {e}")))?;
+            let addrs = tokio::time::timeout(
+                TIMEOUT,
+                tokio::net::lookup_host((host.trim_matches(['[', ']']), port)),
+            )
+            .await
+            .map_err(|_| SendError::Transient(format!("`{host}` did not resolve in time")))?
+            .map_err(|e| SendError::Transient(format!("cannot resolve `{host}`: {e}")))?;
             for a in addrs {
                 if is_private(a.ip()) {
                     return Err(SendError::Permanent(format!(
@@ -123,6 +127,13 @@ impl Webhooks {
                 }
             }
         }
+        // Errors name the endpoint by scheme and host only: a path may hold a secret (chat
+        // services put theirs there).
+        let site = format!(
+            "{}://{}",
+            hook.url.scheme(),
+            hook.url.host_str().unwrap_or_default()
+        );
         let req = Request::builder()
             .method(Method::POST)
             .uri(hook.url.as_str())
@@ -141,25 +152,19 @@ impl Webhooks {
                 .client
                 .request(req)
                 .await
-                .map_err(|e| SendError::Transient(format!("{}: {e}", hook.url)))?;
+                .map_err(|e| SendError::Transient(format!("{site}: {e}")))?;
             let status = resp.status().as_u16();
             // The answer's body is read (a little of it) so the connection can be reused.
             let _ = Limited::new(resp.into_body(), 4096).collect().await;
             Ok::<u16, SendError>(status)
         };
-        let status = tokio::time::timeout(TIMEOUT, call).await.map_err(|_| {
-            SendError::Transient(format!("{}: no answer within {TIMEOUT:?}", hook.url))
-        })??;
+        let status = tokio::time::timeout(TIMEOUT, call)
+            .await
+            .map_err(|_| SendError::Transient(format!("{site}: no answer within {TIMEOUT:?}")))??;
         match status {
             200..=299 => Ok(()),
-            408 | 429 | 500..=599 => Err(SendError::Transient(format!(
-                "{} answered {status}",
-                hook.url
-            ))),
-            _ => Err(SendError::Permanent(format!(
-                "{} answered {status}",
-                hook.url
-            ))),
+            408 | 429 | 500..=599 => Err(SendError::Transient(format!("{site} answered {status}"))),
+            _ => Err(SendError::Permanent(format!("{site} answered {status}"))),
         }
     }
 }

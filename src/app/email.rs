@@ -21,17 +21,22 @@ use sha2::{Digest, Sha256};
 /// Reset requests one client address may make per window.
 const FORGOT_PER_CLIENT: u32 = 10;
 const FORGOT_CLIENT_WINDOW: Duration = Duration::from_secs(15 * 60);
-/// Reset mails one account may be sent per window.
-const FORGOT_PER_ACCOUNT: u32 = 3;
+/// Reset mails one account may be sent per window (counted in the store: on every replica).
+const FORGOT_PER_ACCOUNT: i64 = 3;
 const FORGOT_ACCOUNT_WINDOW: Duration = Duration::from_secs(3600);
+/// Reset requests looked up at once; more are answered alike and dropped.
+const FORGOT_IN_FLIGHT: usize = 16;
+/// New sign-in alerts (mail and webhooks) one user may cause per window.
+const ALERTS_PER_USER: u32 = 5;
 /// Address changes one user may start per window (each mails a new address).
 const CHANGES_PER_USER: u32 = 5;
 
 /// The throttles of the mail a visitor can cause to be sent.
 pub struct MailLimits {
     by_client: Cache<String, u32>,
-    by_account: Cache<String, u32>,
     changes: Cache<i64, u32>,
+    alerts: Cache<i64, u32>,
+    in_flight: Arc<tokio::sync::Semaphore>,
 }
 
 impl Default for MailLimits {
@@ -41,14 +46,15 @@ impl Default for MailLimits {
                 .max_capacity(100_000)
                 .time_to_live(FORGOT_CLIENT_WINDOW)
                 .build(),
-            by_account: Cache::builder()
-                .max_capacity(100_000)
-                .time_to_live(FORGOT_ACCOUNT_WINDOW)
-                .build(),
             changes: Cache::builder()
                 .max_capacity(100_000)
                 .time_to_live(FORGOT_ACCOUNT_WINDOW)
                 .build(),
+            alerts: Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(FORGOT_ACCOUNT_WINDOW)
+                .build(),
+            in_flight: Arc::new(tokio::sync::Semaphore::new(FORGOT_IN_FLIGHT)),
         }
     }
 }
@@ -141,6 +147,18 @@ pub fn device_family(user_agent: &str) -> String {
     }
 }
 
+/// The key a client is throttled by: its address, or for IPv6 its /64 (one host often holds a
+/// whole /64).
+fn client_key(ip: &str) -> String {
+    match ip.parse::<std::net::IpAddr>() {
+        Ok(std::net::IpAddr::V6(a)) if a.to_ipv4_mapped().is_none() => {
+            let s = a.segments();
+            format!("{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
+        }
+        _ => ip.to_string(),
+    }
+}
+
 /// The network of an address: its /24 (IPv4) or /48 (IPv6); the text itself otherwise.
 fn network_of(ip: &str) -> String {
     match ip.parse::<std::net::IpAddr>() {
@@ -197,6 +215,12 @@ impl App {
             }
         };
         if seen != DeviceSeen::New {
+            return;
+        }
+        // A burst of new devices (an intruder trying user agents) is told a few times, not
+        // without end.
+        if !within(&self.mail_limits.alerts, user.id, ALERTS_PER_USER) {
+            tracing::warn!(user = %user.name, "new sign-in alerts: the hourly cap is reached");
             return;
         }
         let mut event = self.audit_entry(
@@ -418,7 +442,7 @@ impl App {
     pub fn forgot_password(self: &Arc<Self>, identifier: &str, client: &ClientInfo) -> Forgot {
         if !within(
             &self.mail_limits.by_client,
-            client.ip.clone(),
+            client_key(&client.ip),
             FORGOT_PER_CLIENT,
         ) {
             return Forgot::Throttled;
@@ -427,11 +451,17 @@ impl App {
         if identifier.is_empty() || identifier.len() > 254 || !self.mail_enabled() {
             return Forgot::Accepted;
         }
+        // A bounded number at once: a flood is answered alike and dropped.
+        let Ok(permit) = Arc::clone(&self.mail_limits.in_flight).try_acquire_owned() else {
+            tracing::warn!("forgot password: too many requests at once; one dropped");
+            return Forgot::Accepted;
+        };
         let this = Arc::clone(self);
         let client = client.clone();
         tokio::spawn(async move {
             let outcome = this.send_reset_link(&identifier, &client).await;
             tracing::info!(outcome, "forgot password: request handled");
+            drop(permit);
         });
         Forgot::Accepted
     }
@@ -450,17 +480,25 @@ impl App {
                 return "store unavailable";
             }
         };
+        let since = now_ms() - FORGOT_ACCOUNT_WINDOW.as_millis() as i64;
+        let recent = match self
+            .store
+            .count_outbox_since(user.id, "password_reset", since)
+            .await
+        {
+            Ok(n) => n,
+            Err(e) => {
+                self.store_error("outbox", e);
+                return "store unavailable";
+            }
+        };
         let refusal = if user.email.is_none() {
             Some("no verified address")
         } else if user.directory_dn.is_some() {
             Some("a directory user")
         } else if user.disabled {
             Some("disabled")
-        } else if !within(
-            &self.mail_limits.by_account,
-            user.name.to_ascii_lowercase(),
-            FORGOT_PER_ACCOUNT,
-        ) {
+        } else if recent >= FORGOT_PER_ACCOUNT {
             Some("too many requests for this account")
         } else {
             None

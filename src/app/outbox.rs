@@ -21,7 +21,7 @@ pub const MAIL: &str = "mail";
 /// The webhook channel of the outbox (`address` names the webhook).
 pub const WEBHOOK: &str = "webhook";
 /// How many due messages one pass takes.
-const BATCH: i64 = 20;
+const BATCH: i64 = 5;
 /// How often the worker looks for due messages when nothing wakes it.
 const POLL: Duration = Duration::from_secs(1);
 /// A message older than this is given up (and counted as failed).
@@ -245,7 +245,12 @@ impl App {
                 crate::config::mail::DEFAULT_RETRY_INITIAL,
             ),
         };
-        let lease_ms = (timeout.as_millis() as i64) * BATCH + 60_000;
+        // Each message may take two timeouts (mail) or a webhook's own; the lease covers the
+        // batch with room to spare, and the pass stops early rather than outlive it.
+        let per_message_ms = (timeout.as_millis() as i64 * 2).max(20_000);
+        let lease_ms = per_message_ms * BATCH + 30_000;
+        let deadline = std::time::Instant::now()
+            + Duration::from_millis((lease_ms - per_message_ms - 10_000).max(0) as u64);
         let claimed = match self
             .store
             .claim_outbox(owner, now_ms(), lease_ms, BATCH)
@@ -258,6 +263,10 @@ impl App {
             }
         };
         for m in &claimed {
+            if std::time::Instant::now() > deadline {
+                // The rest go back when the lease runs out.
+                break;
+            }
             let outcome = match m.channel.as_str() {
                 WEBHOOK => self.deliver_webhook(m, retry_initial).await,
                 _ => self.deliver(m, retry_initial).await,
@@ -353,6 +362,17 @@ impl App {
             },
             None => None,
         };
+        // A reset link queued while the server was down goes out only if the user may still
+        // have one.
+        if m.kind == "password_reset"
+            && user
+                .as_ref()
+                .is_none_or(|u| u.disabled || u.directory_dn.is_some())
+        {
+            return OutboxOutcome::Failed {
+                error: "the user may no longer reset a password here".into(),
+            };
+        }
         let Some(to) = m
             .address
             .clone()
@@ -376,7 +396,21 @@ impl App {
             Ok(r) => r,
             Err(e) => return OutboxOutcome::Failed { error: e },
         };
-        match mailer.send(&to, &rendered).await {
+        // The SMTP client bounds only its connection: the whole conversation gets two timeouts.
+        let limit = self
+            .config()
+            .mail
+            .as_ref()
+            .map_or(crate::config::mail::DEFAULT_TIMEOUT, |m| m.timeout)
+            * 2;
+        let sent = tokio::time::timeout(limit, mailer.send(&to, &rendered))
+            .await
+            .unwrap_or_else(|_| {
+                Err(crate::mail::SendError::Transient(format!(
+                    "the SMTP server did not finish within {limit:?}"
+                )))
+            });
+        match sent {
             Ok(()) => OutboxOutcome::Sent,
             Err(crate::mail::SendError::Permanent(e)) => OutboxOutcome::Failed { error: e },
             Err(crate::mail::SendError::Transient(e)) => OutboxOutcome::Retry {

@@ -51,24 +51,48 @@ pub fn is_private(addr: std::net::IpAddr) -> bool {
     use std::net::IpAddr;
     match addr {
         IpAddr::V4(a) => {
+            let o = a.octets();
             a.is_loopback()
                 || a.is_private()
                 || a.is_link_local()
                 || a.is_unspecified()
                 || a.is_multicast()
                 || a.is_broadcast()
-                || a.octets()[0] == 100 && (a.octets()[1] & 0xc0) == 64
+                || o[0] == 0
+                || o[0] == 100 && (o[1] & 0xc0) == 64
+                || o[0] == 198 && (o[1] & 0xfe) == 18
+                || o[0] >= 240
         }
         IpAddr::V6(a) => {
             if let Some(v4) = a.to_ipv4_mapped() {
                 return is_private(IpAddr::V4(v4));
             }
-            let first = a.segments()[0];
+            let s = a.segments();
+            // IPv4-compatible (::a.b.c.d), NAT64 (64:ff9b::/96) and 6to4 (2002::/16) carry an
+            // IPv4 address: judged by it.
+            let embedded = |hi: u16, lo: u16| {
+                IpAddr::V4(std::net::Ipv4Addr::new(
+                    (hi >> 8) as u8,
+                    hi as u8,
+                    (lo >> 8) as u8,
+                    lo as u8,
+                ))
+            };
+            if s[..6] == [0, 0, 0, 0, 0, 0] && !a.is_loopback() && !a.is_unspecified() {
+                return is_private(embedded(s[6], s[7]));
+            }
+            if s[0] == 0x64 && s[1] == 0xff9b && s[2..6] == [0, 0, 0, 0] {
+                return is_private(embedded(s[6], s[7]));
+            }
+            if s[0] == 0x2002 {
+                return is_private(embedded(s[1], s[2]));
+            }
             a.is_loopback()
                 || a.is_unspecified()
                 || a.is_multicast()
-                || (first & 0xffc0) == 0xfe80
-                || (first & 0xfe00) == 0xfc00
+                || (s[0] & 0xffc0) == 0xfe80
+                || (s[0] & 0xffc0) == 0xfec0
+                || (s[0] & 0xfe00) == 0xfc00
         }
     }
 }
@@ -236,7 +260,12 @@ mod tests {
         ] {
             assert!(is_private(a.parse().unwrap()), "{a}");
         }
-        for a in ["93.184.216.34", "2606:2800:220:1::1", "100.128.0.1"] {
+        for a in [
+            "93.184.216.34",
+            "2606:2800:220:1::1",
+            "100.128.0.1",
+            "2002:5db8:d822::1",
+        ] {
             assert!(!is_private(a.parse().unwrap()), "{a}");
         }
     }

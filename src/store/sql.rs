@@ -217,10 +217,14 @@ where
         expires_ms: i64,
     ) -> StoreResult<()> {
         let mut tx = self.pool.begin().await?;
-        query!("UPDATE reset_links SET used_ms = $1 WHERE user_id = $2 AND purpose = $3
-                AND used_ms IS NULL"; now_ms, user_id, purpose)
-        .execute(&mut *tx)
-        .await?;
+        // A "this wasn't me" link stays good when another alert follows: a burst of sign-ins
+        // must not leave the user with only dead links.
+        if purpose != LINK_NOT_ME {
+            query!("UPDATE reset_links SET used_ms = $1 WHERE user_id = $2 AND purpose = $3
+                    AND used_ms IS NULL"; now_ms, user_id, purpose)
+            .execute(&mut *tx)
+            .await?;
+        }
         query!("INSERT INTO reset_links (token_hash, user_id, created_ms, expires_ms, purpose)
                 VALUES ($1, $2, $3, $4, $5)"; token_hash, user_id, now_ms, expires_ms, purpose)
         .execute(&mut *tx)
@@ -284,6 +288,16 @@ where
                now_ms, &m.channel, &m.kind, m.user_id, &m.address, &m.params)
         .execute(&mut *conn)
         .await?;
+        Ok(())
+    }
+
+    /// Forgets the user's address changes not confirmed yet: a recovery (a reset, "this wasn't
+    /// me", a new password, signing out everywhere) must not leave an intruder's pending address
+    /// to be confirmed later.
+    async fn drop_pending_addresses(tx: &mut Tx<D>, user_id: i64) -> StoreResult<()> {
+        query!("DELETE FROM email_confirmations WHERE user_id = $1 AND used_ms IS NULL"; user_id)
+            .execute(&mut **tx)
+            .await?;
         Ok(())
     }
 
@@ -769,6 +783,7 @@ where
 
     async fn signout_user(&self, user_id: i64, now_ms: i64) -> StoreResult<SequencedEvent> {
         let mut tx = self.write_tx().await?;
+        Self::drop_pending_addresses(&mut tx, user_id).await?;
         let event = Self::cutoff_user(&mut tx, user_id, now_ms).await?;
         Self::commit(tx, std::slice::from_ref(&event)).await?;
         Ok(event)
@@ -842,7 +857,9 @@ where
         if D::rows_affected(&done) == 0 {
             return Err(StoreError::NotFound(format!("user {user_id}")));
         }
-        // A new password makes every reset link sent out before it useless.
+        // A new password makes every reset link sent out before it useless, and every address
+        // change not confirmed yet (one an intruder started, say).
+        Self::drop_pending_addresses(&mut tx, user_id).await?;
         let now = signout_at.unwrap_or_else(|| {
             std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -1010,6 +1027,7 @@ where
                 locked_until_ms = NULL WHERE id = $2"; password_hash, user_id)
         .execute(&mut *tx)
         .await?;
+        Self::drop_pending_addresses(&mut tx, user_id).await?;
         let event = match signout {
             true => Some(Self::cutoff_user(&mut tx, user_id, now_ms).await?),
             false => None,
@@ -1054,6 +1072,7 @@ where
         let Some(user_id) = user_id else {
             return Ok(None);
         };
+        Self::drop_pending_addresses(&mut tx, user_id).await?;
         if let Some(hash) = password_hash {
             query!("UPDATE users SET password_hash = $1, must_reset = FALSE, failed_logins = 0,
                     locked_until_ms = NULL WHERE id = $2"; hash, user_id)
@@ -1199,6 +1218,22 @@ where
         Ok(D::rows_affected(&done) == 1)
     }
 
+    async fn count_outbox_since(
+        &self,
+        user_id: i64,
+        kind: &str,
+        since_ms: i64,
+    ) -> StoreResult<i64> {
+        Ok(sqlx::query_scalar(
+            "SELECT COUNT(*) FROM outbox WHERE user_id = $1 AND kind = $2 AND created_ms >= $3",
+        )
+        .bind(user_id)
+        .bind(kind)
+        .bind(since_ms)
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
     async fn outbox_stats(&self, channel: &str) -> StoreResult<OutboxStats> {
         let row: (i64, Option<i64>) = sqlx::query_as(
             "SELECT COUNT(*), MIN(created_ms) FROM outbox
@@ -1242,7 +1277,7 @@ where
         fingerprint: &str,
         now_ms: i64,
     ) -> StoreResult<DeviceSeen> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         let known: i64 =
             sqlx::query_scalar("SELECT COUNT(*) FROM known_devices WHERE user_id = $1")
                 .bind(user_id)
@@ -1306,7 +1341,7 @@ where
         now_ms: i64,
         expires_ms: i64,
     ) -> StoreResult<()> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         query!("DELETE FROM email_confirmations WHERE user_id = $1 AND used_ms IS NULL"; user_id)
             .execute(&mut *tx)
             .await?;
@@ -1342,10 +1377,13 @@ where
             .fetch_optional(&mut *tx)
             .await?
             .flatten();
-        query!("UPDATE email_confirmations SET used_ms = $1 WHERE token_hash = $2";
-               now_ms, token_hash)
+        let used = query!("UPDATE email_confirmations SET used_ms = $1 WHERE token_hash = $2
+                           AND used_ms IS NULL AND expires_ms > $1"; now_ms, token_hash)
         .execute(&mut *tx)
         .await?;
+        if D::rows_affected(&used) != 1 {
+            return Ok(EmailConfirmation::Used);
+        }
         query!("UPDATE users SET email = $1, email_verified_ms = $2 WHERE id = $3";
                &address, now_ms, user_id)
         .execute(&mut *tx)

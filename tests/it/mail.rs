@@ -389,6 +389,25 @@ async fn a_sign_in_from_a_new_device_is_told_and_this_wasnt_me_signs_everyone_ou
         1
     );
     let path = link_path(&alert, "/_portcullis/not-me/");
+    // The intruder, who has the password, starts moving the account to their own address.
+    let intruder = Browser::login(&gw, "alice", PW).await;
+    let csrf = intruder.csrf().await;
+    let resp = intruder
+        .post(
+            "/_portcullis/account/email",
+            &[
+                ("email", "intruder@example.org"),
+                ("current", PW),
+                ("csrf", &csrf),
+            ],
+        )
+        .await;
+    assert!(resp.headers()["location"]
+        .to_str()
+        .unwrap()
+        .ends_with("done=email-sent"));
+    let theirs = mail_to(&smtpd, "intruder@example.org", "Confirm your email address").await;
+    let theirs = link_path(&theirs, "/_portcullis/email/confirm/");
     // Opening the link (a mail scanner does) changes nothing.
     let resp = client().get(gw.url(&path)).send().await.unwrap();
     assert_eq!(resp.status(), 200);
@@ -417,6 +436,14 @@ async fn a_sign_in_from_a_new_device_is_told_and_this_wasnt_me_signs_everyone_ou
     let (status, _) = post_form(&gw, &path, &[("new_password", new_pw), ("confirm", new_pw)]).await;
     assert_eq!(status, 410, "the link works once");
     gw.assert_audit(&["--user", "alice"], &["not_me", "every device signed out"]);
+    // The intruder's address change died with their sessions.
+    let (status, _) = post_form(&gw, &theirs, &[]).await;
+    assert_eq!(
+        status, 404,
+        "a pending address change outlived the recovery"
+    );
+    let users: Vec<Value> = serde_json::from_str(&gw.cli_ok(&["user", "list", "--json"])).unwrap();
+    assert_eq!(users[0]["email"], "alice@example.org");
 }
 
 #[tokio::test]

@@ -182,6 +182,20 @@ async fn security_events_are_delivered_signed_retried_and_refused_for_good_when_
         .await,
         "the breach response was not delivered"
     );
+    // An operator's action from the CLI reaches the webhooks too.
+    gw.cli_ok(&["user", "require-reset", "alice"]);
+    assert!(
+        poll_until(Duration::from_secs(10), || async {
+            delivered("/hook")().iter().any(|r| {
+                r.header("x-portcullis-event") == Some("account_changed_by_admin")
+                    && verify(r)["detail"]
+                        .as_str()
+                        .is_some_and(|d| d.contains("new password"))
+            })
+        })
+        .await,
+        "the CLI's action was not delivered"
+    );
     gw.metrics_with(&[
         "portcullis_outbox_messages_total{channel=\"webhook\",result=\"retry\"}",
         "portcullis_outbox_messages_total{channel=\"webhook\",result=\"failed\"} 1",
