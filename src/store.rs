@@ -105,6 +105,8 @@ pub struct User {
     /// The user's verified email address.
     pub email: Option<String>,
     pub email_verified_ms: Option<i64>,
+    /// Has a password of their own (an account made by single sign-on has none until one is set).
+    pub password_set: bool,
 }
 
 /// A message waiting in the outbox (mail, or a webhook's request).
@@ -744,6 +746,9 @@ pub trait Store: Send + Sync + 'static {
     async fn find_user(&self, name: &str) -> StoreResult<Option<User>>;
     async fn list_users(&self) -> StoreResult<Vec<User>>;
     async fn find_user_by_id(&self, id: i64) -> StoreResult<Option<User>>;
+    /// Marks an account as having no password of its own (made by single sign-on); any password
+    /// set later clears the mark.
+    async fn mark_password_unset(&self, user_id: i64) -> StoreResult<()>;
     /// Sets a password without signing anyone out (the CLI's `user passwd`).
     async fn set_password(&self, user_id: i64, password_hash: &str) -> StoreResult<()>;
     /// Disabling also cuts off every token the user holds, so enabling never revives them.

@@ -50,3 +50,7 @@ CREATE TABLE known_devices (
     last_seen_ms  INTEGER NOT NULL,
     PRIMARY KEY (user_id, fingerprint)
 );
+
+-- Whether the user has a password of their own: an account made by single sign-on has none (its
+-- stored hash is of a random value nobody knows), so "forgot your password" is not for it.
+ALTER TABLE users ADD COLUMN password_set INTEGER NOT NULL DEFAULT 1;

@@ -496,6 +496,8 @@ impl App {
             Some("no verified address")
         } else if user.directory_dn.is_some() {
             Some("a directory user")
+        } else if !user.password_set {
+            Some("signs in by single sign-on only")
         } else if user.disabled {
             Some("disabled")
         } else if recent >= FORGOT_PER_ACCOUNT {

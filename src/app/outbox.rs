@@ -367,7 +367,7 @@ impl App {
         if m.kind == "password_reset"
             && user
                 .as_ref()
-                .is_none_or(|u| u.disabled || u.directory_dn.is_some())
+                .is_none_or(|u| u.disabled || u.directory_dn.is_some() || !u.password_set)
         {
             return OutboxOutcome::Failed {
                 error: "the user may no longer reset a password here".into(),

@@ -480,7 +480,10 @@ impl App {
             .create_user(&name, &unusable, false, now_ms())
             .await
         {
-            Ok(u) => u,
+            Ok(u) => {
+                self.store.mark_password_unset(u.id).await?;
+                u
+            }
             Err(StoreError::Conflict(_)) => {
                 return Err(SsoError::LinkConflict(
                     "a Portcullis account of that name exists and is not linked to it",

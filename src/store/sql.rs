@@ -32,7 +32,8 @@ const KIND_GROUPS: &str = "groups_changed";
 
 const USER_COLUMNS: &str = "id, name, password_hash, is_admin, disabled, created_ms, must_reset,
      failed_logins, locked_until_ms, last_failure_ms, totp_secret, totp_enabled, totp_last_step,
-     passkey_required, directory_dn, directory_id, directory_disabled_ms, email, email_verified_ms";
+     passkey_required, directory_dn, directory_id, directory_disabled_ms, email, email_verified_ms,
+     password_set";
 const OUTBOX_COLUMNS: &str = "id, created_ms, channel, kind, user_id, address, params, attempts";
 
 const PLEX_ACCOUNT_SELECT: &str = "SELECT p.account_id, p.username, p.title, p.user_id,
@@ -649,7 +650,7 @@ where
 
     async fn set_password(&self, user_id: i64, password_hash: &str) -> StoreResult<()> {
         let done =
-            query!("UPDATE users SET password_hash = $1 WHERE id = $2"; password_hash, user_id)
+            query!("UPDATE users SET password_hash = $1, password_set = TRUE WHERE id = $2"; password_hash, user_id)
                 .execute(&self.pool)
                 .await?;
         if D::rows_affected(&done) == 0 {
@@ -850,7 +851,7 @@ where
         signout_at: Option<i64>,
     ) -> StoreResult<Option<SequencedEvent>> {
         let mut tx = self.write_tx().await?;
-        let done = query!("UPDATE users SET password_hash = $1, must_reset = FALSE WHERE id = $2";
+        let done = query!("UPDATE users SET password_hash = $1, password_set = TRUE, must_reset = FALSE WHERE id = $2";
                           password_hash, user_id)
         .execute(&mut *tx)
         .await?;
@@ -1023,7 +1024,7 @@ where
         let Some(user_id) = user_id else {
             return Ok(None);
         };
-        query!("UPDATE users SET password_hash = $1, must_reset = FALSE, failed_logins = 0,
+        query!("UPDATE users SET password_hash = $1, password_set = TRUE, must_reset = FALSE, failed_logins = 0,
                 locked_until_ms = NULL WHERE id = $2"; password_hash, user_id)
         .execute(&mut *tx)
         .await?;
@@ -1074,7 +1075,7 @@ where
         };
         Self::drop_pending_addresses(&mut tx, user_id).await?;
         if let Some(hash) = password_hash {
-            query!("UPDATE users SET password_hash = $1, must_reset = FALSE, failed_logins = 0,
+            query!("UPDATE users SET password_hash = $1, password_set = TRUE, must_reset = FALSE, failed_logins = 0,
                     locked_until_ms = NULL WHERE id = $2"; hash, user_id)
             .execute(&mut *tx)
             .await?;
@@ -1304,6 +1305,13 @@ where
         };
         tx.commit().await?;
         Ok(seen)
+    }
+
+    async fn mark_password_unset(&self, user_id: i64) -> StoreResult<()> {
+        query!("UPDATE users SET password_set = FALSE WHERE id = $1"; user_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
     }
 
     async fn find_user_by_email(&self, address: &str) -> StoreResult<Option<User>> {

@@ -2503,6 +2503,20 @@ async fn the_directory_disables_and_enables_only_what_it_disabled(f: Fixture) {
     assert_eq!(snap.disabled_users, vec![alice.id, bob.id]);
 }
 
+/// An account made by single sign-on has no password of its own until one is set by any way.
+async fn a_password_of_ones_own_is_marked_until_set(f: Fixture) {
+    let store = &f.store;
+    let alice = user(store, "alice").await;
+    assert!(alice.password_set, "a local account has one");
+    store.mark_password_unset(alice.id).await.unwrap();
+    assert!(!store.find_user_by_id(alice.id).await.unwrap().unwrap().password_set);
+    store.change_password(alice.id, "new", None).await.unwrap();
+    assert!(store.find_user_by_id(alice.id).await.unwrap().unwrap().password_set);
+    store.mark_password_unset(alice.id).await.unwrap();
+    store.set_password(alice.id, "again").await.unwrap();
+    assert!(store.find_user_by_id(alice.id).await.unwrap().unwrap().password_set);
+}
+
 macro_rules! suite {
     (both: [$($both:ident),* $(,)?], postgres_only: [$($pg:ident),* $(,)?] $(,)?) => {
         mod sqlite {
@@ -2532,6 +2546,7 @@ macro_rules! suite {
 
 suite! {
     both: [
+        a_password_of_ones_own_is_marked_until_set,
         the_directory_disables_and_enables_only_what_it_disabled,
         groups_change_in_one_write_with_their_event_and_travel_in_the_snapshot,
         passkeys_are_unique_per_credential_and_a_use_needs_a_counter_that_moved_forward,
