@@ -2,9 +2,13 @@
 //! and a real SQLite file in a temporary directory, creates users through the real CLI, and
 //! waits for readiness by polling `/healthz` (no fixed sleeps).
 
+use std::fs::OpenOptions;
 use std::future::Future;
+use std::io::Write as _;
 use std::net::TcpListener;
-use std::path::PathBuf;
+use std::net::{IpAddr, Ipv4Addr};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -33,7 +37,8 @@ where
 
 /// A free loopback port: bound, read, released for the gateway to take (the gateway is started
 /// again with new ports if another process takes it in between).
-fn free_port() -> u16 {
+/// A free loopback port: bound, read, released for a server to take.
+pub fn free_port() -> u16 {
     let l = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
     l.local_addr().expect("local addr").port()
 }
@@ -726,4 +731,55 @@ pub fn status_of(response: &str) -> u16 {
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or(0)
+}
+
+/// Writes a file only its owner may read (keys and passwords).
+pub fn write_private(path: &Path, contents: &[u8]) {
+    OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .mode(0o600)
+        .open(path)
+        .and_then(|mut f| f.write_all(contents))
+        .unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+}
+
+/// A test CA and a server certificate it signed for `localhost` and `127.0.0.1`, written as
+/// `ca.pem`, `server.pem` and `server.key` (0600) in `dir`; the CA is named `ca_name`.
+/// Returns the CA's path.
+pub fn write_certificates(dir: &Path, ca_name: &str) -> PathBuf {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+        KeyUsagePurpose, SanType,
+    };
+    let ca_key = KeyPair::generate().expect("CA key");
+    let mut ca = CertificateParams::default();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name.push(DnType::CommonName, ca_name);
+    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let ca_cert = ca.self_signed(&ca_key).expect("self-sign the CA");
+
+    let server_key = KeyPair::generate().expect("server key");
+    let mut server = CertificateParams::new(vec!["localhost".to_string()]).expect("server SANs");
+    server
+        .subject_alt_names
+        .push(SanType::IpAddress(IpAddr::V4(Ipv4Addr::LOCALHOST)));
+    server
+        .distinguished_name
+        .push(DnType::CommonName, "localhost");
+    server.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    server.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    let server_cert = server
+        .signed_by(&server_key, &ca_cert, &ca_key)
+        .expect("sign the server certificate");
+
+    let ca_file = dir.join("ca.pem");
+    std::fs::write(&ca_file, ca_cert.pem()).expect("write ca.pem");
+    std::fs::write(dir.join("server.pem"), server_cert.pem()).expect("write server.pem");
+    write_private(
+        &dir.join("server.key"),
+        server_key.serialize_pem().as_bytes(),
+    );
+    ca_file
 }

@@ -12,16 +12,13 @@
 //! fixed sleeps).
 
 use std::fs::OpenOptions;
-use std::io::Write as _;
-use std::net::{IpAddr, Ipv4Addr, TcpListener};
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 
-use crate::harness::poll_until;
+use crate::harness::{free_port, poll_until, write_certificates};
 
 /// The repository, where the server script and its installed packages are.
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
@@ -105,7 +102,7 @@ impl Smtpd {
             .prefix("smtpd-")
             .tempdir()
             .expect("a temporary directory for smtpd");
-        let ca_file = write_certificates(dir.path());
+        let ca_file = write_certificates(dir.path(), "Portcullis test SMTP CA");
         std::fs::create_dir(dir.path().join("messages")).expect("create the message directory");
         let mut smtpd = Smtpd {
             port: 0,
@@ -334,63 +331,6 @@ async fn greeting(port: u16) -> Option<String> {
 /// The interpreter that `tests/mail/install.sh` installed for (`PYTHON`, default `python3`).
 fn python() -> String {
     std::env::var("PYTHON").unwrap_or_else(|_| "python3".to_string())
-}
-
-/// A free loopback port: bound, read, released for the server to take.
-fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
-    l.local_addr().expect("local addr").port()
-}
-
-/// Writes a file only its owner may read (keys).
-fn write_private(path: &Path, contents: &[u8]) {
-    OpenOptions::new()
-        .create(true)
-        .truncate(true)
-        .write(true)
-        .mode(0o600)
-        .open(path)
-        .and_then(|mut f| f.write_all(contents))
-        .unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
-}
-
-/// A test CA and a server certificate it signed for `localhost` and `127.0.0.1`, written as
-/// `ca.pem`, `server.pem` and `server.key` (0600) in `dir`. Returns the CA's path.
-fn write_certificates(dir: &Path) -> PathBuf {
-    use rcgen::{
-        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
-        KeyUsagePurpose, SanType,
-    };
-    let ca_key = KeyPair::generate().expect("CA key");
-    let mut ca = CertificateParams::default();
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca.distinguished_name
-        .push(DnType::CommonName, "Portcullis test SMTP CA");
-    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    let ca_cert = ca.self_signed(&ca_key).expect("self-sign the CA");
-
-    let server_key = KeyPair::generate().expect("server key");
-    let mut server = CertificateParams::new(vec!["localhost".to_string()]).expect("server SANs");
-    server
-        .subject_alt_names
-        .push(SanType::IpAddress(IpAddr::V4(Ipv4Addr::LOCALHOST)));
-    server
-        .distinguished_name
-        .push(DnType::CommonName, "localhost");
-    server.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    server.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-    let server_cert = server
-        .signed_by(&server_key, &ca_cert, &ca_key)
-        .expect("sign the server certificate");
-
-    let ca_file = dir.join("ca.pem");
-    std::fs::write(&ca_file, ca_cert.pem()).expect("write ca.pem");
-    std::fs::write(dir.join("server.pem"), server_cert.pem()).expect("write server.pem");
-    write_private(
-        &dir.join("server.key"),
-        server_key.serialize_pem().as_bytes(),
-    );
-    ca_file
 }
 
 // MIME, as much as the tests need.
