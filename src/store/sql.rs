@@ -292,6 +292,23 @@ where
         Ok(())
     }
 
+    /// Uses a one-time link of `purpose` once, in `tx`: its user, or `None` when it is unknown,
+    /// used or expired.
+    async fn use_link(
+        tx: &mut Tx<D>,
+        token_hash: &str,
+        purpose: &str,
+        now_ms: i64,
+    ) -> StoreResult<Option<i64>> {
+        Ok(query_scalar!(
+            "UPDATE reset_links SET used_ms = $1 WHERE token_hash = $2 AND purpose = $3
+             AND used_ms IS NULL AND expires_ms > $1 RETURNING user_id";
+            now_ms, token_hash, purpose,
+        )
+        .fetch_optional(&mut **tx)
+        .await?)
+    }
+
     /// Forgets the user's address changes not confirmed yet: a recovery (a reset, "this wasn't
     /// me", a new password, signing out everywhere) must not leave an intruder's pending address
     /// to be confirmed later.
@@ -1014,14 +1031,8 @@ where
         now_ms: i64,
     ) -> StoreResult<Option<(i64, Option<SequencedEvent>)>> {
         let mut tx = self.write_tx().await?;
-        let user_id: Option<i64> = query_scalar!(
-            "UPDATE reset_links SET used_ms = $1 WHERE token_hash = $2 AND purpose = $3
-             AND used_ms IS NULL AND expires_ms > $1 RETURNING user_id";
-            now_ms, token_hash, LINK_PASSWORD,
-        )
-        .fetch_optional(&mut *tx)
-        .await?;
-        let Some(user_id) = user_id else {
+        let Some(user_id) = Self::use_link(&mut tx, token_hash, LINK_PASSWORD, now_ms).await?
+        else {
             return Ok(None);
         };
         query!("UPDATE users SET password_hash = $1, password_set = TRUE, must_reset = FALSE, failed_logins = 0,
@@ -1063,14 +1074,7 @@ where
         now_ms: i64,
     ) -> StoreResult<Option<(i64, SequencedEvent)>> {
         let mut tx = self.write_tx().await?;
-        let user_id: Option<i64> = query_scalar!(
-            "UPDATE reset_links SET used_ms = $1 WHERE token_hash = $2 AND purpose = $3
-             AND used_ms IS NULL AND expires_ms > $1 RETURNING user_id";
-            now_ms, token_hash, LINK_NOT_ME,
-        )
-        .fetch_optional(&mut *tx)
-        .await?;
-        let Some(user_id) = user_id else {
+        let Some(user_id) = Self::use_link(&mut tx, token_hash, LINK_NOT_ME, now_ms).await? else {
             return Ok(None);
         };
         Self::drop_pending_addresses(&mut tx, user_id).await?;

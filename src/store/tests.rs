@@ -2509,12 +2509,33 @@ async fn a_password_of_ones_own_is_marked_until_set(f: Fixture) {
     let alice = user(store, "alice").await;
     assert!(alice.password_set, "a local account has one");
     store.mark_password_unset(alice.id).await.unwrap();
-    assert!(!store.find_user_by_id(alice.id).await.unwrap().unwrap().password_set);
+    assert!(
+        !store
+            .find_user_by_id(alice.id)
+            .await
+            .unwrap()
+            .unwrap()
+            .password_set
+    );
     store.change_password(alice.id, "new", None).await.unwrap();
-    assert!(store.find_user_by_id(alice.id).await.unwrap().unwrap().password_set);
+    assert!(
+        store
+            .find_user_by_id(alice.id)
+            .await
+            .unwrap()
+            .unwrap()
+            .password_set
+    );
     store.mark_password_unset(alice.id).await.unwrap();
     store.set_password(alice.id, "again").await.unwrap();
-    assert!(store.find_user_by_id(alice.id).await.unwrap().unwrap().password_set);
+    assert!(
+        store
+            .find_user_by_id(alice.id)
+            .await
+            .unwrap()
+            .unwrap()
+            .password_set
+    );
 }
 
 macro_rules! suite {
