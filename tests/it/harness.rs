@@ -492,6 +492,18 @@ upstream = "{upstream}"
 
     /// The admin listener's `/metrics` text once it contains every one of `needles` (counters
     /// of a request are updated just after its response is sent).
+    /// The value of one series of the admin listener's metrics (its name with its labels, as
+    /// exposed); 0 when it is not there.
+    pub async fn metric(&self, series: &str) -> f64 {
+        let text = match client().get(format!("{}/metrics", self.admin)).send().await {
+            Ok(r) => r.text().await.unwrap_or_default(),
+            Err(_) => String::new(),
+        };
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+            .map_or(0.0, |v| v.trim().parse().unwrap_or(0.0))
+    }
+
     pub async fn metrics_with(&self, needles: &[&str]) -> String {
         let text = std::cell::RefCell::new(String::new());
         let found = poll_until(Duration::from_secs(5), || async {

@@ -421,19 +421,7 @@ async fn directory_changes_end_sessions_and_media_tokens_at_the_next_sync_on_eve
 
 /// Waits for the gateway's next complete reading of the directory.
 async fn next_sync(gw: &Gateway) {
-    let last = || async {
-        let text = client()
-            .get(format!("{}/metrics", gw.admin))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        text.lines()
-            .find_map(|l| l.strip_prefix("portcullis_directory_last_sync_timestamp_seconds "))
-            .map_or(0.0, |v| v.trim().parse::<f64>().unwrap())
-    };
+    let last = || gw.metric("portcullis_directory_last_sync_timestamp_seconds");
     let before = last().await;
     assert!(
         poll_until(SYNC * 3, || async { last().await > before }).await,
@@ -463,27 +451,16 @@ async fn a_directory_that_is_down_keeps_sessions_and_refuses_new_sign_ins_with_5
     assert_eq!(body["error"], "directory_unavailable");
     // Existing sessions keep working, through syncs that fail (each one a refused connection
     // of the service account, counted).
-    let failed_syncs = || async {
-        let text = client()
-            .get(format!("{}/metrics", gw.admin))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        text.lines()
-            .find(|l| {
-                l.starts_with("portcullis_directory_operations_total{operation=\"service_bind\",outcome=\"error\"}")
-            })
-            .and_then(|l| l.rsplit(' ').next())
-            .map_or(0, |v| v.parse::<u64>().unwrap())
+    let failed_syncs = || {
+        gw.metric(
+            "portcullis_directory_operations_total{operation=\"service_bind\",outcome=\"error\"}",
+        )
     };
     let before = failed_syncs().await;
     assert!(
         poll_until(SYNC * 4, || async {
             assert_eq!(app(&gw, "/family/x", &alice).await, 200);
-            failed_syncs().await >= before + 2
+            failed_syncs().await >= before + 2.0
         })
         .await,
         "the sync did not try the directory again"
