@@ -521,6 +521,11 @@ impl ReloadResult {
     }
 }
 pub const UPSTREAM_UP: &str = "portcullis_upstream_up";
+pub const TLS_CERT_EXPIRY: &str = "portcullis_tls_certificate_expiry_seconds";
+
+/// Families exported only once what they tell of is configured (a certificate: TLS on the
+/// public listener); the tests check them on a gateway configured so.
+pub const CONFIGURED_FAMILIES: &[&str] = &[TLS_CERT_EXPIRY];
 
 /// Reasons a request is refused before authentication.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -730,6 +735,9 @@ pub struct Metrics {
     outbox_oldest_age: prometheus::GaugeVec,
     /// 1 when the route's upstream answered its last probe (at start, or for `/readyz`).
     pub upstream_up: IntGaugeVec,
+    /// Seconds until each served certificate expires, by name.
+    tls_expiry: IntGaugeVec,
+    tls_expiry_name: Mutex<String>,
 }
 
 /// Route label for requests answered before a route was chosen, or by the gateway's own pages.
@@ -999,6 +1007,15 @@ impl Metrics {
             &["route"],
         )?;
         registry.register(Box::new(upstream_up.clone()))?;
+        let tls_expiry = IntGaugeVec::new(
+            Opts::new(
+                TLS_CERT_EXPIRY,
+                "Seconds until the certificate of the public listener expires, by its name \
+                 (negative once expired).",
+            ),
+            &["name"],
+        )?;
+        registry.register(Box::new(tls_expiry.clone()))?;
         let build_info = IntGaugeVec::new(
             Opts::new(BUILD_INFO, "Build information; the value is always 1."),
             &["version", "store"],
@@ -1118,6 +1135,8 @@ impl Metrics {
             outbox_queued,
             outbox_oldest_age,
             upstream_up,
+            tls_expiry,
+            tls_expiry_name: Mutex::new(String::new()),
         };
         metrics.show_at_zero(None, None);
         Ok(metrics)
@@ -1175,6 +1194,20 @@ impl Metrics {
             );
             vec.with_label_values(&[operation, outcome]).inc();
         }
+    }
+
+    /// Records the served certificate's name and seconds to its expiry: the only series (a
+    /// certificate for another name that replaced it takes its place).
+    pub fn set_tls_expiry(&self, name: &str, seconds: i64) {
+        let mut last = self
+            .tls_expiry_name
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if *last != name {
+            self.tls_expiry.reset();
+            *last = name.to_string();
+        }
+        self.tls_expiry.with_label_values(&[name]).set(seconds);
     }
 
     /// The gauge of messages waiting in the outbox's `channel`.

@@ -454,6 +454,9 @@ pub fn serve(config: Config, opts: ServeOptions) -> Result<(), ServeError> {
         }
     };
     server.add_service(service);
+    if let Some(resolver) = &certs {
+        control.spawn(watch_certificate(app.clone(), resolver.clone()));
+    }
     let reloader = Arc::new(reload::Reloader::new(app.clone(), certs));
     control.spawn(reloader.run_on_sighup());
 
@@ -499,4 +502,45 @@ pub fn serve(config: Config, opts: ServeOptions) -> Result<(), ServeError> {
     drop(app);
     control.shutdown_timeout(Duration::from_secs(2));
     Ok(())
+}
+
+/// How often the certificate files are looked at for a replacement (a renewal by certbot, say).
+const CERTIFICATE_POLL: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Serves a replaced certificate without a restart or reload: when the files named by
+/// `server.tls` change and make a valid pair, new handshakes get it (connections open keep
+/// theirs); a broken pair is logged and the old certificate keeps serving. Keeps
+/// `portcullis_tls_certificate_expiry_seconds` current.
+async fn watch_certificate(app: Arc<App>, resolver: Arc<crate::tls::CertResolver>) {
+    let mut seen = app
+        .config()
+        .server
+        .tls
+        .as_ref()
+        .and_then(crate::tls::files_modified);
+    let mut tick = tokio::time::interval(CERTIFICATE_POLL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if let Some(files) = app.config().server.tls.clone() {
+            let now = crate::tls::files_modified(&files);
+            if now.is_some() && now != seen {
+                seen = now;
+                match crate::tls::load(&files) {
+                    Ok(cert) => {
+                        resolver.set(cert);
+                        tracing::info!(cert = %files.cert.display(), "certificate files changed: the new certificate is served");
+                    }
+                    Err(e) => tracing::error!(
+                        error = %e,
+                        "certificate files changed but cannot be used; the previous certificate keeps serving"
+                    ),
+                }
+            }
+        }
+        if let Some((name, not_after)) = crate::tls::leaf_expiry(&resolver.current()) {
+            app.metrics
+                .set_tls_expiry(&name, not_after - crate::app::now_ms() / 1000);
+        }
+    }
 }

@@ -71,6 +71,46 @@ impl CertResolver {
     pub fn set(&self, next: Arc<CertifiedKey>) {
         self.current.store(next);
     }
+
+    /// The certificate handed out now.
+    pub fn current(&self) -> Arc<CertifiedKey> {
+        self.current.load_full()
+    }
+}
+
+/// The name (first DNS name, else the subject's common name) and the end of validity (Unix
+/// seconds) of a chain's leaf certificate.
+pub fn leaf_expiry(certified: &CertifiedKey) -> Option<(String, i64)> {
+    use x509_parser::extensions::GeneralName;
+    let leaf = certified.cert.first()?;
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref()).ok()?;
+    let not_after = cert.validity().not_after.timestamp();
+    let san = cert
+        .subject_alternative_name()
+        .ok()
+        .flatten()
+        .and_then(|s| {
+            s.value.general_names.iter().find_map(|n| match n {
+                GeneralName::DNSName(d) => Some(d.to_string()),
+                _ => None,
+            })
+        });
+    let name = san
+        .or_else(|| {
+            cert.subject()
+                .iter_common_name()
+                .next()
+                .and_then(|c| c.as_str().ok())
+                .map(str::to_string)
+        })
+        .unwrap_or_else(|| "certificate".to_string());
+    Some((name, not_after))
+}
+
+/// When the files were last modified, to tell a replaced certificate.
+pub fn files_modified(files: &TlsFiles) -> Option<(std::time::SystemTime, std::time::SystemTime)> {
+    let m = |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    Some((m(&files.cert)?, m(&files.key)?))
 }
 
 impl ResolvesServerCert for CertResolver {

@@ -845,7 +845,30 @@ async fn every_metric_in_the_dashboard_and_the_alert_rules_is_exported_by_the_ga
     .await;
     assert!(refreshed, "portcullis_active_sessions never appeared");
     let text = metrics_text(&gw).await;
-    let exported = families(&text);
+    let mut exported = families(&text);
+    // The families about something configured come from a gateway that has it: a TLS
+    // listener with a certificate.
+    let dir = tempfile::tempdir().unwrap();
+    let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert, certified.cert.pem()).unwrap();
+    std::fs::write(&key, certified.key_pair.serialize_pem()).unwrap();
+    let tls = Gateway::builder(&up.url())
+        .server_keys(&format!(
+            "tls_cert = \"{}\"\ntls_key = \"{}\"",
+            cert.display(),
+            key.display()
+        ))
+        .start()
+        .await;
+    let tls_text = tls
+        .metrics_with(&["portcullis_tls_certificate_expiry_seconds{"])
+        .await;
+    for (name, family) in families(&tls_text) {
+        if portcullis::metrics::CONFIGURED_FAMILIES.contains(&name.as_str()) {
+            exported.insert(name, family);
+        }
+    }
 
     // Every metric named anywhere in the dashboard (queries, descriptions) and in the rules
     // file (expressions, annotations, comments).

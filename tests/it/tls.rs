@@ -1,6 +1,8 @@
 //! TLS on the public listener and the `__Host-` cookie of https deployments.
 
-use crate::harness::{client, Gateway};
+use std::time::Duration;
+
+use crate::harness::{client, poll_until, Gateway};
 use crate::upstream::Upstream;
 
 const ALICE_PW: &str = "alice-password-1234";
@@ -111,4 +113,147 @@ async fn tls_listener_serves_and_authenticates() {
     );
     let resp = https.get(format!("{base}/x")).send().await.unwrap();
     assert_eq!(resp.status(), 401);
+}
+
+/// A certificate and key for `name` that expire `days` from now, as PEM.
+fn certificate(name: &str, days: i64) -> (String, String) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(vec![name.to_string()]).unwrap();
+    params.not_after = time::OffsetDateTime::now_utc() + time::Duration::days(days);
+    let cert = params.self_signed(&key).unwrap();
+    (cert.pem(), key.serialize_pem())
+}
+
+/// The certificate a TLS client is shown at `port`, as DER.
+async fn served_certificate(port: u16) -> Vec<u8> {
+    use rustls::pki_types::ServerName;
+    // Accepts any certificate: the test compares what it is shown.
+    #[derive(Debug)]
+    struct Any;
+    impl rustls::client::danger::ServerCertVerifier for Any {
+        fn verify_server_cert(
+            &self,
+            _: &rustls::pki_types::CertificateDer<'_>,
+            _: &[rustls::pki_types::CertificateDer<'_>],
+            _: &ServerName<'_>,
+            _: &[u8],
+            _: rustls::pki_types::UnixTime,
+        ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+            Ok(rustls::client::danger::ServerCertVerified::assertion())
+        }
+        fn verify_tls12_signature(
+            &self,
+            _: &[u8],
+            _: &rustls::pki_types::CertificateDer<'_>,
+            _: &rustls::DigitallySignedStruct,
+        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+        }
+        fn verify_tls13_signature(
+            &self,
+            _: &[u8],
+            _: &rustls::pki_types::CertificateDer<'_>,
+            _: &rustls::DigitallySignedStruct,
+        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+        }
+        fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+            rustls::crypto::ring::default_provider()
+                .signature_verification_algorithms
+                .supported_schemes()
+        }
+    }
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .dangerous()
+    .with_custom_certificate_verifier(std::sync::Arc::new(Any))
+    .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let tls = connector
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap();
+    tls.get_ref().1.peer_certificates().unwrap()[0].to_vec()
+}
+
+fn der_of(pem: &str) -> Vec<u8> {
+    use rustls::pki_types::{pem::PemObject, CertificateDer};
+    CertificateDer::from_pem_slice(pem.as_bytes())
+        .unwrap()
+        .to_vec()
+}
+
+/// A renewed certificate (files replaced, as certbot does) is served without a restart or
+/// reload; a broken replacement is logged and the old one keeps serving; the expiry metric
+/// follows the served certificate.
+#[tokio::test]
+async fn replaced_certificate_files_are_served_without_a_restart() {
+    let up = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let cert_path = dir.path().join("cert.pem");
+    let key_path = dir.path().join("key.pem");
+    let (first, first_key) = certificate("localhost", 10);
+    std::fs::write(&cert_path, &first).unwrap();
+    std::fs::write(&key_path, &first_key).unwrap();
+    let gw = Gateway::builder(&up.url())
+        .server_keys(&format!(
+            "tls_cert = \"{}\"\ntls_key = \"{}\"",
+            cert_path.display(),
+            key_path.display()
+        ))
+        .start()
+        .await;
+    assert_eq!(served_certificate(gw.port).await, der_of(&first));
+    let expiry = "portcullis_tls_certificate_expiry_seconds{name=\"localhost\"}";
+    assert!(
+        poll_until(Duration::from_secs(5), || async {
+            gw.metric(expiry).await > 0.0
+        })
+        .await
+    );
+    let left = gw.metric(expiry).await;
+    assert!(
+        (9.0 * 86400.0..=10.0 * 86400.0).contains(&left),
+        "{left} s left of a 10-day certificate"
+    );
+
+    // Renewed: a new pair in place of the old files.
+    let (renewed, renewed_key) = certificate("localhost", 90);
+    std::fs::write(&key_path, &renewed_key).unwrap();
+    std::fs::write(&cert_path, &renewed).unwrap();
+    assert!(
+        poll_until(Duration::from_secs(10), || async {
+            served_certificate(gw.port).await == der_of(&renewed)
+        })
+        .await,
+        "the renewed certificate was not served"
+    );
+    assert!(
+        poll_until(Duration::from_secs(5), || async {
+            gw.metric(expiry).await > 80.0 * 86400.0
+        })
+        .await
+    );
+
+    // A broken replacement (a key that does not belong to the certificate): the renewed one
+    // keeps serving, and the log says why.
+    let (other, _) = certificate("localhost", 30);
+    std::fs::write(&cert_path, &other).unwrap();
+    gw.log_containing("certificate files changed but cannot be used")
+        .await;
+    assert_eq!(served_certificate(gw.port).await, der_of(&renewed));
+    // A certificate for another name: the metric follows it.
+    let (named, named_key) = certificate("media.example.org", 60);
+    std::fs::write(&key_path, &named_key).unwrap();
+    std::fs::write(&cert_path, &named).unwrap();
+    let text = gw
+        .metrics_with(&["portcullis_tls_certificate_expiry_seconds{name=\"media.example.org\"}"])
+        .await;
+    assert!(!text.contains(expiry), "the old name's series is gone");
 }
