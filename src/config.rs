@@ -202,6 +202,9 @@ struct FileServer {
     data_dir: Option<PathBuf>,
     trusted_proxies: Option<Vec<String>>,
     client_ip_header: Option<String>,
+    #[serde(default, with = "humantime_serde")]
+    hsts_max_age: Option<Duration>,
+    hsts_include_subdomains: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -381,6 +384,8 @@ pub struct ServerConfig {
     pub trusted_proxies: Vec<ipnet::IpNet>,
     /// The forwarding header that names the client behind a trusted proxy.
     pub client_ip_header: crate::netaddr::ClientIpHeader,
+    /// The `Strict-Transport-Security` value every response carries (`None`: no HSTS).
+    pub hsts: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -975,7 +980,32 @@ impl Validator {
                 )
             })?,
         };
+        let hsts = match s.hsts_max_age {
+            None => None,
+            Some(_) if !secure => {
+                return Err(self.err(
+                    "server.hsts_max_age",
+                    "HSTS is for an https public_url only (browsers ignore it over http)",
+                ))
+            }
+            Some(d) if d.is_zero() || d.as_secs() > 2 * 365 * 24 * 3600 => {
+                return Err(self.err(
+                    "server.hsts_max_age",
+                    "must be longer than zero and at most two years",
+                ))
+            }
+            Some(d) => Some(format!(
+                "max-age={}{}",
+                d.as_secs(),
+                if s.hsts_include_subdomains.unwrap_or(false) {
+                    "; includeSubDomains"
+                } else {
+                    ""
+                }
+            )),
+        };
         Ok(ServerConfig {
+            hsts,
             trusted_proxies,
             client_ip_header,
             listen,

@@ -33,7 +33,7 @@ use crate::paths;
 use crate::telemetry;
 use crate::web;
 
-pub use respond::Outcome;
+pub use respond::{set_hsts, Outcome};
 
 /// How long the 502 page waits for the store to say whether the user is an admin.
 const ADMIN_LOOKUP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
@@ -748,6 +748,7 @@ impl ProxyHttp for Gateway {
         upstream_response: &mut pingora::http::ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        respond::add_hsts(upstream_response)?;
         let status = upstream_response.status.as_u16();
         if let (Some(item), Some(identity), Some(index)) = (
             ctx.media.grant_item.take(),

@@ -347,6 +347,7 @@ pub fn serve(config: Config, opts: ServeOptions) -> Result<(), ServeError> {
     };
 
     let app = control.block_on(App::open(config))?;
+    crate::proxy::set_hsts(app.config().server.hsts.clone());
     control.block_on(bootstrap_admin(&app))?;
     // A Plex server that lets the gateway in without a token would make every request through
     // it the owner's: refuse to start. A server not answering yet is checked again later (its

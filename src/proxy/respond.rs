@@ -70,6 +70,23 @@ fn has_unread_body(session: &mut Session) -> bool {
     announced && !session.is_body_done()
 }
 
+/// The `Strict-Transport-Security` value of `server.hsts_max_age`, set at start and by each
+/// reload (every response the gateway writes or relays carries it).
+static HSTS: arc_swap::ArcSwapOption<String> = arc_swap::ArcSwapOption::const_empty();
+
+/// Puts `server.hsts_max_age` in force for the responses from now on.
+pub fn set_hsts(value: Option<String>) {
+    HSTS.store(value.map(std::sync::Arc::new));
+}
+
+/// Adds the HSTS header when it is configured.
+pub fn add_hsts(resp: &mut ResponseHeader) -> Result<()> {
+    if let Some(v) = HSTS.load().as_deref() {
+        resp.insert_header("strict-transport-security", v.as_str())?;
+    }
+    Ok(())
+}
+
 async fn send(
     session: &mut Session,
     status: u16,
@@ -85,6 +102,7 @@ async fn send(
     resp.insert_header("content-type", content_type)?;
     resp.insert_header("content-length", body.len().to_string())?;
     resp.insert_header("cache-control", "no-store")?;
+    add_hsts(&mut resp)?;
     if close {
         resp.insert_header("connection", "close")?;
         session.set_keepalive(None);
@@ -321,6 +339,7 @@ pub async fn page(session: &mut Session, parts: http::response::Parts, body: Byt
     // gateway's own form posts.
     resp.insert_header("referrer-policy", "same-origin")?;
     resp.insert_header("content-security-policy", PAGE_CSP)?;
+    add_hsts(&mut resp)?;
     if close {
         resp.insert_header("connection", "close")?;
         session.set_keepalive(None);
@@ -362,6 +381,7 @@ pub async fn relay(session: &mut Session, answer: crate::app::media::MediaAnswer
     }
     resp.insert_header("content-length", answer.body.len().to_string())?;
     resp.insert_header("cache-control", "no-store")?;
+    add_hsts(&mut resp)?;
     if close {
         resp.insert_header("connection", "close")?;
         session.set_keepalive(None);

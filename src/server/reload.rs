@@ -123,6 +123,7 @@ impl Reloader {
                     resolver.set(cert);
                 }
                 crate::config::rules::warn_shadowed(&prepared.config.rules);
+                crate::proxy::set_hsts(prepared.config.server.hsts.clone());
                 self.app.apply_config(prepared.config);
                 for key in &prepared.needs_restart {
                     tracing::warn!(key = %key, "`{key}` changed in the config file but needs a restart: the running value stays until then");

@@ -257,3 +257,56 @@ async fn replaced_certificate_files_are_served_without_a_restart() {
         .await;
     assert!(!text.contains(expiry), "the old name's series is gone");
 }
+
+/// HSTS when the operator opts in: on the gateway's pages, its refusals and what it proxies;
+/// none by default; refused in the config for a plain-http public URL.
+#[tokio::test]
+async fn hsts_is_sent_on_every_response_once_configured_and_never_by_default() {
+    let up = Upstream::start().await;
+    let gw = Gateway::builder(&up.url())
+        .user("alice", ALICE_PW)
+        .server_keys(
+            "public_url = \"https://media.example\"\nhsts_max_age = \"365days\"\n\
+             hsts_include_subdomains = true",
+        )
+        .start()
+        .await;
+    let want = "max-age=31536000; includeSubDomains";
+    let hsts = |resp: &reqwest::Response| {
+        resp.headers()
+            .get("strict-transport-security")
+            .map(|v| v.to_str().unwrap().to_string())
+    };
+    let page = client()
+        .get(gw.url("/_portcullis/login"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(hsts(&page).as_deref(), Some(want), "a gateway page");
+    let refused = client().get(gw.url("/x")).send().await.unwrap();
+    assert_eq!(refused.status(), 401);
+    assert_eq!(hsts(&refused).as_deref(), Some(want), "a refusal");
+    let token = gw.login("alice", ALICE_PW).await.token;
+    let proxied = client()
+        .get(gw.url("/x"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(proxied.status(), 200);
+    assert_eq!(hsts(&proxied).as_deref(), Some(want), "a proxied answer");
+
+    let plain = Gateway::builder(&up.url()).start().await;
+    let resp = client()
+        .get(plain.url("/_portcullis/login"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(hsts(&resp), None, "off by default");
+    let bad = Gateway::builder(&up.url())
+        .server_keys("hsts_max_age = \"365days\"")
+        .configure();
+    let out = bad.cli(&["check-config"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("server.hsts_max_age"));
+}
