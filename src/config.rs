@@ -205,6 +205,7 @@ struct FileServer {
     #[serde(default, with = "humantime_serde")]
     hsts_max_age: Option<Duration>,
     hsts_include_subdomains: Option<bool>,
+    redirect_listen: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -386,6 +387,8 @@ pub struct ServerConfig {
     pub client_ip_header: crate::netaddr::ClientIpHeader,
     /// The `Strict-Transport-Security` value every response carries (`None`: no HSTS).
     pub hsts: Option<String>,
+    /// A plain-http listener (port 80) that sends every request to the https public URL.
+    pub redirect_listen: Option<SocketAddr>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -1004,8 +1007,28 @@ impl Validator {
                 }
             )),
         };
+        let redirect_listen = match s.redirect_listen.as_deref() {
+            None => None,
+            Some(_) if !secure => {
+                return Err(self.err(
+                    "server.redirect_listen",
+                    "redirects to https need an https public_url",
+                ))
+            }
+            Some(a) => {
+                let addr = self.addr("server.redirect_listen", a)?;
+                if addr == listen || addr == admin_listen {
+                    return Err(self.err(
+                        "server.redirect_listen",
+                        "must differ from server.listen and server.admin_listen",
+                    ));
+                }
+                Some(addr)
+            }
+        };
         Ok(ServerConfig {
             hsts,
+            redirect_listen,
             trusted_proxies,
             client_ip_header,
             listen,

@@ -222,7 +222,8 @@ impl Lifecycle {
                 }
                 Ok(ExecutionPhase::GracefulUpgradeCloseTimeout) => {
                     self.app.readiness.advance(Phase::HandedOver);
-                    self.stop_admin.notify_one();
+                    // The admin listener and the redirect listener, if any.
+                    self.stop_admin.notify_waiters();
                 }
                 Ok(ExecutionPhase::ShutdownGracePeriod) => {
                     tokio::spawn(self.clone().exit_when_drained());
@@ -323,10 +324,17 @@ pub fn serve(config: Config, opts: ServeOptions) -> Result<(), ServeError> {
     let listen = config.server.listen;
     let admin_addr = config.server.admin_listen;
     if !opts.upgrade {
+        let redirect = config
+            .server
+            .redirect_listen
+            .map(|a| (a, "server.redirect_listen"));
         for (addr, what) in [
             (listen, "server.listen"),
             (admin_addr, "server.admin_listen"),
-        ] {
+        ]
+        .into_iter()
+        .chain(redirect)
+        {
             std::net::TcpListener::bind(addr)
                 .map_err(|source| ServeError::listen(addr, what, source))?;
         }
@@ -380,6 +388,21 @@ pub fn serve(config: Config, opts: ServeOptions) -> Result<(), ServeError> {
             tracing::error!(error = %e, "admin listener stopped");
         }
     });
+    if let Some(addr) = app.config().server.redirect_listen {
+        let listener = control
+            .block_on(async { bind_admin(addr) })
+            .map_err(|source| ServeError::listen(addr, "server.redirect_listen", source))?;
+        let redirect = web::redirect_router(app.clone());
+        let stop = stop_admin.clone();
+        control.spawn(async move {
+            let served = axum::serve(listener, redirect)
+                .with_graceful_shutdown(async move { stop.notified().await })
+                .await;
+            if let Err(e) = served {
+                tracing::error!(error = %e, "redirect listener stopped");
+            }
+        });
+    }
     control.spawn(app.clone().run_sync_loop());
     {
         let _in_control = control.enter();

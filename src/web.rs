@@ -197,6 +197,64 @@ pub fn admin_router(app: Arc<App>) -> Router {
         .with_state(app)
 }
 
+/// The plain-http listener of `server.redirect_listen`: every request, whatever its method, is
+/// sent to the same path and query over https (308 keeps the method and body). The host is the
+/// request's when it is the public URL's or a route's, else the public URL's: never one a
+/// client made up.
+pub fn redirect_router(app: Arc<App>) -> Router {
+    Router::new().fallback(to_https).with_state(app)
+}
+
+async fn to_https(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    uri: axum::http::Uri,
+) -> Response {
+    let config = app.config();
+    let public = url::Url::parse(&config.server.public_url).ok();
+    let public_host = public
+        .as_ref()
+        .and_then(|u| u.host_str())
+        .unwrap_or("localhost")
+        .to_ascii_lowercase();
+    let port = public
+        .as_ref()
+        .and_then(|u| u.port())
+        .map(|p| format!(":{p}"))
+        .unwrap_or_default();
+    let asked = headers
+        .get(axum::http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(|h| {
+            h.rsplit_once(':')
+                .map_or(h, |(name, _)| name)
+                .to_ascii_lowercase()
+        });
+    let known = |h: &str| {
+        h == public_host
+            || config.routes.iter().any(|r| {
+                r.host
+                    .as_deref()
+                    .is_some_and(|rh| rh.eq_ignore_ascii_case(h))
+            })
+    };
+    let host = asked.filter(|h| known(h)).unwrap_or(public_host);
+    let path = uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .filter(|p| p.starts_with('/'))
+        .unwrap_or("/");
+    let location = format!("https://{host}{port}{path}");
+    match axum::http::HeaderValue::from_str(&location) {
+        Ok(v) => (
+            StatusCode::PERMANENT_REDIRECT,
+            [(axum::http::header::LOCATION, v)],
+        )
+            .into_response(),
+        Err(_) => StatusCode::BAD_REQUEST.into_response(),
+    }
+}
+
 /// A same-origin relative path to return to after login; anything else becomes `/`.
 pub fn safe_return_path(candidate: Option<&str>) -> String {
     let Some(p) = candidate else {

@@ -36,6 +36,7 @@ pub fn prepare(old: &Config, mut new: Config) -> Prepared {
     }
     restart_only!("server.listen", server.listen);
     restart_only!("server.admin_listen", server.admin_listen);
+    restart_only!("server.redirect_listen", server.redirect_listen);
     restart_only!("server.public_url", server.public_url);
     restart_only!("server.data_dir", server.data_dir);
     restart_only!("server.threads", server.threads);

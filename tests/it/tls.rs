@@ -310,3 +310,76 @@ async fn hsts_is_sent_on_every_response_once_configured_and_never_by_default() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("server.hsts_max_age"));
 }
+
+/// `server.redirect_listen` (port 80): every request goes to the same path and query over
+/// https with 308; the host is the public URL's or a route's, never one a client made up.
+#[tokio::test]
+async fn the_redirect_listener_sends_everything_to_https() {
+    let up = Upstream::start().await;
+    let port = crate::harness::free_port();
+    let gw = Gateway::builder(&up.url())
+        .server_keys(&format!(
+            "public_url = \"https://media.example:8443\"\nredirect_listen = \"127.0.0.1:{port}\""
+        ))
+        .extra_toml(&format!(
+            "[[route]]\nname = \"photos\"\nhost = \"photos.example\"\nupstream = \"{}\"\n",
+            up.url().trim_start_matches("http://")
+        ))
+        .start()
+        .await;
+    let plain = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let go = |method: reqwest::Method, host: &'static str, path: &'static str| {
+        let plain = plain.clone();
+        async move {
+            let resp = plain
+                .request(method, format!("http://127.0.0.1:{port}{path}"))
+                .header("Host", host)
+                .send()
+                .await
+                .unwrap();
+            let location = resp
+                .headers()
+                .get("location")
+                .map(|l| l.to_str().unwrap().to_string());
+            (resp.status().as_u16(), location)
+        }
+    };
+    assert_eq!(
+        go(
+            reqwest::Method::GET,
+            "media.example",
+            "/web/index.html?x=1&y=%20"
+        )
+        .await,
+        (
+            308,
+            Some("https://media.example:8443/web/index.html?x=1&y=%20".into())
+        )
+    );
+    assert_eq!(
+        go(reqwest::Method::POST, "photos.example:80", "/upload").await,
+        (308, Some("https://photos.example:8443/upload".into())),
+        "a route's host is kept"
+    );
+    assert_eq!(
+        go(reqwest::Method::GET, "evil.example", "/login").await,
+        (308, Some("https://media.example:8443/login".into())),
+        "an unknown host is not believed"
+    );
+    assert_eq!(
+        up.count(),
+        0,
+        "nothing reaches the upstream over plain http"
+    );
+    drop(gw);
+    // Without an https public URL there is nothing to send people to.
+    let bad = Gateway::builder(&up.url())
+        .server_keys(&format!("redirect_listen = \"127.0.0.1:{port}\""))
+        .configure();
+    let out = bad.cli(&["check-config"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("server.redirect_listen"));
+}
