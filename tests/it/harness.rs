@@ -37,6 +37,15 @@ where
 
 /// A free loopback port: bound, read, released for the gateway to take (the gateway is started
 /// again with new ports if another process takes it in between).
+/// Two different free ports (a port released can be handed out again at once).
+fn two_free_ports() -> (u16, u16) {
+    let port = free_port();
+    let other = std::iter::repeat_with(free_port)
+        .find(|p| *p != port)
+        .expect("another free port");
+    (port, other)
+}
+
 /// A free loopback port: bound, read, released for a server to take.
 pub fn free_port() -> u16 {
     let l = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
@@ -194,7 +203,8 @@ impl GatewayBuilder {
             admin: String::new(),
             port: 0,
         };
-        gw.write_config(free_port(), free_port());
+        let (port, admin) = two_free_ports();
+        gw.write_config(port, admin);
         for u in &self.users {
             gw.add_user(&u.name, &u.password, u.admin);
         }
@@ -404,7 +414,8 @@ upstream = "{upstream}"
     async fn spawn(&mut self) {
         for attempt in 0..5 {
             if attempt > 0 {
-                self.write_config(free_port(), free_port());
+                let (port, admin) = two_free_ports();
+                self.write_config(port, admin);
             }
             let log = std::fs::OpenOptions::new()
                 .create(true)
