@@ -229,7 +229,13 @@ async fn cross_site_or_tokenless_sign_out_posts_are_refused() {
     assert!(a.alive().await, "a refused request signed the user out");
 }
 
-async fn change_password(a: &mut Browser<'_>, current: &str, new: &str, signout: bool) -> u16 {
+/// Changes the password on the account page: 303 when it was changed, 400 when refused.
+pub(crate) async fn change_password(
+    a: &mut Browser<'_>,
+    current: &str,
+    new: &str,
+    signout: bool,
+) -> u16 {
     let csrf = a.csrf().await;
     let mut fields = vec![
         ("current", current),

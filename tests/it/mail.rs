@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::account::Browser;
+use crate::account::{change_password, Browser};
 use crate::harness::{client, client_from, poll_until, Gateway};
 use crate::smtpd::{Mail, Smtpd, SmtpdOptions};
 use crate::upstream::Upstream;
@@ -123,20 +123,8 @@ async fn mail_test_and_security_notices_reach_a_real_smtp_server() {
 
     // alice changes her password: she is told, with the address it was done from.
     let mut a = Browser::login(&gw, "alice", PW).await;
-    let csrf = a.csrf().await;
     let new_pw = "alice's newer passphrase";
-    let resp = a
-        .post(
-            "/_portcullis/account/password",
-            &[
-                ("current", PW),
-                ("new_password", new_pw),
-                ("confirm", new_pw),
-                ("csrf", &csrf),
-            ],
-        )
-        .await;
-    assert_eq!(resp.status(), 303);
+    assert_eq!(change_password(&mut a, PW, new_pw, false).await, 303);
     let notice = mail_to(&smtpd, "alice@example.org", "password was changed").await;
     assert!(notice.text.contains("127.0.0.1"), "{}", notice.text);
     assert!(

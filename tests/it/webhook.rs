@@ -10,7 +10,7 @@ use hmac::{Hmac, Mac};
 use serde_json::Value;
 use sha2::Sha256;
 
-use crate::account::Browser;
+use crate::account::{change_password, Browser};
 use crate::harness::{client, poll_until, Gateway};
 use crate::upstream::{Recorded, Upstream};
 
@@ -75,21 +75,9 @@ async fn security_events_are_delivered_signed_retried_and_refused_for_good_when_
         .await;
 
     // A password change: each webhook that asked for it gets it.
-    let a = Browser::login(&gw, "alice", PW).await;
-    let csrf = a.csrf().await;
+    let mut a = Browser::login(&gw, "alice", PW).await;
     let new_pw = "alice's newer passphrase";
-    let resp = a
-        .post(
-            "/_portcullis/account/password",
-            &[
-                ("current", PW),
-                ("new_password", new_pw),
-                ("confirm", new_pw),
-                ("csrf", &csrf),
-            ],
-        )
-        .await;
-    assert_eq!(resp.status(), 303);
+    assert_eq!(change_password(&mut a, PW, new_pw, false).await, 303);
     let delivered = |path: &'static str| {
         let receiver = &receiver;
         move || {
