@@ -564,3 +564,30 @@ async fn two_replicas_on_postgresql_send_each_message_once() {
         .contains("http://media.test/_portcullis/login"));
     drop(second);
 }
+
+/// A Jellyfin app signed in through the gateway is a new device too: its user is told, with
+/// the app and device it named.
+#[tokio::test]
+async fn a_new_jellyfin_app_is_told_like_a_new_browser() {
+    let smtpd = Smtpd::start().await;
+    let jf = crate::standin::StandIn::start().await;
+    jf.add_user("alice", crate::jellyfin::PW, false);
+    let gw = Gateway::builder(&jf.url())
+        .user("alice", PW)
+        .route_keys("kind = \"jellyfin\"")
+        .extra_toml(&mail_toml(&smtpd, ""))
+        .start()
+        .await;
+    gw.cli_ok(&["user", "set-email", "alice", "alice@example.org"]);
+    // The first sign-in on record (a browser) alerts nobody; the phone's app then does.
+    gw.login("alice", PW).await;
+    crate::jellyfin::token_of(&gw, "alice", "phone-1").await;
+    let alert = mail_to(&smtpd, "alice@example.org", "New sign-in").await;
+    assert!(
+        alert.text.contains("Jellyfin Android on Pixel 7"),
+        "{}",
+        alert.text
+    );
+    assert!(alert.text.contains("a media app"), "{}", alert.text);
+    assert!(!alert.links().is_empty());
+}
