@@ -21,17 +21,17 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use arc_swap::ArcSwap;
 use moka::sync::Cache;
 
+use crate::auth::cookie;
 use crate::auth::password::{Hasher, PasswordError};
 use crate::auth::throttle::{account_gate, Gate, Throttle};
 use crate::auth::token::{KeyError, Keyring, PendingClaims, SessionClaims, PENDING_TYP};
 use crate::auth::totp::{self, SecretsError, SecretsKey};
-use crate::auth::{cookie, Identity};
 use crate::config::{Config, Require2fa, Secret, MAX_PASSWORD_BYTES};
 use crate::metrics::Metrics;
 use crate::revocation::{self, RevocationView, SWEEP_INTERVAL};
 use crate::store::{
     self, AuditEntry, DynStore, NewSession, RevocationEvent, SequencedEvent, SessionId,
-    SessionKind, StoreError, User,
+    SessionKind, StoreError, StoreResult, User,
 };
 
 /// Longest user name accepted at login, in bytes.
@@ -531,28 +531,15 @@ impl App {
 
     /// Records a security event in the audit log and as a structured log line.
     pub async fn audit(&self, entry: AuditEntry) {
-        tracing::info!(
-            target: "portcullis::audit",
-            event = %entry.event,
-            outcome = %entry.outcome,
-            user = %entry.user_name,
-            ip = %entry.ip,
-            session = %entry.session_id,
-            detail = %entry.detail,
-        );
+        self.audit_with(entry, Vec::new()).await
+    }
+
+    /// `audit`, with more messages (mail, webhooks) written in the same transaction.
+    pub async fn audit_with(&self, entry: AuditEntry, more: Vec<store::NewOutbox>) {
         // The notice that tells the user of it goes into the outbox in the same write.
-        let mut notices = Vec::new();
-        if let (Some(id), Some(kind)) = (
-            entry.user_id,
-            outbox::notice_kind(&entry.event, &entry.outcome),
-        ) {
-            if let Ok(user) = self.store.find_user_by_id(id).await {
-                if self.mailer.is_some() {
-                    notices.extend(outbox::notice_for(&entry, user.as_ref()));
-                }
-                notices.extend(self.webhook_messages(kind, user.as_ref(), &entry));
-            }
-        }
+        let mut notices = self.notices_of(&entry).await;
+        notices.extend(more);
+        log_audit(&entry);
         match self.store.append_audit_with(&entry, &notices).await {
             Ok(()) if !notices.is_empty() => self.outbox_wake.notify_one(),
             Ok(()) => {}
@@ -560,6 +547,60 @@ impl App {
                 self.store_error("append_audit", e);
             }
         }
+    }
+
+    /// Makes a change through a store that writes `entry` and the notices of it in the same
+    /// transaction as the change, so that a change the user must hear of is never stored
+    /// without its notice. Nothing is audited when the change fails or finds nothing to do.
+    pub async fn audited<T, F, Fut>(&self, entry: AuditEntry, change: F) -> StoreResult<T>
+    where
+        F: FnOnce(DynStore) -> Fut,
+        Fut: std::future::Future<Output = StoreResult<T>>,
+    {
+        self.audited_with(entry, Vec::new(), change).await
+    }
+
+    /// `audited`, with more messages written beside the entry's own notices.
+    pub async fn audited_with<T, F, Fut>(
+        &self,
+        entry: AuditEntry,
+        more: Vec<store::NewOutbox>,
+        change: F,
+    ) -> StoreResult<T>
+    where
+        F: FnOnce(DynStore) -> Fut,
+        Fut: std::future::Future<Output = StoreResult<T>>,
+    {
+        let mut outbox = self.notices_of(&entry).await;
+        outbox.extend(more);
+        let notify = !outbox.is_empty();
+        let store = self.store.recording(store::Record {
+            entry: entry.clone(),
+            outbox,
+        });
+        let done = change(store).await?;
+        log_audit(&entry);
+        if notify {
+            self.outbox_wake.notify_one();
+        }
+        Ok(done)
+    }
+
+    /// The mail notice and webhook messages that tell of an audited event.
+    async fn notices_of(&self, entry: &AuditEntry) -> Vec<store::NewOutbox> {
+        let mut notices = Vec::new();
+        if let (Some(id), Some(kind)) = (
+            entry.user_id,
+            outbox::notice_kind(&entry.event, &entry.outcome),
+        ) {
+            if let Ok(user) = self.store.find_user_by_id(id).await {
+                if self.mailer.is_some() {
+                    notices.extend(outbox::notice_for(entry, user.as_ref()));
+                }
+                notices.extend(self.webhook_messages(kind, user.as_ref(), entry));
+            }
+        }
+        notices
     }
 
     /// Audits a request refused for carrying one of the gateway's cookies (`names`) more than
@@ -1162,20 +1203,17 @@ impl App {
         })
     }
 
-    /// Signs out every device of a user.
-    pub async fn signout_user_id(&self, user_id: i64) -> Result<(), StoreError> {
+    /// Signs out every device of a user, recording `entry` with it.
+    pub async fn signout_user_id(&self, user_id: i64, entry: AuditEntry) -> Result<(), StoreError> {
         let event = self
-            .store
-            .signout_user(user_id, now_ms())
+            .audited(
+                entry,
+                |s| async move { s.signout_user(user_id, now_ms()).await },
+            )
             .await
             .map_err(|e| self.store_error("signout_user", e))?;
         self.apply(&[event]);
         Ok(())
-    }
-
-    /// Signs out every device of the identity's user.
-    pub async fn signout_user(&self, identity: &Identity) -> Result<(), StoreError> {
-        self.signout_user_id(identity.user_id).await
     }
 
     /// Applies events this process committed to its own view at once.
@@ -1442,4 +1480,17 @@ pub(crate) fn truncate(s: &str, max: usize) -> String {
         end -= 1;
     }
     s[..end].to_string()
+}
+
+/// The structured log line of an audited event.
+pub(crate) fn log_audit(entry: &AuditEntry) {
+    tracing::info!(
+        target: "portcullis::audit",
+        event = %entry.event,
+        outcome = %entry.outcome,
+        user = %entry.user_name,
+        ip = %entry.ip,
+        session = %entry.session_id,
+        detail = %entry.detail,
+    );
 }

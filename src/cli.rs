@@ -15,7 +15,9 @@ use clap::{Args, Parser, Subcommand};
 use crate::app::now_ms;
 use crate::auth::password::{check_policy, generate_password, Hasher};
 use crate::config::{Config, Secret};
-use crate::store::{self, AuditEntry, DynStore, SessionId, SessionRecord, StoreError, User};
+use crate::store::{
+    self, AuditEntry, DynStore, Record, SessionId, SessionRecord, StoreError, User,
+};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -820,15 +822,15 @@ async fn print_link(
     purpose: LinkPurpose,
 ) -> anyhow::Result<()> {
     let user = find_user(store, name).await?;
-    let link = crate::app::account::create_link(store, config, &user, purpose)
-        .await
-        .map_err(store_refusal)?;
     let (event, what) = match purpose {
         LinkPurpose::Password => ("reset_link_issued", "reset link"),
         LinkPurpose::Passkey => ("passkey_link_issued", "passkey link"),
         LinkPurpose::NotMe => ("not_me_link_issued", "\"this wasn't me\" link"),
     };
-    cli_audit(store, event, Some(&user), "").await;
+    let recording = cli_recording(store, event, &user, "");
+    let link = crate::app::account::create_link(&recording, config, &user, purpose)
+        .await
+        .map_err(store_refusal)?;
     println!(
         "one-time {what} for {} (valid for {}):\n{link}",
         user.name,
@@ -981,21 +983,19 @@ async fn user_command(config: &Config, store: &DynStore, c: UserCommand) -> anyh
         }
         UserCommand::Disable { name } => {
             let user = find_user(store, &name).await?;
-            store
+            cli_recording(store, "admin_disable", &user, "")
                 .set_disabled(user.id, true, now_ms())
                 .await
                 .map_err(store_refusal)?;
-            cli_audit(store, "admin_disable", Some(&user), "").await;
             println!("disabled {} and ended all of their sessions", user.name);
             Ok(())
         }
         UserCommand::Enable { name } => {
             let user = find_user(store, &name).await?;
-            store
+            cli_recording(store, "admin_enable", &user, "")
                 .set_disabled(user.id, false, now_ms())
                 .await
                 .map_err(store_refusal)?;
-            cli_audit(store, "admin_enable", Some(&user), "").await;
             println!("enabled {}", user.name);
             Ok(())
         }
@@ -1048,11 +1048,10 @@ async fn user_command(config: &Config, store: &DynStore, c: UserCommand) -> anyh
                 println!("{n} users must choose a new password at next login");
             } else if let Some(name) = name {
                 let user = find_user(store, &name).await?;
-                store
+                cli_recording(store, "require_reset", &user, "")
                     .set_must_reset(Some(user.id), true)
                     .await
                     .map_err(store_refusal)?;
-                cli_audit(store, "require_reset", Some(&user), "").await;
                 println!("{} must choose a new password at next login", user.name);
             }
             Ok(())
@@ -1096,8 +1095,10 @@ async fn user_command(config: &Config, store: &DynStore, c: UserCommand) -> anyh
         }
         UserCommand::Unlock { name } => {
             let user = find_user(store, &name).await?;
-            store.clear_failures(user.id).await.map_err(store_refusal)?;
-            cli_audit(store, "unlock", Some(&user), "").await;
+            cli_recording(store, "unlock", &user, "")
+                .clear_failures(user.id)
+                .await
+                .map_err(store_refusal)?;
             println!("unlocked {}", user.name);
             Ok(())
         }
@@ -1486,6 +1487,22 @@ async fn plex_command(config: &Config, store: &DynStore, c: PlexCommand) -> anyh
 
 /// Records an operator's CLI action in the audit log (the CLI has no IP or session).
 async fn cli_audit(store: &DynStore, event: &str, user: Option<&User>, detail: &str) {
+    let r = cli_record(event, user, detail);
+    if let Err(e) = store.append_audit_with(&r.entry, &r.outbox).await {
+        eprintln!("portcullis: warning: the audit log could not be written: {e}");
+    }
+}
+
+/// A store that writes the audit entry of an operator's change, and the notices of it, in the
+/// change's own transaction.
+fn cli_recording(store: &DynStore, event: &str, user: &User, detail: &str) -> DynStore {
+    store.recording(cli_record(event, Some(user), detail))
+}
+
+/// The audit entry of an operator's action and the messages that tell of it: the user is told,
+/// as when the same is done at the admin page (the running gateway's outbox sends it), and the
+/// webhooks that asked for the event.
+fn cli_record(event: &str, user: Option<&User>, detail: &str) -> Record {
     let entry = AuditEntry {
         at_ms: now_ms(),
         event: event.to_string(),
@@ -1497,23 +1514,18 @@ async fn cli_audit(store: &DynStore, event: &str, user: Option<&User>, detail: &
         ..AuditEntry::default()
     };
     tracing::info!(target: "portcullis::audit", event, user = %entry.user_name, detail, "cli");
-    // The user is told, as when the same is done at the admin page (the running gateway's
-    // outbox sends it).
-    let mut notices: Vec<_> = crate::app::outbox::notice_for(&entry, user)
+    let mut outbox: Vec<_> = crate::app::outbox::notice_for(&entry, user)
         .into_iter()
         .collect();
-    // And the webhooks that asked for the event.
     if let (Some(kind), Some(hooks)) = (
         crate::app::outbox::notice_kind(&entry.event, &entry.outcome),
         WEBHOOKS.get(),
     ) {
-        notices.extend(crate::app::outbox::webhook_messages(
+        outbox.extend(crate::app::outbox::webhook_messages(
             hooks, kind, user, &entry,
         ));
     }
-    if let Err(e) = store.append_audit_with(&entry, &notices).await {
-        eprintln!("portcullis: warning: the audit log could not be written: {e}");
-    }
+    Record { entry, outbox }
 }
 
 async fn breach(
@@ -1525,39 +1537,17 @@ async fn breach(
     if notify && config.mail.is_none() {
         return Err(refused("--notify needs [mail] in the config"));
     }
-    let report = crate::app::account::breach_response(config, store, require_passkey, notify)
-        .await
-        .map_err(|e| refused(e.to_string()))?;
-    let event = AuditEntry {
+    let entry = AuditEntry {
         at_ms: now_ms(),
         event: "breach_response".to_string(),
         outcome: "success".to_string(),
         ip: "cli".to_string(),
-        detail: format!("{} users must reset", report.users_reset),
         ..AuditEntry::default()
     };
-    let hooks =
-        crate::app::outbox::webhook_messages(&config.webhooks, "breach_response", None, &event);
-    store
-        .enqueue(&hooks, now_ms())
-        .await
-        .map_err(store_refusal)?;
-    cli_audit(
-        store,
-        "breach_response",
-        None,
-        &format!(
-            "new key {}, retired {:?}{}",
-            report.new_kid,
-            report.retired_kids,
-            if require_passkey {
-                ", passkeys required"
-            } else {
-                ""
-            }
-        ),
-    )
-    .await;
+    let report =
+        crate::app::account::breach_response(config, store, require_passkey, notify, entry)
+            .await
+            .map_err(|e| refused(e.to_string()))?;
     println!("breach response done:");
     println!("  - every session of every user is signed out");
     println!(
@@ -1745,11 +1735,10 @@ async fn signout(store: &DynStore, a: SignoutArgs) -> anyhow::Result<()> {
         return Err(refused("name --user NAME or --everyone"));
     };
     let user = find_user(store, &name).await?;
-    store
+    cli_recording(store, "signout_all_devices", &user, "by an operator")
         .signout_user(user.id, now_ms())
         .await
         .map_err(store_refusal)?;
-    cli_audit(store, "signout_all_devices", Some(&user), "by an operator").await;
     println!("signed out every device of {}", user.name);
     Ok(())
 }

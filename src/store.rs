@@ -197,6 +197,14 @@ pub struct AuditEntry {
     pub detail: String,
 }
 
+/// An audit entry and the messages that tell of it, written by a recording store
+/// (`Store::recording`) in the transaction of the change they describe.
+#[derive(Clone, Debug, Default)]
+pub struct Record {
+    pub entry: AuditEntry,
+    pub outbox: Vec<NewOutbox>,
+}
+
 /// What a reset link's hash names.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ResetLinkState {
@@ -842,10 +850,16 @@ pub trait Store: Send + Sync + 'static {
         now_ms: i64,
         expires_ms: i64,
     ) -> StoreResult<()>;
+    /// The user and the address a confirmation link names (used or not).
+    async fn email_confirmation(&self, token_hash: &str) -> StoreResult<Option<(i64, String)>>;
     /// Uses a confirmation link: the address becomes the user's, in the same write.
     async fn confirm_email(&self, token_hash: &str, now_ms: i64) -> StoreResult<EmailConfirmation>;
     /// Appends an audit entry and, in the same transaction, the messages that tell of it.
     async fn append_audit_with(&self, e: &AuditEntry, outbox: &[NewOutbox]) -> StoreResult<()>;
+    /// The same store, but the next transaction it commits also appends `record` (once): a
+    /// change and its audit entry and notices are written together or not at all. A change
+    /// that finds nothing to do commits nothing and so records nothing.
+    fn recording(&self, record: Record) -> DynStore;
     /// Puts messages in the outbox, due at once.
     async fn enqueue(&self, outbox: &[NewOutbox], now_ms: i64) -> StoreResult<()>;
     /// Takes a lease on up to `limit` due messages for `owner` until `now_ms + lease_ms` and

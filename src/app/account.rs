@@ -279,7 +279,6 @@ impl App {
         identity: &Identity,
         client: &ClientInfo,
     ) -> Result<(), AccountError> {
-        self.signout_user(identity).await?;
         let mut e = self.audit_entry(
             "signout_all_devices",
             "success",
@@ -287,7 +286,7 @@ impl App {
             client,
         );
         e.session_id = identity.sid.to_string();
-        self.audit(e).await;
+        self.signout_user_id(identity.user_id, e).await?;
         Ok(())
     }
 
@@ -300,7 +299,8 @@ impl App {
         client: &ClientInfo,
     ) -> Result<LoginOk, AccountError> {
         let sso = self.sso_session_of(identity.sid).await?;
-        self.signout_user(identity).await?;
+        let event = self.store.signout_user(identity.user_id, now_ms()).await?;
+        self.apply(&[event]);
         let user = self.user(identity.user_id).await?;
         let ok = self.replacement_session(&user, sso, kind, client).await?;
         let mut e = self.audit_entry(
@@ -423,14 +423,6 @@ impl App {
         } else {
             None
         };
-        let event = self.store.change_password(user.id, &hash, at).await?;
-        let fresh = match event {
-            Some(ev) => {
-                self.apply(&[ev]);
-                Some(self.replacement_session(&user, sso, kind, client).await?)
-            }
-            None => None,
-        };
         let mut e = self.audit_entry(
             "password_change",
             "success",
@@ -442,7 +434,20 @@ impl App {
         } else {
             "kept other devices signed in".into()
         };
-        self.audit(e).await;
+        let uid = user.id;
+        let event = self
+            .audited(
+                e,
+                |s| async move { s.change_password(uid, &hash, at).await },
+            )
+            .await?;
+        let fresh = match event {
+            Some(ev) => {
+                self.apply(&[ev]);
+                Some(self.replacement_session(&user, sso, kind, client).await?)
+            }
+            None => None,
+        };
         Ok(fresh)
     }
 
@@ -460,14 +465,6 @@ impl App {
             .pending_user(pending_token, PendingStage::Password)
             .await?;
         let hash = self.new_password_hash(&user.name, new, confirm).await?;
-        if let Some(ev) = self
-            .store
-            .change_password(user.id, &hash, Some(now_ms()))
-            .await?
-        {
-            self.apply(&[ev]);
-        }
-        self.spend_pending(&claims.jti);
         let mut e = self.audit_entry(
             "password_change",
             "success",
@@ -475,7 +472,16 @@ impl App {
             client,
         );
         e.detail = "required at login; signed out connected devices".into();
-        self.audit(e).await;
+        let uid = user.id;
+        let changed = self
+            .audited(e, |s| async move {
+                s.change_password(uid, &hash, Some(now_ms())).await
+            })
+            .await?;
+        if let Some(ev) = changed {
+            self.apply(&[ev]);
+        }
+        self.spend_pending(&claims.jti);
         let sso = self.resumed_sso(&claims);
         let amr = super::factors_before_step(&claims, &user);
         // What is still owed (a passkey to register) comes next.
@@ -543,15 +549,17 @@ impl App {
             self.audit(e).await;
             return Err(AccountError::InvalidCode);
         };
-        self.store
-            .set_totp(user.id, Some(&claims.seed), true)
-            .await?;
+        let e = self.audit_entry("2fa_enroll", "success", Some((user.id, &user.name)), client);
+        let (uid, seed) = (user.id, &claims.seed);
+        self.audited(
+            e,
+            |s| async move { s.set_totp(uid, Some(seed), true).await },
+        )
+        .await?;
         // The confirming code is spent: it cannot also be used to log in.
         self.store.accept_totp_step(user.id, step).await?;
         let (codes, hashes) = totp::new_recovery_codes();
         self.store.replace_recovery_codes(user.id, &hashes).await?;
-        let e = self.audit_entry("2fa_enroll", "success", Some((user.id, &user.name)), client);
-        self.audit(e).await;
         Ok(codes)
     }
 
@@ -604,34 +612,16 @@ impl App {
         }
         self.reauthenticate(identity, proof, client, "2fa_disable")
             .await?;
-        self.store.set_totp(user.id, None, false).await?;
         let e = self.audit_entry(
             "2fa_disable",
             "success",
             Some((user.id, &user.name)),
             client,
         );
-        self.audit(e).await;
+        let uid = user.id;
+        self.audited(e, |s| async move { s.set_totp(uid, None, false).await })
+            .await?;
         Ok(())
-    }
-
-    /// Issues a one-time reset link for a user; only its hash is stored.
-    /// A one-time link for `user` (see [`create_link`]), audited.
-    pub async fn issue_link(
-        &self,
-        user: &User,
-        purpose: LinkPurpose,
-        client: &ClientInfo,
-    ) -> Result<String, AccountError> {
-        let link = create_link(&self.store, &self.config(), user, purpose).await?;
-        let event = match purpose {
-            LinkPurpose::Password => "reset_link_issued",
-            LinkPurpose::Passkey => "passkey_link_issued",
-            LinkPurpose::NotMe => "not_me_link_issued",
-        };
-        let e = self.audit_entry(event, "success", Some((user.id, &user.name)), client);
-        self.audit(e).await;
-        Ok(link)
     }
 
     pub async fn reset_link_state(&self, token: &str) -> Result<ResetLinkState, AccountError> {
@@ -657,38 +647,31 @@ impl App {
         };
         let user = self.user(user_id).await?;
         let hash = self.new_password_hash(&user.name, new, confirm).await?;
-        match self
-            .store
-            .redeem_reset_link(&token_hash(token), &hash, signout, now_ms())
-            .await?
-        {
+        let mut e = self.audit_entry(
+            "reset_link_used",
+            "success",
+            Some((user.id, &user.name)),
+            client,
+        );
+        e.detail = if signout {
+            "every device signed out".into()
+        } else {
+            "other devices kept".into()
+        };
+        let link = token_hash(token);
+        let redeemed = self
+            .audited(e, |s| async move {
+                s.redeem_reset_link(&link, &hash, signout, now_ms()).await
+            })
+            .await?;
+        match redeemed {
             Some((_, event)) => {
                 self.apply(event.as_slice());
-                let mut e = self.audit_entry(
-                    "reset_link_used",
-                    "success",
-                    Some((user.id, &user.name)),
-                    client,
-                );
-                e.detail = if signout {
-                    "every device signed out".into()
-                } else {
-                    "other devices kept".into()
-                };
-                self.audit(e).await;
                 Ok(ResetLinkState::Valid { user_id })
             }
             // Used or expired between the check and the write.
             None => Ok(self.reset_link_state(token).await?),
         }
-    }
-
-    /// Clears an account's failures and lock.
-    pub async fn unlock(&self, user: &User, client: &ClientInfo) -> Result<(), AccountError> {
-        self.store.clear_failures(user.id).await?;
-        self.audit(self.audit_entry("unlock", "success", Some((user.id, &user.name)), client))
-            .await;
-        Ok(())
     }
 
     /// Breach response: a new signing key with the old ones retired, everyone signed out, and
@@ -699,32 +682,13 @@ impl App {
         notify: bool,
         client: &ClientInfo,
     ) -> Result<BreachReport, AccountError> {
-        let report = breach_response(&self.config(), &self.store, require_passkey, notify).await?;
-        if report.users_notified > 0 {
-            self.outbox_wake.notify_one();
-        }
+        let e = self.audit_entry("breach_response", "success", None, client);
+        let report =
+            breach_response(&self.config(), &self.store, require_passkey, notify, e).await?;
+        self.outbox_wake.notify_one();
         self.reload_keys_if_changed();
         // The events were committed by the store call; make them count here at once.
         let _ = self.sync().await;
-        let mut e = self.audit_entry("breach_response", "success", None, client);
-        e.detail = format!(
-            "new key {}, retired {:?}, {} users must reset{}, {} single sign-on links removed",
-            report.new_kid,
-            report.retired_kids,
-            report.users_reset,
-            if report.passkey_required {
-                " and register a passkey"
-            } else {
-                ""
-            },
-            report.oidc_links_removed
-        );
-        if notify {
-            e.detail
-                .push_str(&format!(", {} users mailed", report.users_notified));
-        }
-        self.enqueue_webhooks("breach_response", None, &e).await;
-        self.audit(e).await;
         Ok(report)
     }
 }
@@ -734,12 +698,14 @@ impl App {
 /// session would otherwise be a way back in; users link again), then — in one store
 /// transaction — sign out everyone, require a new password of every user (and, with
 /// `require_passkey`, a passkey: phished passwords and codes then open nothing) and retire the
-/// old key ids so no instance accepts them again.
+/// old key ids so no instance accepts them again. The same transaction appends `entry` (its
+/// detail filled in), the mail to every user with an address (`notify`) and the webhooks.
 pub async fn breach_response(
     config: &crate::config::Config,
     store: &crate::store::DynStore,
     require_passkey: bool,
     notify: bool,
+    mut entry: crate::store::AuditEntry,
 ) -> Result<BreachReport, AccountError> {
     if config.session.key_override.is_some() {
         return Err(AccountError::Keys(KeyError::Env(
@@ -753,13 +719,10 @@ pub async fn breach_response(
     // through a link made before it.
     let oidc_links_removed = store.unlink_all_oidc().await?;
     let now = now_ms();
-    store
-        .breach_response(now, &retired_kids, require_passkey)
-        .await?;
     let users = store.list_users().await?;
     let users_reset = users.len() as u64;
     // Everyone with an address is told what happened and what to do (`--notify`).
-    let notices: Vec<crate::store::NewOutbox> = users
+    let mut outbox: Vec<crate::store::NewOutbox> = users
         .iter()
         .filter(|u| notify && config.mail.is_some() && u.email.is_some())
         .map(|u| crate::store::NewOutbox {
@@ -770,8 +733,36 @@ pub async fn breach_response(
             params: serde_json::json!({ "at_ms": now }).to_string(),
         })
         .collect();
-    store.enqueue(&notices, now).await?;
-    let users_notified = notices.len() as u64;
+    let users_notified = outbox.len() as u64;
+    entry.detail = format!(
+        "new key {new_kid}, retired {retired_kids:?}, {users_reset} users must reset{}, \
+         {oidc_links_removed} single sign-on links removed",
+        if require_passkey {
+            " and register a passkey"
+        } else {
+            ""
+        },
+    );
+    if notify {
+        entry
+            .detail
+            .push_str(&format!(", {users_notified} users mailed"));
+    }
+    outbox.extend(super::outbox::webhook_messages(
+        &config.webhooks,
+        "breach_response",
+        None,
+        &entry,
+    ));
+    let record = crate::store::Record {
+        entry: entry.clone(),
+        outbox,
+    };
+    store
+        .recording(record)
+        .breach_response(now, &retired_kids, require_passkey)
+        .await?;
+    super::log_audit(&entry);
     Ok(BreachReport {
         new_kid,
         retired_kids,

@@ -377,13 +377,6 @@ impl App {
         if !within(&self.mail_limits.changes, user.id, CHANGES_PER_USER) {
             return Err(EmailError::TooMany);
         }
-        self.enqueue_mail(
-            "confirm_email",
-            Some(user.id),
-            Some(address),
-            json!({ "address": address, "at_ms": now_ms(), "ip": client.ip }),
-        )
-        .await?;
         let mut e = self.audit_entry(
             "email_change_requested",
             "success",
@@ -391,7 +384,13 @@ impl App {
             client,
         );
         e.detail = format!("to {address}");
-        self.audit(e).await;
+        let mail = self.mail_message(
+            "confirm_email",
+            Some(user.id),
+            Some(address),
+            json!({ "address": address, "at_ms": e.at_ms, "ip": client.ip }),
+        );
+        self.audit_with(e, mail.into_iter().collect()).await;
         Ok(())
     }
 
@@ -402,38 +401,42 @@ impl App {
         token: &str,
         client: &ClientInfo,
     ) -> Result<EmailConfirmation, StoreError> {
-        let outcome = self
-            .store
-            .confirm_email(&token_hash(token), now_ms())
-            .await?;
-        if let EmailConfirmation::Confirmed {
-            user_id,
-            address,
-            previous,
-        } = &outcome
+        let hash = token_hash(token);
+        // The user and both addresses are read first, so that the change, its audit entry,
+        // the mail to the address it replaces and the webhooks are written in one transaction.
+        let named = self.store.email_confirmation(&hash).await?;
+        let user = match &named {
+            Some((id, _)) => self.store.find_user_by_id(*id).await?,
+            None => None,
+        };
+        let (Some((user_id, address)), Some(user)) = (named, user) else {
+            return self.store.confirm_email(&hash, now_ms()).await;
+        };
+        let mut e = self.audit_entry(
+            "email_changed",
+            "success",
+            Some((user_id, &user.name)),
+            client,
+        );
+        e.detail = format!("to {address}");
+        let mut more = self.webhook_messages("email_changed", Some(&user), &e);
+        if let Some(old) = user
+            .email
+            .as_deref()
+            .filter(|old| !old.eq_ignore_ascii_case(&address))
         {
-            let user = self.store.find_user_by_id(*user_id).await?;
-            let name = user.as_ref().map(|u| u.name.clone()).unwrap_or_default();
-            if let Some(old) = previous
-                .as_deref()
-                .filter(|p| !p.eq_ignore_ascii_case(address))
-            {
-                self.enqueue_mail(
-                    "email_changed",
-                    Some(*user_id),
-                    Some(old),
-                    json!({ "address": address, "at_ms": now_ms(), "ip": client.ip }),
-                )
-                .await?;
-            }
-            let mut e =
-                self.audit_entry("email_changed", "success", Some((*user_id, &name)), client);
-            e.detail = format!("to {address}");
-            self.enqueue_webhooks("email_changed", user.as_ref(), &e)
-                .await;
-            self.audit(e).await;
+            more.extend(self.mail_message(
+                "email_changed",
+                Some(user_id),
+                Some(old),
+                json!({ "address": address, "at_ms": e.at_ms, "ip": client.ip }),
+            ));
         }
-        Ok(outcome)
+        // A link used or expired commits nothing, and so records nothing.
+        self.audited_with(e, more, |s| async move {
+            s.confirm_email(&hash, now_ms()).await
+        })
+        .await
     }
 
     /// "Forgot my password" for `identifier` (a user name or an address). The answer does not
@@ -516,24 +519,17 @@ impl App {
             client,
         );
         e.detail = refusal.unwrap_or("link mailed").to_string();
-        self.audit(e).await;
-        if let Some(why) = refusal {
-            return why;
-        }
-        match self
-            .enqueue_mail(
+        // The link's mail is written with the audit entry of the request.
+        let mail = match refusal {
+            Some(_) => None,
+            None => self.mail_message(
                 "password_reset",
                 Some(user.id),
                 None,
-                json!({ "at_ms": now_ms(), "ip": client.ip }),
-            )
-            .await
-        {
-            Ok(()) => "queued",
-            Err(e) => {
-                self.store_error("outbox", e);
-                "store unavailable"
-            }
-        }
+                json!({ "at_ms": e.at_ms, "ip": client.ip }),
+            ),
+        };
+        self.audit_with(e, mail.into_iter().collect()).await;
+        refusal.unwrap_or("queued")
     }
 }

@@ -45,8 +45,8 @@ pub fn notice_kind(event: &str, outcome: &str) -> Option<&'static str> {
         | "admin_enable"
         | "admin_unlock"
         | "admin_require_reset"
-        | "admin_reset_link"
-        | "admin_passkey_link"
+        | "reset_link_issued"
+        | "passkey_link_issued"
         | "admin_require_passkey"
         | "admin_passkey_optional"
         | "admin_signout"
@@ -86,8 +86,8 @@ fn notice_detail(event: &str, detail: &str) -> String {
         "admin_require_reset" | "require_reset" => {
             "you must choose a new password at your next sign-in"
         }
-        "admin_reset_link" => "a password reset link was made for you",
-        "admin_passkey_link" => "a link to register a passkey was made for you",
+        "reset_link_issued" => "a password reset link was made for you",
+        "passkey_link_issued" => "a link to register a passkey was made for you",
         "admin_require_passkey" => "you must sign in with a passkey from now on",
         "admin_passkey_optional" => "you may sign in with your password again",
         "admin_signout" => "every device was signed out",
@@ -204,19 +204,30 @@ impl App {
         address: Option<&str>,
         params: Value,
     ) -> Result<(), crate::store::StoreError> {
-        if self.mailer.is_none() {
+        let Some(message) = self.mail_message(kind, user_id, address, params) else {
             return Ok(());
-        }
-        let message = NewOutbox {
+        };
+        self.store.enqueue(&[message], now_ms()).await?;
+        self.outbox_wake.notify_one();
+        Ok(())
+    }
+
+    /// A mail message for the outbox; `None` when mail is not configured.
+    pub(crate) fn mail_message(
+        &self,
+        kind: &str,
+        user_id: Option<i64>,
+        address: Option<&str>,
+        params: Value,
+    ) -> Option<NewOutbox> {
+        self.mailer.as_ref()?;
+        Some(NewOutbox {
             channel: MAIL.to_string(),
             kind: kind.to_string(),
             user_id,
             address: address.map(str::to_string),
             params: params.to_string(),
-        };
-        self.store.enqueue(&[message], now_ms()).await?;
-        self.outbox_wake.notify_one();
-        Ok(())
+        })
     }
 
     /// The outbox worker: every second, or at once when woken, sends what is due.

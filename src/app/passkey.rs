@@ -27,7 +27,9 @@ use super::{now_ms, App, Channel, ClientInfo, LoginError, LoginStep, PendingStag
 use crate::auth::throttle::Gate;
 use crate::auth::Identity;
 use crate::metrics::Family;
-use crate::store::{Ceremony, NewPasskey, PasskeyRecord, SessionKind, StoreError, User};
+use crate::store::{
+    AuditEntry, Ceremony, NewPasskey, PasskeyRecord, SessionKind, StoreError, User,
+};
 use subtle::ConstantTimeEq;
 
 /// How long a ceremony (the browser's passkey prompt) may take.
@@ -434,12 +436,17 @@ impl App {
         let new = self
             .check_registration(user, ceremony, credential, label, client)
             .await?;
-        let id = match self.store.add_passkey(&new).await {
+        let e = self.registered(user, &new, how, client);
+        let passkey = &new;
+        let id = match self
+            .audited(e, |s| async move { s.add_passkey(passkey).await })
+            .await
+        {
             Ok(id) => id,
             Err(StoreError::Conflict(_)) => return Err(self.duplicate(user, client).await),
             Err(e) => return Err(e.into()),
         };
-        self.registered(user, &new, how, client).await;
+        self.count_passkey("registered");
         Ok((id, new.cred_id))
     }
 
@@ -519,19 +526,25 @@ impl App {
             .check_registration(&user, ceremony, credential, label, client)
             .await?;
         let hash = super::account::link_hash(token);
-        match self.store.redeem_passkey_link(&hash, &new, now_ms()).await {
+        let e = self.registered(
+            &user,
+            &new,
+            "one-time link; signed out every device",
+            client,
+        );
+        let passkey = &new;
+        let redeemed = self
+            .audited(e, |s| async move {
+                s.redeem_passkey_link(&hash, passkey, now_ms()).await
+            })
+            .await;
+        match redeemed {
             Ok(Some(event)) => self.apply(&[event]),
             Ok(None) => return Err(PasskeyError::LinkNotValid),
             Err(StoreError::Conflict(_)) => return Err(self.duplicate(&user, client).await),
             Err(e) => return Err(e.into()),
         }
-        self.registered(
-            &user,
-            &new,
-            "one-time link; signed out every device",
-            client,
-        )
-        .await;
+        self.count_passkey("registered");
         Ok(())
     }
 
@@ -561,22 +574,27 @@ impl App {
         PasskeyError::Duplicate
     }
 
-    /// Counts and audits a registered passkey.
-    async fn registered(&self, user: &User, new: &NewPasskey, how: &str, client: &ClientInfo) {
-        self.count_passkey("registered");
+    /// The audit entry of a passkey registered (written with it).
+    fn registered(
+        &self,
+        user: &User,
+        new: &NewPasskey,
+        how: &str,
+        client: &ClientInfo,
+    ) -> AuditEntry {
         let verified = if new.user_verified {
             "user verified"
         } else {
             "without user verification"
         };
-        self.audit_passkey(
+        let mut e = self.audit_entry(
             "passkey_add",
             "success",
-            Some(user),
+            Some((user.id, &user.name)),
             client,
-            format!("passkey `{}` ({verified}; {how})", new.label),
-        )
-        .await;
+        );
+        e.detail = format!("passkey `{}` ({verified}; {how})", new.label);
+        e
     }
 
     /// Checks a registration answer against the ceremony kept for `user`; the passkey to
@@ -1040,30 +1058,32 @@ impl App {
         if mine.len() == 1 && self.passkey_required(user) {
             return Err(PasskeyError::LastMethod);
         }
-        if !self.store.remove_passkey(user.id, id).await? {
+        let mut e = self.audit_entry(
+            "passkey_remove",
+            "success",
+            Some((user.id, &user.name)),
+            client,
+        );
+        e.detail = format!(
+            "passkey `{}`{}",
+            record.label,
+            if signout {
+                "; signed out every device"
+            } else {
+                ""
+            }
+        );
+        let uid = user.id;
+        if !self
+            .audited(e, |s| async move { s.remove_passkey(uid, id).await })
+            .await?
+        {
             return Err(PasskeyError::NoSuchPasskey);
         }
         self.count_passkey("removed");
-        self.audit_passkey(
-            "passkey_remove",
-            "success",
-            Some(user),
-            client,
-            format!(
-                "passkey `{}`{}",
-                record.label,
-                if signout {
-                    "; signed out every device"
-                } else {
-                    ""
-                }
-            ),
-        )
-        .await;
         if signout {
-            self.signout_user_id(user.id)
-                .await
-                .map_err(PasskeyError::from)?;
+            let event = self.store.signout_user(uid, now_ms()).await?;
+            self.apply(&[event]);
         }
         Ok(())
     }

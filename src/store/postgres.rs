@@ -217,6 +217,7 @@ impl SqlStore<Postgres> {
             )),
             announcements: Some(rx),
             _listener: Some(AbortOnDrop(task)),
+            record: None,
         })
     }
 }

@@ -9,6 +9,7 @@ use sqlx::migrate::Migrate;
 use sqlx::{
     ColumnIndex, Decode, Encode, Executor, FromRow, IntoArguments, Pool, Row, Transaction, Type,
 };
+use std::sync::{Arc, Mutex};
 use tokio::sync::watch;
 
 use super::dialect::Dialect;
@@ -16,7 +17,7 @@ use super::{
     Announcement, AuditEntry, BackchannelLogout, Ceremony, DeviceSeen, EmailConfirmation,
     MediaNote, MediaTokenRow, NewMediaBinding, NewOutbox, NewPasskey, NewSession, OidcLink,
     OidcSession, OutboxMessage, OutboxOutcome, OutboxStats, OwedLogout, PasskeyRecord, PlexAccount,
-    PlexDevice, ResetLinkState, RevocationEvent, SequencedEvent, SessionId, SessionKind,
+    PlexDevice, Record, ResetLinkState, RevocationEvent, SequencedEvent, SessionId, SessionKind,
     SessionRecord, Snapshot, Store, StoreError, StoreResult, User,
 };
 
@@ -54,6 +55,8 @@ pub struct SqlStore<D: Dialect> {
     pub(super) announcements: Option<watch::Receiver<Announcement>>,
     /// Ends the announcement task, if any, when the store is dropped.
     pub(super) _listener: Option<AbortOnDrop>,
+    /// A recording store's audit entry and notices, taken by the first transaction it commits.
+    pub(super) record: Option<Arc<Mutex<Option<Record>>>>,
 }
 
 /// Aborts a task when dropped.
@@ -230,7 +233,7 @@ where
                 VALUES ($1, $2, $3, $4, $5)"; token_hash, user_id, now_ms, expires_ms, purpose)
         .execute(&mut *tx)
         .await?;
-        Ok(tx.commit().await?)
+        self.commit(tx, &[]).await
     }
 
     async fn link_state(
@@ -262,12 +265,39 @@ where
         Ok(tx)
     }
 
-    /// Commits, first announcing the highest event number written (delivered at commit).
-    async fn commit(mut tx: Tx<D>, events: &[SequencedEvent]) -> StoreResult<()> {
+    /// Commits, first announcing the highest event number written (delivered at commit) and,
+    /// on a recording store, appending its record if no earlier transaction took it.
+    async fn commit(&self, mut tx: Tx<D>, events: &[SequencedEvent]) -> StoreResult<()> {
         if let (Some(announce), Some(last)) = (D::ANNOUNCE, events.iter().map(|e| e.seq).max()) {
             query!(announce; last).execute(&mut *tx).await?;
         }
+        if let Some(record) = self.take_record() {
+            Self::insert_record(&mut tx, &record).await?;
+        }
         Ok(tx.commit().await?)
+    }
+
+    fn take_record(&self) -> Option<Record> {
+        let pending = self.record.as_ref()?;
+        match pending.lock() {
+            Ok(mut r) => r.take(),
+            Err(p) => p.into_inner().take(),
+        }
+    }
+
+    /// Appends an audit entry and its messages in the transaction open on `conn`.
+    async fn insert_record(conn: &mut D::Connection, r: &Record) -> StoreResult<()> {
+        let e = &r.entry;
+        query!("INSERT INTO audit_log (at_ms, event, outcome, user_id, user_name, ip, user_agent,
+                session_id, detail) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)";
+               e.at_ms, &e.event, &e.outcome, e.user_id, &e.user_name, &e.ip, &e.user_agent,
+               &e.session_id, &e.detail)
+        .execute(&mut *conn)
+        .await?;
+        for m in &r.outbox {
+            Self::insert_outbox(&mut *conn, m, e.at_ms).await?;
+        }
+        Ok(())
     }
 
     fn get<'r, T, I>(row: &'r D::Row, column: I) -> StoreResult<T>
@@ -643,7 +673,7 @@ where
         if is_admin {
             events.push(Self::groups_event(&mut tx, user.id, now_ms).await?);
         }
-        Self::commit(tx, &events).await?;
+        self.commit(tx, &events).await?;
         Ok(user)
     }
 
@@ -692,7 +722,7 @@ where
             return Err(StoreError::NotFound(format!("user {user_id}")));
         }
         let events = Self::disabled_events(&mut tx, user_id, disabled, now_ms).await?;
-        Self::commit(tx, &events).await?;
+        self.commit(tx, &events).await?;
         Ok(events)
     }
 
@@ -739,7 +769,7 @@ where
             return Ok(Vec::new());
         }
         let events = Self::disabled_events(&mut tx, user_id, disabled, now_ms).await?;
-        Self::commit(tx, &events).await?;
+        self.commit(tx, &events).await?;
         Ok(events)
     }
 
@@ -795,7 +825,7 @@ where
             .await?;
         let mut events = Vec::with_capacity(1);
         Self::append_revoked(&mut tx, now_ms, &ended, &mut events).await?;
-        Self::commit(tx, &events).await?;
+        self.commit(tx, &events).await?;
         Ok(events.pop())
     }
 
@@ -803,14 +833,14 @@ where
         let mut tx = self.write_tx().await?;
         Self::drop_pending_addresses(&mut tx, user_id).await?;
         let event = Self::cutoff_user(&mut tx, user_id, now_ms).await?;
-        Self::commit(tx, std::slice::from_ref(&event)).await?;
+        self.commit(tx, std::slice::from_ref(&event)).await?;
         Ok(event)
     }
 
     async fn signout_everyone(&self, now_ms: i64) -> StoreResult<SequencedEvent> {
         let mut tx = self.write_tx().await?;
         let event = Self::cutoff_everyone(&mut tx, now_ms).await?;
-        Self::commit(tx, std::slice::from_ref(&event)).await?;
+        self.commit(tx, std::slice::from_ref(&event)).await?;
         Ok(event)
     }
 
@@ -834,30 +864,35 @@ where
     }
 
     async fn clear_failures(&self, user_id: i64) -> StoreResult<()> {
+        let mut tx = self.pool.begin().await?;
         query!("UPDATE users SET failed_logins = 0, locked_until_ms = NULL, last_failure_ms = NULL
                 WHERE id = $1 AND (failed_logins != 0 OR locked_until_ms IS NOT NULL)"; user_id)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?;
-        Ok(())
+        self.commit(tx, &[]).await
     }
 
     async fn set_must_reset(&self, user_id: Option<i64>, must: bool) -> StoreResult<u64> {
+        let mut tx = self.pool.begin().await?;
         let done = query!(
             "UPDATE users SET must_reset = $1 WHERE CAST($2 AS BIGINT) IS NULL OR id = $2";
             must, user_id,
         )
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?;
+        self.commit(tx, &[]).await?;
         Ok(D::rows_affected(&done))
     }
 
     async fn set_passkey_required(&self, user_id: Option<i64>, required: bool) -> StoreResult<u64> {
+        let mut tx = self.pool.begin().await?;
         let done = query!(
             "UPDATE users SET passkey_required = $1 WHERE CAST($2 AS BIGINT) IS NULL OR id = $2";
             required, user_id,
         )
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?;
+        self.commit(tx, &[]).await?;
         Ok(D::rows_affected(&done))
     }
 
@@ -891,7 +926,7 @@ where
             Some(at) => Some(Self::cutoff_user(&mut tx, user_id, at).await?),
             None => None,
         };
-        Self::commit(tx, event.as_slice()).await?;
+        self.commit(tx, event.as_slice()).await?;
         Ok(event)
     }
 
@@ -906,7 +941,7 @@ where
                 .execute(&mut *tx)
                 .await?;
         }
-        Ok(tx.commit().await?)
+        self.commit(tx, &[]).await
     }
 
     async fn accept_totp_step(&self, user_id: i64, step: i64) -> StoreResult<bool> {
@@ -939,7 +974,7 @@ where
             }
             insert.execute(&mut *tx).await?;
         }
-        Ok(tx.commit().await?)
+        self.commit(tx, &[]).await
     }
 
     async fn use_recovery_code(&self, user_id: i64, hash: &str, now_ms: i64) -> StoreResult<bool> {
@@ -1019,7 +1054,7 @@ where
         .await
         .map_err(passkey_conflict)?;
         let event = Self::cutoff_user(&mut tx, p.user_id, now_ms).await?;
-        Self::commit(tx, std::slice::from_ref(&event)).await?;
+        self.commit(tx, std::slice::from_ref(&event)).await?;
         Ok(Some(event))
     }
 
@@ -1044,7 +1079,7 @@ where
             true => Some(Self::cutoff_user(&mut tx, user_id, now_ms).await?),
             false => None,
         };
-        Self::commit(tx, event.as_slice()).await?;
+        self.commit(tx, event.as_slice()).await?;
         Ok(Some((user_id, event)))
     }
 
@@ -1089,7 +1124,7 @@ where
             .await?;
         }
         let event = Self::cutoff_user(&mut tx, user_id, now_ms).await?;
-        Self::commit(tx, std::slice::from_ref(&event)).await?;
+        self.commit(tx, std::slice::from_ref(&event)).await?;
         Ok(Some((user_id, event)))
     }
 
@@ -1099,7 +1134,7 @@ where
         }
         let mut tx = self.write_tx().await?;
         D::touch_sessions(&mut tx, seen).await?;
-        Ok(tx.commit().await?)
+        self.commit(tx, &[]).await
     }
 
     async fn breach_response(
@@ -1122,7 +1157,7 @@ where
             let retired = RevocationEvent::KeyRetired { kid: kid.clone() };
             events.push(Self::append(&mut tx, now_ms, retired).await?);
         }
-        Self::commit(tx, &events).await?;
+        self.commit(tx, &events).await?;
         Ok(events)
     }
 
@@ -1131,18 +1166,23 @@ where
     }
 
     async fn append_audit_with(&self, e: &AuditEntry, outbox: &[NewOutbox]) -> StoreResult<()> {
+        let record = Record {
+            entry: e.clone(),
+            outbox: outbox.to_vec(),
+        };
         let mut tx = self.pool.begin().await?;
-        query!("INSERT INTO audit_log (at_ms, event, outcome, user_id, user_name, ip, user_agent,
-                session_id, detail) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)";
-               e.at_ms, &e.event, &e.outcome, e.user_id, &e.user_name, &e.ip, &e.user_agent,
-               &e.session_id, &e.detail)
-        .execute(&mut *tx)
-        .await?;
-        for m in outbox {
-            Self::insert_outbox(&mut tx, m, e.at_ms).await?;
-        }
-        tx.commit().await?;
-        Ok(())
+        Self::insert_record(&mut tx, &record).await?;
+        self.commit(tx, &[]).await
+    }
+
+    fn recording(&self, record: Record) -> super::DynStore {
+        Arc::new(SqlStore::<D> {
+            pool: self.pool.clone(),
+            write_lock: self.write_lock.clone(),
+            announcements: self.announcements.clone(),
+            _listener: None,
+            record: Some(Arc::new(Mutex::new(Some(record)))),
+        })
     }
 
     async fn enqueue(&self, outbox: &[NewOutbox], now_ms: i64) -> StoreResult<()> {
@@ -1150,7 +1190,7 @@ where
         for m in outbox {
             Self::insert_outbox(&mut tx, m, now_ms).await?;
         }
-        tx.commit().await?;
+        self.commit(tx, &[]).await?;
         Ok(())
     }
 
@@ -1181,7 +1221,7 @@ where
             .bind(limit)
             .fetch_all(&mut *tx)
             .await?;
-        tx.commit().await?;
+        self.commit(tx, &[]).await?;
         claimed.sort_by_key(|m| m.id);
         Ok(claimed)
     }
@@ -1307,7 +1347,7 @@ where
                 DeviceSeen::New
             }
         };
-        tx.commit().await?;
+        self.commit(tx, &[]).await?;
         Ok(seen)
     }
 
@@ -1362,8 +1402,17 @@ where
                token_hash, user_id, address, now_ms, expires_ms)
         .execute(&mut *tx)
         .await?;
-        tx.commit().await?;
+        self.commit(tx, &[]).await?;
         Ok(())
+    }
+
+    async fn email_confirmation(&self, token_hash: &str) -> StoreResult<Option<(i64, String)>> {
+        Ok(
+            query_as!("SELECT user_id, address FROM email_confirmations WHERE token_hash = $1";
+                     token_hash)
+            .fetch_optional(&self.pool)
+            .await?,
+        )
     }
 
     async fn confirm_email(&self, token_hash: &str, now_ms: i64) -> StoreResult<EmailConfirmation> {
@@ -1400,7 +1449,7 @@ where
                &address, now_ms, user_id)
         .execute(&mut *tx)
         .await?;
-        tx.commit().await?;
+        self.commit(tx, &[]).await?;
         Ok(EmailConfirmation::Confirmed {
             user_id,
             address,
@@ -1478,7 +1527,7 @@ where
             .await?;
         }
         Self::append_revoked(&mut tx, s.created_ms, &older, &mut events).await?;
-        Self::commit(tx, &events).await?;
+        self.commit(tx, &events).await?;
         Ok(events)
     }
 
@@ -1527,7 +1576,7 @@ where
         .await?;
         let mut events = Vec::with_capacity(rows.len());
         Self::append_revoked(&mut tx, now_ms, &rows, &mut events).await?;
-        Self::commit(tx, &events).await?;
+        self.commit(tx, &events).await?;
         Ok(events)
     }
 
@@ -1543,7 +1592,7 @@ where
             until_ms,
         };
         let event = Self::append(&mut tx, now_ms, note).await?;
-        Self::commit(tx, std::slice::from_ref(&event)).await?;
+        self.commit(tx, std::slice::from_ref(&event)).await?;
         Ok(event)
     }
 
@@ -1594,7 +1643,7 @@ where
         for (sql, before) in deletes {
             deleted += D::rows_affected(&query!(sql; before).execute(&mut *tx).await?);
         }
-        tx.commit().await?;
+        self.commit(tx, &[]).await?;
         Ok(deleted)
     }
 
@@ -1643,7 +1692,7 @@ where
             return Ok(None);
         }
         let event = Self::groups_event(&mut tx, user_id, now_ms).await?;
-        Self::commit(tx, std::slice::from_ref(&event)).await?;
+        self.commit(tx, std::slice::from_ref(&event)).await?;
         Ok(Some(event))
     }
 
@@ -1723,13 +1772,16 @@ where
     }
 
     async fn add_passkey(&self, p: &NewPasskey) -> StoreResult<i64> {
-        query_scalar!("INSERT INTO passkeys (user_id, cred_id, rp_id, label, aaguid, credential,
+        let mut tx = self.pool.begin().await?;
+        let id = query_scalar!("INSERT INTO passkeys (user_id, cred_id, rp_id, label, aaguid, credential,
                 counter, created_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING id";
                 p.user_id, &p.cred_id, &p.rp_id, &p.label, &p.aaguid, &p.credential, p.counter,
                 p.created_ms)
-        .fetch_one(&self.pool)
+        .fetch_one(&mut *tx)
         .await
-        .map_err(passkey_conflict)
+        .map_err(passkey_conflict)?;
+        self.commit(tx, &[]).await?;
+        Ok(id)
     }
 
     async fn find_passkey(&self, cred_id: &str) -> StoreResult<Option<PasskeyRecord>> {
@@ -1774,10 +1826,15 @@ where
     }
 
     async fn remove_passkey(&self, user_id: i64, id: i64) -> StoreResult<bool> {
+        let mut tx = self.pool.begin().await?;
         let done = query!("DELETE FROM passkeys WHERE id = $1 AND user_id = $2"; id, user_id)
-            .execute(&self.pool)
+            .execute(&mut *tx)
             .await?;
-        Ok(D::rows_affected(&done) > 0)
+        if D::rows_affected(&done) == 0 {
+            return Ok(false);
+        }
+        self.commit(tx, &[]).await?;
+        Ok(true)
     }
 
     async fn passkey_rp_ids(&self) -> StoreResult<Vec<String>> {
@@ -1879,7 +1936,7 @@ where
                 unavailable(e)
             }
         })?;
-        Self::commit(tx, &[]).await
+        self.commit(tx, &[]).await
     }
 
     async fn unlink_plex_account(
@@ -1898,7 +1955,7 @@ where
         let ended = Self::end_plex_tokens(&mut tx, account_id, None, now_ms).await?;
         let mut events = Vec::new();
         Self::append_revoked(&mut tx, now_ms, &ended, &mut events).await?;
-        Self::commit(tx, &events).await?;
+        self.commit(tx, &events).await?;
         Ok(Some(events))
     }
 
@@ -1971,7 +2028,7 @@ where
         let ended = Self::end_plex_tokens(&mut tx, account_id, Some(client_id), now_ms).await?;
         let mut events = Vec::new();
         Self::append_revoked(&mut tx, now_ms, &ended, &mut events).await?;
-        Self::commit(tx, &events).await?;
+        self.commit(tx, &events).await?;
         Ok(Some(events))
     }
 
@@ -2003,7 +2060,7 @@ where
                &o.id_token_sealed, o.amr.join(" "))
         .execute(&mut *tx)
         .await?;
-        tx.commit().await?;
+        self.commit(tx, &[]).await?;
         Ok(true)
     }
 
@@ -2101,7 +2158,7 @@ where
             }
             (None, None) => {}
         }
-        Self::commit(tx, &events).await?;
+        self.commit(tx, &events).await?;
         Ok(Some(events))
     }
 
@@ -2175,7 +2232,7 @@ where
         )
         .fetch_all(&mut *tx)
         .await?;
-        tx.commit().await?;
+        self.commit(tx, &[]).await?;
         let revoked = revoked
             .await
             .map_err(|e| StoreError::Corrupt(format!("reading revoked sessions: {e}")))??;

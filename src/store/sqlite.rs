@@ -177,6 +177,7 @@ impl SqlStore<Sqlite> {
             write_lock: None,
             announcements: None,
             _listener: None,
+            record: None,
         })
     }
 

@@ -2565,8 +2565,89 @@ macro_rules! suite {
     };
 }
 
+/// A recording store writes its audit entry and notices in the transaction of the first change
+/// it commits, and only once; a change that finds nothing to do, or fails, records nothing.
+async fn a_recorded_change_writes_its_entry_and_notices_with_it_once(f: Fixture) {
+    let store = &f.store;
+    let alice = user(store, "alice").await;
+    let record = |event: &str, at_ms: i64| Record {
+        entry: AuditEntry {
+            at_ms,
+            event: event.into(),
+            outcome: "success".into(),
+            user_id: Some(alice.id),
+            user_name: "alice".into(),
+            ..AuditEntry::default()
+        },
+        outbox: vec![NewOutbox {
+            channel: "mail".into(),
+            kind: event.into(),
+            user_id: Some(alice.id),
+            address: None,
+            params: "{}".into(),
+        }],
+    };
+    let recording = store.recording(record("password_change", 10));
+    recording
+        .change_password(alice.id, "new", Some(10))
+        .await
+        .unwrap();
+    // A second change through the same store is not recorded again.
+    recording.signout_user(alice.id, 11).await.unwrap();
+    // Nothing to remove: nothing recorded.
+    let nothing = store.recording(record("passkey_remove", 12));
+    assert!(!nothing.remove_passkey(alice.id, 999).await.unwrap());
+    // A change refused (a credential id registered already): nothing recorded.
+    store
+        .add_passkey(&new_passkey(alice.id, "cred-1", 0))
+        .await
+        .unwrap();
+    let refused = store.recording(record("passkey_add", 13));
+    assert!(matches!(
+        refused
+            .add_passkey(&new_passkey(alice.id, "cred-1", 0))
+            .await,
+        Err(StoreError::Conflict(_))
+    ));
+    // A change that did something is recorded: the passkey added through a recording store.
+    store
+        .recording(record("passkey_add", 14))
+        .add_passkey(&new_passkey(alice.id, "cred-2", 0))
+        .await
+        .unwrap();
+    let audit: Vec<(String, i64)> = store
+        .list_audit(Some(alice.id), 0, 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| (e.event, e.at_ms))
+        .collect();
+    assert_eq!(
+        audit,
+        [
+            ("passkey_add".to_string(), 14),
+            ("password_change".to_string(), 10)
+        ]
+    );
+    let outbox: Vec<(String, i64)> = store
+        .list_outbox(10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(m, _, _)| (m.kind, m.created_ms))
+        .collect();
+    assert_eq!(
+        outbox,
+        [
+            ("passkey_add".to_string(), 14),
+            ("password_change".to_string(), 10)
+        ]
+    );
+}
+
 suite! {
     both: [
+        a_recorded_change_writes_its_entry_and_notices_with_it_once,
         a_password_of_ones_own_is_marked_until_set,
         the_directory_disables_and_enables_only_what_it_disabled,
         groups_change_in_one_write_with_their_event_and_travel_in_the_snapshot,

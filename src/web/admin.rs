@@ -16,12 +16,12 @@ use super::{
     cross_site, forbidden_cross_site, identity, no_store, pages, redirect, store_unavailable,
     to_login, PageForm,
 };
-use crate::app::account::LinkPurpose;
+use crate::app::account::{create_link, LinkPurpose};
 use crate::app::{now_ms, App, ClientInfo};
 use crate::auth::password::{check_policy, generate_password};
 use crate::auth::Identity;
 use crate::config::Secret;
-use crate::store::{SessionId, User};
+use crate::store::{SessionId, StoreError, User};
 
 pub const ADMIN_PATH: &str = "/_portcullis/admin";
 /// What an admin must type to run the breach response from the page.
@@ -224,75 +224,86 @@ pub(crate) async fn user_action(
         );
     }
     let now = now_ms();
-    let result: Result<&str, String> = match form.action.as_str() {
-        "disable" => app
-            .store
-            .set_disabled(user.id, true, now)
+    // The change, its audit entry and the notice to the user are written together.
+    let mut entry = app.audit_entry(
+        &format!("admin_{}", form.action),
+        "success",
+        Some((user.id, &user.name)),
+        &client,
+    );
+    entry.detail = match form
+        .group
+        .as_deref()
+        .filter(|_| form.action.starts_with("group_"))
+    {
+        Some(g) => format!("group {} by {}", g.trim().to_ascii_lowercase(), actor.name),
+        None => format!("by {}", actor.name),
+    };
+    let uid = user.id;
+    let result: Result<&str, StoreError> = match form.action.as_str() {
+        "disable" | "enable" => {
+            let disable = form.action == "disable";
+            app.audited(
+                entry,
+                |s| async move { s.set_disabled(uid, disable, now).await },
+            )
             .await
-            .map(|ev| {
+            .map(|ev: Vec<_>| {
                 app.apply(&ev);
-                "disabled"
+                if disable {
+                    "disabled"
+                } else {
+                    "enabled"
+                }
             })
-            .map_err(|e| e.to_string()),
-        "enable" => app
-            .store
-            .set_disabled(user.id, false, now)
-            .await
-            .map(|ev| {
-                app.apply(&ev);
-                "enabled"
-            })
-            .map_err(|e| e.to_string()),
+        }
         "unlock" => app
-            .unlock(&user, &client)
+            .audited(entry, |s| async move { s.clear_failures(uid).await })
             .await
-            .map(|_| "unlocked")
-            .map_err(|e| e.to_string()),
+            .map(|()| "unlocked"),
         "require_reset" => app
-            .store
-            .set_must_reset(Some(user.id), true)
+            .audited(
+                entry,
+                |s| async move { s.set_must_reset(Some(uid), true).await },
+            )
             .await
-            .map(|_| "reset-required")
-            .map_err(|e| e.to_string()),
+            .map(|_| "reset-required"),
         "group_add" | "group_remove" => {
             let group = match crate::config::group_name(form.group.as_deref().unwrap_or("")) {
                 Ok(g) => g,
                 Err(e) => return bad(&format!("Nothing was done: {e}.")),
             };
             let member = form.action == "group_add";
-            match app.store.set_group(user.id, &group, member, now).await {
-                Ok(changed) => {
-                    if let Some(ev) = changed {
-                        app.apply(&[ev]);
-                    }
-                    Ok(if member {
-                        "group-added"
-                    } else {
-                        "group-removed"
-                    })
+            app.audited(entry, |s| async move {
+                s.set_group(uid, &group, member, now).await
+            })
+            .await
+            .map(|changed| {
+                if let Some(ev) = changed {
+                    app.apply(&[ev]);
                 }
-                Err(e) => Err(e.to_string()),
-            }
+                if member {
+                    "group-added"
+                } else {
+                    "group-removed"
+                }
+            })
         }
         "require_passkey" | "passkey_optional" => {
             let required = form.action == "require_passkey";
-            app.store
-                .set_passkey_required(Some(user.id), required)
-                .await
-                .map(|_| {
-                    if required {
-                        "passkey-required"
-                    } else {
-                        "passkey-optional"
-                    }
-                })
-                .map_err(|e| e.to_string())
-        }
-        "signout" => app
-            .signout_user_id(user.id)
+            app.audited(entry, |s| async move {
+                s.set_passkey_required(Some(uid), required).await
+            })
             .await
-            .map(|_| "signed-out")
-            .map_err(|e| e.to_string()),
+            .map(|_| {
+                if required {
+                    "passkey-required"
+                } else {
+                    "passkey-optional"
+                }
+            })
+        }
+        "signout" => app.signout_user_id(uid, entry).await.map(|()| "signed-out"),
         "reset_link" | "passkey_link" => {
             let (purpose, title, what) = if form.action == "reset_link" {
                 (
@@ -303,7 +314,19 @@ pub(crate) async fn user_action(
             } else {
                 (LinkPurpose::Passkey, "Passkey link", "it adds a passkey")
             };
-            match app.issue_link(&user, purpose, &client).await {
+            entry.event = match purpose {
+                LinkPurpose::Password => "reset_link_issued",
+                _ => "passkey_link_issued",
+            }
+            .into();
+            let config = app.config();
+            let made = app
+                .audited(entry, |s| {
+                    let (config, user) = (&config, &user);
+                    async move { create_link(&s, config, user, purpose).await }
+                })
+                .await;
+            match made {
                 Ok(link) => {
                     return no_store(
                         pages::message_with_link(
@@ -312,7 +335,7 @@ pub(crate) async fn user_action(
                                 "Give this one-time link to {} (valid for {}); {what} and signs \
                                  out every device of theirs: {link}",
                                 user.name,
-                                humantime::format_duration(app.config().auth.reset_link_ttl)
+                                humantime::format_duration(config.auth.reset_link_ttl)
                             ),
                             ADMIN_PATH,
                             "Back to admin",
@@ -320,31 +343,14 @@ pub(crate) async fn user_action(
                         .into_response(),
                     )
                 }
-                Err(e) => Err(e.to_string()),
+                Err(e) => Err(e),
             }
         }
         _ => return bad("Unknown action."),
     };
     match result {
-        Ok(done) => {
-            let mut e = app.audit_entry(
-                &format!("admin_{}", form.action),
-                "success",
-                Some((user.id, &user.name)),
-                &client,
-            );
-            e.detail = match form
-                .group
-                .as_deref()
-                .filter(|_| form.action.starts_with("group_"))
-            {
-                Some(g) => format!("group {} by {}", g.trim().to_ascii_lowercase(), actor.name),
-                None => format!("by {}", actor.name),
-            };
-            app.audit(e).await;
-            redirect(&format!("{ADMIN_PATH}?done={done}"))
-        }
-        Err(e) => store_unavailable(&e),
+        Ok(done) => redirect(&format!("{ADMIN_PATH}?done={done}")),
+        Err(e) => store_unavailable(&e.to_string()),
     }
 }
 

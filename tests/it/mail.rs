@@ -19,7 +19,7 @@ const PW: &str = "alice's long passphrase";
 const WAIT: Duration = Duration::from_secs(10);
 
 /// `[mail]` for a plain SMTP server on loopback; quick retries.
-fn mail_toml(smtpd: &Smtpd, extra: &str) -> String {
+pub(crate) fn mail_toml(smtpd: &Smtpd, extra: &str) -> String {
     format!(
         "[mail]\nhost = \"127.0.0.1\"\nport = {}\ntls = \"none\"\n\
          from = \"\\\"Portcullis\\\" <portcullis@example.org>\"\nretry_initial = \"200ms\"\n{extra}",
@@ -47,7 +47,7 @@ fn to<'a>(mails: &'a [Mail], address: &str) -> Vec<&'a Mail> {
 }
 
 /// Waits until a mail to `address` whose subject contains `subject` arrived; returns it.
-async fn mail_to(smtpd: &Smtpd, address: &str, subject: &str) -> Mail {
+pub(crate) async fn mail_to(smtpd: &Smtpd, address: &str, subject: &str) -> Mail {
     let found = poll_until(WAIT, || async {
         smtpd
             .messages()
@@ -78,7 +78,7 @@ fn link_path(mail: &Mail, part: &str) -> String {
     link[start..].to_string()
 }
 
-async fn post_form(gw: &Gateway, path: &str, form: &[(&str, &str)]) -> (u16, String) {
+pub(crate) async fn post_form(gw: &Gateway, path: &str, form: &[(&str, &str)]) -> (u16, String) {
     let resp = client()
         .post(gw.url(path))
         .header("Origin", gw.base.clone())

@@ -1771,3 +1771,56 @@ async fn a_passkey_is_the_gateway_factor_after_a_provider_and_passkey_only_users
     assert!(set_cookie(&resp, "portcullis-pending").is_none());
     gw.assert_audit(&["--user", "alice"], &["passkey_required"]);
 }
+
+/// An account made by single sign-on has no password of its own: "forgot my password" sends
+/// it nothing (it signs in at its provider) though it has a verified address, and the answer
+/// is the one everybody gets; once an administrator gives it a password, a link is mailed.
+#[tokio::test]
+async fn an_account_made_by_single_sign_on_is_mailed_no_reset_link_until_it_has_a_password() {
+    let smtpd = crate::smtpd::Smtpd::start().await;
+    let (_up, op, gw, _dir) = fake_setup(
+        |b| {
+            b.user("alice", PW)
+                .extra_toml(&crate::mail::mail_toml(&smtpd, ""))
+        },
+        &[("idp", "auto_create = true")],
+    )
+    .await;
+    let mut claims = op.claims("s-dana", "");
+    claims["preferred_username"] = json!("dana");
+    sso_session(&gw, &op, "idp", claims).await;
+    gw.assert_audit(&["--user", "dana"], &["sso_user_created"]);
+    gw.cli_ok(&["user", "set-email", "dana", "dana@example.org"]);
+    gw.cli_ok(&["user", "set-email", "alice", "alice@example.org"]);
+
+    let forgot = |id: &'static str| {
+        let gw = &gw;
+        async move { crate::mail::post_form(gw, "/_portcullis/forgot", &[("identifier", id)]).await }
+    };
+    let (dana, alice) = (forgot("dana").await, forgot("alice").await);
+    assert_eq!(dana, alice, "the same answer for both");
+    assert!(dana.1.contains("Check your mail"), "{}", dana.1);
+    crate::mail::mail_to(&smtpd, "alice@example.org", "Reset your password").await;
+    assert!(
+        poll_until(Duration::from_secs(10), || async {
+            gw.cli_ok(&["audit", "--user", "dana"])
+                .contains("signs in by single sign-on only")
+        })
+        .await,
+        "{}",
+        gw.cli_ok(&["audit", "--user", "dana"])
+    );
+    let reset_to_dana = |m: &crate::smtpd::Mail| {
+        m.to.iter().any(|t| t == "dana@example.org") && m.subject.contains("Reset")
+    };
+    assert!(
+        !smtpd.messages().iter().any(reset_to_dana),
+        "no reset link was mailed to dana"
+    );
+
+    // Given a password by an administrator, the account is one whose password the gateway
+    // keeps: the link is mailed.
+    gw.cli_ok(&["user", "passwd", "dana"]);
+    forgot("dana").await;
+    crate::mail::mail_to(&smtpd, "dana@example.org", "Reset your password").await;
+}

@@ -1199,3 +1199,28 @@ async fn a_user_with_a_passkey_and_no_code_approves_a_new_device_with_the_passke
     );
     assert_eq!(w.reached(&token), 1);
 }
+
+/// A Plex app on a device the user has not signed in from before is told to them by mail, as a
+/// new browser is, with its product and device.
+#[tokio::test]
+async fn a_new_plex_device_is_told_to_its_user_like_a_new_browser() {
+    let w = world().await;
+    let smtpd = crate::smtpd::Smtpd::start().await;
+    let gw = w
+        .gateway(&format!("\n{}", crate::mail::mail_toml(&smtpd, "")))
+        .start()
+        .await;
+    link(&gw, "alice", &w.owner.username).await;
+    gw.cli_ok(&["user", "set-email", "alice", "alice@example.org"]);
+    // The first sign-in on record (a browser) alerts nobody; the Plex app then does.
+    gw.login("alice", PW).await;
+    let (status, body) = plex_get(&gw, "/library/sections", Some(&w.owner.token)).await;
+    assert_eq!(status, 200, "{body}");
+    let alert = crate::mail::mail_to(&smtpd, "alice@example.org", "New sign-in").await;
+    assert!(
+        alert.text.contains("Plex for Tests on Test Box"),
+        "{}",
+        alert.text
+    );
+    assert!(!alert.links().is_empty(), "the mail carries its links");
+}
