@@ -738,7 +738,7 @@ pub async fn breach_response(
         "new key {new_kid}, retired {retired_kids:?}, {users_reset} users must reset{}, \
          {oidc_links_removed} single sign-on links removed",
         if require_passkey {
-            " and register a passkey"
+            ", passkeys required"
         } else {
             ""
         },
