@@ -860,8 +860,6 @@ pub trait Store: Send + Sync + 'static {
     /// change and its audit entry and notices are written together or not at all. A change
     /// that finds nothing to do commits nothing and so records nothing.
     fn recording(&self, record: Record) -> DynStore;
-    /// Puts messages in the outbox, due at once.
-    async fn enqueue(&self, outbox: &[NewOutbox], now_ms: i64) -> StoreResult<()>;
     /// Takes a lease on up to `limit` due messages for `owner` until `now_ms + lease_ms` and
     /// returns them: no other owner gets them while the lease runs.
     async fn claim_outbox(
@@ -975,7 +973,8 @@ pub trait Store: Send + Sync + 'static {
         password_hash: Option<&str>,
         now_ms: i64,
     ) -> StoreResult<Option<(i64, SequencedEvent)>>;
-    /// Records a sign-in's device fingerprint for the user and says whether it is new.
+    /// Records a sign-in's device fingerprint for the user and says whether it is new. A
+    /// recording store writes its record only with a device that is `New` (the alert of it).
     async fn note_device(
         &self,
         user_id: i64,

@@ -15,7 +15,7 @@ use crate::app::{now_ms, App, ClientInfo};
 use crate::auth::Identity;
 use crate::config::mail::valid_address;
 use crate::config::Secret;
-use crate::store::{DeviceSeen, EmailConfirmation, StoreError, User};
+use crate::store::{DeviceSeen, EmailConfirmation, Record, StoreError, User};
 use sha2::{Digest, Sha256};
 
 /// Reset requests one client address may make per window.
@@ -203,11 +203,21 @@ impl App {
     /// verified address). The first sign-in on record alerts nobody.
     pub(crate) async fn note_sign_in(&self, user: &User, client: &ClientInfo, amr: &[String]) {
         let fingerprint = device_fingerprint(&client.user_agent, &client.ip);
-        let seen = match self
-            .store
-            .note_device(user.id, &fingerprint, now_ms())
-            .await
-        {
+        // A burst of new devices (an intruder trying user agents) is told a few times, not
+        // without end.
+        let capped = self
+            .mail_limits
+            .alerts
+            .get(&user.id)
+            .is_some_and(|n| n >= ALERTS_PER_USER);
+        // The alert (audit entry, mail, webhooks) is written in the transaction that notes a
+        // device not seen before, and only then.
+        let alert = (!capped).then(|| self.sign_in_alert(user, client, amr));
+        let store = match &alert {
+            Some(record) => self.store.recording(record.clone()),
+            None => Arc::clone(&self.store),
+        };
+        let seen = match store.note_device(user.id, &fingerprint, now_ms()).await {
             Ok(s) => s,
             Err(e) => {
                 self.store_error("outbox", e);
@@ -217,42 +227,49 @@ impl App {
         if seen != DeviceSeen::New {
             return;
         }
-        // A burst of new devices (an intruder trying user agents) is told a few times, not
-        // without end.
-        if !within(&self.mail_limits.alerts, user.id, ALERTS_PER_USER) {
+        let Some(alert) = alert else {
             tracing::warn!(user = %user.name, "new sign-in alerts: the hourly cap is reached");
             return;
+        };
+        within(&self.mail_limits.alerts, user.id, ALERTS_PER_USER);
+        super::log_audit(&alert.entry);
+        if !alert.outbox.is_empty() {
+            self.outbox_wake.notify_one();
         }
-        let mut event = self.audit_entry(
+    }
+
+    /// The record of a sign-in from a device or network not seen before: its audit entry, the
+    /// webhooks that asked for it and, when alerts are on and the user has a verified
+    /// address, the mail that tells them.
+    fn sign_in_alert(&self, user: &User, client: &ClientInfo, amr: &[String]) -> Record {
+        let mut entry = self.audit_entry(
             "new_sign_in",
             "success",
             Some((user.id, &user.name)),
             client,
         );
-        event.user_agent = device_family(&client.user_agent);
-        event.detail = format!("by {}", how_signed_in(amr));
-        self.enqueue_webhooks("new_sign_in", Some(user), &event)
-            .await;
+        entry.user_agent = device_family(&client.user_agent);
+        entry.detail = format!("by {}", how_signed_in(amr));
+        let mut outbox = self.webhook_messages("new_sign_in", Some(user), &entry);
         let alerts = self
             .config()
             .mail
             .as_ref()
             .is_some_and(|m| m.new_sign_in_alerts);
-        if !alerts || user.email.is_none() {
-            return;
+        if alerts && user.email.is_some() {
+            outbox.extend(self.mail_message(
+                "new_sign_in",
+                Some(user.id),
+                None,
+                json!({
+                    "at_ms": entry.at_ms,
+                    "ip": client.ip,
+                    "device": entry.user_agent,
+                    "how": how_signed_in(amr),
+                }),
+            ));
         }
-        let params = json!({
-            "at_ms": now_ms(),
-            "ip": client.ip,
-            "device": device_family(&client.user_agent),
-            "how": how_signed_in(amr),
-        });
-        if let Err(e) = self
-            .enqueue_mail("new_sign_in", Some(user.id), None, params)
-            .await
-        {
-            self.store_error("outbox", e);
-        }
+        Record { entry, outbox }
     }
 
     /// The user a "this wasn't me" link belongs to, or why it is not valid.

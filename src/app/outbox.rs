@@ -177,41 +177,6 @@ impl App {
         webhook_messages(&self.config().webhooks, event, user, entry)
     }
 
-    /// Puts an event's webhook deliveries in the outbox and wakes the worker.
-    pub(crate) async fn enqueue_webhooks(
-        &self,
-        event: &str,
-        user: Option<&User>,
-        entry: &AuditEntry,
-    ) {
-        let messages = self.webhook_messages(event, user, entry);
-        if messages.is_empty() {
-            return;
-        }
-        match self.store.enqueue(&messages, now_ms()).await {
-            Ok(()) => self.outbox_wake.notify_one(),
-            Err(e) => {
-                self.store_error("outbox", e);
-            }
-        }
-    }
-
-    /// Puts a mail message in the outbox (when mail is configured) and wakes the worker.
-    pub async fn enqueue_mail(
-        &self,
-        kind: &str,
-        user_id: Option<i64>,
-        address: Option<&str>,
-        params: Value,
-    ) -> Result<(), crate::store::StoreError> {
-        let Some(message) = self.mail_message(kind, user_id, address, params) else {
-            return Ok(());
-        };
-        self.store.enqueue(&[message], now_ms()).await?;
-        self.outbox_wake.notify_one();
-        Ok(())
-    }
-
     /// A mail message for the outbox; `None` when mail is not configured.
     pub(crate) fn mail_message(
         &self,

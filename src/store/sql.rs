@@ -1185,15 +1185,6 @@ where
         })
     }
 
-    async fn enqueue(&self, outbox: &[NewOutbox], now_ms: i64) -> StoreResult<()> {
-        let mut tx = self.pool.begin().await?;
-        for m in outbox {
-            Self::insert_outbox(&mut tx, m, now_ms).await?;
-        }
-        self.commit(tx, &[]).await?;
-        Ok(())
-    }
-
     async fn claim_outbox(
         &self,
         owner: &str,
@@ -1347,7 +1338,11 @@ where
                 DeviceSeen::New
             }
         };
-        self.commit(tx, &[]).await?;
+        match seen {
+            DeviceSeen::New => self.commit(tx, &[]).await?,
+            // Not a device to tell of: a recording store keeps its record.
+            _ => tx.commit().await?,
+        }
         Ok(seen)
     }
 
