@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+pub mod acme;
 pub mod directory;
 pub mod live;
 pub mod mail;
@@ -154,6 +155,8 @@ struct FileConfig {
     mail: Option<mail::FileMail>,
     #[serde(default)]
     webhook: Vec<webhook::FileWebhook>,
+    #[serde(default)]
+    tls: acme::FileTls,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -312,6 +315,8 @@ pub struct Config {
     pub mail: Option<mail::MailConfig>,
     /// Endpoints told of security events (`[[webhook]]`).
     pub webhooks: Vec<webhook::WebhookConfig>,
+    /// Certificates from an ACME certificate authority (`[tls.acme]`).
+    pub acme: Option<acme::AcmeConfig>,
 }
 
 /// The WebAuthn relying party: its id (the public URL's host, or a domain it is under, for
@@ -750,7 +755,9 @@ impl Validator {
             }
         }
         let rules = self.rules(raw.rule, &routes)?;
+        let acme = self.acme_for(raw.tls, &server, &routes)?;
         Ok(Config {
+            acme,
             rules,
             source: path.to_path_buf(),
             server,
@@ -766,6 +773,29 @@ impl Validator {
             mail,
             webhooks,
         })
+    }
+
+    /// `[tls.acme]` for this server and its routes: the certificate is for the https public
+    /// URL's host and the routes' hosts unless named.
+    fn acme_for(
+        &self,
+        t: acme::FileTls,
+        server: &ServerConfig,
+        routes: &[Route],
+    ) -> Result<Option<acme::AcmeConfig>, ConfigError> {
+        let host = url::Url::parse(&server.public_url)
+            .ok()
+            .and_then(|u| u.host_str().map(str::to_string))
+            .unwrap_or_default();
+        let route_hosts: Vec<String> = routes.iter().filter_map(|r| r.host.clone()).collect();
+        let acme = self.acme(t, &host, &route_hosts, server.redirect_listen.is_some())?;
+        if acme.is_some() && !server.secure {
+            return Err(self.err(
+                "tls.acme",
+                "certificates are for an https public_url (server.public_url = \"https://…\")",
+            ));
+        }
+        Ok(acme)
     }
 
     fn webauthn(&self, w: FileWebauthn, public_url: &str) -> Result<WebauthnConfig, ConfigError> {

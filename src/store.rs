@@ -197,6 +197,19 @@ pub struct AuditEntry {
     pub detail: String,
 }
 
+/// A certificate from an ACME certificate authority, as every replica reads it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredCertificate {
+    /// The names it is for, lowercase, comma-separated, in configuration order.
+    pub names: String,
+    /// The leaf and its intermediates, PEM.
+    pub chain_pem: String,
+    /// The private key (PEM), sealed with the secrets key.
+    pub key_sealed: String,
+    pub not_after_ms: i64,
+    pub issued_ms: i64,
+}
+
 /// An audit entry and the messages that tell of it, written by a recording store
 /// (`Store::recording`) in the transaction of the change they describe.
 #[derive(Clone, Debug, Default)]
@@ -889,6 +902,32 @@ pub trait Store: Send + Sync + 'static {
         &self,
         limit: i64,
     ) -> StoreResult<Vec<(OutboxMessage, Option<i64>, Option<i64>)>>;
+    /// Takes the lease `name` for `owner` until `until_ms` when it is free (never taken, or run
+    /// out by `now_ms`) or `owner`'s already; whether `owner` holds it now.
+    async fn take_lease(
+        &self,
+        name: &str,
+        owner: &str,
+        now_ms: i64,
+        until_ms: i64,
+    ) -> StoreResult<bool>;
+    /// Gives a lease back, if `owner` holds it.
+    async fn release_lease(&self, name: &str, owner: &str) -> StoreResult<()>;
+    /// Stores a certificate for its names, replacing one issued before it (never a newer one).
+    async fn put_certificate(&self, c: &StoredCertificate) -> StoreResult<()>;
+    /// The newest certificate for `names`.
+    async fn certificate(&self, names: &str) -> StoreResult<Option<StoredCertificate>>;
+    /// Publishes a challenge answer until `expires_ms` (answers that ran out are dropped).
+    async fn put_challenge(
+        &self,
+        id: &str,
+        proof: &str,
+        now_ms: i64,
+        expires_ms: i64,
+    ) -> StoreResult<()>;
+    /// The answer to a challenge, if published and not run out.
+    async fn challenge(&self, id: &str, now_ms: i64) -> StoreResult<Option<String>>;
+    async fn drop_challenge(&self, id: &str) -> StoreResult<()>;
     /// Sets or clears "must sign in with a passkey" for one user, or for all when `None`.
     async fn set_passkey_required(&self, user_id: Option<i64>, required: bool) -> StoreResult<u64>;
     /// Sets a new password and clears `must_reset`; with `signout_at`, also ends every session

@@ -60,6 +60,8 @@ pub fn prepare(old: &Config, mut new: Config) -> Prepared {
     // The mailer and its outbox worker are made at start.
     restart_only!("mail", mail);
     restart_only!("webhook", webhooks);
+    // The certificate manager is made at start.
+    restart_only!("tls.acme", acme);
     restart_only!("store.poll_interval", store.poll_interval);
     restart_only!("store.busy_timeout", store.busy_timeout);
     restart_only!("session.key_file", session.key_file);

@@ -18,7 +18,7 @@ use super::{
     MediaNote, MediaTokenRow, NewMediaBinding, NewOutbox, NewPasskey, NewSession, OidcLink,
     OidcSession, OutboxMessage, OutboxOutcome, OutboxStats, OwedLogout, PasskeyRecord, PlexAccount,
     PlexDevice, Record, ResetLinkState, RevocationEvent, SequencedEvent, SessionId, SessionKind,
-    SessionRecord, Snapshot, Store, StoreError, StoreResult, User,
+    SessionRecord, Snapshot, Store, StoreError, StoreResult, StoredCertificate, User,
 };
 
 pub(super) const KIND_SESSION: &str = "session_revoked";
@@ -882,6 +882,95 @@ where
         .await?;
         self.commit(tx, &[]).await?;
         Ok(D::rows_affected(&done))
+    }
+
+    async fn take_lease(
+        &self,
+        name: &str,
+        owner: &str,
+        now_ms: i64,
+        until_ms: i64,
+    ) -> StoreResult<bool> {
+        let done = query!("INSERT INTO leases (name, owner, until_ms) VALUES ($1, $2, $3)
+                           ON CONFLICT (name) DO UPDATE SET owner = excluded.owner,
+                           until_ms = excluded.until_ms
+                           WHERE leases.until_ms <= $4 OR leases.owner = excluded.owner";
+                          name, owner, until_ms, now_ms)
+        .execute(&self.pool)
+        .await?;
+        Ok(D::rows_affected(&done) == 1)
+    }
+
+    async fn release_lease(&self, name: &str, owner: &str) -> StoreResult<()> {
+        query!("DELETE FROM leases WHERE name = $1 AND owner = $2"; name, owner)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn put_certificate(&self, c: &StoredCertificate) -> StoreResult<()> {
+        query!("INSERT INTO acme_certificates (names, chain_pem, key_sealed, not_after_ms,
+                issued_ms) VALUES ($1, $2, $3, $4, $5)
+                ON CONFLICT (names) DO UPDATE SET chain_pem = excluded.chain_pem,
+                key_sealed = excluded.key_sealed, not_after_ms = excluded.not_after_ms,
+                issued_ms = excluded.issued_ms
+                WHERE acme_certificates.issued_ms < excluded.issued_ms";
+               &c.names, &c.chain_pem, &c.key_sealed, c.not_after_ms, c.issued_ms)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn certificate(&self, names: &str) -> StoreResult<Option<StoredCertificate>> {
+        let row: Option<(String, String, String, i64, i64)> = query_as!(
+            "SELECT names, chain_pem, key_sealed, not_after_ms, issued_ms
+             FROM acme_certificates WHERE names = $1"; names)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(
+            |(names, chain_pem, key_sealed, not_after_ms, issued_ms)| StoredCertificate {
+                names,
+                chain_pem,
+                key_sealed,
+                not_after_ms,
+                issued_ms,
+            },
+        ))
+    }
+
+    async fn put_challenge(
+        &self,
+        id: &str,
+        proof: &str,
+        now_ms: i64,
+        expires_ms: i64,
+    ) -> StoreResult<()> {
+        let mut tx = self.pool.begin().await?;
+        query!("DELETE FROM acme_challenges WHERE expires_ms <= $1"; now_ms)
+            .execute(&mut *tx)
+            .await?;
+        query!("INSERT INTO acme_challenges (id, proof, expires_ms) VALUES ($1, $2, $3)
+                ON CONFLICT (id) DO UPDATE SET proof = excluded.proof,
+                expires_ms = excluded.expires_ms"; id, proof, expires_ms)
+        .execute(&mut *tx)
+        .await?;
+        self.commit(tx, &[]).await
+    }
+
+    async fn challenge(&self, id: &str, now_ms: i64) -> StoreResult<Option<String>> {
+        Ok(
+            query_scalar!("SELECT proof FROM acme_challenges WHERE id = $1 AND expires_ms > $2";
+                         id, now_ms)
+            .fetch_optional(&self.pool)
+            .await?,
+        )
+    }
+
+    async fn drop_challenge(&self, id: &str) -> StoreResult<()> {
+        query!("DELETE FROM acme_challenges WHERE id = $1"; id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
     }
 
     async fn set_passkey_required(&self, user_id: Option<i64>, required: bool) -> StoreResult<u64> {

@@ -2645,8 +2645,85 @@ async fn a_recorded_change_writes_its_entry_and_notices_with_it_once(f: Fixture)
     );
 }
 
+/// A lease is held by one owner until it runs out; a certificate is replaced only by a newer
+/// one; a challenge answer is there until it runs out or is dropped.
+async fn leases_certificates_and_challenge_answers_are_shared_and_time_bound(f: Fixture) {
+    let store = &f.store;
+    assert!(store.take_lease("acme:a", "one", 100, 200).await.unwrap());
+    assert!(!store.take_lease("acme:a", "two", 150, 250).await.unwrap());
+    // Its owner renews it; once it ran out, another takes it.
+    assert!(store.take_lease("acme:a", "one", 190, 300).await.unwrap());
+    assert!(!store.take_lease("acme:a", "two", 299, 400).await.unwrap());
+    assert!(store.take_lease("acme:a", "two", 300, 400).await.unwrap());
+    // Given back by its owner only; then free at once.
+    store.release_lease("acme:a", "one").await.unwrap();
+    assert!(!store.take_lease("acme:a", "one", 310, 400).await.unwrap());
+    store.release_lease("acme:a", "two").await.unwrap();
+    assert!(store.take_lease("acme:a", "one", 310, 400).await.unwrap());
+    // Another lease is another name.
+    assert!(store.take_lease("acme:b", "two", 310, 400).await.unwrap());
+
+    let cert = |issued_ms: i64| StoredCertificate {
+        names: "a.example.org,b.example.org".into(),
+        chain_pem: format!("chain {issued_ms}"),
+        key_sealed: format!("key {issued_ms}"),
+        not_after_ms: issued_ms + 1000,
+        issued_ms,
+    };
+    assert_eq!(
+        store
+            .certificate("a.example.org,b.example.org")
+            .await
+            .unwrap(),
+        None
+    );
+    store.put_certificate(&cert(10)).await.unwrap();
+    store.put_certificate(&cert(20)).await.unwrap();
+    // An older one (a slow replica's) does not replace it.
+    store.put_certificate(&cert(15)).await.unwrap();
+    assert_eq!(
+        store
+            .certificate("a.example.org,b.example.org")
+            .await
+            .unwrap(),
+        Some(cert(20))
+    );
+    assert_eq!(store.certificate("a.example.org").await.unwrap(), None);
+
+    store
+        .put_challenge("http-01:tok", "tok.thumb", 100, 200)
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .challenge("http-01:tok", 150)
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("tok.thumb")
+    );
+    assert_eq!(store.challenge("http-01:tok", 200).await.unwrap(), None);
+    assert_eq!(store.challenge("http-01:other", 150).await.unwrap(), None);
+    store
+        .put_challenge("tls-alpn-01:a.example.org", "digest", 100, 200)
+        .await
+        .unwrap();
+    store
+        .drop_challenge("tls-alpn-01:a.example.org")
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .challenge("tls-alpn-01:a.example.org", 150)
+            .await
+            .unwrap(),
+        None
+    );
+}
+
 suite! {
     both: [
+        leases_certificates_and_challenge_answers_are_shared_and_time_bound,
         a_recorded_change_writes_its_entry_and_notices_with_it_once,
         a_password_of_ones_own_is_marked_until_set,
         the_directory_disables_and_enables_only_what_it_disabled,
