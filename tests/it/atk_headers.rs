@@ -76,7 +76,7 @@ async fn atk59_http2_is_not_spoken_on_either_listener_kind() {
     let cert_path = dir.path().join("cert.pem");
     let key_path = dir.path().join("key.pem");
     std::fs::write(&cert_path, certified.cert.pem()).unwrap();
-    std::fs::write(&key_path, certified.key_pair.serialize_pem()).unwrap();
+    std::fs::write(&key_path, certified.signing_key.serialize_pem()).unwrap();
     let tls_gw = Gateway::builder(&up.url())
         .server_keys(&format!(
             "tls_cert = \"{}\"\ntls_key = \"{}\"",

@@ -782,6 +782,7 @@ pub fn write_certificates(dir: &Path, ca_name: &str) -> PathBuf {
     ca.distinguished_name.push(DnType::CommonName, ca_name);
     ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
     let ca_cert = ca.self_signed(&ca_key).expect("self-sign the CA");
+    let issuer = rcgen::Issuer::new(ca, ca_key);
 
     let server_key = KeyPair::generate().expect("server key");
     let mut server = CertificateParams::new(vec!["localhost".to_string()]).expect("server SANs");
@@ -794,7 +795,7 @@ pub fn write_certificates(dir: &Path, ca_name: &str) -> PathBuf {
     server.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     server.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
     let server_cert = server
-        .signed_by(&server_key, &ca_cert, &ca_key)
+        .signed_by(&server_key, &issuer)
         .expect("sign the server certificate");
 
     let ca_file = dir.join("ca.pem");

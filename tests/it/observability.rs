@@ -852,7 +852,7 @@ async fn every_metric_in_the_dashboard_and_the_alert_rules_is_exported_by_the_ga
     let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
     let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
     std::fs::write(&cert, certified.cert.pem()).unwrap();
-    std::fs::write(&key, certified.key_pair.serialize_pem()).unwrap();
+    std::fs::write(&key, certified.signing_key.serialize_pem()).unwrap();
     let tls = Gateway::builder(&up.url())
         .server_keys(&format!(
             "tls_cert = \"{}\"\ntls_key = \"{}\"",

@@ -282,7 +282,7 @@ fn cert(dir: &Path, name: &str) -> (String, std::path::PathBuf, std::path::PathB
         dir.join(format!("{name}.key")),
     );
     std::fs::write(&cert, c.cert.pem()).unwrap();
-    std::fs::write(&key, c.key_pair.serialize_pem()).unwrap();
+    std::fs::write(&key, c.signing_key.serialize_pem()).unwrap();
     (c.cert.pem(), cert, key)
 }
 

@@ -280,7 +280,7 @@ async fn an_unfinished_tls_handshake_is_cut_at_the_head_deadline() {
     let cert = dir.path().join("cert.pem");
     let key = dir.path().join("key.pem");
     std::fs::write(&cert, certified.cert.pem()).unwrap();
-    std::fs::write(&key, certified.key_pair.serialize_pem()).unwrap();
+    std::fs::write(&key, certified.signing_key.serialize_pem()).unwrap();
     let gw = gateway(
         &up,
         &format!(

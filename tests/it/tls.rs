@@ -67,7 +67,7 @@ async fn tls_listener_serves_and_authenticates() {
     let cert_path = dir.path().join("cert.pem");
     let key_path = dir.path().join("key.pem");
     std::fs::write(&cert_path, certified.cert.pem()).unwrap();
-    std::fs::write(&key_path, certified.key_pair.serialize_pem()).unwrap();
+    std::fs::write(&key_path, certified.signing_key.serialize_pem()).unwrap();
     let gw = Gateway::builder(&up.url())
         .user("alice", ALICE_PW)
         .server_keys(&format!(
