@@ -297,11 +297,17 @@ pub struct App {
     /// The LDAP directory (`[directory]`), and what its sync saw last.
     directory: Option<Arc<crate::directory::Directory>>,
     pub directory_status: directory::DirectoryStatus,
+    /// The ACME manager's challenge answers and status (`[tls.acme]`).
+    pub acme: Option<crate::tls::AcmeShared>,
 }
 
 impl App {
     /// Opens the store, loads (or creates) the keys and builds the view from the store.
     pub async fn open(config: Config) -> Result<Arc<App>, StartError> {
+        let acme = config
+            .acme
+            .as_ref()
+            .map(|_| crate::tls::AcmeShared::default());
         crate::config::rules::warn_shadowed(&config.rules);
         let store = store::open(config.store.url.expose(), config.store.busy_timeout).await?;
         if let Some(problem) = passkey::rp_id_conflict(&store, &config.webauthn.rp_id).await? {
@@ -438,6 +444,7 @@ impl App {
             readiness: crate::readiness::Readiness::default(),
             directory,
             directory_status: directory::DirectoryStatus::default(),
+            acme,
             mailer,
             webhooks,
             outbox_wake: tokio::sync::Notify::new(),
@@ -521,12 +528,28 @@ impl App {
         }
     }
 
-    fn store_error(&self, operation: &str, e: StoreError) -> StoreError {
+    pub(crate) fn store_error(&self, operation: &str, e: StoreError) -> StoreError {
         self.metrics
             .counter(crate::metrics::Family::StoreErrors, &[operation])
             .inc();
         tracing::warn!(operation, error = %e, "store operation failed");
         e
+    }
+
+    /// The answer to an ACME challenge (`http-01:TOKEN`, `tls-alpn-01:NAME`): this process's own,
+    /// else one another replica published in the store (the CA may reach any replica).
+    pub async fn acme_answer(&self, id: &str) -> Option<String> {
+        let shared = self.acme.as_ref()?;
+        if let Some(proof) = shared.answer(id) {
+            return Some(proof);
+        }
+        match self.store.challenge(id, now_ms()).await {
+            Ok(p) => p,
+            Err(e) => {
+                self.store_error("acme", e);
+                None
+            }
+        }
     }
 
     /// Records a security event in the audit log and as a structured log line.

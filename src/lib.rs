@@ -5,6 +5,7 @@
 //! `main.rs` parses the command line and dispatches to `cli`; everything else lives here so the
 //! tests can reach it.
 
+pub mod acme;
 pub mod app;
 pub mod auth;
 pub mod backup;

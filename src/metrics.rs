@@ -56,6 +56,7 @@ pub const DIRECTORY_UP: &str = "portcullis_directory_up";
 pub const OUTBOX_MESSAGES_TOTAL: &str = "portcullis_outbox_messages_total";
 pub const OUTBOX_QUEUED: &str = "portcullis_outbox_queued";
 pub const OUTBOX_OLDEST_AGE: &str = "portcullis_outbox_oldest_age_seconds";
+pub const ACME_ORDERS_TOTAL: &str = "portcullis_acme_orders_total";
 
 /// Every metric family, for the test that compares them with a fresh gateway's exposition.
 pub const ALL_FAMILIES: &[&str] = &[
@@ -149,6 +150,7 @@ pub enum Family {
     DirectoryOperations,
     DirectorySyncChanges,
     Outbox,
+    AcmeOrders,
 }
 
 /// The results of a gateway login (`LoginError` labels, and success or a step still owed).
@@ -280,7 +282,7 @@ const BACKCHANNEL_RESULTS: &[&str] = &[
 ];
 
 impl Family {
-    pub const ALL: [Family; 19] = [
+    pub const ALL: [Family; 20] = [
         Family::Logins,
         Family::SecondFactor,
         Family::StoreErrors,
@@ -300,6 +302,7 @@ impl Family {
         Family::DirectoryOperations,
         Family::DirectorySyncChanges,
         Family::Outbox,
+        Family::AcmeOrders,
     ];
 
     pub fn name(self) -> &'static str {
@@ -323,6 +326,7 @@ impl Family {
             Family::DirectoryOperations => DIRECTORY_OPERATIONS_TOTAL,
             Family::DirectorySyncChanges => DIRECTORY_SYNC_CHANGES_TOTAL,
             Family::Outbox => OUTBOX_MESSAGES_TOTAL,
+            Family::AcmeOrders => ACME_ORDERS_TOTAL,
         }
     }
 
@@ -448,6 +452,7 @@ impl Family {
                 Values("channel", &[OUTBOX_CHANNELS]),
                 Values("result", &[&["sent", "retry", "failed"]]),
             ],
+            Family::AcmeOrders => &[Values("result", &[&["issued", "failed"]])],
         }
     }
 
@@ -731,6 +736,7 @@ pub struct Metrics {
     /// 1 while the directory answers, 0 after an operation failed for want of it.
     pub directory_up: IntGauge,
     outbox_messages: IntCounterVec,
+    acme_orders: IntCounterVec,
     outbox_queued: IntGaugeVec,
     outbox_oldest_age: prometheus::GaugeVec,
     /// 1 when the route's upstream answered its last probe (at start, or for `/readyz`).
@@ -978,6 +984,15 @@ impl Metrics {
             &["channel", "result"],
         )?;
         registry.register(Box::new(outbox_messages.clone()))?;
+        let acme_orders = IntCounterVec::new(
+            Opts::new(
+                ACME_ORDERS_TOTAL,
+                "Certificate orders to the ACME certificate authority (tls.acme) by result: \
+                 issued, or failed (the certificate served keeps serving; see /readyz).",
+            ),
+            &["result"],
+        )?;
+        registry.register(Box::new(acme_orders.clone()))?;
         let outbox_queued = IntGaugeVec::new(
             Opts::new(
                 OUTBOX_QUEUED,
@@ -1132,6 +1147,7 @@ impl Metrics {
             directory_last_sync,
             directory_up,
             outbox_messages,
+            acme_orders,
             outbox_queued,
             outbox_oldest_age,
             upstream_up,
@@ -1253,6 +1269,7 @@ impl Metrics {
             Family::DirectoryOperations => &self.directory_operations,
             Family::DirectorySyncChanges => &self.directory_sync_changes,
             Family::Outbox => &self.outbox_messages,
+            Family::AcmeOrders => &self.acme_orders,
             Family::ActiveSessions => unreachable!("{} is a gauge", family.name()),
         };
         vec.with_label_values(values)

@@ -461,25 +461,41 @@ pub fn serve(config: Config, opts: ServeOptions) -> Result<(), ServeError> {
         HandOver::new(proxy, head_timeout),
     );
     let addr = listen.to_string();
-    // The certificate is handed out by a resolver, so a reload can swap it.
-    let certs = match &app.config().server.tls {
-        Some(files) => {
-            let first = crate::tls::load(files).map_err(|e| ServeError::Proxy(e.to_string()))?;
-            let resolver = crate::tls::CertResolver::new(first);
-            let mut settings = pingora::listeners::tls::TlsSettings::intermediate("", "")
-                .map_err(|e| ServeError::Proxy(e.to_string()))?;
-            settings.set_cert_resolver(resolver.clone());
-            service.add_tls_with_settings(&addr, None, settings);
-            Some(resolver)
+    // The certificates are handed out by a resolver, so a reload or the ACME manager can swap
+    // them.
+    let config = app.config();
+    let certs = if config.server.tls.is_some() || config.acme.is_some() {
+        let manual = match &config.server.tls {
+            Some(files) => {
+                Some(crate::tls::load(files).map_err(|e| ServeError::Proxy(e.to_string()))?)
+            }
+            None => None,
+        };
+        let resolver = crate::tls::CertResolver::new(manual);
+        let mut settings = pingora::listeners::tls::TlsSettings::intermediate("", "")
+            .map_err(|e| ServeError::Proxy(e.to_string()))?;
+        settings.set_cert_resolver(resolver.clone());
+        service.add_tls_with_settings(&addr, None, settings);
+        if config.acme.as_ref().is_some_and(|a| {
+            a.challenges
+                .contains(&crate::config::acme::Challenge::TlsAlpn01)
+        }) {
+            // TLS-ALPN-01 validations are answered before the listener's own handshake.
+            service
+                .endpoints()
+                .set_pre_tls_callback(Arc::new(crate::acme::AlpnChallenges::new(app.clone())));
         }
-        None => {
-            service.add_tcp(&addr);
-            None
-        }
+        Some(resolver)
+    } else {
+        service.add_tcp(&addr);
+        None
     };
     server.add_service(service);
     if let Some(resolver) = &certs {
         control.spawn(watch_certificate(app.clone(), resolver.clone()));
+        if app.acme.is_some() {
+            control.spawn(crate::acme::run(app.clone(), resolver.clone()));
+        }
     }
     let reloader = Arc::new(reload::Reloader::new(app.clone(), certs));
     control.spawn(reloader.run_on_sighup());
@@ -562,7 +578,9 @@ async fn watch_certificate(app: Arc<App>, resolver: Arc<crate::tls::CertResolver
                 }
             }
         }
-        if let Some((name, not_after)) = crate::tls::leaf_expiry(&resolver.current()) {
+        if let Some((name, not_after)) =
+            resolver.current().and_then(|c| crate::tls::leaf_expiry(&c))
+        {
             app.metrics
                 .set_tls_expiry(&name, not_after - crate::app::now_ms() / 1000);
         }

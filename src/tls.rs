@@ -1,12 +1,13 @@
-//! The public listener's certificate, hot-swapped. Pingora's rustls listener asks a
+//! The public listener's certificates, hot-swapped. Pingora's rustls listener asks a
 //! [`CertResolver`] for the certificate of every handshake; a config reload loads the files
 //! named by `server.tls` again ([`load`]) and, only when they make a valid pair, swaps them in
-//! ([`CertResolver::set`]). Connections already open keep the certificate they shook hands
-//! with; nothing is closed.
+//! ([`CertResolver::set`]); the ACME manager (`crate::acme`) swaps in each certificate it
+//! obtains ([`CertResolver::set_acme`]), which is served for its names. Connections already
+//! open keep the certificate they shook hands with; nothing is closed.
 
 use std::sync::Arc;
 
-use arc_swap::ArcSwap;
+use arc_swap::ArcSwapOption;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 
@@ -54,28 +55,106 @@ pub fn load(files: &TlsFiles) -> Result<Arc<CertifiedKey>, TlsError> {
     Ok(Arc::new(certified))
 }
 
-/// Hands every TLS handshake the current certificate.
+/// Hands every TLS handshake its certificate: the one from the ACME CA for a name it is for
+/// (or for any name when there is no other), else the one from `server.tls_cert`.
 #[derive(Debug)]
 pub struct CertResolver {
-    current: ArcSwap<CertifiedKey>,
+    manual: ArcSwapOption<CertifiedKey>,
+    acme: ArcSwapOption<Issued>,
+}
+
+/// A certificate from the ACME CA, the names it is for and when it is to be renewed.
+#[derive(Debug)]
+pub struct Issued {
+    pub names: Vec<String>,
+    pub key: Arc<CertifiedKey>,
+    pub issued_ms: i64,
+    pub renew_at_ms: i64,
 }
 
 impl CertResolver {
-    pub fn new(first: Arc<CertifiedKey>) -> Arc<CertResolver> {
+    pub fn new(manual: Option<Arc<CertifiedKey>>) -> Arc<CertResolver> {
         Arc::new(CertResolver {
-            current: ArcSwap::new(first),
+            manual: ArcSwapOption::new(manual),
+            acme: ArcSwapOption::empty(),
         })
     }
 
-    /// Uses `next` for handshakes from now on.
+    /// Uses `next` for handshakes from now on (the certificate files' pair).
     pub fn set(&self, next: Arc<CertifiedKey>) {
-        self.current.store(next);
+        self.manual.store(Some(next));
     }
 
-    /// The certificate handed out now.
-    pub fn current(&self) -> Arc<CertifiedKey> {
-        self.current.load_full()
+    /// The certificate files' pair handed out now.
+    pub fn current(&self) -> Option<Arc<CertifiedKey>> {
+        self.manual.load_full()
     }
+
+    /// Uses a certificate from the ACME CA for its names from now on.
+    pub fn set_acme(&self, issued: Issued) {
+        self.acme.store(Some(Arc::new(issued)));
+    }
+
+    /// The certificate from the ACME CA handed out now.
+    pub fn acme(&self) -> Option<Arc<Issued>> {
+        self.acme.load_full()
+    }
+}
+
+/// Reads a chain and its private key from PEM text, and checks that they belong together.
+pub fn from_pem(chain: &str, key: &str) -> Result<Arc<CertifiedKey>, String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let certs = CertificateDer::pem_slice_iter(chain.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("the certificate chain is not PEM: {e}"))?;
+    if certs.is_empty() {
+        return Err("the certificate chain holds no certificate".into());
+    }
+    let private = PrivateKeyDer::from_pem_slice(key.as_bytes())
+        .map_err(|e| format!("the private key is not PEM: {e}"))?;
+    let signer = rustls::crypto::ring::sign::any_supported_type(&private)
+        .map_err(|e| format!("the private key cannot be used: {e}"))?;
+    let certified = CertifiedKey::new(certs, signer);
+    certified
+        .keys_match()
+        .map_err(|_| "the private key does not belong to the certificate".to_string())?;
+    Ok(Arc::new(certified))
+}
+
+/// The DNS names (subject alternative names) of a chain's leaf certificate, lowercase.
+pub fn dns_names(certified: &CertifiedKey) -> Vec<String> {
+    use x509_parser::extensions::GeneralName;
+    let Some(leaf) = certified.cert.first() else {
+        return Vec::new();
+    };
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(leaf.as_ref()) else {
+        return Vec::new();
+    };
+    cert.subject_alternative_name()
+        .ok()
+        .flatten()
+        .map(|s| {
+            s.value
+                .general_names
+                .iter()
+                .filter_map(|n| match n {
+                    GeneralName::DNSName(d) => Some(d.to_ascii_lowercase()),
+                    _ => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// When a leaf certificate's validity begins and ends (Unix milliseconds).
+pub fn validity_ms(certified: &CertifiedKey) -> Option<(i64, i64)> {
+    let leaf = certified.cert.first()?;
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref()).ok()?;
+    Some((
+        cert.validity().not_before.timestamp() * 1000,
+        cert.validity().not_after.timestamp() * 1000,
+    ))
 }
 
 /// The name (first DNS name, else the subject's common name) and the end of validity (Unix
@@ -114,7 +193,72 @@ pub fn files_modified(files: &TlsFiles) -> Option<(std::time::SystemTime, std::t
 }
 
 impl ResolvesServerCert for CertResolver {
-    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(self.current.load_full())
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let manual = self.manual.load_full();
+        match self.acme.load_full() {
+            Some(issued)
+                if manual.is_none()
+                    || hello.server_name().is_some_and(|sni| {
+                        issued.names.iter().any(|n| n.eq_ignore_ascii_case(sni))
+                    }) =>
+            {
+                Some(Arc::clone(&issued.key))
+            }
+            _ => manual,
+        }
+    }
+}
+
+/// What the ACME manager (`crate::acme`) shares with the listeners and `/readyz`: the challenge
+/// answers this process published, and how its last order went.
+#[derive(Debug, Default)]
+pub struct AcmeShared {
+    /// `http-01:TOKEN` → key authorization; `tls-alpn-01:NAME` → its SHA-256 digest, hex.
+    answers: std::sync::Mutex<std::collections::HashMap<String, String>>,
+    status: std::sync::Mutex<AcmeStatus>,
+}
+
+/// How obtaining certificates goes, as `/readyz` shows it.
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct AcmeStatus {
+    /// `waiting` (no certificate yet), `ok` or `failing` (the last order failed; a certificate
+    /// obtained before, if any, keeps serving).
+    pub state: &'static str,
+    /// Why the last order failed, in the CA's words, with what to do.
+    pub error: Option<String>,
+    pub names: Vec<String>,
+    /// When the certificate served ends, and when it is to be renewed (Unix ms).
+    pub not_after_ms: Option<i64>,
+    pub renew_at_ms: Option<i64>,
+    /// When an order is tried again after a failure (Unix ms).
+    pub retry_at_ms: Option<i64>,
+}
+
+impl AcmeShared {
+    pub fn answer(&self, id: &str) -> Option<String> {
+        lock(&self.answers).get(id).cloned()
+    }
+
+    pub fn publish(&self, id: &str, proof: &str) {
+        lock(&self.answers).insert(id.to_string(), proof.to_string());
+    }
+
+    pub fn withdraw(&self, id: &str) {
+        lock(&self.answers).remove(id);
+    }
+
+    pub fn status(&self) -> AcmeStatus {
+        lock(&self.status).clone()
+    }
+
+    pub fn set_status(&self, status: AcmeStatus) {
+        *lock(&self.status) = status;
+    }
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
     }
 }

@@ -202,7 +202,35 @@ pub fn admin_router(app: Arc<App>) -> Router {
 /// request's when it is the public URL's or a route's, else the public URL's: never one a
 /// client made up.
 pub fn redirect_router(app: Arc<App>) -> Router {
-    Router::new().fallback(to_https).with_state(app)
+    Router::new()
+        .route("/.well-known/acme-challenge/{token}", get(acme_challenge))
+        .fallback(to_https)
+        .with_state(app)
+}
+
+/// An ACME HTTP-01 challenge's answer (the key authorization), this replica's or another's;
+/// 404 for a token no order of this gateway's published.
+async fn acme_challenge(
+    State(app): State<Arc<App>>,
+    axum::extract::Path(token): axum::extract::Path<String>,
+) -> Response {
+    let token_ok = !token.is_empty()
+        && token.len() <= 256
+        && token
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    let answer = match token_ok {
+        true => app.acme_answer(&format!("http-01:{token}")).await,
+        false => None,
+    };
+    match answer {
+        Some(proof) => (
+            [(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"))],
+            proof,
+        )
+            .into_response(),
+        None => StatusCode::NOT_FOUND.into_response(),
+    }
 }
 
 async fn to_https(
@@ -478,12 +506,21 @@ async fn readyz(State(app): State<Arc<App>>) -> Response {
         "upstreams": upstreams.iter().map(probe::RouteProbe::json).collect::<Vec<_>>(),
         "plex": plex,
         "directory": directory_readiness(&app),
+        "acme": app.acme.as_ref().map(|a| a.status()),
     });
-    let status = if store_ok && fresh && phase.not_ready_reason().is_none() && plex_ok {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
+    // Without any certificate the public listener cannot answer (the ACME manager is still
+    // waiting for its first one, and there are no certificate files).
+    let certificate_ok = app.config().server.tls.is_some()
+        || app
+            .acme
+            .as_ref()
+            .is_none_or(|a| a.status().not_after_ms.is_some());
+    let status =
+        if store_ok && fresh && phase.not_ready_reason().is_none() && plex_ok && certificate_ok {
+            StatusCode::OK
+        } else {
+            StatusCode::SERVICE_UNAVAILABLE
+        };
     (status, Json(body)).into_response()
 }
 

@@ -17,6 +17,7 @@ const LAYERS: &[&str] = &[
     "server",
     "proxy",
     "web",
+    "acme",
     "app",
     "metrics",
     "oidc",
