@@ -650,17 +650,20 @@ fn challenge_config(name: &str, digest: &[u8]) -> Result<rustls::ServerConfig, S
         .custom_extensions
         .push(rcgen::CustomExtension::new_acme_identifier(digest));
     let cert = params.self_signed(&key).map_err(|e| e.to_string())?;
+    let signer = rustls::crypto::ring::sign::any_supported_type(&PrivateKeyDer::Pkcs8(
+        PrivatePkcs8KeyDer::from(key.serialize_der()),
+    ))
+    .map_err(|e| e.to_string())?;
+    // Handed out by a resolver: `with_single_cert` would parse the certificate as a web PKI
+    // end-entity one and refuse the critical acmeIdentifier extension it must carry.
+    let certified = rustls::sign::CertifiedKey::new(vec![cert.der().clone()], signer);
     let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
     .with_safe_default_protocol_versions()
     .map_err(|e| e.to_string())?
     .with_no_client_auth()
-    .with_single_cert(
-        vec![cert.der().clone()],
-        PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
-    )
-    .map_err(|e| e.to_string())?;
+    .with_cert_resolver(CertResolver::new(Some(Arc::new(certified))));
     config.alpn_protocols = vec![ACME_TLS_ALPN.to_vec()];
     Ok(config)
 }

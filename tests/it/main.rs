@@ -10,6 +10,7 @@ mod standin;
 mod upstream;
 
 mod account;
+mod acme;
 mod ambiguous;
 mod atk_brute_force;
 mod atk_carriers;
@@ -44,6 +45,7 @@ mod media_accounts;
 mod observability;
 mod oidc;
 pub(crate) mod passkeys;
+mod pebble;
 mod pg;
 mod plex;
 mod plex_fidelity;
