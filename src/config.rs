@@ -209,6 +209,7 @@ struct FileServer {
     hsts_max_age: Option<Duration>,
     hsts_include_subdomains: Option<bool>,
     redirect_listen: Option<String>,
+    redirect_http: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -394,6 +395,8 @@ pub struct ServerConfig {
     pub hsts: Option<String>,
     /// A plain-http listener (port 80) that sends every request to the https public URL.
     pub redirect_listen: Option<SocketAddr>,
+    /// Whether that listener redirects (`false`: it answers ACME challenges only, 404 else).
+    pub redirect_http: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -1056,9 +1059,16 @@ impl Validator {
                 Some(addr)
             }
         };
+        if s.redirect_http.is_some() && redirect_listen.is_none() {
+            return Err(self.err(
+                "server.redirect_http",
+                "is about the port-80 listener: set server.redirect_listen too",
+            ));
+        }
         Ok(ServerConfig {
             hsts,
             redirect_listen,
+            redirect_http: s.redirect_http.unwrap_or(true),
             trusted_proxies,
             client_ip_header,
             listen,

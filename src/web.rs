@@ -239,6 +239,9 @@ async fn to_https(
     uri: axum::http::Uri,
 ) -> Response {
     let config = app.config();
+    if !config.server.redirect_http {
+        return StatusCode::NOT_FOUND.into_response();
+    }
     let public = url::Url::parse(&config.server.public_url).ok();
     let public_host = public
         .as_ref()

@@ -382,4 +382,24 @@ async fn the_redirect_listener_sends_everything_to_https() {
     let out = bad.cli(&["check-config"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("server.redirect_listen"));
+    let bad = Gateway::builder(&up.url())
+        .server_keys("public_url = \"https://media.example\"\nredirect_http = false")
+        .configure();
+    let out = bad.cli(&["check-config"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("server.redirect_http"));
+
+    // `redirect_http = false`: the listener answers ACME challenges only; everything else 404.
+    let quiet = Gateway::builder(&up.url())
+        .server_keys(&format!(
+            "public_url = \"https://media.example:8443\"\nredirect_listen = \"127.0.0.1:{port}\"\n\
+             redirect_http = false"
+        ))
+        .start()
+        .await;
+    assert_eq!(
+        go(reqwest::Method::GET, "media.example", "/web/index.html").await,
+        (404, None)
+    );
+    drop(quiet);
 }
