@@ -105,6 +105,7 @@ pub const ALL_FAMILIES: &[&str] = &[
     OUTBOX_MESSAGES_TOTAL,
     OUTBOX_QUEUED,
     OUTBOX_OLDEST_AGE,
+    ACME_ORDERS_TOTAL,
 ];
 
 /// A label of a labelled family: a closed list of values, or the names of something
