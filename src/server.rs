@@ -452,10 +452,21 @@ pub fn serve(config: Config, opts: ServeOptions) -> Result<(), ServeError> {
     // process when none come).
     server.bootstrap();
     let head_timeout = admission.head_timeout;
-    let proxy = pingora::proxy::http_proxy(
+    let mut proxy = pingora::proxy::http_proxy(
         &server.configuration,
         Gateway::new(app.clone(), control.handle().clone(), admission),
     );
+    // HTTP/2 to clients over TLS (ALPN h2, then http/1.1): a head up to twice the limit is
+    // decoded, so that the gateway's own check refuses one over `max_header_bytes` with 431 as
+    // on HTTP/1.1 (a larger one ends the connection in the h2 layer); at most 100 streams at
+    // once; an idle connection closed with GOAWAY before the watchman would cut it.
+    let mut h2 = pingora::protocols::http::v2::server::default_h2_options();
+    h2.max_header_list_size((app.config().server.max_header_bytes as u32).saturating_mul(2));
+    h2.max_concurrent_streams(100);
+    proxy.h2_options = Some(h2);
+    let mut options = pingora::apps::HttpServerOptions::default();
+    options.h2_idle_timeout = Some(head_timeout / 2);
+    proxy.server_options = Some(options);
     let mut service = Service::new(
         "portcullis public listener".to_string(),
         HandOver::new(proxy, head_timeout),
@@ -475,6 +486,7 @@ pub fn serve(config: Config, opts: ServeOptions) -> Result<(), ServeError> {
         let mut settings = pingora::listeners::tls::TlsSettings::intermediate("", "")
             .map_err(|e| ServeError::Proxy(e.to_string()))?;
         settings.set_cert_resolver(resolver.clone());
+        settings.enable_h2();
         service.add_tls_with_settings(&addr, None, settings);
         if config.acme.as_ref().is_some_and(|a| {
             a.challenges

@@ -39,8 +39,8 @@ impl Closed {
 enum State {
     /// Waiting for a request head since then.
     Waiting(Instant),
-    /// A request is being served.
-    Busy,
+    /// Requests are being served: one on HTTP/1.1, any number of streams on HTTP/2.
+    Busy(u32),
 }
 
 /// A downstream socket as the watchman lists it.
@@ -81,14 +81,29 @@ impl Admission {
         }
     }
 
-    /// A complete request head arrived on the connection from `peer`.
+    /// A complete request head arrived on the connection from `peer` (another stream, on
+    /// HTTP/2).
     pub fn head_arrived(&self, peer: SocketAddr) {
-        self.set(peer, State::Busy);
+        if let Ok(mut map) = self.shards[shard_of(&peer)].lock() {
+            let state = map.entry(peer).or_insert(State::Busy(0));
+            *state = match *state {
+                State::Busy(n) => State::Busy(n.saturating_add(1)),
+                State::Waiting(_) => State::Busy(1),
+            };
+        }
     }
 
-    /// The response on the connection from `peer` ended; it now waits for the next head.
+    /// A response on the connection from `peer` ended; once none is left, the connection waits
+    /// for the next head (a long stream on one HTTP/2 stream is not cut because another
+    /// stream of the connection ended).
     pub fn response_ended(&self, peer: SocketAddr, now: Instant) {
-        self.set(peer, State::Waiting(now));
+        if let Ok(mut map) = self.shards[shard_of(&peer)].lock() {
+            let state = map.entry(peer).or_insert(State::Waiting(now));
+            *state = match *state {
+                State::Busy(n) if n > 1 => State::Busy(n - 1),
+                _ => State::Waiting(now),
+            };
+        }
     }
 
     /// Takes the sockets open on the public port now and returns those to close, with why.
@@ -107,7 +122,7 @@ impl Admission {
                 .map(|map| map.get(&s.peer).copied())
                 .unwrap_or(None);
             let since = match known {
-                Some(State::Busy) => None,
+                Some(State::Busy(_)) => None,
                 Some(State::Waiting(t)) => Some(t),
                 None => {
                     self.set(s.peer, State::Waiting(now));
@@ -219,6 +234,25 @@ mod tests {
         assert_eq!(
             a.review(&[stream], t0 + Duration::from_secs(3610)),
             vec![(stream, Closed::HeadTimeout)]
+        );
+    }
+
+    #[test]
+    fn an_http2_connection_waits_only_once_its_last_stream_ended() {
+        let a = Admission::new(Duration::from_secs(30), 10);
+        let t0 = Instant::now();
+        let conn = sock(5, [10, 0, 0, 1], 1000);
+        a.review(&[conn], t0);
+        // A long download and a short request on one connection; the short one ends.
+        a.head_arrived(conn.peer);
+        a.head_arrived(conn.peer);
+        a.response_ended(conn.peer, t0 + Duration::from_secs(1));
+        assert!(a.review(&[conn], t0 + Duration::from_secs(3600)).is_empty());
+        // The download ends too: from then on the connection waits, and is cut in time.
+        a.response_ended(conn.peer, t0 + Duration::from_secs(3600));
+        assert_eq!(
+            a.review(&[conn], t0 + Duration::from_secs(3630)),
+            vec![(conn, Closed::HeadTimeout)]
         );
     }
 

@@ -70,11 +70,15 @@ export async function launch() {
 
 const openPages = new Set();
 
-/** A fresh browser context (its own cookies): one "device". */
-export async function device(browser, name, userAgent = undefined) {
+/**
+ * A fresh browser context (its own cookies): one "device"; `options` go to `newContext` (such as
+ * `ignoreHTTPSErrors` for a gateway with a test CA's certificate).
+ */
+export async function device(browser, name, userAgent = undefined, options = {}) {
   const context = await browser.newContext({
     userAgent,
     viewport: { width: 1100, height: 800 },
+    ...options,
   });
   context.setDefaultTimeout(15_000);
   context.setDefaultNavigationTimeout(15_000);

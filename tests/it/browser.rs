@@ -197,3 +197,31 @@ async fn browser_forgot_password_with_the_link_from_the_received_mail() {
     )
     .await;
 }
+
+/// A Jellyfin-style page load over HTTP/2 through the gateway's own TLS listener: page,
+/// parallel API calls, the app's login, a Range request, the WebSocket (HTTP/1.1); then "Sign
+/// out of all devices" from the gateway's pages (h2 too) closes the socket and ends the token.
+#[tokio::test]
+async fn browser_jellyfin_page_over_http2_and_sign_out_of_all_devices() {
+    let jf = crate::standin::StandIn::start().await;
+    jf.add_user(USER, PASSWORD, false);
+    let dir = tempfile::tempdir().unwrap();
+    crate::harness::write_certificates(dir.path(), "Portcullis browser h2 CA");
+    let gw = Gateway::builder(&jf.url())
+        .user(USER, PASSWORD)
+        .route_keys("kind = \"jellyfin\"")
+        .server_keys(&format!(
+            "tls_cert = \"{}\"\ntls_key = \"{}\"\npublic_url = \"https://localhost:{{port}}\"",
+            dir.path().join("server.pem").display(),
+            dir.path().join("server.key").display(),
+        ))
+        .start()
+        .await;
+    let base = format!("https://localhost:{}", gw.port);
+    run_script(&gw, "http2.mjs", &[("PORTCULLIS_URL", Path::new(&base))]).await;
+    assert_eq!(
+        jf.open_sockets(),
+        0,
+        "the app's WebSocket is still open at the server"
+    );
+}

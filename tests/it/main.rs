@@ -33,6 +33,7 @@ mod failures;
 mod first_scrape;
 mod forward_auth;
 mod fuzz_corpus;
+mod http2;
 pub(crate) mod jellyfin;
 mod jellyfin_clients;
 mod jwt;
