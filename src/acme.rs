@@ -293,19 +293,14 @@ impl Manager {
             .inc();
     }
 
-    /// Publishes the state for `/readyz` and the certificate's expiry metric.
+    /// Publishes the state for `/readyz` and the certificates' expiry metric.
     fn report(&self) {
         let issued = self.resolver.acme();
         let not_after = issued
             .as_ref()
             .and_then(|i| crate::tls::validity_ms(&i.key))
             .map(|(_, end)| end);
-        if let Some(end) = not_after {
-            let name = self.config.names.first().cloned().unwrap_or_default();
-            self.app
-                .metrics
-                .set_tls_expiry(&name, (end - now_ms()) / 1000);
-        }
+        crate::tls::report_expiries(&self.app, &self.resolver);
         let state = match (&issued, &self.error) {
             (_, Some(_)) => "failing",
             (None, None) => "waiting",

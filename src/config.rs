@@ -318,6 +318,9 @@ pub struct Config {
     pub webhooks: Vec<webhook::WebhookConfig>,
     /// Certificates from an ACME certificate authority (`[tls.acme]`).
     pub acme: Option<acme::AcmeConfig>,
+    /// Further certificates (`[[tls.certificate]]`), each handed out for the names it is for
+    /// (SNI); `server.tls_cert` (or the ACME certificate) answers every other name.
+    pub certificates: Vec<TlsFiles>,
 }
 
 /// The WebAuthn relying party: its id (the public URL's host, or a domain it is under, for
@@ -758,9 +761,17 @@ impl Validator {
             }
         }
         let rules = self.rules(raw.rule, &routes)?;
+        let certificates = self.certificates(&raw.tls.certificate)?;
         let acme = self.acme_for(raw.tls, &server, &routes)?;
+        if !certificates.is_empty() && server.tls.is_none() && acme.is_none() {
+            return Err(self.err(
+                "tls.certificate",
+                "further certificates need a default one: server.tls_cert/tls_key or [tls.acme]",
+            ));
+        }
         Ok(Config {
             acme,
+            certificates,
             rules,
             source: path.to_path_buf(),
             server,
@@ -776,6 +787,26 @@ impl Validator {
             mail,
             webhooks,
         })
+    }
+
+    /// `[[tls.certificate]]`: files that exist.
+    fn certificates(&self, list: &[acme::FileCertificate]) -> Result<Vec<TlsFiles>, ConfigError> {
+        let mut out = Vec::new();
+        for (i, c) in list.iter().enumerate() {
+            for (k, p) in [("cert", &c.cert), ("key", &c.key)] {
+                if !p.is_file() {
+                    return Err(self.err(
+                        &format!("tls.certificate[{i}].{k}"),
+                        format!("{} is not a readable file", p.display()),
+                    ));
+                }
+            }
+            out.push(TlsFiles {
+                cert: c.cert.clone(),
+                key: c.key.clone(),
+            });
+        }
+        Ok(out)
     }
 
     /// `[tls.acme]` for this server and its routes: the certificate is for the https public
@@ -1514,6 +1545,40 @@ upstream = "127.0.0.1:8096"
         assert_eq!(c.routes[0].kind, RouteKind::Generic);
         assert_eq!(c.session.ttl, DEFAULT_SESSION_TTL);
         assert!(!c.server.secure);
+    }
+
+    #[test]
+    fn further_certificates_are_checked_with_their_key_and_need_a_default() {
+        let dir = tempfile::tempdir().unwrap();
+        let pem = dir.path().join("a.pem");
+        std::fs::write(&pem, "x").unwrap();
+        let p = pem.display();
+        let e = parse(&format!(
+            "[server]\ntls_cert = '{p}'\ntls_key = '{p}'\n\
+             [[tls.certificate]]\ncert = '{p}'\nkey = '{p}'\n\
+             [[tls.certificate]]\ncert = '{p}'\nkey = '/nowhere/b.key'\n{MINIMAL}"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("tls.certificate[1].key") && e.contains("/nowhere/b.key"),
+            "{e}"
+        );
+        let e = parse(&format!(
+            "[[tls.certificate]]\ncert = '{p}'\nkey = '{p}'\n{MINIMAL}"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("tls.certificate") && e.contains("default"),
+            "{e}"
+        );
+        let c = parse(&format!(
+            "[server]\ntls_cert = '{p}'\ntls_key = '{p}'\n\
+             [[tls.certificate]]\ncert = '{p}'\nkey = '{p}'\n{MINIMAL}"
+        ))
+        .unwrap();
+        assert_eq!(c.certificates.len(), 1);
     }
 
     #[test]

@@ -744,7 +744,7 @@ pub struct Metrics {
     pub upstream_up: IntGaugeVec,
     /// Seconds until each served certificate expires, by name.
     tls_expiry: IntGaugeVec,
-    tls_expiry_name: Mutex<String>,
+    tls_expiry_names: Mutex<Vec<String>>,
 }
 
 /// Route label for requests answered before a route was chosen, or by the gateway's own pages.
@@ -1153,7 +1153,7 @@ impl Metrics {
             outbox_oldest_age,
             upstream_up,
             tls_expiry,
-            tls_expiry_name: Mutex::new(String::new()),
+            tls_expiry_names: Mutex::new(Vec::new()),
         };
         metrics.show_at_zero(None, None);
         Ok(metrics)
@@ -1213,18 +1213,21 @@ impl Metrics {
         }
     }
 
-    /// Records the served certificate's name and seconds to its expiry: the only series (a
-    /// certificate for another name that replaced it takes its place).
-    pub fn set_tls_expiry(&self, name: &str, seconds: i64) {
+    /// Records each served certificate's name and seconds to its expiry: exactly these series
+    /// (a certificate no longer served, or renamed, leaves).
+    pub fn set_tls_expiries(&self, certificates: &[(String, i64)]) {
         let mut last = self
-            .tls_expiry_name
+            .tls_expiry_names
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if *last != name {
+        let names: Vec<String> = certificates.iter().map(|(n, _)| n.clone()).collect();
+        if *last != names {
             self.tls_expiry.reset();
-            *last = name.to_string();
+            *last = names;
         }
-        self.tls_expiry.with_label_values(&[name]).set(seconds);
+        for (name, seconds) in certificates {
+            self.tls_expiry.with_label_values(&[name]).set(*seconds);
+        }
     }
 
     /// The gauge of messages waiting in the outbox's `channel`.

@@ -483,6 +483,8 @@ pub fn serve(config: Config, opts: ServeOptions) -> Result<(), ServeError> {
             None => None,
         };
         let resolver = crate::tls::CertResolver::new(manual);
+        resolver
+            .set_by_name(crate::tls::load_named(&config.certificates).map_err(ServeError::Proxy)?);
         let mut settings = pingora::listeners::tls::TlsSettings::intermediate("", "")
             .map_err(|e| ServeError::Proxy(e.to_string()))?;
         settings.set_cert_resolver(resolver.clone());
@@ -559,42 +561,61 @@ pub fn serve(config: Config, opts: ServeOptions) -> Result<(), ServeError> {
 /// How often the certificate files are looked at for a replacement (a renewal by certbot, say).
 const CERTIFICATE_POLL: std::time::Duration = std::time::Duration::from_secs(2);
 
-/// Serves a replaced certificate without a restart or reload: when the files named by
-/// `server.tls` change and make a valid pair, new handshakes get it (connections open keep
-/// theirs); a broken pair is logged and the old certificate keeps serving. Keeps
-/// `portcullis_tls_certificate_expiry_seconds` current.
+/// Serves replaced certificates without a restart or reload: when the files named by
+/// `server.tls` or a `[[tls.certificate]]` change (or a reload names others) and make valid
+/// pairs, new handshakes get them (connections open keep theirs); a broken pair is logged and
+/// the old certificates keep serving. Keeps `portcullis_tls_certificate_expiry_seconds` current.
 async fn watch_certificate(app: Arc<App>, resolver: Arc<crate::tls::CertResolver>) {
-    let mut seen = app
-        .config()
-        .server
-        .tls
-        .as_ref()
-        .and_then(crate::tls::files_modified);
+    use crate::config::TlsFiles;
+    type Seen = (
+        Option<TlsFiles>,
+        Vec<TlsFiles>,
+        Vec<Option<(SystemTime, SystemTime)>>,
+    );
+    use std::time::SystemTime;
+    let look = |config: &crate::config::Config| -> Seen {
+        let files: Vec<TlsFiles> = config
+            .server
+            .tls
+            .iter()
+            .chain(&config.certificates)
+            .cloned()
+            .collect();
+        (
+            config.server.tls.clone(),
+            config.certificates.clone(),
+            files.iter().map(crate::tls::files_modified).collect(),
+        )
+    };
+    let mut seen = look(&app.config());
     let mut tick = tokio::time::interval(CERTIFICATE_POLL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        if let Some(files) = app.config().server.tls.clone() {
-            let now = crate::tls::files_modified(&files);
-            if now.is_some() && now != seen {
-                seen = now;
-                match crate::tls::load(&files) {
-                    Ok(cert) => {
+        let now = look(&app.config());
+        if now != seen && now.2.iter().all(Option::is_some) {
+            let default = match &now.0 {
+                Some(files) => crate::tls::load(files).map(Some).map_err(|e| e.to_string()),
+                None => Ok(None),
+            };
+            match default.and_then(|d| Ok((d, crate::tls::load_named(&now.1)?))) {
+                Ok((default, named)) => {
+                    if let Some(cert) = default {
                         resolver.set(cert);
-                        tracing::info!(cert = %files.cert.display(), "certificate files changed: the new certificate is served");
                     }
-                    Err(e) => tracing::error!(
+                    resolver.set_by_name(named);
+                    tracing::info!("certificate files changed: the new certificates are served");
+                    seen = now;
+                }
+                Err(e) => {
+                    tracing::error!(
                         error = %e,
-                        "certificate files changed but cannot be used; the previous certificate keeps serving"
-                    ),
+                        "certificate files changed but cannot be used; the previous certificates keep serving"
+                    );
+                    seen = now;
                 }
             }
         }
-        if let Some((name, not_after)) =
-            resolver.current().and_then(|c| crate::tls::leaf_expiry(&c))
-        {
-            app.metrics
-                .set_tls_expiry(&name, not_after - crate::app::now_ms() / 1000);
-        }
+        crate::tls::report_expiries(&app, &resolver);
     }
 }

@@ -7,7 +7,7 @@
 
 use std::sync::Arc;
 
-use arc_swap::ArcSwapOption;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 
@@ -55,12 +55,46 @@ pub fn load(files: &TlsFiles) -> Result<Arc<CertifiedKey>, TlsError> {
     Ok(Arc::new(certified))
 }
 
-/// Hands every TLS handshake its certificate: the one from the ACME CA for a name it is for
-/// (or for any name when there is no other), else the one from `server.tls_cert`.
+/// Hands every TLS handshake its certificate, by the name the client asks for (SNI): the one
+/// from the ACME CA for its names, else a `[[tls.certificate]]` for its names (`*.example.org`
+/// for one label), else the default: `server.tls_cert`, or the ACME certificate without it.
 #[derive(Debug)]
 pub struct CertResolver {
     manual: ArcSwapOption<CertifiedKey>,
     acme: ArcSwapOption<Issued>,
+    by_name: ArcSwap<Vec<Named>>,
+}
+
+/// A `[[tls.certificate]]` and the DNS names it is for.
+#[derive(Debug, Clone)]
+pub struct Named {
+    pub names: Vec<String>,
+    pub key: Arc<CertifiedKey>,
+}
+
+impl Named {
+    pub fn new(key: Arc<CertifiedKey>) -> Named {
+        Named {
+            names: dns_names(&key),
+            key,
+        }
+    }
+
+    fn serves(&self, sni: &str) -> bool {
+        self.names.iter().any(|n| name_matches(n, sni))
+    }
+}
+
+/// Whether a certificate's DNS name `pattern` covers `name`: equal (letter case aside), or a
+/// wildcard `*.rest` and `name` one label followed by `.rest`.
+pub fn name_matches(pattern: &str, name: &str) -> bool {
+    if pattern.eq_ignore_ascii_case(name) {
+        return true;
+    }
+    match (pattern.strip_prefix("*."), name.split_once('.')) {
+        (Some(rest), Some((label, tail))) => !label.is_empty() && rest.eq_ignore_ascii_case(tail),
+        _ => false,
+    }
 }
 
 /// A certificate from the ACME CA, the names it is for and when it is to be renewed.
@@ -77,6 +111,7 @@ impl CertResolver {
         Arc::new(CertResolver {
             manual: ArcSwapOption::new(manual),
             acme: ArcSwapOption::empty(),
+            by_name: ArcSwap::from_pointee(Vec::new()),
         })
     }
 
@@ -98,6 +133,19 @@ impl CertResolver {
     /// The certificate from the ACME CA handed out now.
     pub fn acme(&self) -> Option<Arc<Issued>> {
         self.acme.load_full()
+    }
+
+    /// Uses `list` (the `[[tls.certificate]]` pairs) for their names from now on.
+    pub fn set_by_name(&self, list: Vec<Named>) {
+        self.by_name.store(Arc::new(list));
+    }
+
+    /// Every certificate handed out now: the default, those by name, the ACME one.
+    pub fn all(&self) -> Vec<Arc<CertifiedKey>> {
+        let mut out: Vec<Arc<CertifiedKey>> = self.current().into_iter().collect();
+        out.extend(self.by_name.load().iter().map(|n| Arc::clone(&n.key)));
+        out.extend(self.acme().map(|i| Arc::clone(&i.key)));
+        out
     }
 }
 
@@ -186,6 +234,30 @@ pub fn leaf_expiry(certified: &CertifiedKey) -> Option<(String, i64)> {
     Some((name, not_after))
 }
 
+/// Sets `portcullis_tls_certificate_expiry_seconds` for every certificate handed out now.
+pub fn report_expiries(app: &crate::app::App, resolver: &CertResolver) {
+    let now = crate::app::now_ms() / 1000;
+    let mut seen: Vec<(String, i64)> = Vec::new();
+    for (name, not_after) in resolver.all().iter().filter_map(|c| leaf_expiry(c)) {
+        if !seen.iter().any(|(n, _)| *n == name) {
+            seen.push((name, not_after - now));
+        }
+    }
+    app.metrics.set_tls_expiries(&seen);
+}
+
+/// Loads every `[[tls.certificate]]` pair, naming the first that fails.
+pub fn load_named(list: &[TlsFiles]) -> Result<Vec<Named>, String> {
+    list.iter()
+        .enumerate()
+        .map(|(i, files)| {
+            load(files)
+                .map(Named::new)
+                .map_err(|e| format!("key `tls.certificate[{i}]`: {e}"))
+        })
+        .collect()
+}
+
 /// When the files were last modified, to tell a replaced certificate.
 pub fn files_modified(files: &TlsFiles) -> Option<(std::time::SystemTime, std::time::SystemTime)> {
     let m = |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
@@ -194,18 +266,21 @@ pub fn files_modified(files: &TlsFiles) -> Option<(std::time::SystemTime, std::t
 
 impl ResolvesServerCert for CertResolver {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        let manual = self.manual.load_full();
-        match self.acme.load_full() {
-            Some(issued)
-                if manual.is_none()
-                    || hello.server_name().is_some_and(|sni| {
-                        issued.names.iter().any(|n| n.eq_ignore_ascii_case(sni))
-                    }) =>
+        let acme = self.acme.load_full();
+        if let Some(sni) = hello.server_name() {
+            if let Some(issued) = acme
+                .as_ref()
+                .filter(|i| i.names.iter().any(|n| n.eq_ignore_ascii_case(sni)))
             {
-                Some(Arc::clone(&issued.key))
+                return Some(Arc::clone(&issued.key));
             }
-            _ => manual,
+            if let Some(named) = self.by_name.load().iter().find(|n| n.serves(sni)) {
+                return Some(Arc::clone(&named.key));
+            }
         }
+        self.manual
+            .load_full()
+            .or_else(|| acme.map(|i| Arc::clone(&i.key)))
     }
 }
 
@@ -260,5 +335,21 @@ fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     match m.lock() {
         Ok(g) => g,
         Err(p) => p.into_inner(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::name_matches;
+
+    #[test]
+    fn a_wildcard_covers_one_label_and_names_match_in_any_case() {
+        assert!(name_matches("media.example.org", "MEDIA.example.org"));
+        assert!(name_matches("*.example.org", "media.example.org"));
+        assert!(!name_matches("*.example.org", "example.org"));
+        assert!(!name_matches("*.example.org", "a.b.example.org"));
+        assert!(!name_matches("*.example.org", ".example.org"));
+        assert!(!name_matches("media.example.org", "other.example.org"));
+        assert!(!name_matches("example.org", "*.example.org"));
     }
 }

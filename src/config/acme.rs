@@ -18,6 +18,16 @@ pub const LETSENCRYPT_STAGING: &str = "https://acme-staging-v02.api.letsencrypt.
 #[serde(deny_unknown_fields)]
 pub(super) struct FileTls {
     acme: Option<FileAcme>,
+    #[serde(default)]
+    pub(super) certificate: Vec<FileCertificate>,
+}
+
+/// One `[[tls.certificate]]`: a further certificate, handed out by SNI for the names it is for.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct FileCertificate {
+    pub(super) cert: PathBuf,
+    pub(super) key: PathBuf,
 }
 
 #[derive(Debug, Deserialize)]

@@ -126,6 +126,11 @@ fn certificate(name: &str, days: i64) -> (String, String) {
 
 /// The certificate a TLS client is shown at `port`, as DER.
 async fn served_certificate(port: u16) -> Vec<u8> {
+    served_for(port, "localhost").await
+}
+
+/// The certificate a TLS client asking for `name` (SNI; none for an IP address) is shown.
+async fn served_for(port: u16, name: &str) -> Vec<u8> {
     use rustls::pki_types::ServerName;
     // Accepts any certificate: the test compares what it is shown.
     #[derive(Debug)]
@@ -176,7 +181,7 @@ async fn served_certificate(port: u16) -> Vec<u8> {
         .await
         .unwrap();
     let tls = connector
-        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .connect(ServerName::try_from(name.to_string()).unwrap(), tcp)
         .await
         .unwrap();
     tls.get_ref().1.peer_certificates().unwrap()[0].to_vec()
@@ -402,4 +407,92 @@ async fn the_redirect_listener_sends_everything_to_https() {
         (404, None)
     );
     drop(quiet);
+}
+
+/// Several certificates on one listener: each `[[tls.certificate]]` for the names it is for
+/// (SNI, wildcards for one label), `server.tls_cert` for every other name and for clients that
+/// send none; each renewed in place without a restart; every one in the expiry metric.
+#[tokio::test]
+async fn several_certificates_are_chosen_by_sni_and_each_is_renewed_in_place() {
+    let up = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let pair = |stem: &str, name: &str, days: i64| {
+        let (cert, key) = certificate(name, days);
+        let c = dir.path().join(format!("{stem}.pem"));
+        let k = dir.path().join(format!("{stem}.key"));
+        std::fs::write(&c, &cert).unwrap();
+        std::fs::write(&k, &key).unwrap();
+        (c, k, cert)
+    };
+    let (dc, dk, default) = pair("default", "localhost", 50);
+    let (mc, mk, media) = pair("media", "media.example.org", 40);
+    let (wc, wk, wild) = pair("wild", "*.example.net", 30);
+    let gw = Gateway::builder(&up.url())
+        .server_keys(&format!(
+            "tls_cert = \"{}\"\ntls_key = \"{}\"",
+            dc.display(),
+            dk.display()
+        ))
+        .extra_toml(&format!(
+            "[[tls.certificate]]\ncert = \"{}\"\nkey = \"{}\"\n\
+             [[tls.certificate]]\ncert = \"{}\"\nkey = \"{}\"\n",
+            mc.display(),
+            mk.display(),
+            wc.display(),
+            wk.display()
+        ))
+        .start()
+        .await;
+    let port = gw.port;
+    assert_eq!(served_for(port, "media.example.org").await, der_of(&media));
+    assert_eq!(served_for(port, "MEDIA.example.org").await, der_of(&media));
+    assert_eq!(served_for(port, "music.example.net").await, der_of(&wild));
+    assert_eq!(served_for(port, "a.b.example.net").await, der_of(&default));
+    assert_eq!(
+        served_for(port, "other.example.com").await,
+        der_of(&default)
+    );
+    assert_eq!(
+        served_for(port, "127.0.0.1").await,
+        der_of(&default),
+        "no SNI"
+    );
+    gw.metrics_with(&[
+        "portcullis_tls_certificate_expiry_seconds{name=\"localhost\"}",
+        "portcullis_tls_certificate_expiry_seconds{name=\"media.example.org\"}",
+        "portcullis_tls_certificate_expiry_seconds{name=\"*.example.net\"}",
+    ])
+    .await;
+    let left = gw
+        .metric("portcullis_tls_certificate_expiry_seconds{name=\"*.example.net\"}")
+        .await;
+    assert!(
+        (29.0 * 86400.0..=30.0 * 86400.0).contains(&left),
+        "{left} s left of a 30-day certificate"
+    );
+
+    // One of them renewed in place: served for its name, the others unchanged.
+    let (renewed, renewed_key) = certificate("media.example.org", 90);
+    std::fs::write(&mk, &renewed_key).unwrap();
+    std::fs::write(&mc, &renewed).unwrap();
+    assert!(
+        poll_until(Duration::from_secs(10), || async {
+            served_for(port, "media.example.org").await == der_of(&renewed)
+        })
+        .await,
+        "the renewed certificate was not served"
+    );
+    assert_eq!(served_for(port, "music.example.net").await, der_of(&wild));
+    assert_eq!(served_for(port, "localhost").await, der_of(&default));
+
+    // A broken one (a key of another certificate): logged, and nothing changes.
+    std::fs::write(&wk, &renewed_key).unwrap();
+    gw.log_containing("certificate files changed but cannot be used")
+        .await;
+    assert!(gw.log().contains("tls.certificate[1]"), "{}", gw.log());
+    assert_eq!(served_for(port, "music.example.net").await, der_of(&wild));
+    assert_eq!(
+        served_for(port, "media.example.org").await,
+        der_of(&renewed)
+    );
 }
