@@ -496,3 +496,66 @@ async fn several_certificates_are_chosen_by_sni_and_each_is_renewed_in_place() {
         der_of(&renewed)
     );
 }
+
+/// Only TLS 1.2 with AEAD suites and TLS 1.3 are spoken (rustls has nothing older or weaker),
+/// checked with OpenSSL's own client, which would take anything offered.
+#[tokio::test]
+async fn only_tls12_with_aead_suites_and_tls13_are_spoken() {
+    let up = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    crate::harness::write_certificates(dir.path(), "Portcullis TLS versions CA");
+    let gw = Gateway::builder(&up.url())
+        .server_keys(&format!(
+            "tls_cert = \"{}\"\ntls_key = \"{}\"",
+            dir.path().join("server.pem").display(),
+            dir.path().join("server.key").display()
+        ))
+        .start()
+        .await;
+    let connect = format!("127.0.0.1:{}", gw.port);
+    let s_client = |args: &'static [&'static str]| {
+        let connect = connect.clone();
+        async move {
+            let out = tokio::process::Command::new("openssl")
+                .args(["s_client", "-connect", &connect, "-servername", "localhost"])
+                .args(args)
+                .stdin(std::process::Stdio::null())
+                .output()
+                .await
+                .expect("run openssl s_client");
+            let text = format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            (out.status.success() && text.contains("Cipher is"), text)
+        }
+    };
+    // Refused: TLS 1.0 and 1.1 (offered at OpenSSL's lowest security level), and TLS 1.2 with
+    // CBC suites (no AEAD).
+    for args in [
+        &["-tls1", "-cipher", "ALL:@SECLEVEL=0"][..],
+        &["-tls1_1", "-cipher", "ALL:@SECLEVEL=0"],
+        &["-tls1_2", "-cipher", "ECDHE-ECDSA-AES128-SHA:ECDHE-ECDSA-AES256-SHA384:AES128-SHA"],
+    ] {
+        let (ok, text) = s_client(args).await;
+        assert!(!ok, "{args:?} got a session:\n{text}");
+    }
+    // Spoken: TLS 1.2 with AES-GCM or ChaCha20-Poly1305, TLS 1.3; ALPN h2.
+    for (args, cipher) in [
+        (
+            &["-tls1_2", "-cipher", "ECDHE-ECDSA-AES128-GCM-SHA256"][..],
+            "ECDHE-ECDSA-AES128-GCM-SHA256",
+        ),
+        (
+            &["-tls1_2", "-cipher", "ECDHE-ECDSA-CHACHA20-POLY1305"],
+            "ECDHE-ECDSA-CHACHA20-POLY1305",
+        ),
+        (&["-tls1_3", "-alpn", "h2,http/1.1"], "TLS_AES_"),
+    ] {
+        let (ok, text) = s_client(args).await;
+        assert!(ok && text.contains(cipher), "{args:?}:\n{text}");
+    }
+    let (_, text) = s_client(&["-tls1_3", "-alpn", "h2,http/1.1"]).await;
+    assert!(text.contains("ALPN protocol: h2"), "{text}");
+}
