@@ -458,11 +458,13 @@ mod frames {
     }
 }
 
-/// Reads frames until the connection ends, a GOAWAY arrives or `within` passes: the kinds seen,
+/// Reads frames until the connection ends, a GOAWAY arrives, a stream ends (if asked: for
+/// connections that carry one request) or `within` passes: the kinds seen,
 /// in order, and the GOAWAY's error code.
 async fn read_frames(
     tls: &mut TlsStream<tokio::net::TcpStream>,
     within: Duration,
+    until_stream_end: bool,
 ) -> (Vec<u8>, Option<u32>) {
     let mut kinds = Vec::new();
     let mut code = None;
@@ -484,7 +486,10 @@ async fn read_frames(
                 ]));
                 return;
             }
-            if head[3] == frames::DATA && head[4] & frames::END_STREAM != 0 {
+            if until_stream_end
+                && ((head[3] == frames::DATA && head[4] & frames::END_STREAM != 0)
+                    || head[3] == frames::RST_STREAM)
+            {
                 return;
             }
         }
@@ -510,12 +515,45 @@ async fn rapid_resets_and_continuation_floods_end_their_connection_and_nothing_e
     let block = request(&authority, "/by-hand", &[("authorization", &bearer)]);
     out.extend(frame(HEADERS, END_HEADERS | END_STREAM, 1, &block));
     conn.write_all(&out).await.unwrap();
-    let (kinds, code) = read_frames(&mut conn, Duration::from_secs(10)).await;
+    let (kinds, code) = read_frames(&mut conn, Duration::from_secs(10), true).await;
     assert!(
         kinds.contains(&HEADERS) && kinds.contains(&DATA),
         "{kinds:?} {code:?}"
     );
     assert_eq!(up.last().unwrap().path_and_query, "/by-hand");
+
+    // Connection-specific headers, which HTTP/2 forbids (RFC 9113 §8.2.2) and an HTTP/1.1
+    // upstream would act on (a smuggled body, a kept or closed connection): the stream is
+    // refused, never forwarded.
+    for (i, (name, value)) in [
+        ("transfer-encoding", "chunked"),
+        ("connection", "keep-alive"),
+        ("upgrade", "websocket"),
+        ("te", "gzip"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let (mut conn, _) = tls.connect(&[b"h2"]).await;
+        let mut out = preface();
+        let path = format!("/smuggle/{i}");
+        let block = request(
+            &authority,
+            &path,
+            &[("authorization", &bearer), (name, value)],
+        );
+        out.extend(frame(HEADERS, END_HEADERS | END_STREAM, 1, &block));
+        conn.write_all(&out).await.unwrap();
+        let (kinds, code) = read_frames(&mut conn, Duration::from_secs(10), true).await;
+        assert!(
+            kinds.contains(&RST_STREAM) || code.is_some(),
+            "{name}: {value} was not refused: {kinds:?}"
+        );
+        assert!(
+            !up.requests().iter().any(|r| r.path_and_query == path),
+            "{name}: {value} reached the upstream"
+        );
+    }
     let before = up.count();
 
     // Rapid reset (CVE-2023-44487): streams opened and cancelled at once, thousands of them.
@@ -529,7 +567,7 @@ async fn rapid_resets_and_continuation_floods_end_their_connection_and_nothing_e
         burst.extend(frame(RST_STREAM, 0, id, &8u32.to_be_bytes()));
     }
     let _ = conn.write_all(&burst).await;
-    let (kinds, code) = read_frames(&mut conn, Duration::from_secs(10)).await;
+    let (kinds, code) = read_frames(&mut conn, Duration::from_secs(10), false).await;
     // ENHANCE_YOUR_CALM.
     assert_eq!(
         code,
@@ -564,7 +602,7 @@ async fn rapid_resets_and_continuation_floods_end_their_connection_and_nothing_e
         }
         sent += 1;
     }
-    let (kinds, flood_code) = read_frames(&mut conn, Duration::from_secs(10)).await;
+    let (kinds, flood_code) = read_frames(&mut conn, Duration::from_secs(10), false).await;
     assert!(
         sent < 1000 || flood_code.is_some(),
         "16 MB of CONTINUATION frames were taken in without ending the connection: {kinds:?}"

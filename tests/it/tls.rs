@@ -536,7 +536,11 @@ async fn only_tls12_with_aead_suites_and_tls13_are_spoken() {
     for args in [
         &["-tls1", "-cipher", "ALL:@SECLEVEL=0"][..],
         &["-tls1_1", "-cipher", "ALL:@SECLEVEL=0"],
-        &["-tls1_2", "-cipher", "ECDHE-ECDSA-AES128-SHA:ECDHE-ECDSA-AES256-SHA384:AES128-SHA"],
+        &[
+            "-tls1_2",
+            "-cipher",
+            "ECDHE-ECDSA-AES128-SHA:ECDHE-ECDSA-AES256-SHA384:AES128-SHA",
+        ],
     ] {
         let (ok, text) = s_client(args).await;
         assert!(!ok, "{args:?} got a session:\n{text}");
