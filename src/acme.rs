@@ -300,7 +300,9 @@ impl Manager {
             .as_ref()
             .and_then(|i| crate::tls::validity_ms(&i.key))
             .map(|(_, end)| end);
-        crate::tls::report_expiries(&self.app, &self.resolver);
+        self.app
+            .metrics
+            .set_tls_expiries(&crate::tls::expiries(&self.resolver, now_ms() / 1000));
         let state = match (&issued, &self.error) {
             (_, Some(_)) => "failing",
             (None, None) => "waiting",

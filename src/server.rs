@@ -616,6 +616,9 @@ async fn watch_certificate(app: Arc<App>, resolver: Arc<crate::tls::CertResolver
                 }
             }
         }
-        crate::tls::report_expiries(&app, &resolver);
+        app.metrics.set_tls_expiries(&crate::tls::expiries(
+            &resolver,
+            crate::app::now_ms() / 1000,
+        ));
     }
 }

@@ -234,16 +234,16 @@ pub fn leaf_expiry(certified: &CertifiedKey) -> Option<(String, i64)> {
     Some((name, not_after))
 }
 
-/// Sets `portcullis_tls_certificate_expiry_seconds` for every certificate handed out now.
-pub fn report_expiries(app: &crate::app::App, resolver: &CertResolver) {
-    let now = crate::app::now_ms() / 1000;
+/// Every certificate handed out now by `resolver`, by name, with its seconds left at `now_s`
+/// (for `portcullis_tls_certificate_expiry_seconds`).
+pub fn expiries(resolver: &CertResolver, now_s: i64) -> Vec<(String, i64)> {
     let mut seen: Vec<(String, i64)> = Vec::new();
     for (name, not_after) in resolver.all().iter().filter_map(|c| leaf_expiry(c)) {
         if !seen.iter().any(|(n, _)| *n == name) {
-            seen.push((name, not_after - now));
+            seen.push((name, not_after - now_s));
         }
     }
-    app.metrics.set_tls_expiries(&seen);
+    seen
 }
 
 /// Loads every `[[tls.certificate]]` pair, naming the first that fails.

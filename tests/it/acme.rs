@@ -129,10 +129,8 @@ async fn login(https: &reqwest::Client, port: u16) -> String {
     body["token"].as_str().unwrap().to_string()
 }
 
-#[tokio::test]
-async fn a_certificate_is_obtained_over_http01_and_port_80_redirects_everything_else() {
-    let up = Upstream::start().await;
-    let port80 = free_port();
+/// The test CA, validating HTTP-01 on `port80` (and no TLS-ALPN-01).
+async fn http01_pebble(port80: u16) -> Pebble {
     let mut pebble = Pebble::new();
     pebble
         .start(&PebbleOptions {
@@ -141,6 +139,14 @@ async fn a_certificate_is_obtained_over_http01_and_port_80_redirects_everything_
             ..PebbleOptions::default()
         })
         .await;
+    pebble
+}
+
+#[tokio::test]
+async fn a_certificate_is_obtained_over_http01_and_port_80_redirects_everything_else() {
+    let up = Upstream::start().await;
+    let port80 = free_port();
+    let pebble = http01_pebble(port80).await;
     let gw = Gateway::builder(&up.url())
         .user("alice", PW)
         .server_keys(&server_keys(Some(port80)))
@@ -273,57 +279,13 @@ async fn tls_alpn01_is_answered_on_the_public_port_and_a_restart_serves_the_stor
 /// A TLS handshake that offers only `acme-tls/1` (as a TLS-ALPN-01 validation does).
 async fn acme_only_handshake(port: u16) -> Result<(), String> {
     use tokio_rustls::rustls;
-    #[derive(Debug)]
-    struct AnyCert;
-    impl rustls::client::danger::ServerCertVerifier for AnyCert {
-        fn verify_server_cert(
-            &self,
-            _: &rustls::pki_types::CertificateDer<'_>,
-            _: &[rustls::pki_types::CertificateDer<'_>],
-            _: &rustls::pki_types::ServerName<'_>,
-            _: &[u8],
-            _: rustls::pki_types::UnixTime,
-        ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-            Ok(rustls::client::danger::ServerCertVerified::assertion())
-        }
-        fn verify_tls12_signature(
-            &self,
-            _: &[u8],
-            _: &rustls::pki_types::CertificateDer<'_>,
-            _: &rustls::DigitallySignedStruct,
-        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-            Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
-        }
-        fn verify_tls13_signature(
-            &self,
-            _: &[u8],
-            _: &rustls::pki_types::CertificateDer<'_>,
-            _: &rustls::DigitallySignedStruct,
-        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-            Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
-        }
-        fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-            rustls::crypto::ring::default_provider()
-                .signature_verification_algorithms
-                .supported_schemes()
-        }
-    }
-    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| e.to_string())?
-    .dangerous()
-    .with_custom_certificate_verifier(Arc::new(AnyCert))
-    .with_no_client_auth();
-    config.alpn_protocols = vec![b"acme-tls/1".to_vec()];
     let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
         .map_err(|e| e.to_string())?;
     let name = rustls::pki_types::ServerName::try_from(NAME)
         .unwrap()
         .to_owned();
-    tokio_rustls::TlsConnector::from(Arc::new(config))
+    crate::harness::any_certificate_connector(&[b"acme-tls/1"])
         .connect(name, tcp)
         .await
         .map(|_| ())
@@ -407,16 +369,9 @@ async fn two_replicas_on_postgresql_order_once_and_serve_the_same_certificate() 
     let up = Upstream::start().await;
     let schema = crate::pg::Schema::on(&crate::pg::server_url());
     let port80 = free_port();
-    let mut pebble = Pebble::new();
     // The CA reaches the first replica's port 80 only: when the second orders, the first
     // answers from the store.
-    pebble
-        .start(&PebbleOptions {
-            http_port: port80,
-            tls_port: 1,
-            ..PebbleOptions::default()
-        })
-        .await;
+    let pebble = http01_pebble(port80).await;
     let acme = pebble.acme_toml("challenges = [\"http-01\"]");
     let first = Gateway::builder(&up.url())
         .server_keys(&server_keys(Some(port80)))

@@ -13,7 +13,7 @@ use tokio_rustls::client::TlsStream;
 use tokio_rustls::rustls;
 use tokio_rustls::rustls::pki_types::pem::PemObject;
 
-use crate::harness::{client, write_certificates, Gateway};
+use crate::harness::{write_certificates, Gateway};
 use crate::upstream::{pattern_byte, Upstream};
 
 const PW: &str = "alice-h2-password-2026";
@@ -364,14 +364,7 @@ async fn http2_requests_meet_the_same_front_door_checks_as_http11() {
         200
     );
     // Each refusal counted with its reason, as on HTTP/1.1.
-    let metrics = client()
-        .get(format!("{}/metrics", tls.gw.admin))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = tls.gw.metrics_text().await;
     let count = |reason: &str| -> f64 {
         metrics
             .lines()
