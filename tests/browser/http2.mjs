@@ -54,7 +54,10 @@ await run('http2', async (browser) => {
   assert.equal(result.video.status, 206);
   assert.equal(result.video.length, 1000);
   assert.match(result.video.range, /^bytes 1000-1999\//);
-  assert.equal(result.protocols.length, 5, result.protocols.join('\n'));
+  // The five calls above (and the favicon, when the browser has asked for it by then).
+  for (const p of ['/System/Info/Public', '/Branding/Configuration', '/Users/AuthenticateByName', '/Users/Me', '/Videos/h2movie/stream']) {
+    assert.ok(result.protocols.some((e) => e.includes(p)), `${p} not among ${result.protocols.join('\n')}`);
+  }
   for (const p of result.protocols) {
     assert.ok(p.endsWith(' h2'), `not over HTTP/2: ${p}`);
   }
