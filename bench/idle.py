@@ -58,6 +58,7 @@ async def main():
     ap.add_argument("--token", default="")
     ap.add_argument("--path", default="/1k")
     ap.add_argument("--settle", type=float, default=3.0)
+    ap.add_argument("--late", type=float, default=0.0, help="also sample this long after closing")
     args = ap.parse_args()
     auth = f"Authorization: Bearer {args.token}\r\n" if args.token else ""
     request = (
@@ -80,6 +81,10 @@ async def main():
         w.close()
     await asyncio.sleep(args.settle)
     after = rss_kib(args.pid)
+    late = None
+    if args.late > 0:
+        await asyncio.sleep(args.late)
+        late = rss_kib(args.pid)
     print(
         json.dumps(
             {
@@ -88,6 +93,7 @@ async def main():
                 "rss_base_kib": base,
                 "rss_idle_kib": idle,
                 "rss_after_kib": after,
+                "rss_late_kib": late,
                 "kib_per_conn": round((idle - base) / args.conns, 2),
             }
         )

@@ -125,7 +125,7 @@ TOKEN=$(curl -sf -X POST -H 'content-type: application/json' \
 for case in n d; do
     if [ $case = n ]; then port=$P_N; pid=$N_PID; tok=""; else port=$P_D; pid=$D_PID; tok=$TOKEN; fi
     say "$case: $CONNS idle keep-alive connections"
-    line=$(python3 bench/idle.py --port "$port" --pid "$pid" --conns "$CONNS" --token "$tok")
+    line=$(python3 bench/idle.py --port "$port" --pid "$pid" --conns "$CONNS" --token "$tok" --late "${LATE:-0}")
     echo "{\"case\":\"$case\",${line#\{}" | tee -a "$OUT/idle.json"
 done
 python3 - "$OUT/idle.json" <<'EOF'
