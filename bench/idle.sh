@@ -6,7 +6,8 @@
 #
 # An upstream nginx serves a 1 KiB file; each proxy gets CONNS connections (one request each,
 # then idle), and bench/idle.py samples its RSS before, with all of them idle, and after they
-# closed. Environment: CONNS=8000 THREADS=2 PORTCULLIS=target/release/portcullis (built when
+# closed. Environment: CONNS=8000 THREADS=2 LATE=0 (also sample RSS this many seconds after
+# closing) KEEP=1 (keep the temp dir and the gateway's log) PORTCULLIS=target/release/portcullis (built when
 # missing) OUT=bench/out. Results: OUT/idle.json (one line per proxy) and a table on stdout.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -29,7 +30,7 @@ cleanup() {
     for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
     sleep 0.5
     for pid in "${PIDS[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
-    rm -rf "$TMP"
+    if [ -n "${KEEP:-}" ]; then echo "bench: kept $TMP" >&2; else rm -rf "$TMP"; fi
 }
 trap cleanup EXIT
 
@@ -106,7 +107,7 @@ url = "sqlite://$TMP/d/p.db"
 key_file = "$TMP/d/session.key"
 
 [log]
-level = "warn"
+level = "info"
 
 [[route]]
 name = "media"

@@ -32,6 +32,35 @@ pub mod tls;
 pub mod web;
 pub mod webhook;
 
+/// Lets this thread's allocator heap take back what other threads freed into it, at most every
+/// 5 ms per thread, when a client connection has ended. mimalloc returns memory freed by
+/// another thread than the one that allocated it only when the owning thread next collects;
+/// a proxy thread that goes idle after a burst of connections (each allocated on one thread and
+/// often freed on another: tasks move between threads) kept it all, 150 MiB after 4,000 idle
+/// connections closed. Connection ends are rare next to requests, and the check costs nothing
+/// in between.
+pub fn tidy_thread_heap() {
+    use std::cell::Cell;
+    use std::time::{Duration, Instant};
+    const EVERY: Duration = Duration::from_millis(5);
+    thread_local! {
+        static LAST: Cell<Option<Instant>> = const { Cell::new(None) };
+    }
+    let now = Instant::now();
+    let due = LAST.with(|last| {
+        let due = last.get().is_none_or(|t| now.duration_since(t) >= EVERY);
+        if due {
+            last.set(Some(now));
+        }
+        due
+    });
+    if due {
+        // SAFETY: mi_collect takes no pointers and may be called at any time from any thread; it
+        // works on the calling thread's heap.
+        unsafe { libmimalloc_sys::mi_collect(false) }
+    }
+}
+
 /// Asks the allocators to hand memory that is free but still held back to the operating system,
 /// so the resident size reflects what is kept: after a large transient build (the revocation
 /// view loaded from a snapshot), and periodically from the sync loop (see

@@ -45,7 +45,11 @@ impl HttpServerApp for HandOver {
         session: ServerSession,
         shutdown: &ShutdownWatch,
     ) -> Option<ReusedHttpStream> {
-        self.proxy.process_new_http(session, shutdown).await
+        let reused = self.proxy.process_new_http(session, shutdown).await;
+        if reused.is_none() {
+            crate::tidy_thread_heap();
+        }
+        reused
     }
 
     fn h2_options(&self) -> Option<pingora::protocols::http::v2::server::H2Options> {
