@@ -129,6 +129,18 @@ async fn login(https: &reqwest::Client, port: u16) -> String {
     body["token"].as_str().unwrap().to_string()
 }
 
+/// Signs in over TLS (trusting `root`) and sends `GET path` with the token.
+async fn signed_in_get(port: u16, root: &str, path: &str) -> reqwest::Response {
+    let https = https(port, root);
+    let token = login(&https, port).await;
+    https
+        .get(format!("https://{NAME}:{port}{path}"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+}
+
 /// The test CA, validating HTTP-01 on `port80` (and no TLS-ALPN-01).
 async fn http01_pebble(port80: u16) -> Pebble {
     let mut pebble = Pebble::new();
@@ -157,14 +169,7 @@ async fn a_certificate_is_obtained_over_http01_and_port_80_redirects_everything_
     wait_for_certificate(&gw, &pebble, &root, None).await;
 
     // Served through it: a sign-in and a proxied request.
-    let https = https(gw.port, &root);
-    let token = login(&https, gw.port).await;
-    let resp = https
-        .get(format!("https://{NAME}:{}/some/page", gw.port))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap();
+    let resp = signed_in_get(gw.port, &root, "/some/page").await;
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.text().await.unwrap(), "upstream ok: GET /some/page");
 
@@ -254,14 +259,7 @@ async fn tls_alpn01_is_answered_on_the_public_port_and_a_restart_serves_the_stor
 
     // Ordinary TLS on the same port is untouched by the ClientHello read before it: a
     // sign-in and a request.
-    let https = https(gw.port, &root);
-    let token = login(&https, gw.port).await;
-    let resp = https
-        .get(format!("https://{NAME}:{}/x", gw.port))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap();
+    let resp = signed_in_get(gw.port, &root, "/x").await;
     assert_eq!(resp.status(), 200);
     // A client that offers only acme-tls/1 while no challenge is open gets no certificate.
     assert!(acme_only_handshake(gw.port).await.is_err());
@@ -317,14 +315,7 @@ async fn a_renewal_swaps_the_certificate_under_an_open_download_and_a_refusing_c
     let first = wait_for_certificate(&gw, &pebble, &root, None).await;
 
     // A download begun on the first certificate's connection stays open across the renewal.
-    let https = https(gw.port, &root);
-    let token = login(&https, gw.port).await;
-    let resp = https
-        .get(format!("https://{NAME}:{}/bytes/{BYTES}", gw.port))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap();
+    let resp = signed_in_get(gw.port, &root, "/bytes/{BYTES}").await;
     assert_eq!(resp.status(), 200);
     let mut body = resp.bytes_stream();
     let mut received = body.next().await.unwrap().unwrap().len() as u64;
