@@ -315,7 +315,7 @@ async fn a_renewal_swaps_the_certificate_under_an_open_download_and_a_refusing_c
     let first = wait_for_certificate(&gw, &pebble, &root, None).await;
 
     // A download begun on the first certificate's connection stays open across the renewal.
-    let resp = signed_in_get(gw.port, &root, "/bytes/{BYTES}").await;
+    let resp = signed_in_get(gw.port, &root, &format!("/bytes/{BYTES}")).await;
     assert_eq!(resp.status(), 200);
     let mut body = resp.bytes_stream();
     let mut received = body.next().await.unwrap().unwrap().len() as u64;
