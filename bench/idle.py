@@ -3,7 +3,7 @@
 
     python3 bench/idle.py --port PORT --pid PID [--conns 8000] [--token T] [--path /1k]
 
-Opens CONNS connections to 127.0.0.1:PORT (from 127.0.0.1 .. 127.0.0.N source addresses, a few
+Opens CONNS connections (with --ws: WebSockets, held open without frames) to 127.0.0.1:PORT (from 127.0.0.1 .. 127.0.0.N source addresses, a few
 hundred each), sends one GET on each and reads the whole answer, then leaves them open and idle.
 Samples the RSS of PID and its children (nginx workers) before, with every connection idle (after
 a settle), and after all are closed (after a settle). Prints one JSON line:
@@ -39,11 +39,16 @@ async def one(i, args, request, sockets):
     writer.write(request)
     await writer.drain()
     head = await reader.readuntil(b"\r\n\r\n")
+    status = int(head.split(b" ")[1])
+    if args.ws:
+        if status != 101:
+            raise SystemExit(f"connection {i}: status {status}, not 101")
+        sockets.append(writer)
+        return
     length = 0
     for line in head.split(b"\r\n"):
         if line.lower().startswith(b"content-length:"):
             length = int(line.split(b":")[1])
-    status = int(head.split(b" ")[1])
     if status != 200:
         raise SystemExit(f"connection {i}: status {status}")
     await reader.readexactly(length)
@@ -57,12 +62,19 @@ async def main():
     ap.add_argument("--conns", type=int, default=8000)
     ap.add_argument("--token", default="")
     ap.add_argument("--path", default="/1k")
+    ap.add_argument("--ws", action="store_true", help="open WebSockets on --path and hold them")
     ap.add_argument("--settle", type=float, default=3.0)
     ap.add_argument("--late", type=float, default=0.0, help="also sample this long after closing")
     args = ap.parse_args()
     auth = f"Authorization: Bearer {args.token}\r\n" if args.token else ""
+    upgrade = (
+        "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        if args.ws
+        else ""
+    )
     request = (
-        f"GET {args.path} HTTP/1.1\r\nHost: 127.0.0.1:{args.port}\r\n{auth}\r\n"
+        f"GET {args.path} HTTP/1.1\r\nHost: 127.0.0.1:{args.port}\r\n{auth}{upgrade}\r\n"
     ).encode()
     base = rss_kib(args.pid)
     sockets = []

@@ -1,18 +1,21 @@
 #!/usr/bin/env bash
-# Idle keep-alive connections and what each costs in memory (issue 25), side by side:
+# Idle keep-alive connections (or open WebSockets, MODE=ws) and what each costs in memory
+# (issue 25), side by side:
 #   n  nginx plain reverse proxy        d  Portcullis (auth in-process, valid session)
 #
 #   bash bench/idle.sh
 #
 # An upstream nginx serves a 1 KiB file; each proxy gets CONNS connections (one request each,
 # then idle), and bench/idle.py samples its RSS before, with all of them idle, and after they
-# closed. Environment: CONNS=8000 THREADS=2 LATE=0 (also sample RSS this many seconds after
+# closed. MODE=ws: the upstream is bench/ws_upstream.py and each connection is a WebSocket
+# upgrade held open without frames (Jellyfin's /socket of an idle tab or app). Environment: CONNS=8000 THREADS=2 LATE=0 (also sample RSS this many seconds after
 # closing) KEEP=1 (keep the temp dir and the gateway's log) PORTCULLIS=target/release/portcullis (built when
-# missing) OUT=bench/out. Results: OUT/idle.json (one line per proxy) and a table on stdout.
+# missing) OUT=bench/out. Results: OUT/idle-MODE.json (one line per proxy) and a table on stdout.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 CONNS=${CONNS:-8000}
+MODE=${MODE:-keepalive}
 THREADS=${THREADS:-2}
 OUT=${OUT:-$ROOT/bench/out}
 PORTCULLIS=${PORTCULLIS:-$ROOT/target/release/portcullis}
@@ -75,14 +78,21 @@ say "upstream nginx on :$P_UP"
 mkdir -p "$TMP/up/www" "$TMP/n"
 chmod 755 "$TMP/up" "$TMP/up/www"
 head -c 1024 /dev/urandom >"$TMP/up/www/1k"
-nginx_conf "$TMP/up" 2 "server { listen 127.0.0.1:$P_UP; root $TMP/up/www; }" >"$TMP/up/nginx.conf"
-"$NGINX" -p "$TMP/up" -c "$TMP/up/nginx.conf" -e "$TMP/up/error.log" &
+if [ "$MODE" = ws ]; then
+    python3 bench/ws_upstream.py "$P_UP" &
+else
+    nginx_conf "$TMP/up" 2 "server { listen 127.0.0.1:$P_UP; root $TMP/up/www; }" >"$TMP/up/nginx.conf"
+    "$NGINX" -p "$TMP/up" -c "$TMP/up/nginx.conf" -e "$TMP/up/error.log" &
+fi
 PIDS+=($!)
-wait_http "http://127.0.0.1:$P_UP/1k" "${PIDS[-1]}" || die "upstream nginx did not start"
+wait_http "http://127.0.0.1:$P_UP/1k" "${PIDS[-1]}" || die "upstream did not start"
 
 say "nginx reverse proxy on :$P_N"
 nginx_conf "$TMP/n" "$THREADS" "upstream up { server 127.0.0.1:$P_UP; keepalive 64; }
-    server { listen 127.0.0.1:$P_N; location / { proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection \"\"; } }" >"$TMP/n/nginx.conf"
+    map \$http_upgrade \$connection_upgrade { default upgrade; '' \"\"; }
+    server { listen 127.0.0.1:$P_N; location / { proxy_pass http://up; proxy_http_version 1.1;
+        proxy_set_header Upgrade \$http_upgrade; proxy_set_header Connection \$connection_upgrade;
+        proxy_read_timeout 1h; } }" >"$TMP/n/nginx.conf"
 "$NGINX" -p "$TMP/n" -c "$TMP/n/nginx.conf" -e "$TMP/n/error.log" &
 N_PID=$!
 PIDS+=($N_PID)
@@ -122,14 +132,15 @@ TOKEN=$(curl -sf -X POST -H 'content-type: application/json' \
     -d "{\"username\":\"bench\",\"password\":\"$PASSWORD\"}" \
     "http://127.0.0.1:$P_D/_portcullis/api/login" | python3 -c 'import json,sys; print(json.load(sys.stdin)["token"])')
 
-: >"$OUT/idle.json"
+: >"$OUT/idle-$MODE.json"
 for case in n d; do
     if [ $case = n ]; then port=$P_N; pid=$N_PID; tok=""; else port=$P_D; pid=$D_PID; tok=$TOKEN; fi
-    say "$case: $CONNS idle keep-alive connections"
-    line=$(python3 bench/idle.py --port "$port" --pid "$pid" --conns "$CONNS" --token "$tok" --late "${LATE:-0}")
-    echo "{\"case\":\"$case\",${line#\{}" | tee -a "$OUT/idle.json"
+    say "$case: $CONNS idle connections ($MODE)"
+    ws=(); [ "$MODE" = ws ] && ws=(--ws --path /socket)
+    line=$(python3 bench/idle.py --port "$port" --pid "$pid" --conns "$CONNS" --token "$tok" --late "${LATE:-0}" "${ws[@]}")
+    echo "{\"case\":\"$case\",${line#\{}" | tee -a "$OUT/idle-$MODE.json"
 done
-python3 - "$OUT/idle.json" <<'EOF'
+python3 - "$OUT/idle-$MODE.json" <<'EOF'
 import json, sys
 names = {"n": "nginx reverse proxy", "d": "Portcullis (auth in-process)"}
 print("| proxy | connections | RSS before | idle | after closing | KiB per idle connection |")
