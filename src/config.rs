@@ -789,18 +789,32 @@ impl Validator {
         })
     }
 
+    /// A certificate and key file that exist, or an error naming the key of the one missing.
+    fn pem_pair(
+        &self,
+        cert_key: &str,
+        cert: &Path,
+        key_key: &str,
+        key: &Path,
+    ) -> Result<(), ConfigError> {
+        for (k, p) in [(cert_key, cert), (key_key, key)] {
+            if !p.is_file() {
+                return Err(self.err(k, format!("{} is not a readable file", p.display())));
+            }
+        }
+        Ok(())
+    }
+
     /// `[[tls.certificate]]`: files that exist.
     fn certificates(&self, list: &[acme::FileCertificate]) -> Result<Vec<TlsFiles>, ConfigError> {
         let mut out = Vec::new();
         for (i, c) in list.iter().enumerate() {
-            for (k, p) in [("cert", &c.cert), ("key", &c.key)] {
-                if !p.is_file() {
-                    return Err(self.err(
-                        &format!("tls.certificate[{i}].{k}"),
-                        format!("{} is not a readable file", p.display()),
-                    ));
-                }
-            }
+            self.pem_pair(
+                &format!("tls.certificate[{i}].cert"),
+                &c.cert,
+                &format!("tls.certificate[{i}].key"),
+                &c.key,
+            )?;
             out.push(TlsFiles {
                 cert: c.cert.clone(),
                 key: c.key.clone(),
@@ -956,11 +970,7 @@ impl Validator {
         let tls = match (s.tls_cert, s.tls_key) {
             (None, None) => None,
             (Some(cert), Some(key)) => {
-                for (k, p) in [("server.tls_cert", &cert), ("server.tls_key", &key)] {
-                    if !p.is_file() {
-                        return Err(self.err(k, format!("{} is not a readable file", p.display())));
-                    }
-                }
+                self.pem_pair("server.tls_cert", &cert, "server.tls_key", &key)?;
                 Some(TlsFiles { cert, key })
             }
             (Some(_), None) => return Err(self.err("server.tls_key", "required with tls_cert")),

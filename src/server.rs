@@ -476,15 +476,11 @@ pub fn serve(config: Config, opts: ServeOptions) -> Result<(), ServeError> {
     // them.
     let config = app.config();
     let certs = if config.server.tls.is_some() || config.acme.is_some() {
-        let manual = match &config.server.tls {
-            Some(files) => {
-                Some(crate::tls::load(files).map_err(|e| ServeError::Proxy(e.to_string()))?)
-            }
-            None => None,
-        };
-        let resolver = crate::tls::CertResolver::new(manual);
-        resolver
-            .set_by_name(crate::tls::load_named(&config.certificates).map_err(ServeError::Proxy)?);
+        let resolver = crate::tls::CertResolver::new(None);
+        resolver.install(
+            crate::tls::load_all(config.server.tls.as_ref(), &config.certificates)
+                .map_err(ServeError::Proxy)?,
+        );
         let mut settings = pingora::listeners::tls::TlsSettings::intermediate("", "")
             .map_err(|e| ServeError::Proxy(e.to_string()))?;
         settings.set_cert_resolver(resolver.clone());
@@ -576,25 +572,23 @@ const CERTIFICATE_POLL: std::time::Duration = std::time::Duration::from_secs(2);
 /// pairs, new handshakes get them (connections open keep theirs); a broken pair is logged and
 /// the old certificates keep serving. Keeps `portcullis_tls_certificate_expiry_seconds` current.
 async fn watch_certificate(app: Arc<App>, resolver: Arc<crate::tls::CertResolver>) {
-    use crate::config::TlsFiles;
+    use crate::config::{Config, TlsFiles};
+    // The files named, and when each pair was last modified.
     type Seen = (
-        Option<TlsFiles>,
-        Vec<TlsFiles>,
-        Vec<Option<(SystemTime, SystemTime)>>,
+        (Option<TlsFiles>, Vec<TlsFiles>),
+        Vec<Option<(std::time::SystemTime, std::time::SystemTime)>>,
     );
-    use std::time::SystemTime;
-    let look = |config: &crate::config::Config| -> Seen {
-        let files: Vec<TlsFiles> = config
+    let look = |config: &Config| -> Seen {
+        let modified = config
             .server
             .tls
             .iter()
             .chain(&config.certificates)
-            .cloned()
+            .map(crate::tls::files_modified)
             .collect();
         (
-            config.server.tls.clone(),
-            config.certificates.clone(),
-            files.iter().map(crate::tls::files_modified).collect(),
+            (config.server.tls.clone(), config.certificates.clone()),
+            modified,
         )
     };
     let mut seen = look(&app.config());
@@ -603,28 +597,18 @@ async fn watch_certificate(app: Arc<App>, resolver: Arc<crate::tls::CertResolver
     loop {
         tick.tick().await;
         let now = look(&app.config());
-        if now != seen && now.2.iter().all(Option::is_some) {
-            let default = match &now.0 {
-                Some(files) => crate::tls::load(files).map(Some).map_err(|e| e.to_string()),
-                None => Ok(None),
-            };
-            match default.and_then(|d| Ok((d, crate::tls::load_named(&now.1)?))) {
-                Ok((default, named)) => {
-                    if let Some(cert) = default {
-                        resolver.set(cert);
-                    }
-                    resolver.set_by_name(named);
+        if now != seen && now.1.iter().all(Option::is_some) {
+            match crate::tls::load_all(now.0 .0.as_ref(), &now.0 .1) {
+                Ok(certificates) => {
+                    resolver.install(certificates);
                     tracing::info!("certificate files changed: the new certificates are served");
-                    seen = now;
                 }
-                Err(e) => {
-                    tracing::error!(
-                        error = %e,
-                        "certificate files changed but cannot be used; the previous certificates keep serving"
-                    );
-                    seen = now;
-                }
+                Err(e) => tracing::error!(
+                    error = %e,
+                    "certificate files changed but cannot be used; the previous certificates keep serving"
+                ),
             }
+            seen = now;
         }
         app.metrics.set_tls_expiries(&crate::tls::expiries(
             &resolver,

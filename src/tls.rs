@@ -135,9 +135,13 @@ impl CertResolver {
         self.acme.load_full()
     }
 
-    /// Uses `list` (the `[[tls.certificate]]` pairs) for their names from now on.
-    pub fn set_by_name(&self, list: Vec<Named>) {
-        self.by_name.store(Arc::new(list));
+    /// Uses `certificates` from now on: the default pair (kept when there is none) and those by
+    /// name.
+    pub fn install(&self, (default, named): Certificates) {
+        if let Some(cert) = default {
+            self.set(cert);
+        }
+        self.by_name.store(Arc::new(named));
     }
 
     /// Every certificate handed out now: the default, those by name, the ACME one.
@@ -246,16 +250,27 @@ pub fn expiries(resolver: &CertResolver, now_s: i64) -> Vec<(String, i64)> {
     seen
 }
 
-/// Loads every `[[tls.certificate]]` pair, naming the first that fails.
-pub fn load_named(list: &[TlsFiles]) -> Result<Vec<Named>, String> {
-    list.iter()
+/// The certificates of the files: the default pair (`server.tls`), if any, and those handed
+/// out by name (`[[tls.certificate]]`).
+pub type Certificates = (Option<Arc<CertifiedKey>>, Vec<Named>);
+
+/// Loads the default pair and every `[[tls.certificate]]` pair, naming the key of the first
+/// that fails.
+pub fn load_all(default: Option<&TlsFiles>, named: &[TlsFiles]) -> Result<Certificates, String> {
+    let default = default
+        .map(load)
+        .transpose()
+        .map_err(|e| format!("key `server.tls`: {e}"))?;
+    let named = named
+        .iter()
         .enumerate()
         .map(|(i, files)| {
             load(files)
                 .map(Named::new)
                 .map_err(|e| format!("key `tls.certificate[{i}]`: {e}"))
         })
-        .collect()
+        .collect::<Result<_, _>>()?;
+    Ok((default, named))
 }
 
 /// When the files were last modified, to tell a replaced certificate.
@@ -270,7 +285,7 @@ impl ResolvesServerCert for CertResolver {
         if let Some(sni) = hello.server_name() {
             if let Some(issued) = acme
                 .as_ref()
-                .filter(|i| i.names.iter().any(|n| n.eq_ignore_ascii_case(sni)))
+                .filter(|i| i.names.iter().any(|n| name_matches(n, sni)))
             {
                 return Some(Arc::clone(&issued.key));
             }

@@ -76,7 +76,13 @@ impl Admission {
     }
 
     fn set(&self, peer: SocketAddr, state: State) {
+        self.update(peer, |_| state);
+    }
+
+    /// Replaces the state of the connection from `peer` with `next(its state now)`.
+    fn update(&self, peer: SocketAddr, next: impl FnOnce(Option<State>) -> State) {
         if let Ok(mut map) = self.shards[shard_of(&peer)].lock() {
+            let state = next(map.get(&peer).copied());
             map.insert(peer, state);
         }
     }
@@ -84,26 +90,20 @@ impl Admission {
     /// A complete request head arrived on the connection from `peer` (another stream, on
     /// HTTP/2).
     pub fn head_arrived(&self, peer: SocketAddr) {
-        if let Ok(mut map) = self.shards[shard_of(&peer)].lock() {
-            let state = map.entry(peer).or_insert(State::Busy(0));
-            *state = match *state {
-                State::Busy(n) => State::Busy(n.saturating_add(1)),
-                State::Waiting(_) => State::Busy(1),
-            };
-        }
+        self.update(peer, |state| match state {
+            Some(State::Busy(n)) => State::Busy(n.saturating_add(1)),
+            _ => State::Busy(1),
+        });
     }
 
     /// A response on the connection from `peer` ended; once none is left, the connection waits
     /// for the next head (a long stream on one HTTP/2 stream is not cut because another
     /// stream of the connection ended).
     pub fn response_ended(&self, peer: SocketAddr, now: Instant) {
-        if let Ok(mut map) = self.shards[shard_of(&peer)].lock() {
-            let state = map.entry(peer).or_insert(State::Waiting(now));
-            *state = match *state {
-                State::Busy(n) if n > 1 => State::Busy(n - 1),
-                _ => State::Waiting(now),
-            };
-        }
+        self.update(peer, |state| match state {
+            Some(State::Busy(n)) if n > 1 => State::Busy(n - 1),
+            _ => State::Waiting(now),
+        });
     }
 
     /// Takes the sockets open on the public port now and returns those to close, with why.

@@ -119,11 +119,8 @@ impl Reloader {
                 if let Err(e) = crate::telemetry::reconfigure(&prepared.config.log) {
                     tracing::warn!(error = %e, "log settings not changed");
                 }
-                if let (Some(resolver), Some((default, named))) = (&self.certs, cert) {
-                    if let Some(cert) = default {
-                        resolver.set(cert);
-                    }
-                    resolver.set_by_name(named);
+                if let (Some(resolver), Some(certificates)) = (&self.certs, cert) {
+                    resolver.install(certificates);
                 }
                 crate::config::rules::warn_shadowed(&prepared.config.rules);
                 crate::proxy::set_hsts(prepared.config.server.hsts.clone());
@@ -195,31 +192,22 @@ impl Reloader {
         &self,
         running: &Config,
         path: &Path,
-    ) -> Result<(live::Prepared, Option<Certificates>), String> {
+    ) -> Result<(live::Prepared, Option<tls::Certificates>), String> {
         let new = Config::load(path).map_err(|e| e.to_string())?;
         let prepared = live::prepare(running, new);
         let certs = match &self.certs {
-            Some(_) => {
-                let default = match &prepared.config.server.tls {
-                    Some(files) => Some(
-                        tls::load(files)
-                            .map_err(|e| format!("{}: key `server.tls`: {e}", path.display()))?,
-                    ),
-                    None => None,
-                };
-                let named = tls::load_named(&prepared.config.certificates)
-                    .map_err(|e| format!("{}: {e}", path.display()))?;
-                Some((default, named))
-            }
+            Some(_) => Some(
+                tls::load_all(
+                    prepared.config.server.tls.as_ref(),
+                    &prepared.config.certificates,
+                )
+                .map_err(|e| format!("{}: {e}", path.display()))?,
+            ),
             None => None,
         };
         Ok((prepared, certs))
     }
 }
-
-/// The certificates a reload hands out: the default pair (`server.tls`), if any, and those by
-/// name (`[[tls.certificate]]`).
-type Certificates = (Option<Arc<rustls::sign::CertifiedKey>>, Vec<tls::Named>);
 
 fn status_path(data_dir: &Path) -> PathBuf {
     data_dir.join(STATUS_FILE)
