@@ -1147,8 +1147,11 @@ pub trait Store: Send + Sync + 'static {
     async fn flag_passkey_clone(&self, id: i64, now_ms: i64) -> StoreResult<()>;
     /// Renames one of the user's passkeys; `false` if they have no such passkey.
     async fn rename_passkey(&self, user_id: i64, id: i64, label: &str) -> StoreResult<bool>;
-    /// Removes one of the user's passkeys; `false` if they have no such passkey.
-    async fn remove_passkey(&self, user_id: i64, id: i64) -> StoreResult<bool>;
+    /// Removes one of the user's passkeys; `false` if they have no such passkey. With
+    /// `keep_last`, their only passkey stays and the answer is a `Conflict`: the other passkeys
+    /// are counted in the statement that deletes, under the writer lock, so two removals at once
+    /// cannot both pass.
+    async fn remove_passkey(&self, user_id: i64, id: i64, keep_last: bool) -> StoreResult<bool>;
     /// The relying-party ids passkeys are registered for.
     async fn passkey_rp_ids(&self) -> StoreResult<Vec<String>>;
     /// Keeps a ceremony's state (and drops ceremonies expired by `now_ms`).

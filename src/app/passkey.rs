@@ -1055,9 +1055,6 @@ impl App {
         let Some(record) = mine.iter().find(|p| p.id == id) else {
             return Err(PasskeyError::NoSuchPasskey);
         };
-        if mine.len() == 1 && self.passkey_required(user) {
-            return Err(PasskeyError::LastMethod);
-        }
         let mut e = self.audit_entry(
             "passkey_remove",
             "success",
@@ -1074,11 +1071,19 @@ impl App {
             }
         );
         let uid = user.id;
-        if !self
-            .audited(e, |s| async move { s.remove_passkey(uid, id).await })
-            .await?
+        // The store keeps the last passkey of a user who must use one, in the same write.
+        let keep_last = self.passkey_required(user);
+        match self
+            .audited(
+                e,
+                |s| async move { s.remove_passkey(uid, id, keep_last).await },
+            )
+            .await
         {
-            return Err(PasskeyError::NoSuchPasskey);
+            Ok(true) => {}
+            Ok(false) => return Err(PasskeyError::NoSuchPasskey),
+            Err(StoreError::Conflict(_)) => return Err(PasskeyError::LastMethod),
+            Err(e) => return Err(e.into()),
         }
         self.count_passkey("removed");
         if signout {

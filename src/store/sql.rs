@@ -1909,12 +1909,22 @@ where
         Ok(D::rows_affected(&done) > 0)
     }
 
-    async fn remove_passkey(&self, user_id: i64, id: i64) -> StoreResult<bool> {
-        let mut tx = self.pool.begin().await?;
-        let done = query!("DELETE FROM passkeys WHERE id = $1 AND user_id = $2"; id, user_id)
-            .execute(&mut *tx)
-            .await?;
+    async fn remove_passkey(&self, user_id: i64, id: i64, keep_last: bool) -> StoreResult<bool> {
+        let mut tx = self.write_tx().await?;
+        let done = query!("DELETE FROM passkeys WHERE id = $1 AND user_id = $2 AND (NOT $3
+                           OR EXISTS (SELECT 1 FROM passkeys WHERE user_id = $2 AND id <> $1))";
+                          id, user_id, keep_last)
+        .execute(&mut *tx)
+        .await?;
         if D::rows_affected(&done) == 0 {
+            let kept: i64 =
+                query_scalar!("SELECT COUNT(*) FROM passkeys WHERE id = $1 AND user_id = $2";
+                              id, user_id)
+                .fetch_one(&mut *tx)
+                .await?;
+            if kept > 0 {
+                return Err(StoreError::Conflict("the user's last passkey".into()));
+            }
             return Ok(false);
         }
         self.commit(tx, &[]).await?;

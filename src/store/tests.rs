@@ -2059,14 +2059,65 @@ async fn passkeys_are_unique_per_credential_and_a_use_needs_a_counter_that_moved
     // Renamed and removed only by their owner.
     assert!(!store.rename_passkey(bob.id, id, "Mine").await.unwrap());
     assert!(store.rename_passkey(alice.id, id, "Laptop").await.unwrap());
-    assert!(!store.remove_passkey(bob.id, id).await.unwrap());
+    assert!(!store.remove_passkey(bob.id, id, false).await.unwrap());
     assert_eq!(
         store.passkeys_of(alice.id).await.unwrap()[0].label,
         "Laptop"
     );
-    assert!(store.remove_passkey(alice.id, id).await.unwrap());
+    assert!(store.remove_passkey(alice.id, id, false).await.unwrap());
     assert!(store.passkeys_of(alice.id).await.unwrap().is_empty());
     assert!(store.passkey_rp_ids().await.unwrap().is_empty());
+}
+
+/// A user who must sign in with a passkey keeps their last one: the store counts and deletes in
+/// one write, so two removals at once leave one passkey, not none.
+async fn the_last_passkey_is_kept_when_asked_even_with_two_removals_at_once(f: Fixture) {
+    let store = &f.store;
+    let alice = user(store, "alice").await;
+    let bob = user(store, "bob").await;
+    let only = store
+        .add_passkey(&new_passkey(bob.id, "bob-1", 0))
+        .await
+        .unwrap();
+    assert!(matches!(
+        store.remove_passkey(bob.id, only, true).await,
+        Err(StoreError::Conflict(_))
+    ));
+    assert_eq!(store.passkeys_of(bob.id).await.unwrap().len(), 1);
+    // Not theirs, or no such passkey: `false`, not the conflict.
+    assert!(!store.remove_passkey(alice.id, only, true).await.unwrap());
+    assert!(!store.remove_passkey(bob.id, 999_999, true).await.unwrap());
+    // Without `keep_last` the last one goes.
+    assert!(store.remove_passkey(bob.id, only, false).await.unwrap());
+    assert!(store.passkeys_of(bob.id).await.unwrap().is_empty());
+
+    // Two passkeys removed at once, each call seeing the other: exactly one is removed.
+    for round in 0..10 {
+        let a = store
+            .add_passkey(&new_passkey(alice.id, &format!("a-{round}"), 0))
+            .await
+            .unwrap();
+        let b = store
+            .add_passkey(&new_passkey(alice.id, &format!("b-{round}"), 0))
+            .await
+            .unwrap();
+        let (ra, rb) = tokio::join!(
+            store.remove_passkey(alice.id, a, true),
+            store.remove_passkey(alice.id, b, true)
+        );
+        let removed = [&ra, &rb].iter().filter(|r| matches!(r, Ok(true))).count();
+        let kept = [&ra, &rb]
+            .iter()
+            .filter(|r| matches!(r, Err(StoreError::Conflict(_))))
+            .count();
+        assert_eq!((removed, kept), (1, 1), "round {round}: {ra:?} {rb:?}");
+        let left = store.passkeys_of(alice.id).await.unwrap();
+        assert_eq!(left.len(), 1, "round {round}");
+        assert!(store
+            .remove_passkey(alice.id, left[0].id, false)
+            .await
+            .unwrap());
+    }
 }
 
 async fn a_passkey_link_is_used_once_for_its_user_and_is_not_a_reset_link(f: Fixture) {
@@ -2596,7 +2647,7 @@ async fn a_recorded_change_writes_its_entry_and_notices_with_it_once(f: Fixture)
     recording.signout_user(alice.id, 11).await.unwrap();
     // Nothing to remove: nothing recorded.
     let nothing = store.recording(record("passkey_remove", 12));
-    assert!(!nothing.remove_passkey(alice.id, 999).await.unwrap());
+    assert!(!nothing.remove_passkey(alice.id, 999, false).await.unwrap());
     // A change refused (a credential id registered already): nothing recorded.
     store
         .add_passkey(&new_passkey(alice.id, "cred-1", 0))
@@ -2729,6 +2780,7 @@ suite! {
         the_directory_disables_and_enables_only_what_it_disabled,
         groups_change_in_one_write_with_their_event_and_travel_in_the_snapshot,
         passkeys_are_unique_per_credential_and_a_use_needs_a_counter_that_moved_forward,
+        the_last_passkey_is_kept_when_asked_even_with_two_removals_at_once,
         a_ceremony_is_taken_back_once_for_its_purpose_and_not_after_it_expired,
         a_passkey_link_is_used_once_for_its_user_and_is_not_a_reset_link,
         plex_accounts_are_met_offered_linked_once_and_found_by_id_or_name,
