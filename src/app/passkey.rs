@@ -74,6 +74,8 @@ pub enum PasskeyError {
     Expired,
     #[error("the browser's answer could not be read: {0}")]
     Malformed(String),
+    #[error("the request was not sent as JSON (Content-Type: application/json)")]
+    NotJson,
     #[error("the passkey answered for another site (origin)")]
     WrongOrigin,
     #[error("the passkey belongs to another site (relying-party id)")]
@@ -109,6 +111,7 @@ impl PasskeyError {
         match self {
             PasskeyError::Expired => "expired_ceremony",
             PasskeyError::Malformed(_) => "malformed_response",
+            PasskeyError::NotJson => "not_json",
             PasskeyError::WrongOrigin => "wrong_origin",
             PasskeyError::WrongRpId => "wrong_rp_id",
             PasskeyError::NotVerified => "user_not_verified",

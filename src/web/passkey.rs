@@ -9,7 +9,8 @@
 
 use std::sync::Arc;
 
-use axum::extract::{Path, State};
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{FromRequest, Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
@@ -119,6 +120,7 @@ fn status(e: &PasskeyError) -> StatusCode {
         | PasskeyError::NotVerified
         | PasskeyError::Refused(_)
         | PasskeyError::BadLabel => StatusCode::BAD_REQUEST,
+        PasskeyError::NotJson => StatusCode::UNSUPPORTED_MEDIA_TYPE,
         PasskeyError::UnknownCredential
         | PasskeyError::BadSignature
         | PasskeyError::PossibleClone => StatusCode::UNAUTHORIZED,
@@ -138,6 +140,48 @@ pub(crate) fn refusal(e: &PasskeyError) -> Response {
     match e {
         PasskeyError::Login(login) => no_store(with_retry_after(resp, login)),
         _ => no_store(resp),
+    }
+}
+
+/// A JSON body whose refusal is this module's own ([`refusal`]): 415 `not_json` for another
+/// content type, 400 `malformed_response` for a body that is not JSON or lacks a field (axum's
+/// own answers are plain text: 415, 400, 422). No value of the body is echoed.
+pub(crate) struct PasskeyJson<T>(pub T);
+
+impl<T, S> FromRequest<S> for PasskeyJson<T>
+where
+    T: serde::de::DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = Response;
+
+    async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, Response> {
+        let rejection = match Json::<T>::from_request(req, state).await {
+            Ok(Json(value)) => return Ok(PasskeyJson(value)),
+            Err(r) => r,
+        };
+        let e = match rejection {
+            JsonRejection::MissingJsonContentType(_) => PasskeyError::NotJson,
+            JsonRejection::JsonSyntaxError(_) => {
+                PasskeyError::Malformed("the body is not valid JSON".into())
+            }
+            JsonRejection::JsonDataError(e) => {
+                let text = e.body_text();
+                PasskeyError::Malformed(
+                    match text
+                        .split("missing field `")
+                        .nth(1)
+                        .and_then(|rest| rest.split('`').next())
+                    {
+                        Some(field) => format!("the field `{field}` is missing"),
+                        None => "a field has the wrong type".into(),
+                    },
+                )
+            }
+            _ => PasskeyError::Malformed("the body is too large or could not be read".into()),
+        };
+        tracing::info!(reason = e.label(), "passkey request refused");
+        Err(refusal(&e))
     }
 }
 
@@ -209,7 +253,7 @@ pub(crate) async fn login_start(
     State(app): State<Arc<App>>,
     Extension(client): Extension<ClientInfo>,
     headers: HeaderMap,
-    Json(body): Json<LoginStart>,
+    PasskeyJson(body): PasskeyJson<LoginStart>,
 ) -> Response {
     if cross_site(&app, &headers) {
         return forbidden_cross_site();
@@ -231,7 +275,7 @@ pub(crate) async fn login_finish(
     State(app): State<Arc<App>>,
     Extension(client): Extension<ClientInfo>,
     headers: HeaderMap,
-    Json(body): Json<Answer>,
+    PasskeyJson(body): PasskeyJson<Answer>,
 ) -> Response {
     if cross_site(&app, &headers) {
         return forbidden_cross_site();
@@ -260,7 +304,7 @@ pub(crate) async fn login_finish(
 pub(crate) async fn second_start(
     State(app): State<Arc<App>>,
     headers: HeaderMap,
-    Json(body): Json<CsrfOnly>,
+    PasskeyJson(body): PasskeyJson<CsrfOnly>,
 ) -> Response {
     let token = match pending_form(&app, &headers, PendingStage::Totp, &body.csrf).await {
         Ok(t) => t,
@@ -277,7 +321,7 @@ pub(crate) async fn second_finish(
     State(app): State<Arc<App>>,
     Extension(client): Extension<ClientInfo>,
     headers: HeaderMap,
-    Json(body): Json<Answer>,
+    PasskeyJson(body): PasskeyJson<Answer>,
 ) -> Response {
     let token = match pending_form(&app, &headers, PendingStage::Totp, &body.csrf).await {
         Ok(t) => t,
@@ -322,7 +366,7 @@ pub(crate) async fn add_start(
     State(app): State<Arc<App>>,
     Extension(client): Extension<ClientInfo>,
     headers: HeaderMap,
-    Json(body): Json<AddStart>,
+    PasskeyJson(body): PasskeyJson<AddStart>,
 ) -> Response {
     let (id, _) = match form_identity(&app, &headers, &body.csrf) {
         Ok(v) => v,
@@ -341,7 +385,7 @@ pub(crate) async fn enrol_start(
     State(app): State<Arc<App>>,
     Extension(client): Extension<ClientInfo>,
     headers: HeaderMap,
-    Json(body): Json<CsrfOnly>,
+    PasskeyJson(body): PasskeyJson<CsrfOnly>,
 ) -> Response {
     let token = match pending_form(&app, &headers, PendingStage::Passkey, &body.csrf).await {
         Ok(t) => t,
@@ -358,7 +402,7 @@ pub(crate) async fn enrol_finish(
     State(app): State<Arc<App>>,
     Extension(client): Extension<ClientInfo>,
     headers: HeaderMap,
-    Json(body): Json<Answer>,
+    PasskeyJson(body): PasskeyJson<Answer>,
 ) -> Response {
     let token = match pending_form(&app, &headers, PendingStage::Passkey, &body.csrf).await {
         Ok(t) => t,
@@ -400,7 +444,7 @@ async fn json_user(
 pub(crate) async fn confirm_start(
     State(app): State<Arc<App>>,
     headers: HeaderMap,
-    Json(body): Json<CsrfOnly>,
+    PasskeyJson(body): PasskeyJson<CsrfOnly>,
 ) -> Response {
     let (_, user) = match json_user(&app, &headers, &body.csrf).await {
         Ok(v) => v,
@@ -419,7 +463,7 @@ pub(crate) async fn confirm_finish(
     State(app): State<Arc<App>>,
     Extension(client): Extension<ClientInfo>,
     headers: HeaderMap,
-    Json(body): Json<Answer>,
+    PasskeyJson(body): PasskeyJson<Answer>,
 ) -> Response {
     let (id, user) = match json_user(&app, &headers, &body.csrf).await {
         Ok(v) => v,
@@ -445,7 +489,7 @@ pub(crate) async fn add_finish(
     State(app): State<Arc<App>>,
     Extension(client): Extension<ClientInfo>,
     headers: HeaderMap,
-    Json(body): Json<Answer>,
+    PasskeyJson(body): PasskeyJson<Answer>,
 ) -> Response {
     let (id, _) = match form_identity(&app, &headers, &body.csrf) {
         Ok(v) => v,
@@ -600,7 +644,7 @@ pub(crate) async fn link_finish(
     Extension(client): Extension<ClientInfo>,
     headers: HeaderMap,
     Path(token): Path<String>,
-    Json(body): Json<Answer>,
+    PasskeyJson(body): PasskeyJson<Answer>,
 ) -> Response {
     if cross_site(&app, &headers) {
         return forbidden_cross_site();
