@@ -5,6 +5,8 @@
 //! party, a replayed or foreign answer, a counter that went backwards, a credential id
 //! registered already, malformed answers — with its reason and nothing changed.
 
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine as _;
 use reqwest::Response;
 use serde_json::{json, Value};
 
@@ -178,6 +180,42 @@ async fn refused(resp: Response) -> (u16, String) {
         status,
         body["error"].as_str().unwrap_or_default().to_string(),
     )
+}
+
+/// Asserts that the audit log holds an entry `event` with `outcome` whose detail contains
+/// `detail` (one entry with all three, not each somewhere in the log).
+fn assert_audited(gw: &Gateway, event: &str, outcome: &str, detail: &str) {
+    let out = gw.cli_ok(&["audit", "--json", "--limit", "500"]);
+    let entries: Vec<Value> = serde_json::from_str(&out).unwrap();
+    assert!(
+        entries.iter().any(|e| e["event"] == event
+            && e["outcome"] == outcome
+            && e["detail"].as_str().is_some_and(|d| d.contains(detail))),
+        "no `{event}` `{outcome}` entry with `{detail}` in the audit log:\n{out}"
+    );
+}
+
+/// Every passkey row in the store: id, owner, signature counter and last use.
+async fn passkey_rows(gw: &Gateway) -> Vec<(i64, i64, i64, Option<i64>)> {
+    use sqlx::Connection;
+    let opts = sqlx::sqlite::SqliteConnectOptions::new().filename(gw.db_path());
+    let mut conn = sqlx::SqliteConnection::connect_with(&opts).await.unwrap();
+    sqlx::query_as("SELECT id, user_id, counter, last_used_ms FROM passkeys ORDER BY id")
+        .fetch_all(&mut conn)
+        .await
+        .unwrap()
+}
+
+/// Ages every ceremony in flight past its five minutes, as the clock would.
+async fn expire_ceremonies(gw: &Gateway) {
+    use sqlx::{Connection, Executor};
+    let opts = sqlx::sqlite::SqliteConnectOptions::new().filename(gw.db_path());
+    let mut conn = sqlx::SqliteConnection::connect_with(&opts).await.unwrap();
+    let done = conn
+        .execute("UPDATE webauthn_ceremonies SET expires_ms = 1")
+        .await
+        .unwrap();
+    assert!(done.rows_affected() > 0, "a ceremony in flight");
 }
 
 fn allowed_ids(options: &Value) -> Vec<String> {
@@ -363,6 +401,18 @@ async fn every_bad_answer_is_refused_with_its_reason_and_changes_nothing() {
     );
     let resp = login_finish(&gw, &first, &answer_to_first).await;
     assert_eq!(resp.status(), 200);
+    assert_audited(
+        &gw,
+        "passkey_login",
+        "success",
+        "passkey `Laptop` (user verified)",
+    );
+    assert_audited(
+        &gw,
+        "passkey_login",
+        "failure",
+        "passkey `Laptop`: the passkey answered for another site",
+    );
     assert_eq!(
         refused(login_finish(&gw, &first, &answer_to_first).await).await,
         (400, "expired_ceremony".into())
@@ -390,15 +440,92 @@ async fn every_bad_answer_is_refused_with_its_reason_and_changes_nothing() {
         refused(login_finish(&gw, &options, &garbled).await).await,
         (400, "malformed_response".into())
     );
-    let resp = client()
-        .post(gw.url("/_portcullis/passkey/login/finish"))
-        .header("Origin", origin.clone())
-        .header("Content-Type", "application/json")
-        .body("{not json")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 400);
+    // A body that is not the endpoint's JSON gets the same JSON refusal, not axum's text.
+    let raw = |path: &'static str, content_type: &'static str, body: &'static str| {
+        let (gw, origin) = (&gw, origin.clone());
+        async move {
+            let resp = client()
+                .post(gw.url(path))
+                .header("Origin", origin)
+                .header("Content-Type", content_type)
+                .body(body)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(
+                resp.headers()["content-type"],
+                "application/json",
+                "{path} {body}"
+            );
+            assert_eq!(resp.headers()["cache-control"], "no-store");
+            answer(resp).await
+        }
+    };
+    let finish = "/_portcullis/passkey/login/finish";
+    for (path, content_type, body, status, reason, says) in [
+        (
+            finish,
+            "application/json",
+            "{not json",
+            400,
+            "malformed_response",
+            "not valid JSON",
+        ),
+        (
+            finish,
+            "text/plain",
+            "{}",
+            415,
+            "not_json",
+            "not sent as JSON",
+        ),
+        (
+            finish,
+            "application/json",
+            r#"{"ceremony": "x"}"#,
+            400,
+            "malformed_response",
+            "`credential` is missing",
+        ),
+        (
+            finish,
+            "application/json",
+            r#"{"ceremony": 5, "credential": {}}"#,
+            400,
+            "malformed_response",
+            "wrong type",
+        ),
+        (
+            "/_portcullis/passkey/login/start",
+            "application/x-www-form-urlencoded",
+            "username=alice",
+            415,
+            "not_json",
+            "not sent as JSON",
+        ),
+    ] {
+        let (got, body_json) = raw(path, content_type, body).await;
+        assert_eq!(
+            (got, body_json["error"].as_str()),
+            (status, Some(reason)),
+            "{path} {body}: {body_json}"
+        );
+        assert!(
+            body_json["message"]
+                .as_str()
+                .is_some_and(|m| m.contains(says)),
+            "{body_json}"
+        );
+    }
+    // Signed in, on the account page's endpoint: a registration without its ceremony.
+    let resp = post_json(
+        &gw,
+        "/_portcullis/account/passkeys/finish",
+        Some(&alice.cookie),
+        &json!({ "credential": {}, "label": "Half", "csrf": alice.csrf().await }),
+    )
+    .await;
+    assert_eq!(refused(resp).await, (400, "malformed_response".into()));
     // From another site, nothing is looked at.
     let resp = client()
         .post(gw.url("/_portcullis/passkey/login/start"))
@@ -425,6 +552,12 @@ async fn every_bad_answer_is_refused_with_its_reason_and_changes_nothing() {
     );
     let page = alice.text("/_portcullis/account").await;
     assert!(page.contains("Possibly copied"), "{page}");
+    assert_audited(
+        &gw,
+        "passkey_clone_warning",
+        "refused",
+        "passkey `Laptop`: signature counter did not increase",
+    );
     gw.metrics_with(&["portcullis_passkeys_total{event=\"clone_warning\"} 1"])
         .await;
 
@@ -587,6 +720,31 @@ async fn removing_a_passkey_keeps_its_sessions_unless_asked_and_signing_out_ends
     }
     gw.metrics_with(&["portcullis_passkeys_total{event=\"removed\"} 2"])
         .await;
+    assert_audited(
+        &gw,
+        "passkey_rename",
+        "success",
+        &format!("passkey {laptop_id} is now `Work laptop`"),
+    );
+    assert_audited(&gw, "passkey_remove", "success", "passkey `Phone`");
+    assert_audited(
+        &gw,
+        "passkey_remove",
+        "success",
+        "passkey `Work laptop`; signed out every device",
+    );
+    // The first removal, without sign-out, says nothing of one.
+    let audit = gw.cli_ok(&["audit", "--json", "--user", "alice"]);
+    let removals: Vec<Value> = serde_json::from_str::<Vec<Value>>(&audit)
+        .unwrap()
+        .into_iter()
+        .filter(|e| e["event"] == "passkey_remove")
+        .collect();
+    assert_eq!(removals.len(), 2, "{audit}");
+    assert!(
+        removals.iter().any(|e| e["detail"] == "passkey `Phone`"),
+        "{audit}"
+    );
 }
 
 /// Starts the ceremony of a pending login's step: reads the step's page at `page` (with the
@@ -1317,4 +1475,195 @@ async fn failed_passkey_answers_count_toward_the_account_lock_like_wrong_passwor
     gw.cli_ok(&["user", "unlock", "alice"]);
     let cookie = passkey_session(&gw, &mut key, None).await;
     assert_eq!(gw.status_with_cookie("/probe", &cookie).await, 200);
+}
+
+#[tokio::test]
+async fn an_expired_ceremony_or_an_answer_that_is_not_cbor_is_refused_and_changes_nothing() {
+    let (_up, gw) = setup("").await;
+    let alice = Browser::login(&gw, "alice", PW).await;
+    let mut laptop = register(&gw, &alice, "Laptop", true).await;
+    let origin = gw.base.clone();
+    // One sign-in, so that the counter and the last use have values to keep.
+    passkey_session(&gw, &mut laptop, None).await;
+    let before = passkey_rows(&gw).await;
+    assert_eq!(before.len(), 1);
+    assert!(before[0].2 >= 1 && before[0].3.is_some(), "{before:?}");
+
+    // A sign-in answered after its five minutes: refused, no session, the passkey untouched.
+    let options = login_start(&gw, None).await;
+    let credential = laptop.assert(&options, &origin, true);
+    expire_ceremonies(&gw).await;
+    assert_eq!(
+        refused(login_finish(&gw, &options, &credential).await).await,
+        (400, "expired_ceremony".into())
+    );
+    assert_eq!(passkey_rows(&gw).await, before);
+
+    // A registration answered after its five minutes: no passkey added.
+    let csrf = alice.csrf().await;
+    let finish = |options: Value, credential: Value| {
+        let (gw, cookie, csrf) = (&gw, alice.cookie.clone(), csrf.clone());
+        async move {
+            post_json(
+                gw,
+                "/_portcullis/account/passkeys/finish",
+                Some(&cookie),
+                &json!({ "ceremony": options["ceremony"], "credential": credential, "label": "Late", "csrf": csrf }),
+            )
+            .await
+        }
+    };
+    let (status, options) = registration_options(&gw, &alice, &csrf).await;
+    assert_eq!(status, 200, "{options}");
+    let (_, credential) = SoftAuthenticator::register(&options, &origin, true, [0; 16]);
+    expire_ceremonies(&gw).await;
+    assert_eq!(
+        refused(finish(options, credential).await).await,
+        (400, "expired_ceremony".into())
+    );
+    assert_eq!(passkey_rows(&gw).await, before);
+
+    // Valid base64url that is not CBOR: an attestation object starting with a stop code, one
+    // that is a CBOR text instead of a map, and one whose authenticator data is cut short.
+    let not_cbor = URL_SAFE_NO_PAD.encode([0xff, 0x00, 0x13, 0x37]);
+    let text = URL_SAFE_NO_PAD.encode(b"\x64none");
+    let short_auth_data = URL_SAFE_NO_PAD
+        .encode(b"\xa3\x63fmt\x64none\x67attStmt\xa0\x68authData\x45\x01\x02\x03\x04\x05");
+    for attestation in [not_cbor, text, short_auth_data] {
+        let (status, options) = registration_options(&gw, &alice, &csrf).await;
+        assert_eq!(status, 200, "{options}");
+        let (_, mut credential) = SoftAuthenticator::register(&options, &origin, true, [0; 16]);
+        credential["response"]["attestationObject"] = json!(attestation);
+        assert_eq!(
+            refused(finish(options, credential).await).await,
+            (400, "malformed_response".into()),
+            "{attestation}"
+        );
+        assert_eq!(passkey_rows(&gw).await, before);
+    }
+    // A sign-in whose authenticator data is too short to hold the rp id hash, flags and
+    // counter (37 bytes), or is empty: refused, and the counter is where it was.
+    for auth_data in [URL_SAFE_NO_PAD.encode([0x49; 10]), String::new()] {
+        let (status, reason) = refused_answer(&gw, |options| {
+            let mut a = laptop.assert(options, &origin, true);
+            a["response"]["authenticatorData"] = json!(auth_data);
+            a
+        })
+        .await;
+        assert_eq!((status, reason.as_str()), (400, "malformed_response"));
+        assert_eq!(passkey_rows(&gw).await, before);
+    }
+    // The passkey itself still works afterwards.
+    passkey_session(&gw, &mut laptop, None).await;
+    assert!(passkey_rows(&gw).await[0].2 > before[0].2);
+}
+
+#[tokio::test]
+async fn with_passkeys_required_of_admins_an_admins_password_is_refused_and_a_users_is_not() {
+    let up = Upstream::start().await;
+    let gw = Gateway::builder(&up.url())
+        .admin("root", PW)
+        .user("alice", PW)
+        .auth_keys("require_passkey = \"admins\"\n")
+        .start()
+        .await;
+    // The API cannot register a passkey: the admin is refused, the user signs in.
+    let (status, body) = gw.try_login("root", PW, None).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (403, Some("passkey_required")),
+        "{body}"
+    );
+    assert!(
+        body["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("signs in with a passkey only")),
+        "{body}"
+    );
+    assert_eq!(gw.try_login("alice", PW, None).await.0, 200);
+    // The admin's form login leads to the step that registers a passkey, and only then to a
+    // session.
+    let (status, location, pending) = password_form(&gw, "root").await;
+    assert_eq!(
+        (status, location.as_str()),
+        (303, "/_portcullis/login/passkey?rd=%2Fprobe")
+    );
+    let (mut key, cookie) =
+        register_at_sign_in(&gw, &location, &pending.expect("a pending login")).await;
+    assert_eq!(gw.status_with_cookie("/probe", &cookie).await, 200);
+    // From then on the admin's password alone is refused with the clear message ...
+    let resp = client()
+        .post(gw.url("/_portcullis/login"))
+        .header("Origin", gw.base.clone())
+        .form(&[("username", "root"), ("password", PW), ("rd", "/probe")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 403);
+    assert!(set_cookie(&resp, "portcullis").is_none());
+    assert!(set_cookie(&resp, "portcullis-pending").is_none());
+    let page = resp.text().await.unwrap();
+    assert!(page.contains("signs in with a passkey only"), "{page}");
+    // ... and the passkey signs in; the user's password still opens a session, no step.
+    let cookie = passkey_session(&gw, &mut key, None).await;
+    assert_eq!(gw.status_with_cookie("/probe", &cookie).await, 200);
+    let resp = client()
+        .post(gw.url("/_portcullis/login"))
+        .header("Origin", gw.base.clone())
+        .form(&[("username", "alice"), ("password", PW), ("rd", "/probe")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 303);
+    assert_eq!(resp.headers()["location"], "/probe");
+    let cookie = set_cookie(&resp, "portcullis").expect("a session for the user");
+    assert_eq!(gw.status_with_cookie("/probe", &cookie).await, 200);
+    gw.metrics_with(&[
+        "portcullis_logins_total{method=\"password\",result=\"passkey_required\"} 1\n",
+        "portcullis_logins_total{method=\"api\",result=\"passkey_required\"} 1\n",
+    ])
+    .await;
+}
+
+#[tokio::test]
+async fn sign_out_of_all_devices_and_a_breach_response_end_passkey_sessions() {
+    let (_up, gw) = setup("").await;
+    let alice = Browser::login(&gw, "alice", PW).await;
+    let mut key = register(&gw, &alice, "Laptop", true).await;
+    let phone = Browser::with_cookie(&gw, passkey_session(&gw, &mut key, None).await);
+    let tablet = passkey_session(&gw, &mut key, None).await;
+    assert_eq!(gw.status_with_cookie("/probe", &tablet).await, 200);
+    // "Sign out of all devices" from a session the passkey opened ends every one of them.
+    let resp = phone
+        .post(
+            "/_portcullis/account/signout-all",
+            &[("csrf", &phone.csrf().await)],
+        )
+        .await;
+    assert_eq!(resp.status(), 303);
+    for cookie in [&phone.cookie, &tablet, &alice.cookie] {
+        assert_ne!(gw.status_with_cookie("/probe", cookie).await, 200);
+    }
+    // The breach response (another process, through the store) ends a passkey session too.
+    let cookie = passkey_session(&gw, &mut key, None).await;
+    assert_eq!(gw.status_with_cookie("/probe", &cookie).await, 200);
+    let out = gw.cli_ok(&["breach-response"]);
+    assert!(out.contains("signed out"), "{out}");
+    assert!(
+        poll_until(Duration::from_secs(3), || async {
+            gw.status_with_cookie("/probe", &cookie).await != 200
+        })
+        .await,
+        "the passkey session outlived the breach response"
+    );
+    // The passkey still signs her in, by way of the new password the response asks for.
+    let options = login_start(&gw, None).await;
+    let credential = key.assert(&options, &gw.base, true);
+    let resp = login_finish(&gw, &options, &credential).await;
+    assert!(set_cookie(&resp, "portcullis").is_none());
+    assert_eq!(
+        answer(resp).await.1["redirect"],
+        "/_portcullis/login/password?rd=%2Fprobe"
+    );
+    assert_audited(&gw, "signout_all_devices", "success", "");
 }
