@@ -552,7 +552,9 @@ impl App {
             Err(StoreError::Conflict(m)) => return Err(PlexError::Refused(m)),
             Err(e) => return Err(e.into()),
         }
-        self.plex.forget_refusals();
+        // Every replica forgets the refusals it remembers for this account's tokens, as an
+        // unlink is announced to them all.
+        self.plex_changed(&account.account_id).await;
         self.count_link(if by == "admin" {
             "admin_link"
         } else {
