@@ -43,6 +43,7 @@ pub const OIDC_BACKCHANNEL_LOGOUTS_TOTAL: &str = "portcullis_oidc_backchannel_lo
 pub const OIDC_LINKS_TOTAL: &str = "portcullis_oidc_links_total";
 pub const MEDIA_RESOLUTIONS_TOTAL: &str = "portcullis_media_resolutions_total";
 pub const MEDIA_LINKS_TOTAL: &str = "portcullis_media_links_total";
+pub const MEDIA_REFUSALS_TOTAL: &str = "portcullis_media_refusals_total";
 pub const PASSKEYS_TOTAL: &str = "portcullis_passkeys_total";
 pub const RULE_DECISIONS_TOTAL: &str = "portcullis_rule_decisions_total";
 pub const CONFIG_RELOADS_TOTAL: &str = "portcullis_config_reloads_total";
@@ -91,6 +92,7 @@ pub const ALL_FAMILIES: &[&str] = &[
     OIDC_LINKS_TOTAL,
     MEDIA_RESOLUTIONS_TOTAL,
     MEDIA_LINKS_TOTAL,
+    MEDIA_REFUSALS_TOTAL,
     PASSKEYS_TOTAL,
     RULE_DECISIONS_TOTAL,
     CONFIG_RELOADS_TOTAL,
@@ -146,6 +148,7 @@ pub enum Family {
     OidcLinks,
     MediaResolutions,
     MediaLinks,
+    MediaRefusals,
     Passkeys,
     RuleDecisions,
     DirectoryOperations,
@@ -179,6 +182,54 @@ pub const OUTBOX_CHANNELS: &[&str] = &["mail", "webhook"];
 
 /// What the directory sync changed (`portcullis_directory_sync_changes_total{change}`).
 pub const DIRECTORY_SYNC_CHANGES: &[&str] = &["disabled", "enabled", "groups", "conflict"];
+
+/// Every [`DenyReason`]'s label, in its order (a unit test keeps the two alike).
+const DENY_REASONS: &[&str] = &[
+    "no_credentials",
+    "malformed_token",
+    "wrong_token_type",
+    "unknown_key",
+    "wrong_algorithm",
+    "bad_signature",
+    "expired",
+    "not_yet_valid",
+    "wrong_issuer",
+    "wrong_audience",
+    "session_revoked",
+    "user_signed_out",
+    "everyone_signed_out",
+    "user_disabled",
+    "key_retired",
+    "unknown_media_token",
+    "gateway_session_required",
+    "ambiguous_credentials",
+    "unlinked_account",
+    "device_not_approved",
+    "owner_only",
+    "foreign_session",
+    "rule_denied",
+    "two_factor_required",
+];
+
+/// Every [`RejectReason`]'s label, in its order (a unit test keeps the two alike).
+const REJECT_REASONS: &[&str] = &[
+    "bad_path",
+    "headers_too_large",
+    "no_route",
+    "body_too_large",
+    "two_tokens",
+    "bad_client_field",
+    "blocked_path",
+    "view_stale",
+    "bad_framing",
+    "bad_head",
+    "upgrade_refused",
+    "rate_limited",
+    "slow_body",
+    "cross_site_upgrade",
+    "upstream_misconfigured",
+    "identity_unavailable",
+];
 
 /// Results only a media-server login has.
 const MEDIA_LOGIN_RESULTS: &[&str] = &[
@@ -283,7 +334,7 @@ const BACKCHANNEL_RESULTS: &[&str] = &[
 ];
 
 impl Family {
-    pub const ALL: [Family; 20] = [
+    pub const ALL: [Family; 21] = [
         Family::Logins,
         Family::SecondFactor,
         Family::StoreErrors,
@@ -298,6 +349,7 @@ impl Family {
         Family::OidcLinks,
         Family::MediaResolutions,
         Family::MediaLinks,
+        Family::MediaRefusals,
         Family::Passkeys,
         Family::RuleDecisions,
         Family::DirectoryOperations,
@@ -322,6 +374,7 @@ impl Family {
             Family::OidcLinks => OIDC_LINKS_TOTAL,
             Family::MediaResolutions => MEDIA_RESOLUTIONS_TOTAL,
             Family::MediaLinks => MEDIA_LINKS_TOTAL,
+            Family::MediaRefusals => MEDIA_REFUSALS_TOTAL,
             Family::Passkeys => PASSKEYS_TOTAL,
             Family::RuleDecisions => RULE_DECISIONS_TOTAL,
             Family::DirectoryOperations => DIRECTORY_OPERATIONS_TOTAL,
@@ -438,6 +491,10 @@ impl Family {
                         "revoke_upstream",
                     ]],
                 ),
+            ],
+            Family::MediaRefusals => &[
+                Values("kind", &[&["plex"]]),
+                Values("reason", &[DENY_REASONS, REJECT_REASONS]),
             ],
             Family::Passkeys => &[Values(
                 "event",
@@ -727,6 +784,11 @@ pub struct Metrics {
     media_resolutions: IntCounterVec,
     /// Media account links, device approvals and upstream revocations, by kind and action.
     media_links: IntCounterVec,
+    media_refusals: IntCounterVec,
+    /// The Plex series of `media_refusals`, indexed like `DenyReason::ALL` and
+    /// `RejectReason::ALL` (counted per request).
+    plex_denied: Vec<IntCounter>,
+    plex_rejected: Vec<IntCounter>,
     /// Passkeys registered and removed, and clone warnings.
     passkeys: IntCounterVec,
     rule_decisions: IntCounterVec,
@@ -924,8 +986,25 @@ impl Metrics {
             ),
             &["kind", "action"],
         )?;
+        let media_refusals = IntCounterVec::new(
+            Opts::new(
+                MEDIA_REFUSALS_TOTAL,
+                "Requests refused on media routes with identity at the gateway (Plex), by kind \
+                 and reason (a deny or reject reason of portcullis_requests_total).",
+            ),
+            &["kind", "reason"],
+        )?;
+        let plex_denied = DenyReason::ALL
+            .iter()
+            .map(|r| media_refusals.with_label_values(&["plex", r.as_str()]))
+            .collect();
+        let plex_rejected = RejectReason::ALL
+            .iter()
+            .map(|r| media_refusals.with_label_values(&["plex", r.as_str()]))
+            .collect();
         registry.register(Box::new(media_resolutions.clone()))?;
         registry.register(Box::new(media_links.clone()))?;
+        registry.register(Box::new(media_refusals.clone()))?;
         let passkeys = IntCounterVec::new(
             Opts::new(
                 PASSKEYS_TOTAL,
@@ -1141,6 +1220,9 @@ impl Metrics {
             oidc_links,
             media_resolutions,
             media_links,
+            media_refusals,
+            plex_denied,
+            plex_rejected,
             passkeys,
             rule_decisions,
             directory_operations,
@@ -1268,6 +1350,7 @@ impl Metrics {
             Family::OidcLinks => &self.oidc_links,
             Family::MediaResolutions => &self.media_resolutions,
             Family::MediaLinks => &self.media_links,
+            Family::MediaRefusals => &self.media_refusals,
             Family::Passkeys => &self.passkeys,
             Family::RuleDecisions => &self.rule_decisions,
             Family::DirectoryOperations => &self.directory_operations,
@@ -1277,6 +1360,18 @@ impl Metrics {
             Family::ActiveSessions => unreachable!("{} is a gauge", family.name()),
         };
         vec.with_label_values(values)
+    }
+
+    /// The counter of requests a plex route denied for `r`.
+    pub fn plex_denied(&self, r: DenyReason) -> &IntCounter {
+        let i = DenyReason::ALL.iter().position(|x| *x == r).unwrap_or(0);
+        &self.plex_denied[i]
+    }
+
+    /// The counter of requests a plex route rejected for `r`.
+    pub fn plex_rejected(&self, r: RejectReason) -> &IntCounter {
+        let i = RejectReason::ALL.iter().position(|x| *x == r).unwrap_or(0);
+        &self.plex_rejected[i]
     }
 
     /// Counters of route `index`, or of the no-route label when `None`.
@@ -1329,5 +1424,24 @@ mod tests {
             r#"portcullis_requests_total{decision="reject",reason="bad_path",route="-"} 1"#
         ));
         assert!(text.contains(r#"portcullis_build_info{store="sqlite""#));
+    }
+
+    #[test]
+    fn the_declared_refusal_reasons_are_the_enums_labels() {
+        let deny: Vec<&str> = DenyReason::ALL.iter().map(|r| r.as_str()).collect();
+        let reject: Vec<&str> = RejectReason::ALL.iter().map(|r| r.as_str()).collect();
+        assert_eq!(deny, DENY_REASONS);
+        assert_eq!(reject, REJECT_REASONS);
+        let m = Metrics::new(&[], "sqlite").unwrap();
+        m.plex_denied(DenyReason::UnlinkedAccount).inc();
+        m.plex_rejected(RejectReason::TwoTokens).inc();
+        let text = m.render();
+        for series in [
+            r#"portcullis_media_refusals_total{kind="plex",reason="unlinked_account"} 1"#,
+            r#"portcullis_media_refusals_total{kind="plex",reason="two_tokens"} 1"#,
+            r#"portcullis_media_refusals_total{kind="plex",reason="owner_only"} 0"#,
+        ] {
+            assert!(text.contains(series), "{series} missing:\n{text}");
+        }
     }
 }

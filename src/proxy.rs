@@ -872,6 +872,16 @@ impl ProxyHttp for Gateway {
             Outcome::Failed(_) => counters.proxy_error.inc(),
             Outcome::Unfinished => {}
         }
+        // Plex routes' refusals once more by reason alone, `kind="plex"`.
+        let plex = ctx
+            .route
+            .and_then(|i| ctx.config.routes.get(i))
+            .is_some_and(|r| r.plex.is_some());
+        match ctx.outcome {
+            Outcome::Denied(r) if plex => self.app.metrics.plex_denied(r).inc(),
+            Outcome::Rejected(r) if plex => self.app.metrics.plex_rejected(r).inc(),
+            _ => {}
+        }
         counters.duration.observe(elapsed.as_secs_f64());
         if let Some(t) = ctx.upstream_start {
             counters
