@@ -180,6 +180,10 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/_portcullis/admin/breach", post(admin::breach))
         .route("/_portcullis/admin/plex/link", post(admin::plex_link))
         .route("/_portcullis/admin/plex/unlink", post(admin::plex_unlink))
+        .route(
+            "/_portcullis/admin/plex/revoke-upstream",
+            post(admin::plex_revoke_upstream),
+        )
         .fallback(not_found)
         .layer(axum::middleware::from_fn_with_state(
             app.clone(),

@@ -603,6 +603,23 @@ impl App {
         Ok(true)
     }
 
+    /// "Also sign out at plex.tv", on an admin's request ([`revoke_upstream`]): counted and
+    /// audited; returns what was done, one line each.
+    pub async fn plex_revoke_upstream(
+        &self,
+        account_key: &str,
+        by: &str,
+        client: &ClientInfo,
+    ) -> Result<Vec<String>, PlexError> {
+        let config = self.config();
+        let done = revoke_upstream(&config, &self.store, account_key).await?;
+        self.count_link("revoke_upstream");
+        let mut e = self.audit_entry("plex_revoked_upstream", "success", None, client);
+        e.detail = format!("plex account {account_key} by {by}: {}", done.join("; "));
+        self.audit(e).await;
+        Ok(done)
+    }
+
     /// Approves a device of one of the user's Plex accounts.
     pub async fn plex_approve(
         &self,

@@ -489,3 +489,23 @@ pub(crate) async fn plex_unlink(
         Err(e) => super::plex::plex_error(e, bad),
     }
 }
+
+/// `POST /_portcullis/admin/plex/revoke-upstream`: "also sign out at plex.tv" (the owner's
+/// devices the gateway has seen are removed, a friend is un-shared).
+pub(crate) async fn plex_revoke_upstream(
+    State(app): State<Arc<App>>,
+    Extension(client): Extension<ClientInfo>,
+    headers: HeaderMap,
+    PageForm(form): PageForm<PlexLinkForm>,
+) -> Response {
+    if let Err(r) = admin_form(&app, &headers, &form.csrf).await {
+        return r;
+    }
+    match app
+        .plex_revoke_upstream(&form.account, "admin", &client)
+        .await
+    {
+        Ok(_) => redirect(&format!("{ADMIN_PATH}?done=plex-revoked-upstream")),
+        Err(e) => super::plex::plex_error(e, bad),
+    }
+}

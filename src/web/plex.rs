@@ -2,7 +2,7 @@
 //! to them because their browser used one with their session (link, after the password and
 //! second factor), and their Plex devices (approve — which needs the second factor — or sign
 //! out). And the admin page's Plex section: the server's self-check and every Plex account,
-//! linked or not.
+//! linked or not (link, unlink, "also sign out at plex.tv").
 
 // Handlers return early with a ready response; boxing it would only add noise.
 #![allow(clippy::result_large_err)]
@@ -243,8 +243,16 @@ pub(crate) async fn admin_section(
                     ),
                 ),
             };
+            // Never the enforcement (the gateway refuses unlinked accounts already): the
+            // owner's devices seen here are removed at plex.tv, a friend is un-shared.
+            let upstream = format!(
+                "<form method=\"post\" action=\"/_portcullis/admin/plex/revoke-upstream\">{}{}\
+<button type=\"submit\" class=\"secondary\">Also sign out at plex.tv</button></form>",
+                hidden("account", &a.account_id),
+                hidden("csrf", csrf)
+            );
             format!(
-                "<tr data-plex-account=\"{}\"><td>{} ({})</td><td>{state}</td><td class=\"when\">{}</td><td>{form}</td></tr>",
+                "<tr data-plex-account=\"{}\"><td>{} ({})</td><td>{state}</td><td class=\"when\">{}</td><td>{form}{upstream}</td></tr>",
                 escape(&a.account_id),
                 escape(&a.title),
                 escape(&a.username),
