@@ -2,9 +2,12 @@
 //! plex.tv's stand-in resolving tokens ([`crate::plex_standin`]). The real `plexapi` client works
 //! through the gateway as the owner, a friend and a Plex Home user, and "sign out of all
 //! devices" ends its access, its open notification socket and its transcode session within a
-//! second. Tokens of unlinked accounts, expired and forged JWTs, unapproved devices, disabled
-//! users, other users' transcode sessions and owner-only paths are refused with nothing reaching
-//! the server; a server whose `allowedNetworks` covers the gateway is refused at start.
+//! second; so do disabling the user and unlinking the account (CLI and pages), on a second
+//! replica on PostgreSQL too, where a link made on the first lets the token in at once. Tokens
+//! of unlinked accounts, expired and forged JWTs (and bound ones past their `exp`), unapproved
+//! devices, disabled users, other users' transcode sessions and owner-only paths are refused
+//! with nothing reaching the server, and counted by reason; the client's `X-Forwarded-For`
+//! never reaches it; a server whose `allowedNetworks` covers the gateway is refused at start.
 
 use std::time::{Duration, Instant};
 
@@ -12,9 +15,9 @@ use futures_util::StreamExt;
 use serde_json::Value;
 
 use crate::account::Browser;
-use crate::harness::{client, input_value, poll_until, Gateway, GatewayBuilder};
+use crate::harness::{client, client_from, input_value, poll_until, Gateway, GatewayBuilder};
 use crate::pg::{self, Schema};
-use crate::plex_standin::{PlexAccount, PlexTv, Pms, BIG_PART_KEY, PART_KEY};
+use crate::plex_standin::{PlexAccount, PlexTv, Pms, BIG_PART_KEY, BIG_PART_LEN, PART_KEY};
 use crate::standin_fidelity::run_client_args;
 
 const PW: &str = "a passphrase for the plex tests";
@@ -85,7 +88,17 @@ async fn link(gw: &Gateway, user: &str, plex_user: &str) {
 
 /// Status and JSON body of a GET through the gateway with `X-Plex-Token` (if any).
 async fn plex_get(gw: &Gateway, path: &str, token: Option<&str>) -> (u16, Value) {
-    let mut rb = client()
+    plex_get_with(&client(), gw, path, token).await
+}
+
+/// [`plex_get`] sent with `client` (e.g. from another address).
+async fn plex_get_with(
+    client: &reqwest::Client,
+    gw: &Gateway,
+    path: &str,
+    token: Option<&str>,
+) -> (u16, Value) {
+    let mut rb = client
         .get(gw.url(path))
         .header("X-Plex-Client-Identifier", "test-device-1")
         .header("X-Plex-Product", "Plex for Tests")
@@ -150,19 +163,18 @@ async fn plexapi_works_through_the_gateway_as_owner_friend_and_home_user_until_s
                 assert!(list.contains(" media "), "{who}: no media session:\n{list}");
                 let start = Instant::now();
                 gw.cli_ok(&["signout", "--user", who]);
+                // One second from the sign-out for both: the refusal and the closed socket.
+                let deadline = start + Duration::from_secs(1);
                 assert!(
-                    poll_until(Duration::from_secs(1), || async {
+                    poll_until(left(deadline), || async {
                         plex_get(gw, "/library/sections", Some(&token)).await.0 == 401
                     })
                     .await,
                     "{who}: the token still passes a second after the sign-out"
                 );
                 assert!(
-                    poll_until(Duration::from_secs(1), || async {
-                        w.pms.open_sockets() == 0
-                    })
-                    .await,
-                    "{who}: the notification socket is still open"
+                    poll_until(left(deadline), || async { w.pms.open_sockets() == 0 }).await,
+                    "{who}: the notification socket is still open a second after the sign-out"
                 );
                 eprintln!(
                     "{who}: refused and socket closed {:?} after the sign-out",
@@ -306,6 +318,21 @@ async fn tokens_the_gateway_cannot_vouch_for_are_refused_before_the_server() {
         .await
         .unwrap();
     assert_eq!(put.status().as_u16(), 403);
+    // Claiming the server for another Plex account (plexapi's `claim`: POST with a claim token).
+    for path in [
+        "/myplex/claim?token=claim-1234",
+        "/MyPlex/Claim/?token=claim-1234",
+    ] {
+        let resp = client()
+            .post(gw.url(path))
+            .header("X-Plex-Token", &share)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), 403, "{path}");
+        let body: Value = resp.json().await.unwrap();
+        assert_eq!(body["error"], "owner_only", "{path}");
+    }
     assert_eq!(
         w.pms.requests().len(),
         before,
@@ -330,13 +357,31 @@ async fn tokens_the_gateway_cannot_vouch_for_are_refused_before_the_server() {
         plex_get(&gw, "/library/sections", Some(&transient)).await.0,
         200
     );
+    let reached = w.reached(&transient);
+    let passed = std::sync::atomic::AtomicUsize::new(0);
     gw.cli_ok(&["user", "disable", "alice"]);
     assert!(
         poll_until(Duration::from_secs(1), || async {
-            plex_get(&gw, "/library/sections", Some(&transient)).await.0 == 401
+            match plex_get(&gw, "/library/sections", Some(&transient)).await.0 {
+                401 => true,
+                _ => {
+                    passed.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    false
+                }
+            }
         })
         .await,
         "the transient token outlived its user"
+    );
+    assert_eq!(
+        plex_get(&gw, "/library/sections", Some(&transient)).await.0,
+        401
+    );
+    // Only what passed before the gateway heard of it reached the server.
+    assert_eq!(
+        w.reached(&transient),
+        reached + passed.into_inner(),
+        "a refused request with the transient token reached the server"
     );
     assert_eq!(
         plex_get(&gw, "/library/sections", Some(&fresh)).await.0,
@@ -362,6 +407,28 @@ async fn tokens_the_gateway_cannot_vouch_for_are_refused_before_the_server() {
             plex_get(&gw, "/library/sections", Some(&share)).await.0 == 401
         })
         .await
+    );
+
+    // Every refusal above is counted by its reason, kind="plex".
+    for reason in [
+        "unlinked_account",
+        "expired",
+        "bad_signature",
+        "unknown_media_token",
+        "no_credentials",
+        "two_tokens",
+        "owner_only",
+        "user_disabled",
+    ] {
+        assert!(refusals_counted(&gw, reason).await, "{reason} not counted");
+    }
+    // A reason that did not happen stays at zero.
+    let text = gw.metrics_text().await;
+    assert!(
+        text.contains(
+            "portcullis_media_refusals_total{kind=\"plex\",reason=\"foreign_session\"} 0"
+        ),
+        "{text}"
     );
 }
 
@@ -533,6 +600,42 @@ async fn plex_web_needs_a_gateway_session_and_a_browser_can_offer_the_link() {
     assert!(page.contains("link this Plex account?"), "{page}");
     let csrf = input_value(&page, "csrf").unwrap();
     let account_id = w.owner.id.to_string();
+    // Offered to alice, not to bob: his page does not offer it, and his password cannot take it.
+    let bob = gw.login("bob", PW).await;
+    let bob_cookie = format!("portcullis={}", bob.token);
+    let bob_page = gw
+        .page_with_cookie("/_portcullis/account", &bob_cookie)
+        .await;
+    assert!(!bob_page.contains("link this Plex account?"), "{bob_page}");
+    let taken = client()
+        .post(gw.url("/_portcullis/account/plex/link"))
+        .header("Cookie", &bob_cookie)
+        .header("Origin", gw.base.as_str())
+        .form(&[
+            ("account", account_id.as_str()),
+            ("csrf", &input_value(&bob_page, "csrf").unwrap()),
+            ("password", PW),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(taken.status().as_u16(), 403);
+    assert!(
+        taken
+            .text()
+            .await
+            .unwrap()
+            .contains("was not used from your browser"),
+        "the refusal says why"
+    );
+    assert!(
+        gw.cli_ok(&["plex", "accounts"]).contains("ownerplex"),
+        "the gateway knows the account"
+    );
+    assert!(
+        !gw.cli_ok(&["plex", "accounts"]).contains("bob"),
+        "the account was linked to bob"
+    );
     let wrong = client()
         .post(gw.url("/_portcullis/account/plex/link"))
         .header("Cookie", &cookie)
@@ -568,7 +671,6 @@ async fn plex_web_needs_a_gateway_session_and_a_browser_can_offer_the_link() {
         .unwrap();
     assert_eq!(resp.status().as_u16(), 200);
     // bob's session with alice's Plex token names two people: refused.
-    let bob = gw.login("bob", PW).await;
     let resp = client()
         .get(gw.url("/library/sections"))
         .header("Cookie", format!("portcullis={}", bob.token))
@@ -582,6 +684,11 @@ async fn plex_web_needs_a_gateway_session_and_a_browser_can_offer_the_link() {
         audit.contains("plex_link_offered") && audit.contains("plex_linked"),
         "{audit}"
     );
+    gw.metrics_with(&["portcullis_media_links_total{action=\"user_link\",kind=\"plex\"} 1"])
+        .await;
+    for reason in ["unlinked_account", "ambiguous_credentials"] {
+        assert!(refusals_counted(&gw, reason).await, "{reason} not counted");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -692,55 +799,50 @@ async fn also_signing_out_at_plex_tv_removes_the_owners_device_or_unshares_a_fri
     assert!(!w.tv.token_is_live(&share));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_second_replica_on_postgresql_obeys_plex_revocations() {
-    let w = world().await;
+/// Replicas A (built from `a`) and B of one gateway on a fresh PostgreSQL schema, each polling
+/// the store only every 30 s: what B learns within a second comes from the store's push
+/// announcements.
+async fn two_replicas(w: &World, a: GatewayBuilder) -> (Schema, Gateway, Gateway) {
     let schema = Schema::on(&pg::server_url());
     let url = schema.url();
-    let a = w
-        .gateway("")
-        .store_url(&url)
-        .store_keys("poll_interval = \"30s\"\nmax_staleness = \"60s\"")
-        .start()
-        .await;
+    let store = "poll_interval = \"30s\"\nmax_staleness = \"60s\"";
+    let a = a.store_url(&url).store_keys(store).start().await;
     let b = Gateway::builder(&w.pms.url())
         .keys_of(&a)
         .store_url(&url)
-        .store_keys("poll_interval = \"30s\"\nmax_staleness = \"60s\"")
+        .store_keys(store)
         .route_keys("kind = \"plex\"")
         .extra_toml(&w.plex_table)
         .start()
         .await;
+    (schema, a, b)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_replica_on_postgresql_obeys_plex_revocations() {
+    let w = world().await;
+    let (_schema, a, b) = two_replicas(&w, w.gateway("")).await;
     link(&a, "alice", &w.owner.username).await;
     let token = w.tv.issue_jwt(&w.owner, "phone-1", 3600);
     // Bound through A, known to B at once; and an open socket through B.
     assert_eq!(plex_get(&a, "/library/sections", Some(&token)).await.0, 200);
     assert_eq!(plex_get(&b, "/library/sections", Some(&token)).await.0, 200);
-    let ws_url = format!(
-        "ws://{}/:/websockets/notifications?X-Plex-Token={token}",
-        b.base.trim_start_matches("http://")
-    );
-    let (mut ws, _) = tokio_tungstenite::connect_async(&ws_url).await.unwrap();
-    assert!(ws.next().await.unwrap().is_ok());
+    let mut ws = notification_socket(&b, &token).await;
     let start = Instant::now();
     a.cli_ok(&["signout", "--user", "alice"]);
+    // One second from the sign-out for both: the refusal and the closed socket.
+    let deadline = start + Duration::from_secs(1);
     assert!(
-        poll_until(Duration::from_secs(1), || async {
+        poll_until(left(deadline), || async {
             plex_get(&b, "/library/sections", Some(&token)).await.0 == 401
         })
         .await,
         "replica B still lets the token through"
     );
-    let closed = tokio::time::timeout(Duration::from_secs(1), async {
-        loop {
-            match ws.next().await {
-                Some(Ok(m)) if !m.is_close() => continue,
-                _ => break,
-            }
-        }
-    })
-    .await;
-    assert!(closed.is_ok(), "the socket through replica B is still open");
+    assert!(
+        socket_closes_by(&mut ws, deadline).await,
+        "the socket through replica B is still open a second after the sign-out"
+    );
     eprintln!(
         "replica B refused and closed {:?} after the sign-out on A",
         start.elapsed()
@@ -783,8 +885,12 @@ async fn the_account_page_approves_a_device_only_with_the_password_and_a_fresh_c
     let a = Browser::login(&gw, "alice", PW).await;
     let (seed, _) = enrol(&a).await;
     let token = w.tv.issue_jwt(&w.owner, "test-device-1", 3600);
+    // The app asks from 127.0.0.7.
+    let from = client_from([127, 0, 0, 7]);
     assert_eq!(
-        plex_get(&gw, "/library/sections", Some(&token)).await.0,
+        plex_get_with(&from, &gw, "/library/sections", Some(&token))
+            .await
+            .0,
         401
     );
 
@@ -799,6 +905,7 @@ async fn the_account_page_approves_a_device_only_with_the_password_and_a_fresh_c
         "Plex for Tests",
         "Test Box",
         "Linux",
+        "<td>127.0.0.7</td>",
         "Waiting for your approval",
     ] {
         assert!(row.contains(text), "{text} missing from {row}");
@@ -911,6 +1018,12 @@ async fn the_account_page_approves_a_device_only_with_the_password_and_a_fresh_c
     ] {
         assert!(audit.contains(event), "{event} not audited:\n{audit}");
     }
+    gw.metrics_with(&[
+        "portcullis_media_links_total{action=\"approve\",kind=\"plex\"} 1",
+        "portcullis_media_links_total{action=\"revoke_device\",kind=\"plex\"} 1",
+    ])
+    .await;
+    assert!(refusals_counted(&gw, "device_not_approved").await);
 }
 
 /// Opens Plex's notification EventSource with `token`; the stream once its first event came.
@@ -1091,10 +1204,35 @@ async fn the_admin_page_reports_the_self_check_and_links_and_unlinks_plex_accoun
     );
     let resp = root.post("/_portcullis/admin/plex/unlink", &unlink).await;
     assert_eq!(resp.status(), 400);
+    // "Also sign out at plex.tv": only the admin; the friend is un-shared at plex.tv.
+    let html = root.get("/_portcullis/admin").await.text().await.unwrap();
+    assert!(html.contains("Also sign out at plex.tv"), "{html}");
+    let resp = bob
+        .post(
+            "/_portcullis/admin/plex/revoke-upstream",
+            &[("account", &account), ("csrf", &bob_csrf)],
+        )
+        .await;
+    assert_eq!(resp.status(), 403);
+    assert!(w.tv.removed_shares().is_empty());
+    let resp = root
+        .post("/_portcullis/admin/plex/revoke-upstream", &unlink)
+        .await;
+    assert_eq!(resp.status(), 303);
+    assert_eq!(w.tv.removed_shares(), vec![friend.id]);
+    assert!(!w.tv.token_is_live(&share));
+    gw.metrics_with(&[
+        "portcullis_media_links_total{action=\"admin_link\",kind=\"plex\"} 1",
+        "portcullis_media_links_total{action=\"unlink\",kind=\"plex\"} 1",
+        "portcullis_media_links_total{action=\"revoke_upstream\",kind=\"plex\"} 1",
+    ])
+    .await;
+    assert!(refusals_counted(&gw, "unlinked_account").await);
     let audit = root.get("/_portcullis/admin").await.text().await.unwrap();
     assert!(
         audit.contains("plex_linked")
             && audit.contains("plex_unlinked")
+            && audit.contains("plex_revoked_upstream")
             && audit.contains("by admin"),
         "{audit}"
     );
@@ -1223,4 +1361,311 @@ async fn a_new_plex_device_is_told_to_its_user_like_a_new_browser() {
         alert.text
     );
     assert!(!alert.links().is_empty(), "the mail carries its links");
+}
+
+/// Whether the gateway's metrics count requests refused on the plex route for `reason`
+/// (polled: a request is counted just after its response).
+async fn refusals_counted(gw: &Gateway, reason: &str) -> bool {
+    let series = format!("portcullis_media_refusals_total{{kind=\"plex\",reason=\"{reason}\"}}");
+    poll_until(Duration::from_secs(5), || async {
+        gw.metric(&series).await > 0.0
+    })
+    .await
+}
+
+/// What is left until `deadline` (zero once it passed: a poll then looks once).
+fn left(deadline: Instant) -> Duration {
+    deadline.saturating_duration_since(Instant::now())
+}
+
+type Socket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Opens Plex's notification WebSocket through `gw` with `token` (in the query, as browsers
+/// must), once its first message came.
+async fn notification_socket(gw: &Gateway, token: &str) -> Socket {
+    let url = format!(
+        "ws://{}/:/websockets/notifications?X-Plex-Token={token}",
+        gw.base.trim_start_matches("http://")
+    );
+    let (mut ws, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+    assert!(ws.next().await.unwrap().is_ok(), "no first notification");
+    ws
+}
+
+/// Whether `ws` ends (a close frame, an error or its end) by `deadline`.
+async fn socket_closes_by(ws: &mut Socket, deadline: Instant) -> bool {
+    tokio::time::timeout_at(deadline.into(), async {
+        loop {
+            match ws.next().await {
+                Some(Ok(m)) if !m.is_close() => continue,
+                _ => break,
+            }
+        }
+    })
+    .await
+    .is_ok()
+}
+
+/// Starts streaming the big part (produced as it is read) through `gw` with `token`: the body,
+/// once its first bytes came.
+async fn big_stream(
+    gw: &Gateway,
+    token: &str,
+) -> impl futures_util::Stream<Item = reqwest::Result<bytes::Bytes>> + Unpin {
+    let resp = client()
+        .get(gw.url(&format!("{BIG_PART_KEY}?X-Plex-Token={token}")))
+        .header("X-Plex-Client-Identifier", "test-device-1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    let mut body = Box::pin(resp.bytes_stream());
+    assert!(body.next().await.unwrap().is_ok());
+    body
+}
+
+/// Whether a stream of the big part is cut by `deadline`: it ends short of the part's length.
+async fn stream_cut_by(
+    body: &mut (impl futures_util::Stream<Item = reqwest::Result<bytes::Bytes>> + Unpin),
+    deadline: Instant,
+) -> bool {
+    let read = tokio::time::timeout_at(deadline.into(), async {
+        let mut read = 0u64;
+        while let Some(Ok(chunk)) = body.next().await {
+            read += chunk.len() as u64;
+        }
+        read
+    })
+    .await;
+    read.is_ok_and(|n| n < BIG_PART_LEN)
+}
+
+/// Opens a notification socket and a stream of the big part through `gw` with `token`, then
+/// runs `revoke`; both must end within a second of it, at the client and at the server, and
+/// the token is refused with nothing more reaching the server.
+async fn revoke_ends_socket_and_stream<F, Fut>(
+    w: &World,
+    gw: &Gateway,
+    token: &str,
+    what: &str,
+    revoke: F,
+) where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let mut ws = notification_socket(gw, token).await;
+    let mut body = big_stream(gw, token).await;
+    assert!(
+        poll_until(Duration::from_secs(2), || async {
+            w.pms.open_sockets() == 1 && w.pms.open_streams() == 1
+        })
+        .await,
+        "{what}: the socket and the stream are not open at the server"
+    );
+    let start = Instant::now();
+    revoke().await;
+    let deadline = start + Duration::from_secs(1);
+    assert!(
+        socket_closes_by(&mut ws, deadline).await,
+        "{what}: the notification socket is still open a second later"
+    );
+    assert!(
+        stream_cut_by(&mut body, deadline).await,
+        "{what}: the stream still runs a second later"
+    );
+    assert!(
+        poll_until(left(deadline), || async {
+            w.pms.open_sockets() == 0 && w.pms.open_streams() == 0
+        })
+        .await,
+        "{what}: the server still serves the socket or the stream a second later"
+    );
+    eprintln!(
+        "{what}: socket and stream ended {:?} after it",
+        start.elapsed()
+    );
+    let reached = w.reached(token);
+    assert_eq!(
+        plex_get(gw, "/library/sections", Some(token)).await.0,
+        401,
+        "{what}"
+    );
+    assert_eq!(
+        w.reached(token),
+        reached,
+        "{what}: a request reached the server"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disabling_the_user_or_unlinking_the_account_ends_its_socket_and_stream_within_a_second() {
+    let w = world().await;
+    let friend = w.tv.add_account("friendplex");
+    let share = w.tv.share(&w.pms.machine_id(), &friend);
+    let (home, home_token) = w.tv.add_home_user(&w.owner, "kidplex");
+    let gw = w.gateway("").start().await;
+    link(&gw, "alice", &w.owner.username).await;
+    link(&gw, "bob", &friend.username).await;
+    link(&gw, "carol", &home.username).await;
+    let phone = w.tv.issue_jwt(&w.owner, "phone-1", 3600);
+
+    revoke_ends_socket_and_stream(&w, &gw, &phone, "user disable", || async {
+        gw.cli_ok(&["user", "disable", "alice"]);
+    })
+    .await;
+    revoke_ends_socket_and_stream(&w, &gw, &share, "plex unlink", || async {
+        gw.cli_ok(&["plex", "unlink", &friend.username]);
+    })
+    .await;
+    // carol unlinks her Plex account from her account page.
+    let carol = Browser::login(&gw, "carol", PW).await;
+    let csrf = carol.csrf().await;
+    let account = home.id.to_string();
+    revoke_ends_socket_and_stream(&w, &gw, &home_token, "account page unlink", || async {
+        let fields = [("account", account.as_str()), ("csrf", csrf.as_str())];
+        let resp = carol
+            .post("/_portcullis/account/plex/unlink", &fields)
+            .await;
+        assert_eq!(resp.status().as_u16(), 303);
+    })
+    .await;
+    // The account page's unlink is this gateway's (the CLI's are the CLI's own).
+    gw.metrics_with(&["portcullis_media_links_total{action=\"unlink\",kind=\"plex\"} 1"])
+        .await;
+    assert!(
+        poll_until(Duration::from_secs(5), || async {
+            gw.metric("portcullis_connections_closed_total").await >= 6.0
+        })
+        .await,
+        "not 3 sockets and 3 streams counted as closed"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn links_unlinks_and_disabled_users_on_one_replica_reach_the_other_at_once() {
+    let w = world().await;
+    let (_schema, a, b) = two_replicas(&w, w.gateway("").admin("root", PW)).await;
+    // alice's Plex app meets replica B before any link: refused, and B remembers it.
+    let phone = w.tv.issue_jwt(&w.owner, "phone-1", 3600);
+    let (status, body) = plex_get(&b, "/library/sections", Some(&phone)).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (401, Some("unlinked_account"))
+    );
+    // The admin links it on replica A's page: B lets the token in at once, long before the
+    // refusal it remembers would be forgotten (10 s).
+    let root = Browser::login(&a, "root", PW).await;
+    let html = root.text("/_portcullis/admin").await;
+    let csrf = input_value(&html, "csrf").unwrap();
+    let account = w.owner.id.to_string();
+    let start = Instant::now();
+    let fields = [
+        ("account", account.as_str()),
+        ("user", "alice"),
+        ("csrf", csrf.as_str()),
+    ];
+    let resp = root.post("/_portcullis/admin/plex/link", &fields).await;
+    assert_eq!(resp.status().as_u16(), 303);
+    assert!(
+        poll_until(Duration::from_secs(2), || async {
+            plex_get(&b, "/library/sections", Some(&phone)).await.0 == 200
+        })
+        .await,
+        "replica B still refuses the token of the account linked on A"
+    );
+    eprintln!(
+        "replica B let the token in {:?} after the link on A",
+        start.elapsed()
+    );
+
+    // Unlinked on A's page: the socket and the stream through B end within a second.
+    revoke_ends_socket_and_stream(&w, &b, &phone, "unlink on A", || async {
+        let fields = [("account", account.as_str()), ("csrf", csrf.as_str())];
+        let resp = root.post("/_portcullis/admin/plex/unlink", &fields).await;
+        assert_eq!(resp.status().as_u16(), 303);
+    })
+    .await;
+
+    // Linked again; alice's app signs in afresh and plays through B until alice is disabled
+    // on A.
+    a.cli_ok(&["plex", "link", "alice", &w.owner.username]);
+    let tablet = w.tv.issue_jwt(&w.owner, "tablet-1", 3600);
+    assert!(
+        poll_until(Duration::from_secs(2), || async {
+            plex_get(&b, "/library/sections", Some(&tablet)).await.0 == 200
+        })
+        .await,
+        "replica B refuses the token linked again"
+    );
+    revoke_ends_socket_and_stream(&w, &b, &tablet, "user disable on A", || async {
+        a.cli_ok(&["user", "disable", "alice"]);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bound_jwt_is_refused_once_its_exp_passes() {
+    let w = world().await;
+    let gw = w.gateway("").start().await;
+    link(&gw, "alice", &w.owner.username).await;
+    let short = w.tv.issue_jwt(&w.owner, "phone-1", 2);
+    assert_eq!(
+        plex_get(&gw, "/library/sections", Some(&short)).await.0,
+        200
+    );
+    let reached = w.reached(&short);
+    let passed = std::sync::atomic::AtomicUsize::new(0);
+    let last = std::sync::Mutex::new(Value::Null);
+    assert!(
+        poll_until(Duration::from_secs(5), || async {
+            let (status, body) = plex_get(&gw, "/library/sections", Some(&short)).await;
+            if status == 200 {
+                passed.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+            *last.lock().unwrap() = body;
+            status == 401
+        })
+        .await,
+        "the token passes after its exp"
+    );
+    let last = last.into_inner().unwrap();
+    assert_eq!(last["error"], "expired", "{last}");
+    assert_eq!(
+        w.reached(&short),
+        reached + passed.into_inner(),
+        "a request with the expired token reached the server"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_sees_the_gateways_forwarded_address_not_the_clients() {
+    let w = world().await;
+    let gw = w.gateway("").start().await;
+    link(&gw, "alice", &w.owner.username).await;
+    let token = w.tv.issue_jwt(&w.owner, "phone-1", 3600);
+    // A client that claims to be somewhere public, from 127.0.0.7.
+    let resp = client_from([127, 0, 0, 7])
+        .get(gw.url("/library/sections"))
+        .header("X-Plex-Token", &token)
+        .header("X-Forwarded-For", "203.0.113.9")
+        .header("X-Real-IP", "203.0.113.9")
+        .header("Forwarded", "for=203.0.113.9")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    let seen = w
+        .pms
+        .requests()
+        .into_iter()
+        .rev()
+        .find(|r| r.header("x-plex-token") == Some(token.as_str()))
+        .expect("the request reached the server");
+    assert_eq!(seen.header_all("x-forwarded-for"), vec!["127.0.0.7"]);
+    assert!(
+        !seen.headers.iter().any(|(_, v)| v.contains("203.0.113.9")),
+        "the client's address reached the server: {:?}",
+        seen.headers
+    );
 }
