@@ -7,7 +7,9 @@
 // in for the current password when the password is changed. The password is then
 // followed by "Use a passkey" as the second step. With user verification switched off the browser
 // refuses and the page says so; once the passkey is removed on the account page (the
-// authenticator still holding it), the gateway refuses it and the page explains. Runs at
+// authenticator still holding it), the gateway refuses it and the page explains. Last, a second
+// virtual authenticator without user verification (no PIN, no biometric) is registered, and its
+// sign-in (user name first, no password) is refused by the gateway (`user_not_verified`). Runs at
 // http://localhost:PORT: browsers allow WebAuthn on localhost without TLS, not on 127.0.0.1.
 
 import path from 'node:path';
@@ -146,4 +148,44 @@ await run('passkey_login', async (browser) => {
   assert.match(await passkeyError(a.page), /not registered here/);
   assert.match(a.page.url(), /\/_portcullis\/login/);
   await a.page.screenshot({ path: path.join(outputDir(), 'passkey-refused.png'), fullPage: true });
+
+  step('An authenticator that cannot verify its user: the gateway refuses it for passwordless sign-in');
+  // Chromium itself refuses the answer of an authenticator told its verification failed (the
+  // step above), so the gateway never sees it. One without user verification at all (no PIN,
+  // no biometric) answers with the UV flag clear; A has no TOTP, so the refusal is the
+  // gateway's own, `user_not_verified`.
+  await cdp.send('WebAuthn.removeVirtualAuthenticator', { authenticatorId });
+  const { authenticatorId: keyId } = await cdp.send('WebAuthn.addVirtualAuthenticator', {
+    options: {
+      protocol: 'ctap2',
+      ctap2Version: 'ctap2_1',
+      transport: 'internal',
+      hasResidentKey: true,
+      hasUserVerification: false,
+      automaticPresenceSimulation: false,
+    },
+  });
+  await signIn(a.page, user, renewed);
+  await cdp.send('WebAuthn.setAutomaticPresenceSimulation', { authenticatorId: keyId, enabled: true });
+  await a.page.locator('#passkey-label').fill('Security key');
+  await a.page.locator('#passkey-password').fill(renewed);
+  await submit(a.page, a.page.getByRole('button', { name: 'Add a passkey' }), /done=passkey-added/);
+  assert.match(await a.page.locator('#passkeys tr[data-passkey]').textContent(), /Security key/);
+  const held = await cdp.send('WebAuthn.getCredentials', { authenticatorId: keyId });
+  assert.equal(held.credentials.length, 1, 'the key holds its credential');
+  await cdp.send('WebAuthn.setAutomaticPresenceSimulation', { authenticatorId: keyId, enabled: false });
+  await submitPost(a.page, a.page.getByRole('button', { name: 'Sign out of this device' }));
+  // User name first: Chromium does not let an authenticator that cannot verify its user answer
+  // a request without a name (NotAllowedError), so the gateway names A's passkey
+  // (allowCredentials). Whichever request Chromium answers (the button's, or an autofill
+  // request if it makes one), the gateway's refusal is what the page shows.
+  await a.page.goto(url(`${PREFIX}/login?rd=${encodeURIComponent(`${PREFIX}/account`)}`));
+  await a.page.locator('#username').fill(user);
+  await cdp.send('WebAuthn.setAutomaticPresenceSimulation', { authenticatorId: keyId, enabled: true });
+  await a.page.getByRole('button', { name: 'Sign in with a passkey' }).click();
+  assert.match(await passkeyError(a.page), /did not verify you \(no PIN or biometric\)/);
+  assert.match(a.page.url(), /\/_portcullis\/login/);
+  const signed = await cdp.send('WebAuthn.getCredentials', { authenticatorId: keyId });
+  assert.ok(signed.credentials[0].signCount >= 1, 'the key signed: the refusal is the gateway\'s');
+  await a.page.screenshot({ path: path.join(outputDir(), 'passkey-not-verified.png'), fullPage: true });
 });

@@ -155,6 +155,12 @@ async fn browser_passkey_registration_and_sign_in_with_the_virtual_authenticator
         &[("PORTCULLIS_URL", Path::new(&base))],
     )
     .await;
+    // The last step's refusal was the gateway's own, for the authenticator without user
+    // verification (counted before the page could show it).
+    let refused = gw
+        .metric("portcullis_logins_total{method=\"passkey\",result=\"user_not_verified\"}")
+        .await;
+    assert!(refused >= 1.0, "user_not_verified counted {refused} times");
 }
 
 /// "Forgot your password?" in Chromium, with the link from the mail a real SMTP server
