@@ -16,6 +16,10 @@
 //! Deliberately *not* modelled, so that tests can probe the server with such requests: the
 //! authenticator does not filter by `allowCredentials`, nor check `excludeCredentials` or the
 //! origin against the rp id, as a real client would.
+//!
+//! Hand-written rather than webauthn-authenticator-rs's `softpasskey`: that feature needs the
+//! crate's `crypto` feature, which pulls in OpenSSL (`openssl`, `openssl-sys`), and `deny.toml`
+//! bans OpenSSL; this one signs with the pure-Rust `p256`.
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
