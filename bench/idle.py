@@ -13,22 +13,75 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import time
 
 
-def rss_kib(pid):
-    total = 0
+def family(pid):
+    """The process and its children (nginx's workers)."""
     pids = [pid]
     try:
         kids = open(f"/proc/{pid}/task/{pid}/children").read().split()
         pids += [int(k) for k in kids]
     except OSError:
         pass
-    for p in pids:
+    return pids
+
+
+def rss_kib(pid):
+    total = 0
+    for p in family(pid):
         for line in open(f"/proc/{p}/status"):
             if line.startswith("VmRSS:"):
                 total += int(line.split()[1])
     return total
+
+
+def cpu_s(pid):
+    """User plus system CPU seconds the process and its children have used."""
+    total = 0
+    for p in family(pid):
+        fields = open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+async def watch(conn):
+    """Records when the proxy closes this connection (end of stream or reset)."""
+    try:
+        while await conn["reader"].read(65536):
+            pass
+    except OSError:
+        pass
+    conn["closed_at"] = time.monotonic()
+
+
+async def revoke(step, conns, pid):
+    """Runs one revocation step, GROUP=COMMAND (GROUP: the index of a token's connections, or
+    all), and times until every connection it should end has been closed by the proxy."""
+    group, _, command = step.partition("=")
+    expected = [c for c in conns if "closed_at" not in c and (group == "all" or c["group"] == int(group))]
+    others = [c for c in conns if "closed_at" not in c and c not in expected]
+    cpu0, t0 = cpu_s(pid), time.monotonic()
+    proc = await asyncio.create_subprocess_shell(command, stdout=asyncio.subprocess.DEVNULL)
+    await proc.wait()
+    command_s = time.monotonic() - t0
+    deadline = t0 + 60
+    while time.monotonic() < deadline and any("closed_at" not in c for c in expected):
+        await asyncio.sleep(0.005)
+    cpu = cpu_s(pid) - cpu0
+    closes = sorted(c["closed_at"] - t0 for c in expected if "closed_at" in c)
+    return {
+        "step": group,
+        "sockets": len(expected),
+        "closed": len(closes),
+        "command_s": round(command_s, 3),
+        "first_close_s": round(closes[0], 3) if closes else None,
+        "p50_close_s": round(closes[len(closes) // 2], 3) if closes else None,
+        "last_close_s": round(closes[-1], 3) if closes else None,
+        "cpu_s": round(cpu, 3),
+        "others_closed": sum("closed_at" in c for c in others),
+    }
 
 
 async def one(i, args, request, sockets):
@@ -43,7 +96,7 @@ async def one(i, args, request, sockets):
     if args.ws:
         if status != 101:
             raise SystemExit(f"connection {i}: status {status}, not 101")
-        sockets.append(writer)
+        sockets.append({"reader": reader, "writer": writer, "group": i % len(args.tokens)})
         return
     length = 0
     for line in head.split(b"\r\n"):
@@ -52,7 +105,7 @@ async def one(i, args, request, sockets):
     if status != 200:
         raise SystemExit(f"connection {i}: status {status}")
     await reader.readexactly(length)
-    sockets.append(writer)
+    sockets.append({"reader": reader, "writer": writer, "group": i % len(args.tokens)})
 
 
 async def main():
@@ -60,22 +113,49 @@ async def main():
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--pid", type=int, required=True)
     ap.add_argument("--conns", type=int, default=8000)
-    ap.add_argument("--token", default="")
+    ap.add_argument(
+        "--token",
+        action="append",
+        dest="tokens",
+        help="bearer token; given several times, connection i carries token i mod their number",
+    )
+    ap.add_argument(
+        "--revoke",
+        action="append",
+        default=[],
+        help="with --ws, once all are idle: GROUP=COMMAND, GROUP the index of a token's "
+        "connections or all; runs COMMAND and times until those sockets are closed (in order)",
+    )
     ap.add_argument("--path", default="/1k")
     ap.add_argument("--ws", action="store_true", help="open WebSockets on --path and hold them")
     ap.add_argument("--settle", type=float, default=3.0)
+    ap.add_argument(
+        "--idle-cpu", type=float, default=5.0, help="seconds over which idle CPU is measured"
+    )
     ap.add_argument("--late", type=float, default=0.0, help="also sample this long after closing")
+    ap.add_argument(
+        "--kill",
+        type=int,
+        default=0,
+        help="SIGKILL this process while the connections are idle (a heap profiler then "
+        "reports what was live as never freed)",
+    )
     args = ap.parse_args()
-    auth = f"Authorization: Bearer {args.token}\r\n" if args.token else ""
+    args.tokens = args.tokens or [""]
     upgrade = (
         "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
         "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
         if args.ws
         else ""
     )
-    request = (
-        f"GET {args.path} HTTP/1.1\r\nHost: 127.0.0.1:{args.port}\r\n{auth}{upgrade}\r\n"
-    ).encode()
+    requests = [
+        (
+            f"GET {args.path} HTTP/1.1\r\nHost: 127.0.0.1:{args.port}\r\n"
+            + (f"Authorization: Bearer {t}\r\n" if t else "")
+            + f"{upgrade}\r\n"
+        ).encode()
+        for t in args.tokens
+    ]
     base = rss_kib(args.pid)
     sockets = []
     started = time.monotonic()
@@ -83,18 +163,31 @@ async def main():
 
     async def guarded(i):
         async with sem:
-            await one(i, args, request, sockets)
+            await one(i, args, requests[i % len(requests)], sockets)
 
     await asyncio.gather(*(guarded(i) for i in range(args.conns)))
     opened_s = time.monotonic() - started
     await asyncio.sleep(args.settle)
+    cpu_a = cpu_s(args.pid)
+    await asyncio.sleep(args.idle_cpu)
+    idle_cpu_pct = (cpu_s(args.pid) - cpu_a) / args.idle_cpu * 100
     idle = rss_kib(args.pid)
-    for w in sockets:
-        w.close()
+    if args.kill:
+        os.kill(args.kill, signal.SIGKILL)
+        await asyncio.sleep(1)
+    steps = []
+    if args.revoke:
+        watchers = [asyncio.create_task(watch(c)) for c in sockets]
+        for step in args.revoke:
+            steps.append(await revoke(step, sockets, args.pid))
+        for w in watchers:
+            w.cancel()
+    for c in sockets:
+        c["writer"].close()
     await asyncio.sleep(args.settle)
-    after = rss_kib(args.pid)
+    after = None if args.kill else rss_kib(args.pid)
     late = None
-    if args.late > 0:
+    if args.late > 0 and not args.kill:
         await asyncio.sleep(args.late)
         late = rss_kib(args.pid)
     print(
@@ -106,7 +199,9 @@ async def main():
                 "rss_idle_kib": idle,
                 "rss_after_kib": after,
                 "rss_late_kib": late,
-                "kib_per_conn": round((idle - base) / args.conns, 2),
+                "kib_per_conn": round((idle - base) / max(args.conns, 1), 2),
+                "idle_cpu_percent": round(idle_cpu_pct, 1),
+                "revoke": steps,
             }
         )
     )

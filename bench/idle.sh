@@ -11,6 +11,19 @@
 # upgrade held open without frames (Jellyfin's /socket of an idle tab or app). Environment: CONNS=8000 THREADS=2 LATE=0 (also sample RSS this many seconds after
 # closing) KEEP=1 (keep the temp dir and the gateway's log) PORTCULLIS=target/release/portcullis (built when
 # missing) OUT=bench/out. Results: OUT/idle-MODE.json (one line per proxy) and a table on stdout.
+#
+# Caddy's reverse_proxy (c) runs beside them when Debian's caddy is installable (CADDY=0 leaves
+# it out). REVOKE=1 (with MODE=ws): the sockets belong to USERS users (10), and once all are
+# idle `portcullis signout --user` ends one user's sockets, then `portcullis breach-response`
+# all the rest; each step is timed until the last of its sockets is closed, with the gateway's
+# CPU meanwhile (nginx and Caddy cannot end a session, so they only hold sockets). The CLI
+# writes to the SQLite store, which the gateway reads every store.poll_interval (POLL, 1s as
+# by default).
+#
+# HEAP=1: where the memory of an idle connection goes. Builds the gateway (dev profile) with the
+# C library's malloc (feature system-allocator), runs it under heaptrack, kills it while the
+# connections are idle and prints the allocations still live then, grouped by call site, with
+# the live heap per connection (a run with no connections is subtracted). Only case d runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -38,7 +51,17 @@ cleanup() {
 trap cleanup EXIT
 
 [ -x "$NGINX" ] || scripts/apt-install --no-install-recommends nginx-light
-if [ ! -x "$PORTCULLIS" ]; then
+if [ -n "${HEAP:-}" ]; then
+    command -v heaptrack >/dev/null || scripts/apt-install --no-install-recommends heaptrack
+    if [ -z "${HEAP_PREBUILT:-}" ]; then # HEAP_PREBUILT=1: the last HEAP run's binary again
+        say "building the gateway with the system allocator"
+        cargo build --bin portcullis --features system-allocator
+        mkdir -p target/heap
+        cp target/debug/portcullis target/heap/portcullis
+        cargo build --bin portcullis # the ordinary binary back in place for the tests
+    fi
+    PORTCULLIS=$ROOT/target/heap/portcullis
+elif [ ! -x "$PORTCULLIS" ]; then
     say "building the release gateway"
     cargo build --release --bin portcullis
 fi
@@ -51,9 +74,9 @@ wait_http() { # URL PID
     done
     return 1
 }
-read -r P_UP P_N P_D P_DA <<<"$(python3 -c '
+read -r P_UP P_N P_D P_DA P_C <<<"$(python3 -c '
 import socket
-s=[socket.socket() for _ in range(4)]
+s=[socket.socket() for _ in range(5)]
 [x.bind(("127.0.0.1",0)) for x in s]
 print(" ".join(str(x.getsockname()[1]) for x in s))')"
 
@@ -112,6 +135,7 @@ max_connections_per_ip = 1000000
 
 [store]
 url = "sqlite://$TMP/d/p.db"
+poll_interval = "${POLL:-1s}"
 
 [session]
 key_file = "$TMP/d/session.key"
@@ -123,30 +147,106 @@ level = "info"
 name = "media"
 upstream = "127.0.0.1:$P_UP"
 EOF
-printf '%s\n' "$PASSWORD" | "$PORTCULLIS" --config "$TMP/d/portcullis.toml" user add bench --password-stdin >/dev/null
-(cd "$TMP/d" && exec "$PORTCULLIS" --config "$TMP/d/portcullis.toml" serve) >"$TMP/d/gateway.log" 2>&1 &
-D_PID=$!
-PIDS+=($D_PID)
-wait_http "http://127.0.0.1:$P_DA/healthz" "$D_PID" || die "gateway did not start: $(tail -5 "$TMP/d/gateway.log")"
-TOKEN=$(curl -sf -X POST -H 'content-type: application/json' \
-    -d "{\"username\":\"bench\",\"password\":\"$PASSWORD\"}" \
-    "http://127.0.0.1:$P_D/_portcullis/api/login" | python3 -c 'import json,sys; print(json.load(sys.stdin)["token"])')
+USERS=${USERS:-$([ -n "${REVOKE:-}" ] && echo 10 || echo 1)}
+for u in $(seq 0 $((USERS - 1))); do
+    printf '%s\n' "$PASSWORD" | "$PORTCULLIS" --config "$TMP/d/portcullis.toml" user add "bench$u" --password-stdin >/dev/null
+done
+start_gateway() { # [WRAPPER...]: sets D_PID (the gateway itself) and TOKEN
+    (cd "$TMP/d" && exec "$@" "$PORTCULLIS" --config "$TMP/d/portcullis.toml" serve) >"$TMP/d/gateway.log" 2>&1 &
+    PIDS+=($!)
+    wait_http "http://127.0.0.1:$P_DA/healthz" "$!" || die "gateway did not start: $(tail -5 "$TMP/d/gateway.log")"
+    D_PID=$(pgrep -n -f -- "--config $TMP/d/portcullis.toml serve$" | head -1)
+    TOKENS=()
+    for u in $(seq 0 $((USERS - 1))); do
+        TOKENS+=(--token "$(curl -sf -X POST -H 'content-type: application/json' \
+            -d "{\"username\":\"bench$u\",\"password\":\"$PASSWORD\"}" \
+            "http://127.0.0.1:$P_D/_portcullis/api/login" | python3 -c 'import json,sys; print(json.load(sys.stdin)["token"])')")
+    done
+}
+
+if [ -n "${HEAP:-}" ]; then
+    ws=(); [ "$MODE" = ws ] && ws=(--ws --path /socket)
+    for n in 0 "$CONNS"; do
+        say "d under heaptrack: $n idle connections ($MODE)"
+        start_gateway heaptrack -o "$TMP/heap-$n"
+        # The heap's state settles after the login before the connections open.
+        python3 bench/idle.py --port "$P_D" --pid "$D_PID" --conns "$n" "${TOKENS[@]}" \
+            --kill "$D_PID" "${ws[@]}" >/dev/null
+        for _ in $(seq 300); do ls "$TMP"/heap-"$n"*.zst >/dev/null 2>&1 && ! pgrep -f "heaptrack_interpret" >/dev/null && break; sleep 0.2; done
+        heaptrack_print -f "$TMP"/heap-"$n"*.zst -p 0 -a 0 -T 0 --flamegraph-cost-type leaked \
+            -F "$OUT/idle-heap-$MODE-$n.stacks" >/dev/null 2>&1
+    done
+    python3 - "$OUT/idle-heap-$MODE-0.stacks" "$OUT/idle-heap-$MODE-$CONNS.stacks" "$CONNS" <<'PY'
+import collections, re, sys
+# Each line: frames from the root to the allocation, ';'-separated, then the bytes still live.
+OURS = re.compile(r"pingora|portcullis|tokio|rustls|h2::|hyper|sqlx|moka")
+def sites(path):
+    out = collections.Counter()
+    for line in open(path):
+        stack, _, n = line.rstrip().rpartition(" ")
+        frames = stack.split(";")
+        site = next((f for f in reversed(frames) if OURS.search(f)), frames[-1])
+        out[re.sub(r"::h[0-9a-f]{16}$", "", site)[:160]] += int(n)
+    return out
+base, idle, n = sites(sys.argv[1]), sites(sys.argv[2]), int(sys.argv[3])
+total = sum(idle.values()) - sum(base.values())
+print(f"live heap: {sum(base.values())/1e6:.1f} MB with no connections, "
+      f"{sum(idle.values())/1e6:.1f} MB with {n} idle: {total/n/1024:.2f} KiB per connection")
+diff = idle.copy(); diff.subtract(base)
+for site, b in diff.most_common(15):
+    if b / n >= 16:
+        print(f"  {b/n:8.0f} B/conn  {site}")
+PY
+    exit 0
+fi
+start_gateway
 
 : >"$OUT/idle-$MODE.json"
-for case in n d; do
-    if [ $case = n ]; then port=$P_N; pid=$N_PID; tok=""; else port=$P_D; pid=$D_PID; tok=$TOKEN; fi
+CASES=(n d)
+if [ "${CADDY:-1}" != 0 ]; then
+    command -v caddy >/dev/null || scripts/apt-install --no-install-recommends caddy
+    say "Caddy reverse proxy on :$P_C"
+    mkdir -p "$TMP/c"
+    printf '%s\n' "{" "    admin off" "    auto_https off" "}" \
+        "http://127.0.0.1:$P_C {" "    reverse_proxy 127.0.0.1:$P_UP" "}" >"$TMP/c/Caddyfile"
+    (cd "$TMP/c" && XDG_DATA_HOME=$TMP/c XDG_CONFIG_HOME=$TMP/c GOMAXPROCS=$THREADS exec caddy run --adapter caddyfile --config "$TMP/c/Caddyfile") >"$TMP/c/caddy.log" 2>&1 &
+    C_PID=$!
+    PIDS+=($C_PID)
+    wait_http "http://127.0.0.1:$P_C/1k" "$C_PID" || die "caddy did not start: $(tail -5 "$TMP/c/caddy.log")"
+    CASES=(n c d)
+fi
+CLI=("$PORTCULLIS" --config "$TMP/d/portcullis.toml")
+for case in "${CASES[@]}"; do
+    revoke=()
+    case $case in
+        n) port=$P_N; pid=$N_PID; tok=() ;;
+        c) port=$P_C; pid=$C_PID; tok=() ;;
+        d) port=$P_D; pid=$D_PID; tok=("${TOKENS[@]}")
+           if [ -n "${REVOKE:-}" ]; then
+               revoke=(--revoke "0=${CLI[*]} signout --user bench0" --revoke "all=${CLI[*]} breach-response")
+           fi ;;
+    esac
     say "$case: $CONNS idle connections ($MODE)"
     ws=(); [ "$MODE" = ws ] && ws=(--ws --path /socket)
-    line=$(python3 bench/idle.py --port "$port" --pid "$pid" --conns "$CONNS" --token "$tok" --late "${LATE:-0}" "${ws[@]}")
+    line=$(python3 bench/idle.py --port "$port" --pid "$pid" --conns "$CONNS" "${tok[@]}" --late "${LATE:-0}" "${ws[@]}" "${revoke[@]}")
     echo "{\"case\":\"$case\",${line#\{}" | tee -a "$OUT/idle-$MODE.json"
 done
 python3 - "$OUT/idle-$MODE.json" <<'EOF'
 import json, sys
-names = {"n": "nginx reverse proxy", "d": "Portcullis (auth in-process)"}
-print("| proxy | connections | RSS before | idle | after closing | KiB per idle connection |")
-print("|---|---|---|---|---|---|")
+names = {"n": "nginx reverse proxy", "c": "Caddy reverse_proxy", "d": "Portcullis (auth in-process)"}
+print("| proxy | connections | RSS before | idle | after closing | KiB per idle connection | CPU while idle |")
+print("|---|---|---|---|---|---|---|")
+steps = []
 for line in open(sys.argv[1]):
     r = json.loads(line)
     mib = lambda k: f"{r[k] / 1024:.0f} MiB"
-    print(f"| {names[r['case']]} | {r['conns']} | {mib('rss_base_kib')} | {mib('rss_idle_kib')} | {mib('rss_after_kib')} | {r['kib_per_conn']} |")
+    print(f"| {names[r['case']]} | {r['conns']} | {mib('rss_base_kib')} | {mib('rss_idle_kib')} | {mib('rss_after_kib')} | {r['kib_per_conn']} | {r['idle_cpu_percent']} % |")
+    steps += r.get("revoke", [])
+if steps:
+    print()
+    print("| step | sockets | closed | command | first close | median | last close | gateway CPU | others closed |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for t in steps:
+        what = "breach-response (the rest)" if t["step"] == "all" else f"signout --user bench{t['step']}"
+        print(f"| {what} | {t['sockets']} | {t['closed']} | {t['command_s']} s | {t['first_close_s']} s | {t['p50_close_s']} s | {t['last_close_s']} s | {t['cpu_s']} s | {t['others_closed']} |")
 EOF
