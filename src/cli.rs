@@ -1467,20 +1467,32 @@ async fn plex_command(config: &Config, store: &DynStore, c: PlexCommand) -> anyh
             Ok(())
         }
         PlexCommand::RevokeUpstream { plex_account: key } => {
-            let done = crate::app::plex::revoke_upstream(config, store, &key)
+            let revocation = crate::app::plex::revoke_upstream(config, store, &key)
                 .await
                 .map_err(|e| refused(e.to_string()))?;
-            let detail = format!("plex account {key}: {}", done.join("; "));
-            cli_audit(store, "plex_revoked_upstream", None, &detail).await;
-            if done.is_empty() {
-                println!(
-                    "nothing to do at plex.tv for {key} (no device of it seen by the gateway)"
-                );
+            let user = match revocation.account.user_id {
+                Some(id) => store.find_user_by_id(id).await.ok().flatten(),
+                None => None,
+            };
+            let r = cli_record_as(
+                "plex_revoked_upstream",
+                revocation.outcome(),
+                user.as_ref(),
+                &revocation.detail("cli"),
+            );
+            if let Err(e) = store.append_audit_with(&r.entry, &r.outbox).await {
+                eprintln!("portcullis: warning: the audit log could not be written: {e}");
             }
-            for line in done {
+            if revocation.done.is_empty() && revocation.failed.is_none() {
+                println!("{}", crate::app::plex::NOTHING_UPSTREAM);
+            }
+            for line in &revocation.done {
                 println!("{line}");
             }
-            Ok(())
+            match revocation.failed {
+                Some(e) => Err(refused(format!("then stopped: {e}"))),
+                None => Ok(()),
+            }
         }
     }
 }
@@ -1503,10 +1515,15 @@ fn cli_recording(store: &DynStore, event: &str, user: &User, detail: &str) -> Dy
 /// as when the same is done at the admin page (the running gateway's outbox sends it), and the
 /// webhooks that asked for the event.
 fn cli_record(event: &str, user: Option<&User>, detail: &str) -> Record {
+    cli_record_as(event, "success", user, detail)
+}
+
+/// [`cli_record`] of an action that ended with `outcome`.
+fn cli_record_as(event: &str, outcome: &str, user: Option<&User>, detail: &str) -> Record {
     let entry = AuditEntry {
         at_ms: now_ms(),
         event: event.to_string(),
-        outcome: "success".to_string(),
+        outcome: outcome.to_string(),
         user_id: user.map(|u| u.id),
         user_name: user.map(|u| u.name.clone()).unwrap_or_default(),
         ip: "cli".to_string(),

@@ -13,7 +13,7 @@ use http::{HeaderMap, HeaderValue, Method};
 use super::media::Binding;
 use super::{now_ms, App, ClientInfo};
 use crate::auth::{DenyReason, Identity};
-use crate::config::{Config, Route};
+use crate::config::{Config, PlexConfig, Route};
 use crate::mediaserver::carrier::ClientFields;
 use crate::mediaserver::plex::tv::{PlexTv, TvError};
 use crate::mediaserver::plex::{
@@ -603,21 +603,26 @@ impl App {
         Ok(true)
     }
 
-    /// "Also sign out at plex.tv", on an admin's request ([`revoke_upstream`]): counted and
-    /// audited; returns what was done, one line each.
+    /// "Also sign out at plex.tv", on an admin's request ([`revoke_upstream`]): audited with
+    /// the account's linked user and what was done (also when plex.tv failed part-way, or
+    /// nothing was to be done), counted when something was done.
     pub async fn plex_revoke_upstream(
         &self,
         account_key: &str,
         by: &str,
         client: &ClientInfo,
-    ) -> Result<Vec<String>, PlexError> {
+    ) -> Result<UpstreamRevocation, PlexError> {
         let config = self.config();
-        let done = revoke_upstream(&config, &self.store, account_key).await?;
-        self.count_link("revoke_upstream");
-        let mut e = self.audit_entry("plex_revoked_upstream", "success", None, client);
-        e.detail = format!("plex account {account_key} by {by}: {}", done.join("; "));
+        let revocation = revoke_upstream(&config, &self.store, account_key).await?;
+        if !revocation.done.is_empty() {
+            self.count_link("revoke_upstream");
+        }
+        let account = &revocation.account;
+        let user = account.user_id.zip(account.user_name.as_deref());
+        let mut e = self.audit_entry("plex_revoked_upstream", revocation.outcome(), user, client);
+        e.detail = revocation.detail(by);
         self.audit(e).await;
-        Ok(done)
+        Ok(revocation)
     }
 
     /// Approves a device of one of the user's Plex accounts.
@@ -759,15 +764,65 @@ async fn known_account(store: &DynStore, account_key: &str) -> Result<PlexAccoun
         .ok_or_else(|| PlexError::UnknownAccount(account_key.to_string()))
 }
 
+/// What "also sign out at plex.tv" did for one account ([`revoke_upstream`]).
+#[derive(Debug)]
+pub struct UpstreamRevocation {
+    /// The account, as the gateway knows it (with its linked user, if any).
+    pub account: PlexAccount,
+    /// What was done at plex.tv, one line each.
+    pub done: Vec<String>,
+    /// The error that stopped it, after what is in `done`: nothing more was tried.
+    pub failed: Option<PlexError>,
+}
+
+impl UpstreamRevocation {
+    /// The audit outcome: `success`, `nothing_to_do`, `partial` (something done, then plex.tv
+    /// failed) or `failure`.
+    pub fn outcome(&self) -> &'static str {
+        match (self.done.is_empty(), self.failed.is_some()) {
+            (false, false) => "success",
+            (true, false) => "nothing_to_do",
+            (false, true) => "partial",
+            (true, true) => "failure",
+        }
+    }
+
+    /// The audit detail: the account, who asked, what was done and what failed.
+    pub fn detail(&self, by: &str) -> String {
+        let mut detail = format!(
+            "plex account {} ({}) by {by}: ",
+            self.account.username, self.account.account_id
+        );
+        if self.done.is_empty() && self.failed.is_none() {
+            detail.push_str(NOTHING_UPSTREAM);
+        }
+        detail.push_str(&self.done.join("; "));
+        if let Some(e) = &self.failed {
+            if !self.done.is_empty() {
+                detail.push_str("; then ");
+            }
+            detail.push_str(&format!("failed: {e}"));
+        }
+        detail
+    }
+}
+
+/// What "also sign out at plex.tv" says when it had nothing to do.
+pub const NOTHING_UPSTREAM: &str =
+    "nothing to do at plex.tv (the gateway has seen no device of the owner's but the server's own)";
+
 /// "Also sign out at plex.tv", on an admin's request: the owner's own devices that the gateway
-/// has seen for this account are removed at plex.tv; a friend's or Home user's access to the
+/// has seen for this account are removed at plex.tv — never the device whose token is the
+/// route's `server_token`, the gateway's own access; a friend's or Home user's access to the
 /// server is withdrawn (un-shared). Never the enforcement: the gateway refuses those tokens
-/// already. Returns what was done, one line each.
+/// already. No plex route or an unknown account is an `Err`; once the account is known, an
+/// error (plex.tv's, the store's) is kept in [`UpstreamRevocation::failed`] with what was done
+/// before it.
 pub async fn revoke_upstream(
     config: &Config,
     store: &DynStore,
     account_key: &str,
-) -> Result<Vec<String>, PlexError> {
+) -> Result<UpstreamRevocation, PlexError> {
     let route = config
         .routes
         .iter()
@@ -776,34 +831,54 @@ pub async fn revoke_upstream(
     let pc = route.plex.as_ref().ok_or(PlexError::NoRoute)?;
     let tv = PlexTv::new()?;
     let account = known_account(store, account_key).await?;
+    let mut done = Vec::new();
+    let failed = sign_out_upstream(&tv, pc, store, &account, &mut done)
+        .await
+        .err();
+    Ok(UpstreamRevocation {
+        account,
+        done,
+        failed,
+    })
+}
+
+/// The calls to plex.tv of [`revoke_upstream`]; each change made is pushed to `done` as it
+/// is made, so an error leaves there what was done before it.
+async fn sign_out_upstream(
+    tv: &PlexTv,
+    pc: &PlexConfig,
+    store: &DynStore,
+    account: &PlexAccount,
+    done: &mut Vec<String>,
+) -> Result<(), PlexError> {
     let token = pc.server_token.expose();
     let owner = tv.user(&pc.plex_tv, token).await?;
-    let mut done = Vec::new();
-    if owner.id == account.account_id {
-        let seen: Vec<String> = store
-            .list_plex_devices(None)
-            .await?
-            .into_iter()
-            .filter(|d| d.account_id == account.account_id)
-            .map(|d| d.client_id)
-            .collect();
-        for device in tv.devices(&pc.plex_tv, token).await? {
-            if seen.contains(&device.client_id) {
-                tv.delete_device(&pc.plex_tv, token, &device.id).await?;
-                done.push(format!(
-                    "removed the owner's device {} ({}, {}) at plex.tv",
-                    device.name, device.product, device.client_id
-                ));
-            }
-        }
-    } else {
+    if owner.id != account.account_id {
         tv.unshare(&pc.plex_tv, token, &account.account_id).await?;
         done.push(format!(
             "stopped sharing the server with {} ({}) at plex.tv",
             account.username, account.account_id
         ));
+        return Ok(());
     }
-    Ok(done)
+    let seen: Vec<String> = store
+        .list_plex_devices(None)
+        .await?
+        .into_iter()
+        .filter(|d| d.account_id == account.account_id)
+        .map(|d| d.client_id)
+        .collect();
+    for device in tv.devices(&pc.plex_tv, token).await? {
+        // The server token's own device: removing it would end the gateway's access.
+        if seen.contains(&device.client_id) && !device.holds(token) {
+            tv.delete_device(&pc.plex_tv, token, &device.id).await?;
+            done.push(format!(
+                "removed the owner's device {} ({}, {}) at plex.tv",
+                device.name, device.product, device.client_id
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Fetches every plex route's owner-side list (and the owner) from plex.tv and records the
@@ -835,4 +910,59 @@ pub async fn note_listed_accounts(config: &Config, store: &DynStore) -> Result<u
         }
     }
     Ok(noted)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn revocation(done: &[&str], failed: Option<PlexError>) -> UpstreamRevocation {
+        UpstreamRevocation {
+            account: PlexAccount {
+                account_id: "41".into(),
+                username: "ownerplex".into(),
+                title: "ownerplex".into(),
+                user_id: Some(1),
+                user_name: Some("alice".into()),
+                linked_ms: Some(1),
+                offered_user_id: None,
+                first_seen_ms: 1,
+                last_seen_ms: 1,
+            },
+            done: done.iter().map(|d| d.to_string()).collect(),
+            failed,
+        }
+    }
+
+    #[test]
+    fn a_sign_out_at_plex_tv_is_audited_with_what_was_done_before_it_failed() {
+        let down = || {
+            Some(PlexError::PlexTv(TvError::Unavailable(
+                "it answered 503".into(),
+            )))
+        };
+        let all = revocation(&["removed the phone"], None);
+        assert_eq!(all.outcome(), "success");
+        assert_eq!(
+            all.detail("admin"),
+            "plex account ownerplex (41) by admin: removed the phone"
+        );
+        let none = revocation(&[], None);
+        assert_eq!(none.outcome(), "nothing_to_do");
+        assert!(none.detail("cli").ends_with(NOTHING_UPSTREAM));
+        let partial = revocation(&["removed the phone", "removed the tv"], down());
+        assert_eq!(partial.outcome(), "partial");
+        assert_eq!(
+            partial.detail("admin"),
+            "plex account ownerplex (41) by admin: removed the phone; removed the tv; then \
+             failed: plex.tv: plex.tv is not reachable: it answered 503"
+        );
+        let failed = revocation(&[], down());
+        assert_eq!(failed.outcome(), "failure");
+        assert_eq!(
+            failed.detail("admin"),
+            "plex account ownerplex (41) by admin: failed: plex.tv: plex.tv is not reachable: \
+             it answered 503"
+        );
+    }
 }

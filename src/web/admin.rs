@@ -501,11 +501,25 @@ pub(crate) async fn plex_revoke_upstream(
     if let Err(r) = admin_form(&app, &headers, &form.csrf).await {
         return r;
     }
-    match app
+    let revocation = match app
         .plex_revoke_upstream(&form.account, "admin", &client)
         .await
     {
-        Ok(_) => redirect(&format!("{ADMIN_PATH}?done=plex-revoked-upstream")),
-        Err(e) => super::plex::plex_error(e, bad),
-    }
+        Ok(r) => r,
+        Err(e) => return super::plex::plex_error(e, bad),
+    };
+    let (status, title) = match (&revocation.failed, revocation.done.is_empty()) {
+        (None, false) => return redirect(&format!("{ADMIN_PATH}?done=plex-revoked-upstream")),
+        (None, true) => (StatusCode::OK, "Nothing done"),
+        (Some(_), true) => (StatusCode::BAD_GATEWAY, "Not done"),
+        (Some(_), false) => (StatusCode::BAD_GATEWAY, "Partly done"),
+    };
+    let text = revocation.detail("admin");
+    no_store(
+        (
+            status,
+            pages::message_with_link(title, &text, ADMIN_PATH, "Back to admin"),
+        )
+            .into_response(),
+    )
 }

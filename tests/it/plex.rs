@@ -787,12 +787,39 @@ async fn also_signing_out_at_plex_tv_removes_the_owners_device_or_unshares_a_fri
         plex_get(&gw, "/library/sections", Some(&share)).await.0,
         200
     );
+    // The device of the gateway's own server token, seen by the gateway too (a request that
+    // names the server's client identifier): it stays, or the gateway would lose its access.
+    let server_token = w.pms.server_token();
+    let resp = client()
+        .get(gw.url("/library/sections"))
+        .header("X-Plex-Client-Identifier", w.pms.machine_id())
+        .header("X-Plex-Token", &server_token)
+        .header("Accept", "application/json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let devices = gw.cli_ok(&["plex", "devices"]);
+    assert!(
+        devices.contains(&w.pms.machine_id()) && devices.contains("test-device-1"),
+        "{devices}"
+    );
     let out = gw.cli_ok(&["plex", "revoke-upstream", &w.owner.username]);
     assert!(out.contains("removed the owner's device"), "{out}");
     let device = w.tv.device_id(&w.owner, "test-device-1");
     assert!(device.is_none(), "the device is still at plex.tv");
     assert_eq!(w.tv.deleted_devices().len(), 1);
     assert!(!w.tv.token_is_live(&phone));
+    assert!(
+        w.tv.device_id(&w.owner, &w.pms.machine_id()).is_some(),
+        "the server token's device was removed at plex.tv"
+    );
+    assert!(w.tv.token_is_live(&server_token));
+    assert!(gw.cli_ok(&["plex", "check"]).contains("ok"));
+    // Again: nothing left to remove, and it says so.
+    let out = gw.cli_ok(&["plex", "revoke-upstream", &w.owner.username]);
+    assert!(out.contains("nothing to do at plex.tv"), "{out}");
+    assert_eq!(w.tv.deleted_devices().len(), 1);
     let out = gw.cli_ok(&["plex", "revoke-upstream", &friend.username]);
     assert!(out.contains("stopped sharing"), "{out}");
     assert_eq!(w.tv.removed_shares(), vec![friend.id]);
@@ -1232,10 +1259,46 @@ async fn the_admin_page_reports_the_self_check_and_links_and_unlinks_plex_accoun
     assert!(
         audit.contains("plex_linked")
             && audit.contains("plex_unlinked")
-            && audit.contains("plex_revoked_upstream")
-            && audit.contains("by admin"),
+            && audit.contains(&format!(
+                "<td>plex_revoked_upstream</td><td>success</td><td></td><td>127.0.0.1</td>\
+<td>plex account friendplex ({account}) by admin: stopped sharing"
+            )),
         "{audit}"
     );
+    // The owner's account, linked to alice, with no device of it seen: nothing is done at
+    // plex.tv, the admin is told so, nothing counted; audited with alice.
+    self::link(&gw, "alice", &w.owner.username).await;
+    let owner = w.owner.id.to_string();
+    let revoke_owner = [("account", owner.as_str()), ("csrf", csrf.as_str())];
+    let resp = root
+        .post("/_portcullis/admin/plex/revoke-upstream", &revoke_owner)
+        .await;
+    assert_eq!(resp.status(), 200);
+    let text = resp.text().await.unwrap();
+    assert!(
+        text.contains("Nothing done") && text.contains("nothing to do at plex.tv"),
+        "{text}"
+    );
+    // plex.tv down: not done, the admin is told why, audited as a failure.
+    w.tv.set_down(true);
+    let resp = root
+        .post("/_portcullis/admin/plex/revoke-upstream", &revoke_owner)
+        .await;
+    w.tv.set_down(false);
+    assert_eq!(resp.status(), 502);
+    let text = resp.text().await.unwrap();
+    assert!(text.contains("Not done") && text.contains("503"), "{text}");
+    assert!(w.tv.deleted_devices().is_empty());
+    gw.metrics_with(&["portcullis_media_links_total{action=\"revoke_upstream\",kind=\"plex\"} 1"])
+        .await;
+    let audit = root.get("/_portcullis/admin").await.text().await.unwrap();
+    for outcome in ["nothing_to_do", "failure"] {
+        let row = format!(
+            "<td>plex_revoked_upstream</td><td>{outcome}</td><td>alice</td><td>127.0.0.1</td>\
+<td>plex account ownerplex ({owner}) by admin: "
+        );
+        assert!(audit.contains(&row), "{row} missing:\n{audit}");
+    }
 
     // The server now lets the gateway in without a token: the page says why it refuses.
     w.pms.set_pref("allowedNetworks", "127.0.0.1");

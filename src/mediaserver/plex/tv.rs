@@ -15,6 +15,9 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use jsonwebtoken::jwk::JwkSet;
 use serde_json::Value;
+use subtle::ConstantTimeEq;
+
+use crate::config::Secret;
 
 use super::{parse_access_tokens, parse_user, AccessEntry, AccountInfo};
 
@@ -43,6 +46,18 @@ pub struct TvDevice {
     pub client_id: String,
     pub name: String,
     pub product: String,
+    /// The device's token (`token`, as python-plexapi's `MyPlexDevice` reads it); empty when
+    /// plex.tv lists none.
+    pub token: Secret,
+}
+
+impl TvDevice {
+    /// Whether `token` is this device's token, compared in constant time (a device listed
+    /// without one holds none).
+    pub fn holds(&self, token: &str) -> bool {
+        let own = self.token.expose();
+        !own.is_empty() && bool::from(own.as_bytes().ct_eq(token.as_bytes()))
+    }
 }
 
 #[derive(Clone)]
@@ -168,21 +183,10 @@ impl PlexTv {
                 "application/xml",
             )
             .await?;
-        let text = std::str::from_utf8(&body).map_err(|_| TvError::Unreadable("devices.xml"))?;
-        let doc =
-            roxmltree::Document::parse(text).map_err(|_| TvError::Unreadable("devices.xml"))?;
-        Ok(doc
-            .descendants()
-            .filter(|n| n.has_tag_name("Device"))
-            .filter_map(|n| {
-                Some(TvDevice {
-                    id: n.attribute("id")?.to_string(),
-                    client_id: n.attribute("clientIdentifier")?.to_string(),
-                    name: n.attribute("name").unwrap_or_default().to_string(),
-                    product: n.attribute("product").unwrap_or_default().to_string(),
-                })
-            })
-            .collect())
+        std::str::from_utf8(&body)
+            .ok()
+            .and_then(parse_devices)
+            .ok_or(TvError::Unreadable("devices.xml"))
     }
 
     /// Removes one of the owner's devices at plex.tv (its token stops working there).
@@ -223,5 +227,48 @@ impl PlexTv {
         )
         .await
         .map(|_| ())
+    }
+}
+
+/// The devices of a `devices.xml` document (each needs its `id` and `clientIdentifier`).
+fn parse_devices(text: &str) -> Option<Vec<TvDevice>> {
+    let doc = roxmltree::Document::parse(text).ok()?;
+    Some(
+        doc.descendants()
+            .filter(|n| n.has_tag_name("Device"))
+            .filter_map(|n| {
+                Some(TvDevice {
+                    id: n.attribute("id")?.to_string(),
+                    client_id: n.attribute("clientIdentifier")?.to_string(),
+                    name: n.attribute("name").unwrap_or_default().to_string(),
+                    product: n.attribute("product").unwrap_or_default().to_string(),
+                    token: Secret::new(n.attribute("token").unwrap_or_default().to_string()),
+                })
+            })
+            .collect(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_device_holds_its_own_token_and_no_other() {
+        let xml = r#"<MediaContainer size="2">
+<Device name="Server" product="Plex Media Server" clientIdentifier="abc" id="11" token="server-token-1234567"/>
+<Device name="Phone" product="Plex for iOS" clientIdentifier="def" id="12"/>
+<Device name="No id" clientIdentifier="ghi" token="x"/>
+</MediaContainer>"#;
+        let devices = parse_devices(xml).unwrap();
+        assert_eq!(devices.len(), 2);
+        assert_eq!(devices[0].token.expose(), "server-token-1234567");
+        assert!(devices[0].holds("server-token-1234567"));
+        assert!(!devices[0].holds("server-token-123456"));
+        assert!(!devices[0].holds("server-token-12345678"));
+        assert!(!devices[1].holds(""));
+        assert!(!devices[1].holds("server-token-1234567"));
+        assert!(!format!("{:?}", devices[0]).contains("server-token"));
+        assert!(parse_devices("<MediaContainer").is_none());
     }
 }
