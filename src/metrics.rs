@@ -681,17 +681,38 @@ pub struct RouteCounters {
     pub gateway_page: IntCounter,
     pub upstream_unavailable: IntCounter,
     pub proxy_error: IntCounter,
-    denied: Vec<IntCounter>,
-    rejected: Vec<IntCounter>,
+    pub refused: RefusalCounters,
     pub duration: Histogram,
     pub upstream_duration: Histogram,
 }
 
-impl RouteCounters {
+/// One pre-resolved counter per refusal reason (a request counts without a label lookup):
+/// deny reasons indexed like [`DenyReason::ALL`], reject reasons like [`RejectReason::ALL`].
+pub struct RefusalCounters {
+    denied: Vec<IntCounter>,
+    rejected: Vec<IntCounter>,
+}
+
+impl RefusalCounters {
+    /// `series(decision, reason)` is the counter of one reason, `decision` `deny` or `reject`.
+    fn new(series: impl Fn(&str, &str) -> IntCounter) -> RefusalCounters {
+        RefusalCounters {
+            denied: DenyReason::ALL
+                .iter()
+                .map(|r| series("deny", r.as_str()))
+                .collect(),
+            rejected: RejectReason::ALL
+                .iter()
+                .map(|r| series("reject", r.as_str()))
+                .collect(),
+        }
+    }
+
     pub fn denied(&self, r: DenyReason) -> &IntCounter {
         let i = DenyReason::ALL.iter().position(|x| *x == r).unwrap_or(0);
         &self.denied[i]
     }
+
     pub fn rejected(&self, r: RejectReason) -> &IntCounter {
         let i = RejectReason::ALL.iter().position(|x| *x == r).unwrap_or(0);
         &self.rejected[i]
@@ -720,14 +741,9 @@ impl RouteFamilies {
                 "upstream_unavailable",
             ]),
             proxy_error: requests.with_label_values(&[name, "error", "proxy_error"]),
-            denied: DenyReason::ALL
-                .iter()
-                .map(|r| requests.with_label_values(&[name, "deny", r.as_str()]))
-                .collect(),
-            rejected: RejectReason::ALL
-                .iter()
-                .map(|r| requests.with_label_values(&[name, "reject", r.as_str()]))
-                .collect(),
+            refused: RefusalCounters::new(|decision, reason| {
+                requests.with_label_values(&[name, decision, reason])
+            }),
             duration: self.duration.with_label_values(&[name]),
             upstream_duration: self.upstream_duration.with_label_values(&[name]),
         }
@@ -785,10 +801,8 @@ pub struct Metrics {
     /// Media account links, device approvals and upstream revocations, by kind and action.
     media_links: IntCounterVec,
     media_refusals: IntCounterVec,
-    /// The Plex series of `media_refusals`, indexed like `DenyReason::ALL` and
-    /// `RejectReason::ALL` (counted per request).
-    plex_denied: Vec<IntCounter>,
-    plex_rejected: Vec<IntCounter>,
+    /// The Plex series of `media_refusals` (counted per request).
+    plex_refused: RefusalCounters,
     /// Passkeys registered and removed, and clone warnings.
     passkeys: IntCounterVec,
     rule_decisions: IntCounterVec,
@@ -994,14 +1008,8 @@ impl Metrics {
             ),
             &["kind", "reason"],
         )?;
-        let plex_denied = DenyReason::ALL
-            .iter()
-            .map(|r| media_refusals.with_label_values(&["plex", r.as_str()]))
-            .collect();
-        let plex_rejected = RejectReason::ALL
-            .iter()
-            .map(|r| media_refusals.with_label_values(&["plex", r.as_str()]))
-            .collect();
+        let plex_refused =
+            RefusalCounters::new(|_, reason| media_refusals.with_label_values(&["plex", reason]));
         registry.register(Box::new(media_resolutions.clone()))?;
         registry.register(Box::new(media_links.clone()))?;
         registry.register(Box::new(media_refusals.clone()))?;
@@ -1221,8 +1229,7 @@ impl Metrics {
             media_resolutions,
             media_links,
             media_refusals,
-            plex_denied,
-            plex_rejected,
+            plex_refused,
             passkeys,
             rule_decisions,
             directory_operations,
@@ -1362,16 +1369,9 @@ impl Metrics {
         vec.with_label_values(values)
     }
 
-    /// The counter of requests a plex route denied for `r`.
-    pub fn plex_denied(&self, r: DenyReason) -> &IntCounter {
-        let i = DenyReason::ALL.iter().position(|x| *x == r).unwrap_or(0);
-        &self.plex_denied[i]
-    }
-
-    /// The counter of requests a plex route rejected for `r`.
-    pub fn plex_rejected(&self, r: RejectReason) -> &IntCounter {
-        let i = RejectReason::ALL.iter().position(|x| *x == r).unwrap_or(0);
-        &self.plex_rejected[i]
+    /// The counters of requests a plex route refused, by reason.
+    pub fn plex_refused(&self) -> &RefusalCounters {
+        &self.plex_refused
     }
 
     /// Counters of route `index`, or of the no-route label when `None`.
@@ -1414,8 +1414,8 @@ mod tests {
     #[test]
     fn counters_render_with_labels() {
         let m = Metrics::new(&["media".to_string()], "sqlite").unwrap();
-        m.route(Some(0)).denied(DenyReason::Expired).inc();
-        m.route(None).rejected(RejectReason::BadPath).inc();
+        m.route(Some(0)).refused.denied(DenyReason::Expired).inc();
+        m.route(None).refused.rejected(RejectReason::BadPath).inc();
         let text = m.render();
         assert!(text.contains(
             r#"portcullis_requests_total{decision="deny",reason="expired",route="media"} 1"#
@@ -1433,8 +1433,8 @@ mod tests {
         assert_eq!(deny, DENY_REASONS);
         assert_eq!(reject, REJECT_REASONS);
         let m = Metrics::new(&[], "sqlite").unwrap();
-        m.plex_denied(DenyReason::UnlinkedAccount).inc();
-        m.plex_rejected(RejectReason::TwoTokens).inc();
+        m.plex_refused().denied(DenyReason::UnlinkedAccount).inc();
+        m.plex_refused().rejected(RejectReason::TwoTokens).inc();
         let text = m.render();
         for series in [
             r#"portcullis_media_refusals_total{kind="plex",reason="unlinked_account"} 1"#,

@@ -866,8 +866,8 @@ impl ProxyHttp for Gateway {
             Outcome::MediaHandled => counters.media_handled.inc(),
             Outcome::Public => counters.public.inc(),
             Outcome::GatewayPage => counters.gateway_page.inc(),
-            Outcome::Denied(r) => counters.denied(r).inc(),
-            Outcome::Rejected(r) => counters.rejected(r).inc(),
+            Outcome::Denied(r) => counters.refused.denied(r).inc(),
+            Outcome::Rejected(r) => counters.refused.rejected(r).inc(),
             Outcome::Failed(502) => counters.upstream_unavailable.inc(),
             Outcome::Failed(_) => counters.proxy_error.inc(),
             Outcome::Unfinished => {}
@@ -878,8 +878,8 @@ impl ProxyHttp for Gateway {
             .and_then(|i| ctx.config.routes.get(i))
             .is_some_and(|r| r.plex.is_some());
         match ctx.outcome {
-            Outcome::Denied(r) if plex => self.app.metrics.plex_denied(r).inc(),
-            Outcome::Rejected(r) if plex => self.app.metrics.plex_rejected(r).inc(),
+            Outcome::Denied(r) if plex => self.app.metrics.plex_refused().denied(r).inc(),
+            Outcome::Rejected(r) if plex => self.app.metrics.plex_refused().rejected(r).inc(),
             _ => {}
         }
         counters.duration.observe(elapsed.as_secs_f64());
