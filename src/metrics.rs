@@ -247,6 +247,8 @@ const MEDIA_LOGIN_RESULTS: &[&str] = &[
 const PASSKEY_LOGIN_RESULTS: &[&str] = &[
     "expired_ceremony",
     "malformed_response",
+    "not_json",
+    "body_too_large",
     "wrong_origin",
     "wrong_rp_id",
     "user_not_verified",

@@ -76,6 +76,8 @@ pub enum PasskeyError {
     Malformed(String),
     #[error("the request was not sent as JSON (Content-Type: application/json)")]
     NotJson,
+    #[error("the request body is too large")]
+    TooLarge,
     #[error("the passkey answered for another site (origin)")]
     WrongOrigin,
     #[error("the passkey belongs to another site (relying-party id)")]
@@ -112,6 +114,7 @@ impl PasskeyError {
             PasskeyError::Expired => "expired_ceremony",
             PasskeyError::Malformed(_) => "malformed_response",
             PasskeyError::NotJson => "not_json",
+            PasskeyError::TooLarge => "body_too_large",
             PasskeyError::WrongOrigin => "wrong_origin",
             PasskeyError::WrongRpId => "wrong_rp_id",
             PasskeyError::NotVerified => "user_not_verified",
@@ -1085,7 +1088,13 @@ impl App {
         {
             Ok(true) => {}
             Ok(false) => return Err(PasskeyError::NoSuchPasskey),
-            Err(StoreError::Conflict(_)) => return Err(PasskeyError::LastMethod),
+            Err(StoreError::Conflict(_)) => {
+                let e = PasskeyError::LastMethod;
+                let detail = format!("passkey `{}`: {e}", record.label);
+                self.audit_passkey("passkey_remove", "failure", Some(user), client, detail)
+                    .await;
+                return Err(e);
+            }
             Err(e) => return Err(e.into()),
         }
         self.count_passkey("removed");

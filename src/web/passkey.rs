@@ -121,6 +121,7 @@ fn status(e: &PasskeyError) -> StatusCode {
         | PasskeyError::Refused(_)
         | PasskeyError::BadLabel => StatusCode::BAD_REQUEST,
         PasskeyError::NotJson => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        PasskeyError::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
         PasskeyError::UnknownCredential
         | PasskeyError::BadSignature
         | PasskeyError::PossibleClone => StatusCode::UNAUTHORIZED,
@@ -143,19 +144,31 @@ pub(crate) fn refusal(e: &PasskeyError) -> Response {
     }
 }
 
-/// A JSON body whose refusal is this module's own ([`refusal`]): 415 `not_json` for another
-/// content type, 400 `malformed_response` for a body that is not JSON or lacks a field (axum's
-/// own answers are plain text: 415, 400, 422). No value of the body is echoed.
+/// A JSON body whose refusal is this module's own ([`NotPasskeyJson`]): 415 `not_json` for
+/// another content type, 413 `body_too_large` over the body limit, 400 `malformed_response` for
+/// a body that is not JSON or lacks a field (axum's own answers are plain text: 415, 413, 400,
+/// 422). No value of the body is echoed. A post from another site never gets here: the
+/// router's `refuse_cross_site` layer answers it 403 before any handler reads its body.
 pub(crate) struct PasskeyJson<T>(pub T);
+
+/// Why [`PasskeyJson`] refused a body; answered with [`refusal`]. A handler that counts its
+/// refusals takes `Result<PasskeyJson<T>, NotPasskeyJson>`.
+pub(crate) struct NotPasskeyJson(pub PasskeyError);
+
+impl IntoResponse for NotPasskeyJson {
+    fn into_response(self) -> Response {
+        refusal(&self.0)
+    }
+}
 
 impl<T, S> FromRequest<S> for PasskeyJson<T>
 where
     T: serde::de::DeserializeOwned,
     S: Send + Sync,
 {
-    type Rejection = Response;
+    type Rejection = NotPasskeyJson;
 
-    async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, Response> {
+    async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, NotPasskeyJson> {
         let rejection = match Json::<T>::from_request(req, state).await {
             Ok(Json(value)) => return Ok(PasskeyJson(value)),
             Err(r) => r,
@@ -178,10 +191,11 @@ where
                     },
                 )
             }
-            _ => PasskeyError::Malformed("the body is too large or could not be read".into()),
+            r if r.status() == StatusCode::PAYLOAD_TOO_LARGE => PasskeyError::TooLarge,
+            _ => PasskeyError::Malformed("the body could not be read".into()),
         };
         tracing::info!(reason = e.label(), "passkey request refused");
-        Err(refusal(&e))
+        Err(NotPasskeyJson(e))
     }
 }
 
@@ -211,7 +225,7 @@ fn step_json(app: &App, step: LoginStep, rd: &str, client: &ClientInfo) -> Respo
     no_store(resp)
 }
 
-fn count_login(app: &App, result: &Result<LoginStep, PasskeyError>) {
+fn count_login(app: &App, result: Result<&LoginStep, &PasskeyError>) {
     let label = match result {
         Ok(LoginStep::Session(_)) => "success",
         Ok(LoginStep::Pending { .. }) => "pending",
@@ -275,11 +289,18 @@ pub(crate) async fn login_finish(
     State(app): State<Arc<App>>,
     Extension(client): Extension<ClientInfo>,
     headers: HeaderMap,
-    PasskeyJson(body): PasskeyJson<Answer>,
+    body: Result<PasskeyJson<Answer>, NotPasskeyJson>,
 ) -> Response {
     if cross_site(&app, &headers) {
         return forbidden_cross_site();
     }
+    let body = match body {
+        Ok(PasskeyJson(body)) => body,
+        Err(NotPasskeyJson(e)) => {
+            count_login(&app, Err(&e));
+            return refusal(&e);
+        }
+    };
     let rd = safe_return_path(body.rd.as_deref());
     let result = app
         .passkey_login_finish(
@@ -289,7 +310,7 @@ pub(crate) async fn login_finish(
             &client,
         )
         .await;
-    count_login(&app, &result);
+    count_login(&app, result.as_ref());
     match result {
         Ok(step) => step_json(&app, step, &rd, &client),
         Err(e) => {

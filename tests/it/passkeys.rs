@@ -367,6 +367,35 @@ async fn a_registered_passkey_signs_in_with_or_without_the_user_name_and_counts_
 }
 
 #[tokio::test]
+async fn a_passkey_body_over_the_limit_is_413_and_one_from_another_site_403_unread() {
+    // The gateway takes bodies up to 3 MB for its pages; a JSON endpoint reads at most 2 MiB.
+    let up = Upstream::start().await;
+    let gw = Gateway::builder(&up.url())
+        .user("alice", PW)
+        .server_keys("max_form_bytes = 3000000")
+        .start()
+        .await;
+    let big = format!(
+        r#"{{"ceremony": "x", "credential": {{}}, "label": "{}"}}"#,
+        "x".repeat(2_200_000)
+    );
+    let post = |origin: String| {
+        client()
+            .post(gw.url("/_portcullis/passkey/login/finish"))
+            .header("Origin", origin)
+            .header("Content-Type", "application/json")
+            .body(big.clone())
+    };
+    let resp = post(gw.base.clone()).send().await.unwrap();
+    assert_eq!(resp.headers()["content-type"], "application/json");
+    assert_eq!(refused(resp).await, (413, "body_too_large".into()));
+    let resp = post("http://evil.example".into()).send().await.unwrap();
+    assert_eq!(resp.status(), 403);
+    gw.metrics_with(&["portcullis_logins_total{method=\"passkey\",result=\"body_too_large\"} 1\n"])
+        .await;
+}
+
+#[tokio::test]
 async fn every_bad_answer_is_refused_with_its_reason_and_changes_nothing() {
     let (_up, gw) = setup("").await;
     let alice = Browser::login(&gw, "alice", PW).await;
@@ -526,15 +555,25 @@ async fn every_bad_answer_is_refused_with_its_reason_and_changes_nothing() {
     )
     .await;
     assert_eq!(refused(resp).await, (400, "malformed_response".into()));
-    // From another site, nothing is looked at.
-    let resp = client()
-        .post(gw.url("/_portcullis/passkey/login/start"))
-        .header("Origin", "http://evil.example")
-        .json(&json!({}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 403);
+    // From another site, nothing is looked at: a body that would be refused as not JSON (and
+    // counted) gets the cross-site refusal first.
+    for path in [
+        "/_portcullis/passkey/login/start",
+        finish,
+        "/_portcullis/passkey-link/made-up/finish",
+    ] {
+        let resp = client()
+            .post(gw.url(path))
+            .header("Origin", "http://evil.example")
+            .header("Content-Type", "text/plain")
+            .body("{not json")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 403, "{path}");
+        let page = resp.text().await.unwrap();
+        assert!(page.contains("came from another site"), "{path}: {page}");
+    }
 
     // A passkey this gateway never registered.
     let (_, registration) = registration_options(&gw, &alice, &alice.csrf().await).await;
@@ -558,8 +597,12 @@ async fn every_bad_answer_is_refused_with_its_reason_and_changes_nothing() {
         "refused",
         "passkey `Laptop`: signature counter did not increase",
     );
-    gw.metrics_with(&["portcullis_passkeys_total{event=\"clone_warning\"} 1"])
-        .await;
+    gw.metrics_with(&[
+        "portcullis_passkeys_total{event=\"clone_warning\"} 1",
+        // The sign-in's body that was not JSON; not the ceremony start's, nor the cross-site.
+        "portcullis_logins_total{method=\"passkey\",result=\"not_json\"} 1\n",
+    ])
+    .await;
 
     // A credential id registered to alice cannot be registered to bob.
     let bob = Browser::login(&gw, "bob", PW).await;
@@ -877,6 +920,12 @@ async fn users_who_must_use_a_passkey_register_one_at_sign_in_and_the_password_a
         )
         .await;
     assert_eq!(resp.status(), 409);
+    assert_audited(
+        &gw,
+        "passkey_remove",
+        "failure",
+        "this is your last way to sign in",
+    );
     // Nor does the password confirm a change: her passkey does.
     let new_pw = "another passphrase for alice";
     let resp = change_password(&alice, PW, "", new_pw).await;
@@ -1642,7 +1691,7 @@ async fn sign_out_of_all_devices_and_a_breach_response_end_passkey_sessions() {
         .await;
     assert_eq!(resp.status(), 303);
     for cookie in [&phone.cookie, &tablet, &alice.cookie] {
-        assert_ne!(gw.status_with_cookie("/probe", cookie).await, 200);
+        assert_eq!(gw.status_with_cookie("/probe", cookie).await, 401);
     }
     // The breach response (another process, through the store) ends a passkey session too.
     let cookie = passkey_session(&gw, &mut key, None).await;
@@ -1665,5 +1714,16 @@ async fn sign_out_of_all_devices_and_a_breach_response_end_passkey_sessions() {
         answer(resp).await.1["redirect"],
         "/_portcullis/login/password?rd=%2Fprobe"
     );
-    assert_audited(&gw, "signout_all_devices", "success", "");
+    let out = gw.cli_ok(&["audit", "--json", "--limit", "500"]);
+    let entries: Vec<Value> = serde_json::from_str(&out).unwrap();
+    let signouts: Vec<&Value> = entries
+        .iter()
+        .filter(|e| e["event"] == "signout_all_devices")
+        .collect();
+    assert_eq!(signouts.len(), 1, "{out}");
+    assert_eq!(
+        (&signouts[0]["outcome"], &signouts[0]["user"]),
+        (&json!("success"), &json!("alice")),
+        "{out}"
+    );
 }
