@@ -72,7 +72,7 @@ async fn atk43_forged_posts_with_the_victims_cookie_change_nothing() {
     assert_ne!(token, others_token);
 
     let new_pw = "a forged new passphrase";
-    let targets: [Target; 6] = [
+    let targets: [Target; 9] = [
         ("/_portcullis/logout", vec![], 403),
         ("/_portcullis/account/signout-all", vec![], 415),
         ("/_portcullis/account/signout-others", vec![], 415),
@@ -94,6 +94,21 @@ async fn atk43_forged_posts_with_the_victims_cookie_change_nothing() {
         (
             "/_portcullis/admin/users/action",
             vec![("name", "alice"), ("action", "disable")],
+            415,
+        ),
+        (
+            "/_portcullis/admin/plex/link",
+            vec![("account", "1"), ("user", "alice")],
+            415,
+        ),
+        (
+            "/_portcullis/admin/plex/unlink",
+            vec![("account", "1")],
+            415,
+        ),
+        (
+            "/_portcullis/admin/plex/revoke-upstream",
+            vec![("account", "1")],
             415,
         ),
     ];
