@@ -8,7 +8,16 @@
 //! closed without an answer. `HandOver` delays that clean-up by a short allowance (the time a
 //! request head needs to arrive after the connection is accepted): such a request is answered,
 //! with `Connection: close`, and only then are the connections still idle closed.
+//!
+//! `HandOver` also keeps an idle HTTP/1.1 connection small. Pingora starts the proxy's state
+//! for the next request (its boxed future, a 4 KiB head buffer, the session) as soon as the
+//! previous response has ended, and keeps it while the connection waits, possibly for minutes:
+//! tens of KiB for each phone or TV that holds a keep-alive. Here a plaintext connection waits
+//! for the first byte of its next request holding nothing but the socket, and the proxy starts
+//! once that byte is there (`until_readable`). The wait is a zero-length read: readiness from
+//! the runtime, and one `read(2)` of no bytes when it comes.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,6 +26,8 @@ use pingora::apps::{HttpServerApp, HttpServerOptions, ReusedHttpStream};
 use pingora::protocols::http::ServerSession;
 use pingora::proxy::HttpProxy;
 use pingora::server::ShutdownWatch;
+use tokio::io::AsyncReadExt;
+use tokio::sync::Notify;
 
 use crate::proxy::Gateway;
 
@@ -27,6 +38,9 @@ pub const FIRST_HEAD_ALLOWANCE: Duration = Duration::from_secs(2);
 pub struct HandOver {
     proxy: Arc<HttpProxy<Gateway>>,
     allowance: Duration,
+    /// Set, and the waiters told, when the connections still idle are to be closed.
+    closing: AtomicBool,
+    closed: Notify,
 }
 
 impl HandOver {
@@ -34,7 +48,62 @@ impl HandOver {
         HandOver {
             proxy: Arc::new(proxy),
             allowance: FIRST_HEAD_ALLOWANCE.min(head_timeout),
+            closing: AtomicBool::new(false),
+            closed: Notify::new(),
         }
+    }
+
+    /// Waits until the connection has bytes to read (or has ended), holding only its socket,
+    /// and gives back a session for them; `None` when the connection is to close first (its
+    /// keep-alive ran out, or the service is stopping). Sessions that may already hold their
+    /// next bytes (pipelining) or are not plaintext HTTP/1.1 are given back at once: a TLS
+    /// stream answers a zero-length read without waiting.
+    async fn until_readable(&self, session: ServerSession) -> Option<ServerSession> {
+        let mut h1 = match session {
+            ServerSession::H1(h1)
+                if h1.digest().ssl_digest.is_none() && !h1.pipelining_enabled() =>
+            {
+                h1
+            }
+            other => return Some(other),
+        };
+        // What Pingora carried over from the previous request, carried over the wait.
+        let keepalive = h1.get_keepalive_timeout();
+        let reuses = h1.get_keepalive_reuses_remaining();
+        let context = h1.take_connection_user_context();
+        let mut stream = h1.into_inner();
+
+        let closed = self.closed.notified();
+        tokio::pin!(closed);
+        closed.as_mut().enable();
+        if self.closing.load(Ordering::Acquire) {
+            return None;
+        }
+        let readable = stream.read(&mut []);
+        let limit = keepalive.filter(|&secs| secs > 0).map(Duration::from_secs);
+        tokio::select! {
+            biased;
+            // An error is the proxy's to meet: it reads the same socket and closes it.
+            read = async {
+                match limit {
+                    Some(limit) => tokio::time::timeout(limit, readable).await.is_ok(),
+                    None => {
+                        let _ = readable.await;
+                        true
+                    }
+                }
+            } => {
+                if !read {
+                    return None;
+                }
+            }
+            () = &mut closed => return None,
+        }
+        let mut session = ServerSession::new_http1(stream);
+        session.set_keepalive(keepalive);
+        session.set_keepalive_reuses_remaining(reuses);
+        session.set_connection_user_context(context);
+        Some(session)
     }
 }
 
@@ -45,6 +114,10 @@ impl HttpServerApp for HandOver {
         session: ServerSession,
         shutdown: &ShutdownWatch,
     ) -> Option<ReusedHttpStream> {
+        let Some(session) = self.until_readable(session).await else {
+            crate::tidy_thread_heap();
+            return None;
+        };
         let reused = self.proxy.process_new_http(session, shutdown).await;
         if reused.is_none() {
             crate::tidy_thread_heap();
@@ -64,6 +137,8 @@ impl HttpServerApp for HandOver {
     /// gives the ones already accepted their head's worth of time.
     async fn http_cleanup(&self) {
         tokio::time::sleep(self.allowance).await;
+        self.closing.store(true, Ordering::Release);
+        self.closed.notify_waiters();
         self.proxy.http_cleanup().await;
     }
 }

@@ -119,6 +119,66 @@ async fn a_trickled_head_is_cut_at_the_deadline_while_others_are_served() {
         .await;
 }
 
+/// An idle keep-alive connection holds nothing of the proxy while it waits for its next request
+/// (`server::handover`): a thousand of them cost the gateway little memory each, and each still
+/// serves its next request.
+#[tokio::test]
+async fn idle_keepalive_connections_hold_no_proxy_state_and_serve_their_next_request() {
+    const CONNS: u64 = 1000;
+    let up = Upstream::start().await;
+    let gw = gateway(&up, "max_connections_per_ip = 10000").await;
+    let request = b"GET /pub/bytes/16 HTTP/1.1\r\nHost: x\r\n\r\n";
+    let open = || async {
+        let mut c = connect_from([127, 0, 0, 5], &gw).await;
+        c.write_all(request).await.unwrap();
+        assert_eq!(status_of(&read_response(&mut c).await), 200);
+        c
+    };
+    // The first thousand fill memory the allocator already holds (a login's argon2 block, say);
+    // the second thousand show what an idle connection costs.
+    let mut conns = Vec::new();
+    for _ in 0..CONNS {
+        conns.push(open().await);
+    }
+    let before = settled_rss(&gw).await;
+    for _ in 0..CONNS {
+        conns.push(open().await);
+    }
+    let after = settled_rss(&gw).await;
+    let per_conn = after.saturating_sub(before) / CONNS;
+    eprintln!("gateway RSS: {before} KiB, {after} KiB with {CONNS} more idle keep-alives: {per_conn} KiB each");
+    assert!(before > 0, "could not read the gateway's memory");
+    // This debug build held about 50 KiB a connection while the proxy's state waited too.
+    assert!(
+        per_conn < 40,
+        "an idle keep-alive connection costs the gateway {per_conn} KiB"
+    );
+    for (i, c) in conns.iter_mut().enumerate() {
+        c.write_all(request).await.unwrap();
+        assert_eq!(
+            status_of(&read_response(c).await),
+            200,
+            "connection {i}'s next request"
+        );
+    }
+}
+
+/// The gateway's resident memory once it has stopped changing (KiB).
+pub(crate) async fn settled_rss(gw: &Gateway) -> u64 {
+    let mut last = gw.rss_kib();
+    assert!(
+        crate::harness::poll_until(Duration::from_secs(10), || {
+            let now = gw.rss_kib();
+            let settled = now.abs_diff(last) < 128;
+            last = now;
+            async move { settled }
+        })
+        .await,
+        "the gateway's memory did not settle"
+    );
+    last
+}
+
 #[tokio::test]
 async fn an_idle_keepalive_connection_closes_after_the_deadline_and_a_busy_one_does_not() {
     let up = Upstream::start().await;
