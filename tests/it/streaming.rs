@@ -139,3 +139,55 @@ async fn websocket_echo_works_with_a_session_and_is_refused_without() {
         "the refused upgrade reached the upstream"
     );
 }
+
+/// Open WebSockets that carry nothing hold little of the gateway's memory: Pingora's two 64 KiB
+/// body buffers per proxied socket are given back while the socket waits (the patch in
+/// vendor/pingora-core), and every socket carries messages, large ones too, after the wait.
+#[tokio::test]
+async fn idle_websockets_hold_no_body_buffers_and_carry_messages_after_the_wait() {
+    const SOCKETS: usize = 400;
+    let up = Upstream::start().await;
+    let gw = Gateway::builder(&up.url())
+        .user("alice", ALICE_PW)
+        .server_keys("max_connections_per_ip = 10000")
+        .start()
+        .await;
+    let token = gw.login("alice", ALICE_PW).await.token;
+    let open = || async {
+        let mut req = format!("ws://127.0.0.1:{}/socket/ws", gw.port)
+            .into_client_request()
+            .unwrap();
+        req.headers_mut()
+            .insert("Authorization", format!("Bearer {token}").parse().unwrap());
+        tokio_tungstenite::connect_async(req).await.unwrap().0
+    };
+    // The first batch fills memory the allocator already holds (the login's argon2 block, say);
+    // the second shows what an idle socket costs.
+    let mut sockets = Vec::new();
+    for _ in 0..SOCKETS {
+        sockets.push(open().await);
+    }
+    let before = crate::slowloris::settled_rss(&gw).await;
+    for _ in 0..SOCKETS {
+        sockets.push(open().await);
+    }
+    let after = crate::slowloris::settled_rss(&gw).await;
+    let per_socket = after.saturating_sub(before) / SOCKETS as u64;
+    eprintln!("gateway RSS: {before} KiB, {after} KiB with {SOCKETS} more idle WebSockets: {per_socket} KiB each");
+    assert!(before > 0, "could not read the gateway's memory");
+    // Two 64 KiB buffers alone would be 128 KiB a socket.
+    assert!(
+        per_socket < 96,
+        "an idle WebSocket costs the gateway {per_socket} KiB"
+    );
+    let big = vec![9u8; 200 * 1024];
+    for (i, ws) in sockets.iter_mut().enumerate() {
+        let message = if i % 50 == 0 {
+            Message::Binary(big.clone())
+        } else {
+            Message::Text(format!("after the wait {i}"))
+        };
+        ws.send(message.clone()).await.unwrap();
+        assert_eq!(ws.next().await.unwrap().unwrap(), message, "socket {i}");
+    }
+}
