@@ -81,6 +81,9 @@ async def revoke(step, conns, pid):
         "last_close_s": round(closes[-1], 3) if closes else None,
         "cpu_s": round(cpu, 3),
         "others_closed": sum("closed_at" in c for c in others),
+        "others_closed_at": sorted(
+            (c["group"], round(c["closed_at"] - t0, 3)) for c in others if "closed_at" in c
+        )[:20],
     }
 
 

@@ -208,7 +208,7 @@ if [ "${CADDY:-1}" != 0 ]; then
     say "Caddy reverse proxy on :$P_C"
     mkdir -p "$TMP/c"
     printf '%s\n' "{" "    admin off" "    auto_https off" "}" \
-        "http://127.0.0.1:$P_C {" "    reverse_proxy 127.0.0.1:$P_UP" "}" >"$TMP/c/Caddyfile"
+        "http://127.0.0.1:$P_C {" "    bind 127.0.0.1" "    reverse_proxy 127.0.0.1:$P_UP" "}" >"$TMP/c/Caddyfile"
     (cd "$TMP/c" && XDG_DATA_HOME=$TMP/c XDG_CONFIG_HOME=$TMP/c GOMAXPROCS=$THREADS exec caddy run --adapter caddyfile --config "$TMP/c/Caddyfile") >"$TMP/c/caddy.log" 2>&1 &
     C_PID=$!
     PIDS+=($C_PID)

@@ -30,8 +30,10 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9090";
 /// Default session lifetime: 7 days.
 pub const DEFAULT_SESSION_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
-/// Default interval of the revocation delta poll: 1 second.
-pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(1);
+/// Default interval of the revocation delta poll: 250 ms, so that a revocation written by the
+/// CLI (or another process) to SQLite ends every socket it concerns within a second (about
+/// 70 µs a poll when nothing is new).
+pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(250);
 /// Default staleness after which `/readyz` reports the view as stale: 30 seconds.
 pub const DEFAULT_MAX_STALENESS: Duration = Duration::from_secs(30);
 /// Default time a store operation waits for a locked SQLite database: 5 seconds.
