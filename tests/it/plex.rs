@@ -62,6 +62,24 @@ impl World {
             .extra_toml(&format!("{}{extra}", self.plex_table))
     }
 
+    /// A friend the server is shared with at plex.tv: the account and its token.
+    fn friend(&self) -> (PlexAccount, String) {
+        let friend = self.tv.add_account("friendplex");
+        let share = self.tv.share(&self.pms.machine_id(), &friend);
+        (friend, share)
+    }
+
+    /// Starts the gateway (`extra` in its plex table) with alice linked to the owner's account
+    /// and each `(user, account)` of `more` linked after it.
+    async fn linked(&self, extra: &str, more: &[(&str, &PlexAccount)]) -> Gateway {
+        let gw = self.gateway(extra).start().await;
+        link(&gw, "alice", &self.owner.username).await;
+        for (user, account) in more {
+            link(&gw, user, &account.username).await;
+        }
+        gw
+    }
+
     /// Requests the PMS stand-in received carrying `token` (header or query).
     fn reached(&self, token: &str) -> usize {
         self.pms
@@ -121,6 +139,60 @@ async fn plex_get_with(
     )
 }
 
+/// Polls a GET of `/library/sections` through `gw` with `token` for up to `wait` until it
+/// answers `status`: that answer's body and how many answers before it passed (200), or `None`.
+async fn answers_within(
+    gw: &Gateway,
+    token: &str,
+    status: u16,
+    wait: Duration,
+) -> Option<(Value, usize)> {
+    let passed = std::sync::atomic::AtomicUsize::new(0);
+    let last = std::sync::Mutex::new(Value::Null);
+    let answered = poll_until(wait, || async {
+        let (got, body) = plex_get(gw, "/library/sections", Some(token)).await;
+        if got == 200 && status != 200 {
+            passed.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+        *last.lock().unwrap() = body;
+        got == status
+    })
+    .await;
+    answered.then(|| (last.into_inner().unwrap(), passed.into_inner()))
+}
+
+/// Status of a GET of `/library/sections` through `gw` with `cookie` and Plex token `token`.
+async fn sections_with_cookie(gw: &Gateway, cookie: &str, token: &str) -> u16 {
+    client()
+        .get(gw.url("/library/sections"))
+        .header("Cookie", cookie)
+        .header("X-Plex-Token", token)
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+/// Posts the account page's "link this Plex account" of Plex account `account` with
+/// `cookie`, the page's `csrf` and `password`.
+async fn link_from_page(
+    gw: &Gateway,
+    cookie: &str,
+    account: &str,
+    csrf: &str,
+    password: &str,
+) -> reqwest::Response {
+    client()
+        .post(gw.url("/_portcullis/account/plex/link"))
+        .header("Cookie", cookie)
+        .header("Origin", gw.base.as_str())
+        .form(&[("account", account), ("csrf", csrf), ("password", password)])
+        .send()
+        .await
+        .unwrap()
+}
+
 /// Runs plexapi through the gateway with `token`; `revoke` runs between its two phases.
 async fn run_plexapi<F, Fut>(gw: &Gateway, token: &str, revoke: F) -> (Value, Value)
 where
@@ -133,13 +205,9 @@ where
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plexapi_works_through_the_gateway_as_owner_friend_and_home_user_until_signed_out() {
     let w = world().await;
-    let friend = w.tv.add_account("friendplex");
-    let share = w.tv.share(&w.pms.machine_id(), &friend);
+    let (friend, share) = w.friend();
     let (home, home_token) = w.tv.add_home_user(&w.owner, "kidplex");
-    let gw = w.gateway("").start().await;
-    link(&gw, "alice", &w.owner.username).await;
-    link(&gw, "bob", &friend.username).await;
-    link(&gw, "carol", &home.username).await;
+    let gw = w.linked("", &[("bob", &friend), ("carol", &home)]).await;
 
     for (who, token, owner) in [
         ("alice", w.owner.token.clone(), true),
@@ -166,10 +234,9 @@ async fn plexapi_works_through_the_gateway_as_owner_friend_and_home_user_until_s
                 // One second from the sign-out for both: the refusal and the closed socket.
                 let deadline = start + Duration::from_secs(1);
                 assert!(
-                    poll_until(left(deadline), || async {
-                        plex_get(gw, "/library/sections", Some(&token)).await.0 == 401
-                    })
-                    .await,
+                    answers_within(gw, &token, 401, left(deadline))
+                        .await
+                        .is_some(),
                     "{who}: the token still passes a second after the sign-out"
                 );
                 assert!(
@@ -223,8 +290,7 @@ async fn tokens_the_gateway_cannot_vouch_for_are_refused_before_the_server() {
     let w = world().await;
     let stranger = w.tv.add_account("strangerplex");
     let stranger_share = w.tv.share(&w.pms.machine_id(), &stranger);
-    let gw = w.gateway("").start().await;
-    link(&gw, "alice", &w.owner.username).await;
+    let gw = w.linked("", &[]).await;
     let expired = w.tv.issue_jwt(&w.owner, "phone-1", -60);
     let forged = w.tv.forged_jwt(&w.owner, "phone-1");
     let fresh = w.tv.issue_jwt(&w.owner, "phone-1", 3600);
@@ -286,17 +352,15 @@ async fn tokens_the_gateway_cannot_vouch_for_are_refused_before_the_server() {
     );
 
     // Owner-only paths: the owner's Plex account is alice's; bob's friend account is not.
-    let friend = w.tv.add_account("friendplex");
-    let share = w.tv.share(&w.pms.machine_id(), &friend);
+    let (friend, share) = w.friend();
     // Shared at plex.tv after the gateway started: linked at once all the same.
     let out = gw.cli_ok(&["plex", "link", "bob", &friend.username]);
     assert!(out.contains("linked to bob"), "{out}");
     // The running gateway learns of the link through the store's event log.
     assert!(
-        poll_until(Duration::from_secs(3), || async {
-            plex_get(&gw, "/library/sections", Some(&share)).await.0 == 200
-        })
-        .await,
+        answers_within(&gw, &share, 200, Duration::from_secs(3))
+            .await
+            .is_some(),
         "the friend linked from the CLI is still refused"
     );
     let before = w.pms.requests().len();
@@ -358,21 +422,10 @@ async fn tokens_the_gateway_cannot_vouch_for_are_refused_before_the_server() {
         200
     );
     let reached = w.reached(&transient);
-    let passed = std::sync::atomic::AtomicUsize::new(0);
     gw.cli_ok(&["user", "disable", "alice"]);
-    assert!(
-        poll_until(Duration::from_secs(1), || async {
-            match plex_get(&gw, "/library/sections", Some(&transient)).await.0 {
-                401 => true,
-                _ => {
-                    passed.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                    false
-                }
-            }
-        })
-        .await,
-        "the transient token outlived its user"
-    );
+    let (_, passed) = answers_within(&gw, &transient, 401, Duration::from_secs(1))
+        .await
+        .expect("the transient token outlived its user");
     assert_eq!(
         plex_get(&gw, "/library/sections", Some(&transient)).await.0,
         401
@@ -380,7 +433,7 @@ async fn tokens_the_gateway_cannot_vouch_for_are_refused_before_the_server() {
     // Only what passed before the gateway heard of it reached the server.
     assert_eq!(
         w.reached(&transient),
-        reached + passed.into_inner(),
+        reached + passed,
         "a refused request with the transient token reached the server"
     );
     assert_eq!(
@@ -402,12 +455,9 @@ async fn tokens_the_gateway_cannot_vouch_for_are_refused_before_the_server() {
         200
     );
     gw.cli_ok(&["plex", "unlink", &friend.username]);
-    assert!(
-        poll_until(Duration::from_secs(1), || async {
-            plex_get(&gw, "/library/sections", Some(&share)).await.0 == 401
-        })
+    assert!(answers_within(&gw, &share, 401, Duration::from_secs(1))
         .await
-    );
+        .is_some());
 
     // Every refusal above is counted by its reason, kind="plex".
     for reason in [
@@ -435,11 +485,8 @@ async fn tokens_the_gateway_cannot_vouch_for_are_refused_before_the_server() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transcode_urls_pass_only_for_the_user_who_started_the_session() {
     let w = world().await;
-    let friend = w.tv.add_account("friendplex");
-    let share = w.tv.share(&w.pms.machine_id(), &friend);
-    let gw = w.gateway("").start().await;
-    link(&gw, "alice", &w.owner.username).await;
-    link(&gw, "bob", &friend.username).await;
+    let (friend, share) = w.friend();
+    let gw = w.linked("", &[("bob", &friend)]).await;
     let alice = w.tv.issue_jwt(&w.owner, "tv-1", 3600);
     // The start carries the token; the session id is only in the answer.
     let start = format!(
@@ -483,8 +530,7 @@ async fn transcode_urls_pass_only_for_the_user_who_started_the_session() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_device_waits_for_approval_and_a_running_stream_ends_on_signout() {
     let w = world().await;
-    let gw = w.gateway("device_approval = true\n").start().await;
-    link(&gw, "alice", &w.owner.username).await;
+    let gw = w.linked("device_approval = true\n", &[]).await;
     let token = w.tv.issue_jwt(&w.owner, "test-device-1", 3600);
     let (status, body) = plex_get(&gw, "/library/sections", Some(&token)).await;
     assert_eq!(
@@ -515,23 +561,14 @@ async fn a_new_device_waits_for_approval_and_a_running_stream_ends_on_signout() 
     );
     gw.cli_ok(&["plex", "approve", &w.owner.username, "test-device-1"]);
     assert!(
-        poll_until(Duration::from_secs(2), || async {
-            plex_get(&gw, "/library/sections", Some(&token)).await.0 == 200
-        })
-        .await,
+        answers_within(&gw, &token, 200, Duration::from_secs(2))
+            .await
+            .is_some(),
         "the approved device is still refused"
     );
 
     // A running stream of the big part ends when alice signs out of all devices.
-    let resp = client()
-        .get(gw.url(&format!("{BIG_PART_KEY}?X-Plex-Token={token}")))
-        .header("X-Plex-Client-Identifier", "test-device-1")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status().as_u16(), 200);
-    let mut body = resp.bytes_stream();
-    assert!(body.next().await.unwrap().is_ok());
+    let mut body = big_stream(&gw, &token).await;
     assert!(
         poll_until(Duration::from_secs(2), || async {
             w.pms.open_streams() == 1
@@ -540,12 +577,8 @@ async fn a_new_device_waits_for_approval_and_a_running_stream_ends_on_signout() 
     );
     let start = Instant::now();
     gw.cli_ok(&["signout", "--user", "alice"]);
-    let ended = tokio::time::timeout(Duration::from_secs(1), async {
-        while let Some(Ok(_)) = body.next().await {}
-    })
-    .await;
     assert!(
-        ended.is_ok(),
+        ends_within_a_second(&mut body).await,
         "the stream still runs a second after the sign-out"
     );
     eprintln!("stream ended {:?} after the sign-out", start.elapsed());
@@ -554,12 +587,9 @@ async fn a_new_device_waits_for_approval_and_a_running_stream_ends_on_signout() 
     let next = w.tv.issue_jwt(&w.owner, "test-device-1", 3600);
     assert_eq!(plex_get(&gw, "/library/sections", Some(&next)).await.0, 200);
     gw.cli_ok(&["plex", "revoke", &w.owner.username, "test-device-1"]);
-    assert!(
-        poll_until(Duration::from_secs(1), || async {
-            plex_get(&gw, "/library/sections", Some(&next)).await.0 == 401
-        })
+    assert!(answers_within(&gw, &next, 401, Duration::from_secs(1))
         .await
-    );
+        .is_some());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -588,14 +618,7 @@ async fn plex_web_needs_a_gateway_session_and_a_browser_can_offer_the_link() {
     // Plex Web in alice's browser uses the owner's token: not linked yet, so refused, and the
     // account page offers the link.
     let token = w.tv.issue_jwt(&w.owner, "browser-1", 3600);
-    let resp = client()
-        .get(gw.url("/library/sections"))
-        .header("Cookie", &cookie)
-        .header("X-Plex-Token", &token)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status().as_u16(), 401);
+    assert_eq!(sections_with_cookie(&gw, &cookie, &token).await, 401);
     let page = gw.page_with_cookie("/_portcullis/account", &cookie).await;
     assert!(page.contains("link this Plex account?"), "{page}");
     let csrf = input_value(&page, "csrf").unwrap();
@@ -607,18 +630,14 @@ async fn plex_web_needs_a_gateway_session_and_a_browser_can_offer_the_link() {
         .page_with_cookie("/_portcullis/account", &bob_cookie)
         .await;
     assert!(!bob_page.contains("link this Plex account?"), "{bob_page}");
-    let taken = client()
-        .post(gw.url("/_portcullis/account/plex/link"))
-        .header("Cookie", &bob_cookie)
-        .header("Origin", gw.base.as_str())
-        .form(&[
-            ("account", account_id.as_str()),
-            ("csrf", &input_value(&bob_page, "csrf").unwrap()),
-            ("password", PW),
-        ])
-        .send()
-        .await
-        .unwrap();
+    let taken = link_from_page(
+        &gw,
+        &bob_cookie,
+        &account_id,
+        &input_value(&bob_page, "csrf").unwrap(),
+        PW,
+    )
+    .await;
     assert_eq!(taken.status().as_u16(), 403);
     assert!(
         taken
@@ -636,49 +655,13 @@ async fn plex_web_needs_a_gateway_session_and_a_browser_can_offer_the_link() {
         !gw.cli_ok(&["plex", "accounts"]).contains("bob"),
         "the account was linked to bob"
     );
-    let wrong = client()
-        .post(gw.url("/_portcullis/account/plex/link"))
-        .header("Cookie", &cookie)
-        .header("Origin", gw.base.as_str())
-        .form(&[
-            ("account", account_id.as_str()),
-            ("csrf", &csrf),
-            ("password", "wrong"),
-        ])
-        .send()
-        .await
-        .unwrap();
+    let wrong = link_from_page(&gw, &cookie, &account_id, &csrf, "wrong").await;
     assert_eq!(wrong.status().as_u16(), 403);
-    let ok = client()
-        .post(gw.url("/_portcullis/account/plex/link"))
-        .header("Cookie", &cookie)
-        .header("Origin", gw.base.as_str())
-        .form(&[
-            ("account", account_id.as_str()),
-            ("csrf", &csrf),
-            ("password", PW),
-        ])
-        .send()
-        .await
-        .unwrap();
+    let ok = link_from_page(&gw, &cookie, &account_id, &csrf, PW).await;
     assert_eq!(ok.status().as_u16(), 303, "{}", ok.text().await.unwrap());
-    let resp = client()
-        .get(gw.url("/library/sections"))
-        .header("Cookie", &cookie)
-        .header("X-Plex-Token", &token)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status().as_u16(), 200);
+    assert_eq!(sections_with_cookie(&gw, &cookie, &token).await, 200);
     // bob's session with alice's Plex token names two people: refused.
-    let resp = client()
-        .get(gw.url("/library/sections"))
-        .header("Cookie", format!("portcullis={}", bob.token))
-        .header("X-Plex-Token", &token)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status().as_u16(), 401);
+    assert_eq!(sections_with_cookie(&gw, &bob_cookie, &token).await, 401);
     let audit = gw.cli_ok(&["audit", "--limit", "50"]);
     assert!(
         audit.contains("plex_link_offered") && audit.contains("plex_linked"),
@@ -694,8 +677,7 @@ async fn plex_web_needs_a_gateway_session_and_a_browser_can_offer_the_link() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plex_tv_down_keeps_known_users_and_answers_new_tokens_with_503() {
     let w = world().await;
-    let gw = w.gateway("").start().await;
-    link(&gw, "alice", &w.owner.username).await;
+    let gw = w.linked("", &[]).await;
     let known = w.tv.issue_jwt(&w.owner, "phone-1", 3600);
     assert_eq!(
         plex_get(&gw, "/library/sections", Some(&known)).await.0,
@@ -772,11 +754,8 @@ async fn a_server_that_lets_the_gateway_in_without_a_token_is_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn also_signing_out_at_plex_tv_removes_the_owners_device_or_unshares_a_friend() {
     let w = world().await;
-    let friend = w.tv.add_account("friendplex");
-    let share = w.tv.share(&w.pms.machine_id(), &friend);
-    let gw = w.gateway("").start().await;
-    link(&gw, "alice", &w.owner.username).await;
-    link(&gw, "bob", &friend.username).await;
+    let (friend, share) = w.friend();
+    let gw = w.linked("", &[("bob", &friend)]).await;
     let phone =
         w.tv.device_token(&w.owner, "test-device-1", "Plex for Tests", "Test Box");
     assert_eq!(
@@ -860,10 +839,9 @@ async fn a_second_replica_on_postgresql_obeys_plex_revocations() {
     // One second from the sign-out for both: the refusal and the closed socket.
     let deadline = start + Duration::from_secs(1);
     assert!(
-        poll_until(left(deadline), || async {
-            plex_get(&b, "/library/sections", Some(&token)).await.0 == 401
-        })
-        .await,
+        answers_within(&b, &token, 401, left(deadline))
+            .await
+            .is_some(),
         "replica B still lets the token through"
     );
     assert!(
@@ -883,6 +861,15 @@ fn now_s() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs() as i64
+}
+
+/// The row of Plex device `test-device-1` on an account page.
+fn device_row(page: &str) -> &str {
+    let row = page
+        .split("<tr data-plex-device=\"test-device-1\">")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no row of the device:\n{page}"));
+    &row[..row.find("</tr>").unwrap()]
 }
 
 /// Posts the account page's "Sign out" of Plex device `test-device-1` of `account`: the status.
@@ -905,10 +892,8 @@ async fn the_account_page_approves_a_device_only_with_the_password_and_a_fresh_c
     use portcullis::auth::totp;
 
     let w = world().await;
-    let friend = w.tv.add_account("friendplex");
-    let share = w.tv.share(&w.pms.machine_id(), &friend);
-    let gw = w.gateway("device_approval = true\n").start().await;
-    link(&gw, "alice", &w.owner.username).await;
+    let (friend, share) = w.friend();
+    let gw = w.linked("device_approval = true\n", &[]).await;
     let a = Browser::login(&gw, "alice", PW).await;
     let (seed, _) = enrol(&a).await;
     let token = w.tv.issue_jwt(&w.owner, "test-device-1", 3600);
@@ -922,12 +907,8 @@ async fn the_account_page_approves_a_device_only_with_the_password_and_a_fresh_c
     );
 
     // The pending device is on alice's page with what the app said about itself.
-    let page = a.get("/_portcullis/account").await.text().await.unwrap();
-    let row = page
-        .split("<tr data-plex-device=\"test-device-1\">")
-        .nth(1)
-        .unwrap_or_else(|| panic!("no pending device row:\n{page}"));
-    let row = &row[..row.find("</tr>").unwrap()];
+    let page = a.text("/_portcullis/account").await;
+    let row = device_row(&page);
     for text in [
         "Plex for Tests",
         "Test Box",
@@ -980,21 +961,13 @@ async fn the_account_page_approves_a_device_only_with_the_password_and_a_fresh_c
         "/_portcullis/account?done=plex-approved"
     );
     assert!(
-        poll_until(Duration::from_secs(1), || async {
-            plex_get(&gw, "/library/sections", Some(&token)).await.0 == 200
-        })
-        .await,
+        answers_within(&gw, &token, 200, Duration::from_secs(1))
+            .await
+            .is_some(),
         "the approved device is still refused"
     );
-    let page = a.get("/_portcullis/account").await.text().await.unwrap();
-    let row = page
-        .split("<tr data-plex-device=\"test-device-1\">")
-        .nth(1)
-        .unwrap();
-    assert!(
-        row[..row.find("</tr>").unwrap()].contains("Approved "),
-        "{page}"
-    );
+    let page = a.text("/_portcullis/account").await;
+    assert!(device_row(&page).contains("Approved "), "{page}");
 
     // bob has no second factor: his page says to turn it on, and a forged approval is refused.
     link(&gw, "bob", &friend.username).await;
@@ -1003,7 +976,7 @@ async fn the_account_page_approves_a_device_only_with_the_password_and_a_fresh_c
         401
     );
     let b = Browser::login(&gw, "bob", PW).await;
-    let page = b.get("/_portcullis/account").await.text().await.unwrap();
+    let page = b.text("/_portcullis/account").await;
     assert!(
         page.contains("turn on two-factor authentication to approve devices"),
         "{page}"
@@ -1031,12 +1004,9 @@ async fn the_account_page_approves_a_device_only_with_the_password_and_a_fresh_c
 
     // alice signs the device out from her page: refused again, and pending once more.
     assert_eq!(sign_out_device(&a, &account).await, 303);
-    assert!(
-        poll_until(Duration::from_secs(1), || async {
-            plex_get(&gw, "/library/sections", Some(&token)).await.0 == 401
-        })
+    assert!(answers_within(&gw, &token, 401, Duration::from_secs(1))
         .await
-    );
+        .is_some());
     let audit = gw.cli_ok(&["audit", "--limit", "100"]);
     for event in [
         "plex_device_approve",
@@ -1081,11 +1051,25 @@ async fn event_source(
 async fn ends_within_a_second(
     body: &mut (impl futures_util::Stream<Item = reqwest::Result<bytes::Bytes>> + Unpin),
 ) -> bool {
-    tokio::time::timeout(Duration::from_secs(1), async {
-        while let Some(Ok(_)) = body.next().await {}
+    read_until_end_by(body, Instant::now() + Duration::from_secs(1))
+        .await
+        .is_some()
+}
+
+/// How many bytes `body` gave before it ended (its end or an error), if it ended by `deadline`.
+async fn read_until_end_by(
+    body: &mut (impl futures_util::Stream<Item = reqwest::Result<bytes::Bytes>> + Unpin),
+    deadline: Instant,
+) -> Option<u64> {
+    tokio::time::timeout_at(deadline.into(), async {
+        let mut read = 0u64;
+        while let Some(Ok(chunk)) = body.next().await {
+            read += chunk.len() as u64;
+        }
+        read
     })
     .await
-    .is_ok()
+    .ok()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1093,8 +1077,7 @@ async fn a_password_change_with_sign_out_and_a_breach_response_end_plex_apps_and
     use crate::account::Browser;
 
     let w = world().await;
-    let gw = w.gateway("").start().await;
-    link(&gw, "alice", &w.owner.username).await;
+    let gw = w.linked("", &[]).await;
     let phone = w.tv.issue_jwt(&w.owner, "phone-1", 3600);
     let mut events = Box::pin(event_source(&gw, &phone).await);
     assert_eq!(w.pms.open_sockets(), 1, "the EventSource is open upstream");
@@ -1156,8 +1139,7 @@ async fn a_password_change_with_sign_out_and_a_breach_response_end_plex_apps_and
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_admin_page_reports_the_self_check_and_links_and_unlinks_plex_accounts() {
     let w = world().await;
-    let friend = w.tv.add_account("friendplex");
-    let share = w.tv.share(&w.pms.machine_id(), &friend);
+    let (friend, share) = w.friend();
     let gw = w.gateway("").admin("root", PW).start().await;
     let root = Browser::login(&gw, "root", PW).await;
     let bob = Browser::login(&gw, "bob", PW).await;
@@ -1167,7 +1149,7 @@ async fn the_admin_page_reports_the_self_check_and_links_and_unlinks_plex_accoun
         (status, body["error"].as_str()),
         (401, Some("unlinked_account"))
     );
-    let html = root.get("/_portcullis/admin").await.text().await.unwrap();
+    let html = root.text("/_portcullis/admin").await;
     let section = html
         .split("<section id=\"plex\">")
         .nth(1)
@@ -1217,22 +1199,19 @@ async fn the_admin_page_reports_the_self_check_and_links_and_unlinks_plex_accoun
         plex_get(&gw, "/library/sections", Some(&share)).await.0,
         200
     );
-    let html = root.get("/_portcullis/admin").await.text().await.unwrap();
+    let html = root.text("/_portcullis/admin").await;
     assert!(html.contains("Linked to bob"), "{html}");
     // Unlinked: it ends within a second; unlinking again is refused.
     let unlink = [("account", account.as_str()), ("csrf", csrf.as_str())];
     let resp = root.post("/_portcullis/admin/plex/unlink", &unlink).await;
     assert_eq!(resp.status(), 303);
-    assert!(
-        poll_until(Duration::from_secs(1), || async {
-            plex_get(&gw, "/library/sections", Some(&share)).await.0 == 401
-        })
+    assert!(answers_within(&gw, &share, 401, Duration::from_secs(1))
         .await
-    );
+        .is_some());
     let resp = root.post("/_portcullis/admin/plex/unlink", &unlink).await;
     assert_eq!(resp.status(), 400);
     // "Also sign out at plex.tv": only the admin; the friend is un-shared at plex.tv.
-    let html = root.get("/_portcullis/admin").await.text().await.unwrap();
+    let html = root.text("/_portcullis/admin").await;
     assert!(html.contains("Also sign out at plex.tv"), "{html}");
     let resp = bob
         .post(
@@ -1255,7 +1234,7 @@ async fn the_admin_page_reports_the_self_check_and_links_and_unlinks_plex_accoun
     ])
     .await;
     assert!(refusals_counted(&gw, "unlinked_account").await);
-    let audit = root.get("/_portcullis/admin").await.text().await.unwrap();
+    let audit = root.text("/_portcullis/admin").await;
     assert!(
         audit.contains("plex_linked")
             && audit.contains("plex_unlinked")
@@ -1291,7 +1270,7 @@ async fn the_admin_page_reports_the_self_check_and_links_and_unlinks_plex_accoun
     assert!(w.tv.deleted_devices().is_empty());
     gw.metrics_with(&["portcullis_media_links_total{action=\"revoke_upstream\",kind=\"plex\"} 1"])
         .await;
-    let audit = root.get("/_portcullis/admin").await.text().await.unwrap();
+    let audit = root.text("/_portcullis/admin").await;
     for outcome in ["nothing_to_do", "failure"] {
         let row = format!(
             "<td>plex_revoked_upstream</td><td>{outcome}</td><td>alice</td><td>127.0.0.1</td>\
@@ -1309,7 +1288,7 @@ async fn the_admin_page_reports_the_self_check_and_links_and_unlinks_plex_accoun
         })
         .await
     );
-    let html = root.get("/_portcullis/admin").await.text().await.unwrap();
+    let html = root.text("/_portcullis/admin").await;
     assert!(
         html.contains("Refusing every request") && html.contains("127.0.0.1"),
         "{html}"
@@ -1321,8 +1300,7 @@ async fn a_user_with_a_passkey_and_no_code_approves_a_new_device_with_the_passke
     use crate::passkeys::{confirm_grant, register_as};
 
     let w = world().await;
-    let gw = w.gateway("device_approval = true\n").start().await;
-    link(&gw, "alice", &w.owner.username).await;
+    let gw = w.linked("device_approval = true\n", &[]).await;
     let alice = Browser::login(&gw, "alice", PW).await;
     let mut key = register_as(&gw, &alice, PW, "Phone", true).await;
     let token = w.tv.issue_jwt(&w.owner, "test-device-1", 3600);
@@ -1332,11 +1310,7 @@ async fn a_user_with_a_passkey_and_no_code_approves_a_new_device_with_the_passke
     );
     // No TOTP: the pending device offers the passkey, not the code.
     let page = alice.text("/_portcullis/account").await;
-    let row = page
-        .split("data-plex-device=\"test-device-1\"")
-        .nth(1)
-        .expect("the pending device");
-    let row = &row[..row.find("</tr>").unwrap()];
+    let row = device_row(&page);
     assert!(
         row.contains("Approve with a passkey") && !row.contains("name=\"code\""),
         "{row}"
@@ -1392,10 +1366,9 @@ async fn a_user_with_a_passkey_and_no_code_approves_a_new_device_with_the_passke
         "/_portcullis/account?done=plex-approved"
     );
     assert!(
-        poll_until(Duration::from_secs(2), || async {
-            plex_get(&gw, "/library/sections", Some(&token)).await.0 == 200
-        })
-        .await,
+        answers_within(&gw, &token, 200, Duration::from_secs(2))
+            .await
+            .is_some(),
         "the approved device is still refused"
     );
     assert_eq!(w.reached(&token), 1);
@@ -1408,10 +1381,8 @@ async fn a_new_plex_device_is_told_to_its_user_like_a_new_browser() {
     let w = world().await;
     let smtpd = crate::smtpd::Smtpd::start().await;
     let gw = w
-        .gateway(&format!("\n{}", crate::mail::mail_toml(&smtpd, "")))
-        .start()
+        .linked(&format!("\n{}", crate::mail::mail_toml(&smtpd, "")), &[])
         .await;
-    link(&gw, "alice", &w.owner.username).await;
     gw.cli_ok(&["user", "set-email", "alice", "alice@example.org"]);
     // The first sign-in on record (a browser) alerts nobody; the Plex app then does.
     gw.login("alice", PW).await;
@@ -1493,15 +1464,9 @@ async fn stream_cut_by(
     body: &mut (impl futures_util::Stream<Item = reqwest::Result<bytes::Bytes>> + Unpin),
     deadline: Instant,
 ) -> bool {
-    let read = tokio::time::timeout_at(deadline.into(), async {
-        let mut read = 0u64;
-        while let Some(Ok(chunk)) = body.next().await {
-            read += chunk.len() as u64;
-        }
-        read
-    })
-    .await;
-    read.is_ok_and(|n| n < BIG_PART_LEN)
+    read_until_end_by(body, deadline)
+        .await
+        .is_some_and(|n| n < BIG_PART_LEN)
 }
 
 /// Opens a notification socket and a stream of the big part through `gw` with `token`, then
@@ -1564,13 +1529,9 @@ async fn revoke_ends_socket_and_stream<F, Fut>(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn disabling_the_user_or_unlinking_the_account_ends_its_socket_and_stream_within_a_second() {
     let w = world().await;
-    let friend = w.tv.add_account("friendplex");
-    let share = w.tv.share(&w.pms.machine_id(), &friend);
+    let (friend, share) = w.friend();
     let (home, home_token) = w.tv.add_home_user(&w.owner, "kidplex");
-    let gw = w.gateway("").start().await;
-    link(&gw, "alice", &w.owner.username).await;
-    link(&gw, "bob", &friend.username).await;
-    link(&gw, "carol", &home.username).await;
+    let gw = w.linked("", &[("bob", &friend), ("carol", &home)]).await;
     let phone = w.tv.issue_jwt(&w.owner, "phone-1", 3600);
 
     revoke_ends_socket_and_stream(&w, &gw, &phone, "user disable", || async {
@@ -1631,10 +1592,9 @@ async fn links_unlinks_and_disabled_users_on_one_replica_reach_the_other_at_once
     let resp = root.post("/_portcullis/admin/plex/link", &fields).await;
     assert_eq!(resp.status().as_u16(), 303);
     assert!(
-        poll_until(Duration::from_secs(2), || async {
-            plex_get(&b, "/library/sections", Some(&phone)).await.0 == 200
-        })
-        .await,
+        answers_within(&b, &phone, 200, Duration::from_secs(2))
+            .await
+            .is_some(),
         "replica B still refuses the token of the account linked on A"
     );
     eprintln!(
@@ -1655,10 +1615,9 @@ async fn links_unlinks_and_disabled_users_on_one_replica_reach_the_other_at_once
     a.cli_ok(&["plex", "link", "alice", &w.owner.username]);
     let tablet = w.tv.issue_jwt(&w.owner, "tablet-1", 3600);
     assert!(
-        poll_until(Duration::from_secs(2), || async {
-            plex_get(&b, "/library/sections", Some(&tablet)).await.0 == 200
-        })
-        .await,
+        answers_within(&b, &tablet, 200, Duration::from_secs(2))
+            .await
+            .is_some(),
         "replica B refuses the token linked again"
     );
     revoke_ends_socket_and_stream(&w, &b, &tablet, "user disable on A", || async {
@@ -1670,33 +1629,20 @@ async fn links_unlinks_and_disabled_users_on_one_replica_reach_the_other_at_once
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bound_jwt_is_refused_once_its_exp_passes() {
     let w = world().await;
-    let gw = w.gateway("").start().await;
-    link(&gw, "alice", &w.owner.username).await;
+    let gw = w.linked("", &[]).await;
     let short = w.tv.issue_jwt(&w.owner, "phone-1", 2);
     assert_eq!(
         plex_get(&gw, "/library/sections", Some(&short)).await.0,
         200
     );
     let reached = w.reached(&short);
-    let passed = std::sync::atomic::AtomicUsize::new(0);
-    let last = std::sync::Mutex::new(Value::Null);
-    assert!(
-        poll_until(Duration::from_secs(5), || async {
-            let (status, body) = plex_get(&gw, "/library/sections", Some(&short)).await;
-            if status == 200 {
-                passed.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            }
-            *last.lock().unwrap() = body;
-            status == 401
-        })
-        .await,
-        "the token passes after its exp"
-    );
-    let last = last.into_inner().unwrap();
+    let (last, passed) = answers_within(&gw, &short, 401, Duration::from_secs(5))
+        .await
+        .expect("the token passes after its exp");
     assert_eq!(last["error"], "expired", "{last}");
     assert_eq!(
         w.reached(&short),
-        reached + passed.into_inner(),
+        reached + passed,
         "a request with the expired token reached the server"
     );
 }
@@ -1704,8 +1650,7 @@ async fn a_bound_jwt_is_refused_once_its_exp_passes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_server_sees_the_gateways_forwarded_address_not_the_clients() {
     let w = world().await;
-    let gw = w.gateway("").start().await;
-    link(&gw, "alice", &w.owner.username).await;
+    let gw = w.linked("", &[]).await;
     let token = w.tv.issue_jwt(&w.owner, "phone-1", 3600);
     // A client that claims to be somewhere public, from 127.0.0.7.
     let resp = client_from([127, 0, 0, 7])
