@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use axum::extract::{Query, State};
+use axum::extract::{FromRequest, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Extension;
@@ -453,16 +453,28 @@ pub(crate) struct PlexLinkForm {
     csrf: String,
 }
 
+/// A [`PlexLinkForm`] posted from the admin page: read as every page form is ([`PageForm`]),
+/// then refused as every admin form is ([`admin_form`]) unless a signed-in admin sent it with
+/// the page's CSRF token.
+pub(crate) struct AdminPlexForm(PlexLinkForm);
+
+impl FromRequest<Arc<App>> for AdminPlexForm {
+    type Rejection = Response;
+
+    async fn from_request(req: axum::extract::Request, app: &Arc<App>) -> Result<Self, Response> {
+        let headers = req.headers().clone();
+        let PageForm(form) = PageForm::<PlexLinkForm>::from_request(req, app).await?;
+        admin_form(app, &headers, &form.csrf).await?;
+        Ok(Self(form))
+    }
+}
+
 /// `POST /_portcullis/admin/plex/link`: links a Plex account to a gateway user.
 pub(crate) async fn plex_link(
     State(app): State<Arc<App>>,
     Extension(client): Extension<ClientInfo>,
-    headers: HeaderMap,
-    PageForm(form): PageForm<PlexLinkForm>,
+    AdminPlexForm(form): AdminPlexForm,
 ) -> Response {
-    if let Err(r) = admin_form(&app, &headers, &form.csrf).await {
-        return r;
-    }
     let user = form.user.as_deref().map(str::trim).unwrap_or_default();
     if user.is_empty() {
         return bad("Choose the gateway user to link the Plex account to.");
@@ -477,12 +489,8 @@ pub(crate) async fn plex_link(
 pub(crate) async fn plex_unlink(
     State(app): State<Arc<App>>,
     Extension(client): Extension<ClientInfo>,
-    headers: HeaderMap,
-    PageForm(form): PageForm<PlexLinkForm>,
+    AdminPlexForm(form): AdminPlexForm,
 ) -> Response {
-    if let Err(r) = admin_form(&app, &headers, &form.csrf).await {
-        return r;
-    }
     match app.plex_unlink(&form.account, "admin", &client).await {
         Ok(true) => redirect(&format!("{ADMIN_PATH}?done=plex-unlinked")),
         Ok(false) => bad("That Plex account is not linked."),
@@ -495,12 +503,8 @@ pub(crate) async fn plex_unlink(
 pub(crate) async fn plex_revoke_upstream(
     State(app): State<Arc<App>>,
     Extension(client): Extension<ClientInfo>,
-    headers: HeaderMap,
-    PageForm(form): PageForm<PlexLinkForm>,
+    AdminPlexForm(form): AdminPlexForm,
 ) -> Response {
-    if let Err(r) = admin_form(&app, &headers, &form.csrf).await {
-        return r;
-    }
     let revocation = match app
         .plex_revoke_upstream(&form.account, "admin", &client)
         .await
