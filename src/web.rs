@@ -384,6 +384,37 @@ async fn refuse_cross_site(
     next.run(req).await
 }
 
+/// Why a body extractor refused a request, sorted alike for page forms ([`PageForm`]) and
+/// passkey JSON (`passkey::PasskeyJson`): another content type, a body over the limit, or one
+/// that cannot be read as the handler's type.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum BodyRefusal {
+    WrongType,
+    TooLarge,
+    Unreadable,
+}
+
+impl BodyRefusal {
+    /// Sorts axum's refusal by its status: 415 and 413 as they are, anything else (400, 422, a
+    /// failed read) unreadable.
+    pub(crate) fn of(status: StatusCode) -> Self {
+        match status {
+            StatusCode::UNSUPPORTED_MEDIA_TYPE => Self::WrongType,
+            StatusCode::PAYLOAD_TOO_LARGE => Self::TooLarge,
+            _ => Self::Unreadable,
+        }
+    }
+
+    /// The status it is answered with: 415, 413, or 400 (never axum's plain-text 422).
+    pub(crate) fn status(self) -> StatusCode {
+        match self {
+            Self::WrongType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Self::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::Unreadable => StatusCode::BAD_REQUEST,
+        }
+    }
+}
+
 /// A urlencoded form body whose refusal is the gateway's own page with a precise status: 415
 /// for another content type (e.g. `text/plain` with a JSON body), 413 over the body limit, and
 /// 400 for a form that lacks a field or cannot be read (axum's own answer would be a plain-text
@@ -401,10 +432,7 @@ where
         match axum::Form::<T>::from_request(req, state).await {
             Ok(axum::Form(value)) => Ok(PageForm(value)),
             Err(rejection) => {
-                let status = match rejection.status() {
-                    s @ (StatusCode::UNSUPPORTED_MEDIA_TYPE | StatusCode::PAYLOAD_TOO_LARGE) => s,
-                    _ => StatusCode::BAD_REQUEST,
-                };
+                let status = BodyRefusal::of(rejection.status()).status();
                 tracing::info!(status = status.as_u16(), "form refused");
                 Err(no_store(
                     (

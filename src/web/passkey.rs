@@ -21,7 +21,7 @@ use super::login::{login_status, pending_form, step_response, with_retry_after};
 use super::pages::{self, escape, hidden, when, PASSKEY_ERROR, PASSKEY_SCRIPT};
 use super::{
     cross_site, forbidden_cross_site, no_store, redirect, safe_return_path, store_unavailable,
-    to_login, PageForm, ACCOUNT_PATH, LOGIN_PATH,
+    to_login, BodyRefusal, PageForm, ACCOUNT_PATH, LOGIN_PATH,
 };
 use crate::app::account::{AccountError, Reauth};
 use crate::app::passkey::authenticator_name;
@@ -173,12 +173,13 @@ where
             Ok(Json(value)) => return Ok(PasskeyJson(value)),
             Err(r) => r,
         };
-        let e = match rejection {
-            JsonRejection::MissingJsonContentType(_) => PasskeyError::NotJson,
-            JsonRejection::JsonSyntaxError(_) => {
+        let e = match (BodyRefusal::of(rejection.status()), rejection) {
+            (BodyRefusal::WrongType, _) => PasskeyError::NotJson,
+            (BodyRefusal::TooLarge, _) => PasskeyError::TooLarge,
+            (_, JsonRejection::JsonSyntaxError(_)) => {
                 PasskeyError::Malformed("the body is not valid JSON".into())
             }
-            JsonRejection::JsonDataError(e) => {
+            (_, JsonRejection::JsonDataError(e)) => {
                 let text = e.body_text();
                 PasskeyError::Malformed(
                     match text
@@ -191,7 +192,6 @@ where
                     },
                 )
             }
-            r if r.status() == StatusCode::PAYLOAD_TOO_LARGE => PasskeyError::TooLarge,
             _ => PasskeyError::Malformed("the body could not be read".into()),
         };
         tracing::info!(reason = e.label(), "passkey request refused");
