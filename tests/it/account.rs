@@ -37,13 +37,7 @@ pub(crate) struct Browser<'a> {
 
 impl<'a> Browser<'a> {
     pub(crate) async fn login(gw: &'a Gateway, user: &str, pw: &str) -> Browser<'a> {
-        let resp = client()
-            .post(gw.url("/_portcullis/login"))
-            .header("Origin", gw.base.clone())
-            .form(&[("username", user), ("password", pw), ("rd", "/")])
-            .send()
-            .await
-            .unwrap();
+        let resp = gw.login_form(user, pw, "/").await;
         assert_eq!(resp.status(), 303, "form login of {user}");
         let cookie = set_cookie(&resp, "portcullis").expect("a session cookie");
         Browser { gw, cookie }
@@ -389,13 +383,7 @@ pub(crate) async fn pending_login(
     pw: &str,
     rd: &str,
 ) -> (String, String) {
-    let resp = client()
-        .post(gw.url("/_portcullis/login"))
-        .header("Origin", gw.base.clone())
-        .form(&[("username", user), ("password", pw), ("rd", rd)])
-        .send()
-        .await
-        .unwrap();
+    let resp = gw.login_form(user, pw, rd).await;
     assert_eq!(resp.status(), 303);
     assert!(
         set_cookie(&resp, "portcullis").is_none(),
@@ -573,13 +561,7 @@ async fn require_2fa_sends_users_without_it_to_enrolment() {
         .await;
     let (status, _) = gw.try_login("alice", ALICE_PW, None).await;
     assert_eq!(status, 403);
-    let resp = client()
-        .post(gw.url("/_portcullis/login"))
-        .header("Origin", gw.base.clone())
-        .form(&[("username", "alice"), ("password", ALICE_PW), ("rd", "/")])
-        .send()
-        .await
-        .unwrap();
+    let resp = gw.login_form("alice", ALICE_PW, "/").await;
     assert_eq!(resp.status(), 303);
     assert_eq!(
         resp.headers()["location"],
@@ -726,13 +708,7 @@ async fn require_reset_forces_a_new_password_at_next_login() {
     let (status, body) = gw.try_login("alice", ALICE_PW, None).await;
     assert_eq!(status, 403);
     assert_eq!(body["error"], "password_reset_required");
-    let resp = client()
-        .post(gw.url("/_portcullis/login"))
-        .header("Origin", gw.base.clone())
-        .form(&[("username", "alice"), ("password", ALICE_PW), ("rd", "/x")])
-        .send()
-        .await
-        .unwrap();
+    let resp = gw.login_form("alice", ALICE_PW, "/x").await;
     assert_eq!(
         resp.headers()["location"],
         "/_portcullis/login/password?rd=%2Fx"

@@ -587,6 +587,17 @@ upstream = "{upstream}"
             .unwrap()
     }
 
+    /// Posts the login page's form (from this gateway's origin) with return path `rd`.
+    pub async fn login_form(&self, user: &str, password: &str, rd: &str) -> reqwest::Response {
+        client()
+            .post(self.url("/_portcullis/login"))
+            .header("Origin", self.base.clone())
+            .form(&[("username", user), ("password", password), ("rd", rd)])
+            .send()
+            .await
+            .unwrap()
+    }
+
     /// Tries a login through the JSON API: the status and the JSON body.
     pub async fn try_login(&self, user: &str, password: &str, totp: Option<&str>) -> (u16, Value) {
         let mut body = serde_json::json!({"username": user, "password": password});

@@ -237,13 +237,7 @@ fn edit_config(gw: &Gateway, from: &str, to: &str) {
 
 /// A password login through the form: status, `Location`, the pending-login cookie.
 async fn password_form(gw: &Gateway, user: &str) -> (u16, String, Option<String>) {
-    let resp = client()
-        .post(gw.url("/_portcullis/login"))
-        .header("Origin", gw.base.clone())
-        .form(&[("username", user), ("password", PW), ("rd", "/probe")])
-        .send()
-        .await
-        .unwrap();
+    let resp = gw.login_form(user, PW, "/probe").await;
     let location = resp
         .headers()
         .get("location")
@@ -888,13 +882,7 @@ async fn users_who_must_use_a_passkey_register_one_at_sign_in_and_the_password_a
     assert_eq!(gw.status_with_cookie("/probe", &cookie).await, 200);
 
     // Now the password alone opens nothing, by the form or the API.
-    let resp = client()
-        .post(gw.url("/_portcullis/login"))
-        .header("Origin", gw.base.clone())
-        .form(&[("username", "alice"), ("password", PW), ("rd", "/")])
-        .send()
-        .await
-        .unwrap();
+    let resp = gw.login_form("alice", PW, "/").await;
     assert_eq!(resp.status(), 403);
     assert!(set_cookie(&resp, "portcullis").is_none());
     assert!(resp.text().await.unwrap().contains("passkey only"));
@@ -1641,13 +1629,7 @@ async fn with_passkeys_required_of_admins_an_admins_password_is_refused_and_a_us
         register_at_sign_in(&gw, &location, &pending.expect("a pending login")).await;
     assert_eq!(gw.status_with_cookie("/probe", &cookie).await, 200);
     // From then on the admin's password alone is refused with the clear message ...
-    let resp = client()
-        .post(gw.url("/_portcullis/login"))
-        .header("Origin", gw.base.clone())
-        .form(&[("username", "root"), ("password", PW), ("rd", "/probe")])
-        .send()
-        .await
-        .unwrap();
+    let resp = gw.login_form("root", PW, "/probe").await;
     assert_eq!(resp.status(), 403);
     assert!(set_cookie(&resp, "portcullis").is_none());
     assert!(set_cookie(&resp, "portcullis-pending").is_none());
@@ -1656,13 +1638,7 @@ async fn with_passkeys_required_of_admins_an_admins_password_is_refused_and_a_us
     // ... and the passkey signs in; the user's password still opens a session, no step.
     let cookie = passkey_session(&gw, &mut key, None).await;
     assert_eq!(gw.status_with_cookie("/probe", &cookie).await, 200);
-    let resp = client()
-        .post(gw.url("/_portcullis/login"))
-        .header("Origin", gw.base.clone())
-        .form(&[("username", "alice"), ("password", PW), ("rd", "/probe")])
-        .send()
-        .await
-        .unwrap();
+    let resp = gw.login_form("alice", PW, "/probe").await;
     assert_eq!(resp.status(), 303);
     assert_eq!(resp.headers()["location"], "/probe");
     let cookie = set_cookie(&resp, "portcullis").expect("a session for the user");
