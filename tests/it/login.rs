@@ -15,16 +15,6 @@ async fn setup() -> (Upstream, Gateway) {
     (up, gw)
 }
 
-async fn form_login(gw: &Gateway, user: &str, pw: &str, rd: &str) -> reqwest::Response {
-    client()
-        .post(gw.url("/_portcullis/login"))
-        .header("Origin", gw.base.clone())
-        .form(&[("username", user), ("password", pw), ("rd", rd)])
-        .send()
-        .await
-        .unwrap()
-}
-
 #[tokio::test]
 async fn login_page_is_a_self_contained_form() {
     let (_up, gw) = setup().await;
@@ -71,7 +61,9 @@ async fn login_page_is_a_self_contained_form() {
 #[tokio::test]
 async fn form_login_sets_cookie_and_redirects_to_return_path() {
     let (up, gw) = setup().await;
-    let resp = form_login(&gw, "alice", ALICE_PW, "/web/index.html?x=1").await;
+    let resp = gw
+        .login_form("alice", ALICE_PW, "/web/index.html?x=1")
+        .await;
     assert_eq!(resp.status(), 303);
     assert_eq!(resp.headers()["location"], "/web/index.html?x=1");
     let cookie = resp.headers()["set-cookie"].to_str().unwrap().to_string();
@@ -109,7 +101,7 @@ async fn open_redirect_attempts_land_on_a_same_origin_path() {
         "javascript:alert(1)",
         "",
     ] {
-        let resp = form_login(&gw, "alice", ALICE_PW, evil).await;
+        let resp = gw.login_form("alice", ALICE_PW, evil).await;
         assert_eq!(resp.status(), 303, "{evil}");
         let location = resp.headers()["location"].to_str().unwrap();
         assert_eq!(location, "/", "{evil} redirected to {location}");
@@ -119,8 +111,8 @@ async fn open_redirect_attempts_land_on_a_same_origin_path() {
 #[tokio::test]
 async fn wrong_password_and_unknown_user_get_the_same_answer() {
     let (up, gw) = setup().await;
-    let wrong = form_login(&gw, "alice", "not-the-password", "/").await;
-    let unknown = form_login(&gw, "mallory", "not-the-password", "/").await;
+    let wrong = gw.login_form("alice", "not-the-password", "/").await;
+    let unknown = gw.login_form("mallory", "not-the-password", "/").await;
     assert_eq!(wrong.status(), 401);
     assert_eq!(unknown.status(), 401);
     assert!(wrong.headers().get("set-cookie").is_none());
