@@ -17,6 +17,8 @@
 //! once that byte is there (`until_readable`). The wait is a zero-length read: readiness from
 //! the runtime, and one `read(2)` of no bytes when it comes.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -53,26 +55,16 @@ impl HandOver {
         }
     }
 
-    /// Waits until the connection has bytes to read (or has ended), holding only its socket,
-    /// and gives back a session for them; `None` when the connection is to close first (its
-    /// keep-alive ran out, or the service is stopping). Sessions that may already hold their
-    /// next bytes (pipelining) or are not plaintext HTTP/1.1 are given back at once: a TLS
-    /// stream answers a zero-length read without waiting.
-    async fn until_readable(&self, session: ServerSession) -> Option<ServerSession> {
-        let mut h1 = match session {
-            ServerSession::H1(h1)
-                if h1.digest().ssl_digest.is_none() && !h1.pipelining_enabled() =>
-            {
-                h1
-            }
-            other => return Some(other),
-        };
-        // What Pingora carried over from the previous request, carried over the wait.
-        let keepalive = h1.get_keepalive_timeout();
-        let reuses = h1.get_keepalive_reuses_remaining();
-        let context = h1.take_connection_user_context();
-        let mut stream = h1.into_inner();
-
+    /// Waits until the parked connection has bytes to read (or has ended) and gives back a
+    /// session for them; `None` when the connection is to close first (its keep-alive ran out,
+    /// or the service is stopping).
+    async fn until_readable(&self, parked: Parked) -> Option<ServerSession> {
+        let Parked {
+            mut stream,
+            keepalive,
+            reuses,
+            context,
+        } = parked;
         let closed = self.closed.notified();
         tokio::pin!(closed);
         closed.as_mut().enable();
@@ -107,22 +99,74 @@ impl HandOver {
     }
 }
 
+/// A plaintext HTTP/1.1 connection between requests: its socket and what Pingora carries from
+/// one request to the next, without the session (680 bytes) or anything of the proxy.
+struct Parked {
+    stream: pingora::protocols::Stream,
+    keepalive: Option<u64>,
+    reuses: Option<u32>,
+    context: Option<Box<dyn std::any::Any + Send + Sync>>,
+}
+
+impl Parked {
+    /// Parks the session, or gives it back when it may already hold its next bytes
+    /// (pipelining) or is not plaintext HTTP/1.1 (a TLS stream answers a zero-length read
+    /// without waiting, and HTTP/2 has its own idle handling).
+    fn park(session: ServerSession) -> Result<Parked, ServerSession> {
+        match session {
+            ServerSession::H1(mut h1)
+                if h1.digest().ssl_digest.is_none() && !h1.pipelining_enabled() =>
+            {
+                Ok(Parked {
+                    keepalive: h1.get_keepalive_timeout(),
+                    reuses: h1.get_keepalive_reuses_remaining(),
+                    context: h1.take_connection_user_context(),
+                    stream: h1.into_inner(),
+                })
+            }
+            other => Err(other),
+        }
+    }
+}
+
+type ProxyFuture<'a> = Pin<Box<dyn Future<Output = Option<ReusedHttpStream>> + Send + 'a>>;
+
+/// Lets the thread's heap take back what the connection freed, when it has ended.
+fn tidied(reused: Option<ReusedHttpStream>) -> Option<ReusedHttpStream> {
+    if reused.is_none() {
+        crate::tidy_thread_heap();
+    }
+    reused
+}
+
 #[async_trait]
 impl HttpServerApp for HandOver {
-    async fn process_new_http(
-        self: &Arc<Self>,
+    // Written out instead of as an `async fn`: the session is parked before the future is
+    // made, so the future a waiting connection holds has the socket in it and not the session,
+    // and the proxy's future is made only once the next request's bytes are there.
+    fn process_new_http<'life0, 'life1, 'async_trait>(
+        self: &'life0 Arc<Self>,
         session: ServerSession,
-        shutdown: &ShutdownWatch,
-    ) -> Option<ReusedHttpStream> {
-        let Some(session) = self.until_readable(session).await else {
-            crate::tidy_thread_heap();
-            return None;
-        };
-        let reused = self.proxy.process_new_http(session, shutdown).await;
-        if reused.is_none() {
-            crate::tidy_thread_heap();
+        shutdown: &'life1 ShutdownWatch,
+    ) -> ProxyFuture<'async_trait>
+    where
+        'life0: 'async_trait,
+        'life1: 'async_trait,
+        Self: 'async_trait,
+    {
+        match Parked::park(session) {
+            Ok(parked) => Box::pin(async move {
+                let Some(session) = self.until_readable(parked).await else {
+                    crate::tidy_thread_heap();
+                    return None;
+                };
+                tidied(self.proxy.process_new_http(session, shutdown).await)
+            }),
+            Err(session) => {
+                let serving = self.proxy.process_new_http(session, shutdown);
+                Box::pin(async move { tidied(serving.await) })
+            }
         }
-        reused
     }
 
     fn h2_options(&self) -> Option<pingora::protocols::http::v2::server::H2Options> {

@@ -231,7 +231,12 @@ impl<A: ServerApp + Send + Sync + 'static> Service<A> {
                     let shutdown = shutdown.clone();
                     current_handle().spawn(async move {
                         let peer_addr = io.peer_addr();
-                        match timeout(Duration::from_secs(60), io.handshake()).await {
+                        // The handshake's state (with TLS the largest part of this task) is boxed,
+                        // so it is freed when the handshake ends instead of staying in the task
+                        // for the connection's whole life. (Portcullis patch: see PORTCULLIS.md.)
+                        let handshake =
+                            Box::pin(timeout(Duration::from_secs(60), io.handshake())).await;
+                        match handshake {
                             Ok(handshake) => {
                                 match handshake {
                                     Ok(io) => Self::handle_event(io, app, shutdown).await,
