@@ -163,6 +163,9 @@ $tls
 threads = $THREADS
 grace_period = "1s"
 data_dir = "$dir"
+# Every request comes from one loopback address (wrk, or Caddy asking /verify); the default cap
+# of 256 connections per address would cut the pool of a proxy in front.
+max_connections_per_ip = 100000
 
 [store]
 url = "sqlite://$dir/p.db"
