@@ -17,7 +17,7 @@
 # idle `portcullis signout --user` ends one user's sockets, then `portcullis breach-response`
 # all the rest; each step is timed until the last of its sockets is closed, with the gateway's
 # CPU meanwhile (nginx and Caddy cannot end a session, so they only hold sockets). The CLI
-# writes to the SQLite store, which the gateway reads every store.poll_interval (POLL, 1s as
+# writes to the SQLite store, which the gateway reads every store.poll_interval (POLL, 250ms as
 # by default).
 #
 # HEAP=1: where the memory of an idle connection goes. Builds the gateway (dev profile) with the
@@ -135,7 +135,7 @@ max_connections_per_ip = 1000000
 
 [store]
 url = "sqlite://$TMP/d/p.db"
-poll_interval = "${POLL:-1s}"
+poll_interval = "${POLL:-250ms}"
 
 [session]
 key_file = "$TMP/d/session.key"

@@ -1256,6 +1256,10 @@ impl App {
                     .inc();
             }
         }
+        if events.iter().any(|e| e.event.is_revocation()) {
+            // Now that the view has them, the connections they end are closed.
+            self.media.connection_wake.notify_one();
+        }
         self.refresh_view_metrics();
     }
 

@@ -91,6 +91,9 @@ pub struct MediaState {
     next_conn: AtomicU64,
     /// Woken when a revocation may have made an upstream logout due.
     pub logout_wake: tokio::sync::Notify,
+    /// Woken when a revocation has reached the view: open connections it ends are closed at
+    /// once rather than at the next `CONNECTION_CHECK`.
+    pub connection_wake: tokio::sync::Notify,
 }
 
 impl MediaState {
@@ -136,6 +139,7 @@ impl MediaState {
             conns: Mutex::new(HashMap::new()),
             next_conn: AtomicU64::new(1),
             logout_wake: tokio::sync::Notify::new(),
+            connection_wake: tokio::sync::Notify::new(),
         }
     }
 

@@ -1034,12 +1034,16 @@ impl App {
         }
     }
 
-    /// Closes open WebSockets and streams whose session has ended, several times a second.
+    /// Closes open WebSockets and streams whose session has ended: at once when a revocation
+    /// reaches the view, and several times a second for sessions that simply expire.
     pub async fn run_connection_watch(self: Arc<Self>) {
         let mut tick = tokio::time::interval(mediaserver::CONNECTION_CHECK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            tick.tick().await;
+            tokio::select! {
+                _ = tick.tick() => {}
+                () = self.media.connection_wake.notified() => {}
+            }
             let closed = self.media.close_dead_connections(&self.view, now_ms());
             if closed > 0 {
                 tracing::info!(closed, "closed connections of ended sessions");
