@@ -24,6 +24,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use futures_util::FutureExt;
 use pingora::apps::{HttpServerApp, HttpServerOptions, ReusedHttpStream};
 use pingora::protocols::http::ServerSession;
 use pingora::proxy::HttpProxy;
@@ -65,6 +66,25 @@ impl HandOver {
             reuses,
             context,
         } = parked;
+        // A busy connection's next request is often there already: then no timer and no
+        // shutdown waiter are set up for a wait that does not happen.
+        if stream.read(&mut []).now_or_never().is_none() {
+            self.wait_readable(&mut stream, keepalive).await?;
+        }
+        let mut session = ServerSession::new_http1(stream);
+        session.set_keepalive(keepalive);
+        session.set_keepalive_reuses_remaining(reuses);
+        session.set_connection_user_context(context);
+        Some(session)
+    }
+
+    /// Waits for the stream to be readable; `None` when the keep-alive runs out first or the
+    /// service is stopping.
+    async fn wait_readable(
+        &self,
+        stream: &mut pingora::protocols::Stream,
+        keepalive: Option<u64>,
+    ) -> Option<()> {
         let closed = self.closed.notified();
         tokio::pin!(closed);
         closed.as_mut().enable();
@@ -91,11 +111,7 @@ impl HandOver {
             }
             () = &mut closed => return None,
         }
-        let mut session = ServerSession::new_http1(stream);
-        session.set_keepalive(keepalive);
-        session.set_keepalive_reuses_remaining(reuses);
-        session.set_connection_user_context(context);
-        Some(session)
+        Some(())
     }
 }
 
