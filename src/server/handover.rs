@@ -128,6 +128,8 @@ impl Parked {
     /// Parks the session, or gives it back when it may already hold its next bytes
     /// (pipelining) or is not plaintext HTTP/1.1 (a TLS stream answers a zero-length read
     /// without waiting, and HTTP/2 has its own idle handling).
+    // The session given back is moved once per request; boxing it would allocate every time.
+    #[allow(clippy::result_large_err)]
     fn park(session: ServerSession) -> Result<Parked, ServerSession> {
         match session {
             ServerSession::H1(mut h1)
