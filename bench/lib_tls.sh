@@ -308,6 +308,10 @@ ticks() { # PIDS... -> utime+stime, clock ticks, summed
     echo "$total"
 }
 now() { date +%s.%N; }
+rotation() { # ROUND -> the cases in this round's order (each round starts one further on)
+    local i n=${#CASES[@]}
+    for ((i = 0; i < n; i++)); do printf '%s ' "${CASES[$(((i + $1 - 1) % n))]}"; done
+}
 json_str() { python3 -c 'import json,sys; print(json.dumps(sys.argv[1]))' "$1"; }
 # The machine and the versions, as JSON members (no braces), for a report's meta.json.
 tls_meta_json() {

@@ -137,9 +137,7 @@ for c in "${CASES[@]}"; do run "$c" "$TMP/warm_$c" 1; done
 LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
 START=$(date +%s)
 for ((r = 1; r <= ROUNDS; r++)); do
-    n=${#CASES[@]}
-    order=()
-    for ((i = 0; i < n; i++)); do order+=("${CASES[$(((i + r - 1) % n))]}"); done
+    read -r -a order <<<"$(rotation "$r")"
     say "round $r/$ROUNDS: ${order[*]}"
     for c in "${order[@]}"; do
         run "$c" "$RES/mix_${c}_r$r" "$DURATION"

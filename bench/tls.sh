@@ -184,9 +184,7 @@ done
 LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
 START=$(date +%s)
 for ((r = 1; r <= ROUNDS; r++)); do
-    n=${#CASES[@]}
-    order=()
-    for ((i = 0; i < n; i++)); do order+=("${CASES[$(((i + r - 1) % n))]}"); done
+    read -r -a order <<<"$(rotation "$r")"
     say "round $r/$ROUNDS: ${order[*]}"
     for kind in "${KINDS[@]}"; do
         line="  $kind:"
