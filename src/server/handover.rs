@@ -92,26 +92,23 @@ impl HandOver {
             return None;
         }
         let readable = stream.read(&mut []);
-        let limit = keepalive.filter(|&secs| secs > 0).map(Duration::from_secs);
-        tokio::select! {
-            biased;
-            // An error is the proxy's to meet: it reads the same socket and closes it.
-            read = async {
-                match limit {
-                    Some(limit) => tokio::time::timeout(limit, readable).await.is_ok(),
-                    None => {
-                        let _ = readable.await;
-                        true
-                    }
-                }
-            } => {
-                if !read {
-                    return None;
+        // An error is the proxy's to meet: it reads the same socket and closes it.
+        let in_time = async {
+            match keepalive.filter(|&secs| secs > 0) {
+                Some(secs) => tokio::time::timeout(Duration::from_secs(secs), readable)
+                    .await
+                    .is_ok(),
+                None => {
+                    let _ = readable.await;
+                    true
                 }
             }
-            () = &mut closed => return None,
+        };
+        tokio::select! {
+            biased;
+            in_time = in_time => in_time.then_some(()),
+            () = closed => None,
         }
-        Some(())
     }
 }
 
