@@ -12,10 +12,12 @@
 //! `HandOver` also keeps an idle HTTP/1.1 connection small. Pingora starts the proxy's state
 //! for the next request (its boxed future, a 4 KiB head buffer, the session) as soon as the
 //! previous response has ended, and keeps it while the connection waits, possibly for minutes:
-//! tens of KiB for each phone or TV that holds a keep-alive. Here a plaintext connection waits
-//! for the first byte of its next request holding nothing but the socket, and the proxy starts
-//! once that byte is there (`until_readable`). The wait is a zero-length read: readiness from
-//! the runtime, and one `read(2)` of no bytes when it comes.
+//! tens of KiB for each phone or TV that holds a keep-alive. Here a connection waits for the
+//! first byte of its next request holding nothing but the socket (and over TLS, rustls's
+//! state), and the proxy starts once that byte is there (`until_readable`). The wait is a
+//! zero-length read: readiness from the runtime, and one `read(2)` of no bytes when it comes.
+//! Over TLS the read returns at once when rustls already holds decrypted bytes (the Pingora
+//! patch's fourth change, vendor/pingora-core/PORTCULLIS.md).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -112,8 +114,8 @@ impl HandOver {
     }
 }
 
-/// A plaintext HTTP/1.1 connection between requests: its socket and what Pingora carries from
-/// one request to the next, without the session (680 bytes) or anything of the proxy.
+/// An HTTP/1.1 connection between requests: its stream and what Pingora carries from one request
+/// to the next, without the session (680 bytes) or anything of the proxy.
 struct Parked {
     stream: pingora::protocols::Stream,
     keepalive: Option<u64>,
@@ -123,15 +125,12 @@ struct Parked {
 
 impl Parked {
     /// Parks the session, or gives it back when it may already hold its next bytes
-    /// (pipelining) or is not plaintext HTTP/1.1 (a TLS stream answers a zero-length read
-    /// without waiting, and HTTP/2 has its own idle handling).
+    /// (pipelining) or is not HTTP/1.1 (HTTP/2 has its own idle handling).
     // The session given back is moved once per request; boxing it would allocate every time.
     #[allow(clippy::result_large_err)]
     fn park(session: ServerSession) -> Result<Parked, ServerSession> {
         match session {
-            ServerSession::H1(mut h1)
-                if h1.digest().ssl_digest.is_none() && !h1.pipelining_enabled() =>
-            {
+            ServerSession::H1(mut h1) if !h1.pipelining_enabled() => {
                 Ok(Parked {
                     keepalive: h1.get_keepalive_timeout(),
                     reuses: h1.get_keepalive_reuses_remaining(),

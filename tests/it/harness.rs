@@ -131,6 +131,17 @@ impl GatewayBuilder {
         self
     }
 
+    /// TLS on the public listener: a test CA and a certificate for `localhost` and `127.0.0.1`
+    /// written into `dir` (see [`write_certificates`]; the CA is `dir/ca.pem`).
+    pub fn tls(self, dir: &Path) -> Self {
+        write_certificates(dir, "Portcullis test CA");
+        self.server_keys(&format!(
+            "tls_cert = \"{}\"\ntls_key = \"{}\"",
+            dir.join("server.pem").display(),
+            dir.join("server.key").display()
+        ))
+    }
+
     /// Log format and level of the gateway.
     pub fn log(mut self, format: &str, level: &str) -> Self {
         self.log = format!("format = \"{format}\"\nlevel = \"{level}\"");
@@ -687,6 +698,28 @@ upstream = "{upstream}"
     /// Resident memory of the gateway process, in KiB.
     pub fn rss_kib(&self) -> u64 {
         status_field(self.pid(), "VmRSS:")
+    }
+
+    /// The CPU time (user and system, seconds) the gateway uses while the test waits `wait`:
+    /// near nothing while every connection is idle, a whole core while a task spins.
+    pub async fn cpu_while(&self, wait: Duration) -> f64 {
+        let cpu = || {
+            let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid()))
+                .expect("the gateway's /proc/PID/stat");
+            // Fields after the command's closing parenthesis; utime and stime are the 12th and
+            // 13th of them, in clock ticks (100 a second on Linux).
+            let fields: Vec<u64> = stat
+                .rsplit_once(')')
+                .expect("a stat line")
+                .1
+                .split_whitespace()
+                .map(|f| f.parse().unwrap_or(0))
+                .collect();
+            (fields[11] + fields[12]) as f64 / 100.0
+        };
+        let before = cpu();
+        tokio::time::sleep(wait).await;
+        cpu() - before
     }
 }
 

@@ -13,7 +13,7 @@ use tokio_rustls::client::TlsStream;
 use tokio_rustls::rustls;
 use tokio_rustls::rustls::pki_types::pem::PemObject;
 
-use crate::harness::{write_certificates, Gateway};
+use crate::harness::Gateway;
 use crate::upstream::{pattern_byte, Upstream};
 
 const PW: &str = "alice-h2-password-2026";
@@ -29,17 +29,15 @@ struct Tls {
 /// A gateway with TLS on its public listener (a certificate for `localhost` from a test CA).
 async fn start(up: &Upstream) -> Tls {
     let dir = tempfile::tempdir().unwrap();
-    let ca = write_certificates(dir.path(), "Portcullis h2 test CA");
     let gw = Gateway::builder(&up.url())
         .user("alice", PW)
+        .tls(dir.path())
         .server_keys(&format!(
-            "tls_cert = \"{}\"\ntls_key = \"{}\"\npublic_url = \"https://localhost:{{port}}\"\n\
-             max_header_bytes = {MAX_HEAD}",
-            dir.path().join("server.pem").display(),
-            dir.path().join("server.key").display(),
+            "public_url = \"https://localhost:{{port}}\"\nmax_header_bytes = {MAX_HEAD}"
         ))
         .start()
         .await;
+    let ca = dir.path().join("ca.pem");
     Tls { dir, ca, gw }
 }
 

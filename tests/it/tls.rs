@@ -459,15 +459,7 @@ async fn several_certificates_are_chosen_by_sni_and_each_is_renewed_in_place() {
 async fn only_tls12_with_aead_suites_and_tls13_are_spoken() {
     let up = Upstream::start().await;
     let dir = tempfile::tempdir().unwrap();
-    crate::harness::write_certificates(dir.path(), "Portcullis TLS versions CA");
-    let gw = Gateway::builder(&up.url())
-        .server_keys(&format!(
-            "tls_cert = \"{}\"\ntls_key = \"{}\"",
-            dir.path().join("server.pem").display(),
-            dir.path().join("server.key").display()
-        ))
-        .start()
-        .await;
+    let gw = Gateway::builder(&up.url()).tls(dir.path()).start().await;
     let connect = format!("127.0.0.1:{}", gw.port);
     let s_client = |args: &'static [&'static str]| {
         let connect = connect.clone();

@@ -195,7 +195,21 @@ where
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<IoResult<()>> {
-        Pin::new(&mut self.tls.stream.as_mut().unwrap()).poll_read(cx, buf)
+        let stream = self.tls.stream.as_mut().unwrap();
+        // A zero-length read waits the way it does on a socket, until a read would make
+        // progress. rustls answers one at once, so a caller waiting for the
+        // next bytes without holding a buffer (an idle close-delimited body, a keep-alive
+        // between requests) would spin or give up. With decrypted bytes already buffered (or
+        // the peer's close_notify seen) it returns at once; otherwise it waits on the transport
+        // below, which reads no bytes either. (Portcullis patch: see PORTCULLIS.md.)
+        if buf.remaining() == 0 {
+            let (io, state) = stream.get_mut();
+            if state.wants_read() {
+                return Pin::new(io).poll_read(cx, buf);
+            }
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(stream).poll_read(cx, buf)
     }
 }
 
