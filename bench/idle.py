@@ -3,7 +3,7 @@
 
     python3 bench/idle.py --port PORT --pid PID [--conns 8000] [--token T] [--path /1k]
 
-Opens CONNS connections (with --ws: WebSockets, held open without frames) to 127.0.0.1:PORT (from 127.0.0.1 .. 127.0.0.N source addresses, a few
+Opens CONNS connections (over TLS with --ca; with --ws: WebSockets, held open without frames) to 127.0.0.1:PORT (from 127.0.0.1 .. 127.0.0.N source addresses, a few
 hundred each), sends one GET on each and reads the whole answer, then leaves them open and idle.
 Samples the RSS of PID and its children (nginx workers) before, with every connection idle (after
 a settle), and after all are closed (after a settle). Prints one JSON line:
@@ -14,6 +14,7 @@ import asyncio
 import json
 import os
 import signal
+import ssl
 import time
 
 
@@ -89,8 +90,9 @@ async def revoke(step, conns, pid):
 
 async def one(i, args, request, sockets):
     source = f"127.0.0.{1 + i // 500}"
+    tls = {"ssl": args.tls, "server_hostname": "127.0.0.1"} if args.tls else {}
     reader, writer = await asyncio.open_connection(
-        "127.0.0.1", args.port, local_addr=(source, 0)
+        "127.0.0.1", args.port, local_addr=(source, 0), **tls
     )
     writer.write(request)
     await writer.drain()
@@ -130,6 +132,7 @@ async def main():
         "connections or all; runs COMMAND and times until those sockets are closed (in order)",
     )
     ap.add_argument("--path", default="/1k")
+    ap.add_argument("--ca", help="speak TLS, trusting this CA file (one full handshake each)")
     ap.add_argument("--ws", action="store_true", help="open WebSockets on --path and hold them")
     ap.add_argument("--settle", type=float, default=3.0)
     ap.add_argument(
@@ -145,6 +148,11 @@ async def main():
     )
     args = ap.parse_args()
     args.tokens = args.tokens or [""]
+    args.tls = None
+    if args.ca:
+        # Every connection makes a full handshake (asyncio resumes no session), as many
+        # different phones and TVs would.
+        args.tls = ssl.create_default_context(cafile=args.ca)
     upgrade = (
         "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
         "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"

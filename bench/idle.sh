@@ -10,7 +10,8 @@
 # closed. MODE=ws: the upstream is bench/ws_upstream.py and each connection is a WebSocket
 # upgrade held open without frames (Jellyfin's /socket of an idle tab or app). Environment: CONNS=8000 THREADS=2 LATE=0 (also sample RSS this many seconds after
 # closing) KEEP=1 (keep the temp dir and the gateway's log) PORTCULLIS=target/release/portcullis (built when
-# missing) OUT=bench/out. Results: OUT/idle-MODE.json (one line per proxy) and a table on stdout.
+# missing) OUT=bench/out. Results: OUT/idle-MODE.json (with TLS=1 idle-MODE-tls.json; one line per
+# proxy) and a table on stdout.
 #
 # Caddy's reverse_proxy (c) runs beside them when Debian's caddy is installable (CADDY=0 leaves
 # it out). REVOKE=1 (with MODE=ws): the sockets belong to USERS users (10), and once all are
@@ -20,6 +21,10 @@
 # writes to the SQLite store, which the gateway reads every store.poll_interval (POLL, 250ms as
 # by default).
 #
+# TLS=1: every proxy terminates TLS (one ECDSA P-256 certificate from a test CA, made as
+# bench/lib_tls.sh makes it) and each connection is a full TLS handshake before its request: a
+# phone or TV holding a keep-alive to an https gateway.
+#
 # HEAP=1: where the memory of an idle connection goes. Builds the gateway (dev profile) with the
 # C library's malloc (feature system-allocator), runs it under heaptrack, kills it while the
 # connections are idle and prints the allocations still live then, grouped by call site, with
@@ -27,6 +32,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
+# shellcheck source=bench/lib_tls.sh
+. "$ROOT/bench/lib_tls.sh" # say, die, wait_up, tls_cert
 CONNS=${CONNS:-8000}
 MODE=${MODE:-keepalive}
 THREADS=${THREADS:-2}
@@ -40,8 +47,6 @@ PIDS=()
 mkdir -p "$OUT"
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 
-say() { printf '\n== %s\n' "$*" >&2; }
-die() { printf 'bench: %s\n' "$*" >&2; exit 1; }
 cleanup() {
     for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
     sleep 0.5
@@ -66,37 +71,21 @@ elif [ ! -x "$PORTCULLIS" ]; then
     cargo build --release --bin portcullis
 fi
 
-wait_http() { # URL PID
-    for _ in $(seq 600); do
-        kill -0 "$2" 2>/dev/null || return 1
-        [ "$(curl -s -o /dev/null -w '%{http_code}' --max-time 2 "$1" || true)" != "000" ] && return 0
-        sleep 0.1
-    done
-    return 1
-}
+SCHEME=http TLS_ARGS=() CURL_TLS=() GW_TLS="" RESULTS=$OUT/idle-$MODE.json
+if [ "${TLS:-0}" = 1 ]; then
+    tls_cert
+    RESULTS=$OUT/idle-$MODE-tls.json SCHEME=https TLS_ARGS=(--ca "$CA") CURL_TLS=(--cacert "$CA")
+    GW_TLS="tls_cert = \"$CERT\"
+tls_key = \"$KEY\""
+fi
 read -r P_UP P_N P_D P_DA P_C <<<"$(python3 -c '
 import socket
 s=[socket.socket() for _ in range(5)]
 [x.bind(("127.0.0.1",0)) for x in s]
 print(" ".join(str(x.getsockname()[1]) for x in s))')"
 
-nginx_conf() { # DIR WORKERS SERVER-BLOCK
-    cat <<EOF
-daemon off;
-pid $1/nginx.pid;
-error_log $1/error.log warn;
-worker_processes $2;
-worker_rlimit_nofile 65536;
-events { worker_connections 20000; }
-http {
-    client_body_temp_path $1/cb; proxy_temp_path $1/px; fastcgi_temp_path $1/fc;
-    uwsgi_temp_path $1/uw; scgi_temp_path $1/sc;
-    access_log off; keepalive_requests 1000000; keepalive_timeout 300s;
-    $3
-}
-EOF
-}
-
+# nginx (bench/lib_tls.sh's nginx_conf) holds 20,000 connections per worker and keeps them 5 min.
+NGINX_CONNS=20000 NGINX_KEEPALIVE=300s
 say "upstream nginx on :$P_UP"
 mkdir -p "$TMP/up/www" "$TMP/n"
 chmod 755 "$TMP/up" "$TMP/up/www"
@@ -104,22 +93,23 @@ head -c 1024 /dev/urandom >"$TMP/up/www/1k"
 if [ "$MODE" = ws ]; then
     python3 bench/ws_upstream.py "$P_UP" &
 else
-    nginx_conf "$TMP/up" 2 "server { listen 127.0.0.1:$P_UP; root $TMP/up/www; }" >"$TMP/up/nginx.conf"
+    nginx_conf "$TMP/up" 2 "access_log off; server { listen 127.0.0.1:$P_UP; root $TMP/up/www; }" >"$TMP/up/nginx.conf"
     "$NGINX" -p "$TMP/up" -c "$TMP/up/nginx.conf" -e "$TMP/up/error.log" &
 fi
 PIDS+=($!)
-wait_http "http://127.0.0.1:$P_UP/1k" "${PIDS[-1]}" || die "upstream did not start"
+wait_up "http://127.0.0.1:$P_UP/1k" "${PIDS[-1]}" || die "upstream did not start"
 
 say "nginx reverse proxy on :$P_N"
-nginx_conf "$TMP/n" "$THREADS" "upstream up { server 127.0.0.1:$P_UP; keepalive 64; }
+nginx_conf "$TMP/n" "$THREADS" "access_log off; upstream up { server 127.0.0.1:$P_UP; keepalive 64; }
     map \$http_upgrade \$connection_upgrade { default upgrade; '' \"\"; }
-    server { listen 127.0.0.1:$P_N; location / { proxy_pass http://up; proxy_http_version 1.1;
+    server { listen 127.0.0.1:$P_N${CERT:+ ssl}; ${CERT:+ssl_certificate $CERT; ssl_certificate_key $KEY;}
+        location / { proxy_pass http://up; proxy_http_version 1.1;
         proxy_set_header Upgrade \$http_upgrade; proxy_set_header Connection \$connection_upgrade;
         proxy_read_timeout 1h; } }" >"$TMP/n/nginx.conf"
 "$NGINX" -p "$TMP/n" -c "$TMP/n/nginx.conf" -e "$TMP/n/error.log" &
 N_PID=$!
 PIDS+=($N_PID)
-wait_http "http://127.0.0.1:$P_N/1k" "$N_PID" || die "nginx proxy did not start"
+wait_up "$SCHEME://127.0.0.1:$P_N/1k" "$N_PID" "${CURL_TLS[@]}" || die "nginx proxy did not start"
 
 say "Portcullis on :$P_D"
 mkdir -p "$TMP/d"
@@ -127,7 +117,8 @@ cat >"$TMP/d/portcullis.toml" <<EOF
 [server]
 listen = "127.0.0.1:$P_D"
 admin_listen = "127.0.0.1:$P_DA"
-public_url = "http://127.0.0.1:$P_D"
+public_url = "$SCHEME://127.0.0.1:$P_D"
+$GW_TLS
 threads = $THREADS
 data_dir = "$TMP/d"
 head_timeout = "10m"
@@ -154,13 +145,13 @@ done
 start_gateway() { # [WRAPPER...]: sets D_PID (the gateway itself) and TOKEN
     (cd "$TMP/d" && exec "$@" "$PORTCULLIS" --config "$TMP/d/portcullis.toml" serve) >"$TMP/d/gateway.log" 2>&1 &
     PIDS+=($!)
-    wait_http "http://127.0.0.1:$P_DA/healthz" "$!" || die "gateway did not start: $(tail -5 "$TMP/d/gateway.log")"
+    wait_up "http://127.0.0.1:$P_DA/healthz" "$!" || die "gateway did not start: $(tail -5 "$TMP/d/gateway.log")"
     D_PID=$(pgrep -n -f -- "--config $TMP/d/portcullis.toml serve$" | head -1)
     TOKENS=()
     for u in $(seq 0 $((USERS - 1))); do
-        TOKENS+=(--token "$(curl -sf -X POST -H 'content-type: application/json' \
+        TOKENS+=(--token "$(curl -sf "${CURL_TLS[@]}" -X POST -H 'content-type: application/json' \
             -d "{\"username\":\"bench$u\",\"password\":\"$PASSWORD\"}" \
-            "http://127.0.0.1:$P_D/_portcullis/api/login" | python3 -c 'import json,sys; print(json.load(sys.stdin)["token"])')")
+            "$SCHEME://127.0.0.1:$P_D/_portcullis/api/login" | python3 -c 'import json,sys; print(json.load(sys.stdin)["token"])')")
     done
 }
 
@@ -171,7 +162,7 @@ if [ -n "${HEAP:-}" ]; then
         start_gateway heaptrack -o "$TMP/heap-$n"
         # The heap's state settles after the login before the connections open.
         python3 bench/idle.py --port "$P_D" --pid "$D_PID" --conns "$n" "${TOKENS[@]}" \
-            --kill "$D_PID" "${ws[@]}" >/dev/null
+            --kill "$D_PID" "${ws[@]}" "${TLS_ARGS[@]}" >/dev/null
         for _ in $(seq 300); do ls "$TMP"/heap-"$n"*.zst >/dev/null 2>&1 && ! pgrep -f "heaptrack_interpret" >/dev/null && break; sleep 0.2; done
         heaptrack_print -f "$TMP"/heap-"$n"*.zst -p 0 -a 0 -T 0 --flamegraph-cost-type leaked \
             -F "$OUT/idle-heap-$MODE-$n.stacks" >/dev/null 2>&1
@@ -201,18 +192,19 @@ PY
 fi
 start_gateway
 
-: >"$OUT/idle-$MODE.json"
+: >"$RESULTS"
 CASES=(n d)
 if [ "${CADDY:-1}" != 0 ]; then
     command -v caddy >/dev/null || scripts/apt-install --no-install-recommends caddy
     say "Caddy reverse proxy on :$P_C"
     mkdir -p "$TMP/c"
-    printf '%s\n' "{" "    admin off" "    auto_https off" "}" \
-        "http://127.0.0.1:$P_C {" "    bind 127.0.0.1" "    reverse_proxy 127.0.0.1:$P_UP" "}" >"$TMP/c/Caddyfile"
+    printf '%s\n' "{" "    admin off" "    auto_https off" "    storage file_system $TMP/c/storage" "}" \
+        "$SCHEME://127.0.0.1:$P_C {" "    bind 127.0.0.1" ${CERT:+"    tls $CERT $KEY"} \
+        "    reverse_proxy 127.0.0.1:$P_UP" "}" >"$TMP/c/Caddyfile"
     (cd "$TMP/c" && XDG_DATA_HOME=$TMP/c XDG_CONFIG_HOME=$TMP/c GOMAXPROCS=$THREADS exec caddy run --adapter caddyfile --config "$TMP/c/Caddyfile") >"$TMP/c/caddy.log" 2>&1 &
     C_PID=$!
     PIDS+=($C_PID)
-    wait_http "http://127.0.0.1:$P_C/1k" "$C_PID" || die "caddy did not start: $(tail -5 "$TMP/c/caddy.log")"
+    wait_up "$SCHEME://127.0.0.1:$P_C/1k" "$C_PID" "${CURL_TLS[@]}" || die "caddy did not start: $(tail -5 "$TMP/c/caddy.log")"
     CASES=(n c d)
 fi
 CLI=("$PORTCULLIS" --config "$TMP/d/portcullis.toml")
@@ -228,10 +220,10 @@ for case in "${CASES[@]}"; do
     esac
     say "$case: $CONNS idle connections ($MODE)"
     ws=(); [ "$MODE" = ws ] && ws=(--ws --path /socket)
-    line=$(python3 bench/idle.py --port "$port" --pid "$pid" --conns "$CONNS" "${tok[@]}" --late "${LATE:-0}" "${ws[@]}" "${revoke[@]}")
-    echo "{\"case\":\"$case\",${line#\{}" | tee -a "$OUT/idle-$MODE.json"
+    line=$(python3 bench/idle.py --port "$port" --pid "$pid" --conns "$CONNS" "${tok[@]}" --late "${LATE:-0}" "${ws[@]}" "${revoke[@]}" "${TLS_ARGS[@]}")
+    echo "{\"case\":\"$case\",${line#\{}" | tee -a "$RESULTS"
 done
-python3 - "$OUT/idle-$MODE.json" <<'EOF'
+python3 - "$RESULTS" <<'EOF'
 import json, sys
 names = {"n": "nginx reverse proxy", "c": "Caddy reverse_proxy", "d": "Portcullis (auth in-process)"}
 print("| proxy | connections | RSS before | idle | after closing | KiB per idle connection | CPU while idle |")

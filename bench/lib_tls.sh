@@ -8,7 +8,7 @@
 #   f  Caddy forward_auth -> a plaintext Portcullis /_portcullis/verify, then Caddy -> upstream
 #      (the Authelia-style set-up; the gateway doing the verify has its own store and token)
 #   d  Portcullis with tls_cert/tls_key on its public listener, auth in-process
-# Sourced, not run. The caller sets ROOT, THREADS, UP_WORKERS, OUT, PORTCULLIS, NGINX, PASSWORD
+# Sourced, not run; bench/idle.sh takes say, die, wait_up, tls_cert and nginx_conf from here too. The caller sets ROOT, THREADS, UP_WORKERS, OUT, PORTCULLIS, NGINX, PASSWORD
 # and CASES, then calls in this order:
 #   tls_tools [PACKAGE...]   install what is missing from Debian (plus the packages named)
 #   tls_tmp PREFIX           TMP (mktemp -d /tmp/PREFIX.XXXXXX), RES=$TMP/raw, cleanup on exit,
@@ -115,18 +115,20 @@ tls_cert() {
 }
 
 # ------------------------------------------------------------------ upstream nginx
-nginx_conf() { # DIR WORKERS HTTP-BLOCK-BODY
+# nginx_conf DIR WORKERS HTTP-BLOCK-BODY (NGINX_CONNS: worker_connections, 8192; NGINX_KEEPALIVE:
+# keepalive_timeout, 75s)
+nginx_conf() {
     cat <<EOF
 daemon off;
 pid $1/nginx.pid;
 error_log $1/error.log warn;
 worker_processes $2;
 worker_rlimit_nofile 65536;
-events { worker_connections 8192; }
+events { worker_connections ${NGINX_CONNS:-8192}; }
 http {
     client_body_temp_path $1/cb; proxy_temp_path $1/px; fastcgi_temp_path $1/fc;
     uwsgi_temp_path $1/uw; scgi_temp_path $1/sc;
-    keepalive_requests 1000000; keepalive_timeout 75s;
+    keepalive_requests 1000000; keepalive_timeout ${NGINX_KEEPALIVE:-75s};
     default_type application/octet-stream;
 $3
 }
