@@ -2,12 +2,14 @@
 """Login storm for bench/run.sh: WORKERS clients log in with a password through the JSON API,
 each one login after another on its own keep-alive connection, for SECONDS seconds.
 
-usage: login_storm.py URL USER PASSWORD WORKERS SECONDS
+usage: login_storm.py URL USER PASSWORD WORKERS SECONDS [CA_FILE]
+An https URL is reached over TLS, trusting CA_FILE (bench/mix.sh's storm against the TLS listener).
 Prints JSON: logins sent, answered 200, statuses, login latency p50/p99 (ms), logins per second.
 """
 
 import http.client
 import json
+import ssl
 import sys
 import threading
 import time
@@ -25,6 +27,15 @@ def main():
     url, user, password, workers, seconds = sys.argv[1:6]
     workers, seconds = int(workers), float(seconds)
     u = urllib.parse.urlsplit(url)
+    if u.scheme == "https":
+        tls = ssl.create_default_context(cafile=sys.argv[6] if len(sys.argv) > 6 else None)
+
+        def connect():
+            return http.client.HTTPSConnection(u.hostname, u.port, timeout=60, context=tls)
+    else:
+
+        def connect():
+            return http.client.HTTPConnection(u.hostname, u.port, timeout=60)
     body = json.dumps({"username": user, "password": password})
     deadline = time.monotonic() + seconds
     lock = threading.Lock()
@@ -32,7 +43,7 @@ def main():
     start_gate = threading.Barrier(workers)
 
     def worker():
-        conn = http.client.HTTPConnection(u.hostname, u.port, timeout=60)
+        conn = connect()
         start_gate.wait()
         while time.monotonic() < deadline:
             t0 = time.monotonic()
@@ -44,7 +55,7 @@ def main():
             except (OSError, http.client.HTTPException):
                 status = 0
                 conn.close()
-                conn = http.client.HTTPConnection(u.hostname, u.port, timeout=60)
+                conn = connect()
             elapsed = time.monotonic() - t0
             with lock:
                 latencies.append(elapsed * 1000)

@@ -59,6 +59,12 @@
 # gateway) over the measured time; the client's own CPU is shown, since on a small machine it
 # shares the cores with the proxy and the upstream (CLIENT_PROCS processes of threads).
 #
+# Then the login storm (goal: the mix's p99 under a storm <= 2x calm): with d among the cases,
+# STORM_PAIRS pairs of d alone ("calm") and d while STORM clients log in with a password
+# through its TLS listener nonstop, one login after another each (bench/login_storm.py;
+# argon2id as configured by default), each for DURATION seconds; per class p50/p99 calm vs
+# storm, and the logins answered. STORM=0 leaves it out.
+#
 # Environment: ROUNDS=3 DURATION=10 (seconds per proxy per round) PLAYERS=8 BROWSERS=4
 # BROWSER_CONNS=6 COOKIE_SHARE=0.3 SEED=25 CLIENT_PROCS=2 THREADS=2 (every proxy's
 # threads/workers) UP_WORKERS=2 CASES="n h c f d" PORTCULLIS=target/release/portcullis
@@ -80,6 +86,8 @@ BROWSER_CONNS=${BROWSER_CONNS:-6}
 COOKIE_SHARE=${COOKIE_SHARE:-0.3}
 SEED=${SEED:-25}
 CLIENT_PROCS=${CLIENT_PROCS:-2}
+STORM=${STORM:-50}
+STORM_PAIRS=${STORM_PAIRS:-$ROUNDS}
 THREADS=${THREADS:-2}
 UP_WORKERS=${UP_WORKERS:-2}
 read -r -a CASES <<<"${CASES:-n h c f d}"
@@ -144,6 +152,21 @@ for ((r = 1; r <= ROUNDS; r++)); do
         printf '  %s  %s\n' "$c" "$(tail -1 "$RES/mix_${c}_r$r.txt")" >&2
     done
 done
+if [ "$STORM" -gt 0 ] && [[ " ${CASES[*]} " == *" d "* ]]; then
+    say "login storm: the mix through d alone vs while $STORM clients log in nonstop, $STORM_PAIRS pairs"
+    for ((r = 1; r <= STORM_PAIRS; r++)); do
+        run d "$RES/storm_calm_r$r" "$DURATION"
+        python3 "$ROOT/bench/login_storm.py" "$(url_of d)/_portcullis/api/login" bench "$PASSWORD" \
+            "$STORM" "$DURATION" "$CA" >"$RES/storm_logins_r$r.json" &
+        storm_pid=$!
+        run d "$RES/storm_storm_r$r" "$DURATION"
+        wait "$storm_pid" || die "the login storm failed"
+        printf '  calm: %s\n  storm: %s\n  logins: %s\n' "$(tail -1 "$RES/storm_calm_r$r.txt")" \
+            "$(tail -1 "$RES/storm_storm_r$r.txt")" "$(cat "$RES/storm_logins_r$r.json")" >&2
+    done
+else
+    STORM_PAIRS=0
+fi
 ELAPSED=$(($(date +%s) - START))
 LOAD_AFTER=$(cut -d' ' -f1-3 /proc/loadavg)
 
@@ -152,6 +175,7 @@ cat >"$RES/meta.json" <<EOF
 {
   "rounds": $ROUNDS, "duration_s": $DURATION, "players": $PLAYERS, "browsers": $BROWSERS,
   "browser_conns": $BROWSER_CONNS, "cookie_share": $COOKIE_SHARE, "seed": $SEED, "procs": $CLIENT_PROCS,
+  "storm": $STORM, "storm_pairs": $STORM_PAIRS,
   "threads": $THREADS, "upstream_workers": $UP_WORKERS, "cases": $(json_str "${CASES[*]}"),
   "requests_listed": $(grep -vc '^#' "$LIST"),
   "certificate": "ECDSA P-256 leaf for IP:127.0.0.1, DNS:localhost, signed by a test CA (ECDSA P-256)",

@@ -579,6 +579,23 @@ NAMES = {
 }
 
 
+def storm_summary(raw, pairs, med):
+    """The login storm's pairs (bench/mix.sh): per class, and for artwork bursts, the medians of
+    p50/p99 (and MB/s) through d calm and during the storm, and the logins' own figures."""
+    if not pairs:
+        return None
+    out = {"pairs": pairs}
+    for phase in ("calm", "storm"):
+        xs = [json.load(open(os.path.join(raw, f"storm_{phase}_r{r}.json"))) for r in range(1, pairs + 1)]
+        out[phase] = {k: {f: med([x["classes"][k][f] for x in xs]) for f in ("p50_ms", "p99_ms", "mb_s")}
+                      for k in CLASSES}
+        out[phase]["pages"] = {f: med([x["pages"][f] for x in xs]) for f in ("p50_ms", "p99_ms")}
+        out[phase]["total_mb_s"] = med([x["total"]["mb_s"] for x in xs])
+    logins = [json.load(open(os.path.join(raw, f"storm_logins_r{r}.json"))) for r in range(1, pairs + 1)]
+    out["logins"] = {f: med([x[f] for x in logins]) for f in ("count", "ok", "per_s", "p50_ms", "p99_ms")}
+    return out
+
+
 def report(args):
     raw, out_json = args.raw, args.out_json
     meta = json.load(open(os.path.join(raw, "meta.json")))
@@ -607,8 +624,9 @@ def report(args):
         n = sum(x["creds"]["app"] + x["creds"]["cookie"] for x in runs[c])
         m["app_share"] = sum(x["creds"]["app"] for x in runs[c]) / n if n else None
         medians[c] = m
+    storm = storm_summary(raw, meta.get("storm_pairs", 0), med)
     json.dump({"meta": meta, "names": {c: NAMES[c].strip("*") for c in cases}, "medians": medians,
-               "runs": runs}, open(out_json, "w"), indent=1)
+               "runs": runs, "storm": storm}, open(out_json, "w"), indent=1)
 
     def f(v, d=0):
         return "–" if v is None else f"{v:,.{d}f}"
@@ -647,6 +665,22 @@ def report(args):
               f"| {g(m['proxy_cpu_s'])} | {g(m['client_cpu_s'])} | {g(m['pages']['p50_ms'])} / {g(m['pages']['p99_ms'])} "
               f"| {share} "
               f"| {f(m['connections'])} | {ratio} |")
+    if storm:
+        print()
+        print(f"Login storm: the mix through Portcullis alone (calm) and while {meta['storm']} clients log in "
+              f"with a password nonstop (storm), medians of {storm['pairs']} pairs; logins answered 200: "
+              f"{f(storm['logins']['ok'])} of {f(storm['logins']['count'])} per run, "
+              f"{g(storm['logins']['per_s'])}/s, login p50 / p99 {g(storm['logins']['p50_ms'])} / "
+              f"{g(storm['logins']['p99_ms'])} ms.")
+        print()
+        print("| class | calm p50 / p99 ms | storm p50 / p99 ms | p99 storm ÷ calm | calm MB/s | storm MB/s |")
+        print("|---|---|---|---|---|---|")
+        for k in CLASSES + ["pages"]:
+            c, st = storm["calm"][k], storm["storm"][k]
+            ratio = "–" if not c["p99_ms"] or st["p99_ms"] is None else f"{st['p99_ms'] / c['p99_ms']:.2f}"
+            name = "artwork burst (page)" if k == "pages" else CLASS_NAMES[k]
+            print(f"| {name} | {g(c['p50_ms'])} / {g(c['p99_ms'])} | {g(st['p50_ms'])} / {g(st['p99_ms'])} "
+                  f"| {ratio} | {f(c.get('mb_s'))} | {f(st.get('mb_s'))} |")
     retries = {c: medians[c]["retries"] for c in cases if medians[c]["retries"]}
     if retries:
         print()
