@@ -61,6 +61,23 @@ pub fn tidy_thread_heap() {
     }
 }
 
+/// Keeps the kernel from backing this process's memory with transparent huge pages. mimalloc
+/// asks for them on its arenas (`MADV_HUGEPAGE`), and where the system allows them (`madvise`, the
+/// default of Debian and Ubuntu, or `always`, that of Fedora and RHEL) khugepaged collapses every
+/// 2 MiB region with at least one page in use into a whole huge page, a scan every 10 s: memory
+/// a burst of connections had freed became resident again, 4-13 MiB a scan, so the resident size
+/// after thousands of closed connections grew for a minute instead of falling (the figures are
+/// in the README's Performance section). A proxy's heap is small and churns; it gains nothing
+/// from huge pages. Called first thing in `main`; the flag covers the mappings made before too.
+pub fn disable_transparent_huge_pages() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: prctl with PR_SET_THP_DISABLE takes integer arguments only and changes nothing but
+    // the process's THP flag; an older kernel without it answers EINVAL, which changes nothing.
+    unsafe {
+        libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0);
+    }
+}
+
 /// Asks the allocators to hand memory that is free but still held back to the operating system,
 /// so the resident size reflects what is kept: after a large transient build (the revocation
 /// view loaded from a snapshot), and periodically from the sync loop (see

@@ -7,6 +7,7 @@
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() {
+    portcullis::disable_transparent_huge_pages();
     let code = portcullis::cli::main();
     std::process::exit(code);
 }

@@ -130,14 +130,12 @@ impl Parked {
     #[allow(clippy::result_large_err)]
     fn park(session: ServerSession) -> Result<Parked, ServerSession> {
         match session {
-            ServerSession::H1(mut h1) if !h1.pipelining_enabled() => {
-                Ok(Parked {
-                    keepalive: h1.get_keepalive_timeout(),
-                    reuses: h1.get_keepalive_reuses_remaining(),
-                    context: h1.take_connection_user_context(),
-                    stream: h1.into_inner(),
-                })
-            }
+            ServerSession::H1(mut h1) if !h1.pipelining_enabled() => Ok(Parked {
+                keepalive: h1.get_keepalive_timeout(),
+                reuses: h1.get_keepalive_reuses_remaining(),
+                context: h1.take_connection_user_context(),
+                stream: h1.into_inner(),
+            }),
             other => Err(other),
         }
     }

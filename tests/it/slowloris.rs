@@ -162,6 +162,24 @@ async fn idle_tls_keepalive_connections_hold_no_proxy_state_and_serve_their_next
     );
 }
 
+/// The gateway keeps transparent huge pages off (`portcullis::disable_transparent_huge_pages`):
+/// otherwise khugepaged makes memory freed after a burst of connections resident again.
+#[tokio::test]
+async fn the_gateway_runs_without_transparent_huge_pages() {
+    let up = Upstream::start().await;
+    let gw = gateway(&up, "").await;
+    let status = std::fs::read_to_string(format!("/proc/{}/status", gw.pid())).unwrap();
+    let thp = status
+        .lines()
+        .find_map(|l| l.strip_prefix("THP_enabled:"))
+        .expect("this kernel reports THP_enabled in /proc/PID/status")
+        .trim();
+    assert_eq!(thp, "0", "THP_enabled of the gateway");
+    // This test process did not turn it off, so the 0 is the gateway's own doing.
+    let own = std::fs::read_to_string("/proc/self/status").unwrap();
+    assert!(own.contains("THP_enabled:\t1"), "{own}");
+}
+
 /// Opens 2 x `CONNS` keep-alive connections with `connect`, one request each, and gives back
 /// what each of the second thousand costs the gateway while idle (KiB); then every connection
 /// serves its next request.
@@ -195,7 +213,10 @@ where
     assert!(before > 0, "could not read the gateway's memory");
     // Waiting costs nothing: a wait that returned at once and was tried again would spin.
     let cpu = gw.cpu_while(Duration::from_secs(2)).await;
-    assert!(cpu < 0.5, "the gateway used {cpu} s of CPU in 2 s with every connection idle");
+    assert!(
+        cpu < 0.5,
+        "the gateway used {cpu} s of CPU in 2 s with every connection idle"
+    );
     for (i, c) in conns.iter_mut().enumerate() {
         c.write_all(request).await.unwrap();
         assert_eq!(

@@ -203,8 +203,7 @@ async fn idle_websockets_over_tls_hold_no_body_buffers_and_carry_messages_after_
             let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
                 .await
                 .unwrap();
-            let name =
-                tokio_rustls::rustls::pki_types::ServerName::try_from("localhost").unwrap();
+            let name = tokio_rustls::rustls::pki_types::ServerName::try_from("localhost").unwrap();
             tls.connect(name, tcp).await.expect("TLS handshake")
         }
     })
@@ -256,7 +255,10 @@ where
     assert!(before > 0, "could not read the gateway's memory");
     // Waiting costs nothing: a wait that returned at once and was tried again would spin.
     let cpu = gw.cpu_while(Duration::from_secs(2)).await;
-    assert!(cpu < 0.5, "the gateway used {cpu} s of CPU in 2 s with every connection idle");
+    assert!(
+        cpu < 0.5,
+        "the gateway used {cpu} s of CPU in 2 s with every connection idle"
+    );
     let big = vec![9u8; 200 * 1024];
     for (i, ws) in sockets.iter_mut().enumerate() {
         let message = if i % 50 == 0 {
