@@ -29,11 +29,13 @@ def family(pid):
     return pids
 
 
-def rss_kib(pid):
+def rss_kib(pid, field="VmRSS:"):
+    """Resident KiB of the process and its children; field RssAnon: the part that is not a
+    file's pages (heap and stacks, not the binary's code, which pages in as it runs)."""
     total = 0
     for p in family(pid):
         for line in open(f"/proc/{p}/status"):
-            if line.startswith("VmRSS:"):
+            if line.startswith(field):
                 total += int(line.split()[1])
     return total
 
@@ -146,6 +148,13 @@ async def main():
         help="SIGKILL this process while the connections are idle (a heap profiler then "
         "reports what was live as never freed)",
     )
+    ap.add_argument(
+        "--kill-after",
+        type=int,
+        default=0,
+        help="SIGKILL this process once every connection has closed (and after --late): what "
+        "a burst left behind",
+    )
     args = ap.parse_args()
     args.tokens = args.tokens or [""]
     args.tls = None
@@ -167,7 +176,7 @@ async def main():
         ).encode()
         for t in args.tokens
     ]
-    base = rss_kib(args.pid)
+    base, base_anon = rss_kib(args.pid), rss_kib(args.pid, "RssAnon:")
     sockets = []
     started = time.monotonic()
     sem = asyncio.Semaphore(200)
@@ -182,7 +191,7 @@ async def main():
     cpu_a = cpu_s(args.pid)
     await asyncio.sleep(args.idle_cpu)
     idle_cpu_pct = (cpu_s(args.pid) - cpu_a) / args.idle_cpu * 100
-    idle = rss_kib(args.pid)
+    idle, idle_anon = rss_kib(args.pid), rss_kib(args.pid, "RssAnon:")
     if args.kill:
         os.kill(args.kill, signal.SIGKILL)
         await asyncio.sleep(1)
@@ -195,12 +204,21 @@ async def main():
             w.cancel()
     for c in sockets:
         c["writer"].close()
+    # Until every connection is closed at this end too (asyncio closes a TLS one after its
+    # close_notify exchange), then the settle.
+    await asyncio.wait_for(
+        asyncio.gather(*(c["writer"].wait_closed() for c in sockets), return_exceptions=True), 120
+    )
     await asyncio.sleep(args.settle)
     after = None if args.kill else rss_kib(args.pid)
-    late = None
+    after_anon = None if args.kill else rss_kib(args.pid, "RssAnon:")
+    late = late_anon = None
     if args.late > 0 and not args.kill:
         await asyncio.sleep(args.late)
-        late = rss_kib(args.pid)
+        late, late_anon = rss_kib(args.pid), rss_kib(args.pid, "RssAnon:")
+    if args.kill_after:
+        os.kill(args.kill_after, signal.SIGKILL)
+        await asyncio.sleep(1)
     print(
         json.dumps(
             {
@@ -210,6 +228,10 @@ async def main():
                 "rss_idle_kib": idle,
                 "rss_after_kib": after,
                 "rss_late_kib": late,
+                "anon_base_kib": base_anon,
+                "anon_idle_kib": idle_anon,
+                "anon_after_kib": after_anon,
+                "anon_late_kib": late_anon,
                 "kib_per_conn": round((idle - base) / max(args.conns, 1), 2),
                 "idle_cpu_percent": round(idle_cpu_pct, 1),
                 "revoke": steps,

@@ -29,6 +29,8 @@
 # C library's malloc (feature system-allocator), runs it under heaptrack, kills it while the
 # connections are idle and prints the allocations still live then, grouped by call site, with
 # the live heap per connection (a run with no connections is subtracted). Only case d runs.
+# HEAP_AFTER=1: the same once every connection has closed again (and LATE seconds more): what
+# a burst leaves behind.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -85,7 +87,7 @@ s=[socket.socket() for _ in range(5)]
 print(" ".join(str(x.getsockname()[1]) for x in s))')"
 
 # nginx (bench/lib_tls.sh's nginx_conf) holds 20,000 connections per worker and keeps them 5 min.
-NGINX_CONNS=20000 NGINX_KEEPALIVE=300s
+NGINX_CONNS=20000 NGINX_KEEPALIVE=${NGINX_KEEPALIVE:-300s}
 say "upstream nginx on :$P_UP"
 mkdir -p "$TMP/up/www" "$TMP/n"
 chmod 755 "$TMP/up" "$TMP/up/www"
@@ -161,8 +163,10 @@ if [ -n "${HEAP:-}" ]; then
         say "d under heaptrack: $n idle connections ($MODE)"
         start_gateway heaptrack -o "$TMP/heap-$n"
         # The heap's state settles after the login before the connections open.
+        kill=(--kill "$D_PID")
+        [ -z "${HEAP_AFTER:-}" ] || kill=(--kill-after "$D_PID" --late "${LATE:-0}")
         python3 bench/idle.py --port "$P_D" --pid "$D_PID" --conns "$n" "${TOKENS[@]}" \
-            --kill "$D_PID" "${ws[@]}" "${TLS_ARGS[@]}" >/dev/null
+            "${kill[@]}" "${ws[@]}" "${TLS_ARGS[@]}" >/dev/null
         for _ in $(seq 300); do ls "$TMP"/heap-"$n"*.zst >/dev/null 2>&1 && ! pgrep -f "heaptrack_interpret" >/dev/null && break; sleep 0.2; done
         heaptrack_print -f "$TMP"/heap-"$n"*.zst -p 0 -a 0 -T 0 --flamegraph-cost-type leaked \
             -F "$OUT/idle-heap-$MODE-$n.stacks" >/dev/null 2>&1
@@ -207,6 +211,7 @@ if [ "${CADDY:-1}" != 0 ]; then
     wait_up "$SCHEME://127.0.0.1:$P_C/1k" "$C_PID" "${CURL_TLS[@]}" || die "caddy did not start: $(tail -5 "$TMP/c/caddy.log")"
     CASES=(n c d)
 fi
+[ -z "${ONLY:-}" ] || read -r -a CASES <<<"$ONLY" # ONLY="d": just these cases
 CLI=("$PORTCULLIS" --config "$TMP/d/portcullis.toml")
 for case in "${CASES[@]}"; do
     revoke=()
