@@ -84,7 +84,11 @@ impl Peers {
         let list = config
             .routes
             .iter()
-            .map(|r| HttpPeer::new(r.upstream, false, String::new()))
+            .map(|r| {
+                let mut peer = HttpPeer::new(r.upstream, false, String::new());
+                peer.options.idle_timeout = Some(config.server.upstream_idle_timeout);
+                peer
+            })
             .collect();
         Peers { config, list }
     }

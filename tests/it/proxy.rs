@@ -351,3 +351,73 @@ async fn a_burst_of_logins_does_not_stall_proxied_traffic() {
         "a proxied request waited {slowest:?} during a {burst_took:?} login burst"
     );
 }
+
+/// An upstream connection idle in the keep-alive pool is closed after
+/// `server.upstream_idle_timeout` (a burst's pooled connections would otherwise hold memory
+/// until the media server closes them), and not before.
+#[tokio::test]
+async fn an_idle_pooled_upstream_connection_is_closed_after_upstream_idle_timeout() {
+    use std::time::{Duration, Instant};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // An upstream that answers every request on a connection and reports, when a connection
+    // that served `/pooled` is closed by the gateway, how long it had been idle.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (closed_tx, mut closed) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            let closed_tx = closed_tx.clone();
+            tokio::spawn(async move {
+                let (mut buf, mut head, mut served) = (vec![0u8; 8192], Vec::new(), None);
+                while let Ok(n @ 1..) = conn.read(&mut buf).await {
+                    head.extend_from_slice(&buf[..n]);
+                    if head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        let pooled = head.starts_with(b"GET /pooled ");
+                        head.clear();
+                        let answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+                        if conn.write_all(answer).await.is_err() {
+                            return;
+                        }
+                        served = pooled.then(Instant::now);
+                    }
+                }
+                if let Some(at) = served {
+                    let _ = closed_tx.send(at.elapsed());
+                }
+            });
+        }
+    });
+    let start = |server: &'static str| {
+        Gateway::builder(&addr.to_string())
+            .server_keys(server)
+            .route_keys("public_paths = [\"/pooled\"]")
+            .start()
+    };
+    let pooled = |gw: &Gateway| {
+        let url = gw.url("/pooled");
+        async move {
+            let r = client().get(url).send().await.unwrap();
+            assert_eq!(r.status(), 200);
+            assert_eq!(r.text().await.unwrap(), "ok");
+        }
+    };
+    // The default (20 s) keeps the connection past 3 s.
+    let default = start("").await;
+    pooled(&default).await;
+    assert!(
+        tokio::time::timeout(Duration::from_secs(3), closed.recv())
+            .await
+            .is_err(),
+        "the pooled connection was closed within 3 s under the default timeout"
+    );
+    let short = start("upstream_idle_timeout = \"1s\"").await;
+    pooled(&short).await;
+    let idle = tokio::time::timeout(Duration::from_secs(5), closed.recv())
+        .await
+        .expect("the pooled connection closed within 5 s")
+        .unwrap();
+    assert!(
+        (Duration::from_millis(900)..Duration::from_secs(3)).contains(&idle),
+        "closed after {idle:?} idle (upstream_idle_timeout 1s)"
+    );
+}
