@@ -134,7 +134,7 @@ poll_interval = "${POLL:-250ms}"
 key_file = "$TMP/d/session.key"
 
 [log]
-level = "info"
+level = "${LOG_LEVEL:-info}"
 
 [[route]]
 name = "media"
@@ -171,7 +171,8 @@ if [ -n "${HEAP:-}" ]; then
         heaptrack_print -f "$TMP"/heap-"$n"*.zst -p 0 -a 0 -T 0 --flamegraph-cost-type leaked \
             -F "$OUT/idle-heap-$MODE-$n.stacks" >/dev/null 2>&1
     done
-    python3 - "$OUT/idle-heap-$MODE-0.stacks" "$OUT/idle-heap-$MODE-$CONNS.stacks" "$CONNS" <<'PY'
+    python3 - "$OUT/idle-heap-$MODE-0.stacks" "$OUT/idle-heap-$MODE-$CONNS.stacks" "$CONNS" \
+    "$([ -n "${HEAP_AFTER:-}" ] && echo "after $CONNS connections closed" || echo "with $CONNS idle")" <<'PY'
 import collections, re, sys
 # Each line: frames from the root to the allocation, ';'-separated, then the bytes still live.
 OURS = re.compile(r"pingora|portcullis|tokio|rustls|h2::|hyper|sqlx|moka")
@@ -186,7 +187,7 @@ def sites(path):
 base, idle, n = sites(sys.argv[1]), sites(sys.argv[2]), int(sys.argv[3])
 total = sum(idle.values()) - sum(base.values())
 print(f"live heap: {sum(base.values())/1e6:.1f} MB with no connections, "
-      f"{sum(idle.values())/1e6:.1f} MB with {n} idle: {total/n/1024:.2f} KiB per connection")
+      f"{sum(idle.values())/1e6:.1f} MB {sys.argv[4]}: {total/n/1024:.2f} KiB per connection")
 diff = idle.copy(); diff.subtract(base)
 for site, b in diff.most_common(15):
     if b / n >= 16:

@@ -611,12 +611,26 @@ upstream = "{upstream}"
 
     /// Tries a login through the JSON API: the status and the JSON body.
     pub async fn try_login(&self, user: &str, password: &str, totp: Option<&str>) -> (u16, Value) {
+        self.try_login_through(&client(), &self.base, user, password, totp)
+            .await
+    }
+
+    /// Tries a login through the JSON API at `base` (the gateway's https origin, say) with
+    /// `http`: the status and the JSON body.
+    pub async fn try_login_through(
+        &self,
+        http: &reqwest::Client,
+        base: &str,
+        user: &str,
+        password: &str,
+        totp: Option<&str>,
+    ) -> (u16, Value) {
         let mut body = serde_json::json!({"username": user, "password": password});
         if let Some(code) = totp {
             body["totp"] = Value::String(code.to_string());
         }
-        let resp = client()
-            .post(self.url("/_portcullis/api/login"))
+        let resp = http
+            .post(format!("{base}/_portcullis/api/login"))
             .json(&body)
             .send()
             .await

@@ -189,7 +189,7 @@ where
     F: Fn() -> Fut,
     Fut: std::future::Future<Output = S>,
 {
-    const CONNS: u64 = 1000;
+    const CONNS: usize = 1000;
     let request = b"GET /pub/bytes/16 HTTP/1.1\r\nHost: x\r\n\r\n";
     let open = || async {
         let mut c = connect().await;
@@ -197,26 +197,7 @@ where
         assert_eq!(status_of(&read_response(&mut c).await), 200);
         c
     };
-    // The first thousand fill memory the allocator already holds (a login's argon2 block, say);
-    // the second thousand show what an idle connection costs.
-    let mut conns = Vec::new();
-    for _ in 0..CONNS {
-        conns.push(open().await);
-    }
-    let before = settled_rss(gw).await;
-    for _ in 0..CONNS {
-        conns.push(open().await);
-    }
-    let after = settled_rss(gw).await;
-    let per_conn = after.saturating_sub(before) / CONNS;
-    eprintln!("gateway RSS: {before} KiB, {after} KiB with {CONNS} more idle keep-alives: {per_conn} KiB each");
-    assert!(before > 0, "could not read the gateway's memory");
-    // Waiting costs nothing: a wait that returned at once and was tried again would spin.
-    let cpu = gw.cpu_while(Duration::from_secs(2)).await;
-    assert!(
-        cpu < 0.5,
-        "the gateway used {cpu} s of CPU in 2 s with every connection idle"
-    );
+    let (mut conns, per_conn) = idle_cost(gw, CONNS, "idle keep-alives", open).await;
     for (i, c) in conns.iter_mut().enumerate() {
         c.write_all(request).await.unwrap();
         assert_eq!(
@@ -226,6 +207,40 @@ where
         );
     }
     per_conn
+}
+
+/// Opens `n` connections with `open`, then `n` more, and gives back all of them with what each
+/// of the second batch costs the gateway while they idle (KiB): the first batch fills memory the
+/// allocator already holds (a login's argon2 block, say). Waiting must cost no CPU either: a
+/// wait that returned at once and was tried again would spin.
+pub(crate) async fn idle_cost<T, F, Fut>(
+    gw: &Gateway,
+    n: usize,
+    what: &str,
+    open: F,
+) -> (Vec<T>, u64)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = T>,
+{
+    let mut conns = Vec::new();
+    for _ in 0..n {
+        conns.push(open().await);
+    }
+    let before = settled_rss(gw).await;
+    for _ in 0..n {
+        conns.push(open().await);
+    }
+    let after = settled_rss(gw).await;
+    let each = after.saturating_sub(before) / n as u64;
+    eprintln!("gateway RSS: {before} KiB, {after} KiB with {n} more {what}: {each} KiB each");
+    assert!(before > 0, "could not read the gateway's memory");
+    let cpu = gw.cpu_while(Duration::from_secs(2)).await;
+    assert!(
+        cpu < 0.5,
+        "the gateway used {cpu} s of CPU in 2 s with every connection idle"
+    );
+    (conns, each)
 }
 
 /// The gateway's resident memory once it has stopped changing (KiB).

@@ -1,8 +1,6 @@
 //! Bodies stream through without buffering, Range requests pass intact, WebSocket upgrades are
 //! authenticated and then passed.
 
-use std::time::Duration;
-
 use futures_util::{SinkExt, StreamExt};
 use sha2::{Digest, Sha256};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -186,15 +184,10 @@ async fn idle_websockets_over_tls_hold_no_body_buffers_and_carry_messages_after_
         .add_root_certificate(reqwest::Certificate::from_pem(&ca).unwrap())
         .build()
         .unwrap();
-    let login: serde_json::Value = https
-        .post(format!("https://127.0.0.1:{port}/_portcullis/api/login"))
-        .json(&serde_json::json!({"username": "alice", "password": ALICE_PW}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let (status, login) = gw
+        .try_login_through(&https, &format!("https://127.0.0.1:{port}"), "alice", ALICE_PW, None)
+        .await;
+    assert_eq!(status, 200, "{login}");
     let token = login["token"].as_str().expect("a token").to_string();
     let tls = crate::harness::any_certificate_connector(&[b"http/1.1"]);
     let per_socket = idle_websocket_cost(&gw, &token, || {
@@ -239,26 +232,8 @@ where
             .unwrap()
             .0
     };
-    // The first batch fills memory the allocator already holds (the login's argon2 block, say);
-    // the second shows what an idle socket costs.
-    let mut sockets = Vec::new();
-    for _ in 0..SOCKETS {
-        sockets.push(open().await);
-    }
-    let before = crate::slowloris::settled_rss(gw).await;
-    for _ in 0..SOCKETS {
-        sockets.push(open().await);
-    }
-    let after = crate::slowloris::settled_rss(gw).await;
-    let per_socket = after.saturating_sub(before) / SOCKETS as u64;
-    eprintln!("gateway RSS: {before} KiB, {after} KiB with {SOCKETS} more idle WebSockets: {per_socket} KiB each");
-    assert!(before > 0, "could not read the gateway's memory");
-    // Waiting costs nothing: a wait that returned at once and was tried again would spin.
-    let cpu = gw.cpu_while(Duration::from_secs(2)).await;
-    assert!(
-        cpu < 0.5,
-        "the gateway used {cpu} s of CPU in 2 s with every connection idle"
-    );
+    let (mut sockets, per_socket) =
+        crate::slowloris::idle_cost(gw, SOCKETS, "idle WebSockets", open).await;
     let big = vec![9u8; 200 * 1024];
     for (i, ws) in sockets.iter_mut().enumerate() {
         let message = if i % 50 == 0 {
