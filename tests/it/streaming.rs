@@ -185,7 +185,13 @@ async fn idle_websockets_over_tls_hold_no_body_buffers_and_carry_messages_after_
         .build()
         .unwrap();
     let (status, login) = gw
-        .try_login_through(&https, &format!("https://127.0.0.1:{port}"), "alice", ALICE_PW, None)
+        .try_login_through(
+            &https,
+            &format!("https://127.0.0.1:{port}"),
+            "alice",
+            ALICE_PW,
+            None,
+        )
         .await;
     assert_eq!(status, 200, "{login}");
     let token = login["token"].as_str().expect("a token").to_string();
