@@ -878,6 +878,17 @@ pub fn write_certificates(dir: &Path, ca_name: &str) -> PathBuf {
     ca_file
 }
 
+/// A TLS (HTTP/1.1) connection as `localhost` over `tcp`, whatever certificate the server shows.
+pub async fn tls_over(
+    tcp: tokio::net::TcpStream,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let name = tokio_rustls::rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    any_certificate_connector(&[b"http/1.1"])
+        .connect(name, tcp)
+        .await
+        .expect("TLS handshake")
+}
+
 /// A TLS connector that accepts any server certificate and offers `alpn`: for tests that look
 /// at the certificate they are shown rather than trust it.
 pub fn any_certificate_connector(alpn: &[&[u8]]) -> tokio_rustls::TlsConnector {

@@ -147,11 +147,8 @@ async fn idle_tls_keepalive_connections_hold_no_proxy_state_and_serve_their_next
         .route_keys("public_paths = [\"/pub\"]")
         .start()
         .await;
-    let tls = crate::harness::any_certificate_connector(&[b"http/1.1"]);
     let per_conn = idle_keepalive_cost(&gw, || async {
-        let tcp = connect_from([127, 0, 0, 6], &gw).await;
-        let name = tokio_rustls::rustls::pki_types::ServerName::try_from("localhost").unwrap();
-        tls.connect(name, tcp).await.expect("TLS handshake")
+        crate::harness::tls_over(connect_from([127, 0, 0, 6], &gw).await).await
     })
     .await;
     // This debug build held 41 KiB a connection while the proxy's state waited too, 18-21 KiB

@@ -195,16 +195,11 @@ async fn idle_websockets_over_tls_hold_no_body_buffers_and_carry_messages_after_
         .await;
     assert_eq!(status, 200, "{login}");
     let token = login["token"].as_str().expect("a token").to_string();
-    let tls = crate::harness::any_certificate_connector(&[b"http/1.1"]);
-    let per_socket = idle_websocket_cost(&gw, &token, || {
-        let tls = tls.clone();
-        async move {
-            let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
-                .await
-                .unwrap();
-            let name = tokio_rustls::rustls::pki_types::ServerName::try_from("localhost").unwrap();
-            tls.connect(name, tcp).await.expect("TLS handshake")
-        }
+    let per_socket = idle_websocket_cost(&gw, &token, || async move {
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        crate::harness::tls_over(tcp).await
     })
     .await;
     // This debug build measured about 71 KiB a socket before the change and 57-65 after: a
