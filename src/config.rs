@@ -690,6 +690,20 @@ struct Validator {
 }
 
 impl Validator {
+    /// A `[server]` timeout: `value`, or `default` when it is not set; between 1 s and 10 min.
+    fn server_timeout(
+        &self,
+        key: &str,
+        value: Option<Duration>,
+        default: Duration,
+    ) -> Result<Duration, ConfigError> {
+        let timeout = value.unwrap_or(default);
+        if !(Duration::from_secs(1)..=Duration::from_secs(600)).contains(&timeout) {
+            return Err(self.err(key, "must be between 1s and 10m"));
+        }
+        Ok(timeout)
+    }
+
     fn err(&self, key: &str, problem: impl Into<String>) -> ConfigError {
         ConfigError::Invalid {
             file: self.file.clone(),
@@ -1029,20 +1043,15 @@ impl Validator {
         if !(1024..=10_000_000).contains(&max_form_bytes) {
             return Err(self.err("server.max_form_bytes", "must be between 1024 and 10000000"));
         }
-        let head_timeout = s.head_timeout.unwrap_or(DEFAULT_HEAD_TIMEOUT);
-        if !(Duration::from_secs(1)..=Duration::from_secs(600)).contains(&head_timeout) {
-            return Err(self.err("server.head_timeout", "must be between 1s and 10m"));
-        }
-        let body_timeout = s.body_timeout.unwrap_or(DEFAULT_BODY_TIMEOUT);
-        if !(Duration::from_secs(1)..=Duration::from_secs(600)).contains(&body_timeout) {
-            return Err(self.err("server.body_timeout", "must be between 1s and 10m"));
-        }
-        let upstream_idle_timeout = s
-            .upstream_idle_timeout
-            .unwrap_or(DEFAULT_UPSTREAM_IDLE_TIMEOUT);
-        if !(Duration::from_secs(1)..=Duration::from_secs(600)).contains(&upstream_idle_timeout) {
-            return Err(self.err("server.upstream_idle_timeout", "must be between 1s and 10m"));
-        }
+        let head_timeout =
+            self.server_timeout("server.head_timeout", s.head_timeout, DEFAULT_HEAD_TIMEOUT)?;
+        let body_timeout =
+            self.server_timeout("server.body_timeout", s.body_timeout, DEFAULT_BODY_TIMEOUT)?;
+        let upstream_idle_timeout = self.server_timeout(
+            "server.upstream_idle_timeout",
+            s.upstream_idle_timeout,
+            DEFAULT_UPSTREAM_IDLE_TIMEOUT,
+        )?;
         let max_connections_per_ip = s
             .max_connections_per_ip
             .unwrap_or(DEFAULT_MAX_CONNECTIONS_PER_IP);
