@@ -15,11 +15,12 @@
 use std::borrow::Cow;
 use std::cell::RefCell;
 use std::io::Write;
-use std::sync::atomic::AtomicBool;
 use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicBool, AtomicU8};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::Duration;
 
+use tracing::level_filters::LevelFilter;
 use tracing::{Level, Metadata};
 use tracing_subscriber::fmt::format::Writer;
 use tracing_subscriber::fmt::time::FormatTime;
@@ -82,41 +83,53 @@ fn level_filter(level: &str) -> EnvFilter {
 /// until the process ends: dropping it writes out the lines still buffered. The level and the
 /// format can be changed later by [`reconfigure`] (a config reload).
 pub fn init(cfg: &LogConfig) -> LogGuard {
-    use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
-    use tracing_subscriber::Layer;
 
     JSON.store(cfg.format == LogFormat::Json, Relaxed);
-    let (filter, handle) = tracing_subscriber::reload::Layer::new(level_filter(&cfg.level));
     let sink = Sink::new(Box::new(std::io::stderr()));
     let guard = sink.start_flusher(FLUSH_EVERY);
-    // Both formats are installed; a flag picks the one that writes (callsite interest is
-    // rebuilt when it flips).
+    let (subscriber, handle) = subscriber(level_filter(&cfg.level), &sink);
+    // Installing it also sets the `log` crate's maximum level to the subscriber's.
+    if subscriber.try_init().is_ok() {
+        let _ = ACCESS_SINK.set(sink);
+        let _ = LEVEL.set(handle);
+    }
+    guard
+}
+
+type LevelHandle = tracing_subscriber::reload::Handle<EnvFilter, tracing_subscriber::Registry>;
+
+/// The subscriber [`init`] installs: the level filter (reloadable), then a layer for each
+/// format, both writing into `sink`; the [`JSON`] flag picks the one that writes (callsite
+/// interest is rebuilt when it flips).
+fn subscriber(
+    filter: EnvFilter,
+    sink: &Sink,
+) -> (
+    impl tracing::Subscriber + Send + Sync + 'static,
+    LevelHandle,
+) {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::Layer;
+
+    set_max_level(&filter);
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
     let text = tracing_subscriber::fmt::layer()
         .with_ansi(false)
         .with_writer(sink.clone())
         .with_timer(UtcMicros)
-        .with_filter(tracing_subscriber::filter::filter_fn(|_| {
-            !JSON.load(Relaxed)
-        }));
+        .with_filter(Format { json: false });
     let json = tracing_subscriber::fmt::layer()
         .json()
         .flatten_event(true)
         .with_writer(sink.clone())
         .with_timer(UtcMicros)
-        .with_filter(tracing_subscriber::filter::filter_fn(|_| {
-            JSON.load(Relaxed)
-        }));
-    let installed = tracing_subscriber::registry()
+        .with_filter(Format { json: true });
+    let subscriber = tracing_subscriber::registry()
         .with(filter)
         .with(text)
-        .with(json)
-        .try_init();
-    if installed.is_ok() {
-        let _ = ACCESS_SINK.set(sink);
-        let _ = LEVEL.set(handle);
-    }
-    guard
+        .with(json);
+    (subscriber, handle)
 }
 
 /// Applies a reloaded `[log]` section: the level (unless `RUST_LOG` is set, which keeps
@@ -125,23 +138,114 @@ pub fn reconfigure(cfg: &LogConfig) -> Result<(), String> {
     let handle = LEVEL
         .get()
         .ok_or_else(|| "logging was not started by the gateway".to_string())?;
-    handle
-        .reload(level_filter(&cfg.level))
-        .map_err(|e| format!("cannot change the log level: {e}"))?;
+    let filter = level_filter(&cfg.level);
+    let previous = MAX_LEVEL.swap(level_index(max_level_of(&filter)), Relaxed);
+    // The reload rebuilds the callsites' interest and the process-wide maximum level (from the
+    // hint just stored).
+    if let Err(e) = handle.reload(filter) {
+        MAX_LEVEL.store(previous, Relaxed);
+        return Err(format!("cannot change the log level: {e}"));
+    }
     let json = cfg.format == LogFormat::Json;
     if JSON.swap(json, Relaxed) != json {
         tracing::callsite::rebuild_interest_cache();
     }
+    log::set_max_level(as_log(tracing::level_filters::LevelFilter::current()));
     Ok(())
+}
+
+/// The most verbose level the level filter lets through, as [`level_index`] numbers it: the
+/// format filters' level hint (see [`Format`]).
+static MAX_LEVEL: AtomicU8 = AtomicU8::new(5);
+
+fn max_level_of(filter: &EnvFilter) -> LevelFilter {
+    use tracing_subscriber::Layer;
+    // No hint: the filter has directives on span fields, which any level may match.
+    Layer::<tracing_subscriber::Registry>::max_level_hint(filter).unwrap_or(LevelFilter::TRACE)
+}
+
+/// Stores the level filter's hint before the subscriber is built and installed, which reads it.
+fn set_max_level(filter: &EnvFilter) {
+    MAX_LEVEL.store(level_index(max_level_of(filter)), Relaxed);
+}
+
+fn level_index(level: LevelFilter) -> u8 {
+    match level.into_level() {
+        None => 0,
+        Some(Level::ERROR) => 1,
+        Some(Level::WARN) => 2,
+        Some(Level::INFO) => 3,
+        Some(Level::DEBUG) => 4,
+        Some(Level::TRACE) => 5,
+    }
+}
+
+fn level_of_index(index: u8) -> LevelFilter {
+    match index {
+        0 => LevelFilter::OFF,
+        1 => LevelFilter::ERROR,
+        2 => LevelFilter::WARN,
+        3 => LevelFilter::INFO,
+        4 => LevelFilter::DEBUG,
+        _ => LevelFilter::TRACE,
+    }
+}
+
+fn as_log(level: LevelFilter) -> log::LevelFilter {
+    match level_index(level) {
+        0 => log::LevelFilter::Off,
+        1 => log::LevelFilter::Error,
+        2 => log::LevelFilter::Warn,
+        3 => log::LevelFilter::Info,
+        4 => log::LevelFilter::Debug,
+        _ => log::LevelFilter::Trace,
+    }
+}
+
+/// The filter of each format's layer: the text layer takes the events while the text format is
+/// chosen, the JSON layer while JSON is. Decided per callsite and cached (a switch rebuilds the
+/// cache). Its level hint is the level filter's, for the layer in use, so the process-wide
+/// maximum level, which `tracing`'s macros and the `log` crate's (Pingora's) check before
+/// anything else, stays at the level that is logged. A filter without a hint made it TRACE:
+/// every `debug!` on Pingora's request path then went through the `log` bridge to the level
+/// filter, 1 µs of every proxied request (bench/profile.sh).
+struct Format {
+    json: bool,
+}
+
+impl Format {
+    fn in_use(&self) -> bool {
+        JSON.load(Relaxed) == self.json
+    }
+}
+
+impl<S> tracing_subscriber::layer::Filter<S> for Format {
+    fn enabled(&self, _: &Metadata<'_>, _: &tracing_subscriber::layer::Context<'_, S>) -> bool {
+        self.in_use()
+    }
+
+    fn callsite_enabled(&self, _: &'static Metadata<'static>) -> tracing::subscriber::Interest {
+        if self.in_use() {
+            tracing::subscriber::Interest::always()
+        } else {
+            tracing::subscriber::Interest::never()
+        }
+    }
+
+    fn max_level_hint(&self) -> Option<LevelFilter> {
+        Some(if self.in_use() {
+            level_of_index(MAX_LEVEL.load(Relaxed))
+        } else {
+            LevelFilter::OFF
+        })
+    }
 }
 
 /// Whether lines are written as JSON (else text).
 static JSON: AtomicBool = AtomicBool::new(false);
 
 /// Changes the level filter of the installed subscriber.
-static LEVEL: OnceLock<
-    tracing_subscriber::reload::Handle<EnvFilter, tracing_subscriber::Registry>,
-> = OnceLock::new();
+static LEVEL: OnceLock<LevelHandle> = OnceLock::new();
 
 /// Where [`access`] writes text lines itself; set by [`init`].
 static ACCESS_SINK: OnceLock<Sink> = OnceLock::new();
@@ -537,6 +641,30 @@ mod tests {
             .without_time()
             .finish();
         tracing::subscriber::with_default(subscriber, f);
+    }
+
+    /// The subscriber's level hint is the configured level (what `tracing` and the `log` crate
+    /// check before calling it), not TRACE, whatever the format; and the layer in use writes.
+    #[test]
+    fn the_subscriber_hints_the_configured_level_and_writes_in_the_chosen_format() {
+        use tracing::Subscriber;
+        for (level, want) in [
+            ("info", LevelFilter::INFO),
+            ("warn", LevelFilter::WARN),
+            ("debug", LevelFilter::DEBUG),
+        ] {
+            let out = Shared::default();
+            let sink = Sink::new(Box::new(out.clone()));
+            let (subscriber, _handle) = subscriber(EnvFilter::new(level), &sink);
+            assert_eq!(subscriber.max_level_hint(), Some(want), "level {level}");
+            tracing::subscriber::with_default(subscriber, || {
+                tracing::warn!(target: "portcullis::test", "written at {level}");
+                tracing::debug!(target: "portcullis::test", "debug at {level}");
+            });
+            let text = out.text();
+            assert!(text.contains(&format!("written at {level}")), "{text}");
+            assert_eq!(text.contains("debug at"), level == "debug", "{text}");
+        }
     }
 
     #[test]

@@ -231,6 +231,12 @@ async fn reloads_apply_new_routes_without_dropping_a_download_a_websocket_or_a_r
     let line = log.lines().find(|l| l.contains("/after-json")).unwrap();
     let parsed: Value = serde_json::from_str(line).expect("a JSON access line");
     assert_eq!(parsed["status"], 200);
+    // And debug lines are written now (the process-wide maximum level followed the reload).
+    assert_eq!(gw.get_status("/web/..%2fafter-debug", &token).await, 400);
+    let log = gw.log_containing("\"message\":\"bad path\"").await;
+    let line = log.lines().find(|l| l.contains("\"bad path\"")).unwrap();
+    let parsed: Value = serde_json::from_str(line).expect("a JSON debug line");
+    assert_eq!(parsed["level"], "DEBUG", "{line}");
     // Traffic keeps flowing between reloads too.
     answers_grow(&answered, 100).await;
     check_ws(&mut ws, 5).await;
