@@ -9,7 +9,8 @@
 # then idle), and bench/idle.py samples its RSS before, with all of them idle, and after they
 # closed. MODE=ws: the upstream is bench/ws_upstream.py and each connection is a WebSocket
 # upgrade held open without frames (Jellyfin's /socket of an idle tab or app). Environment: CONNS=8000 THREADS=2 LATE=0 (also sample RSS this many seconds after
-# closing) KEEP=1 (keep the temp dir and the gateway's log) PORTCULLIS=target/release/portcullis (built when
+# closing) REST=0 (seconds each proxy rests, after the ones before it ran, before its first sample:
+# the gateway's resting size, after its first memory release pass, rather than its size just after start) KEEP=1 (keep the temp dir and the gateway's log) PORTCULLIS=target/release/portcullis (built when
 # missing) OUT=bench/out. Results: OUT/idle-MODE.json (with TLS=1 idle-MODE-tls.json; one line per
 # proxy) and a table on stdout.
 #
@@ -224,6 +225,10 @@ for case in "${CASES[@]}"; do
                revoke=(--revoke "0=${CLI[*]} signout --user bench0" --revoke "all=${CLI[*]} breach-response")
            fi ;;
     esac
+    if [ "${REST:-0}" != 0 ]; then
+        say "$case: resting ${REST} s before the first sample"
+        sleep "$REST"
+    fi
     say "$case: $CONNS idle connections ($MODE)"
     ws=(); [ "$MODE" = ws ] && ws=(--ws --path /socket)
     line=$(python3 bench/idle.py --port "$port" --pid "$pid" --conns "$CONNS" "${tok[@]}" --late "${LATE:-0}" "${ws[@]}" "${revoke[@]}" "${TLS_ARGS[@]}")
