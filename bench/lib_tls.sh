@@ -8,7 +8,8 @@
 #   f  Caddy forward_auth -> a plaintext Portcullis /_portcullis/verify, then Caddy -> upstream
 #      (the Authelia-style set-up; the gateway doing the verify has its own store and token)
 #   d  Portcullis with tls_cert/tls_key on its public listener, auth in-process
-# Sourced, not run; bench/idle.sh takes say, die, wait_up, tls_cert and nginx_conf from here too. The caller sets ROOT, THREADS, UP_WORKERS, OUT, PORTCULLIS, NGINX, PASSWORD
+# Sourced, not run; bench/idle.sh takes say, die, wait_up, tls_cert and nginx_conf from here too,
+# bench/profile.sh the set-up up to the upstream, make_gateway and start_nginx_tls. The caller sets ROOT, THREADS, UP_WORKERS, OUT, PORTCULLIS, NGINX, PASSWORD
 # and CASES, then calls in this order:
 #   tls_tools [PACKAGE...]   install what is missing from Debian (plus the packages named)
 #   tls_tmp PREFIX           TMP (mktemp -d /tmp/PREFIX.XXXXXX), RES=$TMP/raw, cleanup on exit,
@@ -216,16 +217,8 @@ EOF
     wait_up "https://127.0.0.1:$2/1k" "$CADDY_PID" --cacert "$CA" || die "caddy $1 did not start: $(tail -5 "$dir/caddy.log")"
 }
 
-tls_proxies() {
-    say "Portcullis with TLS (d) on :$P_D, admin :$P_DA, $THREADS threads"
-    make_gateway gwd "$P_D" "$P_DA" 1
-    D_PID=$GW_PID
-    TOKEN_D=$(login "https://127.0.0.1:$P_D") || die "login over TLS failed"
-    say "Portcullis plaintext for Caddy's forward_auth (f) on :$P_V, admin :$P_VA"
-    make_gateway gwv "$P_V" "$P_VA" 0 "${VERIFY_PUBLIC_URL:-}"
-    V_PID=$GW_PID
-    TOKEN_V=$(login "http://127.0.0.1:$P_V") || die "login on the verify gateway failed"
-
+# start_nginx_tls: nginx as the TLS reverse proxy (n) on P_N -> N_PID
+start_nginx_tls() {
     say "nginx TLS reverse proxy (n) on :$P_N ($THREADS workers)"
     mkdir -p "$TMP/n"
     nginx_conf "$TMP/n" "$THREADS" "    access_log $TMP/n/access.log;
@@ -248,6 +241,19 @@ tls_proxies() {
     N_PID=$!
     PIDS+=("$N_PID")
     wait_up "https://127.0.0.1:$P_N/1k" "$N_PID" --cacert "$CA" || die "nginx proxy did not start: $(cat "$TMP/n/error.log")"
+}
+
+tls_proxies() {
+    say "Portcullis with TLS (d) on :$P_D, admin :$P_DA, $THREADS threads"
+    make_gateway gwd "$P_D" "$P_DA" 1
+    D_PID=$GW_PID
+    TOKEN_D=$(login "https://127.0.0.1:$P_D") || die "login over TLS failed"
+    say "Portcullis plaintext for Caddy's forward_auth (f) on :$P_V, admin :$P_VA"
+    make_gateway gwv "$P_V" "$P_VA" 0 "${VERIFY_PUBLIC_URL:-}"
+    V_PID=$GW_PID
+    TOKEN_V=$(login "http://127.0.0.1:$P_V") || die "login on the verify gateway failed"
+
+    start_nginx_tls
 
     say "HAProxy (h) on :$P_H ($THREADS threads)"
     mkdir -p "$TMP/h"

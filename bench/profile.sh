@@ -60,40 +60,19 @@ make_gateway gwd "$P_V" "$P_VA" 0
 D_PID=$GW_PID
 TOKEN_P=$(login "http://127.0.0.1:$P_V") || die "login failed"
 
-read -r P_G P_NT <<<"$(python3 -c '
-import socket
-s = [socket.socket() for _ in range(2)]
-[x.bind(("127.0.0.1", 0)) for x in s]
-print(" ".join(str(x.getsockname()[1]) for x in s))')"
+P_G=$P_H # the HAProxy port of bench/lib_tls.sh, unused here
 say "bare Pingora (g) on :$P_G"
 "$BARE" "127.0.0.1:$P_G" "127.0.0.1:$P_UP" "$THREADS" >"$TMP/bare.log" 2>&1 &
 G_PID=$!
 PIDS+=("$G_PID")
 wait_up "http://127.0.0.1:$P_G/1k" "$G_PID" || die "bare_proxy did not start: $(cat "$TMP/bare.log")"
 
-say "nginx over TLS (n) on :$P_NT ($THREADS workers)"
-mkdir -p "$TMP/n"
-nginx_conf "$TMP/n" "$THREADS" "    access_log $TMP/n/access.log;
-    upstream media { server 127.0.0.1:$P_UP; keepalive 128; keepalive_requests 1000000; }
-    server {
-        listen 127.0.0.1:$P_NT ssl reuseport;
-        ssl_certificate $CERT;
-        ssl_certificate_key $KEY;
-        location / {
-            proxy_pass http://media;
-            proxy_http_version 1.1;
-            proxy_set_header Connection \"\";
-        }
-    }" >"$TMP/n/nginx.conf"
-"$NGINX" -p "$TMP/n" -c "$TMP/n/nginx.conf" -e "$TMP/n/error.log" &
-N_PID=$!
-PIDS+=("$N_PID")
-wait_up "https://127.0.0.1:$P_NT/1k" "$N_PID" --cacert "$CA" || die "nginx did not start: $(cat "$TMP/n/error.log")"
+start_nginx_tls # n, on P_N
 
 url_of() {
     case $1 in
     g) echo "http://127.0.0.1:$P_G/1k" ;; d) echo "http://127.0.0.1:$P_V/1k" ;;
-    t) echo "https://127.0.0.1:$P_D/1k" ;; n) echo "https://127.0.0.1:$P_NT/1k" ;;
+    t) echo "https://127.0.0.1:$P_D/1k" ;; n) echo "https://127.0.0.1:$P_N/1k" ;;
     esac
 }
 token_of() { case $1 in t) echo "$TOKEN_T" ;; *) echo "$TOKEN_P" ;; esac; }
