@@ -15,7 +15,7 @@
 //! tens of KiB for each phone or TV that holds a keep-alive. Here a connection waits for the
 //! first byte of its next request holding nothing but the socket (and over TLS, rustls's
 //! state), and the proxy starts once that byte is there (`until_readable`). The wait is a
-//! zero-length read: readiness from the runtime, and one `read(2)` of no bytes when it comes.
+//! zero-length read: readiness from the runtime, with no system call (the Pingora patch's fifth change).
 //! Over TLS the read returns at once when rustls already holds decrypted bytes (the Pingora
 //! patch's fourth change, vendor/pingora-core/PORTCULLIS.md).
 

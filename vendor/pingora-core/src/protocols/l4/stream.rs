@@ -551,6 +551,30 @@ impl Stream {
         self.stream.as_mut().expect("stream should always be set")
     }
 
+    /// Portcullis patch, change 5: whether a read may find bytes (or the end), without reading;
+    /// what a zero-length read on this stream now does.
+    /// Ready at once when bytes are already buffered here (rewound, or in the read buffer);
+    /// otherwise the socket's read readiness as the runtime knows it, which costs no system call
+    /// (a zero-length read costs one `recvfrom` each time it is ready). Like any readiness it
+    /// may be stale: a read can still find nothing and wait.
+    pub fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if !self.rewind_read_buf.is_empty() {
+            return Poll::Ready(Ok(()));
+        }
+        if let BufferedStream::BufferedRead(reader) = self.stream() {
+            if !reader.buffer().is_empty() {
+                return Poll::Ready(Ok(()));
+            }
+        }
+        match &self.stream().get_ref().stream {
+            RawStream::Tcp(s) => s.poll_read_ready(cx),
+            #[cfg(unix)]
+            RawStream::Unix(s) => s.poll_read_ready(cx),
+            // No readiness to ask for: the read itself will tell.
+            RawStream::Virtual(_) => Poll::Ready(Ok(())),
+        }
+    }
+
     /// Record transport connection timing for this stream.
     pub(crate) fn set_establishment_timing(
         &mut self,
@@ -846,6 +870,11 @@ impl AsyncRead for Stream {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        // Portcullis patch, change 5: a zero-length read waits for readiness and reads nothing,
+        // without the system call.
+        if buf.remaining() == 0 {
+            return self.poll_read_ready(cx);
+        }
         let result = if !self.rewind_read_buf.is_empty() {
             let data_to_read = self.rewind_read_buf.pop().unwrap(); // safe
             let mut data_to_read = data_to_read.as_slice();
