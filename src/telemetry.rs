@@ -15,8 +15,8 @@
 use std::borrow::Cow;
 use std::cell::RefCell;
 use std::io::Write;
+use std::sync::atomic::AtomicBool;
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::atomic::{AtomicBool, AtomicU8};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::Duration;
 
@@ -139,66 +139,43 @@ pub fn reconfigure(cfg: &LogConfig) -> Result<(), String> {
         .get()
         .ok_or_else(|| "logging was not started by the gateway".to_string())?;
     let filter = level_filter(&cfg.level);
-    let previous = MAX_LEVEL.swap(level_index(max_level_of(&filter)), Relaxed);
+    let previous = set_max_level(&filter);
     // The reload rebuilds the callsites' interest and the process-wide maximum level (from the
     // hint just stored).
     if let Err(e) = handle.reload(filter) {
-        MAX_LEVEL.store(previous, Relaxed);
+        *lock(&MAX_LEVEL) = previous;
         return Err(format!("cannot change the log level: {e}"));
     }
     let json = cfg.format == LogFormat::Json;
     if JSON.swap(json, Relaxed) != json {
         tracing::callsite::rebuild_interest_cache();
     }
-    log::set_max_level(as_log(tracing::level_filters::LevelFilter::current()));
+    log::set_max_level(as_log(LevelFilter::current()));
     Ok(())
 }
 
-/// The most verbose level the level filter lets through, as [`level_index`] numbers it: the
-/// format filters' level hint (see [`Format`]).
-static MAX_LEVEL: AtomicU8 = AtomicU8::new(5);
+/// The most verbose level the level filter lets through: the format filters' level hint (see
+/// [`Format`]). Read when callsite interest is rebuilt, never per event.
+static MAX_LEVEL: Mutex<LevelFilter> = Mutex::new(LevelFilter::TRACE);
 
-fn max_level_of(filter: &EnvFilter) -> LevelFilter {
+/// Stores the level filter's hint for the subscriber built or reloaded next, which reads it;
+/// returns the hint it replaces.
+fn set_max_level(filter: &EnvFilter) -> LevelFilter {
     use tracing_subscriber::Layer;
     // No hint: the filter has directives on span fields, which any level may match.
-    Layer::<tracing_subscriber::Registry>::max_level_hint(filter).unwrap_or(LevelFilter::TRACE)
-}
-
-/// Stores the level filter's hint before the subscriber is built and installed, which reads it.
-fn set_max_level(filter: &EnvFilter) {
-    MAX_LEVEL.store(level_index(max_level_of(filter)), Relaxed);
-}
-
-fn level_index(level: LevelFilter) -> u8 {
-    match level.into_level() {
-        None => 0,
-        Some(Level::ERROR) => 1,
-        Some(Level::WARN) => 2,
-        Some(Level::INFO) => 3,
-        Some(Level::DEBUG) => 4,
-        Some(Level::TRACE) => 5,
-    }
-}
-
-fn level_of_index(index: u8) -> LevelFilter {
-    match index {
-        0 => LevelFilter::OFF,
-        1 => LevelFilter::ERROR,
-        2 => LevelFilter::WARN,
-        3 => LevelFilter::INFO,
-        4 => LevelFilter::DEBUG,
-        _ => LevelFilter::TRACE,
-    }
+    let level =
+        Layer::<tracing_subscriber::Registry>::max_level_hint(filter).unwrap_or(LevelFilter::TRACE);
+    std::mem::replace(&mut *lock(&MAX_LEVEL), level)
 }
 
 fn as_log(level: LevelFilter) -> log::LevelFilter {
-    match level_index(level) {
-        0 => log::LevelFilter::Off,
-        1 => log::LevelFilter::Error,
-        2 => log::LevelFilter::Warn,
-        3 => log::LevelFilter::Info,
-        4 => log::LevelFilter::Debug,
-        _ => log::LevelFilter::Trace,
+    match level.into_level() {
+        None => log::LevelFilter::Off,
+        Some(Level::ERROR) => log::LevelFilter::Error,
+        Some(Level::WARN) => log::LevelFilter::Warn,
+        Some(Level::INFO) => log::LevelFilter::Info,
+        Some(Level::DEBUG) => log::LevelFilter::Debug,
+        Some(Level::TRACE) => log::LevelFilter::Trace,
     }
 }
 
@@ -234,7 +211,7 @@ impl<S> tracing_subscriber::layer::Filter<S> for Format {
 
     fn max_level_hint(&self) -> Option<LevelFilter> {
         Some(if self.in_use() {
-            level_of_index(MAX_LEVEL.load(Relaxed))
+            *lock(&MAX_LEVEL)
         } else {
             LevelFilter::OFF
         })
