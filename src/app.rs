@@ -15,6 +15,7 @@ pub mod sso;
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::path::PathBuf;
+use std::sync::atomic::AtomicI64;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -272,9 +273,13 @@ pub struct App {
     /// ceremony lifetime: each writes a row to the store, so an address gets a bounded share.
     pub(crate) passkey_starts: Cache<String, u32>,
     /// Failed logins of known accounts on their way to the store (written off the response
-    /// path), by user id: the account's gate counts them too, so a quick run of wrong
-    /// passwords cannot outrun its own lock.
-    failures_in_flight: Mutex<HashMap<i64, i64>>,
+    /// path), by user id, each by its stamp: the account's gate counts those its row does not
+    /// hold yet, so a quick run of wrong passwords cannot outrun its own lock.
+    failures_in_flight: Mutex<HashMap<i64, Vec<i64>>>,
+    /// The last failure stamp handed out ([`App::failure_stamp`]).
+    last_failure_stamp: AtomicI64,
+    /// Woken whenever a failure in flight has reached the store.
+    failure_landed: tokio::sync::Notify,
     /// When each session's last use was last queued for the store, by session id. Looked up on
     /// every request; hashed with foldhash (the ids are the gateway's own random numbers).
     last_seen_written: Cache<u128, i64, foldhash::fast::RandomState>,
@@ -438,6 +443,8 @@ impl App {
                 .time_to_live(passkey::CEREMONY_TTL)
                 .build(),
             failures_in_flight: Mutex::new(HashMap::new()),
+            last_failure_stamp: AtomicI64::new(0),
+            failure_landed: tokio::sync::Notify::new(),
             last_seen_written: Cache::builder()
                 .max_capacity(1_000_000)
                 .time_to_idle(Duration::from_millis(LAST_SEEN_EVERY_MS as u64 * 2))
@@ -687,30 +694,77 @@ impl App {
         }
     }
 
-    /// Adds `delta` to the failures of `user_id` still on their way to the store.
-    fn failure_in_flight(&self, user_id: i64, delta: i64) {
-        let mut map = self
-            .failures_in_flight
+    /// The time of a failed login as the store keeps it (`last_failure_ms`): the clock, made
+    /// unique and rising, so that an account row tells which failures it already holds.
+    fn failure_stamp(&self) -> i64 {
+        let now = now_ms();
+        let last = self
+            .last_failure_stamp
+            .fetch_max(now, std::sync::atomic::Ordering::Relaxed);
+        if last < now {
+            return now;
+        }
+        self.last_failure_stamp
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1
+    }
+
+    fn in_flight(&self) -> std::sync::MutexGuard<'_, HashMap<i64, Vec<i64>>> {
+        self.failures_in_flight
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let n = map.entry(user_id).or_insert(0);
-        *n += delta;
-        if *n <= 0 {
-            map.remove(&user_id);
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// A failed login of `user_id` on its way to the store: its stamp.
+    fn failure_sent(&self, user_id: i64) -> i64 {
+        let stamp = self.failure_stamp();
+        self.in_flight().entry(user_id).or_default().push(stamp);
+        stamp
+    }
+
+    /// The failure `stamp` of `user_id` has reached the store (or failed to).
+    fn failure_landed(&self, user_id: i64, stamp: i64) {
+        let mut map = self.in_flight();
+        if let Some(stamps) = map.get_mut(&user_id) {
+            stamps.retain(|s| *s != stamp);
+            if stamps.is_empty() {
+                map.remove(&user_id);
+            }
+        }
+        drop(map);
+        self.failure_landed.notify_waiters();
+    }
+
+    /// Waits, a second at most, until no failed login of `user_id` is on its way to the store,
+    /// so that a success can clear them all: true when one was.
+    async fn settle_failures(&self, user_id: i64) -> bool {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+        let mut had = false;
+        loop {
+            let landed = self.failure_landed.notified();
+            tokio::pin!(landed);
+            landed.as_mut().enable();
+            if !self.in_flight().contains_key(&user_id) {
+                return had;
+            }
+            had = true;
+            if tokio::time::timeout_at(deadline, landed).await.is_err() {
+                return had;
+            }
         }
     }
 
     /// The gate of a known account — for every way in (gateway and media logins, the second
     /// factor, the current password on the account page): its failures in the store, plus
-    /// those still on their way there (each one just now).
+    /// those still on their way there (each one just now). A failure counts once: the row
+    /// holds every failure stamped up to its `last_failure_ms` (the store keeps the latest).
     pub(crate) fn account_gate(&self, u: &User, now: i64) -> Gate {
-        let in_flight = self
-            .failures_in_flight
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .get(&u.id)
-            .copied()
-            .unwrap_or(0);
+        let in_flight = self.in_flight().get(&u.id).map_or(0, |stamps| {
+            stamps
+                .iter()
+                .filter(|s| u.last_failure_ms.is_none_or(|held| **s > held))
+                .count() as i64
+        });
         if in_flight == 0 {
             return account_gate(u.failed_logins, u.last_failure_ms, u.locked_until_ms, now);
         }
@@ -734,20 +788,27 @@ impl App {
     /// Counts a failed login against a known account in the store, and audits a new lockout.
     async fn record_account_failure(&self, user: Option<&User>, client: &ClientInfo) {
         let Some(u) = user else { return };
-        let now = now_ms();
+        let stamp = self.failure_sent(u.id);
+        self.land_account_failure(u, client, stamp).await;
+    }
+
+    /// Writes the failed login `stamp` (sent with [`App::failure_sent`]) to the store, and
+    /// audits a new lockout.
+    async fn land_account_failure(&self, u: &User, client: &ClientInfo, stamp: i64) {
         let result = self
             .store
             .record_failure(
                 u.id,
-                now,
+                stamp,
                 self.config().auth.max_failures,
                 self.config().auth.lockout.as_millis() as i64,
             )
             .await;
+        self.failure_landed(u.id, stamp);
         match result {
             Ok(after) => {
-                let newly_locked = after.locked_until_ms.is_some_and(|t| t > now)
-                    && u.locked_until_ms.is_none_or(|t| t <= now);
+                let newly_locked = after.locked_until_ms.is_some_and(|t| t > stamp)
+                    && u.locked_until_ms.is_none_or(|t| t <= stamp);
                 if newly_locked {
                     self.metrics.lockouts.inc();
                     let mut e =
@@ -767,15 +828,12 @@ impl App {
     /// unknown name answer alike.
     fn password_failed(self: &Arc<Self>, user: Option<User>, name: &str, client: &ClientInfo) {
         self.count_failure_in_memory(user.as_ref(), name, client);
-        if let Some(u) = &user {
-            self.failure_in_flight(u.id, 1);
-        }
+        let stamp = user.as_ref().map(|u| self.failure_sent(u.id));
         let this = Arc::clone(self);
         let client = client.clone();
         tokio::spawn(async move {
-            this.record_account_failure(user.as_ref(), &client).await;
-            if let Some(u) = &user {
-                this.failure_in_flight(u.id, -1);
+            if let (Some(u), Some(stamp)) = (&user, stamp) {
+                this.land_account_failure(u, &client, stamp).await;
             }
             let who = user.as_ref().map(|u| (u.id, u.name.as_str()));
             let mut e = this.audit_entry("login", "failure", who, &client);
@@ -941,7 +999,8 @@ impl App {
                 Channel::Form => self.pending(user, PendingStage::Passkey, sso.as_ref(), &amr),
             };
         }
-        if user.failed_logins != 0 || user.locked_until_ms.is_some() {
+        let had_failures_in_flight = self.settle_failures(user.id).await;
+        if had_failures_in_flight || user.failed_logins != 0 || user.locked_until_ms.is_some() {
             self.store
                 .clear_failures(user.id)
                 .await

@@ -803,8 +803,9 @@ pub trait Store: Send + Sync + 'static {
     /// Ends every session issued at or before `now_ms`.
     async fn signout_everyone(&self, now_ms: i64) -> StoreResult<SequencedEvent>;
 
-    /// Counts a failed login; locks the account once `max_failures` consecutive failures are
-    /// reached. Returns the user as it now stands.
+    /// Counts a failed login at `now_ms`; locks the account once `max_failures` consecutive
+    /// failures are reached. `last_failure_ms` keeps the latest time written, whatever the order
+    /// of the writes. Returns the user as it now stands.
     async fn record_failure(
         &self,
         user_id: i64,

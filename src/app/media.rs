@@ -387,6 +387,7 @@ impl App {
             }
         }
         if password_login {
+            self.settle_failures(owner.id).await;
             if let Err(e) = self.store.clear_failures(owner.id).await {
                 self.store_error("clear_failures", e);
             }

@@ -852,7 +852,8 @@ where
         lockout_ms: i64,
     ) -> StoreResult<User> {
         let sql = format!(
-            "UPDATE users SET failed_logins = failed_logins + 1, last_failure_ms = $1,
+            "UPDATE users SET failed_logins = failed_logins + 1,
+             last_failure_ms = CASE WHEN last_failure_ms > $1 THEN last_failure_ms ELSE $1 END,
              locked_until_ms = CASE WHEN failed_logins + 1 >= $2 THEN $3 ELSE locked_until_ms END
              WHERE id = $4 RETURNING {USER_COLUMNS}"
         );

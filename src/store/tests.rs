@@ -634,6 +634,9 @@ async fn accounts_lock_out_and_change_passwords(f: Fixture) {
         (u.failed_logins, u.locked_until_ms, u.last_failure_ms),
         (3, Some(1_102), Some(102))
     );
+    // A failure stamped earlier that lands later counts, and leaves the latest time.
+    let u = store.record_failure(alice.id, 99, 3, 1_000).await.unwrap();
+    assert_eq!((u.failed_logins, u.last_failure_ms), (4, Some(102)));
     store.clear_failures(alice.id).await.unwrap();
     let u = store.find_user_by_id(alice.id).await.unwrap().unwrap();
     assert_eq!(

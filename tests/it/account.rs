@@ -726,6 +726,32 @@ async fn require_reset_forces_a_new_password_at_next_login() {
     assert_eq!(status, 403);
 }
 
+/// The lock counts consecutive failures: the right password, sent as soon as the wrong ones
+/// are answered (their count still on its way to the store), clears them, and each failure
+/// counts once however quickly the next attempt follows.
+#[tokio::test]
+async fn a_success_right_after_failures_clears_them_and_each_failure_counts_once() {
+    let up = Upstream::start().await;
+    let gw = Gateway::builder(&up.url())
+        .user("alice", ALICE_PW)
+        .auth_keys("max_failures = 3\nlockout = \"10m\"")
+        .start()
+        .await;
+    for round in 0..6 {
+        for _ in 0..2 {
+            let (status, body) = gw.try_login("alice", "wrong-password-x", None).await;
+            assert_eq!(status, 401, "round {round}: {body}");
+        }
+        let (status, body) = gw.try_login("alice", ALICE_PW, None).await;
+        assert_eq!(status, 200, "round {round}: {body}");
+    }
+    // The third failure in a row still locks, at once.
+    for _ in 0..3 {
+        assert_eq!(gw.try_login("alice", "wrong-password-x", None).await.0, 401);
+    }
+    assert_eq!(gw.try_login("alice", ALICE_PW, None).await.0, 403);
+}
+
 #[tokio::test]
 async fn lockout_after_consecutive_failures_unlock_and_same_answer_for_unknown_users() {
     let up = Upstream::start().await;
