@@ -360,7 +360,11 @@ impl TransportConnector {
         if let Some(s) = reused_stream {
             Ok((s, true))
         } else {
-            let s = self.new_stream(peer).await?;
+            // Portcullis patch: the new connection's future (the TCP connect and TLS handshake,
+            // about 8 KiB) is boxed, allocated only while a new connection is made, so that the
+            // callers' futures, which live as long as the request (a WebSocket: hours), do not
+            // carry it when the stream came from the pool.
+            let s = Box::pin(self.new_stream(peer)).await?;
             Ok((s, false))
         }
     }

@@ -305,7 +305,17 @@ impl HttpSession {
                             return self.fail_response_header_read(e);
                         }
 
-                        let buf = std::mem::take(&mut self.response_header_read_buf).freeze();
+                        let switching = resp.code == Some(101);
+                        let buf = std::mem::take(&mut self.response_header_read_buf);
+                        // Portcullis patch: the header values below point into this buffer, and
+                        // a 101's header and buffer are kept for the upgraded connection's whole
+                        // life (a WebSocket: hours), so a 101's head is copied into a buffer of
+                        // its own size and the (at least 4 KiB) read buffer freed.
+                        let buf = if switching {
+                            Bytes::copy_from_slice(&buf)
+                        } else {
+                            buf.freeze()
+                        };
 
                         for header in header_refs {
                             let header_name = header.get_name_bytes(&buf);

@@ -348,6 +348,11 @@ impl HttpSession {
                         // Note: req.headers has the correct number of headers
                         // while header_refs doesn't as it is still empty
                         let _num_headers = populate_headers(base, &mut header_refs, req.headers);
+                        // Portcullis patch: see below.
+                        let upgrading = req
+                            .headers
+                            .iter()
+                            .any(|h| h.name.eq_ignore_ascii_case("upgrade"));
 
                         let mut request_header = Box::new(RequestHeader::build(
                             req.method.unwrap_or(""),
@@ -380,7 +385,23 @@ impl HttpSession {
                             }
                             rest
                         };
-                        let buf = buf.freeze();
+                        // Portcullis patch: bytes sent after an upgrade request's head (a
+                        // client that did not wait for the 101) share the read buffer too.
+                        let preread_body = if upgrading && !preread_body.is_empty() {
+                            BytesMut::from(&preread_body[..])
+                        } else {
+                            preread_body
+                        };
+                        // Portcullis patch: the header values below point into this buffer,
+                        // and an upgraded request's header (and the copy sent upstream) is kept
+                        // for the connection's whole life (a WebSocket: hours), so the head of a
+                        // request that asks for an upgrade is copied into a buffer of its own
+                        // size and the (at least 4 KiB) read buffer freed.
+                        let buf = if upgrading {
+                            Bytes::copy_from_slice(&buf)
+                        } else {
+                            buf.freeze()
+                        };
 
                         for header in header_refs {
                             let header_name = header.get_name_bytes(&buf);
