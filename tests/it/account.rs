@@ -732,11 +732,7 @@ async fn require_reset_forces_a_new_password_at_next_login() {
 #[tokio::test]
 async fn a_success_right_after_failures_clears_them_and_each_failure_counts_once() {
     let up = Upstream::start().await;
-    let gw = Gateway::builder(&up.url())
-        .user("alice", ALICE_PW)
-        .auth_keys("max_failures = 3\nlockout = \"10m\"")
-        .start()
-        .await;
+    let gw = Gateway::locking_after_three(&up.url(), ALICE_PW).await;
     for round in 0..6 {
         for _ in 0..2 {
             let (status, body) = gw.try_login("alice", "wrong-password-x", None).await;
@@ -755,11 +751,7 @@ async fn a_success_right_after_failures_clears_them_and_each_failure_counts_once
 #[tokio::test]
 async fn lockout_after_consecutive_failures_unlock_and_same_answer_for_unknown_users() {
     let up = Upstream::start().await;
-    let gw = Gateway::builder(&up.url())
-        .user("alice", ALICE_PW)
-        .auth_keys("max_failures = 3\nlockout = \"10m\"")
-        .start()
-        .await;
+    let gw = Gateway::locking_after_three(&up.url(), ALICE_PW).await;
     let attempt = |user: &'static str, pw: &'static str| {
         let url = gw.url("/_portcullis/api/login");
         async move {

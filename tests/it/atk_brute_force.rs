@@ -46,11 +46,7 @@ async fn fail_once(gw: &Gateway, host: u8, user: &str) {
 async fn atk45_failures_from_many_addresses_and_spellings_lock_the_one_account_until_a_success_or_unlock(
 ) {
     let up = Upstream::start().await;
-    let gw = Gateway::builder(&up.url())
-        .user("alice", ALICE_PW)
-        .auth_keys("max_failures = 3\nlockout = \"10m\"")
-        .start()
-        .await;
+    let gw = Gateway::locking_after_three(&up.url(), ALICE_PW).await;
     // A success resets the count: two failures, a success, two more failures — not locked.
     fail_once(&gw, 2, "alice").await;
     fail_once(&gw, 3, "ALICE").await;

@@ -63,11 +63,7 @@ async fn atk64_a_bearer_client_changes_its_password_under_the_same_rules() {
     use crate::harness::input_value;
     let up = Upstream::start().await;
     let old = "alice-old-password-1234";
-    let gw = Gateway::builder(&up.url())
-        .user("alice", old)
-        .auth_keys("max_failures = 3\nlockout = \"10m\"")
-        .start()
-        .await;
+    let gw = Gateway::locking_after_three(&up.url(), old).await;
     let api = gw.login("alice", old).await;
     // An API client reads its session's CSRF token from the account page, with its Bearer.
     let page = client()

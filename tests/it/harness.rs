@@ -252,6 +252,16 @@ pub struct Login {
 }
 
 impl Gateway {
+    /// A gateway in front of `upstream` with the one user alice, whose account locks for ten
+    /// minutes after three failures in a row: the set-up of the lock tests.
+    pub async fn locking_after_three(upstream: &str, alice_password: &str) -> Gateway {
+        Gateway::builder(upstream)
+            .user("alice", alice_password)
+            .auth_keys("max_failures = 3\nlockout = \"10m\"")
+            .start()
+            .await
+    }
+
     pub fn builder(upstream: &str) -> GatewayBuilder {
         GatewayBuilder {
             store_url: None,
