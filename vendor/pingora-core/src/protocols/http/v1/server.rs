@@ -367,6 +367,16 @@ impl HttpSession {
                             _ => Version::HTTP_09,
                         });
 
+                        // Portcullis patch: the header values below point into this buffer,
+                        // and an upgraded request's header (and the copy sent upstream) is kept
+                        // for the connection's whole life (a WebSocket: hours), so what was read
+                        // of a request that asks for an upgrade (its head and any bytes sent
+                        // after it) is copied into a buffer of its own size and the (at least
+                        // 4 KiB) read buffer freed.
+                        if upgrading {
+                            buf = BytesMut::from(&buf[..]);
+                        }
+
                         // Detach bytes beyond the header in O(1). Keeping them as owned BytesMut
                         // allows body parsing and subsequent pipelined sessions to continue
                         // splitting the same allocation instead of copying the shrinking suffix.
@@ -385,23 +395,7 @@ impl HttpSession {
                             }
                             rest
                         };
-                        // Portcullis patch: bytes sent after an upgrade request's head (a
-                        // client that did not wait for the 101) share the read buffer too.
-                        let preread_body = if upgrading && !preread_body.is_empty() {
-                            BytesMut::from(&preread_body[..])
-                        } else {
-                            preread_body
-                        };
-                        // Portcullis patch: the header values below point into this buffer,
-                        // and an upgraded request's header (and the copy sent upstream) is kept
-                        // for the connection's whole life (a WebSocket: hours), so the head of a
-                        // request that asks for an upgrade is copied into a buffer of its own
-                        // size and the (at least 4 KiB) read buffer freed.
-                        let buf = if upgrading {
-                            Bytes::copy_from_slice(&buf)
-                        } else {
-                            buf.freeze()
-                        };
+                        let buf = buf.freeze();
 
                         for header in header_refs {
                             let header_name = header.get_name_bytes(&buf);
