@@ -140,7 +140,8 @@ async fn plex_get_with(
 }
 
 /// Polls a GET of `/library/sections` through `gw` with `token` for up to `wait` until it
-/// answers `status`: that answer's body and how many answers before it passed (200), or `None`.
+/// answers `status` (a refusal: the gateway's own, with its reason): that answer's body and how
+/// many answers before it came from the server, or `None`.
 async fn answers_within(
     gw: &Gateway,
     token: &str,
@@ -151,11 +152,15 @@ async fn answers_within(
     let last = std::sync::Mutex::new(Value::Null);
     let answered = poll_until(wait, || async {
         let (got, body) = plex_get(gw, "/library/sections", Some(token)).await;
-        if got == 200 && status != 200 {
+        // The gateway's refusals carry a reason; any other answer came from the server. At the
+        // edge of a token's `exp` the gateway may pass a request that the server, a moment
+        // later, refuses itself: that request passed, it is not the refusal waited for.
+        let refused_by_gateway = body.get("error").is_some();
+        if status != 200 && !refused_by_gateway {
             passed.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         }
         *last.lock().unwrap() = body;
-        got == status
+        got == status && (status == 200 || refused_by_gateway)
     })
     .await;
     answered.then(|| (last.into_inner().unwrap(), passed.into_inner()))
