@@ -32,6 +32,10 @@
 # the live heap per connection (a run with no connections is subtracted). Only case d runs.
 # HEAP_AFTER=1: the same once every connection has closed again (and LATE seconds more): what
 # a burst leaves behind.
+#
+# PERF=1 (with REVOKE=1): `perf record` (cpu-clock, FREQ 1999 Hz, call graphs from DWARF) on the
+# gateway for PERF_SECONDS (3) from the start of each revocation step, then its hottest symbols
+# (self and with callees) in OUT/idle-revoke-STEP.txt: where the CPU of ending sockets goes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -222,7 +226,14 @@ for case in "${CASES[@]}"; do
         c) port=$P_C; pid=$C_PID; tok=() ;;
         d) port=$P_D; pid=$D_PID; tok=("${TOKENS[@]}")
            if [ -n "${REVOKE:-}" ]; then
-               revoke=(--revoke "0=${CLI[*]} signout --user bench0" --revoke "all=${CLI[*]} breach-response")
+               perf0=""; perfall=""
+               if [ -n "${PERF:-}" ]; then
+                   command -v perf >/dev/null 2>&1 || scripts/apt-install --no-install-recommends linux-perf
+                   rec="perf record -q -e cpu-clock -F ${FREQ:-1999} --call-graph dwarf,16384 -p $D_PID"
+                   perf0="$rec -o $TMP/revoke-0.perf -- sleep ${PERF_SECONDS:-3} >/dev/null 2>&1 & "
+                   perfall="$rec -o $TMP/revoke-all.perf -- sleep ${PERF_SECONDS:-3} >/dev/null 2>&1 & "
+               fi
+               revoke=(--revoke "0=$perf0${CLI[*]} signout --user bench0" --revoke "all=$perfall${CLI[*]} breach-response")
            fi ;;
     esac
     if [ "${REST:-0}" != 0 ]; then
@@ -234,6 +245,18 @@ for case in "${CASES[@]}"; do
     line=$(python3 bench/idle.py --port "$port" --pid "$pid" --conns "$CONNS" "${tok[@]}" --late "${LATE:-0}" "${ws[@]}" "${revoke[@]}" "${TLS_ARGS[@]}")
     echo "{\"case\":\"$case\",${line#\{}" | tee -a "$RESULTS"
 done
+if [ -n "${PERF:-}" ] && [ -n "${REVOKE:-}" ]; then
+    for step in 0 all; do
+        for _ in $(seq 100); do pgrep -f "perf record.*revoke-$step.perf" >/dev/null || break; sleep 0.1; done
+        [ -s "$TMP/revoke-$step.perf" ] || { echo "bench: no profile of step $step" >&2; continue; }
+        { echo "## step $step: self"
+          perf report -i "$TMP/revoke-$step.perf" --no-children --sort dso,sym --stdio -q -g none 2>/dev/null | grep -v '^$' | head -60
+          echo; echo "## step $step: with callees"
+          perf report -i "$TMP/revoke-$step.perf" --children --sort sym --stdio -q -g none 2>/dev/null | grep -v '^$' | head -80
+        } >"$OUT/idle-revoke-$step.txt"
+        say "profile of step $step: $OUT/idle-revoke-$step.txt"
+    done
+fi
 python3 - "$RESULTS" <<'EOF'
 import json, sys
 names = {"n": "nginx reverse proxy", "c": "Caddy reverse_proxy", "d": "Portcullis (auth in-process)"}
