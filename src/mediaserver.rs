@@ -297,28 +297,34 @@ impl MediaState {
 
     /// Shuts down the upstream socket of every registered connection whose session is no
     /// longer alive; returns how many were closed.
+    ///
+    /// The connections are taken out of the registry under its lock and shut down after it is
+    /// released: each shut-down connection ends its request, whose end unregisters it, and with
+    /// thousands to close (a breach response) those ends would otherwise wait on the lock until
+    /// the last socket was shut down.
     pub fn close_dead_connections(&self, view: &RevocationView, now_ms: i64) -> usize {
-        let Ok(mut conns) = self.conns.lock() else {
-            return 0;
+        let dead: Vec<LiveConn> = {
+            let Ok(mut conns) = self.conns.lock() else {
+                return 0;
+            };
+            let ids: Vec<u64> = conns
+                .iter()
+                .filter(|(_, c)| !alive(&c.identity, view, now_ms))
+                .map(|(id, _)| *id)
+                .collect();
+            ids.iter().filter_map(|id| conns.remove(id)).collect()
         };
-        let dead: Vec<u64> = conns
-            .iter()
-            .filter(|(_, c)| !alive(&c.identity, view, now_ms))
-            .map(|(id, _)| *id)
-            .collect();
         let mut closed = 0;
-        for id in dead {
-            if let Some(c) = conns.remove(&id) {
-                // The descriptor is still this connection's only if it still joins the same
-                // two endpoints; a reused descriptor number belongs to someone else.
-                if local_port(c.fd) == Some(c.local_port) && peer_of(c.fd) == Some(c.peer) {
-                    // SAFETY: shutdown(2) on a descriptor number has no memory effects; the
-                    // check above makes sure it is the proxied upstream socket.
-                    unsafe {
-                        libc::shutdown(c.fd, libc::SHUT_RDWR);
-                    }
-                    closed += 1;
+        for c in dead {
+            // The descriptor is still this connection's only if it still joins the same two
+            // endpoints; a reused descriptor number belongs to someone else.
+            if local_port(c.fd) == Some(c.local_port) && peer_of(c.fd) == Some(c.peer) {
+                // SAFETY: shutdown(2) on a descriptor number has no memory effects; the check
+                // above makes sure it is the proxied upstream socket.
+                unsafe {
+                    libc::shutdown(c.fd, libc::SHUT_RDWR);
                 }
+                closed += 1;
             }
         }
         closed
