@@ -250,9 +250,9 @@ if [ -n "${PERF:-}" ] && [ -n "${REVOKE:-}" ]; then
         for _ in $(seq 100); do pgrep -f "perf record.*revoke-$step.perf" >/dev/null || break; sleep 0.1; done
         [ -s "$TMP/revoke-$step.perf" ] || { echo "bench: no profile of step $step" >&2; continue; }
         { echo "## step $step: self"
-          perf report -i "$TMP/revoke-$step.perf" --no-children --sort dso,sym --stdio -q -g none 2>/dev/null | grep -v '^$' | head -60
+          perf report -i "$TMP/revoke-$step.perf" --no-children --sort dso,sym --stdio -q -g none 2>/dev/null | grep -v '^$' | head -60 || true
           echo; echo "## step $step: with callees"
-          perf report -i "$TMP/revoke-$step.perf" --children --sort sym --stdio -q -g none 2>/dev/null | grep -v '^$' | head -80
+          perf report -i "$TMP/revoke-$step.perf" --children --sort sym --stdio -q -g none 2>/dev/null | grep -v '^$' | head -80 || true
         } >"$OUT/idle-revoke-$step.txt"
         say "profile of step $step: $OUT/idle-revoke-$step.txt"
     done

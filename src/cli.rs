@@ -1,6 +1,7 @@
 //! The command line: `serve`, `check-config`, and the operator commands that act on the store
 //! directly (users, sessions, sign-outs). A running gateway picks up their revocations through
-//! its sync loop within the poll interval.
+//! its sync loop: at once when the store announces them (the SQLite file's watch, PostgreSQL's
+//! NOTIFY), at the latest within the poll interval.
 //!
 //! Exit codes: 0 success, 1 a refused action (one line on stderr says why), 2 bad usage or a bad
 //! config.
@@ -1591,7 +1592,7 @@ async fn breach(
             report.users_notified
         );
     }
-    println!("  running gateways apply this within their poll interval");
+    println!("  running gateways apply this at once (at the latest within their poll interval)");
     Ok(())
 }
 

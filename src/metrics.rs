@@ -956,8 +956,8 @@ impl Metrics {
         )?;
         let push_connected = IntGauge::new(
             PUSH_CONNECTED,
-            "1 while the store's push announcements (PostgreSQL LISTEN) are connected; 0 when \
-             not, or when the store has none (SQLite).",
+            "1 while the store's push announcements (PostgreSQL LISTEN, SQLite's watch on its \
+             file) are connected; 0 when not.",
         )?;
         let oidc_logins = IntCounterVec::new(
             Opts::new(

@@ -1219,8 +1219,8 @@ pub trait Store: Send + Sync + 'static {
         now_ms: i64,
     ) -> StoreResult<Option<Vec<SequencedEvent>>>;
 
-    /// Pushed announcements of committed events, for stores that have them (PostgreSQL's
-    /// LISTEN/NOTIFY); `None` where polling (and this process's own writes) is all there is.
+    /// Pushed announcements of committed events: PostgreSQL's LISTEN/NOTIFY, SQLite's watch on
+    /// its file (inotify); `None` where polling (and this process's own writes) is all there is.
     fn announcements(&self) -> Option<tokio::sync::watch::Receiver<Announcement>> {
         None
     }

@@ -15,9 +15,11 @@ use sqlx::sqlite::{
 };
 use sqlx::Sqlite;
 
+use tokio::sync::watch;
+
 use super::dialect::Dialect;
-use super::sql::{unavailable, SqlStore, KIND_SESSION};
-use super::{RevokedEntry, SessionId, StoreError, StoreResult};
+use super::sql::{unavailable, AbortOnDrop, SqlStore, KIND_SESSION};
+use super::{Announcement, RevokedEntry, SessionId, StoreError, StoreResult};
 
 pub use super::sql::applied_schema_version;
 
@@ -172,11 +174,17 @@ impl SqlStore<Sqlite> {
         if migrate {
             Self::migrate(&pool).await?;
         }
+        // A store that writes hears what other processes commit (the CLI above all).
+        let (announcements, listener) = if migrate {
+            watch_commits(pool.clone(), Path::new(path)).await.unzip()
+        } else {
+            (None, None)
+        };
         Ok(SqlStore {
             pool,
             write_lock: None,
-            announcements: None,
-            _listener: None,
+            announcements,
+            _listener: listener,
             record: None,
         })
     }
@@ -194,6 +202,186 @@ impl SqlStore<Sqlite> {
             .await
             .map_err(unavailable)?;
         Ok(())
+    }
+}
+
+/// When the commit watcher reads the newest sequence number after a change to the file: the
+/// waits before each read. A commit is several writes to the WAL and becomes visible only after
+/// its `fsync`, which no file event announces, so the number is read again a little later until
+/// it grows; a storm of commits without events (logins) costs at most three queries per 100 ms.
+/// Past these, the next poll finds what is left.
+const WATCH_READS: [Duration; 3] = [
+    Duration::from_millis(5),
+    Duration::from_millis(20),
+    Duration::from_millis(75),
+];
+
+/// Announces events that any process commits to the database file at `path`: above all the
+/// CLI's (`signout`, `breach-response`, `user disable`), which a running gateway otherwise
+/// learned of only at its next poll (`store.poll_interval`). The file's directory is watched
+/// with inotify; after a change to the file or its WAL the newest sequence number is read and,
+/// when it grew, announced, as PostgreSQL's NOTIFY announces it. `None` (polling alone, as
+/// before) where inotify cannot be had; the task ends with the store.
+async fn watch_commits(
+    pool: SqlitePool,
+    path: &Path,
+) -> Option<(watch::Receiver<Announcement>, AbortOnDrop)> {
+    let watcher = match DirWatch::new(path) {
+        Ok(w) => w,
+        Err(e) => {
+            tracing::warn!(error = %e, path = %path.display(),
+                "cannot watch the store file; other processes' changes are read at each poll");
+            return None;
+        }
+    };
+    let last_seq = |pool: SqlitePool| async move {
+        sqlx::query_scalar::<_, i64>(Sqlite::LAST_SEQ)
+            .fetch_one(&pool)
+            .await
+    };
+    let mut last = last_seq(pool.clone()).await.ok()?;
+    let (tx, rx) = watch::channel(Announcement {
+        seq: last,
+        generation: 1,
+        connected: true,
+    });
+    let task = tokio::spawn(async move {
+        loop {
+            match watcher.changed().await {
+                Ok(false) => continue,
+                Ok(true) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "watching the store file failed; polling only");
+                    tx.send_modify(|a| a.connected = false);
+                    return;
+                }
+            }
+            for wait in WATCH_READS {
+                tokio::time::sleep(wait).await;
+                // What arrived meanwhile belongs to the reads below.
+                if let Err(e) = watcher.drain() {
+                    tracing::warn!(error = %e, "watching the store file failed; polling only");
+                    tx.send_modify(|a| a.connected = false);
+                    return;
+                }
+                match last_seq(pool.clone()).await {
+                    Ok(seq) if seq > last => {
+                        last = seq;
+                        tx.send_modify(|a| a.seq = seq);
+                        break;
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::debug!(error = %e, "store watch: cannot read the newest event");
+                    }
+                }
+            }
+        }
+    });
+    Some((rx, AbortOnDrop(task)))
+}
+
+/// An inotify watch on a database file's directory, reporting changes to the file and its WAL.
+struct DirWatch {
+    fd: tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>,
+    /// The database file's name and its WAL's.
+    names: [std::ffi::OsString; 2],
+}
+
+impl DirWatch {
+    fn new(path: &Path) -> std::io::Result<DirWatch> {
+        use std::os::fd::FromRawFd;
+        use std::os::unix::ffi::OsStrExt;
+        let name = path.file_name().ok_or_else(|| {
+            std::io::Error::new(std::io::ErrorKind::InvalidInput, "the path names no file")
+        })?;
+        let dir = path
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let dir = std::ffi::CString::new(dir.as_os_str().as_bytes())
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+        // SAFETY: inotify_init1 takes flags only; a negative answer is checked below.
+        let raw = unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) };
+        if raw < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: `raw` is a descriptor just made for this watch and owned by nothing else.
+        let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(raw) };
+        let mask = libc::IN_MODIFY | libc::IN_CREATE | libc::IN_MOVED_TO;
+        // SAFETY: `dir` is a NUL-terminated path that outlives the call; `raw` is open.
+        if unsafe { libc::inotify_add_watch(raw, dir.as_ptr(), mask) } < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let mut wal = name.to_os_string();
+        wal.push("-wal");
+        // SAFETY: the OwnedFd is moved into the AsyncFd, which keeps it open, unchanged, for
+        // its whole life.
+        let fd = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE)?
+        };
+        Ok(DirWatch {
+            fd,
+            names: [name.to_os_string(), wal],
+        })
+    }
+
+    /// Waits for events; whether one of them concerns the database file or its WAL.
+    async fn changed(&self) -> std::io::Result<bool> {
+        loop {
+            let mut ready = self.fd.readable().await?;
+            match self.read_events()? {
+                Some(ours) => return Ok(ours),
+                None => ready.clear_ready(),
+            }
+        }
+    }
+
+    /// Reads and drops the events queued now.
+    fn drain(&self) -> std::io::Result<()> {
+        while self.read_events()?.is_some() {}
+        Ok(())
+    }
+
+    /// One read of queued events: whether one concerns the database, or `None` if none was
+    /// queued.
+    fn read_events(&self) -> std::io::Result<Option<bool>> {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::ffi::OsStrExt;
+        // Room for many events: each is a 16-byte header and its NUL-padded name.
+        let mut buf = [0u8; 4096];
+        // SAFETY: `buf` is writable for its length and the descriptor is open while `self` is.
+        let n = unsafe { libc::read(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            return match e.kind() {
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted => Ok(None),
+                _ => Err(e),
+            };
+        }
+        let events = &buf[..n as usize];
+        let mut ours = false;
+        let mut at = 0;
+        while at + 16 <= events.len() {
+            let len = u32::from_ne_bytes([
+                events[at + 12],
+                events[at + 13],
+                events[at + 14],
+                events[at + 15],
+            ]) as usize;
+            let mask = u32::from_ne_bytes([
+                events[at + 4],
+                events[at + 5],
+                events[at + 6],
+                events[at + 7],
+            ]);
+            let name = events.get(at + 16..at + 16 + len).unwrap_or(&[]);
+            let name = &name[..name.iter().position(|&b| b == 0).unwrap_or(name.len())];
+            // An overflowed queue lost events, ours perhaps among them.
+            ours |= mask & libc::IN_Q_OVERFLOW != 0 || self.names.iter().any(|n| n.as_bytes() == name);
+            at += 16 + len;
+        }
+        Ok(Some(ours))
     }
 }
 

@@ -1,5 +1,5 @@
 //! Revocation reaches the running gateway: from the CLI (another process writing the same
-//! SQLite file) within the poll interval, from the gateway's own logout at once, and across a
+//! SQLite file, which the gateway watches) at once, from the gateway's own logout at once, and across a
 //! restart.
 
 use std::time::Duration;
@@ -47,6 +47,28 @@ async fn signout_user_ends_all_of_that_users_sessions_within_one_second_and_no_o
     // Alice can sign in again afterwards.
     let a3 = gw.login("alice", ALICE_PW).await;
     assert_eq!(gw.get_status("/probe", &a3.token).await, 200);
+}
+
+/// The CLI's revocation is announced by the SQLite file itself (the gateway watches it), not
+/// found at the next poll: with a poll a minute apart the session still ends within 300 ms.
+#[tokio::test]
+async fn a_cli_signout_reaches_the_gateway_without_waiting_for_a_poll() {
+    let up = Upstream::start().await;
+    let gw = Gateway::builder(&up.url())
+        .user("alice", ALICE_PW)
+        .store_keys("poll_interval = \"60s\"\nmax_staleness = \"5m\"")
+        .start()
+        .await;
+    let a = gw.login("alice", ALICE_PW).await;
+    assert_eq!(gw.get_status("/probe", &a.token).await, 200);
+    let started = std::time::Instant::now();
+    gw.cli_ok(&["signout", "--user", "alice"]);
+    let cli = started.elapsed();
+    assert!(
+        gw.refused_within(&a.token, Duration::from_millis(300)).await,
+        "still accepted 300 ms after the CLI's signout (which took {cli:?})"
+    );
+    eprintln!("refused {:?} after the CLI started", started.elapsed());
 }
 
 #[tokio::test]
