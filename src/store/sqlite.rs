@@ -378,7 +378,8 @@ impl DirWatch {
             let name = events.get(at + 16..at + 16 + len).unwrap_or(&[]);
             let name = &name[..name.iter().position(|&b| b == 0).unwrap_or(name.len())];
             // An overflowed queue lost events, ours perhaps among them.
-            ours |= mask & libc::IN_Q_OVERFLOW != 0 || self.names.iter().any(|n| n.as_bytes() == name);
+            ours |=
+                mask & libc::IN_Q_OVERFLOW != 0 || self.names.iter().any(|n| n.as_bytes() == name);
             at += 16 + len;
         }
         Ok(Some(ours))

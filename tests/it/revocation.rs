@@ -65,7 +65,8 @@ async fn a_cli_signout_reaches_the_gateway_without_waiting_for_a_poll() {
     gw.cli_ok(&["signout", "--user", "alice"]);
     let cli = started.elapsed();
     assert!(
-        gw.refused_within(&a.token, Duration::from_millis(300)).await,
+        gw.refused_within(&a.token, Duration::from_millis(300))
+            .await,
         "still accepted 300 ms after the CLI's signout (which took {cli:?})"
     );
     eprintln!("refused {:?} after the CLI started", started.elapsed());
