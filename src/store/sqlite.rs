@@ -208,8 +208,9 @@ impl SqlStore<Sqlite> {
 /// When the commit watcher reads the newest sequence number after a change to the file: the
 /// waits before each read. A commit is several writes to the WAL and becomes visible only after
 /// its `fsync`, which no file event announces, so the number is read again a little later until
-/// it grows; a storm of commits without events (logins) costs at most three queries per 100 ms.
-/// Past these, the next poll finds what is left.
+/// it grows (a process that exits, as the CLI does, also closes the file, another event); a
+/// storm of commits without events (logins) costs at most three queries per 100 ms. Past
+/// these, the next poll finds what is left.
 const WATCH_READS: [Duration; 3] = [
     Duration::from_millis(5),
     Duration::from_millis(20),
@@ -248,21 +249,26 @@ async fn watch_commits(
     let task = tokio::spawn(async move {
         loop {
             match watcher.changed().await {
-                Ok(false) => continue,
-                Ok(true) => {}
-                Err(e) => {
-                    tracing::warn!(error = %e, "watching the store file failed; polling only");
-                    tx.send_modify(|a| a.connected = false);
-                    return;
-                }
+                Ok(Change::Elsewhere) => continue,
+                Ok(Change::Written | Change::Closed) => {}
+                Err(e) => return watch_failed(&tx, &e),
             }
             for wait in WATCH_READS {
-                tokio::time::sleep(wait).await;
-                // What arrived meanwhile belongs to the reads below.
+                // A writer that closes the file (the CLI exiting) is done: read at once.
+                let until = tokio::time::Instant::now() + wait;
+                loop {
+                    tokio::select! {
+                        () = tokio::time::sleep_until(until) => break,
+                        change = watcher.changed() => match change {
+                            Ok(Change::Closed) => break,
+                            Ok(_) => {}
+                            Err(e) => return watch_failed(&tx, &e),
+                        },
+                    }
+                }
+                // What arrived meanwhile belongs to the read below.
                 if let Err(e) = watcher.drain() {
-                    tracing::warn!(error = %e, "watching the store file failed; polling only");
-                    tx.send_modify(|a| a.connected = false);
-                    return;
+                    return watch_failed(&tx, &e);
                 }
                 match last_seq(pool.clone()).await {
                     Ok(seq) if seq > last => {
@@ -279,6 +285,23 @@ async fn watch_commits(
         }
     });
     Some((rx, AbortOnDrop(task)))
+}
+
+/// The watch broke: says so, marks the announcements disconnected and ends (polling goes on).
+fn watch_failed(tx: &watch::Sender<Announcement>, e: &std::io::Error) {
+    tracing::warn!(error = %e, "watching the store file failed; polling only");
+    tx.send_modify(|a| a.connected = false);
+}
+
+/// What a batch of file events says about the database.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Change {
+    /// Only other files changed.
+    Elsewhere,
+    /// The database or its WAL was written.
+    Written,
+    /// A writer closed the database or its WAL (or the event queue overflowed).
+    Closed,
 }
 
 /// An inotify watch on a database file's directory, reporting changes to the file and its WAL.
@@ -308,7 +331,9 @@ impl DirWatch {
         }
         // SAFETY: `raw` is a descriptor just made for this watch and owned by nothing else.
         let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(raw) };
-        let mask = libc::IN_MODIFY | libc::IN_CREATE | libc::IN_MOVED_TO;
+        // Writes, and a writer closing the file: a process that exits (the CLI) closes it after
+        // its last commit is durable and visible, which no write event says.
+        let mask = libc::IN_MODIFY | libc::IN_CLOSE_WRITE | libc::IN_CREATE | libc::IN_MOVED_TO;
         // SAFETY: `dir` is a NUL-terminated path that outlives the call; `raw` is open.
         if unsafe { libc::inotify_add_watch(raw, dir.as_ptr(), mask) } < 0 {
             return Err(std::io::Error::last_os_error());
@@ -326,12 +351,12 @@ impl DirWatch {
         })
     }
 
-    /// Waits for events; whether one of them concerns the database file or its WAL.
-    async fn changed(&self) -> std::io::Result<bool> {
+    /// Waits for events; what they say about the database file and its WAL.
+    async fn changed(&self) -> std::io::Result<Change> {
         loop {
             let mut ready = self.fd.readable().await?;
             match self.read_events()? {
-                Some(ours) => return Ok(ours),
+                Some(change) => return Ok(change),
                 None => ready.clear_ready(),
             }
         }
@@ -343,9 +368,9 @@ impl DirWatch {
         Ok(())
     }
 
-    /// One read of queued events: whether one concerns the database, or `None` if none was
-    /// queued.
-    fn read_events(&self) -> std::io::Result<Option<bool>> {
+    /// One read of queued events: the most they say about the database, or `None` if none
+    /// was queued.
+    fn read_events(&self) -> std::io::Result<Option<Change>> {
         use std::os::fd::AsRawFd;
         use std::os::unix::ffi::OsStrExt;
         // Room for many events: each is a 16-byte header and its NUL-padded name.
@@ -360,7 +385,7 @@ impl DirWatch {
             };
         }
         let events = &buf[..n as usize];
-        let mut ours = false;
+        let mut change = Change::Elsewhere;
         let mut at = 0;
         while at + 16 <= events.len() {
             let len = u32::from_ne_bytes([
@@ -377,12 +402,20 @@ impl DirWatch {
             ]);
             let name = events.get(at + 16..at + 16 + len).unwrap_or(&[]);
             let name = &name[..name.iter().position(|&b| b == 0).unwrap_or(name.len())];
-            // An overflowed queue lost events, ours perhaps among them.
-            ours |=
-                mask & libc::IN_Q_OVERFLOW != 0 || self.names.iter().any(|n| n.as_bytes() == name);
+            let seen = if mask & libc::IN_Q_OVERFLOW != 0 {
+                // An overflowed queue lost events, ours perhaps among them.
+                Change::Closed
+            } else if !self.names.iter().any(|n| n.as_bytes() == name) {
+                Change::Elsewhere
+            } else if mask & libc::IN_CLOSE_WRITE != 0 {
+                Change::Closed
+            } else {
+                Change::Written
+            };
+            change = change.max(seen);
             at += 16 + len;
         }
-        Ok(Some(ours))
+        Ok(Some(change))
     }
 }
 
