@@ -226,14 +226,12 @@ for case in "${CASES[@]}"; do
         c) port=$P_C; pid=$C_PID; tok=() ;;
         d) port=$P_D; pid=$D_PID; tok=("${TOKENS[@]}")
            if [ -n "${REVOKE:-}" ]; then
-               perf0=""; perfall=""
-               if [ -n "${PERF:-}" ]; then
-                   command -v perf >/dev/null 2>&1 || scripts/apt-install --no-install-recommends linux-perf
-                   rec="perf record -q -e cpu-clock -F ${FREQ:-1999} --call-graph dwarf,16384 -p $D_PID"
-                   perf0="$rec -o $TMP/revoke-0.perf -- sleep ${PERF_SECONDS:-3} >/dev/null 2>&1 & "
-                   perfall="$rec -o $TMP/revoke-all.perf -- sleep ${PERF_SECONDS:-3} >/dev/null 2>&1 & "
-               fi
-               revoke=(--revoke "0=$perf0${CLI[*]} signout --user bench0" --revoke "all=$perfall${CLI[*]} breach-response")
+               [ -z "${PERF:-}" ] || command -v perf >/dev/null 2>&1 \
+                   || scripts/apt-install --no-install-recommends linux-perf
+               profiled() { # STEP: with PERF, the shell prefix that records the gateway meanwhile
+                   if [ -n "${PERF:-}" ]; then echo "perf record -q -e cpu-clock -F ${FREQ:-1999} --call-graph dwarf,16384 -p $D_PID -o $TMP/revoke-$1.perf -- sleep ${PERF_SECONDS:-3} >/dev/null 2>&1 & "; fi
+               }
+               revoke=(--revoke "0=$(profiled 0)${CLI[*]} signout --user bench0" --revoke "all=$(profiled all)${CLI[*]} breach-response")
            fi ;;
     esac
     if [ "${REST:-0}" != 0 ]; then
