@@ -1303,10 +1303,6 @@ impl App {
 
     /// Applies events this process committed to its own view at once.
     pub fn apply(&self, events: &[SequencedEvent]) {
-        if events.iter().any(|e| e.event.is_revocation()) {
-            // Media tokens may now be owed an upstream logout.
-            self.media.logout_wake.notify_one();
-        }
         for e in events {
             if let RevocationEvent::MediaNote { note, until_ms } = &e.event {
                 self.apply_media_note(note, *until_ms);
@@ -1319,10 +1315,17 @@ impl App {
             }
         }
         if events.iter().any(|e| e.event.is_revocation()) {
-            // Now that the view has them, the connections they end are closed.
-            self.media.connection_wake.notify_one();
+            self.revocations_reached_view();
         }
         self.refresh_view_metrics();
+    }
+
+    /// New revocations are in the view, whether this process committed them or the store's
+    /// sync brought them: the connections they end are closed now (not at the connection
+    /// watch's next check), and media tokens may be owed an upstream logout.
+    fn revocations_reached_view(&self) {
+        self.media.connection_wake.notify_one();
+        self.media.logout_wake.notify_one();
     }
 
     fn refresh_view_metrics(&self) {
@@ -1410,7 +1413,7 @@ impl App {
                     self.apply_media_note(note, *until_ms);
                 }
                 if outcome.applied > 0 || outcome.resynced {
-                    self.media.logout_wake.notify_one();
+                    self.revocations_reached_view();
                 }
                 if outcome.resynced {
                     self.metrics.sync_resyncs.inc();
