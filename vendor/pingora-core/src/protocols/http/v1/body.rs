@@ -361,6 +361,20 @@ impl BodyReader {
         matches!(self.body_state, PS::Complete(_) | PS::Done(_))
     }
 
+    /// Portcullis patch, change 8: the bytes of a close-delimited body that were read but not
+    /// yet returned by [`Self::read_body`] (those that came with the head), taken out; the body
+    /// counts as done after this. For handing an upgraded connection's stream to a relay.
+    pub fn take_unread(&mut self) -> Bytes {
+        let unread = match (self.rewind_buf_len, self.body_buf.take()) {
+            (0, _) | (_, None) => Bytes::new(),
+            (n, Some(mut buf)) => buf.split_to(n.min(buf.len())).freeze(),
+        };
+        self.rewind_buf_len = 0;
+        self.body_buf_overread = None;
+        self.body_state = PS::Done(0);
+        unread
+    }
+
     /// Whether the message body reached its framing-defined end without an error.
     pub fn body_complete(&self) -> bool {
         matches!(self.body_state, PS::Complete(_))

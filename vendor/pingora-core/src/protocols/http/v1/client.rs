@@ -756,6 +756,39 @@ impl HttpSession {
         self.upgraded
     }
 
+    /// Portcullis patch, change 8: once the upstream accepted the upgrade (its 101 read), take
+    /// the stream out, flushed, with the bytes that came after the 101's head and were not yet
+    /// returned as body, to hand both to [`crate::protocols::relay::relay`]. The session keeps
+    /// a [`crate::protocols::relay::Detached`] stand-in and will not be reused. `None` if the
+    /// connection was not upgraded.
+    pub async fn take_upgraded_io(&mut self) -> Result<Option<(Stream, Bytes)>> {
+        if !self.upgraded {
+            return Ok(None);
+        }
+        self.underlying_stream
+            .flush()
+            .await
+            .or_err(WriteError, "flushing an upgraded connection before handing it over")?;
+        let unread = if self.body_reader.need_init() {
+            // The bytes after the head, copied at their own size: the reader would copy
+            // them into a 64 KiB body buffer.
+            let unread = self
+                .preread_body
+                .take()
+                .map_or_else(Bytes::new, |b| Bytes::copy_from_slice(b.get(&self.buf)));
+            self.body_reader.take_unread();
+            unread
+        } else {
+            self.body_reader.take_unread()
+        };
+        self.keepalive_timeout = KeepaliveStatus::Off;
+        let stream = std::mem::replace(
+            &mut self.underlying_stream,
+            Box::new(crate::protocols::relay::Detached),
+        );
+        Ok(Some((stream, unread)))
+    }
+
     /// If upgraded but not yet converted, then body writer will be
     /// converted to http1.0 mode (pass through bytes as-is).
     pub fn maybe_upgrade_body_writer(&mut self) {

@@ -716,6 +716,29 @@ impl HttpSession {
         self.upgraded
     }
 
+    /// Portcullis patch, change 8: once this request is upgraded (its 101 written), take its
+    /// stream out, flushed, with the bytes the client sent after the request's head that were
+    /// read but not yet returned as body, to hand both to [`crate::protocols::relay::relay`].
+    /// The session keeps a [`crate::protocols::relay::Detached`] stand-in and will not be
+    /// reused. `None` if the request was not upgraded.
+    pub async fn take_upgraded_io(&mut self) -> Result<Option<(Stream, Bytes)>> {
+        if !self.upgraded {
+            return Ok(None);
+        }
+        self.underlying_stream
+            .flush()
+            .await
+            .or_err(WriteError, "flushing an upgraded connection before handing it over")?;
+        self.init_body_reader();
+        let unread = self.body_reader.take_unread();
+        self.keepalive_timeout = KeepaliveStatus::Off;
+        let stream = std::mem::replace(
+            &mut self.underlying_stream,
+            Box::new(crate::protocols::relay::Detached),
+        );
+        Ok(Some((stream, unread)))
+    }
+
     fn set_keepalive(&mut self, seconds: Option<u64>) {
         match seconds {
             Some(sec) => {
