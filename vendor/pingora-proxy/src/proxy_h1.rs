@@ -113,7 +113,8 @@ where
             return (false, true, Some(e));
         }
 
-        session.set_upstream_h1_upgrade_request_status(is_h1_upgrade_req(&req));
+        let upgrade_req = is_h1_upgrade_req(&req);
+        session.set_upstream_h1_upgrade_request_status(upgrade_req);
 
         session.upstream_compression.request_filter(&req);
 
@@ -139,8 +140,37 @@ where
             Err(e) => return (false, false, Some(e)),
         };
 
+        // Portcullis patch: an upgrade the application relays on its own (see
+        // `ProxyHttp::relay_upgrades`). The response's first task is read here; when it is not
+        // the upgrade's 101, it goes through the pipe below as if the upstream half had read it.
+        let mut first_task = None;
+        if upgrade_req
+            && downstream_custom_message_writer.is_none()
+            && downstream_custom_message_reader.is_none()
+            && matches!(session.downstream_session.as_ref(), HttpSession::H1(_))
+            && !session.cache.enabled()
+            && session.is_body_empty()
+            && self.inner.relay_upgrades(session, ctx)
+        {
+            let task = match client_session.read_response_task().await {
+                Ok(task) => task,
+                Err(e) => return (false, false, Some(e.into_up())),
+            };
+            if client_session.was_upgraded() {
+                // Boxed: its state is not made part of every request's future.
+                return Box::pin(self.relay_upgraded_h1(session, client_session, ctx, task)).await;
+            }
+            first_task = Some(task);
+        }
+
         let (tx_upstream, rx_upstream) = mpsc::channel::<HttpTask>(TASK_BUFFER_SIZE);
         let (tx_downstream, rx_downstream) = mpsc::channel::<HttpTask>(TASK_BUFFER_SIZE);
+        let mut upstream_response_done = false;
+        if let Some(task) = first_task {
+            upstream_response_done = task.is_end();
+            // The pipe is new and holds TASK_BUFFER_SIZE tasks.
+            let _ = tx_upstream.try_send(task);
+        }
 
         session.as_mut().enable_retry_buffering();
 
@@ -159,7 +189,13 @@ where
                 &mut downstream_custom_message_reader,
                 pipe_state.clone(),
             ),
-            self.proxy_handle_upstream(client_session, tx_upstream, rx_downstream, pipe_state),
+            self.proxy_handle_upstream(
+                client_session,
+                tx_upstream,
+                rx_downstream,
+                pipe_state,
+                upstream_response_done
+            ),
         );
 
         if let Some(custom_session) = session.downstream_session.as_custom_mut() {
@@ -189,6 +225,99 @@ where
             }
             Err(e) => (false, false, Some(e)),
         }
+    }
+
+    /// Portcullis patch: the upstream accepted the upgrade with `header` (its 101). Filter and
+    /// write it downstream as the pipe would, then hand both connections to a relay task that
+    /// keeps what `upgraded_relay_started` returns until the connection closes, and end the
+    /// request.
+    async fn relay_upgraded_h1(
+        &self,
+        session: &mut Session,
+        client_session: &mut HttpSessionV1,
+        ctx: &mut SV::CTX,
+        header: HttpTask,
+    ) -> (bool, bool, Option<Box<Error>>)
+    where
+        SV: ProxyHttp + Send + Sync,
+        SV::CTX: Send + Sync,
+    {
+        let mut task = header;
+        #[cfg(feature = "upstream_modules")]
+        {
+            if let HttpTask::Header(header, end_of_stream) = &task {
+                if let Err(e) = self
+                    .inner
+                    .adjust_upstream_modules(session, header, *end_of_stream, ctx)
+                    .await
+                {
+                    return (false, false, Some(e));
+                }
+            }
+            if let Err(e) = session.upstream_modules_filter_task(&mut task).await {
+                return (false, false, Some(e));
+            }
+        }
+        session.upstream_compression.response_filter(&mut task);
+        let mut serve_from_cache = ServeFromCache::new();
+        let mut range_body_filter = RangeBodyFilter::new();
+        let task = match self
+            .h1_response_filter(
+                session,
+                task,
+                ctx,
+                &mut serve_from_cache,
+                &mut range_body_filter,
+                false,
+            )
+            .await
+        {
+            Ok(task) => task,
+            Err(e) => return (false, false, Some(e)),
+        };
+        if let Err(e) = session.write_response_tasks(vec![task]).await {
+            return (false, false, Some(e));
+        }
+        let downstream = match session.downstream_session.as_mut() {
+            HttpSession::H1(h1) => h1.take_upgraded_io().await,
+            _ => Ok(None),
+        };
+        let (down, down_unread) = match downstream {
+            Ok(Some(io)) => io,
+            Ok(None) => {
+                return (
+                    false,
+                    false,
+                    Some(Error::explain(
+                        InternalError,
+                        "the upstream upgraded the connection but the downstream did not",
+                    )),
+                )
+            }
+            Err(e) => return (false, false, Some(e.into_down())),
+        };
+        let (up, up_unread) = match client_session.take_upgraded_io().await {
+            Ok(Some(io)) => io,
+            Ok(None) => {
+                return (
+                    false,
+                    false,
+                    Some(Error::explain(
+                        InternalError,
+                        "the upstream connection was not upgraded",
+                    )),
+                )
+            }
+            Err(e) => return (false, false, Some(e.into_up())),
+        };
+        let keep = self.inner.upgraded_relay_started(session, ctx);
+        tokio::spawn(async move {
+            let relayed =
+                pingora_core::protocols::relay::relay(down, down_unread, up, up_unread).await;
+            debug!("upgraded connection relayed: {relayed:?}");
+            drop(keep);
+        });
+        (false, false, None)
     }
 
     pub(crate) async fn proxy_to_h1_upstream(
@@ -251,13 +380,15 @@ where
         tx: mpsc::Sender<HttpTask>,
         mut rx: mpsc::Receiver<HttpTask>,
         pipe_state: Arc<AtomicU8>,
+        // Portcullis patch: the response was read to its end before the pipe was made.
+        response_done: bool,
     ) -> Result<bool>
     where
         SV: ProxyHttp + Send + Sync,
         SV::CTX: Send + Sync,
     {
         let mut request_done = false;
-        let mut response_done = false;
+        let mut response_done = response_done;
         let mut upstream_can_reuse = true;
         let mut send_error = None;
         let mut upgraded = false;

@@ -689,6 +689,31 @@ pub trait ProxyHttp {
         error.is_some_and(|e| e.esource() == &ErrorSource::Upstream)
     }
 
+    /// Portcullis patch (see PORTCULLIS.md): whether an HTTP/1.1 upgrade request (a WebSocket)
+    /// that the HTTP/1.1 upstream accepts is relayed, once its `101` is written downstream, by a
+    /// task of its own that holds only the two connections, instead of by this request for as
+    /// long as the connection stays open.
+    ///
+    /// Asked after [`Self::upstream_request_filter`], before the upstream's response is read,
+    /// for an HTTP/1.1 downstream whose request has no body and no cache. When the upstream
+    /// answers `101`, the request ends right after writing it (its [`Self::logging`] runs then),
+    /// and the relayed bytes pass no body filter. When it refuses the upgrade, its response is
+    /// proxied as usual. The default, `false`, keeps the upgraded connection in the request.
+    fn relay_upgrades(&self, _session: &Session, _ctx: &Self::CTX) -> bool {
+        false
+    }
+
+    /// Portcullis patch: called when an upgraded connection is handed to its relay (see
+    /// [`Self::relay_upgrades`]), after its `101` is written and before [`Self::logging`]. The
+    /// value returned is kept by the relay and dropped when the connection closes.
+    fn upgraded_relay_started(
+        &self,
+        _session: &mut Session,
+        _ctx: &mut Self::CTX,
+    ) -> Option<Box<dyn Any + Send>> {
+        None
+    }
+
     /// This filter is called when the request just established or reused a connection to the upstream
     ///
     /// This filter allows user to log timing and connection related info.
