@@ -793,6 +793,33 @@ impl ProxyHttp for Gateway {
         Ok(())
     }
 
+    /// An upgraded connection (a WebSocket) is relayed by a task of its own once its 101 is
+    /// written (vendor/pingora-proxy/PORTCULLIS.md): an open Jellyfin or Plex socket holds its
+    /// two connections, not the request's whole state, for the hours it stays open. The
+    /// relayed bytes pass no body filter: a request whose body the gateway reads (a Plex
+    /// transcode's answer) is not relayed.
+    fn relay_upgrades(&self, _session: &Session, ctx: &RequestCtx) -> bool {
+        !ctx.media.plex_scan
+    }
+
+    /// The request's access line is written at the upgrade; what must last as long as the
+    /// connection (its place in the connection registry, where a revocation finds it, and the
+    /// open-WebSocket gauge) moves into the relay.
+    fn upgraded_relay_started(
+        &self,
+        _session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> Option<Box<dyn std::any::Any + Send>> {
+        let open = OpenUpgrade {
+            app: self.app.clone(),
+            websocket: std::mem::take(&mut ctx.websocket),
+            conn: ctx.conn.take(),
+            request_id: ctx.request_id.clone(),
+            start: ctx.start,
+        };
+        Some(Box::new(open))
+    }
+
     fn response_body_filter(
         &self,
         _session: &mut Session,
@@ -916,6 +943,33 @@ impl ProxyHttp for Gateway {
             status,
             duration_ms: elapsed.as_secs_f64() * 1000.0,
         });
+    }
+}
+
+/// What an upgraded connection relayed on its own keeps until it closes.
+struct OpenUpgrade {
+    app: Arc<App>,
+    /// Counted in the open-WebSocket gauge.
+    websocket: bool,
+    /// Its handle in the connection registry.
+    conn: Option<u64>,
+    request_id: String,
+    start: Instant,
+}
+
+impl Drop for OpenUpgrade {
+    fn drop(&mut self) {
+        if self.websocket {
+            self.app.metrics.websockets_open.dec();
+        }
+        if let Some(conn) = self.conn.take() {
+            self.app.media.unregister(conn);
+        }
+        tracing::debug!(
+            request_id = %self.request_id,
+            open_s = self.start.elapsed().as_secs_f64(),
+            "upgraded connection closed"
+        );
     }
 }
 

@@ -522,10 +522,6 @@ upstream = "{upstream}"
         self.log()
     }
 
-    /// The admin listener's `/metrics` text once it contains every one of `needles` (counters
-    /// of a request are updated just after its response is sent).
-    /// The value of one series of the admin listener's metrics (its name with its labels, as
-    /// exposed); 0 when it is not there.
     /// The admin listener's `/metrics` text.
     pub async fn metrics_text(&self) -> String {
         client()
@@ -538,6 +534,8 @@ upstream = "{upstream}"
             .expect("metrics text")
     }
 
+    /// The value of one series of the admin listener's metrics (its name with its labels, as
+    /// exposed); 0 when it is not there.
     pub async fn metric(&self, series: &str) -> f64 {
         let text = match client().get(format!("{}/metrics", self.admin)).send().await {
             Ok(r) => r.text().await.unwrap_or_default(),
@@ -548,6 +546,8 @@ upstream = "{upstream}"
             .map_or(0.0, |v| v.trim().parse().unwrap_or(0.0))
     }
 
+    /// The admin listener's `/metrics` text once it contains every one of `needles` (counters
+    /// of a request are updated just after its response is sent).
     pub async fn metrics_with(&self, needles: &[&str]) -> String {
         let text = std::cell::RefCell::new(String::new());
         let found = poll_until(Duration::from_secs(5), || async {
