@@ -310,6 +310,14 @@ async fn upgrade(early: &[u8], first: &[u8]) -> Upgraded {
     }
 }
 
+/// Relays the two streams in a task of their own, as the proxy does.
+fn spawn_relay(down: (Stream, Bytes), up: (Stream, Bytes)) -> tokio::task::JoinHandle<Relayed> {
+    tokio::spawn(async move {
+        let ((mut a, a_unread), (mut b, b_unread)) = (down, up);
+        relay(&mut a, a_unread, &mut b, b_unread).await
+    })
+}
+
 async fn relayed(task: tokio::task::JoinHandle<Relayed>) -> Relayed {
     tokio::time::timeout(Duration::from_secs(5), task)
         .await
@@ -329,7 +337,7 @@ async fn a_relay_carries_every_byte_both_ways_and_ends_with_the_upstream() {
     } = upgrade(b"early", b"first frame").await;
     assert_eq!(&down.1[..], b"early");
     assert_eq!(&up.1[..], b"first frame");
-    let task = tokio::spawn(relay(down.0, down.1, up.0, up.1));
+    let task = spawn_relay(down, up);
 
     assert_eq!(read_len(&mut client, 11).await, b"first frame");
     assert_eq!(read_len(&mut upstream, 5).await, b"early");
@@ -391,7 +399,7 @@ async fn a_client_that_leaves_ends_the_upstream_side() {
         up,
     } = upgrade(b"", b"").await;
     assert!(down.1.is_empty() && up.1.is_empty());
-    let task = tokio::spawn(relay(down.0, down.1, up.0, up.1));
+    let task = spawn_relay(down, up);
     // Idle for a moment first: the relay waits without spinning or ending.
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert!(
@@ -415,7 +423,7 @@ async fn shutting_down_the_upstream_socket_ends_the_relay() {
         up,
     } = upgrade(b"", b"").await;
     let fd = up.0.id();
-    let task = tokio::spawn(relay(down.0, down.1, up.0, up.1));
+    let task = spawn_relay(down, up);
     tokio::time::sleep(Duration::from_millis(50)).await;
     // SAFETY: shutdown(2) on the relay's own upstream socket, which is open until the relay
     // ends (it has not: the upstream is still connected).
@@ -437,7 +445,7 @@ async fn an_idle_relay_holds_no_buffer() {
     const LEN: usize = 20 * 1024;
     let (to_up, to_client) = (pattern(LEN, 3), pattern(LEN, 4));
     let before = live();
-    let task = tokio::spawn(relay(down.0, down.1, up.0, up.1));
+    let task = spawn_relay(down, up);
     client.write_all(&to_up).await.unwrap();
     upstream.write_all(&to_client).await.unwrap();
     assert!(read_len(&mut upstream, LEN).await == to_up);

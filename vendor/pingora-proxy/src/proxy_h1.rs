@@ -282,7 +282,7 @@ where
             HttpSession::H1(h1) => h1.take_upgraded_io().await,
             _ => Ok(None),
         };
-        let (down, down_unread) = match downstream {
+        let (mut down, down_unread) = match downstream {
             Ok(Some(io)) => io,
             Ok(None) => {
                 return (
@@ -296,7 +296,7 @@ where
             }
             Err(e) => return (false, false, Some(e.into_down())),
         };
-        let (up, up_unread) = match client_session.take_upgraded_io().await {
+        let (mut up, up_unread) = match client_session.take_upgraded_io().await {
             Ok(Some(io)) => io,
             Ok(None) => {
                 return (
@@ -313,9 +313,13 @@ where
         let keep = self.inner.upgraded_relay_started(session, ctx);
         tokio::spawn(async move {
             let relayed =
-                pingora_core::protocols::relay::relay(down, down_unread, up, up_unread).await;
+                pingora_core::protocols::relay::relay(&mut down, down_unread, &mut up, up_unread)
+                    .await;
             debug!("upgraded connection relayed: {relayed:?}");
+            // What the application keeps may refer to the sockets (a registry of descriptors):
+            // it goes before they are closed.
             drop(keep);
+            drop((down, up));
         });
         (false, false, None)
     }

@@ -51,19 +51,20 @@ pub struct Relayed {
 
 /// Copies bytes both ways between `a` and `b` until either side's stream ends or fails, then
 /// shuts both down. `a_unread` (bytes already read from `a`, such as those that arrived with
-/// an upgrade request's head) is written to `b` first, `b_unread` to `a`.
+/// an upgrade request's head) is written to `b` first, `b_unread` to `a`. The streams are
+/// closed when the caller drops them, so that it can first undo what refers to them.
 ///
 /// While a direction waits for bytes it holds no buffer: it waits with a zero-length read,
 /// which on Pingora's streams waits for readiness (TCP, and TLS with nothing decrypted
 /// pending). It takes a buffer when bytes are there and keeps it while they keep coming.
-pub async fn relay(mut a: Stream, a_unread: Bytes, mut b: Stream, b_unread: Bytes) -> Relayed {
+pub async fn relay(a: &mut Stream, a_unread: Bytes, b: &mut Stream, b_unread: Bytes) -> Relayed {
     let mut a_to_b = Direction::new(a_unread);
     let mut b_to_a = Direction::new(b_unread);
     let (ended_by, result) = poll_fn(|cx| {
-        if let Poll::Ready(r) = a_to_b.poll_copy(cx, &mut a, &mut b) {
+        if let Poll::Ready(r) = a_to_b.poll_copy(cx, a, b) {
             return Poll::Ready((Side::A, r));
         }
-        if let Poll::Ready(r) = b_to_a.poll_copy(cx, &mut b, &mut a) {
+        if let Poll::Ready(r) = b_to_a.poll_copy(cx, b, a) {
             return Poll::Ready((Side::B, r));
         }
         Poll::Pending
