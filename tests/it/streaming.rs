@@ -262,3 +262,65 @@ where
     }
     per_socket
 }
+
+/// Relayed WebSockets are not requests Pingora waits for, so a stop must still end them: on
+/// SIGTERM an open socket keeps carrying messages through the grace period, and when it is
+/// over the socket is closed and the process is gone.
+#[tokio::test]
+async fn a_stop_carries_open_websockets_through_the_grace_period_and_then_ends_them() {
+    let up = Upstream::start().await;
+    let gw = Gateway::builder(&up.url())
+        .user("alice", ALICE_PW)
+        .server_keys("grace_period = \"2s\"")
+        .start()
+        .await;
+    let token = gw.login("alice", ALICE_PW).await.token;
+    let mut req = format!("ws://127.0.0.1:{}/socket/ws", gw.port)
+        .into_client_request()
+        .unwrap();
+    req.headers_mut()
+        .insert("Authorization", format!("Bearer {token}").parse().unwrap());
+    let (mut ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
+    let stopped = std::time::Instant::now();
+    crate::upgrade::signal(gw.pid(), libc::SIGTERM);
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let message = Message::Text("during the grace period".into());
+    ws.send(message.clone()).await.unwrap();
+    assert_eq!(ws.next().await.unwrap().unwrap(), message);
+
+    let ended = tokio::time::timeout(std::time::Duration::from_secs(15), async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Close(_))) | Some(Err(_)) | None => break,
+                Some(Ok(_)) => {}
+            }
+        }
+    })
+    .await;
+    assert!(
+        ended.is_ok(),
+        "the WebSocket was still open 15 s after SIGTERM"
+    );
+    assert!(
+        stopped.elapsed() >= std::time::Duration::from_millis(1500),
+        "the WebSocket ended {:?} after SIGTERM, before the grace period was over",
+        stopped.elapsed()
+    );
+    let stat = format!("/proc/{}/stat", gw.pid());
+    let gone = crate::harness::poll_until(std::time::Duration::from_secs(10), || {
+        let stat = stat.clone();
+        async move {
+            // Exited: gone, or a zombie its parent (this test) has not reaped.
+            std::fs::read_to_string(&stat).map_or(true, |s| {
+                s.rsplit(')')
+                    .next()
+                    .is_some_and(|r| r.trim_start().starts_with('Z'))
+            })
+        }
+    })
+    .await;
+    assert!(
+        gone,
+        "the gateway was still running after its socket was closed"
+    );
+}
