@@ -314,7 +314,7 @@ async fn upgrade(early: &[u8], first: &[u8]) -> Upgraded {
 fn spawn_relay(down: (Stream, Bytes), up: (Stream, Bytes)) -> tokio::task::JoinHandle<Relayed> {
     tokio::spawn(async move {
         let ((mut a, a_unread), (mut b, b_unread)) = (down, up);
-        relay(&mut a, a_unread, &mut b, b_unread).await
+        relay(&mut a, a_unread, &mut b, b_unread, None).await
     })
 }
 
@@ -432,31 +432,77 @@ async fn shutting_down_the_upstream_socket_ends_the_relay() {
     assert_eq!(relayed(task).await.ended_by, Side::B);
 }
 
-/// While the connection is idle the relay holds no buffer: bytes passed both ways, 20 KiB
-/// each, more than a direction's 16 KiB buffer, and then the relay waits with what it held
-/// for them given back.
+/// While the connection is idle the relay holds no buffer: bytes came with both heads, then
+/// passed both ways, 20 KiB each, more than a direction's 16 KiB buffer, and then the relay
+/// waits with what it held for them given back. Counted from before the upgrade, so that a
+/// buffer the heads' bytes were read into and still kept would show.
 async fn an_idle_relay_holds_no_buffer() {
+    let before = live();
+    let Upgraded {
+        mut client,
+        mut upstream,
+        down,
+        up,
+    } = upgrade(b"early", b"first frame").await;
+    let at_upgrade = live() - before;
+    const LEN: usize = 20 * 1024;
+    let (to_up, to_client) = (pattern(LEN, 3), pattern(LEN, 4));
+    let task = spawn_relay(down, up);
+    assert_eq!(read_len(&mut client, 11).await, b"first frame");
+    assert_eq!(read_len(&mut upstream, 5).await, b"early");
+    client.write_all(&to_up).await.unwrap();
+    upstream.write_all(&to_client).await.unwrap();
+    assert!(read_len(&mut upstream, LEN).await == to_up);
+    assert!(read_len(&mut client, LEN).await == to_client);
+    drop((to_up, to_client));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let kept = live() - before;
+    // The two sockets with their streams, the relay's task and state; a buffer alone would be
+    // 16,384 bytes, the body buffer the 101's follower was once read into 65,536.
+    assert!(
+        kept < 8192,
+        "an idle relay keeps {kept} bytes live ({at_upgrade} at the upgrade)"
+    );
+    drop(client);
+    expect_end(&mut upstream).await;
+    relayed(task).await;
+}
+
+/// With an idle timeout, a relay that moves no byte either way for that long ends both sides;
+/// bytes that keep moving keep it open.
+async fn an_idle_timeout_ends_a_silent_relay() {
     let Upgraded {
         mut client,
         mut upstream,
         down,
         up,
     } = upgrade(b"", b"").await;
-    const LEN: usize = 20 * 1024;
-    let (to_up, to_client) = (pattern(LEN, 3), pattern(LEN, 4));
-    let before = live();
-    let task = spawn_relay(down, up);
-    client.write_all(&to_up).await.unwrap();
-    upstream.write_all(&to_client).await.unwrap();
-    assert!(read_len(&mut upstream, LEN).await == to_up);
-    assert!(read_len(&mut client, LEN).await == to_client);
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    let kept = live() - before;
-    // The task with the relay's state; a buffer alone would be 16,384 bytes.
-    assert!(kept < 4096, "an idle relay keeps {kept} bytes live");
-    drop(client);
+    let task = tokio::spawn(async move {
+        let ((mut a, a_unread), (mut b, b_unread)) = (down, up);
+        let idle = Some(Duration::from_millis(300));
+        relay(&mut a, a_unread, &mut b, b_unread, idle).await
+    });
+    for i in 0..6u8 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        client.write_all(&[i]).await.unwrap();
+        assert_eq!(read_len(&mut upstream, 1).await, [i]);
+    }
+    assert!(
+        !task.is_finished(),
+        "the relay ended while bytes were moving"
+    );
+    let silent = std::time::Instant::now();
+    expect_end(&mut client).await;
     expect_end(&mut upstream).await;
-    relayed(task).await;
+    let waited = silent.elapsed();
+    assert!(
+        waited >= Duration::from_millis(250) && waited < Duration::from_secs(2),
+        "ended {waited:?} after the last byte, with a 300 ms idle timeout"
+    );
+    let relayed = relayed(task).await;
+    let error = relayed.error.expect("ended by the timeout");
+    assert_eq!(error.kind(), std::io::ErrorKind::TimedOut);
+    assert_eq!(relayed.a_to_b, 6);
 }
 
 #[test]
@@ -483,5 +529,6 @@ fn an_upgraded_connection_is_relayed_outside_its_sessions() {
         a_client_that_leaves_ends_the_upstream_side().await;
         shutting_down_the_upstream_socket_ends_the_relay().await;
         an_idle_relay_holds_no_buffer().await;
+        an_idle_timeout_ends_a_silent_relay().await;
     });
 }

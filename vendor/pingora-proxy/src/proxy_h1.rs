@@ -152,7 +152,27 @@ where
             && session.is_body_empty()
             && self.inner.relay_upgrades(session, ctx)
         {
-            let task = match client_session.read_response_task().await {
+            // Nothing watches the client while the 101 is awaited here (the pipe's downstream
+            // half would see it leave): without a read timeout for the upstream, the client's
+            // bounds the wait.
+            let wait = match session.downstream_session.as_ref() {
+                HttpSession::H1(h1) if client_session.read_timeout.is_none() => {
+                    h1.get_read_timeout()
+                }
+                _ => None,
+            };
+            let read = match wait {
+                Some(t) => tokio::time::timeout(t, client_session.read_response_task())
+                    .await
+                    .unwrap_or_else(|_| {
+                        Error::e_explain(
+                            ReadTimedout,
+                            format!("waiting for the answer to an upgrade, timeout: {t:?}"),
+                        )
+                    }),
+                None => client_session.read_response_task().await,
+            };
+            let task = match read {
                 Ok(task) => task,
                 Err(e) => return (false, false, Some(e.into_up())),
             };
@@ -278,8 +298,14 @@ where
         if let Err(e) = session.write_response_tasks(vec![task]).await {
             return (false, false, Some(e));
         }
+        // The idle timeout Pingora's pipe applied to an upgraded connection: the downstream
+        // session's read timeout, restarted by every event either way.
+        let mut idle = None;
         let downstream = match session.downstream_session.as_mut() {
-            HttpSession::H1(h1) => h1.take_upgraded_io().await,
+            HttpSession::H1(h1) => {
+                idle = h1.get_read_timeout();
+                h1.take_upgraded_io().await
+            }
             _ => Ok(None),
         };
         let (mut down, down_unread) = match downstream {
@@ -312,9 +338,14 @@ where
         };
         let keep = self.inner.upgraded_relay_started(session, ctx);
         tokio::spawn(async move {
-            let relayed =
-                pingora_core::protocols::relay::relay(&mut down, down_unread, &mut up, up_unread)
-                    .await;
+            let relayed = pingora_core::protocols::relay::relay(
+                &mut down,
+                down_unread,
+                &mut up,
+                up_unread,
+                idle,
+            )
+            .await;
             debug!("upgraded connection relayed: {relayed:?}");
             // What the application keeps may refer to the sockets (a registry of descriptors):
             // it goes before they are closed.

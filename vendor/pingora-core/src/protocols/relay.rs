@@ -15,13 +15,14 @@ use super::{
 };
 use async_trait::async_trait;
 use bytes::{Buf, Bytes};
-use std::future::poll_fn;
+use std::future::{poll_fn, Future};
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::Instant;
 
 /// The buffer a direction takes while bytes are moving through it.
 const RELAY_BUFFER_SIZE: usize = 16 * 1024;
@@ -43,29 +44,64 @@ pub struct Relayed {
     pub a_to_b: u64,
     /// Bytes written to `a` that came from `b`.
     pub b_to_a: u64,
-    /// The side whose read ended the relay (its end, or an error on that direction).
+    /// The side whose read ended the relay (its end, or an error on that direction; `A` when
+    /// the relay was idle for too long).
     pub ended_by: Side,
     /// The error that ended it, if it was not a clean end of stream.
     pub error: Option<io::Error>,
 }
 
-/// Copies bytes both ways between `a` and `b` until either side's stream ends or fails, then
-/// shuts both down. `a_unread` (bytes already read from `a`, such as those that arrived with
-/// an upgrade request's head) is written to `b` first, `b_unread` to `a`. The streams are
-/// closed when the caller drops them, so that it can first undo what refers to them.
+/// Copies bytes both ways between `a` and `b` until either side's stream ends or fails, or
+/// (with `idle`) no byte has moved either way for that long, then shuts both down. `a_unread`
+/// (bytes already read from `a`, such as those that arrived with an upgrade request's head) is
+/// written to `b` first, `b_unread` to `a`. The streams are closed when the caller drops them,
+/// so that it can first undo what refers to them.
+///
+/// `idle` is what Pingora's proxy applied to an upgraded connection: the downstream session's
+/// read timeout, restarted by every event either way. It also ends a relay stuck writing to a
+/// peer that stopped reading, which no read would end.
 ///
 /// While a direction waits for bytes it holds no buffer: it waits with a zero-length read,
 /// which on Pingora's streams waits for readiness (TCP, and TLS with nothing decrypted
 /// pending). It takes a buffer when bytes are there and keeps it while they keep coming.
-pub async fn relay(a: &mut Stream, a_unread: Bytes, b: &mut Stream, b_unread: Bytes) -> Relayed {
+pub async fn relay(
+    a: &mut Stream,
+    a_unread: Bytes,
+    b: &mut Stream,
+    b_unread: Bytes,
+    idle: Option<Duration>,
+) -> Relayed {
     let mut a_to_b = Direction::new(a_unread);
     let mut b_to_a = Direction::new(b_unread);
+    // One timer, moved on lazily: when it fires, it is set again from the last time bytes
+    // moved, if that was later than it was set from.
+    let mut deadline = idle.map(|idle| (idle, Box::pin(tokio::time::sleep(idle))));
+    let mut moved = 0;
+    let mut last_moved = Instant::now();
     let (ended_by, result) = poll_fn(|cx| {
         if let Poll::Ready(r) = a_to_b.poll_copy(cx, a, b) {
             return Poll::Ready((Side::A, r));
         }
         if let Poll::Ready(r) = b_to_a.poll_copy(cx, b, a) {
             return Poll::Ready((Side::B, r));
+        }
+        if let Some((idle, sleep)) = deadline.as_mut() {
+            let now_moved = a_to_b.moved + b_to_a.moved;
+            if now_moved != moved {
+                moved = now_moved;
+                last_moved = Instant::now();
+            }
+            while sleep.as_mut().poll(cx).is_ready() {
+                let until = last_moved + *idle;
+                if until <= Instant::now() {
+                    let idle_error = io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!("no bytes either way for {idle:?}"),
+                    );
+                    return Poll::Ready((Side::A, Err(idle_error)));
+                }
+                sleep.as_mut().reset(until);
+            }
         }
         Poll::Pending
     })
@@ -124,6 +160,10 @@ impl Direction {
                 self.unread.advance(n);
                 self.moved += n as u64;
                 self.unflushed = true;
+                if self.unread.is_empty() {
+                    // Let the allocation go now, not when the relay ends.
+                    self.unread = Bytes::new();
+                }
             }
             if let Some(buf) = &self.buf {
                 while self.start < self.end {

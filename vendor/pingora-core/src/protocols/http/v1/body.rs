@@ -362,12 +362,13 @@ impl BodyReader {
     }
 
     /// Portcullis patch, change 8: the bytes of a close-delimited body that were read but not
-    /// yet returned by [`Self::read_body`] (those that came with the head), taken out; the body
-    /// counts as done after this. For handing an upgraded connection's stream to a relay.
+    /// yet returned by [`Self::read_body`] (those that came with the head), copied out at their
+    /// own size (a slice would keep the whole body buffer alive with them); the body counts as
+    /// done after this. For handing an upgraded connection's stream to a relay.
     pub fn take_unread(&mut self) -> Bytes {
         let unread = match (self.rewind_buf_len, self.body_buf.take()) {
             (0, _) | (_, None) => Bytes::new(),
-            (n, Some(mut buf)) => buf.split_to(n.min(buf.len())).freeze(),
+            (n, Some(buf)) => Bytes::copy_from_slice(&buf[..n.min(buf.len())]),
         };
         self.rewind_buf_len = 0;
         self.body_buf_overread = None;
