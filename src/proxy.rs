@@ -733,8 +733,13 @@ impl ProxyHttp for Gateway {
         _digest: Option<&pingora::protocols::Digest>,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        if !ctx.track || ctx.conn.is_some() {
+        if !ctx.track {
             return Ok(());
+        }
+        // A retry connects again: the entry must name the socket this request now uses, or a
+        // revocation could not find it (the first socket is closed).
+        if let Some(stale) = ctx.conn.take() {
+            self.app.media.unregister(stale);
         }
         let upstream = ctx
             .route
@@ -803,8 +808,10 @@ impl ProxyHttp for Gateway {
     }
 
     /// The request's access line is written at the upgrade; what must last as long as the
-    /// connection (its place in the connection registry, where a revocation finds it, and the
-    /// open-WebSocket gauge) moves into the relay.
+    /// connection moves into the relay: its place in the connection registry, where a
+    /// revocation finds it, the open-WebSocket gauge, and its standing with the admission
+    /// watchman, for which the connection stays busy (never cut as an idle keep-alive) until
+    /// it closes.
     fn upgraded_relay_started(
         &self,
         _session: &mut Session,
@@ -814,6 +821,7 @@ impl ProxyHttp for Gateway {
             app: self.app.clone(),
             websocket: std::mem::take(&mut ctx.websocket),
             conn: ctx.conn.take(),
+            busy: ctx.peer.take().map(|peer| (self.admission.clone(), peer)),
             request_id: ctx.request_id.clone(),
             start: ctx.start,
         };
@@ -953,6 +961,8 @@ struct OpenUpgrade {
     websocket: bool,
     /// Its handle in the connection registry.
     conn: Option<u64>,
+    /// The client's connection, busy with the admission watchman until it closes.
+    busy: Option<(Arc<admission::Admission>, SocketAddr)>,
     request_id: String,
     start: Instant,
 }
@@ -964,6 +974,9 @@ impl Drop for OpenUpgrade {
         }
         if let Some(conn) = self.conn.take() {
             self.app.media.unregister(conn);
+        }
+        if let Some((admission, peer)) = self.busy.take() {
+            admission.response_ended(peer, Instant::now());
         }
         tracing::debug!(
             request_id = %self.request_id,

@@ -324,3 +324,29 @@ async fn a_stop_carries_open_websockets_through_the_grace_period_and_then_ends_t
         "the gateway was still running after its socket was closed"
     );
 }
+
+/// An open WebSocket is a busy connection to the admission watchman for as long as it is
+/// open, relayed or not: it is never cut as a keep-alive that waited too long for its next
+/// request head.
+#[tokio::test]
+async fn an_open_websocket_outlives_the_head_timeout() {
+    let up = Upstream::start().await;
+    let gw = Gateway::builder(&up.url())
+        .user("alice", ALICE_PW)
+        .server_keys("head_timeout = \"1s\"")
+        .start()
+        .await;
+    let token = gw.login("alice", ALICE_PW).await.token;
+    let mut req = format!("ws://127.0.0.1:{}/socket/ws", gw.port)
+        .into_client_request()
+        .unwrap();
+    req.headers_mut()
+        .insert("Authorization", format!("Bearer {token}").parse().unwrap());
+    let (mut ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
+    // The watchman looks once a second: three looks past the head timeout.
+    tokio::time::sleep(std::time::Duration::from_millis(4000)).await;
+    let message = Message::Text("still open".into());
+    ws.send(message.clone()).await.unwrap();
+    assert_eq!(ws.next().await.unwrap().unwrap(), message);
+    assert_eq!(gw.metric("portcullis_websockets_open").await, 1.0);
+}
