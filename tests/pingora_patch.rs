@@ -329,12 +329,8 @@ async fn relayed(task: tokio::task::JoinHandle<Relayed>) -> Relayed {
 /// at once, more than the sockets buffer, so neither direction may wait on the other — and
 /// when the upstream leaves, the client's side is ended too.
 async fn a_relay_carries_every_byte_both_ways_and_ends_with_the_upstream() {
-    let Upgraded {
-        mut client,
-        mut upstream,
-        down,
-        up,
-    } = upgrade(b"early", b"first frame").await;
+    let u = upgrade(b"early", b"first frame").await;
+    let (mut client, mut upstream, down, up) = (u.client, u.upstream, u.down, u.up);
     assert_eq!(&down.1[..], b"early");
     assert_eq!(&up.1[..], b"first frame");
     let task = spawn_relay(down, up);
@@ -392,12 +388,8 @@ async fn a_relay_carries_every_byte_both_ways_and_ends_with_the_upstream() {
 
 /// A client that leaves ends the upstream's side; nothing came with the heads here.
 async fn a_client_that_leaves_ends_the_upstream_side() {
-    let Upgraded {
-        client,
-        mut upstream,
-        down,
-        up,
-    } = upgrade(b"", b"").await;
+    let u = upgrade(b"", b"").await;
+    let (client, mut upstream, down, up) = (u.client, u.upstream, u.down, u.up);
     assert!(down.1.is_empty() && up.1.is_empty());
     let task = spawn_relay(down, up);
     // Idle for a moment first: the relay waits without spinning or ending.
@@ -416,12 +408,8 @@ async fn a_client_that_leaves_ends_the_upstream_side() {
 /// The connection watch ends a revoked session's socket by `shutdown(2)` on the upstream side
 /// the relay holds; the relay ends and the client's side is closed.
 async fn shutting_down_the_upstream_socket_ends_the_relay() {
-    let Upgraded {
-        mut client,
-        upstream: _upstream,
-        down,
-        up,
-    } = upgrade(b"", b"").await;
+    let u = upgrade(b"", b"").await;
+    let (mut client, _upstream, down, up) = (u.client, u.upstream, u.down, u.up);
     let fd = up.0.id();
     let task = spawn_relay(down, up);
     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -438,12 +426,8 @@ async fn shutting_down_the_upstream_socket_ends_the_relay() {
 /// buffer the heads' bytes were read into and still kept would show.
 async fn an_idle_relay_holds_no_buffer() {
     let before = live();
-    let Upgraded {
-        mut client,
-        mut upstream,
-        down,
-        up,
-    } = upgrade(b"early", b"first frame").await;
+    let u = upgrade(b"early", b"first frame").await;
+    let (mut client, mut upstream, down, up) = (u.client, u.upstream, u.down, u.up);
     let at_upgrade = live() - before;
     const LEN: usize = 20 * 1024;
     let (to_up, to_client) = (pattern(LEN, 3), pattern(LEN, 4));
@@ -471,12 +455,8 @@ async fn an_idle_relay_holds_no_buffer() {
 /// With an idle timeout, a relay that moves no byte either way for that long ends both sides;
 /// bytes that keep moving keep it open.
 async fn an_idle_timeout_ends_a_silent_relay() {
-    let Upgraded {
-        mut client,
-        mut upstream,
-        down,
-        up,
-    } = upgrade(b"", b"").await;
+    let u = upgrade(b"", b"").await;
+    let (mut client, mut upstream, down, up) = (u.client, u.upstream, u.down, u.up);
     let task = tokio::spawn(async move {
         let ((mut a, a_unread), (mut b, b_unread)) = (down, up);
         let idle = Some(Duration::from_millis(300));

@@ -11,6 +11,33 @@ use crate::upstream::{pattern_byte, Upstream};
 
 const ALICE_PW: &str = "alice-password-1234";
 
+/// A gateway with `keys` added to its `[server]` table, for alice, and her token.
+async fn setup_with(keys: &str) -> (Upstream, Gateway, String) {
+    let up = Upstream::start().await;
+    let gw = Gateway::builder(&up.url())
+        .user("alice", ALICE_PW)
+        .server_keys(keys)
+        .start()
+        .await;
+    let token = gw.login("alice", ALICE_PW).await.token;
+    (up, gw, token)
+}
+
+type Socket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// A WebSocket through the gateway to the upstream's echo, with `token` as a bearer.
+async fn echo_socket(gw: &Gateway, token: &str) -> Socket {
+    let mut req = format!("ws://127.0.0.1:{}/socket/ws", gw.port)
+        .into_client_request()
+        .unwrap();
+    req.headers_mut()
+        .insert("Authorization", format!("Bearer {token}").parse().unwrap());
+    let (ws, resp) = tokio_tungstenite::connect_async(req).await.unwrap();
+    assert_eq!(resp.status(), 101);
+    ws
+}
+
 async fn setup() -> (Upstream, Gateway, String) {
     let up = Upstream::start().await;
     let gw = Gateway::builder(&up.url())
@@ -99,12 +126,7 @@ async fn range_requests_get_the_right_bytes() {
 async fn websocket_echo_works_with_a_session_and_is_refused_without() {
     let (up, gw, token) = setup().await;
     let ws_url = format!("ws://127.0.0.1:{}/socket/ws", gw.port);
-
-    let mut req = ws_url.as_str().into_client_request().unwrap();
-    req.headers_mut()
-        .insert("Authorization", format!("Bearer {token}").parse().unwrap());
-    let (mut ws, resp) = tokio_tungstenite::connect_async(req).await.unwrap();
-    assert_eq!(resp.status(), 101);
+    let mut ws = echo_socket(&gw, &token).await;
     // Counted while open: the relay that carries it keeps the count (the request that
     // upgraded it has ended).
     assert_eq!(gw.metric("portcullis_websockets_open").await, 1.0);
@@ -268,19 +290,8 @@ where
 /// over the socket is closed and the process is gone.
 #[tokio::test]
 async fn a_stop_carries_open_websockets_through_the_grace_period_and_then_ends_them() {
-    let up = Upstream::start().await;
-    let gw = Gateway::builder(&up.url())
-        .user("alice", ALICE_PW)
-        .server_keys("grace_period = \"2s\"")
-        .start()
-        .await;
-    let token = gw.login("alice", ALICE_PW).await.token;
-    let mut req = format!("ws://127.0.0.1:{}/socket/ws", gw.port)
-        .into_client_request()
-        .unwrap();
-    req.headers_mut()
-        .insert("Authorization", format!("Bearer {token}").parse().unwrap());
-    let (mut ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
+    let (_up, gw, token) = setup_with("grace_period = \"2s\"").await;
+    let mut ws = echo_socket(&gw, &token).await;
     let stopped = std::time::Instant::now();
     crate::upgrade::signal(gw.pid(), libc::SIGTERM);
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
@@ -330,19 +341,8 @@ async fn a_stop_carries_open_websockets_through_the_grace_period_and_then_ends_t
 /// request head.
 #[tokio::test]
 async fn an_open_websocket_outlives_the_head_timeout() {
-    let up = Upstream::start().await;
-    let gw = Gateway::builder(&up.url())
-        .user("alice", ALICE_PW)
-        .server_keys("head_timeout = \"1s\"")
-        .start()
-        .await;
-    let token = gw.login("alice", ALICE_PW).await.token;
-    let mut req = format!("ws://127.0.0.1:{}/socket/ws", gw.port)
-        .into_client_request()
-        .unwrap();
-    req.headers_mut()
-        .insert("Authorization", format!("Bearer {token}").parse().unwrap());
-    let (mut ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
+    let (_up, gw, token) = setup_with("head_timeout = \"1s\"").await;
+    let mut ws = echo_socket(&gw, &token).await;
     // The watchman looks once a second: three looks past the head timeout.
     tokio::time::sleep(std::time::Duration::from_millis(4000)).await;
     let message = Message::Text("still open".into());
