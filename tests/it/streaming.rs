@@ -350,3 +350,34 @@ async fn an_open_websocket_outlives_the_head_timeout() {
     assert_eq!(ws.next().await.unwrap().unwrap(), message);
     assert_eq!(gw.metric("portcullis_websockets_open").await, 1.0);
 }
+
+/// An upgrade the upstream does not accept is proxied as an ordinary answer, whole, through
+/// the same path that relays accepted ones: a 200 with a 100,000-byte body, and a refusal.
+#[tokio::test]
+async fn an_upgrade_the_upstream_refuses_is_proxied_as_an_ordinary_answer() {
+    let (_up, gw, token) = setup().await;
+    let upgrade = |path: &str| {
+        client()
+            .get(gw.url(path))
+            .bearer_auth(&token)
+            .header("Connection", "Upgrade")
+            .header("Upgrade", "websocket")
+            .header("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ==")
+            .header("Sec-WebSocket-Version", "13")
+    };
+    let resp = upgrade("/bytes/100000").send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let body = resp.bytes().await.unwrap();
+    let want: Vec<u8> = (0..100_000).map(pattern_byte).collect();
+    assert!(body.as_ref() == want.as_slice(), "the body differs from the upstream's");
+    let resp = upgrade("/status/401").send().await.unwrap();
+    assert_eq!(resp.status(), 401);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while gw.metric("portcullis_websockets_open").await != 0.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a refused upgrade is still counted as an open WebSocket"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
