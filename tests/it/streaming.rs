@@ -369,7 +369,10 @@ async fn an_upgrade_the_upstream_refuses_is_proxied_as_an_ordinary_answer() {
     assert_eq!(resp.status(), 200);
     let body = resp.bytes().await.unwrap();
     let want: Vec<u8> = (0..100_000).map(pattern_byte).collect();
-    assert!(body.as_ref() == want.as_slice(), "the body differs from the upstream's");
+    assert!(
+        body.as_ref() == want.as_slice(),
+        "the body differs from the upstream's"
+    );
     let resp = upgrade("/status/401").send().await.unwrap();
     assert_eq!(resp.status(), 401);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
