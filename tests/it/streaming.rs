@@ -144,14 +144,7 @@ async fn websocket_echo_works_with_a_session_and_is_refused_without() {
     assert_eq!(echoed.into_data().to_vec(), big);
     ws.close(None).await.unwrap();
     while ws.next().await.is_some() {}
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    while gw.metric("portcullis_websockets_open").await != 0.0 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the closed WebSocket is still counted as open"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    assert_none_counted_open(&gw, "the closed WebSocket").await;
     let seen = up
         .requests()
         .into_iter()
@@ -375,12 +368,14 @@ async fn an_upgrade_the_upstream_refuses_is_proxied_as_an_ordinary_answer() {
     );
     let resp = upgrade("/status/401").send().await.unwrap();
     assert_eq!(resp.status(), 401);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    while gw.metric("portcullis_websockets_open").await != 0.0 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "a refused upgrade is still counted as an open WebSocket"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    assert_none_counted_open(&gw, "a refused upgrade").await;
+}
+
+/// Within 5 s the open-WebSocket gauge reads 0; `what` names what would still be counted.
+async fn assert_none_counted_open(gw: &Gateway, what: &str) {
+    let counted = crate::harness::poll_until(std::time::Duration::from_secs(5), || async {
+        gw.metric("portcullis_websockets_open").await == 0.0
+    })
+    .await;
+    assert!(counted, "{what} is still counted as an open WebSocket");
 }
