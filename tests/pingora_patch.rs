@@ -389,11 +389,12 @@ async fn a_relay_carries_every_byte_both_ways_and_ends_with_the_upstream() {
 /// A client that leaves ends the upstream's side; nothing came with the heads here.
 async fn a_client_that_leaves_ends_the_upstream_side() {
     let u = upgrade(b"", b"").await;
-    let (client, mut upstream, down, up) = (u.client, u.upstream, u.down, u.up);
+    let (mut client, mut upstream, down, up) = (u.client, u.upstream, u.down, u.up);
     assert!(down.1.is_empty() && up.1.is_empty());
     let task = spawn_relay(down, up);
-    // Idle for a moment first: the relay waits without spinning or ending.
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // A byte through first: the relay is running, and does not end while both sides are open.
+    client.write_all(b"x").await.unwrap();
+    assert_eq!(read_len(&mut upstream, 1).await, b"x");
     assert!(
         !task.is_finished(),
         "the relay ended while both sides were open"
@@ -402,17 +403,19 @@ async fn a_client_that_leaves_ends_the_upstream_side() {
     expect_end(&mut upstream).await;
     let relayed = relayed(task).await;
     assert_eq!(relayed.ended_by, Side::A);
-    assert_eq!((relayed.a_to_b, relayed.b_to_a), (0, 0));
+    assert_eq!((relayed.a_to_b, relayed.b_to_a), (1, 0));
 }
 
 /// The connection watch ends a revoked session's socket by `shutdown(2)` on the upstream side
 /// the relay holds; the relay ends and the client's side is closed.
 async fn shutting_down_the_upstream_socket_ends_the_relay() {
     let u = upgrade(b"", b"").await;
-    let (mut client, _upstream, down, up) = (u.client, u.upstream, u.down, u.up);
+    let (mut client, mut upstream, down, up) = (u.client, u.upstream, u.down, u.up);
     let fd = up.0.id();
     let task = spawn_relay(down, up);
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    // A byte through first: the relay is running and waiting on both sockets.
+    client.write_all(b"x").await.unwrap();
+    assert_eq!(read_len(&mut upstream, 1).await, b"x");
     // SAFETY: shutdown(2) on the relay's own upstream socket, which is open until the relay
     // ends (it has not: the upstream is still connected).
     assert_eq!(unsafe { libc::shutdown(fd, libc::SHUT_RDWR) }, 0);
@@ -439,10 +442,15 @@ async fn an_idle_relay_holds_no_buffer() {
     assert!(read_len(&mut upstream, LEN).await == to_up);
     assert!(read_len(&mut client, LEN).await == to_client);
     drop((to_up, to_client));
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    let kept = live() - before;
     // The two sockets with their streams, the relay's task and state; a buffer alone would be
-    // 16,384 bytes, the body buffer the 101's follower was once read into 65,536.
+    // 16,384 bytes, the body buffer the 101's follower was once read into 65,536. The relay
+    // gives its buffers back when its next read would wait: once it has run again.
+    let mut kept = live() - before;
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    while kept >= 8192 && std::time::Instant::now() < deadline {
+        tokio::task::yield_now().await;
+        kept = live() - before;
+    }
     assert!(
         kept < 8192,
         "an idle relay keeps {kept} bytes live ({at_upgrade} at the upgrade)"

@@ -287,7 +287,18 @@ async fn a_stop_carries_open_websockets_through_the_grace_period_and_then_ends_t
     let mut ws = echo_socket(&gw, &token).await;
     let stopped = std::time::Instant::now();
     crate::upgrade::signal(gw.pid(), libc::SIGTERM);
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    // The stop has begun once the listener takes no new connection.
+    let port = gw.port;
+    let stopping = crate::harness::poll_until(std::time::Duration::from_secs(5), || async move {
+        tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err()
+    })
+    .await;
+    assert!(
+        stopping,
+        "the gateway still accepted connections 5 s after SIGTERM"
+    );
     let message = Message::Text("during the grace period".into());
     ws.send(message.clone()).await.unwrap();
     assert_eq!(ws.next().await.unwrap().unwrap(), message);
@@ -336,8 +347,21 @@ async fn a_stop_carries_open_websockets_through_the_grace_period_and_then_ends_t
 async fn an_open_websocket_outlives_the_head_timeout() {
     let (_up, gw, token) = setup_with("head_timeout = \"1s\"").await;
     let mut ws = echo_socket(&gw, &token).await;
-    // The watchman looks once a second: three looks past the head timeout.
-    tokio::time::sleep(std::time::Duration::from_millis(4000)).await;
+    // A connection opened after the socket that never sends a head: once the watchman has cut
+    // it, the socket too has been open past the head timeout under its eyes.
+    let mut silent = tokio::net::TcpStream::connect(("127.0.0.1", gw.port))
+        .await
+        .unwrap();
+    let mut byte = [0u8; 1];
+    let cut = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        tokio::io::AsyncReadExt::read(&mut silent, &mut byte),
+    )
+    .await;
+    assert!(
+        matches!(cut, Ok(Ok(0)) | Ok(Err(_))),
+        "a connection without a head was not cut within 10 s: {cut:?}"
+    );
     let message = Message::Text("still open".into());
     ws.send(message.clone()).await.unwrap();
     assert_eq!(ws.next().await.unwrap().unwrap(), message);
