@@ -213,6 +213,14 @@ impl Direction {
     }
 }
 
+/// Takes a session's stream out to hand it to [`relay`], flushed first, leaving a [`Detached`]
+/// stand-in: what both HTTP/1.1 sessions' `take_upgraded_io` do with their stream.
+pub async fn detach(stream: &mut Stream) -> io::Result<Stream> {
+    use tokio::io::AsyncWriteExt;
+    stream.flush().await?;
+    Ok(std::mem::replace(stream, Box::new(Detached)))
+}
+
 /// What a session keeps in place of a stream handed to [`relay`]: reads find the end of the
 /// stream, writes fail, and nothing can reuse it.
 #[derive(Debug, Default)]

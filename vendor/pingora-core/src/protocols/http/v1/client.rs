@@ -765,10 +765,6 @@ impl HttpSession {
         if !self.upgraded {
             return Ok(None);
         }
-        self.underlying_stream
-            .flush()
-            .await
-            .or_err(WriteError, "flushing an upgraded connection before handing it over")?;
         let unread = if self.body_reader.need_init() {
             // The bytes after the head, copied at their own size: the reader would copy
             // them into a 64 KiB body buffer.
@@ -782,10 +778,9 @@ impl HttpSession {
             self.body_reader.take_unread()
         };
         self.keepalive_timeout = KeepaliveStatus::Off;
-        let stream = std::mem::replace(
-            &mut self.underlying_stream,
-            Box::new(crate::protocols::relay::Detached),
-        );
+        let stream = crate::protocols::relay::detach(&mut self.underlying_stream)
+            .await
+            .or_err(WriteError, "flushing an upgraded connection before handing it over")?;
         Ok(Some((stream, unread)))
     }
 

@@ -725,17 +725,12 @@ impl HttpSession {
         if !self.upgraded {
             return Ok(None);
         }
-        self.underlying_stream
-            .flush()
-            .await
-            .or_err(WriteError, "flushing an upgraded connection before handing it over")?;
         self.init_body_reader();
         let unread = self.body_reader.take_unread();
         self.keepalive_timeout = KeepaliveStatus::Off;
-        let stream = std::mem::replace(
-            &mut self.underlying_stream,
-            Box::new(crate::protocols::relay::Detached),
-        );
+        let stream = crate::protocols::relay::detach(&mut self.underlying_stream)
+            .await
+            .or_err(WriteError, "flushing an upgraded connection before handing it over")?;
         Ok(Some((stream, unread)))
     }
 
