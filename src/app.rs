@@ -1516,6 +1516,7 @@ impl App {
             }
             if last_release.elapsed() >= RELEASE_MEMORY_EVERY {
                 let started = Instant::now();
+                let hash_memories = self.hasher.release_idle();
                 crate::release_free_memory();
                 let took = started.elapsed();
                 let usage = crate::allocator_usage();
@@ -1526,6 +1527,7 @@ impl App {
                     libc_in_use_mib = mib(usage.libc_in_use),
                     libc_free_mib = mib(usage.libc_free),
                     sqlite_in_use_mib = mib(usage.sqlite_in_use),
+                    hash_memories,
                     "released free memory"
                 );
                 last_release = Instant::now();
