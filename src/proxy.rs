@@ -978,6 +978,10 @@ impl Drop for OpenUpgrade {
         if let Some((admission, peer)) = self.busy.take() {
             admission.response_ended(peer, Instant::now());
         }
+        // A relayed socket's end is a client connection's end, where each proxy thread takes
+        // back what other threads freed into its heap (see `tidy_thread_heap`): the relay runs
+        // on a proxy thread, and its connection task, where the others do it, ended long ago.
+        crate::tidy_thread_heap();
         tracing::debug!(
             request_id = %self.request_id,
             open_s = self.start.elapsed().as_secs_f64(),
