@@ -51,6 +51,8 @@ pub struct Socket {
 }
 
 const SHARDS: usize = 16;
+/// The capacity a shard's table keeps however few connections are left.
+const MIN_CAPACITY: usize = 64;
 
 /// The state of every downstream connection, keyed by its peer address (unique among open TCP
 /// connections to one listening port).
@@ -113,6 +115,12 @@ impl Admission {
         for shard in &self.shards {
             if let Ok(mut map) = shard.lock() {
                 map.retain(|peer, _| live.contains(peer));
+                // After a burst of connections a table keeps its capacity (1 MB for 10,000)
+                // once they have gone: give back what is four times more than is used.
+                let used = map.len();
+                if map.capacity() > MIN_CAPACITY && used < map.capacity() / 4 {
+                    map.shrink_to(MIN_CAPACITY.max(used * 2));
+                }
             }
         }
         let mut per_ip: HashMap<IpAddr, Vec<(Socket, Option<Instant>)>> = HashMap::new();
@@ -276,6 +284,34 @@ mod tests {
             vec![(new1, Closed::PerIpCap), (new2, Closed::PerIpCap)]
         );
         assert_eq!(a.tracked(), 3, "closed connections are forgotten");
+    }
+
+    #[test]
+    fn the_tables_shrink_once_a_burst_of_connections_has_gone() {
+        let a = Admission::new(Duration::from_secs(30), 100_000);
+        let t0 = Instant::now();
+        let capacity = |a: &Admission| {
+            a.shards
+                .iter()
+                .map(|s| s.lock().unwrap().capacity())
+                .sum::<usize>()
+        };
+        let burst: Vec<Socket> = (0..10_000)
+            .map(|i| sock(i, [10, 0, (i / 250) as u8, 1], (1000 + i % 250) as u16))
+            .collect();
+        a.review(&burst, t0);
+        assert_eq!(a.tracked(), 10_000);
+        assert!(capacity(&a) >= 10_000);
+        // Ten stay: each shard is back to its floor.
+        a.review(&burst[..10], t0);
+        assert_eq!(a.tracked(), 10);
+        assert!(
+            capacity(&a) <= SHARDS * 2 * MIN_CAPACITY,
+            "{}",
+            capacity(&a)
+        );
+        a.review(&burst[..10], t0);
+        assert_eq!(a.tracked(), 10);
     }
 
     #[test]
