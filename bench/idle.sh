@@ -10,7 +10,9 @@
 # closed. MODE=ws: the upstream is bench/ws_upstream.py and each connection is a WebSocket
 # upgrade held open without frames (Jellyfin's /socket of an idle tab or app). Environment: CONNS=8000 THREADS=2 LATE=0 (also sample RSS this many seconds after
 # closing) REST=0 (seconds each proxy rests, after the ones before it ran, before its first sample:
-# the gateway's resting size, after its first memory release pass, rather than its size just after start) KEEP=1 (keep the temp dir and the gateway's log) PORTCULLIS=target/release/portcullis (built when
+# the gateway's resting size, after its first memory release pass, rather than its size just after start;
+# 35 s or more leaves out argon2's working memory from the login, which the release pass unmaps
+# once a whole pass, 10 s, went without a hash) KEEP=1 (keep the temp dir and the gateway's log) PORTCULLIS=target/release/portcullis (built when
 # missing) OUT=bench/out. Results: OUT/idle-MODE.json (with TLS=1 idle-MODE-tls.json; one line per
 # proxy) and a table on stdout.
 #
