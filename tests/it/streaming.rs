@@ -1,6 +1,9 @@
 //! Bodies stream through without buffering, Range requests pass intact, WebSocket upgrades are
 //! authenticated and then passed.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
 use futures_util::{SinkExt, StreamExt};
 use sha2::{Digest, Sha256};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -402,4 +405,154 @@ async fn assert_none_counted_open(gw: &Gateway, what: &str) {
     })
     .await;
     assert!(counted, "{what} is still counted as an open WebSocket");
+}
+
+/// An upstream that plays a server which has just timed out a pooled connection: on a
+/// connection that has already answered a request, the first upgrade request is read and the
+/// connection closed unanswered. Other requests get `200 ok` with keep-alive, other upgrades a
+/// WebSocket echo. `dropped` counts the upgrades dropped, `accepted` the connections.
+struct StalePool {
+    port: u16,
+    dropped: Arc<AtomicUsize>,
+    accepted: Arc<AtomicUsize>,
+}
+
+impl StalePool {
+    async fn start() -> StalePool {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let dropped = Arc::new(AtomicUsize::new(0));
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let (drops, accepts) = (dropped.clone(), accepted.clone());
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                accepts.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(StalePool::serve(stream, drops.clone()));
+            }
+        });
+        StalePool {
+            port,
+            dropped,
+            accepted,
+        }
+    }
+
+    async fn serve(mut stream: tokio::net::TcpStream, drops: Arc<AtomicUsize>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut answered = 0;
+        let key = loop {
+            let mut head = Vec::new();
+            while !head.ends_with(b"\r\n\r\n") {
+                let mut byte = [0u8; 1];
+                if stream.read(&mut byte).await.unwrap_or(0) == 0 {
+                    return;
+                }
+                head.push(byte[0]);
+            }
+            let head = String::from_utf8_lossy(&head).into_owned();
+            let key = head.lines().find_map(|l| {
+                let (name, value) = l.split_once(':')?;
+                name.eq_ignore_ascii_case("sec-websocket-key")
+                    .then(|| value.trim().to_string())
+            });
+            match key {
+                None => {
+                    stream
+                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                        .await
+                        .unwrap();
+                    answered += 1;
+                }
+                // Closed unanswered, as by a server that had timed the connection out.
+                Some(_) if answered > 0 && drops.fetch_add(1, Ordering::SeqCst) == 0 => return,
+                Some(key) => break key,
+            }
+        };
+        let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+        let answer = format!(
+            "HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\n\
+             sec-websocket-accept: {accept}\r\n\r\n"
+        );
+        stream.write_all(answer.as_bytes()).await.unwrap();
+        let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+            stream,
+            tokio_tungstenite::tungstenite::protocol::Role::Server,
+            None,
+        )
+        .await;
+        while let Some(Ok(message)) = ws.next().await {
+            if (message.is_text() || message.is_binary()) && ws.send(message).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// An upgrade that Pingora retries on a new upstream connection (the pooled one it tried
+/// first had been closed by the server) is registered under the socket it ended up on: "sign
+/// out of all devices" closes it. Registered under the first, closed socket, it stayed open.
+#[tokio::test]
+async fn a_retried_upgrade_is_closed_by_a_sign_out_like_any_other() {
+    let up = StalePool::start().await;
+    let gw = Gateway::builder(&format!("http://127.0.0.1:{}", up.port))
+        .user("alice", ALICE_PW)
+        .start()
+        .await;
+    let token = gw.login("alice", ALICE_PW).await.token;
+    // One request leaves a connection in the gateway's upstream pool.
+    let r = client()
+        .get(gw.url("/warm"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.text().await.unwrap(), "ok");
+    // (The gateway's start-up check of the upstream connects too.)
+    let accepted = up.accepted.load(Ordering::SeqCst);
+
+    let mut ws = echo_socket(&gw, &token).await;
+    assert_eq!(
+        up.dropped.load(Ordering::SeqCst),
+        1,
+        "the upgrade went to the pooled connection first"
+    );
+    assert_eq!(
+        up.accepted.load(Ordering::SeqCst),
+        accepted + 1,
+        "and was retried on a new one"
+    );
+    ws.send(Message::Text("after the retry".into()))
+        .await
+        .unwrap();
+    let echoed = ws.next().await.unwrap().unwrap();
+    assert_eq!(echoed.into_text().unwrap().as_str(), "after the retry");
+
+    let signed_out = std::time::Instant::now();
+    let r = client()
+        .post(gw.url("/_portcullis/api/signout-all"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    let closed = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        loop {
+            match ws.next().await {
+                None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return,
+                Some(Ok(_)) => {}
+            }
+        }
+    })
+    .await;
+    assert!(
+        closed.is_ok(),
+        "the retried WebSocket stayed open after the sign-out"
+    );
+    assert!(
+        signed_out.elapsed() < std::time::Duration::from_secs(2),
+        "closed after {:?}",
+        signed_out.elapsed()
+    );
+    assert_none_counted_open(&gw, "the closed WebSocket").await;
 }
