@@ -46,6 +46,7 @@ pub fn tidy_thread_heap() {
     thread_local! {
         static LAST: Cell<Option<Instant>> = const { Cell::new(None) };
     }
+    CONNECTIONS_ENDED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let now = Instant::now();
     let due = LAST.with(|last| {
         let due = last.get().is_none_or(|t| now.duration_since(t) >= EVERY);
@@ -59,6 +60,14 @@ pub fn tidy_thread_heap() {
         // works on the calling thread's heap.
         unsafe { libmimalloc_sys::mi_collect(false) }
     }
+}
+
+static CONNECTIONS_ENDED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// How many client connections have ended since the process started (counted by
+/// [`tidy_thread_heap`]): the sync loop releases memory soon after a burst of them.
+pub fn connections_ended() -> u64 {
+    CONNECTIONS_ENDED.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 /// Keeps the kernel from backing this process's memory with transparent huge pages. mimalloc
