@@ -41,6 +41,21 @@ async fn echo_socket(gw: &Gateway, token: &str) -> Socket {
     ws
 }
 
+/// Whether `ws` ends (a Close, an error or the end of the stream) within `limit`; messages
+/// before that are skipped.
+async fn ends_within(ws: &mut Socket, limit: std::time::Duration) -> bool {
+    tokio::time::timeout(limit, async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Close(_))) | Some(Err(_)) | None => return,
+                Some(Ok(_)) => {}
+            }
+        }
+    })
+    .await
+    .is_ok()
+}
+
 async fn setup() -> (Upstream, Gateway, String) {
     let up = Upstream::start().await;
     let gw = Gateway::builder(&up.url())
@@ -306,17 +321,8 @@ async fn a_stop_carries_open_websockets_through_the_grace_period_and_then_ends_t
     ws.send(message.clone()).await.unwrap();
     assert_eq!(ws.next().await.unwrap().unwrap(), message);
 
-    let ended = tokio::time::timeout(std::time::Duration::from_secs(15), async {
-        loop {
-            match ws.next().await {
-                Some(Ok(Message::Close(_))) | Some(Err(_)) | None => break,
-                Some(Ok(_)) => {}
-            }
-        }
-    })
-    .await;
     assert!(
-        ended.is_ok(),
+        ends_within(&mut ws, std::time::Duration::from_secs(15)).await,
         "the WebSocket was still open 15 s after SIGTERM"
     );
     assert!(
@@ -536,17 +542,8 @@ async fn a_retried_upgrade_is_closed_by_a_sign_out_like_any_other() {
         .await
         .unwrap();
     assert_eq!(r.status(), 204);
-    let closed = tokio::time::timeout(std::time::Duration::from_secs(10), async {
-        loop {
-            match ws.next().await {
-                None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return,
-                Some(Ok(_)) => {}
-            }
-        }
-    })
-    .await;
     assert!(
-        closed.is_ok(),
+        ends_within(&mut ws, std::time::Duration::from_secs(10)).await,
         "the retried WebSocket stayed open after the sign-out"
     );
     assert!(
