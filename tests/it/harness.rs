@@ -252,6 +252,11 @@ pub struct Login {
 }
 
 impl Gateway {
+    /// Whether the public listener terminates TLS (the builder's `tls`).
+    pub fn serves_tls(&self) -> bool {
+        self.server_extra.contains("tls_cert")
+    }
+
     /// A gateway in front of `upstream` with the one user alice, whose account locks for ten
     /// minutes after three failures in a row: the set-up of the lock tests.
     pub async fn locking_after_three(upstream: &str, alice_password: &str) -> Gateway {

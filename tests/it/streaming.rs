@@ -208,7 +208,8 @@ async fn idle_websockets_hold_no_body_buffers_and_carry_messages_after_the_wait(
     .await;
     // Two 64 KiB buffers alone would be 128 KiB a socket. This debug build measured 57-66 KiB
     // a socket with the request's state kept for the socket's life, 0-2 KiB with the relay
-    // (these sockets' relays fit in what the first batch's ended requests gave back).
+    // while a login's argon2 block, freed into the allocator, lent them its memory, and 5 KiB
+    // since that block is mapped apart and each sample is taken with it mapped.
     assert!(
         per_socket < 24,
         "an idle WebSocket costs the gateway {per_socket} KiB"
@@ -252,8 +253,10 @@ async fn idle_websockets_over_tls_hold_no_body_buffers_and_carry_messages_after_
     })
     .await;
     // This debug build measured about 71 KiB a socket before the TLS change (the Pingora
-    // patch's fourth), 57-65 after it, and 0-2 KiB since upgraded sockets are relayed on their
-    // own; that the wait does not spin is shown by the CPU it does not use.
+    // patch's fourth), 57-65 after it, 0-2 KiB once upgraded sockets were relayed on their own
+    // while a login's argon2 block, freed into the allocator, lent them its memory, and 17 KiB
+    // (rustls's state; 15.6 in a release build) since that block is mapped apart and each sample
+    // is taken with it mapped. That the wait does not spin is shown by the CPU it does not use.
     assert!(
         per_socket < 24,
         "an idle WebSocket over TLS costs the gateway {per_socket} KiB"
