@@ -1551,19 +1551,18 @@ impl App {
                 self.purge().await;
                 last_purge = Instant::now();
             }
-            if burst.due(crate::connections_ended(), Instant::now()) {
-                let started = Instant::now();
-                crate::release_free_memory();
-                tracing::debug!(
-                    took_ms = started.elapsed().as_secs_f64() * 1000.0,
-                    "released free memory after a burst of connections"
-                );
-                burst.released();
-            }
-            if last_release.elapsed() >= RELEASE_MEMORY_EVERY {
+            // One release pass, periodic or once a burst of connection ends is over; only the
+            // periodic one judges argon2's spare working memory, by whole passes.
+            let after_burst = burst.due(crate::connections_ended(), Instant::now());
+            let periodic = last_release.elapsed() >= RELEASE_MEMORY_EVERY;
+            if periodic || after_burst {
                 burst.released();
                 let started = Instant::now();
-                let hash_memories = self.hasher.release_idle();
+                let hash_memories = if periodic {
+                    self.hasher.release_idle()
+                } else {
+                    0
+                };
                 crate::release_free_memory();
                 let took = started.elapsed();
                 let usage = crate::allocator_usage();
@@ -1575,9 +1574,12 @@ impl App {
                     libc_free_mib = mib(usage.libc_free),
                     sqlite_in_use_mib = mib(usage.sqlite_in_use),
                     hash_memories,
+                    after_burst,
                     "released free memory"
                 );
-                last_release = Instant::now();
+                if periodic {
+                    last_release = Instant::now();
+                }
             }
         }
     }
