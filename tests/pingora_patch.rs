@@ -470,6 +470,8 @@ async fn an_idle_timeout_ends_a_silent_relay() {
         let idle = Some(Duration::from_millis(300));
         relay(&mut a, a_unread, &mut b, b_unread, idle).await
     });
+    // The gaps are the stimulus, not a wait for a condition: each shorter than the timeout,
+    // together twice it.
     for i in 0..6u8 {
         tokio::time::sleep(Duration::from_millis(100)).await;
         client.write_all(&[i]).await.unwrap();
