@@ -60,13 +60,16 @@ pub const RELEASE_MEMORY_EVERY: Duration = Duration::from_secs(10);
 pub const BURST_ENDS: u64 = 256;
 pub const BURST_QUIET: Duration = Duration::from_millis(1200);
 
-/// When a burst of connection ends is over (see [`BURST_ENDS`]).
+/// When a burst of connection ends is over (see [`BURST_ENDS`]), and when the proxy threads
+/// should collect their heaps (`crate::tidy_proxy_threads`).
 #[derive(Debug, Default)]
 pub struct BurstEnd {
     /// The count of ended connections at the last release, and when it last changed.
     released_at: u64,
     last: u64,
     changed: Option<Instant>,
+    /// The count of ended connections when the proxy threads last collected.
+    tidied_at: u64,
 }
 
 impl BurstEnd {
@@ -87,6 +90,21 @@ impl BurstEnd {
     /// A release ran (early or periodic): the ends counted so far are dealt with.
     pub fn released(&mut self) {
         self.released_at = self.last;
+    }
+
+    /// Whether connections have ended since the proxy threads last collected their heaps and
+    /// none has for [`BURST_QUIET`]: the threads may have gone idle holding what others freed
+    /// into them. While connections keep ending, each thread collects at its own ends.
+    pub fn threads_due(&self, now: Instant) -> bool {
+        self.last != self.tidied_at
+            && self
+                .changed
+                .is_some_and(|t| now.saturating_duration_since(t) >= BURST_QUIET)
+    }
+
+    /// The proxy threads collected their heaps.
+    pub fn threads_tidied(&mut self) {
+        self.tidied_at = self.last;
     }
 }
 
@@ -1563,6 +1581,13 @@ impl App {
                 } else {
                     0
                 };
+                // First the proxy threads' own heaps, then the purge of what they freed.
+                let proxy_threads = if burst.threads_due(Instant::now()) {
+                    burst.threads_tidied();
+                    crate::tidy_proxy_threads().await
+                } else {
+                    0
+                };
                 crate::release_free_memory();
                 let took = started.elapsed();
                 let usage = crate::allocator_usage();
@@ -1574,6 +1599,7 @@ impl App {
                     libc_free_mib = mib(usage.libc_free),
                     sqlite_in_use_mib = mib(usage.sqlite_in_use),
                     hash_memories,
+                    proxy_threads,
                     after_burst,
                     "released free memory"
                 );
@@ -1668,5 +1694,27 @@ mod tests {
         assert!(!burst.due(10_000 + BURST_ENDS, at(61_000)));
         burst.released();
         assert!(!burst.due(10_000 + BURST_ENDS, at(63_000)));
+    }
+
+    #[test]
+    fn proxy_threads_collect_once_connection_ends_have_been_quiet() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let mut burst = BurstEnd::default();
+        assert!(!burst.due(0, at(0)));
+        assert!(!burst.threads_due(at(5000)), "nothing ended");
+        // A single end is enough, once quiet; a release (early or periodic) does not count.
+        assert!(!burst.due(1, at(6000)));
+        assert!(!burst.threads_due(at(6000 + 1199)), "not quiet yet");
+        burst.released();
+        assert!(burst.threads_due(at(6000 + 1200)));
+        burst.threads_tidied();
+        assert!(!burst.threads_due(at(9000)), "tidied once");
+        // Ends going on: never due, however long ago the last tidy was.
+        for tick in 1..=40u64 {
+            assert!(!burst.due(1 + tick, at(9000 + tick * 250)));
+            assert!(!burst.threads_due(at(9000 + tick * 250)));
+        }
+        assert!(burst.threads_due(at(19_000 + 1200)));
     }
 }

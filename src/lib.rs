@@ -38,7 +38,8 @@ pub mod webhook;
 /// a proxy thread that goes idle after a burst of connections (each allocated on one thread and
 /// often freed on another: tasks move between threads) kept it all, 150 MiB after 4,000 idle
 /// connections closed. Connection ends are rare next to requests, and the check costs nothing
-/// in between.
+/// in between. The first call on a thread also notes it as a proxy thread, for
+/// [`tidy_proxy_threads`].
 pub fn tidy_thread_heap() {
     use std::cell::Cell;
     use std::time::{Duration, Instant};
@@ -49,17 +50,111 @@ pub fn tidy_thread_heap() {
     CONNECTIONS_ENDED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let now = Instant::now();
     let due = LAST.with(|last| {
-        let due = last.get().is_none_or(|t| now.duration_since(t) >= EVERY);
+        let first = last.get().is_none();
+        let due = first || last.get().is_some_and(|t| now.duration_since(t) >= EVERY);
         if due {
             last.set(Some(now));
+        }
+        if first {
+            note_proxy_thread();
         }
         due
     });
     if due {
-        // SAFETY: mi_collect takes no pointers and may be called at any time from any thread; it
-        // works on the calling thread's heap.
-        unsafe { libmimalloc_sys::mi_collect(false) }
+        collect_thread_heap(false);
     }
+}
+
+/// Has mimalloc's heap of the calling thread take back the blocks other threads freed into its
+/// pages and return its empty pages; `force` also returns the pages it keeps for reuse and
+/// purges freed memory at once, for every thread (see [`release_free_memory`]). A thread that
+/// allocates in bursts and then waits (the admission watchman) calls it after each round, or
+/// the empty pages stay with it.
+pub fn collect_thread_heap(force: bool) {
+    // SAFETY: mi_collect takes no pointers and may be called at any time from any thread; it
+    // works on the calling thread's heap (and, forced, purges every thread's freed pages).
+    unsafe { libmimalloc_sys::mi_collect(force) }
+}
+
+/// The threads that end client connections (the proxy's workers), each with a handle to the
+/// runtime it works for: noted by [`tidy_thread_heap`] on its first call on each thread.
+static PROXY_THREADS: std::sync::Mutex<Vec<(std::thread::ThreadId, tokio::runtime::Handle)>> =
+    std::sync::Mutex::new(Vec::new());
+
+fn note_proxy_thread() {
+    if let Ok(handle) = tokio::runtime::Handle::try_current() {
+        proxy_threads().push((std::thread::current().id(), handle));
+    }
+}
+
+fn proxy_threads(
+) -> std::sync::MutexGuard<'static, Vec<(std::thread::ThreadId, tokio::runtime::Handle)>> {
+    PROXY_THREADS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Once a burst of client connections has ended: every proxy thread collects its heap, forced.
+/// At a burst's end each proxy thread's pages hold the blocks the other threads freed after its
+/// last collect (a connection's task moves between threads), and a thread that then waits idle
+/// never collects again: 30 s after 10,000 keep-alives closed, 3,400 such blocks kept 395
+/// pages of the two proxy threads' heaps (12.5 MiB more resident than before the burst).
+/// Returns how many proxy threads collected; a thread whose runtime has gone is forgotten.
+pub async fn tidy_proxy_threads() -> usize {
+    let threads = proxy_threads().clone();
+    let collected = collect_on_threads(&threads, std::time::Duration::from_millis(5)).await;
+    proxy_threads().retain(|(id, _)| !collected.gone.contains(id));
+    collected.done.len()
+}
+
+/// What [`collect_on_threads`] did: the threads that collected, and those whose runtime is gone.
+#[derive(Debug, Default)]
+pub struct Collected {
+    pub done: std::collections::HashSet<std::thread::ThreadId>,
+    pub gone: Vec<std::thread::ThreadId>,
+}
+
+/// Runs a forced heap collect on each of `threads`, through its runtime. A work-stealing
+/// runtime runs a task on whichever worker takes it first, so each task holds its worker
+/// (yielding the CPU) until every task has started or `within` has passed: then each runs on a
+/// worker of its own. A thread is counted only if a task did run on it.
+pub async fn collect_on_threads(
+    threads: &[(std::thread::ThreadId, tokio::runtime::Handle)],
+    within: std::time::Duration,
+) -> Collected {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let wanted = threads.len();
+    let started = std::sync::Arc::new(AtomicUsize::new(0));
+    let until = std::time::Instant::now() + within;
+    let tasks: Vec<_> = threads
+        .iter()
+        .map(|(id, handle)| {
+            let started = started.clone();
+            let task = handle.spawn(async move {
+                started.fetch_add(1, Ordering::AcqRel);
+                while started.load(Ordering::Acquire) < wanted && std::time::Instant::now() < until
+                {
+                    std::thread::yield_now();
+                }
+                collect_thread_heap(true);
+                std::thread::current().id()
+            });
+            (*id, task)
+        })
+        .collect();
+    let mut collected = Collected::default();
+    for (id, task) in tasks {
+        match task.await {
+            Ok(ran_on) => {
+                collected.done.insert(ran_on);
+            }
+            Err(_) => collected.gone.push(id),
+        }
+    }
+    collected
+        .done
+        .retain(|ran_on| threads.iter().any(|(id, _)| id == ran_on));
+    collected
 }
 
 static CONNECTIONS_ENDED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
@@ -95,8 +190,7 @@ pub fn disable_transparent_huge_pages() {
 /// and the C library's malloc, which SQLite's C code uses and which keeps freed pages in each
 /// thread's arena until trimmed.
 pub fn release_free_memory() {
-    // SAFETY: mi_collect takes no pointers and may be called at any time from any thread.
-    unsafe { libmimalloc_sys::mi_collect(true) }
+    collect_thread_heap(true);
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: malloc_trim takes no pointers and may be called at any time from any thread (it
     // takes each arena's lock in turn). It returns whether memory was released, not an error.
@@ -148,4 +242,114 @@ pub fn allocator_usage() -> AllocatorUsage {
     // SAFETY: sqlite3_memory_used takes no pointers and may be called from any thread.
     usage.sqlite_in_use = unsafe { libsqlite3_sys::sqlite3_memory_used() }.max(0) as u64;
     usage
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+    use std::thread::ThreadId;
+    use std::time::Duration;
+
+    /// A work-stealing runtime with `workers` workers, and their thread ids.
+    fn runtime(workers: usize) -> (tokio::runtime::Runtime, Vec<ThreadId>) {
+        let ids = Arc::new(Mutex::new(Vec::new()));
+        let seen = ids.clone();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(workers)
+            .on_thread_start(move || seen.lock().unwrap().push(std::thread::current().id()))
+            .build()
+            .unwrap();
+        // Workers start with the runtime; blocking threads (none here) only when asked for.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while ids.lock().unwrap().len() < workers && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let ids = ids.lock().unwrap().clone();
+        assert_eq!(ids.len(), workers, "every worker started");
+        (rt, ids)
+    }
+
+    #[test]
+    fn every_worker_of_a_work_stealing_runtime_collects() {
+        let (proxy, workers) = runtime(2);
+        let threads: Vec<_> = workers
+            .iter()
+            .map(|id| (*id, proxy.handle().clone()))
+            .collect();
+        let caller = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        // Idle workers and busy ones: a task may be taken by either, yet each collects once.
+        for round in 0..50 {
+            if round % 2 == 1 {
+                for _ in 0..4 {
+                    proxy.spawn(async { std::thread::sleep(Duration::from_micros(300)) });
+                }
+            }
+            let collected =
+                caller.block_on(collect_on_threads(&threads, Duration::from_millis(200)));
+            assert!(collected.gone.is_empty(), "round {round}");
+            assert_eq!(
+                collected.done,
+                workers.iter().copied().collect(),
+                "round {round}: one task ran on each worker"
+            );
+        }
+    }
+
+    #[test]
+    fn a_thread_whose_runtime_has_gone_is_reported_without_waiting_long() {
+        let (live, live_workers) = runtime(1);
+        let (dead, dead_workers) = runtime(1);
+        let handle = dead.handle().clone();
+        dead.shutdown_timeout(Duration::from_secs(1));
+        let threads = [
+            (live_workers[0], live.handle().clone()),
+            (dead_workers[0], handle),
+        ];
+        let caller = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let started = std::time::Instant::now();
+        let collected = caller.block_on(collect_on_threads(&threads, Duration::from_millis(50)));
+        assert!(started.elapsed() < Duration::from_secs(2));
+        assert_eq!(collected.gone, vec![dead_workers[0]]);
+        assert_eq!(collected.done, [live_workers[0]].into_iter().collect());
+    }
+
+    #[test]
+    fn a_proxy_thread_is_noted_once_at_its_first_connection_end() {
+        let (rt, workers) = runtime(1);
+        let before = proxy_threads()
+            .iter()
+            .filter(|(id, _)| *id == workers[0])
+            .count();
+        assert_eq!(before, 0);
+        rt.block_on(async {
+            tokio::spawn(async {
+                for _ in 0..3 {
+                    tidy_thread_heap();
+                }
+            })
+            .await
+            .unwrap()
+        });
+        let noted = proxy_threads()
+            .iter()
+            .filter(|(id, _)| *id == workers[0])
+            .count();
+        assert_eq!(noted, 1, "noted once, on the worker that ended connections");
+        let caller = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        assert!(caller.block_on(tidy_proxy_threads()) >= 1);
+        drop(rt);
+        // The runtime is gone: the next tidy forgets its thread.
+        caller.block_on(tidy_proxy_threads());
+        assert!(proxy_threads().iter().all(|(id, _)| *id != workers[0]));
+    }
 }
