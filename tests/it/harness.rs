@@ -310,7 +310,7 @@ impl Gateway {
 listen = "127.0.0.1:{port}"
 admin_listen = "127.0.0.1:{admin_port}"
 {public_url}
-threads = 1
+{threads}
 {grace_period}
 data_dir = "{data}"
 {server_extra}
@@ -338,6 +338,12 @@ upstream = "{upstream}"
 {tables}
 "#,
             data = d.display(),
+            // One proxy thread unless a test asks for more.
+            threads = if self.server_extra.contains("threads =") {
+                ""
+            } else {
+                "threads = 1"
+            },
             grace_period = if self.server_extra.contains("grace_period") {
                 ""
             } else {

@@ -177,6 +177,52 @@ async fn the_gateway_runs_without_transparent_huge_pages() {
     assert!(own.contains("THP_enabled:\t1"), "{own}");
 }
 
+/// Once a burst of client connections has ended and no more have for a moment, every proxy
+/// thread collects its heap: what the other threads freed into it after its own last
+/// connection end, which an idle thread would otherwise keep for good (`tidy_proxy_threads`).
+/// The release pass names how many proxy threads did, which must be all of them, with idle
+/// threads taking work from busy ones (one runtime, tasks go to whichever thread takes them
+/// first) and without (a runtime per thread).
+#[tokio::test]
+async fn after_a_burst_of_connections_every_proxy_thread_collects_its_heap() {
+    let up = Upstream::start().await;
+    for stealing in [true, false] {
+        let gw = Gateway::builder(&up.url())
+            .server_keys(&format!(
+                "max_connections_per_ip = 10000\nthreads = 2\nwork_stealing = {stealing}"
+            ))
+            .route_keys("public_paths = [\"/pub\"]")
+            .log("text", "info,portcullis::app=debug")
+            .start()
+            .await;
+        let request = b"GET /pub/bytes/16 HTTP/1.1\r\nHost: x\r\n\r\n";
+        let mut conns = Vec::new();
+        for _ in 0..300 {
+            let mut c = connect_from([127, 0, 0, 8], &gw).await;
+            c.write_all(request).await.unwrap();
+            assert_eq!(status_of(&read_response(&mut c).await), 200);
+            conns.push(c);
+        }
+        let logged = gw.log().len();
+        drop(conns);
+        let tidied = |log: &str| {
+            log.lines()
+                .any(|l| l.contains("released free memory") && l.contains("proxy_threads=2 "))
+        };
+        let found = crate::harness::poll_until(Duration::from_secs(20), || async {
+            tidied(&gw.log()[logged..])
+        })
+        .await;
+        let log = gw.log();
+        assert!(
+            found,
+            "work_stealing = {stealing}: no release pass with both proxy threads after the burst:\n{}",
+            &log[logged..]
+        );
+        assert!(!tidied(&log[..logged]), "none before the burst ended");
+    }
+}
+
 /// Opens 2 x `CONNS` keep-alive connections with `connect`, one request each, and gives back
 /// what each of the second thousand costs the gateway while idle (KiB); then every connection
 /// serves its next request.
