@@ -59,6 +59,10 @@ pub const RELEASE_MEMORY_EVERY: Duration = Duration::from_secs(10);
 /// up to 10 s later. Fewer ends, a trickle, wait for the periodic pass.
 pub const BURST_ENDS: u64 = 256;
 pub const BURST_QUIET: Duration = Duration::from_millis(1200);
+/// The proxy threads collect their heaps on each release pass from [`BURST_QUIET`] after the
+/// last client connection ended until this long after the upstream pool closed the connections
+/// it opened meanwhile (see [`BurstEnd::threads_due`]).
+pub const TIDY_AFTER_POOL: Duration = Duration::from_secs(25);
 
 /// When a burst of connection ends is over (see [`BURST_ENDS`]), and when the proxy threads
 /// should collect their heaps (`crate::tidy_proxy_threads`).
@@ -68,8 +72,6 @@ pub struct BurstEnd {
     released_at: u64,
     last: u64,
     changed: Option<Instant>,
-    /// The count of ended connections when the proxy threads last collected.
-    tidied_at: u64,
 }
 
 impl BurstEnd {
@@ -92,19 +94,16 @@ impl BurstEnd {
         self.released_at = self.last;
     }
 
-    /// Whether connections have ended since the proxy threads last collected their heaps and
-    /// none has for [`BURST_QUIET`]: the threads may have gone idle holding what others freed
-    /// into them. While connections keep ending, each thread collects at its own ends.
-    pub fn threads_due(&self, now: Instant) -> bool {
-        self.last != self.tidied_at
-            && self
-                .changed
-                .is_some_and(|t| now.saturating_duration_since(t) >= BURST_QUIET)
-    }
-
-    /// The proxy threads collected their heaps.
-    pub fn threads_tidied(&mut self) {
-        self.tidied_at = self.last;
+    /// Whether the proxy threads should collect their heaps on this pass: a client connection
+    /// ended less than `window` ago, and none for [`BURST_QUIET`]. Each pass in that window
+    /// does it again, for what goes on being freed after a burst (its upstream connections
+    /// close once idle for `server.upstream_idle_timeout`, so the window is longer); while
+    /// connections keep ending, each thread collects at its own ends instead.
+    pub fn threads_due(&self, now: Instant, window: Duration) -> bool {
+        self.changed.is_some_and(|t| {
+            let quiet = now.saturating_duration_since(t);
+            quiet >= BURST_QUIET && quiet <= window
+        })
     }
 }
 
@@ -1582,8 +1581,8 @@ impl App {
                     0
                 };
                 // First the proxy threads' own heaps, then the purge of what they freed.
-                let proxy_threads = if burst.threads_due(Instant::now()) {
-                    burst.threads_tidied();
+                let window = self.config().server.upstream_idle_timeout + TIDY_AFTER_POOL;
+                let proxy_threads = if burst.threads_due(Instant::now(), window) {
                     crate::tidy_proxy_threads().await
                 } else {
                     0
@@ -1697,24 +1696,31 @@ mod tests {
     }
 
     #[test]
-    fn proxy_threads_collect_once_connection_ends_have_been_quiet() {
+    fn proxy_threads_collect_on_each_pass_while_connection_ends_are_quiet_and_recent() {
         let t0 = Instant::now();
         let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let window = Duration::from_secs(45);
         let mut burst = BurstEnd::default();
         assert!(!burst.due(0, at(0)));
-        assert!(!burst.threads_due(at(5000)), "nothing ended");
-        // A single end is enough, once quiet; a release (early or periodic) does not count.
+        assert!(!burst.threads_due(at(5000), window), "nothing ended");
+        // A single end is enough, once quiet, and a release does not change that.
         assert!(!burst.due(1, at(6000)));
-        assert!(!burst.threads_due(at(6000 + 1199)), "not quiet yet");
+        assert!(!burst.threads_due(at(6000 + 1199), window), "not quiet yet");
         burst.released();
-        assert!(burst.threads_due(at(6000 + 1200)));
-        burst.threads_tidied();
-        assert!(!burst.threads_due(at(9000)), "tidied once");
-        // Ends going on: never due, however long ago the last tidy was.
+        assert!(burst.threads_due(at(6000 + 1200), window));
+        assert!(
+            burst.threads_due(at(6000 + 45_000), window),
+            "again, within the window"
+        );
+        assert!(
+            !burst.threads_due(at(6000 + 45_001), window),
+            "not after it"
+        );
+        // Ends going on: never due while they do.
         for tick in 1..=40u64 {
-            assert!(!burst.due(1 + tick, at(9000 + tick * 250)));
-            assert!(!burst.threads_due(at(9000 + tick * 250)));
+            assert!(!burst.due(1 + tick, at(60_000 + tick * 250)));
+            assert!(!burst.threads_due(at(60_000 + tick * 250), window));
         }
-        assert!(burst.threads_due(at(19_000 + 1200)));
+        assert!(burst.threads_due(at(70_000 + 1200), window));
     }
 }
