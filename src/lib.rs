@@ -94,11 +94,12 @@ fn proxy_threads(
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// Once a burst of client connections has ended: every proxy thread collects its heap, forced.
-/// At a burst's end each proxy thread's pages hold the blocks the other threads freed after its
-/// last collect (a connection's task moves between threads), and a thread that then waits idle
-/// never collects again: 30 s after 10,000 keep-alives closed, 3,400 such blocks kept 395
-/// pages of the two proxy threads' heaps (12.5 MiB more resident than before the burst).
+/// Every proxy thread collects its heap, forced: on the release passes after client
+/// connection ends have gone quiet (`app::BurstEnd::threads_due`). At a burst's end each proxy
+/// thread's pages hold the blocks the other threads freed after its last collect (a
+/// connection's task moves between threads), and a thread that then waits idle never collects
+/// again: 30 s after 10,000 keep-alives closed, 3,400 such blocks kept 395 pages of the two
+/// proxy threads' heaps (12.5 MiB more resident than before the burst).
 /// Returns how many proxy threads collected; a thread whose runtime has gone is forgotten.
 pub async fn tidy_proxy_threads() -> usize {
     let threads = proxy_threads().clone();
