@@ -158,6 +158,21 @@ pub async fn collect_on_threads(
     collected
 }
 
+/// Gives back a table's capacity once under a quarter of it is used, down to twice what is
+/// left and at least `floor`: a map keeps the capacity a burst of connections grew it to (the
+/// watchman's tables, 1 MB after 10,000 connections; the connection registry, 2.5 MiB after
+/// 9,000 WebSockets). Halving whenever under a quarter is used costs, over a burst's end, about
+/// one more pass over what the burst held.
+pub fn shrink_after_burst<K, V, S>(map: &mut std::collections::HashMap<K, V, S>, floor: usize)
+where
+    K: Eq + std::hash::Hash,
+    S: std::hash::BuildHasher,
+{
+    if map.capacity() > floor && map.len() < map.capacity() / 4 {
+        map.shrink_to(floor.max(map.len() * 2));
+    }
+}
+
 static CONNECTIONS_ENDED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// How many client connections have ended since the process started (counted by

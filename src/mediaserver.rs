@@ -288,7 +288,7 @@ impl MediaState {
     pub fn unregister(&self, id: u64) {
         if let Ok(mut conns) = self.conns.lock() {
             conns.remove(&id);
-            shrink_after_burst(&mut conns);
+            crate::shrink_after_burst(&mut conns, REGISTRY_MIN_CAPACITY);
         }
     }
 
@@ -314,7 +314,7 @@ impl MediaState {
                 .map(|(id, _)| *id)
                 .collect();
             let dead = ids.iter().filter_map(|id| conns.remove(id)).collect();
-            shrink_after_burst(&mut conns);
+            crate::shrink_after_burst(&mut conns, REGISTRY_MIN_CAPACITY);
             dead
         };
         let mut closed = 0;
@@ -373,16 +373,8 @@ fn sockaddr_of(fd: i32, peer: bool) -> Option<SocketAddr> {
     }
 }
 
-/// Gives back the registry's table once most of it is empty: it grows with the sockets open at
-/// once (9,000 WebSockets left a 2.5 MiB table behind them) and a map keeps its capacity.
-/// Halving it whenever under a quarter is used costs, over a burst's end, about one more pass
-/// over what the burst held.
-fn shrink_after_burst<V>(conns: &mut HashMap<u64, V>) {
-    const MIN_CAPACITY: usize = 64;
-    if conns.capacity() > MIN_CAPACITY && conns.len() < conns.capacity() / 4 {
-        conns.shrink_to(MIN_CAPACITY.max(conns.len() * 2));
-    }
-}
+/// The capacity the connection registry keeps however few connections are left.
+const REGISTRY_MIN_CAPACITY: usize = 64;
 
 fn local_port(fd: i32) -> Option<u16> {
     local_addr_of(fd).map(|a| a.port())

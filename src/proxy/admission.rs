@@ -115,12 +115,7 @@ impl Admission {
         for shard in &self.shards {
             if let Ok(mut map) = shard.lock() {
                 map.retain(|peer, _| live.contains(peer));
-                // After a burst of connections a table keeps its capacity (1 MB for 10,000)
-                // once they have gone: give back what is four times more than is used.
-                let used = map.len();
-                if map.capacity() > MIN_CAPACITY && used < map.capacity() / 4 {
-                    map.shrink_to(MIN_CAPACITY.max(used * 2));
-                }
+                crate::shrink_after_burst(&mut map, MIN_CAPACITY);
             }
         }
         let mut per_ip: HashMap<IpAddr, Vec<(Socket, Option<Instant>)>> = HashMap::new();
