@@ -50,13 +50,13 @@ pub fn tidy_thread_heap() {
     CONNECTIONS_ENDED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let now = Instant::now();
     let due = LAST.with(|last| {
-        let first = last.get().is_none();
-        let due = first || last.get().is_some_and(|t| now.duration_since(t) >= EVERY);
+        let previous = last.get();
+        if previous.is_none() {
+            note_proxy_thread();
+        }
+        let due = previous.is_none_or(|t| now.duration_since(t) >= EVERY);
         if due {
             last.set(Some(now));
-        }
-        if first {
-            note_proxy_thread();
         }
         due
     });
