@@ -302,6 +302,22 @@ struct Keys {
 fn modified(path: &PathBuf) -> Option<SystemTime> {
     std::fs::metadata(path).and_then(|m| m.modified()).ok()
 }
+/// Failed logins of known accounts on their way to the store, and how many have landed.
+#[derive(Default)]
+struct FailuresInFlight {
+    /// By user id, each failure by its stamp.
+    stamps: HashMap<i64, Vec<i64>>,
+    /// Failures that reached the store (or failed to) since the start, of any account.
+    landed: u64,
+}
+
+/// How many failed logins had landed before an account row was read ([`App::failures_mark`]):
+/// the row's gate reads it again if one landed after.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct FailuresMark(u64);
+
+/// How often an account's gate reads its row again while failed logins keep landing.
+const GATE_REREADS: u32 = 3;
 
 pub struct App {
     /// The configuration in force. A reload swaps it whole ([`App::apply_config`]); readers
@@ -326,9 +342,9 @@ pub struct App {
     /// ceremony lifetime: each writes a row to the store, so an address gets a bounded share.
     pub(crate) passkey_starts: Cache<String, u32>,
     /// Failed logins of known accounts on their way to the store (written off the response
-    /// path), by user id, each by its stamp: the account's gate counts those its row does not
-    /// hold yet, so a quick run of wrong passwords cannot outrun its own lock.
-    failures_in_flight: Mutex<HashMap<i64, Vec<i64>>>,
+    /// path): the account's gate counts those its row does not hold yet, so a quick run of
+    /// wrong passwords cannot outrun its own lock.
+    failures_in_flight: Mutex<FailuresInFlight>,
     /// The last failure stamp handed out ([`App::failure_stamp`]).
     last_failure_stamp: AtomicI64,
     /// Woken whenever a failure in flight has reached the store.
@@ -495,7 +511,7 @@ impl App {
                 .max_capacity(100_000)
                 .time_to_live(passkey::CEREMONY_TTL)
                 .build(),
-            failures_in_flight: Mutex::new(HashMap::new()),
+            failures_in_flight: Mutex::new(FailuresInFlight::default()),
             last_failure_stamp: AtomicI64::new(0),
             failure_landed: tokio::sync::Notify::new(),
             last_seen_written: Cache::builder()
@@ -762,7 +778,7 @@ impl App {
             + 1
     }
 
-    fn in_flight(&self) -> std::sync::MutexGuard<'_, HashMap<i64, Vec<i64>>> {
+    fn in_flight(&self) -> std::sync::MutexGuard<'_, FailuresInFlight> {
         self.failures_in_flight
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -771,21 +787,31 @@ impl App {
     /// A failed login of `user_id` on its way to the store: its stamp.
     fn failure_sent(&self, user_id: i64) -> i64 {
         let stamp = self.failure_stamp();
-        self.in_flight().entry(user_id).or_default().push(stamp);
+        self.in_flight()
+            .stamps
+            .entry(user_id)
+            .or_default()
+            .push(stamp);
         stamp
     }
 
     /// The failure `stamp` of `user_id` has reached the store (or failed to).
     fn failure_landed(&self, user_id: i64, stamp: i64) {
-        let mut map = self.in_flight();
-        if let Some(stamps) = map.get_mut(&user_id) {
+        let mut in_flight = self.in_flight();
+        if let Some(stamps) = in_flight.stamps.get_mut(&user_id) {
             stamps.retain(|s| *s != stamp);
             if stamps.is_empty() {
-                map.remove(&user_id);
+                in_flight.stamps.remove(&user_id);
             }
         }
-        drop(map);
+        in_flight.landed += 1;
+        drop(in_flight);
         self.failure_landed.notify_waiters();
+    }
+
+    /// Taken before an account row is read for [`App::account_gate`].
+    pub(crate) fn failures_mark(&self) -> FailuresMark {
+        FailuresMark(self.in_flight().landed)
     }
 
     /// Waits, a second at most, until no failed login of `user_id` is on its way to the store,
@@ -797,7 +823,7 @@ impl App {
             let landed = self.failure_landed.notified();
             tokio::pin!(landed);
             landed.as_mut().enable();
-            if !self.in_flight().contains_key(&user_id) {
+            if !self.in_flight().stamps.contains_key(&user_id) {
                 return had;
             }
             had = true;
@@ -811,18 +837,57 @@ impl App {
     /// factor, the current password on the account page): its failures in the store, plus
     /// those still on their way there (each one just now). A failure counts once: the row
     /// holds every failure stamped up to its `last_failure_ms` (the store keeps the latest).
-    pub(crate) fn account_gate(&self, u: &User, now: i64) -> Gate {
-        let in_flight = self.in_flight().get(&u.id).map_or(0, |stamps| {
-            stamps
-                .iter()
-                .filter(|s| u.last_failure_ms.is_none_or(|held| **s > held))
-                .count() as i64
-        });
+    ///
+    /// `u` was read after `mark` was taken. A failure that reached the store after that read
+    /// is in neither the row nor the failures on their way, so when any failure landed since
+    /// `mark` the row is read again (a few times at most, while failures keep landing). Were
+    /// it not, one attempt more than `max_failures` could get through before the lock.
+    pub(crate) async fn account_gate(&self, u: &User, mark: FailuresMark, now: i64) -> Gate {
+        let mut mark = mark;
+        let mut row = std::borrow::Cow::Borrowed(u);
+        let mut rereads = 0;
+        loop {
+            let (gate, landed) = self.gate_with_in_flight(&row, now);
+            if landed == mark || rereads == GATE_REREADS {
+                return gate;
+            }
+            mark = landed;
+            rereads += 1;
+            row = match self.store.find_user_by_id(u.id).await {
+                Ok(Some(fresh)) => std::borrow::Cow::Owned(fresh),
+                // Deleted meanwhile: whatever signs in next finds no account.
+                Ok(None) => return gate,
+                Err(e) => {
+                    self.store_error("find_user", e);
+                    // Not known, so not open: the client may try again shortly.
+                    return Gate::Wait(Duration::from_secs(1));
+                }
+            };
+        }
+    }
+
+    /// [`App::account_gate`] on the row `u` as read, and how many failures had landed when the
+    /// failures on their way were counted.
+    fn gate_with_in_flight(&self, u: &User, now: i64) -> (Gate, FailuresMark) {
+        let (in_flight, landed) = {
+            let in_flight = self.in_flight();
+            let held = in_flight.stamps.get(&u.id).map_or(0, |stamps| {
+                stamps
+                    .iter()
+                    .filter(|s| u.last_failure_ms.is_none_or(|held| **s > held))
+                    .count() as i64
+            });
+            (held, FailuresMark(in_flight.landed))
+        };
         if in_flight == 0 {
-            return account_gate(u.failed_logins, u.last_failure_ms, u.locked_until_ms, now);
+            let gate = account_gate(u.failed_logins, u.last_failure_ms, u.locked_until_ms, now);
+            return (gate, landed);
         }
         if let Some(until) = u.locked_until_ms.filter(|t| *t > now) {
-            return Gate::Locked(Duration::from_millis((until - now) as u64));
+            return (
+                Gate::Locked(Duration::from_millis((until - now) as u64)),
+                landed,
+            );
         }
         // A lock that ran out starts the count afresh, as the store does.
         let stored = if u.locked_until_ms.is_some() {
@@ -833,9 +898,9 @@ impl App {
         let failures = stored + in_flight;
         let auth = &self.config().auth;
         if failures >= i64::from(auth.max_failures) {
-            return Gate::Locked(auth.lockout);
+            return (Gate::Locked(auth.lockout), landed);
         }
-        account_gate(failures, Some(now), None, now)
+        (account_gate(failures, Some(now), None, now), landed)
     }
 
     /// Counts a failed login against a known account in the store, and audits a new lockout.
@@ -926,13 +991,14 @@ impl App {
             self.hasher.verify(None, password).await;
             return Err(LoginError::InvalidCredentials);
         }
+        let mark = self.failures_mark();
         let user = self
             .store
             .find_user(name)
             .await
             .map_err(|e| LoginError::Unavailable(self.store_error("find_user", e)))?;
         let gate = match &user {
-            Some(u) => self.account_gate(u, now),
+            Some(u) => self.account_gate(u, mark, now).await,
             None => self.throttle.unknown_gate(name, now),
         };
         match gate {
@@ -1192,9 +1258,10 @@ impl App {
         kind: SessionKind,
         client: &ClientInfo,
     ) -> Result<LoginStep, LoginError> {
+        let mark = self.failures_mark();
         let (claims, user) = self.pending_user(pending_token, PendingStage::Totp).await?;
         let tries = self.pending_tries.get(&claims.jti).unwrap_or(0);
-        match self.account_gate(&user, now_ms()) {
+        match self.account_gate(&user, mark, now_ms()).await {
             Gate::Open => {}
             Gate::Wait(d) => return Err(LoginError::Throttled(d)),
             Gate::Locked(_) => return Err(LoginError::Locked),
@@ -1666,6 +1733,69 @@ pub(crate) fn log_audit(entry: &AuditEntry) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An app of its own on a fresh SQLite file in `dir` that locks an account after three
+    /// failures, with the account alice.
+    async fn app_with_alice(dir: &std::path::Path) -> (Arc<App>, User) {
+        let d = dir.display();
+        let text = format!(
+            "[server]\ndata_dir = '{d}'\n[store]\nurl = 'sqlite://{d}/p.db'\n\
+             [session]\nkey_file = '{d}/session.key'\n\
+             [auth]\nmax_failures = 3\nlockout = '10m'\nsecrets_key_file = '{d}/secrets.key'\n\
+             [[route]]\nname = 'media'\nupstream = '127.0.0.1:1'\n"
+        );
+        let env = crate::config::EnvOverrides::default();
+        let config = Config::parse(&text, &dir.join("t.toml"), &env).unwrap();
+        let app = App::open(config).await.unwrap();
+        let alice = app
+            .store
+            .create_user("alice", "not-a-hash", false, now_ms())
+            .await
+            .unwrap();
+        (app, alice)
+    }
+
+    /// The race the mark closes: a failed login reaches the store after the account row was
+    /// read, so it is in neither the row nor the failures on their way. The gate reads the row
+    /// again and sees the lock that failure set; without the mark it saw two failures, open.
+    #[tokio::test]
+    async fn a_failure_that_lands_between_the_row_read_and_the_gate_still_counts() {
+        let dir = tempfile::tempdir().unwrap();
+        let (app, alice) = app_with_alice(dir.path()).await;
+        let client = ClientInfo::default();
+        for _ in 0..2 {
+            app.record_account_failure(Some(&alice), &client).await;
+        }
+        let mark = app.failures_mark();
+        let row = app.store.find_user("alice").await.unwrap().unwrap();
+        assert_eq!(row.failed_logins, 2);
+        let now = now_ms();
+        assert_eq!(app.account_gate(&row, mark, now).await, Gate::Open);
+        // The third failure lands (stored and no longer on its way) after the read.
+        app.record_account_failure(Some(&alice), &client).await;
+        assert!(app.in_flight().stamps.is_empty());
+        assert!(
+            matches!(app.account_gate(&row, mark, now).await, Gate::Locked(_)),
+            "the third failure was not counted"
+        );
+        // The same row, taken as read after that landing, is trusted as it is: the re-read
+        // above is what saw the lock.
+        let later = app.failures_mark();
+        assert_ne!(later, mark);
+        assert_eq!(app.account_gate(&row, later, now).await, Gate::Open);
+        // Failures still on their way count at once, without a read.
+        app.store.clear_failures(alice.id).await.unwrap();
+        let mark = app.failures_mark();
+        let cleared = app.store.find_user("alice").await.unwrap().unwrap();
+        assert_eq!(app.account_gate(&cleared, mark, now_ms()).await, Gate::Open);
+        for _ in 0..3 {
+            app.failure_sent(alice.id);
+        }
+        assert!(matches!(
+            app.account_gate(&cleared, mark, now_ms()).await,
+            Gate::Locked(_)
+        ));
+    }
 
     /// A burst's memory goes back once its ends have been quiet for `BURST_QUIET`, once; a
     /// trickle of ends, or a burst the periodic pass already dealt with, waits.

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 
-use super::{now_ms, App, ClientInfo, LoginError, LoginOk, PendingStage};
+use super::{now_ms, App, ClientInfo, FailuresMark, LoginError, LoginOk, PendingStage};
 use crate::auth::password::{check_policy, PolicyError};
 use crate::auth::token::{rotate_key_file, EnrollClaims, KeyError, ENROLL_TYP};
 use crate::auth::{totp, Identity};
@@ -339,15 +339,17 @@ impl App {
 
     /// Checks a signed-in user's password (re-entered to change it, to turn 2FA off or to link
     /// a provider account) under the same throttle and lock as a login: a stolen session cannot
-    /// guess it freely, and a wrong guess counts toward the account's lock.
+    /// guess it freely, and a wrong guess counts toward the account's lock. `user` was read
+    /// after `mark` was taken (see [`App::account_gate`]).
     pub(super) async fn confirm_password(
         &self,
         user: &User,
+        mark: FailuresMark,
         password: Secret,
         client: &ClientInfo,
     ) -> Result<(), AccountError> {
         let now = now_ms();
-        let gate = self.account_gate(user, now);
+        let gate = self.account_gate(user, mark, now).await;
         if gate != crate::auth::throttle::Gate::Open {
             return Err(AccountError::TooManyAttempts);
         }
@@ -377,6 +379,7 @@ impl App {
             confirm,
             signout_others,
         } = change;
+        let mark = self.failures_mark();
         let user = self.user(identity.user_id).await?;
         if user.directory_dn.is_some() {
             return Err(AccountError::PasswordInDirectory);
@@ -384,7 +387,7 @@ impl App {
         let confirmed = match current {
             Reauth::Password { password, .. } => match self.password_may_confirm(&user).await {
                 Ok(()) => self
-                    .confirm_password(&user, password, client)
+                    .confirm_password(&user, mark, password, client)
                     .await
                     .map(|()| None),
                 Err(e) => Err(e),

@@ -179,6 +179,7 @@ impl App {
                     return MediaAnswer::error(400, "The request names no user.");
                 };
                 let gateway_name = media.gateway_user(&name).to_string();
+                let mark = self.failures_mark();
                 let user = match self.store.find_user(&gateway_name).await {
                     Ok(u) => u,
                     Err(e) => {
@@ -217,7 +218,7 @@ impl App {
                     count("invalid_credentials");
                     return wrong_credentials();
                 };
-                if let Some(refusal) = gate_refusal(self.account_gate(&user, now)) {
+                if let Some(refusal) = gate_refusal(self.account_gate(&user, mark, now).await) {
                     count(refusal.0);
                     return refusal.1;
                 }

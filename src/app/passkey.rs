@@ -735,6 +735,7 @@ impl App {
             self.throttle.ip_failed(client.ip_addr(), now);
             return Err(PasskeyError::UnknownCredential);
         };
+        let mark = self.failures_mark();
         let user = self
             .store
             .find_user_by_id(record.user_id)
@@ -750,7 +751,7 @@ impl App {
         if user.disabled {
             return Err(LoginError::Disabled.into());
         }
-        match self.account_gate(&user, now) {
+        match self.account_gate(&user, mark, now).await {
             Gate::Open => {}
             Gate::Wait(d) => return Err(LoginError::Throttled(d).into()),
             Gate::Locked(_) => return Err(LoginError::Locked.into()),

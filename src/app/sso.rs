@@ -579,6 +579,7 @@ impl App {
         client: &ClientInfo,
         event: &str,
     ) -> Result<(), AccountError> {
+        let mark = self.failures_mark();
         let user = self
             .store
             .find_user_by_id(identity.user_id)
@@ -589,7 +590,7 @@ impl App {
             Reauth::Password { password, code } => {
                 let mut result = self.password_may_confirm(&user).await;
                 if result.is_ok() {
-                    result = self.confirm_password(&user, password, client).await;
+                    result = self.confirm_password(&user, mark, password, client).await;
                 }
                 if result.is_ok() && user.totp_enabled {
                     result = match code.as_deref() {
