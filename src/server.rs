@@ -438,6 +438,7 @@ pub fn serve(config: Config, opts: ServeOptions) -> Result<(), ServeError> {
         // A new process started by hand waits this many seconds for the old one's SIGQUIT.
         upgrade_sock_connect_accept_max_retries: opts.upgrade.then_some(30),
         upstream_keepalive_pool_size: 256,
+        fast_timeout_to_tokio_threshold_seconds: Some(FAST_TIMER_MAX_SECONDS),
         ..ServerConf::default()
     };
     let admission = Arc::new(Admission::new(
@@ -564,6 +565,15 @@ pub fn serve(config: Config, opts: ServeOptions) -> Result<(), ServeError> {
 /// body buffers anyway, so the read buffer only held memory for every idle keep-alive
 /// connection (101.7 KiB each with it, measured by `bench/idle.sh`). Writes keep their small
 /// buffer (one TCP segment).
+/// Pingora's fast timer takes only timeouts under a second; every longer one (a request's read
+/// timeout, a pooled upstream connection's idle timeout) runs on Tokio's timer wheel. A fast
+/// timer stays allocated until its deadline, however long before it its connection ended, and
+/// after a burst of connections those small blocks, one to a page among the burst's freed
+/// ones, kept pages of the proxy threads' heaps from going back to the system: 60 s after a
+/// burst for the read timeouts, 20 s for the pool's. A Tokio timer is freed with its
+/// connection, and costs fewer instructions per request (README, "After a burst").
+pub(crate) const FAST_TIMER_MAX_SECONDS: u64 = 0;
+
 fn public_listener(addr: &str) -> pingora::listeners::ListenerConfig {
     pingora::listeners::ListenerConfig::tcp(addr)
         .l4_buffer(pingora::protocols::l4::stream::L4BufferSettings::default().read(0))
@@ -619,5 +629,39 @@ async fn watch_certificate(app: Arc<App>, resolver: Arc<crate::tls::CertResolver
             &resolver,
             crate::app::now_ms() / 1000,
         ));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pingora::prelude::fast_timeout::set_fast_timeout_to_tokio_threshold;
+
+    /// Under the gateway's threshold a Pingora timeout of a second or more is a Tokio timer: it
+    /// follows Tokio's clock, here paused and moved on at once, instead of the fast timer's
+    /// thread, which would take the whole timeout in real time.
+    #[test]
+    fn timeouts_of_a_second_or_more_are_tokio_timers() {
+        set_fast_timeout_to_tokio_threshold(Some(Duration::from_secs(FAST_TIMER_MAX_SECONDS)));
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .start_paused(true)
+            .build()
+            .unwrap();
+        let wall = std::time::Instant::now();
+        rt.block_on(async {
+            for secs in [1, 20, 60] {
+                let started = tokio::time::Instant::now();
+                let never = std::future::pending::<()>();
+                let result = pingora::prelude::timeout(Duration::from_secs(secs), never).await;
+                assert!(result.is_err(), "{secs} s");
+                assert_eq!(started.elapsed(), Duration::from_secs(secs));
+            }
+        });
+        assert!(
+            wall.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            wall.elapsed()
+        );
     }
 }
