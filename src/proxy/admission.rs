@@ -82,10 +82,19 @@ impl Admission {
     }
 
     /// Replaces the state of the connection from `peer` with `next(its state now)`.
+    /// Hashes `peer` once (the map keeps SipHash: clients choose their addresses and ports).
     fn update(&self, peer: SocketAddr, next: impl FnOnce(Option<State>) -> State) {
+        use std::collections::hash_map::Entry;
         if let Ok(mut map) = self.shards[shard_of(&peer)].lock() {
-            let state = next(map.get(&peer).copied());
-            map.insert(peer, state);
+            match map.entry(peer) {
+                Entry::Occupied(mut e) => {
+                    let state = next(Some(*e.get()));
+                    e.insert(state);
+                }
+                Entry::Vacant(e) => {
+                    e.insert(next(None));
+                }
+            }
         }
     }
 
