@@ -302,6 +302,7 @@ struct Keys {
 fn modified(path: &PathBuf) -> Option<SystemTime> {
     std::fs::metadata(path).and_then(|m| m.modified()).ok()
 }
+
 /// Failed logins of known accounts on their way to the store, and how many have landed.
 #[derive(Default)]
 struct FailuresInFlight {
@@ -842,27 +843,27 @@ impl App {
     /// is in neither the row nor the failures on their way, so when any failure landed since
     /// `mark` the row is read again (a few times at most, while failures keep landing). Were
     /// it not, one attempt more than `max_failures` could get through before the lock.
-    pub(crate) async fn account_gate(&self, u: &User, mark: FailuresMark, now: i64) -> Gate {
+    pub(crate) async fn account_gate(
+        &self,
+        u: &User,
+        mark: FailuresMark,
+        now: i64,
+    ) -> Result<Gate, StoreError> {
         let mut mark = mark;
         let mut row = std::borrow::Cow::Borrowed(u);
         let mut rereads = 0;
         loop {
             let (gate, landed) = self.gate_with_in_flight(&row, now);
             if landed == mark || rereads == GATE_REREADS {
-                return gate;
+                return Ok(gate);
             }
             mark = landed;
             rereads += 1;
-            row = match self.store.find_user_by_id(u.id).await {
-                Ok(Some(fresh)) => std::borrow::Cow::Owned(fresh),
+            match self.store.find_user_by_id(u.id).await? {
+                Some(fresh) => row = std::borrow::Cow::Owned(fresh),
                 // Deleted meanwhile: whatever signs in next finds no account.
-                Ok(None) => return gate,
-                Err(e) => {
-                    self.store_error("find_user", e);
-                    // Not known, so not open: the client may try again shortly.
-                    return Gate::Wait(Duration::from_secs(1));
-                }
-            };
+                None => return Ok(gate),
+            }
         }
     }
 
@@ -998,7 +999,10 @@ impl App {
             .await
             .map_err(|e| LoginError::Unavailable(self.store_error("find_user", e)))?;
         let gate = match &user {
-            Some(u) => self.account_gate(u, mark, now).await,
+            Some(u) => self
+                .account_gate(u, mark, now)
+                .await
+                .map_err(|e| LoginError::Unavailable(self.store_error("find_user", e)))?,
             None => self.throttle.unknown_gate(name, now),
         };
         match gate {
@@ -1261,7 +1265,11 @@ impl App {
         let mark = self.failures_mark();
         let (claims, user) = self.pending_user(pending_token, PendingStage::Totp).await?;
         let tries = self.pending_tries.get(&claims.jti).unwrap_or(0);
-        match self.account_gate(&user, mark, now_ms()).await {
+        let gate = self
+            .account_gate(&user, mark, now_ms())
+            .await
+            .map_err(|e| LoginError::Unavailable(self.store_error("find_user", e)))?;
+        match gate {
             Gate::Open => {}
             Gate::Wait(d) => return Err(LoginError::Throttled(d)),
             Gate::Locked(_) => return Err(LoginError::Locked),
@@ -1770,30 +1778,36 @@ mod tests {
         let row = app.store.find_user("alice").await.unwrap().unwrap();
         assert_eq!(row.failed_logins, 2);
         let now = now_ms();
-        assert_eq!(app.account_gate(&row, mark, now).await, Gate::Open);
+        assert_eq!(app.account_gate(&row, mark, now).await.unwrap(), Gate::Open);
         // The third failure lands (stored and no longer on its way) after the read.
         app.record_account_failure(Some(&alice), &client).await;
         assert!(app.in_flight().stamps.is_empty());
         assert!(
-            matches!(app.account_gate(&row, mark, now).await, Gate::Locked(_)),
+            matches!(app.account_gate(&row, mark, now).await, Ok(Gate::Locked(_))),
             "the third failure was not counted"
         );
         // The same row, taken as read after that landing, is trusted as it is: the re-read
         // above is what saw the lock.
         let later = app.failures_mark();
         assert_ne!(later, mark);
-        assert_eq!(app.account_gate(&row, later, now).await, Gate::Open);
+        assert_eq!(
+            app.account_gate(&row, later, now).await.unwrap(),
+            Gate::Open
+        );
         // Failures still on their way count at once, without a read.
         app.store.clear_failures(alice.id).await.unwrap();
         let mark = app.failures_mark();
         let cleared = app.store.find_user("alice").await.unwrap().unwrap();
-        assert_eq!(app.account_gate(&cleared, mark, now_ms()).await, Gate::Open);
+        assert_eq!(
+            app.account_gate(&cleared, mark, now_ms()).await.unwrap(),
+            Gate::Open
+        );
         for _ in 0..3 {
             app.failure_sent(alice.id);
         }
         assert!(matches!(
             app.account_gate(&cleared, mark, now_ms()).await,
-            Gate::Locked(_)
+            Ok(Gate::Locked(_))
         ));
     }
 

@@ -349,7 +349,7 @@ impl App {
         client: &ClientInfo,
     ) -> Result<(), AccountError> {
         let now = now_ms();
-        let gate = self.account_gate(user, mark, now).await;
+        let gate = self.account_gate(user, mark, now).await?;
         if gate != crate::auth::throttle::Gate::Open {
             return Err(AccountError::TooManyAttempts);
         }

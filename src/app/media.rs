@@ -218,7 +218,15 @@ impl App {
                     count("invalid_credentials");
                     return wrong_credentials();
                 };
-                if let Some(refusal) = gate_refusal(self.account_gate(&user, mark, now).await) {
+                let gate = match self.account_gate(&user, mark, now).await {
+                    Ok(gate) => gate,
+                    Err(e) => {
+                        self.store_error("find_user", e);
+                        count("store_unavailable");
+                        return MediaAnswer::error(503, "The account store is unavailable.");
+                    }
+                };
+                if let Some(refusal) = gate_refusal(gate) {
                     count(refusal.0);
                     return refusal.1;
                 }

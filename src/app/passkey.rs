@@ -751,7 +751,7 @@ impl App {
         if user.disabled {
             return Err(LoginError::Disabled.into());
         }
-        match self.account_gate(&user, mark, now).await {
+        match self.account_gate(&user, mark, now).await? {
             Gate::Open => {}
             Gate::Wait(d) => return Err(LoginError::Throttled(d).into()),
             Gate::Locked(_) => return Err(LoginError::Locked.into()),
