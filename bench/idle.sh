@@ -12,7 +12,8 @@
 # closing) REST=0 (seconds each proxy rests, after the ones before it ran, before its first sample:
 # the gateway's resting size, after its first memory release pass, rather than its size just after start;
 # 35 s or more leaves out argon2's working memory from the login, which the release pass unmaps
-# once a whole pass, 10 s, went without a hash) KEEP=1 (keep the temp dir and the gateway's log) PORTCULLIS=target/release/portcullis (built when
+# once a whole pass, 10 s, went without a hash) UPSTREAM_IDLE=20s (the gateway's
+# server.upstream_idle_timeout: how long its pooled upstream connections stay) KEEP=1 (keep the temp dir and the gateway's log) PORTCULLIS=target/release/portcullis (built when
 # missing) OUT=bench/out. Results: OUT/idle-MODE.json (with TLS=1 idle-MODE-tls.json; one line per
 # proxy) and a table on stdout.
 #
@@ -132,6 +133,7 @@ threads = $THREADS
 data_dir = "$TMP/d"
 head_timeout = "10m"
 max_connections_per_ip = 1000000
+upstream_idle_timeout = "${UPSTREAM_IDLE:-20s}"
 
 [store]
 url = "sqlite://$TMP/d/p.db"
