@@ -154,6 +154,10 @@ impl App {
                 .counter(crate::metrics::Family::Logins, &[method_label, result])
                 .inc();
         };
+        let store_unavailable = || {
+            count("store_unavailable");
+            MediaAnswer::error(503, "The account store is unavailable.")
+        };
         if let Gate::Wait(d) | Gate::Locked(d) = self.throttle.ip_gate(req.client.ip_addr(), now) {
             count("throttled");
             return throttled(d);
@@ -184,8 +188,7 @@ impl App {
                     Ok(u) => u,
                     Err(e) => {
                         self.store_error("find_user", e);
-                        count("store_unavailable");
-                        return MediaAnswer::error(503, "The account store is unavailable.");
+                        return store_unavailable();
                     }
                 };
                 // A directory user who never signed in at the gateway has no record yet: the
@@ -222,8 +225,7 @@ impl App {
                     Ok(gate) => gate,
                     Err(e) => {
                         self.store_error("find_user", e);
-                        count("store_unavailable");
-                        return MediaAnswer::error(503, "The account store is unavailable.");
+                        return store_unavailable();
                     }
                 };
                 if let Some(refusal) = gate_refusal(gate) {
@@ -234,8 +236,7 @@ impl App {
                     Ok(b) => b,
                     Err(e) => {
                         self.store_error("find_user", e);
-                        count("store_unavailable");
-                        return MediaAnswer::error(503, "The account store is unavailable.");
+                        return store_unavailable();
                     }
                 };
                 if let Some(refusal) =
@@ -342,8 +343,7 @@ impl App {
             Err(e) => {
                 self.store_error("find_user", e);
                 self.logout_now(route, &req.fields, &result.token).await;
-                count("store_unavailable");
-                return MediaAnswer::error(503, "The account store is unavailable.");
+                return store_unavailable();
             }
         };
         let refusal: Option<(&'static str, MediaAnswer)> = match (&owner, &expected, &approval) {
@@ -391,8 +391,7 @@ impl App {
             Ok(_) => {}
             Err(()) => {
                 self.logout_now(route, &req.fields, &result.token).await;
-                count("store_unavailable");
-                return MediaAnswer::error(503, "The account store is unavailable.");
+                return store_unavailable();
             }
         }
         if password_login {

@@ -86,15 +86,12 @@ impl Admission {
     fn update(&self, peer: SocketAddr, next: impl FnOnce(Option<State>) -> State) {
         use std::collections::hash_map::Entry;
         if let Ok(mut map) = self.shards[shard_of(&peer)].lock() {
-            match map.entry(peer) {
-                Entry::Occupied(mut e) => {
-                    let state = next(Some(*e.get()));
-                    e.insert(state);
-                }
-                Entry::Vacant(e) => {
-                    e.insert(next(None));
-                }
-            }
+            let entry = map.entry(peer);
+            let state = match &entry {
+                Entry::Occupied(e) => Some(*e.get()),
+                Entry::Vacant(_) => None,
+            };
+            entry.insert_entry(next(state));
         }
     }
 
